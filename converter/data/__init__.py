@@ -1,0 +1,1 @@
+"""Data files of the converter: the official parameter trees (``trees/``)."""
