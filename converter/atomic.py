@@ -1,0 +1,132 @@
+"""Atomic file output: a failed or interrupted write never leaves a half-written file.
+
+Data goes to a temporary file in the target's own folder (so the final rename stays
+on one filesystem and is atomic), is flushed and fsynced, then renamed over the
+target with :func:`os.replace`. On any exception the temporary file is removed and an
+existing target is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from pathlib import Path
+from typing import BinaryIO, Iterator, Union
+
+from converter.errors import ConverterError
+
+__all__ = ["HashingWriter", "atomic_write", "check_output_path"]
+
+
+def check_output_path(path: Union[str, os.PathLike]) -> Path:
+    """Check that ``path`` can be written as a file, before any work is done.
+
+    Raises:
+        ConverterError: the parent folder is missing or not writable, or ``path`` is
+            a folder; the message says how to fix it.
+    """
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise ConverterError(
+            f"cannot write {path}: the folder {parent} does not exist; create it "
+            f"first (mkdir -p {parent}) or choose another output path"
+        )
+    if path.is_dir():
+        raise ConverterError(
+            f"cannot write {path}: it is a folder; give a file name, e.g. "
+            f"{path / 'checkpoint.pickle'}"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConverterError(
+            f"cannot write {path}: no write permission in {parent}; choose a "
+            "writable folder"
+        )
+    return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the rename itself durable; not possible on every platform, and the data
+    # is already safe, so failing here is not an error.
+    flags = getattr(os, "O_DIRECTORY", None)
+    if flags is None:
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
+    """Open a binary file that appears at ``path`` only if the block succeeds.
+
+    Usage::
+
+        with atomic_write(out) as f:
+            f.write(data)
+
+    The file gets the permissions a plain ``open(path, "wb")`` would give (the
+    process umask applies).
+
+    Raises:
+        ConverterError: ``path``'s folder is missing or not writable (see
+            :func:`check_output_path`), or the write itself fails (disk full, ...).
+    """
+    path = check_output_path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    while True:
+        temp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            # O_EXCL: never reuse a file someone else created; mode 0o666 lets the
+            # umask decide the final permissions, as open() would.
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ConverterError(
+                f"cannot write {path}: {exc.strerror or exc}; choose a writable folder"
+            ) from exc
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException as exc:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        if isinstance(exc, OSError):
+            raise ConverterError(
+                f"writing {path} failed: {exc.strerror or exc}; nothing was written "
+                "(free disk space or choose another folder)"
+            ) from exc
+        raise
+    _fsync_folder(folder)
+
+
+class HashingWriter:
+    """A write-only file wrapper that counts and hashes (sha256) what passes through."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: Union[bytes, bytearray, memoryview]) -> int:
+        self._hash.update(data)
+        written = self._file.write(data)
+        self.size += len(data)
+        return written
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()

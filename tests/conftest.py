@@ -1,0 +1,31 @@
+"""Shared test helpers: where the golden data lives and the list of official models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from converter.trees import MODEL_NAMES
+
+GOLDEN_DIR = Path(__file__).parent / "data" / "golden"
+
+
+def golden_checkpoint_path(name: str) -> Path:
+    """The tiny official-format checkpoint of model ``name`` (in the repository)."""
+    path = GOLDEN_DIR / name / "checkpoint.pickle"
+    assert path.is_file(), f"golden file {path} is missing from the checkout"
+    return path
+
+
+@pytest.fixture(params=MODEL_NAMES)
+def model_name(request: pytest.FixtureRequest) -> str:
+    """Each of the six official model names in turn."""
+    return request.param
+
+
+@pytest.fixture
+def golden_path() -> Callable[[str], Path]:
+    """``golden_path(name)``: path of model ``name``'s golden checkpoint."""
+    return golden_checkpoint_path

@@ -1,0 +1,154 @@
+"""``perceiver-convert inspect`` on good, unsafe and broken files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+
+import pytest
+from click.testing import CliRunner
+
+from converter.cli import main
+from converter.fixtures import write_fixture
+from converter.trees import official_tree
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def malicious(tmp_path):
+    sentinel = tmp_path / "PWNED"
+    command = f"touch {sentinel}".encode()
+    body = b"cposix\nsystem\n" + b"X" + struct.pack("<I", len(command)) + command
+    path = tmp_path / "evil.pickle"
+    path.write_bytes(b"\x80\x03" + body + b"\x85R.")
+    return path, sentinel
+
+
+@pytest.fixture
+def conv_fixture(tmp_path):
+    path = tmp_path / "conv.pickle"
+    write_fixture("imagenet_conv", path, size="tiny", seed=2)
+    return path
+
+
+def test_inspect_text_report(conv_fixture):
+    result = run("inspect", str(conv_fixture))
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    tree = official_tree("imagenet_conv", "tiny")
+    assert str(conv_fixture) in out
+    assert "protocol    3" in out
+    assert "containers  dict, FlatMapping" in out
+    assert "{'params': ..., 'state': ...} wrapper" in out
+    assert "all on the allow-list" in out
+    assert "numpy.core.multiarray._reconstruct" in out
+    assert f"{tree.num_params():,} values" in out
+    assert f"total: 81 arrays, {tree.num_params(include_state=True):,} values" in out
+    # One row per array with its shape and dtype.
+    ema = "image_preprocessor/~/conv2_d_downsample/~/batchnorm/~/mean_ema/counter"
+    row = next(line for line in out.splitlines() if ema in line)
+    assert "[]" in row and "int32" in row
+    conv = next(
+        line for line in out.splitlines() if "conv2_d_downsample/~/conv/w" in line
+    )
+    assert "[7, 7, 3, 64]" in conv and "float32" in conv and "37,632" in conv
+
+
+def test_inspect_json_report(conv_fixture):
+    result = run("inspect", "--json", str(conv_fixture))
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    tree = official_tree("imagenet_conv", "tiny")
+    assert document["ok"] is True and document["safe"] is True
+    assert document["protocol"] == 3
+    assert document["wrapped"] is True
+    assert document["containers"] == ["dict", "FlatMapping"]
+    assert all(g["allowed"] for g in document["globals"])
+    assert document["params"]["values"] == tree.num_params()
+    assert document["params"]["arrays"] == sum(len(p) for p in tree.params.values())
+    assert document["state"]["arrays"] == 6
+    assert document["total"]["bytes"] == tree.nbytes(include_state=True)
+    entry = next(e for e in document["params"]["entries"] if e["param"] == "w")
+    assert set(entry) == {"module", "param", "shape", "dtype", "values", "bytes"}
+    shapes = {
+        (e["module"], e["param"]): tuple(e["shape"])
+        for e in document["params"]["entries"]
+    }
+    assert shapes == {
+        (m, p): spec[0] for m, group in tree.params.items() for p, spec in group.items()
+    }
+    assert document["size_bytes"] == conv_fixture.stat().st_size
+
+
+def test_inspect_golden_unwrapped(golden_path):
+    result = run("inspect", str(golden_path("language_perceiver")))
+    assert result.exit_code == 0
+    assert "params only (no wrapper)" in result.stdout
+    assert "\nstate:" not in result.stdout
+
+
+def test_inspect_malicious_file(tmp_path):
+    path, sentinel = malicious(tmp_path)
+    result = run("inspect", str(path))
+    assert result.exit_code == 3
+    assert "refused to load" in result.stderr and "'posix.system'" in result.stderr
+    assert "posix.system  [GLOBAL, NOT ALLOWED]" in result.stdout
+    assert "safe        NO" in result.stdout
+    assert "Traceback" not in result.output
+    assert not sentinel.exists()
+
+    result = run("inspect", "--json", str(path))
+    assert result.exit_code == 3
+    document = json.loads(result.stdout)
+    assert document["ok"] is False and document["safe"] is False
+    assert document["error_type"] == "UnsafeCheckpointError"
+    assert document["globals"] == [
+        {"name": "posix.system", "allowed": False, "opcode": "GLOBAL", "offset": 2}
+    ]
+    assert not sentinel.exists()
+
+
+def test_inspect_lists_allowed_and_forbidden_globals_of_a_mixed_file(
+    tmp_path, golden_path
+):
+    # A real checkpoint with an extra payload global after its arrays.
+    data = golden_path("optical_flow").read_bytes()[:-1]  # drop STOP
+    data += b"0cbuiltins\neval\n."  # POP the tree, push builtins.eval, STOP
+    path = tmp_path / "mixed.pickle"
+    path.write_bytes(data)
+    result = run("inspect", "--json", str(path))
+    assert result.exit_code == 3
+    names = {g["name"]: g["allowed"] for g in json.loads(result.stdout)["globals"]}
+    assert names["builtins.eval"] is False
+    assert names["numpy.ndarray"] is True
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"", "empty"),
+        (b"\x80\x03}q\x00(X\x01\x00\x00\x00m", "truncated"),
+        (b"PK\x03\x04" + bytes(40), "zip archive"),
+        (pickle.dumps([1, 2, 3]), "top level is a list"),
+    ],
+)
+def test_inspect_broken_files(tmp_path, data, message):
+    path = tmp_path / "broken.pickle"
+    path.write_bytes(data)
+    for extra in ([], ["--json"]):
+        result = run("inspect", *extra, str(path))
+        assert result.exit_code == 3
+        assert result.stderr.startswith("error: ")
+        assert message in result.stderr
+        assert "Traceback" not in result.output
+    document = json.loads(result.stdout)
+    assert document["ok"] is False and document["error_type"] == "CheckpointError"
+
+
+def test_inspect_missing_path_is_a_usage_error(tmp_path):
+    result = run("inspect", str(tmp_path / "nope.pickle"))
+    assert result.exit_code == 2
+    assert "does not exist" in result.stderr
