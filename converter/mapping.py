@@ -1,0 +1,1075 @@
+"""Declarative YAML mappings between official Haiku checkpoints and perceiver_torch models.
+
+A mapping file (``mappings/<model>.yaml``) says, as data, how every tensor of an
+official checkpoint becomes a tensor of the PyTorch model:
+
+- ``rules``: a rule is a source pattern (Haiku ``module/param``, or ``state:module/param``
+  for the BatchNorm state), a target template (a PyTorch state-dict key) and an ordered
+  list of ops from the closed registry of :mod:`converter.ops`. ``for: {i: <count>}``
+  repeats a rule over layer indices; in a source, ``{_i}`` spells Haiku's numbering
+  (``name``, ``name_1``, ``name_2``, ...) and ``{i}`` the plain index. ``use: <block>``
+  inserts a named group of rules from ``blocks`` (the shared ones live in
+  ``mappings/_blocks.yaml``) with ``with:`` values for its placeholders.
+- ``drop``: source tensors deliberately not used, each with a reason (and optionally a
+  ``restore_from`` source whose value is used when exporting back without the original).
+- ``config``: the official configuration (perceiver_torch config fields); ``derive``:
+  the values a checkpoint's shapes reveal; ``presets``: other known sizes.
+- ``tolerance``: the parity tolerance ``verify`` applies.
+
+Templates expand to an exact table before anything is matched; two rules claiming the
+same source or target key are an error, never "first wins". Applying a table checks
+totality both ways and every shape before any data is copied.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import importlib.resources
+import itertools
+import operator
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import (
+    Any,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+)
+
+import numpy as np
+import yaml
+
+from converter.errors import MappingError, ShapeMismatch
+from converter.ops import (
+    Op,
+    apply_ops,
+    invert_ops,
+    ops_inverse_shape,
+    ops_shape,
+    parse_op,
+)
+
+SCHEMA_VERSION = 1
+Shape = Tuple[int, ...]
+
+# --------------------------------------------------------------------------------------
+# YAML loading with line numbers, so every error points at file:line.
+
+
+class _LineDict(dict):
+    """A dict that remembers the line of the mapping and of each key (1-based)."""
+
+    line: int = 0
+    key_lines: Dict[Any, int]
+
+
+class _LineLoader(yaml.SafeLoader):
+    """SafeLoader that records line numbers and refuses duplicate keys."""
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
+    loader.flatten_mapping(node)
+    result = _LineDict()
+    result.line = node.start_mark.line + 1
+    result.key_lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"unhashable key at line {line}", key_node.start_mark
+            ) from None
+        if key in result:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first at line {result.key_lines[key]})",
+                key_node.start_mark,
+            )
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.key_lines[key] = line
+    return result
+
+
+_LineLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
+)
+
+
+def _line_of(node: Any, key: Any = None) -> int:
+    if isinstance(node, _LineDict):
+        if key is not None and key in node.key_lines:
+            return node.key_lines[key]
+        return node.line
+    return 0
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a YAML value came from, for error messages: ``file:line: path``."""
+
+    file: str
+    line: int
+    path: str
+
+    def at(self, node: Any, key: Any, path: str) -> "_Where":
+        line = _line_of(node, key) or self.line
+        return _Where(self.file, line, path)
+
+    def __str__(self) -> str:
+        return (
+            f"{self.file}:{self.line}: {self.path}"
+            if self.path
+            else f"{self.file}:{self.line}"
+        )
+
+
+def _fail(where: _Where, message: str) -> MappingError:
+    return MappingError(f"{where}: {message}")
+
+
+def _load_yaml(text: str, name: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_LineLoader)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None) or getattr(
+            error, "context_mark", None
+        )
+        where = f"{name}:{mark.line + 1}" if mark is not None else name
+        problem = getattr(error, "problem", None) or str(error)
+        raise MappingError(f"{where}: malformed YAML: {problem}") from None
+
+
+# --------------------------------------------------------------------------------------
+# A small, safe arithmetic evaluator for ``derive`` expressions (no eval()).
+
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv,
+}
+_FUNCTIONS = {"max": max, "min": min}
+
+
+def _evaluate(expression: str, names: Mapping[str, Any], where: _Where) -> int:
+    try:
+        tree = ast.parse(expression, mode="eval")
+    except SyntaxError:
+        raise _fail(where, f"invalid expression {expression!r}") from None
+
+    def visit(node: ast.AST) -> Any:
+        if isinstance(node, ast.Expression):
+            return visit(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id not in names:
+                raise _fail(where, f"unknown name {node.id!r} in {expression!r}")
+            return names[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            return _BINARY[type(node.op)](visit(node.left), visit(node.right))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -visit(node.operand)
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in _FUNCTIONS
+            and not node.keywords
+        ):
+            return _FUNCTIONS[node.func.id](*(visit(a) for a in node.args))
+        raise _fail(
+            where,
+            f"unsupported syntax in {expression!r}: only integers, names, + - * //, "
+            "max() and min() are allowed",
+        )
+
+    value = visit(tree)
+    if not isinstance(value, int):
+        raise _fail(where, f"{expression!r} does not give an integer")
+    return value
+
+
+# --------------------------------------------------------------------------------------
+# Parsed mapping.
+
+_TOP_KEYS = {
+    "schema",
+    "name",
+    "model",
+    "description",
+    "include",
+    "source",
+    "config",
+    "derive",
+    "presets",
+    "tolerance",
+    "blocks",
+    "rules",
+    "drop",
+}
+_RULE_KEYS = {"source", "target", "ops", "for"}
+_USE_KEYS = {"use", "with", "for"}
+_DROP_KEYS = {"source", "reason", "restore_from", "for"}
+_PLACEHOLDER = re.compile(r"\{(_?)([A-Za-z][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One expanded rule: exactly one source key becomes exactly one target key."""
+
+    source: str
+    target: str
+    ops: Tuple[Op, ...]
+    origin: str
+
+    def describe_ops(self) -> str:
+        return " -> ".join(op.describe() for op in self.ops) or "copy"
+
+
+@dataclass(frozen=True)
+class Drop:
+    """A source key deliberately left out of the model, with the reason."""
+
+    source: str
+    reason: str
+    restore_from: Optional[str]
+    origin: str
+
+
+@dataclass(frozen=True)
+class MappingTable:
+    """The exact table a mapping expands to for one configuration."""
+
+    rules: Tuple[Rule, ...]
+    drops: Tuple[Drop, ...]
+
+    @property
+    def by_target(self) -> Dict[str, Rule]:
+        return {rule.target: rule for rule in self.rules}
+
+    @property
+    def by_source(self) -> Dict[str, Rule]:
+        return {rule.source: rule for rule in self.rules}
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A configuration resolved for one checkpoint, and where each value came from."""
+
+    values: Dict[str, Any]
+    preset: Optional[str]
+    derived: Dict[str, Any]
+    overrides: Dict[str, Any]
+
+    def describe(self) -> str:
+        size = self.preset or "custom (non-derivable values are the official defaults)"
+        return f"size preset: {size}"
+
+
+@dataclass
+class MappingSpec:
+    """A parsed, validated mapping file (not yet expanded)."""
+
+    name: str
+    model: str
+    description: str
+    source: Dict[str, Any]
+    config: Dict[str, Any]
+    derive: Dict[str, Any]
+    presets: Dict[str, Dict[str, Any]]
+    tolerance: Dict[str, Any]
+    rules: List[Any]
+    drops: List[Any]
+    blocks: Dict[str, Tuple[Any, _Where]]
+    file: str
+    sha256: str
+    _where: _Where = field(repr=False, default=None)  # type: ignore[assignment]
+
+    # -- configuration -------------------------------------------------------------
+
+    def derive_config(self, source_shapes: Mapping[str, Shape]) -> Dict[str, Any]:
+        """Reads the configuration values the checkpoint's shapes reveal."""
+        derived: Dict[str, Any] = {}
+        for key, spec in self.derive.items():
+            where = self._where.at(self.derive, key, f"derive.{key}")
+            names = {**self.config, **derived}
+            derived[key] = _derive_value(spec, source_shapes, names, where)
+        return derived
+
+    def resolve_config(
+        self,
+        source_shapes: Mapping[str, Shape],
+        overrides: Optional[Mapping[str, Any]] = None,
+    ) -> ResolvedConfig:
+        """Official config, then the preset the checkpoint's shapes match, then overrides.
+
+        Values derived from shapes always come from the checkpoint; a user override that
+        contradicts one is an error (the conversion could not succeed).
+        """
+        derived = self.derive_config(source_shapes)
+        overrides = {k: _as_tuple(v) for k, v in (overrides or {}).items()}
+        unknown = sorted(set(overrides) - set(self.config))
+        if unknown:
+            raise MappingError(
+                f"{self.file}: unknown config key(s) {', '.join(unknown)}; "
+                f"valid keys: {', '.join(self.config)}"
+            )
+        for key, value in overrides.items():
+            if key in derived and derived[key] != value:
+                raise MappingError(
+                    f"--config {key}={_plain(value)} contradicts the checkpoint, whose "
+                    f"shapes give {key}={_plain(derived[key])}; drop that override"
+                )
+        candidates = [("official", dict(self.config))] + [
+            (name, {**self.config, **values}) for name, values in self.presets.items()
+        ]
+        preset, base = None, dict(self.config)
+        for name, values in candidates:
+            if all(values.get(k) == v for k, v in derived.items()):
+                preset, base = name, values
+                break
+        values = {**base, **derived, **overrides}
+        return ResolvedConfig(values, preset, derived, dict(overrides))
+
+    # -- expansion -------------------------------------------------------------------
+
+    def expand(self, config: Mapping[str, Any]) -> MappingTable:
+        """Expands every template for ``config`` into an exact, overlap-free table."""
+        rules: List[Rule] = []
+        for index, node in enumerate(self.rules):
+            where = self._where.at(node, None, f"rules[{index}]")
+            rules.extend(self._expand_rule(node, {}, config, where, depth=0))
+        drops: List[Drop] = []
+        for index, node in enumerate(self.drops):
+            where = self._where.at(node, None, f"drop[{index}]")
+            drops.extend(self._expand_drop(node, config, where))
+        _check_overlaps(rules, drops)
+        return MappingTable(tuple(rules), tuple(drops))
+
+    def _expand_rule(
+        self,
+        node: Any,
+        values: Mapping[str, str],
+        config: Mapping[str, Any],
+        where: _Where,
+        depth: int,
+    ) -> Iterator[Rule]:
+        if depth > 16:
+            raise _fail(
+                where, "blocks nest more than 16 levels deep (a block uses itself?)"
+            )
+        for loop_values in _loops(node, values, config, where):
+            scope = {**values, **loop_values}
+            if "use" in node:
+                block_name = node["use"]
+                if block_name not in self.blocks:
+                    raise _fail(
+                        where,
+                        f"unknown block {block_name!r}; known blocks: "
+                        f"{', '.join(sorted(self.blocks)) or 'none'}",
+                    )
+                with_values = {
+                    k: _substitute(str(v), scope, where)
+                    for k, v in (node.get("with") or {}).items()
+                }
+                inner_scope = {**scope, **with_values}
+                block_rules, block_where = self.blocks[block_name]
+                for index, inner in enumerate(block_rules):
+                    inner_where = block_where.at(
+                        inner, None, f"blocks.{block_name}[{index}]"
+                    )
+                    inner_where = _Where(
+                        inner_where.file,
+                        inner_where.line,
+                        f"{inner_where.path} (used at {where})",
+                    )
+                    yield from self._expand_rule(
+                        inner, inner_scope, config, inner_where, depth + 1
+                    )
+            else:
+                source = _substitute(node["source"], scope, where)
+                target = _substitute(node["target"], scope, where)
+                ops = tuple(parse_op_at(spec, where) for spec in node.get("ops") or [])
+                yield Rule(source, target, ops, str(where))
+
+    def _expand_drop(
+        self, node: Any, config: Mapping[str, Any], where: _Where
+    ) -> Iterator[Drop]:
+        for loop_values in _loops(node, {}, config, where):
+            source = _substitute(node["source"], loop_values, where)
+            restore = node.get("restore_from")
+            if restore is not None:
+                restore = _substitute(restore, loop_values, where)
+            yield Drop(source, node["reason"], restore, str(where))
+
+
+def parse_op_at(spec: Any, where: _Where) -> Op:
+    try:
+        return parse_op(spec)
+    except MappingError as error:
+        raise _fail(where, str(error)) from None
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _substitute(template: str, values: Mapping[str, Any], where: _Where) -> str:
+    def replace(match: re.Match) -> str:
+        underscore, name = match.groups()
+        if name not in values:
+            raise _fail(
+                where, f"placeholder {match.group(0)} has no value in {template!r}"
+            )
+        value = values[name]
+        if underscore:
+            # Haiku numbers repeated modules name, name_1, name_2, ...
+            if not isinstance(value, int):
+                raise _fail(
+                    where, f"{match.group(0)} needs a loop index, got {value!r}"
+                )
+            return "" if value == 0 else f"_{value}"
+        return str(value)
+
+    return _PLACEHOLDER.sub(replace, template)
+
+
+def _loops(
+    node: Mapping[str, Any],
+    values: Mapping[str, Any],
+    config: Mapping[str, Any],
+    where: _Where,
+) -> Iterator[Dict[str, Any]]:
+    """All assignments of a rule's ``for:`` (one empty assignment without it).
+
+    ``for: {i: <config key or integer>}`` counts 0..n-1; ``for: {m: [a, b]}`` takes the
+    listed values in order.
+    """
+    loops = node.get("for")
+    if not loops:
+        yield {}
+        return
+    names, ranges = [], []
+    for var, count in loops.items():
+        if isinstance(count, list):
+            # A literal list of values, e.g. modality names.
+            names.append(var)
+            ranges.append(count)
+            continue
+        if isinstance(count, str):
+            count = _substitute(count, values, where)
+            if count not in config:
+                raise _fail(where, f"for: {var}: unknown config key {count!r}")
+            count = config[count]
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise _fail(
+                where,
+                f"for: {var}: the count must be a non-negative integer, got {count!r}",
+            )
+        names.append(var)
+        ranges.append(range(count))
+    for combination in itertools.product(*ranges):
+        yield dict(zip(names, combination))
+
+
+def _derive_value(
+    spec: Any, shapes: Mapping[str, Shape], names: Mapping[str, Any], where: _Where
+) -> Any:
+    def shape_of(key: str) -> Shape:
+        if key not in shapes:
+            raise MappingError(
+                f"the checkpoint has no tensor {key!r} (needed to derive "
+                f"{where.path.split('.', 1)[-1]}); is it the right model? {where}"
+            )
+        return shapes[key]
+
+    def dim_of(key: str, dim: int) -> int:
+        shape = shape_of(key)
+        if not -len(shape) <= dim < len(shape):
+            raise ShapeMismatch(
+                f"{where}: {key} has shape {list(shape)}, no dimension {dim}"
+            )
+        return int(shape[dim])
+
+    if "shape" in spec:
+        return dim_of(spec["shape"], spec["dim"])
+    if "count" in spec:
+        count = 0
+        while _substitute(spec["count"], {"i": count}, where) in shapes:
+            count += 1
+        if count == 0:
+            shape_of(_substitute(spec["count"], {"i": 0}, where))
+        return count
+    local = dict(names)
+    for alias, (key, dim) in (spec.get("shapes") or {}).items():
+        local[alias] = dim_of(key, dim)
+    return _evaluate(spec["expr"], local, where)
+
+
+def _check_overlaps(rules: Sequence[Rule], drops: Sequence[Drop]) -> None:
+    claims: Dict[str, str] = {}
+    for item in list(rules) + list(drops):
+        if item.source in claims:
+            raise MappingError(
+                f"two rules claim the source {item.source!r}: {claims[item.source]} and "
+                f"{item.origin}; make the patterns disjoint"
+            )
+        claims[item.source] = item.origin
+    targets: Dict[str, str] = {}
+    for rule in rules:
+        if rule.target in targets:
+            raise MappingError(
+                f"two rules produce the target {rule.target!r}: {targets[rule.target]} and "
+                f"{rule.origin}; make the templates disjoint"
+            )
+        targets[rule.target] = rule.origin
+
+
+# --------------------------------------------------------------------------------------
+# Validation of the parsed YAML.
+
+
+def _check_keys(node: Any, allowed: set, required: set, where: _Where) -> None:
+    if not isinstance(node, dict):
+        raise _fail(where, f"expected a mapping, got {type(node).__name__}")
+    unknown = sorted(set(node) - allowed, key=str)
+    if unknown:
+        raise _fail(
+            where.at(node, unknown[0], where.path),
+            f"unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(sorted(allowed))}",
+        )
+    missing = sorted(required - set(node))
+    if missing:
+        raise _fail(where, f"missing key(s) {', '.join(missing)}")
+
+
+def _check_str(node: Any, key: str, where: _Where) -> None:
+    if not isinstance(node.get(key), str) or not node[key]:
+        raise _fail(
+            where.at(node, key, f"{where.path}.{key}"),
+            f"{key!r} must be a non-empty string",
+        )
+
+
+def _check_rule(node: Any, where: _Where, in_block: bool) -> None:
+    if isinstance(node, dict) and "use" in node:
+        _check_keys(node, _USE_KEYS, {"use"}, where)
+        _check_str(node, "use", where)
+        if "with" in node and not isinstance(node["with"], dict):
+            raise _fail(
+                where.at(node, "with", f"{where.path}.with"), "'with' must be a mapping"
+            )
+    else:
+        _check_keys(node, _RULE_KEYS, {"source", "target"}, where)
+        _check_str(node, "source", where)
+        _check_str(node, "target", where)
+        ops = node.get("ops")
+        if ops is not None:
+            if not isinstance(ops, list):
+                raise _fail(
+                    where.at(node, "ops", f"{where.path}.ops"), "'ops' must be a list"
+                )
+            for index, spec in enumerate(ops):
+                parse_op_at(spec, where.at(node, "ops", f"{where.path}.ops[{index}]"))
+    _check_for(node, where)
+
+
+def _check_for(node: Any, where: _Where) -> None:
+    loops = node.get("for")
+    if loops is None:
+        return
+    if not isinstance(loops, dict) or not loops:
+        raise _fail(
+            where.at(node, "for", f"{where.path}.for"),
+            "'for' must map index names to counts",
+        )
+    for var, count in loops.items():
+        is_list = (
+            isinstance(count, list)
+            and count
+            and all(
+                isinstance(v, (str, int)) and not isinstance(v, bool) for v in count
+            )
+        )
+        if (
+            not isinstance(var, str)
+            or not (is_list or isinstance(count, (str, int)))
+            or isinstance(count, bool)
+        ):
+            raise _fail(
+                where.at(loops, var, f"{where.path}.for.{var}"),
+                "each 'for' entry maps an index name to a config key, an integer or a "
+                "non-empty list of values",
+            )
+
+
+def _check_derive(node: Any, config: Mapping[str, Any], where: _Where) -> None:
+    if not isinstance(node, dict):
+        raise _fail(where, "'derive' must be a mapping")
+    for key, spec in node.items():
+        at = where.at(node, key, f"derive.{key}")
+        if key not in config:
+            raise _fail(at, f"derives {key!r}, which is not a config key")
+        if not isinstance(spec, dict):
+            raise _fail(at, "expected {shape, dim}, {count} or {expr, shapes}")
+        if "shape" in spec:
+            _check_keys(spec, {"shape", "dim"}, {"shape", "dim"}, at)
+            if not isinstance(spec["dim"], int):
+                raise _fail(at, "'dim' must be an integer")
+        elif "count" in spec:
+            _check_keys(spec, {"count"}, {"count"}, at)
+            if "{_i}" not in spec["count"] and "{i}" not in spec["count"]:
+                raise _fail(at, "a count pattern needs the placeholder {_i} or {i}")
+        elif "expr" in spec:
+            _check_keys(spec, {"expr", "shapes"}, {"expr"}, at)
+            for alias, ref in (spec.get("shapes") or {}).items():
+                if not (
+                    isinstance(ref, list)
+                    and len(ref) == 2
+                    and isinstance(ref[0], str)
+                    and isinstance(ref[1], int)
+                ):
+                    raise _fail(at, f"shapes.{alias} must be [tensor key, dimension]")
+        else:
+            raise _fail(at, "expected {shape, dim}, {count} or {expr, shapes}")
+
+
+def parse_mapping(
+    text: str, file: str, include_loader: Optional[Any] = None
+) -> MappingSpec:
+    """Parses and validates one mapping file's text. Errors name ``file:line: key``."""
+    root = _load_yaml(text, file)
+    where = _Where(file, 1, "")
+    if not isinstance(root, dict):
+        raise _fail(where, "a mapping file must be a YAML mapping at the top level")
+    _check_keys(root, _TOP_KEYS, {"schema", "name", "model", "config", "rules"}, where)
+    if root["schema"] != SCHEMA_VERSION:
+        raise _fail(
+            where.at(root, "schema", "schema"),
+            f"unsupported schema {root['schema']!r}; this converter reads schema {SCHEMA_VERSION}",
+        )
+    for key in ("name", "model"):
+        _check_str(root, key, where)
+    config = root["config"]
+    if not isinstance(config, dict) or not config:
+        raise _fail(
+            where.at(root, "config", "config"), "'config' must be a non-empty mapping"
+        )
+    hasher = hashlib.sha256(text.encode("utf-8"))
+
+    blocks: Dict[str, Tuple[Any, _Where]] = {}
+
+    def add_blocks(node: Any, block_where: _Where) -> None:
+        if not isinstance(node, dict):
+            raise _fail(block_where, "'blocks' must map block names to lists of rules")
+        for block_name, block_rules in node.items():
+            at = block_where.at(node, block_name, f"blocks.{block_name}")
+            if block_name in blocks:
+                raise _fail(at, f"block {block_name!r} is defined twice")
+            if not isinstance(block_rules, list) or not block_rules:
+                raise _fail(at, "a block is a non-empty list of rules")
+            for index, rule in enumerate(block_rules):
+                _check_rule(
+                    rule, at.at(rule, None, f"blocks.{block_name}[{index}]"), True
+                )
+            blocks[block_name] = (block_rules, at)
+
+    for include in root.get("include") or []:
+        if include_loader is None:
+            raise _fail(
+                where.at(root, "include", "include"), "includes are not available here"
+            )
+        included_text, included_file = include_loader(include)
+        hasher.update(included_text.encode("utf-8"))
+        included = _load_yaml(included_text, included_file)
+        inc_where = _Where(included_file, 1, "")
+        _check_keys(
+            included,
+            {"schema", "description", "blocks"},
+            {"schema", "blocks"},
+            inc_where,
+        )
+        add_blocks(included["blocks"], inc_where)
+    if "blocks" in root:
+        add_blocks(root["blocks"], where.at(root, "blocks", "blocks"))
+
+    rules = root["rules"]
+    if not isinstance(rules, list) or not rules:
+        raise _fail(
+            where.at(root, "rules", "rules"), "'rules' must be a non-empty list"
+        )
+    for index, rule in enumerate(rules):
+        _check_rule(rule, where.at(rule, None, f"rules[{index}]"), False)
+    drops = root.get("drop") or []
+    if not isinstance(drops, list):
+        raise _fail(where.at(root, "drop", "drop"), "'drop' must be a list")
+    for index, node in enumerate(drops):
+        at = where.at(node, None, f"drop[{index}]")
+        _check_keys(node, _DROP_KEYS, {"source", "reason"}, at)
+        _check_str(node, "source", at)
+        _check_str(node, "reason", at)
+        _check_for(node, at)
+    derive = root.get("derive") or {}
+    _check_derive(derive, config, where.at(root, "derive", "derive"))
+    presets = root.get("presets") or {}
+    if not isinstance(presets, dict):
+        raise _fail(
+            where.at(root, "presets", "presets"),
+            "'presets' must map names to config values",
+        )
+    for preset, values in presets.items():
+        at = where.at(presets, preset, f"presets.{preset}")
+        if not isinstance(values, dict):
+            raise _fail(at, "a preset maps config keys to values")
+        unknown = sorted(set(values) - set(config))
+        if unknown:
+            raise _fail(at, f"unknown config key(s) {', '.join(unknown)}")
+    tolerance = root.get("tolerance") or {}
+    if not isinstance(tolerance, dict):
+        raise _fail(
+            where.at(root, "tolerance", "tolerance"), "'tolerance' must be a mapping"
+        )
+
+    return MappingSpec(
+        name=root["name"],
+        model=root["model"],
+        description=str(root.get("description", "")),
+        source=dict(root.get("source") or {}),
+        config={k: _as_tuple(v) for k, v in config.items()},
+        derive=derive,
+        presets={
+            k: {kk: _as_tuple(vv) for kk, vv in v.items()} for k, v in presets.items()
+        },
+        tolerance=dict(tolerance),
+        rules=rules,
+        drops=drops,
+        blocks=blocks,
+        file=file,
+        sha256=hasher.hexdigest(),
+        _where=where,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Finding mapping files.
+
+
+def _package_files() -> Any:
+    return importlib.resources.files("converter.mappings")
+
+
+def available_mappings() -> Tuple[str, ...]:
+    """Names of the bundled mappings (``mappings/*.yaml`` without the ``_`` helpers)."""
+    names = [
+        entry.name[: -len(".yaml")]
+        for entry in _package_files().iterdir()
+        if entry.name.endswith(".yaml") and not entry.name.startswith("_")
+    ]
+    return tuple(sorted(names))
+
+
+def load_mapping(name_or_path: str | Path) -> MappingSpec:
+    """Loads a bundled mapping by model name, or a mapping file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise MappingError(f"{path}: no such mapping file")
+        directory = path.parent
+
+        def read_include(include: str) -> Tuple[str, str]:
+            target = directory / include
+            if not target.is_file():
+                bundled = _package_files() / include
+                if bundled.is_file():
+                    return bundled.read_text(encoding="utf-8"), f"mappings/{include}"
+                raise MappingError(f"{path}: included file {include!r} not found")
+            return target.read_text(encoding="utf-8"), str(target)
+
+        return parse_mapping(path.read_text(encoding="utf-8"), str(path), read_include)
+    name = str(name_or_path)
+    if name not in available_mappings():
+        raise MappingError(
+            f"no mapping named {name!r}; available: {', '.join(available_mappings())}"
+        )
+    files = _package_files()
+
+    def read_bundled(include: str) -> Tuple[str, str]:
+        entry = files / include
+        if not entry.is_file():
+            raise MappingError(
+                f"mappings/{name}.yaml: included file {include!r} not found"
+            )
+        return entry.read_text(encoding="utf-8"), f"mappings/{include}"
+
+    text = (files / f"{name}.yaml").read_text(encoding="utf-8")
+    return parse_mapping(text, f"mappings/{name}.yaml", read_bundled)
+
+
+# --------------------------------------------------------------------------------------
+# Applying a table: planning (shapes only), then copying.
+
+
+@dataclass(frozen=True)
+class ShapeProblem:
+    source: str
+    target: str
+    got: Shape
+    expected: Shape
+    detail: str
+
+
+@dataclass
+class MappingReport:
+    """Everything a mapping run found, collected before any data is copied."""
+
+    mapping: str
+    direction: str
+    used: int = 0
+    dropped: List[Tuple[str, str]] = field(default_factory=list)
+    missing_sources: List[Tuple[str, str]] = field(default_factory=list)
+    unexpected_sources: List[str] = field(default_factory=list)
+    missing_targets: List[str] = field(default_factory=list)
+    unexpected_targets: List[Tuple[str, str]] = field(default_factory=list)
+    mismatches: List[ShapeProblem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.missing_sources
+            or self.unexpected_sources
+            or self.missing_targets
+            or self.unexpected_targets
+            or self.mismatches
+        )
+
+    def problems(self) -> List[str]:
+        lines: List[str] = []
+        for key, origin in self.missing_sources:
+            lines.append(f"missing in the checkpoint: {key} (wanted by {origin})")
+        for key in self.unexpected_sources:
+            lines.append(
+                f"unexpected in the checkpoint (no rule uses or drops it): {key}"
+            )
+        for key in self.missing_targets:
+            lines.append(f"model tensor no rule produces: {key}")
+        for key, origin in self.unexpected_targets:
+            lines.append(
+                f"rule produces a tensor the model does not have: {key} ({origin})"
+            )
+        for problem in self.mismatches:
+            lines.append(
+                f"shape mismatch: {problem.source} -> {problem.target}: {problem.detail}"
+            )
+        return lines
+
+    def raise_for_problems(self, hint: str = "") -> None:
+        if self.ok:
+            return
+        problems = self.problems()
+        shown = problems[:40]
+        if len(problems) > len(shown):
+            shown.append(f"... and {len(problems) - len(shown)} more")
+        message = (
+            f"mapping {self.mapping!r} ({self.direction}) does not fit:\n  "
+            + "\n  ".join(shown)
+        )
+        if hint:
+            message += f"\n{hint}"
+        error_type = (
+            ShapeMismatch
+            if self.mismatches and len(problems) == len(self.mismatches)
+            else MappingError
+        )
+        raise error_type(message)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "mapping": self.mapping,
+            "direction": self.direction,
+            "used": self.used,
+            "dropped": [{"source": s, "reason": r} for s, r in self.dropped],
+            "problems": self.problems(),
+        }
+
+
+TensorInfo = Tuple[Shape, str]  # shape, dtype name
+
+
+def plan_forward(
+    table: MappingTable,
+    sources: Mapping[str, TensorInfo],
+    targets: Mapping[str, TensorInfo],
+    mapping: str = "",
+) -> MappingReport:
+    """Checks a Haiku -> PyTorch conversion before copying anything.
+
+    ``sources``: every tensor of the checkpoint; ``targets``: every tensor of the model's
+    state dict. Every source must be used exactly once or dropped, every target produced
+    exactly once, every shape and dtype must match after the ops.
+    """
+    report = MappingReport(mapping, "haiku -> torch")
+    claimed = set()
+    for rule in table.rules:
+        claimed.add(rule.source)
+        if rule.source not in sources:
+            report.missing_sources.append((rule.source, rule.origin))
+        if rule.target not in targets:
+            report.unexpected_targets.append((rule.target, rule.origin))
+        if rule.source not in sources or rule.target not in targets:
+            continue
+        shape, dtype = sources[rule.source]
+        expected_shape, expected_dtype = targets[rule.target]
+        try:
+            got = ops_shape(tuple(shape), rule.ops)
+        except MappingError as error:
+            report.mismatches.append(
+                ShapeProblem(
+                    rule.source,
+                    rule.target,
+                    tuple(shape),
+                    tuple(expected_shape),
+                    str(error),
+                )
+            )
+            continue
+        out_dtype = _dtype_after(dtype, rule.ops)
+        if tuple(got) != tuple(expected_shape) or out_dtype != expected_dtype:
+            report.mismatches.append(
+                ShapeProblem(
+                    rule.source,
+                    rule.target,
+                    tuple(got),
+                    tuple(expected_shape),
+                    f"checkpoint {list(shape)} {dtype} becomes {list(got)} {out_dtype} after "
+                    f"[{rule.describe_ops()}], model expects {list(expected_shape)} {expected_dtype}",
+                )
+            )
+            continue
+        report.used += 1
+    for drop in table.drops:
+        claimed.add(drop.source)
+        if drop.source in sources:
+            report.dropped.append((drop.source, drop.reason))
+        else:
+            report.missing_sources.append((drop.source, drop.origin))
+    report.unexpected_sources = sorted(set(sources) - claimed)
+    produced = {rule.target for rule in table.rules}
+    report.missing_targets = sorted(set(targets) - produced)
+    return report
+
+
+def plan_inverse(
+    table: MappingTable,
+    targets: Mapping[str, TensorInfo],
+    mapping: str = "",
+) -> MappingReport:
+    """Checks a PyTorch -> Haiku export: every model tensor is known to the mapping."""
+    report = MappingReport(mapping, "torch -> haiku")
+    by_target = table.by_target
+    for key, (shape, _dtype) in targets.items():
+        rule = by_target.get(key)
+        if rule is None:
+            report.unexpected_sources.append(key)
+            continue
+        try:
+            ops_inverse_shape(tuple(shape), rule.ops)
+        except MappingError as error:
+            report.mismatches.append(
+                ShapeProblem(key, rule.source, tuple(shape), (), str(error))
+            )
+            continue
+        report.used += 1
+    report.missing_targets = sorted(set(by_target) - set(targets))
+    return report
+
+
+def _dtype_after(dtype: str, ops: Sequence[Op]) -> str:
+    for op in ops:
+        if op.name == "dtype":
+            if dtype != op.args["from"]:
+                return f"{dtype} (dtype op expects {op.args['from']})"
+            dtype = op.args["to"]
+    return dtype
+
+
+def convert_arrays(
+    table: MappingTable, sources: Mapping[str, np.ndarray]
+) -> Iterator[Tuple[str, np.ndarray]]:
+    """Yields ``(target key, array)`` in table order; plan first with :func:`plan_forward`."""
+    for rule in table.rules:
+        yield rule.target, apply_ops(sources[rule.source], rule.ops)
+
+
+def invert_arrays(
+    table: MappingTable,
+    targets: Mapping[str, np.ndarray],
+    dropped: Optional[Mapping[str, np.ndarray]] = None,
+) -> Dict[str, np.ndarray]:
+    """Maps model tensors back to Haiku source keys (the exact inverse of every op).
+
+    Dropped tensors come from ``dropped`` (kept from the original conversion) or, when
+    absent there, from the tensor named by the drop's ``restore_from``.
+    """
+    out: Dict[str, np.ndarray] = {}
+    for rule in table.rules:
+        out[rule.source] = invert_ops(targets[rule.target], rule.ops)
+    for drop in table.drops:
+        if dropped is not None and drop.source in dropped:
+            out[drop.source] = dropped[drop.source]
+        elif drop.restore_from is not None and drop.restore_from in out:
+            out[drop.source] = out[drop.restore_from].copy()
+        else:
+            raise MappingError(
+                f"cannot restore the dropped tensor {drop.source!r} ({drop.reason}): the "
+                f"converted file does not carry it and the mapping gives no restore_from "
+                f"({drop.origin})"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Flat keys of a Haiku tree.
+
+STATE_PREFIX = "state:"
+
+
+def flatten_tree(
+    params: Mapping[str, Mapping[str, Any]],
+    state: Optional[Mapping[str, Mapping[str, Any]]] = None,
+) -> Dict[str, Any]:
+    """``{module: {name: value}}`` (and state) -> ``{"module/name": value, "state:module/name": value}``."""
+    flat: Dict[str, Any] = {}
+    for prefix, tree in (("", params), (STATE_PREFIX, state or {})):
+        for module, entries in tree.items():
+            for name, value in entries.items():
+                flat[f"{prefix}{module}/{name}"] = value
+    return flat
+
+
+def unflatten_tree(
+    flat: Mapping[str, Any],
+) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Dict[str, Any]]]:
+    """The inverse of :func:`flatten_tree`: returns ``(params, state)``."""
+    params: Dict[str, Dict[str, Any]] = {}
+    state: Dict[str, Dict[str, Any]] = {}
+    for key, value in flat.items():
+        tree = params
+        if key.startswith(STATE_PREFIX):
+            tree, key = state, key[len(STATE_PREFIX) :]
+        module, _, name = key.rpartition("/")
+        tree.setdefault(module, {})[name] = value
+    return params, state

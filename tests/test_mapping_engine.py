@@ -1,0 +1,353 @@
+"""The YAML mapping engine: schema errors with file:line, templates, overlaps, totality,
+configuration derivation, and the six bundled mappings against the official trees."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converter.convert import model_targets
+from converter.errors import MappingError, ShapeMismatch
+from converter.mapping import (
+    available_mappings,
+    flatten_tree,
+    invert_arrays,
+    convert_arrays,
+    load_mapping,
+    parse_mapping,
+    plan_forward,
+    unflatten_tree,
+)
+from perceiver_torch.configs import CONFIG_CLASSES, TINY_CONFIGS, config_from_dict
+
+MODELS = (
+    "language_perceiver",
+    "imagenet_learned",
+    "imagenet_fourier",
+    "imagenet_conv",
+    "optical_flow",
+    "video_autoencoding",
+)
+TREES = Path(__file__).resolve().parents[1] / "converter" / "data" / "trees"
+
+
+def read_tree(name: str, size: str):
+    """{flat source key: (shape, dtype)} from the tree data (params and state)."""
+    folder = TREES if size == "full" else TREES / "tiny"
+    tree = {}
+    for suffix, prefix in (("", ""), (".state", "state:")):
+        path = folder / f"{name}{suffix}.tsv"
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            module, param, shape, dtype = line.split("\t")
+            tree[f"{prefix}{module}/{param}"] = (tuple(ast.literal_eval(shape)), dtype)
+    return tree
+
+
+def parse(text: str, name: str = "test.yaml"):
+    return parse_mapping(textwrap.dedent(text), name)
+
+
+MINIMAL = """\
+schema: 1
+name: toy
+model: toy
+config: {layers: 3}
+rules:
+  - source: "enc/layer{_i}/w"
+    target: "enc.layers.{i}.weight"
+    ops: [linear]
+    for: {i: layers}
+"""
+
+
+def test_layer_templates_follow_haiku_numbering():
+    table = parse(MINIMAL).expand({"layers": 3})
+    assert [r.source for r in table.rules] == [
+        "enc/layer/w",
+        "enc/layer_1/w",
+        "enc/layer_2/w",
+    ]
+    assert [r.target for r in table.rules] == [
+        f"enc.layers.{i}.weight" for i in range(3)
+    ]
+    assert all(r.ops[0].name == "linear" for r in table.rules)
+
+
+def test_for_over_a_list_of_values():
+    spec = parse("""\
+        schema: 1
+        name: toy
+        model: toy
+        config: {x: 1}
+        rules:
+          - {source: "pre/{m}_pad/p", target: "pad.{m}", for: {m: [audio, image]}}
+        """)
+    assert [r.target for r in spec.expand({"x": 1}).rules] == ["pad.audio", "pad.image"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "schema: 1\nname: toy\nmodel: toy\nconfig:\n\ta: 1\nrules: []\n",
+            "test.yaml:5: malformed YAML",
+        ),
+        (
+            "schema: 1\nname: toy\nmodel: toy\nconfig: {a: 1}\nrule: []\n",
+            "test.yaml:5: unknown key",
+        ),
+        (
+            "schema: 1\nname: toy\nmodel: toy\nconfig: {a: 1}\n",
+            "missing key\\(s\\) rules",
+        ),
+        (
+            "schema: 2\nname: toy\nmodel: toy\nconfig: {a: 1}\nrules: [{source: a, target: b}]\n",
+            "test.yaml:1: schema: unsupported schema 2",
+        ),
+        (
+            "schema: 1\nname: toy\nname: x\nmodel: toy\nconfig: {a: 1}\nrules: []\n",
+            "duplicate key 'name'",
+        ),
+        (
+            "schema: 1\nname: toy\nmodel: toy\nconfig: {a: 1}\nrules:\n  - {source: a/w, target: b, ops: [flip]}\n",
+            "test.yaml:6: rules\\[0\\].ops\\[0\\]: unknown op 'flip'",
+        ),
+        (
+            "schema: 1\nname: toy\nmodel: toy\nconfig: {a: 1}\nrules:\n  - {source: a/w}\n",
+            "test.yaml:6: rules\\[0\\]: missing key\\(s\\) target",
+        ),
+        (
+            "schema: 1\nname: toy\nmodel: toy\nconfig: {a: 1}\nrules:\n  - {source: a/w, target: b, extra: 1}\n",
+            "unknown key\\(s\\) extra",
+        ),
+        (
+            "schema: 1\nname: toy\nmodel: toy\nconfig: {a: 1}\nderive: {b: {shape: x, dim: 0}}\nrules: [{source: a, target: b}]\n",
+            "derives 'b', which is not a config key",
+        ),
+        ("- just\n- a list\n", "top level"),
+    ],
+)
+def test_schema_errors_point_at_file_line_and_key(text, message):
+    with pytest.raises(MappingError, match=message):
+        parse(text)
+
+
+def test_expansion_errors_name_the_rule():
+    spec = parse("""\
+        schema: 1
+        name: toy
+        model: toy
+        config: {a: 1}
+        rules:
+          - {source: "x/{j}", target: "y"}
+        """)
+    with pytest.raises(
+        MappingError, match=r"test.yaml:6: rules\[0\]: placeholder \{j\}"
+    ):
+        spec.expand({"a": 1})
+    unknown_block = parse(
+        MINIMAL.replace('  - source: "enc', '  - use: nothing\n  - source: "enc')
+    )
+    with pytest.raises(MappingError, match="unknown block 'nothing'"):
+        unknown_block.expand({"layers": 1})
+
+
+def test_overlapping_rules_are_an_error_not_first_wins():
+    spec = parse("""\
+        schema: 1
+        name: toy
+        model: toy
+        config: {n: 2}
+        rules:
+          - {source: "a/layer{_i}/w", target: "a.{i}.weight", for: {i: n}}
+          - {source: "a/layer_1/w", target: "other.weight"}
+        """)
+    with pytest.raises(MappingError, match="two rules claim the source 'a/layer_1/w'"):
+        spec.expand({"n": 2})
+    spec = parse("""\
+        schema: 1
+        name: toy
+        model: toy
+        config: {n: 2}
+        rules:
+          - {source: "a/w", target: "t"}
+          - {source: "b/w", target: "t"}
+        """)
+    with pytest.raises(MappingError, match="two rules produce the target 't'"):
+        spec.expand({"n": 2})
+
+
+def test_totality_problems_are_reported_together():
+    spec = parse("""\
+        schema: 1
+        name: toy
+        model: toy
+        config: {n: 1}
+        rules:
+          - {source: "a/w", target: "a.weight", ops: [linear]}
+          - {source: "b/w", target: "b.weight"}
+          - {source: "c/w", target: "c.weight"}
+        drop:
+          - {source: "d/counter", reason: unused at inference}
+        """)
+    table = spec.expand({"n": 1})
+    sources = {
+        "a/w": ((2, 3), "float32"),
+        "c/w": ((4,), "float32"),
+        "d/counter": ((), "int32"),
+        "e/w": ((1,), "float32"),
+    }
+    targets = {
+        "a.weight": ((2, 3), "float32"),
+        "c.weight": ((4,), "float32"),
+        "z": ((1,), "float32"),
+    }
+    report = plan_forward(table, sources, targets, "toy")
+    assert not report.ok
+    assert report.missing_sources == [("b/w", report.missing_sources[0][1])]
+    assert report.unexpected_sources == ["e/w"]
+    assert report.missing_targets == ["z"]
+    assert [key for key, _ in report.unexpected_targets] == ["b.weight"]
+    assert [m.target for m in report.mismatches] == ["a.weight"]
+    assert report.dropped == [("d/counter", "unused at inference")]
+    with pytest.raises(MappingError) as caught:
+        report.raise_for_problems()
+    text = str(caught.value)
+    for needle in (
+        "missing in the checkpoint: b/w",
+        "unexpected in the checkpoint",
+        "e/w",
+        "model tensor no rule produces: z",
+        "shape mismatch: a/w -> a.weight",
+        "[2, 3] float32 becomes [3, 2]",
+    ):
+        assert needle in text
+
+
+def test_only_shape_problems_raise_shape_mismatch():
+    spec = parse(
+        "schema: 1\nname: t\nmodel: t\nconfig: {n: 1}\nrules: [{source: a/w, target: a, ops: [linear]}]\n"
+    )
+    report = plan_forward(
+        spec.expand({"n": 1}), {"a/w": ((2, 3), "float32")}, {"a": ((2, 3), "float32")}
+    )
+    with pytest.raises(ShapeMismatch):
+        report.raise_for_problems()
+
+
+def test_flatten_and_unflatten_are_inverse():
+    params = {"m/~/x": {"w": 1, "b": 2}, "n": {"e": 3}}
+    state = {"bn/~/mean_ema": {"average": 4}}
+    flat = flatten_tree(params, state)
+    assert flat == {
+        "m/~/x/w": 1,
+        "m/~/x/b": 2,
+        "n/e": 3,
+        "state:bn/~/mean_ema/average": 4,
+    }
+    assert unflatten_tree(flat) == (params, state)
+
+
+# --------------------------------------------------------------------------------------
+# The bundled mappings.
+
+
+def test_bundled_mappings_are_the_six_models():
+    assert available_mappings() == tuple(sorted(MODELS))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_official_config_equals_the_dataclass_defaults(name):
+    spec = load_mapping(name)
+    assert spec.model == name
+    defaults = dataclasses.asdict(CONFIG_CLASSES[name]())
+    official = config_from_dict(name, spec.config)
+    values = dataclasses.asdict(official)
+    if name == "language_perceiver":
+        # None in the dataclass means "d_latents"; the mapping writes the value out.
+        assert (
+            defaults["v_channels"] is None
+            and values["v_channels"] == defaults["d_latents"]
+        )
+        values["v_channels"] = None
+    assert values == defaults
+    tiny = config_from_dict(name, {**spec.config, **spec.presets["tiny"]})
+    expected = dataclasses.asdict(TINY_CONFIGS[name])
+    tiny_values = dataclasses.asdict(tiny)
+    if name == "language_perceiver":
+        assert tiny_values["v_channels"] == expected["d_latents"]
+        tiny_values["v_channels"] = None
+    assert tiny_values == expected
+
+
+@pytest.mark.parametrize("size", ["full", "tiny"])
+@pytest.mark.parametrize("name", MODELS)
+def test_mapping_covers_the_official_tree_and_the_model_exactly(name, size):
+    tree = read_tree(name, size)
+    spec = load_mapping(name)
+    resolved = spec.resolve_config({k: v[0] for k, v in tree.items()})
+    assert resolved.preset == ("official" if size == "full" else "tiny")
+    table = spec.expand(resolved.values)
+    targets = model_targets(name, config_from_dict(name, resolved.values))
+    report = plan_forward(table, tree, targets, name)
+    assert report.ok, report.problems()
+    assert report.used == len(targets)
+    assert report.used + len(report.dropped) == len(tree)
+
+
+def test_overrides_that_contradict_the_checkpoint_are_refused():
+    tree = read_tree("optical_flow", "tiny")
+    shapes = {k: v[0] for k, v in tree.items()}
+    spec = load_mapping("optical_flow")
+    with pytest.raises(MappingError, match="contradicts the checkpoint"):
+        spec.resolve_config(shapes, {"num_self_attends": 5})
+    with pytest.raises(MappingError, match="unknown config key"):
+        spec.resolve_config(shapes, {"num_layers": 5})
+    resolved = spec.resolve_config(shapes, {"image_size": [48, 64]})
+    assert resolved.values["image_size"] == (48, 64)
+    assert resolved.preset == "tiny"
+
+
+def test_derivation_reports_a_foreign_checkpoint_clearly():
+    spec = load_mapping("language_perceiver")
+    with pytest.raises(MappingError, match="has no tensor 'embed/embeddings'"):
+        spec.resolve_config({"foo/w": (2, 2)})
+
+
+def test_round_trip_through_the_table_is_bit_identical():
+    tree = read_tree("imagenet_conv", "tiny")
+    rng = np.random.default_rng(0)
+    sources = {
+        key: (
+            rng.integers(1, 100, size=shape).astype(dtype)
+            if dtype == "int32"
+            else rng.standard_normal(shape).astype(dtype)
+        )
+        for key, (shape, dtype) in tree.items()
+    }
+    spec = load_mapping("imagenet_conv")
+    table = spec.expand(spec.resolve_config({k: v[0] for k, v in tree.items()}).values)
+    converted = dict(convert_arrays(table, sources))
+    dropped = {d.source: sources[d.source] for d in table.drops}
+    back = invert_arrays(table, converted, dropped)
+    assert set(back) == set(sources)
+    for key, array in sources.items():
+        assert (
+            back[key].dtype == array.dtype and back[key].tobytes() == array.tobytes()
+        ), key
+    # Without the dropped tensors, restore_from fills them from the named source.
+    restored = invert_arrays(table, converted)
+    hidden = (
+        "state:image_preprocessor/~/conv2_d_downsample/~/batchnorm/~/mean_ema/hidden"
+    )
+    average = (
+        "state:image_preprocessor/~/conv2_d_downsample/~/batchnorm/~/mean_ema/average"
+    )
+    np.testing.assert_array_equal(restored[hidden], sources[average])
