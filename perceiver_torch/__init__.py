@@ -1,0 +1,77 @@
+"""perceiver_torch: a faithful, fast PyTorch Perceiver IO for DeepMind's six official
+checkpoints.
+
+``build(name, config=None)`` makes a model, ``load(path)`` rebuilds one from a
+converted file, ``capture_stages(model)`` records intermediate stages, and
+``BytesTokenizer`` is the language model's tokenizer::
+
+    import perceiver_torch as pt
+
+    model = pt.load("language_perceiver.safetensors")  # eval mode
+    tokenizer = pt.BytesTokenizer()
+    ids, mask = tokenizer("This is an incomplete sentence where some words are missing.")
+    ids[0, 51:60] = tokenizer.MASK
+    with torch.no_grad():
+        logits = model(ids, mask)  # (1, T, 262)
+    print(tokenizer.decode(logits[0, 51:60].argmax(-1)))
+
+Inputs use PyTorch layouts: images (B, 3, H, W), frame pairs (B, 2, 3, H, W), videos
+(B, T, 3, H, W). Model names: ``MODEL_NAMES``; configs: ``configs`` (``TINY_CONFIGS``
+are the golden test sizes).
+"""
+
+from __future__ import annotations
+
+from . import configs
+from .configs import (
+    CONFIG_CLASSES,
+    TINY_CONFIGS,
+    ImageNetConvConfig,
+    ImageNetFourierConfig,
+    ImageNetLearnedConfig,
+    LanguagePerceiverConfig,
+    OpticalFlowConfig,
+    VideoAutoencodingConfig,
+    config_from_dict,
+    config_to_dict,
+)
+from .imagenet_conv import ImageNetConv
+from .imagenet_fourier import ImageNetFourier
+from .imagenet_learned import ImageNetLearned
+from .language_perceiver import LanguagePerceiver
+from .optical_flow import OpticalFlow
+from .perceiver import PerceiverEncoder, PerceiverIO, capture_stages
+from .registry import MODEL_CLASSES, LoadError, build, load
+from .tokenizer import BytesTokenizer
+from .video_autoencoding import VideoAutoencoder
+
+MODEL_NAMES = tuple(MODEL_CLASSES)
+
+__all__ = [
+    "BytesTokenizer",
+    "CONFIG_CLASSES",
+    "ImageNetConv",
+    "ImageNetConvConfig",
+    "ImageNetFourier",
+    "ImageNetFourierConfig",
+    "ImageNetLearned",
+    "ImageNetLearnedConfig",
+    "LanguagePerceiver",
+    "LanguagePerceiverConfig",
+    "LoadError",
+    "MODEL_CLASSES",
+    "MODEL_NAMES",
+    "OpticalFlow",
+    "OpticalFlowConfig",
+    "PerceiverEncoder",
+    "PerceiverIO",
+    "TINY_CONFIGS",
+    "VideoAutoencoder",
+    "VideoAutoencodingConfig",
+    "build",
+    "capture_stages",
+    "config_from_dict",
+    "config_to_dict",
+    "configs",
+    "load",
+]

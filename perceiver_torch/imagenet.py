@@ -1,0 +1,57 @@
+"""What the three ImageNet classifiers share: encoder and classification decoder.
+
+The three models differ only in their input preprocessor (see ``imagenet_learned``,
+``imagenet_fourier``, ``imagenet_conv``) and in the decoder's query residual.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from .decoders import PerceiverDecoder
+from .perceiver import PerceiverEncoder, PerceiverIO
+from .postprocessors import ClassificationPostprocessor
+from .queries import TrainableQueries
+
+
+class ImageClassifier(PerceiverIO):
+    """Perceiver IO classifier: one trainable query, 1-head decoder, Linear to classes.
+
+    Subclasses build ``input_preprocessor`` (with ``num_channels``) and call
+    ``_build_perceiver``.
+    """
+
+    def _build_perceiver(self, config: Any, input_preprocessor: nn.Module) -> None:
+        c = config
+        self.input_preprocessor = input_preprocessor
+        self.encoder = PerceiverEncoder(
+            input_channels=input_preprocessor.num_channels,
+            num_latents=c.num_latents,
+            latent_channels=c.d_latents,
+            num_self_attends_per_block=c.num_self_attends_per_block,
+            num_blocks=c.num_blocks,
+            num_cross_attention_heads=c.num_cross_attention_heads,
+            num_self_attention_heads=c.num_self_attention_heads,
+            dropout=c.dropout,
+            attention_dropout=c.attention_dropout,
+        )
+        self.output_queries = TrainableQueries(index_dim=1, num_channels=c.d_latents)
+        self.decoder = PerceiverDecoder(
+            query_channels=c.d_latents,
+            latent_channels=c.d_latents,
+            output_channels=c.num_classes,
+            num_heads=1,
+            use_query_residual=c.decoder_query_residual,
+            dropout=c.dropout,
+            attention_dropout=c.attention_dropout,
+        )
+        self.output_postprocessor = ClassificationPostprocessor()
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images: (B, 3, H, W), normalised -> logits (B, num_classes)."""
+        preprocessed = self.input_preprocessor(images)
+        latents = self.encoder(preprocessed)
+        queries = self.output_queries(images.shape[0])
+        return self.output_postprocessor(self.decoder(queries, latents))

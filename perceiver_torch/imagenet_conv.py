@@ -1,0 +1,28 @@
+"""ImageNet classifier with a conv + BatchNorm + max-pool stem
+(``imagenet_conv_preprocessing.pystate``)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .configs import ImageNetConvConfig
+from .imagenet import ImageClassifier
+from .preprocessors import ConvStemPreprocessor
+
+
+class ImageNetConv(ImageClassifier):
+    """Conv 7x7/2 -> BatchNorm -> ReLU -> max-pool 3x3/2 (TF SAME paddings), tokens ++
+    Fourier features of the 4x smaller grid. Any image size: the grid follows the
+    feature map, the frequencies follow ``config.max_resolution``."""
+
+    model_name = "imagenet_conv"
+
+    def __init__(self, config: Optional[ImageNetConvConfig] = None) -> None:
+        config = config or ImageNetConvConfig()
+        super().__init__(config)
+        preprocessor = ConvStemPreprocessor(
+            max_resolution=config.max_resolution,
+            num_bands=config.num_bands,
+            channels=config.conv_channels,
+        )
+        self._build_perceiver(config, preprocessor)

@@ -1,0 +1,80 @@
+"""Masked language model on UTF-8 bytes (``language_perceiver_io_bytes.pickle``)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor
+
+from .configs import LanguagePerceiverConfig
+from .decoders import PerceiverDecoder
+from .perceiver import PerceiverEncoder, PerceiverIO
+from .postprocessors import EmbeddingDecoder
+from .preprocessors import TextPreprocessor
+from .queries import TrainableQueries
+
+
+class LanguagePerceiver(PerceiverIO):
+    """Byte-level masked language model.
+
+    Tokens are embedded and added to a trainable position encoding; the decoder's
+    queries are a second trainable position array; the logits are the decoder output
+    against the tied input embedding plus a bias. A sequence shorter than
+    ``max_seq_len`` uses the first T positions of both arrays: its outputs at real
+    tokens equal the reference run on the sequence padded to ``max_seq_len`` with mask
+    0 (padded keys are masked in the encoder; masked queries are zeroed in the decoder).
+    """
+
+    model_name = "language_perceiver"
+
+    def __init__(self, config: Optional[LanguagePerceiverConfig] = None) -> None:
+        config = config or LanguagePerceiverConfig()
+        super().__init__(config)
+        c = config
+        v_channels = c.d_latents if c.v_channels is None else c.v_channels
+        self.input_preprocessor = TextPreprocessor(
+            vocab_size=c.vocab_size, max_seq_len=c.max_seq_len, d_model=c.d_model
+        )
+        self.encoder = PerceiverEncoder(
+            input_channels=c.d_model,
+            num_latents=c.num_latents,
+            latent_channels=c.d_latents,
+            num_self_attends_per_block=c.num_self_attends,
+            num_blocks=1,
+            num_cross_attention_heads=c.num_cross_attention_heads,
+            num_self_attention_heads=c.num_self_attention_heads,
+            qk_channels=c.qk_channels,
+            v_channels=v_channels,
+            dropout=c.dropout,
+            attention_dropout=c.attention_dropout,
+        )
+        self.output_queries = TrainableQueries(
+            index_dim=c.max_seq_len, num_channels=c.d_model
+        )
+        self.decoder = PerceiverDecoder(
+            query_channels=c.d_model,
+            latent_channels=c.d_latents,
+            output_channels=None,  # final_project=False: logits use the embedding
+            num_heads=c.num_cross_attention_heads,
+            qk_channels=c.qk_channels,
+            v_channels=c.d_model,
+            use_query_residual=False,
+            dropout=c.dropout,
+            attention_dropout=c.attention_dropout,
+        )
+        self.output_postprocessor = EmbeddingDecoder(vocab_size=c.vocab_size)
+
+    def forward(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        """input_ids: (B, T) int, T <= max_seq_len; attention_mask: (B, T), 1 = real
+        token (None = all real). Returns logits (B, T, vocab_size)."""
+        batch, length = input_ids.shape
+        preprocessed = self.input_preprocessor(input_ids)
+        latents = self.encoder(preprocessed, attention_mask)
+        queries = self.output_queries(batch, length=length)
+        # The reference decodes with query_mask = input_mask.
+        decoded = self.decoder(queries, latents, query_mask=attention_mask)
+        return self.output_postprocessor(
+            decoded, self.input_preprocessor.embedding.weight
+        )

@@ -1,0 +1,172 @@
+"""The Perceiver IO encoder and the generic Perceiver IO model.
+
+``PerceiverEncoder`` is the reference's encoder: a trainable latent array
+cross-attends to the preprocessed inputs, then a block of self-attention layers is
+applied ``num_blocks`` times with shared weights. ``PerceiverIO`` wires the five parts
+every task model has (``input_preprocessor``, ``encoder``, ``output_queries``,
+``decoder``, ``output_postprocessor``); the task models (one small file each) say how
+their inputs, queries and outputs look.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .attention import CrossAttentionLayer, SelfAttentionLayer
+
+
+class PerceiverEncoder(nn.Module):
+    """Latents cross-attend to the inputs, then ``num_blocks`` x the shared self-attends.
+
+    Keys: ``latents`` (N, C), ``cross_attention.*``, ``self_attends.{i}.*``.
+
+    Args (keyword-only):
+        input_channels: width of the preprocessed inputs.
+        num_latents: N.
+        latent_channels: C.
+        num_self_attends_per_block: self-attention layers in the shared block.
+        num_blocks: times the block is applied (shared weights).
+        num_cross_attention_heads, num_self_attention_heads: heads.
+        qk_channels: qk width of the cross- and self-attentions; None = their defaults
+            (the inputs' width for the cross-attention, C for self-attention).
+        v_channels: value width of the same; None = qk width.
+        cross_attention_widening_factor, self_attention_widening_factor: MLP widening.
+        use_query_residual: the cross-attention adds the latents back.
+        dropout, attention_dropout: training-only dropout rates.
+        latent_init_scale: std of the latents' initialisation (0.02).
+    """
+
+    def __init__(
+        self,
+        *,
+        input_channels: int,
+        num_latents: int,
+        latent_channels: int,
+        num_self_attends_per_block: int,
+        num_blocks: int = 1,
+        num_cross_attention_heads: int = 1,
+        num_self_attention_heads: int = 8,
+        qk_channels: Optional[int] = None,
+        v_channels: Optional[int] = None,
+        cross_attention_widening_factor: int = 1,
+        self_attention_widening_factor: int = 1,
+        use_query_residual: bool = True,
+        dropout: float = 0.0,
+        attention_dropout: float = 0.0,
+        latent_init_scale: float = 0.02,
+    ) -> None:
+        super().__init__()
+        self.num_blocks = num_blocks
+        self.latents = nn.Parameter(torch.empty(num_latents, latent_channels))
+        nn.init.trunc_normal_(
+            self.latents,
+            std=latent_init_scale,
+            a=-2 * latent_init_scale,
+            b=2 * latent_init_scale,
+        )
+        self.cross_attention = CrossAttentionLayer(
+            q_channels=latent_channels,
+            kv_channels=input_channels,
+            num_heads=num_cross_attention_heads,
+            qk_channels=qk_channels,
+            v_channels=v_channels,
+            widening_factor=cross_attention_widening_factor,
+            use_query_residual=use_query_residual,
+            dropout=dropout,
+            attention_dropout=attention_dropout,
+        )
+        self.self_attends = nn.ModuleList(
+            SelfAttentionLayer(
+                channels=latent_channels,
+                num_heads=num_self_attention_heads,
+                qk_channels=qk_channels,
+                v_channels=v_channels,
+                widening_factor=self_attention_widening_factor,
+                dropout=dropout,
+                attention_dropout=attention_dropout,
+            )
+            for _ in range(num_self_attends_per_block)
+        )
+
+    def forward(self, inputs: Tensor, input_mask: Optional[Tensor] = None) -> Tensor:
+        """inputs: (B, M, C_in) preprocessed tokens; input_mask: (B, M), nonzero = keep.
+        Returns the latents (B, N, C)."""
+        z = self.latents.unsqueeze(0).expand(inputs.shape[0], -1, -1)
+        z = self.cross_attention(z, inputs, key_mask=input_mask)
+        for _ in range(self.num_blocks):
+            for layer in self.self_attends:
+                z = layer(z)
+        return z
+
+
+class PerceiverIO(nn.Module):
+    """The five parts of a Perceiver IO model; task models subclass it.
+
+    Subclasses set ``input_preprocessor``, ``encoder``, ``output_queries``, ``decoder``
+    and ``output_postprocessor`` (modules without parameters may be absent) and define
+    ``forward`` with their own inputs. ``config`` holds the task model's config and
+    ``model_name`` its registry name.
+    """
+
+    model_name: str = ""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.latents.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.latents.dtype
+
+
+@contextlib.contextmanager
+def capture_stages(model: PerceiverIO) -> Iterator[Dict[str, Tensor]]:
+    """Records the intermediate stages of a forward pass with forward hooks.
+
+    Yields a dict filled during the forward pass with ``"preprocessed"`` (the
+    encoder's first input, (B, N, C) channels-last tokens), ``"latents"`` (the
+    encoder's output) and ``"decoder_output"`` ((B, M, C), before postprocessing).
+    When the decoder runs several times in one pass (chunked video decoding), its
+    outputs are concatenated along M. Models with a fused decoding path (video) run
+    the reference's unfused path meanwhile, so that the decoder output exists.
+    """
+    stages: Dict[str, Tensor] = {}
+    decoder_outputs = []
+
+    def on_encoder_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        stages["preprocessed"] = (args[0] if args else kwargs["inputs"]).detach()
+
+    def on_encoder_output(module: nn.Module, args: tuple, output: Tensor) -> None:
+        stages["latents"] = output.detach()
+
+    def on_decoder_output(module: nn.Module, args: tuple, output: Tensor) -> None:
+        decoder_outputs.append(output.detach())
+        stages["decoder_output"] = (
+            decoder_outputs[0]
+            if len(decoder_outputs) == 1
+            else torch.cat(decoder_outputs, dim=1)
+        )
+
+    handles = [
+        model.encoder.register_forward_pre_hook(on_encoder_input, with_kwargs=True),
+        model.encoder.register_forward_hook(on_encoder_output),
+        model.decoder.register_forward_hook(on_decoder_output),
+    ]
+    fused = getattr(model, "fused_decoding", None)
+    if fused is not None:
+        model.fused_decoding = False
+    try:
+        yield stages
+    finally:
+        for handle in handles:
+            handle.remove()
+        if fused is not None:
+            model.fused_decoding = fused

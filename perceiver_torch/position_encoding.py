@@ -1,0 +1,298 @@
+"""Position encodings: trainable and Fourier (the reference's ``position_encoding.py``).
+
+Fourier features follow the reference exactly: per index dimension d, positions in
+[-1, 1]; frequencies ``linspace(1, max_resolution_d / 2, num_bands)``; features ordered
+``[positions (d of them), sin(pi*pos_d*f_k) for d then k, cos(...) same order]``.
+They are computed in float64 and cast once (the reference's float32 arithmetic is
+off by up to 1e-2 for the 30,720-sample audio encoding) and, being independent of the
+input, cached per module.
+
+Every feature only depends on the coordinate along one dimension, so they are built
+from small per-dimension tables gathered by index: cheap even for 802,816 queries.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+
+def grid_positions(size: int) -> Tensor:
+    """Positions of a full grid axis: ``linspace(-1, 1, size)``, endpoints included.
+
+    Returns (size,) float64.
+    """
+    return torch.linspace(-1.0, 1.0, size, dtype=torch.float64)
+
+
+def subsampled_positions(size: int) -> Tensor:
+    """Positions the reference gives subsampled decoder queries: ``-1 + 2*i/size``.
+
+    Step 2/size, never reaching +1 (unlike ``grid_positions``: up to 8.9e-3 apart).
+    Returns (size,) float64.
+    """
+    return -1.0 + 2.0 * torch.arange(size, dtype=torch.float64) / size
+
+
+def unravel(flat_indices: Tensor, index_dims: Sequence[int]) -> Tensor:
+    """Row-major unravel of flat indices over ``index_dims``: (n,) -> (n, d) int64."""
+    flat_indices = flat_indices.to(torch.int64)
+    coords = []
+    for size in reversed(list(index_dims)):
+        coords.append(torch.remainder(flat_indices, size))
+        flat_indices = torch.div(flat_indices, size, rounding_mode="floor")
+    return torch.stack(coords[::-1], dim=-1)
+
+
+def fourier_channels(
+    num_dims: int, num_bands: int, *, concat_pos: bool = True, sine_only: bool = False
+) -> int:
+    """Width of the Fourier features: d (positions) + d*K (sin) + d*K (cos)."""
+    return (num_dims if concat_pos else 0) + num_dims * num_bands * (
+        1 if sine_only else 2
+    )
+
+
+AxisTable = Tuple[Tensor, Tensor, Tensor]
+
+
+def axis_table(
+    positions: Tensor,
+    *,
+    num_bands: int,
+    resolution: int,
+    dtype: torch.dtype = torch.float32,
+    device: Optional[torch.device] = None,
+) -> AxisTable:
+    """Features of every index along one axis: (position (n,1), sin (n,K), cos (n,K)).
+
+    positions: (n,) positions of the axis' indices. Frequencies are
+    ``linspace(1, resolution/2, num_bands)``; everything is computed in float64 and
+    cast once to ``dtype``.
+    """
+    positions = positions.to(torch.float64)
+    freqs = torch.linspace(1.0, resolution / 2.0, num_bands, dtype=torch.float64)
+    angles = math.pi * (positions[:, None] * freqs[None, :])  # (n, K)
+    return tuple(
+        t.to(dtype=dtype, device=device)
+        for t in (positions[:, None], torch.sin(angles), torch.cos(angles))
+    )
+
+
+def gather_features(
+    tables: Sequence[AxisTable],
+    coords: Tensor,
+    *,
+    concat_pos: bool = True,
+    sine_only: bool = False,
+) -> Tensor:
+    """Fourier features of points from per-axis tables: coords (n, d) int64 index of
+    each point along each axis -> (n, C) ordered ``[pos_1..pos_d, sin (d-major, then
+    k), cos (same order)]``."""
+    pos_parts, sin_parts, cos_parts = [], [], []
+    for d, (pos, sin, cos) in enumerate(tables):
+        index = coords[:, d]
+        pos_parts.append(pos[index])
+        sin_parts.append(sin[index])
+        if not sine_only:
+            cos_parts.append(cos[index])
+    return torch.cat((pos_parts if concat_pos else []) + sin_parts + cos_parts, dim=-1)
+
+
+def fourier_features(
+    axis_positions: Sequence[Tensor],
+    coords: Tensor,
+    *,
+    num_bands: int,
+    max_resolution: Sequence[int],
+    concat_pos: bool = True,
+    sine_only: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Fourier features of points given by per-axis coordinates.
+
+    axis_positions: for each of the d axes, the (n_d,) float64 position of every index
+    along it; coords: (n, d) int64 index of each point along each axis.
+    Returns (n, C) in ``dtype`` with C = ``fourier_channels(d, num_bands)``, ordered
+    ``[pos_1..pos_d, sin(pi*pos_d*f_k) (d-major, then k), cos(...)]``.
+    """
+    if len(axis_positions) != len(max_resolution):
+        raise ValueError(
+            f"{len(axis_positions)} index dimensions but max_resolution "
+            f"{tuple(max_resolution)} has {len(max_resolution)}"
+        )
+    tables = [
+        axis_table(
+            p, num_bands=num_bands, resolution=r, dtype=dtype, device=coords.device
+        )
+        for p, r in zip(axis_positions, max_resolution)
+    ]
+    return gather_features(tables, coords, concat_pos=concat_pos, sine_only=sine_only)
+
+
+class TrainablePositionEncoding(nn.Module):
+    """A learned array ``embeddings`` (N, C), broadcast over the batch.
+
+    Args (keyword-only):
+        index_dim: number of positions N.
+        num_channels: channels C.
+        init_scale: std of the (truncated-normal) initialisation, 0.02 as the reference.
+    """
+
+    def __init__(self, *, index_dim: int, num_channels: int, init_scale: float = 0.02):
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.empty(index_dim, num_channels))
+        nn.init.trunc_normal_(
+            self.embeddings, std=init_scale, a=-2 * init_scale, b=2 * init_scale
+        )
+
+    @property
+    def num_channels(self) -> int:
+        return self.embeddings.shape[1]
+
+    def forward(self, batch_size: int, *, length: Optional[int] = None) -> Tensor:
+        """Returns (B, N, C), or the first ``length`` positions (B, length, C)."""
+        emb = self.embeddings if length is None else self.embeddings[:length]
+        return emb.unsqueeze(0).expand(batch_size, -1, -1)
+
+
+class FourierPositionEncoding(nn.Module):
+    """Fourier features of a grid of positions (no parameters).
+
+    Args (keyword-only):
+        num_bands: frequency bands K per dimension.
+        max_resolution: per-dimension maximum resolution (the highest frequency is
+            max_resolution/2); may differ from the grid it encodes.
+        concat_pos: prepend the raw positions (the reference's ``concat_pos``).
+        sine_only: only sines (not used by the official models).
+        cache_size: how many grids (shape, device, dtype) to keep.
+    """
+
+    def __init__(
+        self,
+        *,
+        num_bands: int,
+        max_resolution: Tuple[int, ...],
+        concat_pos: bool = True,
+        sine_only: bool = False,
+        cache_size: int = 2,
+    ) -> None:
+        super().__init__()
+        self.num_bands = num_bands
+        self.max_resolution = tuple(int(r) for r in max_resolution)
+        self.concat_pos = concat_pos
+        self.sine_only = sine_only
+        self.cache_size = cache_size
+        self._cache: "OrderedDict[tuple, Tensor]" = OrderedDict()
+        self._table_cache: Dict[tuple, List[AxisTable]] = {}
+
+    @property
+    def num_channels(self) -> int:
+        """Output width: d + 2*d*K with d = len(max_resolution)."""
+        return fourier_channels(
+            len(self.max_resolution),
+            self.num_bands,
+            concat_pos=self.concat_pos,
+            sine_only=self.sine_only,
+        )
+
+    def extra_repr(self) -> str:
+        return f"num_bands={self.num_bands}, max_resolution={self.max_resolution}"
+
+    def _tables(
+        self,
+        kind: str,
+        index_dims: Tuple[int, ...],
+        device: Optional[torch.device],
+        dtype: torch.dtype,
+    ) -> List[AxisTable]:
+        """Per-axis tables of the grid ("grid": linspace positions) or of its
+        subsampled positions ("subsampled"), cached (they are small)."""
+        key = (kind, index_dims, str(device), dtype)
+        tables = self._table_cache.get(key)
+        if tables is None:
+            axis_positions = grid_positions if kind == "grid" else subsampled_positions
+            # Cached across calls: never inference tensors, which autograd rejects.
+            with torch.inference_mode(False):
+                tables = [
+                    axis_table(
+                        axis_positions(size),
+                        num_bands=self.num_bands,
+                        resolution=resolution,
+                        dtype=dtype,
+                        device=device,
+                    )
+                    for size, resolution in zip(index_dims, self.max_resolution)
+                ]
+            self._table_cache[key] = tables
+        return tables
+
+    def _check_dims(self, index_dims: Tuple[int, ...]) -> None:
+        if len(index_dims) != len(self.max_resolution):
+            raise ValueError(
+                f"{len(index_dims)} index dimensions {index_dims} but max_resolution "
+                f"{self.max_resolution} has {len(self.max_resolution)}"
+            )
+
+    def grid(
+        self,
+        index_dims: Sequence[int],
+        *,
+        device: Optional[torch.device] = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Features of the full grid ``index_dims`` (linspace positions), flattened
+        row-major: (prod(index_dims), C). Cached."""
+        index_dims = tuple(int(n) for n in index_dims)
+        key = (index_dims, str(device), dtype)
+        cached = self._cache.get(key)
+        if cached is not None:
+            self._cache.move_to_end(key)
+            return cached
+        self._check_dims(index_dims)
+        with torch.inference_mode(False):  # cached: not an inference tensor
+            n = math.prod(index_dims)
+            features = gather_features(
+                self._tables("grid", index_dims, device, dtype),
+                unravel(torch.arange(n, device=device), index_dims),
+                concat_pos=self.concat_pos,
+                sine_only=self.sine_only,
+            )
+        self._cache[key] = features
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return features
+
+    def subsampled(
+        self,
+        flat_indices: Tensor,
+        index_dims: Sequence[int],
+        *,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Features of the points ``flat_indices`` (n,) of the grid ``index_dims`` at the
+        reference's subsampled positions ``-1 + 2*i/N`` per dimension: (n, C)."""
+        index_dims = tuple(int(n) for n in index_dims)
+        self._check_dims(index_dims)
+        return gather_features(
+            self._tables("subsampled", index_dims, flat_indices.device, dtype),
+            unravel(flat_indices, index_dims),
+            concat_pos=self.concat_pos,
+            sine_only=self.sine_only,
+        )
+
+    def forward(
+        self,
+        index_dims: Sequence[int],
+        batch_size: int,
+        *,
+        device: Optional[torch.device] = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Tensor:
+        """Grid features broadcast over the batch: (B, prod(index_dims), C)."""
+        grid = self.grid(index_dims, device=device, dtype=dtype)
+        return grid.unsqueeze(0).expand(batch_size, -1, -1)

@@ -1,0 +1,136 @@
+"""Building the six task models by name and loading converted files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+
+from . import configs
+from .imagenet_conv import ImageNetConv
+from .imagenet_fourier import ImageNetFourier
+from .imagenet_learned import ImageNetLearned
+from .language_perceiver import LanguagePerceiver
+from .optical_flow import OpticalFlow
+from .perceiver import PerceiverIO
+from .video_autoencoding import VideoAutoencoder
+
+MODEL_CLASSES: Mapping[str, type] = {
+    "language_perceiver": LanguagePerceiver,
+    "imagenet_learned": ImageNetLearned,
+    "imagenet_fourier": ImageNetFourier,
+    "imagenet_conv": ImageNetConv,
+    "optical_flow": OpticalFlow,
+    "video_autoencoding": VideoAutoencoder,
+}
+
+
+class LoadError(ValueError):
+    """A file that cannot be turned into a model (metadata, name, keys)."""
+
+
+def _model_class(name: str) -> type:
+    try:
+        return MODEL_CLASSES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(MODEL_CLASSES)}"
+        ) from None
+
+
+def build(name: str, config: Any = None) -> PerceiverIO:
+    """Builds model ``name`` with random weights.
+
+    config: None = the official configuration; a mapping is turned into the config
+    dataclass (``configs.config_from_dict``); otherwise the dataclass instance itself.
+    Builds on the current default device (``with torch.device("meta"):`` works).
+    """
+    cls = _model_class(name)
+    if config is None:
+        config = configs.CONFIG_CLASSES[name]()
+    elif isinstance(config, Mapping):
+        config = configs.config_from_dict(name, config)
+    elif not isinstance(config, configs.CONFIG_CLASSES[name]):
+        raise TypeError(
+            f"config for {name} must be a {configs.CONFIG_CLASSES[name].__name__} or a "
+            f"mapping, got {type(config).__name__}"
+        )
+    return cls(config)
+
+
+def _read(path: Path) -> Tuple[str, Dict[str, Any], Dict[str, torch.Tensor]]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+        missing = [k for k in ("model", "config") if k not in metadata]
+        if missing:
+            raise LoadError(
+                f"{path}: safetensors metadata lacks {', '.join(missing)}; a converted "
+                "file stores the model name under 'model' and the JSON config "
+                "(configs.config_to_dict) under 'config'"
+            )
+        try:
+            config = json.loads(metadata["config"])
+        except json.JSONDecodeError as err:
+            raise LoadError(f"{path}: metadata 'config' is not JSON: {err}") from None
+        return metadata["model"], config, state
+    payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, Mapping) or not {"model", "config", "state_dict"} <= set(
+        payload
+    ):
+        raise LoadError(
+            f"{path}: expected a dict with 'model', 'config' and 'state_dict' (got "
+            f"{type(payload).__name__}"
+            + (f" with keys {sorted(payload)}" if isinstance(payload, Mapping) else "")
+            + "); a bare state dict needs build(name, config).load_state_dict()"
+        )
+    return payload["model"], dict(payload["config"]), dict(payload["state_dict"])
+
+
+def load(path: Union[str, Path], *, map_location: Optional[str] = None) -> PerceiverIO:
+    """Rebuilds a model from a converted file and loads its weights (strict).
+
+    ``.safetensors``: metadata "model" (name) and "config" (JSON of
+    ``configs.config_to_dict``); other files: ``torch.load(weights_only=True)`` of
+    ``{"model": name, "config": {...}, "state_dict": {...}}``. Raises ``LoadError`` for
+    missing metadata, an unknown model or missing/unexpected/misshapen keys.
+    """
+    path = Path(path)
+    name, config_dict, state = _read(path)
+    if name not in MODEL_CLASSES:
+        raise LoadError(
+            f"{path}: unknown model {name!r}; known models: {', '.join(MODEL_CLASSES)}"
+        )
+    try:
+        config = configs.config_from_dict(name, config_dict)
+    except (TypeError, ValueError) as err:
+        raise LoadError(f"{path}: bad config for {name}: {err}") from None
+    with torch.device("meta"):
+        model = build(name, config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [
+        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(state[k].shape)}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(expected[k].shape) != tuple(state[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        lines = [f"{path}: the weights do not match {name} with this config:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:10])}")
+        if unexpected:
+            lines.append(
+                f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}"
+            )
+        if mismatched:
+            lines.append(f"  shape mismatches: {'; '.join(mismatched[:10])}")
+        raise LoadError("\n".join(lines))
+    model = model.to_empty(device=map_location or "cpu")
+    model.load_state_dict(state, strict=True)
+    return model.eval()

@@ -1,0 +1,85 @@
+"""The language model's byte tokenizer: UTF-8 bytes shifted by the special ids."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+
+class BytesTokenizer:
+    """UTF-8 byte tokenizer of the language Perceiver.
+
+    Ids 0-5 are special (pad 0, bos 1, eos 2, mask 3, cls 4, sep 5); byte ``b`` is id
+    ``b + 6``; the vocabulary has 262 ids.
+    """
+
+    PAD = 0
+    BOS = 1
+    EOS = 2
+    MASK = 3
+    CLS = 4
+    SEP = 5
+    NUM_SPECIAL = 6
+    VOCAB_SIZE = 256 + NUM_SPECIAL
+
+    @property
+    def vocab_size(self) -> int:
+        return self.VOCAB_SIZE
+
+    def encode(self, text: str, *, add_special_tokens: bool = False) -> List[int]:
+        """Token ids of ``text`` (optionally wrapped in bos ... eos)."""
+        ids = [b + self.NUM_SPECIAL for b in text.encode("utf-8")]
+        if add_special_tokens:
+            ids = [self.BOS] + ids + [self.EOS]
+        return ids
+
+    def decode(
+        self, ids: Union[Sequence[int], Tensor], *, errors: str = "replace"
+    ) -> str:
+        """Text of ``ids``: special ids are skipped; bytes that are not valid UTF-8
+        become U+FFFD (``errors="replace"``; any ``bytes.decode`` policy works)."""
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        data = bytes(
+            int(i) - self.NUM_SPECIAL
+            for i in ids
+            if self.NUM_SPECIAL <= int(i) < self.VOCAB_SIZE
+        )
+        return data.decode("utf-8", errors=errors)
+
+    def pad(
+        self, sequences: Sequence[Sequence[int]], length: Optional[int] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """Pads token lists to ``length`` (default: the longest) with the pad id.
+
+        Returns ``input_ids`` (B, L) int64 and ``attention_mask`` (B, L) int64 (1 = real
+        token). Raises if a sequence is longer than ``length``.
+        """
+        length = (
+            max((len(s) for s in sequences), default=0) if length is None else length
+        )
+        ids = torch.full((len(sequences), length), self.PAD, dtype=torch.int64)
+        mask = torch.zeros((len(sequences), length), dtype=torch.int64)
+        for row, seq in enumerate(sequences):
+            if len(seq) > length:
+                raise ValueError(
+                    f"sequence {row} has {len(seq)} tokens > length {length}"
+                )
+            ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.int64)
+            mask[row, : len(seq)] = 1
+        return ids, mask
+
+    def __call__(
+        self,
+        texts: Union[str, Sequence[str]],
+        *,
+        length: Optional[int] = None,
+        add_special_tokens: bool = False,
+    ) -> Tuple[Tensor, Tensor]:
+        """Encodes and pads one text or a batch: (input_ids, attention_mask), (B, L)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        encoded = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
+        return self.pad(encoded, length)

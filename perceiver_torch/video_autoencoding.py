@@ -1,0 +1,276 @@
+"""Kinetics-700 video + audio + label autoencoder
+(``video_autoencoding_checkpoint.pystate``)."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional
+
+import torch
+from torch import Tensor
+
+from .configs import VideoAutoencodingConfig
+from .decoders import FoldedDecoder, PerceiverDecoder
+from .perceiver import PerceiverEncoder, PerceiverIO
+from .postprocessors import (
+    AudioPostprocessor,
+    ClassificationPostprocessor,
+    MultimodalPostprocessor,
+    ProjectionPostprocessor,
+)
+from .preprocessors import (
+    VIDEO_MASK_PROBS,
+    AudioPatchPreprocessor,
+    MultimodalPreprocessor,
+    OneHotPreprocessor,
+    VideoPatchPreprocessor,
+)
+from .queries import FourierQueries, MultimodalQueries, TrainableQueries
+
+Subsample = Mapping[str, Optional[Tensor]]
+
+
+class VideoAutoencoder(PerceiverIO):
+    """Multimodal autoencoder of a 16-frame clip, its audio and its label.
+
+    Inputs are preprocessed per modality (audio patches, space-to-depth video, one-hot
+    label), padded to a common width and concatenated in sorted order; the label is
+    always replaced by its mask token (mask probabilities audio 0, image 0, label 1),
+    so the label input has no effect and defaults to zeros. Every decoder query is a
+    Fourier feature of an output point at the colab's subsampled positions
+    ``-1 + 2*i/N`` (plus the single trainable label query), padded to a common width.
+
+    ``fused_decoding`` (default True): in eval mode, decode with every linear map
+    folded (:class:`~perceiver_torch.decoders.FoldedDecoder`), equal to the reference
+    up to float32 rounding; training and :func:`perceiver_torch.capture_stages` use the
+    unfused path.
+    """
+
+    model_name = "video_autoencoding"
+
+    def __init__(self, config: Optional[VideoAutoencodingConfig] = None) -> None:
+        config = config or VideoAutoencodingConfig()
+        super().__init__(config)
+        c = config
+        self.fused_decoding = True
+        s = c.spatial_downsample
+        height, width = c.image_size
+        self.num_samples = c.num_frames * c.audio_samples_per_frame
+        self.num_audio_patches = self.num_samples // c.samples_per_patch
+        self.image_dims = (c.num_frames, height, width)
+        image_resolution = (c.num_frames, height // s, width // s)
+        self.input_preprocessor = MultimodalPreprocessor(
+            modalities={
+                "audio": AudioPatchPreprocessor(
+                    samples_per_patch=c.samples_per_patch,
+                    max_resolution=(self.num_samples,),
+                    num_bands=c.audio_num_bands,
+                ),
+                "image": VideoPatchPreprocessor(
+                    spatial_downsample=s,
+                    max_resolution=image_resolution,
+                    num_bands=c.image_num_bands,
+                ),
+                "label": OneHotPreprocessor(num_classes=c.num_classes),
+            },
+            min_padding=c.input_padding,
+            mask_probs=VIDEO_MASK_PROBS,
+        )
+        self.encoder = PerceiverEncoder(
+            input_channels=self.input_preprocessor.num_channels,
+            num_latents=c.num_latents,
+            latent_channels=c.d_latents,
+            num_self_attends_per_block=c.num_self_attends,
+            num_blocks=1,
+            num_cross_attention_heads=c.num_cross_attention_heads,
+            num_self_attention_heads=c.num_self_attention_heads,
+            dropout=c.dropout,
+            attention_dropout=c.attention_dropout,
+        )
+        self.output_queries = MultimodalQueries(
+            modalities={
+                "audio": FourierQueries(
+                    index_dims=(self.num_audio_patches,),
+                    num_bands=c.audio_num_bands,
+                    max_resolution=(self.num_samples,),
+                    always_subsampled=True,
+                ),
+                "image": FourierQueries(
+                    index_dims=self.image_dims,
+                    num_bands=c.image_num_bands,
+                    max_resolution=image_resolution,
+                    always_subsampled=True,
+                ),
+                "label": TrainableQueries(
+                    index_dim=1, num_channels=c.label_query_channels, init_scale=1.0
+                ),
+            },
+            min_padding=c.query_padding,
+        )
+        self.decoder = PerceiverDecoder(
+            query_channels=self.output_queries.num_channels,
+            latent_channels=c.d_latents,
+            output_channels=c.decoder_channels,
+            num_heads=c.num_cross_attention_heads,
+            use_query_residual=False,
+            dropout=c.dropout,
+            attention_dropout=c.attention_dropout,
+        )
+        self.output_postprocessor = MultimodalPostprocessor(
+            modalities={
+                "audio": AudioPostprocessor(
+                    in_channels=c.decoder_channels,
+                    samples_per_patch=c.samples_per_patch,
+                ),
+                "image": ProjectionPostprocessor(
+                    in_channels=c.decoder_channels, num_outputs=3
+                ),
+                "label": ClassificationPostprocessor(
+                    in_channels=c.decoder_channels, num_classes=c.num_classes
+                ),
+            }
+        )
+
+    # -- encoding ---------------------------------------------------------------
+
+    def preprocess(
+        self, images: Tensor, audio: Tensor, label: Optional[Tensor] = None
+    ) -> Tensor:
+        """images: (B, T, 3, H, W); audio: (B, S) or (B, S, 1); label: (B, classes)
+        or None (zeros). Returns the encoder's input tokens (B, N, width)."""
+        if label is None:
+            label = images.new_zeros(images.shape[0], self.config.num_classes)
+        tokens, _ = self.input_preprocessor(
+            {"audio": audio, "image": images, "label": label}
+        )
+        return tokens
+
+    def encode(
+        self, images: Tensor, audio: Tensor, label: Optional[Tensor] = None
+    ) -> Tensor:
+        """Returns the latents (B, num_latents, d_latents)."""
+        return self.encoder(self.preprocess(images, audio, label))
+
+    # -- decoding ---------------------------------------------------------------
+
+    def chunk_subsamples(
+        self, num_chunks: Optional[int] = None, device: Optional[torch.device] = None
+    ) -> List[Dict[str, Tensor]]:
+        """The colab's chunks: contiguous ranges of image points and audio patches.
+
+        Chunk i covers image points [i*n/k, (i+1)*n/k) (n = T*H*W, k = num_chunks) and
+        the same share of audio patches; sizes differ by at most one when k does not
+        divide n (the colab requires it to).
+        """
+        k = self.config.num_chunks if num_chunks is None else num_chunks
+        n_image = self.image_dims[0] * self.image_dims[1] * self.image_dims[2]
+        images = torch.arange(n_image, device=device).tensor_split(k)
+        audio = torch.arange(self.num_audio_patches, device=device).tensor_split(k)
+        return [{"image": i, "audio": a} for i, a in zip(images, audio)]
+
+    def _use_fused(self) -> bool:
+        return self.fused_decoding and not self.training
+
+    def _folded(self, latents: Tensor) -> FoldedDecoder:
+        queries = self.output_queries
+        post = self.output_postprocessor.modalities
+        return FoldedDecoder(
+            self.decoder,
+            latents,
+            {
+                name: (
+                    queries.modalities[name].num_channels,
+                    queries.padding[name],
+                    post[name].projection,
+                )
+                for name in queries.modalities
+            },
+        )
+
+    def _decode_chunk(
+        self, latents: Tensor, subsample: Subsample, folded: Optional[FoldedDecoder]
+    ) -> Dict[str, Tensor]:
+        batch = latents.shape[0]
+        if folded is None:
+            queries, sizes = self.output_queries(
+                batch, subsample, device=latents.device
+            )
+            decoded = self.decoder(queries, latents)
+            return self.output_postprocessor(decoded, sizes)
+        out = {}
+        for name, module in self.output_queries.modalities.items():
+            features = module.features(subsample.get(name), device=latents.device)
+            y = folded(name, features.unsqueeze(0).expand(batch, -1, -1))
+            if name == "audio":
+                y = y.reshape(batch, -1)
+            elif name == "label":
+                y = y[:, 0]
+            out[name] = y
+        return out
+
+    def decode(
+        self,
+        latents: Tensor,
+        subsample: Optional[Subsample] = None,
+        *,
+        num_chunks: Optional[int] = None,
+    ) -> Dict[str, Tensor]:
+        """Decodes the points ``subsample`` ({"image": flat indices over (T, H, W),
+        "audio": flat indices over audio patches}; a missing modality decodes all its
+        points) or, with ``subsample=None``, every point in ``num_chunks`` chunks
+        (default ``config.num_chunks``); the label logits then come from the first
+        chunk. Returns {"audio": (B, 16*m), "image": (B, n, 3), "label": (B, classes)}.
+        """
+        folded = self._folded(latents) if self._use_fused() else None
+        if subsample is not None:
+            return self._decode_chunk(latents, subsample, folded)
+        chunks = self.chunk_subsamples(num_chunks, latents.device)
+        batch, spp = latents.shape[0], self.config.samples_per_patch
+        n_image = sum(len(c["image"]) for c in chunks)
+        # Preallocated outputs: no small long-lived tensors pinning freed chunk
+        # temporaries (heap fragmentation grew the resident memory by GBs).
+        out = {
+            "audio": latents.new_empty(batch, self.num_audio_patches * spp),
+            "image": latents.new_empty(batch, n_image, 3),
+        }
+        image_at = audio_at = 0
+        for i, chunk in enumerate(chunks):
+            part = self._decode_chunk(latents, chunk, folded)
+            n, m = part["image"].shape[1], part["audio"].shape[1]
+            out["image"][:, image_at : image_at + n] = part["image"]
+            out["audio"][:, audio_at : audio_at + m] = part["audio"]
+            image_at, audio_at = image_at + n, audio_at + m
+            if i == 0:
+                out["label"] = part["label"]
+            del part
+        return out
+
+    def forward(
+        self,
+        images: Tensor,
+        audio: Tensor,
+        subsample: Optional[Subsample] = None,
+        label: Optional[Tensor] = None,
+    ) -> Dict[str, Tensor]:
+        """images: (B, T, 3, H, W); audio: (B, S) or (B, S, 1); subsample: see
+        :meth:`decode`. Returns {"audio": (B, 16*m), "image": (B, n, 3),
+        "label": (B, classes)}."""
+        return self.decode(self.encode(images, audio, label), subsample)
+
+    def reconstruct(
+        self,
+        images: Tensor,
+        audio: Tensor,
+        num_chunks: int = 128,
+        label: Optional[Tensor] = None,
+    ) -> Dict[str, Tensor]:
+        """Autoencodes a whole clip: encodes once, decodes every point in
+        ``num_chunks`` chunks (the colab re-encodes for every chunk; same result).
+
+        Returns {"image": (B, T, 3, H, W), "audio": (B, S), "label": (B, classes)}.
+        """
+        out = self.decode(self.encode(images, audio, label), num_chunks=num_chunks)
+        t, h, w = self.image_dims
+        image = (
+            out["image"].reshape(images.shape[0], t, h, w, -1).permute(0, 1, 4, 2, 3)
+        )
+        return {"image": image, "audio": out["audio"], "label": out["label"]}

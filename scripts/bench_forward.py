@@ -1,0 +1,590 @@
+#!/usr/bin/env python
+"""Forward-pass speed and memory of perceiver_torch against HuggingFace's Perceiver.
+
+Both implementations are built with the official configurations and random weights
+and measured in the same run, each (case, implementation) in a fresh subprocess:
+
+- time: median of ``--repeat`` forward passes after ``--warmup`` untimed ones
+  (batch 1, float32, ``torch.inference_mode``, ``--threads`` threads, 2 by default);
+- memory: extra peak resident memory of the *first* forward pass of the fresh process
+  (peak RSS during it, from ``ru_maxrss`` and a 2 ms /proc sampler, minus the RSS just
+  before it, after ``malloc_trim``).
+
+Cases: the six models (video: one of the colab's 128 chunks) and ``video_clip``, a
+whole 16-frame clip: our ``reconstruct`` (encode once, 128 chunks) against HF's 128
+calls. HF's 128 calls take minutes; by default they are *estimated* as 128 x the
+median of ``--hf-clip-calls`` calls (labelled "estimate" in the table and the JSON);
+``--hf-clip-full`` runs all 128.
+
+``transformers`` is needed only for the HF side (``pip install transformers``);
+without it, or with ``--impl ours``, only our side is measured.
+
+Examples::
+
+    python scripts/bench_forward.py --models language_perceiver --repeat 1
+    python scripts/bench_forward.py --json bench.json            # everything
+    python scripts/bench_forward.py --models video_clip --hf-clip-full
+
+Timings on shared machines drift: compare the ratios of one run, on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+# Run from a checkout: use its perceiver_torch (also in the worker subprocesses).
+_ROOT = Path(__file__).resolve().parents[1]
+if (_ROOT / "perceiver_torch" / "__init__.py").is_file():
+    sys.path.insert(0, str(_ROOT))
+
+MODEL_CASES = (
+    "language_perceiver",
+    "imagenet_learned",
+    "imagenet_fourier",
+    "imagenet_conv",
+    "optical_flow",
+    "video_autoencoding",
+)
+CASES = MODEL_CASES + ("video_clip",)
+NUM_CHUNKS = 128
+
+
+# -- memory ------------------------------------------------------------------------
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def max_rss() -> int:
+    """Lifetime peak RSS of this process in bytes (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def trim_heap() -> None:
+    """Returns freed heap memory to the OS so the baseline RSS is the live memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+class PeakSampler:
+    """Samples the RSS every ``interval`` seconds in a thread (torch releases the GIL
+    in its kernels), to catch a peak below the process's earlier ru_maxrss."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss())
+
+
+def measure_first_call(fn: Callable[[], Any]) -> Tuple[float, int]:
+    """Runs ``fn`` once; returns (seconds, extra peak RSS in bytes)."""
+    import gc
+
+    gc.collect()
+    trim_heap()
+    before = current_rss()
+    lifetime_before = max_rss()
+    with PeakSampler() as sampler:
+        start = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - start
+    lifetime_after = max_rss()
+    peak = sampler.peak
+    if lifetime_after > lifetime_before:  # the call set a new lifetime peak: exact
+        peak = max(peak, lifetime_after)
+    return seconds, max(0, peak - before)
+
+
+# -- the two implementations ------------------------------------------------------------
+
+
+def official_inputs(case: str, seed: int = 0) -> Dict[str, Any]:
+    """Random inputs at the official sizes, in PyTorch layouts."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    if case == "language_perceiver":
+        return {
+            "ids": torch.randint(6, 262, (1, 2048), generator=gen),
+            "mask": torch.ones(1, 2048, dtype=torch.int64),
+        }
+    if case.startswith("imagenet"):
+        return {"images": torch.randn(1, 3, 224, 224, generator=gen)}
+    if case == "optical_flow":
+        return {"frames": torch.rand(1, 2, 3, 368, 496, generator=gen) * 2 - 1}
+    return {
+        "images": torch.rand(1, 16, 3, 224, 224, generator=gen),
+        "audio": torch.randn(1, 30720, generator=gen),
+    }
+
+
+def chunk_subsample(index: int) -> Dict[str, Any]:
+    """The colab's chunk ``index`` of 128: image points and audio patches."""
+    import torch
+
+    image = 16 * 224 * 224 // NUM_CHUNKS
+    audio = 30720 // 16 // NUM_CHUNKS
+    return {
+        "image": torch.arange(image * index, image * (index + 1)),
+        "audio": torch.arange(audio * index, audio * (index + 1)),
+    }
+
+
+def build_ours(case: str) -> Callable[[int], Any]:
+    """Returns ``run(call_index)`` for our model (random weights, official config)."""
+    import torch
+
+    import perceiver_torch as pt
+
+    torch.manual_seed(0)
+    name = "video_autoencoding" if case == "video_clip" else case
+    model = pt.build(name).eval()
+    x = official_inputs(case)
+    if case == "language_perceiver":
+        return lambda i: model(x["ids"], x["mask"])
+    if case.startswith("imagenet"):
+        return lambda i: model(x["images"])
+    if case == "optical_flow":
+        return lambda i: model(x["frames"])
+    if case == "video_autoencoding":
+        return lambda i: model(x["images"], x["audio"], chunk_subsample(i % NUM_CHUNKS))
+    return lambda i: model.reconstruct(x["images"], x["audio"], num_chunks=NUM_CHUNKS)
+
+
+def hf_config(case: str) -> Tuple[str, Dict[str, Any]]:
+    """HF class name and PerceiverConfig values of the official models."""
+    imagenet = dict(
+        num_latents=512,
+        d_latents=1024,
+        num_blocks=8,
+        num_self_attends_per_block=6,
+        num_self_attention_heads=8,
+        num_cross_attention_heads=1,
+        num_labels=1000,
+    )
+    table = {
+        "language_perceiver": (
+            "PerceiverForMaskedLM",
+            dict(qk_channels=256, v_channels=1280),
+        ),
+        "imagenet_learned": (
+            "PerceiverForImageClassificationLearned",
+            dict(imagenet, d_model=512, image_size=224),
+        ),
+        "imagenet_fourier": (
+            "PerceiverForImageClassificationFourier",
+            dict(imagenet, d_model=261),
+        ),
+        "imagenet_conv": (
+            "PerceiverForImageClassificationConvProcessing",
+            dict(imagenet, d_model=322),
+        ),
+        "optical_flow": (
+            "PerceiverForOpticalFlow",
+            dict(
+                num_latents=2048,
+                d_latents=512,
+                d_model=322,
+                num_blocks=1,
+                num_self_attends_per_block=24,
+                num_self_attention_heads=16,
+                num_cross_attention_heads=1,
+                train_size=[368, 496],
+            ),
+        ),
+        "video_autoencoding": (
+            "PerceiverForMultimodalAutoencoding",
+            dict(
+                num_latents=784,
+                d_latents=512,
+                d_model=704,
+                num_blocks=1,
+                num_self_attends_per_block=8,
+                num_self_attention_heads=8,
+                num_cross_attention_heads=1,
+                num_labels=700,
+                image_size=56,
+                output_shape=[1, 16, 224, 224],
+            ),
+        ),
+    }
+    cls, values = table["video_autoencoding" if case == "video_clip" else case]
+    return cls, dict(values, attention_probs_dropout_prob=0.0)
+
+
+def import_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise SystemExit(
+            "the HF side needs transformers: pip install transformers "
+            "(or run with --impl ours)"
+        ) from None
+    return transformers
+
+
+def flow_patches_for_hf(frames):
+    """HF's optical-flow model takes the 3x3 patches (B, 2, 27, H, W) as input, like
+    the colab's ``extract_patches``; built here, outside the timed call."""
+    import torch.nn.functional as F
+
+    b, f, c, h, w = frames.shape
+    patches = F.unfold(frames.reshape(b * f, c, h, w), kernel_size=3, padding=1)
+    return patches.reshape(b, f, c * 9, h, w)
+
+
+def build_hf(case: str) -> Callable[[int], Any]:
+    """Returns ``run(call_index)`` for HuggingFace's model (random weights)."""
+    import torch
+
+    transformers = import_transformers()
+    torch.manual_seed(0)
+    cls_name, values = hf_config(case)
+    model = getattr(transformers, cls_name)(
+        transformers.PerceiverConfig(**values)
+    ).eval()
+    x = official_inputs(case)
+    if case == "language_perceiver":
+        return lambda i: model(inputs=x["ids"], attention_mask=x["mask"])
+    if case.startswith("imagenet"):
+        return lambda i: model(inputs=x["images"])
+    if case == "optical_flow":
+        patches = flow_patches_for_hf(x["frames"])
+        return lambda i: model(inputs=patches)
+    inputs = {
+        "image": x["images"],
+        "audio": x["audio"][..., None],
+        "label": torch.zeros(1, 700),
+    }
+    return lambda i: model(
+        inputs=inputs,
+        subsampled_output_points=dict(chunk_subsample(i % NUM_CHUNKS), label=None),
+    )
+
+
+# -- worker (one fresh process per case and implementation) ---------------------------
+
+
+def worker(args: argparse.Namespace) -> Dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    build = build_ours if args.impl == "ours" else build_hf
+    start = time.perf_counter()
+    run = build(args.case)
+    build_seconds = time.perf_counter() - start
+    record: Dict[str, Any] = {
+        "case": args.case,
+        "impl": args.impl,
+        "threads": args.threads,
+        "build_seconds": round(build_seconds, 3),
+    }
+    with torch.inference_mode():
+        # The first call of the fresh process gives the memory figure and is the first
+        # warm-up pass.
+        first_seconds, extra = measure_first_call(lambda: run(0))
+        record["first_call_seconds"] = round(first_seconds, 4)
+        record["extra_peak_mib"] = round(extra / 2**20, 1)
+        for i in range(args.warmup - 1):
+            run(i + 1)
+        if args.case == "video_clip" and args.impl == "hf":
+            # HF decodes a clip with one call per chunk (re-encoding every time).
+            calls = NUM_CHUNKS if args.hf_clip_full else args.hf_clip_calls
+            times = []
+            for i in range(calls):
+                t0 = time.perf_counter()
+                run(i)
+                times.append(time.perf_counter() - t0)
+            record["calls"] = calls
+            record["estimate"] = not args.hf_clip_full
+            record["seconds"] = (
+                sum(times)
+                if args.hf_clip_full
+                else statistics.median(times) * NUM_CHUNKS
+            )
+        else:
+            repeat = args.clip_repeat if args.case == "video_clip" else args.repeat
+            times = []
+            for i in range(repeat):
+                t0 = time.perf_counter()
+                run(i)
+                times.append(time.perf_counter() - t0)
+            record["estimate"] = False
+            record["seconds"] = statistics.median(times)
+        record["all_seconds"] = [round(t, 4) for t in times]
+    return record
+
+
+def run_worker(case: str, impl: str, args: argparse.Namespace) -> Dict[str, Any]:
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        "--case",
+        case,
+        "--impl",
+        impl,
+        "--repeat",
+        str(args.repeat),
+        "--clip-repeat",
+        str(args.clip_repeat),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--hf-clip-calls",
+        str(args.hf_clip_calls),
+    ]
+    if args.hf_clip_full:
+        cmd.append("--hf-clip-full")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+        return {"case": case, "impl": impl, "error": "\n".join(tail)}
+    return json.loads(lines[-1])
+
+
+# -- report ---------------------------------------------------------------------
+
+
+def fmt_seconds(record: Optional[Dict[str, Any]]) -> str:
+    if record is None:
+        return "-"
+    if "error" in record:
+        return "error"
+    text = f"{record['seconds']:.3f} s"
+    if record.get("estimate"):
+        text += f" (est. {record['calls']} calls x {NUM_CHUNKS})"
+    return text
+
+
+def fmt_mem(record: Optional[Dict[str, Any]]) -> str:
+    if record is None or "error" in record:
+        return "-"
+    return f"{record['extra_peak_mib']:.0f} MiB"
+
+
+def ratio(
+    a: Optional[Dict[str, Any]], b: Optional[Dict[str, Any]], key: str
+) -> Optional[float]:
+    if not a or not b or "error" in a or "error" in b or not b.get(key):
+        return None
+    return a[key] / b[key]
+
+
+def print_table(
+    results: List[Dict[str, Any]], cases: List[str]
+) -> List[Dict[str, Any]]:
+    by = {(r["case"], r["impl"]): r for r in results}
+    rows, summary = [], []
+    header = (
+        "case",
+        "ours",
+        "HF",
+        "time ours/HF",
+        "extra mem ours",
+        "extra mem HF",
+        "mem ours/HF",
+    )
+    for case in cases:
+        ours, hf = by.get((case, "ours")), by.get((case, "hf"))
+        t_ratio, m_ratio = ratio(ours, hf, "seconds"), ratio(ours, hf, "extra_peak_mib")
+        rows.append(
+            (
+                case,
+                fmt_seconds(ours),
+                fmt_seconds(hf),
+                (
+                    "-"
+                    if t_ratio is None
+                    else f"{t_ratio:.3f}"
+                    + (" (est.)" if hf and hf.get("estimate") else "")
+                ),
+                fmt_mem(ours),
+                fmt_mem(hf),
+                "-" if m_ratio is None else f"{m_ratio:.3f}",
+            )
+        )
+        summary.append(
+            {
+                "case": case,
+                "time_ratio": t_ratio,
+                "time_ratio_is_estimate": bool(hf and hf.get("estimate")),
+                "memory_ratio": m_ratio,
+            }
+        )
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
+    print(line)
+    print("-" * len(line))
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)))
+    for r in results:
+        if "error" in r:
+            print(f"\n{r['case']} / {r['impl']} failed:\n{r['error']}", file=sys.stderr)
+    return summary
+
+
+def environment() -> Dict[str, Any]:
+    import torch
+
+    info: Dict[str, Any] = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [
+                l.split(":", 1)[1].strip() for l in f if l.startswith("model name")
+            ]
+        info["cpu"] = names[0] if names else None
+    except OSError:
+        pass
+    return info
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=CASES,
+        default=list(CASES),
+        metavar="CASE",
+        help=f"cases to run (default all): {', '.join(CASES)}",
+    )
+    p.add_argument("--impl", choices=("both", "ours", "hf"), default="both")
+    p.add_argument(
+        "--repeat", type=int, default=5, help="timed forward passes (median)"
+    )
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed passes first, at least 1 (the first, in a fresh "
+        "process, gives the memory figure)",
+    )
+    p.add_argument(
+        "--clip-repeat",
+        type=int,
+        default=1,
+        help="timed reconstructions of the whole clip (ours)",
+    )
+    p.add_argument(
+        "--hf-clip-calls",
+        type=int,
+        default=3,
+        help="HF calls timed to estimate its 128 calls for video_clip",
+    )
+    p.add_argument(
+        "--hf-clip-full",
+        action="store_true",
+        help="run all 128 HF calls for video_clip instead of estimating",
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    args.warmup = max(1, args.warmup)
+    if args.worker:
+        print(json.dumps(worker(args)), flush=True)
+        return 0
+    impls = ["ours", "hf"] if args.impl == "both" else [args.impl]
+    if "hf" in impls:
+        try:
+            import_transformers()
+        except SystemExit:
+            print(
+                "transformers is not installed: measuring perceiver_torch only "
+                "(pip install transformers for the comparison)",
+                file=sys.stderr,
+            )
+            impls = ["ours"]
+    cases = [c for c in CASES if c in args.models]
+    results = []
+    for case in cases:
+        for impl in impls:
+            print(f"[{case} / {impl}] ...", file=sys.stderr, flush=True)
+            record = run_worker(case, impl, args)
+            print(
+                f"    {fmt_seconds(record)}, extra peak {fmt_mem(record)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            results.append(record)
+    summary = print_table(results, cases)
+    if args.json:
+        payload = {
+            "environment": environment(),
+            "settings": {
+                "repeat": args.repeat,
+                "warmup": args.warmup,
+                "threads": args.threads,
+                "clip_repeat": args.clip_repeat,
+                "hf_clip_calls": (
+                    NUM_CHUNKS if args.hf_clip_full else args.hf_clip_calls
+                ),
+            },
+            "results": results,
+            "ratios": summary,
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"\nwrote {args.json}", file=sys.stderr)
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,488 @@
+"""The six perceiver_torch task models: sizes, forward contracts, build/load, stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import perceiver_torch as pt
+from perceiver_torch import configs
+from perceiver_torch.optical_flow import tile_starts
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+NAMES = list(pt.MODEL_NAMES)
+
+OFFICIAL_PARAMETERS = {
+    "language_perceiver": 201_108_230,  # tied embedding counted once
+    "imagenet_learned": 62_255_848,
+    "imagenet_fourier": 48_440_627,
+    "imagenet_conv": 48_646_522,  # BatchNorm running stats are buffers
+    "optical_flow": 41_057_134,
+    "video_autoencoding": 19_858_855,
+}
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter and float buffer distinct and non-zero (STYLE 13)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith(("norm.weight", "batchnorm.weight")):
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(0.1 * noise)
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+            elif name.endswith("running_var"):
+                b.copy_(1.0 + 0.5 * torch.rand(b.shape, generator=gen))
+    return model
+
+
+def tiny(name: str, seed: int = 0) -> pt.PerceiverIO:
+    torch.manual_seed(seed)
+    return randomize(pt.build(name, pt.TINY_CONFIGS[name]), seed).eval()
+
+
+def tiny_inputs(name: str, batch: int = 2, seed: int = 0) -> tuple:
+    gen = torch.Generator().manual_seed(seed)
+    c = pt.TINY_CONFIGS[name]
+    if name == "language_perceiver":
+        return (torch.randint(0, c.vocab_size, (batch, c.max_seq_len), generator=gen),)
+    if name == "imagenet_learned":
+        return (torch.randn(batch, 3, *c.image_size, generator=gen),)
+    if name in ("imagenet_fourier", "imagenet_conv"):
+        return (torch.randn(batch, 3, 32, 32, generator=gen),)
+    if name == "optical_flow":
+        return (torch.rand(batch, 2, 3, *c.image_size, generator=gen) * 2 - 1,)
+    images = torch.rand(batch, c.num_frames, 3, *c.image_size, generator=gen)
+    audio = torch.randn(batch, c.num_frames * c.audio_samples_per_frame, generator=gen)
+    return images, audio
+
+
+# -- sizes --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_official_parameter_counts(name):
+    with torch.device("meta"):
+        model = pt.build(name)
+    assert sum(p.numel() for p in model.parameters()) == OFFICIAL_PARAMETERS[name]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tiny_parameter_counts_match_golden(name):
+    expected = json.loads((GOLDEN / name / "config.json").read_text())["parameters"]
+    model = pt.build(name, pt.TINY_CONFIGS[name])
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_language_embedding_is_stored_once():
+    model = pt.build("language_perceiver", pt.TINY_CONFIGS["language_perceiver"])
+    keys = [k for k in model.state_dict() if k.endswith("embedding.weight")]
+    assert keys == ["input_preprocessor.embedding.weight"]
+
+
+def test_official_structure_flags():
+    """Query residuals and projections as MODELS.md lists them."""
+    expected_decoder_residual = {
+        "language_perceiver": False,
+        "imagenet_learned": False,  # HF adds it anyway: logits off by 1.6%
+        "imagenet_fourier": True,
+        "imagenet_conv": True,
+        "optical_flow": False,
+        "video_autoencoding": False,
+    }
+    for name, residual in expected_decoder_residual.items():
+        with torch.device("meta"):
+            model = pt.build(name)
+        assert model.decoder.cross_attention.use_query_residual is residual, name
+        assert model.encoder.cross_attention.use_query_residual is True, name
+        has_projection = model.decoder.output_projection is not None
+        assert has_projection is (name != "language_perceiver"), name
+
+
+def test_build_accepts_dict_and_rejects_unknown():
+    model = pt.build(
+        "optical_flow", configs.config_to_dict(pt.TINY_CONFIGS["optical_flow"])
+    )
+    assert model.config == pt.TINY_CONFIGS["optical_flow"]
+    with pytest.raises(ValueError, match="unknown model"):
+        pt.build("imagenet_resnet")
+    with pytest.raises(ValueError, match="unknown config key"):
+        pt.build("optical_flow", {"num_bandz": 3})
+    with pytest.raises(TypeError):
+        pt.build("optical_flow", pt.TINY_CONFIGS["imagenet_conv"])
+
+
+# -- forward contracts ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_shapes_and_dtypes(name):
+    model, c = tiny(name), pt.TINY_CONFIGS[name]
+    with torch.no_grad():
+        out = model(*tiny_inputs(name))
+    if name == "language_perceiver":
+        assert out.shape == (2, c.max_seq_len, c.vocab_size)
+    elif name.startswith("imagenet"):
+        assert out.shape == (2, c.num_classes)
+    elif name == "optical_flow":
+        assert out.shape == (2, 2, *c.image_size)
+    else:
+        n_image = c.num_frames * c.image_size[0] * c.image_size[1]
+        n_audio = c.num_frames * c.audio_samples_per_frame
+        assert out["image"].shape == (2, n_image, 3)
+        assert out["audio"].shape == (2, n_audio)
+        assert out["label"].shape == (2, c.num_classes)
+        out = torch.cat([v.flatten() for v in out.values()])
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_language_short_sequence_equals_padded_run():
+    model = tiny("language_perceiver")
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(6, 262, (2, 64), generator=gen)
+    mask = torch.zeros(2, 64, dtype=torch.int64)
+    mask[0, :40], mask[1, :23] = 1, 1
+    padded = ids * mask  # pad id 0 after the real tokens
+    with torch.no_grad():
+        full = model(padded, mask)
+        short0 = model(ids[:1, :40])
+        short1 = model(ids[1:, :23])
+        masked = model(padded[:, :40], mask[:, :40])
+    torch.testing.assert_close(short0[0], full[0, :40], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(short1[0], full[1, :23], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(masked[1, :23], full[1, :23], rtol=1e-5, atol=1e-5)
+    # Masked query rows are not the unmasked computation: bias -> MLP -> logits.
+    with torch.no_grad():
+        unmasked = model(padded)
+    assert (unmasked[1, 30] - full[1, 30]).abs().max() > 1e-3
+    torch.testing.assert_close(full[1, 30], full[1, 50], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("name", ["imagenet_fourier", "imagenet_conv"])
+@pytest.mark.parametrize("size", [(24, 40), (33, 17)])
+def test_imagenet_other_sizes(name, size):
+    model = tiny(name)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, *size))
+    assert out.shape == (1, 10) and torch.isfinite(out).all()
+
+
+def test_imagenet_learned_requires_training_size():
+    model = tiny("imagenet_learned")
+    with pytest.raises(ValueError, match="32x32"):
+        model(torch.randn(1, 3, 24, 32))
+
+
+def test_flow_other_size():
+    model = tiny("optical_flow")
+    frames = torch.rand(1, 2, 3, 20, 36) * 2 - 1
+    with torch.no_grad():
+        flow = model(frames)
+    assert flow.shape == (1, 2, 20, 36) and torch.isfinite(flow).all()
+
+
+def test_tile_starts():
+    assert tile_starts(368, 368, 20) == [0]
+    assert tile_starts(436, 368, 20) == [0, 68]
+    assert tile_starts(1024, 496, 20) == [0, 476, 528]
+    assert tile_starts(1000, 368, 20) == [0, 348, 632]
+    with pytest.raises(ValueError):
+        tile_starts(300, 368, 20)
+
+
+def test_flow_tiled_blends_tiles():
+    model = tiny("optical_flow")
+    th, tw = model.config.image_size  # (24, 32)
+    gen = torch.Generator().manual_seed(3)
+    frames = torch.rand(1, 2, 3, 30, 70, generator=gen) * 2 - 1
+    with torch.no_grad():
+        tiled = model.tiled(frames, min_overlap=4)
+        # Independent blend: per pixel, weighted mean over the tiles covering it.
+        ys, xs = [0, 6], [0, 28, 38]  # step tile - overlap, last tile flush
+        num = np.zeros((2, 30, 70))
+        den = np.zeros((30, 70))
+        for y0 in ys:
+            for x0 in xs:
+                piece = (
+                    model(frames[..., y0 : y0 + th, x0 : x0 + tw])[0].double().numpy()
+                )
+                for y in range(th):
+                    for x in range(tw):
+                        w = min(x + 1, tw - x, y + 1, th - y)
+                        num[:, y0 + y, x0 + x] += w * piece[:, y, x]
+                        den[y0 + y, x0 + x] += w
+        single = model.tiled(frames[..., :th, :tw])
+        direct = model(frames[..., :th, :tw])
+    torch.testing.assert_close(
+        tiled[0].double(), torch.from_numpy(num / den), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(single, direct, rtol=1e-6, atol=1e-7)
+
+
+def test_video_reconstruct_equals_chunk_by_chunk_decoding():
+    model = tiny("video_autoencoding")
+    images, audio = tiny_inputs("video_autoencoding")
+    c = model.config
+    with torch.no_grad():
+        whole = model.reconstruct(images, audio, num_chunks=4)
+        latents = model.encode(images, audio)
+        chunks = [model.decode(latents, sub) for sub in model.chunk_subsamples(4)]
+        first = model(
+            images, audio, {"image": torch.arange(128), "audio": torch.arange(2)}
+        )
+    image = torch.cat([p["image"] for p in chunks], dim=1)
+    image = image.reshape(2, c.num_frames, *c.image_size, 3).permute(0, 1, 4, 2, 3)
+    assert whole["image"].shape == (2, c.num_frames, 3, *c.image_size)
+    assert torch.equal(whole["image"], image)
+    assert torch.equal(whole["audio"], torch.cat([p["audio"] for p in chunks], dim=1))
+    assert torch.equal(whole["label"], chunks[0]["label"])
+    assert torch.equal(first["image"], chunks[0]["image"])
+    assert torch.equal(first["audio"], chunks[0]["audio"])
+    assert [len(s["image"]) for s in model.chunk_subsamples(4)] == [128] * 4
+    assert [s["audio"].tolist() for s in model.chunk_subsamples(4)][3] == [6, 7]
+
+
+def test_video_fused_decoding_matches_unfused():
+    model = tiny("video_autoencoding")
+    images, audio = tiny_inputs("video_autoencoding")
+    sub = {"image": torch.tensor([0, 17, 300, 511]), "audio": torch.tensor([1, 5])}
+    with torch.no_grad():
+        fused = model(images, audio, sub)
+        model.fused_decoding = False
+        unfused = model(images, audio, sub)
+    for key in ("image", "audio", "label"):
+        torch.testing.assert_close(fused[key], unfused[key], rtol=1e-5, atol=1e-6)
+    assert fused["image"].shape == (2, 4, 3) and fused["audio"].shape == (2, 32)
+
+
+def test_video_queries_use_the_colabs_subsampled_positions():
+    """Image and audio queries sit at -1 + 2*i/N (every point too), with the
+    configured max_resolution, not at the linspace grid of the encoder's inputs."""
+    model = tiny("video_autoencoding")
+    c = model.config
+    cases = {
+        "image": (
+            (c.num_frames, *c.image_size),
+            c.image_num_bands,
+            (c.num_frames, c.image_size[0] // 4, c.image_size[1] // 4),
+        ),
+        "audio": (
+            (c.num_frames * c.audio_samples_per_frame // 16,),
+            c.audio_num_bands,
+            (c.num_frames * c.audio_samples_per_frame,),
+        ),
+    }
+    for name, (dims, bands, resolution) in cases.items():
+        n = int(np.prod(dims))
+        idx = np.array([0, 1, n // 3, n - 1])
+        pos = -1.0 + 2.0 * np.stack(np.unravel_index(idx, dims), -1) / np.array(dims)
+        freqs = np.stack([np.linspace(1.0, r / 2.0, bands) for r in resolution])
+        per_pos = (pos[:, :, None] * freqs[None]).reshape(len(idx), -1)
+        expected = np.concatenate(
+            [pos, np.sin(np.pi * per_pos), np.cos(np.pi * per_pos)], -1
+        )
+        queries = model.output_queries.modalities[name]
+        for got in (queries.features(torch.from_numpy(idx)), queries.features()[idx]):
+            torch.testing.assert_close(
+                got.double(), torch.from_numpy(expected), rtol=1e-6, atol=1e-6
+            )
+
+
+def test_video_accepts_audio_with_channel_axis_and_label_has_no_effect():
+    model = tiny("video_autoencoding")
+    images, audio = tiny_inputs("video_autoencoding")
+    sub = {"image": torch.arange(5), "audio": torch.arange(1)}
+    with torch.no_grad():
+        a = model(images, audio, sub)
+        b = model(images, audio[..., None], sub, label=torch.randn(2, 10))
+    for key in a:
+        assert torch.equal(a[key], b[key])
+
+
+# -- stages -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_capture_stages(name):
+    model, c = tiny(name), pt.TINY_CONFIGS[name]
+    inputs = tiny_inputs(name, batch=1)
+    if name == "video_autoencoding":
+        inputs = inputs + ({"image": torch.arange(10), "audio": torch.arange(3)},)
+    with torch.no_grad(), pt.capture_stages(model) as stages:
+        model(*inputs)
+    assert set(stages) == {"preprocessed", "latents", "decoder_output"}
+    pre, lat, dec = stages["preprocessed"], stages["latents"], stages["decoder_output"]
+    assert pre.dim() == 3 and pre.shape[0] == 1
+    assert pre.shape[2] == model.encoder.cross_attention.kv_norm.normalized_shape[0]
+    assert lat.shape == (
+        1,
+        model.encoder.latents.shape[0],
+        model.encoder.latents.shape[1],
+    )
+    if name == "language_perceiver":
+        expected_m = (c.max_seq_len, c.d_model)
+    elif name.startswith("imagenet"):
+        expected_m = (1, c.num_classes)
+    elif name == "optical_flow":
+        expected_m = (pre.shape[1], 2)
+    else:
+        expected_m = (10 + 3 + 1, c.decoder_channels)  # image, audio, label queries
+    assert dec.shape == (1,) + expected_m
+    if name == "optical_flow":
+        assert pre.shape[1] == c.image_size[0] * c.image_size[1]
+    # Hooks are removed afterwards and the fused path is restored.
+    assert not model.encoder._forward_hooks and not model.decoder._forward_hooks
+    if name == "video_autoencoding":
+        assert model.fused_decoding is True
+
+
+# -- load ------------------------------------------------------------------------
+
+
+def _save_safetensors(path, name, model, metadata=None):
+    from safetensors.torch import save_file
+
+    meta = {"model": name, "config": json.dumps(configs.config_to_dict(model.config))}
+    save_file(
+        model.state_dict(), str(path), metadata=meta if metadata is None else metadata
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_load_round_trip(tmp_path, name):
+    model = tiny(name, seed=5)
+    inputs = tiny_inputs(name, batch=1)
+    if name == "video_autoencoding":
+        inputs = inputs + ({"image": torch.arange(7), "audio": torch.arange(2)},)
+    with torch.no_grad():
+        expected = model(*inputs)
+    st = tmp_path / "model.safetensors"
+    _save_safetensors(st, name, model)
+    pt_file = tmp_path / "model.pt"
+    torch.save(
+        {
+            "model": name,
+            "config": configs.config_to_dict(model.config),
+            "state_dict": model.state_dict(),
+        },
+        pt_file,
+    )
+    for path in (st, pt_file):
+        loaded = pt.load(path)
+        assert type(loaded) is type(model) and not loaded.training
+        assert loaded.config == model.config
+        with torch.no_grad():
+            got = loaded(*inputs)
+        if isinstance(expected, dict):
+            for key in expected:
+                assert torch.equal(got[key], expected[key])
+        else:
+            assert torch.equal(got, expected)
+
+
+def test_load_errors(tmp_path):
+    name = "imagenet_fourier"
+    model = tiny(name)
+    from safetensors.torch import save_file
+
+    bare = tmp_path / "bare.safetensors"
+    save_file(model.state_dict(), str(bare))
+    with pytest.raises(pt.LoadError, match="metadata lacks model, config"):
+        pt.load(bare)
+
+    unknown = tmp_path / "unknown.safetensors"
+    _save_safetensors(unknown, name, model, {"model": "resnet", "config": "{}"})
+    with pytest.raises(pt.LoadError, match="unknown model 'resnet'"):
+        pt.load(unknown)
+
+    state = model.state_dict()
+    missing = dict(state)
+    del missing["decoder.output_projection.bias"]
+    extra = dict(state, **{"encoder.extra": torch.zeros(1)})
+    wrong = dict(state, **{"encoder.latents": torch.zeros(3, 3)})
+    meta = {"model": name, "config": json.dumps(configs.config_to_dict(model.config))}
+    for label, sd, pattern in [
+        ("missing", missing, "missing keys .*decoder.output_projection.bias"),
+        ("extra", extra, "unexpected keys .*encoder.extra"),
+        ("wrong", wrong, "encoder.latents: expected \\(16, 64\\), got \\(3, 3\\)"),
+    ]:
+        path = tmp_path / f"{label}.safetensors"
+        save_file(sd, str(path), metadata=meta)
+        with pytest.raises(pt.LoadError, match=pattern):
+            pt.load(path)
+
+    bare_pt = tmp_path / "bare.pt"
+    torch.save(state, bare_pt)
+    with pytest.raises(pt.LoadError, match="'model', 'config' and 'state_dict'"):
+        pt.load(bare_pt)
+
+    bad_config = tmp_path / "bad_config.safetensors"
+    save_file(
+        state, str(bad_config), metadata={"model": name, "config": '{"bands": 3}'}
+    )
+    with pytest.raises(pt.LoadError, match="bad config"):
+        pt.load(bad_config)
+
+
+# -- full size (pytest -m full) ------------------------------------------------
+
+
+FULL_INPUTS = {
+    "language_perceiver": lambda: (torch.randint(0, 262, (1, 2048)),),
+    "imagenet_learned": lambda: (torch.randn(1, 3, 224, 224),),
+    "imagenet_fourier": lambda: (torch.randn(1, 3, 224, 224),),
+    "imagenet_conv": lambda: (torch.randn(1, 3, 224, 224),),
+    "optical_flow": lambda: (torch.rand(1, 2, 3, 368, 496) * 2 - 1,),
+    "video_autoencoding": lambda: (
+        torch.rand(1, 16, 3, 224, 224),
+        torch.randn(1, 30720),
+        {"image": torch.arange(6272), "audio": torch.arange(15)},
+    ),
+}
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("name", NAMES)
+def test_full_size_forward(name):
+    torch.manual_seed(0)
+    model = pt.build(name).eval()
+    with torch.no_grad():
+        out = model(*FULL_INPUTS[name]())
+    if name == "language_perceiver":
+        assert out.shape == (1, 2048, 262)
+    elif name.startswith("imagenet"):
+        assert out.shape == (1, 1000)
+    elif name == "optical_flow":
+        assert out.shape == (1, 2, 368, 496)
+    else:
+        assert out["image"].shape == (1, 6272, 3)
+        assert out["audio"].shape == (1, 240)
+        assert out["label"].shape == (1, 700)
+        out = torch.cat([v.flatten() for v in out.values()])
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.full
+def test_full_size_video_fused_decoding_matches_unfused():
+    torch.manual_seed(0)
+    model = randomize(pt.build("video_autoencoding")).eval()
+    images, audio, sub = FULL_INPUTS["video_autoencoding"]()
+    with torch.no_grad():
+        latents = model.encode(images, audio)
+        fused = model.decode(latents, sub)
+        model.fused_decoding = False
+        unfused = model.decode(latents, sub)
+    for key in fused:
+        scale = unfused[key].abs().max()
+        assert (fused[key] - unfused[key]).abs().max() / scale < 1e-5, key

@@ -1,0 +1,139 @@
+"""Training works: dropout, train mode and a backward pass on every tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import perceiver_torch as pt
+
+NAMES = list(pt.MODEL_NAMES)
+
+# Parameters that legitimately get no gradient in the video autoencoder: modalities
+# with mask probability 0 never use their mask token, and the label (mask probability
+# 1) is always replaced by its mask token, so its padding has no effect.
+NO_GRADIENT = {
+    "video_autoencoding": {
+        "input_preprocessor.mask_tokens.audio",
+        "input_preprocessor.mask_tokens.image",
+        "input_preprocessor.padding.label",
+    }
+}
+
+
+def tiny_model(name: str, dropout: float = 0.1) -> pt.PerceiverIO:
+    config = dataclasses.replace(
+        pt.TINY_CONFIGS[name], dropout=dropout, attention_dropout=dropout
+    )
+    torch.manual_seed(0)
+    model = pt.build(name, config)
+    with torch.no_grad():  # zero-initialised parameters would hide missing gradients
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape))
+    return model
+
+
+def inputs(name: str) -> tuple:
+    gen = torch.Generator().manual_seed(1)
+    c = pt.TINY_CONFIGS[name]
+    if name == "language_perceiver":
+        ids = torch.randint(0, 262, (2, 40), generator=gen)
+        mask = torch.ones(2, 40, dtype=torch.int64)
+        mask[1, 30:] = 0
+        return ids, mask
+    if name.startswith("imagenet"):
+        return (torch.randn(2, 3, 32, 32, generator=gen),)
+    if name == "optical_flow":
+        return (torch.rand(2, 2, 3, *c.image_size, generator=gen) * 2 - 1,)
+    images = torch.rand(2, c.num_frames, 3, *c.image_size, generator=gen)
+    audio = torch.randn(2, c.num_frames * c.audio_samples_per_frame, generator=gen)
+    return images, audio, {"image": torch.arange(100, 164), "audio": torch.arange(3)}
+
+
+def loss_of(output) -> torch.Tensor:
+    if isinstance(output, dict):
+        return sum((v**2).mean() for v in output.values())
+    return (output**2).mean()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_backward_reaches_every_parameter(name):
+    model = tiny_model(name).train()
+    loss = loss_of(model(*inputs(name)))
+    loss.backward()
+    skip = NO_GRADIENT.get(name, set())
+    for key, p in model.named_parameters():
+        if key in skip:
+            assert p.grad is None or not p.grad.any(), key
+            continue
+        assert p.grad is not None, f"{key} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{key} has non-finite gradients"
+        assert p.grad.abs().max() > 0, f"{key} has an all-zero gradient"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dropout_only_in_training(name):
+    model = tiny_model(name, dropout=0.3)
+    x = inputs(name)
+    model.train()
+    torch.manual_seed(0)
+    a = loss_of(model(*x))
+    b = loss_of(model(*x))
+    assert not torch.equal(a, b)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loss_of(model(*x)), loss_of(model(*x)))
+
+
+def test_training_steps_reduce_loss():
+    model = tiny_model("language_perceiver", dropout=0.0).train()
+    ids, mask = inputs("language_perceiver")
+    targets = ids.clone()
+    corrupted = ids.clone()
+    corrupted[:, ::4] = pt.BytesTokenizer.MASK
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        optimizer.zero_grad()
+        logits = model(corrupted, mask)
+        loss = torch.nn.functional.cross_entropy(
+            logits[mask.bool()], targets[mask.bool()]
+        )
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_batchnorm_uses_batch_statistics_in_training():
+    model = tiny_model("imagenet_conv", dropout=0.0).train()
+    bn = model.input_preprocessor.batchnorm
+    before = bn.running_mean.clone()
+    model(*inputs("imagenet_conv"))
+    assert not torch.equal(before, bn.running_mean)
+    assert int(bn.num_batches_tracked) == 1
+
+
+def test_attention_dropout_disables_folded_modes():
+    layer = pt.build("optical_flow", pt.TINY_CONFIGS["optical_flow"]).decoder
+    attention = layer.cross_attention.attention
+    attention.eval()
+    assert attention.choose_mode(100_000, 32) == "absorb_q"
+    assert attention.choose_mode(32, 100_000) == "absorb_kv"
+    attention.attention_dropout = 0.1
+    attention.train()
+    assert attention.choose_mode(100_000, 32) == "standard"
+
+
+@pytest.mark.parametrize("name", ["optical_flow", "video_autoencoding"])
+def test_training_after_inference_mode(name):
+    """Cached position encodings made under inference_mode still train."""
+    model = tiny_model(name, dropout=0.0)
+    x = inputs(name)
+    with torch.inference_mode():
+        model.eval()(*x)
+    loss_of(model.train()(*x)).backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
