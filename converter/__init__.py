@@ -18,15 +18,32 @@ from converter.errors import (
 from converter.reader import HaikuCheckpoint, load_haiku_checkpoint
 from converter.writer import save_haiku_checkpoint
 
+
+def __getattr__(name: str):
+    # convert() and export() import torch and perceiver_torch; load them on first use
+    # so that reading, writing and inspecting checkpoints stay light.
+    if name in ("convert", "ConversionResult"):
+        from converter import conversion
+
+        return getattr(conversion, name)
+    if name == "export":
+        from converter.exporter import export
+
+        return export
+    raise AttributeError(f"module 'converter' has no attribute {name!r}")
+
 __all__ = [
     "__version__",
     "CheckpointError",
+    "ConversionResult",
     "ConverterError",
     "HaikuCheckpoint",
     "MappingError",
     "ParityError",
     "ShapeMismatch",
     "UnsafeCheckpointError",
+    "convert",
+    "export",
     "load_haiku_checkpoint",
     "save_haiku_checkpoint",
 ]

@@ -471,7 +471,7 @@ def convert_command(
     source sha256, the mapping name and hash, the converter version and, with
     --verify, the parity result. Load it with perceiver_torch.load(OUT).
     """
-    from converter.convert import convert
+    from converter.conversion import convert
 
     config = _parse_config(config_items)
     try:
@@ -588,7 +588,7 @@ def export_command(
     original arrays bit for bit (the BatchNorm accumulators the model does not use
     travel in the converted file's metadata).
     """
-    from converter.export import export
+    from converter.exporter import export
 
     result = export(converted, output, protocol=protocol, container=container, mapping=mapping)
     for note in result.notes:

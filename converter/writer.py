@@ -25,6 +25,7 @@ from __future__ import annotations
 import codecs
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -209,7 +210,10 @@ def _sorted_keys(mapping: Mapping[Any, Any], where: str) -> list:
                 f"{where} has a key of type {type(key).__name__}: {key!r}; keys "
                 "must be str"
             )
-    return sorted(keys)
+    # Interned, so equal names ('w', 'b', ...) are one object and the pickler writes
+    # them once and refers back to them, as in the official files, wherever the
+    # strings came from.
+    return sorted(sys.intern(key) for key in keys)
 
 
 def save_haiku_checkpoint(

@@ -1,0 +1,399 @@
+"""Converting official Haiku checkpoints to perceiver_torch checkpoints (the Python API).
+
+>>> result = convert("language_perceiver_io_bytes.pickle", "language.safetensors")
+>>> model = perceiver_torch.load("language.safetensors")
+
+Steps: read the pickle through the allow-list reader; pick the mapping (``model=`` or
+detection from the parameter names); resolve the configuration from the checkpoint's
+shapes; expand the mapping and check it against the model's state dict (built on the
+meta device, no memory); then convert and write tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+import perceiver_torch
+from converter._version import __version__
+from converter.errors import MappingError
+from converter.mapping import (
+    MappingReport,
+    MappingSpec,
+    MappingTable,
+    ResolvedConfig,
+    available_mappings,
+    convert_arrays,
+    flatten_tree,
+    load_mapping,
+    plan_forward,
+)
+from converter.outputs import (
+    TORCH_DTYPES,
+    cast_for_output,
+    output_dtype,
+    output_format,
+    write_pt,
+    write_safetensors_streaming,
+)
+from converter.reader import HaikuCheckpoint, load_haiku_checkpoint
+from perceiver_torch.configs import config_from_dict, config_to_dict
+
+Progress = Callable[[str], None]
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+@dataclass
+class PreparedConversion:
+    """A checkpoint matched to a mapping and checked; nothing converted yet."""
+
+    checkpoint: HaikuCheckpoint
+    mapping: MappingSpec
+    config: ResolvedConfig
+    table: MappingTable
+    report: MappingReport
+    targets: Dict[str, Tuple[Tuple[int, ...], str]]
+    sources: Dict[str, np.ndarray]
+
+    @property
+    def model(self) -> str:
+        return self.mapping.model
+
+    def config_object(self) -> Any:
+        return config_from_dict(self.model, self.config.values)
+
+    def converted_arrays(self):
+        """Yields ``(state-dict key, numpy array)`` in mapping order."""
+        return convert_arrays(self.table, self.sources)
+
+    def state_dict(
+        self, dtype: Optional[torch.dtype] = None
+    ) -> Dict[str, torch.Tensor]:
+        return {
+            key: cast_for_output(array, dtype) for key, array in self.converted_arrays()
+        }
+
+    def build_model(self) -> torch.nn.Module:
+        """The perceiver_torch model with the converted weights (strict), in eval mode."""
+        model = perceiver_torch.build(self.model, self.config_object())
+        model.load_state_dict(self.state_dict(), strict=True)
+        return model.eval()
+
+    def dropped_arrays(self) -> Dict[str, np.ndarray]:
+        return {drop.source: self.sources[drop.source] for drop in self.table.drops}
+
+
+@dataclass
+class ConversionResult:
+    """What :func:`convert` did: the model, its configuration, the mapping report and the file."""
+
+    model: str
+    config: Dict[str, Any]
+    size_preset: Optional[str]
+    source: Path
+    source_sha256: str
+    mapping: str
+    mapping_sha256: str
+    report: MappingReport
+    output: Optional[Path]
+    format: Optional[str]
+    dtype: str
+    metadata: Dict[str, str]
+    parity: Optional[Dict[str, Any]] = None
+    seconds: float = 0.0
+    state_dict: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
+
+    def build_model(self) -> torch.nn.Module:
+        """Rebuilds the model; needs ``state_dict`` (``convert(..., out=None)``) or ``output``."""
+        if self.state_dict is not None:
+            model = perceiver_torch.build(
+                self.model, config_from_dict(self.model, self.config)
+            )
+            model.load_state_dict(self.state_dict, strict=True)
+            return model.eval()
+        if self.output is not None:
+            return perceiver_torch.load(self.output)
+        raise ValueError("no weights: convert with out=None or to a file first")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "model": self.model,
+            "config": self.config,
+            "size_preset": self.size_preset,
+            "source": str(self.source),
+            "source_sha256": self.source_sha256,
+            "mapping": self.mapping,
+            "mapping_sha256": self.mapping_sha256,
+            "output": str(self.output) if self.output else None,
+            "format": self.format,
+            "dtype": self.dtype,
+            "tensors": self.report.used,
+            "dropped": [{"source": s, "reason": r} for s, r in self.report.dropped],
+            "parity": self.parity,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def model_targets(name: str, config: Any) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """Shapes and dtypes of the model's state dict, from a model built on the meta device."""
+    with torch.device("meta"):
+        model = perceiver_torch.build(name, config)
+    return {
+        key: (tuple(value.shape), str(value.dtype).replace("torch.", ""))
+        for key, value in model.state_dict().items()
+    }
+
+
+def _try_mapping(
+    checkpoint: HaikuCheckpoint,
+    spec: MappingSpec,
+    sources: Mapping[str, np.ndarray],
+    overrides: Optional[Mapping[str, Any]],
+) -> PreparedConversion:
+    shapes = {key: tuple(array.shape) for key, array in sources.items()}
+    config = spec.resolve_config(shapes, overrides)
+    try:
+        config_object = config_from_dict(spec.model, config.values)
+    except (TypeError, ValueError) as error:
+        raise MappingError(f"{spec.file}: invalid configuration: {error}") from None
+    targets = model_targets(spec.model, config_object)
+    table = spec.expand(config.values)
+    infos = {key: (tuple(a.shape), str(a.dtype)) for key, a in sources.items()}
+    report = plan_forward(table, infos, targets, spec.name)
+    return PreparedConversion(
+        checkpoint, spec, config, table, report, targets, dict(sources)
+    )
+
+
+def prepare(
+    checkpoint: HaikuCheckpoint | str | os.PathLike,
+    model: Optional[str] = None,
+    *,
+    config: Optional[Mapping[str, Any]] = None,
+    mapping: Optional[str | os.PathLike] = None,
+) -> PreparedConversion:
+    """Reads (if needed) and matches a checkpoint to its mapping; raises if it does not fit.
+
+    ``model`` forces a mapping by model name; ``mapping`` uses a mapping file instead of
+    the bundled ones; without either, the mapping whose rules account for every tensor
+    of the checkpoint is chosen.
+    """
+    if not isinstance(checkpoint, HaikuCheckpoint):
+        checkpoint = load_haiku_checkpoint(checkpoint)
+    sources = flatten_tree(checkpoint.params, checkpoint.state)
+    if mapping is not None or model is not None:
+        spec = load_mapping(mapping if mapping is not None else model)
+        if model is not None and spec.model != model:
+            raise MappingError(f"{spec.file} maps model {spec.model!r}, not {model!r}")
+        try:
+            prepared = _try_mapping(checkpoint, spec, sources, config)
+        except MappingError as error:
+            raise MappingError(
+                f"{checkpoint.path}: does not fit the {spec.name} mapping: {error}"
+            ) from None
+        prepared.report.raise_for_problems(
+            f"Is {checkpoint.path.name} really a {spec.model} checkpoint? "
+            "Omit --model to detect the model from the parameter names."
+        )
+        return prepared
+
+    candidates: List[Tuple[float, str, Any]] = []
+    for name in available_mappings():
+        spec = load_mapping(name)
+        try:
+            prepared = _try_mapping(checkpoint, spec, sources, config)
+        except MappingError as error:
+            candidates.append((0.0, name, str(error)))
+            continue
+        if prepared.report.ok:
+            return prepared
+        covered = prepared.report.used / max(len(sources), 1)
+        candidates.append((covered, name, prepared.report))
+    candidates.sort(key=lambda item: -item[0])
+    best_score, best_name, best = candidates[0]
+    if best_score == 0.0:
+        raise MappingError(
+            f"{checkpoint.path}: the parameter names match none of the official models "
+            f"({', '.join(available_mappings())}); pass --model NAME to see what is missing"
+        )
+    detail = (
+        "\n".join(best.problems()[:20]) if isinstance(best, MappingReport) else best
+    )
+    raise MappingError(
+        f"{checkpoint.path}: closest model is {best_name} ({best_score:.0%} of the tensors "
+        f"fit), but the checkpoint does not match it:\n{detail}"
+    )
+
+
+def build_metadata(
+    prepared: PreparedConversion,
+    dtype: str,
+    parity: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, str]:
+    """Provenance stored in the converted file (safetensors metadata: strings only)."""
+    checkpoint = prepared.checkpoint
+    metadata = {
+        "format": "pt",
+        "model": prepared.model,
+        "config": json.dumps(config_to_dict(prepared.config_object()), sort_keys=True),
+        "size_preset": prepared.config.preset or "custom",
+        "source_file": checkpoint.path.name,
+        "source_sha256": checkpoint.sha256,
+        "mapping": prepared.mapping.name,
+        "mapping_sha256": prepared.mapping.sha256,
+        "converter": f"perceiver-convert {__version__}",
+        "dtype": dtype,
+    }
+    dropped = prepared.dropped_arrays()
+    if dropped:
+        # Kept so that `export` gives back the original file exactly (tiny tensors).
+        metadata["haiku_dropped"] = json.dumps(
+            {
+                key: {
+                    "dtype": str(array.dtype),
+                    "shape": list(array.shape),
+                    "data": base64.b64encode(
+                        np.ascontiguousarray(array).tobytes()
+                    ).decode(),
+                }
+                for key, array in dropped.items()
+            },
+            sort_keys=True,
+        )
+    if parity is not None:
+        metadata["parity"] = json.dumps(parity, sort_keys=True)
+    return metadata
+
+
+def decode_dropped(metadata: Mapping[str, str]) -> Dict[str, np.ndarray]:
+    """The dropped Haiku tensors stored by :func:`build_metadata`."""
+    raw = metadata.get("haiku_dropped")
+    if not raw:
+        return {}
+    out = {}
+    for key, entry in json.loads(raw).items():
+        data = base64.b64decode(entry["data"])
+        out[key] = (
+            np.frombuffer(data, dtype=entry["dtype"]).reshape(entry["shape"]).copy()
+        )
+    return out
+
+
+def write_converted(
+    prepared: PreparedConversion,
+    out: Path,
+    dtype: str = "float32",
+    parity: Optional[Mapping[str, Any]] = None,
+    progress: Progress = _quiet,
+) -> Dict[str, str]:
+    """Writes the converted weights atomically; returns the metadata written."""
+    out = Path(out)
+    fmt = output_format(out)
+    torch_dtype = TORCH_DTYPES[dtype]
+    metadata = build_metadata(prepared, dtype, parity)
+    if fmt == "pt":
+        write_pt(out, prepared.state_dict(torch_dtype), metadata)
+        return metadata
+    layout = []
+    for rule in prepared.table.rules:
+        shape, array_dtype = prepared.targets[rule.target]
+        layout.append((rule.target, shape, output_dtype(array_dtype, torch_dtype)))
+    stream = (
+        (key, cast_for_output(array, torch_dtype))
+        for key, array in prepared.converted_arrays()
+    )
+    write_safetensors_streaming(out, layout, stream, metadata)
+    return metadata
+
+
+def convert(
+    path: str | os.PathLike,
+    out: Optional[str | os.PathLike] = None,
+    model: Optional[str] = None,
+    dtype: Optional[str] = None,
+    *,
+    config: Optional[Mapping[str, Any]] = None,
+    mapping: Optional[str | os.PathLike] = None,
+    verify: bool = False,
+    progress: Progress = _quiet,
+) -> ConversionResult:
+    """Converts an official checkpoint to a perceiver_torch checkpoint.
+
+    Args:
+        path: the official ``.pickle``/``.pystate`` file (read safely, no jax needed).
+        out: ``*.safetensors`` (recommended) or ``*.pt``; None keeps the converted state
+            dict in memory (``result.state_dict``, ``result.build_model()``).
+        model: force a model name; None detects it from the parameter names.
+        dtype: ``float32`` (default), ``float16`` or ``bfloat16`` for floating tensors.
+        config: overrides of configuration values the checkpoint's shapes cannot reveal.
+        mapping: a mapping YAML file to use instead of the bundled one.
+        verify: run the JAX reference on the same inputs first (needs the ``[jax]``
+            extra) and store the result; outside tolerance raises ``ParityError`` and
+            nothing is written.
+    """
+    started = time.perf_counter()
+    dtype = dtype or "float32"
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(
+            f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}"
+        )
+    if out is not None:
+        output_format(Path(out))  # fail on a bad suffix before reading 800 MB
+    progress(f"reading {path}")
+    checkpoint = load_haiku_checkpoint(path)
+    progress(
+        f"read {checkpoint.size_bytes / 1e6:.1f} MB, protocol {checkpoint.protocol}, "
+        f"sha256 {checkpoint.sha256[:16]}..."
+    )
+    prepared = prepare(checkpoint, model, config=config, mapping=mapping)
+    progress(
+        f"model {prepared.model} ({prepared.config.describe()}), mapping "
+        f"{prepared.mapping.file}: {prepared.report.used} tensors, "
+        f"{len(prepared.report.dropped)} dropped"
+    )
+    parity = None
+    if verify:
+        from converter.verify import verify_prepared
+
+        progress("verifying against the JAX reference")
+        parity_report = verify_prepared(prepared, progress=progress)
+        parity = parity_report.as_dict()
+        parity_report.raise_if_failed()
+    state_dict = None
+    fmt = None
+    if out is not None:
+        out = Path(out)
+        fmt = output_format(out)
+        progress(f"writing {out}")
+        metadata = write_converted(prepared, out, dtype, parity, progress)
+    else:
+        metadata = build_metadata(prepared, dtype, parity)
+        state_dict = prepared.state_dict(TORCH_DTYPES[dtype])
+    return ConversionResult(
+        model=prepared.model,
+        config=config_to_dict(prepared.config_object()),
+        size_preset=prepared.config.preset,
+        source=checkpoint.path,
+        source_sha256=checkpoint.sha256,
+        mapping=prepared.mapping.name,
+        mapping_sha256=prepared.mapping.sha256,
+        report=prepared.report,
+        output=out,
+        format=fmt,
+        dtype=dtype,
+        metadata=metadata,
+        parity=parity,
+        seconds=time.perf_counter() - started,
+        state_dict=state_dict,
+    )

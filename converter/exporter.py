@@ -1,0 +1,120 @@
+"""Converted perceiver_torch checkpoints back to the official Haiku file layout.
+
+Every mapping op has an exact inverse, and tensors the forward conversion dropped
+(BatchNorm EMA accumulators) travel in the converted file's metadata, so exporting a
+float32 conversion gives back the original arrays bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+
+from converter.conversion import decode_dropped
+from converter.errors import MappingError
+from converter.mapping import invert_arrays, load_mapping, plan_inverse, unflatten_tree
+from converter.outputs import read_converted
+from converter.writer import save_haiku_checkpoint
+
+
+@dataclass
+class ExportResult:
+    model: str
+    output: Path
+    tensors: int
+    exact: bool
+    notes: list
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "model": self.model,
+            "output": str(self.output),
+            "tensors": self.tensors,
+            "exact": self.exact,
+            "notes": self.notes,
+        }
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype in (torch.float16, torch.bfloat16):
+        tensor = tensor.float()
+    return tensor.contiguous().numpy()
+
+
+def export(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    protocol: int = 3,
+    container: str = "flatmapping",
+    mapping: Optional[str | os.PathLike] = None,
+) -> ExportResult:
+    """Writes the official-layout pickle for a file made by :func:`converter.convert`."""
+    state_dict, metadata = read_converted(Path(path))
+    model = metadata["model"]
+    config = json.loads(metadata["config"])
+    spec = load_mapping(
+        mapping if mapping is not None else metadata.get("mapping", model)
+    )
+    if spec.model != model:
+        raise MappingError(
+            f"{spec.file} maps {spec.model!r}, but {path} holds {model!r}"
+        )
+    notes = []
+    exact = True
+    if metadata.get("mapping_sha256") and metadata["mapping_sha256"] != spec.sha256:
+        notes.append(
+            f"the file was converted with another version of {spec.file} "
+            f"(sha256 {metadata['mapping_sha256'][:12]}...)"
+        )
+    low_precision = sorted(
+        {
+            str(t.dtype)
+            for t in state_dict.values()
+            if t.dtype in (torch.float16, torch.bfloat16)
+        }
+    )
+    if low_precision:
+        exact = False
+        message = (
+            f"the weights are stored as {', '.join(low_precision)}; they are exported as "
+            "float32 but cannot equal the original float32 values"
+        )
+        notes.append(message)
+        warnings.warn(message)
+    table = spec.expand({**spec.config, **{k: _as_tuple(v) for k, v in config.items()}})
+    infos = {
+        k: (tuple(v.shape), str(v.dtype).replace("torch.", ""))
+        for k, v in state_dict.items()
+    }
+    report = plan_inverse(table, infos, spec.name)
+    report.raise_for_problems(f"Was {path} converted from a {model} checkpoint?")
+    dropped = decode_dropped(metadata)
+    if table.drops and not dropped:
+        exact = False
+        notes.append(
+            "dropped tensors restored from their restore_from sources (not stored)"
+        )
+    arrays = {key: _to_numpy(tensor) for key, tensor in state_dict.items()}
+    flat = invert_arrays(table, arrays, dropped)
+    params, state = unflatten_tree(flat)
+    layout = spec.source.get("layout", "params")
+    save_haiku_checkpoint(
+        out,
+        params,
+        state if layout == "params_and_state" else None,
+        protocol=protocol,
+        container=container,
+    )
+    return ExportResult(model, Path(out), len(flat), exact, notes)
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value

@@ -1,0 +1,202 @@
+"""Writing and reading converted checkpoints (safetensors first, ``.pt`` second).
+
+The safetensors file is written by streaming: the header (every name, dtype, shape and
+offset, plus the provenance metadata) is known from the mapping plan before any data is
+produced, so each tensor is converted, written and released in turn. The reference
+library's ``save_file`` needs every tensor in memory at once and copies them again
+while serialising; streaming keeps the peak memory of converting the 804 MB language
+checkpoint close to the size of the checkpoint itself. Files are read back with the
+``safetensors`` library, which validates the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+from converter.atomic import atomic_write
+from converter.errors import CheckpointError
+
+# dtype names used on the command line -> torch dtypes.
+TORCH_DTYPES: Mapping[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+_SAFETENSORS_DTYPES: Mapping[torch.dtype, str] = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+}
+
+_NUMPY_TO_TORCH: Mapping[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "float64": torch.float64,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+
+OUTPUT_FORMATS = ("safetensors", "pt")
+
+
+def output_format(path: Path) -> str:
+    """``safetensors`` or ``pt`` from the file suffix; anything else is a usage error."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        return "safetensors"
+    if suffix in (".pt", ".pth"):
+        return "pt"
+    raise ValueError(
+        f"{path}: unknown output format {suffix or '(no suffix)'!r}; "
+        "name the file *.safetensors (recommended) or *.pt"
+    )
+
+
+def cast_for_output(array: np.ndarray, dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """A numpy array as a contiguous torch tensor, floats cast to ``dtype`` if given.
+
+    Integer tensors (BatchNorm's update counter) keep their dtype.
+    """
+    # np.ascontiguousarray would turn a 0-d array (BatchNorm's counter) into shape (1,).
+    array = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+    tensor = torch.from_numpy(array)
+    if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+        tensor = tensor.to(dtype)
+    return tensor
+
+
+def output_dtype(array_dtype: str, dtype: Optional[torch.dtype]) -> torch.dtype:
+    base = _NUMPY_TO_TORCH[array_dtype]
+    if dtype is not None and base.is_floating_point:
+        return dtype
+    return base
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    tensor = tensor.contiguous().reshape(-1)
+    if tensor.dtype == torch.bfloat16:
+        # numpy has no bfloat16: reinterpret the same bits as int16.
+        tensor = tensor.view(torch.int16)
+    return memoryview(tensor.numpy()).cast("B")
+
+
+def write_safetensors_streaming(
+    path: Path,
+    layout: Iterable[Tuple[str, Tuple[int, ...], torch.dtype]],
+    tensors: Iterator[Tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str],
+    progress: Optional[Callable[[int], None]] = None,
+) -> int:
+    """Writes a safetensors file from a known layout and a stream of tensors.
+
+    ``layout`` lists ``(name, shape, dtype)`` in the order ``tensors`` will yield them;
+    each yielded tensor must match its entry. Returns the number of bytes written.
+    """
+    layout = list(layout)
+    header: Dict[str, Any] = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name, shape, dtype in layout:
+        nbytes = (
+            int(np.prod(shape, dtype=np.int64))
+            * torch.empty((), dtype=dtype).element_size()
+        )
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    # The format pads the header with spaces so the data starts 8-byte aligned.
+    encoded += b" " * (-len(encoded) % 8)
+    expected = iter(layout)
+
+    def write(handle: Any) -> None:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for name, tensor in tensors:
+            want_name, want_shape, want_dtype = next(expected)
+            if (
+                name != want_name
+                or tuple(tensor.shape) != tuple(want_shape)
+                or tensor.dtype != want_dtype
+            ):
+                raise RuntimeError(
+                    f"internal error: tensor {name} {tuple(tensor.shape)} {tensor.dtype} does "
+                    f"not match the planned {want_name} {tuple(want_shape)} {want_dtype}"
+                )
+            handle.write(_tensor_bytes(tensor))
+            if progress is not None:
+                progress(1)
+        if next(expected, None) is not None:
+            raise RuntimeError("internal error: fewer tensors than planned")
+
+    with atomic_write(path) as handle:
+        write(handle)
+    return 8 + len(encoded) + offset
+
+
+def write_pt(
+    path: Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> None:
+    """A ``.pt`` file loadable with ``torch.load(path, weights_only=True)``."""
+    payload = {
+        "model": metadata["model"],
+        "config": json.loads(metadata["config"]),
+        "state_dict": dict(state_dict),
+        "metadata": dict(metadata),
+    }
+    with atomic_write(path) as handle:
+        torch.save(payload, handle)
+
+
+def read_converted(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Reads a converted file: ``(state_dict, metadata)``; clear errors for other files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as handle:
+        magic = handle.read(8)
+    try:
+        if path.suffix.lower() == ".safetensors" or (
+            len(magic) == 8 and magic[:2] != b"PK"
+        ):
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as reader:
+                metadata = dict(reader.metadata() or {})
+                state = {key: reader.get_tensor(key) for key in reader.keys()}
+        else:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(payload, dict) or "state_dict" not in payload:
+                raise CheckpointError(
+                    f"{path}: not a perceiver-convert .pt file (expected a dict with "
+                    "'model', 'config', 'state_dict')"
+                )
+            metadata = dict(payload.get("metadata") or {})
+            metadata.setdefault("model", payload.get("model"))
+            metadata.setdefault("config", json.dumps(payload.get("config")))
+            state = dict(payload["state_dict"])
+    except CheckpointError:
+        raise
+    except Exception as error:  # safetensors and torch raise many types for bad files
+        raise CheckpointError(
+            f"{path}: cannot read it as a converted checkpoint ({type(error).__name__}: "
+            f"{error}); convert an official file with `perceiver-convert convert` first"
+        ) from error
+    if not metadata.get("model") or not metadata.get("config"):
+        raise CheckpointError(
+            f"{path}: the file has no 'model'/'config' metadata, so the model cannot be "
+            "rebuilt; was it written by perceiver-convert?"
+        )
+    return state, metadata

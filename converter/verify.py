@@ -1,0 +1,415 @@
+"""Numerical parity of a converted model against the JAX reference.
+
+``verify`` runs :mod:`perceiver_jax` (the official modules restated in Haiku, fed the
+original checkpoint) and the converted :mod:`perceiver_torch` model on the same
+deterministic inputs and compares, per stage, the preprocessed inputs, the latents
+after the encoder, the decoder output and the final outputs: max |diff|, max |diff| /
+max |reference| and argmax agreement. The final outputs must be within the mapping's
+tolerance (``tolerance.relative``, with per-output exceptions in
+``tolerance.outputs``); the earlier stages are reported for diagnosis.
+
+Needs the ``[jax]`` extra; everything else in the converter works without it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+
+import perceiver_torch
+from converter.errors import ConverterError, ParityError
+
+Progress = Callable[[str], None]
+STAGES = ("preprocessed", "latents", "decoder_output")
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def require_jax() -> Any:
+    """Imports perceiver_jax, or explains how to install it."""
+    try:
+        import perceiver_jax  # noqa: F401  (imports jax and haiku)
+    except ImportError as error:
+        raise ConverterError(
+            f"verifying needs jax and dm-haiku ({error}); install them with "
+            "`pip install 'perceiver-convert[jax]'`"
+        ) from None
+    return perceiver_jax
+
+
+@dataclass
+class Comparison:
+    """One tensor compared between the JAX reference and the PyTorch model."""
+
+    name: str
+    kind: str  # "stage" or "output"
+    shape: Tuple[int, ...]
+    max_abs_diff: float
+    max_abs_ref: float
+    relative: float
+    argmax_agreement: Optional[float]
+    tolerance: Optional[float]
+    passed: Optional[bool]
+
+
+@dataclass
+class ParityReport:
+    model: str
+    size_preset: str
+    batch: int
+    seed: int
+    comparisons: List[Comparison] = field(default_factory=list)
+    seconds_jax: float = 0.0
+    seconds_torch: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(
+            c.passed is not False for c in self.comparisons if c.kind == "output"
+        )
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "model": self.model,
+            "size_preset": self.size_preset,
+            "batch": self.batch,
+            "seed": self.seed,
+            "passed": self.passed,
+            "seconds_jax": round(self.seconds_jax, 3),
+            "seconds_torch": round(self.seconds_torch, 3),
+            "comparisons": [
+                {**asdict(c), "shape": list(c.shape)} for c in self.comparisons
+            ],
+        }
+
+    def format_table(self) -> str:
+        lines = [
+            f"parity of {self.model} ({self.size_preset}, batch {self.batch}, seed {self.seed}) "
+            f"against the JAX reference",
+            f"  {'stage':<24} {'shape':<22} {'max|diff|':>10} {'max rel':>10} "
+            f"{'argmax':>8} {'tolerance':>10}  result",
+        ]
+        for c in self.comparisons:
+            argmax = "-" if c.argmax_agreement is None else f"{c.argmax_agreement:.2%}"
+            tol = "-" if c.tolerance is None else f"{c.tolerance:.0e}"
+            if c.passed is None:
+                result = "(info)"
+            else:
+                result = "ok" if c.passed else "FAIL"
+            label = c.name if c.kind == "output" else f"{c.name} (stage)"
+            lines.append(
+                f"  {label:<24} {str(list(c.shape)):<22} {c.max_abs_diff:>10.2e} "
+                f"{c.relative:>10.2e} {argmax:>8} {tol:>10}  {result}"
+            )
+        lines.append(
+            f"  {'PASSED' if self.passed else 'FAILED'} (jax {self.seconds_jax:.1f} s, "
+            f"torch {self.seconds_torch:.1f} s)"
+        )
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> None:
+        if not self.passed:
+            failed = [c.name for c in self.comparisons if c.passed is False]
+            raise ParityError(
+                f"{self.model}: outputs outside tolerance: {', '.join(failed)}\n"
+                + self.format_table()
+            )
+
+
+def compare(
+    name: str,
+    kind: str,
+    reference: np.ndarray,
+    actual: np.ndarray,
+    tolerance: Optional[float],
+    argmax_axis: Optional[int] = None,
+) -> Comparison:
+    """Whole-tensor comparison: max |diff| / max |reference| against ``tolerance``."""
+    reference = np.asarray(reference, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64)
+    if reference.shape != actual.shape:
+        return Comparison(
+            name,
+            kind,
+            tuple(actual.shape),
+            float("inf"),
+            float("nan"),
+            float("inf"),
+            None,
+            tolerance,
+            False if tolerance is not None else None,
+        )
+    diff = float(np.max(np.abs(reference - actual))) if reference.size else 0.0
+    scale = float(np.max(np.abs(reference))) if reference.size else 0.0
+    relative = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+    if not np.all(np.isfinite(actual)):
+        relative = float("inf")
+    agreement = None
+    if argmax_axis is not None:
+        agreement = float(
+            np.mean(
+                np.argmax(reference, axis=argmax_axis)
+                == np.argmax(actual, axis=argmax_axis)
+            )
+        )
+    passed = None
+    if tolerance is not None:
+        passed = relative <= tolerance and (agreement is None or agreement == 1.0)
+    return Comparison(
+        name,
+        kind,
+        tuple(reference.shape),
+        diff,
+        scale,
+        relative,
+        agreement,
+        tolerance,
+        passed,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Deterministic inputs per model: (jax inputs, torch inputs), and output adapters.
+
+
+@dataclass
+class Case:
+    jax_inputs: Dict[str, Any]
+    torch_inputs: Dict[str, Any]
+    # name -> (jax output as numpy in the comparison layout, argmax axis or None)
+    outputs: Callable[[Any], Dict[str, np.ndarray]]
+    torch_outputs: Callable[[Any], Dict[str, np.ndarray]]
+    argmax: Dict[str, Optional[int]]
+
+
+def _language_case(config: Any, rng: np.random.Generator, batch: int) -> Case:
+    length = config.max_seq_len
+    tokens = rng.integers(6, config.vocab_size, size=(batch, length)).astype(np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    for row in range(batch):
+        # Real tokens followed by padding, as the tokenizer pads to max_seq_len; a few
+        # real tokens are the [MASK] id, as in masked language modelling.
+        real = max(1, (length * (3 - row % 2)) // 4 - row)
+        mask[row, :real] = 1
+        masked = rng.random(real) < 0.15
+        tokens[row, :real][masked] = 3
+        tokens[row, real:] = 0
+    return Case(
+        jax_inputs={"inputs": tokens, "input_mask": mask},
+        torch_inputs={
+            "input_ids": torch.from_numpy(tokens.astype(np.int64)),
+            "attention_mask": torch.from_numpy(mask.astype(np.int64)),
+        },
+        outputs=lambda out: {"logits": np.asarray(out)},
+        torch_outputs=lambda out: {"logits": out.numpy()},
+        argmax={"logits": -1},
+    )
+
+
+def _image_size(name: str, config: Any) -> Tuple[int, int]:
+    if name == "imagenet_learned":
+        return tuple(config.image_size)
+    if name == "imagenet_fourier":
+        return tuple(config.max_resolution)
+    return (4 * config.max_resolution[0], 4 * config.max_resolution[1])
+
+
+def _imagenet_case(
+    name: str, config: Any, rng: np.random.Generator, batch: int
+) -> Case:
+    height, width = _image_size(name, config)
+    images = rng.standard_normal((batch, height, width, 3)).astype(np.float32)
+    return Case(
+        jax_inputs={"images": images},
+        torch_inputs={"images": torch.from_numpy(images.transpose(0, 3, 1, 2).copy())},
+        outputs=lambda out: {"logits": np.asarray(out)},
+        torch_outputs=lambda out: {"logits": out.numpy()},
+        argmax={"logits": -1},
+    )
+
+
+def _flow_case(config: Any, rng: np.random.Generator, batch: int) -> Case:
+    height, width = config.image_size
+    frames = rng.uniform(-1, 1, (batch, 2, height, width, 3)).astype(np.float32)
+    return Case(
+        jax_inputs={"images": frames},
+        torch_inputs={
+            "frames": torch.from_numpy(frames.transpose(0, 1, 4, 2, 3).copy())
+        },
+        outputs=lambda out: {"flow": np.asarray(out)},
+        # torch gives [B, 2, H, W]; compare in the official [B, H, W, 2] layout.
+        torch_outputs=lambda out: {"flow": out.permute(0, 2, 3, 1).numpy()},
+        argmax={"flow": None},
+    )
+
+
+def video_chunk(config: Any, chunk: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Flat indices of one of the colab's decoding chunks: (image points, audio patches)."""
+    frames = config.num_frames
+    height, width = config.image_size
+    image_points = frames * height * width // config.num_chunks
+    audio_patches = (
+        frames
+        * config.audio_samples_per_frame
+        // config.samples_per_patch
+        // config.num_chunks
+    )
+    image = np.arange(chunk * image_points, (chunk + 1) * image_points)
+    audio = np.arange(chunk * audio_patches, (chunk + 1) * audio_patches)
+    return image, audio
+
+
+def _video_case(config: Any, rng: np.random.Generator, batch: int) -> Case:
+    frames = config.num_frames
+    height, width = config.image_size
+    samples = frames * config.audio_samples_per_frame
+    images = rng.uniform(0, 1, (batch, frames, height, width, 3)).astype(np.float32)
+    audio = (0.3 * rng.standard_normal((batch, samples, 1))).astype(np.float32)
+    # A chunk in the middle of the clip, so the query positions are not the first ones.
+    image_index, audio_index = video_chunk(config, config.num_chunks // 2)
+    return Case(
+        jax_inputs={
+            "images": images,
+            "audio": audio,
+            "subsampling": {
+                "image": image_index.astype(np.int32),
+                "audio": audio_index.astype(np.int32),
+            },
+        },
+        torch_inputs={
+            "images": torch.from_numpy(images.transpose(0, 1, 4, 2, 3).copy()),
+            "audio": torch.from_numpy(audio[..., 0].copy()),
+            "subsample": {
+                "image": torch.from_numpy(image_index),
+                "audio": torch.from_numpy(audio_index),
+            },
+        },
+        outputs=lambda out: {
+            k: np.asarray(out[k]) for k in ("audio", "image", "label")
+        },
+        torch_outputs=lambda out: {
+            k: out[k].numpy() for k in ("audio", "image", "label")
+        },
+        argmax={"audio": None, "image": None, "label": -1},
+    )
+
+
+def make_case(name: str, config: Any, seed: int = 0, batch: int = 1) -> Case:
+    rng = np.random.default_rng(seed)
+    if name == "language_perceiver":
+        return _language_case(config, rng, batch)
+    if name.startswith("imagenet_"):
+        return _imagenet_case(name, config, rng, batch)
+    if name == "optical_flow":
+        return _flow_case(config, rng, batch)
+    if name == "video_autoencoding":
+        return _video_case(config, rng, batch)
+    raise ValueError(f"no parity inputs for model {name!r}")
+
+
+# --------------------------------------------------------------------------------------
+
+
+def run_reference(
+    name: str,
+    config: Any,
+    params: Mapping[str, Any],
+    state: Mapping[str, Any],
+    case: Case,
+    seed: int,
+) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    """The JAX reference's outputs and stages (run eagerly, as the golden outputs were)."""
+    perceiver_jax = require_jax()
+    import jax
+
+    model = perceiver_jax.get_model(name, config, stages=True)
+    (outputs, stages), _ = model.apply(
+        params, state, jax.random.PRNGKey(seed), **case.jax_inputs
+    )
+    stages = {key: np.asarray(value) for key, value in stages.items()}
+    return case.outputs(outputs), stages
+
+
+def run_torch(
+    model: torch.nn.Module, case: Case
+) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
+    with torch.no_grad(), perceiver_torch.capture_stages(model) as stages:
+        outputs = model(**case.torch_inputs)
+    return case.torch_outputs(outputs), {k: v.numpy() for k, v in stages.items()}
+
+
+def verify_prepared(
+    prepared: Any,
+    *,
+    seed: int = 0,
+    batch: int = 1,
+    progress: Progress = _quiet,
+) -> ParityReport:
+    """Compares the converted model of a :class:`~converter.conversion.PreparedConversion`."""
+    require_jax()
+    name = prepared.model
+    config = prepared.config_object()
+    tolerance = prepared.mapping.tolerance
+    default = float(tolerance.get("relative", 1e-5))
+    per_output = {k: float(v) for k, v in (tolerance.get("outputs") or {}).items()}
+    case = make_case(name, config, seed, batch)
+    report = ParityReport(name, prepared.config.preset or "custom", batch, seed)
+
+    progress("running the JAX reference")
+    started = time.perf_counter()
+    reference, reference_stages = run_reference(
+        name, config, prepared.checkpoint.params, prepared.checkpoint.state, case, seed
+    )
+    report.seconds_jax = time.perf_counter() - started
+
+    progress("running the converted PyTorch model")
+    model = prepared.build_model()
+    started = time.perf_counter()
+    actual, actual_stages = run_torch(model, case)
+    report.seconds_torch = time.perf_counter() - started
+    del model
+
+    for stage in STAGES:
+        if stage in reference_stages and stage in actual_stages:
+            report.comparisons.append(
+                compare(
+                    stage, "stage", reference_stages[stage], actual_stages[stage], None
+                )
+            )
+    for key, value in reference.items():
+        report.comparisons.append(
+            compare(
+                key,
+                "output",
+                value,
+                actual[key],
+                per_output.get(key, default),
+                case.argmax[key],
+            )
+        )
+    return report
+
+
+def verify(
+    path: Any,
+    model: Optional[str] = None,
+    *,
+    config: Optional[Mapping[str, Any]] = None,
+    mapping: Optional[Any] = None,
+    seed: int = 0,
+    batch: int = 1,
+    progress: Progress = _quiet,
+) -> ParityReport:
+    """Converts ``path`` in memory and compares it with the JAX reference (see module doc)."""
+    from converter.conversion import prepare
+
+    require_jax()
+    progress(f"reading {path}")
+    prepared = prepare(path, model, config=config, mapping=mapping)
+    return verify_prepared(prepared, seed=seed, batch=batch, progress=progress)

@@ -1,0 +1,309 @@
+"""convert / export / models through the CLI: provenance, formats, detection, round trips
+and every error path (exit codes 2 and 3, nothing half-written)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+
+import converter
+import perceiver_torch
+from converter import outputs as outputs_module
+from converter.cli import main
+from converter.fixtures import make_fixture, write_fixture
+from converter.reader import load_haiku_checkpoint
+from converter.trees import MODEL_NAMES
+from converter.writer import save_haiku_checkpoint
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    """One tiny official-format checkpoint per model (seed 1)."""
+    folder = tmp_path_factory.mktemp("fixtures")
+    paths = {}
+    for name in MODEL_NAMES:
+        paths[name] = folder / f"{name}.pickle"
+        write_fixture(name, paths[name], size="tiny", seed=1, protocol=3, container="flatmapping")
+    return paths
+
+
+def test_convert_records_provenance_in_the_safetensors_metadata(tmp_path):
+    source = GOLDEN / "imagenet_conv" / "checkpoint.pickle"
+    out = tmp_path / "conv.safetensors"
+    result = run("convert", source, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.stderr
+    document = json.loads(result.stdout)
+    with safe_open(str(out), framework="pt") as reader:
+        metadata = reader.metadata()
+        keys = set(reader.keys())
+    assert metadata["model"] == "imagenet_conv"
+    assert metadata["source_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert metadata["source_file"] == "checkpoint.pickle"
+    assert metadata["mapping"] == "imagenet_conv"
+    assert metadata["mapping_sha256"] == converter.mapping.load_mapping("imagenet_conv").sha256
+    assert metadata["converter"] == f"perceiver-convert {converter.__version__}"
+    assert metadata["size_preset"] == "tiny"
+    assert json.loads(metadata["config"])["num_blocks"] == 3
+    assert "parity" not in metadata
+    # The BatchNorm accumulators the model does not use travel along for export.
+    assert len(json.loads(metadata["haiku_dropped"])) == 3
+    model = perceiver_torch.build("imagenet_conv", json.loads(metadata["config"]))
+    assert keys == set(model.state_dict())
+    assert document["tensors"] == len(keys)
+    assert {d["source"].rsplit("/", 1)[-1] for d in document["dropped"]} == {"hidden", "counter"}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_low_precision_output_keeps_integer_buffers(tmp_path, dtype):
+    out = tmp_path / "conv.safetensors"
+    result = run("convert", GOLDEN / "imagenet_conv" / "checkpoint.pickle", "-o", out, "--dtype", dtype)
+    assert result.exit_code == 0, result.output
+    model = perceiver_torch.load(out)
+    state = model.state_dict()
+    assert state["input_preprocessor.batchnorm.num_batches_tracked"].dtype == torch.int64
+    with safe_open(str(out), framework="pt") as reader:
+        assert reader.get_tensor("encoder.latents").dtype == getattr(torch, dtype)
+        assert reader.metadata()["dtype"] == dtype
+
+
+def test_pt_output_loads_with_weights_only(tmp_path):
+    out = tmp_path / "flow.pt"
+    result = run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o", out)
+    assert result.exit_code == 0, result.output
+    payload = torch.load(out, weights_only=True)
+    assert payload["model"] == "optical_flow"
+    assert payload["config"]["image_size"] == [24, 32]
+    model = perceiver_torch.load(out)
+    assert set(model.state_dict()) == set(payload["state_dict"])
+
+
+def test_python_api_converts_in_memory():
+    result = converter.convert(GOLDEN / "language_perceiver" / "checkpoint.pickle")
+    assert result.output is None and result.model == "language_perceiver"
+    model = result.build_model()
+    logits = model(torch.tensor([[10, 20, 30]]))
+    assert logits.shape == (1, 3, 262)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_model_is_detected_from_parameter_names(fixtures, name, tmp_path):
+    result = run("convert", fixtures[name], "-o", tmp_path / "out.safetensors", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["model"] == name
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in GOLDEN.iterdir() if p.is_dir()))
+def test_export_of_a_conversion_reproduces_the_golden_file_byte_for_byte(name, tmp_path):
+    source = GOLDEN / name / "checkpoint.pickle"
+    converted = tmp_path / "model.safetensors"
+    exported = tmp_path / "exported.pickle"
+    assert run("convert", source, "-o", converted).exit_code == 0
+    result = run("export", converted, "-o", exported, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["exact"] is True
+    assert exported.read_bytes() == source.read_bytes()
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("protocol, container", [(2, "dict"), (4, "flatmapping")])
+def test_round_trip_haiku_torch_haiku_is_bit_identical(fixtures, name, protocol, container, tmp_path):
+    source = tmp_path / "source.pickle"
+    write_fixture(name, source, size="tiny", seed=3, protocol=protocol, container=container)
+    converted = tmp_path / "model.safetensors"
+    exported = tmp_path / "exported.pickle"
+    assert run("convert", source, "-o", converted).exit_code == 0
+    result = run("export", converted, "-o", exported, "--protocol", protocol, "--container", container)
+    assert result.exit_code == 0, result.output
+    original, back = load_haiku_checkpoint(source), load_haiku_checkpoint(exported)
+    assert back.wrapped == original.wrapped
+    for tree in ("params", "state"):
+        a, b = getattr(original, tree), getattr(back, tree)
+        assert a.keys() == b.keys()
+        for module in a:
+            assert a[module].keys() == b[module].keys()
+            for param in a[module]:
+                x, y = a[module][param], b[module][param]
+                assert x.dtype == y.dtype and x.shape == y.shape
+                assert x.tobytes() == y.tobytes(), f"{module}/{param}"
+
+
+def test_export_of_half_precision_is_flagged_inexact(tmp_path):
+    converted = tmp_path / "model.safetensors"
+    assert run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o", converted,
+               "--dtype", "float16").exit_code == 0
+    result = run("export", converted, "-o", tmp_path / "back.pickle", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["exact"] is False
+    assert "float16" in result.stderr
+
+
+def test_models_lists_the_six_official_files():
+    result = run("models", "--json")
+    assert result.exit_code == 0
+    rows = json.loads(result.stdout)
+    assert [r["name"] for r in rows] == list(MODEL_NAMES)
+    assert all(r["url"].startswith("https://storage.googleapis.com/perceiver_io/") for r in rows)
+    # The counts in the mappings agree with the official parameter trees.
+    from converter.trees import official_tree
+
+    assert [r["params"] for r in rows] == [official_tree(n).num_params() for n in MODEL_NAMES]
+    assert rows[0]["params"] == 201_108_230
+
+
+# --------------------------------------------------------------------------------------
+# Error paths.
+
+
+def test_unknown_model_is_a_usage_error(fixtures, tmp_path):
+    result = run("convert", fixtures["optical_flow"], "-o", tmp_path / "o.safetensors",
+                 "--model", "perceiver_flow")
+    assert result.exit_code == 2
+    assert "optical_flow" in result.output  # the valid names are listed
+
+
+def test_wrong_model_forced_on_a_checkpoint(fixtures, tmp_path):
+    out = tmp_path / "o.safetensors"
+    result = run("convert", fixtures["language_perceiver"], "-o", out, "--model", "optical_flow")
+    assert result.exit_code == 3
+    assert "does not fit the optical_flow mapping" in result.stderr
+    assert "image_preprocessor/patches_linear/w" in result.stderr
+    assert not out.exists()
+
+
+def _modified_fixture(tmp_path, change):
+    params, state = make_fixture("imagenet_fourier", size="tiny", seed=2)
+    change(params)
+    path = tmp_path / "modified.pickle"
+    save_haiku_checkpoint(path, params, state)
+    return path
+
+
+def test_missing_parameter_is_listed(tmp_path):
+    def remove(params):
+        del params["perceiver_encoder/~/cross_attention/mlp/linear_1"]["b"]
+
+    out = tmp_path / "o.safetensors"
+    result = run("convert", _modified_fixture(tmp_path, remove), "-o", out, "--model", "imagenet_fourier")
+    assert result.exit_code == 3
+    assert "missing in the checkpoint: perceiver_encoder/~/cross_attention/mlp/linear_1/b" in result.stderr
+    assert not out.exists()
+
+
+def test_extra_parameter_is_listed(tmp_path):
+    def add(params):
+        params["extra_head/linear"] = {"w": np.ones((2, 2), np.float32)}
+
+    result = run("convert", _modified_fixture(tmp_path, add), "-o", tmp_path / "o.safetensors",
+                 "--model", "imagenet_fourier")
+    assert result.exit_code == 3
+    assert "unexpected in the checkpoint (no rule uses or drops it): extra_head/linear/w" in result.stderr
+
+
+def test_shape_mismatch_names_both_keys_and_shapes(tmp_path):
+    def reshape(params):
+        module = params["classification_decoder/~/basic_decoder/output"]
+        module["w"] = np.ones((64, 11), np.float32)
+
+    result = run("convert", _modified_fixture(tmp_path, reshape), "-o", tmp_path / "o.safetensors",
+                 "--model", "imagenet_fourier")
+    assert result.exit_code == 3
+    assert "shape mismatch: classification_decoder/~/basic_decoder/output/w -> " \
+           "decoder.output_projection.weight" in result.stderr
+    assert "[64, 11] float32 becomes [11, 64]" in result.stderr
+
+
+def test_without_model_a_foreign_checkpoint_is_explained(tmp_path):
+    path = tmp_path / "foreign.pickle"
+    save_haiku_checkpoint(path, {"resnet/conv": {"w": np.ones((3, 3), np.float32)}})
+    result = run("convert", path, "-o", tmp_path / "o.safetensors")
+    assert result.exit_code == 3
+    assert "match none of the official models" in result.stderr
+
+
+def test_malformed_mapping_yaml_points_at_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema: 1\nname: x\nmodel: optical_flow\nconfig: {a: 1}\nrules:\n  - {source: a, target: [b}\n")
+    result = run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o",
+                 tmp_path / "o.safetensors", "--mapping", bad)
+    assert result.exit_code == 3
+    assert f"{bad}:6: malformed YAML" in result.stderr
+
+
+def test_mapping_file_with_unknown_op(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("schema: 1\nname: x\nmodel: optical_flow\nconfig: {a: 1}\nrules:\n"
+                   "  - {source: a, target: b, ops: [transpose]}\n")
+    result = run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o",
+                 tmp_path / "o.safetensors", "--mapping", bad)
+    assert result.exit_code == 3
+    assert "bad.yaml:6: rules[0].ops[0]: unknown op 'transpose'" in result.stderr
+
+
+def test_missing_output_folder_is_a_usage_error(tmp_path):
+    result = run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o",
+                 tmp_path / "nowhere" / "o.safetensors")
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+
+
+def test_unwritable_output_folder_is_a_usage_error(tmp_path, monkeypatch):
+    # Running as root ignores permission bits, so simulate the refusal.
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    result = run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o", tmp_path / "o.safetensors")
+    assert result.exit_code == 2
+    assert "no write permission" in result.output
+
+
+def test_unknown_output_suffix_is_a_usage_error(tmp_path):
+    result = run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o", tmp_path / "o.bin")
+    assert result.exit_code == 2
+    assert "*.safetensors" in result.output
+
+
+def test_unsafe_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.pickle"
+    path.write_bytes(b"\x80\x03cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.")
+    result = run("convert", path, "-o", tmp_path / "o.safetensors")
+    assert result.exit_code == 3
+    assert "os.system" in result.stderr
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pt"])
+def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch, suffix):
+    out = tmp_path / f"model.{suffix}"
+    out.write_bytes(b"previous content")
+    calls = {"n": 0}
+    real = outputs_module._tensor_bytes
+
+    def explode_midway(tensor):
+        calls["n"] += 1
+        if calls["n"] == 20:
+            raise KeyboardInterrupt("interrupted")
+        return real(tensor)
+
+    monkeypatch.setattr(outputs_module, "_tensor_bytes", explode_midway)
+    if suffix == "pt":
+        def explode(*args, **kwargs):
+            raise KeyboardInterrupt("interrupted")
+
+        monkeypatch.setattr(outputs_module.torch, "save", explode)
+    with pytest.raises(KeyboardInterrupt):
+        converter.convert(GOLDEN / "language_perceiver" / "checkpoint.pickle", out)
+    assert out.read_bytes() == b"previous content"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]

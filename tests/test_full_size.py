@@ -1,0 +1,68 @@
+"""Full-size tier (``pytest -m full``): the official sizes of all six models.
+
+Parity through the CLI against the JAX reference, and the haiku -> torch -> haiku round
+trip of the two smaller checkpoints. Minutes of CPU and a few GB of memory.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from converter.cli import main
+from converter.fixtures import write_fixture
+from converter.reader import load_haiku_checkpoint
+from converter.trees import MODEL_NAMES
+
+pytestmark = pytest.mark.full
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def full_fixture(tmp_path):
+    def write(name: str):
+        path = tmp_path / f"{name}.pickle"
+        write_fixture(name, path, size="full", seed=11, protocol=3, container="flatmapping")
+        return path
+
+    return write
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_full_size_parity(full_fixture, name):
+    pytest.importorskip("jax")
+    pytest.importorskip("haiku")
+    result = run("verify", full_fixture(name), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["size_preset"] == "official"
+    outputs = [c for c in report["comparisons"] if c["kind"] == "output"]
+    assert outputs
+    for comparison in outputs:
+        assert comparison["passed"], comparison
+        if comparison["argmax_agreement"] is not None:
+            assert comparison["argmax_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("name", ["video_autoencoding", "optical_flow"])
+def test_full_size_round_trip_is_bit_identical(full_fixture, name, tmp_path):
+    source = full_fixture(name)
+    converted = tmp_path / "model.safetensors"
+    exported = tmp_path / "exported.pickle"
+    assert run("convert", source, "-o", converted).exit_code == 0
+    assert run("export", converted, "-o", exported).exit_code == 0
+    original, back = load_haiku_checkpoint(source), load_haiku_checkpoint(exported)
+    assert original.params.keys() == back.params.keys()
+    for module, entries in original.params.items():
+        for param, array in entries.items():
+            other = back.params[module][param]
+            assert other.dtype == array.dtype and other.shape == array.shape
+            assert other.tobytes() == array.tobytes(), f"{module}/{param}"
+    # Written by the same writer from the same arrays: the files are identical too.
+    assert exported.read_bytes() == source.read_bytes()

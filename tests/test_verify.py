@@ -1,0 +1,135 @@
+"""verify: per-stage parity against the JAX reference, and its failure paths."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from converter.cli import main
+from converter.errors import ConverterError
+from converter.fixtures import write_fixture
+from converter.trees import MODEL_NAMES
+from converter.verify import STAGES, compare, require_jax
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_compare_reports_relative_error_and_argmax():
+    reference = np.array([[1.0, 2.0, 4.0], [3.0, 0.0, -8.0]])
+    actual = reference + np.array([[0.0, 0.0, 4e-5], [0.0, 0.0, 0.0]])
+    result = compare("logits", "output", reference, actual, 1e-5, argmax_axis=-1)
+    assert result.max_abs_diff == pytest.approx(4e-5)
+    assert result.max_abs_ref == 8.0
+    assert result.relative == pytest.approx(5e-6)
+    assert result.argmax_agreement == 1.0 and result.passed is True
+    worse = compare("logits", "output", reference, reference * 1.001, 1e-5)
+    assert worse.passed is False
+    flipped = reference.copy()
+    flipped[0, 1] = 4.0 + 1e-6  # argmax moves, relative error tiny
+    assert compare("logits", "output", reference, flipped, 1.0, argmax_axis=-1).passed is False
+    assert compare("x", "output", reference, np.full_like(reference, np.nan), 1.0).passed is False
+    assert compare("x", "output", reference, reference[:1], 1.0).passed is False
+    assert compare("x", "stage", reference, actual, None).passed is None
+
+
+def test_missing_jax_is_explained(monkeypatch):
+    monkeypatch.setitem(sys.modules, "perceiver_jax", None)
+    with pytest.raises(ConverterError, match=r"pip install 'perceiver-convert\[jax\]'"):
+        require_jax()
+
+
+
+
+@pytest.fixture(scope="module")
+def jax_ready():
+    pytest.importorskip("jax")
+    pytest.importorskip("haiku")
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_verify_passes_for_every_model_with_all_stages(jax_ready, name, tmp_path):
+    source = tmp_path / f"{name}.pickle"
+    write_fixture(name, source, size="tiny", seed=5, protocol=3, container="flatmapping")
+    result = run("verify", source, "--json", "--batch", "2", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["model"] == name and report["batch"] == 2
+    stages = [c["name"] for c in report["comparisons"] if c["kind"] == "stage"]
+    assert stages == list(STAGES)
+    for comparison in report["comparisons"]:
+        assert comparison["shape"][0] == 2
+        if comparison["kind"] == "output":
+            assert comparison["passed"] and comparison["relative"] <= comparison["tolerance"]
+    # The human table goes to stderr.
+    assert "latents (stage)" in result.stderr and "PASSED" in result.stderr
+
+
+def _broken_mapping(tmp_path: Path) -> Path:
+    """imagenet_fourier's mapping with the decoder's query and key/value norms swapped.
+
+    At the tiny size both norms are 64 wide, so every shape check passes: only the
+    numbers can reveal the mistake.
+    """
+    text = (MAPPINGS / "imagenet_fourier.yaml").read_text()
+    decoder = (
+        "  - use: decoder\n"
+        "    with: {src: classification_decoder/~/basic_decoder, dst: decoder}\n"
+    )
+    assert decoder in text
+    source = "classification_decoder/~/basic_decoder"
+    swapped = "".join(
+        f"  - use: {block}\n    with: {{src: {source}/{src}, dst: decoder.{dst}}}\n"
+        for block, src, dst in [
+            ("layer_norm", "cross_attention/layer_norm", "cross_attention.kv_norm"),
+            ("layer_norm", "cross_attention/layer_norm_1", "cross_attention.q_norm"),
+            ("layer_norm", "cross_attention/layer_norm_2", "cross_attention.mlp_norm"),
+            ("attention", "cross_attention/attention", "cross_attention.attention"),
+            ("mlp", "cross_attention/mlp", "cross_attention.mlp"),
+            ("linear", "output", "output_projection"),
+        ]
+    )
+    path = tmp_path / "imagenet_fourier_broken.yaml"
+    path.write_text(text.replace(decoder, swapped))
+    return path
+
+
+@pytest.mark.jax
+def test_a_wrong_mapping_is_caught_by_parity_and_nothing_is_written(jax_ready, tmp_path):
+    source = GOLDEN / "imagenet_fourier" / "checkpoint.pickle"
+    broken = _broken_mapping(tmp_path)
+    result = run("verify", source, "--mapping", broken)
+    assert result.exit_code == 1
+    assert "FAIL" in result.stderr and "FAILED" in result.stderr
+    out = tmp_path / "model.safetensors"
+    result = run("convert", source, "-o", out, "--mapping", broken, "--verify")
+    assert result.exit_code == 1
+    assert "outside tolerance" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.jax
+def test_convert_with_verify_stores_the_parity_result(jax_ready, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "model.safetensors"
+    result = run("convert", GOLDEN / "video_autoencoding" / "checkpoint.pickle", "-o", out,
+                 "--verify", "--json")
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), framework="pt") as reader:
+        parity = json.loads(reader.metadata()["parity"])
+    assert parity["passed"] and parity["model"] == "video_autoencoding"
+    assert {c["name"] for c in parity["comparisons"] if c["kind"] == "output"} == {
+        "audio", "image", "label"
+    }
+    assert json.loads(result.stdout)["parity"]["passed"]
