@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from converter.convert import model_targets
+from converter.conversion import model_targets
 from converter.errors import MappingError, ShapeMismatch
 from converter.mapping import (
     available_mappings,
