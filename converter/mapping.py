@@ -739,10 +739,20 @@ def parse_mapping(
         if unknown:
             raise _fail(at, f"unknown config key(s) {', '.join(unknown)}")
     tolerance = root.get("tolerance") or {}
+    at = where.at(root, "tolerance", "tolerance")
     if not isinstance(tolerance, dict):
-        raise _fail(
-            where.at(root, "tolerance", "tolerance"), "'tolerance' must be a mapping"
-        )
+        raise _fail(at, "'tolerance' must be a mapping")
+    _check_keys(tolerance, {"relative", "fourier_outputs"}, set(), at)
+    limits = [("relative", tolerance.get("relative", 1e-5))] + [
+        (f"fourier_outputs.{k}", v)
+        for k, v in (tolerance.get("fourier_outputs") or {}).items()
+    ]
+    for key, value in limits:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise _fail(
+                where.at(tolerance, key.split(".")[0], f"tolerance.{key}"),
+                f"must be a positive number, got {value!r}",
+            )
 
     return MappingSpec(
         name=root["name"],

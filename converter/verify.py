@@ -5,8 +5,13 @@ original checkpoint) and the converted :mod:`perceiver_torch` model on the same
 deterministic inputs and compares, per stage, the preprocessed inputs, the latents
 after the encoder, the decoder output and the final outputs: max |diff|, max |diff| /
 max |reference| and argmax agreement. The final outputs must be within the mapping's
-tolerance (``tolerance.relative``, with per-output exceptions in
-``tolerance.outputs``); the earlier stages are reported for diagnosis.
+tolerance (``tolerance.relative``); the earlier stages are reported for diagnosis.
+
+The one allowed exception is ``tolerance.fourier_outputs``: outputs whose end-to-end
+error may be larger because the official float32 Fourier features are themselves
+inexact (perceiver_torch computes them in float64). For those, the PyTorch model is run
+a second time with the reference's own float32 Fourier features injected, and that run
+must meet ``tolerance.relative``: this shows the features are the whole cause.
 
 Needs the ``[jax]`` extra; everything else in the converter works without it.
 """
@@ -70,9 +75,7 @@ class ParityReport:
 
     @property
     def passed(self) -> bool:
-        return all(
-            c.passed is not False for c in self.comparisons if c.kind == "output"
-        )
+        return all(c.passed is not False for c in self.comparisons if c.kind != "stage")
 
     def as_dict(self) -> Dict[str, Any]:
         return {
@@ -92,7 +95,7 @@ class ParityReport:
         lines = [
             f"parity of {self.model} ({self.size_preset}, batch {self.batch}, seed {self.seed}) "
             f"against the JAX reference",
-            f"  {'stage':<24} {'shape':<22} {'max|diff|':>10} {'max rel':>10} "
+            f"  {'stage':<26} {'shape':<20} {'max|diff|':>10} {'max rel':>10} "
             f"{'argmax':>8} {'tolerance':>10}  result",
         ]
         for c in self.comparisons:
@@ -102,9 +105,13 @@ class ParityReport:
                 result = "(info)"
             else:
                 result = "ok" if c.passed else "FAIL"
-            label = c.name if c.kind == "output" else f"{c.name} (stage)"
+            label = {
+                "output": c.name,
+                "stage": f"{c.name} (stage)",
+                "fourier": f"{c.name} (JAX Fourier)",
+            }[c.kind]
             lines.append(
-                f"  {label:<24} {str(list(c.shape)):<22} {c.max_abs_diff:>10.2e} "
+                f"  {label:<26} {str(list(c.shape)):<20} {c.max_abs_diff:>10.2e} "
                 f"{c.relative:>10.2e} {argmax:>8} {tol:>10}  {result}"
             )
         lines.append(
@@ -336,6 +343,27 @@ def run_reference(
     return case.outputs(outputs), stages
 
 
+def jax_axis_table(
+    kind: str, size: int, num_bands: int, resolution: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference's float32 Fourier features along one axis: (pos, sin, cos).
+
+    Built with perceiver_jax's own functions (official linspace grid or subsampled
+    positions, linspace frequencies, float32 arithmetic), so they carry exactly the
+    rounding of the features the JAX model computes.
+    """
+    import jax.numpy as jnp
+    from perceiver_jax import position_encoding as jax_pe
+
+    if kind == "grid":
+        positions = jax_pe.linear_positions((size,))
+    else:
+        positions = jax_pe.subsampled_positions(jnp.arange(size), (size,))
+    features = np.asarray(jax_pe.fourier_features(positions, num_bands, (resolution,)))
+    table = torch.from_numpy(features.copy())
+    return table[:, :1], table[:, 1 : 1 + num_bands], table[:, 1 + num_bands :]
+
+
 def run_torch(
     model: torch.nn.Module, case: Case
 ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
@@ -357,7 +385,7 @@ def verify_prepared(
     config = prepared.config_object()
     tolerance = prepared.mapping.tolerance
     default = float(tolerance.get("relative", 1e-5))
-    per_output = {k: float(v) for k, v in (tolerance.get("outputs") or {}).items()}
+    fourier = {k: float(v) for k, v in (tolerance.get("fourier_outputs") or {}).items()}
     case = make_case(name, config, seed, batch)
     report = ParityReport(name, prepared.config.preset or "custom", batch, seed)
 
@@ -373,6 +401,13 @@ def verify_prepared(
     started = time.perf_counter()
     actual, actual_stages = run_torch(model, case)
     report.seconds_torch = time.perf_counter() - started
+    injected: Dict[str, np.ndarray] = {}
+    if fourier:
+        from perceiver_torch.position_encoding import axis_tables_from
+
+        progress("running the PyTorch model with the reference's Fourier features")
+        with axis_tables_from(jax_axis_table):
+            injected, _ = run_torch(model, case)
     del model
 
     for stage in STAGES:
@@ -385,13 +420,12 @@ def verify_prepared(
     for key, value in reference.items():
         report.comparisons.append(
             compare(
-                key,
-                "output",
-                value,
-                actual[key],
-                per_output.get(key, default),
-                case.argmax[key],
+                key, "output", value, actual[key], fourier.get(key, default), case.argmax[key]
             )
+        )
+    for key in sorted(fourier):
+        report.comparisons.append(
+            compare(key, "fourier", reference[key], injected[key], default, case.argmax[key])
         )
     return report
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from .configs import LanguagePerceiverConfig
@@ -68,13 +69,48 @@ class LanguagePerceiver(PerceiverIO):
         self, input_ids: Tensor, attention_mask: Optional[Tensor] = None
     ) -> Tensor:
         """input_ids: (B, T) int, T <= max_seq_len; attention_mask: (B, T), 1 = real
-        token (None = all real). Returns logits (B, T, vocab_size)."""
+        token (None = all real). Returns logits (B, T, vocab_size).
+
+        In eval mode, trailing positions masked in every row (the padding up to
+        ``max_seq_len`` the official model is fed) are not computed: masked keys get
+        zero attention weight, and a masked query's output does not depend on the
+        query or the latents (its attention row is zeroed before ``to_out`` and there
+        is no query residual), so it is computed once and repeated.
+        """
+        batch, length = input_ids.shape
+        if attention_mask is None or self.training:
+            return self.logits(input_ids, attention_mask)
+        used = (attention_mask != 0).any(dim=0).nonzero()
+        real = max(int(used.max()) + 1 if used.numel() else 0, 1)
+        if real == length:
+            return self.logits(input_ids, attention_mask)
+        logits, latents = self.logits(
+            input_ids[:, :real], attention_mask[:, :real], return_latents=True
+        )
+        queries = self.output_queries(batch, length=1)
+        masked = self.decoder(
+            queries, latents, query_mask=torch.zeros_like(attention_mask[:, :1])
+        )
+        masked = self.output_postprocessor(
+            masked, self.input_preprocessor.embedding.weight
+        )
+        return torch.cat([logits, masked.expand(-1, length - real, -1)], dim=1)
+
+    def logits(
+        self,
+        input_ids: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        *,
+        return_latents: bool = False,
+    ):
+        """The plain forward pass over all T positions (no trimming of padding)."""
         batch, length = input_ids.shape
         preprocessed = self.input_preprocessor(input_ids)
         latents = self.encoder(preprocessed, attention_mask)
         queries = self.output_queries(batch, length=length)
         # The reference decodes with query_mask = input_mask.
         decoded = self.decoder(queries, latents, query_mask=attention_mask)
-        return self.output_postprocessor(
+        logits = self.output_postprocessor(
             decoded, self.input_preprocessor.embedding.weight
         )
+        return (logits, latents) if return_latents else logits

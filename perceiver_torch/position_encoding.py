@@ -13,9 +13,10 @@ from small per-dimension tables gathered by index: cheap even for 802,816 querie
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -58,6 +59,27 @@ def fourier_channels(
 
 
 AxisTable = Tuple[Tensor, Tensor, Tensor]
+
+# (kind, axis size, num_bands, resolution) -> (position (n,1), sin (n,K), cos (n,K));
+# kind is "grid" (linspace positions) or "subsampled" (-1 + 2 i / n).
+AxisTableFunction = Callable[[str, int, int, int], AxisTable]
+_axis_table_override: Optional[AxisTableFunction] = None
+
+
+@contextlib.contextmanager
+def axis_tables_from(function: AxisTableFunction) -> Iterator[None]:
+    """Take every Fourier axis table from ``function`` inside the ``with`` block.
+
+    A diagnostic for parity checks: feeding the JAX reference's own float32 tables
+    separates the (documented) rounding of the official Fourier features from
+    everything else the model computes. Caches are bypassed while it is active.
+    """
+    global _axis_table_override
+    previous, _axis_table_override = _axis_table_override, function
+    try:
+        yield
+    finally:
+        _axis_table_override = previous
 
 
 def axis_table(
@@ -212,6 +234,14 @@ class FourierPositionEncoding(nn.Module):
     ) -> List[AxisTable]:
         """Per-axis tables of the grid ("grid": linspace positions) or of its
         subsampled positions ("subsampled"), cached (they are small)."""
+        if _axis_table_override is not None:
+            return [
+                tuple(
+                    t.to(dtype=dtype, device=device)
+                    for t in _axis_table_override(kind, size, self.num_bands, resolution)
+                )
+                for size, resolution in zip(index_dims, self.max_resolution)
+            ]
         key = (kind, index_dims, str(device), dtype)
         tables = self._table_cache.get(key)
         if tables is None:
@@ -249,7 +279,7 @@ class FourierPositionEncoding(nn.Module):
         row-major: (prod(index_dims), C). Cached."""
         index_dims = tuple(int(n) for n in index_dims)
         key = (index_dims, str(device), dtype)
-        cached = self._cache.get(key)
+        cached = None if _axis_table_override is not None else self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
             return cached
@@ -262,6 +292,8 @@ class FourierPositionEncoding(nn.Module):
                 concat_pos=self.concat_pos,
                 sine_only=self.sine_only,
             )
+        if _axis_table_override is not None:
+            return features
         self._cache[key] = features
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)

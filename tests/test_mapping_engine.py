@@ -132,6 +132,14 @@ def test_for_over_a_list_of_values():
             "derives 'b', which is not a config key",
         ),
         ("- just\n- a list\n", "top level"),
+        (
+            "schema: 1\nname: t\nmodel: t\nconfig: {a: 1}\ntolerance: {relative: 0}\nrules: [{source: a, target: b}]\n",
+            "tolerance.relative: must be a positive number",
+        ),
+        (
+            "schema: 1\nname: t\nmodel: t\nconfig: {a: 1}\ntolerance: {outputs: {x: 1}}\nrules: [{source: a, target: b}]\n",
+            "unknown key\\(s\\) outputs",
+        ),
     ],
 )
 def test_schema_errors_point_at_file_line_and_key(text, message):

@@ -169,6 +169,24 @@ def test_language_short_sequence_equals_padded_run():
         model(torch.zeros(1, 65, dtype=torch.int64))
 
 
+def test_language_skips_trailing_padding_exactly():
+    model = tiny("language_perceiver").eval()
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(6, 262, (2, 64), generator=gen)
+    mask = torch.zeros(2, 64, dtype=torch.int64)
+    mask[0, :37], mask[1, :12] = 1, 1
+    mask[0, 5] = 0  # a masked position inside the real tokens stays computed
+    with torch.no_grad():
+        trimmed = model(ids * mask, mask)
+        full = model.logits(ids * mask, mask)  # every position computed
+    assert trimmed.shape == full.shape == (2, 64, 262)
+    torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-6)
+    # Everything masked: still the official output (one position is computed).
+    none = torch.zeros_like(mask)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, none), model.logits(ids, none), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["imagenet_fourier", "imagenet_conv"])
 @pytest.mark.parametrize("size", [(24, 40), (33, 17)])
 def test_imagenet_other_sizes(name, size):
