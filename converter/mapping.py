@@ -1017,11 +1017,14 @@ def _dtype_after(dtype: str, ops: Sequence[Op]) -> str:
 
 
 def convert_arrays(
-    table: MappingTable, sources: Mapping[str, np.ndarray]
+    table: MappingTable, sources: Mapping[str, np.ndarray], *, contiguous: bool = True
 ) -> Iterator[Tuple[str, np.ndarray]]:
-    """Yields ``(target key, array)`` in table order; plan first with :func:`plan_forward`."""
+    """Yields ``(target key, array)`` in table order; plan first with :func:`plan_forward`.
+
+    ``contiguous=False`` yields strided views where an op transposes (no copy yet).
+    """
     for rule in table.rules:
-        yield rule.target, apply_ops(sources[rule.source], rule.ops)
+        yield rule.target, apply_ops(sources[rule.source], rule.ops, contiguous=contiguous)
 
 
 def invert_arrays(

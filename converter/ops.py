@@ -29,11 +29,11 @@ class Op:
     name: str
     args: Mapping[str, Any] = field(default_factory=dict)
 
-    def apply(self, array: np.ndarray) -> np.ndarray:
-        return _REGISTRY[self.name].forward(array, self.args)
+    def apply(self, array: np.ndarray, *, contiguous: bool = True) -> np.ndarray:
+        return _contiguous(_REGISTRY[self.name].forward(array, self.args), contiguous)
 
-    def invert(self, array: np.ndarray) -> np.ndarray:
-        return _REGISTRY[self.name].inverse(array, self.args)
+    def invert(self, array: np.ndarray, *, contiguous: bool = True) -> np.ndarray:
+        return _contiguous(_REGISTRY[self.name].inverse(array, self.args), contiguous)
 
     def shape(self, shape: Shape) -> Shape:
         return _REGISTRY[self.name].forward_shape(shape, self.args)
@@ -81,7 +81,7 @@ def _linear_shape(shape: Shape, args: Mapping[str, Any]) -> Shape:
 
 def _transpose(array: np.ndarray, args: Mapping[str, Any]) -> np.ndarray:
     _require_rank(array.shape, 2, "linear")
-    return np.ascontiguousarray(array.T)
+    return array.T  # a view; apply_ops makes the result contiguous when asked
 
 
 # --- conv_hwio_to_oihw: Haiku conv kernels are HWIO; torch Conv2d weights are OIHW.
@@ -103,12 +103,12 @@ def _conv_inverse_shape(shape: Shape, args: Mapping[str, Any]) -> Shape:
 
 def _conv_forward(array: np.ndarray, args: Mapping[str, Any]) -> np.ndarray:
     _require_rank(array.shape, 4, "conv_hwio_to_oihw")
-    return np.ascontiguousarray(array.transpose(_HWIO_TO_OIHW))
+    return array.transpose(_HWIO_TO_OIHW)
 
 
 def _conv_inverse(array: np.ndarray, args: Mapping[str, Any]) -> np.ndarray:
     _require_rank(array.shape, 4, "conv_hwio_to_oihw (inverse)")
-    return np.ascontiguousarray(array.transpose(_OIHW_TO_HWIO))
+    return array.transpose(_OIHW_TO_HWIO)
 
 
 # --- squeeze / unsqueeze of explicit size-1 dimensions (BatchNorm's [1, 1, 1, C]).
@@ -327,16 +327,31 @@ def parse_op(spec: Any) -> Op:
     return Op(name, checked)
 
 
-def apply_ops(array: np.ndarray, ops: Sequence[Op]) -> np.ndarray:
+def _contiguous(array: np.ndarray, wanted: bool) -> np.ndarray:
+    # Not np.ascontiguousarray unconditionally: it turns a 0-d array into shape (1,).
+    if wanted and not array.flags.c_contiguous:
+        return np.ascontiguousarray(array)
+    return array
+
+
+def apply_ops(
+    array: np.ndarray, ops: Sequence[Op], *, contiguous: bool = True
+) -> np.ndarray:
+    """Applies ``ops`` in order. With ``contiguous=False`` the result may be a strided
+    view of ``array`` (a transposition not yet copied): the caller copies it where it
+    wants the data, e.g. into a reusable output buffer."""
     for op in ops:
-        array = op.apply(array)
-    return array
+        array = op.apply(array, contiguous=False)
+    return _contiguous(array, contiguous)
 
 
-def invert_ops(array: np.ndarray, ops: Sequence[Op]) -> np.ndarray:
+def invert_ops(
+    array: np.ndarray, ops: Sequence[Op], *, contiguous: bool = True
+) -> np.ndarray:
+    """Applies the inverses of ``ops`` in reverse order (see :func:`apply_ops`)."""
     for op in reversed(ops):
-        array = op.invert(array)
-    return array
+        array = op.invert(array, contiguous=False)
+    return _contiguous(array, contiguous)
 
 
 def ops_shape(shape: Shape, ops: Sequence[Op]) -> Shape:

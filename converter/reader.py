@@ -29,10 +29,13 @@ from __future__ import annotations
 import copyreg
 import hashlib
 import math
+import mmap
 import os
 import pickle
 import pickletools
+import queue
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tuple, Union
@@ -233,7 +236,7 @@ class _ArrayStub(_Stub):
         self.shape: Optional[Tuple[int, ...]] = None
         self.dtype: Optional[_DtypeStub] = None
         self.fortran = False
-        self.raw: Union[bytes, bytearray, None] = None
+        self.raw: Union[bytes, bytearray, _FileBytes, None] = None
         self.array: Optional[np.ndarray] = None
 
     def describe(self) -> str:
@@ -253,7 +256,7 @@ class _ArrayStub(_Stub):
                 f"{self.where}: {what} has an is_fortran flag of type "
                 f"{_type_name(fortran)}, expected a bool; {_NOT_A_CHECKPOINT}"
             )
-        if type(raw) not in (bytes, bytearray):
+        if type(raw) not in (bytes, bytearray, _FileBytes):
             raise CheckpointError(
                 f"{self.where}: {what} has data of type {_type_name(raw)}, expected "
                 f"bytes (object arrays are never in checkpoints); {_NOT_A_CHECKPOINT}"
@@ -286,8 +289,13 @@ class _ArrayStub(_Stub):
             )
         self.fill(*state)
 
-    def to_numpy(self, label: str) -> np.ndarray:
-        """Return the array as native-endian, C-ordered, writable numpy data."""
+    def to_numpy(self, label: str, claimed: Optional[set] = None) -> np.ndarray:
+        """Return the array as native-endian, C-ordered, writable numpy data.
+
+        When the data was read into a buffer of ours (large payloads) that no other array
+        uses (``claimed`` holds the ids of buffers already given to arrays), the
+        array is a view of it: no copy.
+        """
         if self.array is not None:
             # The same array reached twice through the memo: give each place its own
             # copy so that editing one parameter never changes another.
@@ -300,10 +308,22 @@ class _ArrayStub(_Stub):
         dtype = self.dtype.to_numpy()
         count = math.prod(self.shape)
         try:
-            flat = np.frombuffer(self.raw, dtype=dtype, count=count)
+            raw = self.raw.data if type(self.raw) is _FileBytes else self.raw
+            flat = np.frombuffer(raw, dtype=dtype, count=count)
             shaped = flat.reshape(self.shape, order="F" if self.fortran else "C")
-            # One copy makes it writable, C-ordered and native-endian at once.
-            array = np.array(shaped, dtype=dtype.newbyteorder("="), order="C")
+            own = (
+                type(self.raw) is _FileBytes
+                and claimed is not None
+                and id(self.raw) not in claimed
+                and dtype.isnative
+                and (not self.fortran or len(self.shape) < 2)
+            )
+            if own:
+                claimed.add(id(self.raw))
+                array = shaped
+            else:
+                # One copy makes it writable, C-ordered and native-endian at once.
+                array = np.array(shaped, dtype=dtype.newbyteorder("="), order="C")
         except (ValueError, MemoryError) as exc:
             raise CheckpointError(
                 f"{self.where}: {label} of shape {list(self.shape)} cannot be built "
@@ -477,7 +497,7 @@ def _frombuffer(where: str, args: tuple) -> _ArrayStub:
 
 
 class _CheckedReader:
-    """The file as the unpickler sees it: hashes every byte, never reads past EOF.
+    """A file as the unpickler sees it (scanning): never reads past EOF.
 
     Reads are checked against the bytes left *before* they happen, so a record that
     claims an absurd length is refused instead of allocating memory for it.
@@ -487,7 +507,6 @@ class _CheckedReader:
         self._raw = raw
         self.size = size
         self._where = where
-        self._hash = hashlib.sha256()
         self.pos = 0
 
     def check(self, n: int) -> None:
@@ -506,7 +525,6 @@ class _CheckedReader:
             )
 
     def _got(self, data: Union[bytes, bytearray, memoryview]) -> None:
-        self._hash.update(data)
         self.pos += len(data)
 
     def read(self, n: int = -1) -> bytes:
@@ -545,8 +563,71 @@ class _CheckedReader:
     def remaining(self) -> int:
         return self.size - self.pos
 
+
+
+class _MemoryReader(_CheckedReader):
+    """The whole file, read into memory at once, as the unpickler sees it.
+
+    Reading a checkpoint means holding all its arrays anyway, so the file is read in
+    one go (as fast as reading gets) and each array payload becomes a view of that
+    memory: nothing is copied, and the arrays are writable. The sha256 was computed
+    on a second thread while the file was read (see :func:`_read_all`).
+    """
+
+    def __init__(self, data: np.ndarray, hasher: "_ChunkHasher", where: str) -> None:
+        self._data = data
+        self._view = memoryview(data)
+        self.size = len(data)
+        self._where = where
+        self.pos = 0
+        self._hasher = hasher
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.size - self.pos
+        self.check(n)
+        data = bytes(self._view[self.pos : self.pos + n])
+        self.pos += n
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        n = len(target)
+        self.check(n)
+        target[:] = self._view[self.pos : self.pos + n]
+        self.pos += n
+        return n
+
+    def take(self, n: int) -> np.ndarray:
+        """The next ``n`` bytes as a view of the file's memory (no copy)."""
+        self.check(n)
+        out = self._data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def readline(self) -> bytes:
+        start, window = self.pos, 256
+        while True:
+            chunk = bytes(self._view[start : min(self.size, start + window)])
+            found = chunk.find(b"\n")
+            if found >= 0:
+                end = start + found + 1
+                break
+            if start + window >= self.size:
+                end = self.size
+                break
+            window *= 4
+        line = bytes(self._view[self.pos : end])
+        self.pos = end
+        if not line.endswith(b"\n"):
+            self.check(self.size + 1)  # always fails, with the truncation message
+        return line
+
+    def close(self) -> None:
+        self._hasher.hexdigest()
+
     def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+        return self._hasher.hexdigest()
 
 
 def _opcode_code(name: str) -> int:
@@ -749,6 +830,32 @@ class _SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         items = self.pop_mark()
         self._target(list, "APPENDS").extend(items)
 
+    def _load_large_bytes(self, length: int) -> None:
+        # Array data: read straight into memory of our own, so the numpy array can use
+        # these very bytes (writable) instead of copying them.
+        if length > self._reader.size:
+            self._reader.check(length)
+        if length < _ZERO_COPY_BYTES:
+            self.append(self.read(length))
+            return
+        if not getattr(self._unframer, "current_frame", None) and isinstance(
+            self._reader, _MemoryReader
+        ):
+            self.append(_FileBytes(self._reader.take(length)))  # a view, no copy
+            return
+        # Inside a protocol-4 frame (or reading a stream): copy into memory of ours.
+        buffer = _FileBytes(np.empty(length, dtype=np.uint8))
+        self.readinto(memoryview(buffer.data))
+        self.append(buffer)
+
+    def _load_binbytes(self) -> None:
+        (length,) = struct.unpack("<I", self.read(4))
+        self._load_large_bytes(length)
+
+    def _load_binbytes8(self) -> None:
+        (length,) = struct.unpack("<Q", self.read(8))
+        self._load_large_bytes(length)
+
     def _load_bytearray8(self) -> None:
         (length,) = struct.unpack("<Q", self.read(8))
         # The stock handler allocates before reading; bound the size by the file's
@@ -758,6 +865,24 @@ class _SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
         buffer = bytearray(length)
         self.readinto(buffer)
         self.append(buffer)
+
+
+# Payloads at least this large are read into buffers that the arrays then share.
+_ZERO_COPY_BYTES = 1 << 12
+
+
+class _FileBytes:
+    """A payload of the file read into writable memory of our own (not a bytes
+    object): arrays can use it without a copy. Only our BINBYTES handlers make these,
+    so a pickle cannot forge one."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data  # uint8, 1-D, writable
+
+    def __len__(self) -> int:
+        return len(self.data)
 
 
 def _unsafe_global(where: str, name: str, how: str = "") -> UnsafeCheckpointError:
@@ -778,6 +903,8 @@ def _install_handlers() -> None:
     table[_opcode_code("BUILD")] = _SafeUnpickler._load_build
     table[_opcode_code("INST")] = _SafeUnpickler._load_inst
     table[_opcode_code("BYTEARRAY8")] = _SafeUnpickler._load_bytearray8
+    table[_opcode_code("BINBYTES")] = _SafeUnpickler._load_binbytes
+    table[_opcode_code("BINBYTES8")] = _SafeUnpickler._load_binbytes8
     table[_opcode_code("SETITEM")] = _SafeUnpickler._load_setitem
     table[_opcode_code("SETITEMS")] = _SafeUnpickler._load_setitems
     table[_opcode_code("DICT")] = _SafeUnpickler._load_dict
@@ -929,6 +1056,7 @@ class _TreeBuilder:
     def __init__(self, where: str) -> None:
         self.where = where
         self.containers: Dict[str, None] = {}
+        self.claimed: set = set()  # ids of byte buffers already owned by an array
 
     def fail(self, message: str) -> CheckpointError:
         return CheckpointError(
@@ -974,7 +1102,7 @@ class _TreeBuilder:
                         f"{label} is a {_type_name(leaf)}, expected a numpy array"
                         + deeper
                     )
-                tree[module][name] = leaf.to_numpy(label)
+                tree[module][name] = leaf.to_numpy(label, self.claimed)
         return tree
 
     def build(self, top: Any) -> Tuple[ArrayTree, ArrayTree, bool]:
@@ -1036,12 +1164,81 @@ def _wrap_failure(
     )
 
 
+def _read_all(
+    raw: BinaryIO, size: int, where: str
+) -> Tuple[np.ndarray, "_ChunkHasher"]:
+    """The file's ``size`` bytes in one writable buffer, and their sha256 (running).
+
+    An anonymous memory map rather than ``np.empty``: numpy asks for transparent huge
+    pages on large arrays, which made filling 800 MB three times slower on the
+    machines this was measured on, and ``bytearray(size)`` zero-fills it first.
+    """
+    try:
+        memory = mmap.mmap(-1, size)
+    except (OSError, ValueError, OverflowError) as exc:
+        raise CheckpointError(
+            f"{where}: the file ({size:,} bytes) does not fit in memory; official "
+            "checkpoints are at most 804 MB"
+        ) from exc
+    data = np.frombuffer(memory, dtype=np.uint8)
+    view = memoryview(data)
+    hasher = _ChunkHasher()
+    got = 0
+    try:
+        while got < size:
+            n = raw.readinto(view[got : got + _READ_CHUNK])
+            if not n:
+                break
+            hasher.update(view[got : got + n])  # hashed on the other core meanwhile
+            got += n
+        if got != size or raw.read(1):
+            raise CheckpointError(
+                f"{where}: the file changed while it was read; retry"
+            )
+    except BaseException:
+        hasher.hexdigest()  # stop the thread
+        raise
+    return data, hasher
+
+
+_READ_CHUNK = 32 << 20
+
+
+class _ChunkHasher:
+    """sha256 of chunks handed over in order, computed on a second thread (hashlib
+    releases the GIL), so hashing overlaps reading the next chunk."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._chunks: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._digest: Optional[str] = None
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._chunks.get()
+            if chunk is None:
+                return
+            self._sha.update(chunk)
+
+    def update(self, chunk: memoryview) -> None:
+        self._chunks.put(chunk)
+
+    def hexdigest(self) -> str:
+        if self._digest is None:
+            self._chunks.put(None)
+            self._thread.join()
+            self._digest = self._sha.hexdigest()
+        return self._digest
+
+
 def load_haiku_checkpoint(path: Union[str, os.PathLike]) -> HaikuCheckpoint:
     """Read an official Perceiver IO Haiku checkpoint safely.
 
-    The file is streamed once: the unpickler reads it through a wrapper that also
-    computes its sha256. Nothing from the file is ever called; see the module
-    docstring.
+    The file is read into memory once; the unpickler parses it there while a second
+    thread computes its sha256, and the arrays are views of that memory (writable, no
+    copy). Nothing from the file is ever called; see the module docstring.
 
     Raises:
         UnsafeCheckpointError: the file names a global outside the allow-list
@@ -1072,29 +1269,33 @@ def load_haiku_checkpoint(path: Union[str, os.PathLike]) -> HaikuCheckpoint:
                 f"{where}: the file is {kind}, not a Haiku pickle; pass the official "
                 f"checkpoint file ({_OFFICIAL_URL}<file>)"
             )
-        reader = _CheckedReader(raw, size, where)
-        unpickler = _SafeUnpickler(reader, where, head)
-        try:
-            top = unpickler.load()
-            if reader.remaining():
-                raise CheckpointError(
-                    f"{where}: {reader.remaining():,} bytes follow the end of the "
-                    f"pickle at byte {reader.pos:,}: the file is corrupt (two files "
-                    "joined, or a bad copy); download it again"
-                )
-        except ConverterError:
-            raise
-        except Exception as exc:  # anything from inside pickle becomes ours
-            raise _wrap_failure(exc, where, head, reader.pos, size) from exc
-        protocol = (
-            unpickler.proto if unpickler.proto >= 2 else int(unpickler.saw_binary)
-        )
-        seen = tuple(unpickler.seen_globals)
-        digest = reader.hexdigest()
-        # Drop the memo now: it holds every raw byte string, and the arrays about to
-        # be built should replace them rather than sit beside them.
-        unpickler.memo.clear()
-        del unpickler
+        data, hasher = _read_all(raw, size, where)
+    reader = _MemoryReader(data, hasher, where)
+    # The file is closed: the opcodes are parsed from its bytes in memory.
+    unpickler = _SafeUnpickler(reader, where, head)
+    try:
+        top = unpickler.load()
+        if reader.remaining():
+            raise CheckpointError(
+                f"{where}: {reader.remaining():,} bytes follow the end of the "
+                f"pickle at byte {reader.pos:,}: the file is corrupt (two files "
+                "joined, or a bad copy); download it again"
+            )
+    except ConverterError:
+        raise
+    except Exception as exc:  # anything from inside pickle becomes ours
+        raise _wrap_failure(exc, where, head, reader.pos, size) from exc
+    finally:
+        reader.close()  # stops the hashing thread, also after an error
+    protocol = (
+        unpickler.proto if unpickler.proto >= 2 else int(unpickler.saw_binary)
+    )
+    seen = tuple(unpickler.seen_globals)
+    digest = reader.hexdigest()
+    # Drop the memo now: it holds every small byte string, and the arrays about to
+    # be built should replace them rather than sit beside them.
+    unpickler.memo.clear()
+    del unpickler
     builder = _TreeBuilder(where)
     params, state, wrapped = builder.build(top)
     return HaikuCheckpoint(

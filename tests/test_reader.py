@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import pickle
+import pickletools
 import struct
 import subprocess
 import sys
@@ -387,3 +388,44 @@ def test_scan_reads_nothing_it_runs(tmp_path):
     scan = scan_pickle(write(tmp_path, data))
     assert scan.unsafe_globals == ("_io.BytesIO",) and not scan.safe
     assert not sentinel.exists()
+
+
+# --------------------------------------------------------------------------------------
+# Zero-copy reading
+
+
+def _shared_payload_pickle(tmp_path: Path) -> Path:
+    """Two arrays whose BUILD states point at the very same bytes object (via BINGET)."""
+    first = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    second = np.ones((64, 64), np.float32)
+    path = tmp_path / "plain.pickle"
+    save_haiku_checkpoint(path, {"m": {"a": first, "b": second}}, container="dict")
+    data = path.read_bytes()
+    ops = list(pickletools.genops(data))
+    payloads = [i for i, (op, _, _) in enumerate(ops) if op.name == "BINBYTES"]
+    assert len(payloads) == 2
+    first_memo = ops[payloads[0] + 1][1]  # the BINPUT right after the first payload
+    start = ops[payloads[1]][2]
+    end = ops[payloads[1] + 2][2]  # after the payload and its BINPUT
+    shared = tmp_path / "shared.pickle"
+    shared.write_bytes(data[:start] + b"h" + bytes([first_memo]) + data[end:])
+    return shared
+
+
+def test_arrays_sharing_file_bytes_are_still_independent(tmp_path):
+    checkpoint = load_haiku_checkpoint(_shared_payload_pickle(tmp_path))
+    a, b = checkpoint.params["m"]["a"], checkpoint.params["m"]["b"]
+    expected = np.arange(4096, dtype=np.float32).reshape(64, 64)
+    np.testing.assert_array_equal(a, expected)
+    np.testing.assert_array_equal(b, expected)  # the file says: the same bytes
+    a[0, 0] = -1.0
+    assert b[0, 0] == 0.0, "editing one parameter must never change another"
+
+
+def test_large_arrays_are_writable_views_without_a_copy(golden_path):
+    checkpoint = load_haiku_checkpoint(golden_path("optical_flow"))
+    for module in checkpoint.params.values():
+        for array in module.values():
+            assert array.flags.writeable and array.flags.c_contiguous
+    big = checkpoint.params["image_preprocessor/patches_linear"]["w"]
+    assert isinstance(big.base, (np.ndarray, bytearray))
