@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
 
 import click
 
@@ -96,6 +96,19 @@ def output_path_callback(
         raise click.BadParameter(str(error), ctx=ctx, param=param) from None
 
 
+def output_option(help_text: str) -> Callable[[Any], Any]:
+    """The ``-o/--output`` file option of the commands that write one (its folder is
+    checked up front: exit 2 when it is missing or not writable)."""
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Path(dir_okay=False, path_type=Path),
+        required=True,
+        callback=output_path_callback,
+        help=help_text,
+    )
+
+
 @click.group(
     cls=ConverterGroup,
     help=_MAIN_HELP,
@@ -121,14 +134,7 @@ A one-line summary (path, values, bytes, sha256) goes to stderr.
 
 @main.command("fixture", help=_FIXTURE_HELP)
 @click.argument("name", type=click.Choice(MODEL_NAMES), metavar="NAME")
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    callback=output_path_callback,
-    help="File to write (its folder must exist).",
-)
+@output_option("File to write (its folder must exist).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
     "--size",
@@ -425,14 +431,7 @@ _QUIET_OPTION = click.option(
 
 @main.command("convert")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    callback=output_path_callback,
-    help="OUT.safetensors (recommended) or OUT.pt; written atomically.",
-)
+@output_option("OUT.safetensors (recommended) or OUT.pt; written atomically.")
 @_MODEL_OPTION
 @click.option(
     "--dtype",
@@ -560,14 +559,7 @@ def verify_command(
 
 @main.command("export")
 @click.argument("converted", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    callback=output_path_callback,
-    help="The official-layout pickle to write.",
-)
+@output_option("The official-layout pickle to write.")
 @click.option("--protocol", type=click.IntRange(2, 5), default=3, show_default=True)
 @click.option(
     "--container", type=click.Choice(CONTAINERS), default="flatmapping", show_default=True
