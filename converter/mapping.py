@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import (
     Any,
     Dict,
-    Iterable,
     Iterator,
     List,
     Mapping,

@@ -240,41 +240,19 @@ def write_pt(
 
 def read_converted(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Reads a converted file: ``(state_dict, metadata)``; clear errors for other files."""
+    from perceiver_torch.registry import LoadError, read_checkpoint
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    with open(path, "rb") as handle:
-        magic = handle.read(8)
     try:
-        if path.suffix.lower() == ".safetensors" or (
-            len(magic) == 8 and magic[:2] != b"PK"
-        ):
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as reader:
-                metadata = dict(reader.metadata() or {})
-                state = {key: reader.get_tensor(key) for key in reader.keys()}
-        else:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(payload, dict) or "state_dict" not in payload:
-                raise CheckpointError(
-                    f"{path}: not a perceiver-convert .pt file (expected a dict with "
-                    "'model', 'config', 'state_dict')"
-                )
-            metadata = dict(payload.get("metadata") or {})
-            metadata.setdefault("model", payload.get("model"))
-            metadata.setdefault("config", json.dumps(payload.get("config")))
-            state = dict(payload["state_dict"])
-    except CheckpointError:
-        raise
+        return read_checkpoint(path)
+    except LoadError as error:
+        raise CheckpointError(
+            f"{error}; was it written by `perceiver-convert convert`?"
+        ) from None
     except Exception as error:  # safetensors and torch raise many types for bad files
         raise CheckpointError(
             f"{path}: cannot read it as a converted checkpoint ({type(error).__name__}: "
             f"{error}); convert an official file with `perceiver-convert convert` first"
         ) from error
-    if not metadata.get("model") or not metadata.get("config"):
-        raise CheckpointError(
-            f"{path}: the file has no 'model'/'config' metadata, so the model cannot be "
-            "rebuilt; was it written by perceiver-convert?"
-        )
-    return state, metadata

@@ -41,7 +41,7 @@ from .imagenet_learned import ImageNetLearned
 from .language_perceiver import LanguagePerceiver
 from .optical_flow import OpticalFlow
 from .perceiver import PerceiverEncoder, PerceiverIO, capture_stages
-from .registry import MODEL_CLASSES, LoadError, build, load
+from .registry import MODEL_CLASSES, LoadError, build, load, read_checkpoint
 from .tokenizer import BytesTokenizer
 from .video_autoencoding import VideoAutoencoder
 
@@ -74,4 +74,5 @@ __all__ = [
     "config_to_dict",
     "configs",
     "load",
+    "read_checkpoint",
 ]

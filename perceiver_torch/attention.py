@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .linear import Linear
+
 # LayerNorm epsilon of Haiku's hk.LayerNorm as the reference configures it.
 LAYER_NORM_EPS = 1e-5
 
@@ -216,10 +218,10 @@ class Attention(nn.Module):
         self.qk_channels = qk_channels
         self.v_channels = v_channels
         self.attention_dropout = attention_dropout
-        self.to_q = nn.Linear(q_channels, qk_channels)
-        self.to_k = nn.Linear(kv_channels, qk_channels)
-        self.to_v = nn.Linear(kv_channels, v_channels)
-        self.to_out = nn.Linear(v_channels, output_channels)
+        self.to_q = Linear(q_channels, qk_channels)
+        self.to_k = Linear(kv_channels, qk_channels)
+        self.to_v = Linear(kv_channels, v_channels)
+        self.to_out = Linear(v_channels, output_channels)
 
     @property
     def scale(self) -> float:
@@ -363,8 +365,8 @@ class MLP(nn.Module):
         self, *, channels: int, widening_factor: int = 1, dropout: float = 0.0
     ) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(channels, widening_factor * channels)
-        self.fc2 = nn.Linear(widening_factor * channels, channels)
+        self.fc1 = Linear(channels, widening_factor * channels)
+        self.fc2 = Linear(widening_factor * channels, channels)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

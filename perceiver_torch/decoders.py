@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import CrossAttentionLayer, PreparedKeys, attend, gelu_tanh
+from .linear import Linear
 
 # Queries per chunk when decoding long query arrays.
 DEFAULT_QUERY_CHUNK = 8192
@@ -68,7 +69,7 @@ class PerceiverDecoder(nn.Module):
             attention_dropout=attention_dropout,
         )
         if output_channels is not None:
-            self.output_projection = nn.Linear(query_channels, output_channels)
+            self.output_projection = Linear(query_channels, output_channels)
         else:
             self.output_projection = None
 

@@ -12,6 +12,8 @@ from typing import Dict, Mapping, Tuple
 import torch
 from torch import Tensor, nn
 
+from .linear import Linear
+
 
 class EmbeddingDecoder(nn.Module):
     """Logits against the (tied) input embedding: ``x @ embedding^T + bias``.
@@ -50,7 +52,7 @@ class ClassificationPostprocessor(nn.Module):
         if in_channels is not None:
             if num_classes is None:
                 raise ValueError("num_classes is required with in_channels")
-            self.projection = nn.Linear(in_channels, num_classes)
+            self.projection = Linear(in_channels, num_classes)
         else:
             self.projection = None
 
@@ -70,7 +72,7 @@ class ProjectionPostprocessor(nn.Module):
 
     def __init__(self, *, in_channels: int, num_outputs: int) -> None:
         super().__init__()
-        self.projection = nn.Linear(in_channels, num_outputs)
+        self.projection = Linear(in_channels, num_outputs)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.projection(x)
@@ -87,7 +89,7 @@ class AudioPostprocessor(nn.Module):
 
     def __init__(self, *, in_channels: int, samples_per_patch: int) -> None:
         super().__init__()
-        self.projection = nn.Linear(in_channels, samples_per_patch)
+        self.projection = Linear(in_channels, samples_per_patch)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.projection(x).reshape(x.shape[0], -1)

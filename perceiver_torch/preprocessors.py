@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .linear import Linear
 from .position_encoding import FourierPositionEncoding, TrainablePositionEncoding
 
 # Official mask probabilities of the video autoencoder's multimodal preprocessor.
@@ -169,7 +170,7 @@ class LearnedImagePreprocessor(nn.Module):
         self.position_encoding = TrainablePositionEncoding(
             index_dim=self.image_size[0] * self.image_size[1], num_channels=channels
         )
-        self.position_projection = nn.Linear(channels, channels)
+        self.position_projection = Linear(channels, channels)
 
     def forward(self, images: Tensor) -> Tensor:
         """images: (B, C, H, W) at ``image_size`` -> (B, H*W, 2P)."""
@@ -271,7 +272,7 @@ class FlowPatchPreprocessor(nn.Module):
         num_frames: int = 2,
     ) -> None:
         super().__init__()
-        self.projection = nn.Linear(num_frames * 9 * in_channels, channels)
+        self.projection = Linear(num_frames * 9 * in_channels, channels)
         self.position_encoding = FourierPositionEncoding(
             num_bands=num_bands, max_resolution=tuple(max_resolution)
         )

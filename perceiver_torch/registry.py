@@ -60,12 +60,20 @@ def build(name: str, config: Any = None) -> PerceiverIO:
     return cls(config)
 
 
-def _read(path: Path) -> Tuple[str, Dict[str, Any], Dict[str, torch.Tensor]]:
+def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The tensors and the metadata of a converted file: ``(state_dict, metadata)``.
+
+    ``.safetensors``: the metadata must hold "model" (the name) and "config" (JSON of
+    ``configs.config_to_dict``); other files: ``torch.load(weights_only=True)`` of
+    ``{"model": name, "config": {...}, "state_dict": {...}, "metadata": {...}}``.
+    The returned metadata always has "model" and "config" (as JSON text).
+    """
+    path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+            metadata = dict(f.metadata() or {})
             state = {key: f.get_tensor(key) for key in f.keys()}
         missing = [k for k in ("model", "config") if k not in metadata]
         if missing:
@@ -74,11 +82,7 @@ def _read(path: Path) -> Tuple[str, Dict[str, Any], Dict[str, torch.Tensor]]:
                 "file stores the model name under 'model' and the JSON config "
                 "(configs.config_to_dict) under 'config'"
             )
-        try:
-            config = json.loads(metadata["config"])
-        except json.JSONDecodeError as err:
-            raise LoadError(f"{path}: metadata 'config' is not JSON: {err}") from None
-        return metadata["model"], config, state
+        return state, metadata
     payload = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, Mapping) or not {"model", "config", "state_dict"} <= set(
         payload
@@ -89,7 +93,19 @@ def _read(path: Path) -> Tuple[str, Dict[str, Any], Dict[str, torch.Tensor]]:
             + (f" with keys {sorted(payload)}" if isinstance(payload, Mapping) else "")
             + "); a bare state dict needs build(name, config).load_state_dict()"
         )
-    return payload["model"], dict(payload["config"]), dict(payload["state_dict"])
+    metadata = {str(k): str(v) for k, v in dict(payload.get("metadata") or {}).items()}
+    metadata["model"] = str(payload["model"])
+    metadata["config"] = json.dumps(dict(payload["config"]))
+    return dict(payload["state_dict"]), metadata
+
+
+def _read(path: Path) -> Tuple[str, Dict[str, Any], Dict[str, torch.Tensor]]:
+    state, metadata = read_checkpoint(path)
+    try:
+        config = json.loads(metadata["config"])
+    except json.JSONDecodeError as err:
+        raise LoadError(f"{path}: metadata 'config' is not JSON: {err}") from None
+    return metadata["model"], config, state
 
 
 def load(path: Union[str, Path], *, map_location: Optional[str] = None) -> PerceiverIO:

@@ -153,7 +153,6 @@ def test_fourier_exception_is_backed_by_injected_reference_features(jax_ready):
 def test_jax_axis_tables_match_the_reference_features():
     pytest.importorskip("jax")
     pytest.importorskip("haiku")
-    import jax.numpy as jnp
     from perceiver_jax import position_encoding as jax_pe
 
     from converter.verify import jax_axis_table

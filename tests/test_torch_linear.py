@@ -1,0 +1,48 @@
+"""perceiver_torch.linear.Linear: the oneDNN inference path computes F.linear."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from perceiver_torch import linear as linear_module
+from perceiver_torch.linear import Linear
+
+
+def test_inference_path_matches_f_linear():
+    torch.manual_seed(0)
+    layer = Linear(96, 40)
+    x = torch.randn(3, 17, 96)
+    expected = F.linear(x, layer.weight, layer.bias)
+    with torch.inference_mode():
+        fast = layer(x)
+    with torch.no_grad():
+        also_fast = layer(x.transpose(0, 1).contiguous().transpose(0, 1))  # strided
+    assert fast.shape == expected.shape == (3, 17, 40)
+    torch.testing.assert_close(fast, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(also_fast, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_training_uses_autograd_path():
+    layer = Linear(8, 4)
+    x = torch.randn(5, 8, requires_grad=True)
+    out = layer(x)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    out.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+
+
+def test_switch_off_with_the_environment(monkeypatch):
+    monkeypatch.setattr(linear_module, "_enabled", None)
+    monkeypatch.setenv("PERCEIVER_TORCH_ONEDNN", "0")
+    assert linear_module._onednn_linear_enabled() is False
+    layer = Linear(6, 3)
+    x = torch.randn(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+    monkeypatch.setattr(linear_module, "_enabled", None)  # re-probe for later tests
+
+
+def test_state_dict_keys_are_nn_linears():
+    assert set(Linear(3, 2).state_dict()) == {"weight", "bias"}
+    assert isinstance(Linear(3, 2), torch.nn.Linear)
