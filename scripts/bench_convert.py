@@ -24,11 +24,19 @@ from pathlib import Path
 
 # Runs in the child process: measure one operation, print a JSON line.
 _CHILD = r"""
-import json, os, resource, sys, time
+import json, os, sys, time
 
 def rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+def peak_rss_bytes():
+    # VmHWM is this process's own high-water mark; ru_maxrss would also count the
+    # parent's memory at fork time (Linux keeps it across exec).
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
 
 mode, source, target = sys.argv[1:4]
 if mode == "convert":
@@ -46,7 +54,7 @@ if mode == "floor":
 else:
     converter.convert(source, target)
 seconds = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss_bytes()
 print(json.dumps({"seconds": seconds, "peak": peak, "baseline": baseline}))
 """
 

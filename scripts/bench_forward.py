@@ -76,7 +76,13 @@ def current_rss() -> int:
 
 
 def max_rss() -> int:
-    """Lifetime peak RSS of this process in bytes (ru_maxrss is in KiB on Linux)."""
+    """Peak RSS of this process in bytes: /proc's VmHWM, this process's own mark
+    (ru_maxrss would also count the parent's memory at fork, which Linux keeps
+    across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
