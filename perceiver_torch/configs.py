@@ -53,6 +53,7 @@ class ImageNetLearnedConfig:
     # The block of self-attends is applied num_blocks times with shared weights.
     num_blocks: int = 8
     num_self_attention_heads: int = 8
+    # Heads of the encoder's cross-attention (the decoder's has one head).
     num_cross_attention_heads: int = 1
     num_classes: int = 1000
     # The official learned-position model has no decoder query residual.
@@ -73,6 +74,7 @@ class ImageNetFourierConfig:
     num_self_attends_per_block: int = 6
     num_blocks: int = 8
     num_self_attention_heads: int = 8
+    # Heads of the encoder's cross-attention (the decoder's has one head).
     num_cross_attention_heads: int = 1
     num_classes: int = 1000
     decoder_query_residual: bool = True
@@ -93,6 +95,7 @@ class ImageNetConvConfig:
     num_self_attends_per_block: int = 6
     num_blocks: int = 8
     num_self_attention_heads: int = 8
+    # Heads of the encoder's cross-attention (the decoder's has one head).
     num_cross_attention_heads: int = 1
     num_classes: int = 1000
     decoder_query_residual: bool = True
@@ -113,6 +116,7 @@ class OpticalFlowConfig:
     d_latents: int = 512
     num_self_attends: int = 24
     num_self_attention_heads: int = 16
+    # Heads of the encoder's cross-attention (the decoder's has one head).
     num_cross_attention_heads: int = 1
     # The network's output is divided by rescale_factor inside the model ...
     rescale_factor: float = 100.0
@@ -137,6 +141,7 @@ class VideoAutoencodingConfig:
     d_latents: int = 512
     num_self_attends: int = 8
     num_self_attention_heads: int = 8
+    # Heads of the encoder's cross-attention (the decoder's has one head).
     num_cross_attention_heads: int = 1
     audio_num_bands: int = 192
     image_num_bands: int = 32

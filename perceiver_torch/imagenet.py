@@ -42,6 +42,7 @@ class ImageClassifier(PerceiverIO):
             query_channels=c.d_latents,
             latent_channels=c.d_latents,
             output_channels=c.num_classes,
+            # The official decoder keeps BasicDecoder's default of one head.
             num_heads=1,
             use_query_residual=c.decoder_query_residual,
             dropout=c.dropout,

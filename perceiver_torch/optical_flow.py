@@ -77,7 +77,8 @@ class OpticalFlow(PerceiverIO):
             query_channels=channels,
             latent_channels=c.d_latents,
             output_channels=2,
-            num_heads=c.num_cross_attention_heads,
+            # The official decoder keeps BasicDecoder's default of one head.
+            num_heads=1,
             use_query_residual=False,
             dropout=c.dropout,
             attention_dropout=c.attention_dropout,

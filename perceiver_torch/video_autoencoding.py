@@ -110,7 +110,8 @@ class VideoAutoencoder(PerceiverIO):
             query_channels=self.output_queries.num_channels,
             latent_channels=c.d_latents,
             output_channels=c.decoder_channels,
-            num_heads=c.num_cross_attention_heads,
+            # The official decoder keeps BasicDecoder's default of one head.
+            num_heads=1,
             use_query_residual=False,
             dropout=c.dropout,
             attention_dropout=c.attention_dropout,
