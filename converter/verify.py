@@ -365,11 +365,17 @@ def jax_axis_table(
 
 
 def run_torch(
-    model: torch.nn.Module, case: Case
+    model: torch.nn.Module, case: Case, *, stages: bool = True
 ) -> Tuple[Dict[str, np.ndarray], Dict[str, np.ndarray]]:
-    with torch.no_grad(), perceiver_torch.capture_stages(model) as stages:
-        outputs = model(**case.torch_inputs)
-    return case.torch_outputs(outputs), {k: v.numpy() for k, v in stages.items()}
+    """The model's outputs as users get them, and (a second pass with the plain
+    computation, see ``capture_stages``) its intermediate stages."""
+    with torch.no_grad():
+        outputs = case.torch_outputs(model(**case.torch_inputs))
+        if not stages:
+            return outputs, {}
+        with perceiver_torch.capture_stages(model) as captured:
+            model(**case.torch_inputs)
+    return outputs, {k: v.numpy() for k, v in captured.items()}
 
 
 def verify_prepared(
@@ -407,7 +413,7 @@ def verify_prepared(
 
         progress("running the PyTorch model with the reference's Fourier features")
         with axis_tables_from(jax_axis_table):
-            injected, _ = run_torch(model, case)
+            injected, _ = run_torch(model, case, stages=False)
     del model
 
     for stage in STAGES:

@@ -27,6 +27,9 @@ class LanguagePerceiver(PerceiverIO):
     """
 
     model_name = "language_perceiver"
+    # Eval-time shortcut over trailing padding (off while capture_stages records the
+    # stages of the plain computation).
+    skip_padding = True
 
     def __init__(self, config: Optional[LanguagePerceiverConfig] = None) -> None:
         config = config or LanguagePerceiverConfig()
@@ -78,7 +81,7 @@ class LanguagePerceiver(PerceiverIO):
         is no query residual), so it is computed once and repeated.
         """
         batch, length = input_ids.shape
-        if attention_mask is None or self.training:
+        if attention_mask is None or self.training or not self.skip_padding:
             return self.logits(input_ids, attention_mask)
         used = (attention_mask != 0).any(dim=0).nonzero()
         real = max(int(used.max()) + 1 if used.numel() else 0, 1)

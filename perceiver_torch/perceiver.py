@@ -135,8 +135,9 @@ def capture_stages(model: PerceiverIO) -> Iterator[Dict[str, Tensor]]:
     encoder's first input, (B, N, C) channels-last tokens), ``"latents"`` (the
     encoder's output) and ``"decoder_output"`` ((B, M, C), before postprocessing).
     When the decoder runs several times in one pass (chunked video decoding), its
-    outputs are concatenated along M. Models with a fused decoding path (video) run
-    the reference's unfused path meanwhile, so that the decoder output exists.
+    outputs are concatenated along M. Models with a shortcut (the video model's fused
+    decoding, the language model's skipping of padding) run the plain computation
+    meanwhile, so that the stages have the reference's shapes.
     """
     stages: Dict[str, Tensor] = {}
     decoder_outputs = []
@@ -160,13 +161,18 @@ def capture_stages(model: PerceiverIO) -> Iterator[Dict[str, Tensor]]:
         model.encoder.register_forward_hook(on_encoder_output),
         model.decoder.register_forward_hook(on_decoder_output),
     ]
-    fused = getattr(model, "fused_decoding", None)
-    if fused is not None:
-        model.fused_decoding = False
+    # Shortcuts that skip or fold the plain computation are off meanwhile.
+    shortcuts = {
+        name: getattr(model, name)
+        for name in ("fused_decoding", "skip_padding")
+        if getattr(model, name, None) is not None
+    }
+    for name in shortcuts:
+        setattr(model, name, False)
     try:
         yield stages
     finally:
         for handle in handles:
             handle.remove()
-        if fused is not None:
-            model.fused_decoding = fused
+        for name, value in shortcuts.items():
+            setattr(model, name, value)
