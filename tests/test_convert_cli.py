@@ -20,8 +20,9 @@ from converter import outputs as outputs_module
 from converter.cli import main
 from converter.fixtures import make_fixture, write_fixture
 from converter.reader import load_haiku_checkpoint
-from converter.trees import MODEL_NAMES
+from converter.trees import MODEL_NAMES, official_tree
 from converter.writer import save_haiku_checkpoint
+from official_facts import OFFICIAL_PARAMETERS
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 
@@ -158,11 +159,10 @@ def test_models_lists_the_six_official_files():
     rows = json.loads(result.stdout)
     assert [r["name"] for r in rows] == list(MODEL_NAMES)
     assert all(r["url"].startswith("https://storage.googleapis.com/perceiver_io/") for r in rows)
-    # The counts in the mappings agree with the official parameter trees.
-    from converter.trees import official_tree
-
-    assert [r["params"] for r in rows] == [official_tree(n).num_params() for n in MODEL_NAMES]
-    assert rows[0]["params"] == 201_108_230
+    # The counts agree with the official parameter trees and the published numbers.
+    params = [r["params"] for r in rows]
+    assert params == [official_tree(n).num_params() for n in MODEL_NAMES]
+    assert params == [OFFICIAL_PARAMETERS[n] for n in MODEL_NAMES]
 
 
 # --------------------------------------------------------------------------------------

@@ -20,16 +20,7 @@ from converter import (
 from converter.cli import ConverterGroup, main
 from converter.fixtures import make_fixture
 from converter.trees import MODEL_NAMES, MODELS, describe, model_info, official_tree
-
-# From the official README: parameters (params only) and float32 bytes per model.
-OFFICIAL_COUNTS = {
-    "language_perceiver": (201_108_230, 804_432_920),
-    "imagenet_learned": (62_255_848, 249_023_392),
-    "imagenet_fourier": (48_440_627, 193_762_508),
-    "imagenet_conv": (48_646_522, 194_586_088),
-    "optical_flow": (41_057_134, 164_228_536),
-    "video_autoencoding": (19_858_855, 79_435_420),
-}
+from official_facts import OFFICIAL_FLOAT32_BYTES, OFFICIAL_PARAMETERS
 
 
 # --------------------------------------------------------------------------------------
@@ -37,7 +28,7 @@ OFFICIAL_COUNTS = {
 
 
 def test_registry_names_files_and_urls():
-    assert MODEL_NAMES == tuple(OFFICIAL_COUNTS)
+    assert MODEL_NAMES == tuple(OFFICIAL_PARAMETERS)
     info = model_info("imagenet_conv")
     assert info.official_file == "imagenet_conv_preprocessing.pystate"
     base = "https://storage.googleapis.com/perceiver_io/"
@@ -54,9 +45,8 @@ def test_registry_names_files_and_urls():
 
 def test_full_trees_match_the_official_counts(model_name):
     tree = official_tree(model_name)
-    count, nbytes = OFFICIAL_COUNTS[model_name]
-    assert tree.num_params() == count
-    assert tree.nbytes() == nbytes
+    assert tree.num_params() == OFFICIAL_PARAMETERS[model_name]
+    assert tree.nbytes() == OFFICIAL_FLOAT32_BYTES[model_name]
     assert tree.wrapped is MODELS[model_name].wrapped
     assert bool(tree.state) is (model_name == "imagenet_conv")
     # The tiny trees use the same names, with fewer self-attention layers.
@@ -153,7 +143,7 @@ def test_full_size_language_fixture():
     assert state is None
     assert describe(params) == official_tree("language_perceiver").params
     total = sum(a.size for m in params.values() for a in m.values())
-    assert total == OFFICIAL_COUNTS["language_perceiver"][0]
+    assert total == OFFICIAL_PARAMETERS["language_perceiver"]
 
 
 # --------------------------------------------------------------------------------------

@@ -3,10 +3,8 @@ configuration derivation, and the six bundled mappings against the official tree
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,31 +21,14 @@ from converter.mapping import (
     plan_forward,
     unflatten_tree,
 )
+from converter.trees import MODEL_NAMES, official_tree
 from perceiver_torch.configs import CONFIG_CLASSES, TINY_CONFIGS, config_from_dict
-
-MODELS = (
-    "language_perceiver",
-    "imagenet_learned",
-    "imagenet_fourier",
-    "imagenet_conv",
-    "optical_flow",
-    "video_autoencoding",
-)
-TREES = Path(__file__).resolve().parents[1] / "converter" / "data" / "trees"
 
 
 def read_tree(name: str, size: str):
-    """{flat source key: (shape, dtype)} from the tree data (params and state)."""
-    folder = TREES if size == "full" else TREES / "tiny"
-    tree = {}
-    for suffix, prefix in (("", ""), (".state", "state:")):
-        path = folder / f"{name}{suffix}.tsv"
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines()[1:]:
-            module, param, shape, dtype = line.split("\t")
-            tree[f"{prefix}{module}/{param}"] = (tuple(ast.literal_eval(shape)), dtype)
-    return tree
+    """{flat source key: (shape, dtype)} of an official tree (params and state)."""
+    tree = official_tree(name, size)
+    return flatten_tree(tree.params, tree.state)
 
 
 def parse(text: str, name: str = "test.yaml"):
@@ -268,10 +249,10 @@ def test_flatten_and_unflatten_are_inverse():
 
 
 def test_bundled_mappings_are_the_six_models():
-    assert available_mappings() == tuple(sorted(MODELS))
+    assert available_mappings() == tuple(sorted(MODEL_NAMES))
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_official_config_equals_the_dataclass_defaults(name):
     spec = load_mapping(name)
     assert spec.model == name
@@ -296,7 +277,7 @@ def test_official_config_equals_the_dataclass_defaults(name):
 
 
 @pytest.mark.parametrize("size", ["full", "tiny"])
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_mapping_covers_the_official_tree_and_the_model_exactly(name, size):
     tree = read_tree(name, size)
     spec = load_mapping(name)
