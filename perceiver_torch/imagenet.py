@@ -11,7 +11,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .decoders import PerceiverDecoder
-from .perceiver import PerceiverEncoder, PerceiverIO
+from .perceiver import PerceiverIO
 from .postprocessors import ClassificationPostprocessor
 from .queries import TrainableQueries
 
@@ -26,16 +26,10 @@ class ImageClassifier(PerceiverIO):
     def _build_perceiver(self, config: Any, input_preprocessor: nn.Module) -> None:
         c = config
         self.input_preprocessor = input_preprocessor
-        self.encoder = PerceiverEncoder(
+        self.encoder = self._build_encoder(
             input_channels=input_preprocessor.num_channels,
-            num_latents=c.num_latents,
-            latent_channels=c.d_latents,
             num_self_attends_per_block=c.num_self_attends_per_block,
             num_blocks=c.num_blocks,
-            num_cross_attention_heads=c.num_cross_attention_heads,
-            num_self_attention_heads=c.num_self_attention_heads,
-            dropout=c.dropout,
-            attention_dropout=c.attention_dropout,
         )
         self.output_queries = TrainableQueries(index_dim=1, num_channels=c.d_latents)
         self.decoder = PerceiverDecoder(

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .configs import LanguagePerceiverConfig
 from .decoders import PerceiverDecoder
-from .perceiver import PerceiverEncoder, PerceiverIO
+from .perceiver import PerceiverIO
 from .postprocessors import EmbeddingDecoder
 from .preprocessors import TextPreprocessor
 from .queries import TrainableQueries
@@ -39,18 +39,11 @@ class LanguagePerceiver(PerceiverIO):
         self.input_preprocessor = TextPreprocessor(
             vocab_size=c.vocab_size, max_seq_len=c.max_seq_len, d_model=c.d_model
         )
-        self.encoder = PerceiverEncoder(
+        self.encoder = self._build_encoder(
             input_channels=c.d_model,
-            num_latents=c.num_latents,
-            latent_channels=c.d_latents,
             num_self_attends_per_block=c.num_self_attends,
-            num_blocks=1,
-            num_cross_attention_heads=c.num_cross_attention_heads,
-            num_self_attention_heads=c.num_self_attention_heads,
             qk_channels=c.qk_channels,
             v_channels=v_channels,
-            dropout=c.dropout,
-            attention_dropout=c.attention_dropout,
         )
         self.output_queries = TrainableQueries(
             index_dim=c.max_seq_len, num_channels=c.d_model

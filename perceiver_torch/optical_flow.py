@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .configs import OpticalFlowConfig
 from .decoders import PerceiverDecoder
-from .perceiver import PerceiverEncoder, PerceiverIO
+from .perceiver import PerceiverIO
 from .postprocessors import FlowPostprocessor
 from .preprocessors import FlowPatchPreprocessor
 from .queries import InputQueries
@@ -61,16 +61,8 @@ class OpticalFlow(PerceiverIO):
             channels=c.patch_channels,
         )
         channels = self.input_preprocessor.num_channels
-        self.encoder = PerceiverEncoder(
-            input_channels=channels,
-            num_latents=c.num_latents,
-            latent_channels=c.d_latents,
-            num_self_attends_per_block=c.num_self_attends,
-            num_blocks=1,
-            num_cross_attention_heads=c.num_cross_attention_heads,
-            num_self_attention_heads=c.num_self_attention_heads,
-            dropout=c.dropout,
-            attention_dropout=c.attention_dropout,
+        self.encoder = self._build_encoder(
+            input_channels=channels, num_self_attends_per_block=c.num_self_attends
         )
         self.output_queries = InputQueries()
         self.decoder = PerceiverDecoder(

@@ -118,6 +118,34 @@ class PerceiverIO(nn.Module):
         super().__init__()
         self.config = config
 
+    def _build_encoder(
+        self,
+        *,
+        input_channels: int,
+        num_self_attends_per_block: int,
+        num_blocks: int = 1,
+        **attention_widths: Optional[int],
+    ) -> PerceiverEncoder:
+        """The encoder from the config fields every task config names alike.
+
+        ``num_latents``, ``d_latents``, the two head counts and the dropout rates
+        come from ``self.config``; the layer counts (named differently by the
+        ImageNet configs) and any ``qk_channels``/``v_channels`` from the caller.
+        """
+        c = self.config
+        return PerceiverEncoder(
+            input_channels=input_channels,
+            num_latents=c.num_latents,
+            latent_channels=c.d_latents,
+            num_self_attends_per_block=num_self_attends_per_block,
+            num_blocks=num_blocks,
+            num_cross_attention_heads=c.num_cross_attention_heads,
+            num_self_attention_heads=c.num_self_attention_heads,
+            dropout=c.dropout,
+            attention_dropout=c.attention_dropout,
+            **attention_widths,
+        )
+
     @property
     def device(self) -> torch.device:
         return self.encoder.latents.device

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .configs import VideoAutoencodingConfig
 from .decoders import FoldedDecoder, PerceiverDecoder
-from .perceiver import PerceiverEncoder, PerceiverIO
+from .perceiver import PerceiverIO
 from .postprocessors import (
     AudioPostprocessor,
     ClassificationPostprocessor,
@@ -75,16 +75,9 @@ class VideoAutoencoder(PerceiverIO):
             min_padding=c.input_padding,
             mask_probs=VIDEO_MASK_PROBS,
         )
-        self.encoder = PerceiverEncoder(
+        self.encoder = self._build_encoder(
             input_channels=self.input_preprocessor.num_channels,
-            num_latents=c.num_latents,
-            latent_channels=c.d_latents,
             num_self_attends_per_block=c.num_self_attends,
-            num_blocks=1,
-            num_cross_attention_heads=c.num_cross_attention_heads,
-            num_self_attention_heads=c.num_self_attention_heads,
-            dropout=c.dropout,
-            attention_dropout=c.attention_dropout,
         )
         self.output_queries = MultimodalQueries(
             modalities={
