@@ -64,6 +64,13 @@ MODEL_CASES = (
 )
 CASES = MODEL_CASES + ("video_clip",)
 NUM_CHUNKS = 128
+# Cases that run a model under another name (its other inputs or calls).
+_CASE_MODEL = {"language_colab": "language_perceiver", "video_clip": "video_autoencoding"}
+
+
+def model_of(case: str) -> str:
+    """The registry name of the model a case runs."""
+    return _CASE_MODEL.get(case, case)
 
 
 # -- memory ------------------------------------------------------------------------
@@ -189,8 +196,7 @@ def build_ours(case: str) -> Callable[[int], Any]:
     import perceiver_torch as pt
 
     torch.manual_seed(0)
-    name = {"video_clip": "video_autoencoding", "language_colab": "language_perceiver"}
-    model = pt.build(name.get(case, case)).eval()
+    model = pt.build(model_of(case)).eval()
     x = official_inputs(case)
     if case.startswith("language"):
         return lambda i: model(x["ids"], x["mask"])
@@ -204,65 +210,55 @@ def build_ours(case: str) -> Callable[[int], Any]:
 
 
 def hf_config(case: str) -> Tuple[str, Dict[str, Any]]:
-    """HF class name and PerceiverConfig values of the official models."""
-    imagenet = dict(
-        num_latents=512,
-        d_latents=1024,
-        num_blocks=8,
-        num_self_attends_per_block=6,
-        num_self_attention_heads=8,
-        num_cross_attention_heads=1,
-        num_labels=1000,
+    """HF class name and PerceiverConfig values of the official model a case runs.
+
+    The sizes come from perceiver_torch's configs (whose defaults are the official
+    values), so that both sides build the same network; ``d_model`` is HF's name for
+    the width of its preprocessor's output, which it does not derive itself.
+    """
+    from perceiver_torch.configs import CONFIG_CLASSES
+
+    name = model_of(case)
+    c = CONFIG_CLASSES[name]()
+    values: Dict[str, Any] = dict(
+        num_latents=c.num_latents,
+        d_latents=c.d_latents,
+        num_self_attention_heads=c.num_self_attention_heads,
+        num_cross_attention_heads=c.num_cross_attention_heads,
+        attention_probs_dropout_prob=0.0,
     )
-    table = {
-        "language_perceiver": (
-            "PerceiverForMaskedLM",
-            dict(qk_channels=256, v_channels=1280),
-        ),
-        "imagenet_learned": (
-            "PerceiverForImageClassificationLearned",
-            dict(imagenet, d_model=512, image_size=224),
-        ),
-        "imagenet_fourier": (
-            "PerceiverForImageClassificationFourier",
-            dict(imagenet, d_model=261),
-        ),
-        "imagenet_conv": (
-            "PerceiverForImageClassificationConvProcessing",
-            dict(imagenet, d_model=322),
-        ),
-        "optical_flow": (
-            "PerceiverForOpticalFlow",
-            dict(
-                num_latents=2048,
-                d_latents=512,
-                d_model=322,
-                num_blocks=1,
-                num_self_attends_per_block=24,
-                num_self_attention_heads=16,
-                num_cross_attention_heads=1,
-                train_size=[368, 496],
-            ),
-        ),
-        "video_autoencoding": (
-            "PerceiverForMultimodalAutoencoding",
-            dict(
-                num_latents=784,
-                d_latents=512,
-                d_model=704,
-                num_blocks=1,
-                num_self_attends_per_block=8,
-                num_self_attention_heads=8,
-                num_cross_attention_heads=1,
-                num_labels=700,
-                image_size=56,
-                output_shape=[1, 16, 224, 224],
-            ),
-        ),
-    }
-    alias = {"video_clip": "video_autoencoding", "language_colab": "language_perceiver"}
-    cls, values = table[alias.get(case, case)]
-    return cls, dict(values, attention_probs_dropout_prob=0.0)
+    if name.startswith("imagenet"):
+        values.update(
+            num_blocks=c.num_blocks,
+            num_self_attends_per_block=c.num_self_attends_per_block,
+            num_labels=c.num_classes,
+        )
+    else:
+        values.update(num_blocks=1, num_self_attends_per_block=c.num_self_attends)
+    if name == "language_perceiver":
+        values.update(
+            qk_channels=c.qk_channels,
+            v_channels=c.d_latents if c.v_channels is None else c.v_channels,
+        )
+        return "PerceiverForMaskedLM", values
+    if name == "imagenet_learned":
+        values.update(d_model=512, image_size=c.image_size[0])
+        return "PerceiverForImageClassificationLearned", values
+    if name == "imagenet_fourier":
+        return "PerceiverForImageClassificationFourier", dict(values, d_model=261)
+    if name == "imagenet_conv":
+        return "PerceiverForImageClassificationConvProcessing", dict(values, d_model=322)
+    if name == "optical_flow":
+        values.update(d_model=322, train_size=list(c.image_size))
+        return "PerceiverForOpticalFlow", values
+    values.update(
+        d_model=704,
+        num_labels=c.num_classes,
+        # HF's image_size: the Fourier resolution of the 4x4-patch grid.
+        image_size=c.image_size[0] // 4,
+        output_shape=[1, c.num_frames, *c.image_size],
+    )
+    return "PerceiverForMultimodalAutoencoding", values
 
 
 def import_transformers():
@@ -318,6 +314,16 @@ def build_hf(case: str) -> Callable[[int], Any]:
 # -- worker (one fresh process per case and implementation) ---------------------------
 
 
+def timed_calls(run: Callable[[int], Any], count: int) -> List[float]:
+    """Seconds of each of ``run(0)``, ..., ``run(count - 1)``."""
+    times = []
+    for i in range(count):
+        start = time.perf_counter()
+        run(i)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def worker(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
@@ -343,11 +349,7 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
         if args.case == "video_clip" and args.impl == "hf":
             # HF decodes a clip with one call per chunk (re-encoding every time).
             calls = NUM_CHUNKS if args.hf_clip_full else args.hf_clip_calls
-            times = []
-            for i in range(calls):
-                t0 = time.perf_counter()
-                run(i)
-                times.append(time.perf_counter() - t0)
+            times = timed_calls(run, calls)
             record["calls"] = calls
             record["estimate"] = not args.hf_clip_full
             record["seconds"] = (
@@ -357,11 +359,7 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
             )
         else:
             repeat = args.clip_repeat if args.case == "video_clip" else args.repeat
-            times = []
-            for i in range(repeat):
-                t0 = time.perf_counter()
-                run(i)
-                times.append(time.perf_counter() - t0)
+            times = timed_calls(run, repeat)
             record["estimate"] = False
             record["seconds"] = statistics.median(times)
         record["all_seconds"] = [round(t, 4) for t in times]
