@@ -328,10 +328,8 @@ def parse_op(spec: Any) -> Op:
 
 
 def _contiguous(array: np.ndarray, wanted: bool) -> np.ndarray:
-    # Not np.ascontiguousarray unconditionally: it turns a 0-d array into shape (1,).
-    if wanted and not array.flags.c_contiguous:
-        return np.ascontiguousarray(array)
-    return array
+    # np.asarray copies only a non-contiguous array and keeps a 0-d array 0-d.
+    return np.asarray(array, order="C") if wanted else array
 
 
 def apply_ops(

@@ -69,9 +69,9 @@ def cast_for_output(array: np.ndarray, dtype: Optional[torch.dtype]) -> torch.Te
 
     Integer tensors (BatchNorm's update counter) keep their dtype.
     """
-    # np.ascontiguousarray would turn a 0-d array (BatchNorm's counter) into shape (1,).
-    array = array if array.flags.c_contiguous else np.ascontiguousarray(array)
-    tensor = torch.from_numpy(array)
+    # np.asarray, not np.ascontiguousarray, which makes a 0-d array (BatchNorm's
+    # counter) shape (1,); it copies only a non-contiguous array.
+    tensor = torch.from_numpy(np.asarray(array, order="C"))
     if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
         tensor = tensor.to(dtype)
     return tensor

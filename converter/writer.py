@@ -172,10 +172,9 @@ def _leaf(value: Any, where: str) -> np.ndarray:
             "array.astype(np.float32)"
         )
     # Official files are C-ordered and little-endian; same values, canonical bytes.
-    little = array.dtype.newbyteorder("<")
-    if array.dtype != little or not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array, dtype=little)
-    return array
+    # (np.asarray copies only when needed and, unlike np.ascontiguousarray, keeps a
+    # 0-d array 0-d.)
+    return np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
 
 
 def _two_level(

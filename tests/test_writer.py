@@ -164,6 +164,7 @@ def test_inputs_are_normalized_to_c_order_little_endian(tmp_path):
             "f": fortran,
             "big": big,
             "scalar": np.float32(2.5),
+            "big_scalar": np.array(7, ">i4"),  # e.g. BatchNorm's counter, byte-swapped
             "empty": np.zeros((0, 2), np.float32),
             "i8": np.arange(3, dtype=np.int64),
             "bool": np.array([True, False]),
@@ -177,6 +178,8 @@ def test_inputs_are_normalized_to_c_order_little_endian(tmp_path):
         np.testing.assert_array_equal(got["big"], big)
         assert got["big"].dtype == np.dtype("<f4")
         assert got["scalar"].shape == () and got["scalar"] == np.float32(2.5)
+        assert got["big_scalar"].shape == () and got["big_scalar"] == 7
+        assert got["big_scalar"].dtype == np.dtype("<i4")
         assert got["empty"].shape == (0, 2)
         assert got["i8"].dtype == np.int64 and got["bool"].dtype == np.bool_
         assert set(scan_pickle(out).global_names) <= ALLOWED_GLOBALS
