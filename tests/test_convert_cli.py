@@ -11,24 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors import safe_open
 
 import converter
 import perceiver_torch
 from converter import outputs as outputs_module
-from converter.cli import main
 from converter.fixtures import make_fixture, write_fixture
 from converter.reader import load_haiku_checkpoint
 from converter.trees import MODEL_NAMES, official_tree
 from converter.writer import save_haiku_checkpoint
 from official_facts import OFFICIAL_PARAMETERS
+from helpers import run_cli
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +40,7 @@ def fixtures(tmp_path_factory):
 def test_convert_records_provenance_in_the_safetensors_metadata(tmp_path):
     source = GOLDEN / "imagenet_conv" / "checkpoint.pickle"
     out = tmp_path / "conv.safetensors"
-    result = run("convert", source, "-o", out, "--json")
+    result = run_cli("convert", source, "-o", out, "--json")
     assert result.exit_code == 0, result.output
     assert "wrote" in result.stderr
     document = json.loads(result.stdout)
@@ -72,7 +67,7 @@ def test_convert_records_provenance_in_the_safetensors_metadata(tmp_path):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_low_precision_output_keeps_integer_buffers(tmp_path, dtype):
     out = tmp_path / "conv.safetensors"
-    result = run("convert", GOLDEN / "imagenet_conv" / "checkpoint.pickle", "-o", out, "--dtype", dtype)
+    result = run_cli("convert", GOLDEN / "imagenet_conv" / "checkpoint.pickle", "-o", out, "--dtype", dtype)
     assert result.exit_code == 0, result.output
     model = perceiver_torch.load(out)
     state = model.state_dict()
@@ -84,7 +79,7 @@ def test_low_precision_output_keeps_integer_buffers(tmp_path, dtype):
 
 def test_pt_output_loads_with_weights_only(tmp_path):
     out = tmp_path / "flow.pt"
-    result = run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o", out)
+    result = run_cli("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o", out)
     assert result.exit_code == 0, result.output
     payload = torch.load(out, weights_only=True)
     assert payload["model"] == "optical_flow"
@@ -103,18 +98,19 @@ def test_python_api_converts_in_memory():
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_model_is_detected_from_parameter_names(fixtures, name, tmp_path):
-    result = run("convert", fixtures[name], "-o", tmp_path / "out.safetensors", "--json")
+    result = run_cli("convert", fixtures[name], "-o", tmp_path / "out.safetensors", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["model"] == name
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in GOLDEN.iterdir() if p.is_dir()))
-def test_export_of_a_conversion_reproduces_the_golden_file_byte_for_byte(name, tmp_path):
-    source = GOLDEN / name / "checkpoint.pickle"
+def test_export_of_a_conversion_reproduces_the_golden_file_byte_for_byte(
+    model_name, golden_path, tmp_path
+):
+    source = golden_path(model_name)
     converted = tmp_path / "model.safetensors"
     exported = tmp_path / "exported.pickle"
-    assert run("convert", source, "-o", converted).exit_code == 0
-    result = run("export", converted, "-o", exported, "--json")
+    assert run_cli("convert", source, "-o", converted).exit_code == 0
+    result = run_cli("export", converted, "-o", exported, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["exact"] is True
     assert exported.read_bytes() == source.read_bytes()
@@ -122,13 +118,13 @@ def test_export_of_a_conversion_reproduces_the_golden_file_byte_for_byte(name, t
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 @pytest.mark.parametrize("protocol, container", [(2, "dict"), (4, "flatmapping")])
-def test_round_trip_haiku_torch_haiku_is_bit_identical(fixtures, name, protocol, container, tmp_path):
+def test_round_trip_haiku_torch_haiku_is_bit_identical(name, protocol, container, tmp_path):
     source = tmp_path / "source.pickle"
     write_fixture(name, source, size="tiny", seed=3, protocol=protocol, container=container)
     converted = tmp_path / "model.safetensors"
     exported = tmp_path / "exported.pickle"
-    assert run("convert", source, "-o", converted).exit_code == 0
-    result = run("export", converted, "-o", exported, "--protocol", protocol, "--container", container)
+    assert run_cli("convert", source, "-o", converted).exit_code == 0
+    result = run_cli("export", converted, "-o", exported, "--protocol", protocol, "--container", container)
     assert result.exit_code == 0, result.output
     original, back = load_haiku_checkpoint(source), load_haiku_checkpoint(exported)
     assert back.wrapped == original.wrapped
@@ -145,16 +141,16 @@ def test_round_trip_haiku_torch_haiku_is_bit_identical(fixtures, name, protocol,
 
 def test_export_of_half_precision_is_flagged_inexact(tmp_path):
     converted = tmp_path / "model.safetensors"
-    assert run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o", converted,
+    assert run_cli("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o", converted,
                "--dtype", "float16").exit_code == 0
-    result = run("export", converted, "-o", tmp_path / "back.pickle", "--json")
+    result = run_cli("export", converted, "-o", tmp_path / "back.pickle", "--json")
     assert result.exit_code == 0
     assert json.loads(result.stdout)["exact"] is False
     assert "float16" in result.stderr
 
 
 def test_models_lists_the_six_official_files():
-    result = run("models", "--json")
+    result = run_cli("models", "--json")
     assert result.exit_code == 0
     rows = json.loads(result.stdout)
     assert [r["name"] for r in rows] == list(MODEL_NAMES)
@@ -170,7 +166,7 @@ def test_models_lists_the_six_official_files():
 
 
 def test_unknown_model_is_a_usage_error(fixtures, tmp_path):
-    result = run("convert", fixtures["optical_flow"], "-o", tmp_path / "o.safetensors",
+    result = run_cli("convert", fixtures["optical_flow"], "-o", tmp_path / "o.safetensors",
                  "--model", "perceiver_flow")
     assert result.exit_code == 2
     assert "optical_flow" in result.output  # the valid names are listed
@@ -178,7 +174,7 @@ def test_unknown_model_is_a_usage_error(fixtures, tmp_path):
 
 def test_wrong_model_forced_on_a_checkpoint(fixtures, tmp_path):
     out = tmp_path / "o.safetensors"
-    result = run("convert", fixtures["language_perceiver"], "-o", out, "--model", "optical_flow")
+    result = run_cli("convert", fixtures["language_perceiver"], "-o", out, "--model", "optical_flow")
     assert result.exit_code == 3
     assert "does not fit the optical_flow mapping" in result.stderr
     assert "image_preprocessor/patches_linear/w" in result.stderr
@@ -198,7 +194,7 @@ def test_missing_parameter_is_listed(tmp_path):
         del params["perceiver_encoder/~/cross_attention/mlp/linear_1"]["b"]
 
     out = tmp_path / "o.safetensors"
-    result = run("convert", _modified_fixture(tmp_path, remove), "-o", out, "--model", "imagenet_fourier")
+    result = run_cli("convert", _modified_fixture(tmp_path, remove), "-o", out, "--model", "imagenet_fourier")
     assert result.exit_code == 3
     assert "missing in the checkpoint: perceiver_encoder/~/cross_attention/mlp/linear_1/b" in result.stderr
     assert not out.exists()
@@ -208,7 +204,7 @@ def test_extra_parameter_is_listed(tmp_path):
     def add(params):
         params["extra_head/linear"] = {"w": np.ones((2, 2), np.float32)}
 
-    result = run("convert", _modified_fixture(tmp_path, add), "-o", tmp_path / "o.safetensors",
+    result = run_cli("convert", _modified_fixture(tmp_path, add), "-o", tmp_path / "o.safetensors",
                  "--model", "imagenet_fourier")
     assert result.exit_code == 3
     assert "unexpected in the checkpoint (no rule uses or drops it): extra_head/linear/w" in result.stderr
@@ -219,7 +215,7 @@ def test_shape_mismatch_names_both_keys_and_shapes(tmp_path):
         module = params["classification_decoder/~/basic_decoder/output"]
         module["w"] = np.ones((64, 11), np.float32)
 
-    result = run("convert", _modified_fixture(tmp_path, reshape), "-o", tmp_path / "o.safetensors",
+    result = run_cli("convert", _modified_fixture(tmp_path, reshape), "-o", tmp_path / "o.safetensors",
                  "--model", "imagenet_fourier")
     assert result.exit_code == 3
     assert "shape mismatch: classification_decoder/~/basic_decoder/output/w -> " \
@@ -230,7 +226,7 @@ def test_shape_mismatch_names_both_keys_and_shapes(tmp_path):
 def test_without_model_a_foreign_checkpoint_is_explained(tmp_path):
     path = tmp_path / "foreign.pickle"
     save_haiku_checkpoint(path, {"resnet/conv": {"w": np.ones((3, 3), np.float32)}})
-    result = run("convert", path, "-o", tmp_path / "o.safetensors")
+    result = run_cli("convert", path, "-o", tmp_path / "o.safetensors")
     assert result.exit_code == 3
     assert "match none of the official models" in result.stderr
 
@@ -238,7 +234,7 @@ def test_without_model_a_foreign_checkpoint_is_explained(tmp_path):
 def test_malformed_mapping_yaml_points_at_the_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("schema: 1\nname: x\nmodel: optical_flow\nconfig: {a: 1}\nrules:\n  - {source: a, target: [b}\n")
-    result = run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o",
+    result = run_cli("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o",
                  tmp_path / "o.safetensors", "--mapping", bad)
     assert result.exit_code == 3
     assert f"{bad}:6: malformed YAML" in result.stderr
@@ -248,14 +244,14 @@ def test_mapping_file_with_unknown_op(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("schema: 1\nname: x\nmodel: optical_flow\nconfig: {a: 1}\nrules:\n"
                    "  - {source: a, target: b, ops: [transpose]}\n")
-    result = run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o",
+    result = run_cli("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o",
                  tmp_path / "o.safetensors", "--mapping", bad)
     assert result.exit_code == 3
     assert "bad.yaml:6: rules[0].ops[0]: unknown op 'transpose'" in result.stderr
 
 
 def test_missing_output_folder_is_a_usage_error(tmp_path):
-    result = run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o",
+    result = run_cli("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o",
                  tmp_path / "nowhere" / "o.safetensors")
     assert result.exit_code == 2
     assert "does not exist" in result.output
@@ -265,13 +261,13 @@ def test_unwritable_output_folder_is_a_usage_error(tmp_path, monkeypatch):
     # Running as root ignores permission bits, so simulate the refusal.
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
-    result = run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o", tmp_path / "o.safetensors")
+    result = run_cli("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o", tmp_path / "o.safetensors")
     assert result.exit_code == 2
     assert "no write permission" in result.output
 
 
 def test_unknown_output_suffix_is_a_usage_error(tmp_path):
-    result = run("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o", tmp_path / "o.bin")
+    result = run_cli("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o", tmp_path / "o.bin")
     assert result.exit_code == 2
     assert "*.safetensors" in result.output
 
@@ -279,7 +275,7 @@ def test_unknown_output_suffix_is_a_usage_error(tmp_path):
 def test_unsafe_checkpoint_is_refused(tmp_path):
     path = tmp_path / "evil.pickle"
     path.write_bytes(b"\x80\x03cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.")
-    result = run("convert", path, "-o", tmp_path / "o.safetensors")
+    result = run_cli("convert", path, "-o", tmp_path / "o.safetensors")
     assert result.exit_code == 3
     assert "os.system" in result.stderr
 

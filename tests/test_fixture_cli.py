@@ -17,10 +17,11 @@ from converter import (
     __version__,
     load_haiku_checkpoint,
 )
-from converter.cli import ConverterGroup, main
+from converter.cli import ConverterGroup
 from converter.fixtures import make_fixture
 from converter.trees import MODEL_NAMES, MODELS, describe, model_info, official_tree
 from official_facts import OFFICIAL_FLOAT32_BYTES, OFFICIAL_PARAMETERS
+from helpers import run_cli
 
 
 # --------------------------------------------------------------------------------------
@@ -150,13 +151,9 @@ def test_full_size_language_fixture():
 # The CLI: fixture, help, version, error handling
 
 
-def run(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
 def test_fixture_command_for_every_model(tmp_path, model_name):
     out = tmp_path / f"{model_name}.pickle"
-    result = run("fixture", model_name, "-o", str(out))
+    result = run_cli("fixture", model_name, "-o", str(out))
     assert result.exit_code == 0, result.output
     checkpoint = load_haiku_checkpoint(out)
     assert describe(checkpoint.params) == official_tree(model_name, "tiny").params
@@ -172,7 +169,7 @@ def test_fixture_command_for_every_model(tmp_path, model_name):
 
 def test_fixture_command_options(tmp_path):
     out = tmp_path / "flow.pickle"
-    result = run(
+    result = run_cli(
         "fixture",
         "optical_flow",
         "--output",
@@ -211,27 +208,27 @@ def test_fixture_command_options(tmp_path):
 )
 def test_fixture_usage_errors_exit_2(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
-    result = run(*args)
+    result = run_cli(*args)
     assert result.exit_code == 2
     assert message in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_model_lists_valid_names(tmp_path):
-    result = run("fixture", "imagenet", "-o", str(tmp_path / "x.pickle"))
+    result = run_cli("fixture", "imagenet", "-o", str(tmp_path / "x.pickle"))
     assert result.exit_code == 2
     for name in MODEL_NAMES:
         assert name in result.stderr
 
 
 def test_missing_output_folder_is_a_usage_error(tmp_path):
-    result = run("fixture", "optical_flow", "-o", str(tmp_path / "no" / "x.pickle"))
+    result = run_cli("fixture", "optical_flow", "-o", str(tmp_path / "no" / "x.pickle"))
     assert result.exit_code == 2
     assert "does not exist; create it first" in result.stderr
 
 
 def test_help_documents_exit_codes_and_version():
-    result = run("--help")
+    result = run_cli("--help")
     assert result.exit_code == 0
     text = " ".join(result.output.split())
     for line in (
@@ -242,9 +239,9 @@ def test_help_documents_exit_codes_and_version():
     ):
         assert line in text
     assert "fixture" in text and "inspect" in text
-    result = run("--version")
+    result = run_cli("--version")
     assert result.exit_code == 0 and __version__ in result.output
-    fixture_help = run("fixture", "--help").output
+    fixture_help = run_cli("fixture", "--help").output
     for name in MODEL_NAMES:
         assert name in " ".join(fixture_help.split()).replace("- ", "-")
 

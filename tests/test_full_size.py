@@ -9,18 +9,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from converter.cli import main
 from converter.fixtures import write_fixture
 from converter.reader import load_haiku_checkpoint
 from converter.trees import MODEL_NAMES
+from helpers import run_cli
 
 pytestmark = pytest.mark.full
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture
@@ -38,7 +33,7 @@ def full_fixture(tmp_path):
 def test_full_size_parity(full_fixture, name):
     pytest.importorskip("jax")
     pytest.importorskip("haiku")
-    result = run("verify", full_fixture(name), "--json")
+    result = run_cli("verify", full_fixture(name), "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["passed"] and report["size_preset"] == "official"
@@ -55,8 +50,8 @@ def test_full_size_round_trip_is_bit_identical(full_fixture, name, tmp_path):
     source = full_fixture(name)
     converted = tmp_path / "model.safetensors"
     exported = tmp_path / "exported.pickle"
-    assert run("convert", source, "-o", converted).exit_code == 0
-    assert run("export", converted, "-o", exported).exit_code == 0
+    assert run_cli("convert", source, "-o", converted).exit_code == 0
+    assert run_cli("export", converted, "-o", exported).exit_code == 0
     original, back = load_haiku_checkpoint(source), load_haiku_checkpoint(exported)
     assert original.params.keys() == back.params.keys()
     for module, entries in original.params.items():

@@ -7,15 +7,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
-from click.testing import CliRunner
 
 import perceiver_torch
-from converter.cli import main
+from helpers import run_cli
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
-MODELS = sorted(p.name for p in GOLDEN.iterdir() if p.is_dir())
 RELATIVE_TOLERANCE = 1e-5
 
 
@@ -53,13 +50,11 @@ def official_outputs(name: str, outputs) -> dict:
 ARGMAX = {"language_perceiver": {"output"}, "video_autoencoding": {"label"}}
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_golden_checkpoint_converts_to_deepminds_outputs(name, tmp_path):
+def test_golden_checkpoint_converts_to_deepminds_outputs(model_name, golden_path, tmp_path):
+    name = model_name  # every official model: a missing golden folder fails here
     folder = GOLDEN / name
     converted = tmp_path / f"{name}.safetensors"
-    result = CliRunner().invoke(
-        main, ["convert", str(folder / "checkpoint.pickle"), "-o", str(converted), "--json"]
-    )
+    result = run_cli("convert", golden_path(name), "-o", converted, "--json")
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["model"] == name and document["size_preset"] == "tiny"

@@ -7,15 +7,10 @@ import pickle
 import struct
 
 import pytest
-from click.testing import CliRunner
 
-from converter.cli import main
 from converter.fixtures import write_fixture
 from converter.trees import official_tree
-
-
-def run(*args: str):
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+from helpers import run_cli
 
 
 def malicious(tmp_path):
@@ -35,7 +30,7 @@ def conv_fixture(tmp_path):
 
 
 def test_inspect_text_report(conv_fixture):
-    result = run("inspect", str(conv_fixture))
+    result = run_cli("inspect", str(conv_fixture))
     assert result.exit_code == 0, result.output
     out = result.stdout
     tree = official_tree("imagenet_conv", "tiny")
@@ -58,7 +53,7 @@ def test_inspect_text_report(conv_fixture):
 
 
 def test_inspect_json_report(conv_fixture):
-    result = run("inspect", "--json", str(conv_fixture))
+    result = run_cli("inspect", "--json", str(conv_fixture))
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     tree = official_tree("imagenet_conv", "tiny")
@@ -84,7 +79,7 @@ def test_inspect_json_report(conv_fixture):
 
 
 def test_inspect_golden_unwrapped(golden_path):
-    result = run("inspect", str(golden_path("language_perceiver")))
+    result = run_cli("inspect", str(golden_path("language_perceiver")))
     assert result.exit_code == 0
     assert "params only (no wrapper)" in result.stdout
     assert "\nstate:" not in result.stdout
@@ -92,7 +87,7 @@ def test_inspect_golden_unwrapped(golden_path):
 
 def test_inspect_malicious_file(tmp_path):
     path, sentinel = malicious(tmp_path)
-    result = run("inspect", str(path))
+    result = run_cli("inspect", str(path))
     assert result.exit_code == 3
     assert "refused to load" in result.stderr and "'posix.system'" in result.stderr
     assert "posix.system  [GLOBAL, NOT ALLOWED]" in result.stdout
@@ -100,7 +95,7 @@ def test_inspect_malicious_file(tmp_path):
     assert "Traceback" not in result.output
     assert not sentinel.exists()
 
-    result = run("inspect", "--json", str(path))
+    result = run_cli("inspect", "--json", str(path))
     assert result.exit_code == 3
     document = json.loads(result.stdout)
     assert document["ok"] is False and document["safe"] is False
@@ -119,7 +114,7 @@ def test_inspect_lists_allowed_and_forbidden_globals_of_a_mixed_file(
     data += b"0cbuiltins\neval\n."  # POP the tree, push builtins.eval, STOP
     path = tmp_path / "mixed.pickle"
     path.write_bytes(data)
-    result = run("inspect", "--json", str(path))
+    result = run_cli("inspect", "--json", str(path))
     assert result.exit_code == 3
     names = {g["name"]: g["allowed"] for g in json.loads(result.stdout)["globals"]}
     assert names["builtins.eval"] is False
@@ -139,7 +134,7 @@ def test_inspect_broken_files(tmp_path, data, message):
     path = tmp_path / "broken.pickle"
     path.write_bytes(data)
     for extra in ([], ["--json"]):
-        result = run("inspect", *extra, str(path))
+        result = run_cli("inspect", *extra, str(path))
         assert result.exit_code == 3
         assert result.stderr.startswith("error: ")
         assert message in result.stderr
@@ -149,6 +144,6 @@ def test_inspect_broken_files(tmp_path, data, message):
 
 
 def test_inspect_missing_path_is_a_usage_error(tmp_path):
-    result = run("inspect", str(tmp_path / "nope.pickle"))
+    result = run_cli("inspect", str(tmp_path / "nope.pickle"))
     assert result.exit_code == 2
     assert "does not exist" in result.stderr

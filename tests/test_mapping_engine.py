@@ -200,10 +200,11 @@ def test_totality_problems_are_reported_together():
     }
     report = plan_forward(table, sources, targets, "toy")
     assert not report.ok
-    assert report.missing_sources == [("b/w", report.missing_sources[0][1])]
+    # Each problem names the rule behind it by file, line and index.
+    assert report.missing_sources == [("b/w", "test.yaml:7: rules[1]")]
     assert report.unexpected_sources == ["e/w"]
     assert report.missing_targets == ["z"]
-    assert [key for key, _ in report.unexpected_targets] == ["b.weight"]
+    assert report.unexpected_targets == [("b.weight", "test.yaml:7: rules[1]")]
     assert [m.target for m in report.mismatches] == ["a.weight"]
     assert report.dropped == [("d/counter", "unused at inference")]
     with pytest.raises(MappingError) as caught:

@@ -368,9 +368,15 @@ def test_scan_resolves_stack_global_through_the_memo(tmp_path):
     path = write(tmp_path, pickle.dumps(numpy_tree(), protocol=4))
     scan = scan_pickle(path)
     assert scan.safe and scan.protocol == 4
-    assert "numpy._core.multiarray._reconstruct" in scan.global_names
-    # numpy.dtype appears many times; later ones come back through BINGET/memo.
-    assert sum(g.name == "numpy.dtype" for g in scan.globals) >= 1
+    # Each global is named once by STACK_GLOBAL, from module strings that protocol 4
+    # memoizes: "numpy" for numpy.dtype comes back through BINGET, and so on. Every
+    # later use of a global is a memo read of the object and names nothing new.
+    assert scan.global_names == (
+        "numpy._core.multiarray._reconstruct",
+        "numpy.ndarray",
+        "numpy.dtype",
+        "numpy._core.multiarray.scalar",
+    )
     assert all(g.opcode == "STACK_GLOBAL" for g in scan.globals)
 
 
@@ -382,12 +388,11 @@ def test_scan_of_truncated_file_keeps_what_it_found(tmp_path, golden_path):
     assert scan.global_names == OFFICIAL_GLOBALS
 
 
-def test_scan_reads_nothing_it_runs(tmp_path):
-    sentinel = tmp_path / "ran"
+def test_scan_names_a_global_outside_the_allow_list(tmp_path):
+    # That scanning runs nothing is shown with real payloads in test_malicious_pickles.
     data = pickle.dumps(io.BytesIO)  # any global outside the allow-list
     scan = scan_pickle(write(tmp_path, data))
     assert scan.unsafe_globals == ("_io.BytesIO",) and not scan.safe
-    assert not sentinel.exists()
 
 
 # --------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -9,11 +10,19 @@ from perceiver_torch import linear as linear_module
 from perceiver_torch.linear import Linear
 
 
-def test_inference_path_matches_f_linear():
+def test_inference_path_matches_f_linear(monkeypatch):
+    if not linear_module._onednn_linear_enabled():
+        pytest.skip("this torch has no oneDNN linear kernel: Linear is F.linear here")
     torch.manual_seed(0)
     layer = Linear(96, 40)
     x = torch.randn(3, 17, 96)
     expected = F.linear(x, layer.weight, layer.bias)
+
+    def not_expected(*args, **kwargs):
+        raise AssertionError("the inference path fell back to F.linear")
+
+    # What is compared below must come from the oneDNN kernel, not F.linear itself.
+    monkeypatch.setattr(linear_module.F, "linear", not_expected)
     with torch.inference_mode():
         fast = layer(x)
     with torch.no_grad():

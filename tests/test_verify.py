@@ -8,20 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from converter.cli import main
 from converter.errors import ConverterError
 from converter.fixtures import write_fixture
 from converter.trees import MODEL_NAMES
 from converter.verify import STAGES, compare, require_jax
+from helpers import run_cli
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
-
-
-def run(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def test_compare_reports_relative_error_and_argmax():
@@ -48,8 +43,6 @@ def test_missing_jax_is_explained(monkeypatch):
         require_jax()
 
 
-
-
 @pytest.fixture(scope="module")
 def jax_ready():
     pytest.importorskip("jax")
@@ -61,7 +54,7 @@ def jax_ready():
 def test_verify_passes_for_every_model_with_all_stages(jax_ready, name, tmp_path):
     source = tmp_path / f"{name}.pickle"
     write_fixture(name, source, size="tiny", seed=5, protocol=3, container="flatmapping")
-    result = run("verify", source, "--json", "--batch", "2", "--seed", "3")
+    result = run_cli("verify", source, "--json", "--batch", "2", "--seed", "3")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["passed"] and report["model"] == name and report["batch"] == 2
@@ -108,11 +101,11 @@ def _broken_mapping(tmp_path: Path) -> Path:
 def test_a_wrong_mapping_is_caught_by_parity_and_nothing_is_written(jax_ready, tmp_path):
     source = GOLDEN / "imagenet_fourier" / "checkpoint.pickle"
     broken = _broken_mapping(tmp_path)
-    result = run("verify", source, "--mapping", broken)
+    result = run_cli("verify", source, "--mapping", broken)
     assert result.exit_code == 1
     assert "FAIL" in result.stderr and "FAILED" in result.stderr
     out = tmp_path / "model.safetensors"
-    result = run("convert", source, "-o", out, "--mapping", broken, "--verify")
+    result = run_cli("convert", source, "-o", out, "--mapping", broken, "--verify")
     assert result.exit_code == 1
     assert "outside tolerance" in result.stderr
     assert not out.exists()
@@ -123,7 +116,7 @@ def test_convert_with_verify_stores_the_parity_result(jax_ready, tmp_path):
     from safetensors import safe_open
 
     out = tmp_path / "model.safetensors"
-    result = run("convert", GOLDEN / "video_autoencoding" / "checkpoint.pickle", "-o", out,
+    result = run_cli("convert", GOLDEN / "video_autoencoding" / "checkpoint.pickle", "-o", out,
                  "--verify", "--json")
     assert result.exit_code == 0, result.output
     with safe_open(str(out), framework="pt") as reader:
@@ -137,7 +130,7 @@ def test_convert_with_verify_stores_the_parity_result(jax_ready, tmp_path):
 
 @pytest.mark.jax
 def test_fourier_exception_is_backed_by_injected_reference_features(jax_ready):
-    result = run("verify", GOLDEN / "video_autoencoding" / "checkpoint.pickle", "--json")
+    result = run_cli("verify", GOLDEN / "video_autoencoding" / "checkpoint.pickle", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     by_kind = {(c["kind"], c["name"]): c for c in report["comparisons"]}
@@ -171,7 +164,7 @@ def test_config_override_means_the_same_in_both_implementations(jax_ready):
     # Heads cannot be read from shapes; --config sets them for JAX and PyTorch alike
     # (the encoder's cross-attention; the official flow decoder keeps one head).
     source = GOLDEN / "optical_flow" / "checkpoint.pickle"
-    result = run("verify", source, "--config", "num_cross_attention_heads=2", "--json")
+    result = run_cli("verify", source, "--config", "num_cross_attention_heads=2", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["passed"]
     # And the override really changes the computation: the golden outputs (1 head)

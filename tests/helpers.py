@@ -1,0 +1,18 @@
+"""Helpers that several test modules share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from click.testing import CliRunner, Result
+
+from converter.cli import main
+
+
+def run_cli(*args: Any) -> Result:
+    """Runs ``perceiver-convert ARGS`` in-process (stdout and stderr kept apart).
+
+    An exception escaping the CLI fails the test instead of turning into exit code 1,
+    which would be indistinguishable from a parity failure.
+    """
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
