@@ -18,7 +18,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,14 +45,10 @@ from converter.outputs import (
     write_pt,
     write_safetensors_streaming,
 )
+from converter.progress import Progress, quiet
 from converter.reader import HaikuCheckpoint, load_haiku_checkpoint
 from perceiver_torch.configs import config_from_dict, config_to_dict
 
-Progress = Callable[[str], None]
-
-
-def _quiet(message: str) -> None:
-    pass
 
 
 @dataclass
@@ -323,7 +319,6 @@ def write_converted(
     out: Path,
     dtype: str = "float32",
     parity: Optional[Mapping[str, Any]] = None,
-    progress: Progress = _quiet,
 ) -> Dict[str, str]:
     """Writes the converted weights atomically; returns the metadata written."""
     out = Path(out)
@@ -352,7 +347,7 @@ def convert(
     config: Optional[Mapping[str, Any]] = None,
     mapping: Optional[str | os.PathLike] = None,
     verify: bool = False,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> ConversionResult:
     """Converts an official checkpoint to a perceiver_torch checkpoint.
 
@@ -402,7 +397,7 @@ def convert(
         out = Path(out)
         fmt = output_format(out)
         progress(f"writing {out}")
-        metadata = write_converted(prepared, out, dtype, parity, progress)
+        metadata = write_converted(prepared, out, dtype, parity)
     else:
         metadata = build_metadata(prepared, dtype, parity)
         state_dict = prepared.state_dict(TORCH_DTYPES[dtype])

@@ -12,15 +12,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from converter.errors import ConverterError
+from converter.progress import Progress, quiet
 
-Progress = Callable[[str], None]
-
-
-def _quiet(message: str) -> None:
-    pass
 
 
 def _jax_available() -> bool:
@@ -111,7 +107,7 @@ def run_demo(
     size: str = "tiny",
     seed: int = 0,
     workdir: Optional[Path] = None,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> List[Dict[str, Any]]:
     """Runs :func:`demo_one` for each model; files go to ``workdir`` or a temporary folder."""
     if not _jax_available():

@@ -256,9 +256,6 @@ class MappingTable:
     def by_target(self) -> Dict[str, Rule]:
         return {rule.target: rule for rule in self.rules}
 
-    @property
-    def by_source(self) -> Dict[str, Rule]:
-        return {rule.source: rule for rule in self.rules}
 
 
 @dataclass(frozen=True)
@@ -564,7 +561,7 @@ def _check_str(node: Any, key: str, where: _Where) -> None:
         )
 
 
-def _check_rule(node: Any, where: _Where, in_block: bool) -> None:
+def _check_rule(node: Any, where: _Where) -> None:
     if isinstance(node, dict) and "use" in node:
         _check_keys(node, _USE_KEYS, {"use"}, where)
         _check_str(node, "use", where)
@@ -682,9 +679,7 @@ def parse_mapping(
             if not isinstance(block_rules, list) or not block_rules:
                 raise _fail(at, "a block is a non-empty list of rules")
             for index, rule in enumerate(block_rules):
-                _check_rule(
-                    rule, at.at(rule, None, f"blocks.{block_name}[{index}]"), True
-                )
+                _check_rule(rule, at.at(rule, None, f"blocks.{block_name}[{index}]"))
             blocks[block_name] = (block_rules, at)
 
     for include in root.get("include") or []:
@@ -712,7 +707,7 @@ def parse_mapping(
             where.at(root, "rules", "rules"), "'rules' must be a non-empty list"
         )
     for index, rule in enumerate(rules):
-        _check_rule(rule, where.at(rule, None, f"rules[{index}]"), False)
+        _check_rule(rule, where.at(rule, None, f"rules[{index}]"))
     drops = root.get("drop") or []
     if not isinstance(drops, list):
         raise _fail(where.at(root, "drop", "drop"), "'drop' must be a list")

@@ -16,7 +16,7 @@ import queue
 import struct
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -47,8 +47,6 @@ _NUMPY_TO_TORCH: Mapping[str, torch.dtype] = {
     "int64": torch.int64,
     "int32": torch.int32,
 }
-
-OUTPUT_FORMATS = ("safetensors", "pt")
 
 
 def output_format(path: Path) -> str:
@@ -98,7 +96,6 @@ def write_safetensors_streaming(
     layout: Iterable[Tuple[str, Tuple[int, ...], torch.dtype]],
     arrays: Iterator[Tuple[str, np.ndarray]],
     metadata: Mapping[str, str],
-    progress: Optional[Callable[[int], None]] = None,
 ) -> int:
     """Writes a safetensors file from a known layout and a stream of arrays.
 
@@ -151,8 +148,6 @@ def write_safetensors_streaming(
                 target = torch.from_numpy(buffer[:size]).view(want_dtype)
                 target.view(source.shape).copy_(source)
                 writer.write(_tensor_bytes(target), release=buffer)
-            if progress is not None:
-                progress(1)
         if next(expected, None) is not None:
             raise RuntimeError("internal error: fewer tensors than planned")
 

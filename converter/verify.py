@@ -27,13 +27,9 @@ import torch
 
 import perceiver_torch
 from converter.errors import ConverterError, ParityError
+from converter.progress import Progress, quiet
 
-Progress = Callable[[str], None]
 STAGES = ("preprocessed", "latents", "decoder_output")
-
-
-def _quiet(message: str) -> None:
-    pass
 
 
 def require_jax() -> Any:
@@ -256,22 +252,6 @@ def _flow_case(config: Any, rng: np.random.Generator, batch: int) -> Case:
     )
 
 
-def video_chunk(config: Any, chunk: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Flat indices of one of the colab's decoding chunks: (image points, audio patches)."""
-    frames = config.num_frames
-    height, width = config.image_size
-    image_points = frames * height * width // config.num_chunks
-    audio_patches = (
-        frames
-        * config.audio_samples_per_frame
-        // config.samples_per_patch
-        // config.num_chunks
-    )
-    image = np.arange(chunk * image_points, (chunk + 1) * image_points)
-    audio = np.arange(chunk * audio_patches, (chunk + 1) * audio_patches)
-    return image, audio
-
-
 def _video_case(config: Any, rng: np.random.Generator, batch: int) -> Case:
     frames = config.num_frames
     height, width = config.image_size
@@ -279,22 +259,19 @@ def _video_case(config: Any, rng: np.random.Generator, batch: int) -> Case:
     images = rng.uniform(0, 1, (batch, frames, height, width, 3)).astype(np.float32)
     audio = (0.3 * rng.standard_normal((batch, samples, 1))).astype(np.float32)
     # A chunk in the middle of the clip, so the query positions are not the first ones.
-    image_index, audio_index = video_chunk(config, config.num_chunks // 2)
+    subsampling = require_jax().video_subsampling(config, config.num_chunks // 2)
     return Case(
         jax_inputs={
             "images": images,
             "audio": audio,
-            "subsampling": {
-                "image": image_index.astype(np.int32),
-                "audio": audio_index.astype(np.int32),
-            },
+            "subsampling": subsampling,
         },
         torch_inputs={
             "images": torch.from_numpy(images.transpose(0, 1, 4, 2, 3).copy()),
             "audio": torch.from_numpy(audio[..., 0].copy()),
             "subsample": {
-                "image": torch.from_numpy(image_index),
-                "audio": torch.from_numpy(audio_index),
+                key: torch.from_numpy(index.astype(np.int64))
+                for key, index in subsampling.items()
             },
         },
         outputs=lambda out: {
@@ -383,7 +360,7 @@ def verify_prepared(
     *,
     seed: int = 0,
     batch: int = 1,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> ParityReport:
     """Compares the converted model of a :class:`~converter.conversion.PreparedConversion`."""
     require_jax()
@@ -444,7 +421,7 @@ def verify(
     mapping: Optional[Any] = None,
     seed: int = 0,
     batch: int = 1,
-    progress: Progress = _quiet,
+    progress: Progress = quiet,
 ) -> ParityReport:
     """Converts ``path`` in memory and compares it with the JAX reference (see module doc)."""
     from converter.conversion import prepare

@@ -33,16 +33,14 @@ from typing import Any, Dict, Mapping, Optional, Union
 import numpy as np
 
 from converter.atomic import HashingWriter, atomic_write
+# The plain numeric dtypes the official layout carries: exactly what the reader accepts.
+from converter.reader import _NUMERIC_CODES
 
 __all__ = ["CONTAINERS", "PROTOCOLS", "SavedCheckpoint", "save_haiku_checkpoint"]
 
 PROTOCOLS = (2, 3, 4, 5)
 CONTAINERS = ("flatmapping", "dict")
 
-# Plain numeric dtypes the official layout can carry (what the reader accepts).
-_NUMERIC_CODES = frozenset(
-    ["b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8"]
-)
 
 
 class _OfficialGlobal(type):
