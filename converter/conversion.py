@@ -12,13 +12,12 @@ meta device, no memory); then convert and write tensor by tensor.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -142,36 +141,9 @@ class ConversionResult:
         }
 
 
-_INIT_FUNCTIONS = (
-    "trunc_normal_",
-    "normal_",
-    "uniform_",
-    "kaiming_uniform_",
-    "xavier_uniform_",
-    "zeros_",
-    "ones_",
-    "constant_",
-)
-
-
-@contextlib.contextmanager
-def _no_weight_init() -> Iterator[None]:
-    """Makes torch.nn.init's fills no-ops: only shapes are wanted here, and random
-    initialisation on the meta device runs through slow decompositions (a second
-    for the language model's embedding)."""
-    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
-    try:
-        for name in _INIT_FUNCTIONS:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
-
-
 def model_targets(name: str, config: Any) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     """Shapes and dtypes of the model's state dict, from a model built on the meta device."""
-    with _no_weight_init(), torch.device("meta"):
+    with torch.device("meta"):
         model = perceiver_torch.build(name, config)
     return {
         key: (tuple(value.shape), str(value.dtype).replace("torch.", ""))

@@ -132,7 +132,12 @@ class TextPreprocessor(nn.Module):
         super().__init__()
         self.max_seq_len = max_seq_len
         self.num_channels = d_model
-        self.embedding = nn.Embedding(vocab_size, d_model)
+        # Given its (uninitialised) weight, nn.Embedding skips its own normal_ init,
+        # which the line after would overwrite anyway (and which, on the meta device,
+        # costs a second of one-off imports).
+        self.embedding = nn.Embedding(
+            vocab_size, d_model, _weight=torch.empty(vocab_size, d_model)
+        )
         nn.init.trunc_normal_(self.embedding.weight, std=0.02, a=-0.04, b=0.04)
         self.position_encoding = TrainablePositionEncoding(
             index_dim=max_seq_len, num_channels=d_model
