@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import CrossAttentionLayer, SelfAttentionLayer
+from .position_encoding import truncated_normal_
 
 
 class PerceiverEncoder(nn.Module):
@@ -62,12 +63,7 @@ class PerceiverEncoder(nn.Module):
         super().__init__()
         self.num_blocks = num_blocks
         self.latents = nn.Parameter(torch.empty(num_latents, latent_channels))
-        nn.init.trunc_normal_(
-            self.latents,
-            std=latent_init_scale,
-            a=-2 * latent_init_scale,
-            b=2 * latent_init_scale,
-        )
+        truncated_normal_(self.latents, latent_init_scale)
         self.cross_attention = CrossAttentionLayer(
             q_channels=latent_channels,
             kv_channels=input_channels,

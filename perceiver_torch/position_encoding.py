@@ -125,35 +125,11 @@ def gather_features(
     return torch.cat((pos_parts if concat_pos else []) + sin_parts + cos_parts, dim=-1)
 
 
-def fourier_features(
-    axis_positions: Sequence[Tensor],
-    coords: Tensor,
-    *,
-    num_bands: int,
-    max_resolution: Sequence[int],
-    concat_pos: bool = True,
-    sine_only: bool = False,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Fourier features of points given by per-axis coordinates.
-
-    axis_positions: for each of the d axes, the (n_d,) float64 position of every index
-    along it; coords: (n, d) int64 index of each point along each axis.
-    Returns (n, C) in ``dtype`` with C = ``fourier_channels(d, num_bands)``, ordered
-    ``[pos_1..pos_d, sin(pi*pos_d*f_k) (d-major, then k), cos(...)]``.
-    """
-    if len(axis_positions) != len(max_resolution):
-        raise ValueError(
-            f"{len(axis_positions)} index dimensions but max_resolution "
-            f"{tuple(max_resolution)} has {len(max_resolution)}"
-        )
-    tables = [
-        axis_table(
-            p, num_bands=num_bands, resolution=r, dtype=dtype, device=coords.device
-        )
-        for p, r in zip(axis_positions, max_resolution)
-    ]
-    return gather_features(tables, coords, concat_pos=concat_pos, sine_only=sine_only)
+def truncated_normal_(tensor: Tensor, stddev: float = 0.02) -> Tensor:
+    """Fills ``tensor`` like Haiku's ``TruncatedNormal(stddev)``: normal(0, stddev)
+    cut at +-2 stddev (the reference's init of latents, learned positions, embeddings,
+    paddings and mask tokens)."""
+    return nn.init.trunc_normal_(tensor, std=stddev, a=-2 * stddev, b=2 * stddev)
 
 
 class TrainablePositionEncoding(nn.Module):
@@ -167,9 +143,8 @@ class TrainablePositionEncoding(nn.Module):
 
     def __init__(self, *, index_dim: int, num_channels: int, init_scale: float = 0.02):
         super().__init__()
-        self.embeddings = nn.Parameter(torch.empty(index_dim, num_channels))
-        nn.init.trunc_normal_(
-            self.embeddings, std=init_scale, a=-2 * init_scale, b=2 * init_scale
+        self.embeddings = nn.Parameter(
+            truncated_normal_(torch.empty(index_dim, num_channels), init_scale)
         )
 
     @property

@@ -19,7 +19,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .linear import Linear
-from .position_encoding import FourierPositionEncoding, TrainablePositionEncoding
+from .position_encoding import (
+    FourierPositionEncoding,
+    TrainablePositionEncoding,
+    truncated_normal_,
+)
 
 # Official mask probabilities of the video autoencoder's multimodal preprocessor.
 VIDEO_MASK_PROBS: Mapping[str, float] = {"audio": 0.0, "image": 0.0, "label": 1.0}
@@ -138,7 +142,7 @@ class TextPreprocessor(nn.Module):
         self.embedding = nn.Embedding(
             vocab_size, d_model, _weight=torch.empty(vocab_size, d_model)
         )
-        nn.init.trunc_normal_(self.embedding.weight, std=0.02, a=-0.04, b=0.04)
+        truncated_normal_(self.embedding.weight)
         self.position_encoding = TrainablePositionEncoding(
             index_dim=max_seq_len, num_channels=d_model
         )
@@ -366,7 +370,32 @@ class OneHotPreprocessor(nn.Module):
         return label[:, None, :]
 
 
-class MultimodalPreprocessor(nn.Module):
+class PaddedModalities(nn.Module):
+    """Per-modality modules in sorted name order, each with a trainable padding vector
+    that brings its channels to a common width (the reference's multimodal
+    preprocessor and decoder queries both pad this way).
+
+    Keys: ``modalities.{m}.*``, ``padding.{m}`` (width - C_m,), where
+    width = ``num_channels`` = max_m C_m + min_padding.
+    """
+
+    def __init__(self, *, modalities: Mapping[str, nn.Module], min_padding: int) -> None:
+        super().__init__()
+        self.modalities = nn.ModuleDict(dict(sorted(modalities.items())))
+        self.num_channels = (
+            max(m.num_channels for m in modalities.values()) + min_padding
+        )
+        self.padding = nn.ParameterDict(
+            {
+                name: nn.Parameter(
+                    truncated_normal_(torch.empty(self.num_channels - m.num_channels))
+                )
+                for name, m in self.modalities.items()
+            }
+        )
+
+
+class MultimodalPreprocessor(PaddedModalities):
     """Preprocesses each modality, pads it to a common width with a trainable vector,
     optionally replaces tokens by a trainable mask token, and concatenates the
     modalities in sorted order (audio, image, label).
@@ -393,21 +422,14 @@ class MultimodalPreprocessor(nn.Module):
         min_padding: int,
         mask_probs: Optional[Mapping[str, float]] = None,
     ) -> None:
-        super().__init__()
-        self.modalities = nn.ModuleDict(dict(sorted(modalities.items())))
-        self.num_channels = (
-            max(m.num_channels for m in modalities.values()) + min_padding
-        )
+        super().__init__(modalities=modalities, min_padding=min_padding)
         self.mask_probs = {m: float((mask_probs or {}).get(m, 0.0)) for m in modalities}
-        self.padding = nn.ParameterDict()
-        self.mask_tokens = nn.ParameterDict()
-        for name, module in self.modalities.items():
-            pad = torch.empty(self.num_channels - module.num_channels)
-            token = torch.empty(self.num_channels)
-            nn.init.trunc_normal_(pad, std=0.02, a=-0.04, b=0.04)
-            nn.init.trunc_normal_(token, std=0.02, a=-0.04, b=0.04)
-            self.padding[name] = nn.Parameter(pad)
-            self.mask_tokens[name] = nn.Parameter(token)
+        self.mask_tokens = nn.ParameterDict(
+            {
+                name: nn.Parameter(truncated_normal_(torch.empty(self.num_channels)))
+                for name in self.modalities
+            }
+        )
 
     def pad_and_mask(self, name: str, x: Tensor) -> Tensor:
         """Pads one modality's tokens (B, N, C_m) to (B, N, width) and applies its mask."""

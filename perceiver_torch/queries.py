@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .position_encoding import FourierPositionEncoding, TrainablePositionEncoding
-from .preprocessors import concat_position
+from .preprocessors import PaddedModalities, concat_position
 
 
 class FourierQueries(nn.Module):
@@ -108,7 +108,7 @@ class TrainableQueries(TrainablePositionEncoding):
         return self.embeddings.shape[0]
 
 
-class MultimodalQueries(nn.Module):
+class MultimodalQueries(PaddedModalities):
     """Per-modality queries, each padded with a trainable vector to a common width,
     concatenated in sorted modality order.
 
@@ -119,20 +119,6 @@ class MultimodalQueries(nn.Module):
         modalities: {name: query module with ``num_channels`` and ``features()``}.
         min_padding: minimum padding (2 in the video model).
     """
-
-    def __init__(
-        self, *, modalities: Mapping[str, nn.Module], min_padding: int
-    ) -> None:
-        super().__init__()
-        self.modalities = nn.ModuleDict(dict(sorted(modalities.items())))
-        self.num_channels = (
-            max(m.num_channels for m in modalities.values()) + min_padding
-        )
-        self.padding = nn.ParameterDict()
-        for name, module in self.modalities.items():
-            pad = torch.empty(self.num_channels - module.num_channels)
-            nn.init.trunc_normal_(pad, std=0.02, a=-0.04, b=0.04)
-            self.padding[name] = nn.Parameter(pad)
 
     def modality_queries(
         self,

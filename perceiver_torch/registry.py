@@ -17,13 +17,17 @@ from .optical_flow import OpticalFlow
 from .perceiver import PerceiverIO
 from .video_autoencoding import VideoAutoencoder
 
+# Registry name -> class, in the official order; each class states its own name.
 MODEL_CLASSES: Mapping[str, type] = {
-    "language_perceiver": LanguagePerceiver,
-    "imagenet_learned": ImageNetLearned,
-    "imagenet_fourier": ImageNetFourier,
-    "imagenet_conv": ImageNetConv,
-    "optical_flow": OpticalFlow,
-    "video_autoencoding": VideoAutoencoder,
+    cls.model_name: cls
+    for cls in (
+        LanguagePerceiver,
+        ImageNetLearned,
+        ImageNetFourier,
+        ImageNetConv,
+        OpticalFlow,
+        VideoAutoencoder,
+    )
 }
 
 
