@@ -30,6 +30,7 @@ class LanguagePerceiver(PerceiverIO):
     # Eval-time shortcut over trailing padding (off while capture_stages records the
     # stages of the plain computation).
     skip_padding = True
+    shortcut_flags = ("skip_padding",)
 
     def __init__(self, config: Optional[LanguagePerceiverConfig] = None) -> None:
         config = config or LanguagePerceiverConfig()

@@ -11,7 +11,7 @@ their inputs, queries and outputs look.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -105,10 +105,13 @@ class PerceiverIO(nn.Module):
     Subclasses set ``input_preprocessor``, ``encoder``, ``output_queries``, ``decoder``
     and ``output_postprocessor`` (modules without parameters may be absent) and define
     ``forward`` with their own inputs. ``config`` holds the task model's config and
-    ``model_name`` its registry name.
+    ``model_name`` its registry name. ``shortcut_flags`` names the boolean attributes
+    that switch on eval-time shortcuts (computations equal to the reference's but
+    shaped differently), which :func:`capture_stages` turns off while it records.
     """
 
     model_name: str = ""
+    shortcut_flags: Tuple[str, ...] = ()
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -186,11 +189,7 @@ def capture_stages(model: PerceiverIO) -> Iterator[Dict[str, Tensor]]:
         model.decoder.register_forward_hook(on_decoder_output),
     ]
     # Shortcuts that skip or fold the plain computation are off meanwhile.
-    shortcuts = {
-        name: getattr(model, name)
-        for name in ("fused_decoding", "skip_padding")
-        if getattr(model, name, None) is not None
-    }
+    shortcuts = {name: getattr(model, name) for name in model.shortcut_flags}
     for name in shortcuts:
         setattr(model, name, False)
     try:

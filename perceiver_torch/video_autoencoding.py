@@ -46,6 +46,7 @@ class VideoAutoencoder(PerceiverIO):
     """
 
     model_name = "video_autoencoding"
+    shortcut_flags = ("fused_decoding",)
 
     def __init__(self, config: Optional[VideoAutoencodingConfig] = None) -> None:
         config = config or VideoAutoencodingConfig()

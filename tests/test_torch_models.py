@@ -331,6 +331,12 @@ def test_capture_stages(name):
     inputs = tiny_inputs(name, batch=1)
     if name == "video_autoencoding":
         inputs = inputs + ({"image": torch.arange(10), "audio": torch.arange(3)},)
+    if name == "language_perceiver":
+        # Trailing padding, which the eval-time shortcut would skip: the stages must
+        # still be those of the whole padded sequence.
+        mask = torch.ones_like(inputs[0])
+        mask[:, c.max_seq_len // 2 :] = 0
+        inputs = inputs + (mask,)
     with torch.no_grad(), pt.capture_stages(model) as stages:
         model(*inputs)
     assert set(stages) == {"preprocessed", "latents", "decoder_output"}
@@ -357,6 +363,8 @@ def test_capture_stages(name):
     assert not model.encoder._forward_hooks and not model.decoder._forward_hooks
     if name == "video_autoencoding":
         assert model.fused_decoding is True
+    if name == "language_perceiver":
+        assert model.skip_padding is True
 
 
 # -- load ------------------------------------------------------------------------
