@@ -59,7 +59,11 @@ class ClassificationPostprocessor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.projection is not None:
             x = self.projection(x)
-        return x[:, 0]
+        return self.shape_output(x)
+
+    def shape_output(self, projected: Tensor) -> Tensor:
+        """The part after the projection: (B, 1, num_classes) -> (B, num_classes)."""
+        return projected[:, 0]
 
 
 class ProjectionPostprocessor(nn.Module):
@@ -75,7 +79,11 @@ class ProjectionPostprocessor(nn.Module):
         self.projection = Linear(in_channels, num_outputs)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.projection(x)
+        return self.shape_output(self.projection(x))
+
+    def shape_output(self, projected: Tensor) -> Tensor:
+        """The part after the projection: nothing (B, M, num_outputs)."""
+        return projected
 
 
 class AudioPostprocessor(nn.Module):
@@ -92,7 +100,11 @@ class AudioPostprocessor(nn.Module):
         self.projection = Linear(in_channels, samples_per_patch)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.projection(x).reshape(x.shape[0], -1)
+        return self.shape_output(self.projection(x))
+
+    def shape_output(self, projected: Tensor) -> Tensor:
+        """The part after the projection: (B, M, spp) -> (B, M * spp)."""
+        return projected.reshape(projected.shape[0], -1)
 
 
 class FlowPostprocessor(nn.Module):

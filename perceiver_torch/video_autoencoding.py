@@ -192,14 +192,12 @@ class VideoAutoencoder(PerceiverIO):
             decoded = self.decoder(queries, latents)
             return self.output_postprocessor(decoded, sizes)
         out = {}
+        post = self.output_postprocessor.modalities
         for name, module in self.output_queries.modalities.items():
             features = module.features(subsample.get(name), device=latents.device)
-            y = folded(name, features.unsqueeze(0).expand(batch, -1, -1))
-            if name == "audio":
-                y = y.reshape(batch, -1)
-            elif name == "label":
-                y = y[:, 0]
-            out[name] = y
+            # folded() computes through the projection; the rest is the postprocessor's.
+            projected = folded(name, features.unsqueeze(0).expand(batch, -1, -1))
+            out[name] = post[name].shape_output(projected)
         return out
 
     def decode(
