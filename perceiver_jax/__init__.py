@@ -19,6 +19,7 @@ from perceiver_jax.models import (
     INPUT_NAMES,
     MODEL_NAMES,
     TRAINING_ONLY_FIELDS,
+    _check_name,
     config_fields,
     get_model,
     imagenet_conv,
@@ -36,10 +37,7 @@ from perceiver_jax.models import (
 
 def input_names(name: str) -> Tuple[str, ...]:
     """The keyword inputs ``apply`` requires for model ``name``."""
-    if name not in INPUT_NAMES:
-        raise ValueError(
-            f"unknown model {name!r}; expected one of: {', '.join(MODEL_NAMES)}"
-        )
+    _check_name(name)
     return INPUT_NAMES[name]
 
 

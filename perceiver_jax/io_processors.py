@@ -137,7 +137,27 @@ class Conv2DDownsample(hk.Module):
         return x
 
 
-class ImagePreprocessor(hk.Module):
+class _PositionEncodedPreprocessor(hk.Module):
+    """What the image and audio preprocessors share: appending the position encoding
+    ``self._position_encoding`` (a ``PositionEncodingSpec``) to their tokens."""
+
+    _position_encoding: pe.PositionEncodingSpec
+
+    def _build_network_inputs(self, inputs: jax.Array) -> Tuple[jax.Array, jax.Array]:
+        """Flattens [B, *grid, C] to [B, N, C] and appends the position encoding.
+
+        Keeps this name: the encodings created here are stored under
+        ``<preprocessor>/~_build_network_inputs/``.
+        """
+        batch = inputs.shape[0]
+        grid = inputs.shape[1:-1]
+        if inputs.ndim > 3:
+            inputs = jnp.reshape(inputs, [batch, math.prod(grid), -1])
+        pos = self._position_encoding.build(grid)(batch_size=batch)
+        return jnp.concatenate([inputs, pos], axis=-1), inputs
+
+
+class ImagePreprocessor(_PositionEncodedPreprocessor):
     """Image (or video) featurisation plus a concatenated position encoding.
 
     ``prep_type``:
@@ -185,19 +205,6 @@ class ImagePreprocessor(hk.Module):
         elif prep_type not in ("patches", "pixels"):
             raise ValueError(f"unknown prep_type {prep_type!r}")
 
-    def _build_network_inputs(self, inputs: jax.Array) -> Tuple[jax.Array, jax.Array]:
-        """Flattens [B, *grid, C] to [B, N, C] and appends the position encoding.
-
-        Keeps this name: the encodings created here are stored under
-        ``<preprocessor>/~_build_network_inputs/``.
-        """
-        batch = inputs.shape[0]
-        grid = inputs.shape[1:-1]
-        if inputs.ndim > 3:
-            inputs = jnp.reshape(inputs, [batch, math.prod(grid), -1])
-        pos = self._position_encoding.build(grid)(batch_size=batch)
-        return jnp.concatenate([inputs, pos], axis=-1), inputs
-
     def __call__(
         self, inputs: jax.Array, is_training: bool = False
     ) -> Tuple[jax.Array, jax.Array]:
@@ -227,7 +234,7 @@ class ImagePreprocessor(hk.Module):
         return self._build_network_inputs(inputs)
 
 
-class AudioPreprocessor(hk.Module):
+class AudioPreprocessor(_PositionEncodedPreprocessor):
     """Audio [B, S, 1] -> patches of ``samples_per_patch`` consecutive samples plus a
     concatenated position encoding."""
 
@@ -240,11 +247,6 @@ class AudioPreprocessor(hk.Module):
         super().__init__(name=name)
         self._samples_per_patch = samples_per_patch
         self._position_encoding = position_encoding
-
-    def _build_network_inputs(self, inputs: jax.Array) -> Tuple[jax.Array, jax.Array]:
-        batch, grid = inputs.shape[0], inputs.shape[1:-1]
-        pos = self._position_encoding.build(grid)(batch_size=batch)
-        return jnp.concatenate([inputs, pos], axis=-1), inputs
 
     def __call__(
         self, inputs: jax.Array, is_training: bool = False
@@ -303,13 +305,8 @@ class MultimodalPreprocessor(hk.Module):
         width = max(t.shape[2] for t in tokens.values()) + self._min_padding_size
         padded, sizes = {}, {}
         for modality, x in tokens.items():
-            batch, n, c = x.shape
-            pad = pe.TrainablePositionEncoding(
-                1, num_channels=width - c, init_scale=0.02, name=f"{modality}_padding"
-            )(batch_size=batch)
-            x = jnp.concatenate(
-                [x, jnp.broadcast_to(pad, [batch, n, width - c])], axis=2
-            )
+            batch, n, _ = x.shape
+            x = pe.pad_to_width(x, width, name=f"{modality}_padding")
             if self._mask_probs is not None:
                 token = pe.TrainablePositionEncoding(
                     1,

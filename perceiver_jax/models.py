@@ -35,14 +35,6 @@ from perceiver_jax import position_encoding as pe
 Stages = Dict[str, jax.Array]
 ForwardFn = Callable[..., Tuple[Any, Stages]]
 
-MODEL_NAMES: Tuple[str, ...] = (
-    "language_perceiver",
-    "imagenet_learned",
-    "imagenet_fourier",
-    "imagenet_conv",
-    "optical_flow",
-    "video_autoencoding",
-)
 
 # Keyword inputs of ``apply`` per model (all required).
 INPUT_NAMES: Mapping[str, Tuple[str, ...]] = {
@@ -163,7 +155,7 @@ def language_perceiver(
 
 def _imagenet_forward(
     make_preprocessor: Callable[[], io.ImagePreprocessor],
-    check_images: Callable[[Any], None],
+    image_size: Optional[Tuple[int, int]],
     *,
     num_latents: int,
     d_latents: int,
@@ -175,7 +167,8 @@ def _imagenet_forward(
     decoder_query_residual: bool,
 ) -> ForwardFn:
     def forward(images: jax.Array) -> Tuple[jax.Array, Stages]:
-        check_images(images)
+        # image_size None: any height and width.
+        _check_shape("images", images, (None, *(image_size or (None, None)), 3))
         preprocessor = make_preprocessor()
         encoder = m.PerceiverEncoder(
             num_self_attends_per_block=num_self_attends_per_block,
@@ -203,18 +196,6 @@ def _imagenet_forward(
         return logits, _stages(x, z, raw)
 
     return forward
-
-
-def _image_checker(
-    size: Optional[Tuple[int, int]],
-) -> Callable[[Any], None]:
-    def check(images: Any) -> None:
-        if size is None:
-            _check_shape("images", images, (None, None, None, 3))
-        else:
-            _check_shape("images", images, (None, size[0], size[1], 3))
-
-    return check
 
 
 def imagenet_learned(
@@ -253,7 +234,7 @@ def imagenet_learned(
 
     return _imagenet_forward(
         make_preprocessor,
-        _image_checker(image_size),
+        image_size,
         num_latents=num_latents,
         d_latents=d_latents,
         num_self_attends_per_block=num_self_attends_per_block,
@@ -296,7 +277,7 @@ def imagenet_fourier(
 
     return _imagenet_forward(
         make_preprocessor,
-        _image_checker(None),
+        None,
         num_latents=num_latents,
         d_latents=d_latents,
         num_self_attends_per_block=num_self_attends_per_block,
@@ -342,7 +323,7 @@ def imagenet_conv(
 
     return _imagenet_forward(
         make_preprocessor,
-        _image_checker(None),
+        None,
         num_latents=num_latents,
         d_latents=d_latents,
         num_self_attends_per_block=num_self_attends_per_block,
@@ -646,6 +627,7 @@ BUILDERS: Mapping[str, Callable[..., ForwardFn]] = {
     "optical_flow": optical_flow,
     "video_autoencoding": video_autoencoding,
 }
+MODEL_NAMES: Tuple[str, ...] = tuple(BUILDERS)
 
 
 def config_fields(name: str) -> Dict[str, Any]:

@@ -569,19 +569,13 @@ class MultimodalDecoder(hk.Module):
             for modality, decoder in self._modalities.items()
         }
         width = max(q.shape[2] for q in queries.values()) + self._min_padding_size
-        padded, sizes = [], {}
-        for modality in sorted(queries):
-            q = queries[modality]
-            q = jnp.reshape(q, [q.shape[0], math.prod(q.shape[1:-1]), q.shape[-1]])
-            pad = pe.TrainablePositionEncoding(
-                1,
-                num_channels=width - q.shape[2],
-                init_scale=0.02,
-                name=f"{modality}_padding",
-            )(q.shape[0])
-            pad = jnp.broadcast_to(pad, [q.shape[0], q.shape[1], width - q.shape[2]])
-            padded.append(jnp.concatenate([q, pad], axis=2))
-            sizes[modality] = q.shape[1]
+        # Every modality's decoder_query is already [B, M_m, C_m] (subsampled points
+        # come flat), so no reshape is needed before padding.
+        padded = [
+            pe.pad_to_width(queries[m], width, name=f"{m}_padding")
+            for m in sorted(queries)
+        ]
+        sizes = {m: queries[m].shape[1] for m in sorted(queries)}
         return jnp.concatenate(padded, axis=1), sizes
 
     def __call__(self, query: jax.Array, z: jax.Array) -> jax.Array:

@@ -163,6 +163,19 @@ class TrainablePositionEncoding(hk.Module):
         return jnp.broadcast_to(table[None], (batch_size,) + table.shape)
 
 
+def pad_to_width(x: jax.Array, width: int, name: str) -> jax.Array:
+    """[B, N, C] -> [B, N, width]: appends the official multimodal padding, a trainable
+    one-position encoding of width - C channels (module ``name``, created in the
+    calling module's scope) shared by every token."""
+    batch, n, channels = x.shape
+    pad = TrainablePositionEncoding(
+        1, num_channels=width - channels, init_scale=0.02, name=name
+    )(batch)
+    return jnp.concatenate(
+        [x, jnp.broadcast_to(pad, [batch, n, width - channels])], axis=2
+    )
+
+
 class FourierPositionEncoding(hk.Module):
     """Parameter-free Fourier features of a grid (or of given positions)."""
 
@@ -194,11 +207,7 @@ class FourierPositionEncoding(hk.Module):
             grid = linear_positions(self._index_dims)
             grid = jnp.broadcast_to(grid[None], (batch_size,) + grid.shape)
             pos = jnp.reshape(grid, [batch_size, math.prod(self._index_dims), -1])
-        elif pos.shape[-1] != len(self._max_resolution):
-            raise ValueError(
-                f"positions have {pos.shape[-1]} dimensions, expected "
-                f"{len(self._max_resolution)}"
-            )
+        # fourier_features checks the positions' dimensions against max_resolution.
         features = functools.partial(
             fourier_features,
             num_bands=self._num_bands,
