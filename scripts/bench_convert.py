@@ -22,27 +22,20 @@ import sys
 import tempfile
 from pathlib import Path
 
+_SCRIPTS = Path(__file__).resolve().parent
+
 # Runs in the child process: measure one operation, print a JSON line.
 _CHILD = r"""
 import json, os, sys, time
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+mode, source, target, scripts = sys.argv[1:5]
+sys.path.insert(0, scripts)
+from proc_memory import current_rss, max_rss
 
-def peak_rss_bytes():
-    # VmHWM is this process's own high-water mark; ru_maxrss would also count the
-    # parent's memory at fork time (Linux keeps it across exec).
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-
-mode, source, target = sys.argv[1:4]
 if mode == "convert":
     import converter, perceiver_torch, torch  # imports are not part of the measurement
     import converter.conversion
-baseline = rss_bytes()
+baseline = current_rss()
 started = time.perf_counter()
 if mode == "floor":
     with open(source, "rb") as f:
@@ -54,14 +47,14 @@ if mode == "floor":
 else:
     converter.convert(source, target)
 seconds = time.perf_counter() - started
-peak = peak_rss_bytes()
+peak = max_rss()
 print(json.dumps({"seconds": seconds, "peak": peak, "baseline": baseline}))
 """
 
 
 def measure(mode: str, source: Path, target: Path) -> dict:
     result = subprocess.run(
-        [sys.executable, "-c", _CHILD, mode, str(source), str(target)],
+        [sys.executable, "-c", _CHILD, mode, str(source), str(target), str(_SCRIPTS)],
         check=True,
         capture_output=True,
         text=True,
@@ -104,8 +97,8 @@ def main() -> None:
 
     floor_s, convert_s = median(floors, "seconds"), median(converts, "seconds")
     convert_peak = median(converts, "peak")
-    convert_extra = median([{"x": r["peak"] - r["baseline"]} for r in converts], "x")
-    floor_extra = median([{"x": r["peak"] - r["baseline"]} for r in floors], "x")
+    convert_extra = statistics.median(r["peak"] - r["baseline"] for r in converts)
+    floor_extra = statistics.median(r["peak"] - r["baseline"] for r in floors)
     results = {
         "checkpoint_bytes": size,
         "repeat": args.repeat,

@@ -39,7 +39,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from proc_memory import current_rss, max_rss  # beside this script
 
 # Run from a checkout: use its perceiver_torch (also in the worker subprocesses).
 _ROOT = Path(__file__).resolve().parents[1]
@@ -74,23 +75,6 @@ def model_of(case: str) -> str:
 
 
 # -- memory ------------------------------------------------------------------------
-
-
-def current_rss() -> int:
-    """Resident set size of this process in bytes (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def max_rss() -> int:
-    """Peak RSS of this process in bytes: /proc's VmHWM, this process's own mark
-    (ru_maxrss would also count the parent's memory at fork, which Linux keeps
-    across exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def trim_heap() -> None:
@@ -154,13 +138,13 @@ def official_inputs(case: str, seed: int = 0) -> Dict[str, Any]:
 
     gen = torch.Generator().manual_seed(seed)
     if case == "language_colab":
-        # The colab's input: one sentence, 8 bytes masked, padded to 2048 (mask 0).
+        # The colab's input: one sentence, 9 bytes masked, padded to 2048 (mask 0).
+        from perceiver_torch import BytesTokenizer
+
+        tokenizer = BytesTokenizer()
         text = "This is an incomplete sentence where some words are missing."
-        ids = torch.zeros(1, 2048, dtype=torch.int64)
-        ids[0, : len(text)] = torch.tensor([b + 6 for b in text.encode()])
-        ids[0, 51:60] = 3
-        mask = torch.zeros(1, 2048, dtype=torch.int64)
-        mask[0, : len(text)] = 1
+        ids, mask = tokenizer(text, length=2048)
+        ids[0, 51:60] = tokenizer.MASK
         return {"ids": ids, "mask": mask}
     if case == "language_perceiver":
         return {
@@ -177,16 +161,19 @@ def official_inputs(case: str, seed: int = 0) -> Dict[str, Any]:
     }
 
 
-def chunk_subsample(index: int) -> Dict[str, Any]:
-    """The colab's chunk ``index`` of 128: image points and audio patches."""
+def colab_chunks() -> List[Dict[str, Any]]:
+    """The colab's NUM_CHUNKS decoding chunks of the official video model: consecutive
+    image points and audio patches (made once, outside the timed calls)."""
     import torch
 
-    image = 16 * 224 * 224 // NUM_CHUNKS
-    audio = 30720 // 16 // NUM_CHUNKS
-    return {
-        "image": torch.arange(image * index, image * (index + 1)),
-        "audio": torch.arange(audio * index, audio * (index + 1)),
-    }
+    from perceiver_torch.configs import VideoAutoencodingConfig
+
+    c = VideoAutoencodingConfig()
+    points = c.num_frames * c.image_size[0] * c.image_size[1]
+    patches = c.num_frames * c.audio_samples_per_frame // c.samples_per_patch
+    image = torch.arange(points).tensor_split(NUM_CHUNKS)
+    audio = torch.arange(patches).tensor_split(NUM_CHUNKS)
+    return [{"image": i, "audio": a} for i, a in zip(image, audio)]
 
 
 def build_ours(case: str) -> Callable[[int], Any]:
@@ -205,7 +192,8 @@ def build_ours(case: str) -> Callable[[int], Any]:
     if case == "optical_flow":
         return lambda i: model(x["frames"])
     if case == "video_autoencoding":
-        return lambda i: model(x["images"], x["audio"], chunk_subsample(i % NUM_CHUNKS))
+        chunks = colab_chunks()
+        return lambda i: model(x["images"], x["audio"], chunks[i % NUM_CHUNKS])
     return lambda i: model.reconstruct(x["images"], x["audio"], num_chunks=NUM_CHUNKS)
 
 
@@ -305,9 +293,10 @@ def build_hf(case: str) -> Callable[[int], Any]:
         "audio": x["audio"][..., None],
         "label": torch.zeros(1, 700),
     }
+    chunks = colab_chunks()
     return lambda i: model(
         inputs=inputs,
-        subsampled_output_points=dict(chunk_subsample(i % NUM_CHUNKS), label=None),
+        subsampled_output_points=dict(chunks[i % NUM_CHUNKS], label=None),
     )
 
 
