@@ -141,14 +141,21 @@ class ConversionResult:
         }
 
 
+def tensor_specs(
+    tensors: Mapping[str, torch.Tensor],
+) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """``{name: (shape, dtype name)}`` of a state dict, as the mapping plans take them."""
+    return {
+        key: (tuple(value.shape), str(value.dtype).replace("torch.", ""))
+        for key, value in tensors.items()
+    }
+
+
 def model_targets(name: str, config: Any) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     """Shapes and dtypes of the model's state dict, from a model built on the meta device."""
     with torch.device("meta"):
         model = perceiver_torch.build(name, config)
-    return {
-        key: (tuple(value.shape), str(value.dtype).replace("torch.", ""))
-        for key, value in model.state_dict().items()
-    }
+    return tensor_specs(model.state_dict())
 
 
 def _try_mapping(

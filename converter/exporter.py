@@ -17,7 +17,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from converter.conversion import decode_dropped
+from converter.conversion import decode_dropped, tensor_specs
 from converter.errors import MappingError
 from converter.mapping import invert_arrays, load_mapping, plan_inverse, unflatten_tree
 from converter.outputs import read_converted
@@ -90,11 +90,7 @@ def export(
         notes.append(message)
         warnings.warn(message)
     table = spec.expand({**spec.config, **{k: _as_tuple(v) for k, v in config.items()}})
-    infos = {
-        k: (tuple(v.shape), str(v.dtype).replace("torch.", ""))
-        for k, v in state_dict.items()
-    }
-    report = plan_inverse(table, infos, spec.name)
+    report = plan_inverse(table, tensor_specs(state_dict), spec.name)
     report.raise_for_problems(f"Was {path} converted from a {model} checkpoint?")
     dropped = decode_dropped(metadata)
     if table.drops and not dropped:

@@ -43,6 +43,7 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tupl
 import numpy as np
 
 from converter.errors import CheckpointError, ConverterError, UnsafeCheckpointError
+from converter.trees import DOWNLOAD_BASE_URL
 
 __all__ = [
     "ALLOWED_GLOBALS",
@@ -57,10 +58,9 @@ __all__ = [
 #: ``{module_path: {param_name: array}}``.
 ArrayTree = Dict[str, Dict[str, np.ndarray]]
 
-_OFFICIAL_URL = "https://storage.googleapis.com/perceiver_io/"
 _NOT_A_CHECKPOINT = (
     "the file is damaged or is not an official Perceiver IO checkpoint; "
-    f"download the official file again ({_OFFICIAL_URL}<file>) or check the path"
+    f"download the official file again ({DOWNLOAD_BASE_URL}<file>) or check the path"
 )
 
 # (module, name) pairs, kept apart rather than joined with a dot: a protocol-4 name
@@ -892,7 +892,7 @@ def _unsafe_global(where: str, name: str, how: str = "") -> UnsafeCheckpointErro
         "which is not on the allow-list of official checkpoint globals; nothing from "
         "the file was run. A Perceiver IO checkpoint never needs it, so this file is "
         "not one or was tampered with: do not open it with pickle.load; delete it and "
-        f"download the official file again ({_OFFICIAL_URL}<file>)",
+        f"download the official file again ({DOWNLOAD_BASE_URL}<file>)",
         name,
     )
 
@@ -1267,7 +1267,7 @@ def load_haiku_checkpoint(path: Union[str, os.PathLike]) -> HaikuCheckpoint:
         if kind is not None:
             raise CheckpointError(
                 f"{where}: the file is {kind}, not a Haiku pickle; pass the official "
-                f"checkpoint file ({_OFFICIAL_URL}<file>)"
+                f"checkpoint file ({DOWNLOAD_BASE_URL}<file>)"
             )
         data, hasher = _read_all(raw, size, where)
     reader = _MemoryReader(data, hasher, where)
