@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections import OrderedDict
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -166,7 +166,8 @@ class FourierPositionEncoding(nn.Module):
             max_resolution/2); may differ from the grid it encodes.
         concat_pos: prepend the raw positions (the reference's ``concat_pos``).
         sine_only: only sines (not used by the official models).
-        cache_size: how many grids (shape, device, dtype) to keep.
+        cache_size: how many grids (shape, device, dtype) to keep, and as many
+            per-axis tables of subsampled positions.
     """
 
     def __init__(
@@ -185,7 +186,14 @@ class FourierPositionEncoding(nn.Module):
         self.sine_only = sine_only
         self.cache_size = cache_size
         self._cache: "OrderedDict[tuple, Tensor]" = OrderedDict()
-        self._table_cache: Dict[tuple, List[AxisTable]] = {}
+        self._table_cache: "OrderedDict[tuple, List[AxisTable]]" = OrderedDict()
+
+    def _remember(self, cache: "OrderedDict[tuple, Any]", key: tuple, value: Any) -> None:
+        """Stores ``value`` in an LRU ``cache`` of ``cache_size`` entries."""
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > self.cache_size:
+            cache.popitem(last=False)
 
     @property
     def num_channels(self) -> int:
@@ -208,7 +216,8 @@ class FourierPositionEncoding(nn.Module):
         dtype: torch.dtype,
     ) -> List[AxisTable]:
         """Per-axis tables of the grid ("grid": linspace positions) or of its
-        subsampled positions ("subsampled"), cached (they are small)."""
+        subsampled positions ("subsampled"). The subsampled ones are cached (the
+        grid's features are cached whole, by :meth:`grid`)."""
         if _axis_table_override is not None:
             return [
                 tuple(
@@ -219,7 +228,9 @@ class FourierPositionEncoding(nn.Module):
             ]
         key = (kind, index_dims, str(device), dtype)
         tables = self._table_cache.get(key)
-        if tables is None:
+        if tables is not None:
+            self._table_cache.move_to_end(key)
+        else:
             axis_positions = grid_positions if kind == "grid" else subsampled_positions
             # Cached across calls: never inference tensors, which autograd rejects.
             with torch.inference_mode(False):
@@ -233,7 +244,8 @@ class FourierPositionEncoding(nn.Module):
                     )
                     for size, resolution in zip(index_dims, self.max_resolution)
                 ]
-            self._table_cache[key] = tables
+            if kind == "subsampled":
+                self._remember(self._table_cache, key, tables)
         return tables
 
     def _check_dims(self, index_dims: Tuple[int, ...]) -> None:
@@ -269,9 +281,7 @@ class FourierPositionEncoding(nn.Module):
             )
         if _axis_table_override is not None:
             return features
-        self._cache[key] = features
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        self._remember(self._cache, key, features)
         return features
 
     def subsampled(

@@ -749,3 +749,17 @@ def test_postprocessors():
         np_linear(x[:, :2], multi.modalities["audio"].projection).reshape(2, 4),
     )
     close(out["image"], np_linear(x[:, 2:], multi.modalities["image"].projection))
+
+
+def test_fourier_caches_stay_bounded_across_many_sizes():
+    # Optical flow accepts any frame size: encoding many sizes must not keep them all.
+    enc = FourierPositionEncoding(num_bands=4, max_resolution=(8, 8), cache_size=2)
+    for size in range(3, 9):
+        grid = enc.grid((size, size + 1))
+        points = enc.subsampled(torch.arange(size), (size, size + 1))
+        assert grid.shape == (size * (size + 1), enc.num_channels)
+        assert points.shape == (size, enc.num_channels)
+    assert len(enc._cache) == 2 and len(enc._table_cache) == 2
+    assert all(kind == "subsampled" for kind, *_ in enc._table_cache)
+    # The most recent sizes are the ones kept, and a cached grid is returned as is.
+    assert enc.grid((8, 9)) is enc.grid((8, 9))
