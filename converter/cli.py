@@ -486,8 +486,8 @@ def convert_command(
         )
     except ValueError as error:
         raise click.UsageError(str(error)) from None
-    if result.parity is not None and not quiet:
-        click.echo(_parity_table(result.parity), err=True)
+    if result.parity_report is not None and not quiet:
+        click.echo(result.parity_report.format_table(), err=True)
     click.echo(
         f"wrote {result.output}: {result.model} ({result.size_preset or 'custom'} size), "
         f"{result.report.used} tensors, {result.dtype}, {result.seconds:.1f} s",
@@ -495,19 +495,6 @@ def convert_command(
     )
     if as_json:
         echo_json(result.as_dict())
-
-
-def _parity_table(parity: Dict[str, Any]) -> str:
-    from converter.verify import Comparison, ParityReport
-
-    report = ParityReport(
-        parity["model"], parity["size_preset"], parity["batch"], parity["seed"]
-    )
-    report.seconds_jax = parity["seconds_jax"]
-    report.seconds_torch = parity["seconds_torch"]
-    for item in parity["comparisons"]:
-        report.comparisons.append(Comparison(**{**item, "shape": tuple(item["shape"])}))
-    return report.format_table()
 
 
 @main.command("verify")

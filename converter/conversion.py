@@ -17,7 +17,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -47,6 +47,9 @@ from converter.outputs import (
 from converter.progress import Progress, quiet
 from converter.reader import HaikuCheckpoint, load_haiku_checkpoint
 from perceiver_torch.configs import config_from_dict, config_to_dict
+
+if TYPE_CHECKING:  # verify is imported only when verifying; here only its type
+    from converter.verify import ParityReport
 
 
 
@@ -106,9 +109,14 @@ class ConversionResult:
     format: Optional[str]
     dtype: str
     metadata: Dict[str, str]
-    parity: Optional[Dict[str, Any]] = None
+    parity_report: Optional["ParityReport"] = field(default=None, repr=False)
     seconds: float = 0.0
     state_dict: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
+
+    @property
+    def parity(self) -> Optional[Dict[str, Any]]:
+        """The parity result (as stored in the metadata), when verified."""
+        return None if self.parity_report is None else self.parity_report.as_dict()
 
     def build_model(self) -> torch.nn.Module:
         """Rebuilds the model; needs ``state_dict`` (``convert(..., out=None)``) or ``output``."""
@@ -362,7 +370,7 @@ def convert(
         f"{prepared.mapping.file}: {prepared.report.used} tensors, "
         f"{len(prepared.report.dropped)} dropped"
     )
-    parity = None
+    parity, parity_report = None, None
     if verify:
         from converter.verify import verify_prepared
 
@@ -393,7 +401,7 @@ def convert(
         format=fmt,
         dtype=dtype,
         metadata=metadata,
-        parity=parity,
+        parity_report=parity_report,
         seconds=time.perf_counter() - started,
         state_dict=state_dict,
     )
