@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
     Any,
+    Callable,
     Dict,
     Iterator,
     List,
@@ -786,41 +787,40 @@ def available_mappings() -> Tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def _include_reader(
+    where: str, directory: Optional[Path] = None
+) -> Callable[[str], Tuple[str, str]]:
+    """Reads an included file from ``directory`` (a user's mapping folder), else from
+    the bundled mappings; ``where`` names the including file in the error."""
+
+    def read(include: str) -> Tuple[str, str]:
+        if directory is not None and (directory / include).is_file():
+            target = directory / include
+            return target.read_text(encoding="utf-8"), str(target)
+        bundled = _package_files() / include
+        if bundled.is_file():
+            return bundled.read_text(encoding="utf-8"), f"mappings/{include}"
+        raise MappingError(f"{where}: included file {include!r} not found")
+
+    return read
+
+
 def load_mapping(name_or_path: str | Path) -> MappingSpec:
     """Loads a bundled mapping by model name, or a mapping file by path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise MappingError(f"{path}: no such mapping file")
-        directory = path.parent
-
-        def read_include(include: str) -> Tuple[str, str]:
-            target = directory / include
-            if not target.is_file():
-                bundled = _package_files() / include
-                if bundled.is_file():
-                    return bundled.read_text(encoding="utf-8"), f"mappings/{include}"
-                raise MappingError(f"{path}: included file {include!r} not found")
-            return target.read_text(encoding="utf-8"), str(target)
-
-        return parse_mapping(path.read_text(encoding="utf-8"), str(path), read_include)
+        text = path.read_text(encoding="utf-8")
+        return parse_mapping(text, str(path), _include_reader(str(path), path.parent))
     name = str(name_or_path)
     if name not in available_mappings():
         raise MappingError(
             f"no mapping named {name!r}; available: {', '.join(available_mappings())}"
         )
-    files = _package_files()
-
-    def read_bundled(include: str) -> Tuple[str, str]:
-        entry = files / include
-        if not entry.is_file():
-            raise MappingError(
-                f"mappings/{name}.yaml: included file {include!r} not found"
-            )
-        return entry.read_text(encoding="utf-8"), f"mappings/{include}"
-
-    text = (files / f"{name}.yaml").read_text(encoding="utf-8")
-    return parse_mapping(text, f"mappings/{name}.yaml", read_bundled)
+    where = f"mappings/{name}.yaml"
+    text = (_package_files() / f"{name}.yaml").read_text(encoding="utf-8")
+    return parse_mapping(text, where, _include_reader(where))
 
 
 # --------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from converter.mapping import (
 )
 from converter.trees import MODEL_NAMES, official_tree
 from perceiver_torch.configs import CONFIG_CLASSES, TINY_CONFIGS, config_from_dict
+
+MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
 
 
 def read_tree(name: str, size: str):
@@ -341,3 +344,29 @@ def test_round_trip_through_the_table_is_bit_identical():
         "state:image_preprocessor/~/conv2_d_downsample/~/batchnorm/~/mean_ema/average"
     )
     np.testing.assert_array_equal(restored[hidden], sources[average])
+
+
+def test_includes_come_from_the_mapping_folder_then_the_bundled_ones(tmp_path):
+    bundled = load_mapping("imagenet_conv")
+    # A copy of a bundled mapping elsewhere still finds the bundled _blocks.yaml...
+    copy = tmp_path / "imagenet_conv.yaml"
+    copy.write_text((MAPPINGS / "imagenet_conv.yaml").read_text())
+    def rules(spec):
+        return [(r.source, r.target, r.ops) for r in spec.expand(spec.config).rules]
+
+    assert rules(load_mapping(copy)) == rules(bundled)
+    # ...unless its own folder has one, which wins.
+    (tmp_path / "_blocks.yaml").write_text("this: [is not, a block file")
+    with pytest.raises(MappingError, match=r"_blocks\.yaml"):
+        load_mapping(copy)
+    # A missing include names the including file.
+    missing = tmp_path / "missing.yaml"
+    missing.write_text(
+        (MAPPINGS / "imagenet_conv.yaml")
+        .read_text()
+        .replace("include: [_blocks.yaml]", "include: [_nowhere.yaml]")
+    )
+    with pytest.raises(
+        MappingError, match=rf"{missing}: included file '_nowhere.yaml' not found"
+    ):
+        load_mapping(missing)
