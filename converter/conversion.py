@@ -85,12 +85,19 @@ class PreparedConversion:
 
     def build_model(self) -> torch.nn.Module:
         """The perceiver_torch model with the converted weights (strict), in eval mode."""
-        model = perceiver_torch.build(self.model, self.config_object())
-        model.load_state_dict(self.state_dict(), strict=True)
-        return model.eval()
+        return _model_with_weights(self.model, self.config_object(), self.state_dict())
 
     def dropped_arrays(self) -> Dict[str, np.ndarray]:
         return {drop.source: self.sources[drop.source] for drop in self.table.drops}
+
+
+def _model_with_weights(
+    name: str, config: Any, state_dict: Mapping[str, torch.Tensor]
+) -> torch.nn.Module:
+    """Model ``name`` built with ``config``, the weights loaded strictly, in eval mode."""
+    model = perceiver_torch.build(name, config)
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
 
 
 @dataclass
@@ -121,11 +128,8 @@ class ConversionResult:
     def build_model(self) -> torch.nn.Module:
         """Rebuilds the model; needs ``state_dict`` (``convert(..., out=None)``) or ``output``."""
         if self.state_dict is not None:
-            model = perceiver_torch.build(
-                self.model, config_from_dict(self.model, self.config)
-            )
-            model.load_state_dict(self.state_dict, strict=True)
-            return model.eval()
+            config = config_from_dict(self.model, self.config)
+            return _model_with_weights(self.model, config, self.state_dict)
         if self.output is not None:
             return perceiver_torch.load(self.output)
         raise ValueError("no weights: convert with out=None or to a file first")
