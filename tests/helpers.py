@@ -16,3 +16,16 @@ def run_cli(*args: Any) -> Result:
     which would be indistinguishable from a parity failure.
     """
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_same_tree(got: dict, expected: dict) -> None:
+    """Bit-identical ``{module: {param: array}}`` trees: the same names (the written
+    order is sorted), dtypes, shapes and bytes."""
+    assert list(got) == sorted(expected)
+    for module, params in expected.items():
+        assert list(got[module]) == sorted(params), module
+        for name, array in params.items():
+            back = got[module][name]
+            assert back.dtype == array.dtype, (module, name)
+            assert back.shape == array.shape, (module, name)
+            assert back.tobytes() == array.tobytes(), (module, name)

@@ -21,7 +21,7 @@ from converter.reader import load_haiku_checkpoint
 from converter.trees import MODEL_NAMES, official_tree
 from converter.writer import save_haiku_checkpoint
 from official_facts import OFFICIAL_PARAMETERS
-from helpers import run_cli
+from helpers import assert_same_tree, run_cli
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
 
@@ -128,15 +128,8 @@ def test_round_trip_haiku_torch_haiku_is_bit_identical(name, protocol, container
     assert result.exit_code == 0, result.output
     original, back = load_haiku_checkpoint(source), load_haiku_checkpoint(exported)
     assert back.wrapped == original.wrapped
-    for tree in ("params", "state"):
-        a, b = getattr(original, tree), getattr(back, tree)
-        assert a.keys() == b.keys()
-        for module in a:
-            assert a[module].keys() == b[module].keys()
-            for param in a[module]:
-                x, y = a[module][param], b[module][param]
-                assert x.dtype == y.dtype and x.shape == y.shape
-                assert x.tobytes() == y.tobytes(), f"{module}/{param}"
+    assert_same_tree(back.params, original.params)
+    assert_same_tree(back.state, original.state)
 
 
 def test_export_of_half_precision_is_flagged_inexact(tmp_path):

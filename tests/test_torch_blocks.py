@@ -46,7 +46,8 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 
 
 def randomize(module: nn.Module, seed: int = 0, scale: float = 0.3) -> nn.Module:
-    """Distinct non-zero random values in every parameter and buffer (STYLE 13)."""
+    """Distinct non-zero random values in every parameter (STYLE 13); buffers (the
+    conv stem's BatchNorm statistics) are set by the test that has them."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():

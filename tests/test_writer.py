@@ -19,6 +19,7 @@ from converter.atomic import atomic_write
 from converter.fixtures import make_fixture
 from converter.reader import ALLOWED_GLOBALS, scan_pickle
 from converter.trees import describe, official_tree
+from helpers import assert_same_tree
 
 PROTOCOLS = (2, 3, 4, 5)
 CONTAINERS = ("flatmapping", "dict")
@@ -27,18 +28,6 @@ CONTAINERS = ("flatmapping", "dict")
 @functools.lru_cache(maxsize=None)
 def tiny_fixture(name: str):
     return make_fixture(name, "tiny", seed=3)
-
-
-def assert_same_tree(got: dict, expected: dict) -> None:
-    """Bit-identical arrays: same names, dtype, shape and bytes."""
-    assert list(got) == sorted(expected)
-    for module, params in expected.items():
-        assert list(got[module]) == sorted(params)
-        for name, array in params.items():
-            back = got[module][name]
-            assert back.dtype == array.dtype, (module, name)
-            assert back.shape == array.shape, (module, name)
-            assert back.tobytes() == array.tobytes(), (module, name)
 
 
 # --------------------------------------------------------------------------------------
