@@ -156,6 +156,10 @@ FULL_STAGES: Dict[str, Tuple[Any, ...]] = {
         {"audio": (1, 240), "image": (1, 6272, 3), "label": (1, 700)},
     ),
 }
+# Tiny: worked out from the golden hyperparameters (tests/data/golden/*/config.json),
+# e.g. imagenet_fourier 32x32 pixels with 3 + 2 + 2*2*8 = 37 channels; imagenet_conv
+# and optical_flow 64 + 2 + 2*2*8 = 98 channels on an 8x8 and a 24x32 grid; video
+# 2*(16/4)**2 = 32 image patches + 2*64/16 = 8 audio patches + 1 label = 41 tokens.
 TINY_STAGES: Dict[str, Tuple[Any, ...]] = {
     "language_perceiver": ((1, 64, 32), (1, 8, 48), (1, 64, 32), (1, 64, 262)),
     "imagenet_learned": ((1, 1024, 32), (1, 16, 64), (1, 1, 10), (1, 10)),
