@@ -89,12 +89,10 @@ class PerceiverDecoder(nn.Module):
         """Decodes queries (B, M, C_q) chunk by chunk against prepared latents;
         query_mask: (B, M), nonzero = keep. Returns (B, M, output_channels or C_q)."""
         outputs = []
-        masks = (
-            [None] * -(-queries.shape[1] // self.query_chunk_size)
-            if query_mask is None
-            else query_mask.split(self.query_chunk_size, dim=1)
-        )
-        for chunk, mask in zip(queries.split(self.query_chunk_size, dim=1), masks):
+        size = self.query_chunk_size
+        for start in range(0, queries.shape[1], size):
+            chunk = queries[:, start : start + size]
+            mask = None if query_mask is None else query_mask[:, start : start + size]
             out = self.cross_attention.attend_prepared(chunk, prepared, query_mask=mask)
             if self.output_projection is not None:
                 out = self.output_projection(out)

@@ -311,6 +311,16 @@ def test_decoder_chunks_and_modes_agree():
     for mode in ("standard", "absorb_kv", "absorb_q"):
         prepared = dec.cross_attention.prepare(latents, mode=mode)
         close(dec.decode_prepared(queries, prepared), expected)
+    # A query mask is cut along with the queries (3 chunks of 4, 4 and 3).
+    query_mask = np.ones((2, 11))
+    query_mask[0, [2, 3, 4, 10]] = 0  # on both sides of a chunk boundary, and last
+    expected = np_linear(
+        np_cross_attention(
+            as_np(queries), as_np(latents), dec.cross_attention, query_mask=query_mask
+        ),
+        dec.output_projection,
+    )
+    close(dec(queries, latents, query_mask=torch.from_numpy(query_mask)), expected)
 
 
 def test_folded_decoder_matches_unfused():
