@@ -200,3 +200,10 @@ def test_broken_mapping_files_exit_3(tmp_path):
     assert result.exit_code == 3
     assert "problems" in result.stdout
     assert "model tensor no rule produces: decoder.cross_attention" in result.stdout
+    # A mapping of a model with no shipped tree cannot be expanded for one.
+    toy = tmp_path / "toy.yaml"
+    toy.write_text("schema: 1\nname: toy\nmodel: toy\nconfig: {n: 1}\n"
+                   "rules:\n  - {source: a/w, target: a.weight}\n")
+    result = run_cli("mapping", toy)
+    assert result.exit_code == 3
+    assert "has no shipped parameter tree" in result.stderr
