@@ -9,6 +9,9 @@ pickle. Record before a change, compare after it:
     python scripts/output_digests.py record before.json
     python scripts/output_digests.py compare before.json
 
+``--size full`` does the same at the official sizes (GBs for all six; pick models
+with ``--models imagenet_conv video_autoencoding``).
+
 ``compare`` requires the tensors, the exported pickles and every metadata field to be
 equal, except the fields that name the mapping's text and the converter's version
 (``mapping_sha256``, ``converter``): those change legitimately when a mapping file's
@@ -33,7 +36,7 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def digests(workdir: Path) -> Dict[str, Any]:
+def digests(workdir: Path, size: str = "tiny", names: Any = None) -> Dict[str, Any]:
     """``{model: {"tensors": {name: sha256}, "metadata": {...}, "export": sha256}}``."""
     import torch
     from click.testing import CliRunner
@@ -48,11 +51,11 @@ def digests(workdir: Path) -> Dict[str, Any]:
             raise SystemExit(f"perceiver-convert {' '.join(map(str, args))}: {result.output}")
 
     out: Dict[str, Any] = {}
-    for name in MODEL_NAMES:
+    for name in names or MODEL_NAMES:
         source = workdir / f"{name}.pickle"
         converted = workdir / f"{name}.safetensors"
         exported = workdir / f"{name}.export.pickle"
-        cli("fixture", name, "--size", "tiny", "-o", source)
+        cli("fixture", name, "--size", size, "-o", source)
         cli("convert", source, "-o", converted, "-q")
         cli("export", converted, "-o", exported)
         tensors = {}
@@ -68,6 +71,8 @@ def digests(workdir: Path) -> Dict[str, Any]:
             "metadata": metadata,
             "export": _sha256(exported.read_bytes()),
         }
+        for path in (source, converted, exported):
+            path.unlink()  # full size: one model's files at a time
     return out
 
 
@@ -102,9 +107,11 @@ def main(argv: Any = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["record", "compare"])
     parser.add_argument("document", type=Path)
+    parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--models", nargs="+", default=None)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
-        current = digests(Path(folder))
+        current = digests(Path(folder), args.size, args.models)
     if args.action == "record":
         args.document.write_text(json.dumps(current, indent=1, sort_keys=True))
         print(f"recorded {len(current)} models in {args.document}")
