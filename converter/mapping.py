@@ -237,8 +237,8 @@ _PLACEHOLDER = re.compile(r"\{(_?)([A-Za-z][A-Za-z0-9_]*)\}")
 class Rule:
     """One expanded rule: exactly one source key becomes exactly one target key.
 
-    ``origin`` says where the rule came from, for messages; ``at`` is the same as
-    ``file:line`` locations: the rule's own line first, then each ``use:`` that
+    ``origin`` says where the rule came from, as a message; ``at`` says it as
+    ``file:line`` strings: the rule's own line first, then each ``use:`` that
     inserted its block, innermost first (``()`` for a rule made in code).
     """
 
