@@ -674,5 +674,13 @@ def _demo_table(rows: List[Dict[str, Any]], size: str) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------
+# run: the task pipelines (converter/run_cli.py; tasks from perceiver_torch.pipelines)
+
+from converter.run_cli import run_command  # noqa: E402  (needs main's helpers defined)
+
+main.add_command(run_command)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
