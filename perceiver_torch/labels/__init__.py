@@ -6,7 +6,8 @@ order of the models' output units).
 * ``kinetics700.txt``: the 700 Kinetics-700 classes in the order of the video
   autoencoding colab (alphabetical: 0 abseiling ...).
 
-Where the lists come from is recorded in ``SOURCES.md`` next to them.
+Where the lists come from (the colabs, with the commit) is recorded in the
+repository's ``perceiver_torch/labels/SOURCES.md``.
 """
 
 from __future__ import annotations
