@@ -1,7 +1,8 @@
-"""Reading and writing the media of the flow and autoencode tasks: image files, video
-frames and sound tracks (PyAV, which bundles FFmpeg), WAV and video files.
+"""Reading and writing the media of the flow and autoencode tasks: video frames and
+sound tracks (PyAV, which bundles FFmpeg), WAV and video files. (Still images are
+read by :func:`~.image.load_rgb`, the one image loader of the pipelines.)
 
-PyAV, Pillow and OpenCV are imported inside the functions (the ``[media]`` extra), so
+PyAV and Pillow are imported inside the functions (the ``[media]`` extra), so
 importing this module needs none of them. Errors on unreadable input are
 :class:`~.base.InputError` (exit 3 in the CLI) with a one-line message.
 
@@ -29,7 +30,7 @@ __all__ = [
     "is_video_path",
     "iter_video_frames",
     "read_audio",
-    "read_image",
+    "video_frame_count",
     "video_frame_rate",
     "write_video",
 ]
@@ -65,33 +66,6 @@ def is_video_path(path: PathLike) -> bool:
     return Path(path).suffix.lower() in VIDEO_SUFFIXES
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """An image file -> (H, W, 3) uint8 RGB (EXIF orientation applied; greyscale,
-    palette and alpha images converted to RGB by Pillow, alpha dropped).
-
-    Raises:
-        InputError: missing, not an image or corrupt.
-    """
-    image_module = require("PIL.Image")
-    ops = require("PIL.ImageOps")
-    path = Path(path)
-    try:
-        with image_module.open(path) as image:
-            image = ops.exif_transpose(image)
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit greyscale: keep the top 8 bits (Pillow's convert clips instead).
-                array = np.asarray(image, dtype=np.uint32) >> 8
-                return np.repeat(array.astype(np.uint8)[..., None], 3, axis=2)
-            return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        raise InputError(
-            f"cannot read {path} as an image ({error}); give a PNG, JPEG or another "
-            "format Pillow reads"
-        ) from None
-
-
 def _open_container(path: Path) -> Any:
     av = require("av")
     if not path.is_file():
@@ -113,6 +87,16 @@ def video_frame_rate(path: PathLike) -> Optional[Fraction]:
             raise InputError(f"{path} has no video stream")
         rate = container.streams.video[0].average_rate
         return Fraction(rate) if rate else None
+
+
+def video_frame_count(path: PathLike) -> int:
+    """The number of frames the container declares for its first video stream (0
+    when it does not say)."""
+    container = _open_container(Path(path))
+    with container:
+        if not container.streams.video:
+            raise InputError(f"{path} has no video stream")
+        return int(container.streams.video[0].frames or 0)
 
 
 def iter_video_frames(path: PathLike, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
