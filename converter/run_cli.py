@@ -31,6 +31,7 @@ __all__ = [
     "Staging",
     "load_any_model",
     "progress_bar",
+    "format_task_demos",
     "run_command",
     "run_task_demos",
 ]
@@ -489,3 +490,19 @@ def run_task_demos(
         rows.append(row)
     return rows
 
+
+
+def format_task_demos(rows: List[Dict[str, Any]]) -> str:
+    """The demo's task table: task, model, input, answer (or the error)."""
+    header = ("task", "model", "input", "answer")
+    cells = [
+        (r["task"], r["model"], r["input"] or "-",
+         r["answer"] if r["error"] is None else f"ERROR: {r['error']}")
+        for r in rows
+    ]
+    widths = [max(len(str(c[i])) for c in cells + [header]) for i in range(3)]
+    lines = ["tasks (tiny models with random weights: the answers are noise)"]
+    for cell in [header] + cells:
+        lines.append("  " + "  ".join(str(cell[i]).ljust(widths[i]) for i in range(3))
+                     + "  " + str(cell[3]))
+    return "\n".join(lines)
