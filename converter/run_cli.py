@@ -396,7 +396,7 @@ def _run(**kwargs: Any) -> None:
             click.echo(line, err=True)
 
     try:
-        model, how = load_any_model(model_path, progress=None if quiet else echo)
+        model, how = load_any_model(model_path, progress=lambda message: echo(f"  {message}"))
         name = getattr(model, "model_name", type(model).__name__)
         if name not in spec.models:
             hint = _task_for_model(name)
