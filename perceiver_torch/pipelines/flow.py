@@ -267,9 +267,11 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     videos = [is_video_path(i) for i in inputs]
     if any(videos):
         if len(inputs) != 1:
-            raise PipelineError(
+            error = PipelineError(
                 "flow takes one video or two or more frames, not a mix or several videos"
             )
+            error.exit_code = 2
+            raise error
         return [_run_video(pipeline, inputs[0], options, render)]
     if len(inputs) < 2:
         error = PipelineError(
