@@ -336,7 +336,7 @@ def run_task(pipeline: FillMaskPipeline, inputs: List[str], options: RunOptions)
         options.echo(f"filled: {result.text!r}")
         for masked in result.masked:
             shown = "  ".join(
-                f"{byte_text(c.value)!r} {c.probability:.3f}" for c in masked.top_k
+                f"'{byte_text(c.value)}' {c.probability:.3f}" for c in masked.top_k
             )
             options.echo(f"  byte {masked.position:>4}: {shown}")
     documents = [result.as_dict() for result in results]
