@@ -287,6 +287,13 @@ def test_pipeline_equals_direct_model_call(name):
         assert [s.label for s in result.top_k] == [f"class {i}" for i in order.tolist()]
     single = pipeline(images[0], top_k=3)
     assert [s.index for s in single.top_k] == [s.index for s in results[0].top_k]
+    # A batch array: numpy (B, H, W, 3) or torch (B, 3, H, W).
+    pair = np.stack([images[0], random_rgb(40, 60, seed=13)])
+    as_list = pipeline([pair[0], pair[1]], top_k=3)  # the same batch composition
+    for batch_input in (pair, torch.from_numpy(pair).permute(0, 3, 1, 2)):
+        rows = pipeline(batch_input, top_k=3)
+        assert len(rows) == 2
+        assert all(torch.equal(r.logits, e.logits) for r, e in zip(rows, as_list))
 
 
 def test_imagenet_labels_for_1000_classes():

@@ -356,7 +356,10 @@ class ClassifyPipeline:
     def __call__(
         self, images: Union[ImageInput, Sequence[ImageInput]], *, top_k: int = 5
     ) -> Union[ClassifyResult, List[ClassifyResult]]:
-        single = not isinstance(images, (list, tuple))
+        """images: one image, a list of images, or a batch array: numpy (B, H, W, C)
+        or torch (B, C, H, W)."""
+        stacked = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+        single = not stacked and not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
         pixels = [self.preprocess(image) for image in batch]
         results = []
