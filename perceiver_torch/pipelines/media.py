@@ -72,7 +72,7 @@ def _open_container(path: Path) -> Any:
         raise InputError(f"{path}: no such file")
     try:
         return av.open(str(path))
-    except (av.FFmpegError, OSError, ValueError) as error:
+    except (av.error.FFmpegError, OSError, ValueError) as error:
         raise InputError(
             f"cannot read {path} as a video or sound file ({error}); give a file "
             "FFmpeg reads (MP4, MKV, AVI, WAV, ...)"
@@ -121,7 +121,7 @@ def iter_video_frames(path: PathLike, max_frames: Optional[int] = None) -> Itera
                     return
                 yield frame.to_ndarray(format="rgb24")
                 count += 1
-        except av.FFmpegError as error:
+        except av.error.FFmpegError as error:
             raise InputError(f"{path}: the video cannot be decoded ({error})") from None
         if count == 0:
             raise InputError(f"{path} has a video stream without frames")
@@ -162,7 +162,7 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
                     pieces.append(out.to_ndarray()[0])
             for out in resampler.resample(None):
                 pieces.append(out.to_ndarray()[0])
-        except av.FFmpegError as error:
+        except av.error.FFmpegError as error:
             raise InputError(f"{path}: the sound cannot be decoded ({error})") from None
     if not pieces:
         raise InputError(f"{path} has an empty sound track")
