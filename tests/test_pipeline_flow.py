@@ -316,3 +316,10 @@ def test_run_flow_refuses_a_video_model(tmp_path):
     a, b = _frames(tmp_path)
     result = run_cli("run", "flow", checkpoint, a, b)
     assert result.exit_code == 2 and "optical_flow" in result.stderr
+
+
+def test_run_flow_pads_small_frames_on_request(tmp_path, flow_checkpoint):
+    a, b = _frames(tmp_path, size=(20, 30))
+    result = run_cli("run", "flow", flow_checkpoint, a, b, "--pad", "-o", tmp_path / "p.flo")
+    assert result.exit_code == 0, result.stderr
+    assert decode_flo((tmp_path / "p.flo").read_bytes()).shape == (20, 30, 2)

@@ -270,6 +270,7 @@ def test_run_autoencode_gif_and_separate_wav(tmp_path, video_checkpoint):
         ("garbage", 3, "cannot read"),
         ("one-frame", 3, "clips of 2 frames"),
         ("two-videos-one-output", 2, "-o names one output"),
+        ("garbage-audio", 3, "cannot read"),
     ],
 )
 def test_run_autoencode_errors(tmp_path, video_checkpoint, case, code, message):
@@ -280,6 +281,10 @@ def test_run_autoencode_errors(tmp_path, video_checkpoint, case, code, message):
         inputs[0].write_bytes(b"\x00\x01 definitely not a video" * 10)
     elif case == "one-frame":
         make_test_video(inputs[0], 1, size=(32, 32))
+    elif case == "garbage-audio":
+        make_test_video(inputs[0], 4, size=(32, 32), sample_rate=None)
+        (tmp_path / "s.wav").write_bytes(b"RIFF nonsense" * 5)
+        inputs += ["--audio", tmp_path / "s.wav"]
     else:
         make_test_video(inputs[0], 4, size=(32, 32))
         make_test_video(tmp_path / "w.mp4", 4, size=(32, 32))
