@@ -428,3 +428,27 @@ print("ok")
 def test_cli_import_does_not_import_torch():
     completed = _python("import sys, converter.cli; print('torch' in sys.modules)")
     assert completed.stdout.strip() == "False", completed.stderr
+
+
+def test_demo_command_shows_the_tasks(monkeypatch):
+    """The demo's wiring: model rows, then the task table; a failed task exits 3."""
+    import converter.demo
+    import converter.run_cli
+
+    model_row = {"model": "imagenet_conv", "size": "tiny", "params": 1, "convert_seconds": 0.1,
+                 "relative": None, "argmax": None, "parity": "skipped", "round_trip": "-",
+                 "error": None}
+    monkeypatch.setattr(converter.demo, "run_demo", lambda names, **kw: [dict(model_row)])
+    task_rows = [{"task": "classify", "model": "imagenet_learned", "input": "picture.png",
+                  "answer": "class 3 (0.21)", "error": None}]
+    monkeypatch.setattr(converter.run_cli, "run_task_demos", lambda folder, **kw: task_rows)
+    result = run_cli("demo", "--models", "imagenet_conv", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == {"models": [model_row], "tasks": task_rows}
+    assert "answers are noise" in result.stderr and "class 3 (0.21)" in result.stderr
+    no_tasks = run_cli("demo", "--models", "imagenet_conv", "--no-tasks", "--json")
+    assert json.loads(no_tasks.stdout)["tasks"] == []
+    task_rows[0]["error"] = "the picture could not be made"
+    failed = run_cli("demo", "--models", "imagenet_conv")
+    # Without --json the tables are the result: stdout.
+    assert failed.exit_code == 3 and "ERROR: the picture could not be made" in failed.stdout

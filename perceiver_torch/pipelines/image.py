@@ -35,9 +35,11 @@ import torch
 from ..labels import class_names
 from .base import (
     InputError,
+    Progress,
     RunOptions,
     WrongModelError,
     check_model,
+    no_progress,
     require,
     softmax_top_k,
 )
@@ -328,6 +330,7 @@ class ClassifyPipeline:
         self.size: Optional[Tuple[int, int]] = model_image_size(model) if resize else None
         self.labels = class_names(int(model.config.num_classes), "imagenet")
         self.batch_size = int(batch_size)
+        self.progress: Progress = no_progress
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """One image -> the model's input (3, H, W) float32."""
@@ -338,7 +341,8 @@ class ClassifyPipeline:
         """Preprocessed images (3, H, W) -> per image the float32 logits (C,); images
         of one size are batched together, in order."""
         parameter = next(self.model.parameters())
-        out: List[torch.Tensor] = []
+        # Runs of consecutive same-size images, at most batch_size each.
+        groups: List[Tuple[int, int]] = []
         start = 0
         while start < len(pixels):
             stop = start + 1
@@ -348,9 +352,12 @@ class ClassifyPipeline:
                 and pixels[stop].shape == pixels[start].shape
             ):
                 stop += 1
+            groups.append((start, stop))
+            start = stop
+        out: List[torch.Tensor] = []
+        for start, stop in self.progress(groups, len(groups), "batches"):
             batch = torch.stack(list(pixels[start:stop])).to(parameter.device, parameter.dtype)
             out.extend(self.model(batch).float().cpu())
-            start = stop
         return out
 
     def __call__(
@@ -381,6 +388,7 @@ def run_task(pipeline: ClassifyPipeline, inputs: List[str], options: RunOptions)
     """``perceiver-convert run classify``: one document per image."""
     if options.extra.get("native_size") and pipeline.size is not None:
         pipeline = ClassifyPipeline(pipeline.model, resize=False)
+    pipeline.progress = options.progress
     pixels = []
     for path in options.progress(inputs, len(inputs), "preprocessing"):
         try:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..tokenizer import BytesTokenizer
-from .base import InputError, PipelineError, RunOptions, check_model
+from .base import InputError, PipelineError, Progress, RunOptions, check_model, no_progress
 
 __all__ = [
     "MASK_MARKER",
@@ -229,11 +229,14 @@ class FillMaskPipeline:
     ids (pad, mask, ...) are never proposed, and the filled text keeps its byte length.
     """
 
-    def __init__(self, model: torch.nn.Module, *, batch_size: int = 8) -> None:
+    def __init__(
+        self, model: torch.nn.Module, *, batch_size: int = 8, progress: Progress = no_progress
+    ) -> None:
         check_model(model, "fill-mask", ("language_perceiver",))
         self.model = model.eval()
         self.max_length = int(model.config.max_seq_len)
         self.batch_size = int(batch_size)
+        self.progress = progress
 
     @torch.no_grad()
     def logits(self, items: Sequence[MaskedText]) -> List[torch.Tensor]:
@@ -241,7 +244,8 @@ class FillMaskPipeline:
         device = next(self.model.parameters()).device
         ids, mask = encode_masked(items, self.max_length)
         out: List[torch.Tensor] = []
-        for start in range(0, len(items), self.batch_size):
+        starts = range(0, len(items), self.batch_size)
+        for start in self.progress(starts, len(starts), "texts"):
             logits = self.model(
                 ids[start : start + self.batch_size].to(device),
                 mask[start : start + self.batch_size].to(device),
@@ -330,6 +334,7 @@ def run_task(pipeline: FillMaskPipeline, inputs: List[str], options: RunOptions)
     """``perceiver-convert run fill-mask``: one document per input text."""
     spans = [parse_span(s) for s in options.extra.get("spans") or ()] or None
     texts = [_read_input(value) for value in inputs]
+    pipeline.progress = options.progress
     results = pipeline(texts, spans=[spans] * len(texts), top_k=options.top_k)
     for result in results:
         options.echo(f"input:  {result.input!r}")
