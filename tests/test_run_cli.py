@@ -82,11 +82,16 @@ def test_fill_mask_json(models):
     assert "filled:" in result.stderr and "filled:" not in result.stdout
 
 
-def test_fill_mask_matches_the_pipeline_and_the_official_checkpoint(models):
+def test_fill_mask_matches_the_pipeline_and_the_official_checkpoint(models, tmp_path):
     from perceiver_torch.pipelines import FillMaskPipeline
 
     expected = FillMaskPipeline(pt.load(models["language_perceiver"]))(MARKED).as_dict()
     converted = run_cli("run", "fill-mask", models["language_perceiver"], MARKED, "--json")
+    as_pt = tmp_path / "language.pt"
+    convert(golden_checkpoint_path("language_perceiver"), as_pt)
+    from_pt = run_cli("run", "fill-mask", as_pt, MARKED, "--json")
+    assert from_pt.exit_code == 0, from_pt.stderr
+    assert json.loads(from_pt.stdout)["results"] == [expected]
     # An official checkpoint is converted in memory first: the same answer.
     official = run_cli("run", "fill-mask", golden_checkpoint_path("language_perceiver"),
                        MARKED, "--json")
