@@ -362,6 +362,20 @@ def _task_extra(task: str, kwargs: Dict[str, Any], ctx: click.Context) -> Dict[s
     return {dest: kwargs[dest] for dest in own}
 
 
+def _existing_paths(inputs: Sequence[str]) -> List[Path]:
+    """The INPUTs that name files (``@FILE`` too): outputs may not replace them. A text
+    INPUT may be no valid path at all (too long, NUL bytes)."""
+    paths = []
+    for value in inputs:
+        for candidate in {value, value[1:]} if value.startswith("@") else {value}:
+            try:
+                if candidate and os.path.exists(candidate):
+                    paths.append(Path(candidate))
+            except (OSError, ValueError):
+                pass
+    return paths
+
+
 def _run(**kwargs: Any) -> None:
     from perceiver_torch.pipelines import TASKS
     from perceiver_torch.pipelines.base import PipelineError, RunOptions, import_attribute
@@ -382,7 +396,7 @@ def _run(**kwargs: Any) -> None:
     extra = _task_extra(task, kwargs, ctx)
     if not spec.available():
         raise click.UsageError(f"task {task} is not available in this version")
-    protected = [model_path] + [Path(i) for i in kwargs["inputs"] if Path(i).exists()]
+    protected = [model_path] + _existing_paths(kwargs["inputs"])
     staging = Staging(protected)
     if output is not None and not output.is_dir():
         # Up front, before minutes of work: the folder exists, OUT is no input.

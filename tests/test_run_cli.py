@@ -154,6 +154,7 @@ def test_fill_mask_outputs(models, tmp_path):
     [
         (["no marker here"], 3, "nothing to fill"),
         (["x" * 64 + "[MASK]"], 3, "at most 64 bytes"),
+        (["x" * 5000 + "[MASK]"], 3, "at most 64 bytes"),  # no valid file name either
         ([SENTENCE, "--span", "51-60"], 2, "START:END"),
         ([SENTENCE, "--span", "51:99"], 3, "inside"),
         (["@/no/such/file.txt"], 3, "cannot read the text file"),
@@ -257,6 +258,12 @@ def test_usage_errors(models, images, tmp_path):
         (["--span", "1:2"], "--span is an option of fill-mask"),
         (["--top-k", "0"], "--top-k"),
     ]
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(MARKED)
+    result = run_cli("run", "fill-mask", models["language_perceiver"], f"@{text_file}",
+                     "-o", text_file)
+    assert result.exit_code == 2 and "one of the inputs" in result.stderr
+    assert text_file.read_text() == MARKED
     before = images[0].read_bytes()
     for extra, message in cases:
         result = run_cli("run", "classify", model, *images, *extra)
