@@ -95,6 +95,19 @@ def test_encoding_is_the_colabs():
     assert torch.equal(marked_ids, ids) and torch.equal(marked_mask, mask)
 
 
+def test_official_length():
+    # The official model reads 2048 bytes (LanguagePerceiverConfig().max_seq_len): the
+    # colab's sentence is padded to it, one byte more is refused.
+    limit = pt.LanguagePerceiverConfig().max_seq_len
+    assert limit == 2048
+    ids, mask = encode_masked([parse_masked_text(COLAB_SENTENCE, [COLAB_SPAN])], limit)
+    assert ids.shape == mask.shape == (1, 2048)
+    assert int(mask.sum()) == 60 and int((ids[0, 60:] != 0).sum()) == 0
+    encode_masked([parse_masked_text("x" * 2047 + "[MASK]")], limit)
+    with pytest.raises(InputError, match="2049 bytes long.*at most 2048"):
+        encode_masked([parse_masked_text("x" * 2048 + "[MASK]")], limit)
+
+
 def test_fill_mask_equals_a_direct_model_call(model):
     tokenizer = BytesTokenizer()
     max_length = model.config.max_seq_len

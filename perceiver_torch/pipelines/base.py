@@ -21,7 +21,6 @@ from typing import (
     Dict,
     Iterable,
     Iterator,
-    List,
     Optional,
     Sequence,
     Tuple,
@@ -227,7 +226,3 @@ class RunOptions:
     output_path: Callable[[Path], ContextManager[Path]] = _plain_path
     extra: Dict[str, Any] = field(default_factory=dict)
 
-
-def entries_json(entries: Sequence[Any]) -> List[Dict[str, Any]]:
-    """Dataclass entries (with ``as_dict``) -> plain dicts."""
-    return [entry.as_dict() for entry in entries]
