@@ -410,6 +410,7 @@ def _run(**kwargs: Any) -> None:
             click.echo(line, err=True)
 
     try:
+        spec.check_requirements()  # before a possibly long conversion
         model, how = load_any_model(model_path, progress=lambda message: echo(f"  {message}"))
         name = getattr(model, "model_name", type(model).__name__)
         if name not in spec.models:

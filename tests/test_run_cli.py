@@ -431,6 +431,7 @@ assert runner.invoke(converter.cli.main, ["run", "--help"]).exit_code == 0
 result = runner.invoke(converter.cli.main, ["run", "classify", {image!r}, {image!r}])
 assert result.exit_code == 2, result.output
 assert "perceiver-convert[media]" in result.stderr, result.stderr
+assert "reading" not in result.stderr  # refused before the checkpoint is read
 print("ok")
 """
     completed = _python(code)

@@ -42,7 +42,9 @@ Contract of a task (how ``perceiver-convert run TASK`` finds and runs it)
    ``function(model, folder: Path, options: RunOptions) -> dict`` with a tiny model of
    random weights: it makes its own media in ``folder``, runs the pipeline once and
    returns ``{"task", "input", "answer"}`` (short strings) for the demo's table.
-6. Errors: raise :class:`~.base.InputError` (unreadable or unusable input, exit 3),
+6. ``spec.requires``: the optional libraries every run imports; missing ones are
+   reported (exit 2, with the extra to install) before the model is loaded.
+7. Errors: raise :class:`~.base.InputError` (unreadable or unusable input, exit 3),
    :class:`~.base.WrongModelError` (exit 2) or another :class:`~.base.PipelineError`
    with the right ``exit_code``; the message is one line saying what is wrong and how
    to fix it. Optional libraries are imported with :func:`~.base.require`.
@@ -97,6 +99,7 @@ TASKS: Dict[str, TaskSpec] = {
             demo=".image:demo_task",
             summary="top-k ImageNet labels of images (imagenet_learned/fourier/conv)",
             input_help="image files (JPEG, PNG, ...)",
+            requires=("PIL", "cv2"),
             options=(
                 TaskOption(
                     "--native-size",
@@ -115,6 +118,7 @@ TASKS: Dict[str, TaskSpec] = {
             demo=".flow:demo_task",
             summary="optical flow of frame pairs or a video (optical_flow)",
             input_help="two frames, or a video",
+            requires=("PIL",),
             options=(
                 TaskOption(
                     "--render",
@@ -141,6 +145,7 @@ TASKS: Dict[str, TaskSpec] = {
             demo=".video:demo_task",
             summary="autoencode a video with its sound, and its Kinetics-700 labels",
             input_help="a video (with a sound track, or give --audio)",
+            requires=("av", "cv2"),
             options=(
                 TaskOption(
                     "--audio",

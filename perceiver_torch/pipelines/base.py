@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
@@ -166,6 +167,8 @@ class TaskSpec:
         summary: one line for ``run --help``.
         input_help: what INPUT means for this task (one short phrase).
         options: the task's own command-line options.
+        requires: the optional libraries every run of the task imports (``"PIL"``,
+            ``"cv2"``, ``"av"``), checked before the model is loaded.
     """
 
     name: str
@@ -176,6 +179,15 @@ class TaskSpec:
     summary: str
     input_help: str
     options: Tuple[TaskOption, ...] = ()
+    requires: Tuple[str, ...] = ()
+
+    def check_requirements(self) -> None:
+        """Raises :class:`PipelineError` (exit 2) naming the extra to install when a
+        library in ``requires`` is missing (found without importing it)."""
+        for module in self.requires:
+            blocked = module in sys.modules and sys.modules[module] is None
+            if blocked or importlib.util.find_spec(module) is None:
+                require(module)  # raises, with the install hint
 
     def available(self) -> bool:
         """Whether the task's module is installed in this version."""
