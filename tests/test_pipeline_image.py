@@ -239,7 +239,7 @@ def test_arrays_and_tensors_agree():
     assert np.array_equal(from_float.permute(1, 2, 0).numpy(), normalize(resized))
 
 
-def test_bad_inputs(tmp_path):
+def test_bad_inputs(tmp_path, monkeypatch):
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_bytes(b"these are not pixels")
     with pytest.raises(InputError, match="cannot read"):
@@ -249,6 +249,12 @@ def test_bad_inputs(tmp_path):
     truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:60])
     with pytest.raises(InputError):
         load_rgb(truncated)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 > 2 x 1000: a "bomb"
+    with pytest.raises(InputError, match="too large"):
+        load_rgb(big)
+    monkeypatch.undo()
     with pytest.raises(InputError, match="no such image"):
         load_rgb(tmp_path / "missing.jpg")
     with pytest.raises(InputError, match="too small"):

@@ -165,6 +165,9 @@ def load_rgb(image: ImageInput) -> np.ndarray:
                 return _from_pil(opened)
         except FileNotFoundError:
             raise InputError(f"no such image file: {path}") from None
+        except Image.DecompressionBombError as error:
+            # Pillow's guard against images that would decode to gigabytes.
+            raise InputError(f"{path} is too large to decode safely ({error})") from None
         except (OSError, ValueError, SyntaxError) as error:
             # Pillow raises UnidentifiedImageError (an OSError) for non-images and
             # OSError/SyntaxError/ValueError for truncated or corrupt ones.
