@@ -664,6 +664,8 @@ def mapping_command(
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the files here (default: a temporary folder, removed).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--tasks/--no-tasks", "with_tasks", default=True, show_default=True,
+              help="Also run each task pipeline (run TASK) once on a tiny model.")
 @_JSON_OPTION
 @_QUIET_OPTION
 def demo_command(
@@ -671,6 +673,7 @@ def demo_command(
     names: Tuple[str, ...],
     workdir: Optional[Path],
     seed: int,
+    with_tasks: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -678,6 +681,10 @@ def demo_command(
     it, verify parity against the JAX reference, export it back and check the round
     trip is bit-identical; then print one summary table. Exit 1 if any parity check
     fails. Without the [jax] extra the parity column says "skipped".
+
+    Then (unless --no-tasks) each task of `run` (fill-mask, classify, ...) runs once
+    on a tiny model with random weights and media the demo makes itself (its answers
+    are noise). --json prints {"models": [...], "tasks": [...]}.
     """
     from converter.demo import run_demo
 
@@ -685,12 +692,30 @@ def demo_command(
         names or MODEL_NAMES, size=size, seed=seed, workdir=workdir, progress=_progress(quiet)
     )
     click.echo(_demo_table(rows, size), err=as_json)
+    task_rows = _demo_tasks(workdir, seed, quiet, as_json) if with_tasks else []
     if as_json:
-        echo_json(rows)
+        echo_json({"models": rows, "tasks": task_rows})
     if any(row["parity"] == "FAIL" for row in rows):
         raise click.exceptions.Exit(EXIT_PARITY)
-    if any(row["error"] for row in rows):
+    if any(row["error"] for row in rows + task_rows):
         raise click.exceptions.Exit(EXIT_BAD_INPUT)
+
+
+def _demo_tasks(
+    workdir: Optional[Path], seed: int, quiet: bool, as_json: bool
+) -> List[Dict[str, Any]]:
+    """The task pipelines once each (converter/run_cli.py), and their table."""
+    import tempfile
+
+    from converter.run_cli import format_task_demos, run_task_demos
+
+    if workdir is not None:
+        rows = run_task_demos(workdir / "tasks", seed=seed, progress=_progress(quiet))
+    else:
+        with tempfile.TemporaryDirectory(prefix="perceiver-demo-tasks-") as folder:
+            rows = run_task_demos(Path(folder), seed=seed, progress=_progress(quiet))
+    click.echo(format_task_demos(rows), err=as_json)
+    return rows
 
 
 def _demo_table(rows: List[Dict[str, Any]], size: str) -> str:
@@ -718,6 +743,14 @@ def _demo_table(rows: List[Dict[str, Any]], size: str) -> str:
         if row["error"]:
             lines.append(f"  {row['model']}: {row['error']}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# run: the task pipelines (converter/run_cli.py; tasks from perceiver_torch.pipelines)
+
+from converter.run_cli import run_command  # noqa: E402  (needs main's helpers defined)
+
+main.add_command(run_command)
 
 
 if __name__ == "__main__":  # pragma: no cover
