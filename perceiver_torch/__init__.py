@@ -26,6 +26,7 @@ from . import configs
 from .configs import (
     CONFIG_CLASSES,
     TINY_CONFIGS,
+    ConfigError,
     ImageNetConvConfig,
     ImageNetFourierConfig,
     ImageNetLearnedConfig,
@@ -36,6 +37,7 @@ from .configs import (
     config_to_dict,
 )
 from .imagenet_conv import ImageNetConv
+from .inputs import InputError
 from .imagenet_fourier import ImageNetFourier
 from .imagenet_learned import ImageNetLearned
 from .language_perceiver import LanguagePerceiver
@@ -50,12 +52,14 @@ MODEL_NAMES = tuple(MODEL_CLASSES)
 __all__ = [
     "BytesTokenizer",
     "CONFIG_CLASSES",
+    "ConfigError",
     "ImageNetConv",
     "ImageNetConvConfig",
     "ImageNetFourier",
     "ImageNetFourierConfig",
     "ImageNetLearned",
     "ImageNetLearnedConfig",
+    "InputError",
     "LanguagePerceiver",
     "LanguagePerceiverConfig",
     "LoadError",

@@ -49,6 +49,8 @@ def build(name: str, config: Any = None) -> PerceiverIO:
 
     config: None = the official configuration; a mapping is turned into the config
     dataclass (``configs.config_from_dict``); otherwise the dataclass instance itself.
+    An invalid configuration raises ``configs.ConfigError`` (a ``ValueError``) naming
+    the key; no model is built.
     Builds on the current default device (``with torch.device("meta"):`` works).
     """
     cls = _model_class(name)
@@ -61,7 +63,15 @@ def build(name: str, config: Any = None) -> PerceiverIO:
             f"config for {name} must be a {configs.CONFIG_CLASSES[name].__name__} or a "
             f"mapping, got {type(config).__name__}"
         )
-    return cls(config)
+    else:
+        config.validate()  # a config edited with dataclasses.replace is checked too
+    try:
+        return cls(config)
+    except (ValueError, ZeroDivisionError, RuntimeError) as error:
+        # validate() should have caught it; never hand out a half-built model.
+        raise configs.ConfigError(
+            f"cannot build {name} with this configuration: {error}"
+        ) from error
 
 
 def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
