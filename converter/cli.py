@@ -561,7 +561,8 @@ def _parse_config(values: Tuple[str, ...], model: Optional[str]) -> Dict[str, An
             valid = sorted({k for c in classes.values() for k in configs.field_kinds(c)})
             scope = f"model {model}" if model else "any model"
             raise ConfigError(
-                f"--config {key}: unknown key for {scope}; valid keys: {', '.join(valid)}",
+                f"--config {key}: unknown config key for {scope}; valid keys: "
+                f"{', '.join(valid)}",
                 key,
             )
         try:
