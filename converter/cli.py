@@ -31,7 +31,7 @@ import click
 
 from converter._version import __version__
 from converter.atomic import check_outputs
-from converter.errors import CheckpointError, ConfigError, ConverterError, UsageError
+from converter.errors import CheckpointError, ConfigError, ConverterError
 from converter.trees import MODEL_NAMES, SIZES
 from converter.writer import CONTAINERS, check_pickle_suffix
 

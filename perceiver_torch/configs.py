@@ -25,7 +25,7 @@ import math
 import numbers
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 
 class ConfigError(ValueError):

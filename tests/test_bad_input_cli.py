@@ -96,6 +96,8 @@ def test_convert_refuses_to_overwrite_its_input(work):
     before = snapshot(work)
     result = run_cli("convert", source, "-o", link, "--force")
     assert_clean_error(result, 2, "it is the input")
+    with pytest.raises(OutputError, match="it is the input"):
+        converter.convert(source, link)  # the Python API too, even with overwrite=True
     assert snapshot(work) == before
 
 
@@ -327,6 +329,10 @@ def test_reduced_precision_verify_measures_the_written_weights(jax_ready, work, 
     # float32 gives (the float32 tolerance is 1e-5 < 2^-11 / 16 = 3.1e-5).
     assert UNIT_ROUNDOFF[dtype] / 16 < parity["max_relative"] <= parity["tolerance"]
     assert json.loads(result.stdout)["parity"]["dtype"] == dtype
+    # The Python API, in memory: the same check of the same rounded weights.
+    in_memory = converter.convert(work / "fourier.pickle", dtype=dtype, verify=True)
+    assert in_memory.parity["dtype"] == dtype
+    assert in_memory.parity["max_relative"] == parity["max_relative"]
 
 
 @pytest.mark.jax
@@ -420,6 +426,8 @@ def test_inspect_lists_parameters_with_nonfinite_values(tmp_path):
     assert rows[(module, "w")]["nonfinite"] == 3 and rows[(module, "b")]["nonfinite"] == 0
     with pytest.raises(converter.CheckpointError, match="non-finite"):
         load_haiku_checkpoint(source)  # converting still refuses it
+    kept = load_haiku_checkpoint(source, check_finite=False)  # what inspect reads
+    assert np.isnan(kept.params[module]["w"][0, 0])
 
 
 # --------------------------------------------------------------------------------------

@@ -3,8 +3,6 @@ configurations and input shapes give either a clean error or a correct output.""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any, Dict
@@ -199,7 +197,7 @@ def test_random_configs_give_a_clean_error_or_a_working_model(name):
     base = configs.config_to_dict(TINY_CONFIGS[name])
     kinds = configs.field_kinds(configs.CONFIG_CLASSES[name])
     built = refused = 0
-    for _ in range(25):
+    for _ in range(16):
         values = dict(base)
         for key in rng.choice(sorted(kinds), size=int(rng.integers(1, 3)), replace=False):
             values[str(key)] = _random_value(rng, kinds[str(key)])
