@@ -619,7 +619,8 @@ _CONFIG_OPTION = click.option(
     multiple=True,
     metavar="KEY=VALUE",
     help="Override a configuration value the checkpoint's shapes cannot reveal "
-    "(repeatable; VALUE is JSON, e.g. image_size=[368,496]).",
+    "(repeatable; checked against the model's config: exit 2 naming a bad key; "
+    "pairs as 368x496, 368,496 or [368, 496]).",
 )
 _MAPPING_OPTION = click.option(
     "--mapping",
