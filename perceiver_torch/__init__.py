@@ -16,7 +16,8 @@ converted file, ``capture_stages(model)`` records intermediate stages, and
     print(tokenizer.decode(logits[0, 51:60].argmax(-1)))
 
 Inputs use PyTorch layouts: images (B, 3, H, W), frame pairs (B, 2, 3, H, W), videos
-(B, T, 3, H, W). Model names: ``MODEL_NAMES``; configs: ``configs`` (``TINY_CONFIGS``
+(B, T, 3, H, W); every model checks them at the door and raises ``InputError`` naming
+the expected shape (an empty batch included). Invalid configs raise ``ConfigError``. Model names: ``MODEL_NAMES``; configs: ``configs`` (``TINY_CONFIGS``
 are the golden test sizes).
 """
 

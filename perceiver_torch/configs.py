@@ -20,6 +20,7 @@ key. :func:`parse_value` reads a command-line value (``8x8``, ``8,8``, JSON).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import numbers
@@ -74,8 +75,14 @@ def _kind(annotation: Any) -> str:
 
 def field_kinds(cls: type) -> Dict[str, str]:
     """``{field name: kind}`` of a config class (kinds: see ``_KINDS``)."""
+    return dict(_field_kinds(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _field_kinds(cls: type) -> Tuple[Tuple[str, str], ...]:
+    # Resolving the (string) annotations costs more than checking every value.
     hints = typing.get_type_hints(cls)
-    return {f.name: _kind(hints[f.name]) for f in dataclasses.fields(cls)}
+    return tuple((f.name, _kind(hints[f.name])) for f in dataclasses.fields(cls))
 
 
 def _is_int(value: Any) -> bool:
