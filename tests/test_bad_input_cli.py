@@ -496,3 +496,28 @@ def test_export_quiet_and_the_half_precision_note_printed_once(work):
     # The Python API still warns.
     with pytest.warns(UserWarning, match="float16"):
         converter.export(converted, work / "c.pickle")
+
+
+@pytest.mark.jax
+def test_parity_failure_exits_1_with_the_report_in_the_json_and_no_file(
+    jax_ready, work, monkeypatch
+):
+    from converter.conversion import PreparedConversion
+
+    real = PreparedConversion.state_dict
+
+    def transposed(self, dtype=None):  # a mapping mistake: one square weight transposed
+        state = real(self, dtype)
+        key = "encoder.self_attends.0.attention.to_q.weight"
+        state[key] = state[key].t().contiguous()
+        return state
+
+    monkeypatch.setattr(PreparedConversion, "state_dict", transposed)
+    before = snapshot(work)
+    result = run_cli("convert", work / "fourier.pickle", "-o", work / "new.safetensors",
+                     "--verify", "--json", "-q")
+    assert_clean_error(result, 1, "outside tolerance", "logits")
+    document = json.loads(result.stdout)
+    assert document["exit_code"] == 1 and document["error"]["type"] == "ParityError"
+    assert document["error"]["parity"]["passed"] is False
+    assert snapshot(work) == before
