@@ -843,6 +843,53 @@ def models_command(as_json: bool) -> None:
         click.echo(f"{'':<{width}}  {row['url']}")
 
 
+# --------------------------------------------------------------------------------------
+# mapping: the expanded rule table (converter/mapping_table.py)
+
+
+@main.command("mapping")
+@click.argument("name", metavar="NAME|FILE.yaml")
+@click.option("--size", type=click.Choice(SIZES), default="tiny", show_default=True,
+              help="The parameter tree to expand the mapping for.")
+@_CONFIG_OPTION
+@_JSON_OPTION
+def mapping_command(
+    name: str, size: str, config_items: Tuple[str, ...], as_json: bool
+) -> None:
+    """Print the table mapping NAME expands to: where every PyTorch key comes from.
+
+    NAME is a bundled mapping (one of the six model names) or a mapping YAML file.
+    One line per rule: the Haiku source key and shape, the ops, the PyTorch target key
+    and shape, and the file:line of the rule (< the file:line of the outermost use:
+    that inserted it; --json lists the whole chain); then the dropped source keys with
+    their reasons. The shapes are those of the shipped tiny or full parameter tree.
+    Exit 2 for an unknown NAME or a bad --config, 3 for a malformed mapping file.
+    """
+    from converter.mapping import available_mappings
+    from converter.mapping_table import OverrideError, describe_mapping, format_table
+
+    is_file = name.endswith((".yaml", ".yml")) or Path(name).exists()
+    if not is_file and name not in available_mappings():
+        raise click.BadParameter(
+            f"no mapping named {name!r}; available: {', '.join(available_mappings())} "
+            "(or the path of a mapping YAML)",
+            param_hint="NAME",
+        )
+    if is_file and not Path(name).is_file():
+        raise click.BadParameter(f"{name}: no such mapping file", param_hint="NAME")
+    try:
+        config = _parse_config(config_items, name if name in MODEL_NAMES else None)
+        description = describe_mapping(name, size, config)
+    except OverrideError as error:
+        raise click.BadParameter(str(error), param_hint="--config") from None
+    if as_json:
+        echo_json(description.as_dict())
+    else:
+        click.echo(format_table(description))
+    if description.problems:
+        raise click.exceptions.Exit(EXIT_BAD_INPUT)
+
+
 @main.command("demo")
 @click.option("--size", type=click.Choice(SIZES), default="tiny", show_default=True,
               help="tiny: seconds per model; full: the official sizes (minutes, GBs).")
@@ -854,6 +901,8 @@ def models_command(as_json: bool) -> None:
 @click.option("--force", is_flag=True,
               help="Replace the demo's files in --workdir if they exist.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--tasks/--no-tasks", "with_tasks", default=True, show_default=True,
+              help="Also run each task pipeline (run TASK) once on a tiny model.")
 @_JSON_OPTION
 @_QUIET_OPTION
 def demo_command(
@@ -862,6 +911,7 @@ def demo_command(
     workdir: Optional[Path],
     force: bool,
     seed: int,
+    with_tasks: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -869,6 +919,10 @@ def demo_command(
     it, verify parity against the JAX reference, export it back and check the round
     trip is bit-identical; then print one summary table. Exit 1 if any parity check
     fails. Without the [jax] extra the parity column says "skipped".
+
+    Then (unless --no-tasks) each task of `run` (fill-mask, classify, ...) runs once
+    on a tiny model with random weights and media the demo makes itself (its answers
+    are noise). --json prints {"models": [...], "tasks": [...]}.
     """
     from converter.demo import check_workdir, run_demo
 
@@ -879,12 +933,30 @@ def demo_command(
         names, size=size, seed=seed, workdir=workdir, progress=_progress(quiet)
     )
     click.echo(_demo_table(rows, size), err=as_json)
+    task_rows = _demo_tasks(workdir, seed, quiet, as_json) if with_tasks else []
     if as_json:
-        echo_json(rows)
+        echo_json({"models": rows, "tasks": task_rows})
     if any(row["parity"] == "FAIL" for row in rows):
         raise click.exceptions.Exit(EXIT_PARITY)
-    if any(row["error"] for row in rows):
+    if any(row["error"] for row in rows + task_rows):
         raise click.exceptions.Exit(EXIT_BAD_INPUT)
+
+
+def _demo_tasks(
+    workdir: Optional[Path], seed: int, quiet: bool, as_json: bool
+) -> List[Dict[str, Any]]:
+    """The task pipelines once each (converter/run_cli.py), and their table."""
+    import tempfile
+
+    from converter.run_cli import format_task_demos, run_task_demos
+
+    if workdir is not None:
+        rows = run_task_demos(workdir / "tasks", seed=seed, progress=_progress(quiet))
+    else:
+        with tempfile.TemporaryDirectory(prefix="perceiver-demo-tasks-") as folder:
+            rows = run_task_demos(Path(folder), seed=seed, progress=_progress(quiet))
+    click.echo(format_task_demos(rows), err=as_json)
+    return rows
 
 
 def _demo_table(rows: List[Dict[str, Any]], size: str) -> str:
@@ -912,6 +984,14 @@ def _demo_table(rows: List[Dict[str, Any]], size: str) -> str:
         if row["error"]:
             lines.append(f"  {row['model']}: {row['error']}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# run: the task pipelines (converter/run_cli.py; tasks from perceiver_torch.pipelines)
+
+from converter.run_cli import run_command  # noqa: E402  (needs main's helpers defined)
+
+main.add_command(run_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

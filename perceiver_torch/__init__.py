@@ -17,13 +17,15 @@ converted file, ``capture_stages(model)`` records intermediate stages, and
 
 Inputs use PyTorch layouts: images (B, 3, H, W), frame pairs (B, 2, 3, H, W), videos
 (B, T, 3, H, W); every model checks them at the door and raises ``InputError`` naming
-the expected shape (an empty batch included). Invalid configs raise ``ConfigError``. Model names: ``MODEL_NAMES``; configs: ``configs`` (``TINY_CONFIGS``
-are the golden test sizes).
+the expected shape (an empty batch included); invalid configs raise ``ConfigError``.
+Model names: ``MODEL_NAMES``; configs: ``configs`` (``TINY_CONFIGS`` are the golden
+test sizes). Eval-time fast paths (same function, another order of operations) are
+listed and switched off in ``fast_paths`` (``fast_paths.plain()``).
 """
 
 from __future__ import annotations
 
-from . import configs
+from . import configs, fast_paths
 from .configs import (
     CONFIG_CLASSES,
     TINY_CONFIGS,
@@ -37,6 +39,7 @@ from .configs import (
     config_from_dict,
     config_to_dict,
 )
+from .fast_paths import AttentionMode, FastPath
 from .imagenet_conv import ImageNetConv
 from .inputs import InputError
 from .imagenet_fourier import ImageNetFourier
@@ -51,9 +54,11 @@ from .video_autoencoding import VideoAutoencoder
 MODEL_NAMES = tuple(MODEL_CLASSES)
 
 __all__ = [
+    "AttentionMode",
     "BytesTokenizer",
     "CONFIG_CLASSES",
     "ConfigError",
+    "FastPath",
     "ImageNetConv",
     "ImageNetConvConfig",
     "ImageNetFourier",
@@ -78,6 +83,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "configs",
+    "fast_paths",
     "load",
     "read_checkpoint",
 ]

@@ -465,8 +465,9 @@ def test_demo_models_parse_comma_separated_and_repeated(monkeypatch, tmp_path):
 
     monkeypatch.setattr(converter.demo, "demo_one", record)
     # The README's form: --models NAME[,NAME...]
-    assert run_cli("demo", "--models", "imagenet_fourier,optical_flow").exit_code == 0
-    assert run_cli("demo", "--models", "language_perceiver", "--models",
+    # (--no-tasks: the task pipelines are tested with run.)
+    assert run_cli("demo", "--no-tasks", "--models", "imagenet_fourier,optical_flow").exit_code == 0
+    assert run_cli("demo", "--no-tasks", "--models", "language_perceiver", "--models",
                    "imagenet_conv").exit_code == 0
     assert seen == ["imagenet_fourier", "optical_flow", "language_perceiver", "imagenet_conv"]
     result = run_cli("demo", "--models", "imagenet_fourier,nosuch")
@@ -477,8 +478,8 @@ def test_demo_models_parse_comma_separated_and_repeated(monkeypatch, tmp_path):
     result = run_cli("demo", "--models", "imagenet_fourier", "--workdir", tmp_path)
     assert_clean_error(result, 2, "refusing to overwrite", "--force")
     assert snapshot(tmp_path) == before
-    assert run_cli("demo", "--models", "imagenet_fourier", "--workdir", tmp_path,
-                   "--force").exit_code == 0
+    assert run_cli("demo", "--no-tasks", "--models", "imagenet_fourier", "--workdir",
+                   tmp_path, "--force").exit_code == 0
 
 
 def test_export_quiet_and_the_half_precision_note_printed_once(work):

@@ -151,20 +151,28 @@ def test_flow_model_refuses_one_frame(models):
 
 
 def test_door_checks_trace_and_compile(models):
-    """Shape checks only: torch.compile captures the whole forward pass of a valid
-    input, checks included, as one graph (fullgraph=True fails on any graph break),
-    and a compiled model still refuses a wrong shape."""
+    """Shape checks only: torch.compile captures every model's door check as part of
+    one graph (fullgraph=True fails on any graph break), a compiled model computes
+    what the eager one does, and still refuses a wrong shape."""
+    for name, model in models.items():
+        inputs = valid_inputs(name, model.config)
+
+        def checked(**kwargs: torch.Tensor) -> torch.Tensor:
+            model.check_inputs(**kwargs)
+            return sum(v.float().sum() for v in kwargs.values())
+
+        compiled_check = torch.compile(checked, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled_check(**inputs), checked(**inputs))
     model = models["imagenet_fourier"]
     images = valid_inputs("imagenet_fourier", model.config)["images"]
     with torch.no_grad():
-        expected = model(images)
-        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        compiled = torch.compile(model, backend="eager")
         # The same computation: only float32 rounding of a re-traced graph may differ.
-        torch.testing.assert_close(compiled(images), expected, rtol=1e-6, atol=1e-6)
-        # A refusal is not graph-captured (building its message breaks the graph),
-        # so plain torch.compile falls back to running it: the same error.
+        torch.testing.assert_close(compiled(images), model(images), rtol=1e-6, atol=1e-6)
+        # A refusal is not graph-captured (building its message breaks the graph), so
+        # the compiled model falls back to running it: the same error.
         with pytest.raises(InputError, match="channels-last"):
-            torch.compile(model, backend="eager")(images.permute(0, 2, 3, 1))
+            compiled(images.permute(0, 2, 3, 1))
 
 
 # --------------------------------------------------------------------------------------
