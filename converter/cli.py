@@ -3,39 +3,51 @@
 Every command is a small function on the :func:`main` group; what they share lives
 here as helpers:
 
-* :class:`ConverterGroup` turns a :class:`~converter.errors.ConverterError` raised in
-  any command into ``error: <message>`` on stderr and the documented exit code (no
-  traceback): :class:`~converter.errors.ParityError` -> 1, any other (bad checkpoint,
-  bad mapping) -> 3. Usage errors are click's, exit 2.
-* :func:`echo_json` prints one JSON document on stdout; :func:`output_path_callback`
-  checks an output file's folder up front (exit 2 when it is missing).
+* :class:`ConverterGroup` runs every command under one error policy: a
+  :class:`~converter.errors.ConverterError` becomes ``error: <message>`` on stderr and
+  its ``exit_code`` (:class:`~converter.errors.ParityError` 1, usage and config errors
+  2, bad input 3), Ctrl-C exits 130, anything unexpected one line (exit 3); never a
+  traceback, unless ``--debug`` (or ``PERCEIVER_CONVERT_DEBUG=1``). With ``--json``
+  on the command line, an error is also one JSON document on stdout
+  (:func:`error_document`).
+* :func:`output_option` gives a command ``-o/--output`` and ``--force`` and refuses,
+  before the command runs, an output that is one of the command's inputs or that
+  exists (without ``--force``); :func:`echo_json` prints one JSON document on stdout.
 
 Nothing here imports jax (nor torch): ``fixture`` and ``inspect`` work without them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import sys
+import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import click
 
 from converter._version import __version__
-from converter.errors import CheckpointError, ConverterError, ParityError
+from converter.atomic import check_outputs
+from converter.errors import CheckpointError, ConfigError, ConverterError
 from converter.trees import MODEL_NAMES, SIZES
-from converter.writer import CONTAINERS
+from converter.writer import CONTAINERS, check_pickle_suffix
 
 __all__ = [
     "EXIT_BAD_INPUT",
+    "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_PARITY",
     "EXIT_USAGE",
     "ConverterGroup",
     "echo_json",
+    "error_document",
     "exit_code_for",
     "fail",
     "main",
+    "output_option",
     "output_path_callback",
 ]
 
@@ -43,22 +55,59 @@ EXIT_OK = 0
 EXIT_PARITY = 1
 EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+DEBUG_ENV = "PERCEIVER_CONVERT_DEBUG"
 
 _MAIN_HELP = f"""Convert DeepMind's official Perceiver IO Haiku checkpoints to PyTorch,
 safely (no jax, haiku or pickle.load needed) and verified numerically.
 
 \b
 Exit codes:
-  {EXIT_OK}  success
-  {EXIT_PARITY}  parity check outside tolerance
-  {EXIT_USAGE}  usage error (bad option, unknown model, missing output folder)
-  {EXIT_BAD_INPUT}  bad checkpoint or mapping (unsafe, corrupt or unexpected file)
+  {EXIT_OK}    success
+  {EXIT_PARITY}    parity check outside tolerance
+  {EXIT_USAGE}    usage error (bad option or --config value, unknown model, missing
+       output folder, an output that is an input or exists without --force)
+  {EXIT_BAD_INPUT}    bad checkpoint or mapping (unsafe, corrupt, unreadable or
+       unexpected file)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); no partial file is left
+
+Errors are one line on stderr; --debug (or {DEBUG_ENV}=1) adds the traceback.
+With --json, every outcome, errors included, is one JSON document on stdout.
 """
 
 
-def exit_code_for(error: ConverterError) -> int:
-    """The documented exit code of a converter error."""
-    return EXIT_PARITY if isinstance(error, ParityError) else EXIT_BAD_INPUT
+def exit_code_for(error: BaseException) -> int:
+    """The documented exit code of an error raised inside a command."""
+    if isinstance(error, ConverterError):
+        return error.exit_code
+    torch_configs = sys.modules.get("perceiver_torch.configs")
+    if torch_configs is not None and isinstance(error, torch_configs.ConfigError):
+        return EXIT_USAGE
+    return EXIT_BAD_INPUT
+
+
+def error_document(error: BaseException, exit_code: int) -> Dict[str, Any]:
+    """The ``--json`` document of a failed command: ``{"ok": false, "error": {"type",
+    "message", ...details}, "exit_code"}``."""
+    body: Dict[str, Any] = {"type": type(error).__name__, "message": _message(error)}
+    key = getattr(error, "key", None)
+    if key is not None:
+        body["key"] = key
+    body.update(getattr(error, "details", None) or {})
+    return {"ok": False, "error": body, "exit_code": exit_code}
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, click.ClickException):
+        return error.format_message()
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted; no partial file was left"
+    if isinstance(error, (ConverterError, ValueError)):
+        return str(error)
+    return (
+        f"unexpected {type(error).__name__}: {error}; rerun with --debug (or "
+        f"{DEBUG_ENV}=1) for the traceback and please report it"
+    )
 
 
 def fail(error: ConverterError) -> NoReturn:
@@ -67,14 +116,61 @@ def fail(error: ConverterError) -> NoReturn:
     raise click.exceptions.Exit(exit_code_for(error))
 
 
+def _wants_json(args: Sequence[str]) -> bool:
+    """Whether the command line asks for ``--json`` (options end at ``--``)."""
+    for arg in args:
+        if arg == "--":
+            return False
+        if arg == "--json":
+            return True
+    return False
+
+
 class ConverterGroup(click.Group):
-    """A click group whose commands report :class:`ConverterError` without traceback."""
+    """A click group whose commands share one error policy (see the module docstring).
+
+    Any command added to the group gets it: exit codes from ``exit_code_for``, 130 on
+    Ctrl-C, one line on stderr (the traceback only with ``--debug``), and with
+    ``--json`` on its command line, one :func:`error_document` on stdout.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
+        args = [
+            *(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])),
+            *ctx.args,
+        ]
+        as_json = _wants_json(args)
+        debug = bool(ctx.params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in (
+            "",
+            "0",
+        )
         try:
             return super().invoke(ctx)
-        except ConverterError as error:
-            fail(error)
+        except click.exceptions.Exit:
+            raise
+        except click.exceptions.Abort:
+            self._report(KeyboardInterrupt(), EXIT_INTERRUPTED, as_json, False)
+        except click.ClickException as error:
+            if not as_json:
+                raise  # click prints "Usage: ... Error: ..." itself (exit 2)
+            error.show()
+            echo_json(error_document(error, error.exit_code))
+            raise click.exceptions.Exit(error.exit_code) from None
+        except KeyboardInterrupt as error:
+            self._report(error, EXIT_INTERRUPTED, as_json, debug)
+        except Exception as error:  # every other failure: one line, never a traceback
+            self._report(error, exit_code_for(error), as_json, debug)
+
+    @staticmethod
+    def _report(
+        error: BaseException, code: int, as_json: bool, debug: bool
+    ) -> NoReturn:
+        if debug:
+            traceback.print_exception(type(error), error, error.__traceback__)
+        click.echo(f"error: {_message(error)}", err=True)
+        if as_json:
+            echo_json(error_document(error, code))
+        raise click.exceptions.Exit(code)
 
 
 def echo_json(document: Any) -> None:
@@ -96,17 +192,47 @@ def output_path_callback(
         raise click.BadParameter(str(error), ctx=ctx, param=param) from None
 
 
-def output_option(help_text: str) -> Callable[[Any], Any]:
-    """The ``-o/--output`` file option of the commands that write one (its folder is
-    checked up front: exit 2 when it is missing or not writable)."""
-    return click.option(
-        "-o",
-        "--output",
-        type=click.Path(dir_okay=False, path_type=Path),
-        required=True,
-        callback=output_path_callback,
-        help=help_text,
-    )
+def output_option(
+    help_text: str,
+    *,
+    inputs: Sequence[str] = (),
+    check_name: Optional[Callable[[Path], None]] = None,
+) -> Callable[[Any], Any]:
+    """``-o/--output FILE`` and ``--force`` for a command that writes a file.
+
+    Before the command runs: the folder must exist and be writable, ``check_name``
+    (e.g. :func:`~converter.writer.check_pickle_suffix`) may refuse the name, the
+    output may not be any of the parameters named in ``inputs`` (the same file, by
+    any path), and an existing output needs ``--force``; each refusal exits 2 and
+    nothing is read or written. The command itself receives ``output`` only.
+    """
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            force = kwargs.pop("force")
+            output = kwargs.get("output")
+            if output is not None:
+                if check_name is not None:
+                    check_name(output)
+                check_outputs(output, [kwargs.get(name) for name in inputs], force=force)
+            return command(*args, **kwargs)
+
+        checked = click.option(
+            "--force",
+            is_flag=True,
+            help="Replace the output file if it exists (never an input).",
+        )(checked)
+        return click.option(
+            "-o",
+            "--output",
+            type=click.Path(dir_okay=False, path_type=Path),
+            required=True,
+            callback=output_path_callback,
+            help=help_text,
+        )(checked)
+
+    return decorate
 
 
 @click.group(
@@ -115,7 +241,12 @@ def output_option(help_text: str) -> Callable[[Any], Any]:
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, "--version", prog_name="perceiver-convert")
-def main() -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    help=f"Show the traceback of an error (also: {DEBUG_ENV}=1).",
+)
+def main(debug: bool) -> None:
     """The command group (see ``_MAIN_HELP``)."""
 
 
@@ -134,7 +265,9 @@ A one-line summary (path, values, bytes, sha256) goes to stderr.
 
 @main.command("fixture", help=_FIXTURE_HELP)
 @click.argument("name", type=click.Choice(MODEL_NAMES), metavar="NAME")
-@output_option("File to write (its folder must exist).")
+@output_option(
+    "The pickle to write (its folder must exist).", check_name=check_pickle_suffix
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
     "--size",
@@ -182,6 +315,13 @@ def fixture_command(
 # inspect
 
 
+def _nonfinite(array: Any) -> int:
+    """How many NaN/Inf values a float array holds (0 for other dtypes)."""
+    import numpy as np
+
+    return int(array.size - np.isfinite(array).sum()) if array.dtype.kind == "f" else 0
+
+
 def _array_rows(tree: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [
         {
@@ -191,6 +331,7 @@ def _array_rows(tree: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
             "dtype": array.dtype.name,
             "values": int(array.size),
             "bytes": int(array.nbytes),
+            "nonfinite": _nonfinite(array),
         }
         for module, params in tree.items()
         for param, array in params.items()
@@ -261,7 +402,8 @@ def _failure_document(path: Path, error: CheckpointError, scan: Any) -> Dict[str
 def _table(rows: List[Dict[str, Any]]) -> List[str]:
     cells: List[Tuple[str, ...]] = [
         (
-            f"{row['module']}/{row['param']}",
+            f"{row['module']}/{row['param']}"
+            + (f"  [{row['nonfinite']:,} NaN/Inf]" if row.get("nonfinite") else ""),
             str(row["shape"]),
             row["dtype"],
             f"{row['values']:,}",
@@ -346,18 +488,21 @@ def inspect_command(path: Path, as_json: bool) -> None:
     protocol, the container kinds and the globals the file names. The report goes
     to stdout (it is the command's result); errors go to stderr. Exit 0 for a
     readable checkpoint; exit 3 for an unsafe or unreadable file, still listing the
-    globals found in its opcodes.
+    globals found in its opcodes. Arrays holding NaN or Inf are listed and marked
+    ([N NaN/Inf]; "nonfinite" in the JSON), and the exit code is 3: the weights
+    are corrupt.
     """
     from converter.reader import load_haiku_checkpoint, scan_pickle
 
     try:
-        checkpoint = load_haiku_checkpoint(path)
+        checkpoint = load_haiku_checkpoint(path, check_finite=False)
     except CheckpointError as error:
         try:
             scan = scan_pickle(path)
         except CheckpointError:
             scan = None
         document = _failure_document(path, error, scan)
+        document["exit_code"] = exit_code_for(error)
         click.echo(f"error: {error}", err=True)
         if as_json:
             echo_json(document)
@@ -365,32 +510,93 @@ def inspect_command(path: Path, as_json: bool) -> None:
             _print_failure(document)
         raise click.exceptions.Exit(exit_code_for(error))
     document = _checkpoint_document(checkpoint)
+    bad = [
+        f"{row['module']}/{row['param']}"
+        for part in ("params", "state")
+        for row in document[part]["entries"]
+        if row["nonfinite"]
+    ]
+    if bad:
+        document["ok"] = False
+        document["exit_code"] = EXIT_BAD_INPUT
+        document["error"] = (
+            f"{len(bad)} array(s) hold NaN or Inf values ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); the weights are corrupt: download "
+            "the official file again"
+        )
     if as_json:
         echo_json(document)
     else:
         _print_checkpoint(document)
+    if bad:
+        click.echo(f"error: {path}: {document['error']}", err=True)
+        raise click.exceptions.Exit(EXIT_BAD_INPUT)
 
 
 # --------------------------------------------------------------------------------------
 # convert, verify, export, models, demo
 
 
-def _parse_config(values: Tuple[str, ...]) -> Dict[str, Any]:
-    """``--config KEY=VALUE`` pairs; values are JSON when they parse (``[32, 32]``, ``3``)."""
+def _parse_config(values: Tuple[str, ...], model: Optional[str]) -> Dict[str, Any]:
+    """``--config KEY=VALUE`` pairs, checked against the config dataclass of ``model``
+    (or, before the model is detected, of every model that has the key): unknown
+    keys, wrong types and values out of range raise ``ConfigError`` (exit 2) before
+    anything is read. Relations between keys are checked once the model is known."""
+    from perceiver_torch import configs
+
+    classes = (
+        {model: configs.CONFIG_CLASSES[model]} if model else dict(configs.CONFIG_CLASSES)
+    )
     config: Dict[str, Any] = {}
     for item in values:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(
-                f"{item!r} is not KEY=VALUE (e.g. --config image_size=[368,496])",
-                param_hint="--config",
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"--config {item!r} is not KEY=VALUE (e.g. --config "
+                "image_size=368x496)"
+            )
+        owners = {n: c for n, c in classes.items() if key in configs.field_kinds(c)}
+        if not owners:
+            valid = sorted({k for c in classes.values() for k in configs.field_kinds(c)})
+            scope = f"model {model}" if model else "any model"
+            raise ConfigError(
+                f"--config {key}: unknown config key for {scope}; valid keys: "
+                f"{', '.join(valid)}",
+                key,
             )
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        config[key.strip()] = value
+            parsed = [configs.parse_value(c, key, raw) for c in owners.values()]
+        except configs.ConfigError as error:
+            raise ConfigError(f"--config {key}={raw}: {error}", key) from None
+        config[key] = parsed[0]
     return config
+
+
+def _output_format(path: Path) -> str:
+    from converter.outputs import output_format
+
+    return output_format(path)
+
+
+def _model_names(
+    ctx: click.Context, param: click.Parameter, values: Tuple[str, ...]
+) -> Tuple[str, ...]:
+    """``--models a,b --models c`` -> ("a", "b", "c"); unknown names exit 2."""
+    names: List[str] = []
+    for value in values:
+        for name in (part.strip() for part in value.split(",")):
+            if not name:
+                continue
+            if name not in MODEL_NAMES:
+                raise click.BadParameter(
+                    f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}",
+                    ctx=ctx,
+                    param=param,
+                )
+            if name not in names:
+                names.append(name)
+    return tuple(names)
 
 
 def _progress(quiet: bool):
@@ -413,7 +619,8 @@ _CONFIG_OPTION = click.option(
     multiple=True,
     metavar="KEY=VALUE",
     help="Override a configuration value the checkpoint's shapes cannot reveal "
-    "(repeatable; VALUE is JSON, e.g. image_size=[368,496]).",
+    "(repeatable; checked against the model's config: exit 2 naming a bad key; "
+    "pairs as 368x496, 368,496 or [368, 496]).",
 )
 _MAPPING_OPTION = click.option(
     "--mapping",
@@ -431,7 +638,11 @@ _QUIET_OPTION = click.option(
 
 @main.command("convert")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@output_option("OUT.safetensors (recommended) or OUT.pt; written atomically.")
+@output_option(
+    "OUT.safetensors (recommended) or OUT.pt; written atomically.",
+    inputs=("checkpoint", "mapping"),
+    check_name=lambda path: _output_format(path),
+)
 @_MODEL_OPTION
 @click.option(
     "--dtype",
@@ -445,7 +656,8 @@ _QUIET_OPTION = click.option(
     "run_verify",
     is_flag=True,
     help="Check parity against the JAX reference before writing (needs the [jax] "
-    "extra); outside tolerance: nothing is written, exit 1.",
+    "extra), with the weights in the --dtype written; outside tolerance: nothing is "
+    "written, exit 1.",
 )
 @_CONFIG_OPTION
 @_MAPPING_OPTION
@@ -470,22 +682,19 @@ def convert_command(
     source sha256, the mapping name and hash, the converter version and, with
     --verify, the parity result. Load it with perceiver_torch.load(OUT).
     """
+    config = _parse_config(config_items, model)
     from converter.conversion import convert
 
-    config = _parse_config(config_items)
-    try:
-        result = convert(
-            checkpoint,
-            output,
-            model=model,
-            dtype=dtype,
-            config=config or None,
-            mapping=mapping,
-            verify=run_verify,
-            progress=_progress(quiet),
-        )
-    except ValueError as error:
-        raise click.UsageError(str(error)) from None
+    result = convert(
+        checkpoint,
+        output,
+        model=model,
+        dtype=dtype,
+        config=config or None,
+        mapping=mapping,
+        verify=run_verify,
+        progress=_progress(quiet),
+    )
     if result.parity_report is not None and not quiet:
         click.echo(result.parity_report.format_table(), err=True)
     click.echo(
@@ -505,6 +714,13 @@ def convert_command(
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the deterministic test inputs.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    default="float32",
+    show_default=True,
+    help="Check the weights rounded to this storage dtype (convert --dtype).",
+)
 @_JSON_OPTION
 @_QUIET_OPTION
 def verify_command(
@@ -514,6 +730,7 @@ def verify_command(
     mapping: Optional[Path],
     seed: int,
     batch: int,
+    dtype: str,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -526,15 +743,17 @@ def verify_command(
     argmax agreement against the mapping's tolerance. Exit 1 if an output is outside
     it. Needs the [jax] extra.
     """
+    config = _parse_config(config_items, model)
     from converter.verify import verify
 
     report = verify(
         checkpoint,
         model,
-        config=_parse_config(config_items) or None,
+        config=config or None,
         mapping=mapping,
         seed=seed,
         batch=batch,
+        dtype=dtype,
         progress=_progress(quiet),
     )
     click.echo(report.format_table(), err=True)
@@ -546,13 +765,18 @@ def verify_command(
 
 @main.command("export")
 @click.argument("converted", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@output_option("The official-layout pickle to write.")
+@output_option(
+    "The official-layout pickle to write (*.pickle).",
+    inputs=("converted", "mapping"),
+    check_name=check_pickle_suffix,
+)
 @click.option("--protocol", type=click.IntRange(2, 5), default=3, show_default=True)
 @click.option(
     "--container", type=click.Choice(CONTAINERS), default="flatmapping", show_default=True
 )
 @_MAPPING_OPTION
 @_JSON_OPTION
+@click.option("-q", "--quiet", is_flag=True, help="No notes or summary on stderr.")
 def export_command(
     converted: Path,
     output: Path,
@@ -560,6 +784,7 @@ def export_command(
     container: str,
     mapping: Optional[Path],
     as_json: bool,
+    quiet: bool,
 ) -> None:
     """Write CONVERTED (a perceiver-convert output) back in the official Haiku layout.
 
@@ -567,16 +792,24 @@ def export_command(
     original arrays bit for bit (the BatchNorm accumulators the model does not use
     travel in the converted file's metadata).
     """
-    from converter.exporter import export
+    import warnings
 
-    result = export(converted, output, protocol=protocol, container=container, mapping=mapping)
-    for note in result.notes:
-        click.echo(f"note: {note}", err=True)
-    click.echo(
-        f"wrote {result.output}: {result.model}, {result.tensors} arrays, protocol "
-        f"{protocol}, {'exact' if result.exact else 'not bit-exact (see notes)'}",
-        err=True,
-    )
+    from converter.exporter import PrecisionWarning, export
+
+    with warnings.catch_warnings():
+        # The same message is one of result.notes, printed once below.
+        warnings.simplefilter("ignore", PrecisionWarning)
+        result = export(
+            converted, output, protocol=protocol, container=container, mapping=mapping
+        )
+    if not quiet:
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(
+            f"wrote {result.output}: {result.model}, {result.tensors} arrays, protocol "
+            f"{protocol}, {'exact' if result.exact else 'not bit-exact (see notes)'}",
+            err=True,
+        )
     if as_json:
         echo_json(result.as_dict())
 
@@ -645,7 +878,8 @@ def mapping_command(
     if is_file and not Path(name).is_file():
         raise click.BadParameter(f"{name}: no such mapping file", param_hint="NAME")
     try:
-        description = describe_mapping(name, size, _parse_config(config_items))
+        config = _parse_config(config_items, name if name in MODEL_NAMES else None)
+        description = describe_mapping(name, size, config)
     except OverrideError as error:
         raise click.BadParameter(str(error), param_hint="--config") from None
     if as_json:
@@ -659,10 +893,13 @@ def mapping_command(
 @main.command("demo")
 @click.option("--size", type=click.Choice(SIZES), default="tiny", show_default=True,
               help="tiny: seconds per model; full: the official sizes (minutes, GBs).")
-@click.option("--models", "names", type=click.Choice(MODEL_NAMES), multiple=True,
-              help="Only these models (repeatable); default: all six.")
+@click.option("--models", "names", multiple=True, callback=_model_names,
+              metavar="NAME[,NAME...]",
+              help="Only these models (comma-separated or repeated); default: all six.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the files here (default: a temporary folder, removed).")
+@click.option("--force", is_flag=True,
+              help="Replace the demo's files in --workdir if they exist.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--tasks/--no-tasks", "with_tasks", default=True, show_default=True,
               help="Also run each task pipeline (run TASK) once on a tiny model.")
@@ -672,6 +909,7 @@ def demo_command(
     size: str,
     names: Tuple[str, ...],
     workdir: Optional[Path],
+    force: bool,
     seed: int,
     with_tasks: bool,
     as_json: bool,
@@ -686,10 +924,13 @@ def demo_command(
     on a tiny model with random weights and media the demo makes itself (its answers
     are noise). --json prints {"models": [...], "tasks": [...]}.
     """
-    from converter.demo import run_demo
+    from converter.demo import check_workdir, run_demo
 
+    names = names or MODEL_NAMES
+    if workdir is not None:
+        check_workdir(workdir, names, force=force)
     rows = run_demo(
-        names or MODEL_NAMES, size=size, seed=seed, workdir=workdir, progress=_progress(quiet)
+        names, size=size, seed=seed, workdir=workdir, progress=_progress(quiet)
     )
     click.echo(_demo_table(rows, size), err=as_json)
     task_rows = _demo_tasks(workdir, seed, quiet, as_json) if with_tasks else []

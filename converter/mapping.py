@@ -18,7 +18,9 @@ official checkpoint becomes a tensor of the PyTorch model:
   sizes on top of ``tiny``, which is ``perceiver_torch.TINY_CONFIGS``.
 - ``source``: the official file's facts, by default those of the model registry
   (:mod:`converter.trees`); a file may replace them.
-- ``tolerance``: the parity tolerance ``verify`` applies.
+- ``tolerance``: the parity tolerance ``verify`` applies (``relative``; optional
+  ``fourier_outputs``, and ``float16``/``bfloat16`` for weights stored in those dtypes,
+  default ``converter.verify.ROUNDING_TOLERANCE``).
 
 Templates expand to an exact table before anything is matched; two rules claiming the
 same source or target key are an error, never "first wins". Applying a table checks
@@ -51,7 +53,7 @@ from typing import (
 import numpy as np
 import yaml
 
-from converter.errors import MappingError, ShapeMismatch
+from converter.errors import ConfigError, MappingError, ShapeMismatch
 from converter.ops import (
     Op,
     apply_ops,
@@ -356,15 +358,17 @@ class MappingSpec:
         overrides = {k: _as_tuple(v) for k, v in (overrides or {}).items()}
         unknown = sorted(set(overrides) - set(self.config))
         if unknown:
-            raise MappingError(
-                f"{self.file}: unknown config key(s) {', '.join(unknown)}; "
-                f"valid keys: {', '.join(self.config)}"
+            raise ConfigError(
+                f"{self.file}: unknown config key(s) {', '.join(unknown)} for "
+                f"{self.model}; valid keys: {', '.join(self.config)}",
+                unknown[0],
             )
         for key, value in overrides.items():
             if key in derived and derived[key] != value:
-                raise MappingError(
+                raise ConfigError(
                     f"--config {key}={_plain(value)} contradicts the checkpoint, whose "
-                    f"shapes give {key}={_plain(derived[key])}; drop that override"
+                    f"shapes give {key}={_plain(derived[key])}; drop that override",
+                    key,
                 )
         candidates = [("official", dict(self.config))] + [
             (name, {**self.config, **values}) for name, values in self.presets.items()
@@ -909,8 +913,12 @@ def _parse_tolerance(root: Mapping[str, Any], where: _Where) -> Dict[str, Any]:
     at = where.at(root, "tolerance", "tolerance")
     if not isinstance(tolerance, dict):
         raise _fail(at, "'tolerance' must be a mapping")
-    _check_keys(tolerance, {"relative", "fourier_outputs"}, set(), at)
+    _check_keys(
+        tolerance, {"relative", "fourier_outputs", "float16", "bfloat16"}, set(), at
+    )
     limits = [("relative", tolerance.get("relative", 1e-5))] + [
+        (key, tolerance[key]) for key in ("float16", "bfloat16") if key in tolerance
+    ] + [
         (f"fourier_outputs.{k}", v)
         for k, v in (tolerance.get("fourier_outputs") or {}).items()
     ]
@@ -1029,8 +1037,21 @@ class MappingReport:
                 f"rule produces a tensor the model does not have: {key} ({origin})"
             )
         for problem in self.mismatches:
+            # Same shape after the ops: only the dtype is wrong; say so, with the fix.
+            kind = (
+                "dtype mismatch"
+                if problem.expected and tuple(problem.got) == tuple(problem.expected)
+                else "shape mismatch"
+            )
+            want = problem.detail.rsplit(" ", 1)[-1]  # "... model expects [..] float32"
+            fix = (
+                f"; store the array as {want} (numpy: array.astype(np.{want})) and "
+                "save the checkpoint again"
+                if kind == "dtype mismatch"
+                else ""
+            )
             lines.append(
-                f"shape mismatch: {problem.source} -> {problem.target}: {problem.detail}"
+                f"{kind}: {problem.source} -> {problem.target}: {problem.detail}{fix}"
             )
         return lines
 

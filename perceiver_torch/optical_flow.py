@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .configs import OpticalFlowConfig
 from .decoders import PerceiverDecoder
+from .inputs import expect
 from .perceiver import PerceiverIO
 from .postprocessors import FlowPostprocessor
 from .preprocessors import FlowPatchPreprocessor
@@ -115,9 +116,22 @@ class OpticalFlow(PerceiverIO):
             rescale_factor=c.rescale_factor, flow_scale=c.flow_scale
         )
 
+    def check_inputs(self, frames: Tensor) -> None:
+        """Raises ``InputError`` unless frames is a float (B, 2, 3, H, W) pair."""
+        expect(
+            type(self).__name__,
+            "frames",
+            frames,
+            (("B", None), ("2", 2), ("3", 3), ("H", None), ("W", None)),
+            what="two RGB frames in [-1, 1]",
+            floating=True,
+            channels_axis=2,
+        )
+
     def forward(self, frames: Tensor) -> Tensor:
         """frames: (B, 2, 3, H, W) in [-1, 1] -> flow in pixels (B, 2, H, W)
         (channel 0 horizontal, 1 vertical, as the reference)."""
+        self.check_inputs(frames)
         preprocessed = self.input_preprocessor(frames)
         latents = self.encoder(preprocessed)
         decoded = self.decoder(self.output_queries(preprocessed), latents)
@@ -144,6 +158,7 @@ class OpticalFlow(PerceiverIO):
         frames: (B, 2, 3, H, W) in [-1, 1] with H, W at least the tile size ->
         flow in pixels (B, 2, H, W).
         """
+        self.check_inputs(frames)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         th, tw = tile_size or self.config.image_size

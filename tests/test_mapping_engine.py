@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from converter.conversion import model_targets
-from converter.errors import MappingError, ShapeMismatch
+from converter.errors import ConfigError, MappingError, ShapeMismatch
 from converter.mapping import (
     available_mappings,
     flatten_tree,
@@ -348,9 +348,10 @@ def test_overrides_that_contradict_the_checkpoint_are_refused():
     tree = read_tree("optical_flow", "tiny")
     shapes = {k: v[0] for k, v in tree.items()}
     spec = load_mapping("optical_flow")
-    with pytest.raises(MappingError, match="contradicts the checkpoint"):
+    # The user's overrides are at fault: ConfigError (exit 2), not a MappingError.
+    with pytest.raises(ConfigError, match="contradicts the checkpoint"):
         spec.resolve_config(shapes, {"num_self_attends": 5})
-    with pytest.raises(MappingError, match="unknown config key"):
+    with pytest.raises(ConfigError, match="unknown config key"):
         spec.resolve_config(shapes, {"num_layers": 5})
     resolved = spec.resolve_config(shapes, {"image_size": [48, 64]})
     assert resolved.values["image_size"] == (48, 64)
