@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import CrossAttentionLayer, PreparedKeys, attend, gelu_tanh
@@ -132,7 +133,8 @@ class FoldedDecoder:
       matrices (3 outputs per pixel).
 
     About 3.2 instead of 9 MFLOP per video query. The result equals the unfused decoder
-    up to float32 rounding (reassociated sums).
+    up to float32 rounding (reassociated sums); in bfloat16/float16 the folds are
+    formed in float32 and rounded once, and the normalisation statistics stay float32.
 
     Args:
         decoder: a ``PerceiverDecoder`` with one head, no query residual and an output
@@ -152,37 +154,58 @@ class FoldedDecoder:
             raise ValueError(
                 "FoldedDecoder needs 1 head, no query residual, a projection"
             )
+        # The folded matrices are products of several weights: they are formed in
+        # float32 (at least) and rounded once to the latents' dtype, in which the
+        # per-query matmuls run; the LayerNorm statistics stay float32 (see __call__).
+        self.dtype = latents.dtype
+        fold = torch.promote_types(latents.dtype, torch.float32)
+        self.stats_dtype = fold
+
+        def w(t: Tensor) -> Tensor:
+            return t.to(fold)
+
         self.scale = attention.scale
         self.mlp_eps = layer.mlp_norm.eps
         self.q_eps = layer.q_norm.eps
-        kv = layer.kv_norm(latents)
-        keys = attention.to_k(kv)  # (B, N, qk)
-        folded_keys = torch.matmul(keys, attention.to_q.weight)  # (B, N, C_q)
+        kv_norm = layer.kv_norm
+        kv = F.layer_norm(
+            latents.to(fold), kv_norm.normalized_shape, w(kv_norm.weight),
+            w(kv_norm.bias), kv_norm.eps,
+        )
+        keys = F.linear(kv, w(attention.to_k.weight), w(attention.to_k.bias))
+        to_q_w, to_q_b = w(attention.to_q.weight), w(attention.to_q.bias)
+        folded_keys = torch.matmul(keys, to_q_w)  # (B, N, C_q)
         q_norm = layer.q_norm
+        q_gamma, q_beta = w(q_norm.weight), w(q_norm.bias)
         # Logit terms that do not depend on the query: beta.(K W_q) + b_q.K.
         # (The attention kernel scales q.k only, not this additive bias.)
         self.bias = (
-            torch.matmul(folded_keys, q_norm.bias)
-            + torch.matmul(keys, attention.to_q.bias)
-        )[:, None, None, :] * self.scale
-        self.values = attention.to_v(kv)[:, None]  # (B, 1, N, v)
+            (torch.matmul(folded_keys, q_beta) + torch.matmul(keys, to_q_b))[
+                :, None, None, :
+            ]
+            * self.scale
+        ).to(self.dtype)
+        values = F.linear(kv, w(attention.to_v.weight), w(attention.to_v.bias))
+        self.values = values[:, None].to(self.dtype)  # (B, 1, N, v)
         # to_out, centred: y = o @ out_w + out_b is the attention output minus its mean.
-        out_w = attention.to_out.weight.t()  # (v, C_q)
-        out_b = attention.to_out.bias
-        self.out_w = out_w - out_w.mean(dim=1, keepdim=True)
-        self.out_b = out_b - out_b.mean()
+        out_w = w(attention.to_out.weight).t()  # (v, C_q)
+        out_b = w(attention.to_out.bias)
+        out_w_c = out_w - out_w.mean(dim=1, keepdim=True)
+        out_b_c = out_b - out_b.mean()
         # fc1 of the normalised output: (o @ hid_w + hid_b) / sigma + hid_e.
         mlp_norm, fc1, fc2 = layer.mlp_norm, layer.mlp.fc1, layer.mlp.fc2
-        self.hid_w = torch.matmul(self.out_w * mlp_norm.weight, fc1.weight.t())
-        self.hid_b = torch.matmul(self.out_b * mlp_norm.weight, fc1.weight.t())
-        self.hid_e = torch.matmul(mlp_norm.bias, fc1.weight.t()) + fc1.bias
+        mlp_gamma, fc1_w = w(mlp_norm.weight), w(fc1.weight)
+        self.out_w, self.out_b = out_w_c.to(self.dtype), out_b_c.to(self.dtype)
+        self.hid_w = torch.matmul(out_w_c * mlp_gamma, fc1_w.t()).to(self.dtype)
+        self.hid_b = torch.matmul(out_b_c * mlp_gamma, fc1_w.t()).to(self.dtype)
+        self.hid_e = (torch.matmul(w(mlp_norm.bias), fc1_w.t()) + w(fc1.bias)).to(
+            self.dtype
+        )
         self.modalities = {}
-        width = q_norm.weight.shape[0]
+        width = q_gamma.shape[0]
         for name, (num_features, padding, head) in modalities.items():
-            gamma_f, gamma_p = (
-                q_norm.weight[:num_features],
-                q_norm.weight[num_features:],
-            )
+            padding = w(padding)
+            gamma_f, gamma_p = q_gamma[:num_features], q_gamma[num_features:]
             k_f, k_p = folded_keys[..., :num_features], folded_keys[..., num_features:]
             # Keys for q_aug = [(f - mu)/sigma, 1/sigma, -mu/sigma].
             k_aug = torch.cat(
@@ -195,54 +218,63 @@ class FoldedDecoder:
             )[:, None]
             # Final linear map after the MLP residual: out = x2 @ final + final_b,
             # with x2 = (o @ W_out^T + b_out) + gelu(hidden) @ W_2^T + b_2.
-            final = decoder.output_projection.weight.t()  # (C_q, C_d)
-            final_b = decoder.output_projection.bias
+            final = w(decoder.output_projection.weight).t()  # (C_q, C_d)
+            final_b = w(decoder.output_projection.bias)
             if head is not None:
-                final = torch.matmul(final, head.weight.t())
-                final_b = torch.matmul(final_b, head.weight.t()) + head.bias
+                final = torch.matmul(final, w(head.weight).t())
+                final_b = torch.matmul(final_b, w(head.weight).t()) + w(head.bias)
             pad_mean = padding.mean()
             self.modalities[name] = dict(
                 width=width,
+                # LayerNorm statistics of the padding: float32 (stats_dtype).
                 pad_sum=padding.sum(),
                 pad_mean=pad_mean,
                 pad_ss=((padding - pad_mean) ** 2).sum(),
                 num_pad=padding.shape[0],
-                k_aug=k_aug,
-                final_o=torch.matmul(out_w, final),
-                final_h=torch.matmul(fc2.weight.t(), final),
-                final_b=torch.matmul(out_b + fc2.bias, final) + final_b,
+                k_aug=k_aug.to(self.dtype),
+                final_o=torch.matmul(out_w, final).to(self.dtype),
+                final_h=torch.matmul(w(fc2.weight).t(), final).to(self.dtype),
+                final_b=(torch.matmul(out_b + w(fc2.bias), final) + final_b).to(
+                    self.dtype
+                ),
             )
 
     def __call__(self, name: str, features: Tensor) -> Tensor:
         """features: (B, n, C_f) query features of modality ``name`` (its padding is
-        implied) -> (B, n, head outputs)."""
+        implied) -> (B, n, head outputs), in the latents' dtype."""
         m = self.modalities[name]
         width = m["width"]
-        # LayerNorm statistics of [features, padding] without materialising it.
-        mean = (features.sum(-1) + m["pad_sum"]) / width
+        # LayerNorm statistics of [features, padding] without materialising it, in
+        # float32 (at least) whatever the model's dtype.
+        f = features.to(self.stats_dtype)
+        mean = (f.sum(-1) + m["pad_sum"]) / width
         var = (
-            ((features - mean[..., None]) ** 2).sum(-1)
+            ((f - mean[..., None]) ** 2).sum(-1)
             + m["pad_ss"]
             + m["num_pad"] * (m["pad_mean"] - mean) ** 2
         ) / width
         inv_std = torch.rsqrt(var + self.q_eps)
         q_aug = torch.cat(
             [
-                (features - mean[..., None]) * inv_std[..., None],
+                (f - mean[..., None]) * inv_std[..., None],
                 inv_std[..., None],
                 (-mean * inv_std)[..., None],
             ],
             dim=-1,
-        )
+        ).to(self.dtype)
         o = attend(
             q_aug[:, None], m["k_aug"], self.values, bias=self.bias, scale=self.scale
         )[:, 0]
         batch, n, v = o.shape
         o = o.reshape(batch * n, v)
         centred = torch.addmm(self.out_b, o, self.out_w)  # attention output - its mean
-        norm = torch.linalg.vector_norm(centred, dim=-1, keepdim=True)
+        # The MLP LayerNorm's variance in float32 too.
+        norm = torch.linalg.vector_norm(
+            centred, dim=-1, keepdim=True, dtype=self.stats_dtype
+        )
         inv_sigma = torch.rsqrt(norm.square() / centred.shape[-1] + self.mlp_eps)
-        hidden = torch.addmm(self.hid_b, o, self.hid_w).mul_(inv_sigma).add_(self.hid_e)
+        hidden = torch.addmm(self.hid_b, o, self.hid_w)
+        hidden = hidden.mul_(inv_sigma.to(self.dtype)).add_(self.hid_e)
         out = torch.addmm(m["final_b"], o, m["final_o"])
         out = out.addmm_(gelu_tanh(hidden), m["final_h"])
         return out.reshape(batch, n, -1)

@@ -99,16 +99,21 @@ class OpticalFlow(PerceiverIO):
         Tiles of ``tile_size`` (default ``config.image_size``) overlapping by at least
         ``min_overlap`` px, the last one flush with the border, blended with weights
         min(x+1, W-x, y+1, H-y) inside each tile. frames: (B, 2, 3, H, W) with H, W at
-        least the tile size -> (B, 2, H, W).
+        least the tile size -> (B, 2, H, W) in the model's dtype.
+
+        The blending sums are float32 whatever the model's dtype: the weights reach
+        min(H, W)/2 = 184 and a pixel sums up to four tiles, beyond the integers
+        bfloat16 holds exactly (256) at its 3 significant digits.
         """
         th, tw = tile_size or self.config.image_size
         height, width = frames.shape[-2:]
-        weights = tile_weights(th, tw).to(device=frames.device, dtype=frames.dtype)
-        flow = frames.new_zeros(frames.shape[0], 2, height, width)
-        total = frames.new_zeros(height, width)
+        sum_dtype = torch.promote_types(self.dtype, torch.float32)
+        weights = tile_weights(th, tw).to(device=frames.device, dtype=sum_dtype)
+        flow = frames.new_zeros(frames.shape[0], 2, height, width, dtype=sum_dtype)
+        total = frames.new_zeros(height, width, dtype=sum_dtype)
         for y in tile_starts(height, th, min_overlap):
             for x in tile_starts(width, tw, min_overlap):
                 piece = self(frames[..., y : y + th, x : x + tw])
-                flow[..., y : y + th, x : x + tw] += piece * weights
+                flow[..., y : y + th, x : x + tw] += piece.to(sum_dtype) * weights
                 total[y : y + th, x : x + tw] += weights
-        return flow / total
+        return (flow / total).to(self.dtype)
