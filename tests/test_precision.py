@@ -1,0 +1,287 @@
+"""Reduced precision (bfloat16, float16): bounds from rounding analysis, masks, load.
+
+Every bound here is derived, not measured. The unit roundoff of a format with p
+significand bits is u = 2^-p: bfloat16 u = 2^-8 = 3.9e-3, float16 u = 2^-11 = 4.9e-4,
+float32 u = 2^-24. The references are float64 runs of the *same* rounded weights and
+inputs, so the differences are the computation's rounding alone.
+
+Whole models: along the path from input to output a value is rounded at most
+``ROUNDINGS_PER_LAYER`` times per attention layer (the LayerNorm output, the q/k/v
+projections, the softmax weights, the weighted sum, the output projection, the
+residual sum; the MLP's LayerNorm, fc1, GELU, fc2 and residual sum) plus
+``ROUNDINGS_OUTSIDE`` times in the pre- and postprocessing (the input itself, the
+preprocessor's ops and position features, the output projection, the head, the
+rescaling). With n such roundings the standard first-order bound (Higham, *Accuracy
+and Stability of Numerical Algorithms*, ch. 3) is gamma_n = n u / (1 - n u) relative
+error, with the errors propagated without amplification: true for these random
+weights of std 0.1 (residual branches much smaller than the residual stream, logits
+of order 1) and checked by the float32 run meeting the same formula with u = 2^-24.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import perceiver_torch as pt
+from perceiver_torch.attention import (
+    FLOAT16_MASK_VALUE,
+    MASK_VALUE,
+    Attention,
+    key_mask_bias,
+    layer_norm,
+)
+from perceiver_torch.position_encoding import FourierPositionEncoding
+from test_torch_models import tiny, tiny_inputs
+
+NAMES = list(pt.MODEL_NAMES)
+REDUCED = (torch.bfloat16, torch.float16)
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+ROUNDINGS_PER_LAYER = 11
+ROUNDINGS_OUTSIDE = 6
+
+
+def attention_layers(name: str) -> int:
+    """Attention layers on a tiny model's path: the encoder's cross-attention, its
+    self-attention layers (times the blocks) and the decoder's cross-attention."""
+    c = pt.TINY_CONFIGS[name]
+    if name.startswith("imagenet"):
+        self_attends = c.num_self_attends_per_block * c.num_blocks
+    else:
+        self_attends = c.num_self_attends
+    return 1 + self_attends + 1
+
+
+def gamma(name: str, dtype: torch.dtype) -> float:
+    """gamma_n = n u / (1 - n u) for the roundings of model ``name`` in ``dtype``."""
+    n = ROUNDINGS_PER_LAYER * attention_layers(name) + ROUNDINGS_OUTSIDE
+    nu = n * UNIT_ROUNDOFF[dtype]
+    assert nu < 1
+    return nu / (1 - nu)
+
+
+def relative(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |actual - reference| / max |reference| (float64); inf when not finite."""
+    actual = actual.double()
+    if not torch.isfinite(actual).all():
+        return math.inf
+    return float((actual - reference).abs().max() / reference.abs().max())
+
+
+def outputs(out) -> dict:
+    return out if isinstance(out, dict) else {"output": out}
+
+
+# -- whole models ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", REDUCED + (torch.float32,), ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_model_within_rounding_bound_of_float64(name, dtype):
+    """The model in ``dtype`` against float64 of its own (rounded) weights and inputs:
+    within gamma_n on every output; the output dtype is the model's."""
+    model = tiny(name).to(dtype)
+    reference = copy.deepcopy(model).double()
+    inputs = tiny_inputs(name)
+    rounded = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+    with torch.no_grad():
+        got = outputs(model(*inputs))  # float32 inputs: the model casts them
+        expected = outputs(reference(*rounded))
+    bound = gamma(name, dtype)
+    for key in expected:
+        assert got[key].dtype == dtype, key
+        assert relative(got[key], expected[key]) <= bound, (key, bound)
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_build_and_to_dtype(dtype):
+    model = pt.build("imagenet_conv", pt.TINY_CONFIGS["imagenet_conv"], dtype=dtype)
+    assert model.dtype == dtype
+    for key, tensor in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            assert tensor.dtype == torch.int64  # integer buffers keep their dtype
+        else:
+            assert tensor.dtype == dtype, key
+    with pytest.raises(ValueError, match="unknown dtype"):
+        pt.build("imagenet_conv", pt.TINY_CONFIGS["imagenet_conv"], dtype="float8")
+
+
+# -- blocks ---------------------------------------------------------------------
+
+
+def _reference_attention(module: Attention, q_in, kv_in, key_mask, query_mask):
+    """The reference's attention in float64, spelled out: logits = q.k, scaled,
+    masked logits *replaced* by -1e30, softmax, fully-masked rows zeroed, to_out."""
+    m = copy.deepcopy(module).double()
+    h = m.num_heads
+    q = m.to_q(q_in.double())
+    k = m.to_k(kv_in.double())
+    v = m.to_v(kv_in.double())
+    b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+    q = q.view(b, nq, h, -1).transpose(1, 2)
+    k = k.view(b, nk, h, -1).transpose(1, 2)
+    v = v.view(b, nk, h, -1).transpose(1, 2)
+    logits = (q @ k.transpose(-1, -2)) * m.scale
+    mask = (query_mask[:, :, None] != 0) & (key_mask[:, None, :] != 0)
+    logits = torch.where(mask[:, None], logits, torch.tensor(-1e30, dtype=torch.float64))
+    summed = (torch.softmax(logits, -1) @ v).transpose(1, 2).reshape(b, nq, -1)
+    fully_masked = ~mask.any(-1)
+    summed = torch.where(fully_masked[..., None], torch.zeros(()).double(), summed)
+    return m.to_out(summed), fully_masked
+
+
+@pytest.mark.parametrize("dtype", REDUCED + (torch.float32,), ids=str)
+@pytest.mark.parametrize(
+    "widths",
+    [
+        dict(num_heads=2, qk_channels=16, v_channels=16),  # fused SDPA kernel
+        dict(num_heads=2, qk_channels=16, v_channels=24),  # explicit float32 softmax
+        dict(num_heads=1, qk_channels=24, v_channels=24),  # may fold (absorb_*)
+    ],
+    ids=["sdpa", "explicit", "one_head"],
+)
+def test_masked_attention_in_reduced_precision(dtype, widths):
+    """Key and query masks with fully-masked rows (a query masked, and a batch row
+    whose keys are all masked): finite outputs, the masked rows are exactly the
+    output bias, and the rest is within the roundings of one attention (5: the
+    projections, the softmax weights, the weighted sum, to_out; plus the inputs'),
+    i.e. gamma_6, of the float64 reference."""
+    torch.manual_seed(0)
+    module = Attention(q_channels=12, kv_channels=20, output_channels=12, **widths)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.2 * torch.randn(p.shape))
+    module = module.to(dtype).eval()
+    q_in = torch.randn(2, 5, 12).to(dtype)
+    kv_in = torch.randn(2, 7, 20).to(dtype)
+    key_mask = torch.ones(2, 7, dtype=torch.int64)
+    key_mask[0, 4:] = 0
+    key_mask[1] = 0  # every key of batch row 1 masked
+    query_mask = torch.ones(2, 5, dtype=torch.int64)
+    query_mask[0, 1] = 0
+    with torch.no_grad():
+        expected, fully_masked = _reference_attention(
+            module, q_in, kv_in, key_mask, query_mask
+        )
+    for mode in (None, "standard", "absorb_kv", "absorb_q"):
+        if mode not in (None, "standard") and module.num_heads != 1:
+            continue
+        with torch.no_grad():
+            prepared = module.prepare(kv_in, key_mask=key_mask, mode=mode)
+            got = module.attend_prepared(q_in, prepared, query_mask=query_mask)
+        assert got.dtype == dtype and torch.isfinite(got).all(), mode
+        assert torch.equal(
+            got[fully_masked], module.to_out.bias.expand(int(fully_masked.sum()), -1)
+        ), mode
+        n = 6
+        u = UNIT_ROUNDOFF[dtype]
+        assert relative(got, expected) <= n * u / (1 - n * u), mode
+
+
+def test_mask_values_fit_the_dtype():
+    for dtype, value in (
+        (torch.float32, MASK_VALUE),
+        (torch.bfloat16, MASK_VALUE),
+        (torch.float16, FLOAT16_MASK_VALUE),
+    ):
+        bias = key_mask_bias(torch.tensor([[1, 0]]), dtype)
+        assert bias.dtype == dtype and torch.isfinite(bias).all()
+        assert bias[0, 0, 0, 0] == 0
+        # The stored value is the mask value rounded to the dtype, and far below any
+        # logit the dtype can hold next to it (float16: |logit| <= 65504 - 1e4).
+        assert float(bias[0, 0, 0, 1]) == float(torch.tensor(value, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_layer_norm_statistics_are_float32(dtype):
+    """Inputs with a large common offset (mean 64, std 1, all exactly representable
+    in the dtype): float32 statistics leave only the rounding of the output (u per
+    element, plus the ~2^-24-relative statistics); statistics accumulated in the
+    dtype would be off by about u * 64 / 1 = 0.25 (bfloat16) of the output's scale."""
+    torch.manual_seed(0)
+    norm = layer_norm(256)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(256))
+        norm.bias.copy_(0.1 * torch.randn(256))
+    x = (64 + torch.randn(4, 256)).to(dtype)
+    with torch.no_grad():
+        expected = copy.deepcopy(norm).double()(x.double())
+        got = norm.to(dtype)(x)
+    assert got.dtype == dtype
+    u = UNIT_ROUNDOFF[dtype]
+    # Output rounding (u) plus the weight's and bias's products and sum (2u).
+    assert relative(got, expected) <= 3 * u / (1 - 3 * u)
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_fourier_features_are_rounded_from_float64(dtype):
+    """Features in a reduced dtype are the float64 values rounded once: exactly equal
+    (computing sin(pi x f) for f up to 15,360 in bfloat16 would be wrong by O(1))."""
+    encoding = FourierPositionEncoding(num_bands=64, max_resolution=(30720,))
+    got = encoding.grid((1920,), dtype=dtype)
+    exact = encoding.grid((1920,), dtype=torch.float64)
+    assert got.dtype == dtype
+    assert torch.equal(got, exact.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_flow_tiling_in_reduced_precision(dtype):
+    """Tiled flow in ``dtype`` (float32 blending sums) against float64 tiling of the
+    same rounded weights and frames: a tile's bound plus the final rounding (the
+    blending is a convex combination, which does not amplify errors)."""
+    name = "optical_flow"
+    model = tiny(name).to(dtype)
+    reference = copy.deepcopy(model).double()
+    th, tw = pt.TINY_CONFIGS[name].image_size
+    gen = torch.Generator().manual_seed(3)
+    frames = torch.rand(2, 2, 3, th + 9, tw + 14, generator=gen) * 2 - 1
+    with torch.no_grad():
+        got = model.tiled(frames, min_overlap=4)
+        expected = reference.tiled(frames.to(dtype), min_overlap=4)
+    assert got.dtype == dtype and got.shape == (2, 2, th + 9, tw + 14)
+    u = UNIT_ROUNDOFF[dtype]
+    assert relative(got, expected) <= gamma(name, dtype) + u
+
+
+# -- converted files ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("file_dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_converted_file_loads_in_its_dtype(tmp_path, file_dtype, suffix):
+    """A file converted with --dtype loads in that dtype by default (metadata
+    "dtype"); dtype= overrides it; the weights are the float32 conversion's, rounded."""
+    import converter
+    from converter.fixtures import write_fixture
+
+    name = "imagenet_conv"
+    source = tmp_path / "fixture.pickle"
+    write_fixture(name, source, size="tiny", seed=4)
+    full = converter.convert(source, tmp_path / f"f32{suffix}")
+    half = converter.convert(source, tmp_path / f"half{suffix}", dtype=file_dtype)
+    assert json.loads(json.dumps(half.metadata))["dtype"] == file_dtype
+    torch_dtype = getattr(torch, file_dtype)
+    reference = pt.load(full.output)
+    assert reference.dtype == torch.float32
+    loaded = pt.load(half.output)
+    assert loaded.dtype == torch_dtype and not loaded.training
+    as_float32 = pt.load(half.output, dtype="float32")
+    assert as_float32.dtype == torch.float32
+    other = "float16" if file_dtype == "bfloat16" else "bfloat16"
+    assert pt.load(half.output, dtype=other).dtype == getattr(torch, other)
+    expected = reference.state_dict()
+    for key, tensor in loaded.state_dict().items():
+        if tensor.is_floating_point():
+            assert tensor.dtype == torch_dtype, key
+            assert torch.equal(tensor, expected[key].to(torch_dtype)), key
+            assert torch.equal(as_float32.state_dict()[key], tensor.float()), key
+        else:
+            assert torch.equal(tensor, expected[key]), key
+    # And it runs, on float32 inputs.
+    (images,) = tiny_inputs(name, batch=1)
+    with torch.no_grad():
+        assert loaded(images).dtype == torch_dtype
