@@ -505,6 +505,15 @@ def convert_command(
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the deterministic test inputs.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="Also run the model in bfloat16/float16 and report its fidelity (against "
+    "JAX and float32; structured inputs): max relative diff, argmax agreement, flow "
+    "end-point error, video PSNR. Fails (exit 1) only on inf/NaN outputs.",
+)
 @_JSON_OPTION
 @_QUIET_OPTION
 def verify_command(
@@ -514,6 +523,7 @@ def verify_command(
     mapping: Optional[Path],
     seed: int,
     batch: int,
+    dtype: str,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -525,6 +535,9 @@ def verify_command(
     the encoder, decoder output, final outputs) max |diff|, max relative diff and
     argmax agreement against the mapping's tolerance. Exit 1 if an output is outside
     it. Needs the [jax] extra.
+
+    With --dtype bfloat16|float16, the float32 parity check is followed by a fidelity
+    report of the model in that dtype (converter.precision).
     """
     from converter.verify import verify
 
@@ -538,9 +551,24 @@ def verify_command(
         progress=_progress(quiet),
     )
     click.echo(report.format_table(), err=True)
+    document, passed = report.as_dict(), report.passed
+    if dtype != "float32":  # reduced precision (issue 13): the fidelity report too
+        from converter.precision import fidelity
+
+        extra = fidelity(
+            checkpoint,
+            dtype,
+            model,
+            config=_parse_config(config_items) or None,
+            mapping=mapping,
+            progress=_progress(quiet),
+        )
+        click.echo(extra.format_table(), err=True)
+        document["fidelity"] = extra.as_dict()
+        passed = passed and extra.passed
     if as_json:
-        echo_json(report.as_dict())
-    if not report.passed:
+        echo_json(document)
+    if not passed:
         raise click.exceptions.Exit(EXIT_PARITY)
 
 

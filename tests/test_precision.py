@@ -24,6 +24,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -285,3 +286,121 @@ def test_converted_file_loads_in_its_dtype(tmp_path, file_dtype, suffix):
     (images,) = tiny_inputs(name, batch=1)
     with torch.no_grad():
         assert loaded(images).dtype == torch_dtype
+
+
+# -- the fidelity report (verify --dtype) -------------------------------------------
+
+
+def test_psnr_and_end_point_error():
+    from converter.precision import end_point_error, psnr
+
+    reference = np.linspace(-1.0, 1.0, 101)  # peak-to-peak 2
+    # RMS difference 0.01: 20 log10(2 / 0.01) = 20 log10(200) dB.
+    assert psnr(reference, reference + 0.01) == pytest.approx(20 * math.log10(200))
+    assert psnr(reference, reference) == math.inf
+    flow = np.zeros((1, 2, 2, 2))
+    moved = flow.copy()
+    moved[0, 0, 0] = (3.0, 4.0)  # one pixel off by 5 px, three exact
+    assert end_point_error(flow, moved) == (pytest.approx(5 / 4), pytest.approx(5.0))
+
+
+def test_structured_inputs_are_not_noise():
+    """Neighbouring pixels of the generated images are close (a noise image's are
+    not: their mean |difference| would be about 1/3 of the range)."""
+    from converter.precision import natural_tokens, structured_images, textured_frame
+
+    images = structured_images(8, 32, 32)
+    assert images.shape == (8, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
+    assert len({images[i].tobytes() for i in range(8)}) == 8  # all different
+    step = np.abs(np.diff(images, axis=2)).mean()
+    assert step < 0.1
+    frame = textured_frame(24, 32)
+    assert np.abs(frame).max() == pytest.approx(1.0)
+    assert np.abs(np.diff(frame, axis=1)).mean() < 0.1
+    ids, mask = natural_tokens(2048)
+    assert ids.shape == (1, 2048) and bool(mask.all())
+    assert 0.1 < float((ids == pt.BytesTokenizer.MASK).float().mean()) < 0.2
+
+
+@pytest.fixture(scope="module")
+def jax_ready():
+    pytest.importorskip("jax")
+    pytest.importorskip("haiku")
+
+
+# The CLI with JAX costs seconds per model: three cases (language, flow in float16,
+# video with its whole clip) in the default tier, the other three in the full tier.
+_FIDELITY_CASES = [
+    pytest.param(name, dtype, marks=[] if default else [pytest.mark.full])
+    for name, dtype, default in (
+        ("language_perceiver", "bfloat16", True),
+        ("optical_flow", "float16", True),
+        ("video_autoencoding", "bfloat16", True),
+        ("imagenet_learned", "bfloat16", False),
+        ("imagenet_fourier", "bfloat16", False),
+        ("imagenet_conv", "bfloat16", False),
+    )
+]
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("name, dtype", _FIDELITY_CASES)
+def test_verify_dtype_reports_fidelity(jax_ready, tmp_path, name, dtype):
+    from converter.fixtures import write_fixture
+    from helpers import run_cli
+
+    source = tmp_path / f"{name}.pickle"
+    write_fixture(name, source, size="tiny", seed=2)
+    result = run_cli("verify", source, "--dtype", dtype, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["passed"]  # the float32 parity check still runs
+    fidelity = document["fidelity"]
+    assert fidelity["model"] == name and fidelity["dtype"] == dtype and fidelity["finite"]
+    rows = fidelity["rows"]
+    runs = {(r["output"], r["run"], r["against"]) for r in rows}
+    bound = gamma(name, getattr(torch, dtype))
+    for row in rows:
+        if row["run"] == dtype and row["against"] == "float32":
+            assert 0 < row["relative"] <= bound, row
+        if row["run"] == "float32":
+            # The converted float32 model against JAX: its parity tolerance (1e-5;
+            # 1e-4 for the video audio's Fourier features, see the mapping).
+            assert row["relative"] <= (1e-4 if row["output"] == "audio" else 1e-5), row
+    outputs_ = {r["output"] for r in rows}
+    for output in outputs_ - {"image (clip)", "audio (clip)"}:
+        for run, against in (("float32", "jax"), (dtype, "jax"), (dtype, "float32")):
+            assert (output, run, against) in runs
+    by_output = {r["output"]: r for r in rows if r["run"] == dtype}
+    if name == "optical_flow":
+        assert by_output["flow"]["epe_mean"] > 0 and by_output["flow"]["epe_max"] > 0
+    elif name == "video_autoencoding":
+        assert {"image (clip)", "audio (clip)"} <= outputs_
+        assert all(by_output[k]["psnr_db"] > 0 for k in ("image", "audio", "image (clip)"))
+        assert 0 <= by_output["label"]["argmax_agreement"] <= 1
+    else:
+        assert 0 <= by_output["logits"]["argmax_agreement"] <= 1
+    assert f"fidelity of {name} in {dtype}" in result.stderr
+
+
+@pytest.mark.jax
+def test_verify_dtype_fails_on_non_finite_outputs(jax_ready, tmp_path, monkeypatch):
+    from converter import precision
+    from converter.fixtures import write_fixture
+    from helpers import run_cli
+
+    original = precision._run
+
+    def overflowing(model, case):
+        out = original(model, case)
+        if next(model.parameters()).dtype != torch.float32:
+            out = {k: np.full_like(v, np.inf) for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(precision, "_run", overflowing)
+    source = tmp_path / "fixture.pickle"
+    write_fixture("imagenet_fourier", source, size="tiny")
+    result = run_cli("verify", source, "--dtype", "float16", "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["fidelity"]["finite"] is False
+    assert "not all finite" in result.stderr
