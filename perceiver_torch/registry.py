@@ -188,8 +188,8 @@ def load(
         config = configs.config_from_dict(name, config_dict)
     except (TypeError, ValueError) as err:
         raise LoadError(f"{path}: bad config for {name}: {err}") from None
-    with torch.device("meta"):
-        model = build(name, config)
+    with torch.device("meta"):  # no memory yet; to_empty allocates it in the dtype
+        model = build(name, config, dtype=torch_dtype)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -211,6 +211,6 @@ def load(
         raise LoadError("\n".join(lines))
     # Floating-point tensors in the model's dtype; load_state_dict copies (and casts)
     # the file's tensors into them, so a bfloat16 file can also load as float32.
-    model = model.to_empty(device=map_location or "cpu").to(torch_dtype)
+    model = model.to_empty(device=map_location or "cpu")
     model.load_state_dict(state, strict=True)
     return model.eval()
