@@ -248,6 +248,28 @@ def test_flow_tiling_in_reduced_precision(dtype):
     assert relative(got, expected) <= gamma(name, dtype) + u
 
 
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_flow_tiling_sums_are_float32(dtype):
+    """Tiles of 300x400 px (blending weights up to 150) whose flow is one constant c
+    of the dtype: every blended pixel must be exactly c. In float32 the sums of
+    c * weight (an 8- or 11-bit significand times an integer <= 150) and of the
+    weights are exact, so their quotient is c; sums kept in bfloat16 (3 significant
+    digits: 367 is not representable) would round."""
+    model = tiny("optical_flow").to(dtype)
+    c = torch.tensor(0.3, dtype=dtype)
+
+    def constant_flow(frames):
+        b, _, _, h, w = frames.shape
+        return torch.full((b, 2, h, w), float(c), dtype=dtype)
+
+    model.forward = constant_flow
+    frames = torch.zeros(1, 2, 3, 340, 470)
+    with torch.no_grad():
+        out = model.tiled(frames, tile_size=(300, 400), min_overlap=20)
+    assert out.dtype == dtype
+    assert torch.equal(out, torch.full_like(out, float(c)))
+
+
 # -- converted files ------------------------------------------------------------------
 
 
