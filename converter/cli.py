@@ -638,6 +638,52 @@ def models_command(as_json: bool) -> None:
         click.echo(f"{'':<{width}}  {row['url']}")
 
 
+# --------------------------------------------------------------------------------------
+# mapping: the expanded rule table (converter/mapping_table.py)
+
+
+@main.command("mapping")
+@click.argument("name", metavar="NAME|FILE.yaml")
+@click.option("--size", type=click.Choice(SIZES), default="tiny", show_default=True,
+              help="The parameter tree to expand the mapping for.")
+@_CONFIG_OPTION
+@_JSON_OPTION
+def mapping_command(
+    name: str, size: str, config_items: Tuple[str, ...], as_json: bool
+) -> None:
+    """Print the table mapping NAME expands to: where every PyTorch key comes from.
+
+    NAME is a bundled mapping (one of the six model names) or a mapping YAML file.
+    One line per rule: the Haiku source key and shape, the ops, the PyTorch target key
+    and shape, and the file:line of the rule (< the file:line of the outermost use:
+    that inserted it; --json lists the whole chain); then the dropped source keys with
+    their reasons. The shapes are those of the shipped tiny or full parameter tree.
+    Exit 2 for an unknown NAME or a bad --config, 3 for a malformed mapping file.
+    """
+    from converter.mapping import available_mappings
+    from converter.mapping_table import OverrideError, describe_mapping, format_table
+
+    is_file = name.endswith((".yaml", ".yml")) or Path(name).exists()
+    if not is_file and name not in available_mappings():
+        raise click.BadParameter(
+            f"no mapping named {name!r}; available: {', '.join(available_mappings())} "
+            "(or the path of a mapping YAML)",
+            param_hint="NAME",
+        )
+    if is_file and not Path(name).is_file():
+        raise click.BadParameter(f"{name}: no such mapping file", param_hint="NAME")
+    try:
+        description = describe_mapping(name, size, _parse_config(config_items))
+    except OverrideError as error:
+        raise click.BadParameter(str(error), param_hint="--config") from None
+    if as_json:
+        echo_json(description.as_dict())
+    else:
+        click.echo(format_table(description))
+    if description.problems:
+        raise click.exceptions.Exit(EXIT_BAD_INPUT)
+
+
 @main.command("demo")
 @click.option("--size", type=click.Choice(SIZES), default="tiny", show_default=True,
               help="tiny: seconds per model; full: the official sizes (minutes, GBs).")

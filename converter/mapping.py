@@ -12,8 +12,12 @@ official checkpoint becomes a tensor of the PyTorch model:
   ``mappings/_blocks.yaml``) with ``with:`` values for its placeholders.
 - ``drop``: source tensors deliberately not used, each with a reason (and optionally a
   ``restore_from`` source whose value is used when exporting back without the original).
-- ``config``: the official configuration (perceiver_torch config fields); ``derive``:
-  the values a checkpoint's shapes reveal; ``presets``: other known sizes.
+- ``config``: values that differ from the official configuration, which for the six
+  models is the perceiver_torch config dataclass's defaults (the shipped files have
+  none); ``derive``: the values a checkpoint's shapes reveal; ``presets``: other known
+  sizes on top of ``tiny``, which is ``perceiver_torch.TINY_CONFIGS``.
+- ``source``: the official file's facts, by default those of the model registry
+  (:mod:`converter.trees`); a file may replace them.
 - ``tolerance``: the parity tolerance ``verify`` applies.
 
 Templates expand to an exact table before anything is matched; two rules claiming the
@@ -24,6 +28,7 @@ totality both ways and every shape before any data is copied.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import hashlib
 import importlib.resources
 import itertools
@@ -125,6 +130,11 @@ class _Where:
         line = _line_of(node, key) or self.line
         return _Where(self.file, line, path)
 
+    @property
+    def location(self) -> str:
+        """``file:line``, without the path inside the file."""
+        return f"{self.file}:{self.line}"
+
     def __str__(self) -> str:
         return (
             f"{self.file}:{self.line}: {self.path}"
@@ -225,12 +235,18 @@ _PLACEHOLDER = re.compile(r"\{(_?)([A-Za-z][A-Za-z0-9_]*)\}")
 
 @dataclass(frozen=True)
 class Rule:
-    """One expanded rule: exactly one source key becomes exactly one target key."""
+    """One expanded rule: exactly one source key becomes exactly one target key.
+
+    ``origin`` says where the rule came from, as a message; ``at`` says it as
+    ``file:line`` strings: the rule's own line first, then each ``use:`` that
+    inserted its block, innermost first (``()`` for a rule made in code).
+    """
 
     source: str
     target: str
     ops: Tuple[Op, ...]
     origin: str
+    at: Tuple[str, ...] = field(default=(), compare=False)
 
     def describe_ops(self) -> str:
         return " -> ".join(op.describe() for op in self.ops) or "copy"
@@ -244,6 +260,7 @@ class Drop:
     reason: str
     restore_from: Optional[str]
     origin: str
+    at: Tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -280,7 +297,7 @@ class MappingSpec:
     name: str
     model: str
     description: str
-    source: Dict[str, Any]
+    source_overrides: Dict[str, Any]
     config: Dict[str, Any]
     derive: Dict[str, Any]
     presets: Dict[str, Dict[str, Any]]
@@ -291,6 +308,28 @@ class MappingSpec:
     file: str
     sha256: str
     _where: _Where = field(repr=False, default=None)  # type: ignore[assignment]
+
+    @property
+    def source(self) -> Dict[str, Any]:
+        """The official file: ``file``, ``url``, ``layout`` (``params`` or
+        ``params_and_state``) and ``params`` (its parameter count).
+
+        For the six models these come from the registry (:mod:`converter.trees`: the
+        file name, its layout, and the count of its shipped parameter tree); a
+        mapping file's ``source:`` values replace them.
+        """
+        from converter.trees import MODELS, official_tree
+
+        base: Dict[str, Any] = {}
+        info = MODELS.get(self.model)
+        if info is not None:
+            base = {
+                "file": info.official_file,
+                "url": info.url,
+                "layout": "params_and_state" if info.wrapped else "params",
+                "params": official_tree(self.model, "full").num_params(),
+            }
+        return {**base, **self.source_overrides}
 
     # -- configuration -------------------------------------------------------------
 
@@ -332,7 +371,9 @@ class MappingSpec:
         ]
         preset, base = None, dict(self.config)
         for name, values in candidates:
-            if all(values.get(k) == v for k, v in derived.items()):
+            # None is a dataclass's "derived from other fields" (language v_channels:
+            # d_latents), which constrains no checkpoint value.
+            if all(values.get(k) in (None, v) for k, v in derived.items()):
                 preset, base = name, values
                 break
         values = {**base, **derived, **overrides}
@@ -345,7 +386,7 @@ class MappingSpec:
         rules: List[Rule] = []
         for index, node in enumerate(self.rules):
             where = self._where.at(node, None, f"rules[{index}]")
-            rules.extend(self._expand_rule(node, {}, config, where, depth=0))
+            rules.extend(self._expand_rule(node, {}, config, where, ()))
         drops: List[Drop] = []
         for index, node in enumerate(self.drops):
             where = self._where.at(node, None, f"drop[{index}]")
@@ -359,9 +400,11 @@ class MappingSpec:
         values: Mapping[str, str],
         config: Mapping[str, Any],
         where: _Where,
-        depth: int,
+        used_at: Tuple[str, ...],
     ) -> Iterator[Rule]:
-        if depth > 16:
+        """The rules of one YAML rule node; ``used_at``: the ``file:line`` of each
+        ``use:`` that led here, innermost first."""
+        if len(used_at) > 16:
             raise _fail(
                 where, "blocks nest more than 16 levels deep (a block uses itself?)"
             )
@@ -391,13 +434,14 @@ class MappingSpec:
                         f"{inner_where.path} (used at {where})",
                     )
                     yield from self._expand_rule(
-                        inner, inner_scope, config, inner_where, depth + 1
+                        inner, inner_scope, config, inner_where,
+                        (where.location,) + used_at,
                     )
             else:
                 source = _substitute(node["source"], scope, where)
                 target = _substitute(node["target"], scope, where)
                 ops = tuple(parse_op_at(spec, where) for spec in node.get("ops") or [])
-                yield Rule(source, target, ops, str(where))
+                yield Rule(source, target, ops, str(where), (where.location,) + used_at)
 
     def _expand_drop(
         self, node: Any, config: Mapping[str, Any], where: _Where
@@ -407,7 +451,7 @@ class MappingSpec:
             restore = node.get("restore_from")
             if restore is not None:
                 restore = _substitute(restore, loop_values, where)
-            yield Drop(source, node["reason"], restore, str(where))
+            yield Drop(source, node["reason"], restore, str(where), (where.location,))
 
 
 def parse_op_at(spec: Any, where: _Where) -> Op:
@@ -648,12 +692,48 @@ def _check_derive(node: Any, config: Mapping[str, Any], where: _Where) -> None:
 def parse_mapping(
     text: str, file: str, include_loader: Optional[Any] = None
 ) -> MappingSpec:
-    """Parses and validates one mapping file's text. Errors name ``file:line: key``."""
+    """Parses and validates one mapping file's text. Errors name ``file:line: key``.
+
+    The steps: the top level (:func:`_parse_root`), the rule blocks of the included
+    files and of the file itself (:func:`_parse_blocks`), the rules and drops, the
+    configuration on top of the model's official one (:func:`_parse_config`), the
+    derivations, the presets on top of the tiny one (:func:`_parse_presets`) and the
+    tolerance (:func:`_parse_tolerance`).
+    """
+    root, where = _parse_root(text, file)
+    hasher = hashlib.sha256(text.encode("utf-8"))
+    blocks = _parse_blocks(root, where, include_loader, hasher)
+    rules, drops = _parse_rules(root, where)
+    official = _official_values(root["model"])
+    config = _parse_config(root, where, official)
+    derive = root.get("derive") or {}
+    _check_derive(derive, config, where.at(root, "derive", "derive"))
+    presets = _parse_presets(root, where, config, official)
+    return MappingSpec(
+        name=root["name"],
+        model=root["model"],
+        description=str(root.get("description", "")),
+        source_overrides=dict(root.get("source") or {}),
+        config=config,
+        derive=derive,
+        presets=presets,
+        tolerance=_parse_tolerance(root, where),
+        rules=rules,
+        drops=drops,
+        blocks=blocks,
+        file=file,
+        sha256=hasher.hexdigest(),
+        _where=where,
+    )
+
+
+def _parse_root(text: str, file: str) -> Tuple[_LineDict, _Where]:
+    """The YAML document, its top-level keys, schema, name and model."""
     root = _load_yaml(text, file)
     where = _Where(file, 1, "")
     if not isinstance(root, dict):
         raise _fail(where, "a mapping file must be a YAML mapping at the top level")
-    _check_keys(root, _TOP_KEYS, {"schema", "name", "model", "config", "rules"}, where)
+    _check_keys(root, _TOP_KEYS, {"schema", "name", "model", "rules"}, where)
     if root["schema"] != SCHEMA_VERSION:
         raise _fail(
             where.at(root, "schema", "schema"),
@@ -661,13 +741,17 @@ def parse_mapping(
         )
     for key in ("name", "model"):
         _check_str(root, key, where)
-    config = root["config"]
-    if not isinstance(config, dict) or not config:
-        raise _fail(
-            where.at(root, "config", "config"), "'config' must be a non-empty mapping"
-        )
-    hasher = hashlib.sha256(text.encode("utf-8"))
+    return root, where
 
+
+def _parse_blocks(
+    root: Mapping[str, Any],
+    where: _Where,
+    include_loader: Optional[Any],
+    hasher: Any,
+) -> Dict[str, Tuple[Any, _Where]]:
+    """The named rule blocks of the included files, then of the file itself; the
+    included texts are added to ``hasher`` (the mapping's hash covers them)."""
     blocks: Dict[str, Tuple[Any, _Where]] = {}
 
     def add_blocks(node: Any, block_where: _Where) -> None:
@@ -701,7 +785,11 @@ def parse_mapping(
         add_blocks(included["blocks"], inc_where)
     if "blocks" in root:
         add_blocks(root["blocks"], where.at(root, "blocks", "blocks"))
+    return blocks
 
+
+def _parse_rules(root: Mapping[str, Any], where: _Where) -> Tuple[List[Any], List[Any]]:
+    """The checked ``rules`` and ``drop`` lists (templates, not yet expanded)."""
     rules = root["rules"]
     if not isinstance(rules, list) or not rules:
         raise _fail(
@@ -718,8 +806,83 @@ def parse_mapping(
         _check_str(node, "source", at)
         _check_str(node, "reason", at)
         _check_for(node, at)
-    derive = root.get("derive") or {}
-    _check_derive(derive, config, where.at(root, "derive", "derive"))
+    return rules, drops
+
+
+@dataclass(frozen=True)
+class _OfficialValues:
+    """What perceiver_torch.configs says about a model: its official configuration
+    (the dataclass defaults, training-only fields left out) and its tiny preset."""
+
+    config: Dict[str, Any]
+    tiny: Dict[str, Any]
+
+
+def _official_values(model: str) -> Optional[_OfficialValues]:
+    """The dataclass defaults and ``TINY_CONFIGS`` entry of ``model``; None for a
+    model perceiver_torch does not know (a mapping for it spells out its config)."""
+    # Imported here: perceiver_torch imports torch, which reading a mapping's rules
+    # does not need until a model of one of the six is involved.
+    from perceiver_torch import configs
+
+    cls = configs.CONFIG_CLASSES.get(model)
+    if cls is None:
+        return None
+
+    def architecture(config: Any) -> Dict[str, Any]:
+        return {
+            f.name: getattr(config, f.name)
+            for f in dataclasses.fields(config)
+            if f.name not in configs.TRAINING_ONLY_FIELDS
+        }
+
+    official = architecture(cls())
+    tiny = architecture(configs.TINY_CONFIGS[model])
+    return _OfficialValues(
+        official, {k: v for k, v in tiny.items() if v != official[k]}
+    )
+
+
+def _parse_config(
+    root: Mapping[str, Any], where: _Where, official: Optional[_OfficialValues]
+) -> Dict[str, Any]:
+    """The official configuration, with the file's ``config:`` values on top.
+
+    For the six models the base is the perceiver_torch dataclass defaults, so the
+    shipped files hold no ``config:`` at all; a file may still set a value (it then
+    differs from the dataclass) but not invent a key.
+    """
+    at = where.at(root, "config", "config")
+    values = root.get("config")
+    if values is None and official is None:
+        raise _fail(
+            where,
+            f"model {root['model']!r} is not one of perceiver_torch's models, so the "
+            "file must give its 'config'",
+        )
+    values = {} if values is None else values
+    if not isinstance(values, dict) or (official is None and not values):
+        raise _fail(at, "'config' must be a non-empty mapping")
+    if official is None:
+        return {k: _as_tuple(v) for k, v in values.items()}
+    unknown = sorted(set(values) - set(official.config))
+    if unknown:
+        raise _fail(
+            where.at(values, unknown[0], f"config.{unknown[0]}"),
+            f"unknown config key(s) {', '.join(unknown)} for {root['model']}; valid "
+            f"keys: {', '.join(official.config)}",
+        )
+    return {**official.config, **{k: _as_tuple(v) for k, v in values.items()}}
+
+
+def _parse_presets(
+    root: Mapping[str, Any],
+    where: _Where,
+    config: Mapping[str, Any],
+    official: Optional[_OfficialValues],
+) -> Dict[str, Dict[str, Any]]:
+    """The known sizes: ``tiny`` from perceiver_torch's ``TINY_CONFIGS``, then the
+    file's ``presets:`` (one of the same name replaces it)."""
     presets = root.get("presets") or {}
     if not isinstance(presets, dict):
         raise _fail(
@@ -733,6 +896,15 @@ def parse_mapping(
         unknown = sorted(set(values) - set(config))
         if unknown:
             raise _fail(at, f"unknown config key(s) {', '.join(unknown)}")
+    base = {} if official is None else {"tiny": dict(official.tiny)}
+    return {
+        **base,
+        **{k: {kk: _as_tuple(vv) for kk, vv in v.items()} for k, v in presets.items()},
+    }
+
+
+def _parse_tolerance(root: Mapping[str, Any], where: _Where) -> Dict[str, Any]:
+    """``tolerance``: positive numbers, ``relative`` and per-output ``fourier_outputs``."""
     tolerance = root.get("tolerance") or {}
     at = where.at(root, "tolerance", "tolerance")
     if not isinstance(tolerance, dict):
@@ -748,25 +920,7 @@ def parse_mapping(
                 where.at(tolerance, key.split(".")[0], f"tolerance.{key}"),
                 f"must be a positive number, got {value!r}",
             )
-
-    return MappingSpec(
-        name=root["name"],
-        model=root["model"],
-        description=str(root.get("description", "")),
-        source=dict(root.get("source") or {}),
-        config={k: _as_tuple(v) for k, v in config.items()},
-        derive=derive,
-        presets={
-            k: {kk: _as_tuple(vv) for kk, vv in v.items()} for k, v in presets.items()
-        },
-        tolerance=dict(tolerance),
-        rules=rules,
-        drops=drops,
-        blocks=blocks,
-        file=file,
-        sha256=hasher.hexdigest(),
-        _where=where,
-    )
+    return dict(tolerance)
 
 
 # --------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 The official files are pickles of ``{module_path: {param_name: numpy.ndarray}}``
 (the ImageNet ones wrapped as ``{'params': ..., 'state': ...}``); their byte layout is
-described in ``CHECKPOINT_FORMAT.md``. A pickle is a small program, so reading one with
-``pickle.load`` can run anything. This module reads them through an *allow-list*
+described in ``docs/OFFICIAL.md`` ("Inside the pickles"). A pickle is a small program,
+so reading one with ``pickle.load`` can run anything. This module reads them through an *allow-list*
 unpickler instead:
 
 * ``find_class`` knows exactly the globals an official checkpoint uses (haiku's

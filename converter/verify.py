@@ -49,7 +49,9 @@ class Comparison:
     """One tensor compared between the JAX reference and the PyTorch model."""
 
     name: str
-    kind: str  # "stage" or "output"
+    # "stage" (an intermediate, reported only), "output" (checked against the
+    # tolerance) or "fourier" (an output rerun with the reference's Fourier features).
+    kind: str
     shape: Tuple[int, ...]
     max_abs_diff: float
     max_abs_ref: float

@@ -1,6 +1,7 @@
 """Write checkpoints in the official Perceiver IO layout, without haiku or numpy 1.x.
 
-The output uses exactly the globals of the official files (``CHECKPOINT_FORMAT.md``):
+The output uses exactly the globals of the official files (``docs/OFFICIAL.md``,
+"Inside the pickles"):
 
 * every mapping node is ``haiku._src.data_structures.FlatMapping`` called with one
   plain dict (or a plain dict with ``container="dict"``); keys are sorted; the

@@ -1,10 +1,13 @@
 """The six official Perceiver IO models as Haiku functions, and :func:`get_model`.
 
-One keyword-only builder per model. Its parameters carry exactly the names and the
-official defaults of the matching ``perceiver_torch.configs`` dataclass (minus the
-training-only dropout fields), so one configuration drives both implementations. A
-builder returns a *forward function* meant to run inside ``hk.transform_with_state``;
-it returns ``(outputs, stages)``:
+One keyword-only builder per model. Its parameters carry exactly the names of the
+matching ``perceiver_torch.configs`` dataclass's fields (minus the training-only
+dropout fields), so one configuration drives both implementations. They have no
+defaults: the official values are written once, as those dataclasses' defaults, and
+this package (which never imports torch) takes every value from its caller, as a
+dataclass instance or a plain mapping (see :func:`resolve_config`). A builder returns
+a *forward function* meant to run inside ``hk.transform_with_state``; it returns
+``(outputs, stages)``:
 
 * ``stages["preprocessed"]``: the encoder's input tokens [B, N, C];
 * ``stages["latents"]``: the encoder's output [B, N_z, C_z];
@@ -70,6 +73,32 @@ def _check_shape(what: str, x: Any, expected: Tuple[Optional[int], ...]) -> None
         raise ValueError(f"{what} must have shape [{want}], got {list(shape)}")
 
 
+def _perceiver_encoder(
+    *,
+    num_latents: int,
+    d_latents: int,
+    num_self_attends: int,
+    num_self_attention_heads: int,
+    num_cross_attention_heads: int,
+    num_blocks: int = 1,
+    name: str = "perceiver_encoder",
+    **channels: Optional[int],
+) -> m.PerceiverEncoder:
+    """The official ``PerceiverEncoder`` from configuration fields: ``num_latents`` x
+    ``d_latents`` latents, ``num_self_attends`` self-attends applied ``num_blocks``
+    times; ``channels``: ``qk_channels``/``v_channels`` where a model sets them."""
+    return m.PerceiverEncoder(
+        num_self_attends_per_block=num_self_attends,
+        num_blocks=num_blocks,
+        z_index_dim=num_latents,
+        num_z_channels=d_latents,
+        num_cross_attend_heads=num_cross_attention_heads,
+        num_self_attend_heads=num_self_attention_heads,
+        name=name,
+        **channels,
+    )
+
+
 # -------------------------------------------------------------------------------------
 # language_perceiver
 # -------------------------------------------------------------------------------------
@@ -77,16 +106,16 @@ def _check_shape(what: str, x: Any, expected: Tuple[Optional[int], ...]) -> None
 
 def language_perceiver(
     *,
-    vocab_size: int = 262,
-    max_seq_len: int = 2048,
-    d_model: int = 768,
-    num_latents: int = 256,
-    d_latents: int = 1280,
-    num_self_attends: int = 26,
-    num_self_attention_heads: int = 8,
-    num_cross_attention_heads: int = 8,
-    qk_channels: int = 256,
-    v_channels: Optional[int] = None,
+    vocab_size: int,
+    max_seq_len: int,
+    d_model: int,
+    num_latents: int,
+    d_latents: int,
+    num_self_attends: int,
+    num_self_attention_heads: int,
+    num_cross_attention_heads: int,
+    qk_channels: int,
+    v_channels: Optional[int],
 ) -> ForwardFn:
     """Masked language model on UTF-8 bytes (``language_perceiver_io_bytes.pickle``).
 
@@ -115,16 +144,14 @@ def language_perceiver(
         x = x + pe.TrainablePositionEncoding(
             max_seq_len, d_model, name="trainable_position_encoding"
         )(batch)
-        encoder = m.PerceiverEncoder(
-            num_self_attends_per_block=num_self_attends,
-            num_blocks=1,
-            z_index_dim=num_latents,
-            num_z_channels=d_latents,
+        encoder = _perceiver_encoder(
+            num_latents=num_latents,
+            d_latents=d_latents,
+            num_self_attends=num_self_attends,
+            num_self_attention_heads=num_self_attention_heads,
+            num_cross_attention_heads=num_cross_attention_heads,
             qk_channels=qk_channels,
             v_channels=encoder_v,
-            num_cross_attend_heads=num_cross_attention_heads,
-            num_self_attend_heads=num_self_attention_heads,
-            name="perceiver_encoder",
         )
         decoder = m.BasicDecoder(
             output_num_channels=d_latents,  # unused: final_project=False
@@ -170,14 +197,13 @@ def _imagenet_forward(
         # image_size None: any height and width.
         _check_shape("images", images, (None, *(image_size or (None, None)), 3))
         preprocessor = make_preprocessor()
-        encoder = m.PerceiverEncoder(
-            num_self_attends_per_block=num_self_attends_per_block,
+        encoder = _perceiver_encoder(
+            num_latents=num_latents,
+            d_latents=d_latents,
+            num_self_attends=num_self_attends_per_block,
             num_blocks=num_blocks,
-            z_index_dim=num_latents,
-            num_z_channels=d_latents,
-            num_cross_attend_heads=num_cross_attention_heads,
-            num_self_attend_heads=num_self_attention_heads,
-            name="perceiver_encoder",
+            num_self_attention_heads=num_self_attention_heads,
+            num_cross_attention_heads=num_cross_attention_heads,
         )
         # The official decoder keeps Haiku's default of one head; the configured
         # cross-attention heads are the encoder's.
@@ -200,16 +226,16 @@ def _imagenet_forward(
 
 def imagenet_learned(
     *,
-    image_size: Tuple[int, int] = (224, 224),
-    pos_channels: int = 256,
-    num_latents: int = 512,
-    d_latents: int = 1024,
-    num_self_attends_per_block: int = 6,
-    num_blocks: int = 8,
-    num_self_attention_heads: int = 8,
-    num_cross_attention_heads: int = 1,
-    num_classes: int = 1000,
-    decoder_query_residual: bool = False,
+    image_size: Tuple[int, int],
+    pos_channels: int,
+    num_latents: int,
+    d_latents: int,
+    num_self_attends_per_block: int,
+    num_blocks: int,
+    num_self_attention_heads: int,
+    num_cross_attention_heads: int,
+    num_classes: int,
+    decoder_query_residual: bool,
 ) -> ForwardFn:
     """ImageNet classifier: 1x1 conv + learned, projected 2-D position encoding.
 
@@ -248,16 +274,16 @@ def imagenet_learned(
 
 def imagenet_fourier(
     *,
-    max_resolution: Tuple[int, int] = (224, 224),
-    num_bands: int = 64,
-    num_latents: int = 512,
-    d_latents: int = 1024,
-    num_self_attends_per_block: int = 6,
-    num_blocks: int = 8,
-    num_self_attention_heads: int = 8,
-    num_cross_attention_heads: int = 1,
-    num_classes: int = 1000,
-    decoder_query_residual: bool = True,
+    max_resolution: Tuple[int, int],
+    num_bands: int,
+    num_latents: int,
+    d_latents: int,
+    num_self_attends_per_block: int,
+    num_blocks: int,
+    num_self_attention_heads: int,
+    num_cross_attention_heads: int,
+    num_classes: int,
+    decoder_query_residual: bool,
 ) -> ForwardFn:
     """ImageNet classifier on raw pixels with 2-D Fourier features.
 
@@ -291,17 +317,17 @@ def imagenet_fourier(
 
 def imagenet_conv(
     *,
-    max_resolution: Tuple[int, int] = (56, 56),
-    num_bands: int = 64,
-    conv_channels: int = 64,
-    num_latents: int = 512,
-    d_latents: int = 1024,
-    num_self_attends_per_block: int = 6,
-    num_blocks: int = 8,
-    num_self_attention_heads: int = 8,
-    num_cross_attention_heads: int = 1,
-    num_classes: int = 1000,
-    decoder_query_residual: bool = True,
+    max_resolution: Tuple[int, int],
+    num_bands: int,
+    conv_channels: int,
+    num_latents: int,
+    d_latents: int,
+    num_self_attends_per_block: int,
+    num_blocks: int,
+    num_self_attention_heads: int,
+    num_cross_attention_heads: int,
+    num_classes: int,
+    decoder_query_residual: bool,
 ) -> ForwardFn:
     """ImageNet classifier: conv + BatchNorm + max-pool stem (4x down) + Fourier.
 
@@ -342,16 +368,16 @@ def imagenet_conv(
 
 def optical_flow(
     *,
-    image_size: Tuple[int, int] = (368, 496),
-    num_bands: int = 64,
-    patch_channels: int = 64,
-    num_latents: int = 2048,
-    d_latents: int = 512,
-    num_self_attends: int = 24,
-    num_self_attention_heads: int = 16,
-    num_cross_attention_heads: int = 1,
-    rescale_factor: float = 100.0,
-    flow_scale: float = 20.0,
+    image_size: Tuple[int, int],
+    num_bands: int,
+    patch_channels: int,
+    num_latents: int,
+    d_latents: int,
+    num_self_attends: int,
+    num_self_attention_heads: int,
+    num_cross_attention_heads: int,
+    rescale_factor: float,
+    flow_scale: float,
 ) -> ForwardFn:
     """Optical flow between two frames.
 
@@ -375,14 +401,12 @@ def optical_flow(
             conv_after_patching=True,
             name="image_preprocessor",
         )
-        encoder = m.PerceiverEncoder(
-            num_self_attends_per_block=num_self_attends,
-            num_blocks=1,
-            z_index_dim=num_latents,
-            num_z_channels=d_latents,
-            num_cross_attend_heads=num_cross_attention_heads,
-            num_self_attend_heads=num_self_attention_heads,
-            name="perceiver_encoder",
+        encoder = _perceiver_encoder(
+            num_latents=num_latents,
+            d_latents=d_latents,
+            num_self_attends=num_self_attends,
+            num_self_attention_heads=num_self_attention_heads,
+            num_cross_attention_heads=num_cross_attention_heads,
         )
         decoder = m.FlowDecoder(
             image_size, rescale_factor=rescale_factor, name="flow_decoder"
@@ -405,24 +429,24 @@ def optical_flow(
 
 def video_autoencoding(
     *,
-    num_frames: int = 16,
-    image_size: Tuple[int, int] = (224, 224),
-    audio_samples_per_frame: int = 1920,
-    samples_per_patch: int = 16,
-    spatial_downsample: int = 4,
-    num_latents: int = 784,
-    d_latents: int = 512,
-    num_self_attends: int = 8,
-    num_self_attention_heads: int = 8,
-    num_cross_attention_heads: int = 1,
-    audio_num_bands: int = 192,
-    image_num_bands: int = 32,
-    num_classes: int = 700,
-    decoder_channels: int = 512,
-    label_query_channels: int = 1024,
-    input_padding: int = 4,
-    query_padding: int = 2,
-    num_chunks: int = 128,
+    num_frames: int,
+    image_size: Tuple[int, int],
+    audio_samples_per_frame: int,
+    samples_per_patch: int,
+    spatial_downsample: int,
+    num_latents: int,
+    d_latents: int,
+    num_self_attends: int,
+    num_self_attention_heads: int,
+    num_cross_attention_heads: int,
+    audio_num_bands: int,
+    image_num_bands: int,
+    num_classes: int,
+    decoder_channels: int,
+    label_query_channels: int,
+    input_padding: int,
+    query_padding: int,
+    num_chunks: int,
 ) -> ForwardFn:
     """Kinetics-700 video + audio + label autoencoder (the video colab's model).
 
@@ -446,10 +470,17 @@ def video_autoencoding(
         raise ValueError("the audio length must be a multiple of samples_per_patch")
     if any(s % spatial_downsample for s in image_size):
         raise ValueError("image_size must be a multiple of spatial_downsample")
+    # The video's Fourier resolution is the space-to-depth grid.
     image_resolution = (
         num_frames,
         image_size[0] // spatial_downsample,
         image_size[1] // spatial_downsample,
+    )
+    audio_encoding = pe.PositionEncodingSpec(
+        "fourier", num_bands=audio_num_bands, max_resolution=(n_audio,)
+    )
+    image_encoding = pe.PositionEncodingSpec(
+        "fourier", num_bands=image_num_bands, max_resolution=image_resolution
     )
 
     def forward(
@@ -468,85 +499,33 @@ def video_autoencoding(
             label = jnp.zeros((batch, num_classes), dtype=jnp.float32)
         _check_shape("label", label, (None, num_classes))
 
-        # As in the colab, every modality module is built at top level (paths like
-        # ``audio_postprocessor/linear``) and handed to the multimodal wrappers.
-        preprocessor = io.MultimodalPreprocessor(
-            modalities={
-                "audio": io.AudioPreprocessor(
-                    samples_per_patch,
-                    pe.PositionEncodingSpec(
-                        "fourier", num_bands=audio_num_bands, max_resolution=(n_audio,)
-                    ),
-                    name="audio_preprocessor",
-                ),
-                "image": io.ImagePreprocessor(
-                    prep_type="patches",
-                    position_encoding=pe.PositionEncodingSpec(
-                        "fourier",
-                        num_bands=image_num_bands,
-                        max_resolution=image_resolution,
-                    ),
-                    spatial_downsample=spatial_downsample,
-                    temporal_downsample=1,
-                    name="image_preprocessor",
-                ),
-                "label": io.OneHotPreprocessor(name="one_hot_preprocessor"),
-            },
-            # The label is always masked: reconstruction must not see it.
-            mask_probs={"image": 0.0, "audio": 0.0, "label": 1.0},
-            min_padding_size=input_padding,
-            name="multimodal_preprocessor",
+        # The modules in the official creation order (Haiku numbers names by it).
+        preprocessor = _video_preprocessor(
+            samples_per_patch, audio_encoding, image_encoding, spatial_downsample,
+            input_padding,
         )
         postprocessors = {
             "audio": io.AudioPostprocessor(samples_per_patch),
             "image": io.ProjectionPostprocessor(3),
             "label": io.ClassificationPostprocessor(num_classes),
         }
-        encoder = m.PerceiverEncoder(
-            num_self_attends_per_block=num_self_attends,
-            num_blocks=1,
-            z_index_dim=num_latents,
-            num_z_channels=d_latents,
-            num_cross_attend_heads=num_cross_attention_heads,
-            num_self_attend_heads=num_self_attention_heads,
+        encoder = _perceiver_encoder(
+            num_latents=num_latents,
+            d_latents=d_latents,
+            num_self_attends=num_self_attends,
+            num_self_attention_heads=num_self_attention_heads,
+            num_cross_attention_heads=num_cross_attention_heads,
             name="encoder",  # the one official model not called perceiver_encoder
         )
-        # Query-only decoders (parameter-free except the label's trainable query,
-        # ``classification_decoder/~/basic_decoder/~/trainable_position_encoding``).
-        # The image grid is the full-resolution video, its Fourier resolution the
-        # space-to-depth grid; the audio grid is the patches, its resolution the
-        # samples: both as in the colab.
-        query_decoders = {
-            "audio": m.BasicDecoder(
-                output_num_channels=decoder_channels,
-                query_encoding=pe.PositionEncodingSpec(
-                    "fourier", num_bands=audio_num_bands, max_resolution=(n_audio,)
-                ),
-                output_index_dims=(n_audio // samples_per_patch,),
-                name="basic_decoder",
-            ),
-            "image": m.BasicDecoder(
-                output_num_channels=decoder_channels,
-                query_encoding=pe.PositionEncodingSpec(
-                    "fourier",
-                    num_bands=image_num_bands,
-                    max_resolution=image_resolution,
-                ),
-                output_index_dims=(num_frames,) + image_size,
-                name="basic_video_autoencoding_decoder",
-            ),
-            "label": m.ClassificationDecoder(
-                num_classes,
-                query_channels=label_query_channels,
-                use_query_residual=False,
-                name="classification_decoder",
-            ),
-        }
-        decoder = m.MultimodalDecoder(
-            query_decoders,
-            output_num_channels=decoder_channels,
-            min_padding_size=query_padding,
-            name="multimodal_decoder",
+        decoder = _video_decoder(
+            audio_encoding,
+            image_encoding,
+            audio_patches=n_audio // samples_per_patch,
+            video_shape=(num_frames,) + image_size,
+            num_classes=num_classes,
+            decoder_channels=decoder_channels,
+            label_query_channels=label_query_channels,
+            query_padding=query_padding,
         )
 
         x, _, _ = preprocessor(
@@ -560,6 +539,85 @@ def video_autoencoding(
         return outputs, _stages(x, z, out)
 
     return forward
+
+
+def _video_preprocessor(
+    samples_per_patch: int,
+    audio_encoding: pe.PositionEncodingSpec,
+    image_encoding: pe.PositionEncodingSpec,
+    spatial_downsample: int,
+    input_padding: int,
+) -> io.MultimodalPreprocessor:
+    """The video model's input: audio patches, space-to-depth video patches and the
+    (always masked) label, each with its Fourier features, padded to one width."""
+    # As in the colab, every modality module is built at top level (paths like
+    # ``audio_preprocessor/linear``) and handed to the multimodal wrapper.
+    return io.MultimodalPreprocessor(
+        modalities={
+            "audio": io.AudioPreprocessor(
+                samples_per_patch, audio_encoding, name="audio_preprocessor"
+            ),
+            "image": io.ImagePreprocessor(
+                prep_type="patches",
+                position_encoding=image_encoding,
+                spatial_downsample=spatial_downsample,
+                temporal_downsample=1,
+                name="image_preprocessor",
+            ),
+            "label": io.OneHotPreprocessor(name="one_hot_preprocessor"),
+        },
+        # The label is always masked: reconstruction must not see it.
+        mask_probs={"image": 0.0, "audio": 0.0, "label": 1.0},
+        min_padding_size=input_padding,
+        name="multimodal_preprocessor",
+    )
+
+
+def _video_decoder(
+    audio_encoding: pe.PositionEncodingSpec,
+    image_encoding: pe.PositionEncodingSpec,
+    *,
+    audio_patches: int,
+    video_shape: Tuple[int, int, int],
+    num_classes: int,
+    decoder_channels: int,
+    label_query_channels: int,
+    query_padding: int,
+) -> m.MultimodalDecoder:
+    """One shared decoder over the three modalities' queries, padded to one width.
+
+    The query decoders are parameter-free except the label's trainable query
+    (``classification_decoder/~/basic_decoder/~/trainable_position_encoding``). The
+    image grid is the full-resolution video (``video_shape``), its Fourier resolution
+    the space-to-depth grid; the audio grid is the patches, its resolution the
+    samples: both as in the colab.
+    """
+    query_decoders = {
+        "audio": m.BasicDecoder(
+            output_num_channels=decoder_channels,
+            query_encoding=audio_encoding,
+            output_index_dims=(audio_patches,),
+            name="basic_decoder",
+        ),
+        "image": m.BasicDecoder(
+            output_num_channels=decoder_channels,
+            query_encoding=image_encoding,
+            output_index_dims=video_shape,
+            name="basic_video_autoencoding_decoder",
+        ),
+        "label": m.ClassificationDecoder(
+            num_classes,
+            query_channels=label_query_channels,
+            use_query_residual=False,
+            name="classification_decoder",
+        ),
+    }
+    return m.MultimodalDecoder(
+        query_decoders,
+        output_num_channels=decoder_channels,
+        min_padding_size=query_padding,
+        name="multimodal_decoder",
+    )
 
 
 def _check_subsampling(subsampling: Any) -> Dict[str, Any]:
@@ -585,12 +643,12 @@ def _check_subsampling(subsampling: Any) -> Dict[str, Any]:
 
 
 def video_subsampling(
-    config: Any = None, chunk_index: int = 0, num_chunks: Optional[int] = None
+    config: Any, chunk_index: int = 0, num_chunks: Optional[int] = None
 ) -> Dict[str, np.ndarray]:
     """The colab's decoding chunk ``chunk_index``: consecutive flat indices.
 
     Args:
-      config: video_autoencoding config (see :func:`get_model`); None = official.
+      config: video_autoencoding config (see :func:`resolve_config`).
       chunk_index: which chunk, 0 <= chunk_index < num_chunks.
       num_chunks: default: the config's ``num_chunks``.
 
@@ -630,12 +688,10 @@ BUILDERS: Mapping[str, Callable[..., ForwardFn]] = {
 MODEL_NAMES: Tuple[str, ...] = tuple(BUILDERS)
 
 
-def config_fields(name: str) -> Dict[str, Any]:
-    """The configuration fields of model ``name`` and their official defaults."""
+def config_fields(name: str) -> Tuple[str, ...]:
+    """The configuration fields of model ``name`` (its builder's parameters), in order."""
     _check_name(name)
-    return {
-        p.name: p.default for p in inspect.signature(BUILDERS[name]).parameters.values()
-    }
+    return tuple(inspect.signature(BUILDERS[name]).parameters)
 
 
 def _check_name(name: str) -> None:
@@ -645,60 +701,60 @@ def _check_name(name: str) -> None:
         )
 
 
-def resolve_config(name: str, config: Any = None) -> Dict[str, Any]:
+def resolve_config(name: str, config: Any) -> Dict[str, Any]:
     """Builder keyword arguments for model ``name`` from a configuration.
 
     Args:
       name: one of :data:`MODEL_NAMES`.
-      config: None (official sizes); a mapping of field names (missing fields take
-        the official default); a dataclass instance (its fields, checked like a
-        mapping's keys); or any other object carrying every field as an attribute.
-        ``dropout``/``attention_dropout`` are accepted and ignored. Lists become
-        tuples.
+      config: a dataclass instance (``perceiver_torch.configs``: its defaults are the
+        official sizes); a mapping with every field; or any other object carrying
+        every field as an attribute. ``dropout``/``attention_dropout`` are accepted
+        and ignored. Lists become tuples.
 
     Returns:
       A complete dict of the builder's keyword arguments.
 
     Raises:
-      ValueError: unknown field names (the message lists the valid ones), or an
-        object lacking some fields.
+      ValueError: no configuration, unknown field names (the message lists the valid
+        ones), or a mapping or object lacking some fields.
     """
-    defaults = config_fields(name)
+    fields = config_fields(name)
     if config is None:
-        values: Dict[str, Any] = {}
-    elif isinstance(config, Mapping):
-        values = dict(config)
+        raise ValueError(
+            f"perceiver_jax holds no default configuration; pass the {name} config, "
+            f"e.g. perceiver_torch.configs.CONFIG_CLASSES['{name}']() for the official "
+            f"sizes, or a mapping with the fields {', '.join(fields)}"
+        )
+    if isinstance(config, Mapping):
+        values: Dict[str, Any] = dict(config)
     elif dataclasses.is_dataclass(config) and not isinstance(config, type):
         values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
     else:
-        missing = [k for k in defaults if not hasattr(config, k)]
-        if missing:
-            raise ValueError(
-                f"config for {name} lacks the field(s) {', '.join(missing)}"
-            )
-        values = {k: getattr(config, k) for k in defaults}
-    unknown = sorted(set(values) - set(defaults) - set(TRAINING_ONLY_FIELDS))
+        values = {k: getattr(config, k) for k in fields if hasattr(config, k)}
+    unknown = sorted(set(values) - set(fields) - set(TRAINING_ONLY_FIELDS))
     if unknown:
         raise ValueError(
             f"unknown config key(s) for {name}: {', '.join(unknown)}; "
-            f"valid keys: {', '.join(list(defaults) + list(TRAINING_ONLY_FIELDS))}"
+            f"valid keys: {', '.join(list(fields) + list(TRAINING_ONLY_FIELDS))}"
         )
-    resolved = dict(defaults)
-    for key, value in values.items():
-        if key in TRAINING_ONLY_FIELDS:
-            continue
-        resolved[key] = tuple(value) if isinstance(value, list) else value
-    return resolved
+    missing = [k for k in fields if k not in values]
+    if missing:
+        raise ValueError(f"config for {name} lacks the field(s) {', '.join(missing)}")
+    return {
+        key: tuple(values[key]) if isinstance(values[key], list) else values[key]
+        for key in fields
+    }
 
 
 def get_model(
-    name: str, config: Any = None, *, stages: bool = False
+    name: str, config: Any, *, stages: bool = False
 ) -> hk.TransformedWithState:
     """The official model ``name`` as ``hk.transform_with_state``.
 
     Args:
       name: one of :data:`MODEL_NAMES`.
-      config: see :func:`resolve_config`; None = the released model's sizes.
+      config: see :func:`resolve_config` (``perceiver_torch.configs.OpticalFlowConfig()``
+        gives the released model's sizes).
       stages: if True, ``apply`` returns ``(outputs, stages)`` (see module doc).
 
     Returns:
@@ -717,8 +773,8 @@ def get_model(
     return hk.transform_with_state(run)
 
 
-def input_specs(name: str, config: Any = None, batch_size: int = 1) -> Dict[str, Any]:
-    """Abstract inputs (``jax.ShapeDtypeStruct``) of the official size of ``name``.
+def input_specs(name: str, config: Any, batch_size: int = 1) -> Dict[str, Any]:
+    """Abstract inputs (``jax.ShapeDtypeStruct``) of model ``name`` at ``config``'s sizes.
 
     Enough for ``jax.eval_shape(model.init, rng, **specs)``. Image sizes that are not
     config fields follow the official models: imagenet_fourier uses

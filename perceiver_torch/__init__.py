@@ -17,12 +17,13 @@ converted file, ``capture_stages(model)`` records intermediate stages, and
 
 Inputs use PyTorch layouts: images (B, 3, H, W), frame pairs (B, 2, 3, H, W), videos
 (B, T, 3, H, W). Model names: ``MODEL_NAMES``; configs: ``configs`` (``TINY_CONFIGS``
-are the golden test sizes).
+are the golden test sizes). Eval-time fast paths (same function, another order of
+operations) are listed and switched off in ``fast_paths`` (``fast_paths.plain()``).
 """
 
 from __future__ import annotations
 
-from . import configs
+from . import configs, fast_paths
 from .configs import (
     CONFIG_CLASSES,
     TINY_CONFIGS,
@@ -35,6 +36,7 @@ from .configs import (
     config_from_dict,
     config_to_dict,
 )
+from .fast_paths import AttentionMode, FastPath
 from .imagenet_conv import ImageNetConv
 from .imagenet_fourier import ImageNetFourier
 from .imagenet_learned import ImageNetLearned
@@ -48,8 +50,10 @@ from .video_autoencoding import VideoAutoencoder
 MODEL_NAMES = tuple(MODEL_CLASSES)
 
 __all__ = [
+    "AttentionMode",
     "BytesTokenizer",
     "CONFIG_CLASSES",
+    "FastPath",
     "ImageNetConv",
     "ImageNetConvConfig",
     "ImageNetFourier",
@@ -73,6 +77,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "configs",
+    "fast_paths",
     "load",
     "read_checkpoint",
 ]

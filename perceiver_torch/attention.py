@@ -12,7 +12,10 @@ the fused kernel does not support), with an explicit softmax over bounded chunks
 queries. With a single head, :class:`Attention` may also fold the key or query
 projection into the other side of the dot product (``absorb_kv`` / ``absorb_q``):
 the same function, fewer multiply-adds when one side is much longer than the other
-(optical flow: 182,528 queries or inputs against 2,048 latents).
+(optical flow: 182,528 queries or inputs against 2,048 latents). That is the
+``ABSORBED_ATTENTION`` fast path (:mod:`perceiver_torch.fast_paths`); under
+``fast_paths.plain()`` every attention runs ``AttentionMode.STANDARD``, the reference's
+computation.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .fast_paths import AttentionMode, FastPath, enabled
 from .linear import Linear
 
 # LayerNorm epsilon of Haiku's hk.LayerNorm as the reference configures it.
@@ -192,16 +196,16 @@ class PreparedKeys:
     """Key/value side of an attention, computed once and reused for chunks of queries.
 
     ``mode`` says how ``k`` and ``v`` relate to the module's projections:
-    - "standard": k = to_k(kv) (B, H, N, qk/H), v = to_v(kv) (B, H, N, v/H);
-    - "absorb_kv" (one head): k = v = kv (B, 1, N, C_kv); queries are mapped by
+    - ``STANDARD``: k = to_k(kv) (B, H, N, qk/H), v = to_v(kv) (B, H, N, v/H);
+    - ``ABSORB_KV`` (one head): k = v = kv (B, 1, N, C_kv); queries are mapped by
       to_k's weight and outputs by to_v afterwards;
-    - "absorb_q" (one head): k = to_k(kv) @ W_q (B, 1, N, C_q), v = to_v(kv) @ W_out^T
+    - ``ABSORB_Q`` (one head): k = to_k(kv) @ W_q (B, 1, N, C_q), v = to_v(kv) @ W_out^T
       (B, 1, N, C_out); ``bias`` also holds to_q's bias dotted with the keys.
     ``bias``: (B, 1, 1, N) additive logits bias or None; ``key_mask``: (B, N) key mask
     (or None), kept to find fully-masked rows.
     """
 
-    mode: str
+    mode: AttentionMode
     k: Tensor
     v: Tensor
     bias: Optional[Tensor]
@@ -261,28 +265,36 @@ class Attention(nn.Module):
     def _dropout_p(self) -> float:
         return self.attention_dropout if self.training else 0.0
 
-    def choose_mode(self, num_queries: int, num_keys: int) -> str:
+    def choose_mode(self, num_queries: int, num_keys: int) -> AttentionMode:
         """Cheapest exact formulation for M queries against N keys (by multiply-adds).
 
         Folding projections across the dot product is exact in real arithmetic (the
         folded-away bias q.b_k is constant along a softmax row; rows of softmax weights
         sum to one, so b_v passes through) and differs from the reference only by
-        float32 rounding. It needs one head and no attention dropout.
+        float32 rounding. It needs one head, no attention dropout and the
+        ``ABSORBED_ATTENTION`` fast path switched on.
         """
-        if self.num_heads != 1 or self._dropout_p() > 0.0:
-            return "standard"
+        if (
+            self.num_heads != 1
+            or self._dropout_p() > 0.0
+            or not enabled(FastPath.ABSORBED_ATTENTION)
+        ):
+            return AttentionMode.STANDARD
         m, n = num_queries, num_keys
         c_q, c_kv = self.to_q.in_features, self.to_k.in_features
         qk, v, c_out = self.qk_channels, self.v_channels, self.to_out.out_features
         kv_proj = n * c_kv * (qk + v)
         cost = {
-            "standard": m * c_q * qk + kv_proj + m * n * (qk + v) + m * v * c_out,
-            "absorb_kv": m * c_q * qk
+            AttentionMode.STANDARD: m * c_q * qk
+            + kv_proj
+            + m * n * (qk + v)
+            + m * v * c_out,
+            AttentionMode.ABSORB_KV: m * c_q * qk
             + m * qk * c_kv
             + 2 * m * n * c_kv
             + m * c_kv * v
             + m * v * c_out,
-            "absorb_q": kv_proj + n * qk * c_q + n * v * c_out + m * n * (c_q + c_out),
+            AttentionMode.ABSORB_Q: kv_proj + n * qk * c_q + n * v * c_out + m * n * (c_q + c_out),
         }
         return min(cost, key=cost.get)
 
@@ -292,34 +304,39 @@ class Attention(nn.Module):
         *,
         key_mask: Optional[Tensor] = None,
         num_queries: Optional[int] = None,
-        mode: Optional[str] = None,
+        mode: Optional[AttentionMode] = None,
     ) -> PreparedKeys:
         """Projects the key/value inputs once.
 
         inputs_kv: (B, N, C_kv); key_mask: (B, N) with nonzero = keep;
         num_queries: how many queries will be attended in total (chooses the mode);
-        mode: force "standard", "absorb_kv" or "absorb_q".
+        mode: force an :class:`AttentionMode` (or its value, e.g. ``"absorb_q"``).
         """
         if mode is None:
             mode = self.choose_mode(
                 num_queries if num_queries is not None else inputs_kv.shape[1],
                 inputs_kv.shape[1],
             )
+        try:
+            mode = AttentionMode(mode)
+        except ValueError:
+            raise ValueError(
+                f"unknown attention mode {mode!r}; expected one of "
+                f"{[m.value for m in AttentionMode]}"
+            ) from None
         bias = None if key_mask is None else key_mask_bias(key_mask, inputs_kv.dtype)
-        if mode == "standard":
+        if mode is AttentionMode.STANDARD:
             k = _split_heads(self.to_k(inputs_kv), self.num_heads)
             v = _split_heads(self.to_v(inputs_kv), self.num_heads)
-        elif mode == "absorb_kv":
+        elif mode is AttentionMode.ABSORB_KV:
             k = v = inputs_kv[:, None]
-        elif mode == "absorb_q":
+        else:  # AttentionMode.ABSORB_Q
             keys = self.to_k(inputs_kv)  # (B, N, qk)
             k = torch.matmul(keys, self.to_q.weight)[:, None]  # (B, 1, N, C_q)
             # The attention kernels scale q.k only, not the additive bias.
             q_bias = torch.matmul(keys, self.to_q.bias * self.scale)[:, None, None, :]
             bias = q_bias if bias is None else bias + q_bias
             v = torch.matmul(self.to_v(inputs_kv), self.to_out.weight.t())[:, None]
-        else:
-            raise ValueError(f"unknown attention mode {mode!r}")
         return PreparedKeys(mode, k, v, bias, key_mask)
 
     def attend_prepared(
@@ -337,7 +354,7 @@ class Attention(nn.Module):
             query_mask=query_mask,
             device=inputs_q.device,
         )
-        if prepared.mode == "standard":
+        if prepared.mode is AttentionMode.STANDARD:
             q = _split_heads(self.to_q(inputs_q), self.num_heads)
             summed = attend(
                 q,
@@ -349,7 +366,7 @@ class Attention(nn.Module):
             )
             summed = zero_fully_masked_rows(_merge_heads(summed), keep)
             return self.to_out(summed)
-        if prepared.mode == "absorb_kv":
+        if prepared.mode is AttentionMode.ABSORB_KV:
             q = torch.matmul(self.to_q(inputs_q), self.to_k.weight)[:, None]
             mixed = attend(
                 q, prepared.k, prepared.v, bias=prepared.bias, scale=self.scale
@@ -509,7 +526,7 @@ class CrossAttentionLayer(nn.Module):
         *,
         key_mask: Optional[Tensor] = None,
         num_queries: Optional[int] = None,
-        mode: Optional[str] = None,
+        mode: Optional[AttentionMode] = None,
     ) -> PreparedKeys:
         """Normalises and projects the key/value inputs (B, N, C_kv) once."""
         return self.attention.prepare(

@@ -1,13 +1,17 @@
 """Frozen configuration dataclasses for the six official Perceiver IO models.
 
 Every default is the value DeepMind's colabs use for the released checkpoint, so
-``Config()`` is the official model. Field names are shared, letter for letter, with
-:mod:`perceiver_jax.configs` (the parity reference), so one configuration drives both.
-Training-only knobs (dropout) exist here only.
+``Config()`` is the official model. This is the one place those values are written:
+the mappings (``mappings/*.yaml``) take their official configuration from these
+defaults, and the builders of :mod:`perceiver_jax.models` (the parity reference)
+have no defaults of their own; their keyword parameters carry these field names,
+letter for letter, so one configuration drives both. Training-only knobs
+(:data:`TRAINING_ONLY_FIELDS`) exist here only.
 
 ``TINY_CONFIGS`` holds one small version of each architecture: the sizes of the golden
 test checkpoints (tiny random-weight models DeepMind's own code was run on). They keep
-every structural choice of the official model and shrink only the sizes.
+every structural choice of the official model and shrink only the sizes; the mappings'
+``tiny`` preset is derived from them.
 """
 
 from __future__ import annotations
@@ -159,6 +163,10 @@ class VideoAutoencodingConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
 
+
+# Fields that only matter for training: not part of a mapping's configuration, and
+# ignored by the JAX reference.
+TRAINING_ONLY_FIELDS: Tuple[str, ...] = ("dropout", "attention_dropout")
 
 CONFIG_CLASSES: Mapping[str, type] = {
     "language_perceiver": LanguagePerceiverConfig,

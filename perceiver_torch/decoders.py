@@ -9,7 +9,8 @@ query array is ever held.
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,24 @@ class PerceiverDecoder(nn.Module):
         return self.decode_prepared(queries, prepared, query_mask=query_mask)
 
 
+@dataclass(frozen=True)
+class FoldedModality:
+    """One modality's folded query path in a :class:`FoldedDecoder`.
+
+    Query features f (C_f) are padded by a constant vector p (P) to ``width`` = C_f + P.
+    """
+
+    width: int  # C_f + P: the query LayerNorm's width
+    pad_sum: Tensor  # sum(p), scalar
+    pad_mean: Tensor  # mean(p), scalar
+    pad_ss: Tensor  # sum((p - mean(p))^2), scalar
+    num_pad: int  # P
+    k_aug: Tensor  # (B, 1, N, C_f + 2): keys for [(f - mu)/sigma, 1/sigma, -mu/sigma]
+    final_o: Tensor  # (v, outputs): attention sum -> outputs (to_out, projection, head)
+    final_h: Tensor  # (hidden, outputs): MLP hidden -> outputs (fc2, projection, head)
+    final_b: Tensor  # (outputs,): every bias on the way, folded
+
+
 class FoldedDecoder:
     """Decodes structured queries ``[features, constant padding]`` through a decoder
     and a final Linear with every linear map folded together (eval-time fast path).
@@ -154,57 +173,63 @@ class FoldedDecoder:
             raise ValueError(
                 "FoldedDecoder needs 1 head, no query residual, a projection"
             )
-        # The folded matrices are products of several weights: they are formed in
-        # float32 (at least) and rounded once to the latents' dtype, in which the
-        # per-query matmuls run; the LayerNorm statistics stay float32 (see __call__).
-        self.dtype = latents.dtype
-        fold = torch.promote_types(latents.dtype, torch.float32)
-        self.stats_dtype = fold
-
-        def w(t: Tensor) -> Tensor:
-            return t.to(fold)
-
         self.scale = attention.scale
         self.mlp_eps = layer.mlp_norm.eps
         self.q_eps = layer.q_norm.eps
-        kv_norm = layer.kv_norm
+        dtype = latents.dtype
+        self.dtype = dtype
+        # The LayerNorm statistics of the queries and of the MLP input stay float32
+        # (at least) in a bfloat16/float16 model (see __call__).
+        self.stats_dtype = torch.promote_types(dtype, torch.float32)
+        # The folded matrices are products of two or three weight matrices. Computed
+        # in the working precision, each entry would carry the rounding of a C-term
+        # sum relative to |A||B| (not |AB|: random-sign sums shrink by sqrt(C) while
+        # their rounding does not), which made the folded outputs up to 5x further
+        # from exact than the plain decoder. Computed one precision up (float64 for
+        # float32) and rounded once, every folded entry is the correctly rounded
+        # product; this costs little (they are made once per set of latents).
+        wide = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
+
+        def up(t: Tensor) -> Tensor:
+            return t.detach().to(wide)
+
+        def linear(x: Tensor, module: nn.Linear) -> Tensor:
+            return F.linear(x, up(module.weight), up(module.bias))
+
+        kv_norm, q_norm = layer.kv_norm, layer.q_norm
         kv = F.layer_norm(
-            latents.to(fold), kv_norm.normalized_shape, w(kv_norm.weight),
-            w(kv_norm.bias), kv_norm.eps,
+            up(latents), kv_norm.normalized_shape, up(kv_norm.weight), up(kv_norm.bias),
+            kv_norm.eps,
         )
-        keys = F.linear(kv, w(attention.to_k.weight), w(attention.to_k.bias))
-        to_q_w, to_q_b = w(attention.to_q.weight), w(attention.to_q.bias)
-        folded_keys = torch.matmul(keys, to_q_w)  # (B, N, C_q)
-        q_norm = layer.q_norm
-        q_gamma, q_beta = w(q_norm.weight), w(q_norm.bias)
+        keys = linear(kv, attention.to_k)  # (B, N, qk)
+        folded_keys = torch.matmul(keys, up(attention.to_q.weight))  # (B, N, C_q)
         # Logit terms that do not depend on the query: beta.(K W_q) + b_q.K.
         # (The attention kernel scales q.k only, not this additive bias.)
         self.bias = (
-            (torch.matmul(folded_keys, q_beta) + torch.matmul(keys, to_q_b))[
-                :, None, None, :
-            ]
+            (
+                torch.matmul(folded_keys, up(q_norm.bias))
+                + torch.matmul(keys, up(attention.to_q.bias))
+            )[:, None, None, :]
             * self.scale
-        ).to(self.dtype)
-        values = F.linear(kv, w(attention.to_v.weight), w(attention.to_v.bias))
-        self.values = values[:, None].to(self.dtype)  # (B, 1, N, v)
+        ).to(dtype)
+        self.values = linear(kv, attention.to_v)[:, None].to(dtype)  # (B, 1, N, v)
         # to_out, centred: y = o @ out_w + out_b is the attention output minus its mean.
-        out_w = w(attention.to_out.weight).t()  # (v, C_q)
-        out_b = w(attention.to_out.bias)
-        out_w_c = out_w - out_w.mean(dim=1, keepdim=True)
-        out_b_c = out_b - out_b.mean()
+        out_w = up(attention.to_out.weight).t()  # (v, C_q)
+        out_b = up(attention.to_out.bias)
+        centred_w = out_w - out_w.mean(dim=1, keepdim=True)
+        centred_b = out_b - out_b.mean()
+        self.out_w, self.out_b = centred_w.to(dtype), centred_b.to(dtype)
         # fc1 of the normalised output: (o @ hid_w + hid_b) / sigma + hid_e.
         mlp_norm, fc1, fc2 = layer.mlp_norm, layer.mlp.fc1, layer.mlp.fc2
-        mlp_gamma, fc1_w = w(mlp_norm.weight), w(fc1.weight)
-        self.out_w, self.out_b = out_w_c.to(self.dtype), out_b_c.to(self.dtype)
-        self.hid_w = torch.matmul(out_w_c * mlp_gamma, fc1_w.t()).to(self.dtype)
-        self.hid_b = torch.matmul(out_b_c * mlp_gamma, fc1_w.t()).to(self.dtype)
-        self.hid_e = (torch.matmul(w(mlp_norm.bias), fc1_w.t()) + w(fc1.bias)).to(
-            self.dtype
-        )
-        self.modalities = {}
-        width = q_gamma.shape[0]
+        gamma, fc1_t = up(mlp_norm.weight), up(fc1.weight).t()
+        self.hid_w = torch.matmul(centred_w * gamma, fc1_t).to(dtype)
+        self.hid_b = torch.matmul(centred_b * gamma, fc1_t).to(dtype)
+        self.hid_e = (torch.matmul(up(mlp_norm.bias), fc1_t) + up(fc1.bias)).to(dtype)
+        self.modalities: Dict[str, FoldedModality] = {}
+        width = q_norm.weight.shape[0]
+        q_gamma = up(q_norm.weight)
         for name, (num_features, padding, head) in modalities.items():
-            padding = w(padding)
+            padding = up(padding)
             gamma_f, gamma_p = q_gamma[:num_features], q_gamma[num_features:]
             k_f, k_p = folded_keys[..., :num_features], folded_keys[..., num_features:]
             # Keys for q_aug = [(f - mu)/sigma, 1/sigma, -mu/sigma].
@@ -218,41 +243,37 @@ class FoldedDecoder:
             )[:, None]
             # Final linear map after the MLP residual: out = x2 @ final + final_b,
             # with x2 = (o @ W_out^T + b_out) + gelu(hidden) @ W_2^T + b_2.
-            final = w(decoder.output_projection.weight).t()  # (C_q, C_d)
-            final_b = w(decoder.output_projection.bias)
+            final = up(decoder.output_projection.weight).t()  # (C_q, C_d)
+            final_b = up(decoder.output_projection.bias)
             if head is not None:
-                final = torch.matmul(final, w(head.weight).t())
-                final_b = torch.matmul(final_b, w(head.weight).t()) + w(head.bias)
+                final = torch.matmul(final, up(head.weight).t())
+                final_b = torch.matmul(final_b, up(head.weight).t()) + up(head.bias)
             pad_mean = padding.mean()
-            self.modalities[name] = dict(
+            self.modalities[name] = FoldedModality(
                 width=width,
-                # LayerNorm statistics of the padding: float32 (stats_dtype).
-                pad_sum=padding.sum(),
-                pad_mean=pad_mean,
-                pad_ss=((padding - pad_mean) ** 2).sum(),
+                pad_sum=padding.sum().to(self.stats_dtype),
+                pad_mean=pad_mean.to(self.stats_dtype),
+                pad_ss=((padding - pad_mean) ** 2).sum().to(self.stats_dtype),
                 num_pad=padding.shape[0],
-                k_aug=k_aug.to(self.dtype),
-                final_o=torch.matmul(out_w, final).to(self.dtype),
-                final_h=torch.matmul(w(fc2.weight).t(), final).to(self.dtype),
-                final_b=(torch.matmul(out_b + w(fc2.bias), final) + final_b).to(
-                    self.dtype
-                ),
+                k_aug=k_aug.to(dtype),
+                final_o=torch.matmul(out_w, final).to(dtype),
+                final_h=torch.matmul(up(fc2.weight).t(), final).to(dtype),
+                final_b=(torch.matmul(out_b + up(fc2.bias), final) + final_b).to(dtype),
             )
 
     def __call__(self, name: str, features: Tensor) -> Tensor:
         """features: (B, n, C_f) query features of modality ``name`` (its padding is
         implied) -> (B, n, head outputs), in the latents' dtype."""
         m = self.modalities[name]
-        width = m["width"]
         # LayerNorm statistics of [features, padding] without materialising it, in
         # float32 (at least) whatever the model's dtype.
         f = features.to(self.stats_dtype)
-        mean = (f.sum(-1) + m["pad_sum"]) / width
+        mean = (f.sum(-1) + m.pad_sum) / m.width
         var = (
             ((f - mean[..., None]) ** 2).sum(-1)
-            + m["pad_ss"]
-            + m["num_pad"] * (m["pad_mean"] - mean) ** 2
-        ) / width
+            + m.pad_ss
+            + m.num_pad * (m.pad_mean - mean) ** 2
+        ) / m.width
         inv_std = torch.rsqrt(var + self.q_eps)
         q_aug = torch.cat(
             [
@@ -263,18 +284,18 @@ class FoldedDecoder:
             dim=-1,
         ).to(self.dtype)
         o = attend(
-            q_aug[:, None], m["k_aug"], self.values, bias=self.bias, scale=self.scale
+            q_aug[:, None], m.k_aug, self.values, bias=self.bias, scale=self.scale
         )[:, 0]
         batch, n, v = o.shape
         o = o.reshape(batch * n, v)
         centred = torch.addmm(self.out_b, o, self.out_w)  # attention output - its mean
-        # The MLP LayerNorm's variance in float32 too.
+        # The MLP LayerNorm's variance in float32 (at least) too.
         norm = torch.linalg.vector_norm(
             centred, dim=-1, keepdim=True, dtype=self.stats_dtype
         )
         inv_sigma = torch.rsqrt(norm.square() / centred.shape[-1] + self.mlp_eps)
         hidden = torch.addmm(self.hid_b, o, self.hid_w)
         hidden = hidden.mul_(inv_sigma.to(self.dtype)).add_(self.hid_e)
-        out = torch.addmm(m["final_b"], o, m["final_o"])
-        out = out.addmm_(gelu_tanh(hidden), m["final_h"])
+        out = torch.addmm(m.final_b, o, m.final_o)
+        out = out.addmm_(gelu_tanh(hidden), m.final_h)
         return out.reshape(batch, n, -1)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .configs import LanguagePerceiverConfig
 from .decoders import PerceiverDecoder
+from .fast_paths import FastPath, enabled
 from .perceiver import PerceiverIO
 from .postprocessors import EmbeddingDecoder
 from .preprocessors import TextPreprocessor
@@ -27,10 +28,6 @@ class LanguagePerceiver(PerceiverIO):
     """
 
     model_name = "language_perceiver"
-    # Eval-time shortcut over trailing padding (off while capture_stages records the
-    # stages of the plain computation).
-    skip_padding = True
-    shortcut_flags = ("skip_padding",)
 
     def __init__(self, config: Optional[LanguagePerceiverConfig] = None) -> None:
         config = config or LanguagePerceiverConfig()
@@ -69,13 +66,18 @@ class LanguagePerceiver(PerceiverIO):
         token (None = all real). Returns logits (B, T, vocab_size).
 
         In eval mode, trailing positions masked in every row (the padding up to
-        ``max_seq_len`` the official model is fed) are not computed: masked keys get
+        ``max_seq_len`` the official model is fed) are not computed (the
+        ``SKIP_PADDING`` fast path of :mod:`perceiver_torch.fast_paths`): masked keys get
         zero attention weight, and a masked query's output does not depend on the
         query or the latents (its attention row is zeroed before ``to_out`` and there
         is no query residual), so it is computed once and repeated.
         """
         batch, length = input_ids.shape
-        if attention_mask is None or self.training or not self.skip_padding:
+        if (
+            attention_mask is None
+            or self.training
+            or not enabled(FastPath.SKIP_PADDING)
+        ):
             return self.logits(input_ids, attention_mask)
         used = (attention_mask != 0).any(dim=0).nonzero()
         real = max(int(used.max()) + 1 if used.numel() else 0, 1)

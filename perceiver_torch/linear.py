@@ -12,34 +12,44 @@ inductor backend cannot lower this op, and picks its own linear kernels); a torc
 without oneDNN. Both compute the same products in float32; only the order of the
 additions differs (relative differences around 1e-7).
 
-Set ``PERCEIVER_TORCH_ONEDNN=0`` to always use ``F.linear``.
+This is the ``FastPath.ONEDNN_LINEAR`` fast path (:mod:`perceiver_torch.fast_paths`):
+``fast_paths.plain()`` or ``PERCEIVER_TORCH_ONEDNN=0`` always use ``F.linear``.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-_enabled: Optional[bool] = None  # None: not probed yet
+from .fast_paths import FastPath, enabled
+
+_available: Optional[bool] = None  # None: not probed yet
+
+
+def _onednn_kernel_available() -> bool:
+    """Whether this torch has a working oneDNN linear kernel (probed once)."""
+    global _available
+    if _available is None:
+        try:
+            kernel = torch.ops.mkldnn._linear_pointwise
+            probe = kernel(torch.ones(2, 3), torch.ones(4, 3), torch.zeros(4), "none", [], "")
+            _available = bool(torch.equal(probe, torch.full((2, 4), 3.0)))
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _available = False
+    return _available
+
+
+def _onednn_kernel(*args):
+    """oneDNN's linear (x, weight, bias, "none", [], ""): one name tests can watch."""
+    return torch.ops.mkldnn._linear_pointwise(*args)
 
 
 def _onednn_linear_enabled() -> bool:
-    """Whether the oneDNN linear kernel exists here (probed once, on a tiny input)."""
-    global _enabled
-    if _enabled is None:
-        _enabled = False
-        if os.environ.get("PERCEIVER_TORCH_ONEDNN", "1") != "0":
-            try:
-                kernel = torch.ops.mkldnn._linear_pointwise
-                probe = kernel(torch.ones(2, 3), torch.ones(4, 3), torch.zeros(4), "none", [], "")
-                _enabled = bool(torch.equal(probe, torch.full((2, 4), 3.0)))
-            except (AttributeError, RuntimeError, NotImplementedError):
-                _enabled = False
-    return _enabled
+    """Whether the oneDNN path is switched on here and its kernel exists."""
+    return enabled(FastPath.ONEDNN_LINEAR) and _onednn_kernel_available()
 
 
 def _compiling() -> bool:
@@ -68,7 +78,5 @@ class Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) -> (..., out_features)."""
         if uses_onednn(x, self.weight):
-            return torch.ops.mkldnn._linear_pointwise(
-                x.contiguous(), self.weight, self.bias, "none", [], ""
-            )
+            return _onednn_kernel(x.contiguous(), self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import CrossAttentionLayer, SelfAttentionLayer
+from .fast_paths import FastPath, plain
 from .position_encoding import truncated_normal_
 
 
@@ -105,13 +106,11 @@ class PerceiverIO(nn.Module):
     Subclasses set ``input_preprocessor``, ``encoder``, ``output_queries``, ``decoder``
     and ``output_postprocessor`` (modules without parameters may be absent) and define
     ``forward`` with their own inputs. ``config`` holds the task model's config and
-    ``model_name`` its registry name. ``shortcut_flags`` names the boolean attributes
-    that switch on eval-time shortcuts (computations equal to the reference's but
-    shaped differently), which :func:`capture_stages` turns off while it records.
+    ``model_name`` its registry name. Eval-time fast paths are switched in
+    :mod:`perceiver_torch.fast_paths`.
     """
 
     model_name: str = ""
-    shortcut_flags: Tuple[str, ...] = ()
 
     def __init__(self, config: Any) -> None:
         super().__init__()
@@ -215,14 +214,11 @@ def capture_stages(model: PerceiverIO) -> Iterator[Dict[str, Tensor]]:
         model.encoder.register_forward_hook(on_encoder_output),
         model.decoder.register_forward_hook(on_decoder_output),
     ]
-    # Shortcuts that skip or fold the plain computation are off meanwhile.
-    shortcuts = {name: getattr(model, name) for name in model.shortcut_flags}
-    for name in shortcuts:
-        setattr(model, name, False)
+    # Fast paths that skip or fold parts of the plain computation (so that the
+    # decoder's output has another shape) are off meanwhile.
     try:
-        yield stages
+        with plain(FastPath.SKIP_PADDING, FastPath.FOLDED_DECODER):
+            yield stages
     finally:
         for handle in handles:
             handle.remove()
-        for name, value in shortcuts.items():
-            setattr(model, name, value)

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .configs import VideoAutoencodingConfig
 from .decoders import FoldedDecoder, PerceiverDecoder
+from .fast_paths import FastPath, enabled
 from .perceiver import PerceiverIO
 from .postprocessors import (
     AudioPostprocessor,
@@ -39,20 +40,19 @@ class VideoAutoencoder(PerceiverIO):
     Fourier feature of an output point at the colab's subsampled positions
     ``-1 + 2*i/N`` (plus the single trainable label query), padded to a common width.
 
-    ``fused_decoding`` (default True): in eval mode, decode with every linear map
-    folded (:class:`~perceiver_torch.decoders.FoldedDecoder`), equal to the reference
-    up to float32 rounding; training and :func:`perceiver_torch.capture_stages` use the
-    unfused path.
+    In eval mode the decoder folds every linear map together
+    (:class:`~perceiver_torch.decoders.FoldedDecoder`, the ``FOLDED_DECODER`` fast path
+    of :mod:`perceiver_torch.fast_paths`), equal to the reference up to float32
+    rounding; training, ``fast_paths.plain()`` and
+    :func:`perceiver_torch.capture_stages` use the plain decoder.
     """
 
     model_name = "video_autoencoding"
-    shortcut_flags = ("fused_decoding",)
 
     def __init__(self, config: Optional[VideoAutoencodingConfig] = None) -> None:
         config = config or VideoAutoencodingConfig()
         super().__init__(config)
         c = config
-        self.fused_decoding = True
         s = c.spatial_downsample
         height, width = c.image_size
         self.num_samples = c.num_frames * c.audio_samples_per_frame
@@ -165,7 +165,7 @@ class VideoAutoencoder(PerceiverIO):
         return [{"image": i, "audio": a} for i, a in zip(images, audio)]
 
     def _use_fused(self) -> bool:
-        return self.fused_decoding and not self.training
+        return enabled(FastPath.FOLDED_DECODER) and not self.training
 
     def _folded(self, latents: Tensor) -> FoldedDecoder:
         queries = self.output_queries

@@ -76,7 +76,7 @@ def test_onednn_path_is_cpu_float32_only(monkeypatch):
             x = torch.randn(2, 6).to(device=device, dtype=dtype)
             assert not linear_module.uses_onednn(x, moved.weight), (device, dtype)
             with monkeypatch.context() as patch:
-                patch.setattr(torch.ops.mkldnn, "_linear_pointwise", not_expected)
+                patch.setattr(linear_module, "_onednn_kernel", not_expected)
                 out = moved(x)
             assert out.device.type == device and out.dtype == dtype
             if device == "cpu":

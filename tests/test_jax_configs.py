@@ -1,9 +1,11 @@
 """perceiver_jax configuration handling and stage outputs.
 
-* Every builder's keyword-only parameters equal the fields (names, order, defaults)
-  of the matching ``perceiver_torch.configs`` dataclass, minus the dropout fields.
-* ``get_model``/``resolve_config`` accept None, dataclasses, mappings and plain
-  objects, and reject unknown keys with the list of valid ones.
+* Every builder's keyword-only parameters are the fields (names, order) of the
+  matching ``perceiver_torch.configs`` dataclass, minus the dropout fields, and have
+  no defaults: the official values live once, in the dataclasses.
+* ``get_model``/``resolve_config`` accept dataclasses, complete mappings and plain
+  objects, reject None and incomplete ones, and reject unknown keys with the list of
+  valid ones.
 * ``stages=True`` returns the three stages with the official shapes (checked
   abstractly with ``jax.eval_shape``: no computation).
 """
@@ -42,6 +44,10 @@ def dataclass_defaults(name: str) -> Dict[str, Any]:
     }
 
 
+def official(name: str) -> Any:
+    return torch_configs.CONFIG_CLASSES[name]()
+
+
 def test_model_names_match_perceiver_torch() -> None:
     assert tuple(torch_configs.CONFIG_CLASSES) == NAMES
     assert tuple(perceiver_jax.BUILDERS) == NAMES
@@ -49,13 +55,15 @@ def test_model_names_match_perceiver_torch() -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_builder_defaults_equal_dataclass_fields(name: str) -> None:
+def test_builder_parameters_are_the_dataclass_fields(name: str) -> None:
     params = inspect.signature(perceiver_jax.BUILDERS[name]).parameters
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
-    got = {p.name: p.default for p in params.values()}
+    # No second copy of the official values: they come from the caller.
+    assert all(p.default is inspect.Parameter.empty for p in params.values())
     want = dataclass_defaults(name)
-    assert list(got) == list(want)  # same names, same order
-    assert got == want
+    assert list(params) == list(want)  # same names, same order
+    assert perceiver_jax.config_fields(name) == tuple(want)
+    assert tuple(torch_configs.TRAINING_ONLY_FIELDS) == perceiver_jax.TRAINING_ONLY_FIELDS
     # The dropout fields exist on the torch side only.
     assert set(
         f.name for f in dataclasses.fields(torch_configs.CONFIG_CLASSES[name])
@@ -74,18 +82,20 @@ def test_resolve_config_forms_agree(name: str) -> None:
     assert from_dataclass == {
         k: v for k, v in dataclasses.asdict(tiny).items() if k not in DROPOUT_FIELDS
     }
-    assert perceiver_jax.resolve_config(name, None) == dataclass_defaults(name)
+    assert perceiver_jax.resolve_config(name, official(name)) == dataclass_defaults(name)
 
 
-def test_partial_mapping_takes_official_defaults() -> None:
-    resolved = perceiver_jax.resolve_config(
-        "imagenet_fourier",
-        {"num_classes": 10, "max_resolution": [32, 32], "dropout": 0.1},
-    )
-    assert resolved["num_classes"] == 10
+def test_a_configuration_must_be_given_whole() -> None:
+    with pytest.raises(ValueError, match="no default configuration.*imagenet_fourier"):
+        perceiver_jax.get_model("imagenet_fourier", None)
+    with pytest.raises(ValueError, match="lacks the field.*num_latents"):
+        perceiver_jax.resolve_config(
+            "imagenet_fourier",
+            {"num_classes": 10, "max_resolution": [32, 32], "dropout": 0.1},
+        )
+    values = {**dataclass_defaults("imagenet_fourier"), "max_resolution": [32, 32]}
+    resolved = perceiver_jax.resolve_config("imagenet_fourier", values)
     assert resolved["max_resolution"] == (32, 32)  # lists become tuples
-    assert resolved["d_latents"] == 1024
-    assert resolved["decoder_query_residual"] is True
 
 
 def test_unknown_key_lists_valid_keys() -> None:
@@ -192,7 +202,7 @@ def shapes(tree: Any) -> Any:
 
 @pytest.mark.parametrize("name,size", [(n, s) for n in NAMES for s in ("tiny", "full")])
 def test_stage_shapes(name: str, size: str) -> None:
-    config = torch_configs.TINY_CONFIGS[name] if size == "tiny" else None
+    config = torch_configs.TINY_CONFIGS[name] if size == "tiny" else official(name)
     expected = (TINY_STAGES if size == "tiny" else FULL_STAGES)[name]
     outputs, stages = abstract_apply(name, config)
     assert set(stages) == {"preprocessed", "latents", "decoder_output"}
@@ -225,7 +235,7 @@ def test_stages_false_returns_outputs_only() -> None:
 
 def test_input_names_and_specs() -> None:
     for name in NAMES:
-        specs = perceiver_jax.input_specs(name)
+        specs = perceiver_jax.input_specs(name, official(name))
         assert tuple(specs) == perceiver_jax.input_names(name)
     with pytest.raises(ValueError):
         perceiver_jax.input_names("nope")
@@ -238,9 +248,9 @@ def test_video_subsampling_is_the_colab_chunking() -> None:
     audio = np.concatenate([c["audio"] for c in chunks])
     np.testing.assert_array_equal(image, np.arange(2 * 16 * 16))
     np.testing.assert_array_equal(audio, np.arange(2 * 64 // 16))
-    official = perceiver_jax.video_subsampling(None, 5)
-    np.testing.assert_array_equal(official["image"], np.arange(5 * 6272, 6 * 6272))
-    np.testing.assert_array_equal(official["audio"], np.arange(75, 90))
+    chunk = perceiver_jax.video_subsampling(official("video_autoencoding"), 5)
+    np.testing.assert_array_equal(chunk["image"], np.arange(5 * 6272, 6 * 6272))
+    np.testing.assert_array_equal(chunk["audio"], np.arange(75, 90))
     with pytest.raises(ValueError):
         perceiver_jax.video_subsampling(config, 4)
 

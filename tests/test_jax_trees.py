@@ -21,7 +21,7 @@ pytest.importorskip("haiku")
 
 import perceiver_jax  # noqa: E402
 from official_facts import OFFICIAL_PARAMETERS  # noqa: E402
-from perceiver_torch.configs import TINY_CONFIGS  # noqa: E402
+from perceiver_torch.configs import CONFIG_CLASSES, TINY_CONFIGS  # noqa: E402
 
 pytestmark = pytest.mark.jax
 
@@ -87,7 +87,7 @@ def check_model(name: str, config: Any, folder: Path) -> Tuple[Any, Any]:
 
 @pytest.mark.parametrize("name", perceiver_jax.MODEL_NAMES)
 def test_full_size_tree_is_official(name: str) -> None:
-    params, _ = check_model(name, None, TREES)
+    params, _ = check_model(name, CONFIG_CLASSES[name](), TREES)
     # The published counts: a second, independent check that the trees compared
     # are the right, complete ones.
     assert perceiver_jax.num_params(params) == OFFICIAL_PARAMETERS[name]

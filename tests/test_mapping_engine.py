@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from converter.conversion import model_targets
 from converter.errors import MappingError, ShapeMismatch
@@ -22,8 +23,14 @@ from converter.mapping import (
     plan_forward,
     unflatten_tree,
 )
-from converter.trees import MODEL_NAMES, official_tree
-from perceiver_torch.configs import CONFIG_CLASSES, TINY_CONFIGS, config_from_dict
+from converter.trees import DOWNLOAD_BASE_URL, MODEL_NAMES, MODELS, official_tree
+from perceiver_torch.configs import (
+    CONFIG_CLASSES,
+    TINY_CONFIGS,
+    TRAINING_ONLY_FIELDS,
+    config_from_dict,
+)
+from official_facts import OFFICIAL_PARAMETERS
 
 MAPPINGS = Path(__file__).resolve().parents[1] / "mappings"
 
@@ -256,28 +263,70 @@ def test_bundled_mappings_are_the_six_models():
     assert available_mappings() == tuple(sorted(MODEL_NAMES))
 
 
+def architecture(config) -> dict:
+    """A config dataclass's values without the training-only fields."""
+    return {
+        k: v for k, v in dataclasses.asdict(config).items() if k not in TRAINING_ONLY_FIELDS
+    }
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_official_config_equals_the_dataclass_defaults(name):
+def test_shipped_mappings_restate_no_official_fact(name):
+    # The configuration, the tiny sizes and the official file's facts each live in one
+    # place (perceiver_torch.configs, converter.trees); a shipped mapping repeats none.
+    root = yaml.safe_load((MAPPINGS / f"{name}.yaml").read_text())
+    assert not {"config", "presets", "source"} & set(root)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_configuration_and_presets_derive_from_the_dataclasses(name):
     spec = load_mapping(name)
     assert spec.model == name
-    defaults = dataclasses.asdict(CONFIG_CLASSES[name]())
-    official = config_from_dict(name, spec.config)
-    values = dataclasses.asdict(official)
-    if name == "language_perceiver":
-        # None in the dataclass means "d_latents"; the mapping writes the value out.
-        assert (
-            defaults["v_channels"] is None
-            and values["v_channels"] == defaults["d_latents"]
-        )
-        values["v_channels"] = None
-    assert values == defaults
-    tiny = config_from_dict(name, {**spec.config, **spec.presets["tiny"]})
-    expected = dataclasses.asdict(TINY_CONFIGS[name])
-    tiny_values = dataclasses.asdict(tiny)
-    if name == "language_perceiver":
-        assert tiny_values["v_channels"] == expected["d_latents"]
-        tiny_values["v_channels"] = None
-    assert tiny_values == expected
+    assert spec.config == architecture(CONFIG_CLASSES[name]())
+    tiny = {**spec.config, **spec.presets["tiny"]}
+    assert tiny == architecture(TINY_CONFIGS[name])
+    # The preset holds only what differs from the official sizes.
+    assert all(spec.config[k] != v for k, v in spec.presets["tiny"].items())
+    assert config_from_dict(name, tiny) == TINY_CONFIGS[name]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_source_facts_derive_from_the_registry(name):
+    source = load_mapping(name).source
+    info = MODELS[name]
+    assert source == {
+        "file": info.official_file,
+        "url": DOWNLOAD_BASE_URL + info.official_file,
+        "layout": "params_and_state" if info.wrapped else "params",
+        "params": official_tree(name).num_params(),
+    }
+    assert source["params"] == OFFICIAL_PARAMETERS[name]
+
+
+def test_a_mapping_file_sets_only_what_differs(tmp_path):
+    text = (MAPPINGS / "optical_flow.yaml").read_text()
+    path = tmp_path / "flow.yaml"
+    path.write_text(
+        text
+        + "config: {num_self_attention_heads: 4}\n"
+        + "presets:\n  tiny: {num_latents: 32}\n  small: {d_latents: 128}\n"
+        + "source: {file: my_flow.pickle}\n"
+    )
+    spec = load_mapping(path)
+    official = architecture(CONFIG_CLASSES["optical_flow"]())
+    assert spec.config == {**official, "num_self_attention_heads": 4}
+    # A preset of the file's own replaces the derived one of the same name.
+    assert spec.presets == {"tiny": {"num_latents": 32}, "small": {"d_latents": 128}}
+    assert spec.source["file"] == "my_flow.pickle"
+    assert spec.source["layout"] == "params"  # the rest still from the registry
+    path.write_text(text + "config: {num_heads: 4}\n")
+    with pytest.raises(MappingError, match=r"flow\.yaml:\d+: config\.num_heads: unknown"):
+        load_mapping(path)
+
+
+def test_a_model_perceiver_torch_does_not_know_needs_its_config():
+    with pytest.raises(MappingError, match="must give its 'config'"):
+        parse(MINIMAL.replace("config: {layers: 3}\n", ""))
 
 
 @pytest.mark.parametrize("size", ["full", "tiny"])

@@ -1,0 +1,117 @@
+"""The fast paths of perceiver_torch, and the one switch that turns them off.
+
+The models compute what the official Haiku code computes. At inference, four
+mechanisms compute the *same function* in another order, for speed; each is exact in
+real arithmetic and differs from the plain path only by float32 rounding (the tests
+bound both against a float64 evaluation of the same model):
+
+=========================  ============================================================
+``ONEDNN_LINEAR``          ``Linear`` runs oneDNN's matmul instead of ``F.linear`` (MKL)
+                           for float32 CPU tensors without autograd (``linear.py``)
+``ABSORBED_ATTENTION``     single-head attentions whose sides differ greatly in length
+                           fold a projection across the dot product
+                           (:class:`AttentionMode`, ``attention.py``)
+``FOLDED_DECODER``         the video decoder folds every linear map of a query's path
+                           together (``decoders.FoldedDecoder``)
+``SKIP_PADDING``           the language model does not compute trailing padding
+=========================  ============================================================
+
+With every fast path off, the modules read line for line against ``perceiver_jax``:
+when parity breaks, run the plain path first::
+
+    with perceiver_torch.fast_paths.plain():   # all off inside the block
+        logits = model(ids, mask)
+
+    with perceiver_torch.fast_paths.plain(FastPath.FOLDED_DECODER):  # just one
+        ...
+
+``PERCEIVER_TORCH_FAST_PATHS=0`` turns all of them off for the process and
+``PERCEIVER_TORCH_ONEDNN=0`` the oneDNN kernel alone (both read when first needed).
+The fast paths switch themselves off where they do not apply (training, autograd,
+dropout, other devices or dtypes for the oneDNN kernel); the switch only ever turns
+them off, never on where they do not apply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import enum
+import os
+from typing import FrozenSet, Iterator
+
+__all__ = [
+    "ENV_ALL",
+    "ENV_ONEDNN",
+    "AttentionMode",
+    "FastPath",
+    "disabled_paths",
+    "enabled",
+    "plain",
+]
+
+ENV_ALL = "PERCEIVER_TORCH_FAST_PATHS"
+ENV_ONEDNN = "PERCEIVER_TORCH_ONEDNN"
+
+
+class FastPath(str, enum.Enum):
+    """The named fast paths (their values are what error messages and docs show)."""
+
+    ONEDNN_LINEAR = "onednn_linear"
+    ABSORBED_ATTENTION = "absorbed_attention"
+    FOLDED_DECODER = "folded_decoder"
+    SKIP_PADDING = "skip_padding"
+
+
+class AttentionMode(str, enum.Enum):
+    """How an :class:`~perceiver_torch.attention.Attention` relates keys and values to
+    its projections (see ``PreparedKeys``).
+
+    ``STANDARD`` is the reference's computation; the two absorbed modes (one head, no
+    attention dropout) are the ``ABSORBED_ATTENTION`` fast path: ``ABSORB_KV`` maps
+    the queries by ``to_k``'s weight instead of projecting a long key array,
+    ``ABSORB_Q`` folds ``to_q`` into the keys and ``to_out`` into the values for a
+    long query array.
+    """
+
+    STANDARD = "standard"
+    ABSORB_KV = "absorb_kv"
+    ABSORB_Q = "absorb_q"
+
+
+def _from_environment() -> FrozenSet[FastPath]:
+    if os.environ.get(ENV_ALL, "1") == "0":
+        return frozenset(FastPath)
+    if os.environ.get(ENV_ONEDNN, "1") == "0":
+        return frozenset({FastPath.ONEDNN_LINEAR})
+    return frozenset()
+
+
+# Paths turned off by ``plain()`` blocks (a context variable: threads and asyncio
+# tasks each see their own blocks).
+_DISABLED: contextvars.ContextVar[FrozenSet[FastPath]] = contextvars.ContextVar(
+    "perceiver_torch_disabled_fast_paths", default=frozenset()
+)
+
+
+def disabled_paths() -> FrozenSet[FastPath]:
+    """The fast paths that are off here: by the environment or a ``plain()`` block."""
+    return _from_environment() | _DISABLED.get()
+
+
+def enabled(path: FastPath) -> bool:
+    """Whether fast path ``path`` may be used here (it still checks it applies)."""
+    return path not in disabled_paths()
+
+
+@contextlib.contextmanager
+def plain(*paths: FastPath) -> Iterator[None]:
+    """Runs the plain computation of ``paths`` (default: every fast path) inside the
+    ``with`` block; nested blocks add up, and leaving a block restores the previous
+    state."""
+    off = frozenset(FastPath) if not paths else frozenset(FastPath(p) for p in paths)
+    token = _DISABLED.set(_DISABLED.get() | off)
+    try:
+        yield
+    finally:
+        _DISABLED.reset(token)

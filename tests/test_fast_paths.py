@@ -1,0 +1,172 @@
+"""perceiver_torch.fast_paths: the switch, and every fast path within float32 rounding.
+
+Each model runs with its fast paths on, with them off (``fast_paths.plain()``) and in
+float64 with them off; the fast output must be as close to float64 as the plain
+float32 output is (tests/float64_reference.py says why, and by how much).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import perceiver_torch as pt
+from float64_reference import (
+    check_outputs_within_float32_rounding,
+    float64_inputs,
+    float64_model,
+)
+from perceiver_torch import fast_paths, linear as linear_module
+from perceiver_torch.fast_paths import AttentionMode, FastPath
+from test_torch_models import FULL_INPUTS, randomize, tiny, tiny_inputs
+
+NAMES = list(pt.MODEL_NAMES)
+
+
+def model_inputs(name: str) -> tuple:
+    """Inputs on which each model's fast paths fire (see test_fast_paths_fire)."""
+    inputs = tiny_inputs(name)
+    if name == "language_perceiver":
+        mask = torch.ones_like(inputs[0])
+        mask[0, 40:], mask[1, 23:] = 0, 0  # trailing padding: SKIP_PADDING
+        mask[0, 7] = 0  # a masked position among the real tokens
+        return (inputs[0] * mask, mask)
+    if name == "video_autoencoding":
+        return inputs + ({"image": torch.tensor([0, 17, 300, 511]), "audio": torch.tensor([1, 5])},)
+    return inputs
+
+
+def run_three_ways(model: torch.nn.Module, inputs: tuple):
+    """(fast float32, plain float32, plain float64) outputs of ``model`` on ``inputs``."""
+    with torch.no_grad():
+        fast = model(*inputs)
+        with fast_paths.plain():
+            plain = model(*inputs)
+            exact = float64_model(model)(*float64_inputs(inputs))
+    return fast, plain, exact
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_model_fast_equals_plain_within_float32_rounding(name):
+    fast, plain, exact = run_three_ways(tiny(name), model_inputs(name))
+    check_outputs_within_float32_rounding(name, fast, plain, exact)
+
+
+def test_fast_paths_fire_on_these_inputs(monkeypatch):
+    """The comparison above would be empty if no fast path ran: each one is seen."""
+    seen = set()
+    original_prepare = pt.attention.Attention.prepare
+
+    def spy_prepare(self, *args, **kwargs):
+        prepared = original_prepare(self, *args, **kwargs)
+        if prepared.mode is not AttentionMode.STANDARD:
+            seen.add(FastPath.ABSORBED_ATTENTION)
+        return prepared
+
+    monkeypatch.setattr(pt.attention.Attention, "prepare", spy_prepare)
+    original_folded = pt.decoders.FoldedDecoder.__call__
+
+    def spy_folded(self, *args, **kwargs):
+        seen.add(FastPath.FOLDED_DECODER)
+        return original_folded(self, *args, **kwargs)
+
+    monkeypatch.setattr(pt.decoders.FoldedDecoder, "__call__", spy_folded)
+    original_kernel = torch.ops.mkldnn._linear_pointwise
+
+    def spy_kernel(*args):
+        seen.add(FastPath.ONEDNN_LINEAR)
+        return original_kernel(*args)
+
+    monkeypatch.setattr(linear_module, "_onednn_kernel", spy_kernel)
+    logits_calls = []
+    original_logits = pt.LanguagePerceiver.logits
+
+    def spy_logits(self, input_ids, *args, **kwargs):
+        logits_calls.append(input_ids.shape[1])
+        return original_logits(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(pt.LanguagePerceiver, "logits", spy_logits)
+    for name in NAMES:
+        with torch.no_grad():
+            tiny(name)(*model_inputs(name))
+    if 40 in logits_calls:  # computed up to the last real token only
+        seen.add(FastPath.SKIP_PADDING)
+    expected = set(FastPath)
+    if not linear_module._onednn_kernel_available():
+        expected.discard(FastPath.ONEDNN_LINEAR)
+    assert seen == expected
+    # ... and none of them under plain().
+    seen.clear()
+    logits_calls.clear()
+    with fast_paths.plain(), torch.no_grad():
+        for name in NAMES:
+            tiny(name)(*model_inputs(name))
+    assert seen == set() and logits_calls == [64]
+
+
+def test_plain_blocks_nest_and_restore():
+    assert fast_paths.disabled_paths() == frozenset()
+    with fast_paths.plain(FastPath.FOLDED_DECODER):
+        assert not fast_paths.enabled(FastPath.FOLDED_DECODER)
+        assert fast_paths.enabled(FastPath.SKIP_PADDING)
+        with fast_paths.plain("skip_padding"):
+            assert fast_paths.disabled_paths() == {
+                FastPath.FOLDED_DECODER,
+                FastPath.SKIP_PADDING,
+            }
+        assert fast_paths.enabled(FastPath.SKIP_PADDING)
+        with pytest.raises(RuntimeError):
+            with fast_paths.plain():
+                assert fast_paths.disabled_paths() == frozenset(FastPath)
+                raise RuntimeError("left by an exception")
+        assert fast_paths.disabled_paths() == {FastPath.FOLDED_DECODER}
+    assert fast_paths.disabled_paths() == frozenset()
+    with pytest.raises(ValueError):
+        with fast_paths.plain("no_such_path"):
+            pass
+
+
+@pytest.mark.parametrize(
+    "variable,expected",
+    [
+        ("PERCEIVER_TORCH_FAST_PATHS", frozenset(FastPath)),
+        ("PERCEIVER_TORCH_ONEDNN", frozenset({FastPath.ONEDNN_LINEAR})),
+    ],
+)
+def test_environment_switches(monkeypatch, variable, expected):
+    monkeypatch.setenv(variable, "0")
+    assert fast_paths.disabled_paths() == expected
+    attention = pt.attention.Attention(q_channels=8, kv_channels=8, num_heads=1)
+    mode = attention.choose_mode(100_000, 32)
+    assert (mode is AttentionMode.STANDARD) == (FastPath.ABSORBED_ATTENTION in expected)
+    layer = pt.linear.Linear(6, 3)
+    x = torch.randn(2, 6)
+
+    def fail_if_called(*args):
+        raise AssertionError("the oneDNN kernel ran although it is switched off")
+
+    monkeypatch.setattr(linear_module, "_onednn_kernel", fail_if_called)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+# -- full size (pytest -m full) ------------------------------------------------
+
+
+@pytest.mark.full
+def test_full_size_video_fused_decoding_within_float32_rounding():
+    """Issue 8: at full size the plain decoder itself is 1.0e-5 from float64 on some
+    CPUs; the folded decoder must be as close as it is, not within a fixed 1e-5."""
+    torch.manual_seed(0)
+    model = randomize(pt.build("video_autoencoding")).eval()
+    images, audio, sub = FULL_INPUTS["video_autoencoding"]()
+    with torch.no_grad():
+        latents = model.encode(images, audio)
+        fused = model.decode(latents, sub)
+        with fast_paths.plain():
+            plain = model.decode(latents, sub)
+            # The float64 decoder decodes the same float32 latents: this isolates the
+            # decoder, which is what the fast path changes.
+            exact = float64_model(model).decode(latents.double(), sub)
+    check_outputs_within_float32_rounding("video", fused, plain, exact)
