@@ -716,10 +716,13 @@ def convert_command(
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
+    type=click.Choice(["float32", "bfloat16", "float16"]),
     default="float32",
     show_default=True,
-    help="Check the weights rounded to this storage dtype (convert --dtype).",
+    help="Check the weights rounded to this storage dtype (convert --dtype) against "
+    "the dtype's tolerance, then run the model in that dtype and report its fidelity "
+    "(against JAX and float32; structured inputs): max relative diff, argmax "
+    "agreement, flow end-point error, video PSNR.",
 )
 @_JSON_OPTION
 @_QUIET_OPTION
@@ -742,6 +745,11 @@ def verify_command(
     the encoder, decoder output, final outputs) max |diff|, max relative diff and
     argmax agreement against the mapping's tolerance. Exit 1 if an output is outside
     it. Needs the [jax] extra.
+
+    With --dtype bfloat16|float16, the parity check runs the weights rounded to that
+    dtype (with the dtype's tolerance) and is followed by a fidelity report of the
+    model computing in that dtype (converter.precision); exit 1 also on inf/NaN
+    outputs there.
     """
     config = _parse_config(config_items, model)
     from converter.verify import verify
@@ -757,9 +765,24 @@ def verify_command(
         progress=_progress(quiet),
     )
     click.echo(report.format_table(), err=True)
+    document, passed = report.as_dict(), report.passed
+    if dtype != "float32":  # reduced precision (issue 13): the fidelity report too
+        from converter.precision import fidelity
+
+        extra = fidelity(
+            checkpoint,
+            dtype,
+            model,
+            config=config or None,
+            mapping=mapping,
+            progress=_progress(quiet),
+        )
+        click.echo(extra.format_table(), err=True)
+        document["fidelity"] = extra.as_dict()
+        passed = passed and extra.passed
     if as_json:
-        echo_json(report.as_dict())
-    if not report.passed:
+        echo_json(document)
+    if not passed:
         raise click.exceptions.Exit(EXIT_PARITY)
 
 

@@ -37,6 +37,10 @@ LAYER_NORM_EPS = 1e-5
 # The reference *replaces* masked logits by -1e30 (not -inf, which turns a fully
 # masked row into NaN). Adding -1e30 to a float32 logit gives exactly -1e30 too.
 MASK_VALUE = -1e30
+# float16 cannot hold 1e30 (its largest finite value is 65504); the reference uses
+# -1e4 there. It leaves room for any float16 logit (l - 1e4 stays finite for
+# l > -55504) and still gives masked keys a weight of exp(-1e4 + ...) = 0.
+FLOAT16_MASK_VALUE = -1e4
 
 # Largest logits block (elements) the explicit-softmax path materialises at once.
 _MAX_LOGITS_ELEMENTS = 1 << 24
@@ -48,17 +52,30 @@ def gelu_tanh(x: Tensor) -> Tensor:
 
 
 def layer_norm(num_channels: int) -> nn.LayerNorm:
-    """LayerNorm over the last axis with the reference's eps 1e-5, scale and offset."""
+    """LayerNorm over the last axis with the reference's eps 1e-5, scale and offset.
+
+    In bfloat16/float16 the statistics stay float32: PyTorch's LayerNorm kernels
+    (CPU and CUDA) accumulate the mean and variance of reduced-precision inputs in
+    float32 and only round the normalised output (tests/test_precision.py checks it
+    against float64).
+    """
     return nn.LayerNorm(num_channels, eps=LAYER_NORM_EPS)
 
 
+def mask_value(dtype: torch.dtype) -> float:
+    """The masked-logit value for logits of ``dtype``: -1e30, or -1e4 in float16
+    (the reference's choice; 1e30 overflows float16). bfloat16 has float32's
+    exponent range, so -1e30 is representable there (as -1.0000e30 rounded)."""
+    return FLOAT16_MASK_VALUE if dtype == torch.float16 else MASK_VALUE
+
+
 def key_mask_bias(key_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive logits bias: 0 for kept keys, ``MASK_VALUE`` (-1e30) for masked keys.
+    """Additive logits bias: 0 for kept keys, ``mask_value(dtype)`` (-1e30; -1e4 in
+    float16) for masked keys.
 
     key_mask: (B, N), nonzero = keep. Returns (B, 1, 1, N) for (B, H, M, N) logits.
     """
-    # float16 cannot hold 1e30; the reference uses 1e4 there.
-    value = -1e4 if dtype == torch.float16 else MASK_VALUE
+    value = mask_value(dtype)
     bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)
     bias = bias.masked_fill(key_mask == 0, value)
     return bias[:, None, None, :]
@@ -96,7 +113,9 @@ def zero_fully_masked_rows(summed: Tensor, keep: Optional[Tensor]) -> Tensor:
     """
     if keep is None:
         return summed
-    return torch.where(keep[..., None], summed, torch.zeros((), dtype=summed.dtype))
+    # where (not a multiplication by the mask): a NaN or inf in a masked row, which
+    # a reduced-precision overflow could produce, is dropped too.
+    return torch.where(keep[..., None], summed, summed.new_zeros(()))
 
 
 def attend(
@@ -117,7 +136,10 @@ def attend(
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if q.shape[-1] == v.shape[-1]:
-        # Blocked, memory-efficient kernel (flash attention on CPU).
+        # Blocked, memory-efficient kernel (flash attention on CPU; flash or
+        # memory-efficient kernels on GPUs). In bfloat16/float16 its logits, softmax
+        # and running sums are float32 (the kernels' accumulation type); the mask
+        # bias has the inputs' dtype, hence mask_value(dtype).
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale
         )
@@ -126,12 +148,18 @@ def attend(
     # queries, with the scaling and the bias fused into the logits' matmul.
     b, h, m, d = q.shape
     n = k.shape[2]
-    keys_t = k.reshape(b * h, n, d).transpose(1, 2)  # (BH, D, N)
+    # Logits, mask bias and softmax in float32 whatever the inputs' dtype (as the
+    # fused kernels do): rounding logits of size ~10 to bfloat16 would move them by
+    # ~0.04, and the softmax amplifies absolute logit errors. q.k is a small part of
+    # the work (qk widths are the narrow ones); the weighted sum of the (wider)
+    # values runs in the inputs' dtype.
+    logits_dtype = torch.promote_types(q.dtype, torch.float32)
+    keys_t = k.reshape(b * h, n, d).transpose(1, 2).to(logits_dtype)  # (BH, D, N)
     values = v.reshape(b * h, n, v.shape[-1])
     rows = max(1, _MAX_LOGITS_ELEMENTS // max(1, b * h * n))
     outputs = []
     for start in range(0, m, rows):
-        q_chunk = q[:, :, start : start + rows].reshape(b * h, -1, d)
+        q_chunk = q[:, :, start : start + rows].reshape(b * h, -1, d).to(logits_dtype)
         if bias is None:
             logits = torch.bmm(q_chunk, keys_t).mul_(scale)
         else:
@@ -141,8 +169,10 @@ def attend(
             chunk_bias = chunk_bias.expand(b, h, chunk_bias.shape[2], n).reshape(
                 b * h, chunk_bias.shape[2], n
             )
-            logits = torch.baddbmm(chunk_bias, q_chunk, keys_t, alpha=scale)
-        weights = torch.softmax(logits, dim=-1)
+            logits = torch.baddbmm(
+                chunk_bias.to(logits_dtype), q_chunk, keys_t, alpha=scale
+            )
+        weights = torch.softmax(logits, dim=-1).to(values.dtype)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p, training=True)
         outputs.append(torch.bmm(weights, values).view(b, h, -1, v.shape[-1]))

@@ -152,7 +152,8 @@ class FoldedDecoder:
       matrices (3 outputs per pixel).
 
     About 3.2 instead of 9 MFLOP per video query. The result equals the unfused decoder
-    up to float32 rounding (reassociated sums).
+    up to float32 rounding (reassociated sums); in bfloat16/float16 the folds are
+    formed in float32 and rounded once, and the normalisation statistics stay float32.
 
     Args:
         decoder: a ``PerceiverDecoder`` with one head, no query residual and an output
@@ -176,6 +177,10 @@ class FoldedDecoder:
         self.mlp_eps = layer.mlp_norm.eps
         self.q_eps = layer.q_norm.eps
         dtype = latents.dtype
+        self.dtype = dtype
+        # The LayerNorm statistics of the queries and of the MLP input stay float32
+        # (at least) in a bfloat16/float16 model (see __call__).
+        self.stats_dtype = torch.promote_types(dtype, torch.float32)
         # The folded matrices are products of two or three weight matrices. Computed
         # in the working precision, each entry would carry the rounding of a C-term
         # sum relative to |A||B| (not |AB|: random-sign sums shrink by sqrt(C) while
@@ -246,9 +251,9 @@ class FoldedDecoder:
             pad_mean = padding.mean()
             self.modalities[name] = FoldedModality(
                 width=width,
-                pad_sum=padding.sum().to(dtype),
-                pad_mean=pad_mean.to(dtype),
-                pad_ss=((padding - pad_mean) ** 2).sum().to(dtype),
+                pad_sum=padding.sum().to(self.stats_dtype),
+                pad_mean=pad_mean.to(self.stats_dtype),
+                pad_ss=((padding - pad_mean) ** 2).sum().to(self.stats_dtype),
                 num_pad=padding.shape[0],
                 k_aug=k_aug.to(dtype),
                 final_o=torch.matmul(out_w, final).to(dtype),
@@ -258,33 +263,39 @@ class FoldedDecoder:
 
     def __call__(self, name: str, features: Tensor) -> Tensor:
         """features: (B, n, C_f) query features of modality ``name`` (its padding is
-        implied) -> (B, n, head outputs)."""
+        implied) -> (B, n, head outputs), in the latents' dtype."""
         m = self.modalities[name]
-        # LayerNorm statistics of [features, padding] without materialising it.
-        mean = (features.sum(-1) + m.pad_sum) / m.width
+        # LayerNorm statistics of [features, padding] without materialising it, in
+        # float32 (at least) whatever the model's dtype.
+        f = features.to(self.stats_dtype)
+        mean = (f.sum(-1) + m.pad_sum) / m.width
         var = (
-            ((features - mean[..., None]) ** 2).sum(-1)
+            ((f - mean[..., None]) ** 2).sum(-1)
             + m.pad_ss
             + m.num_pad * (m.pad_mean - mean) ** 2
         ) / m.width
         inv_std = torch.rsqrt(var + self.q_eps)
         q_aug = torch.cat(
             [
-                (features - mean[..., None]) * inv_std[..., None],
+                (f - mean[..., None]) * inv_std[..., None],
                 inv_std[..., None],
                 (-mean * inv_std)[..., None],
             ],
             dim=-1,
-        )
+        ).to(self.dtype)
         o = attend(
             q_aug[:, None], m.k_aug, self.values, bias=self.bias, scale=self.scale
         )[:, 0]
         batch, n, v = o.shape
         o = o.reshape(batch * n, v)
         centred = torch.addmm(self.out_b, o, self.out_w)  # attention output - its mean
-        norm = torch.linalg.vector_norm(centred, dim=-1, keepdim=True)
+        # The MLP LayerNorm's variance in float32 (at least) too.
+        norm = torch.linalg.vector_norm(
+            centred, dim=-1, keepdim=True, dtype=self.stats_dtype
+        )
         inv_sigma = torch.rsqrt(norm.square() / centred.shape[-1] + self.mlp_eps)
-        hidden = torch.addmm(self.hid_b, o, self.hid_w).mul_(inv_sigma).add_(self.hid_e)
+        hidden = torch.addmm(self.hid_b, o, self.hid_w)
+        hidden = hidden.mul_(inv_sigma.to(self.dtype)).add_(self.hid_e)
         out = torch.addmm(m.final_b, o, m.final_o)
         out = out.addmm_(gelu_tanh(hidden), m.final_h)
         return out.reshape(batch, n, -1)

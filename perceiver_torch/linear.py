@@ -5,9 +5,12 @@ is measured on, oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, which
 torch.compile uses for the same layers) is 15-20% faster for every shape of these
 models, and linear layers are most of their time. :class:`Linear` uses it when no
 gradient is being recorded (``torch.no_grad`` / ``torch.inference_mode``) on float32
-CPU tensors, and ``F.linear`` otherwise (training, other dtypes or devices, a torch
-build without oneDNN). Both compute the same products in float32; only the order of
-the additions differs (relative differences around 1e-7).
+CPU tensors, and ``F.linear`` otherwise: training; bfloat16/float16 (``F.linear``
+already runs oneDNN's reduced-precision matmul on CPU, with float32 accumulation);
+CUDA or any other device (the kernel is CPU-only); inside ``torch.compile`` (whose
+inductor backend cannot lower this op, and picks its own linear kernels); a torch build
+without oneDNN. Both compute the same products in float32; only the order of the
+additions differs (relative differences around 1e-7).
 
 This is the ``FastPath.ONEDNN_LINEAR`` fast path (:mod:`perceiver_torch.fast_paths`):
 ``fast_paths.plain()`` or ``PERCEIVER_TORCH_ONEDNN=0`` always use ``F.linear``.
@@ -49,17 +52,31 @@ def _onednn_linear_enabled() -> bool:
     return enabled(FastPath.ONEDNN_LINEAR) and _onednn_kernel_available()
 
 
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this code (False on torch builds without it)."""
+    compiler = getattr(torch, "compiler", None)
+    is_compiling = getattr(compiler, "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
+def uses_onednn(x: Tensor, weight: Tensor) -> bool:
+    """Whether :class:`Linear` takes the oneDNN path for input ``x`` and ``weight``."""
+    return (
+        not torch.is_grad_enabled()
+        and x.device.type == "cpu"
+        and weight.device.type == "cpu"
+        and x.dtype == torch.float32
+        and weight.dtype == torch.float32
+        and not _compiling()
+        and _onednn_linear_enabled()
+    )
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) with the fast inference path."""
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) -> (..., out_features)."""
-        if (
-            not torch.is_grad_enabled()
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and _onednn_linear_enabled()
-        ):
+        if uses_onednn(x, self.weight):
             return _onednn_kernel(x.contiguous(), self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -157,6 +157,10 @@ class OpticalFlow(PerceiverIO):
 
         frames: (B, 2, 3, H, W) in [-1, 1] with H, W at least the tile size ->
         flow in pixels (B, 2, H, W).
+
+        The blending sums are float32 whatever the model's dtype: the weights reach
+        min(H, W)/2 = 184 and a pixel sums up to four tiles, beyond the integers
+        bfloat16 holds exactly (256) at its 3 significant digits.
         """
         self.check_inputs(frames)
         if batch_size < 1:
@@ -165,9 +169,10 @@ class OpticalFlow(PerceiverIO):
         batch = frames.shape[0]
         height, width = frames.shape[-2:]
         grid = tile_grid(height, width, (th, tw), min_overlap)
-        weights = tile_weights(th, tw).to(device=frames.device, dtype=frames.dtype)
-        flow = frames.new_zeros(batch, 2, height, width)
-        total = frames.new_zeros(height, width)
+        sum_dtype = torch.promote_types(self.dtype, torch.float32)
+        weights = tile_weights(th, tw).to(device=frames.device, dtype=sum_dtype)
+        flow = frames.new_zeros(batch, 2, height, width, dtype=sum_dtype)
+        total = frames.new_zeros(height, width, dtype=sum_dtype)
         groups = [grid[i : i + batch_size] for i in range(0, len(grid), batch_size)]
         if progress is not None:
             groups = progress(groups, len(groups), "flow tiles")
@@ -175,9 +180,9 @@ class OpticalFlow(PerceiverIO):
             pieces = torch.cat(
                 [frames[..., y : y + th, x : x + tw] for y, x, _ in group]
             )
-            out = self(pieces)  # (len(group) * B, 2, th, tw), tile-major
+            out = self(pieces).to(sum_dtype)  # (len(group) * B, 2, th, tw), tile-major
             for i, (y, x, count) in enumerate(group):
                 w = weights * count
                 flow[..., y : y + th, x : x + tw] += out[i * batch : (i + 1) * batch] * w
                 total[y : y + th, x : x + tw] += w
-        return flow / total
+        return (flow / total).to(self.dtype)

@@ -11,7 +11,7 @@ their inputs, queries and outputs look.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -115,6 +115,14 @@ class PerceiverIO(nn.Module):
     def __init__(self, config: Any) -> None:
         super().__init__()
         self.config = config
+        # Floating-point inputs follow the model's dtype (a bfloat16 model takes the
+        # same float32 images as a float32 one); integer ids and indices are untouched.
+        self.register_forward_pre_hook(_cast_inputs_hook, with_kwargs=True)
+
+    def cast_input(self, value: Any) -> Any:
+        """``value`` with its floating-point tensors (also inside dicts, lists and
+        tuples) cast to the model's dtype; anything else unchanged."""
+        return cast_floating(value, self.dtype)
 
     def _build_encoder(
         self,
@@ -151,6 +159,25 @@ class PerceiverIO(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.encoder.latents.dtype
+
+
+def cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    """Casts the floating-point tensors in ``value`` (a tensor, or dicts, lists and
+    tuples of them) to ``dtype``; integer tensors and other values are returned as
+    they are."""
+    if isinstance(value, Tensor):
+        if value.is_floating_point() and value.dtype != dtype:
+            return value.to(dtype)
+        return value
+    if isinstance(value, Mapping):
+        return {key: cast_floating(item, dtype) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast_floating(item, dtype) for item in value)
+    return value
+
+
+def _cast_inputs_hook(module: "PerceiverIO", args: tuple, kwargs: dict) -> tuple:
+    return module.cast_input(args), module.cast_input(kwargs)
 
 
 @contextlib.contextmanager

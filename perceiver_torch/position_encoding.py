@@ -3,9 +3,11 @@
 Fourier features follow the reference exactly: per index dimension d, positions in
 [-1, 1]; frequencies ``linspace(1, max_resolution_d / 2, num_bands)``; features ordered
 ``[positions (d of them), sin(pi*pos_d*f_k) for d then k, cos(...) same order]``.
-They are computed in float64 and cast once (the reference's float32 arithmetic is
-off by up to 1e-2 for the 30,720-sample audio encoding) and, being independent of the
-input, cached per module.
+They are computed in float64 and cast once to the model's dtype (the reference's
+float32 arithmetic is off by up to 1e-2 for the 30,720-sample audio encoding; in
+bfloat16/float16 the features are thus correctly rounded values, with no error from
+computing sines of large arguments in low precision) and, being independent of the
+input, cached per module, device and dtype.
 
 Every feature only depends on the coordinate along one dimension, so they are built
 from small per-dimension tables gathered by index: cheap even for 802,816 queries.

@@ -215,7 +215,9 @@ class FourierImagePreprocessor(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """images: (B, C, H, W) -> (B, H*W, C + 2 + 4K)."""
-        pos = self.position_encoding.grid(images.shape[-2:], device=images.device)
+        pos = self.position_encoding.grid(
+            images.shape[-2:], device=images.device, dtype=images.dtype
+        )
         return concat_position(channels_last_tokens(images), pos)
 
 
@@ -255,7 +257,7 @@ class ConvStemPreprocessor(nn.Module):
         """images: (B, 3, H, W) -> (B, ceil(H/4)*ceil(W/4), C + 2 + 4K)."""
         x = self.conv(pad_same(images, 7, 2))
         x = max_pool_same(F.relu(self.batchnorm(x)), 3, 2)
-        pos = self.position_encoding.grid(x.shape[-2:], device=x.device)
+        pos = self.position_encoding.grid(x.shape[-2:], device=x.device, dtype=x.dtype)
         return concat_position(channels_last_tokens(x), pos)
 
 
@@ -290,7 +292,9 @@ class FlowPatchPreprocessor(nn.Module):
     def forward(self, frames: Tensor) -> Tensor:
         """frames: (B, 2, 3, H, W) -> (B, H*W, channels + 2 + 4K)."""
         features = self.projection(flow_patches(frames))
-        pos = self.position_encoding.grid(frames.shape[-2:], device=frames.device)
+        pos = self.position_encoding.grid(
+            frames.shape[-2:], device=frames.device, dtype=features.dtype
+        )
         return concat_position(features, pos)
 
 
@@ -325,7 +329,9 @@ class VideoPatchPreprocessor(nn.Module):
         """video: (B, T, C, H, W) -> (B, T*H*W/s^2, s^2*C + 3 + 6K)."""
         s = self.spatial_downsample
         t, h, w = video.shape[1], video.shape[3] // s, video.shape[4] // s
-        pos = self.position_encoding.grid((t, h, w), device=video.device)
+        pos = self.position_encoding.grid(
+            (t, h, w), device=video.device, dtype=video.dtype
+        )
         return concat_position(space_to_depth(video, s), pos)
 
 
@@ -351,7 +357,9 @@ class AudioPatchPreprocessor(nn.Module):
     def forward(self, audio: Tensor) -> Tensor:
         """audio: (B, S) or (B, S, 1) -> (B, S/spp, spp + 1 + 2K)."""
         patches = audio_patches(audio, self.samples_per_patch)
-        pos = self.position_encoding.grid(patches.shape[1:2], device=audio.device)
+        pos = self.position_encoding.grid(
+            patches.shape[1:2], device=audio.device, dtype=audio.dtype
+        )
         return concat_position(patches, pos)
 
 

@@ -60,13 +60,17 @@ class FourierQueries(nn.Module):
         subsample: Optional[Tensor] = None,
         *,
         device: Optional[torch.device] = None,
+        dtype: torch.dtype = torch.float32,
     ) -> Tensor:
-        """Per-point features without batch: (n, C)."""
+        """Per-point features without batch: (n, C), computed in float64 and cast to
+        ``dtype`` once."""
         if subsample is None and not self.always_subsampled:
-            return self.position_encoding.grid(self.index_dims, device=device)
+            return self.position_encoding.grid(self.index_dims, device=device, dtype=dtype)
         if subsample is None:
             subsample = torch.arange(self.num_points, device=device)
-        return self.position_encoding.subsampled(subsample.to(device), self.index_dims)
+        return self.position_encoding.subsampled(
+            subsample.to(device), self.index_dims, dtype=dtype
+        )
 
     def forward(
         self,
@@ -74,10 +78,11 @@ class FourierQueries(nn.Module):
         subsample: Optional[Tensor] = None,
         *,
         device: Optional[torch.device] = None,
+        dtype: torch.dtype = torch.float32,
     ) -> Tensor:
         """(B, n, C) with n = len(subsample) or every point."""
         return (
-            self.features(subsample, device=device)
+            self.features(subsample, device=device, dtype=dtype)
             .unsqueeze(0)
             .expand(batch_size, -1, -1)
         )
@@ -99,8 +104,10 @@ class TrainableQueries(TrainablePositionEncoding):
         subsample: Optional[Tensor] = None,
         *,
         device: Optional[torch.device] = None,
+        dtype: Optional[torch.dtype] = None,
     ) -> Tensor:
-        """(N, C) or the rows ``subsample``."""
+        """(N, C) or the rows ``subsample``, in the parameter's dtype (``dtype`` is
+        accepted for the same signature as :class:`FourierQueries`)."""
         return self.embeddings if subsample is None else self.embeddings[subsample]
 
     @property
@@ -128,12 +135,15 @@ class MultimodalQueries(PaddedModalities):
         *,
         device: Optional[torch.device] = None,
     ) -> Tensor:
-        """One modality's padded queries: (B, n_m, width), [features, padding]."""
-        features = self.modalities[name].features(subsample, device=device)
+        """One modality's padded queries: (B, n_m, width), [features, padding], in
+        the paddings' (the model's) dtype."""
+        padding = self.padding[name]
+        features = self.modalities[name].features(
+            subsample, device=device, dtype=padding.dtype
+        )
         features = features.unsqueeze(0).expand(batch_size, -1, -1)
         n = features.shape[1]
-        padding = self.padding[name].expand(n, -1)
-        return concat_position(features, padding)
+        return concat_position(features, padding.expand(n, -1))
 
     def forward(
         self,

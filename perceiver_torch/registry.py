@@ -44,15 +44,54 @@ def _model_class(name: str) -> type:
         ) from None
 
 
-def build(name: str, config: Any = None) -> PerceiverIO:
+# The dtypes the models run in, by the names converted files record.
+DTYPES: Mapping[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+DTypeLike = Union[str, torch.dtype, None]
+
+
+def resolve_dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
+    """``"bfloat16"``/``torch.bfloat16``/... -> the torch dtype (None stays None).
+
+    Only float32, bfloat16 and float16 are accepted: the models keep what precision
+    needs in float32 themselves (see ``attention.py``), and float64 is not a dtype
+    they are meant to run in (it works with ``model.double()``, for tests).
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        key = dtype.replace("torch.", "")
+        if key not in DTYPES:
+            raise ValueError(
+                f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}"
+            )
+        return DTYPES[key]
+    if dtype not in DTYPES.values():
+        raise ValueError(f"unsupported dtype {dtype}; choose one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).replace("torch.", "")
+
+
+def build(name: str, config: Any = None, *, dtype: DTypeLike = None) -> PerceiverIO:
     """Builds model ``name`` with random weights.
 
     config: None = the official configuration; a mapping is turned into the config
     dataclass (``configs.config_from_dict``); otherwise the dataclass instance itself.
     An invalid configuration raises ``configs.ConfigError`` (a ``ValueError``) naming
     the key; no model is built.
-    Builds on the current default device (``with torch.device("meta"):`` works).
+    dtype: "float32", "bfloat16", "float16" (or the torch dtype); None = float32.
+    Floating-point inputs are cast to the model's dtype by the model. Builds on the
+    current default device (``with torch.device("meta"):`` works).
     """
+    torch_dtype = resolve_dtype(dtype)
     cls = _model_class(name)
     if config is None:
         config = configs.CONFIG_CLASSES[name]()
@@ -66,12 +105,14 @@ def build(name: str, config: Any = None) -> PerceiverIO:
     else:
         config.validate()  # a config edited with dataclasses.replace is checked too
     try:
-        return cls(config)
+        model = cls(config)
     except (ValueError, ZeroDivisionError, RuntimeError) as error:
         # validate() should have caught it; never hand out a half-built model.
         raise configs.ConfigError(
             f"cannot build {name} with this configuration: {error}"
         ) from error
+    # Initialised in float32 (the reference's initialisers), then cast once.
+    return model if torch_dtype in (None, torch.float32) else model.to(torch_dtype)
 
 
 # A torch.save file is a zip archive; the legacy (pre-1.6) format is a pickle that
@@ -209,16 +250,21 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
     return dict(payload["state_dict"]), metadata
 
 
-def _read(path: Path) -> Tuple[str, Dict[str, Any], Dict[str, torch.Tensor]]:
-    state, metadata = read_checkpoint(path)
+def _parse(path: Path, metadata: Mapping[str, str]) -> Tuple[str, Dict[str, Any]]:
+    """The model name and the config dict of a file's metadata."""
     try:
         config = json.loads(metadata["config"])
     except json.JSONDecodeError as err:
         raise LoadError(f"{path}: metadata 'config' is not JSON: {err}") from None
-    return metadata["model"], config, state
+    return metadata["model"], config
 
 
-def load(path: Union[str, Path], *, map_location: Optional[str] = None) -> PerceiverIO:
+def load(
+    path: Union[str, Path],
+    *,
+    map_location: Union[str, torch.device, None] = None,
+    dtype: DTypeLike = None,
+) -> PerceiverIO:
     """Rebuilds a model from a converted file and loads its weights (strict).
 
     ``.safetensors``: metadata "model" (name) and "config" (JSON of
@@ -226,9 +272,21 @@ def load(path: Union[str, Path], *, map_location: Optional[str] = None) -> Perce
     ``{"model": name, "config": {...}, "state_dict": {...}}``. Raises ``LoadError`` for
     a plain pickle (an official Haiku checkpoint: convert it first), missing
     metadata, an unknown model or missing/unexpected/misshapen keys or wrong dtypes.
+
+    map_location: device of the model (default "cpu").
+    dtype: the model's floating-point dtype; None = the dtype the file was converted
+    to (metadata "dtype", as ``convert --dtype`` records it; float32 when absent).
+    Integer buffers (BatchNorm's counter) keep their dtype.
     """
     path = Path(path)
-    name, config_dict, state = _read(path)
+    state, metadata = read_checkpoint(path)
+    name, config_dict = _parse(path, metadata)
+    if dtype is None:
+        try:
+            dtype = resolve_dtype(metadata.get("dtype") or "float32")
+        except ValueError as err:
+            raise LoadError(f"{path}: metadata 'dtype': {err}") from None
+    torch_dtype = resolve_dtype(dtype)
     if name not in MODEL_CLASSES:
         raise LoadError(
             f"{path}: unknown model {name!r}; known models: {', '.join(MODEL_CLASSES)}"
@@ -237,14 +295,16 @@ def load(path: Union[str, Path], *, map_location: Optional[str] = None) -> Perce
         config = configs.config_from_dict(name, config_dict)
     except (TypeError, ValueError) as err:
         raise LoadError(f"{path}: bad config for {name}: {err}") from None
-    with torch.device("meta"):
-        model = build(name, config)
+    with torch.device("meta"):  # no memory yet; to_empty allocates it in the dtype
+        model = build(name, config, dtype=torch_dtype)
     message = format_state_problems(
         f"{path}: the weights do not match {name} with this config:",
         state_dict_problems(model.state_dict(), state),
     )
     if message is not None:
         raise LoadError(message)
+    # Floating-point tensors in the model's dtype; load_state_dict copies (and casts)
+    # the file's tensors into them, so a bfloat16 file can also load as float32.
     model = model.to_empty(device=map_location or "cpu")
     model.load_state_dict(state, strict=True)
     return model.eval()

@@ -166,8 +166,10 @@ class VideoAutoencoder(PerceiverIO):
         self, images: Tensor, audio: Tensor, label: Optional[Tensor] = None
     ) -> Tensor:
         """images: (B, T, 3, H, W); audio: (B, S) or (B, S, 1); label: (B, classes)
-        or None (zeros). Returns the encoder's input tokens (B, N, width)."""
+        or None (zeros). Returns the encoder's input tokens (B, N, width).
+        Floating-point inputs are cast to the model's dtype."""
         self.check_inputs(images, audio, label)
+        images, audio, label = self.cast_input((images, audio, label))
         if label is None:
             label = images.new_zeros(images.shape[0], self.config.num_classes)
         tokens, _ = self.input_preprocessor(
@@ -238,7 +240,9 @@ class VideoAutoencoder(PerceiverIO):
         out = {}
         post = self.output_postprocessor.modalities
         for name, module in self.output_queries.modalities.items():
-            features = module.features(subsample.get(name), device=latents.device)
+            features = module.features(
+                subsample.get(name), device=latents.device, dtype=latents.dtype
+            )
             # folded() computes through the projection; the rest is the postprocessor's.
             projected = folded(name, features.unsqueeze(0).expand(batch, -1, -1))
             out[name] = post[name].shape_output(projected)

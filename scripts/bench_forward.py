@@ -6,10 +6,15 @@ and measured in the same run, each (case, implementation) in a fresh subprocess,
 alternating over ``--rounds`` pairs of processes (the median round counts):
 
 - time: median of ``--repeat`` forward passes after ``--warmup`` untimed ones
-  (batch 1, float32, ``torch.inference_mode``, ``--threads`` threads, 2 by default);
+  (``torch.inference_mode``, ``--threads`` threads, 2 by default); batch 1, float32 on
+  the CPU unless ``--batch``, ``--dtype``, ``--device`` say otherwise (HF's models are
+  cast and placed the same way); throughput is items/s = batch / median time;
 - memory: extra peak resident memory of the *first* forward pass of the fresh process
   (peak RSS during it, from ``ru_maxrss`` and a 2 ms /proc sampler, minus the RSS just
-  before it, after ``malloc_trim``).
+  before it, after ``malloc_trim``); on CUDA, the device's peak allocated memory above
+  what was allocated before it;
+- ``--compile``: our model under ``torch.compile`` as a third variant, reported as
+  compiled/eager time (its first call, and so its memory figure, includes compiling).
 
 Cases: the six models (language: 2048 real tokens, the worst case; video: one of the
 colab's 128 chunks), ``language_colab`` (the colab's sentence padded to 2048 with
@@ -27,6 +32,8 @@ Examples::
     python scripts/bench_forward.py --models language_perceiver --repeat 1
     python scripts/bench_forward.py --json bench.json            # everything
     python scripts/bench_forward.py --models video_clip --hf-clip-full
+    python scripts/bench_forward.py --models imagenet_conv language_perceiver --batch 1 8 32
+    python scripts/bench_forward.py --dtype bfloat16 --compile --device cuda
 
 Timings on shared machines drift: compare the ratios of one run, on a quiet machine.
 """
@@ -132,8 +139,9 @@ def measure_first_call(fn: Callable[[], Any]) -> Tuple[float, int]:
 # -- the two implementations ------------------------------------------------------------
 
 
-def official_inputs(case: str, seed: int = 0) -> Dict[str, Any]:
-    """Random inputs at the official sizes, in PyTorch layouts."""
+def official_inputs(case: str, seed: int = 0, batch: int = 1) -> Dict[str, Any]:
+    """Random inputs at the official sizes, in PyTorch layouts; ``batch`` items
+    (different random items; the colab's sentence repeated)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -143,22 +151,36 @@ def official_inputs(case: str, seed: int = 0) -> Dict[str, Any]:
 
         tokenizer = BytesTokenizer()
         text = "This is an incomplete sentence where some words are missing."
-        ids, mask = tokenizer(text, length=2048)
-        ids[0, 51:60] = tokenizer.MASK
+        ids, mask = tokenizer([text] * batch, length=2048)
+        ids[:, 51:60] = tokenizer.MASK
         return {"ids": ids, "mask": mask}
     if case == "language_perceiver":
         return {
-            "ids": torch.randint(6, 262, (1, 2048), generator=gen),
-            "mask": torch.ones(1, 2048, dtype=torch.int64),
+            "ids": torch.randint(6, 262, (batch, 2048), generator=gen),
+            "mask": torch.ones(batch, 2048, dtype=torch.int64),
         }
     if case.startswith("imagenet"):
-        return {"images": torch.randn(1, 3, 224, 224, generator=gen)}
+        return {"images": torch.randn(batch, 3, 224, 224, generator=gen)}
     if case == "optical_flow":
-        return {"frames": torch.rand(1, 2, 3, 368, 496, generator=gen) * 2 - 1}
+        # A batch of tiles: ``batch`` frame pairs of the training size.
+        return {"frames": torch.rand(batch, 2, 3, 368, 496, generator=gen) * 2 - 1}
     return {
-        "images": torch.rand(1, 16, 3, 224, 224, generator=gen),
-        "audio": torch.randn(1, 30720, generator=gen),
+        "images": torch.rand(batch, 16, 3, 224, 224, generator=gen),
+        "audio": torch.randn(batch, 30720, generator=gen),
     }
+
+
+def place(x: Dict[str, Any], device: str, dtype: str) -> Dict[str, Any]:
+    """Inputs on ``device``, floating-point ones in ``dtype``."""
+    import torch
+
+    out = {}
+    for key, value in x.items():
+        value = value.to(device)
+        if value.is_floating_point():
+            value = value.to(getattr(torch, dtype))
+        out[key] = value
+    return out
 
 
 def colab_chunks() -> List[Dict[str, Any]]:
@@ -176,15 +198,23 @@ def colab_chunks() -> List[Dict[str, Any]]:
     return [{"image": i, "audio": a} for i, a in zip(image, audio)]
 
 
-def build_ours(case: str) -> Callable[[int], Any]:
-    """Returns ``run(call_index)`` for our model (random weights, official config)."""
+def build_ours(case: str, args: argparse.Namespace) -> Callable[[int], Any]:
+    """Returns ``run(call_index)`` for our model (random weights, official config) on
+    ``args.device`` in ``args.dtype``, batch ``args.batch``, compiled with
+    ``torch.compile`` when ``args.compiled``."""
     import torch
 
     import perceiver_torch as pt
 
     torch.manual_seed(0)
-    model = pt.build(model_of(case)).eval()
-    x = official_inputs(case)
+    model = pt.build(model_of(case)).eval().to(device=args.device)
+    model = model.to(getattr(torch, args.dtype))
+    x = place(official_inputs(case, batch=args.batch), args.device, args.dtype)
+    if args.compiled:
+        # The whole clip's reconstruct is a method, not forward: compile the model
+        # all the same (its parts run through the compiled forward's graphs only
+        # where called as modules).
+        model = torch.compile(model)
     if case.startswith("language"):
         return lambda i: model(x["ids"], x["mask"])
     if case.startswith("imagenet"):
@@ -192,9 +222,12 @@ def build_ours(case: str) -> Callable[[int], Any]:
     if case == "optical_flow":
         return lambda i: model(x["frames"])
     if case == "video_autoencoding":
-        chunks = colab_chunks()
+        chunks = [
+            {k: v.to(args.device) for k, v in chunk.items()} for chunk in colab_chunks()
+        ]
         return lambda i: model(x["images"], x["audio"], chunks[i % NUM_CHUNKS])
-    return lambda i: model.reconstruct(x["images"], x["audio"], num_chunks=NUM_CHUNKS)
+    reconstruct = getattr(model, "_orig_mod", model).reconstruct
+    return lambda i: reconstruct(x["images"], x["audio"], num_chunks=NUM_CHUNKS)
 
 
 def hf_config(case: str) -> Tuple[str, Dict[str, Any]]:
@@ -270,8 +303,9 @@ def flow_patches_for_hf(frames):
     return patches.reshape(b, f, c * 9, h, w)
 
 
-def build_hf(case: str) -> Callable[[int], Any]:
-    """Returns ``run(call_index)`` for HuggingFace's model (random weights)."""
+def build_hf(case: str, args: argparse.Namespace) -> Callable[[int], Any]:
+    """Returns ``run(call_index)`` for HuggingFace's model (random weights), cast and
+    placed like ours."""
     import torch
 
     transformers = import_transformers()
@@ -280,7 +314,10 @@ def build_hf(case: str) -> Callable[[int], Any]:
     model = getattr(transformers, cls_name)(
         transformers.PerceiverConfig(**values)
     ).eval()
-    x = official_inputs(case)
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
+    x = place(official_inputs(case, batch=args.batch), args.device, args.dtype)
+    if args.compiled:
+        model = torch.compile(model)
     if case.startswith("language"):
         return lambda i: model(inputs=x["ids"], attention_mask=x["mask"])
     if case.startswith("imagenet"):
@@ -291,7 +328,9 @@ def build_hf(case: str) -> Callable[[int], Any]:
     inputs = {
         "image": x["images"],
         "audio": x["audio"][..., None],
-        "label": torch.zeros(1, 700),
+        "label": torch.zeros(
+            args.batch, 700, device=args.device, dtype=getattr(torch, args.dtype)
+        ),
     }
     chunks = colab_chunks()
     return lambda i: model(
@@ -301,6 +340,20 @@ def build_hf(case: str) -> Callable[[int], Any]:
 
 
 # -- worker (one fresh process per case and implementation) ---------------------------
+
+
+def synchronized(run: Callable[[int], Any], device: str) -> Callable[[int], Any]:
+    """``run`` that waits for the device's queued work (GPU kernels are asynchronous)."""
+    if not device.startswith("cuda"):
+        return run
+    import torch
+
+    def call(i: int) -> Any:
+        out = run(i)
+        torch.cuda.synchronize()
+        return out
+
+    return call
 
 
 def timed_calls(run: Callable[[int], Any], count: int) -> List[float]:
@@ -319,21 +372,35 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     build = build_ours if args.impl == "ours" else build_hf
     start = time.perf_counter()
-    run = build(args.case)
+    run = synchronized(build(args.case, args), args.device)
     build_seconds = time.perf_counter() - start
     record: Dict[str, Any] = {
         "case": args.case,
         "impl": args.impl,
         "threads": args.threads,
+        "device": args.device,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "compiled": bool(args.compiled),
         "build_seconds": round(build_seconds, 3),
     }
+    cuda = args.device.startswith("cuda")
     with torch.inference_mode():
         # The first call of the fresh process gives the memory figure and is the first
-        # warm-up pass.
+        # warm-up pass (compiled: it includes the compilation, timed separately).
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         first_seconds, extra = measure_first_call(lambda: run(0))
         record["first_call_seconds"] = round(first_seconds, 4)
         record["extra_peak_mib"] = round(extra / 2**20, 1)
-        for i in range(args.warmup - 1):
+        if cuda:  # the device's memory, not the host's
+            record["host_extra_peak_mib"] = record["extra_peak_mib"]
+            extra = torch.cuda.max_memory_allocated() - before
+            record["extra_peak_mib"] = round(extra / 2**20, 1)
+        # A compiled model may compile again on its second call (dynamic shapes).
+        warmup = max(args.warmup, 3) if args.compiled else args.warmup
+        for i in range(warmup - 1):
             run(i + 1)
         if args.case == "video_clip" and args.impl == "hf":
             # HF decodes a clip with one call per chunk (re-encoding every time).
@@ -352,10 +419,13 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
             record["estimate"] = False
             record["seconds"] = statistics.median(times)
         record["all_seconds"] = [round(t, 4) for t in times]
+    record["items_per_second"] = args.batch / record["seconds"]
     return record
 
 
-def run_worker(case: str, impl: str, args: argparse.Namespace) -> Dict[str, Any]:
+def run_worker(
+    case: str, impl: str, args: argparse.Namespace, batch: int = 1, compiled: bool = False
+) -> Dict[str, Any]:
     cmd = [
         sys.executable,
         os.path.abspath(__file__),
@@ -364,6 +434,12 @@ def run_worker(case: str, impl: str, args: argparse.Namespace) -> Dict[str, Any]
         case,
         "--impl",
         impl,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--batch",
+        str(batch),
         "--repeat",
         str(args.repeat),
         "--clip-repeat",
@@ -377,12 +453,20 @@ def run_worker(case: str, impl: str, args: argparse.Namespace) -> Dict[str, Any]
     ]
     if args.hf_clip_full:
         cmd.append("--hf-clip-full")
+    if compiled:
+        cmd.append("--compiled")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
-        return {"case": case, "impl": impl, "error": "\n".join(tail)}
+        return {
+            "case": case,
+            "impl": impl,
+            "batch": batch,
+            "compiled": compiled,
+            "error": "\n".join(tail),
+        }
     return json.loads(lines[-1])
 
 
@@ -428,26 +512,42 @@ def ratio(
     return a[key] / b[key]
 
 
+def _rate(record: Optional[Dict[str, Any]]) -> str:
+    if record is None or "error" in record:
+        return "-"
+    return f"{record['items_per_second']:.3g}"
+
+
 def print_table(
-    results: List[Dict[str, Any]], cases: List[str]
+    results: List[Dict[str, Any]], cases: List[str], batches: Dict[str, List[int]]
 ) -> List[Dict[str, Any]]:
-    by = {(r["case"], r["impl"]): r for r in results}
+    """One row per (case, batch): times, items/s, memory, ours/HF and, when measured,
+    the compiled model's time and its ratio to eager (below 1: compile gains)."""
+    by = {(r["case"], r["impl"], r.get("batch", 1), r.get("compiled", False)): r for r in results}
+    compiled_any = any(r.get("compiled") for r in results)
     rows, summary = [], []
     header = (
         "case",
+        "batch",
         "ours",
         "HF",
         "time ours/HF",
+        "items/s ours",
+        "items/s HF",
         "extra mem ours",
         "extra mem HF",
         "mem ours/HF",
-    )
+    ) + (("ours compiled", "compiled/eager") if compiled_any else ())
     for case in cases:
-        ours, hf = by.get((case, "ours")), by.get((case, "hf"))
-        t_ratio, m_ratio = ratio(ours, hf, "seconds"), ratio(ours, hf, "extra_peak_mib")
-        rows.append(
-            (
+        for batch in batches[case]:
+            ours, hf = by.get((case, "ours", batch, False)), by.get((case, "hf", batch, False))
+            comp = by.get((case, "ours", batch, True))
+            t_ratio = ratio(ours, hf, "seconds")
+            m_ratio = ratio(ours, hf, "extra_peak_mib")
+            c_ratio = ratio(comp, ours, "seconds")
+            row = (
                 case,
+                str(batch),
                 fmt_seconds(ours),
                 fmt_seconds(hf),
                 (
@@ -456,19 +556,26 @@ def print_table(
                     else f"{t_ratio:.3f}"
                     + (" (est.)" if hf and hf.get("estimate") else "")
                 ),
+                _rate(ours),
+                _rate(hf),
                 fmt_mem(ours),
                 fmt_mem(hf),
                 "-" if m_ratio is None else f"{m_ratio:.3f}",
             )
-        )
-        summary.append(
-            {
-                "case": case,
-                "time_ratio": t_ratio,
-                "time_ratio_is_estimate": bool(hf and hf.get("estimate")),
-                "memory_ratio": m_ratio,
-            }
-        )
+            if compiled_any:
+                row += (fmt_seconds(comp), "-" if c_ratio is None else f"{c_ratio:.3f}")
+            rows.append(row)
+            summary.append(
+                {
+                    "case": case,
+                    "batch": batch,
+                    "time_ratio": t_ratio,
+                    "time_ratio_is_estimate": bool(hf and hf.get("estimate")),
+                    "memory_ratio": m_ratio,
+                    "items_per_second": None if not ours or "error" in ours else ours["items_per_second"],
+                    "compiled_over_eager": c_ratio,
+                }
+            )
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
     print(line)
@@ -556,6 +663,30 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="alternating (ours, HF) process pairs per case; the median round counts",
     )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument(
+        "--device", default="cpu", help="where the models and inputs are: cpu, cuda, ..."
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="both implementations cast to this dtype (HF's models with .to(dtype))",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="batch sizes (e.g. 1 8 32): images, sequences, flow tiles or clips per "
+        "call; items/s = batch / median time (video_clip: always 1)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time torch.compile(model) of ours (default inductor backend) and "
+        "report compiled/eager; its first call (and memory figure) includes compiling",
+    )
+    p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
@@ -566,6 +697,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     args.warmup = max(1, args.warmup)
     if args.worker:
+        args.batch = args.batch[0]  # one batch size per worker process
         print(json.dumps(worker(args)), flush=True)
         return 0
     impls = ["ours", "hf"] if args.impl == "both" else [args.impl]
@@ -580,26 +712,32 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
             impls = ["ours"]
     cases = [c for c in CASES if c in args.models]
+    batches = {c: [1] if c == "video_clip" else list(args.batch) for c in cases}
+    variants = [(impl, False) for impl in impls] + ([("ours", True)] if args.compile else [])
     results = []
     for case in cases:
-        # Alternate the implementations over --rounds fresh processes each, so slow
-        # drift of the machine's speed affects both sides alike; keep the median round.
-        rounds: Dict[str, List[Dict[str, Any]]] = {impl: [] for impl in impls}
-        count = 1 if case == "video_clip" else args.rounds
-        for number in range(count):
-            for impl in impls:
-                label = f"[{case} / {impl}]" + (f" round {number + 1}" if count > 1 else "")
-                print(f"{label} ...", file=sys.stderr, flush=True)
-                record = run_worker(case, impl, args)
-                print(
-                    f"    {fmt_seconds(record)}, extra peak {fmt_mem(record)}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                rounds[impl].append(record)
-        for impl in impls:
-            results.append(median_round(rounds[impl]))
-    summary = print_table(results, cases)
+        for batch in batches[case]:
+            # Alternate the variants over --rounds fresh processes each, so slow drift
+            # of the machine's speed affects them alike; keep the median round.
+            rounds: Dict[tuple, List[Dict[str, Any]]] = {v: [] for v in variants}
+            count = 1 if case == "video_clip" else args.rounds
+            for number in range(count):
+                for impl, compiled in variants:
+                    label = (
+                        f"[{case} / {impl}{' compiled' if compiled else ''} / batch "
+                        f"{batch}]" + (f" round {number + 1}" if count > 1 else "")
+                    )
+                    print(f"{label} ...", file=sys.stderr, flush=True)
+                    record = run_worker(case, impl, args, batch, compiled)
+                    print(
+                        f"    {fmt_seconds(record)}, extra peak {fmt_mem(record)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    rounds[(impl, compiled)].append(record)
+            for variant in variants:
+                results.append(median_round(rounds[variant]))
+    summary = print_table(results, cases, batches)
     if args.json:
         payload = {
             "environment": environment(),
@@ -612,6 +750,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "hf_clip_calls": (
                     NUM_CHUNKS if args.hf_clip_full else args.hf_clip_calls
                 ),
+                "device": args.device,
+                "dtype": args.dtype,
+                "batch": list(args.batch),
+                "compile": bool(args.compile),
             },
             "results": results,
             "ratios": summary,

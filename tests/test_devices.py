@@ -1,0 +1,227 @@
+"""Devices, batches and torch.compile: the models run wherever their tensors are.
+
+- The meta device (no data, every CPU machine has it) shows that no forward pass makes
+  a tensor on the CPU behind the caller's back: mixing devices would raise.
+- CUDA: one forward per model (float32 against the CPU, bfloat16 and float16 against
+  float64), skipped without a GPU.
+- Batches: every item of a batch equals the item run alone, up to rounding.
+- torch.compile: the default tier traces every model with the ``aot_eager`` backend
+  (Dynamo and AOTAutograd, as inductor sees them, without its C++ build: seconds
+  instead of about a minute per model on 2 cores); the full tier compiles with the
+  default inductor backend.
+
+Bounds: two float32 runs of the same function that round differently (other kernels,
+blockings or devices) are each within gamma_n (see test_precision) of the exact
+result, so within 2 gamma_n of each other.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import perceiver_torch as pt
+from perceiver_torch import linear as linear_module
+from perceiver_torch.linear import Linear
+from test_precision import gamma, outputs, relative
+from test_torch_models import tiny, tiny_inputs
+
+NAMES = list(pt.MODEL_NAMES)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _to(inputs: tuple, device) -> tuple:
+    return tuple(x.to(device) for x in inputs)
+
+
+# -- the meta device: nothing is made on the CPU inside --------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_on_the_meta_device(name):
+    model = tiny(name).to("meta")
+    inputs = _to(tiny_inputs(name), "meta")
+    with torch.no_grad():
+        for key, value in outputs(model(*inputs)).items():
+            assert value.device.type == "meta", key
+        if name == "video_autoencoding":
+            out = model.reconstruct(*inputs, num_chunks=3)
+            assert all(v.device.type == "meta" for v in out.values())
+        if name == "optical_flow":
+            th, tw = pt.TINY_CONFIGS[name].image_size
+            frames = torch.empty(1, 2, 3, th + 5, tw + 7, device="meta")
+            assert model.tiled(frames, min_overlap=4).device.type == "meta"
+
+
+def test_onednn_path_is_cpu_float32_only(monkeypatch):
+    """The CPU-only oneDNN kernel is never called for other devices or dtypes."""
+
+    def not_expected(*args, **kwargs):
+        raise AssertionError("the oneDNN kernel was called")
+
+    monkeypatch.setattr(linear_module, "_onednn_linear_enabled", lambda: True)
+    layer = Linear(6, 3)
+    with torch.no_grad():
+        assert linear_module.uses_onednn(torch.randn(2, 6), layer.weight)
+        for device, dtype in (
+            ("meta", torch.float32),
+            ("cpu", torch.bfloat16),
+            ("cpu", torch.float16),
+            ("cpu", torch.float64),
+        ):
+            moved = copy.deepcopy(layer).to(device=device, dtype=dtype)
+            x = torch.randn(2, 6).to(device=device, dtype=dtype)
+            assert not linear_module.uses_onednn(x, moved.weight), (device, dtype)
+            with monkeypatch.context() as patch:
+                patch.setattr(linear_module, "_onednn_kernel", not_expected)
+                out = moved(x)
+            assert out.device.type == device and out.dtype == dtype
+            if device == "cpu":
+                assert torch.equal(out, F.linear(x, moved.weight, moved.bias))
+
+
+# -- CUDA ------------------------------------------------------------------------
+
+
+@CUDA
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_forward_float32(name, monkeypatch):
+    # TF32 would round matmul and conv inputs to 10 bits: off for this comparison.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = tiny(name)
+    inputs = tiny_inputs(name)
+    with torch.no_grad():
+        expected = outputs(model(*inputs))
+        got = outputs(model.to("cuda")(*_to(inputs, "cuda")))
+    for key in expected:
+        assert got[key].device.type == "cuda", key
+        assert relative(got[key].cpu(), expected[key].double()) <= 2 * gamma(
+            name, torch.float32
+        ), key
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_forward_reduced_precision(name, dtype):
+    if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        pytest.skip("this GPU has no bfloat16")
+    model = tiny(name).to(dtype)
+    reference = copy.deepcopy(model).double()
+    inputs = tiny_inputs(name)
+    rounded = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+    with torch.no_grad():
+        expected = outputs(reference(*rounded))
+        got = outputs(model.to("cuda")(*_to(inputs, "cuda")))
+    for key in expected:
+        assert got[key].device.type == "cuda" and got[key].dtype == dtype, key
+        assert relative(got[key].cpu(), expected[key]) <= gamma(name, dtype), key
+
+
+@CUDA
+def test_cuda_tiled_flow_and_video_reconstruct():
+    flow = tiny("optical_flow")
+    th, tw = pt.TINY_CONFIGS["optical_flow"].image_size
+    frames = torch.rand(1, 2, 3, th + 5, tw + 7) * 2 - 1
+    video = tiny("video_autoencoding")
+    images, audio = tiny_inputs("video_autoencoding", batch=1)
+    with torch.no_grad():
+        expected = flow.tiled(frames, min_overlap=4)
+        got = flow.to("cuda").tiled(frames.cuda(), min_overlap=4)
+        clip = video.reconstruct(images, audio, num_chunks=3)
+        clip_cuda = video.to("cuda").reconstruct(images.cuda(), audio.cuda(), num_chunks=3)
+    bound = 2 * gamma("optical_flow", torch.float32)
+    assert relative(got.cpu(), expected.double()) <= bound
+    for key in clip:
+        assert relative(clip_cuda[key].cpu(), clip[key].double()) <= 2 * gamma(
+            "video_autoencoding", torch.float32
+        ), key
+
+
+# -- batches ---------------------------------------------------------------------
+
+
+def _item(inputs: tuple, i: int) -> tuple:
+    return tuple(x[i : i + 1] for x in inputs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_items_equal_single_runs(name):
+    model = tiny(name)
+    inputs = tiny_inputs(name, batch=3, seed=7)
+    if name == "language_perceiver":
+        # Rows of different lengths: padding masked per row.
+        mask = torch.ones_like(inputs[0])
+        mask[1, 40:] = 0
+        mask[2, 9:] = 0
+        inputs = inputs + (mask,)
+    bound = 2 * gamma(name, torch.float32)
+    with torch.no_grad():
+        batched = outputs(model(*inputs))
+        for i in range(3):
+            single = outputs(model(*_item(inputs, i)))
+            for key in single:
+                if name == "language_perceiver":
+                    real = int(inputs[1][i].sum())  # padded positions: not compared
+                    got, expected = batched[key][i, :real], single[key][0, :real]
+                else:
+                    got, expected = batched[key][i], single[key][0]
+                assert relative(got, expected.double()) <= bound, (i, key)
+
+
+def test_batched_tiled_flow_and_video_reconstruct():
+    flow = tiny("optical_flow")
+    th, tw = pt.TINY_CONFIGS["optical_flow"].image_size
+    gen = torch.Generator().manual_seed(1)
+    frames = torch.rand(2, 2, 3, th + 5, tw + 7, generator=gen) * 2 - 1
+    video = tiny("video_autoencoding")
+    images, audio = tiny_inputs("video_autoencoding", batch=2, seed=2)
+    with torch.no_grad():
+        tiled = flow.tiled(frames, min_overlap=4)
+        clip = video.reconstruct(images, audio, num_chunks=3)
+        for i in range(2):
+            single = flow.tiled(frames[i : i + 1], min_overlap=4)
+            assert relative(tiled[i], single[0].double()) <= 2 * gamma(
+                "optical_flow", torch.float32
+            )
+            one = video.reconstruct(images[i : i + 1], audio[i : i + 1], num_chunks=3)
+            for key in one:
+                assert relative(clip[key][i], one[key][0].double()) <= 2 * gamma(
+                    "video_autoencoding", torch.float32
+                ), key
+
+
+# -- torch.compile -------------------------------------------------------------------
+
+
+def _check_compiled(name: str, backend: str) -> None:
+    torch._dynamo.reset()
+    model = tiny(name)
+    inputs = tiny_inputs(name)
+    if name == "language_perceiver":
+        mask = torch.ones_like(inputs[0])
+        mask[1, 50:] = 0  # the padding shortcut (a data-dependent length) too
+        inputs = inputs + (mask,)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        expected = outputs(model(*inputs))
+        got = outputs(compiled(*inputs))
+    for key in expected:
+        assert relative(got[key], expected[key].double()) <= 2 * gamma(
+            name, torch.float32
+        ), key
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_compile_traces_every_model(name):
+    _check_compiled(name, "aot_eager")
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_compile_inductor(name):
+    _check_compiled(name, "inductor")

@@ -1,0 +1,428 @@
+"""Reduced precision (bfloat16, float16): bounds from rounding analysis, masks, load.
+
+Every bound here is derived, not measured. The unit roundoff of a format with p
+significand bits is u = 2^-p: bfloat16 u = 2^-8 = 3.9e-3, float16 u = 2^-11 = 4.9e-4,
+float32 u = 2^-24. The references are float64 runs of the *same* rounded weights and
+inputs, so the differences are the computation's rounding alone.
+
+Whole models: along the path from input to output a value is rounded at most
+``ROUNDINGS_PER_LAYER`` times per attention layer (the LayerNorm output, the q/k/v
+projections, the softmax weights, the weighted sum, the output projection, the
+residual sum; the MLP's LayerNorm, fc1, GELU, fc2 and residual sum) plus
+``ROUNDINGS_OUTSIDE`` times in the pre- and postprocessing (the input itself, the
+preprocessor's ops and position features, the output projection, the head, the
+rescaling). With n such roundings the standard first-order bound (Higham, *Accuracy
+and Stability of Numerical Algorithms*, ch. 3) is gamma_n = n u / (1 - n u) relative
+error, with the errors propagated without amplification: true for these random
+weights of std 0.1 (residual branches much smaller than the residual stream, logits
+of order 1) and checked by the float32 run meeting the same formula with u = 2^-24.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import perceiver_torch as pt
+from perceiver_torch.attention import (
+    FLOAT16_MASK_VALUE,
+    MASK_VALUE,
+    Attention,
+    key_mask_bias,
+    layer_norm,
+)
+from perceiver_torch.position_encoding import FourierPositionEncoding
+from test_torch_models import tiny, tiny_inputs
+
+NAMES = list(pt.MODEL_NAMES)
+REDUCED = (torch.bfloat16, torch.float16)
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24}
+ROUNDINGS_PER_LAYER = 11
+ROUNDINGS_OUTSIDE = 6
+
+
+def attention_layers(name: str) -> int:
+    """Attention layers on a tiny model's path: the encoder's cross-attention, its
+    self-attention layers (times the blocks) and the decoder's cross-attention."""
+    c = pt.TINY_CONFIGS[name]
+    if name.startswith("imagenet"):
+        self_attends = c.num_self_attends_per_block * c.num_blocks
+    else:
+        self_attends = c.num_self_attends
+    return 1 + self_attends + 1
+
+
+def gamma(name: str, dtype: torch.dtype) -> float:
+    """gamma_n = n u / (1 - n u) for the roundings of model ``name`` in ``dtype``."""
+    n = ROUNDINGS_PER_LAYER * attention_layers(name) + ROUNDINGS_OUTSIDE
+    nu = n * UNIT_ROUNDOFF[dtype]
+    assert nu < 1
+    return nu / (1 - nu)
+
+
+def relative(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |actual - reference| / max |reference| (float64); inf when not finite."""
+    actual = actual.double()
+    if not torch.isfinite(actual).all():
+        return math.inf
+    return float((actual - reference).abs().max() / reference.abs().max())
+
+
+def outputs(out) -> dict:
+    return out if isinstance(out, dict) else {"output": out}
+
+
+# -- whole models ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", REDUCED + (torch.float32,), ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_model_within_rounding_bound_of_float64(name, dtype):
+    """The model in ``dtype`` against float64 of its own (rounded) weights and inputs:
+    within gamma_n on every output; the output dtype is the model's."""
+    model = tiny(name).to(dtype)
+    reference = copy.deepcopy(model).double()
+    inputs = tiny_inputs(name)
+    rounded = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+    with torch.no_grad():
+        got = outputs(model(*inputs))  # float32 inputs: the model casts them
+        expected = outputs(reference(*rounded))
+    bound = gamma(name, dtype)
+    for key in expected:
+        assert got[key].dtype == dtype, key
+        assert relative(got[key], expected[key]) <= bound, (key, bound)
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_build_and_to_dtype(dtype):
+    model = pt.build("imagenet_conv", pt.TINY_CONFIGS["imagenet_conv"], dtype=dtype)
+    assert model.dtype == dtype
+    for key, tensor in model.state_dict().items():
+        if key.endswith("num_batches_tracked"):
+            assert tensor.dtype == torch.int64  # integer buffers keep their dtype
+        else:
+            assert tensor.dtype == dtype, key
+    with pytest.raises(ValueError, match="unknown dtype"):
+        pt.build("imagenet_conv", pt.TINY_CONFIGS["imagenet_conv"], dtype="float8")
+
+
+# -- blocks ---------------------------------------------------------------------
+
+
+def _reference_attention(module: Attention, q_in, kv_in, key_mask, query_mask):
+    """The reference's attention in float64, spelled out: logits = q.k, scaled,
+    masked logits *replaced* by -1e30, softmax, fully-masked rows zeroed, to_out."""
+    m = copy.deepcopy(module).double()
+    h = m.num_heads
+    q = m.to_q(q_in.double())
+    k = m.to_k(kv_in.double())
+    v = m.to_v(kv_in.double())
+    b, nq, nk = q.shape[0], q.shape[1], k.shape[1]
+    q = q.view(b, nq, h, -1).transpose(1, 2)
+    k = k.view(b, nk, h, -1).transpose(1, 2)
+    v = v.view(b, nk, h, -1).transpose(1, 2)
+    logits = (q @ k.transpose(-1, -2)) * m.scale
+    mask = (query_mask[:, :, None] != 0) & (key_mask[:, None, :] != 0)
+    logits = torch.where(mask[:, None], logits, torch.tensor(-1e30, dtype=torch.float64))
+    summed = (torch.softmax(logits, -1) @ v).transpose(1, 2).reshape(b, nq, -1)
+    fully_masked = ~mask.any(-1)
+    summed = torch.where(fully_masked[..., None], torch.zeros(()).double(), summed)
+    return m.to_out(summed), fully_masked
+
+
+@pytest.mark.parametrize("dtype", REDUCED + (torch.float32,), ids=str)
+@pytest.mark.parametrize(
+    "widths",
+    [
+        dict(num_heads=2, qk_channels=16, v_channels=16),  # fused SDPA kernel
+        dict(num_heads=2, qk_channels=16, v_channels=24),  # explicit float32 softmax
+        dict(num_heads=1, qk_channels=24, v_channels=24),  # may fold (absorb_*)
+    ],
+    ids=["sdpa", "explicit", "one_head"],
+)
+def test_masked_attention_in_reduced_precision(dtype, widths):
+    """Key and query masks with fully-masked rows (a query masked, and a batch row
+    whose keys are all masked): finite outputs, the masked rows are exactly the
+    output bias, and the rest is within the roundings of one attention (5: the
+    projections, the softmax weights, the weighted sum, to_out; plus the inputs'),
+    i.e. gamma_6, of the float64 reference."""
+    torch.manual_seed(0)
+    module = Attention(q_channels=12, kv_channels=20, output_channels=12, **widths)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(0.2 * torch.randn(p.shape))
+    module = module.to(dtype).eval()
+    q_in = torch.randn(2, 5, 12).to(dtype)
+    kv_in = torch.randn(2, 7, 20).to(dtype)
+    key_mask = torch.ones(2, 7, dtype=torch.int64)
+    key_mask[0, 4:] = 0
+    key_mask[1] = 0  # every key of batch row 1 masked
+    query_mask = torch.ones(2, 5, dtype=torch.int64)
+    query_mask[0, 1] = 0
+    with torch.no_grad():
+        expected, fully_masked = _reference_attention(
+            module, q_in, kv_in, key_mask, query_mask
+        )
+    for mode in (None, "standard", "absorb_kv", "absorb_q"):
+        if mode not in (None, "standard") and module.num_heads != 1:
+            continue
+        with torch.no_grad():
+            prepared = module.prepare(kv_in, key_mask=key_mask, mode=mode)
+            got = module.attend_prepared(q_in, prepared, query_mask=query_mask)
+        assert got.dtype == dtype and torch.isfinite(got).all(), mode
+        assert torch.equal(
+            got[fully_masked], module.to_out.bias.expand(int(fully_masked.sum()), -1)
+        ), mode
+        n = 6
+        u = UNIT_ROUNDOFF[dtype]
+        assert relative(got, expected) <= n * u / (1 - n * u), mode
+
+
+def test_mask_values_fit_the_dtype():
+    for dtype, value in (
+        (torch.float32, MASK_VALUE),
+        (torch.bfloat16, MASK_VALUE),
+        (torch.float16, FLOAT16_MASK_VALUE),
+    ):
+        bias = key_mask_bias(torch.tensor([[1, 0]]), dtype)
+        assert bias.dtype == dtype and torch.isfinite(bias).all()
+        assert bias[0, 0, 0, 0] == 0
+        # The stored value is the mask value rounded to the dtype, and far below any
+        # logit the dtype can hold next to it (float16: |logit| <= 65504 - 1e4).
+        assert float(bias[0, 0, 0, 1]) == float(torch.tensor(value, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_layer_norm_statistics_are_float32(dtype):
+    """Inputs with a large common offset (mean 64, std 1, all exactly representable
+    in the dtype): float32 statistics leave only the rounding of the output (u per
+    element, plus the ~2^-24-relative statistics); statistics accumulated in the
+    dtype would be off by about u * 64 / 1 = 0.25 (bfloat16) of the output's scale."""
+    torch.manual_seed(0)
+    norm = layer_norm(256)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(256))
+        norm.bias.copy_(0.1 * torch.randn(256))
+    x = (64 + torch.randn(4, 256)).to(dtype)
+    with torch.no_grad():
+        expected = copy.deepcopy(norm).double()(x.double())
+        got = norm.to(dtype)(x)
+    assert got.dtype == dtype
+    u = UNIT_ROUNDOFF[dtype]
+    # Output rounding (u) plus the weight's and bias's products and sum (2u).
+    assert relative(got, expected) <= 3 * u / (1 - 3 * u)
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_fourier_features_are_rounded_from_float64(dtype):
+    """Features in a reduced dtype are the float64 values rounded once: exactly equal
+    (computing sin(pi x f) for f up to 15,360 in bfloat16 would be wrong by O(1))."""
+    encoding = FourierPositionEncoding(num_bands=64, max_resolution=(30720,))
+    got = encoding.grid((1920,), dtype=dtype)
+    exact = encoding.grid((1920,), dtype=torch.float64)
+    assert got.dtype == dtype
+    assert torch.equal(got, exact.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_flow_tiling_in_reduced_precision(dtype):
+    """Tiled flow in ``dtype`` (float32 blending sums) against float64 tiling of the
+    same rounded weights and frames: a tile's bound plus the final rounding (the
+    blending is a convex combination, which does not amplify errors)."""
+    name = "optical_flow"
+    model = tiny(name).to(dtype)
+    reference = copy.deepcopy(model).double()
+    th, tw = pt.TINY_CONFIGS[name].image_size
+    gen = torch.Generator().manual_seed(3)
+    frames = torch.rand(2, 2, 3, th + 9, tw + 14, generator=gen) * 2 - 1
+    with torch.no_grad():
+        got = model.tiled(frames, min_overlap=4)
+        expected = reference.tiled(frames.to(dtype), min_overlap=4)
+    assert got.dtype == dtype and got.shape == (2, 2, th + 9, tw + 14)
+    u = UNIT_ROUNDOFF[dtype]
+    assert relative(got, expected) <= gamma(name, dtype) + u
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_flow_tiling_sums_are_float32(dtype):
+    """Tiles of 300x400 px (blending weights up to 150) whose flow is one constant c
+    of the dtype: every blended pixel must be exactly c. In float32 the sums of
+    c * weight (an 8- or 11-bit significand times an integer <= 150) and of the
+    weights are exact, so their quotient is c; sums kept in bfloat16 (3 significant
+    digits: 367 is not representable) would round."""
+    model = tiny("optical_flow").to(dtype)
+    c = torch.tensor(0.3, dtype=dtype)
+
+    def constant_flow(frames):
+        b, _, _, h, w = frames.shape
+        return torch.full((b, 2, h, w), float(c), dtype=dtype)
+
+    model.forward = constant_flow
+    frames = torch.zeros(1, 2, 3, 340, 470)
+    with torch.no_grad():
+        out = model.tiled(frames, tile_size=(300, 400), min_overlap=20)
+    assert out.dtype == dtype
+    assert torch.equal(out, torch.full_like(out, float(c)))
+
+
+# -- converted files ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("file_dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_converted_file_loads_in_its_dtype(tmp_path, file_dtype, suffix):
+    """A file converted with --dtype loads in that dtype by default (metadata
+    "dtype"); dtype= overrides it; the weights are the float32 conversion's, rounded."""
+    import converter
+    from converter.fixtures import write_fixture
+
+    name = "imagenet_conv"
+    source = tmp_path / "fixture.pickle"
+    write_fixture(name, source, size="tiny", seed=4)
+    full = converter.convert(source, tmp_path / f"f32{suffix}")
+    half = converter.convert(source, tmp_path / f"half{suffix}", dtype=file_dtype)
+    assert json.loads(json.dumps(half.metadata))["dtype"] == file_dtype
+    torch_dtype = getattr(torch, file_dtype)
+    reference = pt.load(full.output)
+    assert reference.dtype == torch.float32
+    loaded = pt.load(half.output)
+    assert loaded.dtype == torch_dtype and not loaded.training
+    as_float32 = pt.load(half.output, dtype="float32")
+    assert as_float32.dtype == torch.float32
+    other = "float16" if file_dtype == "bfloat16" else "bfloat16"
+    assert pt.load(half.output, dtype=other).dtype == getattr(torch, other)
+    expected = reference.state_dict()
+    for key, tensor in loaded.state_dict().items():
+        if tensor.is_floating_point():
+            assert tensor.dtype == torch_dtype, key
+            assert torch.equal(tensor, expected[key].to(torch_dtype)), key
+            assert torch.equal(as_float32.state_dict()[key], tensor.float()), key
+        else:
+            assert torch.equal(tensor, expected[key]), key
+    # And it runs, on float32 inputs.
+    (images,) = tiny_inputs(name, batch=1)
+    with torch.no_grad():
+        assert loaded(images).dtype == torch_dtype
+
+
+# -- the fidelity report (verify --dtype) -------------------------------------------
+
+
+def test_psnr_and_end_point_error():
+    from converter.precision import end_point_error, psnr
+
+    reference = np.linspace(-1.0, 1.0, 101)  # peak-to-peak 2
+    # RMS difference 0.01: 20 log10(2 / 0.01) = 20 log10(200) dB.
+    assert psnr(reference, reference + 0.01) == pytest.approx(20 * math.log10(200))
+    assert psnr(reference, reference) == math.inf
+    flow = np.zeros((1, 2, 2, 2))
+    moved = flow.copy()
+    moved[0, 0, 0] = (3.0, 4.0)  # one pixel off by 5 px, three exact
+    assert end_point_error(flow, moved) == (pytest.approx(5 / 4), pytest.approx(5.0))
+
+
+def test_structured_inputs_are_not_noise():
+    """Neighbouring pixels of the generated images are close (a noise image's are
+    not: their mean |difference| would be about 1/3 of the range)."""
+    from converter.precision import natural_tokens, structured_images, textured_frame
+
+    images = structured_images(8, 32, 32)
+    assert images.shape == (8, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
+    assert len({images[i].tobytes() for i in range(8)}) == 8  # all different
+    step = np.abs(np.diff(images, axis=2)).mean()
+    assert step < 0.1
+    frame = textured_frame(24, 32)
+    assert np.abs(frame).max() == pytest.approx(1.0)
+    assert np.abs(np.diff(frame, axis=1)).mean() < 0.1
+    ids, mask = natural_tokens(2048)
+    assert ids.shape == (1, 2048) and bool(mask.all())
+    assert 0.1 < float((ids == pt.BytesTokenizer.MASK).float().mean()) < 0.2
+
+
+@pytest.fixture(scope="module")
+def jax_ready():
+    pytest.importorskip("jax")
+    pytest.importorskip("haiku")
+
+
+# The CLI with JAX costs seconds per model: three cases (language, flow in float16,
+# video with its whole clip) in the default tier, the other three in the full tier.
+_FIDELITY_CASES = [
+    pytest.param(name, dtype, marks=[] if default else [pytest.mark.full])
+    for name, dtype, default in (
+        ("language_perceiver", "bfloat16", True),
+        ("optical_flow", "float16", True),
+        ("video_autoencoding", "bfloat16", True),
+        ("imagenet_learned", "bfloat16", False),
+        ("imagenet_fourier", "bfloat16", False),
+        ("imagenet_conv", "bfloat16", False),
+    )
+]
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("name, dtype", _FIDELITY_CASES)
+def test_verify_dtype_reports_fidelity(jax_ready, tmp_path, name, dtype):
+    from converter.fixtures import write_fixture
+    from helpers import run_cli
+
+    source = tmp_path / f"{name}.pickle"
+    write_fixture(name, source, size="tiny", seed=2)
+    result = run_cli("verify", source, "--dtype", dtype, "--json", "-q")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["passed"]  # the float32 parity check still runs
+    fidelity = document["fidelity"]
+    assert fidelity["model"] == name and fidelity["dtype"] == dtype and fidelity["finite"]
+    rows = fidelity["rows"]
+    runs = {(r["output"], r["run"], r["against"]) for r in rows}
+    bound = gamma(name, getattr(torch, dtype))
+    for row in rows:
+        if row["run"] == dtype and row["against"] == "float32":
+            assert 0 < row["relative"] <= bound, row
+        if row["run"] == "float32":
+            # The converted float32 model against JAX: its parity tolerance (1e-5;
+            # 1e-4 for the video audio's Fourier features, see the mapping).
+            assert row["relative"] <= (1e-4 if row["output"] == "audio" else 1e-5), row
+    outputs_ = {r["output"] for r in rows}
+    for output in outputs_ - {"image (clip)", "audio (clip)"}:
+        for run, against in (("float32", "jax"), (dtype, "jax"), (dtype, "float32")):
+            assert (output, run, against) in runs
+    by_output = {r["output"]: r for r in rows if r["run"] == dtype}
+    if name == "optical_flow":
+        assert by_output["flow"]["epe_mean"] > 0 and by_output["flow"]["epe_max"] > 0
+    elif name == "video_autoencoding":
+        assert {"image (clip)", "audio (clip)"} <= outputs_
+        assert all(by_output[k]["psnr_db"] > 0 for k in ("image", "audio", "image (clip)"))
+        assert 0 <= by_output["label"]["argmax_agreement"] <= 1
+    else:
+        assert 0 <= by_output["logits"]["argmax_agreement"] <= 1
+    assert f"fidelity of {name} in {dtype}" in result.stderr
+
+
+@pytest.mark.jax
+def test_verify_dtype_fails_on_non_finite_outputs(jax_ready, tmp_path, monkeypatch):
+    from converter import precision
+    from converter.fixtures import write_fixture
+    from helpers import run_cli
+
+    original = precision._run
+
+    def overflowing(model, case):
+        out = original(model, case)
+        if next(model.parameters()).dtype != torch.float32:
+            out = {k: np.full_like(v, np.inf) for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(precision, "_run", overflowing)
+    source = tmp_path / "fixture.pickle"
+    write_fixture("imagenet_fourier", source, size="tiny")
+    result = run_cli("verify", source, "--dtype", "float16", "--json")
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["fidelity"]["finite"] is False
+    assert "not all finite" in result.stderr
