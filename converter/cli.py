@@ -430,7 +430,7 @@ _QUIET_OPTION = click.option(
 
 
 @main.command("convert")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @output_option("OUT.safetensors (recommended) or OUT.pt; written atomically.")
 @_MODEL_OPTION
 @click.option(
@@ -464,6 +464,10 @@ def convert_command(
 ) -> None:
     """Convert the official checkpoint CHECKPOINT to a perceiver_torch checkpoint.
 
+    CHECKPOINT may also be a HuggingFace transformers checkpoint (a folder with
+    config.json, a model.safetensors or a pytorch_model.bin, read without running
+    code): it is mapped back through mappings/hf/ to the official model.
+
     The file is read without jax or haiku through an allow-list unpickler, matched to
     its mapping (mappings/*.yaml), checked tensor by tensor against the model, and
     written atomically. The safetensors metadata records the model, its config, the
@@ -471,9 +475,14 @@ def convert_command(
     --verify, the parity result. Load it with perceiver_torch.load(OUT).
     """
     from converter.conversion import convert
+    from converter.hf_import import convert_hf, is_hf_input
 
     config = _parse_config(config_items)
     try:
+        if is_hf_input(checkpoint):  # HuggingFace import (converter/hf_import.py)
+            if mapping is not None:
+                raise click.UsageError("--mapping applies to official checkpoints only")
+            convert = convert_hf  # noqa: F811
         result = convert(
             checkpoint,
             output,
@@ -498,7 +507,7 @@ def convert_command(
 
 
 @main.command("verify")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @_MODEL_OPTION
 @_CONFIG_OPTION
 @_MAPPING_OPTION
@@ -524,19 +533,28 @@ def verify_command(
     deterministic inputs, and prints per stage (preprocessed inputs, latents after
     the encoder, decoder output, final outputs) max |diff|, max relative diff and
     argmax agreement against the mapping's tolerance. Exit 1 if an output is outside
-    it. Needs the [jax] extra.
+    it. Needs the [jax] extra. A HuggingFace checkpoint (folder, model.safetensors or
+    pytorch_model.bin) is mapped back to the official arrays first, which the JAX
+    reference then runs as it would the official file.
     """
-    from converter.verify import verify
+    from converter.hf_import import is_hf_input, prepare_hf
+    from converter.verify import require_jax, verify, verify_prepared
 
-    report = verify(
-        checkpoint,
-        model,
-        config=_parse_config(config_items) or None,
-        mapping=mapping,
-        seed=seed,
-        batch=batch,
-        progress=_progress(quiet),
-    )
+    config = _parse_config(config_items) or None
+    if is_hf_input(checkpoint):  # HuggingFace import (converter/hf_import.py)
+        require_jax()
+        prepared = prepare_hf(checkpoint, model=model, config=config)[0]
+        report = verify_prepared(prepared, seed=seed, batch=batch, progress=_progress(quiet))
+    else:
+        report = verify(
+            checkpoint,
+            model,
+            config=config,
+            mapping=mapping,
+            seed=seed,
+            batch=batch,
+            progress=_progress(quiet),
+        )
     click.echo(report.format_table(), err=True)
     if as_json:
         echo_json(report.as_dict())
@@ -546,28 +564,56 @@ def verify_command(
 
 @main.command("export")
 @click.argument("converted", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@output_option("The official-layout pickle to write.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The file (haiku: a pickle; onnx: model.onnx) or, for --format hf, the new "
+    "folder to write.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["haiku", "hf", "onnx"]),
+    default=None,
+    help="haiku: the official pickle; hf: a HuggingFace transformers folder with a "
+    "fidelity report; onnx: an ONNX graph checked with onnxruntime. Default: onnx "
+    "for *.onnx, else haiku.",
+)
 @click.option("--protocol", type=click.IntRange(2, 5), default=3, show_default=True)
 @click.option(
     "--container", type=click.Choice(CONTAINERS), default="flatmapping", show_default=True
 )
 @_MAPPING_OPTION
 @_JSON_OPTION
+@_QUIET_OPTION
 def export_command(
     converted: Path,
     output: Path,
+    fmt: Optional[str],
     protocol: int,
     container: str,
     mapping: Optional[Path],
     as_json: bool,
+    quiet: bool,
 ) -> None:
-    """Write CONVERTED (a perceiver-convert output) back in the official Haiku layout.
+    """Write CONVERTED (a perceiver-convert output) back in the official Haiku layout,
+    or as a HuggingFace transformers folder (--format hf) or an ONNX graph (*.onnx).
 
     Every mapping op is inverted exactly; a float32 conversion exports to the
     original arrays bit for bit (the BatchNorm accumulators the model does not use
     travel in the converted file's metadata).
     """
     from converter.exporter import export
+
+    fmt = fmt or ("onnx" if output.suffix.lower() == ".onnx" else "haiku")
+    if fmt != "haiku":  # other projects' formats: converter/hf.py, converter/onnx_export.py
+        from converter.interop_cli import export_other
+
+        export_other(converted, output, fmt, as_json=as_json, progress=_progress(quiet))
+        return
+    output = output_path_callback(click.get_current_context(), None, output)
 
     result = export(converted, output, protocol=protocol, container=container, mapping=mapping)
     for note in result.notes:

@@ -191,11 +191,16 @@ def hf_config(model: str, config: Mapping[str, Any]) -> Dict[str, Any]:
 
 def config_overrides_from_hf(model: str, hf: Mapping[str, Any]) -> Dict[str, Any]:
     """perceiver_torch config values a transformers ``config.json`` gives that the
-    tensors' shapes cannot reveal (image and clip sizes); the rest is derived."""
-    if model == "imagenet_learned" and "image_size" in hf:
-        size = hf["image_size"]
-        size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-        return {"image_size": size}
+    tensors' shapes cannot reveal (image and clip sizes, how often the ImageNet
+    models' shared block repeats); the rest is derived. The video model's
+    ``num_chunks`` (a decoding default, not in transformers' config) stays official."""
+    if model.startswith("imagenet_"):
+        out = {"num_blocks": hf["num_blocks"]} if "num_blocks" in hf else {}
+        if model == "imagenet_learned" and "image_size" in hf:
+            size = hf["image_size"]
+            size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+            out["image_size"] = size
+        return out
     if model == "optical_flow" and "train_size" in hf:
         return {"image_size": tuple(hf["train_size"])}
     if model == "video_autoencoding":
@@ -263,12 +268,9 @@ def haiku_to_hf(
 # Writing the folder.
 
 
-@contextlib.contextmanager
-def atomic_folder(out_dir: Path):
-    """Yields a temporary sibling folder that becomes ``out_dir`` if the block succeeds.
-
-    ``out_dir`` must not exist (or be an empty folder): an export never overwrites.
-    """
+def check_new_folder(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` may be created: its parent exists, and it does not (or is empty).
+    Raises ``ValueError`` (a usage error) otherwise."""
     out_dir = Path(out_dir)
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
     if not parent.is_dir():
@@ -280,6 +282,17 @@ def atomic_folder(out_dir: Path):
             f"{out_dir} already exists and is not an empty folder; choose a new folder "
             "name (an export never overwrites)"
         )
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: Path):
+    """Yields a temporary sibling folder that becomes ``out_dir`` if the block succeeds.
+
+    ``out_dir`` must not exist (or be an empty folder): an export never overwrites.
+    """
+    out_dir = check_new_folder(out_dir)
+    parent = out_dir.parent if str(out_dir.parent) else Path(".")
     temp = parent / f".{out_dir.name}.{secrets.token_hex(6)}.tmp"
     temp.mkdir()
     try:
@@ -371,7 +384,7 @@ def export_hf(
     from converter.exporter import converted_to_haiku
 
     require_transformers()
-    out_dir = Path(out_dir)
+    out_dir = check_new_folder(out_dir)
     haiku = converted_to_haiku(path)
     model, config = haiku.model, haiku.config
     progress(f"mapping {model} to transformers' keys")
