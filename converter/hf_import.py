@@ -56,6 +56,7 @@ class HFSource:
     sha256: str
     size_bytes: int
     notes: List[str] = field(default_factory=list)
+    metadata: Dict[str, str] = field(default_factory=dict)
 
 
 def is_hf_input(path: str | os.PathLike) -> bool:
@@ -126,12 +127,13 @@ def _read_bin(path: Path) -> Dict[str, np.ndarray]:
     return {str(k): _to_numpy(v) for k, v in payload.items()}
 
 
-def _read_safetensors(path: Path) -> Dict[str, np.ndarray]:
+def _read_safetensors(path: Path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            return {key: _to_numpy(handle.get_tensor(key)) for key in handle.keys()}
+            tensors = {key: _to_numpy(handle.get_tensor(key)) for key in handle.keys()}
+            return tensors, dict(handle.metadata() or {})
     except Exception as error:
         raise CheckpointError(
             f"{path}: not a readable safetensors file ({type(error).__name__}: "
@@ -172,11 +174,13 @@ def read_hf(path: str | os.PathLike) -> HFSource:
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_file}: expected a JSON object")
     sha256, size = _sha256(weights)
+    metadata: Dict[str, str] = {}
     if weights.suffix == ".safetensors":
-        kind, tensors = "safetensors", _read_safetensors(weights)
+        kind = "safetensors"
+        tensors, metadata = _read_safetensors(weights)
     else:
         kind, tensors = "pytorch_model.bin", _read_bin(weights)
-    return HFSource(path, weights, kind, tensors, config, sha256, size)
+    return HFSource(path, weights, kind, tensors, config, sha256, size, metadata=metadata)
 
 
 # --------------------------------------------------------------------------------------
@@ -287,6 +291,14 @@ def prepare_hf(
         globals=(),
     )
     overrides = config_overrides_from_hf(detected, source.config or {})
+    # Our own exports carry the perceiver_torch config in the weights' metadata: the
+    # one value neither the shapes nor transformers' config hold comes from there.
+    embedded = source.metadata.get("perceiver_convert.config")
+    if embedded and detected == "video_autoencoding":
+        try:
+            overrides["num_chunks"] = int(json.loads(embedded)["num_chunks"])
+        except (ValueError, KeyError, TypeError):
+            pass
     overrides.update(config or {})
     prepared = prepare(checkpoint, detected, config=overrides or None)
     provenance = {
