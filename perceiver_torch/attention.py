@@ -17,9 +17,10 @@ the same function, fewer multiply-adds when one side is much longer than the oth
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,23 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, n, h * d)
 
 
+# Set by standard_attention(): the folded formulations are off (graph export).
+_STANDARD_ONLY = False
+
+
+@contextlib.contextmanager
+def standard_attention() -> Iterator[None]:
+    """Within the block every attention uses the "standard" formulation (no
+    projection folded across the dot product), e.g. while tracing a graph for export,
+    where the folding's choice would be frozen for one input size."""
+    global _STANDARD_ONLY
+    previous, _STANDARD_ONLY = _STANDARD_ONLY, True
+    try:
+        yield
+    finally:
+        _STANDARD_ONLY = previous
+
+
 @dataclass
 class PreparedKeys:
     """Key/value side of an attention, computed once and reused for chunks of queries.
@@ -239,7 +257,7 @@ class Attention(nn.Module):
         sum to one, so b_v passes through) and differs from the reference only by
         float32 rounding. It needs one head and no attention dropout.
         """
-        if self.num_heads != 1 or self._dropout_p() > 0.0:
+        if _STANDARD_ONLY or self.num_heads != 1 or self._dropout_p() > 0.0:
             return "standard"
         m, n = num_queries, num_keys
         c_q, c_kv = self.to_q.in_features, self.to_k.in_features

@@ -9,13 +9,16 @@ CPU tensors, and ``F.linear`` otherwise (training, other dtypes or devices, a to
 build without oneDNN). Both compute the same products in float32; only the order of
 the additions differs (relative differences around 1e-7).
 
-Set ``PERCEIVER_TORCH_ONEDNN=0`` to always use ``F.linear``.
+Set ``PERCEIVER_TORCH_ONEDNN=0`` to always use ``F.linear`` (read once, at the first
+call), or use :func:`plain_linear` for a block (e.g. while exporting a graph: the
+oneDNN kernel is no ONNX operator).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,18 @@ def _onednn_linear_enabled() -> bool:
             except (AttributeError, RuntimeError, NotImplementedError):
                 _enabled = False
     return _enabled
+
+
+@contextlib.contextmanager
+def plain_linear() -> Iterator[None]:
+    """Within the block :class:`Linear` always uses ``F.linear``."""
+    global _enabled
+    _onednn_linear_enabled()  # probe first, so that the restored value is the real one
+    previous, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = previous
 
 
 class Linear(nn.Linear):
