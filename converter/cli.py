@@ -335,7 +335,7 @@ def _print_failure(document: Dict[str, Any]) -> None:
 
 
 @main.command("inspect")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON document on stdout."
 )
@@ -347,8 +347,17 @@ def inspect_command(path: Path, as_json: bool) -> None:
     to stdout (it is the command's result); errors go to stderr. Exit 0 for a
     readable checkpoint; exit 3 for an unsafe or unreadable file, still listing the
     globals found in its opcodes.
+
+    PATH may also be a converted file (.safetensors/.pt: provenance, config, parity,
+    tensors), a HuggingFace transformers folder or weights file, or an ONNX graph.
     """
+    from converter.inspect_other import describe, is_other, print_document
     from converter.reader import load_haiku_checkpoint, scan_pickle
+
+    if is_other(path):  # other formats: converter/inspect_other.py
+        document = describe(path)
+        echo_json(document) if as_json else print_document(document)
+        return
 
     try:
         checkpoint = load_haiku_checkpoint(path)
@@ -514,6 +523,14 @@ def convert_command(
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the deterministic test inputs.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--reference",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CHECKPOINT is a converted file (or HuggingFace checkpoint) someone made from "
+    "this official file: compare their tensors through the mapping, then the converted "
+    "model's forward pass with the JAX reference on this file.",
+)
 @_JSON_OPTION
 @_QUIET_OPTION
 def verify_command(
@@ -523,6 +540,7 @@ def verify_command(
     mapping: Optional[Path],
     seed: int,
     batch: int,
+    reference: Optional[Path],
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -541,6 +559,23 @@ def verify_command(
     from converter.verify import require_jax, verify, verify_prepared
 
     config = _parse_config(config_items) or None
+    if reference is not None:  # converter/verify_reference.py
+        from converter.verify_reference import verify_against_reference
+
+        check, report = verify_against_reference(
+            checkpoint, reference, seed=seed, batch=batch, progress=_progress(quiet)
+        )
+        click.echo(check.format(), err=True)
+        if report is not None:
+            click.echo(report.format_table(), err=True)
+        if as_json:
+            echo_json({"tensors": check.as_dict(),
+                       "parity": None if report is None else report.as_dict()})
+        if not check.passed:
+            raise click.exceptions.Exit(EXIT_BAD_INPUT)
+        if not report.passed:
+            raise click.exceptions.Exit(EXIT_PARITY)
+        return
     if is_hf_input(checkpoint):  # HuggingFace import (converter/hf_import.py)
         require_jax()
         prepared = prepare_hf(checkpoint, model=model, config=config)[0]

@@ -871,7 +871,8 @@ def load_hf_mapping(model: str) -> MappingSpec:
 def load_mapping(name_or_path: str | Path) -> MappingSpec:
     """Loads a bundled mapping by model name, or a mapping file by path."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # A file, not any existing path: a folder named like a model must not shadow it.
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise MappingError(f"{path}: no such mapping file")
         text = path.read_text(encoding="utf-8")

@@ -397,3 +397,44 @@ def test_reverse_axes_op_is_its_own_inverse() -> None:
     assert y[1, 2, 4, 6] == x[6, 4, 2, 1]
     assert np.array_equal(invert_ops(y, [op]), x)
     assert op.shape((7, 5, 3, 2)) == (2, 3, 5, 7)
+
+
+# --------------------------------------------------------------------------------------
+# inspect and verify --reference on files from elsewhere.
+
+
+def test_inspect_describes_converted_hf_and_onnx_files(converted, exported, tmp_path) -> None:
+    result = run_cli("inspect", converted["imagenet_conv"][1], "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["kind"] == "converted" and document["model"] == "imagenet_conv"
+    assert document["metadata"]["config"]["num_blocks"] == 3
+    assert document["totals"]["tensors"] == len(read_checkpoint(converted["imagenet_conv"][1])[0])
+
+    result = run_cli("inspect", exported["imagenet_conv"], "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["kind"] == "huggingface" and document["model"] == "imagenet_conv"
+    assert document["fidelity"]["outputs"][0]["output"] == "logits"
+    assert "perceiver.input_preprocessor.convnet.conv.weight" in {
+        row["name"] for row in document["tensors"]
+    }
+    human = run_cli("inspect", exported["imagenet_conv"])
+    assert human.exit_code == 0 and "fidelity of transformers'" in human.stdout
+
+
+@pytest.mark.jax
+def test_verify_with_reference(converted, exported, tmp_path) -> None:
+    pytest.importorskip("jax")
+    fixture, target = converted["optical_flow"]
+    for candidate in (target, exported["optical_flow"]):
+        result = run_cli("verify", candidate, "--reference", fixture, "--json", "-q")
+        assert result.exit_code == 0, result.stderr
+        document = json.loads(result.stdout)
+        assert document["tensors"]["passed"] and document["parity"]["passed"]
+    # Another checkpoint of the same model: the tensors differ (exit 3).
+    other = tmp_path / "other.pickle"
+    write_config_fixture("optical_flow", other, HF_TINY_CONFIGS["optical_flow"], seed=4)
+    result = run_cli("verify", target, "--reference", other, "--json", "-q")
+    assert result.exit_code == 3
+    assert json.loads(result.stdout)["tensors"]["passed"] is False
