@@ -438,3 +438,28 @@ def test_verify_with_reference(converted, exported, tmp_path) -> None:
     result = run_cli("verify", target, "--reference", other, "--json", "-q")
     assert result.exit_code == 3
     assert json.loads(result.stdout)["tensors"]["passed"] is False
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("name", ["video_autoencoding", "imagenet_conv"])
+def test_full_size_hf_round_trip(name, tmp_path) -> None:
+    """The two smaller official sizes (random weights): export, strict reload,
+    transformers' forward, import back bit-identical."""
+    fixture, target = tmp_path / "official.pickle", tmp_path / "converted.safetensors"
+    assert run_cli("fixture", name, "--size", "full", "-o", fixture).exit_code == 0
+    assert run_cli("convert", fixture, "-o", target, "-q").exit_code == 0
+    folder = tmp_path / "hf"
+    result = run_cli("export", target, "-o", folder, "--format", "hf", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["fidelity"]["outputs"]
+    cls = getattr(transformers, _architecture(name))
+    _, info = cls.from_pretrained(str(folder), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    back = tmp_path / "back.safetensors"
+    assert run_cli("convert", folder, "-o", back, "-q").exit_code == 0
+    direct, meta = read_checkpoint(target)
+    again, meta_back = read_checkpoint(back)
+    assert sorted(direct) == sorted(again)
+    assert all(torch.equal(direct[k], again[k]) for k in direct)
+    assert json.loads(meta_back["config"]) == json.loads(meta["config"])
