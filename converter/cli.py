@@ -487,12 +487,13 @@ def convert_command(
     from converter.hf_import import convert_hf, is_hf_input
 
     config = _parse_config(config_items)
+    run = convert
+    if is_hf_input(checkpoint):  # HuggingFace import (converter/hf_import.py)
+        if mapping is not None:
+            raise click.UsageError("--mapping applies to official checkpoints only")
+        run = convert_hf
     try:
-        if is_hf_input(checkpoint):  # HuggingFace import (converter/hf_import.py)
-            if mapping is not None:
-                raise click.UsageError("--mapping applies to official checkpoints only")
-            convert = convert_hf  # noqa: F811
-        result = convert(
+        result = run(
             checkpoint,
             output,
             model=model,
@@ -555,32 +556,14 @@ def verify_command(
     pytorch_model.bin) is mapped back to the official arrays first, which the JAX
     reference then runs as it would the official file.
     """
-    from converter.hf_import import is_hf_input, prepare_hf
-    from converter.verify import require_jax, verify, verify_prepared
+    from converter.interop_cli import verify_other
+    from converter.verify import verify
 
     config = _parse_config(config_items) or None
-    if reference is not None:  # converter/verify_reference.py
-        from converter.verify_reference import verify_against_reference
-
-        check, report = verify_against_reference(
-            checkpoint, reference, seed=seed, batch=batch, progress=_progress(quiet)
-        )
-        click.echo(check.format(), err=True)
-        if report is not None:
-            click.echo(report.format_table(), err=True)
-        if as_json:
-            echo_json({"tensors": check.as_dict(),
-                       "parity": None if report is None else report.as_dict()})
-        if not check.passed:
-            raise click.exceptions.Exit(EXIT_BAD_INPUT)
-        if not report.passed:
-            raise click.exceptions.Exit(EXIT_PARITY)
-        return
-    if is_hf_input(checkpoint):  # HuggingFace import (converter/hf_import.py)
-        require_jax()
-        prepared = prepare_hf(checkpoint, model=model, config=config)[0]
-        report = verify_prepared(prepared, seed=seed, batch=batch, progress=_progress(quiet))
-    else:
+    # HuggingFace checkpoints and --reference: converter/interop_cli.py
+    report = verify_other(checkpoint, reference, model=model, config=config, seed=seed,
+                          batch=batch, as_json=as_json, progress=_progress(quiet))
+    if report is None:
         report = verify(
             checkpoint,
             model,

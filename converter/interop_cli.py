@@ -7,11 +7,11 @@ only when such an export is asked for (transformers and onnx are optional extras
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping, Optional
 
 import click
 
-from converter.cli import echo_json
+from converter.cli import EXIT_BAD_INPUT, EXIT_PARITY, echo_json
 
 
 def export_other(
@@ -51,3 +51,42 @@ def export_other(
         click.echo(f"note: {note}", err=True)
     if as_json:
         echo_json(result.as_dict())
+
+
+def verify_other(
+    checkpoint: Path,
+    reference: Optional[Path],
+    *,
+    model: Optional[str],
+    config: Optional[Mapping[str, Any]],
+    seed: int,
+    batch: int,
+    as_json: bool,
+    progress: Callable[[str], None],
+) -> Any:
+    """``verify`` for a HuggingFace checkpoint (returns its ParityReport for the
+    command to print) and ``verify CONVERTED --reference ORIGINAL`` (prints and exits
+    here); None for an official checkpoint."""
+    from converter.hf_import import is_hf_input, prepare_hf
+    from converter.verify import require_jax, verify_prepared
+
+    if reference is not None:
+        from converter.verify_reference import verify_against_reference
+
+        check, report = verify_against_reference(
+            checkpoint, reference, seed=seed, batch=batch, progress=progress
+        )
+        click.echo(check.format(), err=True)
+        if report is not None:
+            click.echo(report.format_table(), err=True)
+        if as_json:
+            echo_json({"tensors": check.as_dict(),
+                       "parity": None if report is None else report.as_dict()})
+        if not check.passed:
+            raise click.exceptions.Exit(EXIT_BAD_INPUT)
+        raise click.exceptions.Exit(0 if report.passed else EXIT_PARITY)
+    if not is_hf_input(checkpoint):
+        return None
+    require_jax()
+    prepared = prepare_hf(checkpoint, model=model, config=config, progress=progress)[0]
+    return verify_prepared(prepared, seed=seed, batch=batch, progress=progress)

@@ -387,18 +387,6 @@ def test_export_refuses_an_existing_folder_and_unexpressible_sizes(converted, ex
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_reverse_axes_op_is_its_own_inverse() -> None:
-    from converter.ops import apply_ops, invert_ops, parse_op
-
-    op = parse_op({"reverse_axes": {"rank": 4}})
-    x = np.arange(7 * 5 * 3 * 2, dtype=np.float32).reshape(7, 5, 3, 2)
-    y = apply_ops(x, [op])
-    assert y.shape == (2, 3, 5, 7)
-    assert y[1, 2, 4, 6] == x[6, 4, 2, 1]
-    assert np.array_equal(invert_ops(y, [op]), x)
-    assert op.shape((7, 5, 3, 2)) == (2, 3, 5, 7)
-
-
 # --------------------------------------------------------------------------------------
 # inspect and verify --reference on files from elsewhere.
 
