@@ -290,15 +290,11 @@ def prepare_hf(
         wrapped=info.wrapped,
         globals=(),
     )
-    overrides = config_overrides_from_hf(detected, source.config or {})
-    # Our own exports carry the perceiver_torch config in the weights' metadata: the
-    # one value neither the shapes nor transformers' config hold comes from there.
-    embedded = source.metadata.get("perceiver_convert.config")
-    if embedded and detected == "video_autoencoding":
-        try:
-            overrides["num_chunks"] = int(json.loads(embedded)["num_chunks"])
-        except (ValueError, KeyError, TypeError):
-            pass
+    # Values the shapes cannot reveal: from our own export's metadata (it carries the
+    # perceiver_torch config: the video model's num_chunks is nowhere else), then
+    # transformers' config.json, then the caller's overrides.
+    overrides = _embedded_config(source, detected)
+    overrides.update(config_overrides_from_hf(detected, source.config or {}))
     overrides.update(config or {})
     prepared = prepare(checkpoint, detected, config=overrides or None)
     provenance = {
@@ -313,6 +309,24 @@ def prepare_hf(
         "transformers_version": (source.config or {}).get("transformers_version"),
     }
     return prepared, checkpoint, provenance
+
+
+def _embedded_config(source: HFSource, model: str) -> Dict[str, Any]:
+    """The non-derivable perceiver_torch config values an ``export --format hf`` stored
+    in model.safetensors' metadata (``{}`` for other files)."""
+    from converter.mapping import load_mapping
+
+    raw = source.metadata.get("perceiver_convert.config")
+    if not raw or source.metadata.get("perceiver_convert.model") != model:
+        return {}
+    try:
+        values = json.loads(raw)
+    except ValueError:
+        return {}
+    spec = load_mapping(model)
+    if not isinstance(values, dict):
+        return {}
+    return {k: v for k, v in values.items() if k in spec.config and k not in spec.derive}
 
 
 def convert_hf(

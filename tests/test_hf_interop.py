@@ -76,7 +76,9 @@ def test_export_loads_strictly_and_runs(name: str, exported) -> None:
     if name == "language_perceiver":
         auto = transformers.AutoModelForMaskedLM.from_pretrained(str(folder))
         assert type(auto).__name__ == "PerceiverForMaskedLM"
-        assert (folder / "tokenizer_config.json").is_file()
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        # transformers wraps the bytes (offset 6, as BytesTokenizer) in [CLS] ... [SEP].
+        assert tokenizer("hello").input_ids[1:-1] == [b + 6 for b in b"hello"]
     if name.startswith("imagenet_"):
         processor = json.loads((folder / "preprocessor_config.json").read_text())
         assert processor["image_processor_type"] == "PerceiverImageProcessor"
@@ -329,6 +331,20 @@ def test_malicious_pytorch_model_bin_is_refused(how, converted, exported, tmp_pa
     assert not marker.exists()
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evil"]
+
+
+def test_a_lone_weights_file_is_detected_by_its_names(converted, exported, tmp_path) -> None:
+    """No config.json: the model comes from the tensor names, the sizes shapes cannot
+    tell from the export's own metadata."""
+    lone = tmp_path / "weights.safetensors"
+    lone.write_bytes((exported["imagenet_learned"] / "model.safetensors").read_bytes())
+    back = tmp_path / "back.safetensors"
+    result = run_cli("convert", lone, "-o", back)
+    assert result.exit_code == 0, result.stderr
+    direct, meta = read_checkpoint(converted["imagenet_learned"][1])
+    again, meta_back = read_checkpoint(back)
+    assert all(torch.equal(direct[k], again[k]) for k in direct)
+    assert json.loads(meta_back["config"]) == json.loads(meta["config"])
 
 
 def test_wrong_hf_folders_exit_3(converted, exported, tmp_path) -> None:
