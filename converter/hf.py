@@ -103,6 +103,30 @@ def _square(model: str, size: Any, what: str) -> int:
     return int(height)
 
 
+# Class names (data facts): ImageNet-1k in class-index order (the sorted WordNet
+# synsets, each with its WordNet lemmas, as the hub's id2label), Kinetics-700 in
+# alphabetical order. Used when a checkpoint has exactly that many classes.
+_LABEL_FILES = {1000: "imagenet-1k.txt", 700: "kinetics-700.txt"}
+
+
+def class_labels(model: str, num_classes: int) -> Dict[str, Any]:
+    """``id2label``/``label2id`` for the official class count of ``model``, else {}
+    (transformers then numbers them LABEL_0, LABEL_1, ...)."""
+    from importlib import resources
+
+    expected = 700 if model == "video_autoencoding" else 1000
+    if num_classes != expected or not model.startswith(("imagenet_", "video_")):
+        return {}
+    text = resources.files("converter.data").joinpath(
+        f"labels/{_LABEL_FILES[expected]}"
+    ).read_text(encoding="utf-8")
+    names = text.splitlines()
+    if len(names) != expected:
+        raise ConverterError(f"converter/data/labels/{_LABEL_FILES[expected]} is damaged")
+    id2label = {i: name for i, name in enumerate(names)}
+    return {"id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
+
+
 def hf_config(model: str, config: Mapping[str, Any]) -> Dict[str, Any]:
     """``PerceiverConfig`` keyword arguments for perceiver_torch ``config`` (a dict).
 
@@ -137,6 +161,7 @@ def hf_config(model: str, config: Mapping[str, Any]) -> Dict[str, Any]:
             qk_channels=None,
             v_channels=None,
             num_labels=c["num_classes"],
+            **class_labels(model, c["num_classes"]),
         )
         if model == "imagenet_learned":
             _fixed(model, c, {"pos_channels": 256})
@@ -185,6 +210,7 @@ def hf_config(model: str, config: Mapping[str, Any]) -> Dict[str, Any]:
             output_shape=[1, c["num_frames"], size, size],
             output_num_channels=c["decoder_channels"],
             num_labels=c["num_classes"],
+            **class_labels(model, c["num_classes"]),
         )
     raise ValueError(f"unknown model {model!r}")
 

@@ -467,3 +467,22 @@ def test_full_size_hf_round_trip(name, tmp_path) -> None:
     assert sorted(direct) == sorted(again)
     assert all(torch.equal(direct[k], again[k]) for k in direct)
     assert json.loads(meta_back["config"]) == json.loads(meta["config"])
+
+
+def test_official_class_counts_get_the_class_names() -> None:
+    from converter.hf import hf_config
+    from perceiver_torch import configs
+
+    for name in ("imagenet_learned", "imagenet_fourier", "imagenet_conv"):
+        kwargs = hf_config(name, configs.config_to_dict(configs.CONFIG_CLASSES[name]()))
+        assert len(kwargs["id2label"]) == 1000
+        assert kwargs["id2label"][0] == "tench, Tinca tinca"
+        assert kwargs["id2label"][999] == "toilet tissue, toilet paper, bathroom tissue"
+    video = hf_config("video_autoencoding", configs.config_to_dict(configs.VideoAutoencodingConfig()))
+    assert len(video["id2label"]) == 700 and video["id2label"][0] == "abseiling"
+    assert video["id2label"][699] == "zumba"
+    # transformers' image_size is the Fourier resolution after space-to-depth.
+    assert video["image_size"] == 56 and video["output_shape"] == [1, 16, 224, 224]
+    tiny = hf_config("imagenet_conv", {**configs.config_to_dict(configs.ImageNetConvConfig()),
+                                       "num_classes": 10})
+    assert "id2label" not in tiny
