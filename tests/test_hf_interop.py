@@ -268,7 +268,7 @@ def _hub_folder(tmp_path: Path, name: str, converted, exported, weights: str) ->
 
 
 @pytest.mark.jax
-@pytest.mark.parametrize("name", ["imagenet_conv", "imagenet_learned", "optical_flow"])
+@pytest.mark.parametrize("name", ["imagenet_conv", "imagenet_learned", "imagenet_fourier", "optical_flow"])
 def test_hub_state_dict_imports_to_the_official_model(name, converted, exported, tmp_path) -> None:
     """A pytorch_model.bin made the hub's way (conv kernels axis-reversed, BatchNorm
     squeezed) computes the official model again: JAX parity within the mapping's
