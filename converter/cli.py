@@ -477,7 +477,7 @@ def _print_failure(document: Dict[str, Any]) -> None:
 
 
 @main.command("inspect")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON document on stdout."
 )
@@ -491,8 +491,17 @@ def inspect_command(path: Path, as_json: bool) -> None:
     globals found in its opcodes. Arrays holding NaN or Inf are listed and marked
     ([N NaN/Inf]; "nonfinite" in the JSON), and the exit code is 3: the weights
     are corrupt.
+
+    PATH may also be a converted file (.safetensors/.pt: provenance, config, parity,
+    tensors), a HuggingFace transformers folder or weights file, or an ONNX graph.
     """
+    from converter.inspect_other import describe, is_other, print_document
     from converter.reader import load_haiku_checkpoint, scan_pickle
+
+    if is_other(path):  # other formats: converter/inspect_other.py
+        document = describe(path)
+        echo_json(document) if as_json else print_document(document)
+        return
 
     try:
         checkpoint = load_haiku_checkpoint(path, check_finite=False)
@@ -637,7 +646,7 @@ _QUIET_OPTION = click.option(
 
 
 @main.command("convert")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @output_option(
     "OUT.safetensors (recommended) or OUT.pt; written atomically.",
     inputs=("checkpoint", "mapping"),
@@ -676,6 +685,10 @@ def convert_command(
 ) -> None:
     """Convert the official checkpoint CHECKPOINT to a perceiver_torch checkpoint.
 
+    CHECKPOINT may also be a HuggingFace transformers checkpoint (a folder with
+    config.json, a model.safetensors or a pytorch_model.bin, read without running
+    code): it is mapped back through mappings/hf/ to the official model.
+
     The file is read without jax or haiku through an allow-list unpickler, matched to
     its mapping (mappings/*.yaml), checked tensor by tensor against the model, and
     written atomically. The safetensors metadata records the model, its config, the
@@ -684,8 +697,14 @@ def convert_command(
     """
     config = _parse_config(config_items, model)
     from converter.conversion import convert
+    from converter.hf_import import convert_hf, is_hf_input
 
-    result = convert(
+    run = convert
+    if is_hf_input(checkpoint):  # HuggingFace import (converter/hf_import.py)
+        if mapping is not None:
+            raise click.UsageError("--mapping applies to official checkpoints only")
+        run = convert_hf
+    result = run(
         checkpoint,
         output,
         model=model,
@@ -707,7 +726,7 @@ def convert_command(
 
 
 @main.command("verify")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @_MODEL_OPTION
 @_CONFIG_OPTION
 @_MAPPING_OPTION
@@ -724,6 +743,14 @@ def convert_command(
     "(against JAX and float32; structured inputs): max relative diff, argmax "
     "agreement, flow end-point error, video PSNR.",
 )
+@click.option(
+    "--reference",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CHECKPOINT is a converted file (or HuggingFace checkpoint) someone made from "
+    "this official file: compare their tensors through the mapping, then the converted "
+    "model's forward pass with the JAX reference on this file.",
+)
 @_JSON_OPTION
 @_QUIET_OPTION
 def verify_command(
@@ -734,6 +761,7 @@ def verify_command(
     seed: int,
     batch: int,
     dtype: str,
+    reference: Optional[Path],
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -744,7 +772,9 @@ def verify_command(
     deterministic inputs, and prints per stage (preprocessed inputs, latents after
     the encoder, decoder output, final outputs) max |diff|, max relative diff and
     argmax agreement against the mapping's tolerance. Exit 1 if an output is outside
-    it. Needs the [jax] extra.
+    it. Needs the [jax] extra. A HuggingFace checkpoint (folder, model.safetensors or
+    pytorch_model.bin) is mapped back to the official arrays first, which the JAX
+    reference then runs as it would the official file.
 
     With --dtype bfloat16|float16, the parity check runs the weights rounded to that
     dtype (with the dtype's tolerance) and is followed by a fidelity report of the
@@ -752,18 +782,24 @@ def verify_command(
     outputs there.
     """
     config = _parse_config(config_items, model)
+    from converter.interop_cli import verify_other
     from converter.verify import verify
 
-    report = verify(
-        checkpoint,
-        model,
-        config=config or None,
-        mapping=mapping,
-        seed=seed,
-        batch=batch,
-        dtype=dtype,
-        progress=_progress(quiet),
-    )
+    # HuggingFace checkpoints and --reference: converter/interop_cli.py
+    report = verify_other(checkpoint, reference, model=model, config=config or None,
+                          seed=seed, batch=batch, as_json=as_json,
+                          progress=_progress(quiet))
+    if report is None:
+        report = verify(
+            checkpoint,
+            model,
+            config=config or None,
+            mapping=mapping,
+            seed=seed,
+            batch=batch,
+            dtype=dtype,
+            progress=_progress(quiet),
+        )
     click.echo(report.format_table(), err=True)
     document, passed = report.as_dict(), report.passed
     if dtype != "float32":  # reduced precision (issue 13): the fidelity report too
@@ -788,10 +824,27 @@ def verify_command(
 
 @main.command("export")
 @click.argument("converted", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@output_option(
-    "The official-layout pickle to write (*.pickle).",
-    inputs=("converted", "mapping"),
-    check_name=check_pickle_suffix,
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The file (haiku: a pickle; onnx: model.onnx) or, for --format hf, the new "
+    "folder to write.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["haiku", "hf", "onnx"]),
+    default=None,
+    help="haiku: the official pickle; hf: a HuggingFace transformers folder with a "
+    "fidelity report; onnx: an ONNX graph checked with onnxruntime. Default: onnx "
+    "for *.onnx, else haiku.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace the output if it exists (never an input).",
 )
 @click.option("--protocol", type=click.IntRange(2, 5), default=3, show_default=True)
 @click.option(
@@ -803,13 +856,16 @@ def verify_command(
 def export_command(
     converted: Path,
     output: Path,
+    fmt: Optional[str],
     protocol: int,
     container: str,
     mapping: Optional[Path],
     as_json: bool,
     quiet: bool,
+    force: bool,
 ) -> None:
-    """Write CONVERTED (a perceiver-convert output) back in the official Haiku layout.
+    """Write CONVERTED (a perceiver-convert output) back in the official Haiku layout,
+    or as a HuggingFace transformers folder (--format hf) or an ONNX graph (*.onnx).
 
     Every mapping op is inverted exactly; a float32 conversion exports to the
     original arrays bit for bit (the BatchNorm accumulators the model does not use
@@ -817,6 +873,18 @@ def export_command(
     """
     import warnings
 
+    from converter.atomic import check_outputs
+
+    fmt = fmt or ("onnx" if output.suffix.lower() == ".onnx" else "haiku")
+    output = output_path_callback(click.get_current_context(), None, output)
+    if fmt == "haiku":
+        check_pickle_suffix(output)
+    check_outputs(output, [converted, mapping], force=force)
+    if fmt != "haiku":  # other projects' formats: converter/hf.py, converter/onnx_export.py
+        from converter.interop_cli import export_other
+
+        export_other(converted, output, fmt, as_json=as_json, progress=_progress(quiet))
+        return
     from converter.exporter import PrecisionWarning, export
 
     with warnings.catch_warnings():

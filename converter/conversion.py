@@ -289,8 +289,10 @@ def build_metadata(
     prepared: PreparedConversion,
     dtype: str,
     parity: Optional[Mapping[str, Any]] = None,
+    extra: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, str]:
-    """Provenance stored in the converted file (safetensors metadata: strings only)."""
+    """Provenance stored in the converted file (safetensors metadata: strings only);
+    ``extra``: more entries (e.g. ``hf_source`` for a HuggingFace import)."""
     checkpoint = prepared.checkpoint
     metadata = {
         "format": "pt",
@@ -322,6 +324,7 @@ def build_metadata(
         )
     if parity is not None:
         metadata["parity"] = json.dumps(parity, sort_keys=True)
+    metadata.update(extra or {})
     return metadata
 
 
@@ -344,12 +347,13 @@ def write_converted(
     out: Path,
     dtype: str = "float32",
     parity: Optional[Mapping[str, Any]] = None,
+    extra_metadata: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, str]:
     """Writes the converted weights atomically; returns the metadata written."""
     out = Path(out)
     fmt = output_format(out)
     torch_dtype = TORCH_DTYPES[dtype]
-    metadata = build_metadata(prepared, dtype, parity)
+    metadata = build_metadata(prepared, dtype, parity, extra_metadata)
     if fmt == "pt":
         write_pt(out, prepared.state_dict(torch_dtype), metadata)
         return metadata
@@ -364,7 +368,7 @@ def write_converted(
 
 
 def convert(
-    path: str | os.PathLike,
+    path: str | os.PathLike | HaikuCheckpoint,
     out: Optional[str | os.PathLike] = None,
     model: Optional[str] = None,
     dtype: Optional[str] = None,
@@ -374,11 +378,14 @@ def convert(
     verify: bool = False,
     overwrite: bool = True,
     progress: Progress = quiet,
+    extra_metadata: Optional[Mapping[str, str]] = None,
 ) -> ConversionResult:
     """Converts an official checkpoint to a perceiver_torch checkpoint.
 
     Args:
-        path: the official ``.pickle``/``.pystate`` file (read safely, no jax needed).
+        path: the official ``.pickle``/``.pystate`` file (read safely, no jax needed),
+            or a :class:`HaikuCheckpoint` already in memory (e.g. mapped back from a
+            HuggingFace file by :mod:`converter.hf_import`).
         out: ``*.safetensors`` (recommended) or ``*.pt``; None keeps the converted state
             dict in memory (``result.state_dict``, ``result.build_model()``).
         model: force a model name; None detects it from the parameter names.
@@ -400,9 +407,13 @@ def convert(
         )
     if out is not None:
         output_format(Path(out))  # fail on a bad suffix before reading 800 MB
-        check_outputs(out, (path, mapping), force=overwrite)
-    progress(f"reading {path}")
-    checkpoint = load_haiku_checkpoint(path)
+        source = path.path if isinstance(path, HaikuCheckpoint) else path
+        check_outputs(out, (source, mapping), force=overwrite)
+    if isinstance(path, HaikuCheckpoint):
+        checkpoint = path
+    else:
+        progress(f"reading {path}")
+        checkpoint = load_haiku_checkpoint(path)
     progress(
         f"read {checkpoint.size_bytes / 1e6:.1f} MB, protocol {checkpoint.protocol}, "
         f"sha256 {checkpoint.sha256[:16]}..."
@@ -427,9 +438,9 @@ def convert(
         out = Path(out)
         fmt = output_format(out)
         progress(f"writing {out}")
-        metadata = write_converted(prepared, out, dtype, parity)
+        metadata = write_converted(prepared, out, dtype, parity, extra_metadata)
     else:
-        metadata = build_metadata(prepared, dtype, parity)
+        metadata = build_metadata(prepared, dtype, parity, extra_metadata)
         state_dict = prepared.state_dict(TORCH_DTYPES[dtype])
     return ConversionResult(
         model=prepared.model,

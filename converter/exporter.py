@@ -54,23 +54,27 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.contiguous().numpy()
 
 
-def export(
-    path: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    protocol: int = 3,
-    container: str = "flatmapping",
-    mapping: Optional[str | os.PathLike] = None,
-    overwrite: bool = True,
-) -> ExportResult:
-    """Writes the official-layout pickle for a file made by :func:`converter.convert`.
+@dataclass
+class HaikuArrays:
+    """A converted file mapped back to the official Haiku names (nothing written yet).
 
-    ``out`` may not be ``path`` (nor the mapping file) and may not carry another
-    format's suffix (``.safetensors``, ``.pt``, ...); ``overwrite=False`` also refuses
-    an existing ``out``. These raise :class:`~converter.errors.OutputError`.
+    ``flat``: ``{"module/param": array}`` and ``{"state:module/param": array}``;
+    ``config``: the converted file's perceiver_torch config (a plain dict).
     """
-    check_pickle_suffix(Path(out))
-    check_outputs(out, (path, mapping), force=overwrite)
+
+    model: str
+    config: Dict[str, Any]
+    flat: Dict[str, np.ndarray]
+    metadata: Dict[str, str]
+    layout: str
+    exact: bool
+    notes: list
+
+
+def converted_to_haiku(
+    path: str | os.PathLike, *, mapping: Optional[str | os.PathLike] = None
+) -> HaikuArrays:
+    """Reads a file made by :func:`converter.convert` and inverts its mapping exactly."""
     state_dict, metadata = read_converted(Path(path))
     model = metadata["model"]
     config = json.loads(metadata["config"])
@@ -115,16 +119,37 @@ def export(
         )
     arrays = {key: _to_numpy(tensor) for key, tensor in state_dict.items()}
     flat = invert_arrays(table, arrays, dropped)
-    params, state = unflatten_tree(flat)
     layout = spec.source.get("layout", "params")
+    return HaikuArrays(model, config, flat, metadata, layout, exact, notes)
+
+
+def export(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    protocol: int = 3,
+    container: str = "flatmapping",
+    mapping: Optional[str | os.PathLike] = None,
+    overwrite: bool = True,
+) -> ExportResult:
+    """Writes the official-layout pickle for a file made by :func:`converter.convert`.
+
+    ``out`` may not be ``path`` (nor the mapping file) and may not carry another
+    format's suffix (``.safetensors``, ``.pt``, ...); ``overwrite=False`` also refuses
+    an existing ``out``. These raise :class:`~converter.errors.OutputError`.
+    """
+    check_pickle_suffix(Path(out))
+    check_outputs(out, (path, mapping), force=overwrite)
+    haiku = converted_to_haiku(path, mapping=mapping)
+    params, state = unflatten_tree(haiku.flat)
     save_haiku_checkpoint(
         out,
         params,
-        state if layout == "params_and_state" else None,
+        state if haiku.layout == "params_and_state" else None,
         protocol=protocol,
         container=container,
     )
-    return ExportResult(model, Path(out), len(flat), exact, notes)
+    return ExportResult(haiku.model, Path(out), len(haiku.flat), haiku.exact, haiku.notes)
 
 
 def _check_stored_dtypes(

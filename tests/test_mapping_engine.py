@@ -420,3 +420,29 @@ def test_includes_come_from_the_mapping_folder_then_the_bundled_ones(tmp_path):
         MappingError, match=rf"{missing}: included file '_nowhere.yaml' not found"
     ):
         load_mapping(missing)
+
+
+def test_hf_mappings_cover_the_six_models_and_read_their_counts_backwards():
+    """mappings/hf/: one per model, each naming its transformers class; target_derive
+    reads the layer count from transformers' names (the mapping read backwards)."""
+    from converter.mapping import available_hf_mappings, load_hf_mapping
+
+    assert available_hf_mappings() == tuple(sorted(MODEL_NAMES))
+    for name in MODEL_NAMES:
+        spec = load_hf_mapping(name)
+        assert spec.model == name and spec.target["architecture"].startswith("Perceiver")
+        (key,) = spec.target_derive
+        table = spec.expand({**spec.config, key: 3})
+        shapes = {rule.target: (1,) for rule in table.rules}
+        assert spec.derive_from_targets(shapes) == {key: 3}
+        assert len({rule.target for rule in table.rules}) == len(table.rules)
+    with pytest.raises(MappingError, match="no HuggingFace mapping"):
+        load_hf_mapping("nonexistent")
+
+
+def test_a_folder_named_like_a_model_does_not_shadow_its_mapping(tmp_path, monkeypatch):
+    from converter.mapping import load_mapping
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imagenet_conv").mkdir()
+    assert load_mapping("imagenet_conv").file == "mappings/imagenet_conv.yaml"
