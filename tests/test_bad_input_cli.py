@@ -78,9 +78,14 @@ def test_export_refuses_to_overwrite_its_own_input(work):
 
 def test_export_refuses_a_suffix_of_another_format(work):
     before = snapshot(work)
-    for name in ("back.pt", "back.safetensors", "back.onnx"):
+    for name in ("back.pt", "back.safetensors"):
         result = run_cli("export", work / "fourier.safetensors", "-o", work / name)
         assert_clean_error(result, 2, "refusing to write a Haiku pickle", "*.pickle")
+    # *.onnx means an ONNX graph, unless the Haiku format is asked for by name.
+    result = run_cli(
+        "export", work / "fourier.safetensors", "-o", work / "back.onnx", "--format", "haiku"
+    )
+    assert_clean_error(result, 2, "refusing to write a Haiku pickle", "*.pickle")
     assert snapshot(work) == before
 
 
