@@ -844,7 +844,8 @@ def verify_command(
 @click.option(
     "--force",
     is_flag=True,
-    help="Replace the output if it exists (never an input).",
+    help="Replace the output file if it exists (never an input; a --format hf folder "
+    "must be new or empty).",
 )
 @click.option("--protocol", type=click.IntRange(2, 5), default=3, show_default=True)
 @click.option(
@@ -876,10 +877,14 @@ def export_command(
     from converter.atomic import check_outputs
 
     fmt = fmt or ("onnx" if output.suffix.lower() == ".onnx" else "haiku")
-    output = output_path_callback(click.get_current_context(), None, output)
-    if fmt == "haiku":
-        check_pickle_suffix(output)
-    check_outputs(output, [converted, mapping], force=force)
+    if fmt == "hf":
+        # A folder: export_hf wants a new or empty one (--force replaces files only).
+        check_outputs(output, [converted, mapping], force=True)
+    else:
+        output = output_path_callback(click.get_current_context(), None, output)
+        if fmt == "haiku":
+            check_pickle_suffix(output)
+        check_outputs(output, [converted, mapping], force=force)
     if fmt != "haiku":  # other projects' formats: converter/hf.py, converter/onnx_export.py
         from converter.interop_cli import export_other
 

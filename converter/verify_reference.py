@@ -78,7 +78,9 @@ class _WithModel:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._prepared, name)
 
-    def build_model(self) -> torch.nn.Module:
+    def build_model(self, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+        """CONVERTED's model, with its weights as they are stored (``dtype`` is the
+        rounding verify asks for; the file's own weights already carry theirs)."""
         return self._model
 
 
