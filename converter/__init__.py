@@ -18,8 +18,8 @@ from converter.errors import (
     UnsafeCheckpointError,
     UsageError,
 )
-from converter.reader import HaikuCheckpoint, load_haiku_checkpoint
-from converter.writer import save_haiku_checkpoint
+from converter.haiku_reader import HaikuCheckpoint, load_haiku_checkpoint
+from converter.haiku_writer import save_haiku_checkpoint
 
 
 def __getattr__(name: str):

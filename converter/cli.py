@@ -32,8 +32,8 @@ import click
 from converter._version import __version__
 from converter.atomic import check_outputs
 from converter.errors import CheckpointError, ConfigError, ConverterError
-from converter.trees import MODEL_NAMES, SIZES
-from converter.writer import CONTAINERS, check_pickle_suffix
+from converter.registry import MODEL_NAMES, SIZES
+from converter.haiku_writer import CONTAINERS, check_pickle_suffix
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -201,7 +201,7 @@ def output_option(
     """``-o/--output FILE`` and ``--force`` for a command that writes a file.
 
     Before the command runs: the folder must exist and be writable, ``check_name``
-    (e.g. :func:`~converter.writer.check_pickle_suffix`) may refuse the name, the
+    (e.g. :func:`~converter.haiku_writer.check_pickle_suffix`) may refuse the name, the
     output may not be any of the parameters named in ``inputs`` (the same file, by
     any path), and an existing output needs ``--force``; each refusal exits 2 and
     nothing is read or written. The command itself receives ``output`` only.
@@ -299,7 +299,7 @@ def fixture_command(
     saved = write_fixture(
         name, output, size=size, seed=seed, protocol=protocol, container=container
     )
-    from converter.trees import official_tree
+    from converter.registry import official_tree
 
     tree = official_tree(name, size)
     click.echo(
@@ -348,7 +348,7 @@ def _summary(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def _checkpoint_document(checkpoint: Any) -> Dict[str, Any]:
-    from converter.reader import ALLOWED_GLOBALS
+    from converter.haiku_reader import ALLOWED_GLOBALS
 
     params = _array_rows(checkpoint.params)
     state = _array_rows(checkpoint.state)
@@ -496,7 +496,7 @@ def inspect_command(path: Path, as_json: bool) -> None:
     tensors), a HuggingFace transformers folder or weights file, or an ONNX graph.
     """
     from converter.inspect_other import describe, is_other, print_document
-    from converter.reader import load_haiku_checkpoint, scan_pickle
+    from converter.haiku_reader import load_haiku_checkpoint, scan_pickle
 
     if is_other(path):  # other formats: converter/inspect_other.py
         document = describe(path)
@@ -583,7 +583,7 @@ def _parse_config(values: Tuple[str, ...], model: Optional[str]) -> Dict[str, An
 
 
 def _output_format(path: Path) -> str:
-    from converter.outputs import output_format
+    from converter.converted_files import output_format
 
     return output_format(path)
 

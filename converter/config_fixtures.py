@@ -17,8 +17,8 @@ from converter.conversion import model_targets
 from converter.fixtures import make_tree_arrays
 from converter.mapping import load_mapping, unflatten_tree
 from converter.ops import ops_inverse_shape
-from converter.trees import ParamTree, model_info
-from converter.writer import save_haiku_checkpoint
+from converter.registry import ParamTree, model_info
+from converter.haiku_writer import save_haiku_checkpoint
 from perceiver_torch.configs import config_from_dict, config_to_dict
 
 # The TINY_CONFIGS sizes with the values transformers' Perceiver classes hard-code:

@@ -41,7 +41,7 @@ from converter.mapping import (
     load_mapping,
     plan_forward,
 )
-from converter.outputs import (
+from converter.converted_files import (
     TORCH_DTYPES,
     cast_for_output,
     output_dtype,
@@ -51,7 +51,7 @@ from converter.outputs import (
 )
 from converter.atomic import check_outputs
 from converter.progress import Progress, quiet
-from converter.reader import HaikuCheckpoint, load_haiku_checkpoint
+from converter.haiku_reader import HaikuCheckpoint, load_haiku_checkpoint
 from perceiver_torch.configs import ConfigError as TorchConfigError
 from perceiver_torch.configs import config_from_dict, config_to_dict
 

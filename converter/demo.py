@@ -77,8 +77,8 @@ def demo_one(name: str, size: str, seed: int, folder: Path, progress: Progress) 
     from converter.conversion import prepare, write_converted
     from converter.exporter import export
     from converter.fixtures import write_fixture
-    from converter.reader import load_haiku_checkpoint
-    from converter.trees import official_tree
+    from converter.haiku_reader import load_haiku_checkpoint
+    from converter.registry import official_tree
 
     row: Dict[str, Any] = {
         "model": name,

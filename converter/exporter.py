@@ -21,8 +21,8 @@ from converter.conversion import decode_dropped, tensor_specs
 from converter.atomic import check_outputs
 from converter.errors import CheckpointError, MappingError
 from converter.mapping import invert_arrays, load_mapping, plan_inverse, unflatten_tree
-from converter.outputs import read_converted
-from converter.writer import check_pickle_suffix, save_haiku_checkpoint
+from converter.converted_files import read_converted
+from converter.haiku_writer import check_pickle_suffix, save_haiku_checkpoint
 
 
 class PrecisionWarning(UserWarning):

@@ -1,6 +1,6 @@
 """Random-weight checkpoints in the exact official layout, for tests and demos.
 
-:func:`make_fixture` fills every array of an official tree (:mod:`converter.trees`)
+:func:`make_fixture` fills every array of an official tree (:mod:`converter.registry`)
 with random values: never zeros or constants (biases, norms, paddings, mask tokens
 and the zero-initialised flow head included), so that a wrong mapping cannot pass by
 accident, and scaled so that a forward pass stays of order one:
@@ -31,8 +31,8 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 
 from converter.atomic import check_output_path
-from converter.trees import ParamTree, Spec, SpecTree, official_tree
-from converter.writer import SavedCheckpoint, save_haiku_checkpoint
+from converter.registry import ParamTree, Spec, SpecTree, official_tree
+from converter.haiku_writer import SavedCheckpoint, save_haiku_checkpoint
 
 __all__ = ["make_fixture", "make_tree_arrays", "write_fixture"]
 
@@ -102,7 +102,7 @@ def _init(rng: np.random.Generator, module: str, param: str, spec: Spec) -> np.n
 
 
 def make_tree_arrays(tree: ParamTree, seed: int = 0) -> Tuple[Arrays, Arrays]:
-    """Random ``(params, state)`` arrays for any :class:`~converter.trees.ParamTree`."""
+    """Random ``(params, state)`` arrays for any :class:`~converter.registry.ParamTree`."""
     if type(seed) is not int or seed < 0:
         raise ValueError(f"seed must be a non-negative int, not {seed!r}")
 
@@ -129,7 +129,7 @@ def make_fixture(
         ``(params, state)``. ``state`` is ``None`` for the models whose files hold
         the params alone (language, flow, video) and a mapping (empty for
         ``imagenet_learned``/``imagenet_fourier``) for the ImageNet models, so the
-        pair passes straight to :func:`~converter.writer.save_haiku_checkpoint`.
+        pair passes straight to :func:`~converter.haiku_writer.save_haiku_checkpoint`.
 
     Raises:
         ValueError: unknown model name, size or a negative seed.

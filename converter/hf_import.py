@@ -267,8 +267,8 @@ def prepare_hf(
     perceiver_torch mapping. Returns ``(PreparedConversion, provenance dict)``."""
     from converter.conversion import prepare
     from converter.hf import config_overrides_from_hf
-    from converter.reader import HaikuCheckpoint
-    from converter.trees import model_info
+    from converter.haiku_reader import HaikuCheckpoint
+    from converter.registry import model_info
 
     progress(f"reading {path} (transformers checkpoint)")
     source = read_hf(path)

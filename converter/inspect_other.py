@@ -62,7 +62,7 @@ def describe(path: Path) -> Dict[str, Any]:
 
 
 def _describe_converted(path: Path) -> Dict[str, Any]:
-    from converter.outputs import read_converted
+    from converter.converted_files import read_converted
 
     state_dict, metadata = read_converted(path)
     rows = _rows(state_dict)

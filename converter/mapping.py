@@ -17,7 +17,7 @@ official checkpoint becomes a tensor of the PyTorch model:
   none); ``derive``: the values a checkpoint's shapes reveal; ``presets``: other known
   sizes on top of ``tiny``, which is ``perceiver_torch.TINY_CONFIGS``.
 - ``source``: the official file's facts, by default those of the model registry
-  (:mod:`converter.trees`); a file may replace them.
+  (:mod:`converter.registry`); a file may replace them.
 - ``tolerance``: the parity tolerance ``verify`` applies (``relative``; optional
   ``fourier_outputs``, and ``float16``/``bfloat16`` for weights stored in those dtypes,
   default ``converter.verify.ROUNDING_TOLERANCE``).
@@ -324,11 +324,11 @@ class MappingSpec:
         """The official file: ``file``, ``url``, ``layout`` (``params`` or
         ``params_and_state``) and ``params`` (its parameter count).
 
-        For the six models these come from the registry (:mod:`converter.trees`: the
+        For the six models these come from the registry (:mod:`converter.registry`: the
         file name, its layout, and the count of its shipped parameter tree); a
         mapping file's ``source:`` values replace them.
         """
-        from converter.trees import MODELS, official_tree
+        from converter.registry import MODELS, official_tree
 
         base: Dict[str, Any] = {}
         info = MODELS.get(self.model)

@@ -137,7 +137,7 @@ def describe_mapping(
             six (there is no tree to expand it for).
         OverrideError: an override names an unknown key or contradicts the tree.
     """
-    from converter.trees import MODEL_NAMES, official_tree
+    from converter.registry import MODEL_NAMES, official_tree
 
     spec = load_mapping(name_or_path)
     if spec.model not in MODEL_NAMES:

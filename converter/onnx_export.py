@@ -201,7 +201,7 @@ def export_onnx(
     """
     import perceiver_torch
     from converter.atomic import check_output_path
-    from converter.outputs import read_converted
+    from converter.converted_files import read_converted
 
     onnx, _ = require_onnx()
     out = check_output_path(out)

@@ -424,7 +424,7 @@ def verify_prepared(
     dtype: the storage dtype of the weights to check (``float16``/``bfloat16``: the
     weights are rounded to it, as they are written; see the module docstring).
     """
-    from converter.outputs import TORCH_DTYPES
+    from converter.converted_files import TORCH_DTYPES
 
     require_jax()
     name = prepared.model

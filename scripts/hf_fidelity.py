@@ -22,7 +22,7 @@ from pathlib import Path
 from converter.conversion import convert
 from converter.fixtures import write_fixture
 from converter.hf import export_hf
-from converter.trees import MODEL_NAMES
+from converter.registry import MODEL_NAMES
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ def digests(workdir: Path, size: str = "tiny", names: Any = None) -> Dict[str, A
     from safetensors import safe_open
 
     from converter.cli import main
-    from converter.trees import MODEL_NAMES
+    from converter.registry import MODEL_NAMES
 
     def cli(*args: Any) -> None:
         result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

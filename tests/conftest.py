@@ -7,7 +7,7 @@ from typing import Callable
 
 import pytest
 
-from converter.trees import MODEL_NAMES
+from converter.registry import MODEL_NAMES
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "golden"
 

@@ -21,11 +21,11 @@ from safetensors.torch import save_file
 
 import converter
 import perceiver_torch
-from converter import outputs as outputs_module
+from converter import converted_files as outputs_module
 from converter.errors import ConfigError, OutputError
 from converter.fixtures import make_fixture, write_fixture
-from converter.reader import load_haiku_checkpoint
-from converter.writer import save_haiku_checkpoint
+from converter.haiku_reader import load_haiku_checkpoint
+from converter.haiku_writer import save_haiku_checkpoint
 from helpers import run_cli
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden"

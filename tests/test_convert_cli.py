@@ -15,11 +15,11 @@ from safetensors import safe_open
 
 import converter
 import perceiver_torch
-from converter import outputs as outputs_module
+from converter import converted_files as outputs_module
 from converter.fixtures import make_fixture, write_fixture
-from converter.reader import load_haiku_checkpoint
-from converter.trees import MODEL_NAMES, official_tree
-from converter.writer import save_haiku_checkpoint
+from converter.haiku_reader import load_haiku_checkpoint
+from converter.registry import MODEL_NAMES, official_tree
+from converter.haiku_writer import save_haiku_checkpoint
 from official_facts import OFFICIAL_PARAMETERS
 from helpers import assert_same_tree, run_cli
 

@@ -19,7 +19,7 @@ from converter import (
 )
 from converter.cli import ConverterGroup
 from converter.fixtures import make_fixture
-from converter.trees import MODEL_NAMES, MODELS, describe, model_info, official_tree
+from converter.registry import MODEL_NAMES, MODELS, describe, model_info, official_tree
 from official_facts import OFFICIAL_FLOAT32_BYTES, OFFICIAL_PARAMETERS
 from helpers import run_cli
 

@@ -11,8 +11,8 @@ import json
 import pytest
 
 from converter.fixtures import write_fixture
-from converter.reader import load_haiku_checkpoint
-from converter.trees import MODEL_NAMES
+from converter.haiku_reader import load_haiku_checkpoint
+from converter.registry import MODEL_NAMES
 from helpers import assert_same_tree, run_cli
 
 pytestmark = pytest.mark.full

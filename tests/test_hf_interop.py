@@ -20,8 +20,8 @@ import torch
 from converter.config_fixtures import HF_TINY_CONFIGS, write_config_fixture
 from converter.conversion import convert
 from converter.mapping import flatten_tree
-from converter.reader import load_haiku_checkpoint
-from converter.trees import MODEL_NAMES
+from converter.haiku_reader import load_haiku_checkpoint
+from converter.registry import MODEL_NAMES
 from perceiver_torch import read_checkpoint
 from tests.helpers import run_cli
 

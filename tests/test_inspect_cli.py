@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from converter.fixtures import write_fixture
-from converter.trees import official_tree
+from converter.registry import official_tree
 from helpers import run_cli
 
 

@@ -4,7 +4,7 @@
 path and parameter by parameter (shape and dtype), with the trees listed from the
 official checkpoints (``converter/data/trees``): full size with the default configs,
 tiny size with ``perceiver_torch.configs.TINY_CONFIGS``. The TSV files are parsed here
-directly so that this test does not depend on ``converter.trees``.
+directly so that this test does not depend on ``converter.registry``.
 """
 
 from __future__ import annotations

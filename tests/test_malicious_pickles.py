@@ -18,9 +18,9 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 
-import converter.writer as writer_module
+import converter.haiku_writer as writer_module
 from converter import CheckpointError, UnsafeCheckpointError, load_haiku_checkpoint
-from converter.reader import _ALLOWED_PAIRS, _CheckedReader, _SafeUnpickler, scan_pickle
+from converter.haiku_reader import _ALLOWED_PAIRS, _CheckedReader, _SafeUnpickler, scan_pickle
 
 # ---- opcode builders (see pickletools for the meaning of each opcode) ----------------
 
@@ -487,7 +487,7 @@ def test_stand_ins_are_never_the_real_callables(tmp_path):
 
                 real = getattr(_codecs, name)
             assert stand_in is not real
-            assert type(stand_in).__module__ == "converter.reader"
+            assert type(stand_in).__module__ == "converter.haiku_reader"
 
 
 def test_unsafe_file_in_a_fresh_interpreter_runs_nothing(tmp_path):

@@ -23,7 +23,7 @@ from converter.mapping import (
     plan_forward,
     unflatten_tree,
 )
-from converter.trees import DOWNLOAD_BASE_URL, MODEL_NAMES, MODELS, official_tree
+from converter.registry import DOWNLOAD_BASE_URL, MODEL_NAMES, MODELS, official_tree
 from perceiver_torch.configs import (
     CONFIG_CLASSES,
     TINY_CONFIGS,
@@ -273,7 +273,7 @@ def architecture(config) -> dict:
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_shipped_mappings_restate_no_official_fact(name):
     # The configuration, the tiny sizes and the official file's facts each live in one
-    # place (perceiver_torch.configs, converter.trees); a shipped mapping repeats none.
+    # place (perceiver_torch.configs, converter.registry); a shipped mapping repeats none.
     root = yaml.safe_load((MAPPINGS / f"{name}.yaml").read_text())
     assert not {"config", "presets", "source"} & set(root)
 

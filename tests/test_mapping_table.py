@@ -18,7 +18,7 @@ import pytest
 from converter.conversion import model_targets
 from converter.mapping import _load_yaml, available_mappings, flatten_tree
 from converter.mapping_table import describe_mapping, format_table
-from converter.trees import MODEL_NAMES, official_tree
+from converter.registry import MODEL_NAMES, official_tree
 from helpers import run_cli
 from perceiver_torch.configs import config_from_dict
 

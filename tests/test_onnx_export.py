@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from converter.trees import MODEL_NAMES
+from converter.registry import MODEL_NAMES
 from tests.helpers import run_cli
 
 onnx = pytest.importorskip("onnx")

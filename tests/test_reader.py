@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 
 from converter import CheckpointError, HaikuCheckpoint, load_haiku_checkpoint
-from converter.reader import ALLOWED_GLOBALS, scan_pickle
-from converter.trees import describe, official_tree
-from converter.writer import save_haiku_checkpoint
+from converter.haiku_reader import ALLOWED_GLOBALS, scan_pickle
+from converter.registry import describe, official_tree
+from converter.haiku_writer import save_haiku_checkpoint
 
 OFFICIAL_GLOBALS = (
     "haiku._src.data_structures.FlatMapping",

@@ -11,7 +11,7 @@ import pytest
 
 from converter.errors import ConverterError
 from converter.fixtures import write_fixture
-from converter.trees import MODEL_NAMES
+from converter.registry import MODEL_NAMES
 from converter.verify import STAGES, compare, require_jax
 from helpers import run_cli
 

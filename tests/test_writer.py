@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import converter.writer as writer_module
+import converter.haiku_writer as writer_module
 from converter import ConverterError, load_haiku_checkpoint, save_haiku_checkpoint
 from converter.atomic import atomic_write
 from converter.fixtures import make_fixture
-from converter.reader import ALLOWED_GLOBALS, scan_pickle
-from converter.trees import describe, official_tree
+from converter.haiku_reader import ALLOWED_GLOBALS, scan_pickle
+from converter.registry import describe, official_tree
 from helpers import assert_same_tree
 
 PROTOCOLS = (2, 3, 4, 5)

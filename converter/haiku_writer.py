@@ -36,7 +36,7 @@ import numpy as np
 from converter.atomic import HashingWriter, atomic_write
 from converter.errors import OutputError
 # The plain numeric dtypes the official layout carries: exactly what the reader accepts.
-from converter.reader import _NUMERIC_CODES
+from converter.haiku_reader import _NUMERIC_CODES
 
 __all__ = ["CONTAINERS", "PROTOCOLS", "SavedCheckpoint", "save_haiku_checkpoint"]
 

@@ -6,7 +6,7 @@ array, ``module  param  shape  dtype``. ``size="full"`` gives the released
 checkpoints, ``size="tiny"`` the tiny golden checkpoints of ``tests/data/golden``.
 
 A tree maps ``{module_path: {param_name: (shape, dtype)}}``, the same two-level
-layout :class:`converter.reader.HaikuCheckpoint` uses for arrays, so the two compare
+layout :class:`converter.haiku_reader.HaikuCheckpoint` uses for arrays, so the two compare
 directly (see :func:`describe`).
 """
 

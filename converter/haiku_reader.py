@@ -43,7 +43,7 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tupl
 import numpy as np
 
 from converter.errors import CheckpointError, ConverterError, UnsafeCheckpointError
-from converter.trees import DOWNLOAD_BASE_URL
+from converter.registry import DOWNLOAD_BASE_URL
 
 __all__ = [
     "ALLOWED_GLOBALS",
