@@ -9,11 +9,14 @@ from __future__ import annotations
 from converter._version import __version__
 from converter.errors import (
     CheckpointError,
+    ConfigError,
     ConverterError,
     MappingError,
+    OutputError,
     ParityError,
     ShapeMismatch,
     UnsafeCheckpointError,
+    UsageError,
 )
 from converter.reader import HaikuCheckpoint, load_haiku_checkpoint
 from converter.writer import save_haiku_checkpoint
@@ -35,13 +38,16 @@ def __getattr__(name: str):
 __all__ = [
     "__version__",
     "CheckpointError",
+    "ConfigError",
     "ConversionResult",
     "ConverterError",
     "HaikuCheckpoint",
     "MappingError",
+    "OutputError",
     "ParityError",
     "ShapeMismatch",
     "UnsafeCheckpointError",
+    "UsageError",
     "convert",
     "export",
     "load_haiku_checkpoint",

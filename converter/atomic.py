@@ -13,11 +13,11 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
-from converter.errors import ConverterError
+from converter.errors import ConverterError, OutputError
 
-__all__ = ["HashingWriter", "atomic_write", "check_output_path"]
+__all__ = ["HashingWriter", "atomic_write", "check_output_path", "check_outputs"]
 
 
 def check_output_path(path: Union[str, os.PathLike]) -> Path:
@@ -45,6 +45,36 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
             "writable folder"
         )
     return path
+
+
+def check_outputs(
+    out: Union[str, os.PathLike],
+    inputs: Sequence[Optional[Union[str, os.PathLike]]] = (),
+    *,
+    force: bool = True,
+) -> Path:
+    """Refuses an output that is one of ``inputs`` (the same file, also through a
+    link or another spelling) and, unless ``force``, one that exists. Raises
+    :class:`~converter.errors.OutputError` (exit 2); returns ``Path(out)``."""
+    out = Path(out)
+    for given in inputs:
+        if given is None:
+            continue
+        given = Path(given)
+        same = out.resolve() == given.resolve()
+        if not same and out.exists() and given.exists():
+            same = os.path.samefile(out, given)
+        if same:
+            raise OutputError(
+                f"refusing to write {out}: it is the input {given}; choose another "
+                "output name"
+            )
+    if out.exists() and not force:
+        raise OutputError(
+            f"refusing to overwrite {out}: the file exists; pass --force to replace "
+            "it or choose another output name"
+        )
+    return out
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -3,39 +3,51 @@
 Every command is a small function on the :func:`main` group; what they share lives
 here as helpers:
 
-* :class:`ConverterGroup` turns a :class:`~converter.errors.ConverterError` raised in
-  any command into ``error: <message>`` on stderr and the documented exit code (no
-  traceback): :class:`~converter.errors.ParityError` -> 1, any other (bad checkpoint,
-  bad mapping) -> 3. Usage errors are click's, exit 2.
-* :func:`echo_json` prints one JSON document on stdout; :func:`output_path_callback`
-  checks an output file's folder up front (exit 2 when it is missing).
+* :class:`ConverterGroup` runs every command under one error policy: a
+  :class:`~converter.errors.ConverterError` becomes ``error: <message>`` on stderr and
+  its ``exit_code`` (:class:`~converter.errors.ParityError` 1, usage and config errors
+  2, bad input 3), Ctrl-C exits 130, anything unexpected one line (exit 3); never a
+  traceback, unless ``--debug`` (or ``PERCEIVER_CONVERT_DEBUG=1``). With ``--json``
+  on the command line, an error is also one JSON document on stdout
+  (:func:`error_document`).
+* :func:`output_option` gives a command ``-o/--output`` and ``--force`` and refuses,
+  before the command runs, an output that is one of the command's inputs or that
+  exists (without ``--force``); :func:`echo_json` prints one JSON document on stdout.
 
 Nothing here imports jax (nor torch): ``fixture`` and ``inspect`` work without them.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import sys
+import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import click
 
 from converter._version import __version__
-from converter.errors import CheckpointError, ConverterError, ParityError
+from converter.atomic import check_outputs
+from converter.errors import CheckpointError, ConfigError, ConverterError
 from converter.trees import MODEL_NAMES, SIZES
-from converter.writer import CONTAINERS
+from converter.writer import CONTAINERS, check_pickle_suffix
 
 __all__ = [
     "EXIT_BAD_INPUT",
+    "EXIT_INTERRUPTED",
     "EXIT_OK",
     "EXIT_PARITY",
     "EXIT_USAGE",
     "ConverterGroup",
     "echo_json",
+    "error_document",
     "exit_code_for",
     "fail",
     "main",
+    "output_option",
     "output_path_callback",
 ]
 
@@ -43,22 +55,59 @@ EXIT_OK = 0
 EXIT_PARITY = 1
 EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+DEBUG_ENV = "PERCEIVER_CONVERT_DEBUG"
 
 _MAIN_HELP = f"""Convert DeepMind's official Perceiver IO Haiku checkpoints to PyTorch,
 safely (no jax, haiku or pickle.load needed) and verified numerically.
 
 \b
 Exit codes:
-  {EXIT_OK}  success
-  {EXIT_PARITY}  parity check outside tolerance
-  {EXIT_USAGE}  usage error (bad option, unknown model, missing output folder)
-  {EXIT_BAD_INPUT}  bad checkpoint or mapping (unsafe, corrupt or unexpected file)
+  {EXIT_OK}    success
+  {EXIT_PARITY}    parity check outside tolerance
+  {EXIT_USAGE}    usage error (bad option or --config value, unknown model, missing
+       output folder, an output that is an input or exists without --force)
+  {EXIT_BAD_INPUT}    bad checkpoint or mapping (unsafe, corrupt, unreadable or
+       unexpected file)
+  {EXIT_INTERRUPTED}  interrupted (Ctrl-C); no partial file is left
+
+Errors are one line on stderr; --debug (or {DEBUG_ENV}=1) adds the traceback.
+With --json, every outcome, errors included, is one JSON document on stdout.
 """
 
 
-def exit_code_for(error: ConverterError) -> int:
-    """The documented exit code of a converter error."""
-    return EXIT_PARITY if isinstance(error, ParityError) else EXIT_BAD_INPUT
+def exit_code_for(error: BaseException) -> int:
+    """The documented exit code of an error raised inside a command."""
+    if isinstance(error, ConverterError):
+        return error.exit_code
+    torch_configs = sys.modules.get("perceiver_torch.configs")
+    if torch_configs is not None and isinstance(error, torch_configs.ConfigError):
+        return EXIT_USAGE
+    return EXIT_BAD_INPUT
+
+
+def error_document(error: BaseException, exit_code: int) -> Dict[str, Any]:
+    """The ``--json`` document of a failed command: ``{"ok": false, "error": {"type",
+    "message", ...details}, "exit_code"}``."""
+    body: Dict[str, Any] = {"type": type(error).__name__, "message": _message(error)}
+    key = getattr(error, "key", None)
+    if key is not None:
+        body["key"] = key
+    body.update(getattr(error, "details", None) or {})
+    return {"ok": False, "error": body, "exit_code": exit_code}
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, click.ClickException):
+        return error.format_message()
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted; no partial file was left"
+    if isinstance(error, (ConverterError, ValueError)):
+        return str(error)
+    return (
+        f"unexpected {type(error).__name__}: {error}; rerun with --debug (or "
+        f"{DEBUG_ENV}=1) for the traceback and please report it"
+    )
 
 
 def fail(error: ConverterError) -> NoReturn:
@@ -67,14 +116,61 @@ def fail(error: ConverterError) -> NoReturn:
     raise click.exceptions.Exit(exit_code_for(error))
 
 
+def _wants_json(args: Sequence[str]) -> bool:
+    """Whether the command line asks for ``--json`` (options end at ``--``)."""
+    for arg in args:
+        if arg == "--":
+            return False
+        if arg == "--json":
+            return True
+    return False
+
+
 class ConverterGroup(click.Group):
-    """A click group whose commands report :class:`ConverterError` without traceback."""
+    """A click group whose commands share one error policy (see the module docstring).
+
+    Any command added to the group gets it: exit codes from ``exit_code_for``, 130 on
+    Ctrl-C, one line on stderr (the traceback only with ``--debug``), and with
+    ``--json`` on its command line, one :func:`error_document` on stdout.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
+        args = [
+            *(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])),
+            *ctx.args,
+        ]
+        as_json = _wants_json(args)
+        debug = bool(ctx.params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in (
+            "",
+            "0",
+        )
         try:
             return super().invoke(ctx)
-        except ConverterError as error:
-            fail(error)
+        except click.exceptions.Exit:
+            raise
+        except click.exceptions.Abort:
+            self._report(KeyboardInterrupt(), EXIT_INTERRUPTED, as_json, False)
+        except click.ClickException as error:
+            if not as_json:
+                raise  # click prints "Usage: ... Error: ..." itself (exit 2)
+            error.show()
+            echo_json(error_document(error, error.exit_code))
+            raise click.exceptions.Exit(error.exit_code) from None
+        except KeyboardInterrupt as error:
+            self._report(error, EXIT_INTERRUPTED, as_json, debug)
+        except Exception as error:  # every other failure: one line, never a traceback
+            self._report(error, exit_code_for(error), as_json, debug)
+
+    @staticmethod
+    def _report(
+        error: BaseException, code: int, as_json: bool, debug: bool
+    ) -> NoReturn:
+        if debug:
+            traceback.print_exception(type(error), error, error.__traceback__)
+        click.echo(f"error: {_message(error)}", err=True)
+        if as_json:
+            echo_json(error_document(error, code))
+        raise click.exceptions.Exit(code)
 
 
 def echo_json(document: Any) -> None:
@@ -96,17 +192,47 @@ def output_path_callback(
         raise click.BadParameter(str(error), ctx=ctx, param=param) from None
 
 
-def output_option(help_text: str) -> Callable[[Any], Any]:
-    """The ``-o/--output`` file option of the commands that write one (its folder is
-    checked up front: exit 2 when it is missing or not writable)."""
-    return click.option(
-        "-o",
-        "--output",
-        type=click.Path(dir_okay=False, path_type=Path),
-        required=True,
-        callback=output_path_callback,
-        help=help_text,
-    )
+def output_option(
+    help_text: str,
+    *,
+    inputs: Sequence[str] = (),
+    check_name: Optional[Callable[[Path], None]] = None,
+) -> Callable[[Any], Any]:
+    """``-o/--output FILE`` and ``--force`` for a command that writes a file.
+
+    Before the command runs: the folder must exist and be writable, ``check_name``
+    (e.g. :func:`~converter.writer.check_pickle_suffix`) may refuse the name, the
+    output may not be any of the parameters named in ``inputs`` (the same file, by
+    any path), and an existing output needs ``--force``; each refusal exits 2 and
+    nothing is read or written. The command itself receives ``output`` only.
+    """
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            force = kwargs.pop("force")
+            output = kwargs.get("output")
+            if output is not None:
+                if check_name is not None:
+                    check_name(output)
+                check_outputs(output, [kwargs.get(name) for name in inputs], force=force)
+            return command(*args, **kwargs)
+
+        checked = click.option(
+            "--force",
+            is_flag=True,
+            help="Replace the output file if it exists (never an input).",
+        )(checked)
+        return click.option(
+            "-o",
+            "--output",
+            type=click.Path(dir_okay=False, path_type=Path),
+            required=True,
+            callback=output_path_callback,
+            help=help_text,
+        )(checked)
+
+    return decorate
 
 
 @click.group(
@@ -115,7 +241,12 @@ def output_option(help_text: str) -> Callable[[Any], Any]:
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, "--version", prog_name="perceiver-convert")
-def main() -> None:
+@click.option(
+    "--debug",
+    is_flag=True,
+    help=f"Show the traceback of an error (also: {DEBUG_ENV}=1).",
+)
+def main(debug: bool) -> None:
     """The command group (see ``_MAIN_HELP``)."""
 
 
@@ -134,7 +265,9 @@ A one-line summary (path, values, bytes, sha256) goes to stderr.
 
 @main.command("fixture", help=_FIXTURE_HELP)
 @click.argument("name", type=click.Choice(MODEL_NAMES), metavar="NAME")
-@output_option("File to write (its folder must exist).")
+@output_option(
+    "The pickle to write (its folder must exist).", check_name=check_pickle_suffix
+)
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option(
     "--size",
@@ -182,6 +315,13 @@ def fixture_command(
 # inspect
 
 
+def _nonfinite(array: Any) -> int:
+    """How many NaN/Inf values a float array holds (0 for other dtypes)."""
+    import numpy as np
+
+    return int(array.size - np.isfinite(array).sum()) if array.dtype.kind == "f" else 0
+
+
 def _array_rows(tree: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [
         {
@@ -191,6 +331,7 @@ def _array_rows(tree: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
             "dtype": array.dtype.name,
             "values": int(array.size),
             "bytes": int(array.nbytes),
+            "nonfinite": _nonfinite(array),
         }
         for module, params in tree.items()
         for param, array in params.items()
@@ -261,7 +402,8 @@ def _failure_document(path: Path, error: CheckpointError, scan: Any) -> Dict[str
 def _table(rows: List[Dict[str, Any]]) -> List[str]:
     cells: List[Tuple[str, ...]] = [
         (
-            f"{row['module']}/{row['param']}",
+            f"{row['module']}/{row['param']}"
+            + (f"  [{row['nonfinite']:,} NaN/Inf]" if row.get("nonfinite") else ""),
             str(row["shape"]),
             row["dtype"],
             f"{row['values']:,}",
@@ -335,7 +477,7 @@ def _print_failure(document: Dict[str, Any]) -> None:
 
 
 @main.command("inspect")
-@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON document on stdout."
 )
@@ -346,18 +488,30 @@ def inspect_command(path: Path, as_json: bool) -> None:
     protocol, the container kinds and the globals the file names. The report goes
     to stdout (it is the command's result); errors go to stderr. Exit 0 for a
     readable checkpoint; exit 3 for an unsafe or unreadable file, still listing the
-    globals found in its opcodes.
+    globals found in its opcodes. Arrays holding NaN or Inf are listed and marked
+    ([N NaN/Inf]; "nonfinite" in the JSON), and the exit code is 3: the weights
+    are corrupt.
+
+    PATH may also be a converted file (.safetensors/.pt: provenance, config, parity,
+    tensors), a HuggingFace transformers folder or weights file, or an ONNX graph.
     """
+    from converter.inspect_other import describe, is_other, print_document
     from converter.reader import load_haiku_checkpoint, scan_pickle
 
+    if is_other(path):  # other formats: converter/inspect_other.py
+        document = describe(path)
+        echo_json(document) if as_json else print_document(document)
+        return
+
     try:
-        checkpoint = load_haiku_checkpoint(path)
+        checkpoint = load_haiku_checkpoint(path, check_finite=False)
     except CheckpointError as error:
         try:
             scan = scan_pickle(path)
         except CheckpointError:
             scan = None
         document = _failure_document(path, error, scan)
+        document["exit_code"] = exit_code_for(error)
         click.echo(f"error: {error}", err=True)
         if as_json:
             echo_json(document)
@@ -365,32 +519,93 @@ def inspect_command(path: Path, as_json: bool) -> None:
             _print_failure(document)
         raise click.exceptions.Exit(exit_code_for(error))
     document = _checkpoint_document(checkpoint)
+    bad = [
+        f"{row['module']}/{row['param']}"
+        for part in ("params", "state")
+        for row in document[part]["entries"]
+        if row["nonfinite"]
+    ]
+    if bad:
+        document["ok"] = False
+        document["exit_code"] = EXIT_BAD_INPUT
+        document["error"] = (
+            f"{len(bad)} array(s) hold NaN or Inf values ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); the weights are corrupt: download "
+            "the official file again"
+        )
     if as_json:
         echo_json(document)
     else:
         _print_checkpoint(document)
+    if bad:
+        click.echo(f"error: {path}: {document['error']}", err=True)
+        raise click.exceptions.Exit(EXIT_BAD_INPUT)
 
 
 # --------------------------------------------------------------------------------------
 # convert, verify, export, models, demo
 
 
-def _parse_config(values: Tuple[str, ...]) -> Dict[str, Any]:
-    """``--config KEY=VALUE`` pairs; values are JSON when they parse (``[32, 32]``, ``3``)."""
+def _parse_config(values: Tuple[str, ...], model: Optional[str]) -> Dict[str, Any]:
+    """``--config KEY=VALUE`` pairs, checked against the config dataclass of ``model``
+    (or, before the model is detected, of every model that has the key): unknown
+    keys, wrong types and values out of range raise ``ConfigError`` (exit 2) before
+    anything is read. Relations between keys are checked once the model is known."""
+    from perceiver_torch import configs
+
+    classes = (
+        {model: configs.CONFIG_CLASSES[model]} if model else dict(configs.CONFIG_CLASSES)
+    )
     config: Dict[str, Any] = {}
     for item in values:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise click.BadParameter(
-                f"{item!r} is not KEY=VALUE (e.g. --config image_size=[368,496])",
-                param_hint="--config",
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(
+                f"--config {item!r} is not KEY=VALUE (e.g. --config "
+                "image_size=368x496)"
+            )
+        owners = {n: c for n, c in classes.items() if key in configs.field_kinds(c)}
+        if not owners:
+            valid = sorted({k for c in classes.values() for k in configs.field_kinds(c)})
+            scope = f"model {model}" if model else "any model"
+            raise ConfigError(
+                f"--config {key}: unknown config key for {scope}; valid keys: "
+                f"{', '.join(valid)}",
+                key,
             )
         try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        config[key.strip()] = value
+            parsed = [configs.parse_value(c, key, raw) for c in owners.values()]
+        except configs.ConfigError as error:
+            raise ConfigError(f"--config {key}={raw}: {error}", key) from None
+        config[key] = parsed[0]
     return config
+
+
+def _output_format(path: Path) -> str:
+    from converter.outputs import output_format
+
+    return output_format(path)
+
+
+def _model_names(
+    ctx: click.Context, param: click.Parameter, values: Tuple[str, ...]
+) -> Tuple[str, ...]:
+    """``--models a,b --models c`` -> ("a", "b", "c"); unknown names exit 2."""
+    names: List[str] = []
+    for value in values:
+        for name in (part.strip() for part in value.split(",")):
+            if not name:
+                continue
+            if name not in MODEL_NAMES:
+                raise click.BadParameter(
+                    f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}",
+                    ctx=ctx,
+                    param=param,
+                )
+            if name not in names:
+                names.append(name)
+    return tuple(names)
 
 
 def _progress(quiet: bool):
@@ -413,7 +628,8 @@ _CONFIG_OPTION = click.option(
     multiple=True,
     metavar="KEY=VALUE",
     help="Override a configuration value the checkpoint's shapes cannot reveal "
-    "(repeatable; VALUE is JSON, e.g. image_size=[368,496]).",
+    "(repeatable; checked against the model's config: exit 2 naming a bad key; "
+    "pairs as 368x496, 368,496 or [368, 496]).",
 )
 _MAPPING_OPTION = click.option(
     "--mapping",
@@ -430,8 +646,12 @@ _QUIET_OPTION = click.option(
 
 
 @main.command("convert")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@output_option("OUT.safetensors (recommended) or OUT.pt; written atomically.")
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
+@output_option(
+    "OUT.safetensors (recommended) or OUT.pt; written atomically.",
+    inputs=("checkpoint", "mapping"),
+    check_name=lambda path: _output_format(path),
+)
 @_MODEL_OPTION
 @click.option(
     "--dtype",
@@ -446,7 +666,8 @@ _QUIET_OPTION = click.option(
     "run_verify",
     is_flag=True,
     help="Check parity against the JAX reference before writing (needs the [jax] "
-    "extra); outside tolerance: nothing is written, exit 1.",
+    "extra), with the weights in the --dtype written; outside tolerance: nothing is "
+    "written, exit 1.",
 )
 @_CONFIG_OPTION
 @_MAPPING_OPTION
@@ -465,28 +686,35 @@ def convert_command(
 ) -> None:
     """Convert the official checkpoint CHECKPOINT to a perceiver_torch checkpoint.
 
+    CHECKPOINT may also be a HuggingFace transformers checkpoint (a folder with
+    config.json, a model.safetensors or a pytorch_model.bin, read without running
+    code): it is mapped back through mappings/hf/ to the official model.
+
     The file is read without jax or haiku through an allow-list unpickler, matched to
     its mapping (mappings/*.yaml), checked tensor by tensor against the model, and
     written atomically. The safetensors metadata records the model, its config, the
     source sha256, the mapping name and hash, the converter version and, with
     --verify, the parity result. Load it with perceiver_torch.load(OUT).
     """
+    config = _parse_config(config_items, model)
     from converter.conversion import convert
+    from converter.hf_import import convert_hf, is_hf_input
 
-    config = _parse_config(config_items)
-    try:
-        result = convert(
-            checkpoint,
-            output,
-            model=model,
-            dtype=dtype,
-            config=config or None,
-            mapping=mapping,
-            verify=run_verify,
-            progress=_progress(quiet),
-        )
-    except ValueError as error:
-        raise click.UsageError(str(error)) from None
+    run = convert
+    if is_hf_input(checkpoint):  # HuggingFace import (converter/hf_import.py)
+        if mapping is not None:
+            raise click.UsageError("--mapping applies to official checkpoints only")
+        run = convert_hf
+    result = run(
+        checkpoint,
+        output,
+        model=model,
+        dtype=dtype,
+        config=config or None,
+        mapping=mapping,
+        verify=run_verify,
+        progress=_progress(quiet),
+    )
     if result.parity_report is not None and not quiet:
         click.echo(result.parity_report.format_table(), err=True)
     click.echo(
@@ -499,7 +727,7 @@ def convert_command(
 
 
 @main.command("verify")
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @_MODEL_OPTION
 @_CONFIG_OPTION
 @_MAPPING_OPTION
@@ -511,9 +739,18 @@ def convert_command(
     type=click.Choice(["float32", "bfloat16", "float16"]),
     default="float32",
     show_default=True,
-    help="Also run the model in bfloat16/float16 and report its fidelity (against "
-    "JAX and float32; structured inputs): max relative diff, argmax agreement, flow "
-    "end-point error, video PSNR. Fails (exit 1) only on inf/NaN outputs.",
+    help="Check the weights rounded to this storage dtype (convert --dtype) against "
+    "the dtype's tolerance, then run the model in that dtype and report its fidelity "
+    "(against JAX and float32; structured inputs): max relative diff, argmax "
+    "agreement, flow end-point error, video PSNR.",
+)
+@click.option(
+    "--reference",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="CHECKPOINT is a converted file (or HuggingFace checkpoint) someone made from "
+    "this official file: compare their tensors through the mapping, then the converted "
+    "model's forward pass with the JAX reference on this file.",
 )
 @_JSON_OPTION
 @_QUIET_OPTION
@@ -525,6 +762,7 @@ def verify_command(
     seed: int,
     batch: int,
     dtype: str,
+    reference: Optional[Path],
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -535,22 +773,34 @@ def verify_command(
     deterministic inputs, and prints per stage (preprocessed inputs, latents after
     the encoder, decoder output, final outputs) max |diff|, max relative diff and
     argmax agreement against the mapping's tolerance. Exit 1 if an output is outside
-    it. Needs the [jax] extra.
+    it. Needs the [jax] extra. A HuggingFace checkpoint (folder, model.safetensors or
+    pytorch_model.bin) is mapped back to the official arrays first, which the JAX
+    reference then runs as it would the official file.
 
-    With --dtype bfloat16|float16, the float32 parity check is followed by a fidelity
-    report of the model in that dtype (converter.precision).
+    With --dtype bfloat16|float16, the parity check runs the weights rounded to that
+    dtype (with the dtype's tolerance) and is followed by a fidelity report of the
+    model computing in that dtype (converter.precision); exit 1 also on inf/NaN
+    outputs there.
     """
+    config = _parse_config(config_items, model)
+    from converter.interop_cli import verify_other
     from converter.verify import verify
 
-    report = verify(
-        checkpoint,
-        model,
-        config=_parse_config(config_items) or None,
-        mapping=mapping,
-        seed=seed,
-        batch=batch,
-        progress=_progress(quiet),
-    )
+    # HuggingFace checkpoints and --reference: converter/interop_cli.py
+    report = verify_other(checkpoint, reference, model=model, config=config or None,
+                          seed=seed, batch=batch, as_json=as_json,
+                          progress=_progress(quiet))
+    if report is None:
+        report = verify(
+            checkpoint,
+            model,
+            config=config or None,
+            mapping=mapping,
+            seed=seed,
+            batch=batch,
+            dtype=dtype,
+            progress=_progress(quiet),
+        )
     click.echo(report.format_table(), err=True)
     document, passed = report.as_dict(), report.passed
     if dtype != "float32":  # reduced precision (issue 13): the fidelity report too
@@ -560,7 +810,7 @@ def verify_command(
             checkpoint,
             dtype,
             model,
-            config=_parse_config(config_items) or None,
+            config=config or None,
             mapping=mapping,
             progress=_progress(quiet),
         )
@@ -575,37 +825,83 @@ def verify_command(
 
 @main.command("export")
 @click.argument("converted", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@output_option("The official-layout pickle to write.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The file (haiku: a pickle; onnx: model.onnx) or, for --format hf, the new "
+    "folder to write.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["haiku", "hf", "onnx"]),
+    default=None,
+    help="haiku: the official pickle; hf: a HuggingFace transformers folder with a "
+    "fidelity report; onnx: an ONNX graph checked with onnxruntime. Default: onnx "
+    "for *.onnx, else haiku.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace the output if it exists (never an input).",
+)
 @click.option("--protocol", type=click.IntRange(2, 5), default=3, show_default=True)
 @click.option(
     "--container", type=click.Choice(CONTAINERS), default="flatmapping", show_default=True
 )
 @_MAPPING_OPTION
 @_JSON_OPTION
+@click.option("-q", "--quiet", is_flag=True, help="No notes or summary on stderr.")
 def export_command(
     converted: Path,
     output: Path,
+    fmt: Optional[str],
     protocol: int,
     container: str,
     mapping: Optional[Path],
     as_json: bool,
+    quiet: bool,
+    force: bool,
 ) -> None:
-    """Write CONVERTED (a perceiver-convert output) back in the official Haiku layout.
+    """Write CONVERTED (a perceiver-convert output) back in the official Haiku layout,
+    or as a HuggingFace transformers folder (--format hf) or an ONNX graph (*.onnx).
 
     Every mapping op is inverted exactly; a float32 conversion exports to the
     original arrays bit for bit (the BatchNorm accumulators the model does not use
     travel in the converted file's metadata).
     """
-    from converter.exporter import export
+    import warnings
 
-    result = export(converted, output, protocol=protocol, container=container, mapping=mapping)
-    for note in result.notes:
-        click.echo(f"note: {note}", err=True)
-    click.echo(
-        f"wrote {result.output}: {result.model}, {result.tensors} arrays, protocol "
-        f"{protocol}, {'exact' if result.exact else 'not bit-exact (see notes)'}",
-        err=True,
-    )
+    from converter.atomic import check_outputs
+
+    fmt = fmt or ("onnx" if output.suffix.lower() == ".onnx" else "haiku")
+    output = output_path_callback(click.get_current_context(), None, output)
+    if fmt == "haiku":
+        check_pickle_suffix(output)
+    check_outputs(output, [converted, mapping], force=force)
+    if fmt != "haiku":  # other projects' formats: converter/hf.py, converter/onnx_export.py
+        from converter.interop_cli import export_other
+
+        export_other(converted, output, fmt, as_json=as_json, progress=_progress(quiet))
+        return
+    from converter.exporter import PrecisionWarning, export
+
+    with warnings.catch_warnings():
+        # The same message is one of result.notes, printed once below.
+        warnings.simplefilter("ignore", PrecisionWarning)
+        result = export(
+            converted, output, protocol=protocol, container=container, mapping=mapping
+        )
+    if not quiet:
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(
+            f"wrote {result.output}: {result.model}, {result.tensors} arrays, protocol "
+            f"{protocol}, {'exact' if result.exact else 'not bit-exact (see notes)'}",
+            err=True,
+        )
     if as_json:
         echo_json(result.as_dict())
 
@@ -674,7 +970,8 @@ def mapping_command(
     if is_file and not Path(name).is_file():
         raise click.BadParameter(f"{name}: no such mapping file", param_hint="NAME")
     try:
-        description = describe_mapping(name, size, _parse_config(config_items))
+        config = _parse_config(config_items, name if name in MODEL_NAMES else None)
+        description = describe_mapping(name, size, config)
     except OverrideError as error:
         raise click.BadParameter(str(error), param_hint="--config") from None
     if as_json:
@@ -688,18 +985,25 @@ def mapping_command(
 @main.command("demo")
 @click.option("--size", type=click.Choice(SIZES), default="tiny", show_default=True,
               help="tiny: seconds per model; full: the official sizes (minutes, GBs).")
-@click.option("--models", "names", type=click.Choice(MODEL_NAMES), multiple=True,
-              help="Only these models (repeatable); default: all six.")
+@click.option("--models", "names", multiple=True, callback=_model_names,
+              metavar="NAME[,NAME...]",
+              help="Only these models (comma-separated or repeated); default: all six.")
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the files here (default: a temporary folder, removed).")
+@click.option("--force", is_flag=True,
+              help="Replace the demo's files in --workdir if they exist.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--tasks/--no-tasks", "with_tasks", default=True, show_default=True,
+              help="Also run each task pipeline (run TASK) once on a tiny model.")
 @_JSON_OPTION
 @_QUIET_OPTION
 def demo_command(
     size: str,
     names: Tuple[str, ...],
     workdir: Optional[Path],
+    force: bool,
     seed: int,
+    with_tasks: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
@@ -707,19 +1011,44 @@ def demo_command(
     it, verify parity against the JAX reference, export it back and check the round
     trip is bit-identical; then print one summary table. Exit 1 if any parity check
     fails. Without the [jax] extra the parity column says "skipped".
-    """
-    from converter.demo import run_demo
 
+    Then (unless --no-tasks) each task of `run` (fill-mask, classify, ...) runs once
+    on a tiny model with random weights and media the demo makes itself (its answers
+    are noise). --json prints {"models": [...], "tasks": [...]}.
+    """
+    from converter.demo import check_workdir, run_demo
+
+    names = names or MODEL_NAMES
+    if workdir is not None:
+        check_workdir(workdir, names, force=force)
     rows = run_demo(
-        names or MODEL_NAMES, size=size, seed=seed, workdir=workdir, progress=_progress(quiet)
+        names, size=size, seed=seed, workdir=workdir, progress=_progress(quiet)
     )
     click.echo(_demo_table(rows, size), err=as_json)
+    task_rows = _demo_tasks(workdir, seed, quiet, as_json) if with_tasks else []
     if as_json:
-        echo_json(rows)
+        echo_json({"models": rows, "tasks": task_rows})
     if any(row["parity"] == "FAIL" for row in rows):
         raise click.exceptions.Exit(EXIT_PARITY)
-    if any(row["error"] for row in rows):
+    if any(row["error"] for row in rows + task_rows):
         raise click.exceptions.Exit(EXIT_BAD_INPUT)
+
+
+def _demo_tasks(
+    workdir: Optional[Path], seed: int, quiet: bool, as_json: bool
+) -> List[Dict[str, Any]]:
+    """The task pipelines once each (converter/run_cli.py), and their table."""
+    import tempfile
+
+    from converter.run_cli import format_task_demos, run_task_demos
+
+    if workdir is not None:
+        rows = run_task_demos(workdir / "tasks", seed=seed, progress=_progress(quiet))
+    else:
+        with tempfile.TemporaryDirectory(prefix="perceiver-demo-tasks-") as folder:
+            rows = run_task_demos(Path(folder), seed=seed, progress=_progress(quiet))
+    click.echo(format_task_demos(rows), err=as_json)
+    return rows
 
 
 def _demo_table(rows: List[Dict[str, Any]], size: str) -> str:
@@ -747,6 +1076,14 @@ def _demo_table(rows: List[Dict[str, Any]], size: str) -> str:
         if row["error"]:
             lines.append(f"  {row['model']}: {row['error']}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# run: the task pipelines (converter/run_cli.py; tasks from perceiver_torch.pipelines)
+
+from converter.run_cli import run_command  # noqa: E402  (needs main's helpers defined)
+
+main.add_command(run_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,7 +24,12 @@ import torch
 
 import perceiver_torch
 from converter._version import __version__
-from converter.errors import MappingError
+from converter.errors import (
+    ConfigError,
+    ConverterError,
+    MappingError,
+    UsageError,
+)
 from converter.mapping import (
     MappingReport,
     MappingSpec,
@@ -44,8 +49,10 @@ from converter.outputs import (
     write_pt,
     write_safetensors_streaming,
 )
+from converter.atomic import check_outputs
 from converter.progress import Progress, quiet
 from converter.reader import HaikuCheckpoint, load_haiku_checkpoint
+from perceiver_torch.configs import ConfigError as TorchConfigError
 from perceiver_torch.configs import config_from_dict, config_to_dict
 
 if TYPE_CHECKING:  # verify is imported only when verifying; here only its type
@@ -83,9 +90,15 @@ class PreparedConversion:
             key: cast_for_output(array, dtype) for key, array in self.converted_arrays()
         }
 
-    def build_model(self) -> torch.nn.Module:
-        """The perceiver_torch model with the converted weights (strict), in eval mode."""
-        return _model_with_weights(self.model, self.config_object(), self.state_dict())
+    def build_model(self, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
+        """The perceiver_torch model with the converted weights (strict), in eval mode.
+
+        dtype: round the floating weights to this dtype first (as they are written);
+        the model itself stays float32, so it computes with exactly those values.
+        """
+        return _model_with_weights(
+            self.model, self.config_object(), self.state_dict(dtype)
+        )
 
     def dropped_arrays(self) -> Dict[str, np.ndarray]:
         return {drop.source: self.sources[drop.source] for drop in self.table.drops}
@@ -180,15 +193,29 @@ def _try_mapping(
     config = spec.resolve_config(shapes, overrides)
     try:
         config_object = config_from_dict(spec.model, config.values)
+        targets = model_targets(spec.model, config_object)
+    except TorchConfigError as error:
+        if overrides and (error.key is None or error.key in overrides):
+            raise ConfigError(f"--config: {error}", error.key) from None
+        raise MappingError(f"{spec.file}: invalid configuration: {error}") from None
     except (TypeError, ValueError) as error:
         raise MappingError(f"{spec.file}: invalid configuration: {error}") from None
-    targets = model_targets(spec.model, config_object)
     table = spec.expand(config.values)
     infos = {key: (tuple(a.shape), str(a.dtype)) for key, a in sources.items()}
     report = plan_forward(table, infos, targets, spec.name)
     return PreparedConversion(
         checkpoint, spec, config, table, report, targets, dict(sources)
     )
+
+
+def _fits(
+    checkpoint: HaikuCheckpoint, spec: MappingSpec, sources: Mapping[str, np.ndarray]
+) -> bool:
+    """Whether the checkpoint is this mapping's model (without any overrides)."""
+    try:
+        return _try_mapping(checkpoint, spec, sources, None).report.ok
+    except ConverterError:
+        return False
 
 
 def prepare(
@@ -228,6 +255,13 @@ def prepare(
         spec = load_mapping(name)
         try:
             prepared = _try_mapping(checkpoint, spec, sources, config)
+        except ConfigError as error:
+            # The overrides do not fit this model: an error of the user's config if
+            # the checkpoint itself is this model, else just not this model.
+            if _fits(checkpoint, spec, sources):
+                raise
+            candidates.append((0.0, name, str(error)))
+            continue
         except MappingError as error:
             candidates.append((0.0, name, str(error)))
             continue
@@ -255,8 +289,10 @@ def build_metadata(
     prepared: PreparedConversion,
     dtype: str,
     parity: Optional[Mapping[str, Any]] = None,
+    extra: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, str]:
-    """Provenance stored in the converted file (safetensors metadata: strings only)."""
+    """Provenance stored in the converted file (safetensors metadata: strings only);
+    ``extra``: more entries (e.g. ``hf_source`` for a HuggingFace import)."""
     checkpoint = prepared.checkpoint
     metadata = {
         "format": "pt",
@@ -288,6 +324,7 @@ def build_metadata(
         )
     if parity is not None:
         metadata["parity"] = json.dumps(parity, sort_keys=True)
+    metadata.update(extra or {})
     return metadata
 
 
@@ -310,12 +347,13 @@ def write_converted(
     out: Path,
     dtype: str = "float32",
     parity: Optional[Mapping[str, Any]] = None,
+    extra_metadata: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, str]:
     """Writes the converted weights atomically; returns the metadata written."""
     out = Path(out)
     fmt = output_format(out)
     torch_dtype = TORCH_DTYPES[dtype]
-    metadata = build_metadata(prepared, dtype, parity)
+    metadata = build_metadata(prepared, dtype, parity, extra_metadata)
     if fmt == "pt":
         write_pt(out, prepared.state_dict(torch_dtype), metadata)
         return metadata
@@ -330,7 +368,7 @@ def write_converted(
 
 
 def convert(
-    path: str | os.PathLike,
+    path: str | os.PathLike | HaikuCheckpoint,
     out: Optional[str | os.PathLike] = None,
     model: Optional[str] = None,
     dtype: Optional[str] = None,
@@ -338,12 +376,16 @@ def convert(
     config: Optional[Mapping[str, Any]] = None,
     mapping: Optional[str | os.PathLike] = None,
     verify: bool = False,
+    overwrite: bool = True,
     progress: Progress = quiet,
+    extra_metadata: Optional[Mapping[str, str]] = None,
 ) -> ConversionResult:
     """Converts an official checkpoint to a perceiver_torch checkpoint.
 
     Args:
-        path: the official ``.pickle``/``.pystate`` file (read safely, no jax needed).
+        path: the official ``.pickle``/``.pystate`` file (read safely, no jax needed),
+            or a :class:`HaikuCheckpoint` already in memory (e.g. mapped back from a
+            HuggingFace file by :mod:`converter.hf_import`).
         out: ``*.safetensors`` (recommended) or ``*.pt``; None keeps the converted state
             dict in memory (``result.state_dict``, ``result.build_model()``).
         model: force a model name; None detects it from the parameter names.
@@ -352,18 +394,26 @@ def convert(
         mapping: a mapping YAML file to use instead of the bundled one.
         verify: run the JAX reference on the same inputs first (needs the ``[jax]``
             extra) and store the result; outside tolerance raises ``ParityError`` and
-            nothing is written.
+            nothing is written. With ``dtype`` float16/bfloat16 the weights checked are
+            the rounded ones that are written (tolerance: ``converter.verify``).
+        overwrite: False refuses an existing ``out`` (``OutputError``); ``out`` is
+            never allowed to be ``path`` or ``mapping``.
     """
     started = time.perf_counter()
     dtype = dtype or "float32"
     if dtype not in TORCH_DTYPES:
-        raise ValueError(
+        raise UsageError(
             f"dtype must be one of {', '.join(TORCH_DTYPES)}, got {dtype!r}"
         )
     if out is not None:
         output_format(Path(out))  # fail on a bad suffix before reading 800 MB
-    progress(f"reading {path}")
-    checkpoint = load_haiku_checkpoint(path)
+        source = path.path if isinstance(path, HaikuCheckpoint) else path
+        check_outputs(out, (source, mapping), force=overwrite)
+    if isinstance(path, HaikuCheckpoint):
+        checkpoint = path
+    else:
+        progress(f"reading {path}")
+        checkpoint = load_haiku_checkpoint(path)
     progress(
         f"read {checkpoint.size_bytes / 1e6:.1f} MB, protocol {checkpoint.protocol}, "
         f"sha256 {checkpoint.sha256[:16]}..."
@@ -379,7 +429,7 @@ def convert(
         from converter.verify import verify_prepared
 
         progress("verifying against the JAX reference")
-        parity_report = verify_prepared(prepared, progress=progress)
+        parity_report = verify_prepared(prepared, dtype=dtype, progress=progress)
         parity = parity_report.as_dict()
         parity_report.raise_if_failed()
     state_dict = None
@@ -388,9 +438,9 @@ def convert(
         out = Path(out)
         fmt = output_format(out)
         progress(f"writing {out}")
-        metadata = write_converted(prepared, out, dtype, parity)
+        metadata = write_converted(prepared, out, dtype, parity, extra_metadata)
     else:
-        metadata = build_metadata(prepared, dtype, parity)
+        metadata = build_metadata(prepared, dtype, parity, extra_metadata)
         state_dict = prepared.state_dict(TORCH_DTYPES[dtype])
     return ConversionResult(
         model=prepared.model,

@@ -8,15 +8,48 @@ the round trip gives the original arrays bit for bit.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from converter.errors import ConverterError
+from converter.errors import ConverterError, OutputError, UsageError
 from converter.progress import Progress, quiet
 
+
+
+def demo_files(name: str) -> List[str]:
+    """The files the demo writes for model ``name``, in its folder."""
+    return [f"{name}.pickle", f"{name}.safetensors", f"{name}.exported.pickle"]
+
+
+def check_workdir(workdir: Path, names: Sequence[str], *, force: bool = False) -> None:
+    """``--workdir`` must be a writable folder (created if missing) and, unless
+    ``force``, hold none of the files the demo would write. Raises ``UsageError`` /
+    ``OutputError`` (exit 2) before anything is written."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(
+            f"cannot create the demo folder {workdir} ({error.strerror or error}); "
+            "choose a writable --workdir"
+        ) from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise UsageError(
+            f"cannot write in the demo folder {workdir}: no write permission; choose "
+            "a writable --workdir"
+        )
+    existing = [
+        name for model in names for name in demo_files(model) if (workdir / name).exists()
+    ]
+    if existing and not force:
+        raise OutputError(
+            f"refusing to overwrite {len(existing)} file(s) in {workdir} "
+            f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); pass "
+            "--force to replace them or choose another --workdir"
+        )
 
 
 def _jax_available() -> bool:
@@ -114,7 +147,7 @@ def run_demo(
         progress("jax/dm-haiku not installed: parity is skipped "
                  "(pip install 'perceiver-convert[jax]')")
     if workdir is not None:
-        workdir.mkdir(parents=True, exist_ok=True)
+        check_workdir(workdir, names, force=True)
         return [demo_one(name, size, seed, workdir, progress) for name in names]
     folder = Path(tempfile.mkdtemp(prefix="perceiver-demo-"))
     try:

@@ -8,7 +8,33 @@ from __future__ import annotations
 
 
 class ConverterError(Exception):
-    """Base class of every error the converter raises on purpose."""
+    """Base class of every error the converter raises on purpose.
+
+    ``exit_code`` is the command line's exit status for it (3: bad input).
+    """
+
+    exit_code = 3
+
+
+class UsageError(ConverterError, ValueError):
+    """A bad request (an option, an output path, a dtype): exit 2. Also a
+    ``ValueError``, as the Python API raised before it existed."""
+
+    exit_code = 2
+
+
+class ConfigError(UsageError):
+    """A configuration value (``--config KEY=VALUE``, ``config=``) is unknown, of the
+    wrong type, out of range or contradicts the checkpoint; ``key`` names it."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class OutputError(UsageError):
+    """An output would overwrite an input or an existing file (without ``--force``),
+    or its name says another format."""
 
 
 class CheckpointError(ConverterError):
@@ -33,3 +59,5 @@ class ShapeMismatch(MappingError):
 
 class ParityError(ConverterError):
     """The converted model's outputs differ from the JAX reference beyond the tolerance."""
+
+    exit_code = 1

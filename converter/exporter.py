@@ -18,10 +18,16 @@ import numpy as np
 import torch
 
 from converter.conversion import decode_dropped, tensor_specs
-from converter.errors import MappingError
+from converter.atomic import check_outputs
+from converter.errors import CheckpointError, MappingError
 from converter.mapping import invert_arrays, load_mapping, plan_inverse, unflatten_tree
 from converter.outputs import read_converted
-from converter.writer import save_haiku_checkpoint
+from converter.writer import check_pickle_suffix, save_haiku_checkpoint
+
+
+class PrecisionWarning(UserWarning):
+    """Exported float16/bfloat16 weights cannot equal the original float32 ones
+    (the CLI prints it once, as a note, instead)."""
 
 
 @dataclass
@@ -48,18 +54,31 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.contiguous().numpy()
 
 
-def export(
-    path: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    protocol: int = 3,
-    container: str = "flatmapping",
-    mapping: Optional[str | os.PathLike] = None,
-) -> ExportResult:
-    """Writes the official-layout pickle for a file made by :func:`converter.convert`."""
+@dataclass
+class HaikuArrays:
+    """A converted file mapped back to the official Haiku names (nothing written yet).
+
+    ``flat``: ``{"module/param": array}`` and ``{"state:module/param": array}``;
+    ``config``: the converted file's perceiver_torch config (a plain dict).
+    """
+
+    model: str
+    config: Dict[str, Any]
+    flat: Dict[str, np.ndarray]
+    metadata: Dict[str, str]
+    layout: str
+    exact: bool
+    notes: list
+
+
+def converted_to_haiku(
+    path: str | os.PathLike, *, mapping: Optional[str | os.PathLike] = None
+) -> HaikuArrays:
+    """Reads a file made by :func:`converter.convert` and inverts its mapping exactly."""
     state_dict, metadata = read_converted(Path(path))
     model = metadata["model"]
     config = json.loads(metadata["config"])
+    _check_stored_dtypes(Path(path), model, config, state_dict)
     spec = load_mapping(
         mapping if mapping is not None else metadata.get("mapping", model)
     )
@@ -88,7 +107,7 @@ def export(
             "float32 but cannot equal the original float32 values"
         )
         notes.append(message)
-        warnings.warn(message)
+        warnings.warn(message, PrecisionWarning, stacklevel=2)
     table = spec.expand({**spec.config, **{k: _as_tuple(v) for k, v in config.items()}})
     report = plan_inverse(table, tensor_specs(state_dict), spec.name)
     report.raise_for_problems(f"Was {path} converted from a {model} checkpoint?")
@@ -100,16 +119,56 @@ def export(
         )
     arrays = {key: _to_numpy(tensor) for key, tensor in state_dict.items()}
     flat = invert_arrays(table, arrays, dropped)
-    params, state = unflatten_tree(flat)
     layout = spec.source.get("layout", "params")
+    return HaikuArrays(model, config, flat, metadata, layout, exact, notes)
+
+
+def export(
+    path: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    protocol: int = 3,
+    container: str = "flatmapping",
+    mapping: Optional[str | os.PathLike] = None,
+    overwrite: bool = True,
+) -> ExportResult:
+    """Writes the official-layout pickle for a file made by :func:`converter.convert`.
+
+    ``out`` may not be ``path`` (nor the mapping file) and may not carry another
+    format's suffix (``.safetensors``, ``.pt``, ...); ``overwrite=False`` also refuses
+    an existing ``out``. These raise :class:`~converter.errors.OutputError`.
+    """
+    check_pickle_suffix(Path(out))
+    check_outputs(out, (path, mapping), force=overwrite)
+    haiku = converted_to_haiku(path, mapping=mapping)
+    params, state = unflatten_tree(haiku.flat)
     save_haiku_checkpoint(
         out,
         params,
-        state if layout == "params_and_state" else None,
+        state if haiku.layout == "params_and_state" else None,
         protocol=protocol,
         container=container,
     )
-    return ExportResult(model, Path(out), len(flat), exact, notes)
+    return ExportResult(haiku.model, Path(out), len(haiku.flat), haiku.exact, haiku.notes)
+
+
+def _check_stored_dtypes(
+    path: Path, model: str, config: Dict[str, Any], state_dict: Dict[str, torch.Tensor]
+) -> None:
+    """Wrong dtypes (float64, int8, ...) are reported as such, with the fix."""
+    import perceiver_torch
+    from perceiver_torch.registry import format_state_problems, state_dict_problems
+
+    try:
+        with torch.device("meta"):
+            built = perceiver_torch.build(model, config)
+    except ValueError:
+        return  # the config itself is reported by the mapping checks below
+    problems = state_dict_problems(built.state_dict(), state_dict)
+    dtype_only = {"missing": [], "unexpected": [], "shape": [], "dtype": problems["dtype"]}
+    message = format_state_problems(f"{path}: wrong tensor dtypes for {model}:", dtype_only)
+    if message is not None:
+        raise CheckpointError(message)
 
 
 def _as_tuple(value: Any) -> Any:

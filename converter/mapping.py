@@ -18,7 +18,13 @@ official checkpoint becomes a tensor of the PyTorch model:
   sizes on top of ``tiny``, which is ``perceiver_torch.TINY_CONFIGS``.
 - ``source``: the official file's facts, by default those of the model registry
   (:mod:`converter.trees`); a file may replace them.
-- ``tolerance``: the parity tolerance ``verify`` applies.
+- ``tolerance``: the parity tolerance ``verify`` applies (``relative``; optional
+  ``fourier_outputs``, and ``float16``/``bfloat16`` for weights stored in those dtypes,
+  default ``converter.verify.ROUNDING_TOLERANCE``).
+- ``target`` (free-form facts about the target side, e.g. a HuggingFace class) and
+  ``target_derive`` (like ``derive``, read from the *target* tensors' shapes): used by
+  the mappings whose targets are another library's keys (``mappings/hf/``), which are
+  also read backwards, from that library's files.
 
 Templates expand to an exact table before anything is matched; two rules claiming the
 same source or target key are an error, never "first wins". Applying a table checks
@@ -51,7 +57,7 @@ from typing import (
 import numpy as np
 import yaml
 
-from converter.errors import MappingError, ShapeMismatch
+from converter.errors import ConfigError, MappingError, ShapeMismatch
 from converter.ops import (
     Op,
     apply_ops,
@@ -226,6 +232,8 @@ _TOP_KEYS = {
     "blocks",
     "rules",
     "drop",
+    "target",
+    "target_derive",
 }
 _RULE_KEYS = {"source", "target", "ops", "for"}
 _USE_KEYS = {"use", "with", "for"}
@@ -307,6 +315,8 @@ class MappingSpec:
     blocks: Dict[str, Tuple[Any, _Where]]
     file: str
     sha256: str
+    target: Dict[str, Any] = field(default_factory=dict)
+    target_derive: Dict[str, Any] = field(default_factory=dict)
     _where: _Where = field(repr=False, default=None)  # type: ignore[assignment]
 
     @property
@@ -342,6 +352,18 @@ class MappingSpec:
             derived[key] = _derive_value(spec, source_shapes, names, where)
         return derived
 
+    def derive_from_targets(
+        self, target_shapes: Mapping[str, Shape]
+    ) -> Dict[str, Any]:
+        """Reads the configuration values ``target_derive`` finds in the target tensors'
+        shapes (for reading a mapping backwards, from a file in the target layout)."""
+        derived: Dict[str, Any] = {}
+        for key, spec in self.target_derive.items():
+            where = self._where.at(self.target_derive, key, f"target_derive.{key}")
+            names = {**self.config, **derived}
+            derived[key] = _derive_value(spec, target_shapes, names, where)
+        return derived
+
     def resolve_config(
         self,
         source_shapes: Mapping[str, Shape],
@@ -356,15 +378,17 @@ class MappingSpec:
         overrides = {k: _as_tuple(v) for k, v in (overrides or {}).items()}
         unknown = sorted(set(overrides) - set(self.config))
         if unknown:
-            raise MappingError(
-                f"{self.file}: unknown config key(s) {', '.join(unknown)}; "
-                f"valid keys: {', '.join(self.config)}"
+            raise ConfigError(
+                f"{self.file}: unknown config key(s) {', '.join(unknown)} for "
+                f"{self.model}; valid keys: {', '.join(self.config)}",
+                unknown[0],
             )
         for key, value in overrides.items():
             if key in derived and derived[key] != value:
-                raise MappingError(
+                raise ConfigError(
                     f"--config {key}={_plain(value)} contradicts the checkpoint, whose "
-                    f"shapes give {key}={_plain(derived[key])}; drop that override"
+                    f"shapes give {key}={_plain(derived[key])}; drop that override",
+                    key,
                 )
         candidates = [("official", dict(self.config))] + [
             (name, {**self.config, **values}) for name, values in self.presets.items()
@@ -697,7 +721,8 @@ def parse_mapping(
     The steps: the top level (:func:`_parse_root`), the rule blocks of the included
     files and of the file itself (:func:`_parse_blocks`), the rules and drops, the
     configuration on top of the model's official one (:func:`_parse_config`), the
-    derivations, the presets on top of the tiny one (:func:`_parse_presets`) and the
+    derivations (of the source and, for mappings to another library, of the target
+    shapes), the presets on top of the tiny one (:func:`_parse_presets`) and the
     tolerance (:func:`_parse_tolerance`).
     """
     root, where = _parse_root(text, file)
@@ -708,6 +733,13 @@ def parse_mapping(
     config = _parse_config(root, where, official)
     derive = root.get("derive") or {}
     _check_derive(derive, config, where.at(root, "derive", "derive"))
+    target_derive = root.get("target_derive") or {}
+    _check_derive(
+        target_derive, config, where.at(root, "target_derive", "target_derive")
+    )
+    target = root.get("target") or {}
+    if not isinstance(target, dict):
+        raise _fail(where.at(root, "target", "target"), "'target' must be a mapping")
     presets = _parse_presets(root, where, config, official)
     return MappingSpec(
         name=root["name"],
@@ -723,6 +755,8 @@ def parse_mapping(
         blocks=blocks,
         file=file,
         sha256=hasher.hexdigest(),
+        target=dict(target),
+        target_derive=target_derive,
         _where=where,
     )
 
@@ -909,8 +943,12 @@ def _parse_tolerance(root: Mapping[str, Any], where: _Where) -> Dict[str, Any]:
     at = where.at(root, "tolerance", "tolerance")
     if not isinstance(tolerance, dict):
         raise _fail(at, "'tolerance' must be a mapping")
-    _check_keys(tolerance, {"relative", "fourier_outputs"}, set(), at)
+    _check_keys(
+        tolerance, {"relative", "fourier_outputs", "float16", "bfloat16"}, set(), at
+    )
     limits = [("relative", tolerance.get("relative", 1e-5))] + [
+        (key, tolerance[key]) for key in ("float16", "bfloat16") if key in tolerance
+    ] + [
         (f"fourier_outputs.{k}", v)
         for k, v in (tolerance.get("fourier_outputs") or {}).items()
     ]
@@ -942,27 +980,62 @@ def available_mappings() -> Tuple[str, ...]:
 
 
 def _include_reader(
-    where: str, directory: Optional[Path] = None
+    where: str, directory: Optional[Path] = None, family: str = ""
 ) -> Callable[[str], Tuple[str, str]]:
     """Reads an included file from ``directory`` (a user's mapping folder), else from
-    the bundled mappings; ``where`` names the including file in the error."""
+    the bundled mappings (of ``family``: "" or "hf"); ``where`` names the including
+    file in the error."""
 
     def read(include: str) -> Tuple[str, str]:
         if directory is not None and (directory / include).is_file():
             target = directory / include
             return target.read_text(encoding="utf-8"), str(target)
-        bundled = _package_files() / include
+        folder = _package_files() / family if family else _package_files()
+        bundled = folder / include
         if bundled.is_file():
-            return bundled.read_text(encoding="utf-8"), f"mappings/{include}"
+            prefix = f"mappings/{family}/" if family else "mappings/"
+            return bundled.read_text(encoding="utf-8"), f"{prefix}{include}"
         raise MappingError(f"{where}: included file {include!r} not found")
 
     return read
 
 
+# The second family: perceiver_torch's Haiku sources <-> HuggingFace transformers keys
+# (mappings/hf/<model>.yaml, same schema; read forwards to export, backwards to import).
+HF_FAMILY = "hf"
+
+
+def available_hf_mappings() -> Tuple[str, ...]:
+    """Models with a bundled HuggingFace mapping (``mappings/hf/*.yaml``)."""
+    folder = _package_files() / HF_FAMILY
+    if not folder.is_dir():
+        return ()
+    names = [
+        entry.name[: -len(".yaml")]
+        for entry in folder.iterdir()
+        if entry.name.endswith(".yaml") and not entry.name.startswith("_")
+    ]
+    return tuple(sorted(names))
+
+
+def load_hf_mapping(model: str) -> MappingSpec:
+    """The bundled HuggingFace mapping of ``model``: Haiku source keys -> transformers'
+    state-dict keys (in the tensor conventions of HuggingFace's own converter)."""
+    if model not in available_hf_mappings():
+        raise MappingError(
+            f"no HuggingFace mapping for {model!r}; available: "
+            f"{', '.join(available_hf_mappings()) or 'none (package data missing?)'}"
+        )
+    where = f"mappings/{HF_FAMILY}/{model}.yaml"
+    text = (_package_files() / HF_FAMILY / f"{model}.yaml").read_text(encoding="utf-8")
+    return parse_mapping(text, where, _include_reader(where, family=HF_FAMILY))
+
+
 def load_mapping(name_or_path: str | Path) -> MappingSpec:
     """Loads a bundled mapping by model name, or a mapping file by path."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    # A file, not any existing path: a folder named like a model must not shadow it.
+    if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise MappingError(f"{path}: no such mapping file")
         text = path.read_text(encoding="utf-8")
@@ -1029,8 +1102,21 @@ class MappingReport:
                 f"rule produces a tensor the model does not have: {key} ({origin})"
             )
         for problem in self.mismatches:
+            # Same shape after the ops: only the dtype is wrong; say so, with the fix.
+            kind = (
+                "dtype mismatch"
+                if problem.expected and tuple(problem.got) == tuple(problem.expected)
+                else "shape mismatch"
+            )
+            want = problem.detail.rsplit(" ", 1)[-1]  # "... model expects [..] float32"
+            fix = (
+                f"; store the array as {want} (numpy: array.astype(np.{want})) and "
+                "save the checkpoint again"
+                if kind == "dtype mismatch"
+                else ""
+            )
             lines.append(
-                f"shape mismatch: {problem.source} -> {problem.target}: {problem.detail}"
+                f"{kind}: {problem.source} -> {problem.target}: {problem.detail}{fix}"
             )
         return lines
 

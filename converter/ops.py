@@ -111,6 +111,30 @@ def _conv_inverse(array: np.ndarray, args: Mapping[str, Any]) -> np.ndarray:
     return array.transpose(_OIHW_TO_HWIO)
 
 
+# --- reverse_axes: every axis in reverse order (numpy's np.transpose without axes).
+# HuggingFace's Perceiver converter applied it to the 4-D conv kernels too: HWIO
+# becomes OIWH, height and width swapped (see NUMERICS.md); its own inverse.
+
+
+def _reverse_shape(shape: Shape, args: Mapping[str, Any]) -> Shape:
+    rank = args["rank"]
+    _require_rank(shape, rank, "reverse_axes")
+    return tuple(reversed(shape))
+
+
+def _reverse(array: np.ndarray, args: Mapping[str, Any]) -> np.ndarray:
+    _require_rank(array.shape, args["rank"], "reverse_axes")
+    return array.transpose(tuple(range(array.ndim - 1, -1, -1)))
+
+
+def _rank_arg(args: Mapping[str, Any]) -> Mapping[str, Any]:
+    extra = set(args) - {"rank"}
+    rank = args.get("rank")
+    if extra or isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise MappingError(f"needs exactly 'rank' (a positive integer), got {dict(args)}")
+    return {"rank": rank}
+
+
 # --- squeeze / unsqueeze of explicit size-1 dimensions (BatchNorm's [1, 1, 1, C]).
 
 
@@ -267,6 +291,15 @@ _REGISTRY: Mapping[str, _OpSpec] = {
         inverse_shape=_conv_inverse_shape,
         check_args=_no_args,
         doc="Haiku conv kernel HWIO -> torch Conv2d weight OIHW (permute 3, 2, 0, 1)",
+    ),
+    "reverse_axes": _OpSpec(
+        forward=_reverse,
+        inverse=_reverse,
+        forward_shape=_reverse_shape,
+        inverse_shape=_reverse_shape,
+        check_args=_rank_arg,
+        doc="reverse the order of all 'rank' axes (np.transpose; HWIO -> OIWH for conv "
+        "kernels, as HuggingFace's converter wrote them); its own inverse",
     ),
     "squeeze": _OpSpec(
         forward=_squeeze,

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from converter.atomic import atomic_write
-from converter.errors import CheckpointError
+from converter.errors import CheckpointError, OutputError
 
 # dtype names used on the command line -> torch dtypes.
 TORCH_DTYPES: Mapping[str, torch.dtype] = {
@@ -56,7 +56,7 @@ def output_format(path: Path) -> str:
         return "safetensors"
     if suffix in (".pt", ".pth"):
         return "pt"
-    raise ValueError(
+    raise OutputError(
         f"{path}: unknown output format {suffix or '(no suffix)'!r}; "
         "name the file *.safetensors (recommended) or *.pt"
     )

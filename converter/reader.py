@@ -289,7 +289,9 @@ class _ArrayStub(_Stub):
             )
         self.fill(*state)
 
-    def to_numpy(self, label: str, claimed: Optional[set] = None) -> np.ndarray:
+    def to_numpy(
+        self, label: str, claimed: Optional[set] = None, check_finite: bool = True
+    ) -> np.ndarray:
         """Return the array as native-endian, C-ordered, writable numpy data.
 
         When the data was read into a buffer of ours (large payloads) that no other array
@@ -329,7 +331,7 @@ class _ArrayStub(_Stub):
                 f"{self.where}: {label} of shape {list(self.shape)} cannot be built "
                 f"({exc}); {_NOT_A_CHECKPOINT}"
             ) from exc
-        if array.dtype.kind == "f":
+        if check_finite and array.dtype.kind == "f":
             finite = np.isfinite(array)
             if not finite.all():
                 bad = np.argwhere(~finite)
@@ -1053,8 +1055,9 @@ class HaikuCheckpoint:
 class _TreeBuilder:
     """Validate the unpickled object and turn its stubs into numpy arrays."""
 
-    def __init__(self, where: str) -> None:
+    def __init__(self, where: str, check_finite: bool = True) -> None:
         self.where = where
+        self.check_finite = check_finite
         self.containers: Dict[str, None] = {}
         self.claimed: set = set()  # ids of byte buffers already owned by an array
 
@@ -1102,7 +1105,7 @@ class _TreeBuilder:
                         f"{label} is a {_type_name(leaf)}, expected a numpy array"
                         + deeper
                     )
-                tree[module][name] = leaf.to_numpy(label, self.claimed)
+                tree[module][name] = leaf.to_numpy(label, self.claimed, self.check_finite)
         return tree
 
     def build(self, top: Any) -> Tuple[ArrayTree, ArrayTree, bool]:
@@ -1233,8 +1236,13 @@ class _ChunkHasher:
         return self._digest
 
 
-def load_haiku_checkpoint(path: Union[str, os.PathLike]) -> HaikuCheckpoint:
+def load_haiku_checkpoint(
+    path: Union[str, os.PathLike], *, check_finite: bool = True
+) -> HaikuCheckpoint:
     """Read an official Perceiver IO Haiku checkpoint safely.
+
+    ``check_finite=False`` keeps arrays holding NaN or Inf (``inspect`` lists and
+    marks them); by default they are an error.
 
     The file is read into memory once; the unpickler parses it there while a second
     thread computes its sha256, and the arrays are views of that memory (writable, no
@@ -1296,7 +1304,7 @@ def load_haiku_checkpoint(path: Union[str, os.PathLike]) -> HaikuCheckpoint:
     # be built should replace them rather than sit beside them.
     unpickler.memo.clear()
     del unpickler
-    builder = _TreeBuilder(where)
+    builder = _TreeBuilder(where, check_finite)
     params, state, wrapped = builder.build(top)
     return HaikuCheckpoint(
         path=path,

@@ -34,6 +34,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import numpy as np
 
 from converter.atomic import HashingWriter, atomic_write
+from converter.errors import OutputError
 # The plain numeric dtypes the official layout carries: exactly what the reader accepts.
 from converter.reader import _NUMERIC_CODES
 
@@ -263,3 +264,30 @@ def save_haiku_checkpoint(
         container=container,
         wrapped=state is not None,
     )
+
+
+# Suffixes that say the file is not a pickle: an export named so is surely a slip
+# (e.g. `export model.safetensors -o model.safetensors`).
+OTHER_FORMAT_SUFFIXES = {
+    ".safetensors": "safetensors",
+    ".pt": "a torch.save file",
+    ".pth": "a torch.save file",
+    ".bin": "a PyTorch/HuggingFace weights file",
+    ".onnx": "ONNX",
+    ".json": "JSON",
+    ".yaml": "YAML",
+    ".yml": "YAML",
+    ".npz": "a NumPy archive",
+    ".npy": "a NumPy array",
+    ".h5": "HDF5",
+}
+
+
+def check_pickle_suffix(out: Path) -> None:
+    """Refuses a pickle output whose suffix names another format (exit 2)."""
+    kind = OTHER_FORMAT_SUFFIXES.get(out.suffix.lower())
+    if kind is not None:
+        raise OutputError(
+            f"refusing to write a Haiku pickle to {out}: the suffix {out.suffix} says "
+            f"{kind}; name it *.pickle (the official files use .pickle or .pystate)"
+        )

@@ -16,9 +16,11 @@ converted file, ``capture_stages(model)`` records intermediate stages, and
     print(tokenizer.decode(logits[0, 51:60].argmax(-1)))
 
 Inputs use PyTorch layouts: images (B, 3, H, W), frame pairs (B, 2, 3, H, W), videos
-(B, T, 3, H, W). Model names: ``MODEL_NAMES``; configs: ``configs`` (``TINY_CONFIGS``
-are the golden test sizes). Eval-time fast paths (same function, another order of
-operations) are listed and switched off in ``fast_paths`` (``fast_paths.plain()``).
+(B, T, 3, H, W); every model checks them at the door and raises ``InputError`` naming
+the expected shape (an empty batch included); invalid configs raise ``ConfigError``.
+Model names: ``MODEL_NAMES``; configs: ``configs`` (``TINY_CONFIGS`` are the golden
+test sizes). Eval-time fast paths (same function, another order of operations) are
+listed and switched off in ``fast_paths`` (``fast_paths.plain()``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from . import configs, fast_paths
 from .configs import (
     CONFIG_CLASSES,
     TINY_CONFIGS,
+    ConfigError,
     ImageNetConvConfig,
     ImageNetFourierConfig,
     ImageNetLearnedConfig,
@@ -38,6 +41,7 @@ from .configs import (
 )
 from .fast_paths import AttentionMode, FastPath
 from .imagenet_conv import ImageNetConv
+from .inputs import InputError
 from .imagenet_fourier import ImageNetFourier
 from .imagenet_learned import ImageNetLearned
 from .language_perceiver import LanguagePerceiver
@@ -53,6 +57,7 @@ __all__ = [
     "AttentionMode",
     "BytesTokenizer",
     "CONFIG_CLASSES",
+    "ConfigError",
     "FastPath",
     "ImageNetConv",
     "ImageNetConvConfig",
@@ -60,6 +65,7 @@ __all__ = [
     "ImageNetFourierConfig",
     "ImageNetLearned",
     "ImageNetLearnedConfig",
+    "InputError",
     "LanguagePerceiver",
     "LanguagePerceiverConfig",
     "LoadError",

@@ -12,17 +12,231 @@ letter for letter, so one configuration drives both. Training-only knobs
 test checkpoints (tiny random-weight models DeepMind's own code was run on). They keep
 every structural choice of the official model and shrink only the sizes; the mappings'
 ``tiny`` preset is derived from them.
+
+Every config checks itself when it is made (``__post_init__`` calls ``validate()``):
+types, ranges (sizes >= 1, dropout in [0, 1)) and the relations the model needs
+(every head count divides the widths its attention splits, the video's frame size
+is a multiple of the space-to-depth factor, ...). A config that passes builds a model
+whose forward pass works; one that does not raises :class:`ConfigError` naming the
+key. :func:`parse_value` reads a command-line value (``8x8``, ``8,8``, JSON).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import math
+import numbers
+import typing
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, out of range or
+    inconsistent with another; ``key`` names the (first) key at fault."""
+
+    def __init__(self, message: str, key: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+# Field kinds, from the annotations: how a value is checked and parsed.
+_KINDS = {
+    "int": "an integer",
+    "optional_int": "an integer or null",
+    "float": "a number",
+    "bool": "true or false",
+    "pair": "two integers (e.g. 8x8, 8,8 or [8, 8])",
+}
+
+# Lower bounds of the integer fields that may be 0 (every other size must be >= 1).
+_MAY_BE_ZERO = frozenset({"input_padding", "query_padding"})
+# Float fields and their allowed ranges: (low, high, low inclusive, high inclusive).
+_FLOAT_RANGES = {
+    "dropout": (0.0, 1.0, True, False),
+    "attention_dropout": (0.0, 1.0, True, False),
+    "rescale_factor": (0.0, math.inf, False, False),
+    "flow_scale": (-math.inf, math.inf, False, False),
+}
+
+
+def _kind(annotation: Any) -> str:
+    if annotation is bool:
+        return "bool"
+    if annotation is int:
+        return "int"
+    if annotation is float:
+        return "float"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union and set(args) == {int, type(None)}:
+        return "optional_int"
+    if origin is tuple and args == (int, int):
+        return "pair"
+    raise TypeError(f"no config kind for annotation {annotation!r}")  # pragma: no cover
+
+
+def field_kinds(cls: type) -> Dict[str, str]:
+    """``{field name: kind}`` of a config class (kinds: see ``_KINDS``)."""
+    return dict(_field_kinds(cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _field_kinds(cls: type) -> Tuple[Tuple[str, str], ...]:
+    # Resolving the (string) annotations costs more than checking every value.
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, _kind(hints[f.name])) for f in dataclasses.fields(cls))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_value(cls: type, key: str, value: Any) -> Any:
+    """``value`` checked (type and range) and normalised for field ``key`` of ``cls``.
+
+    Lists become tuples, integral numbers plain ints. Raises ``ConfigError``.
+    """
+    kinds = field_kinds(cls)
+    if key not in kinds:
+        raise ConfigError(
+            f"unknown config key {key!r} for {cls.__name__}; valid keys: "
+            f"{', '.join(kinds)}",
+            key,
+        )
+    kind = kinds[key]
+
+    def wrong(detail: str = "") -> ConfigError:
+        return ConfigError(
+            f"config key {key!r} must be {_KINDS[kind]}{detail}, got {value!r}", key
+        )
+
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise wrong()
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise wrong()
+        value = float(value)
+        low, high, low_in, high_in = _FLOAT_RANGES.get(
+            key, (-math.inf, math.inf, False, False)
+        )
+        ok = math.isfinite(value) and (value >= low if low_in else value > low)
+        ok = ok and (value <= high if high_in else value < high)
+        if key == "flow_scale":
+            ok = ok and value != 0.0
+        if not ok:
+            interval = (
+                f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            )
+            raise wrong(
+                " other than 0 (finite)" if key == "flow_scale" else f" in {interval}"
+            )
+        return value
+    low = 0 if key in _MAY_BE_ZERO else 1
+    if kind == "optional_int" and value is None:
+        return None
+    if kind in ("int", "optional_int"):
+        if not _is_int(value):
+            raise wrong()
+        if value < low:
+            raise wrong(f" >= {low}")
+        return int(value)
+    # pair
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise wrong()
+    if not all(_is_int(v) for v in value):
+        raise wrong()
+    if min(value) < 1:
+        raise wrong(", each >= 1")
+    return (int(value[0]), int(value[1]))
+
+
+def parse_value(cls: type, key: str, raw: str) -> Any:
+    """A command-line ``--config KEY=VALUE`` value read for field ``key`` of ``cls``
+    and checked (:func:`check_value`): integers, numbers, ``true``/``false``, ``null``
+    for an optional width, pairs as ``8x8``, ``8,8`` or JSON ``[8, 8]``."""
+    kind = field_kinds(cls).get(key)
+    text = raw.strip()
+    value: Any = text
+    if kind == "pair" and not text.startswith("["):
+        parts = text.lower().replace("x", ",").split(",")
+        try:
+            value = [int(part) for part in parts]
+        except ValueError:
+            value = text
+    else:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            if kind == "bool" and text.lower() in ("true", "false"):
+                value = text.lower() == "true"
+    return check_value(cls, key, value)
+
+
+class _Validated:
+    """Mixin of the config dataclasses: checks every field when the config is made."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raises ``ConfigError`` for a wrong type, a value out of range or values
+        that cannot build a working model together (see the module docstring)."""
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = check_value(type(self), f.name, getattr(self, f.name))
+            # Frozen: normalise (list -> tuple, numpy int -> int) through object.
+            object.__setattr__(self, f.name, value)
+        for keys, ok, message in self._relations():
+            if not ok:
+                raise ConfigError(
+                    f"{type(self).__name__}: {message} (keys: {', '.join(keys)})",
+                    keys[0],
+                )
+
+    def _relations(self) -> List[Tuple[Tuple[str, ...], bool, str]]:
+        """``(keys, holds, message)`` for every relation between fields."""
+        return []
+
+
+def _divides(heads_key: str, heads: int, what: str, width: int) -> Tuple[bool, str]:
+    return (
+        width % heads == 0,
+        f"{heads_key}={heads} must divide {what} ({width})",
+    )
+
+
+def _fourier_width(dims: int, num_bands: int) -> int:
+    """Channels of the Fourier features of a ``dims``-D grid: positions, sin, cos."""
+    return dims * (2 * num_bands + 1)
+
+
+class _ImageClassifierRelations(_Validated):
+    """Relations shared by the three ImageNet configs (see ``input_width``)."""
+
+    def input_width(self) -> int:  # pragma: no cover - each subclass defines it
+        raise NotImplementedError
+
+    def _relations(self) -> List[Tuple[Tuple[str, ...], bool, str]]:
+        c: Any = self
+        self_ok, self_msg = _divides(
+            "num_self_attention_heads", c.num_self_attention_heads,
+            "d_latents", c.d_latents,
+        )
+        cross_ok, cross_msg = _divides(
+            "num_cross_attention_heads", c.num_cross_attention_heads,
+            "the encoder's input width", self.input_width(),
+        )
+        return [
+            (("num_self_attention_heads", "d_latents"), self_ok, self_msg),
+            (("num_cross_attention_heads",), cross_ok, cross_msg),
+        ]
 
 
 @dataclass(frozen=True)
-class LanguagePerceiverConfig:
+class LanguagePerceiverConfig(_Validated):
     """Masked language model on UTF-8 bytes (``language_perceiver_io_bytes.pickle``)."""
 
     vocab_size: int = 262
@@ -42,9 +256,27 @@ class LanguagePerceiverConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
 
+    def _relations(self) -> List[Tuple[Tuple[str, ...], bool, str]]:
+        # Every attention uses qk_channels; the encoder's values are v_channels
+        # (default d_latents) wide, the decoder's d_model.
+        v = self.d_latents if self.v_channels is None else self.v_channels
+        checks = []
+        for heads_key, widths in (
+            ("num_self_attention_heads", (("qk_channels", self.qk_channels), ("v_channels", v))),
+            (
+                "num_cross_attention_heads",
+                (("qk_channels", self.qk_channels), ("v_channels", v), ("d_model", self.d_model)),
+            ),
+        ):
+            heads = getattr(self, heads_key)
+            for what, width in widths:
+                ok, message = _divides(heads_key, heads, what, width)
+                checks.append(((heads_key, what), ok, message))
+        return checks
+
 
 @dataclass(frozen=True)
-class ImageNetLearnedConfig:
+class ImageNetLearnedConfig(_ImageClassifierRelations):
     """ImageNet classifier with a 1x1 conv and a learned 2-D position encoding."""
 
     # Training resolution: the learned position encoding has image_size[0]*image_size[1] rows.
@@ -65,9 +297,13 @@ class ImageNetLearnedConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
 
+    def input_width(self) -> int:
+        """Width of the preprocessed inputs: 1x1 conv ++ projected positions."""
+        return 2 * self.pos_channels
+
 
 @dataclass(frozen=True)
-class ImageNetFourierConfig:
+class ImageNetFourierConfig(_ImageClassifierRelations):
     """ImageNet classifier on raw pixels with 2-D Fourier position features."""
 
     # Fourier max_resolution (the frequencies' Nyquist limit), not the input size.
@@ -85,9 +321,13 @@ class ImageNetFourierConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
 
+    def input_width(self) -> int:
+        """Width of the preprocessed inputs: RGB ++ 2-D Fourier features."""
+        return 3 + _fourier_width(2, self.num_bands)
+
 
 @dataclass(frozen=True)
-class ImageNetConvConfig:
+class ImageNetConvConfig(_ImageClassifierRelations):
     """ImageNet classifier with a conv+BatchNorm+max-pool stem (4x downsampling)."""
 
     # Fourier max_resolution of the 4x-downsampled feature map (224 / 4 = 56).
@@ -106,9 +346,13 @@ class ImageNetConvConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
 
+    def input_width(self) -> int:
+        """Width of the preprocessed inputs: conv channels ++ 2-D Fourier features."""
+        return self.conv_channels + _fourier_width(2, self.num_bands)
+
 
 @dataclass(frozen=True)
-class OpticalFlowConfig:
+class OpticalFlowConfig(_Validated):
     """Optical flow between two frames (``optical_flow_checkpoint.pystate``)."""
 
     # Training size: the Fourier max_resolution (and the JAX model's output shape).
@@ -129,9 +373,27 @@ class OpticalFlowConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
 
+    def input_width(self) -> int:
+        """Width of the preprocessed inputs: projected patches ++ 2-D Fourier features."""
+        return self.patch_channels + _fourier_width(2, self.num_bands)
+
+    def _relations(self) -> List[Tuple[Tuple[str, ...], bool, str]]:
+        self_ok, self_msg = _divides(
+            "num_self_attention_heads", self.num_self_attention_heads,
+            "d_latents", self.d_latents,
+        )
+        cross_ok, cross_msg = _divides(
+            "num_cross_attention_heads", self.num_cross_attention_heads,
+            "the encoder's input width", self.input_width(),
+        )
+        return [
+            (("num_self_attention_heads", "d_latents"), self_ok, self_msg),
+            (("num_cross_attention_heads",), cross_ok, cross_msg),
+        ]
+
 
 @dataclass(frozen=True)
-class VideoAutoencodingConfig:
+class VideoAutoencodingConfig(_Validated):
     """Kinetics-700 video + audio + label autoencoder (``video_autoencoding_checkpoint.pystate``)."""
 
     num_frames: int = 16
@@ -162,6 +424,55 @@ class VideoAutoencodingConfig:
     num_chunks: int = 128
     dropout: float = 0.0
     attention_dropout: float = 0.0
+
+    def num_samples(self) -> int:
+        """Audio samples of a clip: num_frames x audio_samples_per_frame."""
+        return self.num_frames * self.audio_samples_per_frame
+
+    def input_width(self) -> int:
+        """Width of the padded multimodal inputs: the widest modality + input_padding
+        (audio: a patch ++ 1-D Fourier features; image: space-to-depth pixels ++ 3-D
+        Fourier features; label: one-hot)."""
+        audio = self.samples_per_patch + _fourier_width(1, self.audio_num_bands)
+        image = 3 * self.spatial_downsample**2 + _fourier_width(3, self.image_num_bands)
+        return max(audio, image, self.num_classes) + self.input_padding
+
+    def _relations(self) -> List[Tuple[Tuple[str, ...], bool, str]]:
+        s = self.spatial_downsample
+        height, width = self.image_size
+        samples = self.num_samples()
+        patches = samples // self.samples_per_patch
+        points = self.num_frames * height * width
+        self_ok, self_msg = _divides(
+            "num_self_attention_heads", self.num_self_attention_heads,
+            "d_latents", self.d_latents,
+        )
+        cross_ok, cross_msg = _divides(
+            "num_cross_attention_heads", self.num_cross_attention_heads,
+            "the encoder's input width", self.input_width(),
+        )
+        return [
+            (("num_self_attention_heads", "d_latents"), self_ok, self_msg),
+            (("num_cross_attention_heads",), cross_ok, cross_msg),
+            (
+                ("image_size", "spatial_downsample"),
+                height % s == 0 and width % s == 0,
+                f"image_size {height}x{width} must be a multiple of spatial_downsample={s}",
+            ),
+            (
+                ("samples_per_patch", "num_frames", "audio_samples_per_frame"),
+                samples % self.samples_per_patch == 0,
+                f"samples_per_patch={self.samples_per_patch} must divide the clip's "
+                f"{samples} audio samples (num_frames x audio_samples_per_frame)",
+            ),
+            (
+                ("num_chunks",),
+                self.num_chunks <= min(points, patches),
+                f"num_chunks={self.num_chunks} must be at most the number of audio "
+                f"patches ({patches}) and image points ({points}), so that every "
+                "chunk decodes at least one of each",
+            ),
+        ]
 
 
 # Fields that only matter for training: not part of a mapping's configuration, and
@@ -228,15 +539,18 @@ TINY_CONFIGS: Mapping[str, Any] = {
 def config_from_dict(name: str, values: Mapping[str, Any]) -> Any:
     """Builds the config of model ``name`` from plain values (JSON, YAML or CLI).
 
-    Lists become tuples; unknown keys raise ``ValueError`` naming the valid ones.
+    Lists become tuples; unknown keys, wrong types, values out of range and values
+    that do not fit together raise :class:`ConfigError` (a ``ValueError``) naming the
+    key (and, for an unknown key, the valid ones).
     """
     cls = CONFIG_CLASSES[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown config key(s) for {name}: {', '.join(unknown)}; "
-            f"valid keys: {', '.join(fields)}"
+            f"valid keys: {', '.join(fields)}",
+            unknown[0],
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**kwargs)

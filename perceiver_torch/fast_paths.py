@@ -26,7 +26,8 @@ when parity breaks, run the plain path first::
         ...
 
 ``PERCEIVER_TORCH_FAST_PATHS=0`` turns all of them off for the process and
-``PERCEIVER_TORCH_ONEDNN=0`` the oneDNN kernel alone (both read when first needed).
+``PERCEIVER_TORCH_ONEDNN=0`` the oneDNN kernel alone (both read at first use;
+``reread_environment()`` reads them again).
 The fast paths switch themselves off where they do not apply (training, autograd,
 dropout, other devices or dtypes for the oneDNN kernel); the switch only ever turns
 them off, never on where they do not apply.
@@ -35,10 +36,9 @@ them off, never on where they do not apply.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import enum
 import os
-from typing import FrozenSet, Iterator
+from typing import FrozenSet, Iterator, Optional
 
 __all__ = [
     "ENV_ALL",
@@ -48,6 +48,7 @@ __all__ = [
     "disabled_paths",
     "enabled",
     "plain",
+    "reread_environment",
 ]
 
 ENV_ALL = "PERCEIVER_TORCH_FAST_PATHS"
@@ -87,16 +88,25 @@ def _from_environment() -> FrozenSet[FastPath]:
     return frozenset()
 
 
-# Paths turned off by ``plain()`` blocks (a context variable: threads and asyncio
-# tasks each see their own blocks).
-_DISABLED: contextvars.ContextVar[FrozenSet[FastPath]] = contextvars.ContextVar(
-    "perceiver_torch_disabled_fast_paths", default=frozenset()
-)
+# Module globals, not a context variable: torch.compile traces reads of globals (and
+# guards on them), while ContextVar.get breaks the graph. ``plain()`` blocks are
+# therefore process-wide: do not enter them from several threads at once.
+_environment: Optional[FrozenSet[FastPath]] = None  # read at first use
+_disabled_by_blocks: FrozenSet[FastPath] = frozenset()
+
+
+def reread_environment() -> None:
+    """Reads ``PERCEIVER_TORCH_FAST_PATHS`` / ``PERCEIVER_TORCH_ONEDNN`` again (they
+    are read once, at first use)."""
+    global _environment
+    _environment = _from_environment()
 
 
 def disabled_paths() -> FrozenSet[FastPath]:
     """The fast paths that are off here: by the environment or a ``plain()`` block."""
-    return _from_environment() | _DISABLED.get()
+    if _environment is None:
+        reread_environment()
+    return _environment | _disabled_by_blocks
 
 
 def enabled(path: FastPath) -> bool:
@@ -109,9 +119,11 @@ def plain(*paths: FastPath) -> Iterator[None]:
     """Runs the plain computation of ``paths`` (default: every fast path) inside the
     ``with`` block; nested blocks add up, and leaving a block restores the previous
     state."""
+    global _disabled_by_blocks
     off = frozenset(FastPath) if not paths else frozenset(FastPath(p) for p in paths)
-    token = _DISABLED.set(_DISABLED.get() | off)
+    previous = _disabled_by_blocks
+    _disabled_by_blocks = previous | off
     try:
         yield
     finally:
-        _DISABLED.reset(token)
+        _disabled_by_blocks = previous

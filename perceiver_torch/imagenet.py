@@ -6,11 +6,12 @@ The three models differ only in their input preprocessor (see ``imagenet_learned
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Tuple
 
 from torch import Tensor, nn
 
 from .decoders import PerceiverDecoder
+from .inputs import expect
 from .perceiver import PerceiverIO
 from .postprocessors import ClassificationPostprocessor
 from .queries import TrainableQueries
@@ -44,8 +45,32 @@ class ImageClassifier(PerceiverIO):
         )
         self.output_postprocessor = ClassificationPostprocessor()
 
+    def image_size(self) -> Tuple[Optional[int], Optional[int]]:
+        """The (H, W) the model requires; None = any size."""
+        return (None, None)
+
+    def check_inputs(self, images: Tensor) -> None:
+        """Raises ``InputError`` unless images is a float (B, 3, H, W) tensor (at
+        ``image_size()`` where the model requires one)."""
+        height, width = self.image_size()
+        expect(
+            type(self).__name__,
+            "images",
+            images,
+            (("B", None), ("3", 3), ("H", height), ("W", width)),
+            what="RGB images, ImageNet-normalised",
+            floating=True,
+            channels_axis=1,
+            note=self.size_note(),
+        )
+
+    def size_note(self) -> str:
+        """Why ``image_size()`` is required (said with a wrong shape)."""
+        return ""
+
     def forward(self, images: Tensor) -> Tensor:
         """images: (B, 3, H, W), normalised -> logits (B, num_classes)."""
+        self.check_inputs(images)
         preprocessed = self.input_preprocessor(images)
         latents = self.encoder(preprocessed)
         queries = self.output_queries(images.shape[0])

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 from .configs import ImageNetLearnedConfig
 from .imagenet import ImageClassifier
@@ -24,3 +24,11 @@ class ImageNetLearned(ImageClassifier):
             image_size=config.image_size, channels=config.pos_channels
         )
         self._build_perceiver(config, preprocessor)
+
+    def image_size(self) -> Tuple[Optional[int], Optional[int]]:
+        """``config.image_size``: the learned encoding has one row per pixel."""
+        return tuple(self.config.image_size)
+
+    def size_note(self) -> str:
+        h, w = self.config.image_size
+        return f"the learned position encoding covers {h}x{w} images only"

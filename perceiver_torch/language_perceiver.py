@@ -10,6 +10,7 @@ from torch import Tensor
 from .configs import LanguagePerceiverConfig
 from .decoders import PerceiverDecoder
 from .fast_paths import FastPath, enabled
+from .inputs import expect, fail
 from .perceiver import PerceiverIO
 from .postprocessors import EmbeddingDecoder
 from .preprocessors import TextPreprocessor
@@ -72,6 +73,7 @@ class LanguagePerceiver(PerceiverIO):
         query or the latents (its attention row is zeroed before ``to_out`` and there
         is no query residual), so it is computed once and repeated.
         """
+        self.check_inputs(input_ids, attention_mask)
         batch, length = input_ids.shape
         if (
             attention_mask is None
@@ -95,6 +97,41 @@ class LanguagePerceiver(PerceiverIO):
         )
         return torch.cat([logits, masked.expand(-1, length - real, -1)], dim=1)
 
+    def check_inputs(
+        self, input_ids: Tensor, attention_mask: Optional[Tensor] = None
+    ) -> None:
+        """Raises ``InputError`` unless input_ids is (B, T) integer with
+        1 <= T <= max_seq_len and attention_mask is None or has input_ids' shape."""
+        name, max_len = type(self).__name__, self.config.max_seq_len
+        if isinstance(input_ids, Tensor) and input_ids.dim() == 1:
+            fail(
+                name,
+                f"input_ids must have shape (B, T) with T <= {max_len}, got "
+                f"{list(input_ids.shape)}; add the batch axis: input_ids.unsqueeze(0)",
+            )
+        expect(name, "input_ids", input_ids, (("B", None), ("T", None)),
+               what="token ids", floating=False)
+        if input_ids.shape[1] > max_len:
+            fail(
+                name,
+                f"input_ids holds {input_ids.shape[1]} tokens, more than max_seq_len "
+                f"{max_len}; truncate or split the sequence",
+            )
+        if attention_mask is not None:
+            if not isinstance(attention_mask, Tensor) or tuple(
+                attention_mask.shape
+            ) != tuple(input_ids.shape):
+                got = (
+                    list(attention_mask.shape)
+                    if isinstance(attention_mask, Tensor)
+                    else type(attention_mask).__name__
+                )
+                fail(
+                    name,
+                    f"attention_mask must have input_ids' shape "
+                    f"{list(input_ids.shape)} (1 = real token, 0 = padding), got {got}",
+                )
+
     def logits(
         self,
         input_ids: Tensor,
@@ -103,6 +140,7 @@ class LanguagePerceiver(PerceiverIO):
         return_latents: bool = False,
     ):
         """The plain forward pass over all T positions (no trimming of padding)."""
+        self.check_inputs(input_ids, attention_mask)
         batch, length = input_ids.shape
         preprocessed = self.input_preprocessor(input_ids)
         latents = self.encoder(preprocessed, attention_mask)

@@ -85,6 +85,8 @@ def build(name: str, config: Any = None, *, dtype: DTypeLike = None) -> Perceive
 
     config: None = the official configuration; a mapping is turned into the config
     dataclass (``configs.config_from_dict``); otherwise the dataclass instance itself.
+    An invalid configuration raises ``configs.ConfigError`` (a ``ValueError``) naming
+    the key; no model is built.
     dtype: "float32", "bfloat16", "float16" (or the torch dtype); None = float32.
     Floating-point inputs are cast to the model's dtype by the model. Builds on the
     current default device (``with torch.device("meta"):`` works).
@@ -100,9 +102,112 @@ def build(name: str, config: Any = None, *, dtype: DTypeLike = None) -> Perceive
             f"config for {name} must be a {configs.CONFIG_CLASSES[name].__name__} or a "
             f"mapping, got {type(config).__name__}"
         )
-    model = cls(config)
+    else:
+        config.validate()  # a config edited with dataclasses.replace is checked too
+    try:
+        model = cls(config)
+    except (ValueError, ZeroDivisionError, RuntimeError) as error:
+        # validate() should have caught it; never hand out a half-built model.
+        raise configs.ConfigError(
+            f"cannot build {name} with this configuration: {error}"
+        ) from error
     # Initialised in float32 (the reference's initialisers), then cast once.
     return model if torch_dtype in (None, torch.float32) else model.to(torch_dtype)
+
+
+# A torch.save file is a zip archive; the legacy (pre-1.6) format is a pickle that
+# starts with protocol 2 and a 10-byte magic number (LONG1 of length 10).
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a"
+
+
+def _refuse_pickles(path: Path) -> None:
+    """A plain pickle (an official Haiku checkpoint, or anything else that is not a
+    converted file) is refused from its first bytes, before ``torch.load`` could
+    suggest unsafe ways of reading it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as err:
+        raise LoadError(f"{path}: cannot read it ({err.strerror or err})") from None
+    # A safetensors file starts with its header's length (8 bytes, little-endian,
+    # whose first byte may be 0x80) and then the JSON header.
+    is_safetensors = head[8:9] == b"{"
+    is_pickle = len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
+    if is_pickle and not is_safetensors and not head.startswith(_LEGACY_TORCH_MAGIC):
+        # The official files name Haiku's FlatMapping in their first opcodes.
+        what = (
+            "this is an official Haiku checkpoint"
+            if b"FlatMapping" in head or b"haiku" in head
+            else "this is a pickle, not a converted perceiver_torch file; if it is "
+            "an official Haiku checkpoint"
+        )
+        raise LoadError(
+            f"{path}: {what}; convert it first with `perceiver-convert "
+            f"convert {path} -o {path.with_suffix('.safetensors').name}`, then load "
+            "the .safetensors file"
+        )
+
+
+# Storage dtypes a converted file may hold for the model's floating tensors.
+FLOAT_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def state_dict_problems(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> Dict[str, list]:
+    """What keeps ``state`` from loading into a model whose state dict is
+    ``expected``: ``{"missing", "unexpected", "shape", "dtype"}`` lists of text.
+
+    Floating tensors may be stored as float32, float16 or bfloat16 (``convert
+    --dtype``); integer buffers must keep their dtype.
+    """
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shape, dtype = [], []
+    for k in sorted(set(expected) & set(state)):
+        want, got = expected[k], state[k]
+        if tuple(want.shape) != tuple(got.shape):
+            shape.append(f"{k}: expected {tuple(want.shape)}, got {tuple(got.shape)}")
+        elif want.is_floating_point():
+            if got.dtype not in FLOAT_STORAGE_DTYPES:
+                dtype.append(
+                    f"{k}: expected float32 (or float16/bfloat16), got "
+                    f"{str(got.dtype).replace('torch.', '')}"
+                )
+        elif got.dtype != want.dtype:
+            dtype.append(
+                f"{k}: expected {str(want.dtype).replace('torch.', '')}, got "
+                f"{str(got.dtype).replace('torch.', '')}"
+            )
+    return {"missing": missing, "unexpected": unexpected, "shape": shape, "dtype": dtype}
+
+
+def format_state_problems(prefix: str, problems: Mapping[str, list]) -> Optional[str]:
+    """The message of :func:`state_dict_problems` (None when there are none)."""
+    if not any(problems.values()):
+        return None
+    lines = [prefix]
+    if problems["missing"]:
+        lines.append(
+            f"  missing keys ({len(problems['missing'])}): "
+            f"{', '.join(problems['missing'][:10])}"
+        )
+    if problems["unexpected"]:
+        lines.append(
+            f"  unexpected keys ({len(problems['unexpected'])}): "
+            f"{', '.join(problems['unexpected'][:10])}"
+        )
+    if problems["shape"]:
+        lines.append(f"  shape mismatches: {'; '.join(problems['shape'][:10])}")
+    if problems["dtype"]:
+        lines.append(
+            f"  dtype mismatches: {'; '.join(problems['dtype'][:10])}; cast those "
+            "tensors back (floating: tensor.float(); integer buffers: "
+            "tensor.long()) and save the file again, or convert the official "
+            "checkpoint again"
+        )
+    return "\n".join(lines)
 
 
 def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -114,6 +219,7 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
     The returned metadata always has "model" and "config" (as JSON text).
     """
     path = Path(path)
+    _refuse_pickles(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -164,7 +270,8 @@ def load(
     ``.safetensors``: metadata "model" (name) and "config" (JSON of
     ``configs.config_to_dict``); other files: ``torch.load(weights_only=True)`` of
     ``{"model": name, "config": {...}, "state_dict": {...}}``. Raises ``LoadError`` for
-    missing metadata, an unknown model or missing/unexpected/misshapen keys.
+    a plain pickle (an official Haiku checkpoint: convert it first), missing
+    metadata, an unknown model or missing/unexpected/misshapen keys or wrong dtypes.
 
     map_location: device of the model (default "cpu").
     dtype: the model's floating-point dtype; None = the dtype the file was converted
@@ -190,25 +297,12 @@ def load(
         raise LoadError(f"{path}: bad config for {name}: {err}") from None
     with torch.device("meta"):  # no memory yet; to_empty allocates it in the dtype
         model = build(name, config, dtype=torch_dtype)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(state[k].shape)}"
-        for k in sorted(set(expected) & set(state))
-        if tuple(expected[k].shape) != tuple(state[k].shape)
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"{path}: the weights do not match {name} with this config:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:10])}")
-        if unexpected:
-            lines.append(
-                f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:10])}"
-            )
-        if mismatched:
-            lines.append(f"  shape mismatches: {'; '.join(mismatched[:10])}")
-        raise LoadError("\n".join(lines))
+    message = format_state_problems(
+        f"{path}: the weights do not match {name} with this config:",
+        state_dict_problems(model.state_dict(), state),
+    )
+    if message is not None:
+        raise LoadError(message)
     # Floating-point tensors in the model's dtype; load_state_dict copies (and casts)
     # the file's tensors into them, so a bfloat16 file can also load as float32.
     model = model.to_empty(device=map_location or "cpu")

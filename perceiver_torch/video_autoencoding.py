@@ -11,6 +11,7 @@ from torch import Tensor
 from .configs import VideoAutoencodingConfig
 from .decoders import FoldedDecoder, PerceiverDecoder
 from .fast_paths import FastPath, enabled
+from .inputs import expect, fail, same_batch
 from .perceiver import PerceiverIO
 from .postprocessors import (
     AudioPostprocessor,
@@ -127,12 +128,47 @@ class VideoAutoencoder(PerceiverIO):
 
     # -- encoding ---------------------------------------------------------------
 
+    def check_inputs(
+        self, images: Tensor, audio: Tensor, label: Optional[Tensor] = None
+    ) -> None:
+        """Raises ``InputError`` unless images is float (B, num_frames, 3, H, W) at
+        ``config.image_size``, audio (B, S) or (B, S, 1) with S = num_frames x
+        audio_samples_per_frame, and label None or (B, num_classes), one batch size."""
+        name, c = type(self).__name__, self.config
+        t, (h, w) = c.num_frames, c.image_size
+        expect(
+            name,
+            "images",
+            images,
+            (("B", None), ("T", t), ("3", 3), ("H", h), ("W", w)),
+            what=f"{t} RGB frames of {h}x{w} in [0, 1]",
+            floating=True,
+            channels_axis=2,
+        )
+        samples = self.num_samples
+        audio_dims = [("B", None), ("S", samples)]
+        if isinstance(audio, Tensor) and audio.dim() == 3:
+            audio_dims.append(("1", 1))
+        expect(
+            name,
+            "audio",
+            audio,
+            audio_dims,
+            what=f"{samples} samples = {t} frames x {c.audio_samples_per_frame}",
+            floating=True,
+        )
+        if label is not None:
+            expect(name, "label", label, (("B", None), ("classes", c.num_classes)),
+                   what="label scores", floating=True)
+        same_batch(name, {"images": images, "audio": audio, "label": label})
+
     def preprocess(
         self, images: Tensor, audio: Tensor, label: Optional[Tensor] = None
     ) -> Tensor:
         """images: (B, T, 3, H, W); audio: (B, S) or (B, S, 1); label: (B, classes)
         or None (zeros). Returns the encoder's input tokens (B, N, width).
         Floating-point inputs are cast to the model's dtype."""
+        self.check_inputs(images, audio, label)
         images, audio, label = self.cast_input((images, audio, label))
         if label is None:
             label = images.new_zeros(images.shape[0], self.config.num_classes)
@@ -160,6 +196,14 @@ class VideoAutoencoder(PerceiverIO):
         """
         k = self.config.num_chunks if num_chunks is None else num_chunks
         n_image = self.image_dims[0] * self.image_dims[1] * self.image_dims[2]
+        most = min(n_image, self.num_audio_patches)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= most:
+            fail(
+                type(self).__name__,
+                f"num_chunks must be an integer from 1 to {most} (the clip has "
+                f"{self.num_audio_patches} audio patches and {n_image} image points), "
+                f"got {k!r}",
+            )
         images = torch.arange(n_image, device=device).tensor_split(k)
         audio = torch.arange(self.num_audio_patches, device=device).tensor_split(k)
         return [{"image": i, "audio": a} for i, a in zip(images, audio)]
@@ -257,11 +301,12 @@ class VideoAutoencoder(PerceiverIO):
         self,
         images: Tensor,
         audio: Tensor,
-        num_chunks: int = 128,
+        num_chunks: Optional[int] = None,
         label: Optional[Tensor] = None,
     ) -> Dict[str, Tensor]:
         """Autoencodes a whole clip: encodes once, decodes every point in
-        ``num_chunks`` chunks (the colab re-encodes for every chunk; same result).
+        ``num_chunks`` chunks (default ``config.num_chunks``, the colab's 128 for the
+        official model; the colab re-encodes for every chunk; same result).
 
         Returns {"image": (B, T, 3, H, W), "audio": (B, S), "label": (B, classes)}.
         """

@@ -105,6 +105,14 @@ def test_fast_paths_fire_on_these_inputs(monkeypatch):
     assert seen == set() and logits_calls == [64]
 
 
+def test_reread_environment(monkeypatch):
+    monkeypatch.setattr(fast_paths, "_environment", frozenset())
+    monkeypatch.setenv("PERCEIVER_TORCH_FAST_PATHS", "0")
+    assert fast_paths.disabled_paths() == frozenset()  # read once, at first use
+    fast_paths.reread_environment()
+    assert fast_paths.disabled_paths() == frozenset(FastPath)
+
+
 def test_plain_blocks_nest_and_restore():
     assert fast_paths.disabled_paths() == frozenset()
     with fast_paths.plain(FastPath.FOLDED_DECODER):
@@ -127,6 +135,18 @@ def test_plain_blocks_nest_and_restore():
             pass
 
 
+def test_switch_is_traced_by_torch_compile():
+    """No graph break: the switch is read from module globals dynamo can guard."""
+
+    def step(x):
+        return x + 1 if fast_paths.enabled(FastPath.SKIP_PADDING) else x - 1
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 2.0))
+    with fast_paths.plain(FastPath.SKIP_PADDING):
+        assert torch.equal(compiled(torch.ones(2)), torch.zeros(2))
+
+
 @pytest.mark.parametrize(
     "variable,expected",
     [
@@ -135,6 +155,8 @@ def test_plain_blocks_nest_and_restore():
     ],
 )
 def test_environment_switches(monkeypatch, variable, expected):
+    # Unread: read at the next use, and the previous reading restored afterwards.
+    monkeypatch.setattr(fast_paths, "_environment", None)
     monkeypatch.setenv(variable, "0")
     assert fast_paths.disabled_paths() == expected
     attention = pt.attention.Attention(q_channels=8, kv_channels=8, num_heads=1)

@@ -67,7 +67,8 @@ def test_inspect_json_report(conv_fixture):
     assert document["state"]["arrays"] == 6
     assert document["total"]["bytes"] == tree.nbytes(include_state=True)
     entry = next(e for e in document["params"]["entries"] if e["param"] == "w")
-    assert set(entry) == {"module", "param", "shape", "dtype", "values", "bytes"}
+    assert set(entry) == {"module", "param", "shape", "dtype", "values", "bytes", "nonfinite"}
+    assert entry["nonfinite"] == 0
     shapes = {
         (e["module"], e["param"]): tuple(e["shape"])
         for e in document["params"]["entries"]

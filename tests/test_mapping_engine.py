@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from converter.conversion import model_targets
-from converter.errors import MappingError, ShapeMismatch
+from converter.errors import ConfigError, MappingError, ShapeMismatch
 from converter.mapping import (
     available_mappings,
     flatten_tree,
@@ -348,9 +348,10 @@ def test_overrides_that_contradict_the_checkpoint_are_refused():
     tree = read_tree("optical_flow", "tiny")
     shapes = {k: v[0] for k, v in tree.items()}
     spec = load_mapping("optical_flow")
-    with pytest.raises(MappingError, match="contradicts the checkpoint"):
+    # The user's overrides are at fault: ConfigError (exit 2), not a MappingError.
+    with pytest.raises(ConfigError, match="contradicts the checkpoint"):
         spec.resolve_config(shapes, {"num_self_attends": 5})
-    with pytest.raises(MappingError, match="unknown config key"):
+    with pytest.raises(ConfigError, match="unknown config key"):
         spec.resolve_config(shapes, {"num_layers": 5})
     resolved = spec.resolve_config(shapes, {"image_size": [48, 64]})
     assert resolved.values["image_size"] == (48, 64)
@@ -419,3 +420,29 @@ def test_includes_come_from_the_mapping_folder_then_the_bundled_ones(tmp_path):
         MappingError, match=rf"{missing}: included file '_nowhere.yaml' not found"
     ):
         load_mapping(missing)
+
+
+def test_hf_mappings_cover_the_six_models_and_read_their_counts_backwards():
+    """mappings/hf/: one per model, each naming its transformers class; target_derive
+    reads the layer count from transformers' names (the mapping read backwards)."""
+    from converter.mapping import available_hf_mappings, load_hf_mapping
+
+    assert available_hf_mappings() == tuple(sorted(MODEL_NAMES))
+    for name in MODEL_NAMES:
+        spec = load_hf_mapping(name)
+        assert spec.model == name and spec.target["architecture"].startswith("Perceiver")
+        (key,) = spec.target_derive
+        table = spec.expand({**spec.config, key: 3})
+        shapes = {rule.target: (1,) for rule in table.rules}
+        assert spec.derive_from_targets(shapes) == {key: 3}
+        assert len({rule.target for rule in table.rules}) == len(table.rules)
+    with pytest.raises(MappingError, match="no HuggingFace mapping"):
+        load_hf_mapping("nonexistent")
+
+
+def test_a_folder_named_like_a_model_does_not_shadow_its_mapping(tmp_path, monkeypatch):
+    from converter.mapping import load_mapping
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "imagenet_conv").mkdir()
+    assert load_mapping("imagenet_conv").file == "mappings/imagenet_conv.yaml"

@@ -37,6 +37,7 @@ def test_registry_is_closed_and_documented():
     assert set(OP_NAMES) == {
         "linear",
         "conv_hwio_to_oihw",
+        "reverse_axes",
         "squeeze",
         "reshape",
         "dtype",
@@ -65,6 +66,18 @@ def test_conv_hwio_to_oihw_keeps_height_and_width():
                     assert out[o, i, h, w] == hwio[h, w, i, o]
     # The permutation HuggingFace used, (3, 2, 1, 0), swaps H and W: different data.
     assert not np.array_equal(out.reshape(-1), hwio.transpose(3, 2, 1, 0).reshape(-1))
+
+
+def test_reverse_axes_is_numpys_transpose_and_its_own_inverse():
+    hwio = arange(2, 3, 4, 5)
+    out = assert_round_trip({"reverse_axes": {"rank": 4}}, hwio)
+    assert out.shape == (5, 4, 3, 2)  # OIWH: height and width swapped
+    np.testing.assert_array_equal(out, np.transpose(hwio))
+    assert out.flags.c_contiguous
+    with pytest.raises(ShapeMismatch, match="rank-4"):
+        parse_op({"reverse_axes": {"rank": 4}}).apply(arange(2, 3))
+    with pytest.raises(MappingError, match="rank"):
+        parse_op({"reverse_axes": {}})
 
 
 def test_squeeze_drops_only_listed_unit_dims():

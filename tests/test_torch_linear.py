@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from float64_reference import check_within_float32_rounding
-from perceiver_torch import linear as linear_module
+from perceiver_torch import fast_paths, linear as linear_module
 from perceiver_torch.linear import Linear
 
 
@@ -46,6 +46,7 @@ def test_training_uses_autograd_path():
 
 def test_switch_off_with_the_environment(monkeypatch):
     monkeypatch.setattr(linear_module, "_available", None)
+    monkeypatch.setattr(fast_paths, "_environment", None)  # read again, then restored
     monkeypatch.setenv("PERCEIVER_TORCH_ONEDNN", "0")
     assert linear_module._onednn_linear_enabled() is False
     layer = Linear(6, 3)

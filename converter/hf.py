@@ -1,0 +1,581 @@
+"""HuggingFace transformers checkpoints of the six models: export and fidelity report.
+
+``export_hf(converted, out_dir)`` writes a ``save_pretrained``-style folder that
+transformers' own Perceiver classes load with no missing or unexpected keys:
+``config.json`` (the fields the hub repositories carry), ``model.safetensors`` (with
+this project's provenance in its metadata), the image processor config of the three
+ImageNet models, the tokenizer files of the language model, and ``fidelity.json``.
+
+The tensors follow the hub's convention, i.e. what HuggingFace's own converter
+(``convert_perceiver_haiku_to_pytorch.py``) wrote from the official file: its renames,
+``np.transpose`` of every kernel (for the conv stem's HWIO kernel a full axis reversal,
+OIWH, so transformers convolves with height and width swapped) and squeezed BatchNorm
+arrays. The names and ops are data: ``mappings/hf/<model>.yaml``, read by the same
+engine as the official mappings, from the official Haiku names (the converted file is
+first mapped back to them exactly) to transformers' keys.
+
+transformers hard-codes some sizes in its classes (Fourier bands, the learned model's
+256 position channels, the language decoder's 8 x 32 query channels, ...):
+:func:`hf_config` refuses a checkpoint whose sizes differ, saying which.
+
+The fidelity report runs transformers' forward pass and perceiver_torch's on the same
+deterministic inputs, so a user sees what choosing HuggingFace's architecture costs
+(NUMERICS.md lists the causes: erf GELU, the conv stem's padding and kernel
+orientation, the learned model's query residual, the language decoder's query mask).
+
+Needs the ``[hf]`` extra (transformers); nothing else in the converter imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Tuple
+
+import numpy as np
+import torch
+
+from converter._version import __version__
+from converter.errors import ConverterError, MappingError
+from converter.mapping import (
+    MappingSpec,
+    convert_arrays,
+    load_hf_mapping,
+    plan_forward,
+)
+from converter.progress import Progress, quiet
+
+# Keys of the safetensors metadata; transformers wants "format": "pt".
+HF_SOURCE_KEYS = ("model", "config", "source_file", "source_sha256", "mapping",
+                  "mapping_sha256", "converter")
+
+
+def require_transformers() -> Any:
+    """Imports transformers, or explains how to install it."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError as error:
+        raise ConverterError(
+            f"HuggingFace export and import need transformers ({error}); install it "
+            "with `pip install 'perceiver-convert[hf]'`"
+        ) from None
+    return transformers
+
+
+# --------------------------------------------------------------------------------------
+# Configurations: perceiver_torch config (a plain dict) <-> transformers' PerceiverConfig.
+
+
+def _fixed(model: str, config: Mapping[str, Any], fixed: Mapping[str, Any]) -> None:
+    """transformers' class hard-codes these values; refuse a checkpoint with others."""
+    wrong = {
+        key: config[key]
+        for key, value in fixed.items()
+        if _plain(config[key]) != _plain(value)
+    }
+    if wrong:
+        details = ", ".join(
+            f"{key}={_plain(config[key])} (transformers fixes {_plain(fixed[key])})"
+            for key in wrong
+        )
+        raise ConverterError(
+            f"transformers' class for {model} cannot hold this checkpoint: {details}; "
+            "only checkpoints with those sizes can be exported to HuggingFace"
+        )
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _square(model: str, size: Any, what: str) -> int:
+    height, width = size
+    if height != width:
+        raise ConverterError(
+            f"transformers' class for {model} takes a square {what}; this checkpoint "
+            f"has {height}x{width}"
+        )
+    return int(height)
+
+
+def class_labels(model: str, num_classes: int) -> Dict[str, Any]:
+    """``id2label``/``label2id`` for the official class count of ``model``, else {}
+    (transformers then numbers them LABEL_0, LABEL_1, ...). The names are
+    perceiver_torch's package data (the colabs' lists: ImageNet in class-index order,
+    Kinetics-700 alphabetical)."""
+    from perceiver_torch.labels import imagenet_labels, kinetics700_labels
+
+    if model == "video_autoencoding":
+        names = kinetics700_labels()
+    elif model.startswith("imagenet_"):
+        names = imagenet_labels()
+    else:
+        return {}
+    if num_classes != len(names):
+        return {}
+    id2label = {i: name for i, name in enumerate(names)}
+    return {"id2label": id2label, "label2id": {name: i for i, name in id2label.items()}}
+
+
+def hf_config(model: str, config: Mapping[str, Any]) -> Dict[str, Any]:
+    """``PerceiverConfig`` keyword arguments for perceiver_torch ``config`` (a dict).
+
+    The values the hub repositories carry (sizes, ``architectures`` is added by the
+    caller); raises :class:`ConverterError` where transformers cannot express ``config``.
+    """
+    c = dict(config)
+    common = dict(
+        num_latents=c["num_latents"],
+        d_latents=c["d_latents"],
+        num_self_attention_heads=c["num_self_attention_heads"],
+        num_cross_attention_heads=c["num_cross_attention_heads"],
+    )
+    if model == "language_perceiver":
+        # The decoder's 8 heads of 32 query channels are literals in PerceiverForMaskedLM.
+        _fixed(model, c, {"qk_channels": 256, "num_cross_attention_heads": 8})
+        return dict(
+            common,
+            d_model=c["d_model"],
+            num_blocks=1,
+            num_self_attends_per_block=c["num_self_attends"],
+            qk_channels=c["qk_channels"],
+            v_channels=c["v_channels"] or c["d_latents"],
+            vocab_size=c["vocab_size"],
+            max_position_embeddings=c["max_seq_len"],
+        )
+    if model.startswith("imagenet_"):
+        imagenet = dict(
+            common,
+            num_blocks=c["num_blocks"],
+            num_self_attends_per_block=c["num_self_attends_per_block"],
+            qk_channels=None,
+            v_channels=None,
+            num_labels=c["num_classes"],
+            **class_labels(model, c["num_classes"]),
+        )
+        if model == "imagenet_learned":
+            _fixed(model, c, {"pos_channels": 256})
+            size = _square(model, c["image_size"], "image")
+            return dict(imagenet, d_model=512, image_size=size)
+        if model == "imagenet_fourier":
+            _fixed(model, c, {"num_bands": 64, "max_resolution": (224, 224)})
+            return dict(imagenet, d_model=261, image_size=224)
+        _fixed(model, c, {"num_bands": 64, "max_resolution": (56, 56), "conv_channels": 64})
+        return dict(imagenet, d_model=322, image_size=224)
+    if model == "optical_flow":
+        _fixed(model, c, {"num_bands": 64, "patch_channels": 64, "rescale_factor": 100.0})
+        return dict(
+            common,
+            d_model=322,
+            num_blocks=1,
+            num_self_attends_per_block=c["num_self_attends"],
+            train_size=list(c["image_size"]),
+        )
+    if model == "video_autoencoding":
+        _fixed(
+            model,
+            c,
+            {
+                "audio_num_bands": 192,
+                "image_num_bands": 32,
+                "label_query_channels": 1024,
+                "spatial_downsample": 4,
+                "input_padding": 4,
+                "query_padding": 2,
+            },
+        )
+        size = _square(model, c["image_size"], "frame")
+        # transformers' image_size is the Fourier features' maximum resolution, the
+        # frame size after space-to-depth (56 for the official 224: its default,
+        # which HuggingFace's converter kept); output_shape holds the frame size.
+        return dict(
+            common,
+            d_model=704,
+            num_blocks=1,
+            num_self_attends_per_block=c["num_self_attends"],
+            num_frames=c["num_frames"],
+            image_size=size // c["spatial_downsample"],
+            audio_samples_per_frame=c["audio_samples_per_frame"],
+            samples_per_patch=c["samples_per_patch"],
+            output_shape=[1, c["num_frames"], size, size],
+            output_num_channels=c["decoder_channels"],
+            num_labels=c["num_classes"],
+            **class_labels(model, c["num_classes"]),
+        )
+    raise ValueError(f"unknown model {model!r}")
+
+
+def config_overrides_from_hf(model: str, hf: Mapping[str, Any]) -> Dict[str, Any]:
+    """perceiver_torch config values a transformers ``config.json`` gives that the
+    tensors' shapes cannot reveal (image and clip sizes, how often the ImageNet
+    models' shared block repeats); the rest is derived. The video model's
+    ``num_chunks`` (a decoding default, not in transformers' config) stays official."""
+    if model.startswith("imagenet_"):
+        out = {"num_blocks": hf["num_blocks"]} if "num_blocks" in hf else {}
+        if model == "imagenet_learned" and "image_size" in hf:
+            size = hf["image_size"]
+            size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+            out["image_size"] = size
+        return out
+    if model == "optical_flow" and "train_size" in hf:
+        return {"image_size": tuple(hf["train_size"])}
+    if model == "video_autoencoding":
+        out: Dict[str, Any] = {}
+        if "output_shape" in hf:
+            out["image_size"] = tuple(hf["output_shape"][2:4])
+        for key in ("num_frames", "audio_samples_per_frame", "samples_per_patch"):
+            if key in hf:
+                out[key] = hf[key]
+        return out
+    return {}
+
+
+def architecture(model: str) -> str:
+    """transformers' class name for ``model`` (from ``mappings/hf/<model>.yaml``)."""
+    return str(load_hf_mapping(model).target["architecture"])
+
+
+def build_hf_model(model: str, config_kwargs: Mapping[str, Any], *, meta: bool = False):
+    """transformers' model for ``model`` with random weights (``meta``: no memory)."""
+    transformers = require_transformers()
+    cls = getattr(transformers, architecture(model))
+    hf_cfg = transformers.PerceiverConfig(**config_kwargs)
+    if meta:
+        with torch.device("meta"):
+            return cls(hf_cfg)
+    return cls(hf_cfg)
+
+
+def hf_targets(model: str, config_kwargs: Mapping[str, Any]) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """Shapes and dtypes of transformers' state dict for this configuration."""
+    hf_model = build_hf_model(model, config_kwargs, meta=True)
+    return {
+        key: (tuple(value.shape), str(value.dtype).replace("torch.", ""))
+        for key, value in hf_model.state_dict().items()
+    }
+
+
+def expand_hf(spec: MappingSpec, config: Mapping[str, Any]):
+    return spec.expand({**spec.config, **{k: _tuple(v) for k, v in config.items()}})
+
+
+def _tuple(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def haiku_to_hf(
+    model: str, config: Mapping[str, Any], flat: Mapping[str, np.ndarray]
+) -> Tuple[Dict[str, np.ndarray], Dict[str, Any], MappingSpec]:
+    """Official Haiku arrays -> transformers' state dict (numpy), its PerceiverConfig
+    keyword arguments and the mapping used. Checks totality both ways first."""
+    spec = load_hf_mapping(model)
+    kwargs = hf_config(model, config)
+    table = expand_hf(spec, config)
+    sources = {key: (tuple(a.shape), str(a.dtype)) for key, a in flat.items()}
+    report = plan_forward(table, sources, hf_targets(model, kwargs), spec.name)
+    report.raise_for_problems(
+        f"internal error: {spec.file} does not fit transformers' "
+        f"{spec.target.get('architecture')} for this configuration"
+    )
+    return dict(convert_arrays(table, flat)), kwargs, spec
+
+
+# --------------------------------------------------------------------------------------
+# Writing the folder.
+
+
+def check_new_folder(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` may be created: its parent exists, and it does not (or is empty).
+    Raises ``ValueError`` (a usage error) otherwise."""
+    out_dir = Path(out_dir)
+    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(
+            f"cannot write {out_dir}: the folder {parent} does not exist; create it first"
+        )
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(
+            f"{out_dir} already exists and is not an empty folder; choose a new folder "
+            "name (an export never overwrites)"
+        )
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: Path):
+    """Yields a temporary sibling folder that becomes ``out_dir`` if the block succeeds.
+
+    ``out_dir`` must not exist (or be an empty folder): an export never overwrites.
+    """
+    out_dir = check_new_folder(out_dir)
+    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    temp = parent / f".{out_dir.name}.{secrets.token_hex(6)}.tmp"
+    temp.mkdir()
+    try:
+        yield temp
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        os.replace(temp, out_dir)
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+
+
+def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    from safetensors.numpy import save_file
+
+    # np.asarray keeps a 0-d array 0-d (np.ascontiguousarray makes it shape (1,)).
+    save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(path),
+              metadata=dict(metadata))
+
+
+def _write_processor_files(model: str, config: Mapping[str, Any], folder: Path) -> List[str]:
+    """The image processor (ImageNet models) or tokenizer (language model) files."""
+    transformers = require_transformers()
+    before = set(os.listdir(folder))
+    if model == "language_perceiver":
+        tokenizer = transformers.PerceiverTokenizer(model_max_length=config["max_seq_len"])
+        tokenizer.save_pretrained(str(folder))
+    elif model.startswith("imagenet_"):
+        if model == "imagenet_learned":
+            height, width = config["image_size"]
+        elif model == "imagenet_fourier":
+            height, width = config["max_resolution"]
+        else:
+            height, width = (4 * r for r in config["max_resolution"])
+        # The hub's processor config, written as data (transformers' class needs
+        # torchvision and Pillow just to be built): center crop 256, resize to 224
+        # (bicubic), ImageNet normalisation; the crop keeps that 256:224 ratio.
+        processor = {
+            "image_processor_type": "PerceiverImageProcessor",
+            "do_center_crop": True,
+            "crop_size": {"height": height * 256 // 224, "width": width * 256 // 224},
+            "do_resize": True,
+            "size": {"height": height, "width": width},
+            "resample": 3,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.485, 0.456, 0.406],
+            "image_std": [0.229, 0.224, 0.225],
+        }
+        (folder / "preprocessor_config.json").write_text(
+            json.dumps(processor, indent=2) + "\n"
+        )
+    return sorted(set(os.listdir(folder)) - before)
+
+
+@dataclass
+class HFExportResult:
+    model: str
+    output: Path
+    architecture: str
+    tensors: int
+    files: List[str]
+    fidelity: Dict[str, Any]
+    notes: List[str] = field(default_factory=list)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "model": self.model,
+            "output": str(self.output),
+            "format": "hf",
+            "architecture": self.architecture,
+            "tensors": self.tensors,
+            "files": self.files,
+            "fidelity": self.fidelity,
+            "notes": self.notes,
+        }
+
+
+def export_hf(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    progress: Progress = quiet,
+) -> HFExportResult:
+    """Writes the transformers folder for a file made by :func:`converter.convert`,
+    loads it back with transformers (strict) and measures its fidelity."""
+    from converter.exporter import converted_to_haiku
+
+    require_transformers()
+    out_dir = check_new_folder(out_dir)
+    haiku = converted_to_haiku(path)
+    model, config = haiku.model, haiku.config
+    progress(f"mapping {model} to transformers' keys")
+    tensors, kwargs, spec = haiku_to_hf(model, config, haiku.flat)
+    arch = str(spec.target["architecture"])
+    metadata = {"format": "pt"}
+    for key in HF_SOURCE_KEYS:
+        if key in haiku.metadata:
+            metadata[f"perceiver_convert.{key}"] = haiku.metadata[key]
+    metadata["perceiver_convert.hf_mapping"] = spec.name
+    metadata["perceiver_convert.hf_mapping_sha256"] = spec.sha256
+    metadata["perceiver_convert.exporter"] = f"perceiver-convert {__version__}"
+    with atomic_folder(out_dir) as folder:
+        transformers = require_transformers()
+        hf_cfg = transformers.PerceiverConfig(**kwargs)
+        hf_cfg.architectures = [arch]
+        hf_cfg.save_pretrained(str(folder))
+        _write_safetensors(folder / "model.safetensors", tensors, metadata)
+        files = ["config.json", "model.safetensors"]
+        files += _write_processor_files(model, config, folder)
+        progress("loading the folder back with transformers (strict)")
+        hf_model = load_hf_folder(folder, arch)
+        progress("fidelity: transformers against perceiver_torch on the same inputs")
+        import perceiver_torch
+
+        ours = perceiver_torch.load(path).eval()
+        report = fidelity(model, ours, hf_model, seed=seed)
+        report.update(
+            {"source": Path(path).name, "architecture": arch, "model": model}
+        )
+        (folder / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+        files.append("fidelity.json")
+    return HFExportResult(model, out_dir, arch, len(tensors), sorted(files), report,
+                          list(haiku.notes))
+
+
+def load_hf_folder(folder: str | os.PathLike, arch: str):
+    """transformers' ``from_pretrained`` of ``folder``; any missing, unexpected or
+    misshapen key is an error (transformers itself only warns)."""
+    transformers = require_transformers()
+    cls = getattr(transformers, arch)
+    hf_model, info = cls.from_pretrained(str(folder), output_loading_info=True)
+    problems = {
+        k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys",
+                                                "mismatched_keys") and v
+    }
+    if problems:
+        raise MappingError(f"transformers loads {folder} with problems: {problems}")
+    return hf_model.eval()
+
+
+# --------------------------------------------------------------------------------------
+# Fidelity: transformers' forward against perceiver_torch's.
+
+
+def _compare(name: str, ours: torch.Tensor, theirs: torch.Tensor,
+             argmax: bool, unit: str = "") -> Dict[str, Any]:
+    ours64 = ours.detach().double()
+    theirs64 = theirs.detach().double()
+    diff = float((ours64 - theirs64).abs().max()) if ours64.numel() else 0.0
+    scale = float(ours64.abs().max()) if ours64.numel() else 0.0
+    row: Dict[str, Any] = {
+        "output": name,
+        "shape": list(ours.shape),
+        "max_abs_diff": diff,
+        "max_abs_reference": scale,
+        "max_rel_diff": diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")),
+        "argmax_agreement": (
+            float((ours64.argmax(-1) == theirs64.argmax(-1)).double().mean())
+            if argmax else None
+        ),
+    }
+    if unit:
+        row["unit"] = unit
+    return row
+
+
+def fidelity(model: str, ours: torch.nn.Module, hf_model: torch.nn.Module,
+             *, seed: int = 0) -> Dict[str, Any]:
+    """transformers' outputs against perceiver_torch's on the same deterministic inputs.
+
+    max |diff|, max |diff| / max |perceiver_torch| and argmax agreement per output;
+    the reference is perceiver_torch (faithful to the official model to ~1e-6).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    c = ours.config
+    rows: List[Dict[str, Any]] = []
+    notes: List[str] = []
+    with torch.no_grad():
+        if model == "language_perceiver":
+            length = c.max_seq_len
+            ids = torch.randint(6, c.vocab_size, (1, length), generator=gen)
+            real = (3 * length) // 4
+            mask = torch.zeros(1, length, dtype=torch.long)
+            mask[:, :real] = 1
+            ids[:, real:] = 0
+            ids[:, : real : 7] = 3  # some [MASK] tokens, as in masked language modelling
+            a = ours(ids, attention_mask=mask)
+            b = hf_model(inputs=ids, attention_mask=mask).logits
+            # transformers drops the decoder's query mask: padded positions are noise.
+            rows.append(_compare("logits (real tokens)", a[:, :real], b[:, :real], True))
+            notes.append(f"{real} real tokens of {length}; padding positions not compared")
+        elif model.startswith("imagenet_"):
+            if model == "imagenet_learned":
+                height, width = c.image_size
+            elif model == "imagenet_fourier":
+                height, width = c.max_resolution
+            else:
+                height, width = (4 * r for r in c.max_resolution)
+            images = torch.randn(1, 3, height, width, generator=gen)
+            a = ours(images)
+            b = hf_model(inputs=images).logits
+            rows.append(_compare("logits", a, b, True))
+        elif model == "optical_flow":
+            from perceiver_torch.preprocessors import flow_patches
+
+            height, width = c.image_size
+            frames = torch.rand(1, 2, 3, height, width, generator=gen) * 2 - 1
+            a = ours(frames)  # (B, 2, H, W), pixels
+            # transformers takes the 3x3 patches, (B, frames, 27, H, W), channels in the
+            # official (row, col, channel) order, and returns flow / rescale_factor.
+            patches = flow_patches(frames).reshape(1, height, width, 2, 27)
+            patches = patches.permute(0, 3, 4, 1, 2).contiguous()
+            b = hf_model(inputs=patches).logits.permute(0, 3, 1, 2) * c.flow_scale
+            rows.append(_compare("flow", a, b, False, unit="pixels"))
+            notes.append(f"transformers' output x flow_scale ({c.flow_scale}) = pixels")
+        elif model == "video_autoencoding":
+            t, (h, w) = c.num_frames, c.image_size
+            images = torch.rand(1, t, 3, h, w, generator=gen)
+            audio = 0.3 * torch.randn(1, t * c.audio_samples_per_frame, generator=gen)
+            chunk = ours.chunk_subsamples()[c.num_chunks // 2]
+            a = ours(images, audio, subsample=chunk)
+            b = hf_model(
+                inputs={
+                    "image": images,
+                    "audio": audio[..., None],
+                    "label": torch.zeros(1, c.num_classes),
+                },
+                subsampled_output_points={
+                    "image": chunk["image"], "audio": chunk["audio"], "label": None
+                },
+            ).logits
+            b = {k: v.reshape(a[k].shape) for k, v in b.items()}
+            for key in ("audio", "image", "label"):
+                rows.append(_compare(key, a[key], b[key], key == "label"))
+            notes.append(f"chunk {c.num_chunks // 2} of {c.num_chunks}")
+        else:
+            raise ValueError(f"unknown model {model!r}")
+    return {
+        "reference": "perceiver_torch (faithful to the official model)",
+        "seed": seed,
+        "batch": 1,
+        "outputs": rows,
+        "notes": notes,
+        "transformers": require_transformers().__version__,
+    }
+
+
+def format_fidelity(report: Mapping[str, Any]) -> str:
+    lines = [
+        f"fidelity of transformers' {report.get('architecture', '')} against "
+        f"perceiver_torch (seed {report['seed']})",
+        f"  {'output':<22} {'shape':<18} {'max|diff|':>10} {'max rel':>10} {'argmax':>8}",
+    ]
+    for row in report["outputs"]:
+        argmax = "-" if row["argmax_agreement"] is None else f"{row['argmax_agreement']:.2%}"
+        unit = f" {row['unit']}" if row.get("unit") else ""
+        lines.append(
+            f"  {row['output']:<22} {str(row['shape']):<18} {row['max_abs_diff']:>10.2e} "
+            f"{row['max_rel_diff']:>10.2e} {argmax:>8}{unit}"
+        )
+    lines += [f"  note: {note}" for note in report.get("notes", [])]
+    return "\n".join(lines)

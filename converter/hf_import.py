@@ -1,0 +1,363 @@
+"""HuggingFace transformers checkpoints back to the official model.
+
+``perceiver-convert convert HF_DIR | model.safetensors | pytorch_model.bin`` reads a
+transformers Perceiver checkpoint (a hub download, or an ``export --format hf``),
+maps its tensors through ``mappings/hf/<model>.yaml`` *backwards* (every op has an
+exact inverse: the conv kernel's axis reversal is undone, BatchNorm gets its
+[1, 1, 1, C] shape back) to the official Haiku names, and converts those as an
+official file. The result computes the official model (tanh GELU, SAME padding, the
+real conv kernel orientation, ...), not HuggingFace's architecture: the architecture
+lives in perceiver_torch, the weights are the same numbers.
+
+Reading never runs code from the file: safetensors is plain data, and
+``pytorch_model.bin`` is read with ``torch.load(weights_only=True)``, which refuses
+every pickle global outside PyTorch's tensor allow-list (then nothing else happens).
+
+The model comes from ``config.json``'s ``architectures`` when there is one, else from
+the tensor names. Sizes come from the tensors' shapes (``target_derive`` in the
+mapping for the layer counts) and, for what shapes cannot tell (image and clip
+sizes), from ``config.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from converter.errors import CheckpointError, MappingError, UnsafeCheckpointError
+from converter.mapping import (
+    MappingSpec,
+    available_hf_mappings,
+    invert_arrays,
+    load_hf_mapping,
+    plan_inverse,
+    unflatten_tree,
+)
+from converter.progress import Progress, quiet
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+@dataclass
+class HFSource:
+    """A transformers checkpoint read into memory (float tensors as float32 numpy)."""
+
+    path: Path
+    weights: Path
+    kind: str  # "safetensors" or "pytorch_model.bin"
+    tensors: Dict[str, np.ndarray] = field(repr=False)
+    config: Optional[Dict[str, Any]]
+    sha256: str
+    size_bytes: int
+    notes: List[str] = field(default_factory=list)
+    metadata: Dict[str, str] = field(default_factory=dict)
+
+
+def is_hf_input(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is (or claims to be) a transformers checkpoint rather than an
+    official pickle or a perceiver-convert output: a folder, a ``*.bin`` file, or a
+    safetensors file without this project's "model"/"config" metadata."""
+    path = Path(path)
+    if path.is_dir():
+        return True
+    if path.suffix == ".bin":
+        return True
+    if path.suffix == ".safetensors" and path.is_file():
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as handle:
+                metadata = handle.metadata() or {}
+        except Exception:  # not readable as safetensors: let the caller's reader say so
+            return False
+        return not {"model", "config"} <= set(metadata)
+    return False
+
+
+def _sha256(path: Path) -> Tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def _to_numpy(tensor: Any) -> np.ndarray:
+    import torch
+
+    if tensor.is_floating_point() and tensor.dtype != torch.float32:
+        tensor = tensor.float()
+    return tensor.contiguous().numpy()
+
+
+def _read_bin(path: Path) -> Dict[str, np.ndarray]:
+    import pickle
+
+    import torch
+
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UnsafeCheckpointError(
+            f"{path}: refused: torch.load(weights_only=True) does not allow this pickle "
+            f"({first[:200]}); nothing from the file was run. Use a model.safetensors "
+            "file, or one from a source you trust"
+        ) from None
+    except Exception as error:  # truncated zip, not a torch file, ...
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch state dict ({type(error).__name__}: "
+            f"{str(error)[:200]})"
+        ) from None
+    if not isinstance(payload, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in payload.values()
+    ):
+        raise CheckpointError(
+            f"{path}: expected a state dict (a mapping of names to tensors), got "
+            f"{type(payload).__name__}"
+        )
+    return {str(k): _to_numpy(v) for k, v in payload.items()}
+
+
+def _read_safetensors(path: Path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {key: _to_numpy(handle.get_tensor(key)) for key in handle.keys()}
+            return tensors, dict(handle.metadata() or {})
+    except Exception as error:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file ({type(error).__name__}: "
+            f"{str(error)[:200]})"
+        ) from None
+
+
+def read_hf(path: str | os.PathLike) -> HFSource:
+    """Reads a transformers folder (``config.json`` + ``model.safetensors`` or
+    ``pytorch_model.bin``) or one weights file (its folder's ``config.json`` is used
+    when there is one)."""
+    path = Path(path)
+    config_file: Optional[Path]
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(
+                f"{path}: no config.json; a transformers checkpoint folder holds "
+                "config.json and model.safetensors (or pytorch_model.bin)"
+            )
+        found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+        if not found:
+            raise CheckpointError(
+                f"{path}: no model.safetensors or pytorch_model.bin next to config.json"
+            )
+        weights = found[0]
+    else:
+        weights = path
+        config_file = path.parent / "config.json"
+        if not config_file.is_file():
+            config_file = None
+    config = None
+    if config_file is not None:
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{config_file}: not a readable JSON file ({error})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{config_file}: expected a JSON object")
+    sha256, size = _sha256(weights)
+    metadata: Dict[str, str] = {}
+    if weights.suffix == ".safetensors":
+        kind = "safetensors"
+        tensors, metadata = _read_safetensors(weights)
+    else:
+        kind, tensors = "pytorch_model.bin", _read_bin(weights)
+    return HFSource(path, weights, kind, tensors, config, sha256, size, metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------
+# Detecting the model and mapping back.
+
+
+def _architectures() -> Dict[str, str]:
+    return {
+        str(load_hf_mapping(name).target["architecture"]): name
+        for name in available_hf_mappings()
+    }
+
+
+def detect_model(source: HFSource) -> str:
+    """The model name from ``config.json``'s architectures, else from the tensor names."""
+    known = _architectures()
+    if source.config is not None and source.config.get("architectures"):
+        names = source.config["architectures"]
+        for arch in names:
+            if arch in known:
+                return known[arch]
+        raise CheckpointError(
+            f"{source.path}: config.json names architecture(s) {', '.join(map(str, names))}; "
+            f"this converter reads {', '.join(sorted(known))}"
+        )
+    keys = set(source.tensors)
+    scores = []
+    for name in available_hf_mappings():
+        spec = load_hf_mapping(name)
+        try:
+            table = _table(spec, source)
+        except MappingError:
+            continue
+        wanted = {rule.target for rule in table.rules}
+        if wanted == keys:
+            return name
+        scores.append((len(wanted & keys) / max(len(wanted | keys), 1), name))
+    best = max(scores, default=(0.0, None))
+    raise CheckpointError(
+        f"{source.path}: the tensor names match none of transformers' six Perceiver "
+        "classes exactly"
+        + (f" (closest: {best[1]}, {best[0]:.0%} of the names)" if best[1] else "")
+        + "; add the folder's config.json, or check that the file is complete"
+    )
+
+
+def _table(spec: MappingSpec, source: HFSource):
+    shapes = {key: tuple(array.shape) for key, array in source.tensors.items()}
+    counts = spec.derive_from_targets(shapes)
+    return spec.expand({**spec.config, **counts})
+
+
+def hf_to_haiku(
+    source: HFSource, model: str
+) -> Tuple[Dict[str, np.ndarray], MappingSpec]:
+    """transformers tensors -> official Haiku arrays (``{"module/param": array}``),
+    through the inverse of every rule of ``mappings/hf/<model>.yaml``."""
+    spec = load_hf_mapping(model)
+    try:
+        table = _table(spec, source)
+    except MappingError as error:
+        raise MappingError(
+            f"{source.path}: not a complete {spec.target.get('architecture')} checkpoint: "
+            f"{error}"
+        ) from None
+    specs = {key: (tuple(a.shape), str(a.dtype)) for key, a in source.tensors.items()}
+    report = plan_inverse(table, specs, spec.name)
+    report.raise_for_problems(
+        f"{source.path} is not a complete {spec.target.get('architecture')} checkpoint "
+        "(missing or unexpected tensors above)"
+    )
+    flat = invert_arrays(table, source.tensors)
+    return flat, spec
+
+
+def prepare_hf(
+    path: str | os.PathLike,
+    *,
+    model: Optional[str] = None,
+    config: Optional[Mapping[str, Any]] = None,
+    progress: Progress = quiet,
+):
+    """Reads a transformers checkpoint and matches it, as official arrays, to its
+    perceiver_torch mapping. Returns ``(PreparedConversion, provenance dict)``."""
+    from converter.conversion import prepare
+    from converter.hf import config_overrides_from_hf
+    from converter.reader import HaikuCheckpoint
+    from converter.trees import model_info
+
+    progress(f"reading {path} (transformers checkpoint)")
+    source = read_hf(path)
+    detected = detect_model(source)
+    if model is not None and model != detected:
+        raise MappingError(f"{path} holds {detected}, not {model}")
+    flat, spec = hf_to_haiku(source, detected)
+    progress(f"{spec.target.get('architecture')} -> {detected}: {len(flat)} official arrays")
+    params, state = unflatten_tree(flat)
+    info = model_info(detected)
+    checkpoint = HaikuCheckpoint(
+        path=source.weights,
+        params=params,
+        state=state,
+        sha256=source.sha256,
+        size_bytes=source.size_bytes,
+        protocol=0,
+        containers=(),
+        wrapped=info.wrapped,
+        globals=(),
+    )
+    # Values the shapes cannot reveal: from our own export's metadata (it carries the
+    # perceiver_torch config: the video model's num_chunks is nowhere else), then
+    # transformers' config.json, then the caller's overrides.
+    overrides = _embedded_config(source, detected)
+    overrides.update(config_overrides_from_hf(detected, source.config or {}))
+    overrides.update(config or {})
+    prepared = prepare(checkpoint, detected, config=overrides or None)
+    provenance = {
+        "format": "huggingface",
+        "kind": source.kind,
+        "path": str(source.path),
+        "weights": source.weights.name,
+        "weights_sha256": source.sha256,
+        "architecture": spec.target.get("architecture"),
+        "hf_mapping": spec.name,
+        "hf_mapping_sha256": spec.sha256,
+        "transformers_version": (source.config or {}).get("transformers_version"),
+    }
+    return prepared, checkpoint, provenance
+
+
+def _embedded_config(source: HFSource, model: str) -> Dict[str, Any]:
+    """The non-derivable perceiver_torch config values an ``export --format hf`` stored
+    in model.safetensors' metadata (``{}`` for other files)."""
+    from converter.mapping import load_mapping
+
+    raw = source.metadata.get("perceiver_convert.config")
+    if not raw or source.metadata.get("perceiver_convert.model") != model:
+        return {}
+    try:
+        values = json.loads(raw)
+    except ValueError:
+        return {}
+    spec = load_mapping(model)
+    if not isinstance(values, dict):
+        return {}
+    return {k: v for k, v in values.items() if k in spec.config and k not in spec.derive}
+
+
+def convert_hf(
+    path: str | os.PathLike,
+    out: Optional[str | os.PathLike],
+    *,
+    model: Optional[str] = None,
+    dtype: Optional[str] = None,
+    config: Optional[Mapping[str, Any]] = None,
+    verify: bool = False,
+    progress: Progress = quiet,
+    mapping: None = None,
+):
+    """:func:`converter.convert` for a transformers checkpoint; the metadata's
+    ``hf_source`` records where it came from. (``mapping`` must be None: the HF
+    mappings are the bundled ones.)"""
+    from converter.conversion import convert
+
+    if mapping is not None:
+        raise ValueError("a mapping file applies to official checkpoints only")
+
+    prepared, checkpoint, provenance = prepare_hf(
+        path, model=model, config=config, progress=progress
+    )
+    return convert(
+        checkpoint,
+        out,
+        model=prepared.model,
+        dtype=dtype,
+        config=prepared.config.overrides or None,
+        verify=verify,
+        progress=progress,
+        extra_metadata={"hf_source": json.dumps(provenance, sort_keys=True)},
+    )

@@ -1,0 +1,179 @@
+"""``perceiver-convert inspect`` for files other than official pickles.
+
+Converted files (safetensors / .pt written by ``convert``: provenance, config, parity,
+tensors), HuggingFace transformers folders and weight files (config, files, the
+model they hold, tensors, the fidelity report of an ``export --format hf``) and ONNX
+graphs (opset, inputs and outputs, operators, parameters, the onnxruntime check and
+provenance in ``metadata_props``). Nothing is run from any file: safetensors is
+plain data, ``.pt``/``.bin`` are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+import click
+
+OTHER_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".onnx")
+
+
+def is_other(path: Path) -> bool:
+    return path.is_dir() or path.suffix.lower() in OTHER_SUFFIXES
+
+
+def _rows(tensors: Dict[str, Any]) -> List[Dict[str, Any]]:
+    rows = []
+    for name, value in tensors.items():
+        shape = list(value.shape)
+        dtype = str(value.dtype).replace("torch.", "")
+        count = 1
+        for size in shape:
+            count *= size
+        itemsize = value.element_size() if hasattr(value, "element_size") else value.itemsize
+        rows.append({"name": name, "shape": shape, "dtype": dtype, "values": count,
+                     "bytes": count * itemsize})
+    return rows
+
+
+def _totals(rows: List[Dict[str, Any]]) -> Dict[str, int]:
+    return {"tensors": len(rows), "values": sum(r["values"] for r in rows),
+            "bytes": sum(r["bytes"] for r in rows)}
+
+
+def _json_or_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def describe(path: Path) -> Dict[str, Any]:
+    """One JSON-able document describing ``path`` (raises ConverterError if unreadable)."""
+    from converter.hf_import import is_hf_input
+
+    if path.suffix.lower() == ".onnx":
+        return _describe_onnx(path)
+    if is_hf_input(path):
+        return _describe_hf(path)
+    return _describe_converted(path)
+
+
+def _describe_converted(path: Path) -> Dict[str, Any]:
+    from converter.outputs import read_converted
+
+    state_dict, metadata = read_converted(path)
+    rows = _rows(state_dict)
+    parsed = {key: _json_or_text(value) for key, value in metadata.items()
+              if key != "haiku_dropped"}
+    return {
+        "path": str(path),
+        "kind": "converted",
+        "format": "safetensors" if path.suffix == ".safetensors" else "pt",
+        "model": metadata.get("model"),
+        "metadata": parsed,
+        "haiku_dropped": sorted(_json_or_text(metadata.get("haiku_dropped", "{}")) or {}),
+        "totals": _totals(rows),
+        "tensors": rows,
+    }
+
+
+def _describe_hf(path: Path) -> Dict[str, Any]:
+    from converter.errors import ConverterError
+    from converter.hf_import import detect_model, read_hf
+
+    source = read_hf(path)
+    import torch
+
+    rows = _rows({k: torch.from_numpy(v) for k, v in source.tensors.items()})
+    try:
+        model = detect_model(source)
+        problem = None
+    except ConverterError as error:
+        model, problem = None, str(error)
+    folder = path if path.is_dir() else path.parent
+    fidelity = folder / "fidelity.json"
+    document = {
+        "path": str(path),
+        "kind": "huggingface",
+        "weights": source.weights.name,
+        "weights_format": source.kind,
+        "weights_sha256": source.sha256,
+        "files": sorted(p.name for p in folder.iterdir()) if path.is_dir() else [path.name],
+        "architectures": (source.config or {}).get("architectures"),
+        "model": model,
+        "problem": problem,
+        "config": source.config,
+        "metadata": {k: _json_or_text(v) for k, v in source.metadata.items()},
+        "fidelity": json.loads(fidelity.read_text()) if fidelity.is_file() else None,
+        "totals": _totals(rows),
+        "tensors": rows,
+    }
+    return document
+
+
+def _describe_onnx(path: Path) -> Dict[str, Any]:
+    from converter.errors import CheckpointError
+    from converter.onnx_export import require_onnx
+
+    onnx, _ = require_onnx()
+    try:
+        graph = onnx.load(str(path))
+    except Exception as error:  # protobuf raises several types for a bad file
+        raise CheckpointError(f"{path}: not a readable ONNX file ({error})") from None
+
+    def value_info(entry: Any) -> Dict[str, Any]:
+        tensor = entry.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        return {"name": entry.name, "shape": dims,
+                "dtype": onnx.TensorProto.DataType.Name(tensor.elem_type).lower()}
+
+    ops = collections.Counter(node.op_type for node in graph.graph.node)
+    params = sum(int(__import__("numpy").prod(init.dims)) for init in graph.graph.initializer)
+    return {
+        "path": str(path),
+        "kind": "onnx",
+        "producer": f"{graph.producer_name} {graph.producer_version}".strip(),
+        "opset": {op.domain or "ai.onnx": op.version for op in graph.opset_import},
+        "inputs": [value_info(i) for i in graph.graph.input],
+        "outputs": [value_info(o) for o in graph.graph.output],
+        "nodes": len(graph.graph.node),
+        "operators": dict(sorted(ops.items())),
+        "initializers": len(graph.graph.initializer),
+        "parameters": params,
+        "metadata": {p.key: _json_or_text(p.value) for p in graph.metadata_props},
+    }
+
+
+def print_document(document: Dict[str, Any]) -> None:
+    """The human form of :func:`describe`'s document (stdout)."""
+    lines = [f"{document['path']}  ({document['kind']})"]
+    skip = {"path", "kind", "tensors", "metadata", "config", "fidelity", "operators"}
+    for key, value in document.items():
+        if key in skip or value is None:
+            continue
+        lines.append(f"  {key:<16} {value if not isinstance(value, (dict, list)) else json.dumps(value)}")
+    for key in ("metadata", "config"):
+        if document.get(key):
+            lines.append(f"{key}:")
+            for name, value in document[key].items():
+                text = value if isinstance(value, str) else json.dumps(value)
+                lines.append(f"  {name:<34} {text if len(text) < 200 else text[:197] + '...'}")
+    if document.get("fidelity"):
+        from converter.hf import format_fidelity
+
+        lines.append(format_fidelity(document["fidelity"]))
+    if document.get("operators"):
+        lines.append("operators: " + ", ".join(f"{k} x{v}" for k, v in document["operators"].items()))
+    if document.get("tensors"):
+        width = max(len(r["name"]) for r in document["tensors"])
+        lines.append("tensors:")
+        for row in document["tensors"]:
+            lines.append(f"  {row['name']:<{width}}  {str(row['shape']):<18} {row['dtype']:<8} "
+                         f"{row['values']:>12,}")
+        totals = document["totals"]
+        lines.append(f"total: {totals['tensors']:,} tensors, {totals['values']:,} values, "
+                     f"{totals['bytes']:,} bytes")
+    click.echo("\n".join(lines))

@@ -1,0 +1,92 @@
+"""The command-line side of the exports to other projects' formats (HuggingFace, ONNX).
+
+Kept out of :mod:`converter.cli` so that it registers them with a few lines; imported
+only when such an export is asked for (transformers and onnx are optional extras).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import click
+
+from converter.cli import EXIT_BAD_INPUT, EXIT_PARITY, echo_json
+
+
+def export_other(
+    converted: Path,
+    output: Path,
+    fmt: str,
+    *,
+    as_json: bool,
+    progress: Callable[[str], None],
+) -> None:
+    """``perceiver-convert export CONVERTED -o OUTPUT --format hf|onnx``."""
+    try:
+        if fmt == "hf":
+            from converter.hf import export_hf, format_fidelity
+
+            result = export_hf(converted, output, progress=progress)
+            click.echo(format_fidelity(result.fidelity), err=True)
+            click.echo(
+                f"wrote {result.output}/: {result.model} as transformers' "
+                f"{result.architecture}, {result.tensors} tensors, "
+                f"{', '.join(result.files)}",
+                err=True,
+            )
+        else:
+            from converter.onnx_export import export_onnx, format_onnx_check
+
+            result = export_onnx(converted, output, progress=progress)
+            click.echo(format_onnx_check(result.check), err=True)
+            click.echo(
+                f"wrote {result.output}: {result.model}, {result.form}, opset "
+                f"{result.opset}, dynamic batch",
+                err=True,
+            )
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    for note in result.notes:
+        click.echo(f"note: {note}", err=True)
+    if as_json:
+        echo_json(result.as_dict())
+
+
+def verify_other(
+    checkpoint: Path,
+    reference: Optional[Path],
+    *,
+    model: Optional[str],
+    config: Optional[Mapping[str, Any]],
+    seed: int,
+    batch: int,
+    as_json: bool,
+    progress: Callable[[str], None],
+) -> Any:
+    """``verify`` for a HuggingFace checkpoint (returns its ParityReport for the
+    command to print) and ``verify CONVERTED --reference ORIGINAL`` (prints and exits
+    here); None for an official checkpoint."""
+    from converter.hf_import import is_hf_input, prepare_hf
+    from converter.verify import require_jax, verify_prepared
+
+    if reference is not None:
+        from converter.verify_reference import verify_against_reference
+
+        check, report = verify_against_reference(
+            checkpoint, reference, seed=seed, batch=batch, progress=progress
+        )
+        click.echo(check.format(), err=True)
+        if report is not None:
+            click.echo(report.format_table(), err=True)
+        if as_json:
+            echo_json({"tensors": check.as_dict(),
+                       "parity": None if report is None else report.as_dict()})
+        if not check.passed:
+            raise click.exceptions.Exit(EXIT_BAD_INPUT)
+        raise click.exceptions.Exit(0 if report.passed else EXIT_PARITY)
+    if not is_hf_input(checkpoint):
+        return None
+    require_jax()
+    prepared = prepare_hf(checkpoint, model=model, config=config, progress=progress)[0]
+    return verify_prepared(prepared, seed=seed, batch=batch, progress=progress)

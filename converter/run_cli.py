@@ -1,0 +1,523 @@
+"""``perceiver-convert run TASK MODEL INPUT...``: the task pipelines on the command line.
+
+The command knows no task by name: it reads :data:`perceiver_torch.pipelines.TASKS`
+(the contract is in that package's docstring), loads MODEL (a converted
+``.safetensors``/``.pt`` file, or an official checkpoint converted in memory), checks
+that the model fits the task, builds the task's pipeline and calls its runner with a
+:class:`~perceiver_torch.pipelines.base.RunOptions`.
+
+Files the runner writes are staged next to their targets and renamed into place only
+when the whole run succeeds (:class:`Staging`): an error or an interrupt leaves no
+partial output, and no output may name an input. The parameters are built on first
+use (:class:`RunCommand`), so ``perceiver-convert --help`` and the commands that need
+no torch do not import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import click
+
+from converter.errors import ConverterError
+
+__all__ = [
+    "RunCommand",
+    "Staging",
+    "load_any_model",
+    "progress_bar",
+    "format_task_demos",
+    "run_command",
+    "run_task_demos",
+]
+
+EXIT_USAGE = 2
+EXIT_BAD_INPUT = 3
+EXIT_INTERRUPTED = 130
+
+_RUN_HELP = """Run TASK with MODEL on each INPUT, as DeepMind's colabs do.
+
+\b
+TASK is one of:
+{tasks}
+
+MODEL is a converted file (.safetensors or .pt from `perceiver-convert convert`) or an
+official checkpoint (.pickle/.pystate, converted in memory first). The human summary
+goes to stderr; --json prints one document on stdout: {{"task", "model", "results": [per
+input: "input", and "top_k" entries with "label" or "byte", "index", "probability";
+tasks that write files list them under "files"]}}.
+
+-o OUT writes the results (classify, fill-mask: the JSON document; with --npy/--npz
+the raw arrays: classify "logits" (N, classes), fill-mask "logits_I" (masked bytes,
+262) per input I) or, for flow and autoencode, the pictures, videos and sounds.
+Files appear only when the whole run succeeds; an output never replaces an input.
+
+Exit codes: 0 ok; 2 usage error (bad option, wrong model for the task); 3 unreadable
+or unusable input (bad image, text too long, too-small frame); 130 interrupted.
+With random weights (fixtures), the answers are noise.
+"""
+
+
+# --------------------------------------------------------------------------------------
+# Outputs: staged, renamed into place when the run succeeds.
+
+
+class Staging:
+    """Collects a run's output files as temporary files in their target folders and
+    renames them all into place in :meth:`commit` (each rename is atomic); on
+    :meth:`discard` (error, interrupt) every temporary file is removed.
+
+    ``protected`` paths (the inputs and the model) may not be written.
+    """
+
+    def __init__(self, protected: Iterable[Path] = ()) -> None:
+        self._protected = [Path(p) for p in protected]
+        self._staged: List[Tuple[Path, Path]] = []
+
+    def check(self, path: Path) -> Path:
+        """``path`` may be written: its folder exists, it is no input, not yet staged."""
+        from converter.atomic import check_output_path
+
+        path = check_output_path(path)
+        for other in self._protected:
+            if _same_file(path, other):
+                raise ConverterError(
+                    f"refusing to write {path}: it is one of the inputs; choose another "
+                    "output path"
+                )
+        if any(_same_file(path, target) for _, target in self._staged):
+            raise ConverterError(f"{path} would be written twice in one run")
+        return path
+
+    def _temp(self, path: Path) -> Path:
+        folder = path.parent if str(path.parent) else Path(".")
+        # Same folder (the rename stays on one filesystem), same suffix (libraries
+        # that pick a format from the file name still see it).
+        return folder / f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}"
+
+    @contextlib.contextmanager
+    def open_output(self, path: Path) -> Iterator[BinaryIO]:
+        """A binary file for ``path``, renamed into place by :meth:`commit`."""
+        path = self.check(Path(path))
+        temp = self._temp(path)
+        try:
+            with open(temp, "xb") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+            raise
+        self._staged.append((temp, path))
+
+    @contextlib.contextmanager
+    def output_path(self, path: Path) -> Iterator[Path]:
+        """A temporary file name for ``path`` (same folder and suffix) for libraries
+        that write by name; renamed into place by :meth:`commit`."""
+        path = self.check(Path(path))
+        temp = self._temp(path)
+        try:
+            yield temp
+            if not temp.is_file():
+                raise ConverterError(f"nothing was written for {path}")
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+            raise
+        self._staged.append((temp, path))
+
+    @property
+    def targets(self) -> List[Path]:
+        return [target for _, target in self._staged]
+
+    def commit(self) -> List[Path]:
+        """Renames every staged file into place; returns the targets."""
+        for temp, target in self._staged:
+            os.replace(temp, target)
+        targets = self.targets
+        self._staged = []
+        return targets
+
+    def discard(self) -> None:
+        """Removes every staged file (nothing appears)."""
+        for temp, _ in self._staged:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+        self._staged = []
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
+
+
+# --------------------------------------------------------------------------------------
+# Progress
+
+
+def progress_bar(quiet: bool, stream: Any = None):
+    """A :data:`~perceiver_torch.pipelines.base.Progress` that draws a click progress
+    bar on stderr, or passes the items through silently when ``quiet`` or when stderr
+    is not a terminal (logs and pipes get no bar characters)."""
+    stream = sys.stderr if stream is None else stream
+
+    def progress(items: Iterable[Any], total: int, label: str) -> Iterable[Any]:
+        if quiet or not getattr(stream, "isatty", lambda: False)():
+            yield from items
+            return
+        with click.progressbar(items, length=total, label=label, file=stream) as bar:
+            yield from bar
+
+    return progress
+
+
+# --------------------------------------------------------------------------------------
+# Models
+
+
+def _sniff(path: Path) -> str:
+    """``"safetensors"``, ``"torch"`` (a zip archive, torch.save's format) or
+    ``"official"`` (anything else: left to the checkpoint reader's checks)."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "official"
+
+
+def load_any_model(path: Path, progress: Any = None) -> Tuple[Any, str]:
+    """A model from a converted file or an official checkpoint: ``(model, how)`` where
+    ``how`` says what was done (for the summary line).
+
+    Raises:
+        ConverterError: the file is neither a converted file nor a readable official
+            checkpoint (the reader's message says what is wrong).
+    """
+    path = Path(path)
+    try:
+        kind = _sniff(path)
+    except OSError as error:
+        raise ConverterError(f"cannot read {path}: {error.strerror or error}") from None
+    if kind == "official":
+        from converter.conversion import convert
+
+        result = convert(path, None, progress=progress or (lambda message: None))
+        return result.build_model().eval(), f"converted in memory from {path.name}"
+    import perceiver_torch
+
+    try:
+        model = perceiver_torch.load(path)
+    except perceiver_torch.LoadError as error:
+        raise ConverterError(str(error)) from None
+    except Exception as error:  # torch.load's and safetensors' own errors
+        raise ConverterError(
+            f"{path} is not a readable converted model ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); give a "
+            "file written by perceiver-convert convert, or an official checkpoint"
+        ) from None
+    return model, f"loaded {path.name}"
+
+
+def _task_for_model(name: str) -> Optional[str]:
+    from perceiver_torch.pipelines import TASKS
+
+    return next((task for task, spec in TASKS.items() if name in spec.models), None)
+
+
+# --------------------------------------------------------------------------------------
+# The command
+
+
+def _task_option(option: Any) -> click.Option:
+    types = {
+        "str": click.STRING,
+        "int": click.INT,
+        "float": click.FLOAT,
+        "path": click.Path(exists=True, dir_okay=False, path_type=Path),
+    }
+    kwargs: Dict[str, Any] = dict(help=option.help, multiple=option.multiple)
+    if option.metavar:
+        kwargs["metavar"] = option.metavar
+    if option.kind == "flag":
+        kwargs.update(is_flag=True, default=bool(option.default))
+    elif option.kind == "choice":
+        kwargs.update(type=click.Choice(option.choices), default=option.default,
+                      show_default=option.default is not None)
+    else:
+        kwargs.update(type=types[option.kind], default=option.default)
+    return click.Option([option.flag, option.dest], **kwargs)
+
+
+def _build_params() -> List[click.Parameter]:
+    from perceiver_torch.pipelines import TASKS
+
+    params: List[click.Parameter] = [
+        click.Argument(["task"], type=click.Choice(list(TASKS)), metavar="TASK"),
+        click.Argument(
+            ["model_path"],
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            metavar="MODEL",
+        ),
+        click.Argument(["inputs"], nargs=-1, required=True, metavar="INPUT..."),
+        click.Option(
+            ["-o", "--output"],
+            type=click.Path(path_type=Path),
+            default=None,
+            help="Where to write the results (see above); its folder must exist.",
+        ),
+        click.Option(
+            ["--top-k", "top_k"],
+            type=click.IntRange(min=1),
+            default=5,
+            show_default=True,
+            help="Entries per prediction.",
+        ),
+        click.Option(["--json", "as_json"], is_flag=True,
+                     help="Print one JSON document on stdout."),
+        click.Option(["--npy", "npy"], is_flag=True,
+                     help="Write the raw array to -o OUT.npy."),
+        click.Option(["--npz", "npz"], is_flag=True,
+                     help="Write the raw arrays to -o OUT.npz."),
+        click.Option(["-q", "--quiet"], is_flag=True,
+                     help="Nothing on stderr but errors (no summary, no progress)."),
+    ]
+    seen = {"--output", "--top-k", "--json", "--npy", "--npz", "--quiet"}
+    for spec in TASKS.values():
+        for option in spec.options:
+            if option.flag in seen:
+                continue  # two tasks may share an option (same meaning)
+            seen.add(option.flag)
+            params.append(_task_option(option))
+    return params
+
+
+def _help_text() -> str:
+    from perceiver_torch.pipelines import TASKS
+
+    lines = []
+    for name, spec in TASKS.items():
+        note = "" if spec.available() else " [not available in this version]"
+        lines.append(f"  {name:<11} {spec.summary}{note}")
+        lines.append(f"  {'':<11} INPUT: {spec.input_help}")
+    return _RUN_HELP.format(tasks="\n".join(lines))
+
+
+class RunCommand(click.Command):
+    """``run``: its parameters and help come from the task registry, built on first use
+    (listing the commands or running another one does not import torch)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "run",
+            callback=_run,
+            params=[],
+            short_help="Run a task (fill-mask, classify, flow, autoencode) on your files.",
+            context_settings={"max_content_width": 100},
+        )
+        self._built = False
+
+    def _ensure(self) -> None:
+        if not self._built:
+            self.params = _build_params()
+            self.help = _help_text()
+            self._built = True
+
+    def get_params(self, ctx: click.Context) -> List[click.Parameter]:
+        self._ensure()
+        return super().get_params(ctx)
+
+    def get_help(self, ctx: click.Context) -> str:
+        self._ensure()
+        return super().get_help(ctx)
+
+
+def _task_extra(task: str, kwargs: Dict[str, Any], ctx: click.Context) -> Dict[str, Any]:
+    """The values of TASK's own options; an option of another task given explicitly is
+    a usage error (it would be silently ignored otherwise)."""
+    from perceiver_torch.pipelines import TASKS
+
+    spec = TASKS[task]
+    own = {option.dest for option in spec.options}
+    for other in TASKS.values():
+        for option in other.options:
+            if option.dest in own:
+                continue
+            source = ctx.get_parameter_source(option.dest)
+            if source is not None and source.name == "COMMANDLINE":
+                raise click.UsageError(
+                    f"{option.flag} is an option of {other.name}, not of {task}"
+                )
+    return {dest: kwargs[dest] for dest in own}
+
+
+def _existing_paths(inputs: Sequence[str]) -> List[Path]:
+    """The INPUTs that name files (``@FILE`` too): outputs may not replace them. A text
+    INPUT may be no valid path at all (too long, NUL bytes)."""
+    paths = []
+    for value in inputs:
+        for candidate in {value, value[1:]} if value.startswith("@") else {value}:
+            try:
+                if candidate and os.path.exists(candidate):
+                    paths.append(Path(candidate))
+            except (OSError, ValueError):
+                pass
+    return paths
+
+
+def _run(**kwargs: Any) -> None:
+    from perceiver_torch.pipelines import TASKS
+    from perceiver_torch.pipelines.base import PipelineError, RunOptions, import_attribute
+
+    ctx = click.get_current_context()
+    task: str = kwargs["task"]
+    spec = TASKS[task]
+    model_path: Path = kwargs["model_path"]
+    output: Optional[Path] = kwargs["output"]
+    quiet: bool = kwargs["quiet"]
+    if kwargs["npy"] and kwargs["npz"]:
+        raise click.UsageError("give --npy or --npz, not both")
+    arrays = "npy" if kwargs["npy"] else "npz" if kwargs["npz"] else None
+    if arrays and output is None:
+        raise click.UsageError(f"--{arrays} writes to a file: add -o OUT.{arrays}")
+    if arrays and output is not None and output.suffix != f".{arrays}":
+        raise click.UsageError(f"--{arrays} needs an output ending in .{arrays}, got {output}")
+    extra = _task_extra(task, kwargs, ctx)
+    if not spec.available():
+        raise click.UsageError(f"task {task} is not available in this version")
+    protected = [model_path] + _existing_paths(kwargs["inputs"])
+    staging = Staging(protected)
+    if output is not None and not output.is_dir():
+        # Up front, before minutes of work: the folder exists, OUT is no input.
+        try:
+            staging.check(output)
+        except ConverterError as error:
+            raise click.BadParameter(str(error), param_hint="-o/--output") from None
+
+    def echo(line: str) -> None:
+        if not quiet:
+            click.echo(line, err=True)
+
+    try:
+        spec.check_requirements()  # before a possibly long conversion
+        model, how = load_any_model(model_path, progress=lambda message: echo(f"  {message}"))
+        name = getattr(model, "model_name", type(model).__name__)
+        if name not in spec.models:
+            hint = _task_for_model(name)
+            raise click.UsageError(
+                f"{task} needs a {' or '.join(spec.models)} model; {model_path} is a "
+                f"{name} model" + (f" (run it with: run {hint})" if hint else "")
+            )
+        echo(f"{task} with {name} ({how})")
+        options = RunOptions(
+            output=output,
+            top_k=kwargs["top_k"],
+            arrays=arrays,
+            quiet=quiet,
+            progress=progress_bar(quiet),
+            echo=echo,
+            open_output=staging.open_output,
+            output_path=staging.output_path,
+            extra=extra,
+        )
+        pipeline = import_attribute(spec.pipeline)(model)
+        runner = import_attribute(spec.runner)
+        results = runner(pipeline, list(kwargs["inputs"]), options)
+        written = staging.commit()
+    except PipelineError as error:
+        staging.discard()
+        click.echo(f"error: {error}", err=True)
+        raise click.exceptions.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        staging.discard()
+        click.echo("interrupted; nothing was written", err=True)
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    except BaseException:
+        staging.discard()
+        raise
+    for path in written:
+        echo(f"wrote {path}")
+    if kwargs["as_json"]:
+        from converter.cli import echo_json
+
+        echo_json({"task": task, "model": name, "results": results})
+
+
+run_command = RunCommand()
+
+
+# --------------------------------------------------------------------------------------
+# demo hook
+
+
+def run_task_demos(
+    folder: Path, *, seed: int = 0, progress: Any = None
+) -> List[Dict[str, Any]]:
+    """Runs every available task's demo once on a tiny model with random weights (the
+    answers are noise): ``[{"task", "model", "input", "answer", "error"}]``.
+
+    Each task's model is an official-format checkpoint with random weights
+    (``converter.fixtures``, tiny size) converted in memory; its demo function (``TaskSpec.demo``) makes its own media in ``folder``.
+    """
+    import torch
+
+    from converter.conversion import convert
+    from converter.fixtures import write_fixture
+    from perceiver_torch.pipelines import TASKS
+    from perceiver_torch.pipelines.base import PipelineError, RunOptions, import_attribute
+
+    rows: List[Dict[str, Any]] = []
+    for spec in TASKS.values():
+        if spec.demo is None or not spec.available():
+            continue
+        name = spec.models[0]
+        row: Dict[str, Any] = {"task": spec.name, "model": name, "input": None,
+                               "answer": None, "error": None}
+        try:
+            if progress:
+                progress(f"{spec.name}: running the pipeline on {name} (tiny)")
+            task_folder = folder / spec.name
+            task_folder.mkdir(parents=True, exist_ok=True)
+            # The whole chain: an official-format checkpoint with random weights,
+            # converted in memory, then the task.
+            checkpoint = task_folder / f"{name}.pickle"
+            write_fixture(name, checkpoint, size="tiny", seed=seed)
+            model = convert(checkpoint, None).build_model().eval()
+            staging = Staging()
+            options = RunOptions(top_k=3, quiet=True, open_output=staging.open_output,
+                                 output_path=staging.output_path)
+            with torch.no_grad():
+                row.update(import_attribute(spec.demo)(model.eval(), task_folder, options))
+            staging.commit()
+        except (PipelineError, ConverterError) as error:
+            row["error"] = str(error)
+        rows.append(row)
+    return rows
+
+
+
+def format_task_demos(rows: List[Dict[str, Any]]) -> str:
+    """The demo's task table: task, model, input, answer (or the error)."""
+    header = ("task", "model", "input", "answer")
+    cells = [
+        (r["task"], r["model"], r["input"] or "-",
+         r["answer"] if r["error"] is None else f"ERROR: {r['error']}")
+        for r in rows
+    ]
+    widths = [max(len(str(c[i])) for c in cells + [header]) for i in range(3)]
+    lines = ["tasks (tiny models with random weights: the answers are noise)"]
+    for cell in [header] + cells:
+        lines.append("  " + "  ".join(str(cell[i]).ljust(widths[i]) for i in range(3))
+                     + "  " + str(cell[3]))
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""``verify CONVERTED --reference ORIGINAL``: check a file someone else converted.
+
+Two steps: (1) tensor equality through the mapping: ORIGINAL (the official pickle)
+is converted in memory and every tensor of CONVERTED must equal its counterpart
+(bit for bit at float32; after the same rounding for a float16/bfloat16 file);
+(2) forward parity: CONVERTED's own model (``perceiver_torch.load``) against the JAX
+reference run on ORIGINAL, as ``verify`` does for a conversion. CONVERTED may also be
+a HuggingFace checkpoint; it is then mapped back through ``mappings/hf/`` first.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from converter.errors import MappingError
+from converter.progress import Progress, quiet
+
+
+@dataclass
+class TensorCheck:
+    """The outcome of step (1)."""
+
+    compared: int = 0
+    equal: int = 0
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    different: List[Dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not (self.missing or self.unexpected or self.different)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"passed": self.passed, "compared": self.compared, "equal": self.equal,
+                "missing": self.missing, "unexpected": self.unexpected,
+                "different": self.different[:20]}
+
+    def format(self) -> str:
+        lines = [f"tensors through the mapping: {self.equal} of {self.compared} equal"]
+        lines += [f"  missing in the converted file: {k}" for k in self.missing[:10]]
+        lines += [f"  not in the official model: {k}" for k in self.unexpected[:10]]
+        lines += [f"  differs: {d['key']} (max |diff| {d['max_abs_diff']:.3e})"
+                  for d in self.different[:10]]
+        return "\n".join(lines)
+
+
+def compare_tensors(expected: Dict[str, torch.Tensor], got: Dict[str, torch.Tensor]) -> TensorCheck:
+    check = TensorCheck()
+    check.missing = sorted(set(expected) - set(got))
+    check.unexpected = sorted(set(got) - set(expected))
+    for key in sorted(set(expected) & set(got)):
+        check.compared += 1
+        want, have = expected[key], got[key]
+        if have.is_floating_point() and have.dtype != want.dtype:
+            want = want.to(have.dtype)  # the same rounding the converter applies
+        if want.shape == have.shape and want.dtype == have.dtype and torch.equal(want, have):
+            check.equal += 1
+        else:
+            diff = (
+                float((want.double() - have.double()).abs().max())
+                if want.shape == have.shape else float("inf")
+            )
+            check.different.append({"key": key, "max_abs_diff": diff})
+    return check
+
+
+class _WithModel:
+    """A PreparedConversion whose model is the one from CONVERTED (for verify_prepared)."""
+
+    def __init__(self, prepared: Any, model: torch.nn.Module) -> None:
+        self._prepared, self._model = prepared, model
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._prepared, name)
+
+    def build_model(self) -> torch.nn.Module:
+        return self._model
+
+
+def verify_against_reference(
+    converted: str | os.PathLike,
+    reference: str | os.PathLike,
+    *,
+    seed: int = 0,
+    batch: int = 1,
+    progress: Progress = quiet,
+):
+    """Returns ``(TensorCheck, ParityReport)``; see the module docstring."""
+    import perceiver_torch
+    from converter.conversion import prepare
+    from converter.hf_import import is_hf_input, prepare_hf
+    from converter.outputs import read_converted
+    from converter.verify import require_jax, verify_prepared
+
+    require_jax()
+    if is_hf_input(converted):
+        theirs = prepare_hf(converted, progress=progress)[0]
+        model_name, got = theirs.model, theirs.state_dict()
+        config = dict(theirs.config.overrides)
+    else:
+        got, metadata = read_converted(Path(converted))
+        model_name = metadata["model"]
+        import json
+
+        config = json.loads(metadata["config"])
+    progress(f"converting {reference} in memory")
+    try:
+        official = prepare(reference, model_name, config=_overridable(model_name, config))
+    except MappingError as error:
+        raise MappingError(
+            f"{reference} is not the original of {converted} ({model_name}): {error}"
+        ) from None
+    check = compare_tensors(official.state_dict(), got)
+    if check.missing or check.unexpected:
+        return check, None  # no model to run
+    model = perceiver_torch.load(converted) if not is_hf_input(converted) else theirs.build_model()
+    progress("forward parity of the converted model against the JAX reference")
+    report = verify_prepared(_WithModel(official, model), seed=seed, batch=batch,
+                             progress=progress)
+    return check, report
+
+
+def _overridable(model: str, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The converted file's config values the original's shapes cannot reveal."""
+    from converter.mapping import load_mapping
+
+    spec = load_mapping(model)
+    derived = set(spec.derive)
+    out = {k: v for k, v in config.items() if k in spec.config and k not in derived}
+    return out or None

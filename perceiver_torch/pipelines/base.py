@@ -1,0 +1,240 @@
+"""What the task pipelines share: their errors, the task registry entries, the options
+the ``run`` command hands a task, progress reporting and small model helpers.
+
+Nothing here imports a media library (Pillow, PyAV, OpenCV), click or the converter:
+``perceiver_torch`` stands alone, and the command line supplies its writers and its
+progress bars through :class:`RunOptions`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import (
+    Any,
+    BinaryIO,
+    Callable,
+    ContextManager,
+    Dict,
+    Iterable,
+    Iterator,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+)
+
+import torch
+
+__all__ = [
+    "InputError",
+    "PipelineError",
+    "Progress",
+    "RunOptions",
+    "TaskOption",
+    "TaskSpec",
+    "WrongModelError",
+    "check_model",
+    "import_attribute",
+    "model_name_of",
+    "no_progress",
+    "require",
+    "softmax_top_k",
+]
+
+T = TypeVar("T")
+
+# progress(items, total, label) -> the same items, reporting as they are consumed.
+Progress = Callable[[Iterable[T], int, str], Iterable[T]]
+
+
+def no_progress(items: Iterable[T], total: int, label: str) -> Iterable[T]:
+    """The default :data:`Progress`: the items unchanged, nothing shown."""
+    return items
+
+
+class PipelineError(ValueError):
+    """Base class of the errors a pipeline raises on purpose (message: what is wrong
+    and how to fix it). The ``run`` command prints it on one line."""
+
+    #: The ``perceiver-convert`` exit code: 2 usage/config error, 3 bad input.
+    exit_code = 3
+
+
+class InputError(PipelineError):
+    """An input the task cannot use: unreadable file, wrong shape, too small or too long."""
+
+    exit_code = 3
+
+
+class WrongModelError(PipelineError):
+    """The model is not one the task runs (e.g. a flow model given to classify)."""
+
+    exit_code = 2
+
+
+def require(module: str, extra: str = "media") -> Any:
+    """Imports an optional library, or raises :class:`PipelineError` saying which
+    extra installs it (``pip install 'perceiver-convert[media]'``)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        package = {"cv2": "opencv-python-headless", "PIL": "Pillow", "av": "av"}.get(
+            module.split(".")[0], module
+        )
+        failure = PipelineError(
+            f"this task needs {package} ({error}); install it with "
+            f"pip install 'perceiver-convert[{extra}]'"
+        )
+        failure.exit_code = 2
+        raise failure from None
+
+
+def import_attribute(reference: str) -> Any:
+    """``"module:attribute"`` (module relative to ``perceiver_torch.pipelines`` when it
+    starts with a dot) -> the attribute, imported on first use."""
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module, "perceiver_torch.pipelines"), attribute)
+
+
+def model_name_of(model: torch.nn.Module) -> str:
+    """The registry name of a perceiver_torch model (``""`` for anything else)."""
+    return str(getattr(model, "model_name", "") or "")
+
+
+def check_model(model: torch.nn.Module, task: str, models: Sequence[str]) -> str:
+    """Raises :class:`WrongModelError` unless ``model`` is one of ``models``; returns
+    its name."""
+    name = model_name_of(model)
+    if name not in models:
+        shown = name or type(model).__name__
+        raise WrongModelError(
+            f"{task} needs a {' or '.join(models)} model, got {shown}; give a "
+            f"checkpoint of one of those (perceiver-convert models lists them)"
+        )
+    return name
+
+
+def softmax_top_k(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """logits (..., C) -> (probabilities (..., k), indices (..., k)), most probable first.
+
+    The softmax is taken in float64 so that the reported probabilities of a float32
+    or bfloat16 model do not depend on the summation order of a float32 softmax.
+    """
+    probabilities = torch.softmax(logits.detach().to(torch.float64), dim=-1)
+    k = min(int(k), probabilities.shape[-1])
+    values, indices = probabilities.topk(k, dim=-1)
+    return values, indices
+
+
+@dataclass(frozen=True)
+class TaskOption:
+    """One task-specific option of ``perceiver-convert run``.
+
+    ``flag`` names the option as typed (``"--span"``); ``dest`` is the key of its value
+    in :attr:`RunOptions.extra`. ``kind``: ``"flag"`` (bool), ``"str"``, ``"int"``,
+    ``"float"``, ``"path"`` (an existing file), or ``"choice"`` (one of ``choices``).
+    ``multiple`` options give a tuple of values. ``metavar``/``default`` as in click.
+    """
+
+    flag: str
+    dest: str
+    kind: str
+    help: str
+    default: Any = None
+    multiple: bool = False
+    choices: Tuple[str, ...] = ()
+    metavar: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of ``perceiver-convert run`` (see the contract in
+    :mod:`perceiver_torch.pipelines`).
+
+    Attributes:
+        name: the TASK argument (``"fill-mask"``).
+        models: registry names of the models the task runs.
+        pipeline: ``"module:Class"`` of the pipeline, built as ``Class(model)``.
+        runner: ``"module:function"``; ``function(pipeline, inputs, options) ->
+            list of per-input JSON-able dicts`` (see :class:`RunOptions`).
+        demo: ``"module:function"`` or None; ``function(model, folder, options) ->
+            dict`` runs the task once on media it makes itself in ``folder``.
+        summary: one line for ``run --help``.
+        input_help: what INPUT means for this task (one short phrase).
+        options: the task's own command-line options.
+        requires: the optional libraries every run of the task imports (``"PIL"``,
+            ``"cv2"``, ``"av"``), checked before the model is loaded.
+    """
+
+    name: str
+    models: Tuple[str, ...]
+    pipeline: str
+    runner: str
+    demo: Optional[str]
+    summary: str
+    input_help: str
+    options: Tuple[TaskOption, ...] = ()
+    requires: Tuple[str, ...] = ()
+
+    def check_requirements(self) -> None:
+        """Raises :class:`PipelineError` (exit 2) naming the extra to install when a
+        library in ``requires`` is missing (found without importing it)."""
+        for module in self.requires:
+            blocked = module in sys.modules and sys.modules[module] is None
+            if blocked or importlib.util.find_spec(module) is None:
+                require(module)  # raises, with the install hint
+
+    def available(self) -> bool:
+        """Whether the task's module is installed in this version."""
+        module = self.runner.partition(":")[0]
+        return importlib.util.find_spec(module, "perceiver_torch.pipelines") is not None
+
+
+@contextlib.contextmanager
+def _plain_file(path: Path) -> Iterator[BinaryIO]:
+    with open(path, "wb") as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def _plain_path(path: Path) -> Iterator[Path]:
+    yield Path(path)
+
+
+@dataclass
+class RunOptions:
+    """What ``perceiver-convert run`` hands a task's runner (defaults suit a script).
+
+    Attributes:
+        output: ``-o OUT`` or None. The runner decides what it means for its task
+            (classify/fill-mask: the document or the arrays; flow: a file or folder).
+        top_k: ``--top-k`` (entries per prediction).
+        arrays: None, ``"npy"`` or ``"npz"`` (``--npy``/``--npz``): write the raw
+            arrays to ``output``.
+        quiet: ``--quiet``: nothing on stderr but errors.
+        progress: a :data:`Progress`; silent unless stderr is a terminal.
+        echo: prints one line of human output (stderr in the CLI).
+        open_output: ``with open_output(path) as f: f.write(...)``; the file appears
+            only when the block succeeds (the CLI's is atomic and refuses to overwrite
+            an input).
+        output_path: ``with output_path(path) as tmp: library.save(tmp)``; for
+            libraries that want a file name: ``tmp`` (same folder, same suffix) is
+            renamed to ``path`` when the block succeeds, removed otherwise.
+        extra: the values of the task's own :class:`TaskOption` s, by ``dest``.
+    """
+
+    output: Optional[Path] = None
+    top_k: int = 5
+    arrays: Optional[str] = None
+    quiet: bool = False
+    progress: Progress = no_progress
+    echo: Callable[[str], None] = lambda line: None
+    open_output: Callable[[Path], ContextManager[BinaryIO]] = _plain_file
+    output_path: Callable[[Path], ContextManager[Path]] = _plain_path
+    extra: Dict[str, Any] = field(default_factory=dict)
+

@@ -1,0 +1,403 @@
+"""Flow: the optical flow of two frames of any size, computed as DeepMind's optical-flow
+colab does, written as ``.flo``/``.npy`` and drawn as a colour picture.
+
+The colab's procedure (:class:`FlowPipeline`):
+
+1. Both frames as RGB uint8 (:func:`~.image.load_rgb`), scaled to [-1, 1] as
+   ``x / 255 * 2 - 1`` (float64, as NumPy does in the colab, then float32).
+2. Tiles of the training size (the model config's ``image_size``: 368x496 officially)
+   on the colab's grid (:func:`perceiver_torch.optical_flow.tile_starts`): origins
+   every ``tile - min_overlap`` px (``min_overlap`` 20), the last tile flush with the
+   border, the colab's repeated origins kept (they double a tile's weight).
+3. Each tile's flow from the model, already in pixels (the network's output / 100
+   inside the model, x 20 as the colab: ``OpticalFlow.forward``; no further scale),
+   blended with weights min(x+1, W-x, y+1, H-y) in tile coordinates. ``batch_size``
+   tiles go through the model at once (:meth:`OpticalFlow.tiled`).
+
+Frames smaller than a tile are refused (:class:`~.base.InputError`) unless
+``pad=True``: they are then edge-padded at the bottom and right up to the tile size
+and the flow is cropped back (a documented departure; the colab refuses them too).
+Results are (H, W, 2) float32 arrays in pixels, u (+x right) then v (+y down).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..optical_flow import tile_grid
+from .base import (
+    InputError,
+    PipelineError,
+    Progress,
+    RunOptions,
+    check_model,
+    no_progress,
+    require,
+)
+from .flow_io import encode_flo, render_flow
+from .image import load_rgb
+from .media import (
+    is_video_path,
+    iter_video_frames,
+    video_frame_count,
+    video_frame_rate,
+    write_video,
+)
+
+__all__ = ["FlowPipeline", "FlowResult", "frames_to_model_input", "run_task", "demo_task"]
+
+FrameInput = Union[str, Path, np.ndarray, torch.Tensor, Any]  # Any: a PIL image
+
+
+def frames_to_model_input(first: np.ndarray, second: np.ndarray) -> torch.Tensor:
+    """Two (H, W, 3) RGB frames on the 0..255 scale -> the model's input
+    (1, 2, 3, H, W) float32 in [-1, 1], as the colab's ``im / 255.0 * 2 - 1``."""
+    stacked = np.stack([first, second]).astype(np.float64) / 255.0 * 2 - 1
+    return torch.from_numpy(stacked.astype(np.float32)).permute(0, 3, 1, 2)[None]
+
+
+@dataclass
+class FlowResult:
+    """The flow of one frame pair.
+
+    Attributes:
+        flow: (H, W, 2) float32 in pixels; u (+x, right) then v (+y, down).
+        tiles: model evaluations (distinct tiles of the colab's grid).
+    """
+
+    flow: np.ndarray
+    tiles: int
+
+    def flo_bytes(self) -> bytes:
+        """The Middlebury ``.flo`` file (:func:`~.flow_io.encode_flo`)."""
+        return encode_flo(self.flow)
+
+    def picture(self, style: str = "wheel", max_flow: Optional[float] = None) -> np.ndarray:
+        """(H, W, 3) uint8 RGB: ``"wheel"`` (Middlebury) or ``"hsv"`` (the colab's)."""
+        return render_flow(self.flow, style, max_flow)
+
+
+class FlowPipeline:
+    """Optical flow of frame pairs with an ``optical_flow`` model (see the module doc).
+
+    Args:
+        model: a :class:`perceiver_torch.OpticalFlow` (``perceiver_torch.load``/``build``).
+        min_overlap: the colab's minimum tile overlap (px); must be below the tile size.
+        batch_size: tiles per model call (more is faster where memory allows: a
+            full-size tile needs a few GB).
+        pad: edge-pad frames smaller than a tile instead of refusing them.
+        progress: :data:`~.base.Progress` for the loop over tile batches.
+
+    ``pipeline(frame1, frame2)`` takes file paths, PIL images, numpy (H, W, 3) or torch
+    (3, H, W) arrays on the 0..255 scale and returns a :class:`FlowResult`.
+    """
+
+    task = "flow"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        min_overlap: int = 20,
+        batch_size: int = 4,
+        pad: bool = False,
+        progress: Progress = no_progress,
+    ) -> None:
+        check_model(model, "flow", ("optical_flow",))
+        self.model = model.eval()
+        self.tile = tuple(int(v) for v in model.config.image_size)
+        if not 0 <= min_overlap < min(self.tile):
+            raise PipelineError(
+                f"min_overlap must be between 0 and {min(self.tile) - 1} for "
+                f"{self.tile[0]}x{self.tile[1]} tiles, got {min_overlap}"
+            )
+        if batch_size < 1:
+            raise PipelineError(f"batch_size must be at least 1, got {batch_size}")
+        self.min_overlap = int(min_overlap)
+        self.batch_size = int(batch_size)
+        self.pad = bool(pad)
+        self.progress = progress
+
+    def _parameter(self) -> torch.Tensor:
+        return next(self.model.parameters())
+
+    def check_size(self, height: int, width: int, name: str = "the frames") -> None:
+        """Raises :class:`~.base.InputError` for frames smaller than a tile (unless
+        ``pad``)."""
+        th, tw = self.tile
+        if (height < th or width < tw) and not self.pad:
+            raise InputError(
+                f"{name} are {height}x{width} px, smaller than the model's {th}x{tw} "
+                "tile; give larger frames, resize them, or pad them (--pad)"
+            )
+
+    def flow_of(self, first: np.ndarray, second: np.ndarray, *, progress: Optional[Progress] = None) -> FlowResult:
+        """Flow of two (H, W, 3) RGB arrays (0..255) of the same size."""
+        if first.shape != second.shape:
+            raise InputError(
+                f"the two frames differ in size ({first.shape[0]}x{first.shape[1]} and "
+                f"{second.shape[0]}x{second.shape[1]}); give frames of one size"
+            )
+        height, width = first.shape[:2]
+        self.check_size(height, width)
+        th, tw = self.tile
+        frames = frames_to_model_input(first, second)
+        if height < th or width < tw:
+            # pad=True: replicate the last row/column up to the tile size.
+            frames = torch.nn.functional.pad(
+                frames[0], (0, max(tw - width, 0), 0, max(th - height, 0)), mode="replicate"
+            )[None]
+        parameter = self._parameter()
+        frames = frames.to(device=parameter.device, dtype=parameter.dtype)
+        tiles = len(tile_grid(frames.shape[-2], frames.shape[-1], self.tile, self.min_overlap))
+        with torch.inference_mode():
+            flow = self.model.tiled(
+                frames,
+                min_overlap=self.min_overlap,
+                batch_size=self.batch_size,
+                progress=self.progress if progress is None else progress,
+            )
+        flow = flow[0, :, :height, :width].permute(1, 2, 0).float().cpu().numpy()
+        return FlowResult(flow=np.ascontiguousarray(flow), tiles=tiles)
+
+    def __call__(self, frame1: FrameInput, frame2: FrameInput) -> FlowResult:
+        """Flow from ``frame1`` to ``frame2``."""
+        return self.flow_of(_rgb(frame1), _rgb(frame2))
+
+    def video(self, path: Union[str, Path], max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
+        """The flow of each consecutive frame pair of a video: yields (H, W, 2) arrays
+        (frame i -> i + 1), decoded frame by frame with PyAV."""
+        previous = None
+        for frame in iter_video_frames(path, max_frames):
+            if previous is None:
+                self.check_size(frame.shape[0], frame.shape[1], f"the frames of {path}")
+            else:
+                yield self.flow_of(previous, frame, progress=no_progress).flow
+            previous = frame
+        if previous is None:
+            raise InputError(f"{path} has no frames")
+
+
+def _rgb(frame: FrameInput) -> np.ndarray:
+    rgb = load_rgb(frame)
+    return rgb if rgb.dtype == np.uint8 else rgb.astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------
+# perceiver-convert run flow
+
+_SUFFIXES = (".flo", ".png", ".npy", ".npz", ".mp4", ".gif")
+
+
+def _output_base(inputs: Sequence[str], options: RunOptions, video: bool) -> Tuple[Path, str]:
+    """(stem path, video suffix) of the files to write."""
+    first = Path(inputs[0])
+    out = options.output
+    if out is None:
+        return first.with_name(first.stem + ".flow"), ".mp4"
+    if out.is_dir():
+        return out / (first.stem + ".flow"), ".mp4"
+    suffix = out.suffix.lower()
+    if suffix in _SUFFIXES:
+        return out.with_suffix(""), ".gif" if suffix == ".gif" else ".mp4"
+    return out, ".mp4"
+
+
+def _png_bytes(picture: np.ndarray) -> bytes:
+    image_module = require("PIL.Image")
+    buffer = io.BytesIO()
+    image_module.fromarray(picture).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _write(options: RunOptions, path: Path, data: bytes, files: List[str]) -> None:
+    with options.open_output(path) as handle:
+        handle.write(data)
+    files.append(str(path))
+
+
+def _write_arrays(options: RunOptions, flow: np.ndarray, files: List[str]) -> None:
+    assert options.output is not None  # the CLI requires -o OUT.npy / OUT.npz
+    if options.arrays == "npy":
+        _write(options, options.output, _npy_bytes(flow), files)
+    else:
+        _write(options, options.output, _npz_bytes(flow=flow), files)
+
+
+def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> List[dict]:
+    """``perceiver-convert run flow MODEL INPUT...``.
+
+    INPUT is two or more frames (the flow of each consecutive pair) or one video (the
+    flow of each consecutive frame pair, drawn as a video). Files (``OUT`` = ``-o``
+    without its suffix; default ``<first input>.flow`` next to it; ``-o FOLDER`` puts
+    that name in FOLDER):
+
+    * frames: ``OUT.flo`` (Middlebury) and ``OUT.png`` (colour picture, ``--render``);
+      several pairs: ``OUT_0000.flo``, ``OUT_0000.png``, ... (index of the pair's
+      first frame);
+    * a video: ``OUT.mp4`` (H.264; ``-o X.gif`` for a GIF) of the colour pictures at
+      the input's frame rate, the wheel's saturation scaled to the largest flow of
+      the whole video so that colours compare across frames;
+    * ``--npy``/``--npz``: only the raw flow in pixels, [H, W, 2] for one pair,
+      [N, H, W, 2] for several pairs or a video (``--npz``: key ``flow``).
+
+    Everything is computed before anything is written (the CLI stages the files).
+    """
+    render = options.extra.get("render") or "wheel"
+    pipeline.pad = bool(options.extra.get("pad", pipeline.pad))
+    pipeline.progress = options.progress
+    videos = [is_video_path(i) for i in inputs]
+    if any(videos):
+        if len(inputs) != 1:
+            error = PipelineError(
+                "flow takes one video or two or more frames, not a mix or several videos"
+            )
+            error.exit_code = 2
+            raise error
+        return [_run_video(pipeline, inputs[0], options, render)]
+    if len(inputs) < 2:
+        error = PipelineError(
+            f"flow needs two frames (or a video); got only {inputs[0]}: give the next "
+            "frame too"
+        )
+        error.exit_code = 2
+        raise error
+    frames = [_rgb(path) for path in inputs]
+    results = []
+    for i in range(len(frames) - 1):
+        results.append(pipeline.flow_of(frames[i], frames[i + 1]))
+    files: List[str] = []
+    documents = []
+    base, _ = _output_base(inputs, options, video=False)
+    if options.arrays:
+        stack = results[0].flow if len(results) == 1 else np.stack([r.flow for r in results])
+        _write_arrays(options, stack, files)
+    for i, result in enumerate(results):
+        written: List[str] = []
+        if not options.arrays:
+            stem = base if len(results) == 1 else base.with_name(f"{base.name}_{i:04d}")
+            _write(options, stem.with_name(stem.name + ".flo"), result.flo_bytes(), written)
+            _write(options, stem.with_name(stem.name + ".png"), _png_bytes(result.picture(render)), written)
+        documents.append(_pair_document(inputs[i], inputs[i + 1], result, written or files))
+        options.echo(_pair_line(inputs[i], inputs[i + 1], result))
+    return documents
+
+
+def _magnitude(flow: np.ndarray) -> float:
+    return float(np.sqrt((flow.astype(np.float64) ** 2).sum(-1)).max())
+
+
+def _pair_document(a: str, b: str, result: FlowResult, files: List[str]) -> Dict[str, Any]:
+    height, width = result.flow.shape[:2]
+    return {
+        "input": [a, b],
+        "size": [height, width],
+        "tiles": result.tiles,
+        "max_flow": _magnitude(result.flow),
+        "mean_flow": [float(v) for v in result.flow.reshape(-1, 2).mean(0)],
+        "files": list(files),
+    }
+
+
+def _pair_line(a: str, b: str, result: FlowResult) -> str:
+    height, width = result.flow.shape[:2]
+    u, v = result.flow.reshape(-1, 2).mean(0)
+    return (
+        f"{a} -> {b}: {height}x{width}, {result.tiles} tiles, mean flow ({u:+.2f}, "
+        f"{v:+.2f}) px, max |flow| {_magnitude(result.flow):.2f} px"
+    )
+
+
+def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: str) -> Dict[str, Any]:
+    rate = video_frame_rate(path)
+    fps = float(rate) if rate else 25.0
+    frames = video_frame_count(path)
+    flows = pipeline.video(path)
+    if frames > 1:  # the container knows its length: show a bar over the pairs
+        flows = options.progress(flows, frames - 1, "flow frames")
+    flows = list(flows)
+    if not flows:
+        raise InputError(f"{path} has a single frame; flow needs at least two")
+    stack = np.stack(flows)
+    files: List[str] = []
+    if options.arrays:
+        _write_arrays(options, stack, files)
+    else:
+        base, suffix = _output_base([path], options, video=True)
+        if render == "wheel":
+            scale = max(_magnitude(f) for f in flows)
+            pictures = np.stack([render_flow(f, "wheel", scale) for f in flows])
+        else:
+            pictures = np.stack([render_flow(f, "hsv") for f in flows])
+        target = base.with_name(base.name + suffix)
+        with options.output_path(target) as temp:
+            write_video(temp, pictures, fps)
+        files.append(str(target))
+    height, width = stack.shape[1:3]
+    options.echo(
+        f"{path}: {len(flows)} frame pairs, {height}x{width}, max |flow| "
+        f"{_magnitude(stack):.2f} px"
+    )
+    return {
+        "input": path,
+        "size": [height, width],
+        "pairs": len(flows),
+        "fps": fps,
+        "max_flow": _magnitude(stack),
+        "files": files,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# perceiver-convert demo
+
+
+def textured_pair(height: int, width: int, shift: Tuple[int, int] = (1, 2), seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """A smooth random texture and the same texture moved by ``shift`` = (dy, dx) px
+    (the true flow is (dx, dy) everywhere away from the border): (H, W, 3) uint8 each."""
+    rng = np.random.default_rng(seed)
+    dy, dx = shift
+    coarse = rng.random((height // 4 + 3, width // 4 + 3, 3))
+    big = np.kron(coarse, np.ones((4, 4, 1)))[: height + abs(dy), : width + abs(dx)]
+    big = (big * 255).astype(np.uint8)
+    first = big[abs(dy) : abs(dy) + height, abs(dx) : abs(dx) + width]
+    second = big[abs(dy) - dy : abs(dy) - dy + height, abs(dx) - dx : abs(dx) - dx + width]
+    return np.ascontiguousarray(first), np.ascontiguousarray(second)
+
+
+def demo_task(model: torch.nn.Module, folder: Path, options: RunOptions) -> Dict[str, str]:
+    """Flow of a generated frame pair (a texture moved 2 px right, 1 px down)."""
+    image_module = require("PIL.Image")
+    th, tw = model.config.image_size
+    first, second = textured_pair(th + 16, tw + 24)
+    paths = [folder / "frame0.png", folder / "frame1.png"]
+    for path, frame in zip(paths, (first, second)):
+        image_module.fromarray(frame).save(path)
+    pipeline = FlowPipeline(model)
+    result = pipeline(paths[0], paths[1])
+    (folder / "flow.flo").write_bytes(result.flo_bytes())
+    (folder / "flow.png").write_bytes(_png_bytes(result.picture()))
+    u, v = result.flow.reshape(-1, 2).mean(0)
+    return {
+        "task": "flow",
+        "input": f"2 frames {first.shape[0]}x{first.shape[1]} (moved +2, +1 px)",
+        "answer": f"mean flow ({u:+.2f}, {v:+.2f}) px, {result.tiles} tiles -> flow.flo, flow.png",
+    }

@@ -1,0 +1,448 @@
+"""Classify: the top-k ImageNet labels of an image, computed as DeepMind's ImageNet
+colab does.
+
+The colab's procedure (:func:`preprocess_image`):
+
+1. RGB, 8 bits per channel (:func:`load_rgb`): EXIF orientation applied, greyscale
+   repeated to three channels, palette images expanded, alpha composited over white,
+   16-bit values reduced to 8 bits.
+2. Centre crop (:func:`center_crop_box`): ``side = int((224 / 256) * min(H, W))``,
+   ``top = ((H - side) + 1) // 2``, ``left = ((W - side) + 1) // 2``.
+3. Resize of the 8-bit crop to the model's size (224x224 for the official models) with
+   ``cv2.resize(..., interpolation=cv2.INTER_CUBIC)``, OpenCV's own cubic (not PIL's):
+   its rounded 8-bit result is what the colab feeds.
+4. ``(x - mean) / std`` with the ImageNet mean (123.675, 116.28, 103.53) and std
+   (58.395, 57.12, 57.375) on the 0..255 scale, computed in float64 (as NumPy does in
+   the colab) and given to the model as float32, (B, 3, H, W).
+
+The model's size comes from its config: ``image_size`` (imagenet_learned),
+``max_resolution`` (imagenet_fourier) or ``4 * max_resolution`` (imagenet_conv: its
+stem downsamples by 4). The Fourier and conv models can also take the crop at its own
+size (``resize=False``; the colab notes that the Fourier model generalises to sizes it
+never saw); the learned position encoding cannot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..labels import class_names
+from .base import (
+    InputError,
+    Progress,
+    RunOptions,
+    WrongModelError,
+    check_model,
+    no_progress,
+    require,
+    softmax_top_k,
+)
+
+__all__ = [
+    "CROP_FRACTION",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ClassifyPipeline",
+    "ClassifyResult",
+    "LabelScore",
+    "center_crop",
+    "center_crop_box",
+    "load_rgb",
+    "model_image_size",
+    "normalize",
+    "preprocess_image",
+    "resize_cubic",
+]
+
+IMAGENET_MODELS = ("imagenet_learned", "imagenet_fourier", "imagenet_conv")
+#: The colab's MEAN_RGB and STDDEV_RGB: the ImageNet statistics x 255.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+#: The colab's crop: 224 / (224 + 32) of the shorter side, at every model size.
+CROP_FRACTION = 224 / (224 + 32)
+
+ImageInput = Union[str, Path, np.ndarray, torch.Tensor, Any]  # Any: a PIL image
+
+
+# --------------------------------------------------------------------------------------
+# 1. RGB
+
+
+def _to_uint8_16bit(array: np.ndarray) -> np.ndarray:
+    """16-bit values (0..65535) -> 8 bits, rounded: round(x / 257), so 65535 -> 255."""
+    wide = np.clip(array.astype(np.int64), 0, 65535)
+    return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """8-bit RGB (H, W, 3) with alpha (H, W) composited over white, rounded:
+    (c * a + 255 * (255 - a)) / 255."""
+    c = rgb.astype(np.int64)
+    a = alpha.astype(np.int64)[..., None]
+    return ((c * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+
+
+def _from_array(array: np.ndarray) -> np.ndarray:
+    """An (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array -> (H, W, 3).
+
+    uint8 stays; uint16 is reduced to 8 bits (:func:`_to_uint8_16bit`); floats are
+    taken on the 0..255 scale and kept as float32 (clipped to 0..255); RGBA is
+    composited over white (uint8 only: a float alpha's scale is ambiguous)."""
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or 0 in array.shape:
+        raise InputError(
+            f"an image array must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); got "
+            f"shape {tuple(array.shape)}"
+        )
+    if array.dtype == np.uint16:
+        array = _to_uint8_16bit(array)
+    elif np.issubdtype(array.dtype, np.floating):
+        array = np.clip(array.astype(np.float32), 0.0, 255.0)
+    elif array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype != np.uint8:
+        raise InputError(
+            f"image arrays must be uint8, uint16 or float (0..255 scale); got {array.dtype}"
+        )
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    elif array.shape[-1] == 4:
+        if array.dtype != np.uint8:
+            raise InputError("RGBA arrays must be uint8 (alpha 0..255); drop the alpha first")
+        array = _over_white(array[..., :3], array[..., 3])
+    return np.ascontiguousarray(array)
+
+
+def _from_pil(image: Any) -> np.ndarray:
+    """A PIL image -> (H, W, 3) uint8 (see :func:`load_rgb`)."""
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit greyscale (PNG, TIFF): Pillow's own convert("L") would clip at 255.
+        return _from_array(_to_uint8_16bit(np.asarray(image)))
+    if mode == "F":
+        return _from_array(np.asarray(image, dtype=np.float32))
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("LA", "La", "PA", "RGBa"):
+        image = image.convert("RGBA")
+    elif mode not in ("RGB", "RGBA", "L"):
+        image = image.convert("RGB")  # 1, CMYK, YCbCr, LAB, HSV
+    return _from_array(np.asarray(image))
+
+
+def load_rgb(image: ImageInput) -> np.ndarray:
+    """Any supported image -> (H, W, 3) RGB: uint8 (float32 for float inputs).
+
+    * a path: read with Pillow; EXIF orientation applied; greyscale repeated to 3
+      channels; palette expanded (with its transparency); alpha composited over
+      white; 16-bit greyscale reduced by round(x / 257) (16-bit RGB files: Pillow
+      reduces them itself, keeping the high byte).
+    * a PIL image: the same, without reading.
+    * a numpy array (H, W[, C]) with C in 1, 3, 4: uint8, uint16 (round(x / 257)) or
+      float on the 0..255 scale.
+    * a torch tensor: (3, H, W) or (1, H, W) (PyTorch's channel-first layout) or
+      (H, W); same dtypes as numpy.
+
+    Raises:
+        InputError: unreadable file, unsupported shape or dtype.
+    """
+    if isinstance(image, (str, Path)):
+        Image = require("PIL.Image")
+        path = Path(image)
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                return _from_pil(opened)
+        except FileNotFoundError:
+            raise InputError(f"no such image file: {path}") from None
+        except Image.DecompressionBombError as error:
+            # Pillow's guard against images that would decode to gigabytes.
+            raise InputError(f"{path} is too large to decode safely ({error})") from None
+        except (OSError, ValueError, SyntaxError) as error:
+            # Pillow raises UnidentifiedImageError (an OSError) for non-images and
+            # OSError/SyntaxError/ValueError for truncated or corrupt ones.
+            raise InputError(
+                f"cannot read {path} as an image ({str(error).splitlines()[0]}); give a "
+                "JPEG, PNG, BMP, GIF, TIFF or WebP file"
+            ) from None
+    if isinstance(image, torch.Tensor):
+        tensor = image.detach().cpu()
+        if tensor.dim() == 3 and tensor.shape[0] in (1, 3, 4):
+            tensor = tensor.permute(1, 2, 0)
+        elif tensor.dim() != 2:
+            raise InputError(
+                f"an image tensor must be (C, H, W) with C in 1, 3, 4, or (H, W); got "
+                f"shape {tuple(tensor.shape)}"
+            )
+        if tensor.dtype == torch.uint16:
+            return _from_array(tensor.numpy().astype(np.uint16))
+        return _from_array(tensor.numpy())
+    if isinstance(image, np.ndarray):
+        return _from_array(image)
+    if hasattr(image, "mode") and hasattr(image, "size") and hasattr(image, "convert"):
+        return _from_pil(image)
+    raise InputError(
+        f"cannot classify a {type(image).__name__}: give a file path, a PIL image, a "
+        "numpy array (H, W, 3) or a torch tensor (3, H, W)"
+    )
+
+
+# --------------------------------------------------------------------------------------
+# 2.-4. crop, resize, normalise
+
+
+def center_crop_box(height: int, width: int) -> Tuple[int, int, int]:
+    """The colab's centre crop of an H x W image: ``(top, left, side)``.
+
+    side = int((224 / 256) * min(H, W)) (exact in binary floating point: 7/8 of an
+    integer below 2**50), top = ((H - side) + 1) // 2, left = ((W - side) + 1) // 2.
+    """
+    side = int(CROP_FRACTION * min(int(height), int(width)))
+    return ((height - side) + 1) // 2, ((width - side) + 1) // 2, side
+
+
+def center_crop(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, C) -> the colab's square centre crop (side, side, C) (a view).
+
+    Raises:
+        InputError: the image is too small for a non-empty crop.
+    """
+    height, width = rgb.shape[:2]
+    top, left, side = center_crop_box(height, width)
+    if side < 1:
+        raise InputError(
+            f"the image is {width}x{height} pixels: too small for the centre crop "
+            f"({CROP_FRACTION:.3f} of the shorter side); give an image of at least 2x2"
+        )
+    return rgb[top : top + side, left : left + side]
+
+
+def resize_cubic(rgb: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """(H, W, C) -> (size[0], size[1], C) with ``cv2.resize(..., INTER_CUBIC)``, in the
+    input's dtype (uint8 in, rounded and saturated uint8 out, as in the colab)."""
+    cv2 = require("cv2")
+    height, width = size
+    # cv2's dsize is (width, height).
+    return cv2.resize(rgb, (int(width), int(height)), interpolation=cv2.INTER_CUBIC)
+
+
+def normalize(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) on 0..255 -> float32 (H, W, 3): (x - mean) / std, in float64 first."""
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float64)
+    std = np.asarray(IMAGENET_STD, dtype=np.float64)
+    return ((rgb.astype(np.float64) - mean) / std).astype(np.float32)
+
+
+def preprocess_image(
+    image: ImageInput, size: Optional[Tuple[int, int]] = (224, 224)
+) -> torch.Tensor:
+    """The colab's preprocessing: -> float32 (3, H, W), normalised.
+
+    size: the model's (H, W); None keeps the crop at its own size (Fourier and conv
+    models only, see the module docstring).
+    """
+    crop = center_crop(load_rgb(image))
+    if size is not None:
+        crop = resize_cubic(crop, size)
+    return torch.from_numpy(normalize(crop)).permute(2, 0, 1).contiguous()
+
+
+def model_image_size(model: torch.nn.Module) -> Tuple[int, int]:
+    """The input size (H, W) an ImageNet model was trained at, from its config."""
+    name = check_model(model, "classify", IMAGENET_MODELS)
+    config = model.config
+    if name == "imagenet_learned":
+        return tuple(config.image_size)
+    if name == "imagenet_fourier":
+        return tuple(config.max_resolution)
+    # The conv stem (stride-2 conv, stride-2 max-pool) downsamples by 4; the Fourier
+    # features' max_resolution is that of its output (56 for 224).
+    return tuple(4 * r for r in config.max_resolution)
+
+
+# --------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    """One predicted class: its name, index (output unit) and softmax probability."""
+
+    label: str
+    index: int
+    probability: float
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"label": self.label, "index": self.index, "probability": self.probability}
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """What classify found for one image: ``top_k`` most probable first; ``logits``
+    (num_classes,) float32."""
+
+    input: str
+    top_k: Tuple[LabelScore, ...]
+    logits: torch.Tensor
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"input": self.input, "top_k": [s.as_dict() for s in self.top_k]}
+
+
+def _describe(image: ImageInput) -> str:
+    if isinstance(image, (str, Path)):
+        return str(image)
+    shape = getattr(image, "shape", None) or getattr(image, "size", None)
+    return f"{type(image).__name__} {tuple(shape) if shape is not None else ''}".strip()
+
+
+class ClassifyPipeline:
+    """ImageNet classification with an ``imagenet_learned``, ``imagenet_fourier`` or
+    ``imagenet_conv`` model (see the module docstring).
+
+    ``pipeline(image)`` -> :class:`ClassifyResult`; ``pipeline([image, ...])`` -> a
+    list, run ``batch_size`` images per forward pass. Labels: the colab's 1000
+    ImageNet names when the model has 1000 classes, ``"class N"`` otherwise (tiny test
+    models).
+
+    resize: False feeds the centre crop at its own size (Fourier and conv only);
+    crops of different sizes then run one at a time.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, *, resize: bool = True, batch_size: int = 16
+    ) -> None:
+        name = check_model(model, "classify", IMAGENET_MODELS)
+        if not resize and name == "imagenet_learned":
+            raise WrongModelError(
+                "imagenet_learned has a learned position encoding of its training size "
+                "and cannot take the crop at its own size; resize (the default) or use "
+                "imagenet_fourier or imagenet_conv"
+            )
+        self.model = model.eval()
+        self.size: Optional[Tuple[int, int]] = model_image_size(model) if resize else None
+        self.labels = class_names(int(model.config.num_classes), "imagenet")
+        self.batch_size = int(batch_size)
+        self.progress: Progress = no_progress
+
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """One image -> the model's input (3, H, W) float32."""
+        return preprocess_image(image, self.size)
+
+    @torch.no_grad()
+    def logits(self, pixels: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Preprocessed images (3, H, W) -> per image the float32 logits (C,); images
+        of one size are batched together, in order."""
+        parameter = next(self.model.parameters())
+        # Runs of consecutive same-size images, at most batch_size each.
+        groups: List[Tuple[int, int]] = []
+        start = 0
+        while start < len(pixels):
+            stop = start + 1
+            while (
+                stop < len(pixels)
+                and stop - start < self.batch_size
+                and pixels[stop].shape == pixels[start].shape
+            ):
+                stop += 1
+            groups.append((start, stop))
+            start = stop
+        out: List[torch.Tensor] = []
+        for start, stop in self.progress(groups, len(groups), "batches"):
+            batch = torch.stack(list(pixels[start:stop])).to(parameter.device, parameter.dtype)
+            out.extend(self.model(batch).float().cpu())
+        return out
+
+    def __call__(
+        self, images: Union[ImageInput, Sequence[ImageInput]], *, top_k: int = 5
+    ) -> Union[ClassifyResult, List[ClassifyResult]]:
+        """images: one image, a list of images, or a batch array: numpy (B, H, W, C)
+        or torch (B, C, H, W)."""
+        stacked = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+        single = not stacked and not isinstance(images, (list, tuple))
+        batch = [images] if single else list(images)
+        pixels = [self.preprocess(image) for image in batch]
+        results = []
+        for image, logits in zip(batch, self.logits(pixels)):
+            probabilities, indices = softmax_top_k(logits, top_k)
+            scores = tuple(
+                LabelScore(self.labels[i], int(i), float(p))
+                for p, i in zip(probabilities.tolist(), indices.tolist())
+            )
+            results.append(ClassifyResult(_describe(image), scores, logits))
+        return results[0] if single else results
+
+
+# --------------------------------------------------------------------------------------
+# perceiver-convert run classify (the contract: perceiver_torch.pipelines)
+
+
+def run_task(pipeline: ClassifyPipeline, inputs: List[str], options: RunOptions) -> List[dict]:
+    """``perceiver-convert run classify``: one document per image."""
+    if options.extra.get("native_size") and pipeline.size is not None:
+        pipeline = ClassifyPipeline(pipeline.model, resize=False)
+    pipeline.progress = options.progress
+    pixels = []
+    for path in options.progress(inputs, len(inputs), "preprocessing"):
+        try:
+            pixels.append(pipeline.preprocess(path))
+        except InputError as error:
+            message = str(error)
+            raise InputError(message if path in message else f"{path}: {message}") from None
+    logits = pipeline.logits(pixels)
+    results = []
+    for path, row in zip(inputs, logits):
+        probabilities, indices = softmax_top_k(row, options.top_k)
+        scores = tuple(
+            LabelScore(pipeline.labels[i], int(i), float(p))
+            for p, i in zip(probabilities.tolist(), indices.tolist())
+        )
+        results.append(ClassifyResult(path, scores, row))
+        options.echo(path)
+        for rank, score in enumerate(scores, 1):
+            options.echo(
+                f"  {rank}. {score.label} (index {score.index})  {score.probability:.4f}"
+            )
+    documents = [result.as_dict() for result in results]
+    if options.output is not None:
+        if options.arrays is None:
+            with options.open_output(options.output) as handle:
+                handle.write((json.dumps(documents, indent=2) + "\n").encode("utf-8"))
+        else:
+            array = torch.stack(logits).numpy()  # (N, num_classes)
+            with options.open_output(options.output) as handle:
+                if options.arrays == "npy":
+                    np.save(handle, array)
+                else:
+                    np.savez(handle, logits=array, inputs=np.asarray(inputs))
+    return documents
+
+
+def demo_task(model: torch.nn.Module, folder: Path, options: RunOptions) -> Dict[str, str]:
+    """``perceiver-convert demo``: a generated picture (a colour gradient with a disc,
+    saved as PNG) through the colab's preprocessing and the model."""
+    Image = require("PIL.Image")
+    height, width = 48, 64
+    y, x = np.mgrid[0:height, 0:width]
+    picture = np.stack(
+        [x * 255 // (width - 1), y * 255 // (height - 1), np.full_like(x, 96)], axis=-1
+    ).astype(np.uint8)
+    picture[(y - 24) ** 2 + (x - 36) ** 2 < 12**2] = (250, 250, 40)
+    path = Path(folder) / "picture.png"
+    Image.fromarray(picture).save(path)
+    best = ClassifyPipeline(model)(str(path), top_k=1).top_k[0]
+    return {
+        "task": "classify",
+        "input": f"{path.name} ({width}x{height})",
+        "answer": f"{best.label} ({best.probability:.2f})",
+    }

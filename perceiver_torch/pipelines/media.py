@@ -1,0 +1,264 @@
+"""Reading and writing the media of the flow and autoencode tasks: video frames and
+sound tracks (PyAV, which bundles FFmpeg), WAV and video files. (Still images are
+read by :func:`~.image.load_rgb`, the one image loader of the pipelines.)
+
+PyAV and Pillow are imported inside the functions (the ``[media]`` extra), so
+importing this module needs none of them. Errors on unreadable input are
+:class:`~.base.InputError` (exit 3 in the CLI) with a one-line message.
+
+Arrays: images and video frames are uint8 RGB (H, W, 3) / (T, H, W, 3); sound is
+float32 (S,) in [-1, 1] (one channel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import struct
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterator, List, Optional, Tuple, Union
+
+import numpy as np
+
+from .base import InputError, require
+
+__all__ = [
+    "atomic_path",
+    "encode_wav",
+    "is_video_path",
+    "iter_video_frames",
+    "read_audio",
+    "video_frame_count",
+    "video_frame_rate",
+    "write_video",
+]
+
+PathLike = Union[str, os.PathLike]
+
+# Containers read as videos (anything else is opened as a still image).
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".gif")
+
+# Sample rates FFmpeg's AAC encoder accepts; other rates are resampled to 48 kHz
+# for the muxed sound track (the .wav keeps the model's rate).
+_AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """A temporary name next to ``path`` (same suffix) that is renamed to ``path`` when
+    the block succeeds and removed when it fails: a plain-library stand-in for the
+    CLI's staging, so a failed save never leaves a half-written file."""
+    path = Path(path)
+    temp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
+    try:
+        yield temp
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+
+
+def is_video_path(path: PathLike) -> bool:
+    """Whether ``path``'s suffix names a video container (:data:`VIDEO_SUFFIXES`)."""
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def _open_container(path: Path) -> Any:
+    av = require("av")
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    try:
+        return av.open(str(path))
+    except (av.error.FFmpegError, OSError, ValueError) as error:
+        raise InputError(
+            f"cannot read {path} as a video or sound file ({error}); give a file "
+            "FFmpeg reads (MP4, MKV, AVI, WAV, ...)"
+        ) from None
+
+
+def video_frame_rate(path: PathLike) -> Optional[Fraction]:
+    """The frame rate of ``path``'s first video stream, or None if unknown."""
+    container = _open_container(Path(path))
+    with container:
+        if not container.streams.video:
+            raise InputError(f"{path} has no video stream")
+        rate = container.streams.video[0].average_rate
+        return Fraction(rate) if rate else None
+
+
+def video_frame_count(path: PathLike) -> int:
+    """The number of frames the container declares for its first video stream (0
+    when it does not say)."""
+    container = _open_container(Path(path))
+    with container:
+        if not container.streams.video:
+            raise InputError(f"{path} has no video stream")
+        return int(container.streams.video[0].frames or 0)
+
+
+def iter_video_frames(path: PathLike, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
+    """The frames of ``path``'s first video stream in display order, each (H, W, 3)
+    uint8 RGB (FFmpeg's YUV->RGB conversion), at most ``max_frames``.
+
+    Raises:
+        InputError: unreadable file, no video stream, or a decoding error.
+    """
+    av = require("av")
+    path = Path(path)
+    container = _open_container(path)
+    with container:
+        if not container.streams.video:
+            raise InputError(f"{path} has no video stream; give a video file")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        count = 0
+        try:
+            for frame in container.decode(stream):
+                if max_frames is not None and count >= max_frames:
+                    return
+                yield frame.to_ndarray(format="rgb24")
+                count += 1
+        except av.error.FFmpegError as error:
+            raise InputError(f"{path}: the video cannot be decoded ({error})") from None
+        if count == 0:
+            raise InputError(f"{path} has a video stream without frames")
+
+
+def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
+    """The first channel of ``path``'s first sound track at ``sample_rate`` Hz.
+
+    Decoded and, if needed, resampled with FFmpeg's libswresample (PyAV's
+    ``AudioResampler``: windowed-sinc polyphase filter, FFmpeg's defaults), the
+    resampler the colab's ``ffmpeg -ar 48000`` uses; every channel is resampled and
+    the first one kept (the colab's ``audio[..., 0:1]``), never a down-mix. Integer
+    samples become float by FFmpeg's conversion (int16: x / 32768, as the colab).
+
+    Returns (audio float32 (S,), source sample rate, source channel count).
+
+    Raises:
+        InputError: unreadable file or no sound track (the message names ``--audio``).
+    """
+    av = require("av")
+    path = Path(path)
+    container = _open_container(path)
+    with container:
+        if not container.streams.audio:
+            raise InputError(
+                f"{path} has no sound track; give the sound as a WAV file with --audio"
+            )
+        stream = container.streams.audio[0]
+        source_rate = int(stream.rate or stream.codec_context.sample_rate)
+        channels = int(stream.codec_context.channels)
+        # format only; the layout stays the source's so that channel 0 is kept as is.
+        resampler = av.AudioResampler(format="fltp", rate=int(sample_rate))
+        pieces: List[np.ndarray] = []
+        try:
+            for frame in container.decode(stream):
+                frame.pts = None  # let the resampler count samples itself
+                for out in resampler.resample(frame):
+                    pieces.append(out.to_ndarray()[0])
+            for out in resampler.resample(None):
+                pieces.append(out.to_ndarray()[0])
+        except av.error.FFmpegError as error:
+            raise InputError(f"{path}: the sound cannot be decoded ({error})") from None
+    if not pieces:
+        raise InputError(f"{path} has an empty sound track")
+    return np.concatenate(pieces).astype(np.float32), source_rate, channels
+
+
+def encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:
+    """A mono IEEE-float WAV file (format tag 3, 32-bit little-endian samples), as the
+    colab's ``scipy.io.wavfile.write`` of float32 sound; values are stored unclipped.
+
+    audio: (S,) float.
+    """
+    data = np.ascontiguousarray(np.asarray(audio, dtype="<f4").reshape(-1)).tobytes()
+    channels, bits = 1, 32
+    block = channels * bits // 8
+    fmt = struct.pack(
+        "<4sIHHIIHH", b"fmt ", 16, 3, channels, int(sample_rate),
+        int(sample_rate) * block, block, bits,
+    )
+    # Non-PCM formats carry a "fact" chunk with the number of samples per channel.
+    fact = struct.pack("<4sII", b"fact", 4, len(data) // block)
+    body = b"WAVE" + fmt + fact + struct.pack("<4sI", b"data", len(data)) + data
+    return struct.pack("<4sI", b"RIFF", len(body)) + body
+
+
+def _even(frames: np.ndarray) -> np.ndarray:
+    # H.264 in yuv420p needs even sizes: repeat the last row/column when odd.
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return frames
+
+
+def write_video(
+    path: PathLike,
+    frames: np.ndarray,
+    fps: float,
+    audio: Optional[np.ndarray] = None,
+    sample_rate: Optional[int] = None,
+) -> None:
+    """Writes frames (T, H, W, 3) uint8 RGB as a video chosen by ``path``'s suffix:
+    ``.gif`` (Pillow, adaptive palette per frame, no sound) or any other (``.mp4``):
+    H.264 (libx264, yuv420p, crf 18; an odd height or width gets its last row or
+    column repeated) with ``audio`` (S,) float at ``sample_rate`` muxed as AAC
+    (resampled to 48 kHz when AAC cannot take the rate).
+    """
+    path = Path(path)
+    frames = np.asarray(frames, dtype=np.uint8)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"frames must be (T, H, W, 3) with T >= 1, got {frames.shape}")
+    if path.suffix.lower() == ".gif":
+        image_module = require("PIL.Image")
+        pictures = [image_module.fromarray(f) for f in frames]
+        # GIF delays are in hundredths of a second (Pillow takes milliseconds).
+        duration = max(int(round(1000.0 / fps / 10.0)) * 10, 10)
+        pictures[0].save(
+            path, format="GIF", save_all=True, append_images=pictures[1:],
+            duration=duration, loop=0,
+        )
+        return
+    av = require("av")
+    frames = _even(frames)
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(str(path), mode="w") as container:
+        video = container.add_stream("libx264", rate=rate)
+        video.width, video.height = frames.shape[2], frames.shape[1]
+        video.pix_fmt = "yuv420p"
+        video.options = {"crf": "18"}
+        sound = None
+        if audio is not None:
+            if sample_rate is None:
+                raise ValueError("sample_rate is needed with audio")
+            out_rate = int(sample_rate) if int(sample_rate) in _AAC_RATES else 48000
+            sound = container.add_stream("aac", rate=out_rate, layout="mono")
+        for array in frames:
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode(None):
+            container.mux(packet)
+        if sound is not None:
+            samples = np.asarray(audio, dtype=np.float32).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp", layout="mono")
+            frame.sample_rate = int(sample_rate)
+            # A timestamp of 0 lets the AAC encoder mark its 1024 priming samples
+            # (negative pts, an edit list in MP4) so that decoders drop them and the
+            # sound stays in sync; without it the sound starts 1024 samples late.
+            frame.pts = 0
+            frame.time_base = Fraction(1, int(sample_rate))
+            if out_rate != int(sample_rate):
+                resampler = av.AudioResampler(format="fltp", layout="mono", rate=out_rate)
+                converted = resampler.resample(frame) + resampler.resample(None)
+            else:
+                converted = [frame]
+            for piece in converted:
+                for packet in sound.encode(piece):
+                    container.mux(packet)
+            for packet in sound.encode(None):
+                container.mux(packet)

@@ -1,0 +1,394 @@
+"""Fill-mask: the masked bytes of a text, predicted by the language Perceiver as
+DeepMind's masked-language-modelling colab does.
+
+The colab's procedure (:func:`encode_masked`): the text's UTF-8 bytes through the bytes
+tokenizer with **no** special tokens (byte ``b`` is id ``b + 6``), the masked bytes
+replaced by the mask id (3), padded with the pad id (0) to the model's maximum length
+(2048 for the official model), the input mask (1 for the text's bytes, 0 for the
+padding) given to the model as both input and query mask; the logits at the masked
+positions are the prediction.
+
+Masked bytes are given in one of two ways (:func:`parse_masked_text`):
+
+* markers in the text: ``[MASK]`` masks one byte, ``[MASK*N]`` masks N bytes. The
+  colab's example, " missing." (9 bytes) masked:
+  ``"This is an incomplete sentence where some words are[MASK*9]"``.
+* byte spans over a plain text: ``spans=[(51, 60)]`` masks bytes 51..59 (byte offsets
+  of the UTF-8 encoding, end exclusive; the text is then taken literally).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..tokenizer import BytesTokenizer
+from .base import InputError, PipelineError, Progress, RunOptions, check_model, no_progress
+
+__all__ = [
+    "MASK_MARKER",
+    "ByteCandidate",
+    "FillMaskPipeline",
+    "FillMaskResult",
+    "MaskedByte",
+    "MaskedText",
+    "byte_text",
+    "encode_masked",
+    "parse_masked_text",
+    "parse_span",
+]
+
+#: One masked byte; ``[MASK*N]`` is N of them.
+MASK_MARKER = "[MASK]"
+_MARKER = re.compile(r"\[MASK(?:\*(\d+))?\]")
+
+_TOKENIZER = BytesTokenizer()
+
+Span = Tuple[int, int]
+
+
+@dataclass(frozen=True)
+class MaskedText:
+    """A text to fill: its bytes and which of them are masked.
+
+    ``data``: the UTF-8 bytes (a masked byte given by a marker is 0 here; by a span,
+    the original byte). ``positions``: the masked byte offsets, ascending.
+    ``original``: the bytes under the mask when they are known (spans), else None.
+    """
+
+    data: bytes
+    positions: Tuple[int, ...]
+    original: Optional[bytes]
+
+
+def parse_span(value: str) -> Span:
+    """``"START:END"`` -> ``(START, END)`` (byte offsets, END exclusive)."""
+    start, sep, end = str(value).partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        span = (int(start), int(end))
+    except ValueError:
+        error = PipelineError(
+            f"span {value!r} is not START:END (byte offsets, end exclusive, e.g. 51:60)"
+        )
+        error.exit_code = 2
+        raise error from None
+    return span
+
+
+def parse_masked_text(
+    text: Union[str, bytes], spans: Optional[Sequence[Span]] = None
+) -> MaskedText:
+    """The masked bytes of ``text``: its ``[MASK]``/``[MASK*N]`` markers, or, when
+    ``spans`` is given, those byte spans of the literal text.
+
+    Raises:
+        InputError: no masked byte, a span outside the text or empty, ``[MASK*0]``.
+    """
+    if spans is not None and len(spans) > 0:
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        masked = set()
+        for start, end in spans:
+            if not 0 <= start < end <= len(data):
+                raise InputError(
+                    f"span {start}:{end} is not inside the text's {len(data)} bytes "
+                    "(give START:END with 0 <= START < END <= the byte length)"
+                )
+            masked.update(range(start, end))
+        positions = tuple(sorted(masked))
+        return MaskedText(data, positions, bytes(data[p] for p in positions))
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", errors="strict")
+    pieces: List[bytes] = []
+    positions: List[int] = []
+    length = 0
+    cursor = 0
+    for match in _MARKER.finditer(text):
+        literal = text[cursor : match.start()].encode("utf-8")
+        pieces.append(literal)
+        length += len(literal)
+        count = 1 if match.group(1) is None else int(match.group(1))
+        if count < 1:
+            raise InputError(f"{match.group(0)} masks no byte; use [MASK*N] with N >= 1")
+        positions.extend(range(length, length + count))
+        pieces.append(bytes(count))
+        length += count
+        cursor = match.end()
+    pieces.append(text[cursor:].encode("utf-8"))
+    if not positions:
+        raise InputError(
+            "nothing to fill: mark the bytes to predict with [MASK] (one byte) or "
+            "[MASK*N] (N bytes), or give byte spans (--span START:END)"
+        )
+    return MaskedText(b"".join(pieces), tuple(positions), None)
+
+
+def encode_masked(
+    items: Sequence[MaskedText], max_length: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The colab's model inputs: ``(input_ids, input_mask)``, both (B, max_length)
+    int64: byte ids (no special tokens), the mask id at the masked bytes, pad ids after
+    the text; the mask is 1 on the text's bytes, 0 on the padding.
+
+    Raises:
+        InputError: a text longer than ``max_length`` bytes.
+    """
+    sequences = []
+    for row, item in enumerate(items):
+        if len(item.data) > max_length:
+            raise InputError(
+                f"text {row + 1} is {len(item.data)} bytes long; the model reads at "
+                f"most {max_length} bytes (its max_seq_len): shorten it or split it"
+            )
+        # BytesTokenizer.encode of the text, without special tokens; from the bytes,
+        # since a marker's placeholder bytes are not text.
+        ids = [b + BytesTokenizer.NUM_SPECIAL for b in item.data]
+        for position in item.positions:
+            ids[position] = BytesTokenizer.MASK
+        sequences.append(ids)
+    return _TOKENIZER.pad(sequences, max_length)
+
+
+def byte_text(value: int) -> str:
+    """A byte as shown: the character for printable ASCII, else ``\\xNN``."""
+    return chr(value) if 0x20 <= value < 0x7F else f"\\x{value:02x}"
+
+
+@dataclass(frozen=True)
+class ByteCandidate:
+    """One proposed byte: ``value`` 0..255, ``index`` its token id (value + 6) and its
+    probability under the model's softmax over the whole vocabulary (262 ids)."""
+
+    value: int
+    index: int
+    probability: float
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "byte": byte_text(self.value),
+            "value": self.value,
+            "index": self.index,
+            "probability": self.probability,
+        }
+
+
+@dataclass(frozen=True)
+class MaskedByte:
+    """The prediction at one masked byte offset: ``top_k`` candidates, most probable
+    first; ``original`` the byte that was masked, when known (spans)."""
+
+    position: int
+    top_k: Tuple[ByteCandidate, ...]
+    original: Optional[int] = None
+
+    def as_dict(self) -> Dict[str, Any]:
+        document: Dict[str, Any] = {"position": self.position}
+        if self.original is not None:
+            document["original"] = byte_text(self.original)
+        document["top_k"] = [c.as_dict() for c in self.top_k]
+        return document
+
+
+@dataclass(frozen=True)
+class FillMaskResult:
+    """What fill-mask found for one text.
+
+    ``filled``: the text's bytes with each masked byte replaced by its most probable
+    byte; ``text``: ``filled`` decoded (invalid UTF-8 shows as U+FFFD). ``masked``:
+    per masked byte, in order. ``logits``: (M, 262) float32, the model's logits at the
+    M masked positions.
+    """
+
+    input: str
+    text: str
+    filled: bytes
+    masked: Tuple[MaskedByte, ...]
+    logits: torch.Tensor
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "input": self.input,
+            "text": self.text,
+            "masked": [m.as_dict() for m in self.masked],
+        }
+
+
+class FillMaskPipeline:
+    """Fill-mask with a ``language_perceiver`` model (see the module docstring).
+
+    ``pipeline(text)`` -> :class:`FillMaskResult`; ``pipeline([text, ...])`` -> a list,
+    run ``batch_size`` texts per forward pass. Candidates are bytes only: the special
+    ids (pad, mask, ...) are never proposed, and the filled text keeps its byte length.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, *, batch_size: int = 8, progress: Progress = no_progress
+    ) -> None:
+        check_model(model, "fill-mask", ("language_perceiver",))
+        self.model = model.eval()
+        self.max_length = int(model.config.max_seq_len)
+        self.batch_size = int(batch_size)
+        self.progress = progress
+
+    @torch.no_grad()
+    def logits(self, items: Sequence[MaskedText]) -> List[torch.Tensor]:
+        """Per item, the float32 logits (M, 262) at its masked positions."""
+        device = next(self.model.parameters()).device
+        ids, mask = encode_masked(items, self.max_length)
+        out: List[torch.Tensor] = []
+        starts = range(0, len(items), self.batch_size)
+        for start in self.progress(starts, len(starts), "texts"):
+            logits = self.model(
+                ids[start : start + self.batch_size].to(device),
+                mask[start : start + self.batch_size].to(device),
+            )
+            for row, item in enumerate(items[start : start + self.batch_size]):
+                out.append(logits[row, list(item.positions)].float().cpu())
+        return out
+
+    def __call__(
+        self,
+        texts: Union[str, bytes, Sequence[Union[str, bytes]]],
+        *,
+        spans: Optional[Union[Sequence[Span], Sequence[Optional[Sequence[Span]]]]] = None,
+        top_k: int = 5,
+    ) -> Union[FillMaskResult, List[FillMaskResult]]:
+        """texts: one text or a list; spans: for one text, its byte spans; for a list,
+        None or one entry (spans or None) per text. Without spans, the texts carry
+        ``[MASK]``/``[MASK*N]`` markers."""
+        single = isinstance(texts, (str, bytes))
+        batch = [texts] if single else list(texts)
+        if single:
+            per_text = [spans]
+        elif spans is None:
+            per_text = [None] * len(batch)
+        else:
+            per_text = list(spans)
+            if len(per_text) != len(batch):
+                raise ValueError(f"{len(batch)} texts but {len(per_text)} span lists")
+        items = [parse_masked_text(t, s) for t, s in zip(batch, per_text)]
+        results = [
+            self._result(text, item, logits, top_k)
+            for text, item, logits in zip(batch, items, self.logits(items))
+        ]
+        return results[0] if single else results
+
+    @staticmethod
+    def _result(
+        text: Union[str, bytes], item: MaskedText, logits: torch.Tensor, top_k: int
+    ) -> FillMaskResult:
+        # The probabilities are the model's softmax over all 262 ids (float64: they do
+        # not depend on a float32 summation order); the candidates are the byte ids
+        # (6..261) among them.
+        full = torch.softmax(logits.to(torch.float64), dim=-1)
+        byte_probs = full[:, BytesTokenizer.NUM_SPECIAL :]
+        values, indices = byte_probs.topk(min(top_k, byte_probs.shape[-1]), dim=-1)
+        filled = bytearray(item.data)
+        masked = []
+        for row, position in enumerate(item.positions):
+            candidates = tuple(
+                ByteCandidate(int(b), int(b) + BytesTokenizer.NUM_SPECIAL, float(p))
+                for b, p in zip(indices[row].tolist(), values[row].tolist())
+            )
+            # The best byte, whatever top_k is (argmax over the byte ids).
+            filled[position] = int(byte_probs[row].argmax())
+            original = None if item.original is None else item.original[row]
+            masked.append(MaskedByte(position, candidates, original))
+        shown = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
+        return FillMaskResult(
+            input=shown,
+            text=bytes(filled).decode("utf-8", errors="replace"),
+            filled=bytes(filled),
+            masked=tuple(masked),
+            logits=logits,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# perceiver-convert run fill-mask (the contract: perceiver_torch.pipelines)
+
+
+def _read_input(value: str) -> str:
+    """A CLI INPUT: ``@FILE`` (UTF-8 text file), ``-`` (stdin) or the text itself."""
+    if value == "-":
+        return sys.stdin.read()
+    if value.startswith("@"):
+        path = Path(value[1:])
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise InputError(f"cannot read the text file {path}: {reason}") from None
+    return value
+
+
+def run_task(pipeline: FillMaskPipeline, inputs: List[str], options: RunOptions) -> List[dict]:
+    """``perceiver-convert run fill-mask``: one document per input text."""
+    spans = [parse_span(s) for s in options.extra.get("spans") or ()] or None
+    texts = [_read_input(value) for value in inputs]
+    pipeline.progress = options.progress
+    results = pipeline(texts, spans=[spans] * len(texts), top_k=options.top_k)
+    for result in results:
+        options.echo(f"input:  {result.input!r}")
+        options.echo(f"filled: {result.text!r}")
+        for masked in result.masked:
+            shown = "  ".join(
+                f"'{byte_text(c.value)}' {c.probability:.3f}" for c in masked.top_k
+            )
+            options.echo(f"  byte {masked.position:>4}: {shown}")
+    documents = [result.as_dict() for result in results]
+    if options.output is not None:
+        _write_output(results, documents, options)
+    return documents
+
+
+def _write_output(results: List[FillMaskResult], documents: List[dict], options: RunOptions) -> None:
+    if options.arrays is None:
+        with options.open_output(options.output) as handle:
+            handle.write((json.dumps(documents, indent=2) + "\n").encode("utf-8"))
+        return
+    if options.arrays == "npy":
+        counts = {len(r.masked) for r in results}
+        if len(counts) != 1:
+            error = PipelineError(
+                "--npy needs the same number of masked bytes in every text "
+                f"(got {sorted(counts)}); use --npz (one array per text)"
+            )
+            error.exit_code = 2
+            raise error
+        array = np.stack([r.logits.numpy() for r in results])  # (N, M, 262)
+        with options.open_output(options.output) as handle:
+            np.save(handle, array)
+        return
+    arrays: Dict[str, np.ndarray] = {}
+    for i, result in enumerate(results):
+        arrays[f"logits_{i}"] = result.logits.numpy()
+        arrays[f"positions_{i}"] = np.asarray([m.position for m in result.masked], np.int64)
+    with options.open_output(options.output) as handle:
+        np.savez(handle, **arrays)
+
+
+COLAB_SENTENCE = "This is an incomplete sentence where some words are missing."
+#: The colab masks " missing." (bytes 51..59).
+COLAB_SPAN: Span = (51, 60)
+
+
+def demo_task(model: torch.nn.Module, folder: Path, options: RunOptions) -> Dict[str, str]:
+    """``perceiver-convert demo``: the colab's sentence with " missing." masked."""
+    path = Path(folder) / "sentence.txt"
+    path.write_text(COLAB_SENTENCE, encoding="utf-8")
+    pipeline = FillMaskPipeline(model)
+    result = pipeline(path.read_text(encoding="utf-8"), spans=[COLAB_SPAN])
+    return {
+        "task": "fill-mask",
+        "input": f"{path.name}, bytes {COLAB_SPAN[0]}..{COLAB_SPAN[1] - 1} masked",
+        "answer": repr(result.text),
+    }

@@ -1,0 +1,464 @@
+"""Autoencode: a video and its sound through the Kinetics-700 autoencoder in 16-frame
+clips, as DeepMind's video autoencoding colab does, with the reconstruction, its sound
+and the top-k Kinetics-700 labels of each clip.
+
+The colab's procedure (:class:`AutoencodePipeline`):
+
+1. Frames decoded in order (PyAV; the colab uses OpenCV's reader, both FFmpeg), each
+   centre-square-cropped as the colab's ``crop_center_square`` (side = min(H, W),
+   origin ``(W // 2) - (side // 2)``, the same for H) and resized to the model's size
+   (224x224) with ``cv2.resize``'s default INTER_LINEAR, then RGB / 255 (float64,
+   given to the model as float32) (:func:`preprocess_frame`).
+2. Sound from the video's first sound track or from a separate file (``audio=``),
+   first channel, float in [-1, 1], resampled with FFmpeg's libswresample to the
+   model's rate when it differs (:func:`~.media.read_audio`). The rate is the model's
+   samples per frame x 25 frames/s: 1920 x 25 = 48 kHz officially (the colab's
+   ``48000 // 25``); tiny test models with 64 samples per frame run at 1600 Hz.
+3. Consecutive clips of ``num_frames`` frames (16) and ``num_frames x 1920`` samples,
+   the remaining frames dropped (reported in :attr:`AutoencodeResult.dropped_frames`);
+   a sound track shorter than the clips is padded with silence (reported too; the
+   colab would fail).
+4. Each clip encoded once and decoded in the colab's chunks
+   (:meth:`perceiver_torch.VideoAutoencoder.reconstruct`, ``num_chunks`` 128 by
+   default; the colab re-encodes for every chunk, with the same result).
+
+Outputs: the reconstructed frames (T, H, W, 3) in [0, 1] (unclipped), the
+reconstructed sound, the label logits per clip (the label input is always masked, so
+they are the model's guess of the clip's class), and the PSNR of each clip's frames
+(clipped to [0, 1], as the colab's ``to_gif``) against the model's input frames:
+``10 log10(1 / MSE)`` over all pixels and channels.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from ..labels import class_names
+from .base import (
+    InputError,
+    PipelineError,
+    Progress,
+    RunOptions,
+    check_model,
+    no_progress,
+    require,
+    softmax_top_k,
+)
+from .media import encode_wav, iter_video_frames, read_audio, write_video
+
+__all__ = [
+    "AutoencodePipeline",
+    "AutoencodeResult",
+    "ClipResult",
+    "MODEL_FPS",
+    "crop_center_square",
+    "demo_task",
+    "preprocess_frame",
+    "psnr",
+    "run_task",
+]
+
+#: The frame rate the colab assumes (``AUDIO_SAMPLES_PER_FRAME = 48000 // 25``).
+MODEL_FPS = 25
+
+VideoInput = Union[str, Path, np.ndarray]
+AudioInput = Union[str, Path, np.ndarray, None]
+
+
+def crop_center_square(frame: np.ndarray) -> np.ndarray:
+    """The colab's ``crop_center_square``: the largest centred square of (H, W, C)."""
+    y, x = frame.shape[0:2]
+    side = min(y, x)
+    start_x = (x // 2) - (side // 2)
+    start_y = (y // 2) - (side // 2)
+    return frame[start_y : start_y + side, start_x : start_x + side]
+
+
+def preprocess_frame(frame: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    """One (H, W, 3) uint8 RGB frame -> (size[0], size[1], 3) float32 in [0, 1]:
+    centre square, ``cv2.resize`` (INTER_LINEAR, OpenCV's default, on the uint8
+    pixels as the colab), / 255 in float64."""
+    cv2 = require("cv2")
+    square = np.ascontiguousarray(crop_center_square(np.asarray(frame, dtype=np.uint8)))
+    resized = cv2.resize(square, (int(size[1]), int(size[0])))  # dsize is (W, H)
+    return (resized.astype(np.float64) / 255.0).astype(np.float32)
+
+
+def psnr(reconstruction: np.ndarray, reference: np.ndarray) -> float:
+    """``10 log10(1 / MSE)`` in dB of images in [0, 1] (``reconstruction`` clipped to
+    [0, 1] first); ``inf`` when they are equal."""
+    recon = np.clip(reconstruction.astype(np.float64), 0.0, 1.0)
+    mse = float(np.mean((recon - reference.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+@dataclass
+class ClipResult:
+    """One clip: frames [start, stop), its PSNR (dB), its top-k labels
+    ``[(label, index, probability)]``."""
+
+    start: int
+    stop: int
+    psnr: float
+    top_k: List[Tuple[str, int, float]]
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {
+            "frames": [self.start, self.stop],
+            "psnr": None if math.isinf(self.psnr) else self.psnr,
+            "top_k": [
+                {"label": label, "index": index, "probability": p}
+                for label, index, p in self.top_k
+            ],
+        }
+
+
+@dataclass
+class AutoencodeResult:
+    """The autoencoding of a video.
+
+    Attributes:
+        frames: reconstructed frames (T, H, W, 3) float32, nominally [0, 1], unclipped.
+        audio: reconstructed sound (T * samples_per_frame,) float32.
+        label_logits: (clips, classes) float32.
+        clips: per clip, its PSNR and top-k labels.
+        inputs: the model's input frames (T, H, W, 3) float32 in [0, 1].
+        input_audio: the model's input sound (same length as ``audio``).
+        sample_rate: of both sounds (Hz); ``fps``: the model's frame rate (25).
+        dropped_frames: frames after the last whole clip, not autoencoded.
+        padded_samples: silence added where the sound track was shorter than the clips.
+        notes: human-readable remarks (dropped frames, padding, resampling).
+    """
+
+    frames: np.ndarray
+    audio: np.ndarray
+    label_logits: np.ndarray
+    clips: List[ClipResult]
+    inputs: np.ndarray
+    input_audio: np.ndarray
+    sample_rate: int
+    fps: int
+    dropped_frames: int = 0
+    padded_samples: int = 0
+    notes: List[str] = field(default_factory=list)
+
+    def video_uint8(self) -> np.ndarray:
+        """The frames as the colab's ``to_gif`` shows them: clip(x * 255, 0, 255),
+        truncated to uint8. (T, H, W, 3)."""
+        return np.clip(self.frames * 255, 0, 255).astype(np.uint8)
+
+
+class AutoencodePipeline:
+    """Autoencodes videos with a ``video_autoencoding`` model (see the module doc).
+
+    Args:
+        model: a :class:`perceiver_torch.VideoAutoencoder`.
+        num_chunks: decoder chunks per clip (default: the config's, 128 officially;
+            any count gives the same values up to float rounding).
+        top_k: labels reported per clip.
+        progress: :data:`~.base.Progress` for the loop over clips.
+
+    ``pipeline(video, audio=None)``: ``video`` a file path or uint8 frames
+    (T, H, W, 3) RGB; ``audio`` None (the video's sound track), a sound file path, or
+    float samples (S,) in [-1, 1] at :attr:`sample_rate`. Returns an
+    :class:`AutoencodeResult`.
+    """
+
+    task = "autoencode"
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        num_chunks: Optional[int] = None,
+        top_k: int = 5,
+        progress: Progress = no_progress,
+    ) -> None:
+        check_model(model, "autoencode", ("video_autoencoding",))
+        self.model = model.eval()
+        config = model.config
+        self.num_frames = int(config.num_frames)
+        self.size = tuple(int(v) for v in config.image_size)
+        self.samples_per_frame = int(config.audio_samples_per_frame)
+        self.sample_rate = self.samples_per_frame * MODEL_FPS
+        self.num_chunks = int(num_chunks or config.num_chunks)
+        self.labels = class_names(int(config.num_classes), "kinetics700")
+        self.top_k = int(top_k)
+        self.progress = progress
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def load_frames(self, video: VideoInput) -> np.ndarray:
+        """Every frame preprocessed: (T, H, W, 3) float32 in [0, 1]."""
+        if isinstance(video, (str, Path)):
+            frames = [preprocess_frame(f, self.size) for f in iter_video_frames(video)]
+        else:
+            array = np.asarray(video)
+            if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+                raise InputError(
+                    f"video frames must be uint8 (T, H, W, 3) RGB, got {array.dtype} "
+                    f"{array.shape}"
+                )
+            frames = [preprocess_frame(f, self.size) for f in array]
+        return np.stack(frames) if frames else np.zeros((0, *self.size, 3), np.float32)
+
+    def load_audio(self, video: VideoInput, audio: AudioInput, notes: List[str]) -> np.ndarray:
+        """The sound at :attr:`sample_rate`, first channel, (S,) float32."""
+        if audio is None:
+            if not isinstance(video, (str, Path)):
+                raise InputError("frames given as an array need their sound: pass audio=")
+            audio = video
+        if isinstance(audio, (str, Path)):
+            samples, rate, channels = read_audio(audio, self.sample_rate)
+            if rate != self.sample_rate:
+                notes.append(f"sound resampled from {rate} Hz to {self.sample_rate} Hz")
+            if channels > 1:
+                notes.append(f"first of {channels} sound channels used")
+            return samples
+        samples = np.asarray(audio, dtype=np.float32)
+        if samples.ndim == 2:  # (S, channels): the first, as the colab's [..., 0:1]
+            samples = samples[:, 0]
+        if samples.ndim != 1:
+            raise InputError(f"audio must be (S,) or (S, channels), got {samples.shape}")
+        return samples
+
+    # -- the model ----------------------------------------------------------------------
+
+    def __call__(self, video: VideoInput, audio: AudioInput = None) -> AutoencodeResult:
+        notes: List[str] = []
+        frames = self.load_frames(video)
+        sound = self.load_audio(video, audio, notes)
+        t = self.num_frames
+        clips = len(frames) // t
+        if clips == 0:
+            raise InputError(
+                f"the video has {len(frames)} frame(s); the model autoencodes clips of "
+                f"{t} frames: give a longer video"
+            )
+        dropped = len(frames) - clips * t
+        if dropped:
+            notes.append(
+                f"last {dropped} frame(s) dropped (not a whole {t}-frame clip)"
+            )
+        frames = frames[: clips * t]
+        needed = clips * t * self.samples_per_frame
+        padded = max(needed - len(sound), 0)
+        if padded:
+            notes.append(
+                f"sound {padded / self.sample_rate:.3f} s shorter than the frames; "
+                "padded with silence"
+            )
+            sound = np.concatenate([sound, np.zeros(padded, np.float32)])
+        sound = sound[:needed]
+        parameter = next(self.model.parameters())
+        out_frames, out_audio, logits, results = [], [], [], []
+        per_clip = t * self.samples_per_frame
+        for c in self.progress(range(clips), clips, "clips"):
+            images = torch.from_numpy(frames[c * t : (c + 1) * t]).permute(0, 3, 1, 2)[None]
+            samples = torch.from_numpy(sound[c * per_clip : (c + 1) * per_clip])[None, :, None]
+            with torch.inference_mode():
+                out = self.model.reconstruct(
+                    images.to(parameter.device, parameter.dtype),
+                    samples.to(parameter.device, parameter.dtype),
+                    num_chunks=self.num_chunks,
+                )
+            recon = out["image"][0].permute(0, 2, 3, 1).float().cpu().numpy()
+            out_frames.append(recon)
+            out_audio.append(out["audio"][0].float().cpu().numpy())
+            logits.append(out["label"][0].float().cpu().numpy())
+            values, indices = softmax_top_k(out["label"][0], self.top_k)
+            top = [
+                (self.labels[int(i)], int(i), float(p))
+                for p, i in zip(values.tolist(), indices.tolist())
+            ]
+            results.append(
+                ClipResult(c * t, (c + 1) * t, psnr(recon, frames[c * t : (c + 1) * t]), top)
+            )
+        return AutoencodeResult(
+            frames=np.concatenate(out_frames),
+            audio=np.concatenate(out_audio),
+            label_logits=np.stack(logits),
+            clips=results,
+            inputs=frames,
+            input_audio=sound,
+            sample_rate=self.sample_rate,
+            fps=MODEL_FPS,
+            dropped_frames=dropped,
+            padded_samples=padded,
+            notes=notes,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# perceiver-convert run autoencode
+
+
+def _bytes_of(save: Any, *args: Any, **kwargs: Any) -> bytes:
+    buffer = io.BytesIO()
+    save(buffer, *args, **kwargs)
+    return buffer.getvalue()
+
+
+def _write(options: RunOptions, path: Path, data: bytes, files: List[str]) -> None:
+    with options.open_output(path) as handle:
+        handle.write(data)
+    files.append(str(path))
+
+
+def _base(path: str, options: RunOptions, several: bool) -> Tuple[Path, str]:
+    source = Path(path)
+    out = options.output
+    if out is None or several:
+        folder = out if (out is not None and out.is_dir()) else source.parent
+        return folder / (source.stem + ".autoencoded"), ".mp4"
+    if out.is_dir():
+        return out / (source.stem + ".autoencoded"), ".mp4"
+    suffix = out.suffix.lower()
+    if suffix in (".mp4", ".gif", ".wav", ".npy", ".npz", ".mov", ".mkv"):
+        video_suffix = suffix if suffix in (".mp4", ".gif", ".mov", ".mkv") else ".mp4"
+        return out.with_suffix(""), video_suffix
+    return out, ".mp4"
+
+
+def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOptions) -> List[dict]:
+    """``perceiver-convert run autoencode MODEL VIDEO... [--audio WAV]``.
+
+    Files (``OUT`` = ``-o`` without its suffix; default ``<video>.autoencoded`` next
+    to the video; ``-o FOLDER`` puts that name in FOLDER):
+
+    * ``OUT.mp4`` (H.264 with the reconstructed sound as AAC; ``-o X.gif``: a GIF,
+      which has no sound) at 25 frames/s, and ``OUT.wav`` (float32, the model's rate);
+    * ``--npz``: only ``OUT.npz`` with ``frames`` [T, H, W, 3], ``audio`` [S] and
+      ``label_logits`` [clips, classes]; ``--npy``: ``OUT.npy`` (the frames),
+      ``OUT.audio.npy`` and ``OUT.label_logits.npy``.
+
+    The JSON document of each video lists the files, the clips with their PSNR and
+    top-k labels, and the dropped frames.
+    """
+    pipeline.top_k = options.top_k
+    pipeline.progress = options.progress
+    audio = options.extra.get("audio")
+    several = len(inputs) > 1
+    if several and options.output is not None and not options.output.is_dir():
+        error = PipelineError(
+            "-o names one output but several videos were given; give one video, or -o "
+            "an existing folder"
+        )
+        error.exit_code = 2
+        raise error
+    if several and audio is not None:
+        error = PipelineError("--audio goes with one video; give one video with it")
+        error.exit_code = 2
+        raise error
+    documents = []
+    for path in inputs:
+        result = pipeline(path, audio)
+        files: List[str] = []
+        base, video_suffix = _base(path, options, several)
+        if options.arrays == "npz":
+            _write(options, options.output, _bytes_of(
+                np.savez, frames=result.frames, audio=result.audio,
+                label_logits=result.label_logits), files)
+        elif options.arrays == "npy":
+            stem = options.output.with_suffix("")
+            _write(options, options.output, _bytes_of(np.save, result.frames), files)
+            _write(options, stem.with_name(stem.name + ".audio.npy"), _bytes_of(np.save, result.audio), files)
+            _write(options, stem.with_name(stem.name + ".label_logits.npy"),
+                   _bytes_of(np.save, result.label_logits), files)
+        else:
+            target = base.with_name(base.name + video_suffix)
+            with options.output_path(target) as temp:
+                if video_suffix == ".gif":
+                    write_video(temp, result.video_uint8(), result.fps)
+                else:
+                    write_video(temp, result.video_uint8(), result.fps, result.audio, result.sample_rate)
+            files.append(str(target))
+            if video_suffix == ".gif":
+                result.notes.append("a GIF has no sound: the sound is in the .wav")
+            _write(options, base.with_name(base.name + ".wav"),
+                   encode_wav(result.audio, result.sample_rate), files)
+        options.echo(
+            f"{path}: {len(result.clips)} clip(s) of {pipeline.num_frames} frames, "
+            f"{result.sample_rate} Hz sound"
+        )
+        for note in result.notes:
+            options.echo(f"  note: {note}")
+        for clip in result.clips:
+            labels = ", ".join(f"{label} ({p:.3f})" for label, _, p in clip.top_k)
+            options.echo(
+                f"  frames {clip.start}-{clip.stop - 1}: PSNR {clip.psnr:.2f} dB; {labels}"
+            )
+        documents.append({
+            "input": path,
+            "audio": str(audio) if audio is not None else None,
+            "files": files,
+            "clips": [clip.as_dict() for clip in result.clips],
+            "frames": int(result.frames.shape[0]),
+            "dropped_frames": result.dropped_frames,
+            "padded_samples": result.padded_samples,
+            "sample_rate": result.sample_rate,
+            "fps": result.fps,
+            "notes": list(result.notes),
+        })
+    return documents
+
+
+# --------------------------------------------------------------------------------------
+# test media and perceiver-convert demo
+
+
+def make_test_video(
+    path: Union[str, Path],
+    frames: int,
+    size: Tuple[int, int] = (48, 64),
+    fps: int = MODEL_FPS,
+    sample_rate: Optional[int] = 44100,
+    seed: int = 0,
+) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """Writes a small video (a moving colour gradient, H.264) with a two-tone sound
+    track (AAC; none with ``sample_rate=None``); returns (frames (T, H, W, 3) uint8,
+    sound (S,) float or None). For tests and the demo."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    y, x = np.mgrid[0:h, 0:w]
+    phase = rng.random(3) * 2 * np.pi
+    video = np.stack([
+        np.stack([
+            127.5 + 127.5 * np.sin(2 * np.pi * (x + 3 * t) / w + phase[c] + y / h)
+            for c in range(3)
+        ], axis=-1)
+        for t in range(frames)
+    ]).astype(np.uint8)
+    sound = None
+    if sample_rate is not None:
+        s = np.arange(int(round(frames / fps * sample_rate))) / sample_rate
+        sound = 0.4 * np.sin(2 * np.pi * 440 * s) + 0.2 * np.sin(2 * np.pi * 1250 * s)
+    write_video(path, video, fps, sound, sample_rate)
+    return video, sound
+
+
+def demo_task(model: torch.nn.Module, folder: Path, options: RunOptions) -> Dict[str, str]:
+    """Autoencodes a generated video with sound (two clips and one extra frame)."""
+    pipeline = AutoencodePipeline(model)
+    source = folder / "input.mp4"
+    make_test_video(source, 2 * pipeline.num_frames + 1)
+    result = pipeline(source)
+    (folder / "reconstruction.wav").write_bytes(encode_wav(result.audio, result.sample_rate))
+    write_video(folder / "reconstruction.mp4", result.video_uint8(), result.fps,
+                result.audio, result.sample_rate)
+    first = result.clips[0]
+    return {
+        "task": "autoencode",
+        "input": f"{2 * pipeline.num_frames + 1} generated frames with sound",
+        "answer": (
+            f"{len(result.clips)} clips, PSNR {first.psnr:.1f} dB, top label "
+            f"{first.top_k[0][0]!r} -> reconstruction.mp4, .wav"
+        ),
+    }

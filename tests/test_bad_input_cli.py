@@ -1,0 +1,529 @@
+"""Bad input is stopped at the door, through the CLI and the Python API (issue 9).
+
+Every refusal asserts the exit code, the key words of the one-line message, and that
+no file in the folder changed or appeared (sha256 of every file before and after).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import converter
+import perceiver_torch
+from converter import outputs as outputs_module
+from converter.errors import ConfigError, OutputError
+from converter.fixtures import make_fixture, write_fixture
+from converter.reader import load_haiku_checkpoint
+from converter.writer import save_haiku_checkpoint
+from helpers import run_cli
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "golden"
+
+
+def snapshot(folder: Path) -> Dict[str, str]:
+    """sha256 of every file under ``folder`` (hidden temporary files included)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def assert_clean_error(result, code: int, *words: str) -> None:
+    """Exit ``code``, one ``error:`` line naming ``words``, no traceback."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.stderr and "unexpected" not in result.stderr
+    for word in words:
+        assert word in result.stderr, (word, result.stderr)
+
+
+@pytest.fixture
+def work(tmp_path):
+    """A folder with a tiny imagenet_fourier checkpoint and its conversion."""
+    source = tmp_path / "fourier.pickle"
+    write_fixture("imagenet_fourier", source, size="tiny", seed=4)
+    converted = tmp_path / "fourier.safetensors"
+    assert run_cli("convert", source, "-o", converted, "-q").exit_code == 0
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def jax_ready():
+    pytest.importorskip("jax")
+    pytest.importorskip("haiku")
+
+
+# --------------------------------------------------------------------------------------
+# Outputs: never an input, never an existing file without --force, never a wrong suffix.
+
+
+def test_export_refuses_to_overwrite_its_own_input(work):
+    before = snapshot(work)
+    converted = work / "fourier.safetensors"
+    result = run_cli("export", converted, "-o", converted)
+    assert_clean_error(result, 2, "refusing", ".safetensors", "*.pickle")
+    assert snapshot(work) == before
+
+
+def test_export_refuses_a_suffix_of_another_format(work):
+    before = snapshot(work)
+    for name in ("back.pt", "back.safetensors"):
+        result = run_cli("export", work / "fourier.safetensors", "-o", work / name)
+        assert_clean_error(result, 2, "refusing to write a Haiku pickle", "*.pickle")
+    # *.onnx means an ONNX graph, unless the Haiku format is asked for by name.
+    result = run_cli(
+        "export", work / "fourier.safetensors", "-o", work / "back.onnx", "--format", "haiku"
+    )
+    assert_clean_error(result, 2, "refusing to write a Haiku pickle", "*.pickle")
+    assert snapshot(work) == before
+
+
+def test_convert_refuses_to_overwrite_its_input(work):
+    source = work / "ck.pt"  # an official pickle, oddly named: the output would be it
+    source.write_bytes((work / "fourier.pickle").read_bytes())
+    before = snapshot(work)
+    result = run_cli("convert", source, "-o", source)
+    assert_clean_error(result, 2, "it is the input", "choose another output name")
+    # Through a link, the same file by another name is refused too.
+    link = work / "link.pt"
+    link.symlink_to(source)
+    before = snapshot(work)
+    result = run_cli("convert", source, "-o", link, "--force")
+    assert_clean_error(result, 2, "it is the input")
+    with pytest.raises(OutputError, match="it is the input"):
+        converter.convert(source, link)  # the Python API too, even with overwrite=True
+    assert snapshot(work) == before
+
+
+def test_existing_output_needs_force(work):
+    source, converted = work / "fourier.pickle", work / "fourier.safetensors"
+    exported = work / "back.pickle"
+    assert run_cli("export", converted, "-o", exported, "-q").exit_code == 0
+    before = snapshot(work)
+    for args in (
+        ("convert", source, "-o", converted),
+        ("export", converted, "-o", exported),
+        ("fixture", "imagenet_fourier", "-o", source),
+    ):
+        assert_clean_error(run_cli(*args), 2, "refusing to overwrite", "--force")
+        assert snapshot(work) == before
+    # --force replaces the file (here: converted again as float16).
+    result = run_cli("convert", source, "-o", converted, "--force", "--dtype", "float16")
+    assert result.exit_code == 0, result.output
+    with safe_open(str(converted), framework="pt") as f:
+        assert f.metadata()["dtype"] == "float16"
+    # The Python API refuses it only when asked to.
+    with pytest.raises(OutputError, match="--force"):
+        converter.convert(source, converted, overwrite=False)
+    with pytest.raises(OutputError, match="it is the input"):
+        converter.export(exported, exported)
+
+
+def test_fixture_refuses_a_suffix_of_another_format(tmp_path):
+    result = run_cli("fixture", "optical_flow", "-o", tmp_path / "x.safetensors")
+    assert_clean_error(result, 2, "refusing to write a Haiku pickle")
+    assert snapshot(tmp_path) == {}
+
+
+# --------------------------------------------------------------------------------------
+# --config: validated against the model's config dataclass, exit 2 naming the key.
+
+
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        ("num_self_attention_heads=-1", ["num_self_attention_heads", ">= 1"]),
+        ("num_self_attention_heads=0", ["num_self_attention_heads", ">= 1"]),
+        ('decoder_query_residual="yes"', ["decoder_query_residual", "true or false"]),
+        ("decoder_query_residual=2", ["decoder_query_residual", "true or false"]),
+        ("nosuch_key=3", ["nosuch_key", "unknown config key", "valid keys", "num_blocks"]),
+        ("max_resolution=8x", ["max_resolution", "two integers", "8x8"]),
+        ("max_resolution=0x8", ["max_resolution", ">= 1"]),
+        ("num_blocks", ["KEY=VALUE"]),
+        ("dropout=1.5", ["dropout", "[0, 1)"]),
+        # Relations, checked once the model is known: heads must divide the widths.
+        ("num_self_attention_heads=3", ["num_self_attention_heads", "divide", "d_latents"]),
+        ("num_cross_attention_heads=2", ["num_cross_attention_heads", "divide", "37"]),
+        # A key of another model, and a value the checkpoint's shapes contradict.
+        ("image_size=8x8", ["image_size", "unknown config key"]),
+        ("num_latents=7", ["num_latents", "contradicts the checkpoint"]),
+    ],
+)
+@pytest.mark.parametrize("forced", [False, True])
+def test_bad_config_values_exit_2_naming_the_key(work, item, words, forced):
+    before = snapshot(work)
+    args = ["convert", work / "fourier.pickle", "-o", work / "out.safetensors",
+            "--config", item, "--json"]
+    if forced:
+        args += ["--model", "imagenet_fourier"]
+    result = run_cli(*args)
+    assert_clean_error(result, 2, *words)
+    document = json.loads(result.stdout)
+    assert document["ok"] is False and document["exit_code"] == 2
+    assert document["error"]["type"] == "ConfigError"
+    assert snapshot(work) == before
+
+
+def test_tuples_parse_from_x_comma_and_json(work):
+    for i, value in enumerate(("8x8", "8,8", "[8, 8]", " 8 X 8 ")):
+        out = work / f"out{i}.safetensors"
+        result = run_cli("convert", work / "fourier.pickle", "-o", out, "-q",
+                         "--config", f"max_resolution={value}")
+        assert result.exit_code == 0, result.output
+        with safe_open(str(out), framework="pt") as f:
+            assert json.loads(f.metadata()["config"])["max_resolution"] == [8, 8]
+
+
+@pytest.mark.jax
+def test_bad_config_with_verify_is_a_config_error_not_a_parity_failure(jax_ready, work):
+    before = snapshot(work)
+    for command in (["convert", "-o", work / "o.safetensors", "--verify"], ["verify"]):
+        args = [command[0], work / "fourier.pickle", *command[1:],
+                "--config", "num_self_attention_heads=0"]
+        assert_clean_error(run_cli(*args), 2, "num_self_attention_heads")
+    assert snapshot(work) == before
+
+
+def test_python_api_validates_configs():
+    tiny = perceiver_torch.TINY_CONFIGS["imagenet_fourier"]
+    values = perceiver_torch.config_to_dict(tiny)
+    with pytest.raises(perceiver_torch.ConfigError, match="num_self_attention_heads") as info:
+        perceiver_torch.build("imagenet_fourier", {**values, "num_self_attention_heads": 0})
+    assert info.value.key == "num_self_attention_heads"
+    with pytest.raises(perceiver_torch.ConfigError, match="true or false"):
+        perceiver_torch.ImageNetFourierConfig(decoder_query_residual="yes")
+    with pytest.raises(perceiver_torch.ConfigError, match="divide"):
+        perceiver_torch.OpticalFlowConfig(num_self_attention_heads=7)
+    with pytest.raises(perceiver_torch.ConfigError, match="spatial_downsample"):
+        perceiver_torch.VideoAutoencodingConfig(image_size=(30, 32))
+    with pytest.raises(perceiver_torch.ConfigError, match="num_chunks"):
+        perceiver_torch.VideoAutoencodingConfig(num_chunks=10**9)
+    with pytest.raises(ConfigError, match="num_self_attention_heads"):
+        converter.convert(GOLDEN / "imagenet_fourier" / "checkpoint.pickle",
+                          config={"num_self_attention_heads": 3})
+    # Lists become tuples; a valid edit still builds.
+    assert perceiver_torch.ImageNetFourierConfig(max_resolution=[8, 8]).max_resolution == (8, 8)
+
+
+def test_config_widths_match_the_models():
+    """The widths validate() divides by are the models' own (official and tiny)."""
+    for name, tiny in perceiver_torch.TINY_CONFIGS.items():
+        for config in (tiny, perceiver_torch.CONFIG_CLASSES[name]()):
+            if not hasattr(config, "input_width"):
+                continue
+            with torch.device("meta"):
+                model = perceiver_torch.build(name, config)
+            assert config.input_width() == model.input_preprocessor.num_channels
+
+
+# --------------------------------------------------------------------------------------
+# Exit codes: Ctrl-C 130 with no partial file, --json errors, --debug, no traceback.
+
+
+def test_interrupted_convert_exits_130_without_a_partial_file(work, monkeypatch):
+    calls = {"n": 0}
+    real = outputs_module._tensor_bytes
+
+    def interrupt_midway(tensor):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return real(tensor)
+
+    monkeypatch.setattr(outputs_module, "_tensor_bytes", interrupt_midway)
+    before = snapshot(work)
+    result = run_cli("convert", work / "fourier.pickle", "-o", work / "new.safetensors",
+                     "--json")
+    assert_clean_error(result, 130, "interrupted")
+    assert json.loads(result.stdout)["exit_code"] == 130
+    assert snapshot(work) == before
+
+
+def test_interrupted_verify_and_demo_exit_130(work, monkeypatch):
+    import converter.demo
+    import converter.verify
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(converter.verify, "require_jax", lambda: None)
+    monkeypatch.setattr(converter.verify, "run_reference", interrupt)
+    before = snapshot(work)
+    assert_clean_error(run_cli("verify", work / "fourier.pickle"), 130, "interrupted")
+    monkeypatch.setattr(converter.demo, "demo_one", interrupt)
+    assert_clean_error(run_cli("demo", "--models", "imagenet_fourier"), 130, "interrupted")
+    assert snapshot(work) == before
+
+
+def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(work, monkeypatch):
+    import converter.conversion
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(converter.conversion, "prepare", broken)
+    args = ["convert", work / "fourier.pickle", "-o", work / "o.safetensors"]
+    result = run_cli(*args)
+    assert result.exit_code == 3
+    assert "Traceback" not in result.stderr
+    assert "unexpected RuntimeError: boom" in result.stderr and "--debug" in result.stderr
+    result = run_cli("--debug", *args)
+    assert result.exit_code == 3 and "Traceback" in result.stderr
+    monkeypatch.setenv("PERCEIVER_CONVERT_DEBUG", "1")
+    assert "Traceback" in run_cli(*args).stderr
+
+
+@pytest.mark.parametrize(
+    "args, code",
+    [
+        (["convert", "{bad}", "-o", "{out}.safetensors"], 3),
+        (["convert", "{src}", "-o", "{out}.bin"], 2),
+        (["convert", "{src}", "-o", "{out}.safetensors", "--dtype", "float8"], 2),
+        (["verify", "{bad}"], 3),
+        (["export", "{src}", "-o", "{out}.pickle"], 3),
+        (["export", "{conv}", "-o", "{conv}"], 2),
+        (["inspect", "{bad}"], 3),
+        (["fixture", "nosuch", "-o", "{out}.pickle"], 2),
+        (["models", "--bogus"], 2),
+    ],
+)
+def test_every_json_outcome_is_one_document_on_stdout(work, args, code):
+    bad = work / "bad.pickle"
+    bad.write_bytes(b"\x80\x03cos\nsystem\nq\x00X\x04\x00\x00\x00trueq\x01\x85q\x02Rq\x03.")
+    names = {"bad": bad, "src": work / "fourier.pickle", "out": work / "out",
+             "conv": work / "fourier.safetensors"}
+    before = snapshot(work)
+    result = run_cli(*[a.format(**names) for a in args], "--json")
+    assert result.exit_code == code, result.output
+    document = json.loads(result.stdout)  # exactly one JSON document
+    assert document["ok"] is False and document["exit_code"] == code
+    assert "Traceback" not in result.stderr
+    assert snapshot(work) == before
+
+
+# --------------------------------------------------------------------------------------
+# Reduced precision: --verify checks the weights that are written.
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reduced_precision_verify_measures_the_written_weights(jax_ready, work, dtype):
+    from converter.verify import ROUNDING_TOLERANCE, UNIT_ROUNDOFF
+
+    out = work / f"model.{dtype}.safetensors"
+    result = run_cli("convert", work / "fourier.pickle", "-o", out, "--dtype", dtype,
+                     "--verify", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), framework="pt") as f:
+        parity = json.loads(f.metadata()["parity"])
+    assert parity["dtype"] == dtype and parity["passed"] is True
+    assert parity["tolerance"] == ROUNDING_TOLERANCE[dtype]
+    # The rounded weights were run, not the float32 ones: rounding ~1e5 weights by up
+    # to u moves the outputs by about u (0.5-5 u measured); u/16 is above anything
+    # float32 gives (the float32 tolerance is 1e-5 < 2^-11 / 16 = 3.1e-5).
+    assert UNIT_ROUNDOFF[dtype] / 16 < parity["max_relative"] <= parity["tolerance"]
+    assert json.loads(result.stdout)["parity"]["dtype"] == dtype
+    # The Python API, in memory: the same check of the same rounded weights.
+    in_memory = converter.convert(work / "fourier.pickle", dtype=dtype, verify=True)
+    assert in_memory.parity["dtype"] == dtype
+    assert in_memory.parity["max_relative"] == parity["max_relative"]
+
+
+@pytest.mark.jax
+def test_reduced_precision_tolerance_still_catches_a_wrong_weight(jax_ready, monkeypatch):
+    """A mapping mistake (a square weight transposed: 0.14 relative, float32) is O(1),
+    above the bfloat16 tolerance of 16 u = 0.0625; float16 (7.8e-3) catches it too."""
+    from converter.conversion import PreparedConversion, prepare
+    from converter.verify import verify_prepared
+
+    real = PreparedConversion.state_dict
+
+    def transposed(self, dtype=None):
+        state = real(self, dtype)
+        key = "encoder.self_attends.0.attention.to_q.weight"
+        state[key] = state[key].t().contiguous()
+        return state
+
+    prepared = prepare(GOLDEN / "imagenet_fourier" / "checkpoint.pickle")
+    monkeypatch.setattr(PreparedConversion, "state_dict", transposed)
+    for dtype in ("bfloat16", "float16"):
+        report = verify_prepared(prepared, dtype=dtype)
+        assert not report.passed, dtype
+
+
+# --------------------------------------------------------------------------------------
+# Loading: Haiku pickles recognised first, dtype mismatches named, NaNs listed.
+
+
+def test_load_and_export_recognise_a_haiku_pickle(tmp_path):
+    official = GOLDEN / "optical_flow" / "checkpoint.pickle"
+    with pytest.raises(perceiver_torch.LoadError) as info:
+        perceiver_torch.load(official)
+    message = str(info.value)
+    assert "official Haiku checkpoint" in message and "convert it first" in message
+    assert "weights_only" not in message and "safe_globals" not in message
+    result = run_cli("export", official, "-o", tmp_path / "back.pickle")
+    assert_clean_error(result, 3, "official Haiku checkpoint", "convert it first")
+    assert "weights_only" not in result.stderr
+    assert snapshot(tmp_path) == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int8])
+def test_wrong_dtype_in_a_converted_file_is_a_dtype_mismatch(work, dtype):
+    source = work / "fourier.safetensors"
+    with safe_open(str(source), framework="pt") as f:
+        metadata = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    key = "encoder.latents"
+    state[key] = state[key].to(dtype)
+    bad = work / "bad.safetensors"
+    save_file(state, str(bad), metadata=metadata)
+    with pytest.raises(perceiver_torch.LoadError, match="dtype mismatch") as info:
+        perceiver_torch.load(bad)
+    assert key in str(info.value) and "shape mismatch" not in str(info.value)
+    assert ".float()" in str(info.value)
+    before = snapshot(work)
+    result = run_cli("export", bad, "-o", work / "back.pickle")
+    assert_clean_error(result, 3, "dtype mismatch", key)
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int8])
+def test_wrong_dtype_in_a_haiku_checkpoint_is_a_dtype_mismatch(tmp_path, dtype):
+    params, state = make_fixture("imagenet_fourier", size="tiny", seed=2)
+    module = "classification_decoder/~/basic_decoder/output"
+    params[module]["w"] = params[module]["w"].astype(dtype)
+    source = tmp_path / "odd.pickle"
+    save_haiku_checkpoint(source, params, state)
+    before = snapshot(tmp_path)
+    result = run_cli("convert", source, "-o", tmp_path / "o.safetensors",
+                     "--model", "imagenet_fourier")
+    assert_clean_error(result, 3, "dtype mismatch", f"{module}/w", "astype(np.float32)")
+    assert "shape mismatch" not in result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_inspect_lists_parameters_with_nonfinite_values(tmp_path):
+    params, state = make_fixture("imagenet_fourier", size="tiny", seed=2)
+    module = "classification_decoder/~/basic_decoder/output"
+    params[module]["w"][0, :3] = [np.nan, np.inf, -np.inf]
+    source = tmp_path / "nan.pickle"
+    save_haiku_checkpoint(source, params, state)
+    result = run_cli("inspect", source)
+    assert_clean_error(result, 3, "NaN or Inf", f"{module}/w")
+    assert f"{module}/w  [3 NaN/Inf]" in result.stdout
+    assert f"{module}/b" in result.stdout  # the other parameters are listed too
+    result = run_cli("inspect", source, "--json")
+    document = json.loads(result.stdout)
+    assert document["ok"] is False and document["exit_code"] == 3
+    rows = {(r["module"], r["param"]): r for r in document["params"]["entries"]}
+    assert rows[(module, "w")]["nonfinite"] == 3 and rows[(module, "b")]["nonfinite"] == 0
+    with pytest.raises(converter.CheckpointError, match="non-finite"):
+        load_haiku_checkpoint(source)  # converting still refuses it
+    kept = load_haiku_checkpoint(source, check_finite=False)  # what inspect reads
+    assert np.isnan(kept.params[module]["w"][0, 0])
+
+
+# --------------------------------------------------------------------------------------
+# demo and export options.
+
+
+def test_demo_workdir_that_cannot_be_written_is_a_usage_error(tmp_path, monkeypatch):
+    a_file = tmp_path / "file"
+    a_file.write_bytes(b"x")
+    result = run_cli("demo", "--models", "imagenet_fourier", "--workdir", a_file / "sub")
+    assert_clean_error(result, 2, "cannot create the demo folder", "--workdir")
+    # Running as root ignores permission bits, so simulate a read-only folder.
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access",
+        lambda p, mode: False if Path(p) == readonly and mode & os.W_OK else real_access(p, mode),
+    )
+    result = run_cli("demo", "--models", "imagenet_fourier", "--workdir", readonly)
+    assert_clean_error(result, 2, "no write permission", "--workdir")
+    assert snapshot(tmp_path) == {"file": hashlib.sha256(b"x").hexdigest()}
+
+
+def test_demo_models_parse_comma_separated_and_repeated(monkeypatch, tmp_path):
+    import converter.demo
+
+    seen = []
+
+    def record(name, size, seed, folder, progress):
+        seen.append(name)
+        return {"model": name, "params": 1, "convert_seconds": 0.0, "relative": None,
+                "argmax": None, "parity": "skipped", "round_trip": "bit-identical",
+                "error": None}
+
+    monkeypatch.setattr(converter.demo, "demo_one", record)
+    # The README's form: --models NAME[,NAME...]
+    # (--no-tasks: the task pipelines are tested with run.)
+    assert run_cli("demo", "--no-tasks", "--models", "imagenet_fourier,optical_flow").exit_code == 0
+    assert run_cli("demo", "--no-tasks", "--models", "language_perceiver", "--models",
+                   "imagenet_conv").exit_code == 0
+    assert seen == ["imagenet_fourier", "optical_flow", "language_perceiver", "imagenet_conv"]
+    result = run_cli("demo", "--models", "imagenet_fourier,nosuch")
+    assert result.exit_code == 2 and "nosuch" in result.stderr
+    # Files of an earlier demo in --workdir need --force.
+    (tmp_path / "imagenet_fourier.pickle").write_bytes(b"earlier")
+    before = snapshot(tmp_path)
+    result = run_cli("demo", "--models", "imagenet_fourier", "--workdir", tmp_path)
+    assert_clean_error(result, 2, "refusing to overwrite", "--force")
+    assert snapshot(tmp_path) == before
+    assert run_cli("demo", "--no-tasks", "--models", "imagenet_fourier", "--workdir",
+                   tmp_path, "--force").exit_code == 0
+
+
+def test_export_quiet_and_the_half_precision_note_printed_once(work):
+    converted = work / "half.safetensors"
+    assert run_cli("convert", work / "fourier.pickle", "-o", converted, "--dtype",
+                   "float16", "-q").exit_code == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_cli("export", converted, "-o", work / "a.pickle")
+    assert result.exit_code == 0
+    assert result.stderr.count("float16") == 1 and "UserWarning" not in result.stderr
+    assert not [w for w in caught if "float16" in str(w.message)]
+    result = run_cli("export", converted, "-o", work / "b.pickle", "-q")
+    assert result.exit_code == 0 and result.stderr == ""
+    # The Python API still warns.
+    with pytest.warns(UserWarning, match="float16"):
+        converter.export(converted, work / "c.pickle")
+
+
+@pytest.mark.jax
+def test_parity_failure_exits_1_with_the_report_in_the_json_and_no_file(
+    jax_ready, work, monkeypatch
+):
+    from converter.conversion import PreparedConversion
+
+    real = PreparedConversion.state_dict
+
+    def transposed(self, dtype=None):  # a mapping mistake: one square weight transposed
+        state = real(self, dtype)
+        key = "encoder.self_attends.0.attention.to_q.weight"
+        state[key] = state[key].t().contiguous()
+        return state
+
+    monkeypatch.setattr(PreparedConversion, "state_dict", transposed)
+    before = snapshot(work)
+    result = run_cli("convert", work / "fourier.pickle", "-o", work / "new.safetensors",
+                     "--verify", "--json", "-q")
+    assert_clean_error(result, 1, "outside tolerance", "logits")
+    document = json.loads(result.stdout)
+    assert document["exit_code"] == 1 and document["error"]["type"] == "ParityError"
+    assert document["error"]["parity"]["passed"] is False
+    assert snapshot(work) == before

@@ -1,0 +1,488 @@
+"""HuggingFace transformers in both directions: export, strict reload, fidelity, import.
+
+The tiny sizes are HF_TINY_CONFIGS (the golden sizes with the values transformers'
+classes hard-code). The hub's convention is restated here independently of
+mappings/hf/ (:func:`hub_state_dict`, from the renames and transposes HuggingFace's
+converter documents), so that a mapping that merely inverts itself cannot pass.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import pytest
+import torch
+
+from converter.config_fixtures import HF_TINY_CONFIGS, write_config_fixture
+from converter.conversion import convert
+from converter.mapping import flatten_tree
+from converter.reader import load_haiku_checkpoint
+from converter.trees import MODEL_NAMES
+from perceiver_torch import read_checkpoint
+from tests.helpers import run_cli
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    """name -> (official-format fixture, its direct conversion), made once."""
+    folder = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name in MODEL_NAMES:
+        fixture = folder / f"{name}.pickle"
+        write_config_fixture(name, fixture, HF_TINY_CONFIGS[name], seed=3)
+        target = folder / f"{name}.safetensors"
+        convert(fixture, target, config=HF_TINY_CONFIGS[name])
+        out[name] = (fixture, target)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(converted, tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
+    """name -> the folder `export --format hf` wrote."""
+    folder = tmp_path_factory.mktemp("hf_export")
+    out = {}
+    for name in MODEL_NAMES:
+        target = folder / name
+        result = run_cli("export", converted[name][1], "-o", target, "--format", "hf")
+        assert result.exit_code == 0, result.stderr
+        assert "fidelity of transformers'" in result.stderr
+        out[name] = target
+    return out
+
+
+def _architecture(name: str) -> str:
+    from converter.hf import architecture
+
+    return architecture(name)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_export_loads_strictly_and_runs(name: str, exported) -> None:
+    folder = exported[name]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == [_architecture(name)]
+    assert config["model_type"] == "perceiver"
+    cls = getattr(transformers, _architecture(name))
+    model, info = cls.from_pretrained(str(folder), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert not info["mismatched_keys"]
+    # The Auto class transformers maps to the architecture (where it maps one).
+    if name == "language_perceiver":
+        auto = transformers.AutoModelForMaskedLM.from_pretrained(str(folder))
+        assert type(auto).__name__ == "PerceiverForMaskedLM"
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+        # transformers wraps the bytes (offset 6, as BytesTokenizer) in [CLS] ... [SEP].
+        assert tokenizer("hello").input_ids[1:-1] == [b + 6 for b in b"hello"]
+    if name.startswith("imagenet_"):
+        processor = json.loads((folder / "preprocessor_config.json").read_text())
+        assert processor["image_processor_type"] == "PerceiverImageProcessor"
+    # The fidelity report is transformers' forward pass against perceiver_torch's.
+    report = json.loads((folder / "fidelity.json").read_text())
+    expected = {"video_autoencoding": 3}.get(name, 1)
+    assert len(report["outputs"]) == expected
+    for row in report["outputs"]:
+        assert np.isfinite(row["max_abs_diff"]) and row["max_abs_reference"] > 0
+    metadata = _safetensors_metadata(folder / "model.safetensors")
+    assert metadata["format"] == "pt"
+    assert metadata["perceiver_convert.model"] == name
+
+
+def _safetensors_metadata(path: Path) -> Dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata())
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_import_of_the_export_is_bit_identical(name: str, converted, exported, tmp_path) -> None:
+    back = tmp_path / "back.safetensors"
+    result = run_cli("convert", exported[name], "-o", back)
+    assert result.exit_code == 0, result.stderr
+    direct, direct_meta = read_checkpoint(converted[name][1])
+    again, again_meta = read_checkpoint(back)
+    assert sorted(direct) == sorted(again)
+    for key, tensor in direct.items():
+        assert again[key].dtype == tensor.dtype, key
+        assert torch.equal(again[key], tensor), key
+    source = json.loads(again_meta["hf_source"])
+    assert source["architecture"] == _architecture(name)
+    assert source["weights"] == "model.safetensors"
+    # The whole config comes back: from the shapes, transformers' config.json and (the
+    # video model's num_chunks) the export's metadata.
+    assert json.loads(again_meta["config"]) == json.loads(direct_meta["config"])
+
+
+# --------------------------------------------------------------------------------------
+# The hub's convention, restated from HuggingFace's converter (its rename table and its
+# np.transpose of every "weight" but embeddings, np.squeeze of BatchNorm arrays).
+
+_PREFIXES = [
+    # (official module prefix, transformers module prefix), most specific first.
+    ("multimodal_decoder/~/basic_decoder/cross_attention", "decoder.decoder.decoding_cross_attention"),
+    ("multimodal_decoder/~/basic_decoder/output", "decoder.decoder.final_layer"),
+    ("flow_decoder/~/basic_decoder/cross_attention", "decoder.decoder.decoding_cross_attention"),
+    ("flow_decoder/~/basic_decoder/output", "decoder.decoder.final_layer"),
+    ("classification_decoder/~/basic_decoder/cross_attention", "decoder.decoder.decoding_cross_attention"),
+    ("classification_decoder/~/basic_decoder/output", "decoder.decoder.final_layer"),
+    ("basic_decoder/cross_attention", "decoder.decoding_cross_attention"),
+    ("perceiver_encoder/~/cross_attention", "encoder.cross_attention"),
+    ("encoder/~/cross_attention", "encoder.cross_attention"),
+]
+_LINEAR = {"linear": "query", "linear_1": "key", "linear_2": "value", "linear_3": "output.dense"}
+
+
+def _layer(prefix: str, rest: str, cross: bool) -> str:
+    """Names inside one attention layer (``rest`` = "attention/linear_1/w", ...)."""
+    parts = rest.split("/")
+    leaf = {"w": "weight", "b": "bias", "scale": "weight", "offset": "bias"}[parts[-1]]
+    if parts[0] == "attention":
+        name = _LINEAR[parts[1]]
+        name = name if name == "output.dense" else f"self.{name}"
+        return f"{prefix}.attention.{name}.{leaf}"
+    if parts[0] == "mlp":
+        return f"{prefix}.mlp.{'dense1' if parts[1] == 'linear' else 'dense2'}.{leaf}"
+    norms = (
+        {"layer_norm": "attention.self.layernorm1", "layer_norm_1": "attention.self.layernorm2",
+         "layer_norm_2": "layernorm"}
+        if cross
+        else {"layer_norm": "attention.self.layernorm1", "layer_norm_1": "layernorm"}
+    )
+    return f"{prefix}.{norms[parts[0]]}.{leaf}"
+
+
+_PLAIN = {
+    "embed/embeddings": "input_preprocessor.embeddings.weight",
+    "trainable_position_encoding/pos_embs": "input_preprocessor.position_embeddings.weight",
+    "basic_decoder/~/trainable_position_encoding/pos_embs": "decoder.output_position_encodings.position_embeddings",
+    "image_preprocessor/~/conv2_d/w": "input_preprocessor.convnet_1x1.weight",
+    "image_preprocessor/~/conv2_d/b": "input_preprocessor.convnet_1x1.bias",
+    "image_preprocessor/~_build_network_inputs/trainable_position_encoding/pos_embs": "input_preprocessor.position_embeddings.position_embeddings",
+    "image_preprocessor/~_build_network_inputs/position_encoding_projector/linear/w": "input_preprocessor.positions_projection.weight",
+    "image_preprocessor/~_build_network_inputs/position_encoding_projector/linear/b": "input_preprocessor.positions_projection.bias",
+    "image_preprocessor/~/conv2_d_downsample/~/conv/w": "input_preprocessor.convnet.conv.weight",
+    "image_preprocessor/~/conv2_d_downsample/~/batchnorm/offset": "input_preprocessor.convnet.batchnorm.bias",
+    "image_preprocessor/~/conv2_d_downsample/~/batchnorm/scale": "input_preprocessor.convnet.batchnorm.weight",
+    "image_preprocessor/~/conv2_d_downsample/~/batchnorm/~/mean_ema/average": "input_preprocessor.convnet.batchnorm.running_mean",
+    "image_preprocessor/~/conv2_d_downsample/~/batchnorm/~/var_ema/average": "input_preprocessor.convnet.batchnorm.running_var",
+    "image_preprocessor/patches_linear/w": "input_preprocessor.conv_after_patches.weight",
+    "image_preprocessor/patches_linear/b": "input_preprocessor.conv_after_patches.bias",
+    "perceiver_encoder/~/trainable_position_encoding/pos_embs": "embeddings.latents",
+    "encoder/~/trainable_position_encoding/pos_embs": "embeddings.latents",
+    "projection_postprocessor/linear/w": "output_postprocessor.modalities.image.classifier.weight",
+    "projection_postprocessor/linear/b": "output_postprocessor.modalities.image.classifier.bias",
+    "classification_postprocessor/linear/w": "output_postprocessor.modalities.label.classifier.weight",
+    "classification_postprocessor/linear/b": "output_postprocessor.modalities.label.classifier.bias",
+    "audio_postprocessor/linear/w": "output_postprocessor.modalities.audio.classifier.weight",
+    "audio_postprocessor/linear/b": "output_postprocessor.modalities.audio.classifier.bias",
+}
+
+
+def _hub_name(key: str, model: str) -> Optional[str]:
+    key = key.replace("state:", "")
+    if key.endswith("/counter") or key.endswith("/hidden"):
+        return None  # the hub converter skipped them
+    if key == "embedding_decoder/bias":
+        return "embedding_decoder.bias"  # outside `perceiver.`
+    if key == "classification_decoder/~/basic_decoder/~/trainable_position_encoding/pos_embs":
+        name = (
+            "decoder.modalities.label.decoder.output_position_encodings.position_embeddings"
+            if model == "video_autoencoding"
+            else "decoder.decoder.output_position_encodings.position_embeddings"
+        )
+        return f"perceiver.{name}"
+    for modality in ("audio", "image", "label"):
+        if key == f"multimodal_preprocessor/{modality}_mask_token/pos_embs":
+            return f"perceiver.input_preprocessor.mask.{modality}"
+        if key == f"multimodal_preprocessor/{modality}_padding/pos_embs":
+            return f"perceiver.input_preprocessor.padding.{modality}"
+        if key == f"multimodal_decoder/~decoder_query/{modality}_padding/pos_embs":
+            return f"perceiver.decoder.padding.{modality}"
+    if key in _PLAIN:
+        return f"perceiver.{_PLAIN[key]}"
+    for source, target in _PREFIXES:
+        if key.startswith(source + "/"):
+            rest = key[len(source) + 1 :]
+            if "cross_attention" in source:
+                return f"perceiver.{_layer(target, rest, cross=True)}"
+            leaf = {"w": "weight", "b": "bias"}[rest]
+            return f"perceiver.{target}.{leaf}"
+    for prefix in ("perceiver_encoder/~/", "encoder/~/"):
+        if key.startswith(prefix + "self_attention"):
+            module, rest = key[len(prefix) :].split("/", 1)
+            index = 0 if module == "self_attention" else int(module.rsplit("_", 1)[1])
+            return f"perceiver.{_layer(f'encoder.self_attends.{index}', rest, cross=False)}"
+    raise AssertionError(f"no hub name for {key}")
+
+
+def hub_state_dict(fixture: Path, model: str) -> Dict[str, torch.Tensor]:
+    """What HuggingFace's converter made of an official file, then save_pretrained."""
+    checkpoint = load_haiku_checkpoint(fixture)
+    out = {}
+    for key, array in flatten_tree(checkpoint.params, checkpoint.state).items():
+        name = _hub_name(key, model)
+        if name is None:
+            continue
+        if name.endswith("weight") and "embeddings" not in name:
+            array = np.transpose(array)  # all axes reversed: HWIO -> OIWH for a conv
+        if "batchnorm" in name:
+            array = np.squeeze(array)
+        out[name] = torch.from_numpy(np.ascontiguousarray(array))
+    if model == "imagenet_conv":
+        # Not in the file: save_pretrained wrote the freshly built model's count.
+        out["perceiver.input_preprocessor.convnet.batchnorm.num_batches_tracked"] = torch.tensor(0)
+    return out
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_export_has_the_hub_converters_tensors(name: str, converted, exported) -> None:
+    from safetensors.torch import load_file
+
+    hub = hub_state_dict(converted[name][0], name)
+    ours = load_file(str(exported[name] / "model.safetensors"))
+    assert sorted(ours) == sorted(hub)
+    for key, tensor in hub.items():
+        if key.endswith("num_batches_tracked"):
+            continue  # ours carries the official update count, the hub's file a 0
+        assert torch.equal(ours[key], tensor), key
+
+
+def _hub_folder(tmp_path: Path, name: str, converted, exported, weights: str) -> Path:
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    (folder / "config.json").write_text((exported[name] / "config.json").read_text())
+    state = hub_state_dict(converted[name][0], name)
+    if weights == "bin":
+        torch.save(state, folder / "pytorch_model.bin")
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("name", ["imagenet_conv", "imagenet_learned", "imagenet_fourier", "optical_flow"])
+def test_hub_state_dict_imports_to_the_official_model(name, converted, exported, tmp_path) -> None:
+    """A pytorch_model.bin made the hub's way (conv kernels axis-reversed, BatchNorm
+    squeezed) computes the official model again: JAX parity within the mapping's
+    tolerance, and (but for the counter) the tensors of the direct conversion."""
+    pytest.importorskip("jax")
+    folder = _hub_folder(tmp_path, name, converted, exported, "bin")
+    back = tmp_path / "back.safetensors"
+    result = run_cli("convert", folder, "-o", back, "--verify")
+    assert result.exit_code == 0, result.stderr
+    assert "PASSED" in result.stderr
+    direct, _ = read_checkpoint(converted[name][1])
+    again, meta = read_checkpoint(back)
+    for key, tensor in direct.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        assert torch.equal(again[key], tensor), key
+    assert json.loads(meta["hf_source"])["kind"] == "pytorch_model.bin"
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("name", ["language_perceiver", "video_autoencoding"])
+def test_verify_on_an_hf_export(name, exported) -> None:
+    pytest.importorskip("jax")
+    result = run_cli("verify", exported[name] / "model.safetensors", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["passed"] is True
+
+
+# --------------------------------------------------------------------------------------
+# Refusals: exit 3, a clear message, nothing written, nothing run.
+
+
+class _Touch:
+    """Unpickling this would create ``path`` (a stand-in for any code execution)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle"])
+def test_malicious_pytorch_model_bin_is_refused(how, converted, exported, tmp_path) -> None:
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "config.json").write_text((exported["imagenet_conv"] / "config.json").read_text())
+    marker = tmp_path / "ran"
+    payload = {"perceiver.embeddings.latents": _Touch(marker)}
+    if how == "torch.save":
+        torch.save(payload, folder / "pytorch_model.bin")
+    else:
+        (folder / "pytorch_model.bin").write_bytes(pickle.dumps(payload, protocol=2))
+    out = tmp_path / "out.safetensors"
+    for target in (folder, folder / "pytorch_model.bin"):
+        result = run_cli("convert", target, "-o", out)
+        assert result.exit_code == 3, result.stderr
+        assert "refused" in result.stderr and "weights_only" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not marker.exists()
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evil"]
+
+
+def test_a_lone_weights_file_is_detected_by_its_names(converted, exported, tmp_path) -> None:
+    """No config.json: the model comes from the tensor names, the sizes shapes cannot
+    tell from the export's own metadata."""
+    lone = tmp_path / "weights.safetensors"
+    lone.write_bytes((exported["imagenet_learned"] / "model.safetensors").read_bytes())
+    back = tmp_path / "back.safetensors"
+    result = run_cli("convert", lone, "-o", back)
+    assert result.exit_code == 0, result.stderr
+    direct, meta = read_checkpoint(converted["imagenet_learned"][1])
+    again, meta_back = read_checkpoint(back)
+    assert all(torch.equal(direct[k], again[k]) for k in direct)
+    assert json.loads(meta_back["config"]) == json.loads(meta["config"])
+
+
+def test_wrong_hf_folders_exit_3(converted, exported, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    source = exported["optical_flow"]
+    out = tmp_path / "out.safetensors"
+
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    (no_config / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    result = run_cli("convert", no_config, "-o", out)
+    assert result.exit_code == 3 and "no config.json" in result.stderr
+
+    wrong_arch = tmp_path / "wrong_arch"
+    wrong_arch.mkdir()
+    config = json.loads((source / "config.json").read_text())
+    config["architectures"] = ["BertForMaskedLM"]
+    (wrong_arch / "config.json").write_text(json.dumps(config))
+    (wrong_arch / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes())
+    result = run_cli("convert", wrong_arch, "-o", out)
+    assert result.exit_code == 3 and "BertForMaskedLM" in result.stderr
+
+    missing = tmp_path / "missing_key"
+    missing.mkdir()
+    (missing / "config.json").write_text((source / "config.json").read_text())
+    tensors = load_file(str(source / "model.safetensors"))
+    del tensors["perceiver.decoder.decoder.final_layer.bias"]
+    save_file(tensors, str(missing / "model.safetensors"), metadata={"format": "pt"})
+    result = run_cli("convert", missing, "-o", out)
+    assert result.exit_code == 3
+    assert "perceiver.decoder.decoder.final_layer.bias" in result.stderr
+
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((source / "config.json").read_text())
+    result = run_cli("convert", no_weights, "-o", out)
+    assert result.exit_code == 3 and "no model.safetensors" in result.stderr
+    for result_text in (result.stderr,):
+        assert "Traceback" not in result_text
+    assert not out.exists()
+
+
+def test_export_refuses_an_existing_folder_and_unexpressible_sizes(converted, exported, tmp_path) -> None:
+    result = run_cli("export", converted["optical_flow"][1], "-o", exported["optical_flow"], "--format", "hf")
+    assert result.exit_code == 2 and "already exists" in result.stderr
+    # The shipped tiny size has 8 Fourier bands; transformers' class fixes 64.
+    fixture = tmp_path / "tiny.pickle"
+    assert run_cli("fixture", "optical_flow", "-o", fixture).exit_code == 0
+    tiny = tmp_path / "tiny.safetensors"
+    assert run_cli("convert", fixture, "-o", tiny).exit_code == 0
+    result = run_cli("export", tiny, "-o", tmp_path / "hf", "--format", "hf")
+    assert result.exit_code == 3
+    assert "num_bands=8 (transformers fixes 64)" in result.stderr
+    assert not (tmp_path / "hf").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# --------------------------------------------------------------------------------------
+# inspect and verify --reference on files from elsewhere.
+
+
+def test_inspect_describes_converted_hf_and_onnx_files(converted, exported, tmp_path) -> None:
+    result = run_cli("inspect", converted["imagenet_conv"][1], "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["kind"] == "converted" and document["model"] == "imagenet_conv"
+    assert document["metadata"]["config"]["num_blocks"] == 3
+    assert document["totals"]["tensors"] == len(read_checkpoint(converted["imagenet_conv"][1])[0])
+
+    result = run_cli("inspect", exported["imagenet_conv"], "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["kind"] == "huggingface" and document["model"] == "imagenet_conv"
+    assert document["fidelity"]["outputs"][0]["output"] == "logits"
+    assert "perceiver.input_preprocessor.convnet.conv.weight" in {
+        row["name"] for row in document["tensors"]
+    }
+    human = run_cli("inspect", exported["imagenet_conv"])
+    assert human.exit_code == 0 and "fidelity of transformers'" in human.stdout
+
+
+@pytest.mark.jax
+def test_verify_with_reference(converted, exported, tmp_path) -> None:
+    pytest.importorskip("jax")
+    fixture, target = converted["optical_flow"]
+    for candidate in (target, exported["optical_flow"]):
+        result = run_cli("verify", candidate, "--reference", fixture, "--json", "-q")
+        assert result.exit_code == 0, result.stderr
+        document = json.loads(result.stdout)
+        assert document["tensors"]["passed"] and document["parity"]["passed"]
+    # Another checkpoint of the same model: the tensors differ (exit 3).
+    other = tmp_path / "other.pickle"
+    write_config_fixture("optical_flow", other, HF_TINY_CONFIGS["optical_flow"], seed=4)
+    result = run_cli("verify", target, "--reference", other, "--json", "-q")
+    assert result.exit_code == 3
+    assert json.loads(result.stdout)["tensors"]["passed"] is False
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("name", ["video_autoencoding", "imagenet_conv"])
+def test_full_size_hf_round_trip(name, tmp_path) -> None:
+    """The two smaller official sizes (random weights): export, strict reload,
+    transformers' forward, import back bit-identical."""
+    fixture, target = tmp_path / "official.pickle", tmp_path / "converted.safetensors"
+    assert run_cli("fixture", name, "--size", "full", "-o", fixture).exit_code == 0
+    assert run_cli("convert", fixture, "-o", target, "-q").exit_code == 0
+    folder = tmp_path / "hf"
+    result = run_cli("export", target, "-o", folder, "--format", "hf", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["fidelity"]["outputs"]
+    cls = getattr(transformers, _architecture(name))
+    _, info = cls.from_pretrained(str(folder), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    back = tmp_path / "back.safetensors"
+    assert run_cli("convert", folder, "-o", back, "-q").exit_code == 0
+    direct, meta = read_checkpoint(target)
+    again, meta_back = read_checkpoint(back)
+    assert sorted(direct) == sorted(again)
+    assert all(torch.equal(direct[k], again[k]) for k in direct)
+    assert json.loads(meta_back["config"]) == json.loads(meta["config"])
+
+
+def test_official_class_counts_get_the_class_names() -> None:
+    from converter.hf import hf_config
+    from perceiver_torch import configs
+
+    for name in ("imagenet_learned", "imagenet_fourier", "imagenet_conv"):
+        kwargs = hf_config(name, configs.config_to_dict(configs.CONFIG_CLASSES[name]()))
+        assert len(kwargs["id2label"]) == 1000
+        assert kwargs["id2label"][0] == "tench, Tinca tinca"
+        assert kwargs["id2label"][999] == "toilet tissue, toilet paper, bathroom tissue"
+    video = hf_config("video_autoencoding", configs.config_to_dict(configs.VideoAutoencodingConfig()))
+    assert len(video["id2label"]) == 700 and video["id2label"][0] == "abseiling"
+    assert video["id2label"][699] == "zumba"
+    # transformers' image_size is the Fourier resolution after space-to-depth.
+    assert video["image_size"] == 56 and video["output_shape"] == [1, 16, 224, 224]
+    tiny = hf_config("imagenet_conv", {**configs.config_to_dict(configs.ImageNetConvConfig()),
+                                       "num_classes": 10})
+    assert "id2label" not in tiny

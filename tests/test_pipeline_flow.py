@@ -1,0 +1,325 @@
+"""The flow pipeline: the colab's tiling and blending, .flo files, the colour renderings
+and ``perceiver-convert run flow`` (on frames and videos the tests make)."""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import struct
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+import torch
+
+import perceiver_torch as pt
+from perceiver_torch.optical_flow import tile_grid, tile_starts
+from perceiver_torch.pipelines.base import InputError
+from perceiver_torch.pipelines.flow import FlowPipeline, textured_pair
+from perceiver_torch.pipelines.flow_io import (
+    colour_wheel,
+    decode_flo,
+    encode_flo,
+    flow_to_hsv,
+    flow_to_wheel,
+)
+
+from helpers import run_cli
+
+pytest.importorskip("av")
+pytest.importorskip("cv2")
+Image = pytest.importorskip("PIL.Image")
+
+TILE = (24, 32)  # the tiny optical_flow config's training size
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    m = pt.build("optical_flow", pt.TINY_CONFIGS["optical_flow"]).eval()
+    # Random, non-zero weights everywhere (the official output layer starts at zero).
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return m
+
+
+def colab_origins(size: int, tile: int, min_overlap: int) -> List[int]:
+    """The colab's compute_grid_indices along one axis, spelled out independently."""
+    origins = [o for o in range(0, size, tile - min_overlap)]
+    origins[-1] = size - tile
+    return origins
+
+
+def colab_blend(model: torch.nn.Module, frames: torch.Tensor, min_overlap: int) -> np.ndarray:
+    """The colab's loop over every listed origin (repeats included), float64 blend.
+    frames (1, 2, 3, H, W) -> (H, W, 2)."""
+    th, tw = TILE
+    height, width = frames.shape[-2:]
+    num = np.zeros((height, width, 2))
+    den = np.zeros((height, width, 1))
+    ys = colab_origins(height, th, min_overlap)
+    xs = colab_origins(width, tw, min_overlap)
+    assert max(ys) <= height - th and max(xs) <= width - tw  # the colab's valid regime
+    yy, xx = np.meshgrid(np.arange(th), np.arange(tw), indexing="ij")
+    weights = np.minimum(np.minimum(xx + 1, tw - xx), np.minimum(yy + 1, th - yy))[..., None]
+    for y in ys:
+        for x in xs:
+            with torch.no_grad():
+                piece = model(frames[..., y : y + th, x : x + tw])[0].permute(1, 2, 0)
+            num[y : y + th, x : x + tw] += piece.double().numpy() * weights
+            den[y : y + th, x : x + tw] += weights
+    return num / den
+
+
+def test_tile_starts_follow_the_colab_formula():
+    # 44 = 2 * 20 + 4: range(0, 44, 20) = [0, 20, 40], the last set to 20: a repeat.
+    assert tile_starts(44, 24, 4) == colab_origins(44, 24, 4) == [0, 20, 20]
+    assert tile_starts(60, 32, 4) == colab_origins(60, 32, 4) == [0, 28, 28]
+    # 50 and 70: no repeat.
+    assert tile_starts(50, 24, 4) == colab_origins(50, 24, 4) == [0, 20, 26]
+    assert tile_starts(70, 32, 4) == colab_origins(70, 32, 4) == [0, 28, 38]
+    # Where the colab overhangs (its code fails), the origins are clamped to the border.
+    assert tile_starts(42, 24, 4) == [0, 18, 18]
+    assert tile_grid(44, 60, TILE, 4) == [(0, 0, 1), (0, 28, 2), (20, 0, 2), (20, 28, 4)]
+
+
+# Bound: the pipeline batches 3 tiles per call and accumulates in float32, the reference
+# runs tiles one by one and blends in float64. Both blend the same float32 tile outputs
+# up to the batched kernels' rounding (a few float32 ulps of values of order 1 through
+# a 2-layer tiny model); a convex combination does not amplify them: 1e-5 relative and
+# 1e-6 absolute hold with a wide margin, while a wrong weight, origin or repeat moves
+# the result by 1e-2 or more (checked below).
+@pytest.mark.parametrize("size", [(44, 60), (50, 70)], ids=["repeated-origins", "no-repeat"])
+def test_tiling_equals_the_colab_loop(model, size):
+    first, second = textured_pair(*size, shift=(1, 2), seed=5)
+    pipeline = FlowPipeline(model, min_overlap=4, batch_size=3)
+    got = pipeline(first, second).flow
+    frames = torch.from_numpy(
+        (np.stack([first, second]).astype(np.float64) / 255 * 2 - 1).astype(np.float32)
+    ).permute(0, 3, 1, 2)[None]
+    expected = colab_blend(model, frames, 4)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    if size == (44, 60):
+        # The repeats matter: the same origins, each counted once, blend differently.
+        th, tw = TILE
+        num = np.zeros(size + (2,))
+        den = np.zeros(size + (1,))
+        w = pt.optical_flow.tile_weights(th, tw).double().numpy()[..., None]
+        for y, x, _ in tile_grid(*size, TILE, 4):
+            with torch.no_grad():
+                piece = model(frames[..., y : y + th, x : x + tw])[0].permute(1, 2, 0)
+            num[y : y + th, x : x + tw] += piece.double().numpy() * w
+            den[y : y + th, x : x + tw] += w
+        assert np.abs(num / den - expected).max() > 1e-3
+
+
+def test_one_tile_frames_equal_the_model(model):
+    first, second = textured_pair(*TILE, seed=2)
+    got = FlowPipeline(model)(first, second).flow
+    frames = torch.from_numpy(
+        (np.stack([first, second]).astype(np.float64) / 255 * 2 - 1).astype(np.float32)
+    ).permute(0, 3, 1, 2)[None]
+    with torch.no_grad():
+        direct = model(frames)[0].permute(1, 2, 0).numpy()
+    # The colab lists this tile several times; the blend is the tile itself.
+    np.testing.assert_allclose(got, direct, rtol=1e-6, atol=1e-7)
+
+
+def test_small_frames_are_refused_or_padded(model):
+    first, second = textured_pair(20, 30)
+    with pytest.raises(InputError, match="smaller than the model's 24x32 tile"):
+        FlowPipeline(model)(first, second)
+    padded = FlowPipeline(model, pad=True)(first, second).flow
+    assert padded.shape == (20, 30, 2) and np.isfinite(padded).all()
+    # Padding is edge replication to the tile, then the crop of the model's flow.
+    big_first = np.pad(first, ((0, 4), (0, 2), (0, 0)), mode="edge")
+    big_second = np.pad(second, ((0, 4), (0, 2), (0, 0)), mode="edge")
+    direct = FlowPipeline(model)(big_first, big_second).flow[:20, :30]
+    np.testing.assert_allclose(padded, direct, rtol=1e-6, atol=1e-7)
+    with pytest.raises(InputError, match="differ in size"):
+        FlowPipeline(model)(first, second[:-1])
+
+
+# -- .flo ---------------------------------------------------------------------------
+
+
+def test_flo_bytes_field_by_field_and_round_trip():
+    height, width = 3, 5
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    flow = np.stack([y * 100 + x + 0.25, -(y * 100 + x) - 0.5], axis=-1)
+    data = encode_flo(flow)
+    assert len(data) == 12 + height * width * 2 * 4
+    assert data[:4] == b"PIEH"  # the tag: float32 202021.25, little-endian
+    assert struct.unpack("<f", data[:4])[0] == 202021.25
+    assert struct.unpack("<i", data[4:8])[0] == width
+    assert struct.unpack("<i", data[8:12])[0] == height
+    values = struct.unpack(f"<{height * width * 2}f", data[12:])
+    # Row-major, u and v interleaved: pixel (y, x) at 2 * (y * W + x).
+    for yy in range(height):
+        for xx in range(width):
+            i = 2 * (yy * width + xx)
+            assert values[i] == yy * 100 + xx + 0.25
+            assert values[i + 1] == -(yy * 100 + xx) - 0.5
+    back = decode_flo(data)
+    assert back.dtype == np.float32 and back.shape == flow.shape
+    assert back.tobytes() == flow.astype(np.float32).tobytes()
+    with pytest.raises(InputError, match="PIEH"):
+        decode_flo(b"XXXX" + data[4:])
+    with pytest.raises(InputError, match="should be"):
+        decode_flo(data[:-1])
+
+
+# -- colours ----------------------------------------------------------------------------
+
+
+def test_colour_wheel_segments():
+    wheel = colour_wheel()
+    assert wheel.shape == (55, 3)
+    # The six segments (RY 15, YG 6, GC 4, CB 11, BM 13, MR 6) start at pure colours.
+    starts = {0: (255, 0, 0), 15: (255, 255, 0), 21: (0, 255, 0), 25: (0, 255, 255),
+              36: (0, 0, 255), 49: (255, 0, 255)}
+    for index, colour in starts.items():
+        assert tuple(wheel[index]) == colour, index
+    # Inside a segment one channel moves by floor(255 * i / n): RY i = 1 -> g = 17.
+    assert tuple(wheel[1]) == (255, 17, 0)
+    assert tuple(wheel[54]) == (255, 0, 255 - np.floor(255 * 5 / 6))
+
+
+def test_wheel_colours_at_known_angles():
+    # One picture, normalised by its largest flow (3 px): +x, -x, +y (down), none.
+    flow = np.array([[[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0], [0.0, 0.0]]], dtype=np.float32)
+    picture = flow_to_wheel(flow)
+    # +x: angle position 0 -> the wheel's first colour, red.
+    assert tuple(picture[0, 0]) == (255, 0, 0)
+    # -x: position (0 + 1) / 2 * 54 = 27, CB's third colour: g = 255 - floor(255 * 2 / 11).
+    assert tuple(picture[0, 1]) == (0, 209, 255)
+    # +y: position 13.5, halfway between RY's g = 221 and 238 -> floor(229.5) = 229.
+    assert tuple(picture[0, 2]) == (255, 229, 0)
+    assert tuple(picture[0, 3]) == (255, 255, 255)  # no motion: white
+    # Half the largest flow: halfway to white. Beyond max_flow: darkened by 0.75.
+    half = flow_to_wheel(np.array([[[1.0, 0.0], [2.0, 0.0]]]), max_flow=2.0)
+    assert tuple(half[0, 0]) == (255, 127, 127)
+    beyond = flow_to_wheel(np.array([[[4.0, 0.0]]]), max_flow=2.0)
+    assert tuple(beyond[0, 0]) == (191, 0, 0)  # floor(0.75 * 255)
+
+
+def test_hsv_rendering_is_the_colab_without_the_swap():
+    flow = np.array([[[30.0, 0.0], [0.0, 30.0], [-12.0, 0.0]]], dtype=np.float32)
+    picture = flow_to_hsv(flow)
+    # +x at full saturation is red (the colab's BGR-shown-as-RGB would show blue).
+    assert tuple(picture[0, 0]) == (255, 0, 0)
+    # Independent: hue = angle, saturation = min(|f| * 255 / 24, 255) truncated, value 1.
+    for i, (u, v) in enumerate(flow[0]):
+        angle = np.degrees(np.arctan2(v, u)) % 360
+        saturation = int(min(np.hypot(u, v) * 255 / 24, 255)) / 255
+        expected = np.array(colorsys.hsv_to_rgb(angle / 360, saturation, 1.0)) * 255
+        # OpenCV's hue has 2-degree steps and 8-bit arithmetic: within 3 levels.
+        assert np.abs(picture[0, i].astype(float) - expected).max() <= 3, (i, picture[0, i], expected)
+
+
+# -- perceiver-convert run flow ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flow_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("flow_model")
+    path = folder / "optical_flow.pickle"
+    assert run_cli("fixture", "optical_flow", "--size", "tiny", "-o", path).exit_code == 0
+    return path
+
+
+def _frames(folder: Path, size=(40, 56), count=2) -> List[Path]:
+    paths = []
+    frames = textured_pair(*size, shift=(1, 2), seed=1)
+    for i in range(count):
+        path = folder / f"frame{i}.png"
+        Image.fromarray(frames[i % 2]).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_run_flow_writes_flo_and_png(tmp_path, flow_checkpoint):
+    a, b = _frames(tmp_path)
+    result = run_cli("run", "flow", flow_checkpoint, a, b, "-o", tmp_path / "out.png", "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)["results"][0]
+    assert document["files"] == [str(tmp_path / "out.flo"), str(tmp_path / "out.png")]
+    flow = decode_flo((tmp_path / "out.flo").read_bytes())
+    assert flow.shape == (40, 56, 2)
+    picture = np.asarray(Image.open(tmp_path / "out.png"))
+    assert picture.shape == (40, 56, 3)
+    assert np.array_equal(picture, flow_to_wheel(flow))
+    # --npy: the same flow in pixels, [H, W, 2].
+    result = run_cli("run", "flow", flow_checkpoint, a, b, "--npy", "-o", tmp_path / "raw.npy")
+    assert result.exit_code == 0, result.stderr
+    assert np.load(tmp_path / "raw.npy").tobytes() == flow.tobytes()
+
+
+def test_run_flow_on_a_video(tmp_path, flow_checkpoint):
+    av = pytest.importorskip("av")
+    from perceiver_torch.pipelines.video import make_test_video
+
+    make_test_video(tmp_path / "clip.mp4", 4, size=(40, 56), sample_rate=None)
+    result = run_cli("run", "flow", flow_checkpoint, tmp_path / "clip.mp4", "--json",
+                     "--render", "hsv")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)["results"][0]
+    assert document["pairs"] == 3 and document["files"] == [str(tmp_path / "clip.flow.mp4")]
+    with av.open(str(tmp_path / "clip.flow.mp4")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 3 and frames[0].shape == (40, 56, 3)
+    result = run_cli("run", "flow", flow_checkpoint, tmp_path / "clip.mp4", "--npz",
+                     "-o", tmp_path / "flows.npz")
+    assert result.exit_code == 0, result.stderr
+    assert np.load(tmp_path / "flows.npz")["flow"].shape == (3, 40, 56, 2)
+
+
+def _listing(folder: Path) -> List[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize(
+    "case, code, message",
+    [
+        ("small", 3, "smaller than the model's 24x32 tile"),
+        ("garbage", 3, "cannot read"),
+        ("one-frame", 2, "needs two frames"),
+        ("mixed", 2, "one video or two or more frames"),
+        ("missing-video", 3, "no such file"),
+    ],
+)
+def test_run_flow_errors(tmp_path, flow_checkpoint, case, code, message):
+    a, b = _frames(tmp_path, size=(20, 30) if case == "small" else (40, 56))
+    inputs = [a, b]
+    if case == "garbage":
+        bad = tmp_path / "bad.png"
+        bad.write_bytes(b"not a png at all")
+        inputs = [a, bad]
+    elif case == "one-frame":
+        inputs = [a]
+    elif case == "mixed":
+        inputs = [a, tmp_path / "clip.mp4"]
+    elif case == "missing-video":
+        inputs = [tmp_path / "absent.mp4"]
+    before = _listing(tmp_path)
+    result = run_cli("run", "flow", flow_checkpoint, *inputs, "-o", tmp_path / "out")
+    assert result.exit_code == code, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert _listing(tmp_path) == before  # no partial output, no temporary files
+
+
+def test_run_flow_refuses_a_video_model(tmp_path):
+    checkpoint = tmp_path / "video.pickle"
+    assert run_cli("fixture", "video_autoencoding", "-o", checkpoint).exit_code == 0
+    a, b = _frames(tmp_path)
+    result = run_cli("run", "flow", checkpoint, a, b)
+    assert result.exit_code == 2 and "optical_flow" in result.stderr
+
+
+def test_run_flow_pads_small_frames_on_request(tmp_path, flow_checkpoint):
+    a, b = _frames(tmp_path, size=(20, 30))
+    result = run_cli("run", "flow", flow_checkpoint, a, b, "--pad", "-o", tmp_path / "p.flo")
+    assert result.exit_code == 0, result.stderr
+    assert decode_flo((tmp_path / "p.flo").read_bytes()).shape == (20, 30, 2)

@@ -1,0 +1,360 @@
+"""Classify pipeline: each preprocessing step of DeepMind's ImageNet colab against an
+independent computation, the image kinds users have (EXIF-rotated, palette, 16-bit,
+greyscale, alpha), the pipeline against a direct model call, and the label lists.
+
+Every image here is made by the test (numpy + Pillow); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import perceiver_torch as pt
+from perceiver_torch.labels import class_names, imagenet_labels, kinetics700_labels
+from perceiver_torch.pipelines import InputError, WrongModelError
+
+cv2 = pytest.importorskip("cv2")
+Image = pytest.importorskip("PIL.Image")
+
+from perceiver_torch.pipelines.image import (  # noqa: E402
+    ClassifyPipeline,
+    center_crop_box,
+    load_rgb,
+    model_image_size,
+    normalize,
+    preprocess_image,
+)
+
+# The colab's constants, as written in its "Image Utility Functions" cell.
+COLAB_MEAN = np.array([123.675, 116.28, 103.53])
+COLAB_STD = np.array([58.395, 57.12, 57.375])
+
+
+def random_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def tiny(name: str, **overrides) -> torch.nn.Module:
+    config = pt.TINY_CONFIGS[name]
+    if overrides:
+        config = pt.config_from_dict(name, {**pt.config_to_dict(config), **overrides})
+    torch.manual_seed(0)
+    return pt.build(name, config).eval()
+
+
+# --------------------------------------------------------------------------------------
+# crop arithmetic
+
+
+def colab_crop_box(height: int, width: int):
+    """The colab's resize_and_center_crop arithmetic, in its own NumPy types."""
+    side = ((224 / (224 + 32)) * np.minimum(height, width).astype(np.float32)).astype(np.int32)
+    return ((height - side) + 1) // 2, ((width - side) + 1) // 2, side
+
+
+@pytest.mark.parametrize(
+    "height,width", [(480, 640), (640, 480), (224, 224), (256, 256), (2, 2), (3, 1000),
+                     (1001, 999), (37, 53), (4000, 3000)]
+)
+def test_crop_box_matches_the_colab_and_exact_integers(height, width):
+    top, left, side = center_crop_box(height, width)
+    # 224 / 256 = 7 / 8 exactly: the side is floor(7 * min / 8) in integers.
+    assert side == (7 * min(height, width)) // 8
+    assert (top, left) == ((height - side + 1) // 2, (width - side + 1) // 2)
+    assert (top, left, side) == tuple(int(v) for v in colab_crop_box(height, width))
+
+
+def test_crop_box_over_a_range_of_sizes():
+    for height in range(2, 120, 7):
+        for width in range(2, 120, 5):
+            assert center_crop_box(height, width) == tuple(
+                int(v) for v in colab_crop_box(height, width)
+            )
+
+
+def test_known_crop():
+    # 480 x 640: side int(0.875 * 480) = 420, top (60 + 1) // 2 = 30, left 221 // 2 = 110.
+    assert center_crop_box(480, 640) == (30, 110, 420)
+
+
+# --------------------------------------------------------------------------------------
+# resize and normalisation
+
+
+def test_preprocess_is_crop_then_cv2_cubic_then_normalise():
+    image = random_rgb(75, 101, seed=1)
+    side = 7 * 75 // 8  # 65
+    top, left = (75 - side + 1) // 2, (101 - side + 1) // 2
+    crop = image[top : top + side, left : left + side]
+    resized = cv2.resize(crop, (224, 224), interpolation=cv2.INTER_CUBIC)
+    assert resized.dtype == np.uint8  # the colab resizes the 8-bit image
+    expected = ((resized.astype(np.float64) - COLAB_MEAN) / COLAB_STD).astype(np.float32)
+    got = preprocess_image(image, (224, 224))
+    assert got.shape == (3, 224, 224) and got.dtype == torch.float32
+    # Same operations on the same pixels: bit-identical.
+    assert np.array_equal(got.permute(1, 2, 0).numpy(), expected)
+
+
+def test_resize_is_not_pil_bicubic():
+    """OpenCV's cubic (a = -0.75) and PIL's bicubic (a = -0.5, antialiased) differ; the
+    pipeline must follow the colab's OpenCV."""
+    image = random_rgb(64, 64, seed=2)
+    ours = preprocess_image(image, (32, 32))
+    crop = image[4:60, 4:60]  # side 56, offsets (64 - 56 + 1) // 2 = 4
+    pil = np.asarray(Image.fromarray(crop).resize((32, 32), Image.Resampling.BICUBIC))
+    assert not np.array_equal(ours.permute(1, 2, 0).numpy(), normalize(pil))
+
+
+def test_non_square_model_size_is_height_width():
+    got = preprocess_image(random_rgb(50, 50), (20, 30))
+    assert got.shape == (3, 20, 30)
+
+
+def test_native_size_keeps_the_crop():
+    image = random_rgb(50, 70)
+    got = preprocess_image(image, None)
+    assert got.shape == (3, 43, 43)  # 7 * 50 // 8
+    top, left, side = center_crop_box(50, 70)
+    expected = normalize(image[top : top + side, left : left + side])
+    assert np.array_equal(got.permute(1, 2, 0).numpy(), expected)
+
+
+# --------------------------------------------------------------------------------------
+# RGB conversion
+
+
+def test_exif_rotation_is_applied(tmp_path):
+    image = random_rgb(6, 10, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: the stored picture is shown rotated 90 degrees clockwise
+    path = tmp_path / "rotated.png"
+    Image.fromarray(image).save(path, exif=exif)
+    got = load_rgb(path)
+    assert got.shape == (10, 6, 3)
+    assert np.array_equal(got, np.rot90(image, k=-1))
+
+
+def test_exif_rotation_of_a_pil_image(tmp_path):
+    image = random_rgb(5, 9, seed=4)
+    exif = Image.Exif()
+    exif[0x0112] = 8  # 90 degrees counter-clockwise
+    path = tmp_path / "rotated.png"
+    Image.fromarray(image).save(path, exif=exif)
+    with Image.open(path) as opened:
+        got = load_rgb(opened)
+    assert np.array_equal(got, np.rot90(image, k=1))
+
+
+def test_palette_image(tmp_path):
+    palette_image = Image.fromarray(random_rgb(8, 12, seed=5)).convert(
+        "P", palette=Image.Palette.ADAPTIVE, colors=6
+    )
+    path = tmp_path / "palette.png"
+    palette_image.save(path)
+    # Independent: look every index up in the palette table.
+    table = np.array(palette_image.getpalette(), dtype=np.uint8).reshape(-1, 3)
+    expected = table[np.asarray(palette_image)]
+    assert np.array_equal(load_rgb(path), expected)
+
+
+def test_palette_with_transparency_is_over_white(tmp_path):
+    indices = np.array([[0, 1], [2, 1]], dtype=np.uint8)
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette([10, 20, 30, 200, 100, 50, 0, 255, 0])
+    path = tmp_path / "transparent.png"
+    image.save(path, transparency=1)
+    got = load_rgb(path)
+    assert got[0, 0].tolist() == [10, 20, 30]
+    assert got[1, 0].tolist() == [0, 255, 0]
+    assert got[0, 1].tolist() == got[1, 1].tolist() == [255, 255, 255]
+
+
+def test_16_bit_greyscale(tmp_path):
+    values = np.array([[0, 1, 128, 129], [257, 32896, 65278, 65535]], dtype=np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as opened:
+        assert opened.mode.startswith("I")  # really read back as 16-bit
+    got = load_rgb(path)
+    # x / 257 never ends in .5 (2x would be an odd multiple of 257), so round() is exact.
+    expected = np.round(values / 257.0).astype(np.uint8)
+    assert got.dtype == np.uint8
+    assert np.array_equal(got, np.repeat(expected[..., None], 3, axis=-1))
+    assert np.array_equal(load_rgb(values), got)  # the same rule for arrays
+
+
+def test_16_bit_rgb_file(tmp_path):
+    values = (np.arange(2 * 3 * 3).reshape(2, 3, 3) * 7000 + 11).astype(np.uint16)
+    path = tmp_path / "rgb16.png"
+    cv2.imwrite(str(path), values[..., ::-1])  # OpenCV writes BGR, 16 bits per channel
+    got = load_rgb(path)
+    # Pillow reduces 16-bit RGB PNGs itself, keeping the high byte (documented).
+    assert got.dtype == np.uint8
+    assert np.array_equal(got, (values >> 8).astype(np.uint8))
+
+
+def test_greyscale_and_bilevel(tmp_path):
+    grey = np.random.default_rng(6).integers(0, 256, (5, 7), dtype=np.uint8)
+    path = tmp_path / "grey.png"
+    Image.fromarray(grey).save(path)
+    assert np.array_equal(load_rgb(path), np.stack([grey] * 3, axis=-1))
+    assert np.array_equal(load_rgb(grey), np.stack([grey] * 3, axis=-1))
+    bilevel = Image.fromarray(grey > 127).convert("1")
+    assert np.array_equal(load_rgb(bilevel), np.stack([(grey > 127) * 255] * 3, axis=-1))
+
+
+def test_alpha_is_composited_over_white(tmp_path):
+    rgb = random_rgb(4, 5, seed=7)
+    alpha = np.random.default_rng(8).integers(0, 256, (4, 5), dtype=np.uint8)
+    alpha[0, 0], alpha[0, 1] = 0, 255
+    path = tmp_path / "alpha.png"
+    Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA").save(path)
+    got = load_rgb(path)
+    a = alpha[..., None] / 255.0
+    # No ties: the exact value is (c a + 255 (255 - a)) / 255 with a numerator that is
+    # never 127.5 mod 255 (it is an integer).
+    expected = np.round(rgb * a + 255 * (1 - a)).astype(np.uint8)
+    assert np.array_equal(got, expected)
+    assert got[0, 0].tolist() == [255, 255, 255]
+    assert got[0, 1].tolist() == rgb[0, 1].tolist()
+    grey_alpha = Image.fromarray(np.dstack([rgb[..., 0], alpha]), mode="LA")
+    grey = np.round(rgb[..., 0] * a[..., 0] + 255 * (1 - a[..., 0])).astype(np.uint8)
+    assert np.array_equal(load_rgb(grey_alpha), np.stack([grey] * 3, axis=-1))
+
+
+def test_arrays_and_tensors_agree():
+    image = random_rgb(30, 40, seed=9)
+    from_numpy = preprocess_image(image, (16, 16))
+    from_tensor = preprocess_image(torch.from_numpy(image).permute(2, 0, 1), (16, 16))
+    from_pil = preprocess_image(Image.fromarray(image), (16, 16))
+    assert torch.equal(from_numpy, from_tensor) and torch.equal(from_numpy, from_pil)
+    # Float input (0..255 scale) is resized in float32, without the 8-bit rounding and
+    # saturation: the same as OpenCV on the float crop.
+    from_float = preprocess_image(image.astype(np.float32), (16, 16))
+    top, left, side = center_crop_box(30, 40)
+    crop = image[top : top + side, left : left + side].astype(np.float32)
+    resized = cv2.resize(crop, (16, 16), interpolation=cv2.INTER_CUBIC)
+    assert np.array_equal(from_float.permute(1, 2, 0).numpy(), normalize(resized))
+
+
+def test_bad_inputs(tmp_path, monkeypatch):
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_bytes(b"these are not pixels")
+    with pytest.raises(InputError, match="cannot read"):
+        load_rgb(not_an_image)
+    truncated = tmp_path / "truncated.png"
+    Image.fromarray(random_rgb(20, 20)).save(tmp_path / "whole.png")
+    truncated.write_bytes((tmp_path / "whole.png").read_bytes()[:60])
+    with pytest.raises(InputError):
+        load_rgb(truncated)
+    big = tmp_path / "big.png"
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 > 2 x 1000: a "bomb"
+    with pytest.raises(InputError, match="too large"):
+        load_rgb(big)
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="no such image"):
+        load_rgb(tmp_path / "missing.jpg")
+    with pytest.raises(InputError, match="too small"):
+        preprocess_image(random_rgb(1, 50))
+    with pytest.raises(InputError, match="shape"):
+        load_rgb(np.zeros((4, 4, 2), dtype=np.uint8))
+    with pytest.raises(InputError, match="int32"):
+        load_rgb(np.zeros((4, 4, 3), dtype=np.int32))
+    with pytest.raises(InputError):
+        load_rgb(object())
+
+
+# --------------------------------------------------------------------------------------
+# the pipeline
+
+
+@pytest.mark.parametrize("name", ["imagenet_learned", "imagenet_fourier", "imagenet_conv"])
+def test_pipeline_equals_direct_model_call(name):
+    model = tiny(name)
+    pipeline = ClassifyPipeline(model)
+    # The tiny models read 32 x 32 (the conv stem's 8 x 8 grid x 4).
+    assert pipeline.size == model_image_size(model) == (32, 32)
+    images = [random_rgb(40, 60, seed=10), random_rgb(33, 33, seed=11)]
+    results = pipeline(images, top_k=3)
+    batch = torch.stack([preprocess_image(image, (32, 32)) for image in images])
+    with torch.no_grad():
+        logits = model(batch)
+    for result, row in zip(results, logits):
+        assert torch.equal(result.logits, row)
+        probabilities = torch.softmax(row.double(), -1)
+        order = probabilities.argsort(descending=True)[:3]
+        assert [s.index for s in result.top_k] == order.tolist()
+        assert [s.probability for s in result.top_k] == pytest.approx(
+            probabilities[order].tolist(), rel=1e-12
+        )
+        assert [s.label for s in result.top_k] == [f"class {i}" for i in order.tolist()]
+    single = pipeline(images[0], top_k=3)
+    assert [s.index for s in single.top_k] == [s.index for s in results[0].top_k]
+    # A batch array: numpy (B, H, W, 3) or torch (B, 3, H, W).
+    pair = np.stack([images[0], random_rgb(40, 60, seed=13)])
+    as_list = pipeline([pair[0], pair[1]], top_k=3)  # the same batch composition
+    for batch_input in (pair, torch.from_numpy(pair).permute(0, 3, 1, 2)):
+        rows = pipeline(batch_input, top_k=3)
+        assert len(rows) == 2
+        assert all(torch.equal(r.logits, e.logits) for r, e in zip(rows, as_list))
+
+
+def test_imagenet_labels_for_1000_classes():
+    model = tiny("imagenet_conv", num_classes=1000)
+    result = ClassifyPipeline(model)(random_rgb(40, 40), top_k=5)
+    labels = imagenet_labels()
+    assert [s.label for s in result.top_k] == [labels[s.index] for s in result.top_k]
+
+
+def test_native_size_option():
+    with pytest.raises(WrongModelError, match="imagenet_learned"):
+        ClassifyPipeline(tiny("imagenet_learned"), resize=False)
+    model = tiny("imagenet_fourier")
+    pipeline = ClassifyPipeline(model, resize=False)
+    image = random_rgb(40, 60, seed=12)
+    result = pipeline([image, random_rgb(20, 30)])[0]
+    with torch.no_grad():
+        expected = model(preprocess_image(image, None)[None])[0]  # a 35 x 35 crop
+    assert torch.equal(result.logits, expected)
+
+
+def test_wrong_model():
+    with pytest.raises(WrongModelError, match="language_perceiver"):
+        ClassifyPipeline(tiny("language_perceiver"))
+
+
+# --------------------------------------------------------------------------------------
+# labels (the colabs' lists; positions checked against the colab cells, see
+# perceiver_torch/labels/SOURCES.md)
+
+
+def test_imagenet_label_list():
+    labels = imagenet_labels()
+    assert len(labels) == 1000
+    assert labels[0] == "tench, Tinca tinca"
+    assert labels[1] == "goldfish, Carassius auratus"
+    assert labels[207] == "golden retriever"
+    assert labels[281] == "tabby, tabby cat"
+    assert labels[999] == "toilet tissue, toilet paper, bathroom tissue"
+    # ILSVRC-2012 has two "crane"s, the bird and the machine.
+    assert labels[134] == labels[517] == "crane"
+    assert len(set(labels)) == 999
+
+
+def test_kinetics_label_list():
+    labels = kinetics700_labels()
+    assert len(labels) == 700 and len(set(labels)) == 700
+    assert labels[0] == "abseiling"
+    assert labels[1] == "acting in play"
+    assert labels[699] == "zumba"
+    assert list(labels) == sorted(labels)  # the colab's list is alphabetical
+
+
+def test_class_names_fall_back_to_indices():
+    assert class_names(10, "imagenet") == [f"class {i}" for i in range(10)]
+    assert class_names(1000, "imagenet")[207] == "golden retriever"
+    assert class_names(700, "kinetics700")[0] == "abseiling"
+    assert class_names(7, "kinetics700")[6] == "class 6"

@@ -1,0 +1,194 @@
+"""Fill-mask pipeline: the colab's procedure (bytes, no special tokens, mask ids,
+padding to the model's length with the input mask as query mask) on the colab's
+sentence, checked against a direct model call; the two ways of marking bytes; the
+top-k arithmetic on known logits; the errors.
+
+The tiny model has random weights: these tests check the mechanics, not the words.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import perceiver_torch as pt
+from perceiver_torch import BytesTokenizer
+from perceiver_torch.pipelines import InputError, PipelineError, WrongModelError
+from perceiver_torch.pipelines.text import (
+    COLAB_SENTENCE,
+    COLAB_SPAN,
+    FillMaskPipeline,
+    MaskedText,
+    encode_masked,
+    parse_masked_text,
+    parse_span,
+)
+
+MARKED = "This is an incomplete sentence where some words are[MASK*9]"
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return pt.build("language_perceiver", pt.TINY_CONFIGS["language_perceiver"]).eval()
+
+
+def test_colab_sentence_and_span():
+    # The colab masks " missing." with input_tokens[51:60].
+    assert COLAB_SENTENCE.encode()[51:60] == b" missing."
+    assert COLAB_SPAN == (51, 60)
+
+
+def test_markers():
+    item = parse_masked_text("ab[MASK]c[MASK*3]d")
+    assert item.positions == (2, 4, 5, 6)
+    assert len(item.data) == 8 and item.original is None
+    # Positions are byte offsets: "é" is two bytes in UTF-8.
+    assert parse_masked_text("é[MASK]").positions == (2,)
+    assert parse_masked_text("[MASK][MASK]x").positions == (0, 1)
+    assert parse_masked_text(MARKED).positions == tuple(range(51, 60))
+
+
+def test_spans():
+    item = parse_masked_text(COLAB_SENTENCE, [COLAB_SPAN])
+    assert item.positions == tuple(range(51, 60))
+    assert item.original == b" missing."
+    assert item.data == COLAB_SENTENCE.encode()
+    # Overlapping spans are one set of bytes; the text is literal ([MASK] is text here).
+    item = parse_masked_text("[MASK] text", [(0, 3), (2, 5)])
+    assert item.positions == (0, 1, 2, 3, 4) and item.original == b"[MASK"
+    assert parse_span("51:60") == (51, 60)
+
+
+@pytest.mark.parametrize("bad", ["51", "a:b", "5-9", ""])
+def test_bad_span_syntax(bad):
+    with pytest.raises(PipelineError, match="START:END") as info:
+        parse_span(bad)
+    assert info.value.exit_code == 2
+
+
+def test_bad_masks():
+    with pytest.raises(InputError, match="nothing to fill"):
+        parse_masked_text("no markers here")
+    with pytest.raises(InputError, match="masks no byte"):
+        parse_masked_text("x[MASK*0]")
+    with pytest.raises(InputError, match="inside"):
+        parse_masked_text("short", [(3, 9)])
+    with pytest.raises(InputError, match="inside"):
+        parse_masked_text("short", [(2, 2)])
+
+
+def test_encoding_is_the_colabs():
+    ids, mask = encode_masked([parse_masked_text(COLAB_SENTENCE, [COLAB_SPAN])], 64)
+    data = COLAB_SENTENCE.encode()
+    # Independent: the colab's to_int (bytes + 6), the mask token (3) at 51..59, pad
+    # (0) to the length, mask 1 on the text.
+    expected = [b + 6 for b in data]
+    expected[51:60] = [3] * 9
+    expected += [0] * (64 - len(data))
+    assert ids.tolist() == [expected]
+    assert mask.tolist() == [[1] * len(data) + [0] * (64 - len(data))]
+    # The marker form encodes to the same ids.
+    marked_ids, marked_mask = encode_masked([parse_masked_text(MARKED)], 64)
+    assert torch.equal(marked_ids, ids) and torch.equal(marked_mask, mask)
+
+
+def test_official_length():
+    # The official model reads 2048 bytes (LanguagePerceiverConfig().max_seq_len): the
+    # colab's sentence is padded to it, one byte more is refused.
+    limit = pt.LanguagePerceiverConfig().max_seq_len
+    assert limit == 2048
+    ids, mask = encode_masked([parse_masked_text(COLAB_SENTENCE, [COLAB_SPAN])], limit)
+    assert ids.shape == mask.shape == (1, 2048)
+    assert int(mask.sum()) == 60 and int((ids[0, 60:] != 0).sum()) == 0
+    encode_masked([parse_masked_text("x" * 2047 + "[MASK]")], limit)
+    with pytest.raises(InputError, match="2049 bytes long.*at most 2048"):
+        encode_masked([parse_masked_text("x" * 2048 + "[MASK]")], limit)
+
+
+def test_fill_mask_equals_a_direct_model_call(model):
+    tokenizer = BytesTokenizer()
+    max_length = model.config.max_seq_len
+    ids, mask = tokenizer(COLAB_SENTENCE, length=max_length)
+    ids[0, 51:60] = tokenizer.MASK
+    with torch.no_grad():
+        direct = model(ids, mask)[0, 51:60]
+    pipeline = FillMaskPipeline(model)
+    result = pipeline(COLAB_SENTENCE, spans=[COLAB_SPAN], top_k=4)
+    assert torch.equal(result.logits, direct)
+    assert [m.position for m in result.masked] == list(range(51, 60))
+    assert bytes(m.original for m in result.masked) == b" missing."
+    probabilities = torch.softmax(direct.double(), -1)
+    for row, masked in enumerate(result.masked):
+        order = probabilities[row, 6:].argsort(descending=True)[:4]
+        assert [c.value for c in masked.top_k] == order.tolist()
+        assert [c.index for c in masked.top_k] == (order + 6).tolist()
+        assert [c.probability for c in masked.top_k] == pytest.approx(
+            probabilities[row, 6:][order].tolist(), rel=1e-12
+        )
+    filled = bytes(int(probabilities[row, 6:].argmax()) for row in range(9))
+    assert result.filled == COLAB_SENTENCE.encode()[:51] + filled
+    assert result.text == result.filled.decode("utf-8", errors="replace")
+    # The marker form gives the same prediction.
+    marked = pipeline(MARKED, top_k=4)
+    assert torch.equal(marked.logits, result.logits) and marked.filled == result.filled
+
+
+def test_batch_equals_single_texts(model):
+    # float64 weights: batching and the padding trim only reorder sums, which moves a
+    # float64 result by ~1e-15 relative; the float32 logits the pipeline returns then
+    # differ by at most one float32 rounding step (one ulp <= 2**-23 |x|; 2**-22 leaves
+    # room for the two values lying on either side of a power of two).
+    model64 = pt.build("language_perceiver", pt.TINY_CONFIGS["language_perceiver"])
+    model64.load_state_dict(model.state_dict())
+    model64 = model64.double().eval()
+    pipeline = FillMaskPipeline(model64, batch_size=2)
+    texts = [MARKED, "ab[MASK]", "[MASK*3] and more text " * 2]
+    batched = pipeline(texts)
+    for text, result in zip(texts, batched):
+        alone = pipeline(text)
+        torch.testing.assert_close(result.logits, alone.logits, rtol=2**-22, atol=0)
+        assert result.input == text
+
+
+def test_candidates_are_bytes_only():
+    # Known logits: the mask id (3) is the most likely id, then bytes 'b', 'a'.
+    logits = torch.full((1, 262), -5.0)
+    logits[0, 3] = 4.0
+    logits[0, 6 + ord("b")] = 3.0
+    logits[0, 6 + ord("a")] = 2.0
+    item = MaskedText(b"x\x00", (1,), None)
+    result = FillMaskPipeline._result("x[MASK]", item, logits, top_k=2)
+    top = result.masked[0].top_k
+    assert [c.value for c in top] == [ord("b"), ord("a")]
+    total = math.exp(4.0) + math.exp(3.0) + math.exp(2.0) + 259 * math.exp(-5.0)
+    assert top[0].probability == pytest.approx(math.exp(3.0) / total, rel=1e-12)
+    assert top[1].probability == pytest.approx(math.exp(2.0) / total, rel=1e-12)
+    assert result.text == "xb" and result.filled == b"xb"
+    assert result.as_dict()["masked"][0]["top_k"][0] == {
+        "byte": "b", "value": 98, "index": 104, "probability": top[0].probability
+    }
+
+
+def test_text_longer_than_the_model(model):
+    pipeline = FillMaskPipeline(model)
+    limit = model.config.max_seq_len  # 64 for the tiny model, 2048 for the official one
+    pipeline("x" * (limit - 1) + "[MASK]")  # exactly the limit: fine
+    with pytest.raises(InputError, match=f"{limit + 1} bytes long.*at most {limit} bytes"):
+        pipeline("x" * limit + "[MASK]")
+
+
+def test_wrong_model():
+    with pytest.raises(WrongModelError, match="language_perceiver"):
+        FillMaskPipeline(pt.build("imagenet_conv", pt.TINY_CONFIGS["imagenet_conv"]))
+
+
+def test_lazy_names():
+    import perceiver_torch.pipelines as pipelines
+
+    assert pipelines.FillMaskPipeline is FillMaskPipeline
+    assert pipelines.parse_masked_text is parse_masked_text
+    with pytest.raises(AttributeError):
+        pipelines.NoSuchPipeline  # noqa: B018

@@ -1,0 +1,317 @@
+"""The autoencode pipeline: the colab's crop and resize, the sound's resampling and
+framing, PSNR, and ``perceiver-convert run autoencode`` on videos the tests make."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+import wave
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import pytest
+import torch
+
+import perceiver_torch as pt
+from perceiver_torch.labels import kinetics700_labels
+from perceiver_torch.pipelines.base import InputError, softmax_top_k
+from perceiver_torch.pipelines.media import encode_wav, read_audio
+from perceiver_torch.pipelines.video import (
+    AutoencodePipeline,
+    crop_center_square,
+    make_test_video,
+    preprocess_frame,
+    psnr,
+)
+
+from helpers import run_cli
+
+av = pytest.importorskip("av")
+cv2 = pytest.importorskip("cv2")
+
+TINY = pt.TINY_CONFIGS["video_autoencoding"]  # 2 frames of 16x16, 64 samples per frame
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return pt.build("video_autoencoding", TINY).eval()
+
+
+def write_pcm_wav(path: Path, channels: np.ndarray, rate: int) -> None:
+    """channels (C, S) int16 -> a PCM WAV (stdlib writer, independent of the code)."""
+    with wave.open(str(path), "wb") as handle:
+        handle.setnchannels(channels.shape[0])
+        handle.setsampwidth(2)
+        handle.setframerate(rate)
+        handle.writeframes(np.ascontiguousarray(channels.T.astype("<i2")).tobytes())
+
+
+# -- frames --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape, box",
+    [
+        # (H, W) -> (top, left, side), from the colab's (n // 2) - (side // 2).
+        ((48, 64), (0, 8, 48)),
+        ((48, 65), (0, 8, 48)),  # ((65 - 48) + 1) // 2 would give 9: the colab's is 8
+        ((65, 48), (8, 0, 48)),
+        ((49, 64), (0, 8, 49)),
+        ((30, 30), (0, 0, 30)),
+    ],
+)
+def test_crop_center_square(shape, box):
+    frame = np.arange(shape[0] * shape[1] * 3, dtype=np.int64).reshape(*shape, 3)
+    top, left, side = box
+    assert np.array_equal(crop_center_square(frame), frame[top : top + side, left : left + side])
+
+
+def test_resize_is_opencv_bilinear():
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    square = frame[:, 16:64]
+    # Scale 3: OpenCV's INTER_LINEAR samples at (i + 0.5) * 3 - 0.5 = 3i + 1, whole
+    # pixels, so the result is exactly every third pixel from the second.
+    got = preprocess_frame(frame, (16, 16))
+    assert got.dtype == np.float32
+    assert np.array_equal(got, (square[1::3, 1::3].astype(np.float64) / 255).astype(np.float32))
+    # A non-integer scale (48 -> 20): float bilinear with half-pixel centres, clamped at
+    # the border, rounded; OpenCV's 11-bit fixed-point weights stay within 1 level.
+    got = np.round(preprocess_frame(frame, (20, 20)).astype(np.float64) * 255)
+    src = (np.arange(20) + 0.5) * 48 / 20 - 0.5
+    src = np.clip(src, 0, 47)
+    i0 = np.floor(src).astype(int)
+    i1 = np.minimum(i0 + 1, 47)
+    f = src - i0
+    s = square.astype(np.float64)
+    rows = s[i0] * (1 - f)[:, None, None] + s[i1] * f[:, None, None]
+    expected = rows[:, i0] * (1 - f)[None, :, None] + rows[:, i1] * f[None, :, None]
+    assert np.abs(got - expected).max() <= 1.0
+
+
+# -- sound ---------------------------------------------------------------------------
+
+
+def test_first_channel_without_resampling_is_exact(tmp_path):
+    rng = np.random.default_rng(1)
+    channels = rng.integers(-32768, 32768, (2, 3000)).astype(np.int16)
+    write_pcm_wav(tmp_path / "s.wav", channels, 1600)
+    samples, rate, count = read_audio(tmp_path / "s.wav", 1600)
+    assert (rate, count) == (1600, 2)
+    # int16 / 2**15, as the colab; channel 0, not a mix of both.
+    assert np.array_equal(samples, channels[0].astype(np.float32) / 2**15)
+
+
+def test_resampling_matches_the_continuous_signal(tmp_path):
+    # Two tones well inside both bands, sampled at 44.1 kHz, resampled to 48 kHz,
+    # compared with the same tones sampled directly at 48 kHz.
+    n = 44100 // 2
+    t = np.arange(n) / 44100
+    tones = lambda t: 0.5 * np.sin(2 * np.pi * 440 * t) + 0.25 * np.sin(2 * np.pi * 3000 * t)  # noqa: E731
+    second = np.round(0.3 * np.sin(2 * np.pi * 97 * t) * 32767)
+    write_pcm_wav(tmp_path / "s.wav", np.stack([np.round(tones(t) * 32767), second]), 44100)
+    samples, rate, _ = read_audio(tmp_path / "s.wav", 48000)
+    assert rate == 44100
+    # Length: the same duration at the new rate (within a sample of rounding).
+    assert abs(len(samples) - n * 48000 / 44100) <= 1
+    expected = tones(np.arange(len(samples)) / 48000)
+    # Bound: int16 quantisation (3e-5) plus the resampler's passband ripple and
+    # aliasing at 3 kHz (FFmpeg's Kaiser-windowed sinc, far below 1e-3 of full scale);
+    # away from the first and last 100 samples, where the filter sees the zero padding.
+    # A wrong rate, delay of one sample or the second channel gives errors above 0.1.
+    assert np.abs(samples[100:-100] - expected[100:-100]).max() < 1e-3
+
+
+def test_framing_and_clips(tmp_path, model, monkeypatch):
+    # 5 frames at 1600 Hz (64 samples per frame): 2 clips of 2 frames, 1 frame dropped.
+    video, _ = make_test_video(tmp_path / "v.mp4", 5, size=(24, 40), sample_rate=None)
+    # 2 clips need 4 x 64 samples: the WAV is 10 short (padded with silence).
+    ramp = ((np.arange(4 * 64 - 10) % 2000) - 1000).astype(np.int16)
+    write_pcm_wav(tmp_path / "s.wav", ramp[None], 1600)
+    pipeline = AutoencodePipeline(model)
+    assert pipeline.sample_rate == 1600 and pipeline.samples_per_frame == 64
+    seen: List[Dict[str, Any]] = []
+    original = model.reconstruct
+
+    def spy(images, audio, num_chunks=128, label=None):
+        seen.append({"images": images.clone(), "audio": audio.clone(), "chunks": num_chunks})
+        return original(images, audio, num_chunks=num_chunks)
+
+    monkeypatch.setattr(model, "reconstruct", spy)
+    result = pipeline(tmp_path / "v.mp4", tmp_path / "s.wav")
+    assert len(seen) == 2 and result.dropped_frames == 1
+    assert [c["chunks"] for c in seen] == [TINY.num_chunks] * 2
+    # Frames: decoded from the file, then the colab's crop and resize, in order.
+    with av.open(str(tmp_path / "v.mp4")) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    sound = np.concatenate([ramp.astype(np.float32) / 2**15, np.zeros(10, np.float32)])
+    for c, call in enumerate(seen):
+        assert call["images"].shape == (1, 2, 3, 16, 16)
+        expected = np.stack([
+            cv2.resize(np.ascontiguousarray(f[:, 8:32]), (16, 16)) / 255.0
+            for f in decoded[2 * c : 2 * c + 2]
+        ]).astype(np.float32)
+        assert np.array_equal(call["images"][0].permute(0, 2, 3, 1).numpy(), expected)
+        # Sound: 2 x 64 consecutive samples per clip; the last 10 are the padding.
+        assert call["audio"].shape == (1, 128, 1)
+        assert np.array_equal(call["audio"][0, :, 0].numpy(), sound[128 * c : 128 * (c + 1)])
+    assert result.padded_samples == 10
+    assert result.frames.shape == (4, 16, 16, 3) and result.audio.shape == (256,)
+    assert any("dropped" in note for note in result.notes)
+
+
+def test_official_rate_and_labels():
+    with torch.device("meta"):
+        full = pt.build("video_autoencoding")
+    pipeline = AutoencodePipeline(full)
+    # 48000 // 25 = 1920 samples per frame, as the colab.
+    assert (pipeline.sample_rate, pipeline.samples_per_frame, pipeline.num_frames) == (48000, 1920, 16)
+    assert pipeline.size == (224, 224) and pipeline.num_chunks == 128
+    assert pipeline.labels == list(kinetics700_labels())
+    small = AutoencodePipeline(pt.build("video_autoencoding", dataclasses.replace(TINY)))
+    assert small.labels[3] == "class 3"  # 10 random classes: no names
+
+
+def test_psnr():
+    reference = np.full((2, 4, 4, 3), 0.5)
+    assert psnr(reference, reference) == float("inf")
+    assert psnr(reference + 0.1, reference) == pytest.approx(20.0)  # MSE 0.01
+    # The reconstruction is clipped to [0, 1] first (as the colab shows it).
+    assert psnr(np.full_like(reference, 3.0), reference) == pytest.approx(10 * np.log10(4))
+
+
+def test_too_few_frames(model):
+    frames = np.zeros((1, 20, 20, 3), np.uint8)
+    with pytest.raises(InputError, match="clips of 2 frames"):
+        AutoencodePipeline(model)(frames, np.zeros(64, np.float32))
+
+
+# -- perceiver-convert run autoencode ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def video_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("video_model") / "video_autoencoding.pickle"
+    assert run_cli("fixture", "video_autoencoding", "--size", "tiny", "-o", path).exit_code == 0
+    return path
+
+
+def read_float_wav(path: Path) -> tuple:
+    data = path.read_bytes()
+    assert data[:4] == b"RIFF" and data[8:12] == b"WAVE"
+    fmt_tag, channels, rate = struct.unpack("<HHI", data[20:28])
+    at = data.index(b"data")
+    size = struct.unpack("<I", data[at + 4 : at + 8])[0]
+    return fmt_tag, channels, rate, np.frombuffer(data[at + 8 : at + 8 + size], "<f4")
+
+
+def test_run_autoencode_writes_a_playable_video_sound_and_labels(tmp_path, video_checkpoint):
+    make_test_video(tmp_path / "in.mp4", 5, size=(36, 48))
+    result = run_cli("run", "autoencode", video_checkpoint, tmp_path / "in.mp4", "--json",
+                     "-o", tmp_path / "out.mp4")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)["results"][0]
+    assert document["files"] == [str(tmp_path / "out.mp4"), str(tmp_path / "out.wav")]
+    assert document["dropped_frames"] == 1 and document["frames"] == 4
+    assert "dropped" in result.stderr
+    # Playable: PyAV decodes 4 frames of the model's 16x16 and an AAC sound track.
+    with av.open(str(tmp_path / "out.mp4")) as container:
+        assert container.streams.audio and container.streams.audio[0].codec_context.name == "aac"
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 4 and frames[0].shape == (16, 16, 3)
+    # The WAV: float32 mono at 1600 Hz, 4 frames x 64 samples.
+    fmt_tag, channels, rate, samples = read_float_wav(tmp_path / "out.wav")
+    assert (fmt_tag, channels, rate, len(samples)) == (3, 1, 1600, 4 * 64)
+    # Labels: top-5 per clip, most probable first, as the softmax of the raw logits.
+    assert len(document["clips"]) == 2
+    arrays = run_cli("run", "autoencode", video_checkpoint, tmp_path / "in.mp4", "--npz",
+                     "-o", tmp_path / "raw.npz")
+    assert arrays.exit_code == 0, arrays.stderr
+    raw = np.load(tmp_path / "raw.npz")
+    assert raw["frames"].shape == (4, 16, 16, 3) and raw["audio"].shape == (256,)
+    assert raw["label_logits"].shape == (2, 10)
+    assert np.array_equal(raw["audio"].astype("<f4"), samples)
+    for clip, logits in zip(document["clips"], raw["label_logits"]):
+        values, indices = softmax_top_k(torch.from_numpy(logits), 5)
+        assert [e["index"] for e in clip["top_k"]] == indices.tolist()
+        assert [e["label"] for e in clip["top_k"]] == [f"class {i}" for i in indices.tolist()]
+        np.testing.assert_allclose([e["probability"] for e in clip["top_k"]], values.numpy())
+        assert clip["psnr"] is not None
+
+
+def test_run_autoencode_gif_and_separate_wav(tmp_path, video_checkpoint):
+    make_test_video(tmp_path / "mute.mp4", 4, size=(32, 32), sample_rate=None)
+    ramp = ((np.arange(4 * 64) % 200) - 100).astype(np.int16) * 50
+    write_pcm_wav(tmp_path / "s.wav", ramp[None], 1600)
+    result = run_cli("run", "autoencode", video_checkpoint, tmp_path / "mute.mp4",
+                     "--audio", tmp_path / "s.wav", "-o", tmp_path / "r.gif", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["results"][0]["files"] == [
+        str(tmp_path / "r.gif"), str(tmp_path / "r.wav")]
+    # Pillow merges identical consecutive frames into one longer frame (the random
+    # model's frames may be identical), so check the playing time: 4 frames of 40 ms.
+    Image = pytest.importorskip("PIL.Image")
+    with Image.open(tmp_path / "r.gif") as gif:
+        durations = []
+        for i in range(gif.n_frames):
+            gif.seek(i)
+            durations.append(gif.info["duration"])
+            assert gif.size == (16, 16)
+    assert sum(durations) == 4 * 40
+
+
+@pytest.mark.parametrize(
+    "case, code, message",
+    [
+        ("no-sound", 3, "has no sound track; give the sound as a WAV file with --audio"),
+        ("garbage", 3, "cannot read"),
+        ("one-frame", 3, "clips of 2 frames"),
+        ("two-videos-one-output", 2, "-o names one output"),
+        ("garbage-audio", 3, "cannot read"),
+    ],
+)
+def test_run_autoencode_errors(tmp_path, video_checkpoint, case, code, message):
+    inputs = [tmp_path / "v.mp4"]
+    if case == "no-sound":
+        make_test_video(inputs[0], 4, size=(32, 32), sample_rate=None)
+    elif case == "garbage":
+        inputs[0].write_bytes(b"\x00\x01 definitely not a video" * 10)
+    elif case == "one-frame":
+        make_test_video(inputs[0], 1, size=(32, 32))
+    elif case == "garbage-audio":
+        make_test_video(inputs[0], 4, size=(32, 32), sample_rate=None)
+        (tmp_path / "s.wav").write_bytes(b"RIFF nonsense" * 5)
+        inputs += ["--audio", tmp_path / "s.wav"]
+    else:
+        make_test_video(inputs[0], 4, size=(32, 32))
+        make_test_video(tmp_path / "w.mp4", 4, size=(32, 32))
+        inputs.append(tmp_path / "w.mp4")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_cli("run", "autoencode", video_checkpoint, *inputs, "-o", tmp_path / "out.mp4")
+    assert result.exit_code == code, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_run_autoencode_refuses_a_flow_model(tmp_path):
+    checkpoint = tmp_path / "flow.pickle"
+    assert run_cli("fixture", "optical_flow", "-o", checkpoint).exit_code == 0
+    make_test_video(tmp_path / "v.mp4", 4, size=(32, 32))
+    result = run_cli("run", "autoencode", checkpoint, tmp_path / "v.mp4")
+    assert result.exit_code == 2 and "video_autoencoding" in result.stderr
+
+
+def test_wav_encoding_layout():
+    data = encode_wav(np.array([0.5, -1.25, 2.0], np.float32), 48000)
+    assert data[:4] == b"RIFF" and struct.unpack("<I", data[4:8])[0] == len(data) - 8
+    assert struct.unpack("<4sIHHIIHH", data[12:36]) == (b"fmt ", 16, 3, 1, 48000, 192000, 4, 32)
+    assert read_float_wav_bytes(data).tolist() == [0.5, -1.25, 2.0]
+
+
+def read_float_wav_bytes(data: bytes) -> np.ndarray:
+    at = data.index(b"data")
+    size = struct.unpack("<I", data[at + 4 : at + 8])[0]
+    return np.frombuffer(data[at + 8 : at + 8 + size], "<f4")

@@ -1,0 +1,465 @@
+"""``perceiver-convert run``: fill-mask and classify end to end through the CLI (model
+from a converted file and from an official checkpoint), the documents it prints and
+writes, every error path with its exit code and the promise that a failed run leaves
+no file, the progress bars, the registry contract, and the lazy imports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import perceiver_torch as pt
+from converter.conversion import convert
+from converter.run_cli import Staging, progress_bar
+from perceiver_torch.pipelines import TASKS
+from tests.conftest import golden_checkpoint_path
+from tests.helpers import run_cli
+
+Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("cv2")
+
+SENTENCE = "This is an incomplete sentence where some words are missing."
+MARKED = "This is an incomplete sentence where some words are[MASK*9]"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    """Converted tiny models (from the golden official-format checkpoints)."""
+    folder = tmp_path_factory.mktemp("models")
+    out = {}
+    for name in ("language_perceiver", "imagenet_conv", "imagenet_learned"):
+        out[name] = folder / f"{name}.safetensors"
+        convert(golden_checkpoint_path(name), out[name])
+    return out
+
+
+@pytest.fixture
+def images(tmp_path) -> list:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(40, 50), (33, 60)]):
+        path = tmp_path / f"image{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def leftovers(folder: Path) -> list:
+    """Temporary files a run may have left (there must be none)."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+# --------------------------------------------------------------------------------------
+# fill-mask
+
+
+def test_fill_mask_json(models):
+    result = run_cli("run", "fill-mask", models["language_perceiver"], MARKED,
+                     "--json", "--top-k", "3")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)  # stdout holds the JSON document only
+    assert document["task"] == "fill-mask" and document["model"] == "language_perceiver"
+    (entry,) = document["results"]
+    assert entry["input"] == MARKED
+    assert [m["position"] for m in entry["masked"]] == list(range(51, 60))
+    for masked in entry["masked"]:
+        assert len(masked["top_k"]) == 3
+        for candidate in masked["top_k"]:
+            assert set(candidate) == {"byte", "value", "index", "probability"}
+            assert candidate["index"] == candidate["value"] + 6
+        probabilities = [c["probability"] for c in masked["top_k"]]
+        assert probabilities == sorted(probabilities, reverse=True)
+    # The human summary is on stderr.
+    assert "filled:" in result.stderr and "filled:" not in result.stdout
+
+
+def test_fill_mask_matches_the_pipeline_and_the_official_checkpoint(models, tmp_path):
+    from perceiver_torch.pipelines import FillMaskPipeline
+
+    expected = FillMaskPipeline(pt.load(models["language_perceiver"]))(MARKED).as_dict()
+    converted = run_cli("run", "fill-mask", models["language_perceiver"], MARKED, "--json")
+    as_pt = tmp_path / "language.pt"
+    convert(golden_checkpoint_path("language_perceiver"), as_pt)
+    from_pt = run_cli("run", "fill-mask", as_pt, MARKED, "--json")
+    assert from_pt.exit_code == 0, from_pt.stderr
+    assert json.loads(from_pt.stdout)["results"] == [expected]
+    # An official checkpoint is converted in memory first: the same answer.
+    official = run_cli("run", "fill-mask", golden_checkpoint_path("language_perceiver"),
+                       MARKED, "--json")
+    assert converted.exit_code == official.exit_code == 0, official.stderr
+    assert json.loads(converted.stdout)["results"] == [expected]
+    assert json.loads(official.stdout)["results"] == [expected]
+    assert "converted in memory" in official.stderr
+
+
+def test_fill_mask_span_file_and_stdin(models, tmp_path):
+    text_file = tmp_path / "sentence.txt"
+    text_file.write_text(SENTENCE, encoding="utf-8")
+    by_span = run_cli("run", "fill-mask", models["language_perceiver"], SENTENCE,
+                      "--span", "51:60", "--json")
+    by_file = run_cli("run", "fill-mask", models["language_perceiver"], f"@{text_file}",
+                      "--span", "51:60", "--json")
+    from click.testing import CliRunner
+
+    from converter.cli import main
+
+    by_stdin = CliRunner().invoke(
+        main, ["run", "fill-mask", str(models["language_perceiver"]), "-", "--span",
+               "51:60", "--json"], input=SENTENCE, catch_exceptions=False)
+    marked = run_cli("run", "fill-mask", models["language_perceiver"], MARKED, "--json")
+    for result in (by_span, by_file, by_stdin):
+        assert result.exit_code == 0, result.stderr
+        (entry,) = json.loads(result.stdout)["results"]
+        assert [m["original"] for m in entry["masked"]] == list(" missing.")
+        # The same prediction as the marker form (the masked bytes are mask ids).
+        (reference,) = json.loads(marked.stdout)["results"]
+        assert [m["top_k"] for m in entry["masked"]] == [
+            m["top_k"] for m in reference["masked"]
+        ]
+
+
+def test_fill_mask_outputs(models, tmp_path):
+    model = models["language_perceiver"]
+    out = tmp_path / "fill.json"
+    assert run_cli("run", "fill-mask", model, MARKED, "-o", out, "-q").exit_code == 0
+    document = json.loads(out.read_text())
+    assert [m["position"] for m in document[0]["masked"]] == list(range(51, 60))
+    npz = tmp_path / "fill.npz"
+    result = run_cli("run", "fill-mask", model, MARKED, "ab[MASK]", "--npz", "-o", npz)
+    assert result.exit_code == 0, result.stderr
+    with np.load(npz) as arrays:
+        assert arrays["logits_0"].shape == (9, 262) and arrays["logits_1"].shape == (1, 262)
+        assert arrays["positions_1"].tolist() == [2]
+    npy = tmp_path / "fill.npy"
+    assert run_cli("run", "fill-mask", model, MARKED, "--npy", "-o", npy).exit_code == 0
+    assert np.load(npy).shape == (1, 9, 262)
+    # Different mask counts do not stack: exit 2, nothing written.
+    bad = tmp_path / "bad.npy"
+    result = run_cli("run", "fill-mask", model, MARKED, "ab[MASK]", "--npy", "-o", bad)
+    assert result.exit_code == 2 and "--npz" in result.stderr and not bad.exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "args,code,message",
+    [
+        (["no marker here"], 3, "nothing to fill"),
+        (["x" * 64 + "[MASK]"], 3, "at most 64 bytes"),
+        (["x" * 5000 + "[MASK]"], 3, "at most 64 bytes"),  # no valid file name either
+        ([SENTENCE, "--span", "51-60"], 2, "START:END"),
+        ([SENTENCE, "--span", "51:99"], 3, "inside"),
+        (["@/no/such/file.txt"], 3, "cannot read the text file"),
+        ([MARKED, "--native-size"], 2, "--native-size is an option of classify"),
+    ],
+)
+def test_fill_mask_errors(models, tmp_path, args, code, message):
+    out = tmp_path / "out.json"
+    result = run_cli("run", "fill-mask", models["language_perceiver"], *args, "-o", out)
+    assert result.exit_code == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------
+# classify
+
+
+def test_classify_json_and_arrays(models, images, tmp_path):
+    from perceiver_torch.pipelines import ClassifyPipeline
+
+    model = models["imagenet_conv"]
+    result = run_cli("run", "classify", model, *images, "--json", "--top-k", "3")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["task"] == "classify" and document["model"] == "imagenet_conv"
+    expected = ClassifyPipeline(pt.load(model))([str(p) for p in images], top_k=3)
+    assert document["results"] == [r.as_dict() for r in expected]
+    for entry in document["results"]:
+        assert [set(e) for e in entry["top_k"]] == [{"label", "index", "probability"}] * 3
+    assert "1. class" in result.stderr
+    npy = tmp_path / "logits.npy"
+    assert run_cli("run", "classify", model, *images, "--npy", "-o", npy, "-q").exit_code == 0
+    logits = np.load(npy)
+    assert logits.shape == (2, 10)
+    assert np.array_equal(logits, torch.stack([r.logits for r in expected]).numpy())
+    npz = tmp_path / "logits.npz"
+    assert run_cli("run", "classify", model, *images, "--npz", "-o", npz).exit_code == 0
+    with np.load(npz) as arrays:
+        assert np.array_equal(arrays["logits"], logits)
+        assert arrays["inputs"].tolist() == [str(p) for p in images]
+    out = tmp_path / "labels.json"
+    assert run_cli("run", "classify", model, *images, "-o", out, "--top-k", "3").exit_code == 0
+    assert json.loads(out.read_text()) == document["results"]
+
+
+def test_classify_quiet_and_native_size(models, images):
+    quiet = run_cli("run", "classify", models["imagenet_conv"], images[0], "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout == ""
+    native = run_cli("run", "classify", models["imagenet_conv"], *images, "--native-size",
+                     "--json")
+    assert native.exit_code == 0, native.stderr
+    resized = run_cli("run", "classify", models["imagenet_conv"], *images, "--json")
+    assert json.loads(native.stdout) != json.loads(resized.stdout)
+    refused = run_cli("run", "classify", models["imagenet_learned"], *images, "--native-size")
+    assert refused.exit_code == 2 and "learned position encoding" in refused.stderr
+
+
+def test_classify_errors(models, images, tmp_path):
+    out = tmp_path / "out.json"
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8 not really a jpeg")
+    small = tmp_path / "small.png"
+    Image.fromarray(np.zeros((1, 40, 3), dtype=np.uint8)).save(small)
+    cases = [
+        # An unreadable image after a good one: exit 3, nothing written.
+        ([images[0], broken], 3, f"cannot read {broken}"),
+        ([tmp_path / "missing.png"], 3, "no such image"),
+        ([small], 3, "too small"),
+    ]
+    for inputs, code, message in cases:
+        result = run_cli("run", "classify", models["imagenet_conv"], *inputs, "-o", out)
+        assert result.exit_code == code, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_wrong_model_for_the_task(models, images, tmp_path):
+    out = tmp_path / "out.json"
+    result = run_cli("run", "classify", models["language_perceiver"], images[0], "-o", out)
+    assert result.exit_code == 2
+    assert "language_perceiver" in result.stderr and "run fill-mask" in result.stderr
+    assert not out.exists()
+    result = run_cli("run", "fill-mask", models["imagenet_conv"], MARKED)
+    assert result.exit_code == 2 and "run classify" in result.stderr
+
+
+# --------------------------------------------------------------------------------------
+# usage and model errors shared by every task
+
+
+def test_usage_errors(models, images, tmp_path):
+    model = models["imagenet_conv"]
+    cases = [
+        (["--npy", "--npz", "-o", tmp_path / "x.npy"], "not both"),
+        (["--npy"], "-o OUT.npy"),
+        (["--npz", "-o", tmp_path / "x.npy"], "ending in .npz"),
+        (["-o", tmp_path / "missing" / "out.json"], "does not exist"),
+        (["-o", images[0]], "one of the inputs"),
+        (["--span", "1:2"], "--span is an option of fill-mask"),
+        (["--top-k", "0"], "--top-k"),
+    ]
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(MARKED)
+    result = run_cli("run", "fill-mask", models["language_perceiver"], f"@{text_file}",
+                     "-o", text_file)
+    assert result.exit_code == 2 and "one of the inputs" in result.stderr
+    assert text_file.read_text() == MARKED
+    before = images[0].read_bytes()
+    for extra, message in cases:
+        result = run_cli("run", "classify", model, *images, *extra)
+        assert result.exit_code == 2, (extra, result.stderr)
+        assert message in result.stderr, (extra, result.stderr)
+    assert images[0].read_bytes() == before  # an input is never overwritten
+    assert run_cli("run", "no-such-task", model, images[0]).exit_code == 2
+    assert run_cli("run", "classify", model).exit_code == 2  # no INPUT
+    assert run_cli("run", "classify", tmp_path / "none.safetensors", images[0]).exit_code == 2
+    assert leftovers(tmp_path) == []
+
+
+def test_unreadable_models(tmp_path, images):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}" + bytes(16))
+    random_bytes = tmp_path / "random.pickle"
+    random_bytes.write_bytes(np.random.default_rng(1).bytes(300))
+    from safetensors.torch import save_file
+
+    no_metadata = tmp_path / "bare.safetensors"
+    save_file({"w": torch.ones(2)}, str(no_metadata))
+    for path in (junk, random_bytes, no_metadata):
+        result = run_cli("run", "classify", path, images[0])
+        assert result.exit_code == 3, (path, result.stderr)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_unavailable_task(models, images, monkeypatch):
+    spec = dataclasses.replace(TASKS["classify"], runner=".not_installed:run_task")
+    monkeypatch.setitem(TASKS, "classify", spec)
+    result = run_cli("run", "classify", models["imagenet_conv"], images[0])
+    assert result.exit_code == 2 and "not available" in result.stderr
+
+
+def _failing_runner(error: BaseException):
+    def runner(pipeline, inputs, options):
+        with options.open_output(options.output) as handle:
+            handle.write(b"half of the results")
+        raise error
+
+    return runner
+
+
+@pytest.mark.parametrize(
+    "error,code",
+    [(KeyboardInterrupt(), 130), (ValueError("boom"), 3)],
+)
+def test_a_failed_run_leaves_no_file(models, images, tmp_path, monkeypatch, error, code):
+    import perceiver_torch.pipelines.image as image_module
+
+    monkeypatch.setattr(image_module, "run_task", _failing_runner(error))
+    out = tmp_path / "out.json"
+    result = run_cli("run", "classify", models["imagenet_conv"], images[0], "-o", out)
+    # An unforeseen error is one line too (ConverterGroup), never a traceback.
+    assert result.exit_code == code and "Traceback" not in result.stderr
+    assert ("nothing was written" if code == 130 else "error: boom") in result.stderr
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_input_error_after_a_staged_file(models, images, tmp_path, monkeypatch):
+    import perceiver_torch.pipelines.image as image_module
+    from perceiver_torch.pipelines import InputError
+
+    monkeypatch.setattr(image_module, "run_task", _failing_runner(InputError("bad frame")))
+    out = tmp_path / "out.json"
+    result = run_cli("run", "classify", models["imagenet_conv"], images[0], "-o", out)
+    assert result.exit_code == 3 and result.stderr.strip().endswith("error: bad frame")
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_staging_commits_all_or_nothing(tmp_path):
+    staging = Staging(protected=[tmp_path / "input.png"])
+    with staging.open_output(tmp_path / "a.bin") as handle:
+        handle.write(b"a")
+    with staging.output_path(tmp_path / "b.mp4") as temp:
+        assert temp.suffix == ".mp4" and temp.parent == tmp_path
+        temp.write_bytes(b"b")
+    assert not (tmp_path / "a.bin").exists() and not (tmp_path / "b.mp4").exists()
+    assert staging.commit() == [tmp_path / "a.bin", tmp_path / "b.mp4"]
+    assert (tmp_path / "a.bin").read_bytes() == b"a" and (tmp_path / "b.mp4").read_bytes() == b"b"
+    other = Staging(protected=[tmp_path / "a.bin"])
+    from converter.errors import ConverterError
+
+    with pytest.raises(ConverterError, match="one of the inputs"):
+        with other.open_output(tmp_path / "a.bin"):
+            pass
+    with other.open_output(tmp_path / "c.bin") as handle:
+        handle.write(b"c")
+    with pytest.raises(ConverterError, match="twice"):
+        with other.output_path(tmp_path / "c.bin"):
+            pass
+    other.discard()
+    assert not (tmp_path / "c.bin").exists() and leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------
+# progress, help, registry, imports
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_only_on_a_terminal():
+    terminal = _Terminal()
+    assert list(progress_bar(False, terminal)(iter(range(5)), 5, "tiles")) == list(range(5))
+    assert "tiles" in terminal.getvalue()
+    for quiet, stream in ((True, _Terminal()), (False, io.StringIO())):
+        assert list(progress_bar(quiet, stream)(iter(range(5)), 5, "tiles")) == list(range(5))
+        assert stream.getvalue() == ""
+
+
+def test_help_lists_every_task():
+    result = run_cli("run", "--help")
+    assert result.exit_code == 0
+    for name, spec in TASKS.items():
+        assert name in result.stdout
+        for option in spec.options:
+            assert option.flag in result.stdout
+
+
+def test_registry_entries_resolve():
+    from perceiver_torch.pipelines.base import import_attribute
+
+    for name in ("fill-mask", "classify"):
+        spec = TASKS[name]
+        assert spec.available()
+        for reference in (spec.pipeline, spec.runner, spec.demo):
+            assert callable(import_attribute(reference))
+    assert set(TASKS) >= {"fill-mask", "classify", "flow", "autoencode"}
+
+
+def test_demo_runs_the_text_and_image_tasks(tmp_path):
+    from converter.run_cli import format_task_demos, run_task_demos
+
+    rows = {row["task"]: row for row in run_task_demos(tmp_path)}
+    for task in ("fill-mask", "classify"):
+        assert rows[task]["error"] is None and rows[task]["answer"], rows[task]
+    assert rows["classify"]["model"] == "imagenet_learned"
+    assert "answers are noise" in format_task_demos(list(rows.values()))
+    assert (tmp_path / "classify" / "picture.png").is_file()
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_imports_need_no_media_libraries():
+    # Media libraries made unimportable: the packages and `run --help` still work, and
+    # classify says which extra to install (exit 2).
+    image = str(Path(__file__).parent / "data" / "golden" / "imagenet_conv" / "checkpoint.pickle")
+    code = f"""
+import sys
+for name in ("PIL", "PIL.Image", "cv2", "av"):
+    sys.modules[name] = None
+import perceiver_torch, perceiver_torch.pipelines, converter.cli
+from click.testing import CliRunner
+runner = CliRunner()
+assert runner.invoke(converter.cli.main, ["run", "--help"]).exit_code == 0
+result = runner.invoke(converter.cli.main, ["run", "classify", {image!r}, {image!r}])
+assert result.exit_code == 2, result.output
+assert "perceiver-convert[media]" in result.stderr, result.stderr
+assert "reading" not in result.stderr  # refused before the checkpoint is read
+print("ok")
+"""
+    completed = _python(code)
+    assert completed.stdout.strip() == "ok", completed.stderr
+
+
+def test_cli_import_does_not_import_torch():
+    completed = _python("import sys, converter.cli; print('torch' in sys.modules)")
+    assert completed.stdout.strip() == "False", completed.stderr
+
+
+def test_demo_command_shows_the_tasks(monkeypatch):
+    """The demo's wiring: model rows, then the task table; a failed task exits 3."""
+    import converter.demo
+    import converter.run_cli
+
+    model_row = {"model": "imagenet_conv", "size": "tiny", "params": 1, "convert_seconds": 0.1,
+                 "relative": None, "argmax": None, "parity": "skipped", "round_trip": "-",
+                 "error": None}
+    monkeypatch.setattr(converter.demo, "run_demo", lambda names, **kw: [dict(model_row)])
+    task_rows = [{"task": "classify", "model": "imagenet_learned", "input": "picture.png",
+                  "answer": "class 3 (0.21)", "error": None}]
+    monkeypatch.setattr(converter.run_cli, "run_task_demos", lambda folder, **kw: task_rows)
+    result = run_cli("demo", "--models", "imagenet_conv", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout) == {"models": [model_row], "tasks": task_rows}
+    assert "answers are noise" in result.stderr and "class 3 (0.21)" in result.stderr
+    no_tasks = run_cli("demo", "--models", "imagenet_conv", "--no-tasks", "--json")
+    assert json.loads(no_tasks.stdout)["tasks"] == []
+    task_rows[0]["error"] = "the picture could not be made"
+    failed = run_cli("demo", "--models", "imagenet_conv")
+    # Without --json the tables are the result: stdout.
+    assert failed.exit_code == 3 and "ERROR: the picture could not be made" in failed.stdout
