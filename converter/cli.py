@@ -658,7 +658,8 @@ _QUIET_OPTION = click.option(
     type=click.Choice(["float32", "float16", "bfloat16"]),
     default="float32",
     show_default=True,
-    help="Storage dtype of the floating-point tensors.",
+    help="Storage dtype of the floating-point tensors (recorded in the metadata; "
+    "perceiver_torch.load runs the model in it unless told otherwise).",
 )
 @click.option(
     "--verify",

@@ -5,12 +5,14 @@ is measured on, oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, which
 torch.compile uses for the same layers) is 15-20% faster for every shape of these
 models, and linear layers are most of their time. :class:`Linear` uses it when no
 gradient is being recorded (``torch.no_grad`` / ``torch.inference_mode``) on float32
-CPU tensors, and ``F.linear`` otherwise: training; bfloat16/float16 (``F.linear``
-already runs oneDNN's reduced-precision matmul on CPU, with float32 accumulation);
-CUDA or any other device (the kernel is CPU-only); inside ``torch.compile`` (whose
-inductor backend cannot lower this op, and picks its own linear kernels); a torch build
-without oneDNN. Both compute the same products in float32; only the order of the
-additions differs (relative differences around 1e-7).
+or bfloat16 CPU tensors, and ``F.linear`` otherwise: training; float16 (CPUs without
+native float16 matmuls); CUDA or any other device (the kernel is CPU-only); inside
+``torch.compile`` (whose inductor backend cannot lower this op, and picks its own
+linear kernels); a torch build without oneDNN (probed once per dtype). Both compute
+the same products with float32 accumulation; only the order of the additions differs
+(relative differences around 1e-7 in float32; in bfloat16 both round the result to
+bfloat16). In bfloat16 the kernel adds the bias in the same pass, where ``F.linear``
+first copies the broadcast bias into the output.
 
 This is the ``FastPath.ONEDNN_LINEAR`` fast path (:mod:`perceiver_torch.fast_paths`):
 ``fast_paths.plain()`` or ``PERCEIVER_TORCH_ONEDNN=0`` always use ``F.linear``.
@@ -18,7 +20,7 @@ This is the ``FastPath.ONEDNN_LINEAR`` fast path (:mod:`perceiver_torch.fast_pat
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,16 +31,34 @@ from .fast_paths import FastPath, enabled
 _available: Optional[bool] = None  # None: not probed yet
 
 
-def _onednn_kernel_available() -> bool:
-    """Whether this torch has a working oneDNN linear kernel (probed once)."""
+# The dtypes the oneDNN path takes (float32 probed in _available, others here).
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_available_reduced: Dict[torch.dtype, bool] = {}
+
+
+def _probe(dtype: torch.dtype) -> bool:
+    try:
+        kernel = torch.ops.mkldnn._linear_pointwise
+        ones = dict(dtype=dtype)
+        probe = kernel(
+            torch.ones(2, 3, **ones), torch.ones(4, 3, **ones), torch.zeros(4, **ones),
+            "none", [], "",
+        )
+        return bool(torch.equal(probe, torch.full((2, 4), 3.0, **ones)))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _onednn_kernel_available(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether this torch has a working oneDNN linear kernel for ``dtype`` (probed
+    once per dtype)."""
     global _available
+    if dtype != torch.float32:
+        if dtype not in _available_reduced:
+            _available_reduced[dtype] = dtype in ONEDNN_DTYPES and _probe(dtype)
+        return _available_reduced[dtype]
     if _available is None:
-        try:
-            kernel = torch.ops.mkldnn._linear_pointwise
-            probe = kernel(torch.ones(2, 3), torch.ones(4, 3), torch.zeros(4), "none", [], "")
-            _available = bool(torch.equal(probe, torch.full((2, 4), 3.0)))
-        except (AttributeError, RuntimeError, NotImplementedError):
-            _available = False
+        _available = _probe(torch.float32)
     return _available
 
 
@@ -47,9 +67,9 @@ def _onednn_kernel(*args):
     return torch.ops.mkldnn._linear_pointwise(*args)
 
 
-def _onednn_linear_enabled() -> bool:
-    """Whether the oneDNN path is switched on here and its kernel exists."""
-    return enabled(FastPath.ONEDNN_LINEAR) and _onednn_kernel_available()
+def _onednn_linear_enabled(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the oneDNN path is switched on here and its kernel exists for ``dtype``."""
+    return enabled(FastPath.ONEDNN_LINEAR) and _onednn_kernel_available(dtype)
 
 
 def _compiling() -> bool:
@@ -65,10 +85,10 @@ def uses_onednn(x: Tensor, weight: Tensor) -> bool:
         not torch.is_grad_enabled()
         and x.device.type == "cpu"
         and weight.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
+        and x.dtype == weight.dtype
+        and x.dtype in ONEDNN_DTYPES
         and not _compiling()
-        and _onednn_linear_enabled()
+        and _onednn_linear_enabled(x.dtype)
     )
 
 

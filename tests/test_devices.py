@@ -56,19 +56,22 @@ def test_forward_on_the_meta_device(name):
             assert model.tiled(frames, min_overlap=4).device.type == "meta"
 
 
-def test_onednn_path_is_cpu_float32_only(monkeypatch):
+def test_onednn_path_is_cpu_float32_and_bfloat16_only(monkeypatch):
     """The CPU-only oneDNN kernel is never called for other devices or dtypes."""
 
     def not_expected(*args, **kwargs):
         raise AssertionError("the oneDNN kernel was called")
 
-    monkeypatch.setattr(linear_module, "_onednn_linear_enabled", lambda: True)
+    monkeypatch.setattr(linear_module, "_onednn_linear_enabled", lambda dtype=None: True)
     layer = Linear(6, 3)
     with torch.no_grad():
         assert linear_module.uses_onednn(torch.randn(2, 6), layer.weight)
+        assert linear_module.uses_onednn(
+            torch.randn(2, 6).bfloat16(), layer.weight.bfloat16()
+        )
+        assert not linear_module.uses_onednn(torch.randn(2, 6), layer.weight.bfloat16())
         for device, dtype in (
             ("meta", torch.float32),
-            ("cpu", torch.bfloat16),
             ("cpu", torch.float16),
             ("cpu", torch.float64),
         ):
@@ -81,6 +84,28 @@ def test_onednn_path_is_cpu_float32_only(monkeypatch):
             assert out.device.type == device and out.dtype == dtype
             if device == "cpu":
                 assert torch.equal(out, F.linear(x, moved.weight, moved.bias))
+
+
+def test_onednn_bfloat16_path_matches_f_linear(monkeypatch):
+    """In bfloat16 the oneDNN kernel computes F.linear: both accumulate the products
+    of the same bfloat16 inputs in float32 and round once to bfloat16, so they differ
+    by at most one rounding of each (2u, u = 2^-8) of the largest output, plus the
+    float32 accumulation order (~2^-24 K for K = 96 terms: negligible)."""
+    if not linear_module._onednn_linear_enabled(torch.bfloat16):
+        pytest.skip("no oneDNN bfloat16 linear kernel here: Linear is F.linear in bf16")
+    torch.manual_seed(0)
+    layer = Linear(96, 40).to(torch.bfloat16)
+    x = torch.randn(3, 17, 96).to(torch.bfloat16)
+    expected = F.linear(x, layer.weight, layer.bias)
+
+    def not_expected(*args, **kwargs):
+        raise AssertionError("the bfloat16 inference path fell back to F.linear")
+
+    monkeypatch.setattr(linear_module.F, "linear", not_expected)
+    with torch.inference_mode():
+        fast = layer(x)
+    assert fast.dtype == torch.bfloat16 and fast.shape == expected.shape
+    assert relative(fast, expected.double()) <= 2 * 2.0**-8
 
 
 # -- CUDA ------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def gamma(name: str, dtype: torch.dtype) -> float:
 
 def relative(actual: torch.Tensor, reference: torch.Tensor) -> float:
     """max |actual - reference| / max |reference| (float64); inf when not finite."""
-    actual = actual.double()
+    actual, reference = actual.detach().double(), reference.detach()
     if not torch.isfinite(actual).all():
         return math.inf
     return float((actual - reference).abs().max() / reference.abs().max())
