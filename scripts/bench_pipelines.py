@@ -160,7 +160,7 @@ def main(argv: Any = None) -> int:
             f"flow, 436x1024 pair ({f['tiles']} tiles): batched ({f['batch_size']} per call) "
             f"{f['batched_s']:.1f} s; one tile at a time {f['one_tile_at_a_time_s']:.1f} s: "
             f"{f['speedup']:.2f}x, best of {f['rounds']} alternating rounds (max diff "
-            f"{f['max_abs_diff_px']:.1e} px on flows up to {f['max_abs_flow_px']:.1f} px)",
+            f"{f['max_abs_diff_px']:.1e} px on flows up to {f['max_abs_flow_px']:.3g} px)",
             file=sys.stderr,
         )
     print(f"cpu: {report['cpu']}, {report['threads']} threads, torch {report['torch']}",
