@@ -195,7 +195,7 @@ def _rgb(frame: FrameInput) -> np.ndarray:
 _SUFFIXES = (".flo", ".png", ".npy", ".npz", ".mp4", ".gif")
 
 
-def _output_base(inputs: Sequence[str], options: RunOptions, video: bool) -> Tuple[Path, str]:
+def _output_base(inputs: Sequence[str], options: RunOptions) -> Tuple[Path, str]:
     """(stem path, video suffix) of the files to write."""
     first = Path(inputs[0])
     out = options.output
@@ -286,7 +286,7 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
         results.append(pipeline.flow_of(frames[i], frames[i + 1]))
     files: List[str] = []
     documents = []
-    base, _ = _output_base(inputs, options, video=False)
+    base, _ = _output_base(inputs, options)
     if options.arrays:
         stack = results[0].flow if len(results) == 1 else np.stack([r.flow for r in results])
         _write_arrays(options, stack, files)
@@ -341,7 +341,7 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
     if options.arrays:
         _write_arrays(options, stack, files)
     else:
-        base, suffix = _output_base([path], options, video=True)
+        base, suffix = _output_base([path], options)
         if render == "wheel":
             scale = max(_magnitude(f) for f in flows)
             pictures = np.stack([render_flow(f, "wheel", scale) for f in flows])
@@ -399,5 +399,8 @@ def demo_task(model: torch.nn.Module, folder: Path, options: RunOptions) -> Dict
     return {
         "task": "flow",
         "input": f"2 frames {first.shape[0]}x{first.shape[1]} (moved +2, +1 px)",
-        "answer": f"mean flow ({u:+.2f}, {v:+.2f}) px, {result.tiles} tiles -> flow.flo, flow.png",
+        "answer": (
+            f"mean flow ({u:+.2f}, {v:+.2f}) px (random weights: noise), "
+            f"{result.tiles} tiles -> flow.flo, flow.png"
+        ),
     }
