@@ -79,8 +79,8 @@ class _WithModel:
         return getattr(self._prepared, name)
 
     def build_model(self, dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
-        """CONVERTED's model, with its weights as they are stored (``dtype`` is the
-        rounding verify asks for; the file's own weights already carry theirs)."""
+        # verify_prepared asks for the weights rounded to ``dtype``; the converted
+        # file's model already holds the weights as they were stored.
         return self._model
 
 
@@ -96,7 +96,7 @@ def verify_against_reference(
     import perceiver_torch
     from converter.conversion import prepare
     from converter.hf_import import is_hf_input, prepare_hf
-    from converter.converted_files import read_converted
+    from converter.outputs import read_converted
     from converter.verify import require_jax, verify_prepared
 
     require_jax()
@@ -120,10 +120,22 @@ def verify_against_reference(
     check = compare_tensors(official.state_dict(), got)
     if check.missing or check.unexpected:
         return check, None  # no model to run
-    model = perceiver_torch.load(converted) if not is_hf_input(converted) else theirs.build_model()
+    dtype = "float32"
+    if is_hf_input(converted):
+        model = theirs.build_model()
+    else:
+        # Stored float16/bfloat16 weights are checked as verify checks them: those
+        # values in a float32 model, against the tolerance for that dtype.
+        dtype = metadata.get("dtype", "float32")
+        model = perceiver_torch.build(model_name, official.config_object())
+        model.load_state_dict(
+            {k: v.float() if v.is_floating_point() else v for k, v in got.items()},
+            strict=True,
+        )
+        model.eval()
     progress("forward parity of the converted model against the JAX reference")
     report = verify_prepared(_WithModel(official, model), seed=seed, batch=batch,
-                             progress=progress)
+                             dtype=dtype, progress=progress)
     return check, report
 
 
