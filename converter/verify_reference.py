@@ -96,7 +96,7 @@ def verify_against_reference(
     import perceiver_torch
     from converter.conversion import prepare
     from converter.hf_import import is_hf_input, prepare_hf
-    from converter.outputs import read_converted
+    from converter.converted_files import read_converted
     from converter.verify import require_jax, verify_prepared
 
     require_jax()
