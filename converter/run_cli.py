@@ -8,7 +8,10 @@ that the model fits the task, builds the task's pipeline and calls its runner wi
 
 Files the runner writes are staged next to their targets and renamed into place only
 when the whole run succeeds (:class:`Staging`): an error or an interrupt leaves no
-partial output, and no output may name an input. The parameters are built on first
+partial output, and no output may name an input. Every file a run would write
+(``TaskSpec.planned_outputs``) is checked before the model is loaded, with the other
+commands' rules (:func:`converter.atomic.check_outputs`): none may be an input, none
+may exist unless ``--force``. The parameters are built on first
 use (:class:`RunCommand`), so ``perceiver-convert --help`` and the commands that need
 no torch do not import it.
 """
@@ -56,8 +59,11 @@ tasks that write files list them under "files"]}}.
 the raw arrays: classify "logits" (N, classes), fill-mask "logits_I" (masked bytes,
 262) per input I) or, for flow and autoencode, the pictures, videos and sounds.
 Files appear only when the whole run succeeds; an output never replaces an input.
+Every file the run would write (-o and the names derived from it, e.g. flow's .flo and
+.png) is checked before the model is loaded: one that exists is refused unless --force.
 
-Exit codes: 0 ok; 2 usage error (bad option, wrong model for the task); 3 unreadable
+Exit codes: 0 ok; 2 usage error (bad option, wrong model for the task, an output that
+is an input or exists without --force); 3 unreadable
 or unusable input (bad image, text too long, too-small frame); 130 interrupted.
 With random weights (fixtures), the answers are noise.
 """
@@ -72,24 +78,43 @@ class Staging:
     renames them all into place in :meth:`commit` (each rename is atomic); on
     :meth:`discard` (error, interrupt) every temporary file is removed.
 
-    ``protected`` paths (the inputs and the model) may not be written.
+    ``protected`` paths (the inputs and the model) may not be written; an existing
+    file is replaced only with ``force``. ``planned`` (when given) lists every file
+    the task said it would write (``TaskSpec.planned_outputs``, checked before the
+    run); writing any other file is an error, so that no file escapes those checks.
     """
 
-    def __init__(self, protected: Iterable[Path] = ()) -> None:
+    def __init__(
+        self,
+        protected: Iterable[Path] = (),
+        *,
+        force: bool = True,
+        planned: Optional[Iterable[Path]] = None,
+    ) -> None:
         self._protected = [Path(p) for p in protected]
+        self._force = force
+        self._planned = None if planned is None else [Path(p) for p in planned]
         self._staged: List[Tuple[Path, Path]] = []
 
     def check(self, path: Path) -> Path:
-        """``path`` may be written: its folder exists, it is no input, not yet staged."""
-        from converter.atomic import check_output_path
+        """``path`` may be written: its folder exists, it is no input, it does not
+        exist (unless ``force``), it was planned, it is not yet staged.
+
+        Raises:
+            ConverterError: exit 2 for an input or an existing file
+                (:class:`~converter.errors.OutputError`), 3 for a missing folder.
+        """
+        from converter.atomic import check_output_path, check_outputs
 
         path = check_output_path(path)
-        for other in self._protected:
-            if _same_file(path, other):
-                raise ConverterError(
-                    f"refusing to write {path}: it is one of the inputs; choose another "
-                    "output path"
-                )
+        check_outputs(path, self._protected, force=self._force)
+        if self._planned is not None and not any(
+            _same_file(path, planned) for planned in self._planned
+        ):
+            raise ConverterError(
+                f"internal error: the task wrote {path}, which its planned outputs do "
+                "not list (TaskSpec.outputs); nothing was written"
+            )
         if any(_same_file(path, target) for _, target in self._staged):
             raise ConverterError(f"{path} would be written twice in one run")
         return path
@@ -292,8 +317,14 @@ def _build_params() -> List[click.Parameter]:
                      help="Write the raw arrays to -o OUT.npz."),
         click.Option(["-q", "--quiet"], is_flag=True,
                      help="Nothing on stderr but errors (no summary, no progress)."),
+        click.Option(
+            ["--force"],
+            is_flag=True,
+            help="Replace output files that exist (every file the run writes; never an "
+            "input). Without it an existing output is refused before any work.",
+        ),
     ]
-    seen = {"--output", "--top-k", "--json", "--npy", "--npz", "--quiet"}
+    seen = {"--output", "--top-k", "--json", "--npy", "--npz", "--quiet", "--force"}
     for spec in TASKS.values():
         for option in spec.options:
             if option.flag in seen:
@@ -376,6 +407,40 @@ def _existing_paths(inputs: Sequence[str]) -> List[Path]:
     return paths
 
 
+def _protected_paths(spec: Any, model_path: Path, kwargs: Dict[str, Any]) -> List[Path]:
+    """What no output may replace: MODEL, the INPUTs that name files, and the files
+    given to the task's path options (autoencode's ``--audio``)."""
+    paths = [model_path] + _existing_paths(kwargs["inputs"])
+    for option in spec.options:
+        if option.kind == "path":
+            values = kwargs.get(option.dest)
+            values = values if option.multiple else [values]
+            paths.extend(Path(value) for value in values or () if value is not None)
+    return paths
+
+
+def _check_planned(
+    ctx: click.Context, planned: Sequence[Path], protected: Sequence[Path], force: bool
+) -> None:
+    """Every planned output, before any work: its folder exists and is writable
+    (:func:`~converter.cli.output_path_callback`), it is no input and does not exist
+    unless ``force`` (:func:`~converter.atomic.check_outputs`), it is planned once.
+    Each refusal exits 2."""
+    from converter.atomic import check_outputs
+    from converter.cli import output_path_callback
+    from converter.errors import OutputError
+
+    option = next(p for p in ctx.command.get_params(ctx) if p.name == "output")
+    for i, path in enumerate(planned):
+        output_path_callback(ctx, option, path)
+        check_outputs(path, protected, force=force)
+        if any(_same_file(path, other) for other in planned[:i]):
+            raise OutputError(
+                f"{path} would be written twice in one run; give the inputs different "
+                "names or run them one at a time"
+            )
+
+
 def _run(**kwargs: Any) -> None:
     from perceiver_torch.pipelines import TASKS
     from perceiver_torch.pipelines.base import PipelineError, RunOptions, import_attribute
@@ -396,20 +461,32 @@ def _run(**kwargs: Any) -> None:
     extra = _task_extra(task, kwargs, ctx)
     if not spec.available():
         raise click.UsageError(f"task {task} is not available in this version")
-    protected = [model_path] + _existing_paths(kwargs["inputs"])
-    staging = Staging(protected)
-    if output is not None and not output.is_dir():
-        # Up front, before minutes of work: the folder exists, OUT is no input.
-        try:
-            staging.check(output)
-        except ConverterError as error:
-            raise click.BadParameter(str(error), param_hint="-o/--output") from None
+    force: bool = kwargs["force"]
+    protected = _protected_paths(spec, model_path, kwargs)
 
     def echo(line: str) -> None:
         if not quiet:
             click.echo(line, err=True)
 
+    staging = Staging(protected, force=force, planned=())  # replaced once planned
     try:
+        options = RunOptions(
+            output=output,
+            top_k=kwargs["top_k"],
+            arrays=arrays,
+            quiet=quiet,
+            progress=progress_bar(quiet),
+            echo=echo,
+            extra=extra,
+        )
+        # Up front, before minutes of work and before the model is loaded: every file
+        # the run would write (-o and the names derived from it) has a folder, is no
+        # input and, without --force, does not exist yet.
+        planned = spec.planned_outputs(list(kwargs["inputs"]), options)
+        _check_planned(ctx, planned, protected, force)
+        staging = Staging(protected, force=force, planned=planned)
+        options.open_output = staging.open_output
+        options.output_path = staging.output_path
         spec.check_requirements()  # before a possibly long conversion
         model, how = load_any_model(model_path, progress=lambda message: echo(f"  {message}"))
         name = getattr(model, "model_name", type(model).__name__)
@@ -420,17 +497,6 @@ def _run(**kwargs: Any) -> None:
                 f"{name} model" + (f" (run it with: run {hint})" if hint else "")
             )
         echo(f"{task} with {name} ({how})")
-        options = RunOptions(
-            output=output,
-            top_k=kwargs["top_k"],
-            arrays=arrays,
-            quiet=quiet,
-            progress=progress_bar(quiet),
-            echo=echo,
-            open_output=staging.open_output,
-            output_path=staging.output_path,
-            extra=extra,
-        )
         pipeline = import_attribute(spec.pipeline)(model)
         runner = import_attribute(spec.runner)
         results = runner(pipeline, list(kwargs["inputs"]), options)

@@ -254,7 +254,7 @@ def test_usage_errors(models, images, tmp_path):
         (["--npy"], "-o OUT.npy"),
         (["--npz", "-o", tmp_path / "x.npy"], "ending in .npz"),
         (["-o", tmp_path / "missing" / "out.json"], "does not exist"),
-        (["-o", images[0]], "one of the inputs"),
+        (["-o", images[0]], "it is the input"),
         (["--span", "1:2"], "--span is an option of fill-mask"),
         (["--top-k", "0"], "--top-k"),
     ]
@@ -262,7 +262,7 @@ def test_usage_errors(models, images, tmp_path):
     text_file.write_text(MARKED)
     result = run_cli("run", "fill-mask", models["language_perceiver"], f"@{text_file}",
                      "-o", text_file)
-    assert result.exit_code == 2 and "one of the inputs" in result.stderr
+    assert result.exit_code == 2 and "it is the input" in result.stderr
     assert text_file.read_text() == MARKED
     before = images[0].read_bytes()
     for extra, message in cases:
@@ -348,7 +348,7 @@ def test_staging_commits_all_or_nothing(tmp_path):
     other = Staging(protected=[tmp_path / "a.bin"])
     from converter.errors import ConverterError
 
-    with pytest.raises(ConverterError, match="one of the inputs"):
+    with pytest.raises(ConverterError, match="it is the input"):
         with other.open_output(tmp_path / "a.bin"):
             pass
     with other.open_output(tmp_path / "c.bin") as handle:

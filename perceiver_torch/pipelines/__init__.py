@@ -42,9 +42,15 @@ Contract of a task (how ``perceiver-convert run TASK`` finds and runs it)
    ``function(model, folder: Path, options: RunOptions) -> dict`` with a tiny model of
    random weights: it makes its own media in ``folder``, runs the pipeline once and
    returns ``{"task", "input", "answer"}`` (short strings) for the demo's table.
-6. ``spec.requires``: the optional libraries every run imports; missing ones are
+6. ``spec.outputs = "module:function"`` or None, called as ``function(inputs,
+   options) -> list[Path]``: every file the runner would write, from the names alone
+   (no input read). The CLI checks them all before loading the model: none may be an
+   input, none may exist unless ``--force``; the runner may write no other file. None
+   means the task writes ``options.output`` only (when given).
+   :meth:`~.base.TaskSpec.planned_outputs` calls it.
+7. ``spec.requires``: the optional libraries every run imports; missing ones are
    reported (exit 2, with the extra to install) before the model is loaded.
-7. Errors: raise :class:`~.base.InputError` (unreadable or unusable input, exit 3),
+8. Errors: raise :class:`~.base.InputError` (unreadable or unusable input, exit 3),
    :class:`~.base.WrongModelError` (exit 2) or another :class:`~.base.PipelineError`
    with the right ``exit_code``; the message is one line saying what is wrong and how
    to fix it. Optional libraries are imported with :func:`~.base.require`.
@@ -116,6 +122,7 @@ TASKS: Dict[str, TaskSpec] = {
             pipeline=".flow:FlowPipeline",
             runner=".flow:run_task",
             demo=".flow:demo_task",
+            outputs=".flow:planned_outputs",
             summary="optical flow of frame pairs or a video (optical_flow)",
             input_help="two frames, or a video",
             requires=("PIL",),
@@ -143,6 +150,7 @@ TASKS: Dict[str, TaskSpec] = {
             pipeline=".video:AutoencodePipeline",
             runner=".video:run_task",
             demo=".video:demo_task",
+            outputs=".video:planned_outputs",
             summary="autoencode a video with its sound, and its Kinetics-700 labels",
             input_help="a video (with a sound track, or give --audio)",
             requires=("av", "cv2"),

@@ -22,6 +22,7 @@ from typing import (
     Dict,
     Iterable,
     Iterator,
+    List,
     Optional,
     Sequence,
     Tuple,
@@ -169,6 +170,11 @@ class TaskSpec:
         options: the task's own command-line options.
         requires: the optional libraries every run of the task imports (``"PIL"``,
             ``"cv2"``, ``"av"``), checked before the model is loaded.
+        outputs: ``"module:function"`` or None; ``function(inputs, options) -> list
+            of Path``: every file the runner would write for these inputs and options,
+            worked out without reading an input, so that the CLI can refuse existing
+            files and inputs before any work (see :meth:`planned_outputs`). None: the
+            task writes ``options.output`` only.
     """
 
     name: str
@@ -180,6 +186,16 @@ class TaskSpec:
     input_help: str
     options: Tuple[TaskOption, ...] = ()
     requires: Tuple[str, ...] = ()
+    outputs: Optional[str] = None
+
+    def planned_outputs(self, inputs: Sequence[str], options: "RunOptions") -> List[Path]:
+        """Every file a run on ``inputs`` with ``options`` would write, in the order
+        the runner writes them; ``[]`` when it writes none. Raises
+        :class:`PipelineError` for inputs the runner would refuse anyway (wrong count,
+        a mix of kinds)."""
+        if self.outputs is not None:
+            return [Path(path) for path in import_attribute(self.outputs)(list(inputs), options)]
+        return [] if options.output is None else [Path(options.output)]
 
     def check_requirements(self) -> None:
         """Raises :class:`PipelineError` (exit 2) naming the extra to install when a

@@ -264,6 +264,32 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     render = options.extra.get("render") or "wheel"
     pipeline.pad = bool(options.extra.get("pad", pipeline.pad))
     pipeline.progress = options.progress
+    if _is_video_run(inputs):
+        return [_run_video(pipeline, inputs[0], options, render)]
+    frames = [_rgb(path) for path in inputs]
+    results = []
+    for i in range(len(frames) - 1):
+        results.append(pipeline.flow_of(frames[i], frames[i + 1]))
+    files: List[str] = []
+    documents = []
+    if options.arrays:
+        stack = results[0].flow if len(results) == 1 else np.stack([r.flow for r in results])
+        _write_arrays(options, stack, files)
+    targets = _pair_targets(inputs, options)
+    for i, result in enumerate(results):
+        written: List[str] = []
+        if not options.arrays:
+            flo, png = targets[i]
+            _write(options, flo, result.flo_bytes(), written)
+            _write(options, png, _png_bytes(result.picture(render)), written)
+        documents.append(_pair_document(inputs[i], inputs[i + 1], result, written or files))
+        options.echo(_pair_line(inputs[i], inputs[i + 1], result))
+    return documents
+
+
+def _is_video_run(inputs: Sequence[str]) -> bool:
+    """True for one video, False for two or more frames; raises PipelineError (exit 2)
+    for anything else (the same check before and during the run)."""
     videos = [is_video_path(i) for i in inputs]
     if any(videos):
         if len(inputs) != 1:
@@ -272,7 +298,7 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
             )
             error.exit_code = 2
             raise error
-        return [_run_video(pipeline, inputs[0], options, render)]
+        return True
     if len(inputs) < 2:
         error = PipelineError(
             f"flow needs two frames (or a video); got only {inputs[0]}: give the next "
@@ -280,25 +306,36 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
         )
         error.exit_code = 2
         raise error
-    frames = [_rgb(path) for path in inputs]
-    results = []
-    for i in range(len(frames) - 1):
-        results.append(pipeline.flow_of(frames[i], frames[i + 1]))
-    files: List[str] = []
-    documents = []
+    return False
+
+
+def _pair_targets(inputs: Sequence[str], options: RunOptions) -> List[Tuple[Path, Path]]:
+    """(OUT.flo, OUT.png) of each consecutive frame pair (``OUT_0000.flo``, ... for
+    several pairs)."""
     base, _ = _output_base(inputs, options)
+    pairs = len(inputs) - 1
+    targets = []
+    for i in range(pairs):
+        stem = base if pairs == 1 else base.with_name(f"{base.name}_{i:04d}")
+        targets.append((stem.with_name(stem.name + ".flo"), stem.with_name(stem.name + ".png")))
+    return targets
+
+
+def _video_target(inputs: Sequence[str], options: RunOptions) -> Path:
+    base, suffix = _output_base(inputs, options)
+    return base.with_name(base.name + suffix)
+
+
+def planned_outputs(inputs: List[str], options: RunOptions) -> List[Path]:
+    """``TaskSpec.outputs`` of flow: the files :func:`run_task` writes for ``inputs``
+    (worked out from the names alone, before any frame is read)."""
+    video = _is_video_run(inputs)
     if options.arrays:
-        stack = results[0].flow if len(results) == 1 else np.stack([r.flow for r in results])
-        _write_arrays(options, stack, files)
-    for i, result in enumerate(results):
-        written: List[str] = []
-        if not options.arrays:
-            stem = base if len(results) == 1 else base.with_name(f"{base.name}_{i:04d}")
-            _write(options, stem.with_name(stem.name + ".flo"), result.flo_bytes(), written)
-            _write(options, stem.with_name(stem.name + ".png"), _png_bytes(result.picture(render)), written)
-        documents.append(_pair_document(inputs[i], inputs[i + 1], result, written or files))
-        options.echo(_pair_line(inputs[i], inputs[i + 1], result))
-    return documents
+        assert options.output is not None  # the CLI requires -o OUT.npy / OUT.npz
+        return [options.output]
+    if video:
+        return [_video_target(inputs, options)]
+    return [path for pair in _pair_targets(inputs, options) for path in pair]
 
 
 def _magnitude(flow: np.ndarray) -> float:
@@ -341,13 +378,12 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
     if options.arrays:
         _write_arrays(options, stack, files)
     else:
-        base, suffix = _output_base([path], options)
         if render == "wheel":
             scale = max(_magnitude(f) for f in flows)
             pictures = np.stack([render_flow(f, "wheel", scale) for f in flows])
         else:
             pictures = np.stack([render_flow(f, "hsv") for f in flows])
-        target = base.with_name(base.name + suffix)
+        target = _video_target([path], options)
         with options.output_path(target) as temp:
             write_video(temp, pictures, fps)
         files.append(str(target))

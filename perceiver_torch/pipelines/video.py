@@ -327,6 +327,46 @@ def _base(path: str, options: RunOptions, several: bool) -> Tuple[Path, str]:
     return out, ".mp4"
 
 
+def _check_inputs(inputs: Sequence[str], options: RunOptions) -> None:
+    """Refuses (PipelineError, exit 2) what no run can do: one -o file for several
+    videos, one --audio for several videos."""
+    several = len(inputs) > 1
+    if several and options.output is not None and not options.output.is_dir():
+        error = PipelineError(
+            "-o names one output but several videos were given; give one video, or -o "
+            "an existing folder"
+        )
+        error.exit_code = 2
+        raise error
+    if several and options.extra.get("audio") is not None:
+        error = PipelineError("--audio goes with one video; give one video with it")
+        error.exit_code = 2
+        raise error
+
+
+def _targets(path: str, options: RunOptions, several: bool) -> List[Path]:
+    """The files written for the video ``path``, in order: ``--npz``: [OUT.npz];
+    ``--npy``: [OUT.npy, OUT.audio.npy, OUT.label_logits.npy]; else [OUT.mp4 (or the
+    -o video suffix), OUT.wav]."""
+    if options.arrays is not None:
+        assert options.output is not None  # the CLI requires -o OUT.npy / OUT.npz
+        if options.arrays == "npz":
+            return [options.output]
+        stem = options.output.with_suffix("")
+        return [options.output, stem.with_name(stem.name + ".audio.npy"),
+                stem.with_name(stem.name + ".label_logits.npy")]
+    base, video_suffix = _base(path, options, several)
+    return [base.with_name(base.name + video_suffix), base.with_name(base.name + ".wav")]
+
+
+def planned_outputs(inputs: List[str], options: RunOptions) -> List[Path]:
+    """``TaskSpec.outputs`` of autoencode: every file :func:`run_task` writes for
+    ``inputs`` (from the names alone, before any video is read)."""
+    _check_inputs(inputs, options)
+    several = len(inputs) > 1
+    return [target for path in inputs for target in _targets(path, options, several)]
+
+
 def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOptions) -> List[dict]:
     """``perceiver-convert run autoencode MODEL VIDEO... [--audio WAV]``.
 
@@ -345,45 +385,32 @@ def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOption
     pipeline.top_k = options.top_k
     pipeline.progress = options.progress
     audio = options.extra.get("audio")
+    _check_inputs(inputs, options)
     several = len(inputs) > 1
-    if several and options.output is not None and not options.output.is_dir():
-        error = PipelineError(
-            "-o names one output but several videos were given; give one video, or -o "
-            "an existing folder"
-        )
-        error.exit_code = 2
-        raise error
-    if several and audio is not None:
-        error = PipelineError("--audio goes with one video; give one video with it")
-        error.exit_code = 2
-        raise error
     documents = []
     for path in inputs:
         result = pipeline(path, audio)
         files: List[str] = []
-        base, video_suffix = _base(path, options, several)
+        targets = _targets(path, options, several)
         if options.arrays == "npz":
-            _write(options, options.output, _bytes_of(
+            _write(options, targets[0], _bytes_of(
                 np.savez, frames=result.frames, audio=result.audio,
                 label_logits=result.label_logits), files)
         elif options.arrays == "npy":
-            stem = options.output.with_suffix("")
-            _write(options, options.output, _bytes_of(np.save, result.frames), files)
-            _write(options, stem.with_name(stem.name + ".audio.npy"), _bytes_of(np.save, result.audio), files)
-            _write(options, stem.with_name(stem.name + ".label_logits.npy"),
-                   _bytes_of(np.save, result.label_logits), files)
+            _write(options, targets[0], _bytes_of(np.save, result.frames), files)
+            _write(options, targets[1], _bytes_of(np.save, result.audio), files)
+            _write(options, targets[2], _bytes_of(np.save, result.label_logits), files)
         else:
-            target = base.with_name(base.name + video_suffix)
-            with options.output_path(target) as temp:
-                if video_suffix == ".gif":
+            video, wav = targets
+            with options.output_path(video) as temp:
+                if video.suffix == ".gif":
                     write_video(temp, result.video_uint8(), result.fps)
                 else:
                     write_video(temp, result.video_uint8(), result.fps, result.audio, result.sample_rate)
-            files.append(str(target))
-            if video_suffix == ".gif":
+            files.append(str(video))
+            if video.suffix == ".gif":
                 result.notes.append("a GIF has no sound: the sound is in the .wav")
-            _write(options, base.with_name(base.name + ".wav"),
-                   encode_wav(result.audio, result.sample_rate), files)
+            _write(options, wav, encode_wav(result.audio, result.sample_rate), files)
         options.echo(
             f"{path}: {len(result.clips)} clip(s) of {pipeline.num_frames} frames, "
             f"{result.sample_rate} Hz sound"

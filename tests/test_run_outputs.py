@@ -1,0 +1,349 @@
+"""``perceiver-convert run`` follows the output rules of the other commands, for every
+file a run writes (``-o`` and the names derived from it): an existing output is
+refused without ``--force`` before the model is loaded (exit 2, the file's bytes and
+the folder unchanged), ``--force`` replaces it, and an output that is an input
+(MODEL, an INPUT, ``--audio``; by any path, symbolic or hard link) is refused even
+with ``--force``.
+
+Each case also checks that the planned outputs (``TaskSpec.planned_outputs``) are
+exactly the files the run then writes, so that a name the runner derives cannot
+escape the up-front check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import numpy as np
+import pytest
+
+import converter.run_cli as run_cli_module
+from converter.conversion import convert
+from converter.errors import ConverterError, OutputError
+from converter.run_cli import Staging
+from tests.conftest import golden_checkpoint_path
+from tests.helpers import run_cli
+
+Image = pytest.importorskip("PIL.Image")
+pytest.importorskip("cv2")
+pytest.importorskip("av")
+
+from perceiver_torch.pipelines.flow import textured_pair  # noqa: E402  (needs the media extra)
+from perceiver_torch.pipelines.video import make_test_video  # noqa: E402
+
+MARKED = "This is an incomplete sentence where some words are[MASK*9]"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Dict[str, Path]:
+    """Converted tiny models (from the golden official-format checkpoints)."""
+    folder = tmp_path_factory.mktemp("models")
+    out = {}
+    for name in ("language_perceiver", "imagenet_conv", "optical_flow", "video_autoencoding"):
+        out[name] = folder / f"{name}.safetensors"
+        convert(golden_checkpoint_path(name), out[name])
+    return out
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def listing(folder: Path) -> Dict[str, str]:
+    """Every file under ``folder`` (temporary files included) with its checksum."""
+    return {
+        str(p.relative_to(folder)): digest(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fails the test if the model is loaded: a refusal must come before any work."""
+
+    monkeypatch.setattr(run_cli_module, "load_any_model", _refuse_load)
+
+
+def _refuse_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the outputs were checked")
+
+
+def _frames(folder: Path, count: int) -> List[Path]:
+    first, second = textured_pair(40, 56, shift=(1, 2), seed=1)
+    paths = []
+    for i in range(count):
+        path = folder / f"frame{i}.png"
+        Image.fromarray((first, second)[i % 2]).save(path)
+        paths.append(path)
+    return paths
+
+
+def _image(folder: Path) -> Path:
+    path = folder / "image0.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _video(path: Path, frames: int = 4) -> Path:
+    make_test_video(path, frames, size=(32, 32))
+    return path
+
+
+# Each case: (task, model, make(folder) -> (arguments after MODEL, every file the run
+# writes)). The file lists are the documented names (README "Tasks", the runners'
+# docstrings), written out here rather than computed by the code under test.
+Case = Callable[[Path], Tuple[List[object], List[Path]]]
+
+
+def _fill_json(t: Path):
+    return [MARKED, "-o", t / "fill.json"], [t / "fill.json"]
+
+
+def _fill_npz(t: Path):
+    return [MARKED, "--npz", "-o", t / "fill.npz"], [t / "fill.npz"]
+
+
+def _classify_json(t: Path):
+    return [_image(t), "-o", t / "labels.json"], [t / "labels.json"]
+
+
+def _classify_npy(t: Path):
+    return [_image(t), "--npy", "-o", t / "logits.npy"], [t / "logits.npy"]
+
+
+def _flow_pair(t: Path):
+    a, b = _frames(t, 2)
+    return [a, b, "-o", t / "out.png"], [t / "out.flo", t / "out.png"]
+
+
+def _flow_pair_default(t: Path):
+    a, b = _frames(t, 2)  # no -o: <first input>.flow.* next to it
+    return [a, b], [t / "frame0.flow.flo", t / "frame0.flow.png"]
+
+
+def _flow_three_frames(t: Path):
+    frames = _frames(t, 3)
+    names = ["out_0000.flo", "out_0000.png", "out_0001.flo", "out_0001.png"]
+    return [*frames, "-o", t / "out.flo"], [t / n for n in names]
+
+
+def _flow_npz(t: Path):
+    a, b = _frames(t, 2)
+    return [a, b, "--npz", "-o", t / "flow.npz"], [t / "flow.npz"]
+
+
+def _flow_video(t: Path):
+    make_test_video(t / "clip.mp4", 3, size=(40, 56), sample_rate=None)
+    return [t / "clip.mp4"], [t / "clip.flow.mp4"]
+
+
+def _flow_video_gif(t: Path):
+    make_test_video(t / "clip.mp4", 3, size=(40, 56), sample_rate=None)
+    return [t / "clip.mp4", "-o", t / "moves.gif"], [t / "moves.gif"]
+
+
+def _autoencode(t: Path):
+    return [_video(t / "in.mp4"), "-o", t / "out.mp4"], [t / "out.mp4", t / "out.wav"]
+
+
+def _autoencode_npy(t: Path):
+    names = ["raw.npy", "raw.audio.npy", "raw.label_logits.npy"]
+    return [_video(t / "in.mp4"), "--npy", "-o", t / "raw.npy"], [t / n for n in names]
+
+
+def _autoencode_folder(t: Path):
+    (t / "results").mkdir()
+    names = ["v.autoencoded.mp4", "v.autoencoded.wav", "w.autoencoded.mp4", "w.autoencoded.wav"]
+    inputs = [_video(t / "v.mp4"), _video(t / "w.mp4")]
+    return [*inputs, "-o", t / "results"], [t / "results" / n for n in names]
+
+
+CASES: Dict[str, Tuple[str, str, Case]] = {
+    "fill-mask json": ("fill-mask", "language_perceiver", _fill_json),
+    "fill-mask npz": ("fill-mask", "language_perceiver", _fill_npz),
+    "classify json": ("classify", "imagenet_conv", _classify_json),
+    "classify npy": ("classify", "imagenet_conv", _classify_npy),
+    "flow pair": ("flow", "optical_flow", _flow_pair),
+    "flow pair, default names": ("flow", "optical_flow", _flow_pair_default),
+    "flow three frames": ("flow", "optical_flow", _flow_three_frames),
+    "flow npz": ("flow", "optical_flow", _flow_npz),
+    "flow video": ("flow", "optical_flow", _flow_video),
+    "flow video gif": ("flow", "optical_flow", _flow_video_gif),
+    "autoencode": ("autoencode", "video_autoencoding", _autoencode),
+    "autoencode npy": ("autoencode", "video_autoencoding", _autoencode_npy),
+    "autoencode two videos": ("autoencode", "video_autoencoding", _autoencode_folder),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_existing_outputs_need_force(case, models, tmp_path, monkeypatch):
+    task, model, make = CASES[case]
+    args, outputs = make(tmp_path)
+    rng = np.random.default_rng(7)
+    # Without --force: each planned file alone, when it exists, stops the run before
+    # the model is loaded; that file and everything else in the folder are unchanged.
+    with monkeypatch.context() as patch:
+        patch.setattr(run_cli_module, "load_any_model", _refuse_load)
+        for existing in outputs:
+            existing.write_bytes(rng.bytes(64))
+            before = listing(tmp_path)
+            result = run_cli("run", task, models[model], *args)
+            assert result.exit_code == 2, (existing, result.stderr)
+            assert f"refusing to overwrite {existing}" in result.stderr, result.stderr
+            assert "--force" in result.stderr and "Traceback" not in result.stderr
+            assert listing(tmp_path) == before
+            existing.unlink()
+    # With --force: every file exists beforehand and each is replaced by the run's.
+    junk = {path: rng.bytes(64) for path in outputs}
+    for path, data in junk.items():
+        path.write_bytes(data)
+    result = run_cli("run", task, models[model], *args, "--force", "--json")
+    assert result.exit_code == 0, result.stderr
+    for path, data in junk.items():
+        assert path.is_file() and path.read_bytes() != data, path
+    documents = json.loads(result.stdout)["results"]
+    if task in ("flow", "autoencode"):
+        # The planned outputs are exactly what the run wrote (in the runner's order).
+        written = [Path(f) for document in documents for f in document["files"]]
+        assert written == outputs
+    assert not [p for p in tmp_path.rglob(".*") if p.is_file()]  # no temporary file left
+
+
+def test_existing_output_refused_with_json_too(models, tmp_path, no_model_load):
+    out = tmp_path / "fill.json"
+    out.write_text("keep me")
+    result = run_cli("run", "fill-mask", models["language_perceiver"], MARKED, "-o", out,
+                     "--json")
+    assert result.exit_code == 2
+    document = json.loads(result.stdout)
+    assert "refusing to overwrite" in json.dumps(document)
+    assert out.read_text() == "keep me"
+
+
+# --------------------------------------------------------------------------------------
+# an output that is an input: refused even with --force
+
+
+def _as_input_cases(t: Path, models: Dict[str, Path]) -> Dict[str, Tuple[List[object], Path]]:
+    """name -> (the whole command after "run", the input the run would replace)."""
+    image = _image(t)
+    text = t / "text.txt"
+    text.write_text(MARKED)
+    a, b = _frames(t, 2)
+    video = _video(t / "in.mp4")
+    sound = t / "in.wav"
+    sound.write_bytes(b"RIFF" + bytes(60))  # never read: the refusal comes first
+    symlink = t / "link.json"
+    symlink.symlink_to(image)
+    hardlink = t / "hard.json"
+    os.link(image, hardlink)
+    return {
+        "the image": (["classify", models["imagenet_conv"], image, "-o", image], image),
+        "a symbolic link to the image": (
+            ["classify", models["imagenet_conv"], image, "-o", symlink], image),
+        "a hard link to the image": (
+            ["classify", models["imagenet_conv"], image, "-o", hardlink], image),
+        "another spelling": (
+            ["classify", models["imagenet_conv"], image, "-o",
+             t / "sub" / ".." / image.name], image),
+        "the model": (
+            ["fill-mask", models["language_perceiver"], MARKED, "-o",
+             models["language_perceiver"]], models["language_perceiver"]),
+        "an @FILE text": (
+            ["fill-mask", models["language_perceiver"], f"@{text}", "-o", text], text),
+        # -o frame1.flo: the picture goes to frame1.png, the second frame.
+        "flow's derived picture": (
+            ["flow", models["optical_flow"], a, b, "-o", t / "frame1.flo"], b),
+        "flow's video": (["flow", models["optical_flow"], video, "-o", video], video),
+        # -o in.mp4 names the input video itself.
+        "autoencode's video": (
+            ["autoencode", models["video_autoencoding"], video, "-o", video], video),
+        # -o in.gif: the sound goes to in.wav, which is the --audio file.
+        "autoencode's sound is --audio": (
+            ["autoencode", models["video_autoencoding"], video, "--audio", sound,
+             "-o", t / "in.gif"], sound),
+    }
+
+
+CASE_NAMES = [
+    "the image", "a symbolic link to the image", "a hard link to the image",
+    "another spelling", "the model", "an @FILE text", "flow's derived picture",
+    "flow's video", "autoencode's video", "autoencode's sound is --audio",
+]
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_an_input_is_never_an_output_even_with_force(name, models, tmp_path, no_model_load):
+    (tmp_path / "sub").mkdir()
+    command, victim = _as_input_cases(tmp_path, models)[name]
+    before = digest(victim)
+    listed = listing(tmp_path)
+    result = run_cli("run", *command, "--force")
+    assert result.exit_code == 2, result.stderr
+    assert "it is the input" in result.stderr and "Traceback" not in result.stderr
+    assert digest(victim) == before and listing(tmp_path) == listed
+
+
+def test_a_file_planned_twice_is_refused(models, tmp_path, no_model_load):
+    # Two videos of the same name into one folder: both would be x.autoencoded.mp4.
+    for folder in ("a", "b", "results"):
+        (tmp_path / folder).mkdir()
+    first, second = _video(tmp_path / "a" / "x.mp4"), _video(tmp_path / "b" / "x.mp4")
+    result = run_cli("run", "autoencode", models["video_autoencoding"], first, second,
+                     "-o", tmp_path / "results", "--force")
+    assert result.exit_code == 2 and "written twice" in result.stderr, result.stderr
+    assert list((tmp_path / "results").iterdir()) == []
+
+
+def test_a_missing_output_folder_is_refused_before_loading(models, tmp_path, no_model_load):
+    a, b = _frames(tmp_path, 2)
+    result = run_cli("run", "flow", models["optical_flow"], a, b,
+                     "-o", tmp_path / "absent" / "out.png")
+    assert result.exit_code == 2 and "does not exist" in result.stderr, result.stderr
+
+
+# --------------------------------------------------------------------------------------
+# the staging enforces the same rules at write time
+
+
+def test_staging_refuses_existing_and_unplanned_files(tmp_path):
+    existing = tmp_path / "old.bin"
+    existing.write_bytes(b"old")
+    planned = [existing, tmp_path / "new.bin"]
+    staging = Staging(force=False, planned=planned)
+    with pytest.raises(OutputError, match="refusing to overwrite"):
+        with staging.open_output(existing):
+            pass
+    with pytest.raises(ConverterError, match="planned outputs do not list"):
+        with staging.output_path(tmp_path / "other.bin"):
+            pass
+    with staging.open_output(tmp_path / "new.bin") as handle:
+        handle.write(b"new")
+    assert staging.commit() == [tmp_path / "new.bin"]
+    forced = Staging(force=True, planned=planned)
+    with forced.open_output(existing) as handle:
+        handle.write(b"replaced")
+    forced.commit()
+    assert existing.read_bytes() == b"replaced"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.bin", "old.bin"]
+
+
+def test_help_documents_force():
+    result = run_cli("run", "--help")
+    assert result.exit_code == 0 and "--force" in result.stdout
+
+
+def test_every_task_planner_resolves():
+    from perceiver_torch.pipelines import TASKS
+    from perceiver_torch.pipelines.base import import_attribute
+
+    for spec in TASKS.values():
+        if spec.outputs is not None:
+            assert callable(import_attribute(spec.outputs)), spec.name
+    assert TASKS["flow"].outputs and TASKS["autoencode"].outputs  # they derive names
