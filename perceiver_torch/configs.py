@@ -213,8 +213,9 @@ def _fourier_width(dims: int, num_bands: int) -> int:
     return dims * (2 * num_bands + 1)
 
 
-class _ImageClassifierRelations(_Validated):
-    """Relations shared by the three ImageNet configs (see ``input_width``)."""
+class _EncoderRelations(_Validated):
+    """Relations shared by the ImageNet and optical-flow configs: the heads divide
+    the latent width and the encoder's input width (``input_width``)."""
 
     def input_width(self) -> int:  # pragma: no cover - each subclass defines it
         raise NotImplementedError
@@ -276,7 +277,7 @@ class LanguagePerceiverConfig(_Validated):
 
 
 @dataclass(frozen=True)
-class ImageNetLearnedConfig(_ImageClassifierRelations):
+class ImageNetLearnedConfig(_EncoderRelations):
     """ImageNet classifier with a 1x1 conv and a learned 2-D position encoding."""
 
     # Training resolution: the learned position encoding has image_size[0]*image_size[1] rows.
@@ -303,7 +304,7 @@ class ImageNetLearnedConfig(_ImageClassifierRelations):
 
 
 @dataclass(frozen=True)
-class ImageNetFourierConfig(_ImageClassifierRelations):
+class ImageNetFourierConfig(_EncoderRelations):
     """ImageNet classifier on raw pixels with 2-D Fourier position features."""
 
     # Fourier max_resolution (the frequencies' Nyquist limit), not the input size.
@@ -327,7 +328,7 @@ class ImageNetFourierConfig(_ImageClassifierRelations):
 
 
 @dataclass(frozen=True)
-class ImageNetConvConfig(_ImageClassifierRelations):
+class ImageNetConvConfig(_EncoderRelations):
     """ImageNet classifier with a conv+BatchNorm+max-pool stem (4x downsampling)."""
 
     # Fourier max_resolution of the 4x-downsampled feature map (224 / 4 = 56).
@@ -352,7 +353,7 @@ class ImageNetConvConfig(_ImageClassifierRelations):
 
 
 @dataclass(frozen=True)
-class OpticalFlowConfig(_Validated):
+class OpticalFlowConfig(_EncoderRelations):
     """Optical flow between two frames (``optical_flow_checkpoint.pystate``)."""
 
     # Training size: the Fourier max_resolution (and the JAX model's output shape).
@@ -376,20 +377,6 @@ class OpticalFlowConfig(_Validated):
     def input_width(self) -> int:
         """Width of the preprocessed inputs: projected patches ++ 2-D Fourier features."""
         return self.patch_channels + _fourier_width(2, self.num_bands)
-
-    def _relations(self) -> List[Tuple[Tuple[str, ...], bool, str]]:
-        self_ok, self_msg = _divides(
-            "num_self_attention_heads", self.num_self_attention_heads,
-            "d_latents", self.d_latents,
-        )
-        cross_ok, cross_msg = _divides(
-            "num_cross_attention_heads", self.num_cross_attention_heads,
-            "the encoder's input width", self.input_width(),
-        )
-        return [
-            (("num_self_attention_heads", "d_latents"), self_ok, self_msg),
-            (("num_cross_attention_heads",), cross_ok, cross_msg),
-        ]
 
 
 @dataclass(frozen=True)
