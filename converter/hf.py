@@ -342,12 +342,9 @@ def _write_processor_files(model: str, config: Mapping[str, Any], folder: Path) 
         tokenizer = transformers.PerceiverTokenizer(model_max_length=config["max_seq_len"])
         tokenizer.save_pretrained(str(folder))
     elif model.startswith("imagenet_"):
-        if model == "imagenet_learned":
-            height, width = config["image_size"]
-        elif model == "imagenet_fourier":
-            height, width = config["max_resolution"]
-        else:
-            height, width = (4 * r for r in config["max_resolution"])
+        from perceiver_torch.configs import config_from_dict
+
+        height, width = config_from_dict(model, dict(config)).training_image_size
         # The hub's processor config, written as data (transformers' class needs
         # torchvision and Pillow just to be built): center crop 256, resize to 224
         # (bicubic), ImageNet normalisation; the crop keeps that 256:224 ratio.
@@ -509,12 +506,7 @@ def fidelity(model: str, ours: torch.nn.Module, hf_model: torch.nn.Module,
             rows.append(_compare("logits (real tokens)", a[:, :real], b[:, :real], True))
             notes.append(f"{real} real tokens of {length}; padding positions not compared")
         elif model.startswith("imagenet_"):
-            if model == "imagenet_learned":
-                height, width = c.image_size
-            elif model == "imagenet_fourier":
-                height, width = c.max_resolution
-            else:
-                height, width = (4 * r for r in c.max_resolution)
+            height, width = c.training_image_size
             images = torch.randn(1, 3, height, width, generator=gen)
             a = ours(images)
             b = hf_model(inputs=images).logits

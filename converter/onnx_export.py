@@ -98,12 +98,7 @@ def _spec(model: torch.nn.Module, name: str, seed: int, batch: int) -> _Spec:
                      {"input_ids": {0: "batch"}, "attention_mask": {0: "batch"},
                       "logits": {0: "batch"}}, "one graph")
     if name.startswith("imagenet_"):
-        if name == "imagenet_learned":
-            height, width = c.image_size
-        elif name == "imagenet_fourier":
-            height, width = c.max_resolution
-        else:
-            height, width = (4 * r for r in c.max_resolution)
+        height, width = c.training_image_size
         images = torch.randn(batch, 3, height, width, generator=gen)
         return _Spec(model, {"images": images}, ["logits"],
                      {"images": {0: "batch"}, "logits": {0: "batch"}}, "one graph")

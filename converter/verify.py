@@ -271,18 +271,10 @@ def _language_case(config: Any, rng: np.random.Generator, batch: int) -> Case:
     )
 
 
-def _image_size(name: str, config: Any) -> Tuple[int, int]:
-    if name == "imagenet_learned":
-        return tuple(config.image_size)
-    if name == "imagenet_fourier":
-        return tuple(config.max_resolution)
-    return (4 * config.max_resolution[0], 4 * config.max_resolution[1])
-
-
 def _imagenet_case(
     name: str, config: Any, rng: np.random.Generator, batch: int
 ) -> Case:
-    height, width = _image_size(name, config)
+    height, width = config.training_image_size
     images = rng.standard_normal((batch, height, width, 3)).astype(np.float32)
     return Case(
         jax_inputs={"images": images},

@@ -302,6 +302,11 @@ class ImageNetLearnedConfig(_EncoderRelations):
         """Width of the preprocessed inputs: 1x1 conv ++ projected positions."""
         return 2 * self.pos_channels
 
+    @property
+    def training_image_size(self) -> Tuple[int, int]:
+        """(H, W) of the images the model was trained on: the learned table's grid."""
+        return tuple(self.image_size)
+
 
 @dataclass(frozen=True)
 class ImageNetFourierConfig(_EncoderRelations):
@@ -325,6 +330,11 @@ class ImageNetFourierConfig(_EncoderRelations):
     def input_width(self) -> int:
         """Width of the preprocessed inputs: RGB ++ 2-D Fourier features."""
         return 3 + _fourier_width(2, self.num_bands)
+
+    @property
+    def training_image_size(self) -> Tuple[int, int]:
+        """(H, W) of the images the model was trained on: its Fourier resolution."""
+        return tuple(self.max_resolution)
 
 
 @dataclass(frozen=True)
@@ -350,6 +360,13 @@ class ImageNetConvConfig(_EncoderRelations):
     def input_width(self) -> int:
         """Width of the preprocessed inputs: conv channels ++ 2-D Fourier features."""
         return self.conv_channels + _fourier_width(2, self.num_bands)
+
+    @property
+    def training_image_size(self) -> Tuple[int, int]:
+        """(H, W) of the images the model was trained on. The conv stem (stride-2
+        conv, stride-2 max-pool) downsamples by 4, and the Fourier features'
+        max_resolution is that of its output (56 for 224)."""
+        return (4 * self.max_resolution[0], 4 * self.max_resolution[1])
 
 
 @dataclass(frozen=True)

@@ -259,15 +259,8 @@ def preprocess_image(
 
 def model_image_size(model: torch.nn.Module) -> Tuple[int, int]:
     """The input size (H, W) an ImageNet model was trained at, from its config."""
-    name = check_model(model, "classify", IMAGENET_MODELS)
-    config = model.config
-    if name == "imagenet_learned":
-        return tuple(config.image_size)
-    if name == "imagenet_fourier":
-        return tuple(config.max_resolution)
-    # The conv stem (stride-2 conv, stride-2 max-pool) downsamples by 4; the Fourier
-    # features' max_resolution is that of its output (56 for 224).
-    return tuple(4 * r for r in config.max_resolution)
+    check_model(model, "classify", IMAGENET_MODELS)
+    return model.config.training_image_size
 
 
 # --------------------------------------------------------------------------------------
