@@ -165,8 +165,6 @@ def structured_case(name: str, config: Any, batch: Optional[int] = None) -> Case
     batch: images for the ImageNet models (default 8), clips or frame pairs for the
     others (default 1); the language model always reads one text.
     """
-    from converter.verify import _image_size
-
     if name == "language_perceiver":
         ids, mask = natural_tokens(config.max_seq_len)
         return Case(
@@ -177,7 +175,7 @@ def structured_case(name: str, config: Any, batch: Optional[int] = None) -> Case
             argmax={"logits": -1},
         )
     if name.startswith("imagenet_"):
-        height, width = _image_size(name, config)
+        height, width = config.training_image_size
         images = structured_images(batch or 8, height, width)
         images = (images - IMAGENET_MEAN) / IMAGENET_STD
         return Case(
