@@ -11,7 +11,7 @@ their inputs, queries and outputs look.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
