@@ -214,8 +214,8 @@ def _fourier_width(dims: int, num_bands: int) -> int:
 
 
 class _EncoderRelations(_Validated):
-    """Relations shared by the ImageNet and optical-flow configs: the heads divide
-    the latent width and the encoder's input width (``input_width``)."""
+    """Relations shared by the ImageNet, optical-flow and video configs: the heads
+    divide the latent width and the encoder's input width (``input_width``)."""
 
     def input_width(self) -> int:  # pragma: no cover - each subclass defines it
         raise NotImplementedError
@@ -397,7 +397,7 @@ class OpticalFlowConfig(_EncoderRelations):
 
 
 @dataclass(frozen=True)
-class VideoAutoencodingConfig(_Validated):
+class VideoAutoencodingConfig(_EncoderRelations):
     """Kinetics-700 video + audio + label autoencoder (``video_autoencoding_checkpoint.pystate``)."""
 
     num_frames: int = 16
@@ -447,17 +447,7 @@ class VideoAutoencodingConfig(_Validated):
         samples = self.num_samples()
         patches = samples // self.samples_per_patch
         points = self.num_frames * height * width
-        self_ok, self_msg = _divides(
-            "num_self_attention_heads", self.num_self_attention_heads,
-            "d_latents", self.d_latents,
-        )
-        cross_ok, cross_msg = _divides(
-            "num_cross_attention_heads", self.num_cross_attention_heads,
-            "the encoder's input width", self.input_width(),
-        )
-        return [
-            (("num_self_attention_heads", "d_latents"), self_ok, self_msg),
-            (("num_cross_attention_heads",), cross_ok, cross_msg),
+        return super()._relations() + [
             (
                 ("image_size", "spatial_downsample"),
                 height % s == 0 and width % s == 0,
