@@ -1,13 +1,18 @@
 """The fast paths of perceiver_torch, and the one switch that turns them off.
 
-The models compute what the official Haiku code computes. At inference, four
+The models compute what the official Haiku code computes. At inference, five
 mechanisms compute the *same function* in another order, for speed; each is exact in
 real arithmetic and differs from the plain path only by float32 rounding (the tests
 bound both against a float64 evaluation of the same model):
 
 =========================  ============================================================
 ``ONEDNN_LINEAR``          ``Linear`` runs oneDNN's matmul instead of ``F.linear`` (MKL)
-                           for float32 CPU tensors without autograd (``linear.py``)
+                           for float32/bfloat16 CPU tensors without autograd
+                           (``linear.py``)
+``ONEDNN_ATTENTION``       ``attend`` multiplies each head's queries, keys and
+                           weights by oneDNN's matmul instead of ``bmm`` or the fused
+                           attention kernel (MKL), on the same CPU tensors
+                           (``attention._attend_onednn``)
 ``ABSORBED_ATTENTION``     single-head attentions whose sides differ greatly in length
                            fold a projection across the dot product
                            (:class:`AttentionMode`, ``attention.py``)
@@ -26,7 +31,7 @@ when parity breaks, run the plain path first::
         ...
 
 ``PERCEIVER_TORCH_FAST_PATHS=0`` turns all of them off for the process and
-``PERCEIVER_TORCH_ONEDNN=0`` the oneDNN kernel alone (both read at first use;
+``PERCEIVER_TORCH_ONEDNN=0`` the two oneDNN paths alone (both read at first use;
 ``reread_environment()`` reads them again).
 The fast paths switch themselves off where they do not apply (training, autograd,
 dropout, other devices or dtypes for the oneDNN kernel); the switch only ever turns
@@ -59,6 +64,7 @@ class FastPath(str, enum.Enum):
     """The named fast paths (their values are what error messages and docs show)."""
 
     ONEDNN_LINEAR = "onednn_linear"
+    ONEDNN_ATTENTION = "onednn_attention"
     ABSORBED_ATTENTION = "absorbed_attention"
     FOLDED_DECODER = "folded_decoder"
     SKIP_PADDING = "skip_padding"
@@ -84,7 +90,7 @@ def _from_environment() -> FrozenSet[FastPath]:
     if os.environ.get(ENV_ALL, "1") == "0":
         return frozenset(FastPath)
     if os.environ.get(ENV_ONEDNN, "1") == "0":
-        return frozenset({FastPath.ONEDNN_LINEAR})
+        return frozenset({FastPath.ONEDNN_LINEAR, FastPath.ONEDNN_ATTENTION})
     return frozenset()
 
 

@@ -49,7 +49,7 @@ def _probe(dtype: torch.dtype) -> bool:
         return False
 
 
-def _onednn_kernel_available(dtype: torch.dtype = torch.float32) -> bool:
+def onednn_kernel_available(dtype: torch.dtype = torch.float32) -> bool:
     """Whether this torch has a working oneDNN linear kernel for ``dtype`` (probed
     once per dtype)."""
     global _available
@@ -69,10 +69,10 @@ def _onednn_kernel(*args):
 
 def _onednn_linear_enabled(dtype: torch.dtype = torch.float32) -> bool:
     """Whether the oneDNN path is switched on here and its kernel exists for ``dtype``."""
-    return enabled(FastPath.ONEDNN_LINEAR) and _onednn_kernel_available(dtype)
+    return enabled(FastPath.ONEDNN_LINEAR) and onednn_kernel_available(dtype)
 
 
-def _compiling() -> bool:
+def compiling() -> bool:
     """Whether torch.compile is tracing this code (False on torch builds without it)."""
     compiler = getattr(torch, "compiler", None)
     is_compiling = getattr(compiler, "is_compiling", None)
@@ -87,7 +87,7 @@ def uses_onednn(x: Tensor, weight: Tensor) -> bool:
         and weight.device.type == "cpu"
         and x.dtype == weight.dtype
         and x.dtype in ONEDNN_DTYPES
-        and not _compiling()
+        and not compiling()
         and _onednn_linear_enabled(x.dtype)
     )
 

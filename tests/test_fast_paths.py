@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import perceiver_torch as pt
 from float64_reference import (
     check_outputs_within_float32_rounding,
+    check_within_float32_rounding,
     float64_inputs,
     float64_model,
 )
@@ -79,6 +80,13 @@ def test_fast_paths_fire_on_these_inputs(monkeypatch):
         return original_kernel(*args)
 
     monkeypatch.setattr(linear_module, "_onednn_kernel", spy_kernel)
+    original_product = pt.attention._onednn_product
+
+    def spy_product(*args):
+        seen.add(FastPath.ONEDNN_ATTENTION)
+        return original_product(*args)
+
+    monkeypatch.setattr(pt.attention, "_onednn_product", spy_product)
     logits_calls = []
     original_logits = pt.LanguagePerceiver.logits
 
@@ -93,8 +101,8 @@ def test_fast_paths_fire_on_these_inputs(monkeypatch):
     if 40 in logits_calls:  # computed up to the last real token only
         seen.add(FastPath.SKIP_PADDING)
     expected = set(FastPath)
-    if not linear_module._onednn_kernel_available():
-        expected.discard(FastPath.ONEDNN_LINEAR)
+    if not linear_module.onednn_kernel_available():
+        expected -= {FastPath.ONEDNN_LINEAR, FastPath.ONEDNN_ATTENTION}
     assert seen == expected
     # ... and none of them under plain().
     seen.clear()
@@ -151,7 +159,10 @@ def test_switch_is_traced_by_torch_compile():
     "variable,expected",
     [
         ("PERCEIVER_TORCH_FAST_PATHS", frozenset(FastPath)),
-        ("PERCEIVER_TORCH_ONEDNN", frozenset({FastPath.ONEDNN_LINEAR})),
+        (
+            "PERCEIVER_TORCH_ONEDNN",
+            frozenset({FastPath.ONEDNN_LINEAR, FastPath.ONEDNN_ATTENTION}),
+        ),
     ],
 )
 def test_environment_switches(monkeypatch, variable, expected):
@@ -169,8 +180,84 @@ def test_environment_switches(monkeypatch, variable, expected):
         raise AssertionError("the oneDNN kernel ran although it is switched off")
 
     monkeypatch.setattr(linear_module, "_onednn_kernel", fail_if_called)
+    monkeypatch.setattr(pt.attention, "_onednn_product", fail_if_called)
+    q, k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 6)
     with torch.no_grad():
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+        pt.attention.attend(q, k, v)  # the explicit path (qk and v widths differ)
+
+
+needs_onednn = pytest.mark.skipif(
+    not linear_module.onednn_kernel_available(), reason="this torch has no oneDNN kernel"
+)
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "heads,qk,v_width,masked,chunk_rows",
+    [
+        (1, 8, 8, False, False),  # the fused kernel's case (equal widths)
+        (4, 16, 24, True, False),  # several heads, a key mask, unequal widths
+        (2, 8, 8, True, True),  # queries in chunks (a small logits budget)
+    ],
+)
+def test_onednn_attention_within_float32_rounding(
+    monkeypatch, heads, qk, v_width, masked, chunk_rows
+):
+    """ONEDNN_ATTENTION against the plain kernels and float64: every head, batch
+    item, query chunk and mask bias lands where the plain path puts it."""
+    if chunk_rows:  # 3 query rows per chunk: 17 queries in 6 chunks, the last short
+        monkeypatch.setattr(pt.attention, "_MAX_LOGITS_ELEMENTS", 3 * 29)
+    gen = torch.Generator().manual_seed(heads * 100 + qk)
+    q = torch.randn(3, heads, 17, qk // heads, generator=gen)
+    k = torch.randn(3, heads, 29, qk // heads, generator=gen)
+    v = torch.randn(3, heads, 29, v_width // heads, generator=gen)
+    bias = None
+    if masked:
+        key_mask = torch.ones(3, 29)
+        key_mask[0, 5:], key_mask[2, ::3] = 0, 0
+        bias = pt.attention.key_mask_bias(key_mask, torch.float32)
+    # Heads as the models slice them: views of (B, N, H, D) projections.
+    q, k, v = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+    calls = []
+    original = pt.attention._onednn_product
+    monkeypatch.setattr(
+        pt.attention, "_onednn_product", lambda *a: calls.append(1) or original(*a)
+    )
+    with torch.no_grad():
+        fast = pt.attention.attend(q, k, v, bias=bias)
+        assert calls, "the oneDNN path did not run"
+        with fast_paths.plain(FastPath.ONEDNN_ATTENTION):
+            plain = pt.attention.attend(q, k, v, bias=bias)
+        exact = pt.attention.attend(
+            *float64_inputs((q, k, v)),
+            bias=None if bias is None else bias.to(torch.float64),
+        )
+    check_within_float32_rounding("attend", fast, plain, exact)
+
+
+@needs_onednn
+def test_onednn_attention_bfloat16_keeps_float32_logits():
+    """In bfloat16 the logits and softmax stay float32 (only the weighted sum of the
+    values is bfloat16): the result is as close to float64 as bfloat16 rounding of
+    the inputs, weights and output allows, not the ~0.04 of bfloat16 logits."""
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(2, 2, 33, 16, generator=gen) * 3, torch.randn(2, 2, 40, 16, generator=gen) * 3
+    v = torch.randn(2, 2, 40, 24, generator=gen)
+    qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
+    with torch.no_grad():
+        fast = pt.attention.attend(qb, kb, vb).float()
+        with fast_paths.plain(FastPath.ONEDNN_ATTENTION):
+            plain = pt.attention.attend(qb, kb, vb).float()
+        # The exact function of the bfloat16-rounded inputs.
+        exact = pt.attention.attend(*float64_inputs((qb.double(), kb.double(), vb.double())))
+    fast_error = (fast.double() - exact).abs().max() / exact.abs().max()
+    plain_error = (plain.double() - exact).abs().max() / exact.abs().max()
+    # bfloat16 keeps 8 bits (u = 2^-9 ~ 2e-3): the softmax weights and the output
+    # are each rounded once (2u), and the sum over 40 values of weights that add up
+    # to 1 adds at most a few more u; 8u = 1.6e-2 is well below what rounded logits
+    # (|logit| ~ 36 here, error ~ 0.07-0.14 before exp) would cost.
+    assert fast_error <= 8 * 2.0**-9, (fast_error, plain_error)
 
 
 # -- full size (pytest -m full) ------------------------------------------------
