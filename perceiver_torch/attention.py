@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fast_paths import AttentionMode, FastPath, enabled
-from .linear import (
+from .linear import (  # gelu_tanh lives there (fused into Linear.forward_gelu)
     ONEDNN_DTYPES,
     Linear,
     compiling,
+    gelu_tanh,
     onednn_kernel_available,
 )
 
@@ -51,11 +52,6 @@ FLOAT16_MASK_VALUE = -1e4
 
 # Largest logits block (elements) the explicit-softmax path materialises at once.
 _MAX_LOGITS_ELEMENTS = 1 << 24
-
-
-def gelu_tanh(x: Tensor) -> Tensor:
-    """GELU with the tanh approximation: ``jax.nn.gelu``'s default (erf differs by 5e-4)."""
-    return F.gelu(x, approximate="tanh")
 
 
 def layer_norm(num_channels: int) -> nn.LayerNorm:
@@ -490,9 +486,14 @@ class MLP(nn.Module):
         self.fc2 = Linear(widening_factor * channels, channels)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (..., C) -> (..., C)."""
-        return self.dropout(self.fc2(gelu_tanh(self.fc1(x))))
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        """x: (..., C) -> (..., C); plus ``residual`` when given (in the last linear
+        layer's pass on the oneDNN path, without dropout)."""
+        hidden = self.fc1.forward_gelu(x)
+        if residual is not None and not (self.training and self.dropout.p > 0):
+            return self.fc2.forward_add(hidden, residual)
+        out = self.dropout(self.fc2(hidden))
+        return out if residual is None else residual + out
 
 
 class SelfAttentionLayer(nn.Module):
@@ -541,7 +542,7 @@ class SelfAttentionLayer(nn.Module):
         """x: (B, N, C) -> (B, N, C)."""
         normed = self.norm(x)
         x = x + self.dropout(self.attention(normed, normed))
-        return x + self.mlp(self.mlp_norm(x))
+        return self.mlp(self.mlp_norm(x), residual=x)
 
 
 class CrossAttentionLayer(nn.Module):
@@ -623,7 +624,7 @@ class CrossAttentionLayer(nn.Module):
         )
         attended = self.dropout(attended)
         x = inputs_q + attended if self.use_query_residual else attended
-        return x + self.mlp(self.mlp_norm(x))
+        return self.mlp(self.mlp_norm(x), residual=x)
 
     def forward(
         self,

@@ -45,7 +45,7 @@ def test_training_uses_autograd_path():
 
 
 def test_switch_off_with_the_environment(monkeypatch):
-    monkeypatch.setattr(linear_module, "_available", None)
+    monkeypatch.setattr(linear_module, "_available", {})
     monkeypatch.setattr(fast_paths, "_environment", None)  # read again, then restored
     monkeypatch.setenv("PERCEIVER_TORCH_ONEDNN", "0")
     assert linear_module._onednn_linear_enabled() is False
@@ -53,9 +53,72 @@ def test_switch_off_with_the_environment(monkeypatch):
     x = torch.randn(2, 6)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
-    monkeypatch.setattr(linear_module, "_available", None)  # re-probe for later tests
 
 
 def test_state_dict_keys_are_nn_linears():
     assert set(Linear(3, 2).state_dict()) == {"weight", "bias"}
     assert isinstance(Linear(3, 2), torch.nn.Linear)
+
+
+needs_onednn = pytest.mark.skipif(
+    not linear_module.onednn_kernel_available(), reason="this torch has no oneDNN kernel"
+)
+
+
+@needs_onednn
+def test_fused_gelu_and_residual_within_float32_rounding():
+    torch.manual_seed(1)
+    layer = Linear(80, 48)
+    x, residual = torch.randn(4, 9, 80), torch.randn(4, 9, 48)
+    x64, w64, b64 = x.double(), layer.weight.double(), layer.bias.double()
+    with torch.no_grad():
+        gelu = layer.forward_gelu(x)
+        added = layer.forward_add(x, residual)
+        with fast_paths.plain():
+            plain_gelu = layer.forward_gelu(x)
+            plain_added = layer.forward_add(x, residual)
+    exact_gelu = F.gelu(F.linear(x64, w64, b64), approximate="tanh")
+    exact_added = residual.double() + F.linear(x64, w64, b64)
+    check_within_float32_rounding("fused tanh GELU", gelu, plain_gelu, exact_gelu)
+    check_within_float32_rounding("fused residual", added, plain_added, exact_added)
+    # An erf GELU (off by up to 5e-4) would not pass: the fused one is the tanh one.
+    erf = F.gelu(F.linear(x64, w64, b64))
+    assert (gelu.double() - erf).abs().max() > 1e-4
+
+
+@needs_onednn
+def test_packed_weight_follows_the_weight():
+    """The packed copy is remade whenever the weight is: in place, by .to(), by a new
+    tensor, by load_state_dict; it is not copied, pickled or saved."""
+    torch.manual_seed(2)
+    layer = Linear(16, 8)
+    x = torch.randn(5, 16)
+
+    def check():
+        with torch.no_grad():
+            exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+            check_within_float32_rounding(
+                "packed", layer(x), F.linear(x, layer.weight, layer.bias), exact
+            )
+
+    check()
+    first = layer.packed_weight()
+    assert layer.packed_weight() is first  # kept between calls
+    with torch.no_grad():
+        layer.weight.mul_(-3.0)  # in place
+    check()
+    layer.half().float()  # rounded to float16 and back: new values, maybe same address
+    check()
+    layer.weight.data = torch.randn(8, 16)
+    check()
+    layer.load_state_dict({"weight": torch.randn(8, 16), "bias": torch.randn(8)})
+    check()
+    import copy
+    import io
+
+    assert copy.deepcopy(layer)._packed is None
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)  # would fail on the oneDNN tensor
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    linear_module.release_packed_weights(torch.nn.Sequential(layer))
+    assert layer._packed is None
