@@ -45,6 +45,7 @@ from .inputs import InputError
 from .imagenet_fourier import ImageNetFourier
 from .imagenet_learned import ImageNetLearned
 from .language_perceiver import LanguagePerceiver
+from .linear import pack_weights, release_packed_weights
 from .optical_flow import OpticalFlow
 from .perceiver import PerceiverEncoder, PerceiverIO, capture_stages
 from .registry import MODEL_CLASSES, LoadError, build, load, read_checkpoint
@@ -85,5 +86,7 @@ __all__ = [
     "configs",
     "fast_paths",
     "load",
+    "pack_weights",
     "read_checkpoint",
+    "release_packed_weights",
 ]

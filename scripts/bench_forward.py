@@ -14,7 +14,15 @@ alternating over ``--rounds`` pairs of processes (the median round counts):
   before it, after ``malloc_trim``); on CUDA, the device's peak allocated memory above
   what was allocated before it;
 - ``--compile``: our model under ``torch.compile`` as a third variant, reported as
-  compiled/eager time (its first call, and so its memory figure, includes compiling).
+  compiled/eager time (its first call, and so its memory figure, includes compiling);
+- work and peak: each worker counts the matrix-product FLOPs of one call with
+  ``torch.utils.flop_counter``; the *work* of a case is HF's count (the standard
+  algorithm; ours where HF is not run), so "% peak" says how fast each side does
+  the same job. Each round also measures, in a fresh process, the matmul peak of each
+  dtype: a 2048^3 product through ``torch.matmul`` and through oneDNN, the faster
+  (on AMD EPYC MKL reaches half of oneDNN's float32 rate); the run's median counts;
+- ``--dtype float32 bfloat16``: both dtypes in the same run, alternating, with
+  "fp32/ours" = our float32 time over our time in the other dtype.
 
 Cases: the six models (language: 2048 real tokens, the worst case; video: one of the
 colab's 128 chunks), ``language_colab`` (the colab's sentence padded to 2048 with
@@ -33,6 +41,7 @@ Examples::
     python scripts/bench_forward.py --json bench.json            # everything
     python scripts/bench_forward.py --models video_clip --hf-clip-full
     python scripts/bench_forward.py --models imagenet_conv language_perceiver --batch 1 8 32
+    python scripts/bench_forward.py --dtype float32 bfloat16 --models imagenet_conv
     python scripts/bench_forward.py --dtype bfloat16 --compile --device cuda
 
 Timings on shared machines drift: compare the ratios of one run, on a quiet machine.
@@ -209,12 +218,24 @@ def build_ours(case: str, args: argparse.Namespace) -> Callable[[int], Any]:
     torch.manual_seed(0)
     model = pt.build(model_of(case)).eval().to(device=args.device)
     model = model.to(getattr(torch, args.dtype))
+    if args.pack_weights:
+        pt.pack_weights(model)
     x = place(official_inputs(case, batch=args.batch), args.device, args.dtype)
     if args.compiled:
         # The whole clip's reconstruct is a method, not forward: compile the model
         # all the same (its parts run through the compiled forward's graphs only
         # where called as modules).
         model = torch.compile(model)
+    return with_model(_ours_call(case, model, x, args), model)
+
+
+def with_model(run: Callable[[int], Any], model: Any) -> Callable[[int], Any]:
+    """``run``, remembering the model it calls (to count its FLOPs)."""
+    run.model = model  # type: ignore[attr-defined]
+    return run
+
+
+def _ours_call(case: str, model: Any, x: Dict[str, Any], args: argparse.Namespace):
     if case.startswith("language"):
         return lambda i: model(x["ids"], x["mask"])
     if case.startswith("imagenet"):
@@ -318,6 +339,12 @@ def build_hf(case: str, args: argparse.Namespace) -> Callable[[int], Any]:
     x = place(official_inputs(case, batch=args.batch), args.device, args.dtype)
     if args.compiled:
         model = torch.compile(model)
+    return with_model(_hf_call(case, model, x, args), model)
+
+
+def _hf_call(case: str, model: Any, x: Dict[str, Any], args: argparse.Namespace):
+    import torch
+
     if case.startswith("language"):
         return lambda i: model(inputs=x["ids"], attention_mask=x["mask"])
     if case.startswith("imagenet"):
@@ -337,6 +364,59 @@ def build_hf(case: str, args: argparse.Namespace) -> Callable[[int], Any]:
         inputs=inputs,
         subsampled_output_points=dict(chunks[i % NUM_CHUNKS], label=None),
     )
+
+
+# -- the matmul peak and the work --------------------------------------------------------
+
+PEAK_SIZE = 2048
+
+
+def matmul_peak(dtype: str, device: str, repeat: int = 15) -> Dict[str, Any]:
+    """GFLOP/s of a PEAK_SIZE^3 matmul in ``dtype``, the median of ``repeat`` calls,
+    through each kernel PyTorch offers here: ``torch.matmul`` (MKL on CPUs, cuBLAS on
+    GPUs) and, on CPUs, oneDNN's matmul. The peak is the faster of them: the
+    hardware's limit as PyTorch reaches it (on AMD EPYC MKL gets half of it)."""
+    import torch
+
+    n = PEAK_SIZE
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=getattr(torch, dtype))
+    kernels: Dict[str, Callable[[], Any]] = {"matmul": lambda: torch.matmul(a, b.t())}
+    if device == "cpu":
+        try:
+            torch.ops.mkldnn._linear_pointwise(a[:2], b[:3], None, "none", [], "")
+            kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(
+                a, b, None, "none", [], ""
+            )
+        except (AttributeError, RuntimeError):
+            pass
+    rates = {}
+    with torch.inference_mode():
+        for name, fn in kernels.items():
+            run = synchronized(lambda i, fn=fn: fn(), device)
+            for i in range(3):
+                run(i)
+            seconds = statistics.median(timed_calls(run, repeat))
+            rates[name] = round(2 * n**3 / seconds / 1e9, 1)
+    return {"case": "matmul_peak", "dtype": dtype, "device": device,
+            "gflops": max(rates.values()), "kernels": rates}
+
+
+def count_matmul_flops(run: Callable[[int], Any]) -> int:
+    """Multiply-add FLOPs (x2) of the matrix products of one ``run(0)``, counted by
+    ``torch.utils.flop_counter`` (matmuls, convolutions, attention kernels). It runs
+    with autograd on and the parameters frozen (the counter's module tracker needs
+    it), so our ``Linear`` takes ``F.linear`` and every product is one it knows."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = getattr(run, "model")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with FlopCounterMode(display=False) as counter:
+        run(0)
+    return int(counter.get_total_flops())
 
 
 # -- worker (one fresh process per case and implementation) ---------------------------
@@ -370,6 +450,8 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.case == "matmul_peak":
+        return matmul_peak(args.dtype, args.device)
     build = build_ours if args.impl == "ours" else build_hf
     start = time.perf_counter()
     run = synchronized(build(args.case, args), args.device)
@@ -420,11 +502,21 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
             record["seconds"] = statistics.median(times)
         record["all_seconds"] = [round(t, 4) for t in times]
     record["items_per_second"] = args.batch / record["seconds"]
+    if args.flops and not args.compiled:
+        flops = count_matmul_flops(run)
+        if args.case == "video_clip" and args.impl == "hf":
+            flops *= NUM_CHUNKS  # one of its 128 calls was counted
+        record["matmul_flops"] = flops
     return record
 
 
 def run_worker(
-    case: str, impl: str, args: argparse.Namespace, batch: int = 1, compiled: bool = False
+    case: str,
+    impl: str,
+    args: argparse.Namespace,
+    batch: int = 1,
+    compiled: bool = False,
+    dtype: str = "float32",
 ) -> Dict[str, Any]:
     cmd = [
         sys.executable,
@@ -437,7 +529,7 @@ def run_worker(
         "--device",
         args.device,
         "--dtype",
-        args.dtype,
+        dtype,
         "--batch",
         str(batch),
         "--repeat",
@@ -455,6 +547,10 @@ def run_worker(
         cmd.append("--hf-clip-full")
     if compiled:
         cmd.append("--compiled")
+    if not args.flops:
+        cmd.append("--no-flops")
+    if args.pack_weights:
+        cmd.append("--pack-weights")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
@@ -465,6 +561,7 @@ def run_worker(
             "impl": impl,
             "batch": batch,
             "compiled": compiled,
+            "dtype": dtype,
             "error": "\n".join(tail),
         }
     return json.loads(lines[-1])
@@ -518,64 +615,96 @@ def _rate(record: Optional[Dict[str, Any]]) -> str:
     return f"{record['items_per_second']:.3g}"
 
 
+def efficiency(
+    record: Optional[Dict[str, Any]], work: Optional[int], peak: Optional[float]
+) -> Optional[float]:
+    """Fraction of the matmul peak: ``work`` FLOPs in the record's time."""
+    if not record or "error" in record or not work or not peak:
+        return None
+    return work / record["seconds"] / 1e9 / peak
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _num(value: Optional[float], digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def print_table(
-    results: List[Dict[str, Any]], cases: List[str], batches: Dict[str, List[int]]
+    results: List[Dict[str, Any]],
+    cases: List[str],
+    batches: Dict[str, List[int]],
+    dtypes: List[str],
+    peaks: Dict[str, Optional[float]],
 ) -> List[Dict[str, Any]]:
-    """One row per (case, batch): times, items/s, memory, ours/HF and, when measured,
-    the compiled model's time and its ratio to eager (below 1: compile gains)."""
-    by = {(r["case"], r["impl"], r.get("batch", 1), r.get("compiled", False)): r for r in results}
+    """One row per (case, dtype, batch): times, items/s, the work (the matmul FLOPs
+    of HF's forward, the standard algorithm; ours where HF was not run) as a share
+    of the same run's matmul peak for the dtype, memory, ours/HF, ours against our
+    float32 (when float32 was run too) and, when measured, compiled/eager."""
+    by = {
+        (r["case"], r["impl"], r.get("batch", 1), r.get("compiled", False), r.get("dtype", "float32")): r
+        for r in results
+    }
     compiled_any = any(r.get("compiled") for r in results)
+    several = len(dtypes) > 1
     rows, summary = [], []
     header = (
-        "case",
-        "batch",
-        "ours",
-        "HF",
-        "time ours/HF",
-        "items/s ours",
-        "items/s HF",
-        "extra mem ours",
-        "extra mem HF",
+        "case", "dtype", "batch", "ours", "HF", "time ours/HF", "items/s ours",
+        "work GFLOP", "ours % peak", "HF % peak", "extra mem ours", "extra mem HF",
         "mem ours/HF",
-    ) + (("ours compiled", "compiled/eager") if compiled_any else ())
+    ) + (("fp32/ours",) if several else ()) + (
+        ("ours compiled", "compiled/eager") if compiled_any else ()
+    )
     for case in cases:
-        for batch in batches[case]:
-            ours, hf = by.get((case, "ours", batch, False)), by.get((case, "hf", batch, False))
-            comp = by.get((case, "ours", batch, True))
-            t_ratio = ratio(ours, hf, "seconds")
-            m_ratio = ratio(ours, hf, "extra_peak_mib")
-            c_ratio = ratio(comp, ours, "seconds")
-            row = (
-                case,
-                str(batch),
-                fmt_seconds(ours),
-                fmt_seconds(hf),
-                (
-                    "-"
-                    if t_ratio is None
-                    else f"{t_ratio:.3f}"
-                    + (" (est.)" if hf and hf.get("estimate") else "")
-                ),
-                _rate(ours),
-                _rate(hf),
-                fmt_mem(ours),
-                fmt_mem(hf),
-                "-" if m_ratio is None else f"{m_ratio:.3f}",
-            )
-            if compiled_any:
-                row += (fmt_seconds(comp), "-" if c_ratio is None else f"{c_ratio:.3f}")
-            rows.append(row)
-            summary.append(
-                {
-                    "case": case,
-                    "batch": batch,
-                    "time_ratio": t_ratio,
-                    "time_ratio_is_estimate": bool(hf and hf.get("estimate")),
-                    "memory_ratio": m_ratio,
-                    "items_per_second": None if not ours or "error" in ours else ours["items_per_second"],
-                    "compiled_over_eager": c_ratio,
-                }
-            )
+        for dtype in dtypes:
+            for batch in batches[case]:
+                key = (case, "ours", batch, False, dtype)
+                ours, hf = by.get(key), by.get((case, "hf", batch, False, dtype))
+                comp = by.get((case, "ours", batch, True, dtype))
+                fp32 = by.get((case, "ours", batch, False, "float32"))
+                work = (hf or {}).get("matmul_flops") or (ours or {}).get("matmul_flops")
+                t_ratio = ratio(ours, hf, "seconds")
+                m_ratio = ratio(ours, hf, "extra_peak_mib")
+                c_ratio = ratio(comp, ours, "seconds")
+                speedup = ratio(fp32, ours, "seconds") if dtype != "float32" else None
+                ours_eff = efficiency(ours, work, peaks.get(dtype))
+                hf_eff = efficiency(hf, work, peaks.get(dtype))
+                row = (
+                    case, dtype, str(batch), fmt_seconds(ours), fmt_seconds(hf),
+                    (
+                        "-" if t_ratio is None
+                        else f"{t_ratio:.3f}" + (" (est.)" if hf and hf.get("estimate") else "")
+                    ),
+                    _rate(ours),
+                    "-" if not work else f"{work / 1e9:.1f}",
+                    _pct(ours_eff), _pct(hf_eff), fmt_mem(ours), fmt_mem(hf),
+                    _num(m_ratio),
+                ) + ((_num(speedup, 2),) if several else ())
+                if compiled_any:
+                    row += (fmt_seconds(comp), _num(c_ratio))
+                rows.append(row)
+                summary.append(
+                    {
+                        "case": case,
+                        "dtype": dtype,
+                        "batch": batch,
+                        "time_ratio": t_ratio,
+                        "time_ratio_is_estimate": bool(hf and hf.get("estimate")),
+                        "memory_ratio": m_ratio,
+                        "items_per_second": None if not ours or "error" in ours else ours["items_per_second"],
+                        "work_flops": work,
+                        "ours_share_of_peak": ours_eff,
+                        "hf_share_of_peak": hf_eff,
+                        "speedup_over_float32": speedup,
+                        "compiled_over_eager": c_ratio,
+                    }
+                )
+    for dtype in dtypes:
+        if peaks.get(dtype):
+            print(f"matmul peak, {dtype}, {PEAK_SIZE}^3: {peaks[dtype]:.0f} GFLOP/s "
+                  "(median over the run's rounds, best kernel)")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     line = "  ".join(h.ljust(w) for h, w in zip(header, widths))
     print(line)
@@ -669,8 +798,28 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
-        default="float32",
-        help="both implementations cast to this dtype (HF's models with .to(dtype))",
+        nargs="+",
+        default=["float32"],
+        help="dtypes (e.g. float32 bfloat16: same run, alternating); both "
+        "implementations are cast to each (HF's models with .to(dtype))",
+    )
+    p.add_argument(
+        "--pack-weights",
+        action="store_true",
+        help="our models with perceiver_torch.pack_weights (weights kept in oneDNN's "
+        "layout: faster, for as much memory again as the weights)",
+    )
+    p.add_argument(
+        "--no-peak",
+        dest="peak",
+        action="store_false",
+        help="skip measuring the matmul peak (a fresh process per round and dtype)",
+    )
+    p.add_argument(
+        "--no-flops",
+        dest="flops",
+        action="store_false",
+        help="skip counting the matmul FLOPs (one more call per worker)",
     )
     p.add_argument(
         "--batch",
@@ -689,7 +838,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
+    p.add_argument("--case", choices=CASES + ("matmul_peak",), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -698,6 +847,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.warmup = max(1, args.warmup)
     if args.worker:
         args.batch = args.batch[0]  # one batch size per worker process
+        args.dtype = args.dtype[0]  # one dtype too
         print(json.dumps(worker(args)), flush=True)
         return 0
     impls = ["ours", "hf"] if args.impl == "both" else [args.impl]
@@ -712,32 +862,47 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
             impls = ["ours"]
     cases = [c for c in CASES if c in args.models]
+    dtypes = list(dict.fromkeys(args.dtype))
     batches = {c: [1] if c == "video_clip" else list(args.batch) for c in cases}
-    variants = [(impl, False) for impl in impls] + ([("ours", True)] if args.compile else [])
-    results = []
+    variants = [
+        (impl, False, dtype) for dtype in dtypes for impl in impls
+    ] + ([("ours", True, dtype) for dtype in dtypes] if args.compile else [])
+    results: List[Dict[str, Any]] = []
+    peak_records: Dict[str, List[Dict[str, Any]]] = {d: [] for d in dtypes}
     for case in cases:
         for batch in batches[case]:
             # Alternate the variants over --rounds fresh processes each, so slow drift
-            # of the machine's speed affects them alike; keep the median round.
+            # of the machine's speed affects them alike; keep the median round. Each
+            # round measures the matmul peak too (the machine's speed of that moment).
             rounds: Dict[tuple, List[Dict[str, Any]]] = {v: [] for v in variants}
             count = 1 if case == "video_clip" else args.rounds
             for number in range(count):
-                for impl, compiled in variants:
+                if args.peak:
+                    for dtype in dtypes:
+                        record = run_worker("matmul_peak", "ours", args, 1, False, dtype)
+                        print(f"[matmul peak / {dtype}] {record.get('gflops', 'error')} GFLOP/s",
+                              file=sys.stderr, flush=True)
+                        peak_records[dtype].append(record)
+                for impl, compiled, dtype in variants:
                     label = (
-                        f"[{case} / {impl}{' compiled' if compiled else ''} / batch "
-                        f"{batch}]" + (f" round {number + 1}" if count > 1 else "")
+                        f"[{case} / {impl}{' compiled' if compiled else ''} / {dtype} / "
+                        f"batch {batch}]" + (f" round {number + 1}" if count > 1 else "")
                     )
                     print(f"{label} ...", file=sys.stderr, flush=True)
-                    record = run_worker(case, impl, args, batch, compiled)
+                    record = run_worker(case, impl, args, batch, compiled, dtype)
                     print(
                         f"    {fmt_seconds(record)}, extra peak {fmt_mem(record)}",
                         file=sys.stderr,
                         flush=True,
                     )
-                    rounds[(impl, compiled)].append(record)
+                    rounds[(impl, compiled, dtype)].append(record)
             for variant in variants:
                 results.append(median_round(rounds[variant]))
-    summary = print_table(results, cases, batches)
+    peaks: Dict[str, Optional[float]] = {}
+    for dtype, records in peak_records.items():
+        good = [r["gflops"] for r in records if "gflops" in r]
+        peaks[dtype] = statistics.median(good) if good else None
+    summary = print_table(results, cases, batches, dtypes, peaks)
     if args.json:
         payload = {
             "environment": environment(),
@@ -751,10 +916,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                     NUM_CHUNKS if args.hf_clip_full else args.hf_clip_calls
                 ),
                 "device": args.device,
-                "dtype": args.dtype,
+                "dtype": dtypes,
                 "batch": list(args.batch),
                 "compile": bool(args.compile),
+                "pack_weights": bool(args.pack_weights),
             },
+            "matmul_peak_gflops": peaks,
+            "matmul_peak_rounds": peak_records,
             "results": results,
             "ratios": summary,
         }

@@ -93,6 +93,8 @@ def test_packed_weight_follows_the_weight():
     torch.manual_seed(2)
     layer = Linear(16, 8)
     x = torch.randn(5, 16)
+    assert layer.packed_weight() is layer.weight  # packing is opt-in
+    linear_module.pack_weights(torch.nn.Sequential(layer))
 
     def check():
         with torch.no_grad():
@@ -121,4 +123,4 @@ def test_packed_weight_follows_the_weight():
     torch.save(layer, buffer)  # would fail on the oneDNN tensor
     assert set(layer.state_dict()) == {"weight", "bias"}
     linear_module.release_packed_weights(torch.nn.Sequential(layer))
-    assert layer._packed is None
+    assert layer._packed is None and layer.packed_weight() is layer.weight
