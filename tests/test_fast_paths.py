@@ -207,7 +207,7 @@ def test_onednn_attention_within_float32_rounding(
     """ONEDNN_ATTENTION against the plain kernels and float64: every head, batch
     item, query chunk and mask bias lands where the plain path puts it."""
     if chunk_rows:  # 3 query rows per chunk: 17 queries in 6 chunks, the last short
-        monkeypatch.setattr(pt.attention, "_MAX_LOGITS_ELEMENTS", 3 * 29)
+        monkeypatch.setattr(pt.attention, "_ONEDNN_LOGITS_ELEMENTS", 3 * 29)
     gen = torch.Generator().manual_seed(heads * 100 + qk)
     q = torch.randn(3, heads, 17, qk // heads, generator=gen)
     k = torch.randn(3, heads, 29, qk // heads, generator=gen)
