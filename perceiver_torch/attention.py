@@ -143,7 +143,7 @@ def attend(
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if dropout_p == 0.0 and uses_onednn_attention(q, k, v):
+    if dropout_p == 0.0 and uses_onednn_attention(q, k, v) and _onednn_attention_pays(q, k, v):
         return _attend_onednn(q, k, v, bias=bias, scale=scale)
     if q.shape[-1] == v.shape[-1]:
         # Blocked, memory-efficient kernel (flash attention on CPU; flash or
@@ -203,6 +203,23 @@ def uses_onednn_attention(q: Tensor, k: Tensor, v: Tensor) -> bool:
         and onednn_kernel_available(q.dtype)
         and onednn_kernel_available(torch.float32)
     )
+
+
+# Below this many query rows per chunk, the oneDNN path reads each head's keys and
+# values once per chunk for too little work (a 2*rows multiply-adds per element
+# read): it then runs only when they fit in the cache (at most _CACHED_KV_BYTES), as
+# the flow decoder's 2,048 latents do; the flow encoder's 182,528 inputs (470 MB for
+# 22 rows a chunk) go to the fused kernel, which blocks over the keys itself.
+_MIN_CHUNK_ROWS = 64
+_CACHED_KV_BYTES = 8 << 20
+
+
+def _onednn_attention_pays(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    """Whether the oneDNN path's chunks of queries are big enough for their keys."""
+    m, n = q.shape[2], k.shape[2]
+    rows = max(1, _ONEDNN_LOGITS_ELEMENTS // max(1, n))
+    kv_bytes = n * (k.shape[-1] + v.shape[-1]) * k.element_size()
+    return rows >= min(m, _MIN_CHUNK_ROWS) or kv_bytes <= _CACHED_KV_BYTES
 
 
 def _onednn_product(a: Tensor, b: Tensor) -> Tensor:

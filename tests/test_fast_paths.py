@@ -236,6 +236,19 @@ def test_onednn_attention_within_float32_rounding(
     check_within_float32_rounding("attend", fast, plain, exact)
 
 
+def test_onednn_attention_steps_aside_for_long_uncached_keys(monkeypatch):
+    """Many small chunks of queries against keys too big for the cache would reread
+    them for each chunk: the fused kernel takes those; cached keys stay on oneDNN."""
+    monkeypatch.setattr(pt.attention, "_ONEDNN_LOGITS_ELEMENTS", 10 * 1000)
+    monkeypatch.setattr(pt.attention, "_CACHED_KV_BYTES", 1000 * 16 * 4)
+    q, k = torch.randn(1, 1, 500, 8), torch.randn(1, 1, 1000, 8)
+    assert not pt.attention._onednn_attention_pays(q, k, k)  # 10 rows, 64 KB
+    assert pt.attention._onednn_attention_pays(q[:, :, :10], k, k)  # one chunk
+    assert pt.attention._onednn_attention_pays(q, k[:, :, :999], k[:, :, :999])  # cached
+    monkeypatch.setattr(pt.attention, "_ONEDNN_LOGITS_ELEMENTS", 64 * 1000)
+    assert pt.attention._onednn_attention_pays(q, k, k)  # 64 rows a chunk
+
+
 @needs_onednn
 def test_onednn_attention_bfloat16_keeps_float32_logits():
     """In bfloat16 the logits and softmax stay float32 (only the weighted sum of the
