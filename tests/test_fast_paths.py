@@ -240,9 +240,9 @@ def test_onednn_attention_steps_aside_for_long_uncached_keys(monkeypatch):
     """Many small chunks of queries against keys too big for the cache would reread
     them for each chunk: the fused kernel takes those; cached keys stay on oneDNN."""
     monkeypatch.setattr(pt.attention, "_ONEDNN_LOGITS_ELEMENTS", 10 * 1000)
-    monkeypatch.setattr(pt.attention, "_CACHED_KV_BYTES", 1000 * 16 * 4)
+    monkeypatch.setattr(pt.attention, "_CACHED_KV_BYTES", 999 * 16 * 4)
     q, k = torch.randn(1, 1, 500, 8), torch.randn(1, 1, 1000, 8)
-    assert not pt.attention._onednn_attention_pays(q, k, k)  # 10 rows, 64 KB
+    assert not pt.attention._onednn_attention_pays(q, k, k)  # 10 rows, 64,000 bytes
     assert pt.attention._onednn_attention_pays(q[:, :, :10], k, k)  # one chunk
     assert pt.attention._onednn_attention_pays(q, k[:, :, :999], k[:, :, :999])  # cached
     monkeypatch.setattr(pt.attention, "_ONEDNN_LOGITS_ELEMENTS", 64 * 1000)
