@@ -32,10 +32,9 @@ from torch import Tensor, nn
 
 from .fast_paths import AttentionMode, FastPath, enabled
 from .linear import (  # gelu_tanh lives there (fused into Linear.forward_gelu)
-    ONEDNN_DTYPES,
     Linear,
-    compiling,
     gelu_tanh,
+    onednn_eligible,
     onednn_kernel_available,
 )
 
@@ -190,19 +189,19 @@ def attend(
 
 
 def uses_onednn_attention(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether :func:`attend` computes ``q``, ``k``, ``v`` with oneDNN's matmuls (the
-    ``ONEDNN_ATTENTION`` fast path): CPU tensors of one dtype oneDNN takes, no
-    autograd, not under torch.compile, the path switched on and the kernel present."""
+    """Whether :func:`attend` may compute ``q``, ``k``, ``v`` with oneDNN's matmuls
+    (the ``ONEDNN_ATTENTION`` fast path; the logits need the float32 kernel too)."""
     return (
-        not torch.is_grad_enabled()
-        and q.device.type == k.device.type == v.device.type == "cpu"
-        and q.dtype == k.dtype == v.dtype
-        and q.dtype in ONEDNN_DTYPES
-        and not compiling()
+        onednn_eligible(q, k, v)
         and enabled(FastPath.ONEDNN_ATTENTION)
         and onednn_kernel_available(q.dtype)
         and onednn_kernel_available(torch.float32)
     )
+
+
+def _onednn_chunk_rows(num_keys: int) -> int:
+    """Query rows per chunk on the oneDNN path (at most _ONEDNN_LOGITS_ELEMENTS logits)."""
+    return max(1, _ONEDNN_LOGITS_ELEMENTS // max(1, num_keys))
 
 
 # Below this many query rows per chunk, the oneDNN path reads each head's keys and
@@ -217,7 +216,7 @@ _CACHED_KV_BYTES = 8 << 20
 def _onednn_attention_pays(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether the oneDNN path's chunks of queries are big enough for their keys."""
     m, n = q.shape[2], k.shape[2]
-    rows = max(1, _ONEDNN_LOGITS_ELEMENTS // max(1, n))
+    rows = _onednn_chunk_rows(n)
     kv_bytes = n * (k.shape[-1] + v.shape[-1]) * k.element_size()
     return rows >= min(m, _MIN_CHUNK_ROWS) or kv_bytes <= _CACHED_KV_BYTES
 
@@ -250,7 +249,7 @@ def _attend_onednn(
     # straight into the (B, M, H, Dv) layout the caller merges the heads from.
     k, v = k.contiguous(), v.contiguous()
     out = q.new_empty(b, m, h, v.shape[-1], dtype=v.dtype)
-    rows = max(1, _ONEDNN_LOGITS_ELEMENTS // max(1, n))
+    rows = _onednn_chunk_rows(n)
     for i in range(b):
         for j in range(h):
             keys = k[i, j].to(logits_dtype)  # (N, Dqk): the "weight" of q @ k.T

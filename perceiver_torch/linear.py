@@ -77,17 +77,22 @@ def compiling() -> bool:
     return bool(is_compiling()) if is_compiling is not None else False
 
 
-def uses_onednn(x: Tensor, weight: Tensor) -> bool:
-    """Whether :class:`Linear` takes the oneDNN path for input ``x`` and ``weight``."""
+def onednn_eligible(*tensors: Tensor) -> bool:
+    """Whether oneDNN's kernels could compute on ``tensors``: no autograd, CPU tensors
+    of one dtype the kernels take, not under torch.compile (the oneDNN fast paths add
+    whether they are switched on and the kernel exists)."""
+    dtype = tensors[0].dtype
     return (
         not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and weight.device.type == "cpu"
-        and x.dtype == weight.dtype
-        and x.dtype in ONEDNN_DTYPES
+        and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+        and dtype in ONEDNN_DTYPES
         and not compiling()
-        and _onednn_linear_enabled(x.dtype)
     )
+
+
+def uses_onednn(x: Tensor, weight: Tensor) -> bool:
+    """Whether :class:`Linear` takes the oneDNN path for input ``x`` and ``weight``."""
+    return onednn_eligible(x, weight) and _onednn_linear_enabled(x.dtype)
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
