@@ -204,6 +204,14 @@ def _onednn_chunk_rows(num_keys: int) -> int:
     return max(1, _ONEDNN_LOGITS_ELEMENTS // max(1, num_keys))
 
 
+# Several heads of equal qk and v widths (every latent self-attention) go to the
+# fused kernel: it blocks over queries and keys, where the oneDNN path writes out one
+# head's logits at a time and loops over heads in Python. Measured on AMD EPYC
+# (medians of interleaved calls), fused kernel / oneDNN path in float32: the flow
+# latents' 16 heads of 32 channels (2,048 x 2,048 logits each) 0.40, video's 8 of 64
+# 0.56, the language latents' 8 of 160 0.72, ImageNet's 8 of 128 0.76; in bfloat16
+# 0.64, 1.04, 0.88 and 1.14.
+#
 # Below this many query rows per chunk, the oneDNN path reads each head's keys and
 # values once per chunk for too little work (a 2*rows multiply-adds per element
 # read): it then runs only when they fit in the cache (at most _CACHED_KV_BYTES), as
@@ -214,7 +222,11 @@ _CACHED_KV_BYTES = 8 << 20
 
 
 def _onednn_attention_pays(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether the oneDNN path's chunks of queries are big enough for their keys."""
+    """Whether the oneDNN path beats the fused kernel here: not for several heads of
+    equal qk and v widths, and only where its chunks of queries are big enough for
+    their keys."""
+    if q.shape[1] > 1 and q.shape[-1] == v.shape[-1]:
+        return False
     m, n = q.shape[2], k.shape[2]
     rows = _onednn_chunk_rows(n)
     kv_bytes = n * (k.shape[-1] + v.shape[-1]) * k.element_size()

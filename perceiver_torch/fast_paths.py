@@ -11,7 +11,8 @@ bound both against a float64 evaluation of the same model):
                            (``linear.py``)
 ``ONEDNN_ATTENTION``       ``attend`` multiplies each head's queries, keys and
                            weights by oneDNN's matmul instead of ``bmm`` or the fused
-                           attention kernel (MKL), on the same CPU tensors
+                           attention kernel (MKL), on the same CPU tensors, for one
+                           head or unequal qk and v widths
                            (``attention._attend_onednn``)
 ``ABSORBED_ATTENTION``     single-head attentions whose sides differ greatly in length
                            fold a projection across the dot product

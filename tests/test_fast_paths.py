@@ -198,7 +198,7 @@ needs_onednn = pytest.mark.skipif(
     [
         (1, 8, 8, False, False),  # the fused kernel's case (equal widths)
         (4, 16, 24, True, False),  # several heads, a key mask, unequal widths
-        (2, 8, 8, True, True),  # queries in chunks (a small logits budget)
+        (2, 8, 12, True, True),  # queries in chunks (a small logits budget)
     ],
 )
 def test_onednn_attention_within_float32_rounding(
@@ -234,6 +234,20 @@ def test_onednn_attention_within_float32_rounding(
             bias=None if bias is None else bias.to(torch.float64),
         )
     check_within_float32_rounding("attend", fast, plain, exact)
+
+
+def test_onednn_attention_leaves_equal_width_heads_to_the_fused_kernel():
+    """Several heads of equal qk and v widths (the latent self-attentions) go to the
+    fused kernel; one head, or unequal widths (which the fused kernel cannot take),
+    stay on the oneDNN path."""
+    q, k = torch.randn(1, 4, 32, 8), torch.randn(1, 4, 32, 8)
+    assert not pt.attention._onednn_attention_pays(q, k, k)
+    assert pt.attention._onednn_attention_pays(q, k, torch.randn(1, 4, 32, 12))
+    assert pt.attention._onednn_attention_pays(q[:, :1], k[:, :1], k[:, :1])
+    with torch.no_grad():
+        fused_only = pt.attention.attend(q, k, k)
+        with fast_paths.plain(FastPath.ONEDNN_ATTENTION):
+            assert torch.equal(fused_only, pt.attention.attend(q, k, k))
 
 
 def test_onednn_attention_steps_aside_for_long_uncached_keys(monkeypatch):
