@@ -25,7 +25,7 @@ listed and switched off in ``fast_paths`` (``fast_paths.plain()``).
 
 from __future__ import annotations
 
-from . import configs, fast_paths
+from . import configs, fast_paths, micro_batches
 from .configs import (
     CONFIG_CLASSES,
     TINY_CONFIGS,

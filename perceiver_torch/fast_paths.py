@@ -1,6 +1,6 @@
 """The fast paths of perceiver_torch, and the one switch that turns them off.
 
-The models compute what the official Haiku code computes. At inference, five
+The models compute what the official Haiku code computes. At inference, six
 mechanisms compute the *same function* in another order, for speed; each is exact in
 real arithmetic and differs from the plain path only by float32 rounding (the tests
 bound both against a float64 evaluation of the same model):
@@ -20,6 +20,8 @@ bound both against a float64 evaluation of the same model):
 ``FOLDED_DECODER``         the video decoder folds every linear map of a query's path
                            together (``decoders.FoldedDecoder``)
 ``SKIP_PADDING``           the language model does not compute trailing padding
+``MICRO_BATCHES``          large CPU batches run in slices of a few items
+                           (``micro_batches.py``)
 =========================  ============================================================
 
 With every fast path off, the modules read line for line against ``perceiver_jax``:
@@ -69,6 +71,7 @@ class FastPath(str, enum.Enum):
     ABSORBED_ATTENTION = "absorbed_attention"
     FOLDED_DECODER = "folded_decoder"
     SKIP_PADDING = "skip_padding"
+    MICRO_BATCHES = "micro_batches"
 
 
 class AttentionMode(str, enum.Enum):

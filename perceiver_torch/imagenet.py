@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .decoders import PerceiverDecoder
 from .inputs import expect
+from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import ClassificationPostprocessor
 from .queries import TrainableQueries
@@ -68,6 +69,11 @@ class ImageClassifier(PerceiverIO):
         """Why ``image_size()`` is required (said with a wrong shape)."""
         return ""
 
+    def tokens_per_item(self, first_input: Tensor) -> int:
+        """One token per pixel (the learned and Fourier preprocessors)."""
+        return first_input.shape[-2] * first_input.shape[-1]
+
+    @micro_batched("images")
     def forward(self, images: Tensor) -> Tensor:
         """images: (B, 3, H, W), normalised -> logits (B, num_classes)."""
         self.check_inputs(images)

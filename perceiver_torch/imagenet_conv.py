@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from torch import Tensor
+
 from .configs import ImageNetConvConfig
 from .imagenet import ImageClassifier
 from .preprocessors import ConvStemPreprocessor
@@ -26,3 +28,7 @@ class ImageNetConv(ImageClassifier):
             channels=config.conv_channels,
         )
         self._build_perceiver(config, preprocessor)
+
+    def tokens_per_item(self, first_input: Tensor) -> int:
+        """One token per pixel of the stem's 4x smaller feature map."""
+        return -(-first_input.shape[-2] // 4) * -(-first_input.shape[-1] // 4)

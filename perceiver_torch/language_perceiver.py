@@ -11,6 +11,7 @@ from .configs import LanguagePerceiverConfig
 from .decoders import PerceiverDecoder
 from .fast_paths import FastPath, enabled
 from .inputs import expect, fail
+from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import EmbeddingDecoder
 from .preprocessors import TextPreprocessor
@@ -60,6 +61,11 @@ class LanguagePerceiver(PerceiverIO):
         )
         self.output_postprocessor = EmbeddingDecoder(vocab_size=c.vocab_size)
 
+    def tokens_per_item(self, first_input: Tensor) -> int:
+        """One token per byte id."""
+        return first_input.shape[1]
+
+    @micro_batched("input_ids", "attention_mask")
     def forward(
         self, input_ids: Tensor, attention_mask: Optional[Tensor] = None
     ) -> Tensor:

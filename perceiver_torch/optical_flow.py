@@ -10,6 +10,7 @@ from torch import Tensor
 from .configs import OpticalFlowConfig
 from .decoders import PerceiverDecoder
 from .inputs import expect
+from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import FlowPostprocessor
 from .preprocessors import FlowPatchPreprocessor
@@ -128,6 +129,11 @@ class OpticalFlow(PerceiverIO):
             channels_axis=2,
         )
 
+    def tokens_per_item(self, first_input: Tensor) -> int:
+        """One token per pixel of a frame pair."""
+        return first_input.shape[-2] * first_input.shape[-1]
+
+    @micro_batched("frames")
     def forward(self, frames: Tensor) -> Tensor:
         """frames: (B, 2, 3, H, W) in [-1, 1] -> flow in pixels (B, 2, H, W)
         (channel 0 horizontal, 1 vertical, as the reference)."""

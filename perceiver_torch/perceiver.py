@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .attention import CrossAttentionLayer, SelfAttentionLayer
 from .fast_paths import FastPath, plain
+from .micro_batches import items_per_slice
 from .position_encoding import truncated_normal_
 
 
@@ -152,6 +153,16 @@ class PerceiverIO(nn.Module):
             **attention_widths,
         )
 
+    def tokens_per_item(self, first_input: Tensor) -> int:
+        """How many input tokens the encoder reads per batch item of ``first_input``
+        (the first batched argument of ``forward``): sizes the micro-batches."""
+        raise NotImplementedError
+
+    def micro_batch_size(self, first_input: Tensor) -> int:
+        """Items per slice when a CPU inference batch runs in slices
+        (:mod:`perceiver_torch.micro_batches`)."""
+        return items_per_slice(self.tokens_per_item(first_input))
+
     @property
     def device(self) -> torch.device:
         return self.encoder.latents.device
@@ -215,9 +226,10 @@ def capture_stages(model: PerceiverIO) -> Iterator[Dict[str, Tensor]]:
         model.decoder.register_forward_hook(on_decoder_output),
     ]
     # Fast paths that skip or fold parts of the plain computation (so that the
-    # decoder's output has another shape) are off meanwhile.
+    # decoder's output has another shape), or slice the batch (so that the hooks
+    # would see one slice), are off meanwhile.
     try:
-        with plain(FastPath.SKIP_PADDING, FastPath.FOLDED_DECODER):
+        with plain(FastPath.SKIP_PADDING, FastPath.FOLDED_DECODER, FastPath.MICRO_BATCHES):
             yield stages
     finally:
         for handle in handles:

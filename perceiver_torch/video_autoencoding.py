@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Mapping, Optional
 
 import torch
@@ -12,6 +13,7 @@ from .configs import VideoAutoencodingConfig
 from .decoders import FoldedDecoder, PerceiverDecoder
 from .fast_paths import FastPath, enabled
 from .inputs import expect, fail, same_batch
+from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import (
     AudioPostprocessor,
@@ -285,6 +287,11 @@ class VideoAutoencoder(PerceiverIO):
             del part
         return out
 
+    def tokens_per_item(self, first_input: Tensor) -> int:
+        """The image tokens (4x4 space-to-depth patches); audio and label add 4%."""
+        return math.prod(first_input.shape[1:]) // (3 * 16)
+
+    @micro_batched("images", "audio", "label")
     def forward(
         self,
         images: Tensor,
@@ -297,6 +304,7 @@ class VideoAutoencoder(PerceiverIO):
         "label": (B, classes)}."""
         return self.decode(self.encode(images, audio, label), subsample)
 
+    @micro_batched("images", "audio", "label")
     def reconstruct(
         self,
         images: Tensor,

@@ -87,6 +87,15 @@ def test_fast_paths_fire_on_these_inputs(monkeypatch):
         return original_product(*args)
 
     monkeypatch.setattr(pt.attention, "_onednn_product", spy_product)
+    # One item per slice: the batches of 2 below run in slices.
+    monkeypatch.setattr(pt.micro_batches, "MICRO_BATCH_TOKENS", 1)
+    original_concat = pt.micro_batches.concat_batches
+
+    def spy_concat(outputs):
+        seen.add(FastPath.MICRO_BATCHES)
+        return original_concat(outputs)
+
+    monkeypatch.setattr(pt.micro_batches, "concat_batches", spy_concat)
     logits_calls = []
     original_logits = pt.LanguagePerceiver.logits
 
