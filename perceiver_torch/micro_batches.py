@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, List, Mapping, Sequence, TypeVar
+from typing import Any, Callable, List, Mapping, Optional, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -70,10 +70,8 @@ def micro_batched(*batched: str) -> Callable[[F], F]:
             bound = signature.bind(self, *args, **kwargs)
             tensors = [bound.arguments.get(name) for name in batched]
             tensors = [t for t in tensors if t is not None]
-            if not tensors or not isinstance(tensors[0], Tensor) or tensors[0].dim() < 2:
-                return method(self, *args, **kwargs)
-            size = self.micro_batch_size(tensors[0])
-            if not _slices_apply(self, tensors, size):
+            size = _slice_size(self, tensors)
+            if size is None:
                 return method(self, *args, **kwargs)
             outputs: List[Any] = []
             for start in range(0, tensors[0].shape[0], size):
@@ -89,18 +87,23 @@ def micro_batched(*batched: str) -> Callable[[F], F]:
     return decorate
 
 
-def _slices_apply(model: Any, tensors: List[Any], size: int) -> bool:
-    if not tensors or not all(isinstance(t, Tensor) and t.dim() > 0 for t in tensors):
-        return False
+def _slice_size(model: Any, tensors: List[Any]) -> Optional[int]:
+    """Items per slice for these batched arguments, or None where the batch runs
+    whole (the cheap checks first: this runs on every call)."""
+    if (
+        torch.is_grad_enabled()
+        or model.training
+        or not tensors
+        or not all(isinstance(t, Tensor) and t.dim() >= 2 for t in tensors)
+        or compiling()
+        or not enabled(FastPath.MICRO_BATCHES)
+    ):
+        return None
     batch = tensors[0].shape[0]
-    return (
-        batch > size
-        and all(t.shape[0] == batch and t.device.type == "cpu" for t in tensors)
-        and not torch.is_grad_enabled()
-        and not model.training
-        and not compiling()
-        and enabled(FastPath.MICRO_BATCHES)
-    )
+    if not all(t.shape[0] == batch and t.device.type == "cpu" for t in tensors):
+        return None
+    size = model.micro_batch_size(tensors[0])
+    return size if batch > size else None
 
 
 def items_per_slice(tokens_per_item: int) -> int:
