@@ -15,9 +15,10 @@ the same function, fewer multiply-adds when one side is much longer than the oth
 (optical flow: 182,528 queries or inputs against 2,048 latents). That is the
 ``ABSORBED_ATTENTION`` fast path (:mod:`perceiver_torch.fast_paths`); under
 ``fast_paths.plain()`` every attention runs ``AttentionMode.STANDARD``, the reference's
-computation. On CPUs without autograd, both products of every head run through
-oneDNN's matmul (``ONEDNN_ATTENTION``, :func:`_attend_onednn`): on AMD EPYC it is
-twice as fast as the MKL kernels behind ``bmm`` and the fused attention.
+computation. On CPUs without autograd, both products of one head (or of heads with
+unequal qk and v widths) run through oneDNN's matmul (``ONEDNN_ATTENTION``,
+:func:`_attend_onednn`) where ``linear.onednn_preferred`` says so: on AMD EPYC with
+AVX-512 it is twice as fast as the MKL kernels behind ``bmm`` and the fused attention.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .linear import (  # gelu_tanh lives there (fused into Linear.forward_gelu)
     gelu_tanh,
     onednn_eligible,
     onednn_kernel_available,
+    onednn_preferred,
 )
 
 # LayerNorm epsilon of Haiku's hk.LayerNorm as the reference configures it.
@@ -194,7 +196,7 @@ def uses_onednn_attention(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return (
         onednn_eligible(q, k, v)
         and enabled(FastPath.ONEDNN_ATTENTION)
-        and onednn_kernel_available(q.dtype)
+        and onednn_preferred(q.dtype)
         and onednn_kernel_available(torch.float32)
     )
 
@@ -245,7 +247,7 @@ def _attend_onednn(
     """:func:`attend` with both products of every head by oneDNN's matmul.
 
     On CPUs PyTorch's ``bmm`` and its fused attention kernel multiply through MKL,
-    which on AMD EPYC runs at half of oneDNN's float32 speed for these shapes; one
+    which on AMD EPYC with AVX-512 runs at half of oneDNN's float32 speed for these shapes; one
     oneDNN matmul per head (and chunk of queries) computes the same sums in another
     order. As on the explicit path, logits, bias and softmax are float32 and only the
     weighted sum of the values runs in the inputs' dtype. The logits of one head's

@@ -7,8 +7,8 @@ bound both against a float64 evaluation of the same model):
 
 =========================  ============================================================
 ``ONEDNN_LINEAR``          ``Linear`` runs oneDNN's matmul instead of ``F.linear`` (MKL)
-                           for float32/bfloat16 CPU tensors without autograd
-                           (``linear.py``)
+                           for bfloat16 CPU tensors without autograd, and float32
+                           ones where the CPU prefers it (``linear.py``)
 ``ONEDNN_ATTENTION``       ``attend`` multiplies each head's queries, keys and
                            weights by oneDNN's matmul instead of ``bmm`` or the fused
                            attention kernel (MKL), on the same CPU tensors, for one
@@ -39,6 +39,11 @@ when parity breaks, run the plain path first::
 The fast paths switch themselves off where they do not apply (training, autograd,
 dropout, other devices or dtypes for the oneDNN kernel); the switch only ever turns
 them off, never on where they do not apply.
+
+The two oneDNN paths also step aside for float32 on CPUs where oneDNN's matmul is not
+the faster kernel (``linear.cpu_prefers_onednn_float32``: only CPUs with AVX-512 that
+are not Intel's); ``PERCEIVER_TORCH_ONEDNN=1`` takes them on every CPU whose torch has
+the kernel (the test suite does, so that they are tested everywhere).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-from typing import FrozenSet, Iterator, Optional
+from typing import FrozenSet, Iterator, Optional, Tuple
 
 __all__ = [
     "ENV_ALL",
@@ -55,6 +60,7 @@ __all__ = [
     "FastPath",
     "disabled_paths",
     "enabled",
+    "onednn_forced",
     "plain",
     "reread_environment",
 ]
@@ -90,18 +96,20 @@ class AttentionMode(str, enum.Enum):
     ABSORB_Q = "absorb_q"
 
 
-def _from_environment() -> FrozenSet[FastPath]:
+def _from_environment() -> Tuple[FrozenSet[FastPath], bool]:
+    """(the fast paths the environment turns off, whether it forces the oneDNN paths)."""
+    onednn = os.environ.get(ENV_ONEDNN)
     if os.environ.get(ENV_ALL, "1") == "0":
-        return frozenset(FastPath)
-    if os.environ.get(ENV_ONEDNN, "1") == "0":
-        return frozenset({FastPath.ONEDNN_LINEAR, FastPath.ONEDNN_ATTENTION})
-    return frozenset()
+        return frozenset(FastPath), False
+    if onednn == "0":
+        return frozenset({FastPath.ONEDNN_LINEAR, FastPath.ONEDNN_ATTENTION}), False
+    return frozenset(), onednn == "1"
 
 
 # Module globals, not a context variable: torch.compile traces reads of globals (and
 # guards on them), while ContextVar.get breaks the graph. ``plain()`` blocks are
 # therefore process-wide: do not enter them from several threads at once.
-_environment: Optional[FrozenSet[FastPath]] = None  # read at first use
+_environment: Optional[Tuple[FrozenSet[FastPath], bool]] = None  # read at first use
 _disabled_by_blocks: FrozenSet[FastPath] = frozenset()
 
 
@@ -112,11 +120,21 @@ def reread_environment() -> None:
     _environment = _from_environment()
 
 
-def disabled_paths() -> FrozenSet[FastPath]:
-    """The fast paths that are off here: by the environment or a ``plain()`` block."""
+def _read_environment() -> Tuple[FrozenSet[FastPath], bool]:
     if _environment is None:
         reread_environment()
-    return _environment | _disabled_by_blocks
+    return _environment
+
+
+def onednn_forced() -> bool:
+    """Whether ``PERCEIVER_TORCH_ONEDNN=1`` asks for the oneDNN paths on any CPU
+    (unset, they take float32 only where this CPU runs oneDNN's matmul faster)."""
+    return _read_environment()[1]
+
+
+def disabled_paths() -> FrozenSet[FastPath]:
+    """The fast paths that are off here: by the environment or a ``plain()`` block."""
+    return _read_environment()[0] | _disabled_by_blocks
 
 
 def enabled(path: FastPath) -> bool:

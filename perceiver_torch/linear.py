@@ -1,13 +1,17 @@
 """``nn.Linear`` with a faster CPU kernel for inference.
 
-PyTorch's CPU ``F.linear`` goes to MKL's sgemm; on the AMD EPYC machines this project
-is measured on, oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, which
-torch.compile uses for the same layers) is faster for every shape of these models
-in float32 (15-20% on the machine first measured; about twice on the 2026-12 one,
-where MKL ran at 160-190 GFLOP/s and oneDNN at 360-420), and linear layers are most
-of their time. In bfloat16 PyTorch's ``F.linear`` already uses oneDNN. :class:`Linear` uses it when no
-gradient is being recorded (``torch.no_grad`` / ``torch.inference_mode``) on float32
-or bfloat16 CPU tensors, and ``F.linear`` otherwise: training; float16 (CPUs without
+PyTorch's CPU ``F.linear`` goes to MKL's sgemm in float32; on the AMD EPYC machines
+with AVX-512 this project is measured on, oneDNN's matmul
+(``torch.ops.mkldnn._linear_pointwise``, which torch.compile uses for the same layers)
+is faster for every shape of these models (15-20% on the machine first measured;
+about twice on the 2026-12 one, where MKL ran at 160-190 GFLOP/s and oneDNN at
+360-420), and linear layers are most of their time. MKL uses AVX-512 only on Intel
+CPUs; where both libraries run the same vectors oneDNN does not pay (on an AMD EPYC
+with AVX2 only, the models ran 8-15% faster on MKL: :func:`cpu_prefers_onednn_float32`
+says where float32 takes oneDNN). In bfloat16 PyTorch's ``F.linear`` already uses
+oneDNN. :class:`Linear` uses it when no gradient is being recorded (``torch.no_grad``
+/ ``torch.inference_mode``) on bfloat16 CPU tensors, and float32 ones where this CPU
+prefers it, and ``F.linear`` otherwise: training; float16 (CPUs without
 native float16 matmuls); CUDA or any other device (the kernel is CPU-only); inside
 ``torch.compile`` (whose inductor backend cannot lower this op, and picks its own
 linear kernels); a torch build without oneDNN (probed once per dtype). Both compute
@@ -21,18 +25,21 @@ On that path the MLP's GELU and residual additions are fused into the same pass,
 what that costs).
 
 This is the ``FastPath.ONEDNN_LINEAR`` fast path (:mod:`perceiver_torch.fast_paths`):
-``fast_paths.plain()`` or ``PERCEIVER_TORCH_ONEDNN=0`` always use ``F.linear``.
+``fast_paths.plain()`` or ``PERCEIVER_TORCH_ONEDNN=0`` always use ``F.linear``;
+``PERCEIVER_TORCH_ONEDNN=1`` takes oneDNN for float32 on every CPU.
 """
 
 from __future__ import annotations
 
+import functools
+import platform
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fast_paths import FastPath, enabled
+from .fast_paths import FastPath, enabled, onednn_forced
 
 # The dtypes the oneDNN path takes, and which of them this torch's kernel serves
 # (probed at first use, once per dtype).
@@ -60,14 +67,54 @@ def onednn_kernel_available(dtype: torch.dtype = torch.float32) -> bool:
     return _available[dtype]
 
 
+def _cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" if unknown)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor()  # e.g. "Intel64 Family 6 ..., GenuineIntel" on Windows
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_prefers_onednn_float32() -> bool:
+    """Whether oneDNN's float32 matmul is the faster CPU kernel here: on CPUs with
+    AVX-512 that are not Intel's.
+
+    MKL (``F.linear``, ``bmm``, the fused attention kernel in float32) runs its AVX-512
+    code on Intel CPUs only; oneDNN uses AVX-512 on every CPU that has it. On AMD EPYC
+    with AVX-512 oneDNN ran these models' products at 1.2-2x MKL's rate. Where both
+    run the same vectors it does not pay: on an AMD EPYC with AVX2 only (2026-12-02,
+    interleaved calls) the models took 8-15% less time on MKL (language 1.00 against
+    1.14 s, imagenet_learned 3.32 against 3.84 s, imagenet_fourier 3.12 against
+    3.56 s). Intel CPUs with AVX-512 were not measured: they keep PyTorch's own
+    kernels. ``PERCEIVER_TORCH_ONEDNN=1`` overrides this answer."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512" and (
+        "intel" not in _cpu_vendor().lower()
+    )
+
+
+def onednn_preferred(dtype: torch.dtype) -> bool:
+    """Whether the oneDNN fast paths take ``dtype`` CPU tensors here: where this
+    torch's kernel serves the dtype, bfloat16 always (PyTorch's own bfloat16
+    ``F.linear`` runs oneDNN), float32 where :func:`cpu_prefers_onednn_float32` or
+    ``PERCEIVER_TORCH_ONEDNN=1`` says so."""
+    if not onednn_kernel_available(dtype):
+        return False
+    return dtype != torch.float32 or onednn_forced() or cpu_prefers_onednn_float32()
+
+
 def _onednn_kernel(*args):
     """oneDNN's linear (x, weight, bias, "none", [], ""): one name tests can watch."""
     return torch.ops.mkldnn._linear_pointwise(*args)
 
 
 def _onednn_linear_enabled(dtype: torch.dtype = torch.float32) -> bool:
-    """Whether the oneDNN path is switched on here and its kernel exists for ``dtype``."""
-    return enabled(FastPath.ONEDNN_LINEAR) and onednn_kernel_available(dtype)
+    """Whether the oneDNN path is switched on here and takes ``dtype`` on this CPU."""
+    return enabled(FastPath.ONEDNN_LINEAR) and onednn_preferred(dtype)
 
 
 def compiling() -> bool:

@@ -754,6 +754,12 @@ def environment() -> Dict[str, Any]:
         info["cpu"] = names[0] if names else None
     except OSError:
         pass
+    from perceiver_torch import linear
+
+    # What decides the float32 kernels (perceiver_torch.linear.onednn_preferred).
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    info["cpu_vendor"] = linear._cpu_vendor()
+    info["onednn_float32"] = linear.onednn_preferred(torch.float32)
     return info
 
 
@@ -880,6 +886,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     variants = [
         (impl, False, dtype) for dtype in dtypes for impl in impls
     ] + ([("ours", True, dtype) for dtype in dtypes] if args.compile else [])
+    if args.device == "cpu":
+        env = environment()
+        print(
+            f"[cpu] {env.get('cpu')}, {env['cpu_capability']}; our float32 products on "
+            + ("oneDNN" if env["onednn_float32"] else "MKL (F.linear, bmm)"),
+            file=sys.stderr,
+            flush=True,
+        )
     results: List[Dict[str, Any]] = []
     peak_records: Dict[str, List[Dict[str, Any]]] = {d: [] for d in dtypes}
     for case in cases:

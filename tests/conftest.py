@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Callable
 
 import pytest
 
 from converter.registry import MODEL_NAMES
+
+# The oneDNN fast paths take float32 only on CPUs where they are the faster kernel
+# (linear.cpu_prefers_onednn_float32); the suite takes them on every CPU whose torch
+# has the kernel, so that they are tested everywhere (subprocesses inherit this).
+os.environ.setdefault("PERCEIVER_TORCH_ONEDNN", "1")
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "golden"
 

@@ -123,7 +123,7 @@ def test_fast_paths_fire_on_these_inputs(monkeypatch):
 
 
 def test_reread_environment(monkeypatch):
-    monkeypatch.setattr(fast_paths, "_environment", frozenset())
+    monkeypatch.setattr(fast_paths, "_environment", (frozenset(), False))
     monkeypatch.setenv("PERCEIVER_TORCH_FAST_PATHS", "0")
     assert fast_paths.disabled_paths() == frozenset()  # read once, at first use
     fast_paths.reread_environment()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,3 +126,69 @@ def test_packed_weight_follows_the_weight():
     assert set(layer.state_dict()) == {"weight", "bias"}
     linear_module.release_packed_weights(torch.nn.Sequential(layer))
     assert layer._packed is None and layer.packed_weight() is layer.weight
+
+
+@pytest.mark.parametrize(
+    "capability,vendor,prefers",
+    [
+        ("AVX512", "AuthenticAMD", True),  # MKL runs AVX2 code there: oneDNN twice as fast
+        ("AVX512", "GenuineIntel", False),  # MKL's own AVX-512 code: not measured, stock
+        ("AVX512", "Intel64 Family 6 Model 143 Stepping 8, GenuineIntel", False),
+        ("AVX2", "AuthenticAMD", False),  # same vectors: MKL was the faster
+        ("DEFAULT", "", False),
+    ],
+)
+def test_cpu_preference_for_onednn_float32(monkeypatch, capability, vendor, prefers):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(linear_module, "_cpu_vendor", lambda: vendor)
+    linear_module.cpu_prefers_onednn_float32.cache_clear()
+    try:
+        assert linear_module.cpu_prefers_onednn_float32() is prefers
+    finally:
+        linear_module.cpu_prefers_onednn_float32.cache_clear()
+
+
+def test_cpu_vendor_is_read_from_this_machine():
+    vendor = linear_module._cpu_vendor()
+    assert isinstance(vendor, str)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and "vendor_id" in cpuinfo.read_text(errors="replace"):
+        assert vendor and vendor in cpuinfo.read_text(errors="replace")
+
+
+@needs_onednn
+@pytest.mark.parametrize("setting", [None, "1"])
+def test_float32_takes_onednn_where_the_cpu_prefers_it_or_when_forced(monkeypatch, setting):
+    """Unset, PERCEIVER_TORCH_ONEDNN leaves float32 to F.linear on a CPU that does not
+    prefer oneDNN; =1 takes oneDNN there too. bfloat16 follows the kernel alone."""
+    monkeypatch.setattr(fast_paths, "_environment", None)  # read again, then restored
+    if setting is None:
+        monkeypatch.delenv("PERCEIVER_TORCH_ONEDNN", raising=False)
+    else:
+        monkeypatch.setenv("PERCEIVER_TORCH_ONEDNN", setting)
+    monkeypatch.setattr(linear_module, "cpu_prefers_onednn_float32", lambda: False)
+    calls = []
+    original = linear_module._onednn_kernel
+    monkeypatch.setattr(
+        linear_module, "_onednn_kernel", lambda *a: calls.append(1) or original(*a)
+    )
+    layer = Linear(6, 3)
+    x = torch.randn(2, 6)
+    forced = setting == "1"
+    with torch.no_grad():
+        out = layer(x)
+        assert linear_module.uses_onednn(x, layer.weight) is forced
+    expected = F.linear(x, layer.weight, layer.bias)
+    assert linear_module.onednn_preferred(torch.float32) is forced
+    assert bool(calls) is forced
+    if forced:
+        check_within_float32_rounding(
+            "oneDNN", out, expected, F.linear(x.double(), layer.weight.double(), layer.bias.double())
+        )
+    else:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert linear_module.onednn_preferred(torch.bfloat16) is (
+        linear_module.onednn_kernel_available(torch.bfloat16)
+    )
+    monkeypatch.setattr(linear_module, "cpu_prefers_onednn_float32", lambda: True)
+    assert linear_module.onednn_preferred(torch.float32)
