@@ -805,6 +805,11 @@ def verify_command(
     document, passed = report.as_dict(), report.passed
     if dtype != "float32":  # reduced precision (issue 13): the fidelity report too
         from converter.precision import fidelity
+        from converter.run_cli import emulated_dtype_note
+
+        note = emulated_dtype_note(dtype, advice="the report holds all the same")
+        if note and not quiet:
+            click.echo(note, err=True)
 
         extra = fidelity(
             checkpoint,

@@ -17,8 +17,10 @@ the same function, fewer multiply-adds when one side is much longer than the oth
 ``fast_paths.plain()`` every attention runs ``AttentionMode.STANDARD``, the reference's
 computation. On CPUs without autograd, both products of one head (or of heads with
 unequal qk and v widths) run through oneDNN's matmul (``ONEDNN_ATTENTION``,
-:func:`_attend_onednn`) where ``linear.onednn_preferred`` says so: on AMD EPYC with
-AVX-512 it is twice as fast as the MKL kernels behind ``bmm`` and the fused attention.
+:func:`_attend_onednn`) where ``linear.onednn_attention_preferred`` says so: on AMD
+EPYC with AVX-512 it is twice as fast as the MKL kernels behind ``bmm`` and the fused
+attention; on Intel CPUs, whose MKL runs AVX-512 and AMX code, PyTorch's kernels are the
+faster and keep the attentions.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .linear import (  # gelu_tanh lives there (fused into Linear.forward_gelu)
     gelu_tanh,
     onednn_eligible,
     onednn_kernel_available,
-    onednn_preferred,
+    onednn_attention_preferred,
 )
 
 # LayerNorm epsilon of Haiku's hk.LayerNorm as the reference configures it.
@@ -196,7 +198,7 @@ def uses_onednn_attention(q: Tensor, k: Tensor, v: Tensor) -> bool:
     return (
         onednn_eligible(q, k, v)
         and enabled(FastPath.ONEDNN_ATTENTION)
-        and onednn_preferred(q.dtype)
+        and onednn_attention_preferred(q.dtype)
         and onednn_kernel_available(torch.float32)
     )
 

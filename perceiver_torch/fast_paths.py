@@ -12,8 +12,8 @@ bound both against a float64 evaluation of the same model):
 ``ONEDNN_ATTENTION``       ``attend`` multiplies each head's queries, keys and
                            weights by oneDNN's matmul instead of ``bmm`` or the fused
                            attention kernel (MKL), on the same CPU tensors, for one
-                           head or unequal qk and v widths
-                           (``attention._attend_onednn``)
+                           head or unequal qk and v widths, where the CPU
+                           prefers it (``attention._attend_onednn``)
 ``ABSORBED_ATTENTION``     single-head attentions whose sides differ greatly in length
                            fold a projection across the dot product
                            (:class:`AttentionMode`, ``attention.py``)
@@ -40,10 +40,12 @@ The fast paths switch themselves off where they do not apply (training, autograd
 dropout, other devices or dtypes for the oneDNN kernel); the switch only ever turns
 them off, never on where they do not apply.
 
-The two oneDNN paths also step aside for float32 on CPUs where oneDNN's matmul is not
-the faster kernel (``linear.cpu_prefers_onednn_float32``: only CPUs with AVX-512 that
-are not Intel's); ``PERCEIVER_TORCH_ONEDNN=1`` takes them on every CPU whose torch has
-the kernel (the test suite does, so that they are tested everywhere).
+The two oneDNN paths also step aside on CPUs where oneDNN's matmul is not the faster
+kernel: the linear layers for float32 on CPUs without AVX-512
+(``linear.onednn_linear_preferred``), the attentions on Intel CPUs in every dtype
+(``linear.onednn_attention_preferred``). ``PERCEIVER_TORCH_ONEDNN=1`` takes both on
+every CPU whose torch has the kernel (the test suite does, so that they are tested
+everywhere).
 """
 
 from __future__ import annotations

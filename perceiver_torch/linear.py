@@ -6,9 +6,10 @@ with AVX-512 this project is measured on, oneDNN's matmul
 is faster for every shape of these models (15-20% on the machine first measured;
 about twice on the 2026-12 one, where MKL ran at 160-190 GFLOP/s and oneDNN at
 360-420), and linear layers are most of their time. MKL uses AVX-512 only on Intel
-CPUs; where both libraries run the same vectors oneDNN does not pay (on an AMD EPYC
-with AVX2 only, the models ran 8-15% faster on MKL: :func:`cpu_prefers_onednn_float32`
-says where float32 takes oneDNN). In bfloat16 PyTorch's ``F.linear`` already uses
+CPUs, and there oneDNN still gains up to 13% (an Intel Xeon with AMX); where both
+libraries run AVX2 it does not pay (on an AMD EPYC with AVX2 only, the models ran
+8-15% faster on MKL): :func:`cpu_prefers_onednn_float32` says where float32 takes
+oneDNN, on CPUs with AVX-512. In bfloat16 PyTorch's ``F.linear`` already uses
 oneDNN. :class:`Linear` uses it when no gradient is being recorded (``torch.no_grad``
 / ``torch.inference_mode``) on bfloat16 CPU tensors, and float32 ones where this CPU
 prefers it, and ``F.linear`` otherwise: training; float16 (CPUs without
@@ -67,44 +68,108 @@ def onednn_kernel_available(dtype: torch.dtype = torch.float32) -> bool:
     return _available[dtype]
 
 
-def _cpu_vendor() -> str:
-    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" if unknown)."""
+def _cpuinfo_field(name: str) -> Optional[str]:
+    """The first ``name`` line's value in /proc/cpuinfo (None where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
+    return None
+
+
+def _cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" if unknown)."""
+    vendor = _cpuinfo_field("vendor_id")
+    if vendor is not None:
+        return vendor
     return platform.processor()  # e.g. "Intel64 Family 6 ..., GenuineIntel" on Windows
 
 
 @functools.lru_cache(maxsize=None)
 def cpu_prefers_onednn_float32() -> bool:
-    """Whether oneDNN's float32 matmul is the faster CPU kernel here: on CPUs with
-    AVX-512 that are not Intel's.
+    """Whether oneDNN's float32 matmul is the faster kernel for linear layers here: on
+    CPUs with AVX-512.
 
-    MKL (``F.linear``, ``bmm``, the fused attention kernel in float32) runs its AVX-512
-    code on Intel CPUs only; oneDNN uses AVX-512 on every CPU that has it. On AMD EPYC
-    with AVX-512 oneDNN ran these models' products at 1.2-2x MKL's rate. Where both
-    run the same vectors it does not pay: on an AMD EPYC with AVX2 only (2026-12-02,
-    interleaved calls) the models took 8-15% less time on MKL (language 1.00 against
-    1.14 s, imagenet_learned 3.32 against 3.84 s, imagenet_fourier 3.12 against
-    3.56 s). Intel CPUs with AVX-512 were not measured: they keep PyTorch's own
-    kernels. ``PERCEIVER_TORCH_ONEDNN=1`` overrides this answer."""
-    return torch.backends.cpu.get_cpu_capability() == "AVX512" and (
-        "intel" not in _cpu_vendor().lower()
-    )
+    MKL (``F.linear``) runs its AVX-512 code on Intel CPUs only; oneDNN uses AVX-512 on
+    every CPU that has it. On AMD EPYC with AVX-512 oneDNN ran these models' products
+    at 1.2-2x MKL's rate; on an Intel Xeon with AVX-512 and AMX (2026-12-02,
+    interleaved calls) the models took 0-13% less time with their linear layers on
+    oneDNN (language 0.454 against 0.517 s, video chunk 0.874 against 0.875 s). Where
+    both libraries run the same vectors it does not pay: on an AMD EPYC with AVX2 only
+    the models took 8-15% less time on MKL (language 1.00 against 1.14 s,
+    imagenet_learned 3.32 against 3.84 s). ``PERCEIVER_TORCH_ONEDNN=1`` overrides this
+    answer."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
-def onednn_preferred(dtype: torch.dtype) -> bool:
-    """Whether the oneDNN fast paths take ``dtype`` CPU tensors here: where this
-    torch's kernel serves the dtype, bfloat16 always (PyTorch's own bfloat16
+@functools.lru_cache(maxsize=None)
+def cpu_prefers_onednn_attention() -> bool:
+    """Whether the attention products pay on oneDNN's matmul here (given that the
+    dtype does, :func:`onednn_attention_preferred`): on CPUs that are not Intel's.
+
+    On Intel CPUs PyTorch's own attention kernels (``bmm``, the fused
+    ``scaled_dot_product_attention``) run MKL's AVX-512 and AMX code and beat oneDNN's
+    matmul, which writes out one head's logits at a time: on a Xeon with AMX
+    (2026-12-02, interleaved calls, linear layers on oneDNN either way) the video chunk
+    took 0.874 s with PyTorch's kernels against 1.064 s on oneDNN in float32 and 0.325
+    against 0.567 s in bfloat16, imagenet_fourier 0.401 against 0.446 s in bfloat16.
+    On AMD EPYC with AVX-512 oneDNN's was twice as fast as MKL's."""
+    return "intel" not in _cpu_vendor().lower()
+
+
+def _cpu_feature(name: str) -> Optional[bool]:
+    """torch.cpu's probe ``name`` (``_is_avx512_bf16_supported``, ...), None where this
+    torch has none."""
+    probe = getattr(torch.cpu, name, None)
+    try:
+        return bool(probe()) if probe is not None else None
+    except RuntimeError:
+        return None
+
+
+def cpu_has_matmul_instructions(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in hardware: float32 everywhere;
+    bfloat16 with AVX512-BF16 or AMX; float16 with AMX-FP16 or AVX512-FP16 (the flag
+    is read from /proc/cpuinfo: torch has no probe for it). Elsewhere PyTorch converts
+    every product to float32 and back: on an AMD EPYC with AVX2 only the language model
+    took 12.8 s in bfloat16 against 1.0 s in float32 (HF's the same: 13.8 s). On an
+    Intel Xeon with AMX and AVX512-FP16 (no AMX-FP16) a 2048^3 product ran at 2079
+    GFLOP/s in bfloat16, 326 in float16 and 319 in float32. True where this torch
+    cannot tell."""
+    if dtype == torch.bfloat16:
+        found = [_cpu_feature("_is_avx512_bf16_supported"), _cpu_feature("_is_amx_tile_supported")]
+    elif dtype == torch.float16:
+        flags = _cpuinfo_field("flags")
+        found = [
+            _cpu_feature("_is_amx_fp16_supported"),
+            None if flags is None else "avx512_fp16" in flags.split(),
+        ]
+    else:
+        return True
+    return any(found) or all(f is None for f in found)
+
+
+def onednn_linear_preferred(dtype: torch.dtype) -> bool:
+    """Whether the ``ONEDNN_LINEAR`` fast path takes ``dtype`` CPU tensors here: where
+    this torch's kernel serves the dtype, bfloat16 always (PyTorch's own bfloat16
     ``F.linear`` runs oneDNN), float32 where :func:`cpu_prefers_onednn_float32` or
     ``PERCEIVER_TORCH_ONEDNN=1`` says so."""
     if not onednn_kernel_available(dtype):
         return False
     return dtype != torch.float32 or onednn_forced() or cpu_prefers_onednn_float32()
+
+
+def onednn_attention_preferred(dtype: torch.dtype) -> bool:
+    """Whether the ``ONEDNN_ATTENTION`` fast path takes ``dtype`` CPU tensors here:
+    where the linear layers take the dtype and :func:`cpu_prefers_onednn_attention`
+    (not on Intel CPUs), or wherever the kernel exists with ``PERCEIVER_TORCH_ONEDNN=1``."""
+    if not onednn_linear_preferred(dtype):
+        return False
+    return onednn_forced() or cpu_prefers_onednn_attention()
 
 
 def _onednn_kernel(*args):
@@ -114,7 +179,7 @@ def _onednn_kernel(*args):
 
 def _onednn_linear_enabled(dtype: torch.dtype = torch.float32) -> bool:
     """Whether the oneDNN path is switched on here and takes ``dtype`` on this CPU."""
-    return enabled(FastPath.ONEDNN_LINEAR) and onednn_preferred(dtype)
+    return enabled(FastPath.ONEDNN_LINEAR) and onednn_linear_preferred(dtype)
 
 
 def compiling() -> bool:

@@ -756,10 +756,13 @@ def environment() -> Dict[str, Any]:
         pass
     from perceiver_torch import linear
 
-    # What decides the float32 kernels (perceiver_torch.linear.onednn_preferred).
+    # What decides our CPU kernels (perceiver_torch.linear.onednn_*_preferred).
     info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     info["cpu_vendor"] = linear._cpu_vendor()
-    info["onednn_float32"] = linear.onednn_preferred(torch.float32)
+    info["onednn_linear_float32"] = linear.onednn_linear_preferred(torch.float32)
+    info["onednn_attention_float32"] = linear.onednn_attention_preferred(torch.float32)
+    info["onednn_attention_bfloat16"] = linear.onednn_attention_preferred(torch.bfloat16)
+    info["native_bfloat16_matmul"] = linear.cpu_has_matmul_instructions(torch.bfloat16)
     return info
 
 
@@ -888,9 +891,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     ] + ([("ours", True, dtype) for dtype in dtypes] if args.compile else [])
     if args.device == "cpu":
         env = environment()
+        def kernel(onednn: bool) -> str:
+            return "oneDNN" if onednn else "PyTorch's (MKL)"
+
         print(
-            f"[cpu] {env.get('cpu')}, {env['cpu_capability']}; our float32 products on "
-            + ("oneDNN" if env["onednn_float32"] else "MKL (F.linear, bmm)"),
+            f"[cpu] {env.get('cpu')}, {env['cpu_capability']}; our float32 linear layers "
+            f"on {kernel(env['onednn_linear_float32'])}, attentions on "
+            f"{kernel(env['onednn_attention_float32'])} (bfloat16: "
+            f"{kernel(env['onednn_attention_bfloat16'])}); bfloat16 matmuls "
+            + ("native" if env["native_bfloat16_matmul"] else "emulated (slow)"),
             file=sys.stderr,
             flush=True,
         )

@@ -10,9 +10,11 @@ import pytest
 
 from converter.registry import MODEL_NAMES
 
-# The oneDNN fast paths take float32 only on CPUs where they are the faster kernel
-# (linear.cpu_prefers_onednn_float32); the suite takes them on every CPU whose torch
-# has the kernel, so that they are tested everywhere (subprocesses inherit this).
+# The oneDNN fast paths run only on CPUs where they are the faster kernel
+# (linear.onednn_linear_preferred, linear.onednn_attention_preferred); the suite takes
+# them on every CPU whose torch has the kernel, so that they are tested everywhere
+# (subprocesses inherit this). The paths a CPU leaves them for are the plain path's
+# kernels, which fast_paths.plain() tests.
 os.environ.setdefault("PERCEIVER_TORCH_ONEDNN", "1")
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "golden"

@@ -20,6 +20,7 @@ of order 1) and checked by the float32 run meeting the same formula with u = 2^-
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -80,16 +81,20 @@ def outputs(out) -> dict:
 # -- whole models ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("attention_kernel", ["onednn", "pytorch"])
 @pytest.mark.parametrize("dtype", REDUCED + (torch.float32,), ids=str)
 @pytest.mark.parametrize("name", NAMES)
-def test_model_within_rounding_bound_of_float64(name, dtype):
+def test_model_within_rounding_bound_of_float64(name, dtype, attention_kernel):
     """The model in ``dtype`` against float64 of its own (rounded) weights and inputs:
-    within gamma_n on every output; the output dtype is the model's."""
+    within gamma_n on every output; the output dtype is the model's. Both attention
+    kernels a CPU may run: oneDNN's (the suite forces it where the kernel exists) and
+    PyTorch's, which Intel CPUs keep (``linear.onednn_attention_preferred``)."""
     model = tiny(name).to(dtype)
     reference = copy.deepcopy(model).double()
     inputs = tiny_inputs(name)
     rounded = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
-    with torch.no_grad():
+    off = [pt.fast_paths.FastPath.ONEDNN_ATTENTION] if attention_kernel == "pytorch" else []
+    with torch.no_grad(), pt.fast_paths.plain(*off) if off else contextlib.nullcontext():
         got = outputs(model(*inputs))  # float32 inputs: the model casts them
         expected = outputs(reference(*rounded))
     bound = gamma(name, dtype)
@@ -403,6 +408,22 @@ def test_verify_dtype_reports_fidelity(jax_ready, tmp_path, name, dtype):
     else:
         assert 0 <= by_output["logits"]["argmax_agreement"] <= 1
     assert f"fidelity of {name} in {dtype}" in result.stderr
+
+
+@pytest.mark.jax
+def test_verify_dtype_notes_a_cpu_without_its_matrix_instructions(jax_ready, tmp_path, monkeypatch):
+    import perceiver_torch.linear as linear
+    from converter.fixtures import write_fixture
+    from helpers import run_cli
+
+    source = tmp_path / "imagenet_conv.pickle"
+    write_fixture("imagenet_conv", source, size="tiny", seed=2)
+    monkeypatch.setattr(linear, "cpu_has_matmul_instructions", lambda d: d == torch.float32)
+    result = run_cli("verify", source, "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    assert "no bfloat16 matrix instructions" in result.stderr
+    assert "the report holds all the same" in result.stderr
+    assert "fidelity of imagenet_conv in bfloat16" in result.stderr
 
 
 @pytest.mark.jax

@@ -463,3 +463,66 @@ def test_demo_command_shows_the_tasks(monkeypatch):
     failed = run_cli("demo", "--models", "imagenet_conv")
     # Without --json the tables are the result: stdout.
     assert failed.exit_code == 3 and "ERROR: the picture could not be made" in failed.stdout
+
+
+# --------------------------------------------------------------------------------------
+# --dtype
+
+
+def test_run_dtype_computes_in_that_dtype(models, images, tmp_path):
+    """--dtype bfloat16 gives the answers of the pipeline on the model loaded in
+    bfloat16, from a converted file and from an official checkpoint alike (both round
+    the same float32 weights); a bfloat16 file runs in bfloat16 unless told otherwise."""
+    from perceiver_torch.pipelines import ClassifyPipeline
+
+    model = models["imagenet_conv"]
+    in_bfloat16 = pt.load(model, dtype="bfloat16")
+    assert next(in_bfloat16.parameters()).dtype == torch.bfloat16
+    expected = ClassifyPipeline(in_bfloat16)([str(p) for p in images])
+    in_float32 = ClassifyPipeline(pt.load(model))([str(p) for p in images])
+    assert [r.as_dict() for r in expected] != [r.as_dict() for r in in_float32]
+    bf16_file = tmp_path / "conv_bf16.safetensors"
+    convert(golden_checkpoint_path("imagenet_conv"), bf16_file, dtype="bfloat16")
+    official = golden_checkpoint_path("imagenet_conv")
+    runs = {
+        "file --dtype": run_cli("run", "classify", model, *images, "--dtype", "bfloat16", "--json"),
+        "official --dtype": run_cli("run", "classify", official, *images, "--dtype", "bfloat16",
+                                    "--json"),
+        "bfloat16 file": run_cli("run", "classify", bf16_file, *images, "--json"),
+    }
+    for how, result in runs.items():
+        assert result.exit_code == 0, (how, result.stderr)
+        document = json.loads(result.stdout)
+        assert document["dtype"] == "bfloat16", how
+        assert document["results"] == [r.as_dict() for r in expected], how
+        assert ", bfloat16)" in result.stderr, how
+    back = run_cli("run", "classify", bf16_file, *images, "--dtype", "float32", "--json")
+    assert back.exit_code == 0, back.stderr
+    assert json.loads(back.stdout)["dtype"] == "float32"
+    plain = run_cli("run", "classify", model, *images, "--json")
+    assert json.loads(plain.stdout)["dtype"] == "float32"
+    assert json.loads(plain.stdout)["results"] == [r.as_dict() for r in in_float32]
+
+
+def test_run_dtype_notes_a_cpu_without_its_matrix_instructions(models, images, monkeypatch):
+    import perceiver_torch.linear as linear
+
+    args = ("run", "classify", models["imagenet_conv"], images[0], "--dtype", "bfloat16")
+    monkeypatch.setattr(linear, "cpu_has_matmul_instructions", lambda dtype: True)
+    native = run_cli(*args)
+    assert native.exit_code == 0 and "note:" not in native.stderr
+    monkeypatch.setattr(
+        linear, "cpu_has_matmul_instructions", lambda dtype: dtype == torch.float32
+    )
+    emulated = run_cli(*args)
+    assert emulated.exit_code == 0, emulated.stderr
+    assert "no bfloat16 matrix instructions (AVX512-BF16 or AMX)" in emulated.stderr
+    assert "leave out --dtype" in emulated.stderr
+    assert "note:" not in run_cli("run", "classify", models["imagenet_conv"], images[0]).stderr
+    assert run_cli(*args, "-q").stderr == ""  # quiet: errors only
+
+
+def test_run_refuses_an_unknown_dtype(models, images):
+    result = run_cli("run", "classify", models["imagenet_conv"], images[0], "--dtype", "int8")
+    assert result.exit_code == 2
+    assert "'int8' is not one of" in result.stderr and "bfloat16" in result.stderr

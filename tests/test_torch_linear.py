@@ -129,23 +129,38 @@ def test_packed_weight_follows_the_weight():
 
 
 @pytest.mark.parametrize(
-    "capability,vendor,prefers",
+    "capability,prefers",
     [
-        ("AVX512", "AuthenticAMD", True),  # MKL runs AVX2 code there: oneDNN twice as fast
-        ("AVX512", "GenuineIntel", False),  # MKL's own AVX-512 code: not measured, stock
-        ("AVX512", "Intel64 Family 6 Model 143 Stepping 8, GenuineIntel", False),
-        ("AVX2", "AuthenticAMD", False),  # same vectors: MKL was the faster
-        ("DEFAULT", "", False),
+        ("AVX512", True),  # AMD: MKL runs AVX2 code, oneDNN twice as fast; Intel: up to 13%
+        ("AVX2", False),  # same vectors: MKL was the faster
+        ("DEFAULT", False),
     ],
 )
-def test_cpu_preference_for_onednn_float32(monkeypatch, capability, vendor, prefers):
+def test_cpu_preference_for_onednn_float32_linear_layers(monkeypatch, capability, prefers):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-    monkeypatch.setattr(linear_module, "_cpu_vendor", lambda: vendor)
     linear_module.cpu_prefers_onednn_float32.cache_clear()
     try:
         assert linear_module.cpu_prefers_onednn_float32() is prefers
     finally:
         linear_module.cpu_prefers_onednn_float32.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "vendor,prefers",
+    [
+        ("AuthenticAMD", True),
+        ("GenuineIntel", False),  # MKL's AVX-512/AMX attention kernels are the faster
+        ("Intel64 Family 6 Model 143 Stepping 8, GenuineIntel", False),  # Windows
+        ("", True),
+    ],
+)
+def test_cpu_preference_for_onednn_attention(monkeypatch, vendor, prefers):
+    monkeypatch.setattr(linear_module, "_cpu_vendor", lambda: vendor)
+    linear_module.cpu_prefers_onednn_attention.cache_clear()
+    try:
+        assert linear_module.cpu_prefers_onednn_attention() is prefers
+    finally:
+        linear_module.cpu_prefers_onednn_attention.cache_clear()
 
 
 def test_cpu_vendor_is_read_from_this_machine():
@@ -167,6 +182,7 @@ def test_float32_takes_onednn_where_the_cpu_prefers_it_or_when_forced(monkeypatc
     else:
         monkeypatch.setenv("PERCEIVER_TORCH_ONEDNN", setting)
     monkeypatch.setattr(linear_module, "cpu_prefers_onednn_float32", lambda: False)
+    monkeypatch.setattr(linear_module, "cpu_prefers_onednn_attention", lambda: True)
     calls = []
     original = linear_module._onednn_kernel
     monkeypatch.setattr(
@@ -179,7 +195,9 @@ def test_float32_takes_onednn_where_the_cpu_prefers_it_or_when_forced(monkeypatc
         out = layer(x)
         assert linear_module.uses_onednn(x, layer.weight) is forced
     expected = F.linear(x, layer.weight, layer.bias)
-    assert linear_module.onednn_preferred(torch.float32) is forced
+    assert linear_module.onednn_linear_preferred(torch.float32) is forced
+    # The attentions never take a dtype the linear layers do not.
+    assert linear_module.onednn_attention_preferred(torch.float32) is forced
     assert bool(calls) is forced
     if forced:
         check_within_float32_rounding(
@@ -187,8 +205,79 @@ def test_float32_takes_onednn_where_the_cpu_prefers_it_or_when_forced(monkeypatc
         )
     else:
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    assert linear_module.onednn_preferred(torch.bfloat16) is (
-        linear_module.onednn_kernel_available(torch.bfloat16)
-    )
+    has_bf16 = linear_module.onednn_kernel_available(torch.bfloat16)
+    assert linear_module.onednn_linear_preferred(torch.bfloat16) is has_bf16
+    assert linear_module.onednn_attention_preferred(torch.bfloat16) is has_bf16
     monkeypatch.setattr(linear_module, "cpu_prefers_onednn_float32", lambda: True)
-    assert linear_module.onednn_preferred(torch.float32)
+    assert linear_module.onednn_linear_preferred(torch.float32)
+    assert linear_module.onednn_attention_preferred(torch.float32)
+
+
+@needs_onednn
+@pytest.mark.parametrize("setting", [None, "1"])
+def test_attention_leaves_onednn_on_cpus_that_do_not_prefer_it_unless_forced(
+    monkeypatch, setting
+):
+    """On a CPU whose own attention kernels are the faster (Intel's), attend runs
+    PyTorch's kernels in every dtype while the linear layers keep oneDNN; =1 takes
+    oneDNN for both."""
+    from perceiver_torch import attention
+
+    monkeypatch.setattr(fast_paths, "_environment", None)
+    if setting is None:
+        monkeypatch.delenv("PERCEIVER_TORCH_ONEDNN", raising=False)
+    else:
+        monkeypatch.setenv("PERCEIVER_TORCH_ONEDNN", setting)
+    monkeypatch.setattr(linear_module, "cpu_prefers_onednn_float32", lambda: True)
+    monkeypatch.setattr(linear_module, "cpu_prefers_onednn_attention", lambda: False)
+    forced = setting == "1"
+    q, k, v = (torch.randn(1, 1, n, 8) for n in (5, 7, 7))
+    with torch.no_grad():
+        assert linear_module.onednn_linear_preferred(torch.float32)
+        assert attention.uses_onednn_attention(q, k, v) is forced
+        if linear_module.onednn_kernel_available(torch.bfloat16):
+            qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+            assert attention.uses_onednn_attention(qb, kb, vb) is forced
+
+
+@pytest.mark.parametrize(
+    "features,flags,dtype,native",
+    [
+        ({}, None, torch.float32, True),
+        ({"_is_avx512_bf16_supported": True, "_is_amx_tile_supported": False}, None, torch.bfloat16, True),
+        ({"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": True}, None, torch.bfloat16, True),
+        ({"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False}, None, torch.bfloat16, False),
+        ({"_is_avx512_bf16_supported": None, "_is_amx_tile_supported": None}, None, torch.bfloat16, True),
+        ({"_is_amx_fp16_supported": False}, "fpu avx2 avx512f", torch.float16, False),
+        ({"_is_amx_fp16_supported": False}, "fpu avx512f avx512_fp16", torch.float16, True),
+        ({"_is_amx_fp16_supported": True}, "fpu avx2", torch.float16, True),
+        ({"_is_amx_fp16_supported": None}, None, torch.float16, True),  # cannot tell
+    ],
+)
+def test_cpu_matmul_instructions_by_dtype(monkeypatch, features, flags, dtype, native):
+    """None stands for a probe this torch lacks (or no /proc/cpuinfo flags): where
+    nothing can tell, the CPU is not called emulated."""
+    for name, present in features.items():
+        if present is None:
+            monkeypatch.delattr(torch.cpu, name, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, name, lambda present=present: present, raising=False)
+    monkeypatch.setattr(
+        linear_module, "_cpuinfo_field", lambda name: flags if name == "flags" else None
+    )
+    assert linear_module.cpu_has_matmul_instructions(dtype) is native
+
+
+def test_cpu_matmul_instructions_agree_with_this_machines_flags():
+    """The probes read this CPU: where /proc/cpuinfo lists its flags, bfloat16 is
+    native exactly when avx512_bf16 or amx_bf16 is among them."""
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text(errors="replace") if cpuinfo.is_file() else ""
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), None)
+    if flags is None or not hasattr(torch.cpu, "_is_avx512_bf16_supported"):
+        pytest.skip("no CPU flags to compare with, or no probe in this torch")
+    expected = "avx512_bf16" in flags or "amx_bf16" in flags
+    assert linear_module.cpu_has_matmul_instructions(torch.bfloat16) is expected
+    if hasattr(torch.cpu, "_is_amx_fp16_supported"):
+        expected = "avx512_fp16" in flags or "amx_fp16" in flags
+        assert linear_module.cpu_has_matmul_instructions(torch.float16) is expected
