@@ -277,12 +277,12 @@ def emulated_dtype_note(
     import torch
 
     from perceiver_torch.linear import cpu_has_matmul_instructions
-    from perceiver_torch.registry import resolve_dtype
+    from perceiver_torch.registry import dtype_name, resolve_dtype
 
     torch_dtype = resolve_dtype(dtype)
     if cpu_has_matmul_instructions(torch_dtype):
         return None
-    name = str(torch_dtype).replace("torch.", "")
+    name = dtype_name(torch_dtype)
     needs = "AVX512-BF16 or AMX" if torch_dtype == torch.bfloat16 else "AMX-FP16 or AVX512-FP16"
     return (
         f"note: this CPU has no {name} matrix instructions ({needs}): PyTorch computes "
@@ -546,9 +546,11 @@ def _run(**kwargs: Any) -> None:
                 f"{task} needs a {' or '.join(spec.models)} model; {model_path} is a "
                 f"{name} model" + (f" (run it with: run {hint})" if hint else "")
             )
+        from perceiver_torch.registry import dtype_name
+
         model_dtype = next(model.parameters()).dtype
-        dtype_name = str(model_dtype).replace("torch.", "")
-        echo(f"{task} with {name} ({how}, {dtype_name})")
+        computed_in = dtype_name(model_dtype)
+        echo(f"{task} with {name} ({how}, {computed_in})")
         note = emulated_dtype_note(model_dtype)
         if note:
             echo(note)
@@ -572,7 +574,7 @@ def _run(**kwargs: Any) -> None:
     if kwargs["as_json"]:
         from converter.cli import echo_json
 
-        echo_json({"task": task, "model": name, "dtype": dtype_name, "results": results})
+        echo_json({"task": task, "model": name, "dtype": computed_in, "results": results})
 
 
 run_command = RunCommand()
