@@ -9,9 +9,11 @@ Attention is computed without materialising large logit matrices: queries are
 processed with :func:`torch.nn.functional.scaled_dot_product_attention` (a blocked,
 memory-efficient kernel on CPU) and, when the heads' qk and v widths differ (which
 the fused kernel does not support), with an explicit softmax over bounded chunks of
-queries; in bfloat16/float16 on the CPU, heads of unequal widths up to 256 take the
-fused kernel with the narrower side zero-padded (:func:`_attend_padded`). With a single head, :class:`Attention` may also fold the key or query
-projection into the other side of the dot product (``absorb_kv`` / ``absorb_q``):
+queries; in bfloat16/float16 on the CPU, heads of unequal widths up to 256 (up to
+512 where the qk side is not much narrower) take the fused kernel with the narrower
+side zero-padded (:func:`_attend_padded`). With a single head, :class:`Attention`
+may also fold the key or query projection into the other side of the dot product
+(``absorb_kv`` / ``absorb_q``):
 the same function, fewer multiply-adds when one side is much longer than the other
 (optical flow: 182,528 queries or inputs against 2,048 latents). That is the
 ``ABSORBED_ATTENTION`` fast path (:mod:`perceiver_torch.fast_paths`); under
@@ -62,10 +64,13 @@ _MAX_LOGITS_ELEMENTS = 1 << 24
 # the forward pass's extra memory below the fused kernel's.
 _ONEDNN_LOGITS_ELEMENTS = 1 << 22
 
-# Unequal qk and v head widths in bfloat16/float16 on the CPU, both at most this wide
-# (the language model's 8 heads: qk 32 against v 160 or 96), go to the fused kernel
-# with the narrower side zero-padded to the wider (see attend).
+# Unequal qk and v head widths in bfloat16/float16 on the CPU go to the fused kernel
+# with the narrower side zero-padded to the wider (see attend) when both are at most
+# _PADDED_FUSED_MAX_WIDTH wide (the language model's 8 heads: qk 32 against v 160 or
+# 96), or at most _PADDED_FUSED_WIDE_MAX_WIDTH with a qk side at least a quarter of
+# the wider (the video decoder's single head: qk 197 or 387 against v 512).
 _PADDED_FUSED_MAX_WIDTH = 256
+_PADDED_FUSED_WIDE_MAX_WIDTH = 512
 
 
 def layer_norm(num_channels: int) -> nn.LayerNorm:
@@ -202,7 +207,9 @@ def attend(
 
 def _pads_to_fused_kernel(q: Tensor, v: Tensor) -> bool:
     """Whether :func:`attend` pads unequal qk and v widths to run the fused kernel:
-    bfloat16/float16 CPU tensors, both widths at most ``_PADDED_FUSED_MAX_WIDTH``.
+    bfloat16/float16 CPU tensors whose wider side is at most
+    ``_PADDED_FUSED_MAX_WIDTH``, or at most ``_PADDED_FUSED_WIDE_MAX_WIDTH`` with a qk
+    side at least a quarter of it.
 
     In those dtypes the explicit path computes its float32 logits with float32
     products (no bfloat16 matrix instructions) and weights the values with a slow
@@ -210,15 +217,22 @@ def _pads_to_fused_kernel(q: Tensor, v: Tensor) -> bool:
     float32 sums. Measured on an Intel Xeon with AMX (bfloat16, medians of 30 calls,
     the language model's shapes): 2,048 queries by 8 heads against 256 latents (qk 32,
     v 96) 2.0 against 13.0 ms, 256 latents against 2,048 inputs (qk 32, v 160, masked)
-    3.1 against 4.3 ms, latents against latents 0.40 against 0.64 ms. Wider heads
-    (one head of 256 against 1,280 channels) pad too much: the explicit path was
-    faster there. In float32 the explicit path is the faster (5.4 against 7.0 ms on
-    the first shape)."""
-    widths = (q.shape[-1], v.shape[-1])
+    3.1 against 4.3 ms, latents against latents 0.40 against 0.64 ms. One head of
+    wider widths (2026-12-06, medians of 7 calls): the video decoder's 6,272 queries
+    against 784 latents (qk 197, v 512) 7.9 against 26 ms, qk 387 0.33 of the
+    explicit path's time; 256 queries against 2,048 keys 0.64 of it for qk 256 and v
+    512, but 1.47 for qk 64 and v 512 (padding the logits' side eightfold costs more
+    than the explicit path's float32 logits); one head of 256 against 1,280 channels
+    1.33 of it. In float32 the explicit path is the faster (5.4 against 7.0 ms on the
+    first shape)."""
+    dqk, wider = q.shape[-1], max(q.shape[-1], v.shape[-1])
     return (
         q.dtype in (torch.bfloat16, torch.float16)
         and q.device.type == "cpu"
-        and max(widths) <= _PADDED_FUSED_MAX_WIDTH
+        and (
+            wider <= _PADDED_FUSED_MAX_WIDTH
+            or (wider <= _PADDED_FUSED_WIDE_MAX_WIDTH and 4 * dqk >= wider)
+        )
     )
 
 

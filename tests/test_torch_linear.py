@@ -89,6 +89,33 @@ def test_fused_gelu_and_residual_within_float32_rounding():
 
 
 @needs_onednn
+def test_functional_linear_and_gelu_take_onednn_and_compute_f_linear(monkeypatch):
+    """linear.linear / linear.linear_gelu (products outside a Linear module, e.g. the
+    folded video decoder's): the oneDNN kernel at inference, F.linear elsewhere, both
+    within float32 rounding of float64."""
+    torch.manual_seed(2)
+    x, weight, bias = torch.randn(37, 65), torch.randn(24, 65), torch.randn(24)
+    x64, w64, b64 = x.double(), weight.double(), bias.double()
+    exact = F.linear(x64, w64, b64)
+    calls = []
+    kernel = linear_module._onednn_kernel
+    monkeypatch.setattr(
+        linear_module, "_onednn_kernel", lambda *a: calls.append(a[3]) or kernel(*a)
+    )
+    with torch.no_grad():
+        fast = linear_module.linear(x, weight, bias)
+        fast_gelu = linear_module.linear_gelu(x, weight, bias)
+        assert calls == ["none", "gelu"]  # both went to oneDNN, the GELU fused
+        with fast_paths.plain():
+            plain = linear_module.linear(x, weight, bias)
+            plain_gelu = linear_module.linear_gelu(x, weight, bias)
+    assert calls == ["none", "gelu"]  # and not under plain()
+    check_within_float32_rounding("functional linear", fast, plain, exact)
+    exact_gelu = F.gelu(exact, approximate="tanh")
+    check_within_float32_rounding("functional linear_gelu", fast_gelu, plain_gelu, exact_gelu)
+
+
+@needs_onednn
 def test_packed_weight_follows_the_weight():
     """The packed copy is remade whenever the weight is: in place, by .to(), by a new
     tensor, by load_state_dict; it is not copied, pickled or saved."""
