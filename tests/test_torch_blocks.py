@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from float64_reference import check_within_float32_rounding, float64_model
+from perceiver_torch import fast_paths
 from perceiver_torch.attention import (
     Attention,
     CrossAttentionLayer,
@@ -257,6 +258,50 @@ def test_cross_attention_layer_matches_reference(residual):
         query_mask=torch.from_numpy(query_mask),
     )
     close(out, np_cross_attention(xq, xkv, layer, key_mask, query_mask))
+
+
+@pytest.mark.parametrize("mode", ["standard", "absorb_kv", "absorb_q", "self"])
+def test_attention_residual_added_in_to_out_pass(mode, monkeypatch):
+    """At inference a self-attention layer's residual and a cross-attention layer's
+    query residual are added in to_out's pass (Linear.forward_add; on the oneDNN
+    path one memory pass fewer), in every attention mode, within float32 rounding of
+    float64; with dropout in training the attention output is dropped out first."""
+    if mode == "self":
+        layer = randomize(SelfAttentionLayer(channels=8, num_heads=2, dropout=0.5))
+        inputs = (torch.randn(2, 6, 8),)
+    else:
+        layer = randomize(
+            CrossAttentionLayer(q_channels=8, kv_channels=6, qk_channels=5, dropout=0.5)
+        )
+        inputs = (torch.randn(2, 4, 8), torch.randn(2, 11, 6))
+    calls = []
+    original = type(layer.attention.to_out).forward_add
+    monkeypatch.setattr(
+        type(layer.attention.to_out),
+        "forward_add",
+        lambda self, x, r: calls.append(self) or original(self, x, r),
+    )
+    layer.eval()
+    with torch.no_grad():
+        if mode == "self":
+            got = layer(*inputs)
+        else:
+            prepared = layer.prepare(inputs[1], mode=mode)
+            got = layer.attend_prepared(inputs[0], prepared)
+        # absorb_q folds to_out into the values: its residual is a plain addition.
+        assert (layer.attention.to_out in calls) is (mode != "absorb_q")
+        exact = float64_model(layer)(*(x.double() for x in inputs))
+        with fast_paths.plain():
+            plain = layer(*inputs)
+    check_within_float32_rounding(f"residual in to_out ({mode})", got, plain, exact)
+    # Training with dropout: the residual is not fused (the attention output is
+    # dropped out before the residual is added).
+    calls.clear()
+    layer.train()
+    torch.manual_seed(0)
+    dropped = layer(*inputs)
+    assert layer.attention.to_out not in calls
+    assert not torch.allclose(dropped, plain)
 
 
 def test_masked_query_row_is_bias_then_mlp():
