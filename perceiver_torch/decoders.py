@@ -146,8 +146,12 @@ class FoldedDecoder:
     - the attention's weighted sum ``o`` stays at the value width v;
     - ``to_out`` is folded, *centred* (its per-input mean over outputs removed), so
       ``y = o @ W_c + b_c`` is the attention output minus its mean exactly: the MLP's
-      LayerNorm variance is ``mean(y^2)`` (no cancellation), and ``fc1`` of the
-      normalised output is ``(o @ (W_c diag(gamma) W_1^T) + h_0) / sigma + e``,
+      LayerNorm variance is ``mean(y^2)`` (no cancellation). ``|y|^2`` is taken as
+      ``|[o, 1] @ L|^2`` with ``L L^T = A A^T``, ``A = [W_c; b_c]`` ((v + 1) x C_q):
+      ``[o, 1] @ L`` is ``y`` in an orthonormal basis of ``A``'s row space, so it has
+      ``y``'s length and is v + 1 wide instead of C_q (video: 513 against 1,026, half
+      the product). ``fc1`` of the normalised output is
+      ``(o @ (W_c diag(gamma) W_1^T) + h_0) / sigma + e``,
       computed as ``[o / sigma, 1 / sigma] @ [[W_c diag(gamma) W_1^T], [h_0]] + e`` so
       that the product, its bias and the GELU are one oneDNN pass on the CPU
       (bfloat16 clip decoding 32 -> 16 ms a chunk for this step, float32 63 -> 46);
@@ -221,9 +225,19 @@ class FoldedDecoder:
         out_b = up(attention.to_out.bias)
         centred_w = out_w - out_w.mean(dim=1, keepdim=True)
         centred_b = out_b - out_b.mean()
-        # (C_q, v): F.linear's layout, for the linear() helper.
-        self.out_w = centred_w.t().contiguous().to(dtype)
-        self.out_b = centred_b.to(dtype)
+        # |y|^2 for the MLP LayerNorm: y = [o, 1] @ A with A = [W_c; b_c] ((v+1, C_q)).
+        # Where A is wider than tall, y's coordinates in an orthonormal basis of its
+        # row space, [o, 1] @ L with L L^T = A A^T (L = V sqrt(Lambda) from A A^T's
+        # eigendecomposition, formed in the wide precision), have y's length in fewer
+        # columns; the sum of their squares has no cancellation either.
+        augmented = torch.cat([centred_w, centred_b[None]])  # (v + 1, C_q)
+        self.mlp_width = augmented.shape[1]  # C_q, the MLP LayerNorm's width
+        if augmented.shape[0] < augmented.shape[1]:
+            eigenvalues, eigenvectors = torch.linalg.eigh(augmented @ augmented.t())
+            augmented = eigenvectors * eigenvalues.clamp(min=0).sqrt()
+        # (width, v): F.linear's layout, for the linear() helper.
+        self.norm_w = augmented[:-1].t().contiguous().to(dtype)
+        self.norm_b = augmented[-1].to(dtype)
         # fc1 of the normalised output: (o @ hid_w + hid_b) / sigma + hid_e, i.e.
         # [o / sigma, 1 / sigma] @ [hid_w; hid_b] + hid_e: one linear map with a bias,
         # stored as (hidden, v + 1) for F.linear's layout.
@@ -296,13 +310,14 @@ class FoldedDecoder:
         )[:, 0]
         batch, n, v = o.shape
         o = o.reshape(batch * n, v)
-        centred = linear(o, self.out_w, self.out_b)  # attention output - its mean
+        # The attention output minus its mean, in coordinates that keep its length.
+        centred = linear(o, self.norm_w, self.norm_b)
         # The MLP LayerNorm's variance in float32 (at least) too.
         norm = torch.linalg.vector_norm(
             centred, dim=-1, keepdim=True, dtype=self.stats_dtype
         )
         del centred
-        inv_sigma = torch.rsqrt(norm.square() / self.out_w.shape[0] + self.mlp_eps)
+        inv_sigma = torch.rsqrt(norm.square() / self.mlp_width + self.mlp_eps)
         # [o / sigma, 1 / sigma], each entry rounded once to the working dtype.
         scaled = o.new_empty(batch * n, v + 1)
         scaled[:, :v] = o * inv_sigma

@@ -373,19 +373,26 @@ def test_decoder_chunks_and_modes_agree():
     close(dec(queries, latents, query_mask=torch.from_numpy(query_mask)), expected)
 
 
-def test_folded_decoder_matches_unfused():
+@pytest.mark.parametrize("query_channels", [14, 7])
+def test_folded_decoder_matches_unfused(query_channels):
+    """14 query channels against 8 value channels: the MLP LayerNorm's variance from
+    the 9-wide orthonormal coordinates of the attention output; 7: from its own 7."""
     dec = randomize(
-        PerceiverDecoder(query_channels=14, latent_channels=8, output_channels=6),
+        PerceiverDecoder(
+            query_channels=query_channels, latent_channels=8, output_channels=6
+        ),
         scale=0.5,
     )
     head = randomize(nn.Linear(6, 3), seed=1)
-    padding = torch.randn(9)
+    num_pad = query_channels - 5
+    padding = torch.randn(num_pad)
     features = torch.randn(2, 13, 5)
     latents = torch.randn(2, 7, 8)
-    queries = torch.cat([features, padding.expand(2, 13, 9)], dim=-1)
+    queries = torch.cat([features, padding.expand(2, 13, num_pad)], dim=-1)
     plain = head(dec(queries, latents))
     exact = float64_model(head)(float64_model(dec)(queries.double(), latents.double()))
     folded = FoldedDecoder(dec, latents, {"m": (5, padding, head)})
+    assert folded.norm_w.shape == (min(query_channels, 9), 8)
     check_within_float32_rounding("folded", folded("m", features), plain, exact)
 
 
