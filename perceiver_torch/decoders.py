@@ -133,6 +133,20 @@ class FoldedModality:
     final_b: Tensor  # (outputs,): every bias on the way, folded
 
 
+def gram_factor(a: Tensor) -> Tensor:
+    """A square L with ``L @ L.T == a @ a.T`` (float64): for any row x, ``|x @ L|``
+    equals ``|x @ a|``. The Cholesky factor (2 ms for 513 rows; backward stable
+    wherever it completes), else, where a zero or negative pivot stops it (``a`` of
+    deficient row rank, e.g. a zero row), ``V sqrt(Lambda)`` from the
+    eigendecomposition (23 ms)."""
+    gram = a.double() @ a.double().t()
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if gram.device.type == "meta" or int(info) == 0:  # (meta tensors hold no values)
+        return factor
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    return eigenvectors * eigenvalues.clamp(min=0).sqrt()
+
+
 class FoldedDecoder:
     """Decodes structured queries ``[features, constant padding]`` through a decoder
     and a final Linear with every linear map folded together (eval-time fast path).
@@ -227,14 +241,12 @@ class FoldedDecoder:
         centred_b = out_b - out_b.mean()
         # |y|^2 for the MLP LayerNorm: y = [o, 1] @ A with A = [W_c; b_c] ((v+1, C_q)).
         # Where A is wider than tall, y's coordinates in an orthonormal basis of its
-        # row space, [o, 1] @ L with L L^T = A A^T (L = V sqrt(Lambda) from A A^T's
-        # eigendecomposition, formed in the wide precision), have y's length in fewer
-        # columns; the sum of their squares has no cancellation either.
+        # row space, [o, 1] @ L with L L^T = A A^T, have y's length in fewer columns;
+        # the sum of their squares has no cancellation either.
         augmented = torch.cat([centred_w, centred_b[None]])  # (v + 1, C_q)
         self.mlp_width = augmented.shape[1]  # C_q, the MLP LayerNorm's width
         if augmented.shape[0] < augmented.shape[1]:
-            eigenvalues, eigenvectors = torch.linalg.eigh(augmented @ augmented.t())
-            augmented = eigenvectors * eigenvalues.clamp(min=0).sqrt()
+            augmented = gram_factor(augmented).to(wide)
         # (width, v): F.linear's layout, for the linear() helper.
         self.norm_w = augmented[:-1].t().contiguous().to(dtype)
         self.norm_b = augmented[-1].to(dtype)

@@ -373,6 +373,35 @@ def test_decoder_chunks_and_modes_agree():
     close(dec(queries, latents, query_mask=torch.from_numpy(query_mask)), expected)
 
 
+@pytest.mark.parametrize("rank_deficient", [False, True])
+def test_gram_factor_keeps_lengths(rank_deficient, monkeypatch):
+    """gram_factor(a) @ gram_factor(a).T == a @ a.T (so |x @ L| == |x @ a|): by
+    Cholesky where it completes, by the eigendecomposition where a row is zero
+    (a zero pivot: a value channel that to_out ignores)."""
+    from perceiver_torch import decoders
+
+    eigh_calls = []
+    original = torch.linalg.eigh
+    monkeypatch.setattr(
+        torch.linalg, "eigh", lambda g: eigh_calls.append(1) or original(g)
+    )
+    a = torch.randn(9, 20, dtype=torch.float64)
+    if rank_deficient:
+        a[4] = 0.0
+    factor = decoders.gram_factor(a)
+    assert factor.shape == (9, 9) and bool(eigh_calls) is rank_deficient
+    gram = a @ a.t()
+    # float64 rounding of 20-term sums and of the factorisation: ~1e-14 of |gram|.
+    assert (factor @ factor.t() - gram).abs().max() <= 1e-12 * gram.abs().max()
+    x = torch.randn(5, 9, dtype=torch.float64)
+    torch.testing.assert_close(
+        torch.linalg.vector_norm(x @ factor, dim=-1),
+        torch.linalg.vector_norm(x @ a, dim=-1),
+        rtol=1e-12,
+        atol=0,
+    )
+
+
 @pytest.mark.parametrize("query_channels", [14, 7])
 def test_folded_decoder_matches_unfused(query_channels):
     """14 query channels against 8 value channels: the MLP LayerNorm's variance from
