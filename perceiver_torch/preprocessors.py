@@ -476,7 +476,15 @@ class MultimodalPreprocessor(PaddedModalities):
         Unmasked modalities' features, position encodings and padding are written
         straight into the output (the same values as concatenating them: the video
         model's 52,097 tokens of 704 channels are written once instead of three
-        times)."""
+        times), except under ``torch.jit.trace`` (the ONNX export), which does not
+        record writes into slices of a new tensor."""
+        if torch.jit.is_tracing():
+            tokens, sizes = [], {}
+            for name, module in self.modalities.items():
+                x = module(inputs[name])
+                sizes[name] = x.shape[1]
+                tokens.append(self.pad_and_mask(name, x))
+            return torch.cat(tokens, dim=1), sizes
         parts = {}
         for name, module in self.modalities.items():
             split = self.mask_probs[name] == 0.0 and hasattr(module, "features_and_position")
