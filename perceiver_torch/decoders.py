@@ -246,7 +246,7 @@ class FoldedDecoder:
         augmented = torch.cat([centred_w, centred_b[None]])  # (v + 1, C_q)
         self.mlp_width = augmented.shape[1]  # C_q, the MLP LayerNorm's width
         if augmented.shape[0] < augmented.shape[1]:
-            augmented = gram_factor(augmented).to(wide)
+            augmented = gram_factor(augmented)  # float64, rounded once below
         # (width, v): F.linear's layout, for the linear() helper.
         self.norm_w = augmented[:-1].t().contiguous().to(dtype)
         self.norm_b = augmented[-1].to(dtype)

@@ -7,8 +7,10 @@ on, throughput is level from batch 1 to batch 8 (the models already keep both co
 busy in large matmuls at batch 1) and falls at batch 32, where every array of the
 forward pass is 32 items deep and none fits a cache; memory grows with the batch
 too (6.6 GB at ImageNet batch 32). A slice holds at most :data:`MICRO_BATCH_TOKENS`
-of the encoder's input tokens (at least one item): four 2,048-token sequences, two
-conv-preprocessed images, one 50,176-pixel image, flow tile or video clip.
+of the encoder's input tokens (at least one item) and at most a model's
+``max_items_per_slice``: four 2,048-token sequences, one image (the conv model's
+3,136 tokens would allow two, which its bfloat16 kernels run slower), flow tile or
+video clip.
 
 Slicing applies where the other CPU fast paths do (no autograd, eval mode, CPU
 tensors, not under ``torch.compile``); on GPUs, where large batches are where

@@ -158,10 +158,16 @@ class PerceiverIO(nn.Module):
         (the first batched argument of ``forward``): sizes the micro-batches."""
         raise NotImplementedError
 
+    # At most this many items per CPU inference slice whatever their tokens (None: as
+    # many as the token budget allows); a model sets it where its kernels say so.
+    max_items_per_slice: Optional[int] = None
+
     def micro_batch_size(self, first_input: Tensor) -> int:
         """Items per slice when a CPU inference batch runs in slices
         (:mod:`perceiver_torch.micro_batches`)."""
-        return items_per_slice(self.tokens_per_item(first_input))
+        items = items_per_slice(self.tokens_per_item(first_input))
+        cap = self.max_items_per_slice
+        return items if cap is None else min(items, cap)
 
     @property
     def device(self) -> torch.device:

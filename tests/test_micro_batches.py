@@ -31,6 +31,7 @@ def slices_of(monkeypatch):
     def set_budget(model, first_input, items):
         tokens = model.tokens_per_item(first_input)
         monkeypatch.setattr(micro_batches, "MICRO_BATCH_TOKENS", items * tokens)
+        monkeypatch.setattr(model, "max_items_per_slice", None)  # the budget alone
         assert model.micro_batch_size(first_input) == items
         calls = []
         model.encoder.register_forward_hook(lambda *args: calls.append(1))
@@ -110,12 +111,13 @@ def test_disagreeing_batch_sizes_get_the_models_own_error(slices_of):
 
 
 def test_default_budget_slices_the_official_sizes():
-    """Four 2,048-token sequences, two conv-stem images, one of the rest per slice."""
+    """Four 2,048-token sequences, one of the rest per slice (the conv model's cap:
+    its 3,136 tokens an image would allow two)."""
     expected = {
         "language_perceiver": (torch.zeros(1, 2048, dtype=torch.long), 4),
         "imagenet_learned": (torch.zeros(1, 3, 224, 224), 1),
         "imagenet_fourier": (torch.zeros(1, 3, 224, 224), 1),
-        "imagenet_conv": (torch.zeros(1, 3, 224, 224), 2),
+        "imagenet_conv": (torch.zeros(1, 3, 224, 224), 1),
         "optical_flow": (torch.zeros(1, 2, 3, 368, 496), 1),
         "video_autoencoding": (torch.zeros(1, 16, 3, 224, 224), 1),
     }
@@ -123,6 +125,14 @@ def test_default_budget_slices_the_official_sizes():
         with torch.device("meta"):
             model = pt.build(name)
         assert model.micro_batch_size(first) == items, name
+    assert micro_batches.items_per_slice(model_tokens("imagenet_conv")) == 2
+
+
+def model_tokens(name: str) -> int:
+    """Encoder input tokens per 224x224 image of ImageNet model ``name``."""
+    with torch.device("meta"):
+        model = pt.build(name)
+    return model.tokens_per_item(torch.zeros(1, 3, 224, 224))
 
 
 def test_concat_batches_keeps_the_structure():
