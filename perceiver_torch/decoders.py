@@ -172,7 +172,7 @@ class FoldedDecoder:
     - ``fc2``, the decoder's ``output_projection`` and the head fold into small
       matrices (3 outputs per pixel).
 
-    About 3.2 instead of 9 MFLOP per video query. The result equals the unfused decoder
+    About 2.7 instead of 9 MFLOP per video query. The result equals the unfused decoder
     up to float32 rounding (reassociated sums); in bfloat16/float16 the folds are
     formed in float32 and rounded once, and the normalisation statistics stay float32.
 
