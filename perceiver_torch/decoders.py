@@ -139,7 +139,8 @@ def gram_factor(a: Tensor) -> Tensor:
     wherever it completes), else, where a zero or negative pivot stops it (``a`` of
     deficient row rank, e.g. a zero row), ``V sqrt(Lambda)`` from the
     eigendecomposition (23 ms)."""
-    gram = a.double() @ a.double().t()
+    a = a.double()
+    gram = a @ a.t()
     factor, info = torch.linalg.cholesky_ex(gram)
     if gram.device.type == "meta" or int(info) == 0:  # (meta tensors hold no values)
         return factor

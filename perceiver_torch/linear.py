@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 import platform
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -212,22 +212,38 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    onednn_weight: Optional[Callable[[], Tensor]] = None,
+) -> Tensor:
     """``F.linear(x, weight, bias)`` (weight: (out, in)) through oneDNN where
-    :class:`Linear` would take it: for products outside a ``Linear`` module (the
-    folded video decoder's). In bfloat16 the bias is added in the same pass."""
+    :class:`Linear` would take it (``Linear.forward``, and products outside a
+    ``Linear`` module: the folded video decoder's). In bfloat16 the bias is added in
+    the same pass. ``onednn_weight()`` gives the weight the kernel reads (a packed
+    copy, :func:`pack_weights`); called only on the oneDNN path."""
     if uses_onednn(x, weight):
-        return _onednn_kernel(x.contiguous(), weight, bias, "none", [], "")
+        kernel_weight = weight if onednn_weight is None else onednn_weight()
+        return _onednn_kernel(x.contiguous(), kernel_weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
-def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def linear_gelu(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    onednn_weight: Optional[Callable[[], Tensor]] = None,
+) -> Tensor:
     """``gelu_tanh(F.linear(x, weight, bias))``; through oneDNN where :class:`Linear`
     would take it, with the GELU applied to the float32 results before they are
-    stored (one pass instead of two; PyTorch's own tanh-GELU kernel is also 3-5x
-    slower than its erf one on the CPUs measured here)."""
+    stored (one pass instead of two, the same formula; in bfloat16 the result is
+    rounded once instead of twice; PyTorch's own tanh-GELU kernel is also 3-5x
+    slower than its erf one on the CPUs measured here). ``onednn_weight``: as in
+    :func:`linear`."""
     if uses_onednn(x, weight):
-        return _onednn_kernel(x.contiguous(), weight, bias, "gelu", [], "tanh")
+        kernel_weight = weight if onednn_weight is None else onednn_weight()
+        return _onednn_kernel(x.contiguous(), kernel_weight, bias, "gelu", [], "tanh")
     return gelu_tanh(F.linear(x, weight, bias))
 
 
@@ -299,17 +315,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) -> (..., out_features)."""
-        if uses_onednn(x, self.weight):
-            return _onednn_kernel(x.contiguous(), self.packed_weight(), self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.packed_weight)
 
     def forward_gelu(self, x: Tensor) -> Tensor:
-        """``gelu_tanh(self(x))``; on the oneDNN path the GELU is applied to the
-        float32 results before they are stored (the same formula; in bfloat16 the
-        result is rounded once instead of twice)."""
-        if uses_onednn(x, self.weight):
-            return _onednn_kernel(x.contiguous(), self.packed_weight(), self.bias, "gelu", [], "tanh")
-        return gelu_tanh(F.linear(x, self.weight, self.bias))
+        """``gelu_tanh(self(x))``, the GELU fused on the oneDNN path (:func:`linear_gelu`)."""
+        return linear_gelu(x, self.weight, self.bias, self.packed_weight)
 
     def forward_add(self, x: Tensor, residual: Tensor) -> Tensor:
         """``residual + self(x)``; on the oneDNN path in the same pass (float32 sums

@@ -478,33 +478,38 @@ class MultimodalPreprocessor(PaddedModalities):
         model's 52,097 tokens of 704 channels are written once instead of three
         times), except under ``torch.jit.trace`` (the ONNX export), which does not
         record writes into slices of a new tensor."""
-        if torch.jit.is_tracing():
-            tokens, sizes = [], {}
-            for name, module in self.modalities.items():
-                x = module(inputs[name])
-                sizes[name] = x.shape[1]
-                tokens.append(self.pad_and_mask(name, x))
-            return torch.cat(tokens, dim=1), sizes
-        parts = {}
+        # Each modality's tokens as channel blocks: [features, position, padding] for
+        # unmasked modalities that give their features and positions apart,
+        # [tokens, padding] for other unmasked ones, the padded, masked tokens else.
+        blocks: Dict[str, list] = {}
         for name, module in self.modalities.items():
-            split = self.mask_probs[name] == 0.0 and hasattr(module, "features_and_position")
-            parts[name] = (
-                module.features_and_position(inputs[name]) if split else (module(inputs[name]),)
-            )
-        sizes = {name: part[0].shape[1] for name, part in parts.items()}
-        first = next(iter(parts.values()))[0]
-        tokens = first.new_empty(first.shape[0], sum(sizes.values()), self.num_channels)
+            if self.mask_probs[name] != 0.0:
+                blocks[name] = [self.pad_and_mask(name, module(inputs[name]))]
+            elif hasattr(module, "features_and_position"):
+                blocks[name] = [*module.features_and_position(inputs[name]), self.padding[name]]
+            else:
+                blocks[name] = [module(inputs[name]), self.padding[name]]
+        sizes = {name: parts[0].shape[1] for name, parts in blocks.items()}
+        first = next(iter(blocks.values()))[0]
+        batch, dtype = first.shape[0], first.dtype
+        if torch.jit.is_tracing():
+            return torch.cat(
+                [
+                    torch.cat(
+                        [b.to(dtype).expand(batch, sizes[name], -1) for b in parts], dim=-1
+                    )
+                    for name, parts in blocks.items()
+                ],
+                dim=1,
+            ), sizes
+        tokens = first.new_empty(batch, sum(sizes.values()), self.num_channels)
         at = 0
-        for name, part in parts.items():
+        for name, parts in blocks.items():
             out = tokens[:, at : at + sizes[name]]
             at += sizes[name]
-            if self.mask_probs[name] != 0.0:
-                out.copy_(self.pad_and_mask(name, part[0]))
-                continue
             channels = 0
-            for piece in part:  # [features, position] or the module's tokens
-                width = piece.shape[-1]
-                out[..., channels : channels + width] = piece
+            for block in parts:  # broadcast over the batch and the tokens
+                width = block.shape[-1]
+                out[..., channels : channels + width] = block
                 channels += width
-            out[..., channels:] = self.padding[name].to(out.dtype)
         return tokens, sizes

@@ -155,6 +155,24 @@ def test_packed_weight_follows_the_weight():
     assert layer._packed is None and layer.packed_weight() is layer.weight
 
 
+@needs_onednn
+def test_packed_weight_is_what_the_kernel_reads(monkeypatch):
+    """After pack_weights, forward and forward_gelu hand oneDNN the packed copy (not
+    the plain weight, which it would reorder in every call)."""
+    layer = linear_module.pack_weights(torch.nn.Sequential(Linear(16, 8)))[0]
+    weights = []
+    kernel = linear_module._onednn_kernel
+    monkeypatch.setattr(
+        linear_module, "_onednn_kernel", lambda *a: weights.append(a[1]) or kernel(*a)
+    )
+    with torch.no_grad():
+        layer(torch.randn(5, 16))
+        layer.forward_gelu(torch.randn(5, 16))
+    packed = layer.packed_weight()
+    assert packed is not layer.weight
+    assert len(weights) == 2 and all(w is packed for w in weights)
+
+
 @pytest.mark.parametrize(
     "capability,prefers",
     [
