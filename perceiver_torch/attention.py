@@ -175,8 +175,16 @@ def attend(
     if _pads_to_fused_kernel(q, v):
         return _attend_padded(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p)
     # The fused kernels need equal qk and v head widths; otherwise PyTorch would fall
-    # back to a kernel that materialises every logit: do it explicitly, in chunks of
-    # queries, with the scaling and the bias fused into the logits' matmul.
+    # back to a kernel that materialises every logit: do it explicitly.
+    return _attend_explicit(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p)
+
+
+def _attend_explicit(
+    q: Tensor, k: Tensor, v: Tensor, *, bias: Optional[Tensor], scale: float, dropout_p: float
+) -> Tensor:
+    """:func:`attend` with the logits materialised, in chunks of queries of at most
+    ``_MAX_LOGITS_ELEMENTS`` logits, the scaling and the bias fused into the logits'
+    matmul."""
     b, h, m, d = q.shape
     n = k.shape[2]
     # Logits, mask bias and softmax in float32 whatever the inputs' dtype (as the
