@@ -22,8 +22,8 @@ bfloat16). In bfloat16 the kernel adds the bias in the same pass, where ``F.line
 first copies the broadcast bias into the output.
 
 On that path the MLP's GELU and residual additions are fused into the same pass, and
-``pack_weights(model)`` keeps the weights in oneDNN's blocked layout (``Linear`` says
-what that costs).
+bfloat16 weights are kept in oneDNN's blocked layout (``pack_weights(model)`` does the
+same in float32; ``Linear`` says what that costs).
 
 This is the ``FastPath.ONEDNN_LINEAR`` fast path (:mod:`perceiver_torch.fast_paths`):
 ``fast_paths.plain()`` or ``PERCEIVER_TORCH_ONEDNN=0`` always use ``F.linear``;
@@ -262,18 +262,25 @@ _PACKING_ROWS = 256
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys) with the fast inference path.
 
-    After :func:`pack_weights` (opt-in: it doubles the weights' memory), the oneDNN
-    path reorders the weight once into oneDNN's blocked layout
-    (``_reorder_linear_weight``) and keeps the copy, instead of oneDNN reordering it
-    in every call: 3-8% of these models' float32 time on AMD EPYC. The copy is made
-    again when the weight changes (in-place updates, ``.to()``, a new tensor), is not
-    part of the state dict or of copies and pickles of the module, and
-    :func:`release_packed_weights` drops the copies and the opt-in.
+    On the oneDNN path a bfloat16 weight is reordered once into oneDNN's blocked layout
+    (``_reorder_linear_weight``) and the copy kept, instead of oneDNN reordering it in
+    every call, on CPUs with bfloat16 matmul instructions (:func:`packs_by_default`):
+    with AMX, the reorder of each weight in each call cost 4-12% of these models'
+    bfloat16 time (2026-12-06, an Intel Xeon, interleaved calls: language model
+    0.112 against 0.124 s, imagenet_fourier 0.352 against 0.386, imagenet_conv 0.294
+    against 0.305). The copy takes as much memory again as the weight: a bfloat16
+    model then holds as much as its float32 weights. :func:`pack_weights` keeps packed
+    copies in float32 too (3-8% of the float32 time on AMD EPYC, 0-4% on the Xeon),
+    :func:`release_packed_weights` keeps none (``load(..., pack_weights=False)``).
+    The copy is made again when the weight changes (in-place updates, ``.to()``, a new
+    tensor), is not part of the state dict or of copies and pickles of the module.
     :meth:`forward_gelu` and :meth:`forward_add` fuse the MLP's tanh GELU and a
     residual addition into the same oneDNN pass (elsewhere they run after ``F.linear``).
     """
 
-    packing = False  # set by pack_weights(): keep a packed copy of the weight
+    # Whether to keep a packed copy of the weight: None packs where
+    # packs_by_default(dtype); pack_weights() sets True, release_packed_weights() False.
+    packing: Optional[bool] = None
     # (the weight's tensor when packed, its version then, the packed copy); holding
     # that tensor keeps its memory from being reused by a later weight at the same
     # address, so equal addresses mean the same storage.
@@ -289,12 +296,16 @@ class Linear(nn.Linear):
         self._packed = None  # .to(), .float(), .cuda(), ...: the weight is replaced
         return super()._apply(fn, recurse)
 
+    def packs(self, dtype: torch.dtype) -> bool:
+        """Whether this layer keeps a packed copy of a ``dtype`` weight."""
+        return packs_by_default(dtype) if self.packing is None else self.packing
+
     def packed_weight(self) -> Tensor:
-        """The weight for the oneDNN kernel: itself, or after :func:`pack_weights` its
-        copy in oneDNN's layout (made at the first call, kept while the weight's
-        storage, dtype, shape and version stay the same)."""
+        """The weight for the oneDNN kernel: itself, or where :meth:`packs` its copy in
+        oneDNN's layout (made at the first call or by :func:`prepack`, kept while the
+        weight's storage, dtype, shape and version stay the same)."""
         weight = self.weight
-        if not self.packing:
+        if not self.packs(weight.dtype):
             return weight
         packed = self._packed
         if (
@@ -335,18 +346,45 @@ class Linear(nn.Linear):
         return residual + F.linear(x, self.weight, self.bias)
 
 
-def pack_weights(module: nn.Module) -> nn.Module:
-    """Lets every :class:`Linear` in ``module`` keep its weight packed in oneDNN's
-    layout for CPU inference (made at each layer's first oneDNN call): faster by a
-    few percent, for as much memory again as the weights. Returns ``module``."""
+@functools.lru_cache(maxsize=None)
+def packs_by_default(dtype: torch.dtype) -> bool:
+    """Whether :class:`Linear` keeps ``dtype`` weights packed without being asked:
+    bfloat16 on CPUs that multiply it in hardware (:func:`cpu_has_matmul_instructions`;
+    elsewhere every bfloat16 product is converted to float32 and the reorder is not
+    what costs)."""
+    return dtype == torch.bfloat16 and cpu_has_matmul_instructions(dtype)
+
+
+def prepack(module: nn.Module) -> nn.Module:
+    """Makes now the packed copy of every CPU :class:`Linear` in ``module`` that keeps
+    one (:meth:`Linear.packs`), so the memory is taken here rather than in the first
+    forward pass (``load`` calls it). Returns ``module``."""
     for sub in module.modules():
-        if isinstance(sub, Linear):
-            sub.packing = True
+        if (
+            isinstance(sub, Linear)
+            and sub.weight.device.type == "cpu"
+            and sub.packs(sub.weight.dtype)
+            and _onednn_linear_enabled(sub.weight.dtype)
+        ):
+            sub.packed_weight()
     return module
 
 
+def pack_weights(module: nn.Module) -> nn.Module:
+    """Lets every :class:`Linear` in ``module`` keep its weight packed in oneDNN's
+    layout for CPU inference, in float32 too (bfloat16 weights are packed by default
+    where the CPU has bfloat16 instructions): a few percent faster, for as much
+    memory again as the weights. Makes the copies now (:func:`prepack`); they follow
+    the weights' later changes. Returns ``module``."""
+    for sub in module.modules():
+        if isinstance(sub, Linear):
+            sub.packing = True
+    return prepack(module)
+
+
 def release_packed_weights(module: nn.Module) -> nn.Module:
-    """Undoes :func:`pack_weights`: drops every packed copy in ``module``."""
+    """Drops every packed copy in ``module`` and keeps none from now on, in any dtype
+    (the weights' memory, at the cost of oneDNN reordering them in every call)."""
     for sub in module.modules():
         if isinstance(sub, Linear):
             sub.packing = False

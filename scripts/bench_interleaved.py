@@ -171,7 +171,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--pack-weights", action="store_true",
-                   help="our models with perceiver_torch.pack_weights")
+                   help="our models with perceiver_torch.pack_weights (float32 "
+                   "weights packed too; bfloat16 ones are by default)")
     p.add_argument("--no-flops", dest="flops", action="store_false",
                    help="skip counting the matmul FLOPs")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")

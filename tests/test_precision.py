@@ -323,6 +323,47 @@ def test_converted_file_loads_in_its_dtype(tmp_path, file_dtype, suffix):
         assert loaded(images).dtype == torch_dtype
 
 
+def packed_layers(model: torch.nn.Module) -> int:
+    """How many of ``model``'s linear layers hold a packed copy of their weight."""
+    return sum(
+        1
+        for sub in model.modules()
+        if isinstance(sub, pt.linear.Linear) and sub._packed is not None
+    )
+
+
+@pytest.mark.skipif(
+    not pt.linear.onednn_kernel_available(torch.bfloat16),
+    reason="this torch has no bfloat16 oneDNN kernel",
+)
+def test_load_packs_weights_as_asked(tmp_path, monkeypatch):
+    """load() makes the packed copies itself (not the first forward pass): by default
+    for bfloat16 on CPUs that multiply it in hardware, in float32 only when asked
+    (pack_weights=True), never with pack_weights=False; the outputs stay the same
+    model's (within the bfloat16 bound of the whole-model test above)."""
+    import converter
+    from converter.fixtures import write_fixture
+
+    monkeypatch.setattr(pt.linear, "packs_by_default", lambda dtype: dtype == torch.bfloat16)
+    source = tmp_path / "fixture.pickle"
+    write_fixture("imagenet_conv", source, size="tiny", seed=6)
+    path = converter.convert(source, tmp_path / "conv.safetensors").output
+    linears = sum(1 for sub in pt.load(path).modules() if isinstance(sub, pt.linear.Linear))
+    assert packed_layers(pt.load(path)) == 0  # float32: not by default
+    assert packed_layers(pt.load(path, pack_weights=True)) == linears
+    packed = pt.load(path, dtype="bfloat16")
+    assert packed_layers(packed) == linears
+    plain = pt.load(path, dtype="bfloat16", pack_weights=False)
+    assert packed_layers(plain) == 0
+    (images,) = tiny_inputs("imagenet_conv", batch=2)
+    reference = copy.deepcopy(plain).double()
+    with torch.no_grad():
+        got = packed(images)
+        assert packed_layers(plain) == 0  # and none made by the call
+        expected = reference(images.to(torch.bfloat16).double())
+    assert relative(got, expected) <= gamma("imagenet_conv", torch.bfloat16)
+
+
 # -- the fidelity report (verify --dtype) -------------------------------------------
 
 

@@ -122,7 +122,7 @@ def test_packed_weight_follows_the_weight():
     torch.manual_seed(2)
     layer = Linear(16, 8)
     x = torch.randn(5, 16)
-    assert layer.packed_weight() is layer.weight  # packing is opt-in
+    assert layer.packed_weight() is layer.weight  # float32: packing is opt-in
     linear_module.pack_weights(torch.nn.Sequential(layer))
 
     def check():
@@ -171,6 +171,65 @@ def test_packed_weight_is_what_the_kernel_reads(monkeypatch):
     packed = layer.packed_weight()
     assert packed is not layer.weight
     assert len(weights) == 2 and all(w is packed for w in weights)
+
+
+needs_onednn_bfloat16 = pytest.mark.skipif(
+    not linear_module.onednn_kernel_available(torch.bfloat16),
+    reason="this torch has no bfloat16 oneDNN kernel",
+)
+
+
+@pytest.mark.parametrize("has_instructions", [True, False])
+def test_bfloat16_weights_are_packed_by_default_where_the_cpu_multiplies_them(
+    monkeypatch, has_instructions
+):
+    """Default packing: bfloat16 only, and only on CPUs with bfloat16 instructions
+    (elsewhere every product is converted to float32 and the copy would be memory for
+    nothing); pack_weights and release_packed_weights override it in any dtype."""
+    monkeypatch.setattr(
+        linear_module, "cpu_has_matmul_instructions", lambda dtype: has_instructions
+    )
+    linear_module.packs_by_default.cache_clear()
+    try:
+        layer = Linear(16, 8)
+        assert not layer.packs(torch.float32)
+        assert layer.packs(torch.bfloat16) is has_instructions
+        assert not layer.packs(torch.float16)
+        linear_module.pack_weights(layer)
+        assert layer.packs(torch.float32) and layer.packs(torch.bfloat16)
+        linear_module.release_packed_weights(layer)
+        assert not layer.packs(torch.float32) and not layer.packs(torch.bfloat16)
+    finally:
+        linear_module.packs_by_default.cache_clear()
+
+
+@needs_onednn_bfloat16
+def test_packed_bfloat16_weight_within_rounding_of_float64(monkeypatch):
+    """A bfloat16 layer on its packed copy: the kernel reads the copy (made by prepack,
+    before the first call), and each output is within one bfloat16 rounding (2^-8
+    relative) of the float64 product of the same bfloat16 numbers, plus float32
+    accumulation (n * 2^-24 of the sum of |x w|)."""
+    monkeypatch.setattr(linear_module, "packs_by_default", lambda dtype: True)
+    torch.manual_seed(5)
+    layer = Linear(96, 40).to(torch.bfloat16)
+    linear_module.prepack(torch.nn.Sequential(layer))
+    packed = layer.packed_weight()
+    assert packed is not layer.weight and packed.is_mkldnn
+    assert layer._packed is not None and layer._packed[2] is packed  # made by prepack
+    weights = []
+    kernel = linear_module._onednn_kernel
+    monkeypatch.setattr(
+        linear_module, "_onednn_kernel", lambda *a: weights.append(a[1]) or kernel(*a)
+    )
+    x = torch.randn(7, 96).to(torch.bfloat16)
+    with torch.no_grad():
+        got = layer(x).double()
+    assert len(weights) == 1 and weights[0] is packed
+    x64, w64, b64 = x.double(), layer.weight.double(), layer.bias.double()
+    exact = F.linear(x64, w64, b64)
+    magnitude = F.linear(x64.abs(), w64.abs(), b64.abs())
+    bound = 2.0**-8 * exact.abs() + 97 * 2.0**-24 * magnitude
+    assert ((got - exact).abs() <= bound).all()
 
 
 @pytest.mark.parametrize(
