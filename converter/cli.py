@@ -1001,7 +1001,8 @@ def mapping_command(
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the files here (default: a temporary folder, removed).")
 @click.option("--force", is_flag=True,
-              help="Replace the demo's files in --workdir if they exist.")
+              help="Replace the demo's files in --workdir if they exist (the models' "
+              "files, and with --tasks anything in its tasks folder).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--tasks/--no-tasks", "with_tasks", default=True, show_default=True,
               help="Also run each task pipeline (run TASK) once on a tiny model.")
@@ -1030,7 +1031,7 @@ def demo_command(
 
     names = names or MODEL_NAMES
     if workdir is not None:
-        check_workdir(workdir, names, force=force)
+        check_workdir(workdir, names, force=force, with_tasks=with_tasks)
     rows = run_demo(
         names, size=size, seed=seed, workdir=workdir, progress=_progress(quiet)
     )
@@ -1050,10 +1051,11 @@ def _demo_tasks(
     """The task pipelines once each (converter/run_cli.py), and their table."""
     import tempfile
 
+    from converter.demo import TASKS_FOLDER
     from converter.run_cli import format_task_demos, run_task_demos
 
     if workdir is not None:
-        rows = run_task_demos(workdir / "tasks", seed=seed, progress=_progress(quiet))
+        rows = run_task_demos(workdir / TASKS_FOLDER, seed=seed, progress=_progress(quiet))
     else:
         with tempfile.TemporaryDirectory(prefix="perceiver-demo-tasks-") as folder:
             rows = run_task_demos(Path(folder), seed=seed, progress=_progress(quiet))

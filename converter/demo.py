@@ -25,10 +25,19 @@ def demo_files(name: str) -> List[str]:
     return [f"{name}.pickle", f"{name}.safetensors", f"{name}.exported.pickle"]
 
 
-def check_workdir(workdir: Path, names: Sequence[str], *, force: bool = False) -> None:
+# The task pipelines' demo (``run_cli.run_task_demos``) writes into this subfolder of
+# ``--workdir``; each task's demo makes its own media there.
+TASKS_FOLDER = "tasks"
+
+
+def check_workdir(
+    workdir: Path, names: Sequence[str], *, force: bool = False, with_tasks: bool = False
+) -> None:
     """``--workdir`` must be a writable folder (created if missing) and, unless
-    ``force``, hold none of the files the demo would write. Raises ``UsageError`` /
-    ``OutputError`` (exit 2) before anything is written."""
+    ``force``, hold none of the files the demo would write: the models' files, and
+    with ``with_tasks`` any file under its ``tasks`` folder (the task demos choose
+    their own file names). Raises ``UsageError`` / ``OutputError`` (exit 2) before
+    anything is written."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -44,6 +53,12 @@ def check_workdir(workdir: Path, names: Sequence[str], *, force: bool = False) -
     existing = [
         name for model in names for name in demo_files(model) if (workdir / name).exists()
     ]
+    if with_tasks and (workdir / TASKS_FOLDER).is_dir():
+        existing += sorted(
+            str(path.relative_to(workdir))
+            for path in (workdir / TASKS_FOLDER).rglob("*")
+            if not path.is_dir()
+        )
     if existing and not force:
         raise OutputError(
             f"refusing to overwrite {len(existing)} file(s) in {workdir} "

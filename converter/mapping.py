@@ -364,6 +364,16 @@ class MappingSpec:
             derived[key] = _derive_value(spec, target_shapes, names, where)
         return derived
 
+    @property
+    def override_keys(self) -> Tuple[str, ...]:
+        """The keys ``--config`` may set: the configuration's, and for perceiver_torch's
+        models its training-only fields (dropout, attention_dropout), which no tensor
+        depends on: the converted file's config records them for fine-tuning."""
+        from perceiver_torch import configs  # see _official_values
+
+        extra = configs.TRAINING_ONLY_FIELDS if self.model in configs.CONFIG_CLASSES else ()
+        return tuple(self.config) + tuple(k for k in extra if k not in self.config)
+
     def resolve_config(
         self,
         source_shapes: Mapping[str, Shape],
@@ -376,11 +386,12 @@ class MappingSpec:
         """
         derived = self.derive_config(source_shapes)
         overrides = {k: _as_tuple(v) for k, v in (overrides or {}).items()}
-        unknown = sorted(set(overrides) - set(self.config))
+        unknown = sorted(set(overrides) - set(self.override_keys))
         if unknown:
             raise ConfigError(
-                f"{self.file}: unknown config key(s) {', '.join(unknown)} for "
-                f"{self.model}; valid keys: {', '.join(self.config)}",
+                f"--config: unknown config key(s) {', '.join(unknown)} for "
+                f"{self.model} (mapping {self.file}); valid keys: "
+                f"{', '.join(self.override_keys)}",
                 unknown[0],
             )
         for key, value in overrides.items():

@@ -193,11 +193,11 @@ def _resolve(
 ) -> ResolvedConfig:
     """The mapping's configuration for the tree; bad overrides are usage errors."""
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(spec.config))
+    unknown = sorted(set(overrides) - set(spec.override_keys))
     if unknown:
         raise OverrideError(
             f"unknown config key(s) {', '.join(unknown)} for {spec.model}; valid keys: "
-            f"{', '.join(spec.config)}"
+            f"{', '.join(spec.override_keys)}"
         )
     derived = spec.derive_config(shapes)
     for key, value in overrides.items():

@@ -185,6 +185,26 @@ def test_tuples_parse_from_x_comma_and_json(work):
             assert json.loads(f.metadata()["config"])["max_resolution"] == [8, 8]
 
 
+def test_training_only_config_keys_are_recorded(work):
+    """dropout and attention_dropout are no part of the mapping (no tensor depends
+    on them) but are config keys: convert accepts them and the file records them, so
+    the loaded model trains with them."""
+    out = work / "dropout.safetensors"
+    result = run_cli("convert", work / "fourier.pickle", "-o", out, "-q",
+                     "--config", "dropout=0.25", "--config", "attention_dropout=0.125")
+    assert result.exit_code == 0, result.output
+    with safe_open(str(out), framework="pt") as f:
+        config = json.loads(f.metadata()["config"])
+    assert (config["dropout"], config["attention_dropout"]) == (0.25, 0.125)
+    model = perceiver_torch.load(out)
+    assert (model.config.dropout, model.config.attention_dropout) == (0.25, 0.125)
+    from perceiver_torch.attention import Attention
+
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.25}
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    assert attentions and {m.attention_dropout for m in attentions} == {0.125}
+
+
 @pytest.mark.jax
 def test_bad_config_with_verify_is_a_config_error_not_a_parity_failure(jax_ready, work):
     before = snapshot(work)
@@ -485,6 +505,16 @@ def test_demo_models_parse_comma_separated_and_repeated(monkeypatch, tmp_path):
     assert snapshot(tmp_path) == before
     assert run_cli("demo", "--no-tasks", "--models", "imagenet_fourier", "--workdir",
                    tmp_path, "--force").exit_code == 0
+    # And the task demos' files (their own names, under tasks/), unless --no-tasks.
+    other = tmp_path / "other"
+    (other / "tasks" / "classify").mkdir(parents=True)
+    (other / "tasks" / "classify" / "photo.png").write_bytes(b"earlier")
+    before = snapshot(other)
+    result = run_cli("demo", "--models", "imagenet_fourier", "--workdir", other)
+    assert_clean_error(result, 2, "refusing to overwrite", "photo.png", "--force")
+    assert snapshot(other) == before
+    assert run_cli("demo", "--no-tasks", "--models", "imagenet_fourier", "--workdir",
+                   other).exit_code == 0
 
 
 def test_export_quiet_and_the_half_precision_note_printed_once(work):

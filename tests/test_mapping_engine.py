@@ -351,8 +351,11 @@ def test_overrides_that_contradict_the_checkpoint_are_refused():
     # The user's overrides are at fault: ConfigError (exit 2), not a MappingError.
     with pytest.raises(ConfigError, match="contradicts the checkpoint"):
         spec.resolve_config(shapes, {"num_self_attends": 5})
-    with pytest.raises(ConfigError, match="unknown config key"):
+    with pytest.raises(ConfigError, match="unknown config key") as info:
         spec.resolve_config(shapes, {"num_layers": 5})
+    assert "num_layers" in str(info.value) and "dropout" in str(info.value)
+    # Training-only keys pass through to the model's config (no tensor uses them).
+    assert spec.resolve_config(shapes, {"dropout": 0.5}).values["dropout"] == 0.5
     resolved = spec.resolve_config(shapes, {"image_size": [48, 64]})
     assert resolved.values["image_size"] == (48, 64)
     assert resolved.preset == "tiny"
