@@ -20,7 +20,10 @@ Inputs use PyTorch layouts: images (B, 3, H, W), frame pairs (B, 2, 3, H, W), vi
 the expected shape (an empty batch included); invalid configs raise ``ConfigError``.
 Model names: ``MODEL_NAMES``; configs: ``configs`` (``TINY_CONFIGS`` are the golden
 test sizes). Eval-time fast paths (same function, another order of operations) are
-listed and switched off in ``fast_paths`` (``fast_paths.plain()``).
+listed and switched off in ``fast_paths`` (``fast_paths.plain()``). In bfloat16 on
+CPUs with bfloat16 instructions the linear layers also keep a copy of their weights
+in oneDNN's layout, for speed (``load(path, pack_weights=False)`` saves that memory;
+``linear.Linear`` says what it costs and gains).
 """
 
 from __future__ import annotations

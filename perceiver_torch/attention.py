@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +38,10 @@ from torch import Tensor, nn
 
 from .fast_paths import AttentionMode, FastPath, enabled
 from .linear import (  # gelu_tanh lives there (fused into Linear.forward_gelu)
+    FusedWeights,
     Linear,
     gelu_tanh,
+    linears_on_one_input,
     onednn_eligible,
     onednn_kernel_available,
     onednn_attention_preferred,
@@ -410,6 +412,12 @@ class Attention(nn.Module):
         output_channels: width of the output; None = v_channels.
         num_heads: heads; qk and v widths must be divisible by it.
         attention_dropout: dropout on the attention weights in training.
+        self_attention: queries, keys and values come from one input (a
+            :class:`SelfAttentionLayer`'s).
+
+    With several heads, the projections that share an input (q, k and v of a
+    self-attention; k and v otherwise) run as one product where their weights are
+    packed (``linear.linears_on_one_input``).
     """
 
     def __init__(
@@ -422,6 +430,7 @@ class Attention(nn.Module):
         output_channels: Optional[int] = None,
         num_heads: int = 1,
         attention_dropout: float = 0.0,
+        self_attention: bool = False,
     ) -> None:
         super().__init__()
         qk_channels = q_channels if qk_channels is None else qk_channels
@@ -440,6 +449,22 @@ class Attention(nn.Module):
         self.to_k = Linear(kv_channels, qk_channels)
         self.to_v = Linear(kv_channels, v_channels)
         self.to_out = Linear(v_channels, output_channels)
+        self.self_attention = self_attention
+        self._fused = FusedWeights()  # of the projections fused_linear_groups() names
+
+    def fused_linear_groups(self) -> List[Tuple[Tuple[Linear, ...], FusedWeights]]:
+        """The projections computed as one product (``linear.prepack`` packs them
+        together): q, k and v of a self-attention, k and v otherwise; only with
+        several heads (one head may fold the projections instead, ``choose_mode``)."""
+        if self.num_heads == 1:
+            return []
+        if self.self_attention:
+            return [((self.to_q, self.to_k, self.to_v), self._fused)]
+        return [((self.to_k, self.to_v), self._fused)]
+
+    def _apply(self, fn, recurse=True):
+        self._fused.clear()  # .to(), .float(), ...: the weights are replaced
+        return super()._apply(fn, recurse)
 
     @property
     def scale(self) -> float:
@@ -510,8 +535,11 @@ class Attention(nn.Module):
             ) from None
         bias = None if key_mask is None else key_mask_bias(key_mask, inputs_kv.dtype)
         if mode is AttentionMode.STANDARD:
-            k = _split_heads(self.to_k(inputs_kv), self.num_heads)
-            v = _split_heads(self.to_v(inputs_kv), self.num_heads)
+            if self.num_heads > 1 and not self.self_attention:
+                k, v = linears_on_one_input((self.to_k, self.to_v), inputs_kv, self._fused)
+            else:
+                k, v = self.to_k(inputs_kv), self.to_v(inputs_kv)
+            k, v = _split_heads(k, self.num_heads), _split_heads(v, self.num_heads)
         elif mode is AttentionMode.ABSORB_KV:
             k = v = inputs_kv[:, None]
         else:  # AttentionMode.ABSORB_Q
@@ -543,16 +571,7 @@ class Attention(nn.Module):
         )
         if prepared.mode is AttentionMode.STANDARD:
             q = _split_heads(self.to_q(inputs_q), self.num_heads)
-            summed = attend(
-                q,
-                prepared.k,
-                prepared.v,
-                bias=prepared.bias,
-                scale=self.scale,
-                dropout_p=self._dropout_p(),
-            )
-            summed = zero_fully_masked_rows(_merge_heads(summed), keep)
-            return self._project_out(summed, residual)
+            return self._attend_heads(q, prepared, keep, residual)
         if prepared.mode is AttentionMode.ABSORB_KV:
             q = torch.matmul(self.to_q(inputs_q), self.to_k.weight)[:, None]
             mixed = attend(
@@ -570,6 +589,26 @@ class Attention(nn.Module):
         )
         out = zero_fully_masked_rows(mixed[:, 0], keep) + self.to_out.bias
         return out if residual is None else residual + out
+
+    def _attend_heads(
+        self,
+        q: Tensor,
+        prepared: PreparedKeys,
+        keep: Optional[Tensor],
+        residual: Optional[Tensor],
+    ) -> Tensor:
+        """The STANDARD mode's attention of queries split in heads (B, H, M, qk/H),
+        then to_out (plus ``residual``)."""
+        summed = attend(
+            q,
+            prepared.k,
+            prepared.v,
+            bias=prepared.bias,
+            scale=self.scale,
+            dropout_p=self._dropout_p(),
+        )
+        summed = zero_fully_masked_rows(_merge_heads(summed), keep)
+        return self._project_out(summed, residual)
 
     def _project_out(self, summed: Tensor, residual: Optional[Tensor]) -> Tensor:
         """to_out(summed), plus ``residual`` in the same pass where it is given."""
@@ -589,6 +628,22 @@ class Attention(nn.Module):
         """inputs_q: (B, M, C_q); inputs_kv: (B, N, C_kv); masks (B, N) / (B, M),
         nonzero = keep. Returns (B, M, output_channels), plus ``residual`` when given
         (see :meth:`attend_prepared`)."""
+        if self.self_attention and inputs_q is inputs_kv and self.num_heads > 1:
+            # Several heads: STANDARD mode (choose_mode), q, k and v in one product.
+            q, k, v = linears_on_one_input(
+                (self.to_q, self.to_k, self.to_v), inputs_kv, self._fused
+            )
+            heads = self.num_heads
+            bias = None if key_mask is None else key_mask_bias(key_mask, inputs_kv.dtype)
+            prepared = PreparedKeys(
+                AttentionMode.STANDARD, _split_heads(k, heads), _split_heads(v, heads),
+                bias, key_mask,
+            )
+            keep = rows_to_keep(
+                inputs_q.shape[0], inputs_q.shape[1], key_mask=key_mask,
+                query_mask=query_mask, device=inputs_q.device,
+            )
+            return self._attend_heads(_split_heads(q, heads), prepared, keep, residual)
         prepared = self.prepare(
             inputs_kv, key_mask=key_mask, num_queries=inputs_q.shape[1]
         )
@@ -664,6 +719,7 @@ class SelfAttentionLayer(nn.Module):
             output_channels=channels,
             num_heads=num_heads,
             attention_dropout=attention_dropout,
+            self_attention=True,
         )
         self.dropout = nn.Dropout(dropout)
         self.mlp_norm = layer_norm(channels)

@@ -324,12 +324,23 @@ def test_converted_file_loads_in_its_dtype(tmp_path, file_dtype, suffix):
 
 
 def packed_layers(model: torch.nn.Module) -> int:
-    """How many of ``model``'s linear layers hold a packed copy of their weight."""
-    return sum(
-        1
+    """How many of ``model``'s linear layers have their weight packed: a copy of their
+    own, or a fused one with the other projections of their attention; none twice."""
+    fused = {
+        id(layer)
+        for sub in model.modules()
+        if hasattr(sub, "fused_linear_groups")
+        for layers, weights in sub.fused_linear_groups()
+        if weights.made
+        for layer in layers
+    }
+    own = {
+        id(sub)
         for sub in model.modules()
         if isinstance(sub, pt.linear.Linear) and sub._packed is not None
-    )
+    }
+    assert not own & fused, "a weight packed twice"
+    return len(own | fused)
 
 
 @pytest.mark.skipif(

@@ -16,6 +16,7 @@ from torch import nn
 
 from float64_reference import check_within_float32_rounding, float64_model
 from perceiver_torch import fast_paths
+from perceiver_torch import linear as linear_module
 from perceiver_torch.attention import (
     Attention,
     CrossAttentionLayer,
@@ -861,3 +862,61 @@ def test_fourier_caches_stay_bounded_across_many_sizes():
     assert all(kind == "subsampled" for kind, *_ in enc._table_cache)
     # The most recent sizes are the ones kept, and a cached grid is returned as is.
     assert enc.grid((8, 9)) is enc.grid((8, 9))
+
+
+@pytest.mark.skipif(
+    not linear_module.onednn_kernel_available(), reason="this torch has no oneDNN kernel"
+)
+@pytest.mark.parametrize("kind", ["self", "cross"])
+def test_projections_sharing_an_input_run_as_one_product(kind, monkeypatch):
+    """With packed weights, q, k and v of a several-head self-attention (k and v of a
+    cross-attention) are one oneDNN product against their fused packed copy, within
+    float32 rounding of float64; the copy follows in-place weight changes, is dropped
+    by .to() and by copies, and release_packed_weights drops it."""
+    import copy
+
+    monkeypatch.setenv("PERCEIVER_TORCH_ONEDNN", "1")  # oneDNN on any CPU
+    if kind == "self":
+        layer = randomize(SelfAttentionLayer(channels=12, num_heads=3, qk_channels=6))
+        inputs = (torch.randn(2, 7, 12),)
+        widths = [(6 + 6 + 6, 12)]  # q, k, v fused (v_channels defaults to qk)
+    else:
+        layer = randomize(
+            CrossAttentionLayer(q_channels=8, kv_channels=10, num_heads=2, qk_channels=4)
+        )
+        inputs = (torch.randn(2, 5, 8), torch.randn(2, 9, 10))
+        widths = [(4 + 4, 10)]  # k and v fused (v_channels defaults to qk)
+    layer = linear_module.pack_weights(layer.eval())
+    attention = layer.attention
+    assert attention._fused.made  # made by pack_weights (prepack), before any call
+    shapes = []
+    kernel = linear_module._onednn_kernel
+    monkeypatch.setattr(
+        linear_module, "_onednn_kernel", lambda *a: shapes.append(tuple(a[1].shape)) or kernel(*a)
+    )
+
+    def check(label):
+        shapes.clear()
+        with torch.no_grad():
+            got = layer(*inputs)
+            assert [s for s in shapes if s in widths] == widths, shapes
+            exact = float64_model(layer)(*(x.double() for x in inputs))
+            with fast_paths.plain():
+                plain = layer(*inputs)
+        check_within_float32_rounding(label, got, plain, exact)
+
+    check(f"fused projections ({kind})")
+    with torch.no_grad():
+        attention.to_v.weight.mul_(-2.0)  # in place: the fused copy is remade
+        attention.to_k.bias.add_(0.5)
+    check(f"fused projections after an in-place change ({kind})")
+    assert copy.deepcopy(layer).attention._fused.made is False
+    layer.double().float()
+    assert not attention._fused.made
+    check(f"fused projections after .to() ({kind})")
+    linear_module.release_packed_weights(layer)
+    assert not attention._fused.made
+    shapes.clear()
+    with torch.no_grad():
+        layer(*inputs)
+    assert not [s for s in shapes if s in widths]  # separate products again
