@@ -874,6 +874,7 @@ def test_projections_sharing_an_input_run_as_one_product(kind, monkeypatch):
     float32 rounding of float64; the copy follows in-place weight changes, is dropped
     by .to() and by copies, and release_packed_weights drops it."""
     import copy
+    import pickle
 
     monkeypatch.setenv("PERCEIVER_TORCH_ONEDNN", "1")  # oneDNN on any CPU
     if kind == "self":
@@ -911,6 +912,11 @@ def test_projections_sharing_an_input_run_as_one_product(kind, monkeypatch):
         attention.to_k.bias.add_(0.5)
     check(f"fused projections after an in-place change ({kind})")
     assert copy.deepcopy(layer).attention._fused.made is False
+    revived = pickle.loads(pickle.dumps(layer))  # torch.save of a whole module
+    assert not revived.attention._fused.made
+    with torch.no_grad():
+        torch.testing.assert_close(revived(*inputs), layer(*inputs), rtol=0, atol=0)
+    assert revived.attention._fused.made
     layer.double().float()
     assert not attention._fused.made
     check(f"fused projections after .to() ({kind})")
