@@ -11,7 +11,8 @@ memory-efficient kernel on CPU) and, when the heads' qk and v widths differ (whi
 the fused kernel does not support), with an explicit softmax over bounded chunks of
 queries; in bfloat16/float16 on the CPU, heads of unequal widths up to 256 (up to
 512 where the qk side is not much narrower) take the fused kernel with the narrower
-side zero-padded (:func:`_attend_padded`). With a single head, :class:`Attention`
+side zero-padded (:func:`_attend_padded`), and so do heads of equal widths from 128
+up that are not a multiple of 32 (padded to one). With a single head, :class:`Attention`
 may also fold the key or query projection into the other side of the dot product
 (``absorb_kv`` / ``absorb_q``):
 the same function, fewer multiply-adds when one side is much longer than the other
@@ -78,6 +79,16 @@ _ONEDNN_LOGITS_ELEMENTS = 1 << 22
 # the wider (the video decoder's single head: qk 197 or 387 against v 512).
 _PADDED_FUSED_MAX_WIDTH = 256
 _PADDED_FUSED_WIDE_MAX_WIDTH = 512
+# In bfloat16/float16 on the CPU the fused kernel's speed swings with a head width
+# that is not a multiple of 32 (the width of a row of AMX's bfloat16 tiles). Measured
+# on an Intel Xeon with AMX (2026-12-06, medians of 7 interleaved calls, one head, 512
+# queries against 50,176 keys): widths 256, 260, 264, 288 took 33-36 ms; 258 47 ms,
+# 261 86 ms, 262 75 ms. Optical flow's 322-wide head (8,192 queries against 2,048
+# latents): 23 ms, zero-padded to 352 14 ms. Wider heads are therefore padded to the
+# next multiple, which costs at most a quarter more work (narrower heads are left as
+# they are: padding would add more than that).
+_FUSED_WIDTH_MULTIPLE = 32
+_FUSED_ALIGN_MIN_WIDTH = 128
 
 
 def layer_norm(num_channels: int) -> nn.LayerNorm:
@@ -166,7 +177,8 @@ def attend(
         scale = 1.0 / math.sqrt(q.shape[-1])
     if dropout_p == 0.0 and uses_onednn_attention(q, k, v) and _onednn_attention_pays(q, k, v):
         return _attend_onednn(q, k, v, bias=bias, scale=scale)
-    if q.shape[-1] == v.shape[-1]:
+    aligned = _aligned_fused_width(q, v)
+    if q.shape[-1] == v.shape[-1] and aligned == q.shape[-1]:
         # Blocked, memory-efficient kernel (flash attention on CPU; flash or
         # memory-efficient kernels on GPUs). In bfloat16/float16 its logits, softmax
         # and running sums are float32 (the kernels' accumulation type); the mask
@@ -174,8 +186,10 @@ def attend(
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale
         )
-    if _pads_to_fused_kernel(q, v):
-        return _attend_padded(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p)
+    if q.shape[-1] == v.shape[-1] or _pads_to_fused_kernel(q, v):
+        return _attend_padded(
+            q, k, v, width=aligned, bias=bias, scale=scale, dropout_p=dropout_p
+        )
     # The fused kernels need equal qk and v head widths; otherwise PyTorch would fall
     # back to a kernel that materialises every logit: do it explicitly.
     return _attend_explicit(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p)
@@ -251,20 +265,42 @@ def _pads_to_fused_kernel(q: Tensor, v: Tensor) -> bool:
     )
 
 
+def _aligned_fused_width(q: Tensor, v: Tensor) -> int:
+    """The head width the fused kernel gets: the wider of qk and v, rounded up to a
+    multiple of ``_FUSED_WIDTH_MULTIPLE`` for bfloat16/float16 CPU tensors at least
+    ``_FUSED_ALIGN_MIN_WIDTH`` wide (see there)."""
+    wider = max(q.shape[-1], v.shape[-1])
+    if (
+        q.dtype in (torch.bfloat16, torch.float16)
+        and q.device.type == "cpu"
+        and wider >= _FUSED_ALIGN_MIN_WIDTH
+    ):
+        return -(-wider // _FUSED_WIDTH_MULTIPLE) * _FUSED_WIDTH_MULTIPLE
+    return wider
+
+
 def _attend_padded(
-    q: Tensor, k: Tensor, v: Tensor, *, bias: Optional[Tensor], scale: float, dropout_p: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    width: int,
+    bias: Optional[Tensor],
+    scale: float,
+    dropout_p: float,
 ) -> Tensor:
-    """:func:`attend` for unequal qk and v widths by the fused kernel, the narrower
-    side padded with zeros to the wider: zero channels add exact zeros to every q.k
-    (the scale stays 1/sqrt of the true qk width) and zero value channels give zero
-    outputs, which are cut off. The kernel keeps logits, softmax and running sums in
-    float32, as the explicit path does."""
+    """:func:`attend` by the fused kernel with q, k and v zero-padded to ``width``
+    channels (unequal qk and v widths, or a width the kernel runs slowly): zero
+    channels add exact zeros to every q.k (the scale stays 1/sqrt of the true qk
+    width) and zero value channels give zero outputs, which are cut off. The kernel
+    keeps logits, softmax and running sums in float32, as the explicit path does.
+    Keys that are the values (``absorb_kv``) are padded once."""
     dqk, dv = q.shape[-1], v.shape[-1]
-    width = max(dqk, dv)
+    shared = k is v
     if dqk < width:
         q, k = F.pad(q, (0, width - dqk)), F.pad(k, (0, width - dqk))
     if dv < width:
-        v = F.pad(v, (0, width - dv))
+        v = k if shared else F.pad(v, (0, width - dv))
     out = F.scaled_dot_product_attention(
         q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale
     )

@@ -513,9 +513,11 @@ def test_verify_dtype_fails_on_non_finite_outputs(jax_ready, tmp_path, monkeypat
 def test_unequal_head_widths_pad_to_the_fused_kernel_in_reduced_precision(dtype, monkeypatch):
     """bfloat16/float16 heads of unequal qk and v widths up to 256 (up to 512 with the
     qk side at least a quarter of the wider) run the fused kernel on zero-padded
-    inputs; other ones and float32 keep the explicit path. Both agree
-    with float64 within the roundings of the inputs, the weights and the weighted sum
-    (gamma_4); a padded qk side keeps the true width's scale."""
+    inputs, and so do equal widths from 128 up that are not a multiple of 32 (padded
+    to one; keys that are the values padded once); other ones and float32 keep the
+    explicit path or the plain fused kernel. All agree with float64 within the
+    roundings of the inputs, the weights and the weighted sum (gamma_4); a padded qk
+    side keeps the true width's scale."""
     from perceiver_torch import attention
 
     used = []
@@ -527,8 +529,14 @@ def test_unequal_head_widths_pad_to_the_fused_kernel_in_reduced_precision(dtype,
     for (dqk, dv), pads in [
         ((32, 160), True), ((160, 32), True), ((16, 300), False),
         ((197, 512), True), ((512, 128), True), ((64, 512), False), ((200, 520), False),
+        ((130, 130), True), ((322, 322), True), ((160, 160), False), ((100, 100), False),
+        ((130, "shared"), True),
     ]:
-        q, k, v = (torch.randn(2, 3, n, d) for n, d in ((9, dqk), (11, dqk), (11, dv)))
+        q, k, v = (
+            torch.randn(2, 3, n, d) for n, d in ((9, dqk), (11, dqk), (11, dqk if dv == "shared" else dv))
+        )
+        if dv == "shared":
+            v = k  # absorb_kv: the keys are the values
         bias = torch.zeros(2, 1, 1, 11)
         bias[0, ..., 7:] = MASK_VALUE
         reference = attention.attend(
