@@ -569,14 +569,14 @@ class Attention(nn.Module):
                 f"unknown attention mode {mode!r}; expected one of "
                 f"{[m.value for m in AttentionMode]}"
             ) from None
-        bias = None if key_mask is None else key_mask_bias(key_mask, inputs_kv.dtype)
         if mode is AttentionMode.STANDARD:
             if self.num_heads > 1 and not self.self_attention:
                 k, v = linears_on_one_input((self.to_k, self.to_v), inputs_kv, self._fused)
             else:
                 k, v = self.to_k(inputs_kv), self.to_v(inputs_kv)
-            k, v = _split_heads(k, self.num_heads), _split_heads(v, self.num_heads)
-        elif mode is AttentionMode.ABSORB_KV:
+            return self._standard_keys(k, v, key_mask)
+        bias = None if key_mask is None else key_mask_bias(key_mask, inputs_kv.dtype)
+        if mode is AttentionMode.ABSORB_KV:
             k = v = inputs_kv[:, None]
         else:  # AttentionMode.ABSORB_Q
             keys = self.to_k(inputs_kv)  # (B, N, qk)
@@ -586,6 +586,15 @@ class Attention(nn.Module):
             bias = q_bias if bias is None else bias + q_bias
             v = torch.matmul(self.to_v(inputs_kv), self.to_out.weight.t())[:, None]
         return PreparedKeys(mode, k, v, bias, key_mask)
+
+    def _standard_keys(self, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> PreparedKeys:
+        """STANDARD mode's prepared keys from the projected keys and values (B, N, .)."""
+        bias = None if key_mask is None else key_mask_bias(key_mask, k.dtype)
+        heads = self.num_heads
+        return PreparedKeys(
+            AttentionMode.STANDARD, _split_heads(k, heads), _split_heads(v, heads), bias,
+            key_mask,
+        )
 
     def attend_prepared(
         self,
@@ -598,6 +607,9 @@ class Attention(nn.Module):
         """Attends queries (B, M, C_q) to prepared keys; returns (B, M, C_out), plus
         ``residual`` (B, M, C_out) when given: added in ``to_out``'s pass on the oneDNN
         path (:meth:`Linear.forward_add`), one memory pass fewer."""
+        if prepared.mode is AttentionMode.STANDARD:
+            q = _split_heads(self.to_q(inputs_q), self.num_heads)
+            return self._attend_heads(q, prepared, query_mask, residual)
         keep = rows_to_keep(
             inputs_q.shape[0],
             inputs_q.shape[1],
@@ -605,9 +617,6 @@ class Attention(nn.Module):
             query_mask=query_mask,
             device=inputs_q.device,
         )
-        if prepared.mode is AttentionMode.STANDARD:
-            q = _split_heads(self.to_q(inputs_q), self.num_heads)
-            return self._attend_heads(q, prepared, keep, residual)
         if prepared.mode is AttentionMode.ABSORB_KV:
             q = torch.matmul(self.to_q(inputs_q), self.to_k.weight)[:, None]
             mixed = attend(
@@ -630,11 +639,18 @@ class Attention(nn.Module):
         self,
         q: Tensor,
         prepared: PreparedKeys,
-        keep: Optional[Tensor],
+        query_mask: Optional[Tensor],
         residual: Optional[Tensor],
     ) -> Tensor:
         """The STANDARD mode's attention of queries split in heads (B, H, M, qk/H),
         then to_out (plus ``residual``)."""
+        keep = rows_to_keep(
+            q.shape[0],
+            q.shape[2],
+            key_mask=prepared.key_mask,
+            query_mask=query_mask,
+            device=q.device,
+        )
         summed = attend(
             q,
             prepared.k,
@@ -669,17 +685,9 @@ class Attention(nn.Module):
             q, k, v = linears_on_one_input(
                 (self.to_q, self.to_k, self.to_v), inputs_kv, self._fused
             )
-            heads = self.num_heads
-            bias = None if key_mask is None else key_mask_bias(key_mask, inputs_kv.dtype)
-            prepared = PreparedKeys(
-                AttentionMode.STANDARD, _split_heads(k, heads), _split_heads(v, heads),
-                bias, key_mask,
-            )
-            keep = rows_to_keep(
-                inputs_q.shape[0], inputs_q.shape[1], key_mask=key_mask,
-                query_mask=query_mask, device=inputs_q.device,
-            )
-            return self._attend_heads(_split_heads(q, heads), prepared, keep, residual)
+            prepared = self._standard_keys(k, v, key_mask)
+            q = _split_heads(q, self.num_heads)
+            return self._attend_heads(q, prepared, query_mask, residual)
         prepared = self.prepare(
             inputs_kv, key_mask=key_mask, num_queries=inputs_q.shape[1]
         )

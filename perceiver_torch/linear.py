@@ -252,6 +252,19 @@ def _onednn_add_kernel(x: Tensor, residual: Tensor, weight: Tensor, bias) -> Ten
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
+def _same_tensors(kept: Sequence[Tuple[Tensor, int]], tensors: Sequence[Tensor]) -> bool:
+    """Whether ``tensors`` are still the (alias, version) pairs ``kept``: same storage,
+    dtype, shape and version (a kept alias holds its storage, so an equal address
+    cannot be a later tensor's; see ``Linear._packed``)."""
+    return len(kept) == len(tensors) and all(
+        alias.data_ptr() == t.data_ptr()
+        and alias.dtype == t.dtype
+        and alias.shape == t.shape
+        and version == t._version
+        for (alias, version), t in zip(kept, tensors)
+    )
+
+
 # Rows the packed layout is chosen for: oneDNN picks the blocking of a packed weight
 # for a number of input rows; 256 (the latent count of the language model, the
 # smallest of these models' row counts that matters) served every row count from 256
@@ -308,13 +321,7 @@ class Linear(nn.Linear):
         if not self.packs(weight.dtype):
             return weight
         packed = self._packed
-        if (
-            packed is None
-            or packed[0].data_ptr() != weight.data_ptr()
-            or packed[0].dtype != weight.dtype
-            or packed[0].shape != weight.shape
-            or packed[1] != weight._version
-        ):
+        if packed is None or not _same_tensors((packed[:2],), (weight,)):
             alias = weight.detach()
             packed = (
                 alias,
@@ -344,18 +351,6 @@ class Linear(nn.Linear):
                 x.contiguous(), residual.contiguous(), self.packed_weight(), self.bias
             )
         return residual + F.linear(x, self.weight, self.bias)
-
-
-def _same_tensors(kept: Sequence[Tuple[Tensor, int]], tensors: Sequence[Tensor]) -> bool:
-    """Whether ``tensors`` are still the (alias, version) pairs ``kept``: same storage,
-    dtype, shape and version (see ``Linear._packed``)."""
-    return len(kept) == len(tensors) and all(
-        alias.data_ptr() == t.data_ptr()
-        and alias.dtype == t.dtype
-        and alias.shape == t.shape
-        and version == t._version
-        for (alias, version), t in zip(kept, tensors)
-    )
 
 
 class FusedWeights:
@@ -443,6 +438,12 @@ def packs_by_default(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and cpu_has_matmul_instructions(dtype)
 
 
+def _fused_groups(module: nn.Module) -> List[Tuple[Sequence["Linear"], FusedWeights]]:
+    """``module.fused_linear_groups()`` where it has one (``attention.Attention``)."""
+    groups = getattr(module, "fused_linear_groups", None)
+    return groups() if groups is not None else []
+
+
 def _prepackable(layer: "Linear") -> bool:
     dtype = layer.weight.dtype
     return (
@@ -461,10 +462,7 @@ def prepack(module: nn.Module) -> nn.Module:
     Returns ``module``."""
     fused_layers = set()
     for sub in module.modules():
-        groups: List[Tuple[Sequence[Linear], FusedWeights]] = (
-            sub.fused_linear_groups() if hasattr(sub, "fused_linear_groups") else []
-        )
-        for layers, fused in groups:
+        for layers, fused in _fused_groups(sub):
             if all(_prepackable(layer) for layer in layers) and fuses(
                 layers, layers[0].weight.dtype
             ):
@@ -496,6 +494,6 @@ def release_packed_weights(module: nn.Module) -> nn.Module:
         if isinstance(sub, Linear):
             sub.packing = False
             sub._packed = None
-        for _, fused in sub.fused_linear_groups() if hasattr(sub, "fused_linear_groups") else []:
+        for _, fused in _fused_groups(sub):
             fused.clear()
     return module
