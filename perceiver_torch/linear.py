@@ -22,8 +22,9 @@ bfloat16). In bfloat16 the kernel adds the bias in the same pass, where ``F.line
 first copies the broadcast bias into the output.
 
 On that path the MLP's GELU and residual additions are fused into the same pass, and
-bfloat16 weights are kept in oneDNN's blocked layout (``pack_weights(model)`` does the
-same in float32; ``Linear`` says what that costs).
+bfloat16 weights are kept in oneDNN's blocked layout (``pack_weights(model)`` packs
+float32 ones too: in MKL's layout on Intel CPUs with AVX-512, oneDNN's elsewhere;
+``Linear`` says what that costs).
 
 This is the ``FastPath.ONEDNN_LINEAR`` fast path (:mod:`perceiver_torch.fast_paths`):
 ``fast_paths.plain()`` or ``PERCEIVER_TORCH_ONEDNN=0`` always use ``F.linear``;
@@ -119,6 +120,38 @@ def cpu_prefers_onednn_attention() -> bool:
     against 0.567 s in bfloat16, imagenet_fourier 0.401 against 0.446 s in bfloat16.
     On AMD EPYC with AVX-512 oneDNN's was twice as fast as MKL's."""
     return "intel" not in _cpu_vendor().lower()
+
+
+def _mkl_probe() -> bool:
+    try:
+        weight = torch.ones(4, 3)
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, 2)
+        out = torch.ops.mkl._mkl_linear(torch.ones(2, 3), packed, weight, torch.zeros(4), 2)
+        return bool(torch.equal(out, torch.full((2, 4), 3.0)))
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_prefers_mkl_packing() -> bool:
+    """Whether packed float32 weights (:func:`pack_weights`) are kept in MKL's layout
+    (``cblas_sgemm_pack``, computed by ``torch.ops.mkl._mkl_linear``) rather than
+    oneDNN's: on Intel CPUs with AVX-512, where MKL runs its AVX-512 code, and where
+    this torch has the kernel.
+
+    There MKL's packed product is the fastest of the four kernels for these models'
+    row counts: on an Intel Xeon with AMX (2026-12-06, chains of distinct weights,
+    interleaved, medians) 256 x 1280 x 1280 products at 367 GFLOP/s against 343 for
+    oneDNN's packed weight and 328 for its plain one (the 2048^3 peak 382); 512 x 1024
+    x 1024 at 373 against 353 and 343; level at 2,048 rows. The language model in
+    float32 took 0.372 s against 0.404 unpacked and 0.397 with oneDNN's packed weights.
+    MKL's copy serves one row count (see ``Linear``). On AMD CPUs MKL runs AVX2 code at
+    half of oneDNN's rate: there the copies stay oneDNN's."""
+    return (
+        "intel" in _cpu_vendor().lower()
+        and cpu_prefers_onednn_float32()
+        and _mkl_probe()
+    )
 
 
 def _cpu_feature(name: str) -> Optional[bool]:
@@ -252,6 +285,12 @@ def _onednn_add_kernel(x: Tensor, residual: Tensor, weight: Tensor, bias) -> Ten
     return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
 
 
+def _mkl_kernel(x: Tensor, packed: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """MKL's product against its packed copy of ``weight`` (made for x's row count):
+    x @ weight.T + bias, the bias as the sums' starting value."""
+    return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.numel() // x.shape[-1])
+
+
 def _same_tensors(kept: Sequence[Tuple[Tensor, int]], tensors: Sequence[Tensor]) -> bool:
     """Whether ``tensors`` are still the (alias, version) pairs ``kept``: same storage,
     dtype, shape and version (a kept alias holds its storage, so an equal address
@@ -283,12 +322,21 @@ class Linear(nn.Linear):
     0.112 against 0.124 s, imagenet_fourier 0.352 against 0.386, imagenet_conv 0.294
     against 0.305). The copy takes as much memory again as the weight: a bfloat16
     model then holds as much as its float32 weights. :func:`pack_weights` keeps packed
-    copies in float32 too (3-8% of the float32 time on AMD EPYC, 0-4% on the Xeon),
+    copies in float32 too (3-8% of the float32 time on AMD EPYC),
     :func:`release_packed_weights` keeps none (``load(..., pack_weights=False)``).
     The copy is made again when the weight changes (in-place updates, ``.to()``, a new
     tensor), is not part of the state dict or of copies and pickles of the module.
     :meth:`forward_gelu` and :meth:`forward_add` fuse the MLP's tanh GELU and a
     residual addition into the same oneDNN pass (elsewhere they run after ``F.linear``).
+
+    Packed float32 weights on Intel CPUs with AVX-512 (:func:`cpu_prefers_mkl_packing`)
+    are MKL's for :meth:`forward` and :meth:`forward_add` (the residual then added
+    after the product): MKL packs a weight for one number of input rows, so the copy
+    is made by the first call, for its rows, and calls with other row counts take the
+    unpacked oneDNN path rather than a second copy. :meth:`forward_gelu` keeps the
+    GELU fused on oneDNN's packed copy (MKL's kernel has no GELU, and PyTorch's
+    tanh-GELU pass costs more than MKL gains). Each layer of these models is called one
+    way, so it holds one copy either way.
     """
 
     # Whether to keep a packed copy of the weight: None packs where
@@ -298,15 +346,18 @@ class Linear(nn.Linear):
     # that tensor keeps its memory from being reused by a later weight at the same
     # address, so equal addresses mean the same storage.
     _packed: Optional[Tuple[Tensor, int, Tensor]] = None
+    # MKL's packed copy where cpu_prefers_mkl_packing(): (the weight's tensor, its
+    # version then, the row count it is packed for, the copy).
+    _mkl_packed: Optional[Tuple[Tensor, int, int, Tensor]] = None
 
     def __getstate__(self):
         state = super().__getstate__()
-        if state.get("_packed") is not None:  # a oneDNN tensor: not copyable
-            state = dict(state, _packed=None)
-        return state
+        # oneDNN tensors (both copies): not copyable
+        return dict(state, _packed=None, _mkl_packed=None)
 
     def _apply(self, fn, recurse=True):
-        self._packed = None  # .to(), .float(), .cuda(), ...: the weight is replaced
+        # .to(), .float(), .cuda(), ...: the weight is replaced
+        self._packed = self._mkl_packed = None
         return super()._apply(fn, recurse)
 
     def packs(self, dtype: torch.dtype) -> bool:
@@ -331,9 +382,41 @@ class Linear(nn.Linear):
             self._packed = packed
         return packed[2]
 
+    def mkl_weight(self, x: Tensor) -> Optional[Tensor]:
+        """MKL's packed copy of the weight for input ``x`` where this layer keeps one
+        (:meth:`packs` float32 and :func:`cpu_prefers_mkl_packing`): made for x's row
+        count at the first call (and again when the weight changes); None for other
+        row counts, and where the layer keeps no MKL copy."""
+        weight = self.weight
+        rows = x.numel() // max(1, x.shape[-1])
+        if not (
+            weight.dtype == torch.float32
+            and rows > 0
+            and self.packs(weight.dtype)
+            and cpu_prefers_mkl_packing()
+        ):
+            return None
+        packed = self._mkl_packed
+        if packed is None or not _same_tensors((packed[:2],), (weight,)):
+            alias = weight.detach()
+            copy = torch.ops.mkl._mkl_reorder_linear_weight(alias, rows)
+            packed = self._mkl_packed = (alias, weight._version, rows, copy)
+        return packed[3] if packed[2] == rows else None
+
+    def _unpacked_or_mkl(self, x: Tensor) -> Tuple[Optional[Tensor], Callable[[], Tensor]]:
+        """(MKL's copy for ``x`` or None, the weight for the oneDNN kernel otherwise):
+        where the layer keeps an MKL copy, other row counts read the plain weight."""
+        mkl = self.mkl_weight(x) if uses_onednn(x, self.weight) else None
+        if mkl is None and self._mkl_packed is not None:
+            return None, lambda: self.weight
+        return mkl, self.packed_weight
+
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., in_features) -> (..., out_features)."""
-        return linear(x, self.weight, self.bias, self.packed_weight)
+        mkl, onednn_weight = self._unpacked_or_mkl(x)
+        if mkl is not None:
+            return _mkl_kernel(x, mkl, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, onednn_weight)
 
     def forward_gelu(self, x: Tensor) -> Tensor:
         """``gelu_tanh(self(x))``, the GELU fused on the oneDNN path (:func:`linear_gelu`)."""
@@ -347,8 +430,11 @@ class Linear(nn.Linear):
             and residual.dtype == x.dtype
             and residual.shape == x.shape[:-1] + (self.out_features,)
         ):
+            mkl, onednn_weight = self._unpacked_or_mkl(x)
+            if mkl is not None:
+                return _mkl_kernel(x, mkl, self.weight, self.bias).add_(residual)
             return _onednn_add_kernel(
-                x.contiguous(), residual.contiguous(), self.packed_weight(), self.bias
+                x.contiguous(), residual.contiguous(), onednn_weight(), self.bias
             )
         return residual + F.linear(x, self.weight, self.bias)
 
@@ -395,13 +481,20 @@ class FusedWeights:
         self._entry = None
 
 
+def _packs_with_mkl(dtype: torch.dtype) -> bool:
+    """Whether packed ``dtype`` weights are MKL's here (float32 where
+    :func:`cpu_prefers_mkl_packing`); their copies are made by the first call."""
+    return dtype == torch.float32 and cpu_prefers_mkl_packing()
+
+
 def fuses(layers: Sequence["Linear"], dtype: torch.dtype) -> bool:
     """Whether :func:`linears_on_one_input` would compute ``layers`` on ``dtype``
     inputs as one product: all CPU layers with biases, of one input width and the
-    input's dtype, all keeping packed weights (:meth:`Linear.packs`: then the fused
-    packed copy takes the place of theirs, and costs no memory more)."""
+    input's dtype, all keeping oneDNN packed weights (:meth:`Linear.packs`, and not
+    MKL's: then the fused packed copy takes the place of theirs, and costs no memory
+    more)."""
     first = layers[0].weight
-    return all(
+    return not _packs_with_mkl(dtype) and all(
         layer.bias is not None
         and layer.weight.dtype == dtype
         and layer.weight.device == first.device
@@ -449,6 +542,7 @@ def _prepackable(layer: "Linear") -> bool:
     return (
         layer.weight.device.type == "cpu"
         and layer.packs(dtype)
+        and not _packs_with_mkl(dtype)
         and _onednn_linear_enabled(dtype)
     )
 
@@ -459,7 +553,8 @@ def prepack(module: nn.Module) -> nn.Module:
     forward pass (``load`` calls it). Layers that a module computes as one product
     (its ``fused_linear_groups()``: ``[(layers, FusedWeights)]``, as
     ``attention.Attention``'s q, k and v) get their fused copy instead of their own.
-    Returns ``module``."""
+    Float32 copies that are MKL's (:func:`cpu_prefers_mkl_packing`) are left to the
+    first call, which gives the row count MKL packs them for. Returns ``module``."""
     fused_layers = set()
     for sub in module.modules():
         for layers, fused in _fused_groups(sub):
@@ -475,11 +570,13 @@ def prepack(module: nn.Module) -> nn.Module:
 
 
 def pack_weights(module: nn.Module) -> nn.Module:
-    """Lets every :class:`Linear` in ``module`` keep its weight packed in oneDNN's
-    layout for CPU inference, in float32 too (bfloat16 weights are packed by default
-    where the CPU has bfloat16 instructions): a few percent faster, for as much
-    memory again as the weights. Makes the copies now (:func:`prepack`); they follow
-    the weights' later changes. Returns ``module``."""
+    """Lets every :class:`Linear` in ``module`` keep its weight packed for CPU
+    inference, in float32 too (bfloat16 weights are packed by default where the CPU
+    has bfloat16 instructions): faster, for as much memory again as the weights. The
+    copies are oneDNN's, made now (:func:`prepack`), except float32 ones on Intel CPUs
+    with AVX-512, which are MKL's, made by the first call (:func:`cpu_prefers_mkl_packing`;
+    the language model in float32 8% faster there, against 2% with oneDNN's). They
+    follow the weights' later changes. Returns ``module``."""
     for sub in module.modules():
         if isinstance(sub, Linear):
             sub.packing = True
@@ -493,7 +590,7 @@ def release_packed_weights(module: nn.Module) -> nn.Module:
     for sub in module.modules():
         if isinstance(sub, Linear):
             sub.packing = False
-            sub._packed = None
+            sub._packed = sub._mkl_packed = None
         for _, fused in _fused_groups(sub):
             fused.clear()
     return module

@@ -281,7 +281,8 @@ def load(
     pack_weights: whether the linear layers keep a copy of their weights in oneDNN's
     layout for CPU inference (``perceiver_torch.linear.Linear``), made here: None =
     in bfloat16 on CPUs with bfloat16 instructions (4-12% faster, as much memory again
-    as the weights), True = in float32 as well, False = never.
+    as the weights), True = in float32 as well (in MKL's layout on Intel CPUs with
+    AVX-512, made by the first call), False = never.
     """
     path = Path(path)
     state, metadata = read_checkpoint(path)

@@ -219,7 +219,8 @@ def build_ours(case: str, args: argparse.Namespace) -> Callable[[int], Any]:
     model = pt.build(model_of(case)).eval().to(device=args.device)
     model = model.to(getattr(torch, args.dtype))
     # As perceiver_torch.load does: the packed weights (bfloat16 by default, float32
-    # too with --pack-weights) are made before the first call, outside its memory.
+    # too with --pack-weights) are made before the first call, outside its memory;
+    # MKL's float32 copies (Intel CPUs with AVX-512) by the first call, inside it.
     if args.pack_weights:
         pt.pack_weights(model)
     else:
@@ -832,8 +833,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--pack-weights",
         action="store_true",
-        help="our models with perceiver_torch.pack_weights: float32 weights kept in "
-        "oneDNN's layout too (bfloat16 ones are by default where the CPU has bfloat16 "
+        help="our models with perceiver_torch.pack_weights: float32 weights packed "
+        "too (MKL's layout on Intel CPUs with AVX-512, made by the first call; oneDNN's "
+        "elsewhere; bfloat16 ones are by default where the CPU has bfloat16 "
         "instructions): faster, for as much memory again as the weights",
     )
     p.add_argument(

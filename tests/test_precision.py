@@ -30,6 +30,7 @@ import pytest
 import torch
 
 import perceiver_torch as pt
+from perceiver_torch import fast_paths
 from perceiver_torch.attention import (
     FLOAT16_MASK_VALUE,
     MASK_VALUE,
@@ -337,7 +338,8 @@ def packed_layers(model: torch.nn.Module) -> int:
     own = {
         id(sub)
         for sub in model.modules()
-        if isinstance(sub, pt.linear.Linear) and sub._packed is not None
+        if isinstance(sub, pt.linear.Linear)
+        and (sub._packed is not None or sub._mkl_packed is not None)
     }
     assert not own & fused, "a weight packed twice"
     return len(own | fused)
@@ -347,26 +349,51 @@ def packed_layers(model: torch.nn.Module) -> int:
     not pt.linear.onednn_kernel_available(torch.bfloat16),
     reason="this torch has no bfloat16 oneDNN kernel",
 )
-def test_load_packs_weights_as_asked(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mkl", [False, True], ids=["onednn", "mkl"])
+def test_load_packs_weights_as_asked(tmp_path, monkeypatch, mkl):
     """load() makes the packed copies itself (not the first forward pass): by default
     for bfloat16 on CPUs that multiply it in hardware, in float32 only when asked
     (pack_weights=True), never with pack_weights=False; the outputs stay the same
-    model's (within the bfloat16 bound of the whole-model test above)."""
+    model's (within the bfloat16 bound of the whole-model test above). Float32 copies
+    that are MKL's (Intel CPUs with AVX-512) are made by the first call instead."""
     import converter
     from converter.fixtures import write_fixture
 
+    if mkl and not pt.linear._mkl_probe():
+        pytest.skip("this torch has no MKL packed-weight kernel")
     monkeypatch.setattr(pt.linear, "packs_by_default", lambda dtype: dtype == torch.bfloat16)
+    monkeypatch.setattr(pt.linear, "cpu_prefers_mkl_packing", lambda: mkl)
+    monkeypatch.setattr(fast_paths, "_environment", None)  # read again, then restored
+    monkeypatch.setenv("PERCEIVER_TORCH_ONEDNN", "1")  # the oneDNN path on any CPU
     source = tmp_path / "fixture.pickle"
     write_fixture("imagenet_conv", source, size="tiny", seed=6)
     path = converter.convert(source, tmp_path / "conv.safetensors").output
     linears = sum(1 for sub in pt.load(path).modules() if isinstance(sub, pt.linear.Linear))
     assert packed_layers(pt.load(path)) == 0  # float32: not by default
-    assert packed_layers(pt.load(path, pack_weights=True)) == linears
+    (images,) = tiny_inputs("imagenet_conv", batch=2)
+    packed32 = pt.load(path, pack_weights=True)
+    assert packed_layers(packed32) == (0 if mkl else linears)
+    with torch.no_grad():
+        packed32(images)
+    # MKL's copies exist where a layer computed a product: not for the cross-attentions'
+    # k projections, whose weights the absorbed attentions (one head) multiply directly.
+    if not mkl:
+        assert packed_layers(packed32) == linears
+    else:
+        without_copy = {
+            name
+            for name, sub in packed32.named_modules()
+            if isinstance(sub, pt.linear.Linear) and packed_layers(sub) == 0
+        }
+        assert without_copy == {
+            "encoder.cross_attention.attention.to_k",
+            "decoder.cross_attention.attention.to_k",
+        }
+        assert packed_layers(packed32) == linears - 2
     packed = pt.load(path, dtype="bfloat16")
     assert packed_layers(packed) == linears
     plain = pt.load(path, dtype="bfloat16", pack_weights=False)
     assert packed_layers(plain) == 0
-    (images,) = tiny_inputs("imagenet_conv", batch=2)
     reference = copy.deepcopy(plain).double()
     with torch.no_grad():
         got = packed(images)

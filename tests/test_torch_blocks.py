@@ -877,6 +877,8 @@ def test_projections_sharing_an_input_run_as_one_product(kind, monkeypatch):
     import pickle
 
     monkeypatch.setenv("PERCEIVER_TORCH_ONEDNN", "1")  # oneDNN on any CPU
+    # oneDNN's packed copies (MKL's, on Intel CPUs with AVX-512, are not fused).
+    monkeypatch.setattr(linear_module, "cpu_prefers_mkl_packing", lambda: False)
     if kind == "self":
         layer = randomize(SelfAttentionLayer(channels=12, num_heads=3, qk_channels=6))
         inputs = (torch.randn(2, 7, 12),)

@@ -115,8 +115,15 @@ def test_functional_linear_and_gelu_take_onednn_and_compute_f_linear(monkeypatch
     check_within_float32_rounding("functional linear_gelu", fast_gelu, plain_gelu, exact_gelu)
 
 
+@pytest.fixture
+def onednn_packing(monkeypatch):
+    """Packed float32 weights are oneDNN's, as on CPUs other than Intel's with AVX-512
+    (there they are MKL's: test_mkl_packed_copy_*)."""
+    monkeypatch.setattr(linear_module, "cpu_prefers_mkl_packing", lambda: False)
+
+
 @needs_onednn
-def test_packed_weight_follows_the_weight():
+def test_packed_weight_follows_the_weight(onednn_packing):
     """The packed copy is remade whenever the weight is: in place, by .to(), by a new
     tensor, by load_state_dict; it is not copied, pickled or saved."""
     torch.manual_seed(2)
@@ -156,7 +163,7 @@ def test_packed_weight_follows_the_weight():
 
 
 @needs_onednn
-def test_packed_weight_is_what_the_kernel_reads(monkeypatch):
+def test_packed_weight_is_what_the_kernel_reads(monkeypatch, onednn_packing):
     """After pack_weights, forward and forward_gelu hand oneDNN the packed copy (not
     the plain weight, which it would reorder in every call)."""
     layer = linear_module.pack_weights(torch.nn.Sequential(Linear(16, 8)))[0]
@@ -265,6 +272,137 @@ def test_cpu_preference_for_onednn_attention(monkeypatch, vendor, prefers):
         assert linear_module.cpu_prefers_onednn_attention() is prefers
     finally:
         linear_module.cpu_prefers_onednn_attention.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "vendor,capability,prefers",
+    [
+        ("GenuineIntel", "AVX512", True),  # MKL's AVX-512 packed product is the fastest
+        ("Intel64 Family 6 Model 143 Stepping 8, GenuineIntel", "AVX512", True),
+        ("GenuineIntel", "AVX2", False),  # not measured: F.linear as before
+        ("AuthenticAMD", "AVX512", False),  # MKL runs AVX2 code there
+        ("", "AVX512", False),
+    ],
+)
+def test_cpu_preference_for_mkl_packing(monkeypatch, vendor, capability, prefers):
+    monkeypatch.setattr(linear_module, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(linear_module, "_mkl_probe", lambda: True)
+    for cached in (linear_module.cpu_prefers_mkl_packing, linear_module.cpu_prefers_onednn_float32):
+        cached.cache_clear()
+    try:
+        assert linear_module.cpu_prefers_mkl_packing() is prefers
+    finally:
+        for cached in (
+            linear_module.cpu_prefers_mkl_packing,
+            linear_module.cpu_prefers_onednn_float32,
+        ):
+            cached.cache_clear()
+
+
+needs_mkl_packing = pytest.mark.skipif(
+    not (linear_module.onednn_kernel_available() and linear_module._mkl_probe()),
+    reason="this torch has no MKL packed-weight kernel",
+)
+
+
+@pytest.fixture
+def mkl_packing(monkeypatch):
+    """Packed float32 weights are MKL's (as on Intel CPUs with AVX-512), the oneDNN
+    path taken on any CPU; MKL's kernel calls are recorded: [(copy, row count)]."""
+    monkeypatch.setattr(linear_module, "cpu_prefers_mkl_packing", lambda: True)
+    monkeypatch.setattr(fast_paths, "_environment", None)  # read again, then restored
+    monkeypatch.setenv("PERCEIVER_TORCH_ONEDNN", "1")
+    calls = []
+    kernel = linear_module._mkl_kernel
+    monkeypatch.setattr(
+        linear_module,
+        "_mkl_kernel",
+        lambda x, packed, *a: calls.append((packed, x.numel() // x.shape[-1]))
+        or kernel(x, packed, *a),
+    )
+    return calls
+
+
+@needs_mkl_packing
+def test_mkl_packed_copy_serves_the_row_count_of_the_first_call(mkl_packing):
+    """pack_weights leaves MKL's float32 copy to the first call, which packs it for its
+    row count; forward and forward_add read it there (within float32 rounding of
+    float64), other row counts take oneDNN's kernel on the plain weight (no second
+    copy), and forward_gelu keeps the GELU fused on oneDNN's packed copy."""
+    torch.manual_seed(7)
+    layer = linear_module.pack_weights(torch.nn.Sequential(Linear(96, 40)))[0]
+    assert layer._mkl_packed is None and layer._packed is None  # left to the first call
+    x, residual = torch.randn(3, 7, 96), torch.randn(3, 7, 40)
+    x64, w64, b64 = x.double(), layer.weight.double(), layer.bias.double()
+    exact = F.linear(x64, w64, b64)
+    with torch.no_grad():
+        plain = F.linear(x, layer.weight, layer.bias)
+        got = layer(x)
+        (copy, rows), = mkl_packing
+        assert rows == 21 and layer._mkl_packed[2:] == (21, copy)
+        check_within_float32_rounding("MKL packed", got, plain, exact)
+        added = layer.forward_add(x, residual)
+        assert len(mkl_packing) == 2 and mkl_packing[1] == (copy, 21)  # the same copy
+        check_within_float32_rounding(
+            "MKL packed + residual", added, plain + residual, exact + residual.double()
+        )
+        other = x[:, :5]
+        got = layer(other)
+        assert len(mkl_packing) == 2 and layer._packed is None  # oneDNN, plain weight
+        check_within_float32_rounding(
+            "other rows", got, F.linear(other, layer.weight, layer.bias), exact[:, :5]
+        )
+        gelu = Linear(96, 40)
+        linear_module.pack_weights(gelu)
+        gelu.forward_gelu(x)
+        assert gelu._mkl_packed is None and gelu._packed is not None
+    assert not linear_module.fuses([layer, gelu], torch.float32)  # each its own copy
+    assert linear_module.fuses(
+        [layer.to(torch.bfloat16), gelu.to(torch.bfloat16)], torch.bfloat16
+    )
+
+
+@needs_mkl_packing
+def test_mkl_packed_copy_follows_the_weight(mkl_packing):
+    """MKL's copy is remade when the weight changes in place or is replaced, and is
+    dropped by .to(), copies, pickles and release_packed_weights."""
+    import copy
+    import io
+
+    torch.manual_seed(8)
+    layer = linear_module.pack_weights(torch.nn.Sequential(Linear(16, 8)))[0]
+    x = torch.randn(5, 16)
+
+    def check(label):
+        with torch.no_grad():
+            got = layer(x)
+            plain = F.linear(x, layer.weight, layer.bias)
+        exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+        check_within_float32_rounding(label, got, plain, exact)
+        assert mkl_packing[-1] == (layer._mkl_packed[3], 5)
+
+    check("first call")
+    first = layer._mkl_packed[3]
+    check("second call")
+    assert layer._mkl_packed[3] is first  # kept between calls
+    with torch.no_grad():
+        layer.weight.mul_(-3.0)
+    check("after an in-place change")
+    assert layer._mkl_packed[3] is not first
+    layer.weight.data = torch.randn(8, 16)
+    check("after a new weight")
+    assert copy.deepcopy(layer)._mkl_packed is None
+    torch.save(layer, io.BytesIO())  # would fail on the MKL tensor
+    layer.double().float()
+    assert layer._mkl_packed is None
+    check("after .to()")
+    linear_module.release_packed_weights(torch.nn.Sequential(layer))
+    assert layer._mkl_packed is None
+    calls = len(mkl_packing)
+    with torch.no_grad():
+        layer(x)
+    assert len(mkl_packing) == calls and layer._mkl_packed is None
 
 
 def test_cpu_vendor_is_read_from_this_machine():
