@@ -15,6 +15,10 @@ alternating over ``--rounds`` pairs of processes (the median round counts):
   what was allocated before it;
 - ``--compile``: our model under ``torch.compile`` as a third variant, reported as
   compiled/eager time (its first call, and so its memory figure, includes compiling);
+  ``--freeze`` compiles with inductor's weight freezing
+  (``torch._inductor.config.freezing``: the weights folded in as constants, which
+  lets inductor keep them in MKL's and oneDNN's packed layouts; later changes to the
+  weights are not seen by the compiled model);
 - work and peak: each worker counts the matrix-product FLOPs of one call with
   ``torch.utils.flop_counter``; the *work* of a case is HF's count (the standard
   algorithm; ours where HF is not run), so "% peak" says how fast each side does
@@ -43,6 +47,7 @@ Examples::
     python scripts/bench_forward.py --models imagenet_conv language_perceiver --batch 1 8 32
     python scripts/bench_forward.py --dtype float32 bfloat16 --models imagenet_conv
     python scripts/bench_forward.py --dtype bfloat16 --compile --device cuda
+    python scripts/bench_forward.py --models language_perceiver --impl ours --compile --freeze
 
 Timings on shared machines drift: compare the ratios of one run, on a quiet machine.
 """
@@ -230,8 +235,19 @@ def build_ours(case: str, args: argparse.Namespace) -> Callable[[int], Any]:
         # The whole clip's reconstruct is a method, not forward: compile the model
         # all the same (its parts run through the compiled forward's graphs only
         # where called as modules).
-        model = torch.compile(model)
+        model = compile_model(model, args)
     return with_model(_ours_call(case, model, x, args), model)
+
+
+def compile_model(model: Any, args: argparse.Namespace) -> Any:
+    """``torch.compile(model)``, with inductor's weight freezing where ``--freeze``."""
+    import torch
+
+    if getattr(args, "freeze", False):
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
+    return torch.compile(model)
 
 
 def with_model(run: Callable[[int], Any], model: Any) -> Callable[[int], Any]:
@@ -343,7 +359,7 @@ def build_hf(case: str, args: argparse.Namespace) -> Callable[[int], Any]:
     model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
     x = place(official_inputs(case, batch=args.batch), args.device, args.dtype)
     if args.compiled:
-        model = torch.compile(model)
+        model = compile_model(model, args)
     return with_model(_hf_call(case, model, x, args), model)
 
 
@@ -469,6 +485,7 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
         "dtype": args.dtype,
         "batch": args.batch,
         "compiled": bool(args.compiled),
+        "freezing": bool(args.compiled and args.freeze),
         "build_seconds": round(build_seconds, 3),
     }
     cuda = args.device.startswith("cuda")
@@ -552,6 +569,8 @@ def run_worker(
         cmd.append("--hf-clip-full")
     if compiled:
         cmd.append("--compiled")
+        if args.freeze:
+            cmd.append("--freeze")
     if not args.flops:
         cmd.append("--no-flops")
     if args.pack_weights:
@@ -863,6 +882,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         action="store_true",
         help="also time torch.compile(model) of ours (default inductor backend) and "
         "report compiled/eager; its first call (and memory figure) includes compiling",
+    )
+    p.add_argument(
+        "--freeze",
+        action="store_true",
+        help="with --compile: inductor's weight freezing (torch._inductor.config."
+        "freezing; the weights become constants of the compiled model)",
     )
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")

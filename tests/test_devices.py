@@ -8,7 +8,7 @@
 - torch.compile: the default tier traces every model with the ``aot_eager`` backend
   (Dynamo and AOTAutograd, as inductor sees them, without its C++ build: seconds
   instead of about a minute per model on 2 cores); the full tier compiles with the
-  default inductor backend.
+  default inductor backend, and with its weight freezing.
 
 Bounds: two float32 runs of the same function that round differently (other kernels,
 blockings or devices) are each within gamma_n (see test_precision) of the exact
@@ -223,7 +223,7 @@ def test_batched_tiled_flow_and_video_reconstruct():
 # -- torch.compile -------------------------------------------------------------------
 
 
-def _check_compiled(name: str, backend: str) -> None:
+def _check_compiled(name: str, backend: str, freezing: bool = False) -> None:
     torch._dynamo.reset()
     model = tiny(name)
     inputs = tiny_inputs(name)
@@ -234,7 +234,13 @@ def _check_compiled(name: str, backend: str) -> None:
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         expected = outputs(model(*inputs))
-        got = outputs(compiled(*inputs))
+        if freezing:  # the weights folded in as constants (inference only)
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(freezing=True):
+                got = outputs(compiled(*inputs))
+        else:
+            got = outputs(compiled(*inputs))
     for key in expected:
         assert relative(got[key], expected[key].double()) <= 2 * gamma(
             name, torch.float32
@@ -250,3 +256,11 @@ def test_torch_compile_traces_every_model(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_torch_compile_inductor(name):
     _check_compiled(name, "inductor")
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_compile_inductor_with_frozen_weights(name):
+    """Inductor's weight freezing (``bench_forward.py --compile --freeze``), which
+    keeps the weights in MKL's and oneDNN's packed layouts: the same function."""
+    _check_compiled(name, "inductor", freezing=True)
