@@ -102,6 +102,25 @@ def layer_norm(num_channels: int) -> nn.LayerNorm:
     return nn.LayerNorm(num_channels, eps=LAYER_NORM_EPS)
 
 
+# Rows a chunk of layer_norm_padded normalises at a time (about 2 MB in bfloat16 for
+# the widths it serves).
+_PADDED_NORM_ELEMENTS = 1 << 20
+
+
+def layer_norm_padded(norm: nn.LayerNorm, x: Tensor, width: int) -> Tensor:
+    """``F.pad(norm(x), (0, width - C))`` for x (B, N, C) without holding both: the
+    normalised rows are written in chunks into a (B, N, width) array whose last
+    channels are zero (the same per-row computation as ``norm(x)``)."""
+    b, n, c = x.shape
+    out = x.new_empty(b, n, width)
+    out[..., c:].zero_()
+    rows = max(1, _PADDED_NORM_ELEMENTS // c)
+    for i in range(b):
+        for start in range(0, n, rows):
+            out[i, start : start + rows, :c] = norm(x[i, start : start + rows])
+    return out
+
+
 def mask_value(dtype: torch.dtype) -> float:
     """The masked-logit value for logits of ``dtype``: -1e30, or -1e4 in float16
     (the reference's choice; 1e30 overflows float16). bfloat16 has float32's
@@ -175,10 +194,14 @@ def attend(
     """
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    if dropout_p == 0.0 and uses_onednn_attention(q, k, v) and _onednn_attention_pays(q, k, v):
+    width = fused_kernel_width(q, k, v, dropout_p=dropout_p)
+    if width == _ONEDNN_PATH:
         return _attend_onednn(q, k, v, bias=bias, scale=scale)
-    aligned = _aligned_fused_width(q, v)
-    if q.shape[-1] == v.shape[-1] and aligned == q.shape[-1]:
+    if width == _EXPLICIT_PATH:
+        # The fused kernels need equal qk and v head widths; otherwise PyTorch would
+        # fall back to a kernel that materialises every logit: do it explicitly.
+        return _attend_explicit(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p)
+    if q.shape[-1] == v.shape[-1] == width:
         # Blocked, memory-efficient kernel (flash attention on CPU; flash or
         # memory-efficient kernels on GPUs). In bfloat16/float16 its logits, softmax
         # and running sums are float32 (the kernels' accumulation type); the mask
@@ -186,13 +209,27 @@ def attend(
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, dropout_p=dropout_p, scale=scale
         )
+    return _attend_padded(
+        q, k, v, width=width, bias=bias, scale=scale, dropout_p=dropout_p
+    )
+
+
+# fused_kernel_width's answers where attend does not run the fused kernel.
+_ONEDNN_PATH = -1
+_EXPLICIT_PATH = 0
+
+
+def fused_kernel_width(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0) -> int:
+    """The head width :func:`attend` runs PyTorch's fused kernel at for these inputs
+    (q, k and v zero-padded to it where they are narrower: unequal widths, or widths
+    the kernel runs slowly, :func:`_aligned_fused_width`), or ``_ONEDNN_PATH`` /
+    ``_EXPLICIT_PATH`` where it computes with oneDNN's products or materialised
+    logits instead. Only shapes, dtypes and devices are read."""
+    if dropout_p == 0.0 and uses_onednn_attention(q, k, v) and _onednn_attention_pays(q, k, v):
+        return _ONEDNN_PATH
     if q.shape[-1] == v.shape[-1] or _pads_to_fused_kernel(q, v):
-        return _attend_padded(
-            q, k, v, width=aligned, bias=bias, scale=scale, dropout_p=dropout_p
-        )
-    # The fused kernels need equal qk and v head widths; otherwise PyTorch would fall
-    # back to a kernel that materialises every logit: do it explicitly.
-    return _attend_explicit(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p)
+        return _aligned_fused_width(q, v)
+    return _EXPLICIT_PATH
 
 
 def _attend_explicit(
@@ -557,18 +594,7 @@ class Attention(nn.Module):
         num_queries: how many queries will be attended in total (chooses the mode);
         mode: force an :class:`AttentionMode` (or its value, e.g. ``"absorb_q"``).
         """
-        if mode is None:
-            mode = self.choose_mode(
-                num_queries if num_queries is not None else inputs_kv.shape[1],
-                inputs_kv.shape[1],
-            )
-        try:
-            mode = AttentionMode(mode)
-        except ValueError:
-            raise ValueError(
-                f"unknown attention mode {mode!r}; expected one of "
-                f"{[m.value for m in AttentionMode]}"
-            ) from None
+        mode = self.resolve_mode(mode, num_queries, inputs_kv.shape[1])
         if mode is AttentionMode.STANDARD:
             if self.num_heads > 1 and not self.self_attention:
                 k, v = linears_on_one_input((self.to_k, self.to_v), inputs_kv, self._fused)
@@ -577,6 +603,8 @@ class Attention(nn.Module):
             return self._standard_keys(k, v, key_mask)
         bias = None if key_mask is None else key_mask_bias(key_mask, inputs_kv.dtype)
         if mode is AttentionMode.ABSORB_KV:
+            # Inputs wider than to_k's are zero-padded (absorbed_key_width): the
+            # queries are padded alike in attend_prepared.
             k = v = inputs_kv[:, None]
         else:  # AttentionMode.ABSORB_Q
             keys = self.to_k(inputs_kv)  # (B, N, qk)
@@ -586,6 +614,36 @@ class Attention(nn.Module):
             bias = q_bias if bias is None else bias + q_bias
             v = torch.matmul(self.to_v(inputs_kv), self.to_out.weight.t())[:, None]
         return PreparedKeys(mode, k, v, bias, key_mask)
+
+    def resolve_mode(
+        self, mode: Optional[AttentionMode], num_queries: Optional[int], num_keys: int
+    ) -> AttentionMode:
+        """``mode`` as an :class:`AttentionMode` (or its value, e.g. ``"absorb_q"``), or
+        where None the cheapest for ``num_queries`` (None: as many as the keys)."""
+        if mode is None:
+            mode = self.choose_mode(
+                num_queries if num_queries is not None else num_keys, num_keys
+            )
+        try:
+            return AttentionMode(mode)
+        except ValueError:
+            raise ValueError(
+                f"unknown attention mode {mode!r}; expected one of "
+                f"{[m.value for m in AttentionMode]}"
+            ) from None
+
+    def absorbed_key_width(self, inputs_kv: Tensor, num_queries: int) -> int:
+        """The width :func:`attend` will pad ABSORB_KV's keys and values (the inputs
+        themselves) to, for ``num_queries`` queries: wider than the inputs where the
+        fused kernel runs them zero-padded (bfloat16/float16 CPU tensors of widths
+        that are not a multiple of 32). ``CrossAttentionLayer.prepare`` then writes
+        its LayerNorm into the padded array, instead of keeping the inputs twice (the
+        optical flow encoder's 182,528 x 322: 117 MB in bfloat16)."""
+        b, n, c = inputs_kv.shape
+        keys = inputs_kv[:, None]
+        queries = inputs_kv.new_empty(()).expand(b, 1, num_queries, c)  # shape only
+        width = fused_kernel_width(queries, keys, keys, dropout_p=self._dropout_p())
+        return max(width, c)
 
     def _standard_keys(self, k: Tensor, v: Tensor, key_mask: Optional[Tensor]) -> PreparedKeys:
         """STANDARD mode's prepared keys from the projected keys and values (B, N, .)."""
@@ -619,10 +677,13 @@ class Attention(nn.Module):
         )
         if prepared.mode is AttentionMode.ABSORB_KV:
             q = torch.matmul(self.to_q(inputs_q), self.to_k.weight)[:, None]
+            width = prepared.k.shape[-1]  # zero-padded keys (absorbed_key_width)
+            if width > q.shape[-1]:
+                q = F.pad(q, (0, width - q.shape[-1]))
             mixed = attend(
                 q, prepared.k, prepared.v, bias=prepared.bias, scale=self.scale
-            )
-            summed = zero_fully_masked_rows(self.to_v(mixed[:, 0]), keep)
+            )[:, 0, :, : self.to_k.in_features]
+            summed = zero_fully_masked_rows(self.to_v(mixed), keep)
             return self._project_out(summed, residual)
         # absorb_q: to_q is folded into the keys and to_out into the values.
         mixed = attend(
@@ -840,12 +901,18 @@ class CrossAttentionLayer(nn.Module):
         mode: Optional[AttentionMode] = None,
     ) -> PreparedKeys:
         """Normalises and projects the key/value inputs (B, N, C_kv) once."""
-        return self.attention.prepare(
-            self.kv_norm(inputs_kv),
-            key_mask=key_mask,
-            num_queries=num_queries,
-            mode=mode,
-        )
+        attention = self.attention
+        mode = attention.resolve_mode(mode, num_queries, inputs_kv.shape[1])
+        normed = None
+        if mode is AttentionMode.ABSORB_KV and not torch.is_grad_enabled():
+            width = attention.absorbed_key_width(
+                inputs_kv, inputs_kv.shape[1] if num_queries is None else num_queries
+            )
+            if width > inputs_kv.shape[-1]:
+                normed = layer_norm_padded(self.kv_norm, inputs_kv, width)
+        if normed is None:
+            normed = self.kv_norm(inputs_kv)
+        return attention.prepare(normed, key_mask=key_mask, mode=mode)
 
     def attend_prepared(
         self,

@@ -35,6 +35,7 @@ from perceiver_torch.attention import (
     FLOAT16_MASK_VALUE,
     MASK_VALUE,
     Attention,
+    CrossAttentionLayer,
     key_mask_bias,
     layer_norm,
 )
@@ -581,3 +582,42 @@ def test_unequal_head_widths_pad_to_the_fused_kernel_in_reduced_precision(dtype,
         with torch.no_grad():
             attention.attend(q, k, v, bias=bias)
         assert not used  # float32: the explicit path
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_absorbed_keys_are_normalised_into_their_padded_width(dtype, monkeypatch):
+    """A one-head cross-attention whose keys are its normalised inputs (ABSORB_KV) and
+    whose width the fused kernel pads (bfloat16/float16, 161 -> 192 channels):
+    ``prepare`` writes the LayerNorm in chunks into the zero-padded array, so the
+    inputs are not held twice, and the layer computes exactly what padding them in
+    the kernel's call computed (the same numbers in, the same kernel). float32 keeps
+    its width."""
+    from perceiver_torch import attention
+
+    monkeypatch.setattr(attention, "_PADDED_NORM_ELEMENTS", 161 * 40)  # 40-row chunks
+    torch.manual_seed(3)
+    layer = CrossAttentionLayer(q_channels=24, kv_channels=161, num_heads=1)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(0.2 * torch.randn(p.shape))
+    layer = layer.to(dtype).eval()
+    inputs_q = torch.randn(2, 5, 24).to(dtype)
+    inputs_kv = torch.randn(2, 130, 161).to(dtype)
+    key_mask = torch.ones(2, 130, dtype=torch.int64)
+    key_mask[0, 100:] = 0
+    # PyTorch's kernels, as on Intel CPUs (the suite forces oneDNN's where it exists).
+    with torch.no_grad(), pt.fast_paths.plain(pt.fast_paths.FastPath.ONEDNN_ATTENTION):
+        prepared = layer.prepare(inputs_kv, key_mask=key_mask, mode="absorb_kv")
+        assert prepared.k is prepared.v and prepared.k.shape == (2, 1, 130, 192)
+        assert torch.equal(prepared.k[..., :161], layer.kv_norm(inputs_kv)[:, None])
+        assert not prepared.k[..., 161:].any()
+        got = layer.attend_prepared(inputs_q, prepared)
+        monkeypatch.setattr(
+            attention.Attention, "absorbed_key_width", lambda self, x, m: x.shape[-1]
+        )
+        unpadded = layer.prepare(inputs_kv, key_mask=key_mask, mode="absorb_kv")
+        assert unpadded.k.shape[-1] == 161  # padded by attend, as before
+        assert torch.equal(got, layer.attend_prepared(inputs_q, unpadded))
+        monkeypatch.undo()
+        float32 = copy.deepcopy(layer).float()
+        assert float32.prepare(inputs_kv.float(), mode="absorb_kv").k.shape[-1] == 161
