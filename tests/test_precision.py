@@ -40,7 +40,7 @@ from perceiver_torch.attention import (
     layer_norm,
 )
 from perceiver_torch.position_encoding import FourierPositionEncoding
-from test_torch_models import tiny, tiny_inputs
+from test_torch_models import randomize, tiny, tiny_inputs
 
 NAMES = list(pt.MODEL_NAMES)
 REDUCED = (torch.bfloat16, torch.float16)
@@ -596,10 +596,7 @@ def test_absorbed_keys_are_normalised_into_their_padded_width(dtype, monkeypatch
 
     monkeypatch.setattr(attention, "_PADDED_NORM_ELEMENTS", 161 * 40)  # 40-row chunks
     torch.manual_seed(3)
-    layer = CrossAttentionLayer(q_channels=24, kv_channels=161, num_heads=1)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(0.2 * torch.randn(p.shape))
+    layer = randomize(CrossAttentionLayer(q_channels=24, kv_channels=161, num_heads=1))
     layer = layer.to(dtype).eval()
     inputs_q = torch.randn(2, 5, 24).to(dtype)
     inputs_kv = torch.randn(2, 130, 161).to(dtype)
