@@ -389,12 +389,7 @@ class Linear(nn.Linear):
         row counts, and where the layer keeps no MKL copy."""
         weight = self.weight
         rows = x.numel() // max(1, x.shape[-1])
-        if not (
-            weight.dtype == torch.float32
-            and rows > 0
-            and self.packs(weight.dtype)
-            and cpu_prefers_mkl_packing()
-        ):
+        if not (rows > 0 and self.packs(weight.dtype) and _packs_with_mkl(weight.dtype)):
             return None
         packed = self._mkl_packed
         if packed is None or not _same_tensors((packed[:2],), (weight,)):
