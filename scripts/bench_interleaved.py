@@ -18,6 +18,13 @@ steadier figure, and both are printed. The work and the share of the peak are
 counted as in ``bench_forward.py`` (HF's matmul FLOPs, against the probes
 interleaved with the calls).
 
+With ``--batch``, every batch size is a variant too (the ratios above compare batch
+1), and a second table gives each implementation's throughput, items/s = batch / time,
+per batch size and its ratio to batch 1's, from the same interleaved rounds. Each
+round then gives every batch size as many items as the largest batch (batch 1 of
+``--batch 1 8 32`` is 32 calls in a row, timed together, and its time is their mean):
+a long call averages over the host's swings, and a median of short calls would not.
+
 Memory is not measured here (the variants share one process): use bench_forward.py.
 
 Examples::
@@ -25,6 +32,7 @@ Examples::
     python scripts/bench_interleaved.py --models language_perceiver imagenet_conv
     python scripts/bench_interleaved.py --models video_autoencoding --impl ours --reps 9
     python scripts/bench_interleaved.py --dtype float32 bfloat16 --json interleaved.json
+    python scripts/bench_interleaved.py --impl ours --batch 1 8 32 --reps 3 --warmup 1
 """
 
 from __future__ import annotations
@@ -40,7 +48,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_forward as bf  # noqa: E402  (beside this script; puts the checkout first)
 
-Variant = Tuple[str, str]  # (implementation, dtype)
+Variant = Tuple[str, str, int]  # (implementation, dtype, batch)
+
+
+def variant_key(impl: str, dtype: str, batch: int = 1) -> str:
+    """The variant's name in the results: "ours/float32", "hf/bfloat16/batch8"."""
+    return f"{impl}/{dtype}" + ("" if batch == 1 else f"/batch{batch}")
 
 
 def peak_probe(dtype: str) -> Callable[[], float]:
@@ -72,9 +85,9 @@ def measure_case(case: str, variants: List[Variant], args: argparse.Namespace) -
 
     runs: Dict[Variant, Callable[[int], Any]] = {}
     failed: Dict[str, str] = {}
-    for impl, dtype in variants:
+    for impl, dtype, batch in variants:
         options = argparse.Namespace(
-            device="cpu", dtype=dtype, batch=1, pack_weights=args.pack_weights,
+            device="cpu", dtype=dtype, batch=batch, pack_weights=args.pack_weights,
             compiled=False, hf_clip_calls=1,
         )
         build = bf.build_ours if impl == "ours" else bf.build_hf
@@ -83,42 +96,49 @@ def measure_case(case: str, variants: List[Variant], args: argparse.Namespace) -
             with torch.inference_mode():
                 for i in range(args.warmup):
                     run(i)
-            runs[(impl, dtype)] = run
+            runs[(impl, dtype, batch)] = run
         except Exception as error:  # HF's video model fails in bfloat16
-            failed[f"{impl}/{dtype}"] = f"{type(error).__name__}: {error}"
-            print(f"[{case} / {impl} / {dtype}] fails: {failed[f'{impl}/{dtype}']}",
-                  file=sys.stderr, flush=True)
-    dtypes = sorted({dtype for _, dtype in variants})
+            key = variant_key(impl, dtype, batch)
+            failed[key] = f"{type(error).__name__}: {error}"
+            print(f"[{case} / {key}] fails: {failed[key]}", file=sys.stderr, flush=True)
+    dtypes = sorted({dtype for _, dtype, _ in variants})
     probes = {dtype: peak_probe(dtype) for dtype in dtypes}
     times: Dict[Variant, List[float]] = {v: [] for v in runs}
     peaks: Dict[str, List[float]] = {d: [] for d in dtypes}
     order = list(runs)
+    # Every batch size gets the same items a round (the largest batch's), so a swing
+    # of the host within the round weighs on each alike: a batch-32 call spans 32
+    # batch-1 calls, and would otherwise be compared with the median of short calls.
+    largest = max(batch for _, _, batch in order) if order else 1
+    calls_per_round = {v: -(-largest // v[2]) for v in order}
     with torch.inference_mode():
         for rep in range(args.reps):
             for dtype in dtypes:
                 peaks[dtype].append(probes[dtype]())
             shift = rep % len(order)
             for variant in order[shift:] + order[:shift]:
+                calls = calls_per_round[variant]
                 start = time.perf_counter()
-                runs[variant](rep)
-                times[variant].append(time.perf_counter() - start)
+                for call in range(calls):
+                    runs[variant](rep * calls + call)
+                times[variant].append((time.perf_counter() - start) / calls)
             print(f"[{case}] round {rep + 1}/{args.reps}: " + ", ".join(
-                f"{i}/{d} {times[(i, d)][-1]:.3f} s" for i, d in order), file=sys.stderr,
+                f"{variant_key(*v)} {times[v][-1]:.3f} s" for v in order), file=sys.stderr,
                 flush=True)
     work: Optional[int] = None
     if args.flops:
         for impl in ("hf", "ours"):
-            source = [v for v in runs if v[0] == impl]
+            source = [v for v in runs if v[0] == impl and v[2] == 1]
             if source:
                 work = bf.count_matmul_flops(runs[source[0]])
                 break
-    medians = {f"{i}/{d}": statistics.median(t) for (i, d), t in times.items()}
-    best = {f"{i}/{d}": min(t) for (i, d), t in times.items()}
+    medians = {variant_key(*v): statistics.median(t) for v, t in times.items()}
+    best = {variant_key(*v): min(t) for v, t in times.items()}
     peak = {d: statistics.median(p) for d, p in peaks.items()}
     return {
         "case": case, "reps": args.reps, "seconds": medians, "best_seconds": best,
         "best_peak_gflops": {d: max(p) for d, p in peaks.items()},
-        "all_seconds": {f"{i}/{d}": [round(x, 4) for x in t] for (i, d), t in times.items()},
+        "all_seconds": {variant_key(*v): [round(x, 4) for x in t] for v, t in times.items()},
         "peak_gflops": peak, "peak_all": {d: [round(x) for x in p] for d, p in peaks.items()},
         "work_flops": work, "failed": failed,
     }
@@ -157,6 +177,34 @@ def report(result: Dict[str, Any], dtypes: List[str], statistic: str) -> List[st
     return rows
 
 
+def report_batches(
+    result: Dict[str, Any], impls: List[str], dtypes: List[str], batches: List[int]
+) -> List[str]:
+    """Throughput rows for one case: per implementation and dtype, items/s at each
+    batch size from the median calls (the best calls in brackets), and each batch's
+    items/s over batch 1's (medians)."""
+    rows = []
+    for impl in impls:
+        for dtype in dtypes:
+            medians, best = [], []
+            for batch in batches:
+                key = variant_key(impl, dtype, batch)
+                t, b = result["seconds"].get(key), result["best_seconds"].get(key)
+                medians.append(None if t is None else batch / t)
+                best.append(None if b is None else batch / b)
+            if all(m is None for m in medians[1:]):  # video_clip: batch 1 only
+                continue
+            cells = [
+                "-" if m is None else f"{m:.3g} ({b:.3g})" for m, b in zip(medians, best)
+            ]
+            ratios = [
+                "-" if m is None or medians[0] is None else f"{m / medians[0]:.2f}"
+                for m in medians[1:]
+            ]
+            rows.append(" | ".join([result["case"], impl, dtype] + cells + [" / ".join(ratios)]))
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", choices=bf.CASES,
@@ -167,6 +215,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--impl", choices=("both", "ours"), default="both")
     p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16", "float16"),
                    default=["float32", "bfloat16"])
+    p.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N",
+                   help="batch sizes, each a variant (e.g. 1 8 32; video_clip: 1 only); "
+                   "with more than one, a throughput table follows")
     p.add_argument("--reps", type=int, default=7, help="interleaved rounds (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
     p.add_argument("--threads", type=int, default=2)
@@ -184,21 +235,39 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "hf" in impls:
         bf.import_transformers()
     dtypes = list(dict.fromkeys(args.dtype))
-    variants = [(impl, dtype) for dtype in dtypes for impl in impls]
-    results, rows = [], []
+    batches = list(dict.fromkeys(args.batch))
+    if any(b < 1 for b in batches):
+        p.error("--batch: batch sizes are positive integers")
+    variants = [(i, d, b) for b in batches for d in dtypes for i in impls]
+    results, rows, batch_rows = [], [], []
     for case in args.models:
-        # HF decodes a clip in 128 calls: bench_forward.py estimates that one.
-        case_variants = [v for v in variants if v[0] == "ours" or case != "video_clip"]
+        # HF decodes a clip in 128 calls: bench_forward.py estimates that one; a
+        # clip is one item.
+        case_variants = [
+            v for v in variants
+            if case != "video_clip" or (v[0] == "ours" and v[2] == 1)
+        ]
         result = measure_case(case, case_variants, args)
         results.append(result)
-        rows += report(result, dtypes, "median") + report(result, dtypes, "best")
-    print("case | statistic | dtype | ours | HF | ours / HF | % of matmul peak, ours / HF"
-          " | our float32 / ours | peak GFLOP/s")
-    print("\n".join(rows))
+        if 1 in batches:
+            rows += report(result, dtypes, "median") + report(result, dtypes, "best")
+        if len(batches) > 1:
+            batch_rows += report_batches(result, impls, dtypes, batches)
+    if rows:
+        print("case | statistic | dtype | ours | HF | ours / HF | % of matmul peak, ours / HF"
+              " | our float32 / ours | peak GFLOP/s")
+        print("\n".join(rows))
+    if batch_rows:
+        print("\ncase | implementation | dtype | " + " | ".join(
+            f"batch {b} items/s, median (best)" for b in batches
+        ) + " | " + " / ".join(f"batch {b}" for b in batches[1:]) + " over batch "
+            + str(batches[0]) + " (medians)")
+        print("\n".join(batch_rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": bf.environment(), "reps": args.reps,
-                       "threads": args.threads, "results": results}, f, indent=2)
+                       "threads": args.threads, "batches": batches, "results": results},
+                      f, indent=2)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 

@@ -1,0 +1,51 @@
+"""The throughput table of ``scripts/bench_interleaved.py --batch``: its arithmetic on a
+made-up result (the script itself runs the official sizes, minutes a case)."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location(
+        "bench_interleaved", SCRIPTS / "bench_interleaved.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    saved = list(sys.path)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
+
+
+def test_variant_keys_name_batch_one_as_before(bench):
+    # batch-1 keys are the JSON's keys of runs without --batch
+    assert bench.variant_key("ours", "float32") == "ours/float32"
+    assert bench.variant_key("hf", "bfloat16", 1) == "hf/bfloat16"
+    assert bench.variant_key("ours", "bfloat16", 8) == "ours/bfloat16/batch8"
+
+
+def test_throughput_rows_are_items_per_second_and_ratios_to_batch_one(bench):
+    result = {
+        "case": "imagenet_conv",
+        # medians: 1 item in 0.5 s (2 items/s), 8 in 2 s (4 items/s), 32 in 32 s (1)
+        "seconds": {"ours/float32": 0.5, "ours/float32/batch8": 2.0,
+                    "ours/float32/batch32": 32.0},
+        "best_seconds": {"ours/float32": 0.25, "ours/float32/batch8": 1.0,
+                         "ours/float32/batch32": 16.0},
+    }
+    rows = bench.report_batches(result, ["ours", "hf"], ["float32", "bfloat16"], [1, 8, 32])
+    # no row for variants that were not run (HF, bfloat16)
+    assert rows == ["imagenet_conv | ours | float32 | 2 (4) | 4 (8) | 1 (2) | 2.00 / 0.50"]
+
+
+def test_a_case_run_at_batch_one_only_has_no_throughput_row(bench):
+    result = {"case": "video_clip", "seconds": {"ours/float32": 9.0},
+              "best_seconds": {"ours/float32": 8.0}}
+    assert bench.report_batches(result, ["ours"], ["float32"], [1, 8]) == []
