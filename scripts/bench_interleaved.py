@@ -180,9 +180,9 @@ def report(result: Dict[str, Any], dtypes: List[str], statistic: str) -> List[st
 def report_batches(
     result: Dict[str, Any], impls: List[str], dtypes: List[str], batches: List[int]
 ) -> List[str]:
-    """Throughput rows for one case: per implementation and dtype, items/s at each
-    batch size from the median calls (the best calls in brackets), and each batch's
-    items/s over batch 1's (medians)."""
+    """Throughput rows for one case: per implementation and dtype, items/s at each of
+    ``batches`` (ascending, 1 first) from the median calls (the best calls in
+    brackets), and each larger batch's items/s over batch 1's (medians)."""
     rows = []
     for impl in impls:
         for dtype in dtypes:
@@ -216,8 +216,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16", "float16"),
                    default=["float32", "bfloat16"])
     p.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N",
-                   help="batch sizes, each a variant (e.g. 1 8 32; video_clip: 1 only); "
-                   "with more than one, a throughput table follows")
+                   help="batch sizes, 1 among them, each a variant (e.g. 1 8 32; video_clip: "
+                   "1 only); with more than one, a throughput table follows")
     p.add_argument("--reps", type=int, default=7, help="interleaved rounds (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
     p.add_argument("--threads", type=int, default=2)
@@ -235,9 +235,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if "hf" in impls:
         bf.import_transformers()
     dtypes = list(dict.fromkeys(args.dtype))
-    batches = list(dict.fromkeys(args.batch))
-    if any(b < 1 for b in batches):
-        p.error("--batch: batch sizes are positive integers")
+    batches = sorted(set(args.batch))
+    if batches[0] != 1:
+        p.error("--batch: positive sizes, 1 among them (the others are compared with it)")
     variants = [(i, d, b) for b in batches for d in dtypes for i in impls]
     results, rows, batch_rows = [], [], []
     for case in args.models:
@@ -249,19 +249,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         ]
         result = measure_case(case, case_variants, args)
         results.append(result)
-        if 1 in batches:
-            rows += report(result, dtypes, "median") + report(result, dtypes, "best")
+        rows += report(result, dtypes, "median") + report(result, dtypes, "best")
         if len(batches) > 1:
             batch_rows += report_batches(result, impls, dtypes, batches)
-    if rows:
-        print("case | statistic | dtype | ours | HF | ours / HF | % of matmul peak, ours / HF"
-              " | our float32 / ours | peak GFLOP/s")
-        print("\n".join(rows))
+    print("case | statistic | dtype | ours | HF | ours / HF | % of matmul peak, ours / HF"
+          " | our float32 / ours | peak GFLOP/s")
+    print("\n".join(rows))
     if batch_rows:
         print("\ncase | implementation | dtype | " + " | ".join(
             f"batch {b} items/s, median (best)" for b in batches
-        ) + " | " + " / ".join(f"batch {b}" for b in batches[1:]) + " over batch "
-            + str(batches[0]) + " (medians)")
+        ) + " | " + " / ".join(f"batch {b}" for b in batches[1:]) + " over batch 1 (medians)")
         print("\n".join(batch_rows))
     if args.json:
         with open(args.json, "w") as f:
