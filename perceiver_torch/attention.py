@@ -902,12 +902,12 @@ class CrossAttentionLayer(nn.Module):
     ) -> PreparedKeys:
         """Normalises and projects the key/value inputs (B, N, C_kv) once."""
         attention = self.attention
-        mode = attention.resolve_mode(mode, num_queries, inputs_kv.shape[1])
+        num_keys = inputs_kv.shape[1]
+        num_queries = num_keys if num_queries is None else num_queries
+        mode = attention.resolve_mode(mode, num_queries, num_keys)
         normed = None
         if mode is AttentionMode.ABSORB_KV and not torch.is_grad_enabled():
-            width = attention.absorbed_key_width(
-                inputs_kv, inputs_kv.shape[1] if num_queries is None else num_queries
-            )
+            width = attention.absorbed_key_width(inputs_kv, num_queries)
             if width > inputs_kv.shape[-1]:
                 normed = layer_norm_padded(self.kv_norm, inputs_kv, width)
         if normed is None:

@@ -288,15 +288,13 @@ def test_cpu_preference_for_mkl_packing(monkeypatch, vendor, capability, prefers
     monkeypatch.setattr(linear_module, "_cpu_vendor", lambda: vendor)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     monkeypatch.setattr(linear_module, "_mkl_probe", lambda: True)
-    for cached in (linear_module.cpu_prefers_mkl_packing, linear_module.cpu_prefers_onednn_float32):
+    caches = (linear_module.cpu_prefers_mkl_packing, linear_module.cpu_prefers_onednn_float32)
+    for cached in caches:
         cached.cache_clear()
     try:
         assert linear_module.cpu_prefers_mkl_packing() is prefers
     finally:
-        for cached in (
-            linear_module.cpu_prefers_mkl_packing,
-            linear_module.cpu_prefers_onednn_float32,
-        ):
+        for cached in caches:
             cached.cache_clear()
 
 
