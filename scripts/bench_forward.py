@@ -18,7 +18,10 @@ alternating over ``--rounds`` pairs of processes (the median round counts):
   ``--freeze`` compiles with inductor's weight freezing
   (``torch._inductor.config.freezing``: the weights folded in as constants, which
   lets inductor keep them in MKL's and oneDNN's packed layouts; later changes to the
-  weights are not seen by the compiled model);
+  weights are not seen by the compiled model); ``--max-autotune`` lets inductor time
+  its own generated matrix-product kernels (AMX ones for bfloat16 on CPUs that have
+  them) against PyTorch's for every product shape and keep the faster (compiling
+  takes minutes);
 - work and peak: each worker counts the matrix-product FLOPs of one call with
   ``torch.utils.flop_counter``; the *work* of a case is HF's count (the standard
   algorithm; ours where HF is not run), so "% peak" says how fast each side does
@@ -48,6 +51,7 @@ Examples::
     python scripts/bench_forward.py --dtype float32 bfloat16 --models imagenet_conv
     python scripts/bench_forward.py --dtype bfloat16 --compile --device cuda
     python scripts/bench_forward.py --models language_perceiver --impl ours --compile --freeze
+    python scripts/bench_forward.py --impl ours --dtype bfloat16 --compile --freeze --max-autotune
 
 Timings on shared machines drift: compare the ratios of one run, on a quiet machine.
 """
@@ -240,13 +244,17 @@ def build_ours(case: str, args: argparse.Namespace) -> Callable[[int], Any]:
 
 
 def compile_model(model: Any, args: argparse.Namespace) -> Any:
-    """``torch.compile(model)``, with inductor's weight freezing where ``--freeze``."""
+    """``torch.compile(model)``, with inductor's weight freezing where ``--freeze`` and
+    its kernel autotuning where ``--max-autotune``."""
     import torch
+    import torch._inductor.config as inductor_config
 
     if getattr(args, "freeze", False):
-        import torch._inductor.config as inductor_config
-
         inductor_config.freezing = True
+    if getattr(args, "max_autotune", False):
+        inductor_config.max_autotune = True
+        # Inductor's C++ templates (on the CPU) against PyTorch's own kernels.
+        inductor_config.max_autotune_gemm_backends = "CPP,ATEN"
     return torch.compile(model)
 
 
@@ -486,6 +494,7 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
         "batch": args.batch,
         "compiled": bool(args.compiled),
         "freezing": bool(args.compiled and args.freeze),
+        "max_autotune": bool(args.compiled and args.max_autotune),
         "build_seconds": round(build_seconds, 3),
     }
     cuda = args.device.startswith("cuda")
@@ -571,6 +580,8 @@ def run_worker(
         cmd.append("--compiled")
         if args.freeze:
             cmd.append("--freeze")
+        if args.max_autotune:
+            cmd.append("--max-autotune")
     if not args.flops:
         cmd.append("--no-flops")
     if args.pack_weights:
@@ -889,11 +900,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         help="with --compile: inductor's weight freezing (torch._inductor.config."
         "freezing; the weights become constants of the compiled model)",
     )
+    p.add_argument(
+        "--max-autotune",
+        action="store_true",
+        help="with --compile: inductor's max-autotune (torch._inductor.config."
+        "max_autotune, its C++ matmul templates timed against PyTorch's kernels per "
+        "product shape; compiling takes minutes)",
+    )
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", choices=CASES + ("matmul_peak",), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if (args.freeze or args.max_autotune) and not (args.compile or args.compiled):
+        p.error("--freeze and --max-autotune apply to the compiled variant: add --compile")
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:

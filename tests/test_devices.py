@@ -8,7 +8,8 @@
 - torch.compile: the default tier traces every model with the ``aot_eager`` backend
   (Dynamo and AOTAutograd, as inductor sees them, without its C++ build: seconds
   instead of about a minute per model on 2 cores); the full tier compiles with the
-  default inductor backend, and with its weight freezing.
+  default inductor backend, with its weight freezing, and in bfloat16 with its
+  kernel autotuning (``max_autotune``).
 
 Bounds: two float32 runs of the same function that round differently (other kernels,
 blockings or devices) are each within gamma_n (see test_precision) of the exact
@@ -223,14 +224,19 @@ def test_batched_tiled_flow_and_video_reconstruct():
 # -- torch.compile -------------------------------------------------------------------
 
 
-def _check_compiled(name: str, backend: str, freezing: bool = False) -> None:
-    torch._dynamo.reset()
-    model = tiny(name)
+def _compile_inputs(name: str) -> tuple:
     inputs = tiny_inputs(name)
     if name == "language_perceiver":
         mask = torch.ones_like(inputs[0])
         mask[1, 50:] = 0  # the padding shortcut (a data-dependent length) too
         inputs = inputs + (mask,)
+    return inputs
+
+
+def _check_compiled(name: str, backend: str, freezing: bool = False) -> None:
+    torch._dynamo.reset()
+    model = tiny(name)
+    inputs = _compile_inputs(name)
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         expected = outputs(model(*inputs))
@@ -264,3 +270,30 @@ def test_torch_compile_inductor_with_frozen_weights(name):
     """Inductor's weight freezing (``bench_forward.py --compile --freeze``), which
     keeps the weights in MKL's and oneDNN's packed layouts: the same function."""
     _check_compiled(name, "inductor", freezing=True)
+
+
+@pytest.mark.full
+@pytest.mark.parametrize("name", NAMES)
+def test_torch_compile_max_autotune_bfloat16(name):
+    """``bench_forward.py --dtype bfloat16 --compile --freeze --max-autotune``:
+    inductor times its own matrix-product kernels (C++ templates, AMX where the CPU
+    has it) against PyTorch's for every product and keeps the faster, with the
+    weights frozen. Its kernels round in their own order and may fuse what the eager
+    model rounds separately, so the bound is test_precision's for bfloat16 models:
+    gamma_n against float64 of the same rounded weights and inputs."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    model = tiny(name).to(torch.bfloat16)
+    reference = copy.deepcopy(model).double()
+    inputs = _compile_inputs(name)
+    rounded = tuple(x.to(torch.bfloat16) if x.is_floating_point() else x for x in inputs)
+    with torch.no_grad(), inductor_config.patch(
+        freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN"
+    ):
+        got = outputs(torch.compile(model)(*inputs))
+        expected = outputs(reference(*rounded))
+    bound = gamma(name, torch.bfloat16)
+    for key in expected:
+        assert got[key].dtype == torch.bfloat16, key
+        assert relative(got[key], expected[key]) <= bound, (key, bound)

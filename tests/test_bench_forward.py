@@ -1,0 +1,67 @@
+"""``scripts/bench_forward.py``'s compile options: what reaches the worker processes
+and inductor's configuration (the script itself runs the official sizes, minutes a
+case; compiled models are tested in test_devices)."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    saved = list(sys.path)
+    sys.path.insert(0, str(SCRIPTS))  # its helper module proc_memory lies beside it
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "bench_forward", SCRIPTS / "bench_forward.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path[:] = saved
+    return module
+
+
+@pytest.mark.parametrize("option", ["--freeze", "--max-autotune"])
+def test_compile_options_without_compile_are_refused(bench, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args([option])
+    assert exit_info.value.code == 2
+    assert "add --compile" in capsys.readouterr().err
+
+
+def test_compile_options_reach_the_compiled_worker_only(bench, monkeypatch):
+    commands = []
+
+    def fake_run(cmd, **kwargs):
+        commands.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"case": "x"}\n', stderr="")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    args = bench.parse_args(["--compile", "--freeze", "--max-autotune"])
+    bench.run_worker("imagenet_conv", "ours", args, compiled=False)
+    bench.run_worker("imagenet_conv", "ours", args, compiled=True)
+    eager, compiled = commands
+    assert not {"--compiled", "--freeze", "--max-autotune"} & set(eager)
+    assert {"--compiled", "--freeze", "--max-autotune"} <= set(compiled)
+    # the worker accepts what it is given
+    worker_args = bench.parse_args(compiled[2:])
+    assert worker_args.compiled and worker_args.freeze and worker_args.max_autotune
+
+
+def test_compile_model_sets_inductor_options(bench):
+    torch = pytest.importorskip("torch")
+    import torch._inductor.config as inductor_config
+
+    args = bench.parse_args(["--compile", "--freeze", "--max-autotune"])
+    with inductor_config.patch(
+        freezing=False, max_autotune=False, max_autotune_gemm_backends="ATEN"
+    ):
+        bench.compile_model(torch.nn.Linear(2, 2), args)  # compiles at its first call
+        assert inductor_config.freezing and inductor_config.max_autotune
+        assert inductor_config.max_autotune_gemm_backends == "CPP,ATEN"
