@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import perceiver_torch as pt
 from perceiver_torch import linear as linear_module
 from perceiver_torch.linear import Linear
-from test_precision import gamma, outputs, relative
+from test_precision import assert_within_rounding_bound, gamma, outputs, relative
 from test_torch_models import tiny, tiny_inputs
 
 NAMES = list(pt.MODEL_NAMES)
@@ -285,15 +285,9 @@ def test_torch_compile_max_autotune_bfloat16(name):
 
     torch._dynamo.reset()
     model = tiny(name).to(torch.bfloat16)
-    reference = copy.deepcopy(model).double()
-    inputs = _compile_inputs(name)
-    rounded = tuple(x.to(torch.bfloat16) if x.is_floating_point() else x for x in inputs)
-    with torch.no_grad(), inductor_config.patch(
+    with inductor_config.patch(
         freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN"
     ):
-        got = outputs(torch.compile(model)(*inputs))
-        expected = outputs(reference(*rounded))
-    bound = gamma(name, torch.bfloat16)
-    for key in expected:
-        assert got[key].dtype == torch.bfloat16, key
-        assert relative(got[key], expected[key]) <= bound, (key, bound)
+        assert_within_rounding_bound(
+            name, model, _compile_inputs(name), run=torch.compile(model)
+        )

@@ -91,13 +91,20 @@ def test_model_within_rounding_bound_of_float64(name, dtype, attention_kernel):
     within gamma_n on every output; the output dtype is the model's. Both attention
     kernels a CPU may run: oneDNN's (the suite forces it where the kernel exists) and
     PyTorch's, which Intel CPUs keep (``linear.onednn_attention_preferred``)."""
-    model = tiny(name).to(dtype)
-    reference = copy.deepcopy(model).double()
-    inputs = tiny_inputs(name)
-    rounded = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
     off = [pt.fast_paths.FastPath.ONEDNN_ATTENTION] if attention_kernel == "pytorch" else []
-    with torch.no_grad(), pt.fast_paths.plain(*off) if off else contextlib.nullcontext():
-        got = outputs(model(*inputs))  # float32 inputs: the model casts them
+    with pt.fast_paths.plain(*off) if off else contextlib.nullcontext():
+        assert_within_rounding_bound(name, tiny(name).to(dtype), tiny_inputs(name))
+
+
+def assert_within_rounding_bound(name, model, inputs, run=None) -> None:
+    """``run(*inputs)`` (default ``model(*inputs)``; float32 inputs, which the model
+    casts) against float64 of ``model``'s own rounded weights and inputs: within
+    gamma_n of ``model``'s dtype on every output, each output in that dtype."""
+    dtype = model.dtype
+    reference = copy.deepcopy(model).double()
+    rounded = tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+    with torch.no_grad():
+        got = outputs((model if run is None else run)(*inputs))
         expected = outputs(reference(*rounded))
     bound = gamma(name, dtype)
     for key in expected:
