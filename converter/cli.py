@@ -876,7 +876,10 @@ def export_command(
 
     Every mapping op is inverted exactly; a float32 conversion exports to the
     original arrays bit for bit (the BatchNorm accumulators the model does not use
-    travel in the converted file's metadata).
+    travel in the converted file's metadata). Every format is written in float32: a
+    file converted with --dtype bfloat16/float16 exports its stored values as float32
+    (a note says so), and the hf fidelity report and the onnx check run
+    perceiver_torch in float32 on them.
     """
     import warnings
 

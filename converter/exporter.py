@@ -48,6 +48,27 @@ class ExportResult:
         }
 
 
+def stored_low_precision(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
+    """The float16/bfloat16 dtypes of a converted file's tensors (e.g. "bfloat16"),
+    or None where it stores float32."""
+    found = sorted(
+        str(t.dtype).replace("torch.", "")
+        for t in {t.dtype: t for t in state_dict.values()}.values()
+        if t.dtype in (torch.float16, torch.bfloat16)
+    )
+    return ", ".join(found) or None
+
+
+def load_float32(path: str | os.PathLike) -> torch.nn.Module:
+    """The perceiver_torch model of converted file ``path`` computing in float32, in
+    eval mode: what the exports' checks compare against. Every export writes float32
+    (the stored float16/bfloat16 values, exactly), so comparing it with the model in
+    the file's own dtype would measure that dtype's rounding instead of the export."""
+    import perceiver_torch
+
+    return perceiver_torch.load(path, dtype=torch.float32).eval()
+
+
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.float()
@@ -93,17 +114,11 @@ def converted_to_haiku(
             f"the file was converted with another version of {spec.file} "
             f"(sha256 {metadata['mapping_sha256'][:12]}...)"
         )
-    low_precision = sorted(
-        {
-            str(t.dtype)
-            for t in state_dict.values()
-            if t.dtype in (torch.float16, torch.bfloat16)
-        }
-    )
+    low_precision = stored_low_precision(state_dict)
     if low_precision:
         exact = False
         message = (
-            f"the weights are stored as {', '.join(low_precision)}; they are exported as "
+            f"the weights are stored as {low_precision}; they are exported as "
             "float32 but cannot equal the original float32 values"
         )
         notes.append(message)

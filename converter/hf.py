@@ -399,7 +399,7 @@ def export_hf(
 ) -> HFExportResult:
     """Writes the transformers folder for a file made by :func:`converter.convert`,
     loads it back with transformers (strict) and measures its fidelity."""
-    from converter.exporter import converted_to_haiku
+    from converter.exporter import converted_to_haiku, load_float32
 
     require_transformers()
     out_dir = check_new_folder(out_dir)
@@ -426,9 +426,7 @@ def export_hf(
         progress("loading the folder back with transformers (strict)")
         hf_model = load_hf_folder(folder, arch)
         progress("fidelity: transformers against perceiver_torch on the same inputs")
-        import perceiver_torch
-
-        ours = perceiver_torch.load(path).eval()
+        ours = load_float32(path)
         report = fidelity(model, ours, hf_model, seed=seed)
         report.update(
             {"source": Path(path).name, "architecture": arch, "model": model}

@@ -9,7 +9,10 @@ model (as users run it, fast paths on) on the same deterministic inputs, require
 max |diff| / max |perceiver_torch| <= 1e-4 for every output, and stores that result
 and the provenance in the graph's ``metadata_props``; nothing is written otherwise.
 
-Inputs and outputs (PyTorch layouts, float32, batch dimension dynamic):
+Inputs and outputs (PyTorch layouts, float32, batch dimension dynamic). The graph
+computes in float32 whatever dtype the file stores (``convert --dtype``): its float16
+or bfloat16 weights are held as float32, the same values (onnxruntime's CPU kernels
+lack bfloat16), and the check runs perceiver_torch in float32 too.
 
 - language_perceiver: ``input_ids`` int64 [B, T], ``attention_mask`` int64 [B, T]
   (T = max_seq_len) -> ``logits`` [B, T, V]
@@ -194,17 +197,26 @@ def export_onnx(
     dynamic batch dimension is exercised). Raises ``ParityError`` (nothing written)
     when onnxruntime is farther than 1e-4 relative from perceiver_torch.
     """
-    import perceiver_torch
     from converter.atomic import check_output_path
     from converter.converted_files import read_converted
+    from converter.exporter import load_float32, stored_low_precision
 
     onnx, _ = require_onnx()
     out = check_output_path(out)
     if out.suffix.lower() != ".onnx":
         raise ValueError(f"{out}: name the ONNX file *.onnx")
-    _, metadata = read_converted(Path(path))
-    model = perceiver_torch.load(path).eval()
+    state_dict, metadata = read_converted(Path(path))
+    model = load_float32(path)
     name = metadata["model"]
+    notes = []
+    low_precision = stored_low_precision(state_dict)
+    if low_precision:
+        notes.append(
+            f"the weights are stored as {low_precision}; the graph holds them as float32 "
+            "(the same values) and computes in float32, checked against perceiver_torch "
+            "in float32"
+        )
+    del state_dict
     trace = _spec(model, name, seed, 1)
     check = _spec(model, name, seed + 1, batch)
     reference = _torch_outputs(check)  # fast paths on: the model as users run it
@@ -245,7 +257,7 @@ def export_onnx(
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-    return OnnxExportResult(name, out, trace.form, OPSET, result)
+    return OnnxExportResult(name, out, trace.form, OPSET, result, notes)
 
 
 @contextlib.contextmanager

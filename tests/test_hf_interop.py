@@ -490,3 +490,35 @@ def test_official_class_counts_get_the_class_names() -> None:
     tiny = hf_config("imagenet_conv", {**configs.config_to_dict(configs.ImageNetConvConfig()),
                                        "num_classes": 10})
     assert "id2label" not in tiny
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_export_of_a_reduced_precision_file_is_measured_in_float32(dtype, converted, tmp_path) -> None:
+    """The folder holds float32 tensors (the stored values), and its fidelity report
+    runs perceiver_torch in float32 too: it is the report of a float32 file holding the
+    same values (that file made by exporting the reduced one to the official layout and
+    converting it back), bit for bit. Computing in the file's dtype would charge its
+    rounding (about 2^-8 relative in bfloat16) to transformers' architecture."""
+    import safetensors.torch
+
+    name = "imagenet_fourier"
+    fixture, _ = converted[name]
+    reduced = tmp_path / "reduced.safetensors"
+    convert(fixture, reduced, config=HF_TINY_CONFIGS[name], dtype=dtype)
+    same_values_pickle = tmp_path / "same_values.pickle"
+    assert run_cli("export", reduced, "-o", same_values_pickle, "-q").exit_code == 0
+    same_values = tmp_path / "same_values.safetensors"
+    convert(same_values_pickle, same_values, config=HF_TINY_CONFIGS[name])
+    reports, tensors = [], []
+    for source in (reduced, same_values):
+        folder = tmp_path / f"{source.stem}_hf"
+        result = run_cli("export", source, "-o", folder, "--format", "hf")
+        assert result.exit_code == 0, result.stderr
+        reports.append(json.loads((folder / "fidelity.json").read_text())["outputs"])
+        tensors.append(safetensors.torch.load_file(folder / "model.safetensors"))
+        if source == reduced:
+            assert f"stored as {dtype}" in result.stderr
+    assert reports[0] == reports[1]
+    assert sorted(tensors[0]) == sorted(tensors[1])
+    for key, tensor in tensors[0].items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, tensors[1][key]), key

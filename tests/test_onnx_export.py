@@ -103,3 +103,33 @@ def test_onnx_export_needs_an_onnx_name(graphs, tmp_path) -> None:
     result = run_cli("export", graphs["optical_flow"][0], "-o", tmp_path / "x.bin", "--format", "onnx")
     assert result.exit_code == 2 and "*.onnx" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_reduced_precision_file_exports_a_float32_graph(dtype, tmp_path) -> None:
+    """A file converted with --dtype bfloat16/float16 exports a float32 graph of the
+    same weight values, checked against perceiver_torch in float32: the 1e-4 contract
+    is float32's (bfloat16's own rounding, u = 2^-8, would exceed it), and
+    onnxruntime's CPU kernels lack bfloat16."""
+    import perceiver_torch
+
+    fixture, reduced = tmp_path / "conv.pickle", tmp_path / "conv.safetensors"
+    assert run_cli("fixture", "imagenet_conv", "-o", fixture, "--seed", "6").exit_code == 0
+    assert run_cli("convert", fixture, "-o", reduced, "--dtype", dtype, "-q").exit_code == 0
+    graph = tmp_path / "conv.onnx"
+    result = run_cli("export", reduced, "-o", graph, "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["check"]["passed"]
+    assert any(f"stored as {dtype}" in note for note in document["notes"])
+    model = onnx.load(str(graph))
+    assert {t.data_type for t in model.graph.initializer} == {onnx.TensorProto.FLOAT}
+    # Other inputs than the export's check, against the stored values in float32.
+    expected_model = perceiver_torch.load(reduced, dtype=torch.float32)
+    images = torch.randn(3, 3, *expected_model.config.training_image_size,
+                         generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        expected = expected_model(images).numpy()
+    session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"images": images.numpy()})
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
