@@ -69,15 +69,26 @@ def is_hf_input(path: str | os.PathLike) -> bool:
     if path.suffix == ".bin":
         return True
     if path.suffix == ".safetensors" and path.is_file():
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="np") as handle:
-                metadata = handle.metadata() or {}
-        except Exception:  # not readable as safetensors: let the caller's reader say so
-            return False
-        return not {"model", "config"} <= set(metadata)
+        metadata = safetensors_metadata(path)
+        return metadata is not None and not is_converted_metadata(metadata)
     return False
+
+
+def safetensors_metadata(path: Path) -> Optional[Dict[str, str]]:
+    """The metadata of safetensors file ``path`` ({} where it has none), or None when
+    it does not read as safetensors (the caller's reader then says what it is)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="np") as handle:
+            return handle.metadata() or {}
+    except Exception:
+        return None
+
+
+def is_converted_metadata(metadata: Dict[str, str]) -> bool:
+    """Whether safetensors metadata is a perceiver-convert output's (model, config)."""
+    return {"model", "config"} <= set(metadata)
 
 
 def _sha256(path: Path) -> Tuple[str, int]:

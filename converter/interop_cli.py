@@ -53,6 +53,24 @@ def export_other(
         echo_json(result.as_dict())
 
 
+def _refuse_converted_without_reference(checkpoint: Path) -> None:
+    """A perceiver-convert output given to ``verify`` alone: its parity is checked
+    against the official file it came from, which the command needs (--reference)."""
+    from converter.errors import CheckpointError
+    from converter.hf_import import is_converted_metadata, safetensors_metadata
+
+    if checkpoint.suffix.lower() != ".safetensors":
+        return  # a converted .pt is a zip: the Haiku reader names it as such
+    metadata = safetensors_metadata(checkpoint)
+    if metadata is not None and is_converted_metadata(metadata):
+        raise CheckpointError(
+            f"{checkpoint} is a perceiver-convert output ({metadata['model']}, "
+            f"{metadata.get('dtype', 'float32')}), not an official checkpoint; verify "
+            f"it against the official file it came from: perceiver-convert verify "
+            f"{checkpoint} --reference ORIGINAL.pickle"
+        )
+
+
 def verify_other(
     checkpoint: Path,
     reference: Optional[Path],
@@ -86,6 +104,7 @@ def verify_other(
             raise click.exceptions.Exit(EXIT_BAD_INPUT)
         raise click.exceptions.Exit(0 if report.passed else EXIT_PARITY)
     if not is_hf_input(checkpoint):
+        _refuse_converted_without_reference(checkpoint)
         return None
     require_jax()
     prepared = prepare_hf(checkpoint, model=model, config=config, progress=progress)[0]

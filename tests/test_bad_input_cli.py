@@ -399,6 +399,16 @@ def test_load_and_export_recognise_a_haiku_pickle(tmp_path):
     assert snapshot(tmp_path) == {}
 
 
+def test_verify_of_a_converted_file_asks_for_its_original(work):
+    """A converted file is checked against the official file it came from: verify
+    alone names the --reference form instead of "not a Haiku pickle"."""
+    before = snapshot(work)
+    result = run_cli("verify", work / "fourier.safetensors")
+    assert_clean_error(result, 3, "perceiver-convert output", "imagenet_fourier",
+                       "--reference")
+    assert snapshot(work) == before
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int8])
 def test_wrong_dtype_in_a_converted_file_is_a_dtype_mismatch(work, dtype):
     source = work / "fourier.safetensors"
