@@ -52,9 +52,11 @@ def stored_low_precision(state_dict: Dict[str, torch.Tensor]) -> Optional[str]:
     """The float16/bfloat16 dtypes of a converted file's tensors (e.g. "bfloat16"),
     or None where it stores float32."""
     found = sorted(
-        str(t.dtype).replace("torch.", "")
-        for t in {t.dtype: t for t in state_dict.values()}.values()
-        if t.dtype in (torch.float16, torch.bfloat16)
+        {
+            str(t.dtype).replace("torch.", "")
+            for t in state_dict.values()
+            if t.dtype in (torch.float16, torch.bfloat16)
+        }
     )
     return ", ".join(found) or None
 
