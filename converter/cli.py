@@ -897,7 +897,8 @@ def export_command(
     if fmt != "haiku":  # other projects' formats: converter/hf.py, converter/onnx_export.py
         from converter.interop_cli import export_other
 
-        export_other(converted, output, fmt, as_json=as_json, progress=_progress(quiet))
+        export_other(converted, output, fmt, as_json=as_json, quiet=quiet,
+                     progress=_progress(quiet))
         return
     from converter.exporter import PrecisionWarning, export
 

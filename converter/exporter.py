@@ -101,7 +101,7 @@ def converted_to_haiku(
     state_dict, metadata = read_converted(Path(path))
     model = metadata["model"]
     config = json.loads(metadata["config"])
-    _check_stored_dtypes(Path(path), model, config, state_dict)
+    _check_stored_tensors(Path(path), model, config, state_dict)
     spec = load_mapping(
         mapping if mapping is not None else metadata.get("mapping", model)
     )
@@ -169,10 +169,12 @@ def export(
     return ExportResult(haiku.model, Path(out), len(haiku.flat), haiku.exact, haiku.notes)
 
 
-def _check_stored_dtypes(
+def _check_stored_tensors(
     path: Path, model: str, config: Dict[str, Any], state_dict: Dict[str, torch.Tensor]
 ) -> None:
-    """Wrong dtypes (float64, int8, ...) are reported as such, with the fix."""
+    """Tensors whose shapes do not fit the file's own config, or of wrong dtypes
+    (float64, int8, ...), are reported as such, with the fix: the inverse mapping
+    reads names, not shapes, and would write a checkpoint nothing can load."""
     import perceiver_torch
     from perceiver_torch.registry import format_state_problems, state_dict_problems
 
@@ -182,9 +184,17 @@ def _check_stored_dtypes(
     except ValueError:
         return  # the config itself is reported by the mapping checks below
     problems = state_dict_problems(built.state_dict(), state_dict)
-    dtype_only = {"missing": [], "unexpected": [], "shape": [], "dtype": problems["dtype"]}
-    message = format_state_problems(f"{path}: wrong tensor dtypes for {model}:", dtype_only)
+    stored = {"missing": [], "unexpected": [], "shape": problems["shape"],
+              "dtype": problems["dtype"]}
+    message = format_state_problems(
+        f"{path}: tensors that do not fit its {model} config:", stored
+    )
     if message is not None:
+        if problems["shape"]:
+            message += (
+                "\n  the file was changed after conversion or its metadata belongs to "
+                "another file; convert the official checkpoint again"
+            )
         raise CheckpointError(message)
 
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from converter._version import __version__
-from converter.errors import ConverterError, MappingError
+from converter.errors import ConverterError, MappingError, OutputError
 from converter.mapping import (
     MappingSpec,
     convert_arrays,
@@ -290,16 +290,28 @@ def haiku_to_hf(
 
 
 def check_new_folder(out_dir: str | os.PathLike) -> Path:
-    """``out_dir`` may be created: its parent exists, and it does not (or is empty).
-    Raises ``ValueError`` (a usage error) otherwise."""
+    """``out_dir`` may be created: its parent exists, it does not (or is empty), and
+    its name does not say a file format (``x.safetensors``, ``model.onnx``, ``.pickle``:
+    a folder of that name would stand where a file is expected). Raises
+    :class:`~converter.errors.OutputError` (a usage error) otherwise."""
+    from converter.haiku_writer import OTHER_FORMAT_SUFFIXES
+
     out_dir = Path(out_dir)
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    kind = {**OTHER_FORMAT_SUFFIXES, ".pickle": "a Haiku pickle", ".pkl": "a pickle",
+            ".pystate": "a Haiku pickle"}.get(out_dir.suffix.lower())
+    if kind is not None:
+        raise OutputError(
+            f"refusing to write a HuggingFace folder named {out_dir}: the suffix "
+            f"{out_dir.suffix} says {kind}; name the folder without it (e.g. "
+            f"{out_dir.with_suffix('')})"
+        )
     if not parent.is_dir():
-        raise ValueError(
+        raise OutputError(
             f"cannot write {out_dir}: the folder {parent} does not exist; create it first"
         )
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(
+        raise OutputError(
             f"{out_dir} already exists and is not an empty folder; choose a new folder "
             "name (an export never overwrites)"
         )
@@ -442,7 +454,14 @@ def load_hf_folder(folder: str | os.PathLike, arch: str):
     misshapen key is an error (transformers itself only warns)."""
     transformers = require_transformers()
     cls = getattr(transformers, arch)
-    hf_model, info = cls.from_pretrained(str(folder), output_loading_info=True)
+    hf_logging = transformers.utils.logging
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # our own progress line says what happens
+    try:
+        hf_model, info = cls.from_pretrained(str(folder), output_loading_info=True)
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     problems = {
         k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys",
                                                 "mismatched_keys") and v

@@ -6,6 +6,7 @@ only when such an export is asked for (transformers and onnx are optional extras
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -20,35 +21,41 @@ def export_other(
     fmt: str,
     *,
     as_json: bool,
+    quiet: bool,
     progress: Callable[[str], None],
 ) -> None:
-    """``perceiver-convert export CONVERTED -o OUTPUT --format hf|onnx``."""
-    try:
+    """``perceiver-convert export CONVERTED -o OUTPUT --format hf|onnx``: the check's
+    table, the notes and the summary on stderr unless ``quiet``. Errors keep their own
+    exit codes: a bad output name is a usage error (2), a bad file is 3."""
+    from converter.exporter import PrecisionWarning
+
+    with warnings.catch_warnings():
+        # The same message is one of result.notes, printed once below.
+        warnings.simplefilter("ignore", PrecisionWarning)
         if fmt == "hf":
             from converter.hf import export_hf, format_fidelity
 
             result = export_hf(converted, output, progress=progress)
-            click.echo(format_fidelity(result.fidelity), err=True)
-            click.echo(
+            report = format_fidelity(result.fidelity)
+            summary = (
                 f"wrote {result.output}/: {result.model} as transformers' "
                 f"{result.architecture}, {result.tensors} tensors, "
-                f"{', '.join(result.files)}",
-                err=True,
+                f"{', '.join(result.files)}"
             )
         else:
             from converter.onnx_export import export_onnx, format_onnx_check
 
             result = export_onnx(converted, output, progress=progress)
-            click.echo(format_onnx_check(result.check), err=True)
-            click.echo(
+            report = format_onnx_check(result.check)
+            summary = (
                 f"wrote {result.output}: {result.model}, {result.form}, opset "
-                f"{result.opset}, dynamic batch",
-                err=True,
+                f"{result.opset}, dynamic batch"
             )
-    except ValueError as error:
-        raise click.UsageError(str(error)) from None
-    for note in result.notes:
-        click.echo(f"note: {note}", err=True)
+    if not quiet:
+        click.echo(report, err=True)
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
+        click.echo(summary, err=True)
     if as_json:
         echo_json(result.as_dict())
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from converter._version import __version__
-from converter.errors import ConverterError, ParityError
+from converter.errors import ConverterError, OutputError, ParityError
 from converter.progress import Progress, quiet
 from perceiver_torch import fast_paths
 
@@ -204,7 +204,7 @@ def export_onnx(
     onnx, _ = require_onnx()
     out = check_output_path(out)
     if out.suffix.lower() != ".onnx":
-        raise ValueError(f"{out}: name the ONNX file *.onnx")
+        raise OutputError(f"{out}: name the ONNX file *.onnx")
     state_dict, metadata = read_converted(Path(path))
     model = load_float32(path)
     name = metadata["model"]

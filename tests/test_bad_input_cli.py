@@ -429,6 +429,28 @@ def test_wrong_dtype_in_a_converted_file_is_a_dtype_mismatch(work, dtype):
     assert snapshot(work) == before
 
 
+@pytest.mark.parametrize("suffix", [".pickle", ".onnx"])
+def test_export_refuses_tensors_that_do_not_fit_the_files_config(work, suffix):
+    """The inverse mapping reads names, not shapes: a converted file whose tensor was
+    changed after conversion would export a checkpoint nothing loads. Every export
+    refuses it (exit 3, the key and both shapes named), nothing written."""
+    if suffix == ".onnx":
+        pytest.importorskip("onnx")
+    source = work / "fourier.safetensors"
+    with safe_open(str(source), framework="pt") as f:
+        metadata = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    key = "encoder.latents"
+    state[key] = state[key][:, : state[key].shape[1] // 2].contiguous()
+    bad = work / "bad.safetensors"
+    save_file(state, str(bad), metadata=metadata)
+    before = snapshot(work)
+    result = run_cli("export", bad, "-o", work / f"back{suffix}")
+    assert_clean_error(result, 3, key, "shape")
+    assert "Usage:" not in result.stderr
+    assert snapshot(work) == before
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.int8])
 def test_wrong_dtype_in_a_haiku_checkpoint_is_a_dtype_mismatch(tmp_path, dtype):
     params, state = make_fixture("imagenet_fourier", size="tiny", seed=2)
@@ -527,21 +549,25 @@ def test_demo_models_parse_comma_separated_and_repeated(monkeypatch, tmp_path):
                    other).exit_code == 0
 
 
-def test_export_quiet_and_the_half_precision_note_printed_once(work):
+@pytest.mark.parametrize("suffix", [".pickle", ".onnx"])
+def test_export_quiet_and_the_half_precision_note_printed_once(work, suffix):
+    if suffix == ".onnx":
+        pytest.importorskip("onnx")
     converted = work / "half.safetensors"
     assert run_cli("convert", work / "fourier.pickle", "-o", converted, "--dtype",
                    "float16", "-q").exit_code == 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = run_cli("export", converted, "-o", work / "a.pickle")
+        result = run_cli("export", converted, "-o", work / f"a{suffix}")
     assert result.exit_code == 0
     assert result.stderr.count("float16") == 1 and "UserWarning" not in result.stderr
     assert not [w for w in caught if "float16" in str(w.message)]
-    result = run_cli("export", converted, "-o", work / "b.pickle", "-q")
+    result = run_cli("export", converted, "-o", work / f"b{suffix}", "-q")
     assert result.exit_code == 0 and result.stderr == ""
-    # The Python API still warns.
-    with pytest.warns(UserWarning, match="float16"):
-        converter.export(converted, work / "c.pickle")
+    if suffix == ".pickle":
+        # The Python API still warns.
+        with pytest.warns(UserWarning, match="float16"):
+            converter.export(converted, work / "c.pickle")
 
 
 @pytest.mark.jax

@@ -522,3 +522,18 @@ def test_export_of_a_reduced_precision_file_is_measured_in_float32(dtype, conver
     assert sorted(tensors[0]) == sorted(tensors[1])
     for key, tensor in tensors[0].items():
         assert tensor.dtype == torch.float32 and torch.equal(tensor, tensors[1][key]), key
+
+
+def test_export_quiet_prints_nothing_and_file_suffixes_are_refused(converted, tmp_path) -> None:
+    """-q: no fidelity table, summary or transformers progress bar on stderr. A
+    folder named like a file (x.safetensors, x.onnx, x.pickle) is refused (exit 2)
+    before anything is written: a later convert -o x.safetensors would meet a folder."""
+    source = converted["imagenet_fourier"][1]
+    result = run_cli("export", source, "-o", tmp_path / "quiet", "--format", "hf", "-q")
+    assert result.exit_code == 0 and result.stderr == ""
+    assert (tmp_path / "quiet" / "model.safetensors").is_file()
+    for name in ("x.safetensors", "x.onnx", "x.pickle"):
+        result = run_cli("export", source, "-o", tmp_path / name, "--format", "hf")
+        assert result.exit_code == 2 and "name the folder without it" in result.stderr
+        assert not (tmp_path / name).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quiet"]
