@@ -44,9 +44,22 @@ class TensorCheck:
         lines = [f"tensors through the mapping: {self.equal} of {self.compared} equal"]
         lines += [f"  missing in the converted file: {k}" for k in self.missing[:10]]
         lines += [f"  not in the official model: {k}" for k in self.unexpected[:10]]
-        lines += [f"  differs: {d['key']} (max |diff| {d['max_abs_diff']:.3e})"
-                  for d in self.different[:10]]
+        lines += [_format_difference(d) for d in self.different[:10]]
+        if self.shapes_differ:
+            lines.append("  the shapes differ: CONVERTED and ORIGINAL are this model at other "
+                         "sizes; give the official file CONVERTED was made from")
         return "\n".join(lines)
+
+    @property
+    def shapes_differ(self) -> bool:
+        return any("shape" in d for d in self.different)
+
+
+def _format_difference(difference: Dict[str, Any]) -> str:
+    if "shape" in difference:
+        return (f"  differs: {difference['key']} has shape {tuple(difference['shape'])}, "
+                f"the official file's {tuple(difference['expected_shape'])}")
+    return f"  differs: {difference['key']} (max |diff| {difference['max_abs_diff']:.3e})"
 
 
 def compare_tensors(expected: Dict[str, torch.Tensor], got: Dict[str, torch.Tensor]) -> TensorCheck:
@@ -58,13 +71,14 @@ def compare_tensors(expected: Dict[str, torch.Tensor], got: Dict[str, torch.Tens
         want, have = expected[key], got[key]
         if have.is_floating_point() and have.dtype != want.dtype:
             want = want.to(have.dtype)  # the same rounding the converter applies
-        if want.shape == have.shape and want.dtype == have.dtype and torch.equal(want, have):
+        if want.shape != have.shape:
+            check.different.append({"key": key, "max_abs_diff": None,
+                                    "expected_shape": list(want.shape),
+                                    "shape": list(have.shape)})
+        elif want.dtype == have.dtype and torch.equal(want, have):
             check.equal += 1
         else:
-            diff = (
-                float((want.double() - have.double()).abs().max())
-                if want.shape == have.shape else float("inf")
-            )
+            diff = float((want.double() - have.double()).abs().max())
             check.different.append({"key": key, "max_abs_diff": diff})
     return check
 
@@ -118,7 +132,7 @@ def verify_against_reference(
             f"{reference} is not the original of {converted} ({model_name}): {error}"
         ) from None
     check = compare_tensors(official.state_dict(), got)
-    if check.missing or check.unexpected:
+    if check.missing or check.unexpected or check.shapes_differ:
         return check, None  # no model to run
     dtype = "float32"
     if is_hf_input(converted):

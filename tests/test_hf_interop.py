@@ -446,6 +446,15 @@ def test_verify_with_reference(converted, exported, tmp_path) -> None:
     result = run_cli("verify", target, "--reference", other, "--json", "-q")
     assert result.exit_code == 3
     assert json.loads(result.stdout)["tensors"]["passed"] is False
+    # The same model at other sizes (the shipped tiny fixture has 8 Fourier bands,
+    # this one 64): the shapes differ, named; exit 3, no model is run.
+    small = tmp_path / "small.pickle"
+    assert run_cli("fixture", "optical_flow", "-o", small).exit_code == 0
+    result = run_cli("verify", target, "--reference", small, "--json", "-q")
+    assert result.exit_code == 3 and "unexpected" not in result.stderr
+    document = json.loads(result.stdout, parse_constant=pytest.fail)  # no Infinity
+    assert document["parity"] is None and document["tensors"]["passed"] is False
+    assert "has shape" in result.stderr and "other sizes" in result.stderr
 
 
 @pytest.mark.full
