@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -121,20 +122,17 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a"
 
 
-def _refuse_pickles(path: Path) -> None:
+def _refuse_pickles(path: Path) -> bytes:
     """A plain pickle (an official Haiku checkpoint, or anything else that is not a
     converted file) is refused from its first bytes, before ``torch.load`` could
-    suggest unsafe ways of reading it."""
+    suggest unsafe ways of reading it. Returns the first bytes (up to 4 KiB)."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
     except OSError as err:
         raise LoadError(f"{path}: cannot read it ({err.strerror or err})") from None
-    # A safetensors file starts with its header's length (8 bytes, little-endian,
-    # whose first byte may be 0x80) and then the JSON header.
-    is_safetensors = head[8:9] == b"{"
     is_pickle = len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
-    if is_pickle and not is_safetensors and not head.startswith(_LEGACY_TORCH_MAGIC):
+    if is_pickle and not _is_safetensors(head) and not head.startswith(_LEGACY_TORCH_MAGIC):
         # The official files name Haiku's FlatMapping in their first opcodes.
         what = (
             "this is an official Haiku checkpoint"
@@ -147,6 +145,13 @@ def _refuse_pickles(path: Path) -> None:
             f"convert {path} -o {path.with_suffix('.safetensors').name}`, then load "
             "the .safetensors file"
         )
+    return head
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """A safetensors file starts with its header's length (8 bytes, little-endian,
+    whose first byte may be 0x80) and then the JSON header."""
+    return head[8:9] == b"{"
 
 
 # Storage dtypes a converted file may hold for the model's floating tensors.
@@ -219,13 +224,21 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
     The returned metadata always has "model" and "config" (as JSON text).
     """
     path = Path(path)
-    _refuse_pickles(path)
-    if path.suffix == ".safetensors":
+    head = _refuse_pickles(path)
+    # By content, not by name: a converted file renamed keeps loading, and anything
+    # else is named here instead of by torch.load (whose message suggests unsafe ways).
+    if _is_safetensors(head):
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            state = {key: f.get_tensor(key) for key in f.keys()}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                state = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as err:  # safetensors raises its own error types
+            raise LoadError(
+                f"{path}: not a readable safetensors file ({err}); a truncated or "
+                "corrupt copy: convert or download it again"
+            ) from None
         missing = [k for k in ("model", "config") if k not in metadata]
         if missing:
             raise LoadError(
@@ -234,7 +247,24 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
                 "(configs.config_to_dict) under 'config'"
             )
         return state, metadata
-    payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(_LEGACY_TORCH_MAGIC)):
+        raise LoadError(
+            f"{path}: neither a safetensors file nor a torch.save file; a converted "
+            "model is the .safetensors (or .pt) file `perceiver-convert convert` wrote"
+        )
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise LoadError(
+            f"{path}: the torch.save file holds objects other than tensors and plain "
+            "containers, which are not loaded (nothing in it was run); a converted "
+            "model holds only its name, config, tensors and metadata"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise LoadError(
+            f"{path}: not a readable torch.save file ({str(err).split('. ')[0]}); a "
+            "truncated or corrupt copy: convert it again"
+        ) from None
     if not isinstance(payload, Mapping) or not {"model", "config", "state_dict"} <= set(
         payload
     ):

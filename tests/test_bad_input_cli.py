@@ -409,6 +409,45 @@ def test_verify_of_a_converted_file_asks_for_its_original(work):
     assert snapshot(work) == before
 
 
+def test_load_names_what_a_file_is_by_its_content(work):
+    """perceiver_torch.load reads a converted file by its content, not its name, and
+    names anything else (a truncated copy, an ONNX graph, a torch.save file holding
+    other objects) as a LoadError, without torch's advice to load unsafely."""
+    import collections
+    import os
+
+    source = work / "fourier.safetensors"
+    renamed = work / "renamed.pickle"
+    renamed.write_bytes(source.read_bytes())
+    expected = perceiver_torch.load(source).state_dict()
+    got = perceiver_torch.load(renamed).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    data = source.read_bytes()
+    (work / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    (work / "graph.onnx").write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))
+    model = perceiver_torch.load(source)
+    torch.save({"model": "imagenet_fourier", "config": {}, "state_dict": model.state_dict()},
+               work / "whole.pt")
+    data = (work / "whole.pt").read_bytes()
+    (work / "cut.pt").write_bytes(data[: len(data) // 2])
+    torch.save({"model": "imagenet_fourier", "call": os.getcwd,
+                "kind": collections.OrderedDict}, work / "other.pt")
+    Image = pytest.importorskip("PIL.Image")
+    image = work / "grey.png"
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(image)
+    cases = {"cut.safetensors": "not a readable safetensors file",
+             "graph.onnx": "neither a safetensors file nor a torch.save file",
+             "cut.pt": "not a readable torch.save file",
+             "other.pt": "objects other than tensors"}
+    for name, words in cases.items():
+        with pytest.raises(perceiver_torch.LoadError, match=words) as info:
+            perceiver_torch.load(work / name)
+        assert "weights_only" not in str(info.value), name
+        result = run_cli("run", "classify", work / name, image)
+        assert_clean_error(result, 3)  # the CLI's own wording (e.g. for pickles)
+        assert "weights_only" not in result.stderr, name
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int8])
 def test_wrong_dtype_in_a_converted_file_is_a_dtype_mismatch(work, dtype):
     source = work / "fourier.safetensors"
