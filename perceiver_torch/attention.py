@@ -553,12 +553,15 @@ class Attention(nn.Module):
         Folding projections across the dot product is exact in real arithmetic (the
         folded-away bias q.b_k is constant along a softmax row; rows of softmax weights
         sum to one, so b_v passes through) and differs from the reference only by
-        float32 rounding. It needs one head, no attention dropout and the
-        ``ABSORBED_ATTENTION`` fast path switched on.
+        float32 rounding. It needs one head, no attention dropout, no training with
+        autograd (a folded-away key projection's bias would get no gradient, where the
+        plain path gives it zeros up to rounding: optimizers treat the two differently)
+        and the ``ABSORBED_ATTENTION`` fast path switched on.
         """
         if (
             self.num_heads != 1
             or self._dropout_p() > 0.0
+            or (self.training and torch.is_grad_enabled())
             or not enabled(FastPath.ABSORBED_ATTENTION)
         ):
             return AttentionMode.STANDARD

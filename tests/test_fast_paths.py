@@ -179,7 +179,7 @@ def test_environment_switches(monkeypatch, variable, expected):
     monkeypatch.setattr(fast_paths, "_environment", None)
     monkeypatch.setenv(variable, "0")
     assert fast_paths.disabled_paths() == expected
-    attention = pt.attention.Attention(q_channels=8, kv_channels=8, num_heads=1)
+    attention = pt.attention.Attention(q_channels=8, kv_channels=8, num_heads=1).eval()
     mode = attention.choose_mode(100_000, 32)
     assert (mode is AttentionMode.STANDARD) == (FastPath.ABSORBED_ATTENTION in expected)
     layer = pt.linear.Linear(6, 3)

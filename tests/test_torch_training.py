@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -122,9 +123,13 @@ def test_attention_dropout_disables_folded_modes():
     attention.eval()
     assert attention.choose_mode(100_000, 32) == "absorb_q"
     assert attention.choose_mode(32, 100_000) == "absorb_kv"
-    attention.attention_dropout = 0.1
     attention.train()
-    assert attention.choose_mode(100_000, 32) == "standard"
+    with torch.no_grad():  # train mode without autograd: still folded, until dropout
+        assert attention.choose_mode(100_000, 32) == "absorb_q"
+        attention.attention_dropout = 0.1
+        assert attention.choose_mode(100_000, 32) == "standard"
+    attention.attention_dropout = 0.0
+    assert attention.choose_mode(100_000, 32) == "standard"  # training with autograd
 
 
 @pytest.mark.parametrize("name", ["optical_flow", "video_autoencoding"])
@@ -137,3 +142,22 @@ def test_training_after_inference_mode(name):
     loss_of(model.train()(*x)).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_without_dropout_gives_every_parameter_a_gradient_as_plain(name):
+    """Without dropout, training runs the attentions unfolded, as the plain path:
+    folding a single head's key projection away (exact for the forward pass) would
+    leave its bias without a gradient (None instead of the plain path's zeros up to
+    rounding), which optimizers treat differently (AdamW skips the weight decay and
+    the moment updates of a parameter whose grad is None)."""
+    def gradients(plain: bool) -> dict:
+        model = tiny_model(name, dropout=0.0).train()
+        with pt.fast_paths.plain() if plain else contextlib.nullcontext():
+            loss_of(model(*inputs(name))).backward()
+        return {key: p.grad for key, p in model.named_parameters()}
+
+    fast, plain = gradients(False), gradients(True)
+    assert [k for k, g in fast.items() if g is None] == [
+        k for k, g in plain.items() if g is None
+    ]
