@@ -125,6 +125,26 @@ def test_resampling_matches_the_continuous_signal(tmp_path):
     assert np.abs(samples[100:-100] - expected[100:-100]).max() < 1e-3
 
 
+@pytest.mark.parametrize("samples, rate, expected", [(480, 1600, 16), (700, 1600, 23),
+                                                    (1, 1600, 1), (38, 8000, 6)])
+def test_a_sound_shorter_than_the_resampling_filter(tmp_path, samples, rate, expected):
+    # libswresample's flush returns nothing (or too little) for a sound shorter than its
+    # filter: 0.01 s at 48 kHz to 1600 Hz gave no sample ("empty sound track"). The
+    # samples come out, at least one; the sound's start is the plain resampling's.
+    t = np.arange(3000) / 48000
+    tone = np.round(0.5 * np.sin(2 * np.pi * 50 * t) * 32767)
+    write_pcm_wav(tmp_path / "short.wav", tone[None, :samples], 48000)
+    short, source_rate, _ = read_audio(tmp_path / "short.wav", rate)
+    assert source_rate == 48000 and short.dtype == np.float32 and len(short) == expected
+    write_pcm_wav(tmp_path / "long.wav", tone[None], 48000)
+    long, _, _ = read_audio(tmp_path / "long.wav", rate)
+    # The sound itself, not silence: its first half is the longer sound's resampling
+    # (up to the filter's reach of the zeros after the short one, well under 1%).
+    half = expected // 2
+    assert np.abs(short[:half] - long[:half]).max(initial=0) < 5e-3
+    assert expected == 1 or np.abs(short).max() > 0.01
+
+
 def test_framing_and_clips(tmp_path, model, monkeypatch):
     # 5 frames at 1600 Hz (64 samples per frame): 2 clips of 2 frames, 1 frame dropped.
     video, _ = make_test_video(tmp_path / "v.mp4", 5, size=(24, 40), sample_rate=None)
@@ -261,6 +281,20 @@ def test_run_autoencode_gif_and_separate_wav(tmp_path, video_checkpoint):
             durations.append(gif.info["duration"])
             assert gif.size == (16, 16)
     assert sum(durations) == 4 * 40
+
+
+def test_run_autoencode_pads_a_very_short_sound(tmp_path, video_checkpoint):
+    # 0.01 s at 48 kHz is 16 samples at the tiny model's 1600 Hz (fewer than the
+    # resampler's filter holds back): padded with silence, as documented.
+    make_test_video(tmp_path / "mute.mp4", 4, size=(32, 32), sample_rate=None)
+    tone = np.round(0.5 * np.sin(2 * np.pi * 50 * np.arange(480) / 48000) * 32767)
+    write_pcm_wav(tmp_path / "short.wav", tone[None], 48000)
+    result = run_cli("run", "autoencode", video_checkpoint, tmp_path / "mute.mp4",
+                     "--audio", tmp_path / "short.wav", "--json", "-o", tmp_path / "r.mp4")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)["results"][0]
+    assert document["padded_samples"] == 4 * 64 - 16
+    assert "padded with silence" in result.stderr
 
 
 @pytest.mark.parametrize(

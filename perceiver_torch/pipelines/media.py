@@ -155,8 +155,10 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
         # format only; the layout stays the source's so that channel 0 is kept as is.
         resampler = av.AudioResampler(format="fltp", rate=int(sample_rate))
         pieces: List[np.ndarray] = []
+        decoded = 0  # source samples
         try:
             for frame in container.decode(stream):
+                decoded += frame.samples
                 frame.pts = None  # let the resampler count samples itself
                 for out in resampler.resample(frame):
                     pieces.append(out.to_ndarray()[0])
@@ -164,9 +166,45 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
                 pieces.append(out.to_ndarray()[0])
         except av.error.FFmpegError as error:
             raise InputError(f"{path}: the sound cannot be decoded ({error})") from None
-    if not pieces:
+    if decoded == 0:
         raise InputError(f"{path} has an empty sound track")
-    return np.concatenate(pieces).astype(np.float32), source_rate, channels
+    audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+    # libswresample holds back about one filter length of samples, and its flush does
+    # not return them when the sound is shorter than that (0.01 s at 48 kHz to 1600 Hz
+    # gives no sample at all; longer sounds give at least floor(S * rate / source)).
+    # A short sound is resampled again followed by silence: its own samples come out,
+    # at least one, and the caller pads the rest with silence as for any short track.
+    wanted = max(1, decoded * int(sample_rate) // source_rate)
+    if len(audio) < wanted:
+        audio = _resample_padded(path, source_rate, int(sample_rate))[:wanted]
+    return audio.astype(np.float32), source_rate, channels
+
+
+def _resample_padded(path: Path, source_rate: int, sample_rate: int) -> np.ndarray:
+    """The first channel of ``path``'s sound, followed by a second of silence, at
+    ``sample_rate`` (the same resampler as :func:`read_audio`; channels are resampled
+    independently, so resampling the first alone gives the same samples)."""
+    av = require("av")
+    channel: List[np.ndarray] = []
+    with _open_container(path) as container:
+        stream = container.streams.audio[0]
+        to_float = av.AudioResampler(format="fltp")  # the format only: no delay
+        try:
+            for frame in container.decode(stream):
+                frame.pts = None
+                channel.extend(out.to_ndarray()[0] for out in to_float.resample(frame))
+            channel.extend(out.to_ndarray()[0] for out in to_float.resample(None))
+        except av.error.FFmpegError as error:
+            raise InputError(f"{path}: the sound cannot be decoded ({error})") from None
+    padded = np.concatenate(channel + [np.zeros(source_rate, np.float32)])
+    frame = av.AudioFrame.from_ndarray(
+        padded.astype(np.float32)[None], format="fltp", layout="mono"
+    )
+    frame.sample_rate = source_rate
+    resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+    pieces = [out.to_ndarray()[0] for out in resampler.resample(frame)]
+    pieces += [out.to_ndarray()[0] for out in resampler.resample(None)]
+    return np.concatenate(pieces)
 
 
 def encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:
