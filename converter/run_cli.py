@@ -23,7 +23,18 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (
+    Any,
+    BinaryIO,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    NoReturn,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import click
 
@@ -53,13 +64,21 @@ TASK is one of:
 MODEL is a converted file (.safetensors or .pt from `perceiver-convert convert`) or an
 official checkpoint (.pickle/.pystate, converted in memory first). The human summary
 goes to stderr; --json prints one document on stdout: {{"task", "model", "dtype" (what
-the model computed in), "results": [per input: "input", and "top_k" entries with
-"label" or "byte", "index", "probability"; tasks that write files list them under
-"files"]}}.
+the model computed in), "results": [one per input]}}; each result has "input" and:
 
--o OUT writes the results (classify, fill-mask: the JSON document; with --npy/--npz
-the raw arrays: classify "logits" (N, classes), fill-mask "logits_I" (masked bytes,
-262) per input I) or, for flow and autoencode, the pictures, videos and sounds.
+\b
+  classify    "top_k": [{{"label", "index", "probability"}}]
+  fill-mask   "text" (the filled text), "masked": [per masked byte: "position",
+              "original" (with --span), "top_k": [{{"byte", "value", "index",
+              "probability"}}]]
+  flow        "files" written, "size", "max_flow" and more
+  autoencode  "files" written, "clips": [{{"frames", "psnr", "top_k": [{{"label",
+              "index", "probability"}}]}}] and more
+
+-o OUT writes the results (classify, fill-mask: the document --json prints; with
+--npy/--npz the raw arrays: classify "logits" (N, classes), fill-mask "logits_I"
+(masked bytes, 262) and "positions_I" per input I) or, for flow and autoencode, the
+pictures, videos and sounds.
 Files appear only when the whole run succeeds; an output never replaces an input.
 Every file the run would write (-o and the names derived from it, e.g. flow's .flo and
 .png) is checked before the model is loaded: one that exists is refused unless --force.
@@ -489,9 +508,26 @@ def _check_planned(
             )
 
 
+def _fail(error: BaseException, code: int, line: str, as_json: bool) -> NoReturn:
+    """Ends a run that failed: ``line`` on stderr and, with ``--json``, the error
+    document on stdout, as :class:`~converter.cli.ConverterGroup` does for the errors
+    it catches (these exits bypass it, so it would print nothing)."""
+    click.echo(line, err=True)
+    if as_json:
+        from converter.cli import echo_json, error_document
+
+        echo_json(error_document(error, code))
+    raise click.exceptions.Exit(code) from None
+
+
 def _run(**kwargs: Any) -> None:
     from perceiver_torch.pipelines import TASKS
-    from perceiver_torch.pipelines.base import PipelineError, RunOptions, import_attribute
+    from perceiver_torch.pipelines.base import (
+        PipelineError,
+        RunOptions,
+        import_attribute,
+        results_document,
+    )
 
     ctx = click.get_current_context()
     task: str = kwargs["task"]
@@ -560,12 +596,10 @@ def _run(**kwargs: Any) -> None:
         written = staging.commit()
     except PipelineError as error:
         staging.discard()
-        click.echo(f"error: {error}", err=True)
-        raise click.exceptions.Exit(error.exit_code) from None
-    except KeyboardInterrupt:
+        _fail(error, error.exit_code, f"error: {error}", kwargs["as_json"])
+    except KeyboardInterrupt as error:
         staging.discard()
-        click.echo("interrupted; nothing was written", err=True)
-        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        _fail(error, EXIT_INTERRUPTED, "interrupted; nothing was written", kwargs["as_json"])
     except BaseException:
         staging.discard()
         raise
@@ -574,7 +608,8 @@ def _run(**kwargs: Any) -> None:
     if kwargs["as_json"]:
         from converter.cli import echo_json
 
-        echo_json({"task": task, "model": name, "dtype": computed_in, "results": results})
+        # The same document classify's and fill-mask's -o write.
+        echo_json(results_document(task, model, results))
 
 
 run_command = RunCommand()

@@ -308,6 +308,43 @@ def test_run_flow_errors(tmp_path, flow_checkpoint, case, code, message):
     assert result.exit_code == code, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
     assert _listing(tmp_path) == before  # no partial output, no temporary files
+    # With --json the same error is one JSON document on stdout, same exit code.
+    result = run_cli("run", "flow", flow_checkpoint, *inputs, "-o", tmp_path / "out",
+                     "--json", "-q")
+    assert result.exit_code == code, result.stderr
+    document = json.loads(result.stdout)
+    assert document["ok"] is False and document["exit_code"] == code
+    assert message in document["error"]["message"]
+    assert _listing(tmp_path) == before
+
+
+def test_run_flow_on_gif_frames(tmp_path, flow_checkpoint):
+    # Several GIFs are frames (GIF is a picture format too); one GIF alone is a video.
+    gifs = []
+    for i, frame in enumerate(textured_pair(48, 64, shift=(1, 2), seed=1)):
+        gifs.append(tmp_path / f"still{i}.gif")
+        Image.fromarray(frame).save(gifs[-1])
+    result = run_cli("run", "flow", flow_checkpoint, *gifs, "-o", tmp_path / "gif.png",
+                     "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)["results"][0]
+    assert document["input"] == [str(g) for g in gifs]
+    assert document["files"] == [str(tmp_path / "gif.flo"), str(tmp_path / "gif.png")]
+    assert decode_flo((tmp_path / "gif.flo").read_bytes()).shape == (48, 64, 2)
+    # An animated GIF among frames would be read as its first picture: refused.
+    animated = tmp_path / "animated.gif"
+    pictures = [Image.fromarray(f) for f in textured_pair(48, 64, shift=(1, 2), seed=2)]
+    pictures[0].save(animated, save_all=True, append_images=pictures[1:], duration=100)
+    before = _listing(tmp_path)
+    result = run_cli("run", "flow", flow_checkpoint, gifs[0], animated, "-o",
+                     tmp_path / "mixed.png")
+    assert result.exit_code == 2 and "animated GIF (2 frames)" in result.stderr
+    assert _listing(tmp_path) == before
+    # Alone, the animated GIF is a video: the flow of its one frame pair.
+    result = run_cli("run", "flow", flow_checkpoint, animated, "--npz", "-o",
+                     tmp_path / "anim.npz")
+    assert result.exit_code == 0, result.stderr
+    assert np.load(tmp_path / "anim.npz")["flow"].shape == (1, 48, 64, 2)
 
 
 def test_run_flow_refuses_a_video_model(tmp_path):

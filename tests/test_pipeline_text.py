@@ -180,6 +180,33 @@ def test_text_longer_than_the_model(model):
         pipeline("x" * limit + "[MASK]")
 
 
+def test_a_huge_mask_count_is_refused_before_its_bytes_are_made(model):
+    # [MASK*N] is checked against the model's length before N placeholder bytes (and
+    # N positions) are made: a huge N is the clean "too long" error at once, not an
+    # OverflowError, a MemoryError or gigabytes of memory and seconds of work.
+    import time
+
+    pipeline = FillMaskPipeline(model)
+    limit = model.config.max_seq_len
+    start = time.perf_counter()
+    for count, length in [
+        ("99999999999999999999", "100000000000000000001"),
+        ("10000000000", "10000000002"),
+        ("50000000", "50000002"),
+        ("9" * 5000, f"more than {limit}"),  # more digits than int() converts
+    ]:
+        text = f"ab[MASK*{count}]"
+        with pytest.raises(InputError, match=f"text 1 is {length} bytes long.*at most {limit}"):
+            pipeline(text)
+        with pytest.raises(InputError, match=f"the text is {length} bytes long"):
+            parse_masked_text(text, max_length=limit)
+    assert time.perf_counter() - start < 2
+    # The second text is the long one; the limit itself is fine.
+    with pytest.raises(InputError, match=f"text 2 is {limit + 1} bytes long"):
+        pipeline(["ab[MASK]", f"[MASK*{limit + 1}]"])
+    assert len(parse_masked_text(f"[MASK*{limit}]", max_length=limit).data) == limit
+
+
 def test_wrong_model():
     with pytest.raises(WrongModelError, match="language_perceiver"):
         FillMaskPipeline(pt.build("imagenet_conv", pt.TINY_CONFIGS["imagenet_conv"]))

@@ -20,7 +20,7 @@ import torch
 import perceiver_torch as pt
 from converter.conversion import convert
 from converter.run_cli import Staging, progress_bar
-from perceiver_torch.pipelines import TASKS
+from perceiver_torch.pipelines import TASKS, InputError
 from tests.conftest import golden_checkpoint_path
 from tests.helpers import run_cli
 
@@ -131,8 +131,13 @@ def test_fill_mask_outputs(models, tmp_path):
     model = models["language_perceiver"]
     out = tmp_path / "fill.json"
     assert run_cli("run", "fill-mask", model, MARKED, "-o", out, "-q").exit_code == 0
+    # -o OUT holds the --json document (run --help), not a bare list of results.
     document = json.loads(out.read_text())
-    assert [m["position"] for m in document[0]["masked"]] == list(range(51, 60))
+    assert document == json.loads(run_cli("run", "fill-mask", model, MARKED, "--json").stdout)
+    assert (document["task"], document["model"], document["dtype"]) == (
+        "fill-mask", "language_perceiver", "float32"
+    )
+    assert [m["position"] for m in document["results"][0]["masked"]] == list(range(51, 60))
     npz = tmp_path / "fill.npz"
     result = run_cli("run", "fill-mask", model, MARKED, "ab[MASK]", "--npz", "-o", npz)
     assert result.exit_code == 0, result.stderr
@@ -155,6 +160,8 @@ def test_fill_mask_outputs(models, tmp_path):
         (["no marker here"], 3, "nothing to fill"),
         (["x" * 64 + "[MASK]"], 3, "at most 64 bytes"),
         (["x" * 5000 + "[MASK]"], 3, "at most 64 bytes"),  # no valid file name either
+        # Refused before 10**20 placeholder bytes are made (was an OverflowError).
+        (["ab[MASK*99999999999999999999]"], 3, "at most 64 bytes"),
         ([SENTENCE, "--span", "51-60"], 2, "START:END"),
         ([SENTENCE, "--span", "51:99"], 3, "inside"),
         (["@/no/such/file.txt"], 3, "cannot read the text file"),
@@ -199,7 +206,12 @@ def test_classify_json_and_arrays(models, images, tmp_path):
         assert arrays["inputs"].tolist() == [str(p) for p in images]
     out = tmp_path / "labels.json"
     assert run_cli("run", "classify", model, *images, "-o", out, "--top-k", "3").exit_code == 0
-    assert json.loads(out.read_text()) == document["results"]
+    assert json.loads(out.read_text()) == document  # the --json document
+    # The file says what the model computed in.
+    out_bf16 = tmp_path / "labels_bf16.json"
+    result = run_cli("run", "classify", model, *images, "-o", out_bf16, "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(out_bf16.read_text())["dtype"] == "bfloat16"
 
 
 def test_classify_quiet_and_native_size(models, images):
@@ -324,6 +336,52 @@ def test_a_failed_run_leaves_no_file(models, images, tmp_path, monkeypatch, erro
     assert not out.exists() and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    "error,code",
+    [
+        (KeyboardInterrupt(), 130),
+        (InputError("bad frame"), 3),
+    ],
+)
+def test_a_failed_run_with_json_prints_one_error_document(
+    models, images, tmp_path, monkeypatch, error, code
+):
+    # The pipeline's own errors and an interrupt end the run in run_cli, not in
+    # ConverterGroup: with --json they too are one error document on stdout.
+    import perceiver_torch.pipelines.image as image_module
+
+    monkeypatch.setattr(image_module, "run_task", _failing_runner(error))
+    out = tmp_path / "out.json"
+    result = run_cli("run", "classify", models["imagenet_conv"], images[0], "-o", out,
+                     "--json")
+    assert result.exit_code == code and "Traceback" not in result.stderr
+    document = json.loads(result.stdout)
+    assert document["ok"] is False and document["exit_code"] == code
+    assert document["error"]["type"] == type(error).__name__
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_pipeline_errors_with_json(models, tmp_path):
+    small = tmp_path / "px1.png"
+    Image.fromarray(np.zeros((1, 1, 3), dtype=np.uint8)).save(small)
+    bad_npy = tmp_path / "bad.npy"
+    cases = [
+        (["classify", models["imagenet_conv"], small], 3, "too small"),
+        (["fill-mask", models["language_perceiver"], "no mask"], 3, "nothing to fill"),
+        # A PipelineError with exit code 2: mask counts that do not stack for --npy.
+        (["fill-mask", models["language_perceiver"], MARKED, "ab[MASK]", "--npy", "-o",
+          bad_npy], 2, "--npz"),
+    ]
+    for args, code, message in cases:
+        result = run_cli("run", *args, "--json", "-q")
+        assert result.exit_code == code, result.stderr
+        document = json.loads(result.stdout)  # one document, nothing else on stdout
+        assert document["ok"] is False and document["exit_code"] == code, document
+        assert message in document["error"]["message"]
+        assert result.stderr.strip() == f"error: {document['error']['message']}"
+    assert not bad_npy.exists() and leftovers(tmp_path) == []
+
+
 def test_input_error_after_a_staged_file(models, images, tmp_path, monkeypatch):
     import perceiver_torch.pipelines.image as image_module
     from perceiver_torch.pipelines import InputError
@@ -385,6 +443,23 @@ def test_help_lists_every_task():
         assert name in result.stdout
         for option in spec.options:
             assert option.flag in result.stdout
+
+
+def test_help_describes_the_documents(models, images):
+    # Every key of fill-mask's and classify's result entries, at each level, is named
+    # in run --help (fill-mask's top_k sits under "masked", per masked byte).
+    help_text = run_cli("run", "--help").stdout
+    fill = run_cli("run", "fill-mask", models["language_perceiver"], SENTENCE,
+                   "--span", "51:53", "--json")
+    (entry,) = json.loads(fill.stdout)["results"]
+    classify = run_cli("run", "classify", models["imagenet_conv"], images[0], "--json")
+    (labels,) = json.loads(classify.stdout)["results"]
+    keys = set(entry) | set(entry["masked"][0]) | set(entry["masked"][0]["top_k"][0])
+    keys |= set(labels) | set(labels["top_k"][0])
+    assert keys >= {"masked", "position", "original", "byte", "value", "label"}
+    for key in sorted(keys):
+        assert f'"{key}"' in help_text, key
+    assert '"masked": [per masked byte: "position"' in " ".join(help_text.split())
 
 
 def test_registry_entries_resolve():

@@ -44,6 +44,7 @@ __all__ = [
     "model_name_of",
     "no_progress",
     "require",
+    "results_document",
     "softmax_top_k",
 ]
 
@@ -118,6 +119,21 @@ def check_model(model: torch.nn.Module, task: str, models: Sequence[str]) -> str
             f"checkpoint of one of those (perceiver-convert models lists them)"
         )
     return name
+
+
+def results_document(task: str, model: torch.nn.Module, results: List[Any]) -> Dict[str, Any]:
+    """A run's document: ``{"task", "model", "dtype" (what the model computes in),
+    "results"}``. ``perceiver-convert run --json`` prints it and classify's and
+    fill-mask's ``-o OUT`` write it, so that a file says what made it (a bfloat16
+    run's file records bfloat16)."""
+    from ..registry import dtype_name
+
+    return {
+        "task": task,
+        "model": model_name_of(model) or type(model).__name__,
+        "dtype": dtype_name(next(model.parameters()).dtype),
+        "results": results,
+    }
 
 
 def softmax_top_k(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

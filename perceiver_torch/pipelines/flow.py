@@ -266,7 +266,7 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     pipeline.progress = options.progress
     if _is_video_run(inputs):
         return [_run_video(pipeline, inputs[0], options, render)]
-    frames = [_rgb(path) for path in inputs]
+    frames = [_still_frame(path) for path in inputs]
     results = []
     for i in range(len(frames) - 1):
         results.append(pipeline.flow_of(frames[i], frames[i + 1]))
@@ -289,8 +289,17 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
 
 def _is_video_run(inputs: Sequence[str]) -> bool:
     """True for one video, False for two or more frames; raises PipelineError (exit 2)
-    for anything else (the same check before and during the run)."""
-    videos = [is_video_path(i) for i in inputs]
+    for anything else (the same check before and during the run).
+
+    A GIF is both a picture format and an animation: alone it is a video (the flow of
+    its frames), among other inputs a frame (:func:`_still_frame` refuses an animated
+    one there). The answer comes from the names alone: the outputs are planned before
+    any input is read."""
+    several = len(inputs) > 1
+    videos = [
+        is_video_path(i) and not (several and Path(i).suffix.lower() == ".gif")
+        for i in inputs
+    ]
     if any(videos):
         if len(inputs) != 1:
             error = PipelineError(
@@ -307,6 +316,26 @@ def _is_video_run(inputs: Sequence[str]) -> bool:
         error.exit_code = 2
         raise error
     return False
+
+
+def _still_frame(path: str) -> np.ndarray:
+    """One frame INPUT as RGB; a GIF must hold one picture (an animated GIF among the
+    frames would be read as its first picture only, silently)."""
+    if Path(path).suffix.lower() == ".gif":
+        Image = require("PIL.Image")
+        try:
+            with Image.open(path) as opened:
+                count = int(getattr(opened, "n_frames", 1))
+        except (OSError, ValueError, SyntaxError):
+            count = 1  # unreadable: load_rgb says why
+        if count > 1:
+            error = PipelineError(
+                f"{path} is an animated GIF ({count} frames): give it alone for the flow "
+                "of its frames, or give still frames"
+            )
+            error.exit_code = 2
+            raise error
+    return _rgb(path)
 
 
 def _pair_targets(inputs: Sequence[str], options: RunOptions) -> List[Tuple[Path, Path]]:

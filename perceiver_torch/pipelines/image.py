@@ -41,6 +41,7 @@ from .base import (
     check_model,
     no_progress,
     require,
+    results_document,
     softmax_top_k,
 )
 
@@ -410,7 +411,8 @@ def run_task(pipeline: ClassifyPipeline, inputs: List[str], options: RunOptions)
     if options.output is not None:
         if options.arrays is None:
             with options.open_output(options.output) as handle:
-                handle.write((json.dumps(documents, indent=2) + "\n").encode("utf-8"))
+                document = results_document("classify", pipeline.model, documents)
+                handle.write((json.dumps(document, indent=2) + "\n").encode("utf-8"))
         else:
             array = torch.stack(logits).numpy()  # (N, num_classes)
             with options.open_output(options.output) as handle:

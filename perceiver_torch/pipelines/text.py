@@ -30,7 +30,15 @@ import numpy as np
 import torch
 
 from ..tokenizer import BytesTokenizer
-from .base import InputError, PipelineError, Progress, RunOptions, check_model, no_progress
+from .base import (
+    InputError,
+    PipelineError,
+    Progress,
+    RunOptions,
+    check_model,
+    no_progress,
+    results_document,
+)
 
 __all__ = [
     "MASK_MARKER",
@@ -84,14 +92,33 @@ def parse_span(value: str) -> Span:
     return span
 
 
+def _too_long(length: Optional[int], max_length: int, row: Optional[int]) -> InputError:
+    """The error of a text over the model's length (``length`` None: too large to say)."""
+    which = "the text" if row is None else f"text {row + 1}"
+    size = f"more than {max_length}" if length is None else str(length)
+    return InputError(
+        f"{which} is {size} bytes long; the model reads at most {max_length} bytes "
+        "(its max_seq_len): shorten it or split it"
+    )
+
+
 def parse_masked_text(
-    text: Union[str, bytes], spans: Optional[Sequence[Span]] = None
+    text: Union[str, bytes],
+    spans: Optional[Sequence[Span]] = None,
+    *,
+    max_length: Optional[int] = None,
+    row: Optional[int] = None,
 ) -> MaskedText:
     """The masked bytes of ``text``: its ``[MASK]``/``[MASK*N]`` markers, or, when
     ``spans`` is given, those byte spans of the literal text.
 
+    max_length: the longest text allowed (the model's max_seq_len), checked before
+    a marker's bytes are made, so that ``[MASK*99999999999]`` costs no memory; None
+    for no limit. row: the text's number from 0, for that error's message.
+
     Raises:
-        InputError: no masked byte, a span outside the text or empty, ``[MASK*0]``.
+        InputError: no masked byte, a span outside the text or empty, ``[MASK*0]``,
+            a text longer than ``max_length``.
     """
     if spans is not None and len(spans) > 0:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
@@ -107,22 +134,42 @@ def parse_masked_text(
         return MaskedText(data, positions, bytes(data[p] for p in positions))
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="strict")
+    # First the literal pieces and the counts, then the length check, and only then
+    # the placeholder bytes: N in [MASK*N] is the user's number, and N bytes (and N
+    # positions) of a huge one would exhaust the memory before any check.
+    literals: List[bytes] = []
+    counts: List[int] = []
+    cursor = 0
+    oversized = False  # a count with more digits than int() converts
+    for match in _MARKER.finditer(text):
+        literals.append(text[cursor : match.start()].encode("utf-8"))
+        try:
+            count = 1 if match.group(1) is None else int(match.group(1))
+        except ValueError:  # over sys.get_int_max_str_digits() digits
+            if max_length is None:
+                raise InputError(
+                    f"[MASK*N] with an N of {len(match.group(1))} digits masks more "
+                    "bytes than any model reads; give a smaller N"
+                ) from None
+            count, oversized = max_length + 1, True
+        if count < 1:
+            raise InputError(f"{match.group(0)} masks no byte; use [MASK*N] with N >= 1")
+        counts.append(count)
+        cursor = match.end()
+    literals.append(text[cursor:].encode("utf-8"))
+    length = sum(len(piece) for piece in literals) + sum(counts)
+    if max_length is not None and length > max_length:
+        raise _too_long(None if oversized else length, max_length, row)
     pieces: List[bytes] = []
     positions: List[int] = []
     length = 0
-    cursor = 0
-    for match in _MARKER.finditer(text):
-        literal = text[cursor : match.start()].encode("utf-8")
+    for literal, count in zip(literals, counts):
         pieces.append(literal)
         length += len(literal)
-        count = 1 if match.group(1) is None else int(match.group(1))
-        if count < 1:
-            raise InputError(f"{match.group(0)} masks no byte; use [MASK*N] with N >= 1")
         positions.extend(range(length, length + count))
         pieces.append(bytes(count))
         length += count
-        cursor = match.end()
-    pieces.append(text[cursor:].encode("utf-8"))
+    pieces.append(literals[-1])
     if not positions:
         raise InputError(
             "nothing to fill: mark the bytes to predict with [MASK] (one byte) or "
@@ -144,10 +191,7 @@ def encode_masked(
     sequences = []
     for row, item in enumerate(items):
         if len(item.data) > max_length:
-            raise InputError(
-                f"text {row + 1} is {len(item.data)} bytes long; the model reads at "
-                f"most {max_length} bytes (its max_seq_len): shorten it or split it"
-            )
+            raise _too_long(len(item.data), max_length, row)
         # BytesTokenizer.encode of the text, without special tokens; from the bytes,
         # since a marker's placeholder bytes are not text.
         ids = [b + BytesTokenizer.NUM_SPECIAL for b in item.data]
@@ -274,7 +318,10 @@ class FillMaskPipeline:
             per_text = list(spans)
             if len(per_text) != len(batch):
                 raise ValueError(f"{len(batch)} texts but {len(per_text)} span lists")
-        items = [parse_masked_text(t, s) for t, s in zip(batch, per_text)]
+        items = [
+            parse_masked_text(t, s, max_length=self.max_length, row=row)
+            for row, (t, s) in enumerate(zip(batch, per_text))
+        ]
         results = [
             self._result(text, item, logits, top_k)
             for text, item, logits in zip(batch, items, self.logits(items))
@@ -346,14 +393,14 @@ def run_task(pipeline: FillMaskPipeline, inputs: List[str], options: RunOptions)
             options.echo(f"  byte {masked.position:>4}: {shown}")
     documents = [result.as_dict() for result in results]
     if options.output is not None:
-        _write_output(results, documents, options)
+        _write_output(results, results_document("fill-mask", pipeline.model, documents), options)
     return documents
 
 
-def _write_output(results: List[FillMaskResult], documents: List[dict], options: RunOptions) -> None:
+def _write_output(results: List[FillMaskResult], document: dict, options: RunOptions) -> None:
     if options.arrays is None:
         with options.open_output(options.output) as handle:
-            handle.write((json.dumps(documents, indent=2) + "\n").encode("utf-8"))
+            handle.write((json.dumps(document, indent=2) + "\n").encode("utf-8"))
         return
     if options.arrays == "npy":
         counts = {len(r.masked) for r in results}
