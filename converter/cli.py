@@ -964,7 +964,8 @@ def mapping_command(
 ) -> None:
     """Print the table mapping NAME expands to: where every PyTorch key comes from.
 
-    NAME is a bundled mapping (one of the six model names) or a mapping YAML file.
+    NAME is a bundled mapping (one of the six model names) or a mapping YAML file
+    to perceiver_torch (not one of mappings/hf/, which map to transformers' keys).
     One line per rule: the Haiku source key and shape, the ops, the PyTorch target key
     and shape, and the file:line of the rule (< the file:line of the outermost use:
     that inserted it; --json lists the whole chain); then the dropped source keys with
@@ -983,6 +984,21 @@ def mapping_command(
         )
     if is_file and not Path(name).is_file():
         raise click.BadParameter(f"{name}: no such mapping file", param_hint="NAME")
+    if is_file:
+        from converter.mapping import load_mapping
+
+        try:
+            spec = load_mapping(name)
+        except ConverterError:
+            spec = None  # describe_mapping reports a malformed file (exit 3)
+        if spec is not None and spec.target.get("architecture"):
+            raise click.BadParameter(
+                f"{name} maps the official arrays to transformers' "
+                f"{spec.target['architecture']} keys (`export --format hf` and "
+                "HuggingFace imports use it); this command prints the mappings to "
+                f"perceiver_torch: give a model name ({spec.model}) or such a file",
+                param_hint="NAME",
+            )
     try:
         config = _parse_config(config_items, name if name in MODEL_NAMES else None)
         description = describe_mapping(name, size, config)

@@ -174,6 +174,8 @@ def test_config_overrides_show_in_the_table():
         (("optical_flow", "--config", "num_heads=4"), "unknown config key"),
         (("optical_flow", "--config", "num_self_attends=5"), "contradicts"),
         (("optical_flow", "--size", "huge"), "huge"),
+        # An export mapping to transformers' keys: not a table of perceiver_torch keys.
+        ((str(ROOT / "mappings" / "hf" / "imagenet_conv.yaml"),), "transformers'"),
     ],
 )
 def test_usage_errors_exit_2(args, message):
