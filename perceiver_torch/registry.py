@@ -342,7 +342,10 @@ def load(
     # Floating-point tensors in the model's dtype; load_state_dict copies (and casts)
     # the file's tensors into them, so a bfloat16 file can also load as float32.
     model = model.to_empty(device=map_location or "cpu")
-    model.load_state_dict(state, strict=True)
+    if torch.device(map_location or "cpu").type != "meta":
+        # On the meta device there is nothing to copy into (the keys and shapes were
+        # checked above); torch would warn that every copy is a no-op.
+        model.load_state_dict(state, strict=True)
     if pack_weights is not None:
         (linear.pack_weights if pack_weights else linear.release_packed_weights)(model)
     return linear.prepack(model.eval())

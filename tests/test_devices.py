@@ -64,6 +64,23 @@ def test_forward_on_the_meta_device(name):
             assert model(ids, mask).device.type == "meta"
 
 
+def test_load_on_the_meta_device_is_quiet(tmp_path):
+    """load(map_location="meta") checks the file's keys and shapes and makes a meta
+    model without a warning (copying the values into meta tensors would do nothing)."""
+    import warnings
+
+    from converter import convert
+    from converter.fixtures import write_fixture
+
+    write_fixture("imagenet_conv", tmp_path / "conv.pickle", size="tiny", seed=1)
+    path = tmp_path / "conv.safetensors"
+    convert(tmp_path / "conv.pickle", path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = pt.load(path, map_location="meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
 def test_onednn_path_is_cpu_float32_and_bfloat16_only(monkeypatch):
     """The CPU-only oneDNN kernel is never called for other devices or dtypes."""
 
