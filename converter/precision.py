@@ -165,6 +165,8 @@ def structured_case(name: str, config: Any, batch: Optional[int] = None) -> Case
     batch: images for the ImageNet models (default 8), clips or frame pairs for the
     others (default 1); the language model always reads one text.
     """
+    if batch is not None and batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
     if name == "language_perceiver":
         ids, mask = natural_tokens(config.max_seq_len)
         return Case(
@@ -176,7 +178,7 @@ def structured_case(name: str, config: Any, batch: Optional[int] = None) -> Case
         )
     if name.startswith("imagenet_"):
         height, width = config.training_image_size
-        images = structured_images(batch or 8, height, width)
+        images = structured_images(8 if batch is None else batch, height, width)
         images = (images - IMAGENET_MEAN) / IMAGENET_STD
         return Case(
             jax_inputs={"images": images},

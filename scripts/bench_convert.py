@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from script_args import existing_file, positive_int  # beside this script
 
 _SCRIPTS = Path(__file__).resolve().parent
 
@@ -65,8 +66,8 @@ def measure(mode: str, source: Path, target: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", type=Path, help="official language checkpoint")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--checkpoint", type=existing_file, help="official language checkpoint")
+    parser.add_argument("--repeat", type=positive_int, default=3)
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
 

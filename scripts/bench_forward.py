@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from proc_memory import current_rss, max_rss  # beside this script
+from script_args import positive_int
 
 # Run from a checkout: use its perceiver_torch (also in the worker subprocesses).
 _ROOT = Path(__file__).resolve().parents[1]
@@ -816,24 +817,24 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--impl", choices=("both", "ours", "hf"), default="both")
     p.add_argument(
-        "--repeat", type=int, default=5, help="timed forward passes (median)"
+        "--repeat", type=positive_int, default=5, help="timed forward passes (median)"
     )
     p.add_argument(
         "--warmup",
-        type=int,
+        type=positive_int,
         default=1,
         help="untimed passes first, at least 1 (the first, in a fresh "
         "process, gives the memory figure)",
     )
     p.add_argument(
         "--clip-repeat",
-        type=int,
+        type=positive_int,
         default=1,
         help="timed reconstructions of the whole clip (ours)",
     )
     p.add_argument(
         "--hf-clip-calls",
-        type=int,
+        type=positive_int,
         default=3,
         help="HF calls timed to estimate its 128 calls for video_clip",
     )
@@ -844,11 +845,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--rounds",
-        type=int,
+        type=positive_int,
         default=3,
         help="alternating (ours, HF) process pairs per case; the median round counts",
     )
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
     p.add_argument(
         "--device", default="cpu", help="where the models and inputs are: cpu, cuda, ..."
     )
@@ -882,7 +883,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--batch",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[1],
         help="batch sizes (e.g. 1 8 32): images, sequences, flow tiles or clips per "

@@ -47,6 +47,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_forward as bf  # noqa: E402  (beside this script; puts the checkout first)
+from script_args import non_negative_int, positive_int  # noqa: E402
 
 Variant = Tuple[str, str, int]  # (implementation, dtype, batch)
 
@@ -215,12 +216,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--impl", choices=("both", "ours"), default="both")
     p.add_argument("--dtype", nargs="+", choices=("float32", "bfloat16", "float16"),
                    default=["float32", "bfloat16"])
-    p.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N",
+    p.add_argument("--batch", nargs="+", type=positive_int, default=[1], metavar="N",
                    help="batch sizes, 1 among them, each a variant (e.g. 1 8 32; video_clip: "
                    "1 only); with more than one, a throughput table follows")
-    p.add_argument("--reps", type=int, default=7, help="interleaved rounds (median)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=positive_int, default=7, help="interleaved rounds (median)")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed calls per variant")
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--pack-weights", action="store_true",
                    help="our models with perceiver_torch.pack_weights (float32 "
                    "weights packed too; bfloat16 ones are by default)")

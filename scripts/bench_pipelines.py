@@ -16,7 +16,7 @@ Both sides of each comparison run in this one process after a warm-up, with the 
 threads and random weights in every parameter; the flow sides alternate over
 ``--flow-rounds`` rounds and the best time of each is kept. Usage::
 
-    python scripts/bench_pipelines.py [--json] [--flow-batch 3] [--flow-rounds 2]
+    python scripts/bench_pipelines.py [--json PATH] [--flow-batch 3] [--flow-rounds 2]
         [--baseline-chunks 4] [--skip-flow] [--skip-video]
 """
 
@@ -28,12 +28,14 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any, Dict
 
 import torch
 
 import perceiver_torch as pt
 from perceiver_torch.optical_flow import tile_grid
+from script_args import positive_int  # beside this script
 
 
 def cpu_name() -> str:
@@ -134,14 +136,14 @@ def bench_video(baseline_chunks: int) -> Dict[str, Any]:
 
 
 def main(argv: Any = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flow-batch", type=int, default=3, help="tiles per model call")
-    parser.add_argument("--baseline-chunks", type=int, default=4)
-    parser.add_argument("--flow-rounds", type=int, default=2,
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("--flow-batch", type=positive_int, default=3, help="tiles per model call")
+    parser.add_argument("--baseline-chunks", type=positive_int, default=4)
+    parser.add_argument("--flow-rounds", type=positive_int, default=2,
                         help="alternating batched/single rounds (best of each)")
     parser.add_argument("--skip-flow", action="store_true")
     parser.add_argument("--skip-video", action="store_true")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON here")
     args = parser.parse_args(argv)
     report: Dict[str, Any] = {
         "cpu": cpu_name(),
@@ -171,7 +173,7 @@ def main(argv: Any = None) -> int:
     print(f"cpu: {report['cpu']}, {report['threads']} threads, torch {report['torch']}",
           file=sys.stderr)
     if args.json:
-        print(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -36,6 +36,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "converter" / "__init__.py").is_file():
     sys.path.insert(0, str(_ROOT))
 
+from script_args import positive_int  # noqa: E402  (beside this script)
+
 MODELS = (
     "language_perceiver",
     "imagenet_learned",
@@ -132,10 +134,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--dtype", nargs="+", choices=("bfloat16", "float16"), default=["bfloat16"]
     )
     p.add_argument("--size", choices=("tiny", "full"), default="full")
-    p.add_argument("--batch", type=int, default=8, help="ImageNet images (default 8)")
+    p.add_argument("--batch", type=positive_int, default=8, help="ImageNet images (default 8)")
     p.add_argument("--seed", type=int, default=0, help="fixture weights' seed")
     p.add_argument("--no-clip", action="store_true", help="skip the whole video clip")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--json", metavar="PATH", help="write the reports as JSON here")
     args = p.parse_args(argv)
 

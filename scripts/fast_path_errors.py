@@ -37,6 +37,7 @@ if (_ROOT / "perceiver_torch" / "__init__.py").is_file():
 
 import perceiver_torch as pt  # noqa: E402
 from perceiver_torch import fast_paths  # noqa: E402
+from script_args import positive_int  # noqa: E402  (beside this script)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -121,7 +122,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(pt.MODEL_NAMES),
                         choices=list(pt.MODEL_NAMES))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

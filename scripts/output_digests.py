@@ -110,6 +110,8 @@ def main(argv: Any = None) -> int:
     parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
     parser.add_argument("--models", nargs="+", default=None)
     args = parser.parse_args(argv)
+    if args.action == "compare" and not args.document.is_file():
+        parser.error(f"{args.document}: no such file (record it first)")
     with tempfile.TemporaryDirectory() as folder:
         current = digests(Path(folder), args.size, args.models)
     if args.action == "record":

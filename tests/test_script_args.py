@@ -1,0 +1,51 @@
+"""The scripts refuse bad counts and paths as argparse errors (exit 2, one line)
+before any work, instead of tracebacks minutes into a run (scripts/script_args.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def run_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPTS / name), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "script, args, words",
+    [
+        ("bench_forward.py", ["--rounds", "0"], "--rounds: 0 is not a positive integer"),
+        ("bench_forward.py", ["--batch", "1", "-8"], "--batch: -8 is not a positive"),
+        ("bench_interleaved.py", ["--reps", "0"], "--reps: 0 is not a positive"),
+        ("bench_interleaved.py", ["--warmup", "-1"], "--warmup: -1 is negative"),
+        ("bench_precision.py", ["--batch", "0"], "--batch: 0 is not a positive"),
+        ("fast_path_errors.py", ["--threads", "0"], "--threads: 0 is not a positive"),
+        ("bench_convert.py", ["--checkpoint", "missing.pickle"], "missing.pickle: no such file"),
+        ("bench_convert.py", ["--repeat", "zero"], "'zero' is not an integer"),
+        ("hf_fidelity.py", ["--models", "foo"], "invalid choice: 'foo'"),
+        ("output_digests.py", ["compare", "missing.json"], "missing.json: no such file"),
+        ("bench_pipelines.py", ["--flow-rounds", "0"], "--flow-rounds: 0 is not a positive"),
+    ],
+)
+def test_bad_arguments_are_argparse_errors(script, args, words, tmp_path):
+    result = run_script(script, *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_pipelines_writes_its_json_where_the_readme_says(tmp_path):
+    """The README runs `bench_pipelines.py --json pipelines.json` (a path, as every
+    other script's --json); with both benchmarks skipped only the header is written."""
+    result = run_script("bench_pipelines.py", "--skip-flow", "--skip-video",
+                        "--json", "pipelines.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "pipelines.json").read_text())
+    assert {"cpu", "threads", "torch", "command"} <= set(report)
