@@ -15,7 +15,7 @@ import torch
 
 import perceiver_torch as pt
 from perceiver_torch.optical_flow import tile_grid, tile_starts
-from perceiver_torch.pipelines.base import InputError
+from perceiver_torch.pipelines.base import InputError, PipelineError
 from perceiver_torch.pipelines.flow import FlowPipeline, textured_pair
 from perceiver_torch.pipelines.flow_io import (
     colour_wheel,
@@ -140,6 +140,54 @@ def test_small_frames_are_refused_or_padded(model):
     np.testing.assert_allclose(padded, direct, rtol=1e-6, atol=1e-7)
     with pytest.raises(InputError, match="differ in size"):
         FlowPipeline(model)(first, second[:-1])
+
+
+def test_bfloat16_frames_equal_uint8_frames(model):
+    # load_rgb could not turn a bfloat16 tensor into NumPy; 0..255 is exact in it.
+    first, second = textured_pair(*TILE, seed=4)
+    as_bf16 = [torch.from_numpy(f).permute(2, 0, 1).bfloat16() for f in (first, second)]
+    pipeline = FlowPipeline(model)
+    assert np.array_equal(pipeline(*as_bf16).flow, pipeline(first, second).flow)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"batch_size": 0}, "batch_size must be .*at least 1, got 0"),
+        ({"batch_size": -2}, "batch_size must be .*at least 1, got -2"),
+        ({"min_overlap": -1}, "min_overlap must be between 0 and 23"),
+        ({"min_overlap": 24}, "min_overlap must be between 0 and 23"),
+    ],
+)
+def test_bad_options_are_usage_errors(model, options, message):
+    # Usage errors (exit 2), not bad input (PipelineError's default, exit 3).
+    with pytest.raises(PipelineError, match=message) as info:
+        FlowPipeline(model, **options)
+    assert info.value.exit_code == 2
+
+
+def test_max_frames_below_one_is_refused(model, tmp_path):
+    from perceiver_torch.pipelines.video import make_test_video
+
+    path = tmp_path / "v.mp4"
+    make_test_video(path, 3, size=TILE, sample_rate=None)
+    pipeline = FlowPipeline(model)
+    for bad in (0, -1):
+        # It was "v.mp4 has no frames" (an InputError), once iterated.
+        message = f"max_frames must be .* at least 1, got {bad}"
+        with pytest.raises(PipelineError, match=message) as info:
+            list(pipeline.video(path, max_frames=bad))
+        assert info.value.exit_code == 2
+    assert len(list(pipeline.video(path, max_frames=2))) == 1
+    assert len(list(pipeline.video(path))) == 2
+
+
+def test_a_model_without_weights_is_refused():
+    with torch.device("meta"):
+        meta = pt.build("optical_flow", pt.TINY_CONFIGS["optical_flow"])
+    with pytest.raises(PipelineError, match="meta device.*load it on cpu or cuda") as info:
+        FlowPipeline(meta)
+    assert info.value.exit_code == 2
 
 
 # -- .flo ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 import perceiver_torch as pt
 from perceiver_torch.labels import class_names, imagenet_labels, kinetics700_labels
-from perceiver_torch.pipelines import InputError, WrongModelError
+from perceiver_torch.pipelines import InputError, PipelineError, WrongModelError
 
 cv2 = pytest.importorskip("cv2")
 Image = pytest.importorskip("PIL.Image")
@@ -267,6 +267,33 @@ def test_bad_inputs(tmp_path, monkeypatch):
         load_rgb(object())
 
 
+def test_bfloat16_tensors_are_read_like_float16():
+    # NumPy has no bfloat16: it was "Got unsupported ScalarType BFloat16". Whole
+    # numbers up to 256 are exact in bfloat16, so the pixels are the same.
+    tensor = torch.from_numpy(random_rgb(40, 50, seed=3)).permute(2, 0, 1)
+    expected = load_rgb(tensor.float())
+    for dtype in (torch.bfloat16, torch.float16):
+        rgb = load_rgb(tensor.to(dtype))
+        assert rgb.dtype == np.float32 and np.array_equal(rgb, expected)
+    pipeline = ClassifyPipeline(tiny("imagenet_conv"))
+    result = pipeline(tensor.to(torch.bfloat16))
+    assert torch.equal(result.logits, pipeline(tensor.float()).logits)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_pixels_are_refused(value):
+    # NaN passed the 0..255 clip and gave NaN probabilities; infinities were clipped.
+    image = np.full((10, 12, 3), 100.0, np.float32)
+    image[3, 4, 1] = value
+    message = r"1 non-finite value\(s\) \(NaN or infinity\), the first at row 3, column 4"
+    with pytest.raises(InputError, match=message):
+        load_rgb(image)
+    with pytest.raises(InputError, match=message):
+        load_rgb(torch.from_numpy(image).permute(2, 0, 1).to(torch.bfloat16))
+    with pytest.raises(InputError, match="non-finite"):
+        ClassifyPipeline(tiny("imagenet_conv"))(np.full((10, 10, 3), np.nan, np.float32))
+
+
 # --------------------------------------------------------------------------------------
 # the pipeline
 
@@ -324,6 +351,36 @@ def test_native_size_option():
 def test_wrong_model():
     with pytest.raises(WrongModelError, match="language_perceiver"):
         ClassifyPipeline(tiny("language_perceiver"))
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_batch_size_below_one_is_refused(batch_size):
+    # 0 and negative numbers quietly ran one image per batch.
+    message = f"batch_size must be .* at least 1, got {batch_size}"
+    with pytest.raises(PipelineError, match=message) as info:
+        ClassifyPipeline(tiny("imagenet_conv"), batch_size=batch_size)
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("top_k", [0, -1])
+def test_top_k_below_one_is_refused(top_k):
+    # -1 was torch's "selected index k out of range", after the model had run.
+    pipeline = ClassifyPipeline(tiny("imagenet_conv"))
+    with pytest.raises(PipelineError, match=f"top_k must be .* at least 1, got {top_k}") as info:
+        pipeline(random_rgb(40, 40), top_k=top_k)
+    assert info.value.exit_code == 2
+    # More than the classes: all of them, most probable first (as before).
+    classes = pipeline.model.config.num_classes
+    assert len(pipeline(random_rgb(40, 40), top_k=classes + 5).top_k) == classes
+
+
+def test_a_model_without_weights_is_refused():
+    # It ran the whole forward pass, then "Cannot copy out of meta tensor".
+    with torch.device("meta"):
+        meta = pt.build("imagenet_conv", pt.TINY_CONFIGS["imagenet_conv"])
+    with pytest.raises(PipelineError, match="meta device.*load it on cpu or cuda") as info:
+        ClassifyPipeline(meta)
+    assert info.value.exit_code == 2
 
 
 # --------------------------------------------------------------------------------------

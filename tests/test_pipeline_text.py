@@ -176,8 +176,25 @@ def test_text_longer_than_the_model(model):
     pipeline = FillMaskPipeline(model)
     limit = model.config.max_seq_len  # 64 for the tiny model, 2048 for the official one
     pipeline("x" * (limit - 1) + "[MASK]")  # exactly the limit: fine
-    with pytest.raises(InputError, match=f"{limit + 1} bytes long.*at most {limit} bytes"):
+    with pytest.raises(InputError, match=f"the text is {limit + 1} bytes long.*at most {limit}"):
         pipeline("x" * limit + "[MASK]")
+
+
+def test_one_text_is_the_text_in_the_length_error(model):
+    # One text (alone, or the only one of a list) is "the text", not "text 1"; among
+    # several, its number.
+    pipeline = FillMaskPipeline(model)
+    limit = model.config.max_seq_len
+    long = "a" * limit + "[MASK]"
+    for texts in (long, [long]):
+        with pytest.raises(InputError, match=f"^the text is {limit + 1} bytes long"):
+            pipeline(texts)
+    with pytest.raises(InputError, match=f"^the text is {limit + 1} bytes long"):
+        encode_masked([MaskedText(b"a" * (limit + 1), (0,), None)], limit)
+    with pytest.raises(InputError, match=f"^text 2 is {limit + 1} bytes long"):
+        encode_masked(
+            [MaskedText(b"a", (0,), None), MaskedText(b"a" * (limit + 1), (0,), None)], limit
+        )
 
 
 def test_a_huge_mask_count_is_refused_before_its_bytes_are_made(model):
@@ -196,7 +213,7 @@ def test_a_huge_mask_count_is_refused_before_its_bytes_are_made(model):
         ("9" * 5000, f"more than {limit}"),  # more digits than int() converts
     ]:
         text = f"ab[MASK*{count}]"
-        with pytest.raises(InputError, match=f"text 1 is {length} bytes long.*at most {limit}"):
+        with pytest.raises(InputError, match=f"the text is {length} bytes long.*at most {limit}"):
             pipeline(text)
         with pytest.raises(InputError, match=f"the text is {length} bytes long"):
             parse_masked_text(text, max_length=limit)
@@ -205,6 +222,51 @@ def test_a_huge_mask_count_is_refused_before_its_bytes_are_made(model):
     with pytest.raises(InputError, match=f"text 2 is {limit + 1} bytes long"):
         pipeline(["ab[MASK]", f"[MASK*{limit + 1}]"])
     assert len(parse_masked_text(f"[MASK*{limit}]", max_length=limit).data) == limit
+
+
+@pytest.mark.parametrize("batch_size", [0, -1, 1.5])
+def test_batch_size_below_one_is_refused(model, batch_size):
+    # It was "range() arg 3 must not be zero", [] for two texts or an IndexError.
+    message = f"batch_size must be an integer of at least 1, got {batch_size}"
+    with pytest.raises(PipelineError, match=message) as info:
+        FillMaskPipeline(model, batch_size=batch_size)
+    assert info.value.exit_code == 2
+
+
+@pytest.mark.parametrize("top_k", [0, -1])
+def test_top_k_below_one_is_refused(model, top_k):
+    pipeline = FillMaskPipeline(model)
+    message = f"top_k must be an integer of at least 1, got {top_k}"
+    with pytest.raises(PipelineError, match=message) as info:
+        pipeline("a[MASK]", top_k=top_k)
+    assert info.value.exit_code == 2
+    # Above the 256 bytes: all of them, as before.
+    assert len(pipeline("a[MASK]", top_k=1000).masked[0].top_k) == 256
+
+
+def test_markers_in_bytes_that_are_not_utf8(model):
+    # The model reads bytes: markers work in any bytes (this was a UnicodeDecodeError).
+    item = parse_masked_text(b"\xff[MASK]\xfe[MASK*2]")
+    assert item.data == b"\xff\x00\xfe\x00\x00" and item.positions == (1, 3, 4)
+    # The same bytes as spans give the same positions and ids.
+    spans = parse_masked_text(b"\xff?\xfe??", [(1, 2), (3, 5)])
+    assert spans.positions == item.positions
+    assert torch.equal(encode_masked([item], 64)[0], encode_masked([spans], 64)[0])
+    result = FillMaskPipeline(model)(b"\xff[MASK]")
+    assert result.input == "\ufffd[MASK]" and result.filled[0] == 0xFF
+    assert [m.position for m in result.masked] == [1]
+    # A str from surrogateescape decoding (sys.argv with such bytes) is those bytes.
+    assert parse_masked_text("\udcff[MASK]").data == b"\xff\x00"
+    with pytest.raises(InputError, match="lone surrogate '\\\\ud800' at character 1"):
+        parse_masked_text("a\ud800[MASK]")
+
+
+def test_a_model_without_weights_is_refused():
+    with torch.device("meta"):
+        meta = pt.build("language_perceiver", pt.TINY_CONFIGS["language_perceiver"])
+    with pytest.raises(PipelineError, match="meta device.*load it on cpu or cuda") as info:
+        FillMaskPipeline(meta)
+    assert info.value.exit_code == 2
 
 
 def test_wrong_model():

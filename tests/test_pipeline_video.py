@@ -16,7 +16,7 @@ import torch
 
 import perceiver_torch as pt
 from perceiver_torch.labels import kinetics700_labels
-from perceiver_torch.pipelines.base import InputError, softmax_top_k
+from perceiver_torch.pipelines.base import InputError, PipelineError, softmax_top_k
 from perceiver_torch.pipelines.media import encode_wav, read_audio
 from perceiver_torch.pipelines.video import (
     AutoencodePipeline,
@@ -184,12 +184,17 @@ def test_framing_and_clips(tmp_path, model, monkeypatch):
 
 
 def test_official_rate_and_labels():
-    with torch.device("meta"):
-        full = pt.build("video_autoencoding")
-    pipeline = AutoencodePipeline(full)
+    # A pipeline needs a model with weights, and a full-size one is large: the official
+    # config's numbers, then a tiny model with its sound framing and classes.
+    official = pt.VideoAutoencodingConfig()
+    assert (official.audio_samples_per_frame, official.num_frames) == (1920, 16)
+    assert official.image_size == (224, 224) and official.num_chunks == 128
+    config = dataclasses.replace(TINY, audio_samples_per_frame=1920, num_classes=700)
+    pipeline = AutoencodePipeline(pt.build("video_autoencoding", config))
     # 48000 // 25 = 1920 samples per frame, as the colab.
-    assert (pipeline.sample_rate, pipeline.samples_per_frame, pipeline.num_frames) == (48000, 1920, 16)
-    assert pipeline.size == (224, 224) and pipeline.num_chunks == 128
+    assert (pipeline.sample_rate, pipeline.samples_per_frame) == (48000, 1920)
+    assert (pipeline.num_frames, pipeline.size) == (2, (16, 16))
+    assert pipeline.num_chunks == TINY.num_chunks
     assert pipeline.labels == list(kinetics700_labels())
     small = AutoencodePipeline(pt.build("video_autoencoding", dataclasses.replace(TINY)))
     assert small.labels[3] == "class 3"  # 10 random classes: no names
@@ -207,6 +212,93 @@ def test_too_few_frames(model):
     frames = np.zeros((1, 20, 20, 3), np.uint8)
     with pytest.raises(InputError, match="clips of 2 frames"):
         AutoencodePipeline(model)(frames, np.zeros(64, np.float32))
+
+
+@pytest.mark.parametrize("num_chunks", [16, 9, 0, -1])
+def test_num_chunks_is_checked_at_construction(model, num_chunks):
+    # The tiny clip has 8 audio patches: 16 failed only at the call, after decoding
+    # the video; 0 quietly meant the default.
+    message = f"num_chunks must be an integer from 1 to 8 .*got {num_chunks}"
+    with pytest.raises(PipelineError, match=message) as info:
+        AutoencodePipeline(model, num_chunks=num_chunks)
+    assert info.value.exit_code == 2
+
+
+def test_num_chunks_none_is_the_default(model):
+    assert AutoencodePipeline(model).num_chunks == TINY.num_chunks
+    assert AutoencodePipeline(model, num_chunks=None).num_chunks == TINY.num_chunks
+    assert AutoencodePipeline(model, num_chunks=np.int64(8)).num_chunks == 8
+
+
+@pytest.mark.parametrize("top_k", [0, -1])
+def test_top_k_below_one_is_refused(model, top_k):
+    # -1 was torch's "selected index k out of range", after the first clip's model run.
+    with pytest.raises(PipelineError, match=f"top_k must be .* at least 1, got {top_k}") as info:
+        AutoencodePipeline(model, top_k=top_k)
+    assert info.value.exit_code == 2
+    # Above the classes: all of them (10 in the tiny model), as before.
+    frames = np.zeros((2, 16, 16, 3), np.uint8)
+    result = AutoencodePipeline(model, top_k=50)(frames, np.zeros(128, np.float32))
+    assert len(result.clips[0].top_k) == TINY.num_classes
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_non_finite_sound_is_refused(model, value):
+    # It gave NaN frames, labels and PSNR without a word.
+    sound = np.zeros(128, np.float32)
+    sound[5] = value
+    with pytest.raises(InputError, match=r"1 NaN or infinite sample\(s\), the first at sample 5"):
+        AutoencodePipeline(model)(np.zeros((2, 16, 16, 3), np.uint8), sound)
+
+
+def test_integer_sound_is_pcm_scaled_to_plus_minus_one(model):
+    # int16 sound reached the model unscaled (up to 32767); now as a WAV reader scales it.
+    pipeline = AutoencodePipeline(model)
+    frames = np.zeros((2, 16, 16, 3), np.uint8)
+    pcm = np.array([-32768, -16384, 0, 16384, 32767], np.int16)
+    assert np.array_equal(
+        pipeline.load_audio(frames, pcm, []), pcm.astype(np.float32) / 32768
+    )
+    assert np.array_equal(  # (S, channels): the first channel
+        pipeline.load_audio(frames, np.stack([pcm, -pcm], 1), []), pcm / np.float32(32768)
+    )
+    wide = np.array([-(2**31), 2**30, 2**31 - 1], np.int32)
+    assert np.array_equal(
+        pipeline.load_audio(frames, wide, []), np.array([-1.0, 0.5, 1.0], np.float32)
+    )
+    unsigned = np.array([0, 64, 128, 255], np.uint8)  # 8-bit WAV: centred on 128
+    assert np.array_equal(
+        pipeline.load_audio(frames, unsigned, []), np.array([-1, -0.5, 0, 127 / 128], np.float32)
+    )
+    with pytest.raises(InputError, match="int64 are not PCM"):
+        pipeline.load_audio(frames, np.array([0, 1], np.int64), [])
+    # The model sees the same clip as with the float sound.
+    pcm_sound = (np.arange(128) * 500 - 32000).astype(np.int16)
+    as_pcm = pipeline(frames, pcm_sound)
+    as_float = pipeline(frames, pcm_sound.astype(np.float32) / 32768)
+    assert np.array_equal(as_pcm.input_audio, as_float.input_audio)
+    assert np.array_equal(as_pcm.audio, as_float.audio)
+
+
+def test_frames_of_different_sizes_are_refused(model):
+    # It was NumPy's "inhomogeneous shape" ValueError.
+    frames = [np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.uint8),
+              np.zeros((12, 16, 3), np.uint8)]
+    message = r"frames differ in size: frame 0 is \(16, 16, 3\), frame 2 is \(12, 16, 3\)"
+    with pytest.raises(InputError, match=message):
+        AutoencodePipeline(model)(frames, np.zeros(192, np.float32))
+    # A list of frames of one size is the array.
+    same = AutoencodePipeline(model).load_frames(frames[:2])
+    assert np.array_equal(same, AutoencodePipeline(model).load_frames(np.stack(frames[:2])))
+
+
+def test_a_model_without_weights_is_refused():
+    # It ran the whole clip on the meta device, then "Cannot copy out of meta tensor".
+    with torch.device("meta"):
+        meta = pt.build("video_autoencoding", TINY)
+    with pytest.raises(PipelineError, match="meta device.*load it on cpu or cuda") as info:
+        AutoencodePipeline(meta)
+    assert info.value.exit_code == 2
 
 
 # -- perceiver-convert run autoencode ------------------------------------------------------

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import itertools
+import numbers
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +42,15 @@ __all__ = [
     "TaskSpec",
     "WrongModelError",
     "check_model",
+    "check_weights",
     "import_attribute",
     "model_name_of",
     "no_progress",
+    "positive_int",
     "require",
     "results_document",
     "softmax_top_k",
+    "usage_error",
 ]
 
 T = TypeVar("T")
@@ -77,6 +82,24 @@ class WrongModelError(PipelineError):
     """The model is not one the task runs (e.g. a flow model given to classify)."""
 
     exit_code = 2
+
+
+def usage_error(message: str) -> PipelineError:
+    """A :class:`PipelineError` with exit code 2: the call or its options are wrong
+    (not the input), e.g. ``batch_size=0``."""
+    error = PipelineError(message)
+    error.exit_code = 2
+    return error
+
+
+def positive_int(value: Any, name: str) -> int:
+    """``value`` as an int, or :class:`PipelineError` (exit 2) unless it is an integer
+    of at least 1: ``batch_size``, ``top_k`` and the like, where 0 or a negative
+    number would otherwise fail deep inside (``range()`` step, ``topk``) or quietly
+    do something else."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise usage_error(f"{name} must be an integer of at least 1, got {value!r}")
+    return int(value)
 
 
 def require(module: str, extra: str = "media") -> Any:
@@ -121,6 +144,20 @@ def check_model(model: torch.nn.Module, task: str, models: Sequence[str]) -> str
     return name
 
 
+def check_weights(model: torch.nn.Module, task: str) -> None:
+    """Raises :class:`PipelineError` (exit 2) for a model without values: one on the
+    meta device (``load(..., map_location="meta")``, ``with torch.device("meta")``)
+    would run the whole forward pass on shapes and fail only when the answer is
+    copied out."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    if any(tensor.is_meta for tensor in tensors):
+        raise usage_error(
+            f"{task} needs a model with weights, but this one is on the meta device "
+            "(shapes only); load it on cpu or cuda (perceiver_torch.load(path), or "
+            "map_location='cuda')"
+        )
+
+
 def results_document(task: str, model: torch.nn.Module, results: List[Any]) -> Dict[str, Any]:
     """A run's document: ``{"task", "model", "dtype" (what the model computes in),
     "results"}``. ``perceiver-convert run --json`` prints it and classify's and
@@ -141,9 +178,12 @@ def softmax_top_k(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Ten
 
     The softmax is taken in float64 so that the reported probabilities of a float32
     or bfloat16 model do not depend on the summation order of a float32 softmax.
+    A ``k`` above the class count gives every class; ``k < 1`` raises
+    :class:`PipelineError` (exit 2).
     """
+    k = positive_int(k, "top_k")
     probabilities = torch.softmax(logits.detach().to(torch.float64), dim=-1)
-    k = min(int(k), probabilities.shape[-1])
+    k = min(k, probabilities.shape[-1])
     values, indices = probabilities.topk(k, dim=-1)
     return values, indices
 

@@ -37,8 +37,11 @@ from .base import (
     Progress,
     RunOptions,
     check_model,
+    check_weights,
     no_progress,
+    positive_int,
     require,
+    usage_error,
 )
 from .flow_io import encode_flo, render_flow
 from .image import load_rgb
@@ -89,8 +92,8 @@ class FlowPipeline:
     Args:
         model: a :class:`perceiver_torch.OpticalFlow` (``perceiver_torch.load``/``build``).
         min_overlap: the colab's minimum tile overlap (px); must be below the tile size.
-        batch_size: tiles per model call (more is faster where memory allows: a
-            full-size tile needs a few GB).
+        batch_size: tiles per model call, at least 1 (more is faster where memory
+            allows: a full-size tile needs a few GB).
         pad: edge-pad frames smaller than a tile instead of refusing them.
         progress: :data:`~.base.Progress` for the loop over tile batches.
 
@@ -110,17 +113,16 @@ class FlowPipeline:
         progress: Progress = no_progress,
     ) -> None:
         check_model(model, "flow", ("optical_flow",))
+        check_weights(model, "flow")
         self.model = model.eval()
         self.tile = tuple(int(v) for v in model.config.image_size)
         if not 0 <= min_overlap < min(self.tile):
-            raise PipelineError(
+            raise usage_error(
                 f"min_overlap must be between 0 and {min(self.tile) - 1} for "
                 f"{self.tile[0]}x{self.tile[1]} tiles, got {min_overlap}"
             )
-        if batch_size < 1:
-            raise PipelineError(f"batch_size must be at least 1, got {batch_size}")
         self.min_overlap = int(min_overlap)
-        self.batch_size = int(batch_size)
+        self.batch_size = positive_int(batch_size, "batch_size")
         self.pad = bool(pad)
         self.progress = progress
 
@@ -171,8 +173,20 @@ class FlowPipeline:
         return self.flow_of(_rgb(frame1), _rgb(frame2))
 
     def video(self, path: Union[str, Path], max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
-        """The flow of each consecutive frame pair of a video: yields (H, W, 2) arrays
-        (frame i -> i + 1), decoded frame by frame with PyAV."""
+        """The flow of each consecutive frame pair of a video: an iterator of (H, W, 2)
+        arrays (frame i -> i + 1), decoded frame by frame with PyAV as it is consumed.
+
+        max_frames: read at most this many frames (N frames give N - 1 flows), at
+        least 1; None reads them all. Checked at the call, before the video is opened.
+        """
+        if max_frames is not None:
+            # 0 or less would read no frame and then blame the video ("has no frames").
+            max_frames = positive_int(max_frames, "max_frames")
+        return self._video_flows(path, max_frames)
+
+    def _video_flows(
+        self, path: Union[str, Path], max_frames: Optional[int]
+    ) -> Iterator[np.ndarray]:
         previous = None
         for frame in iter_video_frames(path, max_frames):
             if previous is None:

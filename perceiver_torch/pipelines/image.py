@@ -39,7 +39,9 @@ from .base import (
     RunOptions,
     WrongModelError,
     check_model,
+    check_weights,
     no_progress,
+    positive_int,
     require,
     results_document,
     softmax_top_k,
@@ -93,8 +95,9 @@ def _from_array(array: np.ndarray) -> np.ndarray:
     """An (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array -> (H, W, 3).
 
     uint8 stays; uint16 is reduced to 8 bits (:func:`_to_uint8_16bit`); floats are
-    taken on the 0..255 scale and kept as float32 (clipped to 0..255); RGBA is
-    composited over white (uint8 only: a float alpha's scale is ambiguous)."""
+    taken on the 0..255 scale and kept as float32 (clipped to 0..255; NaN and
+    infinities refused); RGBA is composited over white (uint8 only: a float alpha's
+    scale is ambiguous)."""
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or 0 in array.shape:
@@ -105,6 +108,16 @@ def _from_array(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint16:
         array = _to_uint8_16bit(array)
     elif np.issubdtype(array.dtype, np.floating):
+        # NaN passes np.clip and would make every probability NaN; an infinity would
+        # be clipped to a plausible 0 or 255 and hide a broken input.
+        finite = np.isfinite(array)
+        if not finite.all():
+            y, x = (int(v) for v in np.argwhere(~finite)[0][:2])
+            raise InputError(
+                f"the image has {int((~finite).sum())} non-finite value(s) (NaN or "
+                f"infinity), the first at row {y}, column {x}; give finite pixel values "
+                "on the 0..255 scale"
+            )
         array = np.clip(array.astype(np.float32), 0.0, 255.0)
     elif array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
@@ -152,10 +165,11 @@ def load_rgb(image: ImageInput) -> np.ndarray:
     * a numpy array (H, W[, C]) with C in 1, 3, 4: uint8, uint16 (round(x / 257)) or
       float on the 0..255 scale.
     * a torch tensor: (3, H, W) or (1, H, W) (PyTorch's channel-first layout) or
-      (H, W); same dtypes as numpy.
+      (H, W); same dtypes as numpy, and bfloat16.
 
     Raises:
-        InputError: unreadable file, unsupported shape or dtype.
+        InputError: unreadable file, unsupported shape or dtype, NaN or infinite
+            float values.
     """
     if isinstance(image, (str, Path)):
         Image = require("PIL.Image")
@@ -187,6 +201,9 @@ def load_rgb(image: ImageInput) -> np.ndarray:
             )
         if tensor.dtype == torch.uint16:
             return _from_array(tensor.numpy().astype(np.uint16))
+        if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float64):
+            # NumPy has no bfloat16 (nor float8): float32 holds their values exactly.
+            tensor = tensor.float()
         return _from_array(tensor.numpy())
     if isinstance(image, np.ndarray):
         return _from_array(image)
@@ -323,10 +340,11 @@ class ClassifyPipeline:
                 "and cannot take the crop at its own size; resize (the default) or use "
                 "imagenet_fourier or imagenet_conv"
             )
+        check_weights(model, "classify")
         self.model = model.eval()
         self.size: Optional[Tuple[int, int]] = model_image_size(model) if resize else None
         self.labels = class_names(int(model.config.num_classes), "imagenet")
-        self.batch_size = int(batch_size)
+        self.batch_size = positive_int(batch_size, "batch_size")
         self.progress: Progress = no_progress
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
@@ -361,7 +379,9 @@ class ClassifyPipeline:
         self, images: Union[ImageInput, Sequence[ImageInput]], *, top_k: int = 5
     ) -> Union[ClassifyResult, List[ClassifyResult]]:
         """images: one image, a list of images, or a batch array: numpy (B, H, W, C)
-        or torch (B, C, H, W)."""
+        or torch (B, C, H, W). top_k: labels per image, at least 1 (more than the
+        model's classes gives them all)."""
+        top_k = positive_int(top_k, "top_k")  # before any work, not after the model
         stacked = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
         single = not stacked and not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)

@@ -15,6 +15,11 @@ Masked bytes are given in one of two ways (:func:`parse_masked_text`):
   ``"This is an incomplete sentence where some words are[MASK*9]"``.
 * byte spans over a plain text: ``spans=[(51, 60)]`` masks bytes 51..59 (byte offsets
   of the UTF-8 encoding, end exclusive; the text is then taken literally).
+
+A text is a ``str`` (read as its UTF-8 bytes; characters that ``surrogateescape``
+decoding made of undecodable bytes, as in ``sys.argv``, are those bytes again) or
+``bytes``, taken as they are: the model reads bytes, so markers work in bytes that are
+not UTF-8 too (a marker is its ASCII bytes ``[MASK]``, ``[MASK*N]``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ from .base import (
     Progress,
     RunOptions,
     check_model,
+    check_weights,
     no_progress,
+    positive_int,
     results_document,
 )
 
@@ -55,7 +62,8 @@ __all__ = [
 
 #: One masked byte; ``[MASK*N]`` is N of them.
 MASK_MARKER = "[MASK]"
-_MARKER = re.compile(r"\[MASK(?:\*(\d+))?\]")
+# On bytes: the model reads bytes, and a text need not be UTF-8 (see the module doc).
+_MARKER = re.compile(rb"\[MASK(?:\*(\d+))?\]")
 
 _TOKENIZER = BytesTokenizer()
 
@@ -66,8 +74,8 @@ Span = Tuple[int, int]
 class MaskedText:
     """A text to fill: its bytes and which of them are masked.
 
-    ``data``: the UTF-8 bytes (a masked byte given by a marker is 0 here; by a span,
-    the original byte). ``positions``: the masked byte offsets, ascending.
+    ``data``: the text's bytes (UTF-8 for a str; a masked byte given by a marker is 0
+    here; by a span, the original byte). ``positions``: the masked byte offsets, ascending.
     ``original``: the bytes under the mask when they are known (spans), else None.
     """
 
@@ -90,6 +98,24 @@ def parse_span(value: str) -> Span:
         error.exit_code = 2
         raise error from None
     return span
+
+
+def _text_bytes(text: Union[str, bytes]) -> bytes:
+    """The bytes of a text: ``bytes`` as they are, a ``str`` in UTF-8 (lone surrogates
+    from ``surrogateescape`` decoding back to the bytes they stand for).
+
+    Raises:
+        InputError: a str with another lone surrogate (no bytes stand for it).
+    """
+    if not isinstance(text, str):
+        return bytes(text)
+    try:
+        return text.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError as error:
+        raise InputError(
+            f"the text has a lone surrogate {text[error.start]!r} at character "
+            f"{error.start}, which has no UTF-8 bytes; remove it or give the text as bytes"
+        ) from None
 
 
 def _too_long(length: Optional[int], max_length: int, row: Optional[int]) -> InputError:
@@ -116,12 +142,15 @@ def parse_masked_text(
     a marker's bytes are made, so that ``[MASK*99999999999]`` costs no memory; None
     for no limit. row: the text's number from 0, for that error's message.
 
+    text: a str (its UTF-8 bytes) or bytes, which need not be UTF-8 (see the module
+    docstring).
+
     Raises:
         InputError: no masked byte, a span outside the text or empty, ``[MASK*0]``,
-            a text longer than ``max_length``.
+            a text longer than ``max_length``, a str that has no UTF-8 bytes.
     """
+    data = _text_bytes(text)
     if spans is not None and len(spans) > 0:
-        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         masked = set()
         for start, end in spans:
             if not 0 <= start < end <= len(data):
@@ -132,8 +161,6 @@ def parse_masked_text(
             masked.update(range(start, end))
         positions = tuple(sorted(masked))
         return MaskedText(data, positions, bytes(data[p] for p in positions))
-    if isinstance(text, bytes):
-        text = text.decode("utf-8", errors="strict")
     # First the literal pieces and the counts, then the length check, and only then
     # the placeholder bytes: N in [MASK*N] is the user's number, and N bytes (and N
     # positions) of a huge one would exhaust the memory before any check.
@@ -141,8 +168,8 @@ def parse_masked_text(
     counts: List[int] = []
     cursor = 0
     oversized = False  # a count with more digits than int() converts
-    for match in _MARKER.finditer(text):
-        literals.append(text[cursor : match.start()].encode("utf-8"))
+    for match in _MARKER.finditer(data):
+        literals.append(data[cursor : match.start()])
         try:
             count = 1 if match.group(1) is None else int(match.group(1))
         except ValueError:  # over sys.get_int_max_str_digits() digits
@@ -153,10 +180,11 @@ def parse_masked_text(
                 ) from None
             count, oversized = max_length + 1, True
         if count < 1:
-            raise InputError(f"{match.group(0)} masks no byte; use [MASK*N] with N >= 1")
+            marker = match.group(0).decode("ascii")
+            raise InputError(f"{marker} masks no byte; use [MASK*N] with N >= 1")
         counts.append(count)
         cursor = match.end()
-    literals.append(text[cursor:].encode("utf-8"))
+    literals.append(data[cursor:])
     length = sum(len(piece) for piece in literals) + sum(counts)
     if max_length is not None and length > max_length:
         raise _too_long(None if oversized else length, max_length, row)
@@ -191,7 +219,7 @@ def encode_masked(
     sequences = []
     for row, item in enumerate(items):
         if len(item.data) > max_length:
-            raise _too_long(len(item.data), max_length, row)
+            raise _too_long(len(item.data), max_length, None if len(items) == 1 else row)
         # BytesTokenizer.encode of the text, without special tokens; from the bytes,
         # since a marker's placeholder bytes are not text.
         ids = [b + BytesTokenizer.NUM_SPECIAL for b in item.data]
@@ -277,9 +305,10 @@ class FillMaskPipeline:
         self, model: torch.nn.Module, *, batch_size: int = 8, progress: Progress = no_progress
     ) -> None:
         check_model(model, "fill-mask", ("language_perceiver",))
+        check_weights(model, "fill-mask")
         self.model = model.eval()
         self.max_length = int(model.config.max_seq_len)
-        self.batch_size = int(batch_size)
+        self.batch_size = positive_int(batch_size, "batch_size")
         self.progress = progress
 
     @torch.no_grad()
@@ -307,7 +336,9 @@ class FillMaskPipeline:
     ) -> Union[FillMaskResult, List[FillMaskResult]]:
         """texts: one text or a list; spans: for one text, its byte spans; for a list,
         None or one entry (spans or None) per text. Without spans, the texts carry
-        ``[MASK]``/``[MASK*N]`` markers."""
+        ``[MASK]``/``[MASK*N]`` markers. top_k: candidates per masked byte, at least 1
+        (more than the 256 bytes gives all 256)."""
+        top_k = positive_int(top_k, "top_k")  # before any work, not deep in topk
         single = isinstance(texts, (str, bytes))
         batch = [texts] if single else list(texts)
         if single:
@@ -318,9 +349,11 @@ class FillMaskPipeline:
             per_text = list(spans)
             if len(per_text) != len(batch):
                 raise ValueError(f"{len(batch)} texts but {len(per_text)} span lists")
+        # One text is "the text" in an error's message, not "text 1".
+        rows: List[Optional[int]] = [None] if len(batch) == 1 else list(range(len(batch)))
         items = [
             parse_masked_text(t, s, max_length=self.max_length, row=row)
-            for row, (t, s) in enumerate(zip(batch, per_text))
+            for row, t, s in zip(rows, batch, per_text)
         ]
         results = [
             self._result(text, item, logits, top_k)
@@ -349,7 +382,8 @@ class FillMaskPipeline:
             filled[position] = int(byte_probs[row].argmax())
             original = None if item.original is None else item.original[row]
             masked.append(MaskedByte(position, candidates, original))
-        shown = text if isinstance(text, str) else text.decode("utf-8", errors="replace")
+        # The text's bytes shown as text: a str without lone surrogates is itself.
+        shown = _text_bytes(text).decode("utf-8", errors="replace")
         return FillMaskResult(
             input=shown,
             text=bytes(filled).decode("utf-8", errors="replace"),

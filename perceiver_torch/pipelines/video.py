@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -40,6 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..inputs import InputError as ModelInputError
 from ..labels import class_names
 from .base import (
     InputError,
@@ -47,9 +49,12 @@ from .base import (
     Progress,
     RunOptions,
     check_model,
+    check_weights,
     no_progress,
+    positive_int,
     require,
     softmax_top_k,
+    usage_error,
 )
 from .media import encode_wav, iter_video_frames, read_audio, write_video
 
@@ -160,14 +165,20 @@ class AutoencodePipeline:
 
     Args:
         model: a :class:`perceiver_torch.VideoAutoencoder`.
-        num_chunks: decoder chunks per clip (default: the config's, 128 officially;
-            any count gives the same values up to float rounding).
-        top_k: labels reported per clip.
+        num_chunks: decoder chunks per clip, from 1 to the smaller of the clip's
+            audio patches and image points (None: the config's, 128 officially; any
+            count gives the same values up to float rounding).
+        top_k: labels reported per clip, at least 1 (more than the classes gives
+            them all).
         progress: :data:`~.base.Progress` for the loop over clips.
 
     ``pipeline(video, audio=None)``: ``video`` a file path or uint8 frames
-    (T, H, W, 3) RGB; ``audio`` None (the video's sound track), a sound file path, or
-    float samples (S,) in [-1, 1] at :attr:`sample_rate`. Returns an
+    (T, H, W, 3) RGB (an array, or a list of frames of one size); ``audio`` None (the
+    video's sound track), a sound file path, or samples (S,) or (S, channels) at
+    :attr:`sample_rate`: floats in [-1, 1], or integer PCM of 8 to 32 bits (int16,
+    int32, uint8, ...) scaled to [-1, 1] by its type's range as WAV files are (int16:
+    x / 32768; unsigned: centred on half the range, uint8: (x - 128) / 128). 64-bit
+    integers, NaN and infinite samples are refused. Returns an
     :class:`AutoencodeResult`.
     """
 
@@ -182,15 +193,25 @@ class AutoencodePipeline:
         progress: Progress = no_progress,
     ) -> None:
         check_model(model, "autoencode", ("video_autoencoding",))
+        check_weights(model, "autoencode")
         self.model = model.eval()
         config = model.config
         self.num_frames = int(config.num_frames)
         self.size = tuple(int(v) for v in config.image_size)
         self.samples_per_frame = int(config.audio_samples_per_frame)
         self.sample_rate = self.samples_per_frame * MODEL_FPS
-        self.num_chunks = int(num_chunks or config.num_chunks)
+        # Only None means the default (0 is an error, not "the default"), checked now
+        # by the model's own rule rather than after a video has been decoded.
+        chunks = config.num_chunks if num_chunks is None else num_chunks
+        if isinstance(chunks, numbers.Integral) and not isinstance(chunks, bool):
+            chunks = int(chunks)
+        try:
+            model.chunk_subsamples(chunks, torch.device("meta"))  # shapes only, no memory
+        except ModelInputError as error:
+            raise usage_error(str(error)) from None
+        self.num_chunks = chunks
         self.labels = class_names(int(config.num_classes), "kinetics700")
-        self.top_k = int(top_k)
+        self.top_k = positive_int(top_k, "top_k")
         self.progress = progress
 
     # -- inputs ------------------------------------------------------------------------
@@ -200,6 +221,15 @@ class AutoencodePipeline:
         if isinstance(video, (str, Path)):
             frames = [preprocess_frame(f, self.size) for f in iter_video_frames(video)]
         else:
+            if isinstance(video, (list, tuple)):
+                # np.asarray would fail with NumPy's "inhomogeneous shape" message.
+                shapes = [np.shape(frame) for frame in video]
+                odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
+                if odd is not None:
+                    raise InputError(
+                        f"the frames differ in size: frame 0 is {shapes[0]}, frame {odd} "
+                        f"is {shapes[odd]}; give frames of one size (T, H, W, 3)"
+                    )
             array = np.asarray(video)
             if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
                 raise InputError(
@@ -210,7 +240,12 @@ class AutoencodePipeline:
         return np.stack(frames) if frames else np.zeros((0, *self.size, 3), np.float32)
 
     def load_audio(self, video: VideoInput, audio: AudioInput, notes: List[str]) -> np.ndarray:
-        """The sound at :attr:`sample_rate`, first channel, (S,) float32."""
+        """The sound at :attr:`sample_rate`, first channel, (S,) float32 (integer
+        samples scaled to [-1, 1], see the class docstring).
+
+        Raises:
+            InputError: no sound, a wrong shape, NaN or infinite samples.
+        """
         if audio is None:
             if not isinstance(video, (str, Path)):
                 raise InputError("frames given as an array need their sound: pass audio=")
@@ -221,13 +256,28 @@ class AutoencodePipeline:
                 notes.append(f"sound resampled from {rate} Hz to {self.sample_rate} Hz")
             if channels > 1:
                 notes.append(f"first of {channels} sound channels used")
-            return samples
-        samples = np.asarray(audio, dtype=np.float32)
+            return _finite_sound(samples)
+        raw = np.asarray(audio)
+        if np.issubdtype(raw.dtype, np.integer):
+            if raw.dtype.itemsize > 4:
+                # No PCM is 64-bit: such arrays are mostly Python ints (np.asarray's
+                # default), whose scale no type says.
+                raise InputError(
+                    f"audio samples of {raw.dtype} are not PCM; give float samples in "
+                    "[-1, 1] or integer PCM (int16, int32, uint8)"
+                )
+            # PCM: full scale is 2**(bits - 1); unsigned PCM (8-bit WAV) is offset by
+            # that much. Unscaled, int16 sound would reach the model at +-32767.
+            half = 2.0 ** (8 * raw.dtype.itemsize - 1)
+            offset = half if np.issubdtype(raw.dtype, np.unsignedinteger) else 0.0
+            samples = ((raw.astype(np.float64) - offset) / half).astype(np.float32)
+        else:
+            samples = raw.astype(np.float32)
         if samples.ndim == 2:  # (S, channels): the first, as the colab's [..., 0:1]
             samples = samples[:, 0]
         if samples.ndim != 1:
             raise InputError(f"audio must be (S,) or (S, channels), got {samples.shape}")
-        return samples
+        return _finite_sound(samples)
 
     # -- the model ----------------------------------------------------------------------
 
@@ -294,6 +344,19 @@ class AutoencodePipeline:
             padded_samples=padded,
             notes=notes,
         )
+
+
+def _finite_sound(samples: np.ndarray) -> np.ndarray:
+    """``samples``, or :class:`InputError` if one is NaN or infinite (they would make
+    the whole clip's reconstruction, labels and PSNR NaN without a word)."""
+    finite = np.isfinite(samples)
+    if not finite.all():
+        first = int(np.argmin(finite))
+        raise InputError(
+            f"the sound has {int((~finite).sum())} NaN or infinite sample(s), the first "
+            f"at sample {first}; give finite samples in [-1, 1]"
+        )
+    return samples
 
 
 # --------------------------------------------------------------------------------------
