@@ -102,6 +102,11 @@ def _message(error: BaseException) -> str:
         return error.format_message()
     if isinstance(error, KeyboardInterrupt):
         return "interrupted; no partial file was left"
+    if isinstance(error, MemoryError):
+        return (
+            "not enough memory for this (e.g. a --batch or a size too large for this "
+            "machine); lower it or free memory; no partial file was left"
+        )
     if isinstance(error, (ConverterError, ValueError)):
         return str(error)
     return (
@@ -254,12 +259,18 @@ def main(debug: bool) -> None:
 # fixture
 
 
+_JSON_OPTION = click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON document on stdout."
+)
+
+
 _FIXTURE_HELP = f"""Write a checkpoint of model NAME: random weights, official layout.
 
 NAME is one of: {", ".join(MODEL_NAMES)}.
 
 The values are deterministic in (NAME, --size, --seed) and never zero or constant.
-A one-line summary (path, values, bytes, sha256) goes to stderr.
+A one-line summary (path, values, bytes, sha256) goes to stderr; --json also
+prints them (and the options) as one document on stdout.
 """
 
 
@@ -290,8 +301,10 @@ A one-line summary (path, values, bytes, sha256) goes to stderr.
     show_default=True,
     help="Mapping nodes as Haiku FlatMapping (official) or plain dicts.",
 )
+@_JSON_OPTION
 def fixture_command(
-    name: str, output: Path, seed: int, size: str, protocol: int, container: str
+    name: str, output: Path, seed: int, size: str, protocol: int, container: str,
+    as_json: bool,
 ) -> None:
     """Write a random-weight checkpoint (help text: ``_FIXTURE_HELP``)."""
     from converter.fixtures import write_fixture
@@ -302,13 +315,21 @@ def fixture_command(
     from converter.registry import official_tree
 
     tree = official_tree(name, size)
+    document = {
+        "path": str(saved.path), "model": name, "size": size, "seed": seed,
+        "protocol": protocol, "container": container,
+        "values": tree.num_params(include_state=True),
+        "arrays": sum(1 for _ in tree.iter_specs()),
+        "bytes": saved.size_bytes, "sha256": saved.sha256,
+    }
     click.echo(
-        f"wrote {saved.path}: {name} ({size}, seed {seed}), "
-        f"{tree.num_params(include_state=True):,} values in "
-        f"{sum(1 for _ in tree.iter_specs()):,} arrays, "
-        f"{saved.size_bytes:,} bytes, sha256 {saved.sha256}",
+        f"wrote {saved.path}: {name} ({size}, seed {seed}), {document['values']:,} "
+        f"values in {document['arrays']:,} arrays, {saved.size_bytes:,} bytes, sha256 "
+        f"{saved.sha256}",
         err=True,
     )
+    if as_json:
+        echo_json(document)
 
 
 # --------------------------------------------------------------------------------------
@@ -636,9 +657,6 @@ _MAPPING_OPTION = click.option(
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
     help="Use this mapping YAML instead of the bundled one.",
-)
-_JSON_OPTION = click.option(
-    "--json", "as_json", is_flag=True, help="Print one JSON document on stdout."
 )
 _QUIET_OPTION = click.option(
     "-q", "--quiet", is_flag=True, help="No progress messages on stderr."
@@ -1003,6 +1021,12 @@ def mapping_command(
         config = _parse_config(config_items, name if name in MODEL_NAMES else None)
         description = describe_mapping(name, size, config)
     except OverrideError as error:
+        if not config_items:
+            # No --config given: the bad value is the file's own (its config: or a
+            # derive rule), a malformed mapping rather than a usage error.
+            from converter.errors import MappingError
+
+            raise MappingError(f"{name}: {error}") from None
         raise click.BadParameter(str(error), param_hint="--config") from None
     if as_json:
         echo_json(description.as_dict())

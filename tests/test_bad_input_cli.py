@@ -304,6 +304,36 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(work, monk
     assert "Traceback" in run_cli(*args).stderr
 
 
+def test_a_bad_config_value_inside_a_mapping_file_is_the_files_fault(tmp_path):
+    """mapping FILE.yaml without --config: a bad value in the file's own config is a
+    malformed mapping (exit 3, the file named), not a --config usage error (exit 2)."""
+    root = Path(__file__).resolve().parents[1] / "mappings"
+    text = (root / "optical_flow.yaml").read_text()
+    bad = tmp_path / "bad_config.yaml"
+    bad.write_text(text.replace("schema: 1\n", 'schema: 1\nconfig:\n  num_self_attention_heads: "abc"\n', 1))
+    for include in root.glob("_*.yaml"):  # the blocks it includes, beside it
+        (tmp_path / include.name).write_text(include.read_text())
+    result = run_cli("mapping", bad)
+    assert_clean_error(result, 3, str(bad), "num_self_attention_heads")
+    assert "--config" not in result.stderr
+
+
+def test_running_out_of_memory_is_a_clean_error(work, monkeypatch):
+    """A size too large for the machine (e.g. verify --batch 100000000) ends in a
+    MemoryError: one line saying so and what to lower, exit 3, no file."""
+    import converter.conversion
+
+    def too_big(*args, **kwargs):
+        raise MemoryError("Unable to allocate 3.35 TiB")
+
+    monkeypatch.setattr(converter.conversion, "prepare", too_big)
+    before = snapshot(work)
+    result = run_cli("convert", work / "fourier.pickle", "-o", work / "o.safetensors", "--json")
+    assert_clean_error(result, 3, "not enough memory", "lower it")
+    assert json.loads(result.stdout)["exit_code"] == 3
+    assert snapshot(work) == before
+
+
 @pytest.mark.parametrize(
     "args, code",
     [

@@ -167,6 +167,24 @@ def test_fixture_command_for_every_model(tmp_path, model_name):
     assert f"{out.stat().st_size:,} bytes" in summary
 
 
+def test_fixture_json_document(tmp_path):
+    """--json: the summary as one document on stdout, read back against the file."""
+    import json
+
+    out = tmp_path / "flow.pickle"
+    result = run_cli("fixture", "optical_flow", "-o", out, "--seed", "3", "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert document["bytes"] == out.stat().st_size and document["path"] == str(out)
+    checkpoint = load_haiku_checkpoint(out)
+    arrays = [a for tree in (checkpoint.params, checkpoint.state)
+              for params in tree.values() for a in params.values()]
+    assert document["arrays"] == len(arrays)
+    assert document["values"] == sum(a.size for a in arrays)
+    assert (document["model"], document["seed"], document["size"]) == ("optical_flow", 3, "tiny")
+
+
 def test_fixture_command_options(tmp_path):
     out = tmp_path / "flow.pickle"
     result = run_cli(
