@@ -522,6 +522,9 @@ def inspect_command(path: Path, as_json: bool) -> None:
     if is_other(path):  # other formats: converter/inspect_other.py
         document = describe(path)
         echo_json(document) if as_json else print_document(document)
+        if document.get("error"):  # NaN/Inf weights, as for pickles below
+            click.echo(f"error: {path}: {document['error']}", err=True)
+            raise click.exceptions.Exit(document["exit_code"])
         return
 
     try:

@@ -101,7 +101,7 @@ def converted_to_haiku(
     state_dict, metadata = read_converted(Path(path))
     model = metadata["model"]
     config = json.loads(metadata["config"])
-    _check_stored_tensors(Path(path), model, config, state_dict)
+    check_stored_tensors(Path(path), model, config, state_dict)
     spec = load_mapping(
         mapping if mapping is not None else metadata.get("mapping", model)
     )
@@ -169,12 +169,20 @@ def export(
     return ExportResult(haiku.model, Path(out), len(haiku.flat), haiku.exact, haiku.notes)
 
 
-def _check_stored_tensors(
+def nonfinite_tensors(state_dict: Dict[str, torch.Tensor]) -> list:
+    """The names of floating tensors holding NaN or Inf (a corrupt file: the converter
+    refuses such official arrays, so a converted file has them only if changed)."""
+    return [key for key, tensor in state_dict.items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+
+
+def check_stored_tensors(
     path: Path, model: str, config: Dict[str, Any], state_dict: Dict[str, torch.Tensor]
 ) -> None:
-    """Tensors whose shapes do not fit the file's own config, or of wrong dtypes
-    (float64, int8, ...), are reported as such, with the fix: the inverse mapping
-    reads names, not shapes, and would write a checkpoint nothing can load."""
+    """Every export's check of a converted file's tensors: NaN or Inf values, shapes
+    that do not fit the file's own config, or wrong dtypes (float64, int8, ...) are
+    reported as such, with the fix (``CheckpointError``): the inverse mapping reads
+    names, not values or shapes, and would write a checkpoint nothing can load."""
     import perceiver_torch
     from perceiver_torch.registry import format_state_problems, state_dict_problems
 
@@ -183,6 +191,13 @@ def _check_stored_tensors(
             built = perceiver_torch.build(model, config)
     except ValueError:
         return  # the config itself is reported by the mapping checks below
+    nonfinite = nonfinite_tensors(state_dict)
+    if nonfinite:
+        raise CheckpointError(
+            f"{path}: {len(nonfinite)} tensor(s) hold NaN or Inf values "
+            f"({', '.join(nonfinite[:5])}{', ...' if len(nonfinite) > 5 else ''}); the "
+            "file is corrupt: convert the official checkpoint again"
+        )
     problems = state_dict_problems(built.state_dict(), state_dict)
     stored = {"missing": [], "unexpected": [], "shape": problems["shape"],
               "dtype": problems["dtype"]}

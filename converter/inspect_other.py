@@ -21,7 +21,21 @@ OTHER_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".onnx")
 
 
 def is_other(path: Path) -> bool:
-    return path.is_dir() or path.suffix.lower() in OTHER_SUFFIXES
+    """Whether ``inspect`` describes ``path`` here rather than as an official pickle:
+    a folder, or a file of those suffixes unless its first bytes are a plain pickle's
+    (an official file renamed .pt is still described as one, its globals listed)."""
+    if path.is_dir():
+        return True
+    if path.suffix.lower() not in OTHER_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return True  # the describer names the problem
+    plain_pickle = len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
+    legacy_torch = head.startswith(b"\x80\x02\x8a\x0a")  # torch.save's old format
+    return not plain_pickle or legacy_torch or head[8:9] == b"{"
 
 
 def _rows(tensors: Dict[str, Any]) -> List[Dict[str, Any]]:
@@ -34,8 +48,31 @@ def _rows(tensors: Dict[str, Any]) -> List[Dict[str, Any]]:
             count *= size
         itemsize = value.element_size() if hasattr(value, "element_size") else value.itemsize
         rows.append({"name": name, "shape": shape, "dtype": dtype, "values": count,
-                     "bytes": count * itemsize})
+                     "bytes": count * itemsize, "nonfinite": _nonfinite(value)})
     return rows
+
+
+def _nonfinite(tensor: Any) -> int:
+    """How many NaN/Inf values a floating torch tensor holds (0 for other dtypes)."""
+    import torch
+
+    if not tensor.is_floating_point():
+        return 0
+    return int(tensor.numel() - torch.isfinite(tensor).sum())
+
+
+def _mark_nonfinite(document: Dict[str, Any]) -> Dict[str, Any]:
+    """Adds ``ok``/``error``/``exit_code`` to a document whose tensors hold NaN/Inf
+    (as ``inspect`` does for official pickles: the weights are corrupt, exit 3)."""
+    bad = [row["name"] for row in document["tensors"] if row["nonfinite"]]
+    if bad:
+        document["ok"] = False
+        document["exit_code"] = 3
+        document["error"] = (
+            f"{len(bad)} tensor(s) hold NaN or Inf values ({', '.join(bad[:5])}"
+            f"{', ...' if len(bad) > 5 else ''}); the weights are corrupt"
+        )
+    return document
 
 
 def _totals(rows: List[Dict[str, Any]]) -> Dict[str, int]:
@@ -46,7 +83,7 @@ def _totals(rows: List[Dict[str, Any]]) -> Dict[str, int]:
 def _json_or_text(value: str) -> Any:
     try:
         return json.loads(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # shown as the text it is
         return value
 
 
@@ -68,7 +105,7 @@ def _describe_converted(path: Path) -> Dict[str, Any]:
     rows = _rows(state_dict)
     parsed = {key: _json_or_text(value) for key, value in metadata.items()
               if key != "haiku_dropped"}
-    return {
+    return _mark_nonfinite({
         "path": str(path),
         "kind": "converted",
         "format": "safetensors" if path.suffix == ".safetensors" else "pt",
@@ -77,7 +114,7 @@ def _describe_converted(path: Path) -> Dict[str, Any]:
         "haiku_dropped": sorted(_json_or_text(metadata.get("haiku_dropped", "{}")) or {}),
         "totals": _totals(rows),
         "tensors": rows,
-    }
+    })
 
 
 def _describe_hf(path: Path) -> Dict[str, Any]:
@@ -111,7 +148,7 @@ def _describe_hf(path: Path) -> Dict[str, Any]:
         "totals": _totals(rows),
         "tensors": rows,
     }
-    return document
+    return _mark_nonfinite(document)
 
 
 def _describe_onnx(path: Path) -> Dict[str, Any]:
@@ -171,8 +208,9 @@ def print_document(document: Dict[str, Any]) -> None:
         width = max(len(r["name"]) for r in document["tensors"])
         lines.append("tensors:")
         for row in document["tensors"]:
+            mark = f"  [{row['nonfinite']:,} NaN/Inf]" if row.get("nonfinite") else ""
             lines.append(f"  {row['name']:<{width}}  {str(row['shape']):<18} {row['dtype']:<8} "
-                         f"{row['values']:>12,}")
+                         f"{row['values']:>12,}{mark}")
         totals = document["totals"]
         lines.append(f"total: {totals['tensors']:,} tensors, {totals['values']:,} values, "
                      f"{totals['bytes']:,} bytes")

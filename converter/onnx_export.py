@@ -199,15 +199,16 @@ def export_onnx(
     """
     from converter.atomic import check_output_path
     from converter.converted_files import read_converted
-    from converter.exporter import load_float32, stored_low_precision
+    from converter.exporter import check_stored_tensors, load_float32, stored_low_precision
 
     onnx, _ = require_onnx()
     out = check_output_path(out)
     if out.suffix.lower() != ".onnx":
         raise OutputError(f"{out}: name the ONNX file *.onnx")
     state_dict, metadata = read_converted(Path(path))
-    model = load_float32(path)
     name = metadata["model"]
+    check_stored_tensors(Path(path), name, json.loads(metadata["config"]), state_dict)
+    model = load_float32(path)
     notes = []
     low_precision = stored_low_precision(state_dict)
     if low_precision:

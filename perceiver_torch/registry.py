@@ -246,6 +246,7 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
                 "file stores the model name under 'model' and the JSON config "
                 "(configs.config_to_dict) under 'config'"
             )
+        _parse(path, metadata)  # a bad config is the file's problem, named here
         return state, metadata
     if not (head.startswith(b"PK\x03\x04") or head.startswith(_LEGACY_TORCH_MAGIC)):
         raise LoadError(
@@ -276,16 +277,30 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
         )
     metadata = {str(k): str(v) for k, v in dict(payload.get("metadata") or {}).items()}
     metadata["model"] = str(payload["model"])
-    metadata["config"] = json.dumps(dict(payload["config"]))
+    try:
+        metadata["config"] = json.dumps(dict(payload["config"]))
+    except (TypeError, ValueError, RecursionError):
+        raise LoadError(
+            f"{path}: 'config' is not a dict of plain config values (JSON-able)"
+        ) from None
+    _parse(path, metadata)
     return dict(payload["state_dict"]), metadata
 
 
 def _parse(path: Path, metadata: Mapping[str, str]) -> Tuple[str, Dict[str, Any]]:
-    """The model name and the config dict of a file's metadata."""
+    """The model name and the config dict of a file's metadata: a JSON object, or
+    ``LoadError`` (also for JSON nested deeper than the parser's recursion limit,
+    which would otherwise escape as a RecursionError)."""
     try:
         config = json.loads(metadata["config"])
-    except json.JSONDecodeError as err:
-        raise LoadError(f"{path}: metadata 'config' is not JSON: {err}") from None
+    except (ValueError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise LoadError(f"{path}: metadata 'config' is not JSON: {reason}") from None
+    if not isinstance(config, dict):
+        raise LoadError(
+            f"{path}: metadata 'config' is JSON {type(config).__name__}, not an object "
+            "of config fields"
+        )
     return metadata["model"], config
 
 

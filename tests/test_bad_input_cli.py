@@ -318,6 +318,54 @@ def test_a_bad_config_value_inside_a_mapping_file_is_the_files_fault(tmp_path):
     assert "--config" not in result.stderr
 
 
+def _converted_copy(work, name, change=None, metadata_change=None):
+    """A copy of the work folder's conversion with its tensors or metadata changed."""
+    with safe_open(str(work / "fourier.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    if change:
+        change(state)
+    save_file(state, str(work / name), metadata={**metadata, **(metadata_change or {})})
+    return work / name
+
+
+def test_nan_weights_in_a_converted_file_are_marked_and_not_exported(work):
+    """A converted file's NaN/Inf (only a changed file has them) are corrupt weights,
+    as in an official pickle: inspect marks them (exit 3), no export writes them."""
+    pytest.importorskip("onnx")
+    key = "encoder.latents"
+    bad = _converted_copy(work, "nan.safetensors",
+                          change=lambda state: state[key].view(-1)[3:5].fill_(float("nan")))
+    result = run_cli("inspect", bad, "--json")
+    assert result.exit_code == 3 and key in result.stderr and "NaN" in result.stderr
+    document = json.loads(result.stdout)
+    assert document["ok"] is False
+    assert {row["name"]: row["nonfinite"] for row in document["tensors"]}[key] == 2
+    before = snapshot(work)
+    for out in ("back.pickle", "back.onnx"):
+        assert_clean_error(run_cli("export", bad, "-o", work / out), 3, key, "NaN")
+    assert snapshot(work) == before
+
+
+def test_config_metadata_nested_too_deeply_is_a_load_error(work):
+    bad = _converted_copy(work, "deep.safetensors",
+                          metadata_change={"config": "[" * 100_000 + "]" * 100_000})
+    with pytest.raises(perceiver_torch.LoadError, match="nested too deeply"):
+        perceiver_torch.load(bad)
+    for args in (["inspect", bad], ["export", bad, "-o", work / "back.pickle"]):
+        assert_clean_error(run_cli(*args), 3, "nested too deeply")
+    assert not (work / "back.pickle").exists()
+
+
+def test_inspect_reads_an_official_pickle_by_its_content_whatever_its_suffix(work):
+    renamed = work / "official.pth"
+    renamed.write_bytes((work / "fourier.pickle").read_bytes())
+    result = run_cli("inspect", renamed, "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["safe"] is True and document["protocol"] == 3 and document["globals"]
+
+
 def test_running_out_of_memory_is_a_clean_error(work, monkeypatch):
     """A size too large for the machine (e.g. verify --batch 100000000) ends in a
     MemoryError: one line saying so and what to lower, exit 3, no file."""
