@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import importlib.resources
 import itertools
+import math
 import operator
 import re
 from dataclasses import dataclass, field
@@ -81,8 +82,101 @@ class _LineDict(dict):
     key_lines: Dict[Any, int]
 
 
+# Bounds on a YAML document, checked on its events as the composer reads them, so
+# before anything is constructed. Aliases make a document's value a graph: nine
+# anchors of nine aliases each ("billion laughs") are a few hundred bytes that expand
+# to 9**9 nodes, and every later str()/repr() or walk of such a value hangs and eats
+# memory. So a document is refused when its full expansion (each node 1 plus its
+# scalar's length, each alias its anchor's expanded size) passes _MAX_YAML_EXPANSION;
+# the bundled files expand to at most ~4,000 (and use no aliases). The composer and
+# constructor recurse per level of nesting, so 5000 nested lists raised
+# RecursionError: _MAX_YAML_DEPTH (the bundled files nest at most 7 levels) refuses
+# the nest at its first level too deep.
+_MAX_YAML_EXPANSION = 1_000_000
+_MAX_YAML_DEPTH = 64
+
+
+class _TooLarge(yaml.MarkedYAMLError):
+    """A document past the bounds above (not malformed YAML: too big to load)."""
+
+
 class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that records line numbers and refuses duplicate keys."""
+    """SafeLoader that records line numbers and refuses duplicate keys, and
+    documents that nest or expand (through aliases) too far."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        self._anchor_sizes: Dict[str, int] = {}  # expanded size of completed anchors
+        self._open: List[List[Any]] = []  # [anchor, size so far] per open collection
+        self._expanded = 0
+
+    def get_event(self) -> yaml.Event:
+        # The composer takes every event through here, once, in document order: the
+        # expansion is counted in one step per event (anchor sizes memoised), with no
+        # recursion and nothing built.
+        event = super().get_event()
+        self._count(event)
+        return event
+
+    def _count(self, event: yaml.Event) -> None:
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            if len(self._open) >= _MAX_YAML_DEPTH:
+                raise _TooLarge(
+                    None, None,
+                    f"values nest more than {_MAX_YAML_DEPTH} levels deep; a mapping "
+                    "file needs a handful",
+                    event.start_mark,
+                )
+            size = 1
+        elif isinstance(event, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            anchor, size = self._open.pop()
+            if anchor is not None:
+                self._anchor_sizes[anchor] = size
+            if self._open:
+                self._open[-1][1] += size  # already in the total, node by node
+            return
+        elif isinstance(event, yaml.ScalarEvent):
+            size = 1 + len(event.value)
+            if event.anchor is not None:
+                self._anchor_sizes[event.anchor] = size
+        elif isinstance(event, yaml.AliasEvent):
+            if event.anchor in self._anchor_sizes:
+                size = self._anchor_sizes[event.anchor]
+            elif any(anchor == event.anchor for anchor, _ in self._open):
+                raise _TooLarge(
+                    None, None,
+                    f"alias *{event.anchor} refers to a value that contains it (a "
+                    "recursive structure); a mapping file has no use for one",
+                    event.start_mark,
+                )
+            else:
+                size = 1  # an undefined alias: the composer reports it
+        else:
+            return
+        self._expanded += size
+        if self._expanded > _MAX_YAML_EXPANSION:
+            raise _TooLarge(
+                None, None,
+                f"aliases expand the document to more than {_MAX_YAML_EXPANSION:,} "
+                "nodes and characters (an alias bomb?); write the values out",
+                event.start_mark,
+            )
+        if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            self._open.append([event.anchor, size])
+        elif self._open:
+            self._open[-1][1] += size
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # SafeLoader's scalar constructors raise plain ValueErrors for values that
+        # match a tag's pattern but not its range: a date "2001-13-45", an integer
+        # of more than 4300 digits (Python's int/str conversion limit). Made a
+        # YAML error at the value's line, so the file:line reaches the message.
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as error:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"invalid value: {error}", node.start_mark
+            ) from None
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineDict:
@@ -153,9 +247,17 @@ def _fail(where: _Where, message: str) -> MappingError:
     return MappingError(f"{where}: {message}")
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _load_yaml(text: str, name: str) -> Any:
     try:
         return yaml.load(text, Loader=_LineLoader)
+    except _TooLarge as error:
+        raise MappingError(f"{name}:{error.problem_mark.line + 1}: {error.problem}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None) or getattr(
             error, "context_mark", None
@@ -177,23 +279,53 @@ _BINARY = {
 _FUNCTIONS = {"max": max, "min": min}
 
 
+# A derive expression is one short line (the bundled ones are under 40 characters);
+# Python's parser recurses per nesting level, so "-" * 100000 + "64" would exhaust
+# memory or the stack before any check could run. Results (and so every value a later
+# expression sees) stay within int64, so chained derivations cannot grow numbers
+# without bound.
+_MAX_EXPRESSION = 500
+_MAX_VALUE = 2**63 - 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _evaluate(expression: str, names: Mapping[str, Any], where: _Where) -> int:
+    if not isinstance(expression, str):
+        raise _fail(where, f"'expr' must be a string, got {_short(expression)}")
+    if len(expression) > _MAX_EXPRESSION:
+        raise _fail(
+            where,
+            f"expression of {len(expression):,} characters; at most "
+            f"{_MAX_EXPRESSION} are allowed",
+        )
     try:
         tree = ast.parse(expression, mode="eval")
-    except SyntaxError:
-        raise _fail(where, f"invalid expression {expression!r}") from None
+    except (SyntaxError, RecursionError, MemoryError):
+        raise _fail(where, f"invalid expression {_short(expression)}") from None
 
     def visit(node: ast.AST) -> Any:
         if isinstance(node, ast.Expression):
             return visit(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+        if isinstance(node, ast.Constant) and _is_int(node.value):
             return node.value
         if isinstance(node, ast.Name):
             if node.id not in names:
                 raise _fail(where, f"unknown name {node.id!r} in {expression!r}")
+            if not _is_int(names[node.id]):
+                raise _fail(
+                    where,
+                    f"{node.id!r} in {expression!r} is not an integer but "
+                    f"{_short(names[node.id])}",
+                )
             return names[node.id]
         if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            return _BINARY[type(node.op)](visit(node.left), visit(node.right))
+            left, right = visit(node.left), visit(node.right)
+            if isinstance(node.op, ast.FloorDiv) and right == 0:
+                raise _fail(where, f"{expression!r} divides by zero")
+            return _BINARY[type(node.op)](left, right)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             return -visit(node.operand)
         if (
@@ -202,6 +334,13 @@ def _evaluate(expression: str, names: Mapping[str, Any], where: _Where) -> int:
             and node.func.id in _FUNCTIONS
             and not node.keywords
         ):
+            if len(node.args) < 2 or any(
+                isinstance(a, ast.Starred) for a in node.args
+            ):
+                raise _fail(
+                    where,
+                    f"{node.func.id}() in {expression!r} needs two or more arguments",
+                )
             return _FUNCTIONS[node.func.id](*(visit(a) for a in node.args))
         raise _fail(
             where,
@@ -209,9 +348,20 @@ def _evaluate(expression: str, names: Mapping[str, Any], where: _Where) -> int:
             "max() and min() are allowed",
         )
 
-    value = visit(tree)
-    if not isinstance(value, int):
+    try:
+        value = visit(tree)
+    except MappingError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the expression is the user's input
+        # A backstop: whatever else a user's expression manages to raise (a stack
+        # too deep for visit(), an arithmetic error) is a malformed mapping.
+        raise _fail(
+            where, f"cannot evaluate {_short(expression)}: {type(error).__name__}: {error}"
+        ) from None
+    if not _is_int(value):
         raise _fail(where, f"{expression!r} does not give an integer")
+    if abs(value) > _MAX_VALUE:
+        raise _fail(where, f"{_short(expression)} gives {value:.3e}, beyond int64")
     return value
 
 
@@ -418,14 +568,15 @@ class MappingSpec:
 
     def expand(self, config: Mapping[str, Any]) -> MappingTable:
         """Expands every template for ``config`` into an exact, overlap-free table."""
+        budget = _Budget(_MAX_EXPANSION)
         rules: List[Rule] = []
         for index, node in enumerate(self.rules):
             where = self._where.at(node, None, f"rules[{index}]")
-            rules.extend(self._expand_rule(node, {}, config, where, ()))
+            rules.extend(self._expand_rule(node, {}, config, where, (), budget))
         drops: List[Drop] = []
         for index, node in enumerate(self.drops):
             where = self._where.at(node, None, f"drop[{index}]")
-            drops.extend(self._expand_drop(node, config, where))
+            drops.extend(self._expand_drop(node, config, where, budget))
         _check_overlaps(rules, drops)
         return MappingTable(tuple(rules), tuple(drops))
 
@@ -436,6 +587,7 @@ class MappingSpec:
         config: Mapping[str, Any],
         where: _Where,
         used_at: Tuple[str, ...],
+        budget: "_Budget",
     ) -> Iterator[Rule]:
         """The rules of one YAML rule node; ``used_at``: the ``file:line`` of each
         ``use:`` that led here, innermost first."""
@@ -443,7 +595,7 @@ class MappingSpec:
             raise _fail(
                 where, "blocks nest more than 16 levels deep (a block uses itself?)"
             )
-        for loop_values in _loops(node, values, config, where):
+        for loop_values in _loops(node, values, config, where, budget):
             scope = {**values, **loop_values}
             if "use" in node:
                 block_name = node["use"]
@@ -470,7 +622,7 @@ class MappingSpec:
                     )
                     yield from self._expand_rule(
                         inner, inner_scope, config, inner_where,
-                        (where.location,) + used_at,
+                        (where.location,) + used_at, budget,
                     )
             else:
                 source = _substitute(node["source"], scope, where)
@@ -479,9 +631,9 @@ class MappingSpec:
                 yield Rule(source, target, ops, str(where), (where.location,) + used_at)
 
     def _expand_drop(
-        self, node: Any, config: Mapping[str, Any], where: _Where
+        self, node: Any, config: Mapping[str, Any], where: _Where, budget: "_Budget"
     ) -> Iterator[Drop]:
-        for loop_values in _loops(node, {}, config, where):
+        for loop_values in _loops(node, {}, config, where, budget):
             source = _substitute(node["source"], loop_values, where)
             restore = node.get("restore_from")
             if restore is not None:
@@ -524,19 +676,47 @@ def _substitute(template: str, values: Mapping[str, Any], where: _Where) -> str:
     return _PLACEHOLDER.sub(replace, template)
 
 
+# How far a mapping may expand: rules, loop iterations included. The bundled mappings
+# expand to at most 457 rules (language_perceiver, full size). Without a bound a
+# ``for: {i: 1000000000}`` exhausts memory and twelve blocks each ``use:``-ing the next
+# ten times (10**12 rules) never finish; a loop's iteration count is known before it
+# runs, so a loop that would pass the bound is refused before any of it is built.
+_MAX_EXPANSION = 100_000
+
+
+class _Budget:
+    """The expansion steps (loop iterations, across every rule and block) left."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def spend(self, steps: int, where: _Where) -> None:
+        if steps > self.left:
+            raise _fail(
+                where,
+                f"the mapping expands to more than {_MAX_EXPANSION:,} rules and loop "
+                "iterations (the bundled ones to a few hundred): a 'for:' count or "
+                "the 'use:' nesting multiplies to far too many",
+            )
+        self.left -= steps
+
+
 def _loops(
     node: Mapping[str, Any],
     values: Mapping[str, Any],
     config: Mapping[str, Any],
     where: _Where,
+    budget: _Budget,
 ) -> Iterator[Dict[str, Any]]:
-    """All assignments of a rule's ``for:`` (one empty assignment without it).
+    """All assignments of a rule's ``for:`` (one empty assignment without it), their
+    number spent from ``budget`` before the first is made.
 
     ``for: {i: <config key or integer>}`` counts 0..n-1; ``for: {m: [a, b]}`` takes the
     listed values in order.
     """
     loops = node.get("for")
     if not loops:
+        budget.spend(1, where)
         yield {}
         return
     names, ranges = [], []
@@ -558,6 +738,9 @@ def _loops(
             )
         names.append(var)
         ranges.append(range(count))
+    # len() of a range past sys.maxsize overflows; its stop is the same count.
+    counts = (len(r) if isinstance(r, list) else r.stop for r in ranges)
+    budget.spend(math.prod(counts), where)
     for combination in itertools.product(*ranges):
         yield dict(zip(names, combination))
 
@@ -702,22 +885,44 @@ def _check_derive(node: Any, config: Mapping[str, Any], where: _Where) -> None:
             raise _fail(at, f"derives {key!r}, which is not a config key")
         if not isinstance(spec, dict):
             raise _fail(at, "expected {shape, dim}, {count} or {expr, shapes}")
+        # The values are used as dict keys, str patterns and ints: check the types
+        # here, so a list or a number is a clear message, not a TypeError later.
         if "shape" in spec:
             _check_keys(spec, {"shape", "dim"}, {"shape", "dim"}, at)
-            if not isinstance(spec["dim"], int):
+            if not isinstance(spec["shape"], str) or not spec["shape"]:
+                raise _fail(at, f"'shape' must be a tensor key, got {_short(spec['shape'])}")
+            if not _is_int(spec["dim"]):
                 raise _fail(at, "'dim' must be an integer")
         elif "count" in spec:
             _check_keys(spec, {"count"}, {"count"}, at)
+            if not isinstance(spec["count"], str):
+                raise _fail(
+                    at, f"'count' must be a key pattern string, got {_short(spec['count'])}"
+                )
             if "{_i}" not in spec["count"] and "{i}" not in spec["count"]:
                 raise _fail(at, "a count pattern needs the placeholder {_i} or {i}")
         elif "expr" in spec:
             _check_keys(spec, {"expr", "shapes"}, {"expr"}, at)
-            for alias, ref in (spec.get("shapes") or {}).items():
+            if not isinstance(spec["expr"], str) or not spec["expr"].strip():
+                raise _fail(
+                    at, f"'expr' must be an expression string, got {_short(spec['expr'])}"
+                )
+            if len(spec["expr"]) > _MAX_EXPRESSION:
+                raise _fail(
+                    at,
+                    f"'expr' has {len(spec['expr']):,} characters; at most "
+                    f"{_MAX_EXPRESSION} are allowed",
+                )
+            shapes = spec.get("shapes")
+            if shapes is not None and not isinstance(shapes, dict):
+                raise _fail(at, "'shapes' must map names to [tensor key, dimension]")
+            for alias, ref in (shapes or {}).items():
                 if not (
-                    isinstance(ref, list)
+                    isinstance(alias, str)
+                    and isinstance(ref, list)
                     and len(ref) == 2
                     and isinstance(ref[0], str)
-                    and isinstance(ref[1], int)
+                    and _is_int(ref[1])
                 ):
                     raise _fail(at, f"shapes.{alias} must be [tensor key, dimension]")
         else:
@@ -812,7 +1017,24 @@ def _parse_blocks(
                 _check_rule(rule, at.at(rule, None, f"blocks.{block_name}[{index}]"))
             blocks[block_name] = (block_rules, at)
 
-    for include in root.get("include") or []:
+    includes = root.get("include")
+    includes = [] if includes is None else includes
+    include_at = where.at(root, "include", "include")
+    # A list of file names: a bare string would be iterated per character, and a
+    # number or null reach the file reader as a TypeError.
+    if not isinstance(includes, list):
+        raise _fail(
+            include_at,
+            "'include' must be a list of file names (e.g. [_blocks.yaml]), got "
+            f"{type(includes).__name__} {_short(includes)}",
+        )
+    for index, include in enumerate(includes):
+        if not isinstance(include, str) or not include:
+            raise _fail(
+                where.at(root, "include", f"include[{index}]"),
+                f"an included file is a non-empty file name, got {_short(include)}",
+            )
+    for include in includes:
         if include_loader is None:
             raise _fail(
                 where.at(root, "include", "include"), "includes are not available here"
@@ -850,6 +1072,8 @@ def _parse_rules(root: Mapping[str, Any], where: _Where) -> Tuple[List[Any], Lis
         _check_keys(node, _DROP_KEYS, {"source", "reason"}, at)
         _check_str(node, "source", at)
         _check_str(node, "reason", at)
+        if node.get("restore_from") is not None:
+            _check_str(node, "restore_from", at)  # a key pattern, like the source
         _check_for(node, at)
     return rules, drops
 
@@ -948,6 +1172,15 @@ def _parse_presets(
     }
 
 
+def _finite(value: Any) -> bool:
+    """Whether a YAML number is finite as the float the checks compare with (an
+    integer of 400 digits is not: float() of it overflows)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _parse_tolerance(root: Mapping[str, Any], where: _Where) -> Dict[str, Any]:
     """``tolerance``: positive numbers, ``relative`` and per-output ``fourier_outputs``."""
     tolerance = root.get("tolerance") or {}
@@ -957,6 +1190,11 @@ def _parse_tolerance(root: Mapping[str, Any], where: _Where) -> Dict[str, Any]:
     _check_keys(
         tolerance, {"relative", "fourier_outputs", "float16", "bfloat16"}, set(), at
     )
+    if not isinstance(tolerance.get("fourier_outputs") or {}, dict):
+        raise _fail(
+            where.at(tolerance, "fourier_outputs", "tolerance.fourier_outputs"),
+            "'fourier_outputs' must map output names to tolerances",
+        )
     limits = [("relative", tolerance.get("relative", 1e-5))] + [
         (key, tolerance[key]) for key in ("float16", "bfloat16") if key in tolerance
     ] + [
@@ -964,10 +1202,17 @@ def _parse_tolerance(root: Mapping[str, Any], where: _Where) -> Dict[str, Any]:
         for k, v in (tolerance.get("fourier_outputs") or {}).items()
     ]
     for key, value in limits:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        # Finite too: .nan passes no comparison (every check would then pass or fail
+        # silently) and .inf accepts any difference.
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not _finite(value)
+            or value <= 0
+        ):
             raise _fail(
                 where.at(tolerance, key.split(".")[0], f"tolerance.{key}"),
-                f"must be a positive number, got {value!r}",
+                f"must be a positive number (finite), got {_short(value)}",
             )
     return dict(tolerance)
 
@@ -990,6 +1235,27 @@ def available_mappings() -> Tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def _read_text(path: Any, name: str) -> str:
+    """The text of mapping file ``path`` (a Path or a package resource), named ``name``
+    in errors. Mapping files are UTF-8: decoding is strict, and a file in another
+    encoding (Latin-1, UTF-16) is a MappingError naming the file, not a bare
+    UnicodeDecodeError that names no file."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise MappingError(f"{name}: cannot read the mapping file: {error}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise MappingError(
+            f"{name}:{line}: not UTF-8 text (byte {data[error.start]:#04x} at offset "
+            f"{error.start}); a mapping file must be saved as UTF-8"
+        ) from None
+    # Universal newlines, as Path.read_text gave (the mapping's sha256 hashes the text).
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def _include_reader(
     where: str, directory: Optional[Path] = None, family: str = ""
 ) -> Callable[[str], Tuple[str, str]]:
@@ -1000,12 +1266,12 @@ def _include_reader(
     def read(include: str) -> Tuple[str, str]:
         if directory is not None and (directory / include).is_file():
             target = directory / include
-            return target.read_text(encoding="utf-8"), str(target)
+            return _read_text(target, str(target)), str(target)
         folder = _package_files() / family if family else _package_files()
         bundled = folder / include
         if bundled.is_file():
             prefix = f"mappings/{family}/" if family else "mappings/"
-            return bundled.read_text(encoding="utf-8"), f"{prefix}{include}"
+            return _read_text(bundled, f"{prefix}{include}"), f"{prefix}{include}"
         raise MappingError(f"{where}: included file {include!r} not found")
 
     return read
@@ -1049,7 +1315,7 @@ def load_mapping(name_or_path: str | Path) -> MappingSpec:
     if path.suffix in (".yaml", ".yml") or path.is_file():
         if not path.is_file():
             raise MappingError(f"{path}: no such mapping file")
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path, str(path))
         return parse_mapping(text, str(path), _include_reader(str(path), path.parent))
     name = str(name_or_path)
     if name not in available_mappings():
@@ -1067,11 +1333,17 @@ def load_mapping(name_or_path: str | Path) -> MappingSpec:
 
 @dataclass(frozen=True)
 class ShapeProblem:
+    """A rule whose tensor does not fit. ``kind``: "result" when the ops ran and their
+    result differs from the model's tensor (``got`` is that result: when it equals
+    ``expected`` only the dtype differs), "op" when an op could not apply at all
+    (``got`` is then the shape the op was given, ``detail`` the op's own message)."""
+
     source: str
     target: str
     got: Shape
     expected: Shape
     detail: str
+    kind: str = "result"
 
 
 @dataclass
@@ -1114,9 +1386,14 @@ class MappingReport:
             )
         for problem in self.mismatches:
             # Same shape after the ops: only the dtype is wrong; say so, with the fix.
+            # Not when an op failed: ``got`` is then the op's input shape, which may
+            # equal the model's (squeeze on [64] for a [64] tensor) without the dtype
+            # being at fault; the op's own message says what is wrong.
             kind = (
                 "dtype mismatch"
-                if problem.expected and tuple(problem.got) == tuple(problem.expected)
+                if problem.kind == "result"
+                and problem.expected
+                and tuple(problem.got) == tuple(problem.expected)
                 else "shape mismatch"
             )
             want = problem.detail.rsplit(" ", 1)[-1]  # "... model expects [..] float32"
@@ -1189,7 +1466,7 @@ def plan_forward(
         shape, dtype = sources[rule.source]
         expected_shape, expected_dtype = targets[rule.target]
         try:
-            got = ops_shape(tuple(shape), rule.ops)
+            got = rule_shape(rule, shape)
         except MappingError as error:
             report.mismatches.append(
                 ShapeProblem(
@@ -1198,6 +1475,7 @@ def plan_forward(
                     tuple(shape),
                     tuple(expected_shape),
                     str(error),
+                    kind="op",
                 )
             )
             continue
@@ -1241,15 +1519,55 @@ def plan_inverse(
             report.unexpected_sources.append(key)
             continue
         try:
-            ops_inverse_shape(tuple(shape), rule.ops)
+            rule_shape(rule, shape, inverse=True)
         except MappingError as error:
             report.mismatches.append(
-                ShapeProblem(key, rule.source, tuple(shape), (), str(error))
+                ShapeProblem(key, rule.source, tuple(shape), (), str(error), kind="op")
             )
             continue
         report.used += 1
     report.missing_targets = sorted(set(by_target) - set(targets))
     return report
+
+
+def rule_shape(rule: Rule, shape: Sequence[int], *, inverse: bool = False) -> Shape:
+    """The shape ``rule``'s ops turn ``shape`` into (or back from, ``inverse``).
+
+    An op that cannot apply raises MappingError (ShapeMismatch for a shape that does
+    not fit). The ops' arguments are the user's data: anything else they raise is
+    made a MappingError naming the rule's file:line, never an unexpected crash.
+    """
+    try:
+        if inverse:
+            return ops_inverse_shape(tuple(shape), rule.ops)
+        return ops_shape(tuple(shape), rule.ops)
+    except MappingError:
+        raise
+    except Exception as error:  # noqa: BLE001 - see the docstring
+        raise MappingError(
+            f"{rule.origin}: [{rule.describe_ops()}] cannot apply to shape "
+            f"{list(shape)}: {type(error).__name__}: {error}"
+        ) from None
+
+
+def _apply_rule(
+    rule: Rule, array: np.ndarray, *, inverse: bool = False, contiguous: bool = True
+) -> np.ndarray:
+    """``rule``'s ops (or their inverses) on ``array``; like :func:`rule_shape`, an
+    error of an op's arguments is a MappingError naming the rule. A MemoryError is
+    not wrapped: copying real data can run out of memory without any mapping fault."""
+    try:
+        if inverse:
+            return invert_ops(array, rule.ops, contiguous=contiguous)
+        return apply_ops(array, rule.ops, contiguous=contiguous)
+    except MappingError:
+        raise
+    except (ArithmeticError, LookupError, TypeError, ValueError) as error:
+        raise MappingError(
+            f"{rule.origin}: [{rule.describe_ops()}] cannot apply to "
+            f"{'the model tensor' if inverse else 'the checkpoint array'} of shape "
+            f"{list(array.shape)}: {type(error).__name__}: {error}"
+        ) from None
 
 
 def _dtype_after(dtype: str, ops: Sequence[Op]) -> str:
@@ -1269,7 +1587,7 @@ def convert_arrays(
     ``contiguous=False`` yields strided views where an op transposes (no copy yet).
     """
     for rule in table.rules:
-        yield rule.target, apply_ops(sources[rule.source], rule.ops, contiguous=contiguous)
+        yield rule.target, _apply_rule(rule, sources[rule.source], contiguous=contiguous)
 
 
 def invert_arrays(
@@ -1284,7 +1602,7 @@ def invert_arrays(
     """
     out: Dict[str, np.ndarray] = {}
     for rule in table.rules:
-        out[rule.source] = invert_ops(targets[rule.target], rule.ops)
+        out[rule.source] = _apply_rule(rule, targets[rule.target], inverse=True)
     for drop in table.drops:
         if dropped is not None and drop.source in dropped:
             out[drop.source] = dropped[drop.source]

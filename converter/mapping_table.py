@@ -25,8 +25,8 @@ from converter.mapping import (
     flatten_tree,
     load_mapping,
     plan_forward,
+    rule_shape,
 )
-from converter.ops import ops_shape
 
 Shape = Tuple[int, ...]
 
@@ -164,7 +164,8 @@ def describe_mapping(
         target_shape = targets.get(rule.target, ((), ""))[0]
         if rule.source in sources and rule.target not in targets:
             try:
-                target_shape = tuple(ops_shape(shape, rule.ops))
+                # rule_shape: any error of the ops' arguments is a MappingError.
+                target_shape = tuple(rule_shape(rule, shape))
             except MappingError:
                 target_shape = ()
         description.rules.append(

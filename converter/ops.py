@@ -12,6 +12,7 @@ with its arguments (``squeeze: {dims: [0, 1, 2]}``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence, Tuple
 
@@ -146,7 +147,9 @@ def _dims_arg(args: Mapping[str, Any]) -> Mapping[str, Any]:
     if (
         not isinstance(dims, (list, tuple))
         or not dims
-        or not all(isinstance(d, int) and d >= 0 for d in dims)
+        or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims
+        )
         or len(set(dims)) != len(dims)
     ):
         raise MappingError(
@@ -184,6 +187,15 @@ def _unsqueeze(array: np.ndarray, args: Mapping[str, Any]) -> np.ndarray:
 # --- reshape between two explicit shapes (one entry of each may be -1).
 
 
+_MAX_DIM = 2**63 - 1  # numpy's largest dimension (npy_intp)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters for a one-line message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _reshape_args(args: Mapping[str, Any]) -> Mapping[str, Any]:
     extra = set(args) - {"from", "to"}
     if extra or "from" not in args or "to" not in args:
@@ -191,11 +203,17 @@ def _reshape_args(args: Mapping[str, Any]) -> Mapping[str, Any]:
     out = {}
     for key in ("from", "to"):
         shape = args[key]
+        # A numpy dimension is at most int64: a larger size (2**70) made np.prod
+        # overflow (OverflowError) instead of failing to fit any array.
         if not isinstance(shape, (list, tuple)) or not all(
-            isinstance(s, int) and (s > 0 or s == -1) for s in shape
+            isinstance(s, int)
+            and not isinstance(s, bool)
+            and (0 < s <= _MAX_DIM or s == -1)
+            for s in shape
         ):
             raise MappingError(
-                f"'{key}' must be a list of positive sizes or -1, got {shape!r}"
+                f"'{key}' must be a list of positive sizes (up to 2**63 - 1) or -1, "
+                f"got {_short(shape)}"
             )
         if list(shape).count(-1) > 1:
             raise MappingError(f"'{key}' may contain at most one -1, got {list(shape)}")
@@ -205,8 +223,9 @@ def _reshape_args(args: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def _resolve(template: Shape, shape: Shape, what: str) -> Shape:
     """Checks ``shape`` against a template with at most one -1 and returns it filled."""
-    size = int(np.prod(shape, dtype=np.int64))
-    known = int(np.prod([s for s in template if s != -1], dtype=np.int64))
+    # Exact Python integers: np.prod in int64 overflows (or wraps) on large templates.
+    size = math.prod(int(s) for s in shape)
+    known = math.prod(s for s in template if s != -1)
     if -1 in template:
         if known == 0 or size % known:
             raise ShapeMismatch(

@@ -4,6 +4,7 @@ configuration derivation, and the six bundled mappings against the official tree
 from __future__ import annotations
 
 import dataclasses
+import re
 import textwrap
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from converter.mapping import (
     flatten_tree,
     invert_arrays,
     convert_arrays,
+    MappingTable,
     load_mapping,
     parse_mapping,
     plan_forward,
@@ -449,3 +451,242 @@ def test_a_folder_named_like_a_model_does_not_shadow_its_mapping(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     (tmp_path / "imagenet_conv").mkdir()
     assert load_mapping("imagenet_conv").file == "mappings/imagenet_conv.yaml"
+
+
+# --------------------------------------------------------------------------------------
+# Malformed mapping files are MappingErrors: quickly, in bounded memory, never an
+# unexpected TypeError/RecursionError/MemoryError or a hang.
+
+OPTICAL_FLOW = (MAPPINGS / "optical_flow.yaml").read_text()
+
+
+def variant(tmp_path: Path, old: str, new: str, name: str = "variant.yaml") -> Path:
+    """A copy of mappings/optical_flow.yaml with one edit (the include still resolves:
+    a user's folder falls back to the bundled _blocks.yaml)."""
+    assert old in OPTICAL_FLOW, old
+    path = tmp_path / name
+    path.write_text(OPTICAL_FLOW.replace(old, new, 1))
+    return path
+
+
+def alias_bomb(depth: int) -> str:
+    """Nested anchors of nine aliases each: ``9 ** (depth + 1)`` leaves."""
+    text = "[&a0 [l,l,l,l,l,l,l,l,l], "
+    for level in range(1, depth + 1):
+        text += f"&a{level} [" + ",".join([f"*a{level - 1}"] * 9) + "], "
+    return text + f"*a{depth}]"
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("description: >-", "description: BOMB\nx_description: >-"),
+        ("schema: 1", "schema: BOMB"),
+        ("relative: 1.0e-5", "relative: BOMB"),
+        ("dst: input_preprocessor.projection}", "dst: input_preprocessor.projection, junk: BOMB}"),
+        ("rules:\n", "rules:\n  - {source: a/b, target: c.d, ops: [{squeeze: {dims: BOMB}}]}\n"),
+    ],
+)
+def test_alias_bombs_are_refused_while_loading(tmp_path, old, new):
+    # 9**7 leaves: loading is instant (aliases share one list), but the str()/repr()
+    # that checks and messages make of the value took seconds and hundreds of MB (at
+    # 9**9: a hang and gigabytes). Each is refused at its line, before any of that.
+    path = variant(tmp_path, old, new.replace("BOMB", alias_bomb(6)))
+    with pytest.raises(MappingError, match=r"variant\.yaml:\d+: aliases expand the document"):
+        load_mapping(path)
+
+
+def test_small_aliases_still_load(tmp_path):
+    path = variant(
+        tmp_path,
+        "  - use: decoder\n    with: {src: flow_decoder/~/basic_decoder, dst: decoder}",
+        "  - use: decoder\n    with: &w {src: flow_decoder/~/basic_decoder, dst: decoder}",
+    )
+    assert load_mapping(path).rules[-1]["with"]["dst"] == "decoder"
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        # The composer and the constructor recurse per level: a RecursionError.
+        ("rules:\n", "rules:\n  - {source: " + "[" * 5000 + "]" * 5000 + ", target: x}\n",
+         r"variant\.yaml:31: values nest more than 64 levels deep"),
+        ("schema: 1", "schema: &r [*r]", r"variant\.yaml:2: alias \*r refers to a value that contains it"),
+        # SafeLoader's scalar constructors raise bare ValueErrors.
+        ("schema: 1", "schema: 2001-13-45", r"variant\.yaml:2: malformed YAML: invalid value: month"),
+        ("schema: 1", "schema: " + "9" * 5000, r"variant\.yaml:2: malformed YAML: invalid value: .*digits"),
+    ],
+)
+def test_yaml_that_cannot_be_built_is_a_mapping_error(tmp_path, old, new, message):
+    with pytest.raises(MappingError, match=message):
+        load_mapping(variant(tmp_path, old, new))
+
+
+def test_rule_expansion_is_bounded(tmp_path):
+    def expand(path: Path) -> None:
+        spec = load_mapping(path)
+        shapes = {k: v[0] for k, v in read_tree("optical_flow", "tiny").items()}
+        spec.expand(spec.resolve_config(shapes).values)
+
+    message = r"variant\.yaml:\d+: .*expands to more than 100,000 rules"
+    # Just past the bound (the bundled mappings expand to at most 457 rules). Without
+    # the bound these materialise every rule first; at 10**18 they exhausted memory.
+    for loops in ("{i: 200000}", "{i: 1000000000, j: 1000000000}", "{i: " + "9" * 30 + "}"):
+        path = variant(tmp_path, "rules:\n", f'rules:\n  - {{source: "a/b{{i}}", target: "c.d{{i}}", for: {loops}}}\n')
+        with pytest.raises(MappingError, match=message):
+            expand(path)
+    # Blocks each using the next ten times: 10**6 rules here (10**12 at twelve levels).
+    blocks = "blocks:\n" + "".join(
+        f"  n{k}:\n" + "".join(f"    - use: n{k + 1}\n      with: {{p{k}: '{j}'}}\n" for j in range(10))
+        for k in range(6)
+    ) + "  n6:\n    - {source: 'x/y', target: 'z.w'}\n"
+    with pytest.raises(MappingError, match=message):
+        expand(variant(tmp_path, "rules:\n", blocks + "rules:\n  - use: n0\n"))
+    # A loop that expands to nothing still counts its iterations (no silent hang).
+    empty = "blocks:\n  none:\n    - {source: 'x/y{j}', target: 'z.w{j}', for: {j: 0}}\n"
+    with pytest.raises(MappingError, match=message):
+        expand(variant(tmp_path, "rules:\n", empty + "rules:\n  - {use: none, for: {i: 200000}}\n"))
+
+
+DERIVE = "  patch_channels: {shape: image_preprocessor/patches_linear/w, dim: 1}"
+
+
+@pytest.mark.parametrize(
+    "old, new, message",
+    [
+        ("include: [_blocks.yaml]", "include: [5]", r":9: include\[0\]: an included file is a non-empty file name, got 5"),
+        ("include: [_blocks.yaml]", "include: [null]", r":9: include\[0\]: .*got None"),
+        ("include: [_blocks.yaml]", "include: 5", r":9: include: 'include' must be a list"),
+        ("include: [_blocks.yaml]", "include: _blocks.yaml", r":9: include: 'include' must be a list of file names .*str"),
+        (DERIVE, DERIVE + '\n  image_size: {expr: "1 // 0"}', r":20: derive\.image_size: '1 // 0' divides by zero"),
+        (DERIVE, DERIVE + '\n  image_size: {expr: "max()"}', r":20: derive\.image_size: max\(\) .*needs two or more"),
+        (DERIVE, DERIVE + '\n  image_size: {expr: "max(4)"}', r":20: derive\.image_size: max\(\) .*needs two or more"),
+        (DERIVE, DERIVE + "\n  image_size: {expr: 64}", r":20: derive\.image_size: 'expr' must be an expression string"),
+        (DERIVE, DERIVE + '\n  image_size: {expr: "' + "-" * 100000 + '64"}', r":20: derive\.image_size: 'expr' has 100,002 characters"),
+        (DERIVE, DERIVE + "\n  image_size: {count: 5}", r":20: derive\.image_size: 'count' must be a key pattern string"),
+        (DERIVE, "  patch_channels: {shape: [a], dim: 1}", r":19: derive\.patch_channels: 'shape' must be a tensor key"),
+        (DERIVE, "  patch_channels: {shape: a, dim: true}", r":19: derive\.patch_channels: 'dim' must be an integer"),
+        (DERIVE, DERIVE + "\n  image_size: {expr: x, shapes: [1]}", r":20: derive\.image_size: 'shapes' must map"),
+        ("tolerance:", "drop:\n  - {source: a/b, reason: x, restore_from: 5}\ntolerance:", r":28: drop\[0\]\.restore_from: 'restore_from' must be a non-empty string"),
+        ("rules:\n", "rules:\n  - {source: a/b, target: c.d, ops: [{reshape: {from: [-1, 64], to: [1180591620717411303424, -1]}}]}\n",
+         r":31: rules\[0\]\.ops\[0\]: op 'reshape': 'to' must be a list of positive sizes"),
+        ("relative: 1.0e-5", "relative: .nan", r":28: tolerance\.relative: must be a positive number \(finite\), got nan"),
+        ("relative: 1.0e-5", "relative: .inf", r":28: tolerance\.relative: must be a positive number \(finite\), got inf"),
+        ("relative: 1.0e-5", "relative: " + "9" * 400, r":28: tolerance\.relative: must be a positive number \(finite\)"),
+        ("relative: 1.0e-5", "relative: 1.0e-5\n  fourier_outputs: [1]", r":29: tolerance\.fourier_outputs: 'fourier_outputs' must map"),
+    ],
+)
+def test_malformed_values_are_mapping_errors_naming_file_and_line(tmp_path, old, new, message):
+    path = variant(tmp_path, old, new)
+    with pytest.raises(MappingError, match=re.escape(str(path)) + message):
+        spec = load_mapping(path)
+        # Derivations run on a checkpoint's shapes: evaluate them as a conversion does.
+        shapes = {k: v[0] for k, v in read_tree("optical_flow", "tiny").items()}
+        spec.expand(spec.resolve_config(shapes).values)
+
+
+@pytest.mark.parametrize(
+    "expression, message",
+    [
+        ("1 // 0", "divides by zero"),
+        ("max()", "needs two or more"),
+        ("true + 1", "unknown name"),
+        ("big * big * big", "beyond int64"),
+        ("-" * 400 + "64", None),  # deep, but short enough: evaluates
+        ("1 +", "invalid expression"),
+        # The backstop: anything else evaluation raises (here a name's own arithmetic).
+        ("odd * 2", "cannot evaluate 'odd \\* 2': OverflowError: boom"),
+        ("size + 1", "'size' in 'size \\+ 1' is not an integer"),
+    ],
+)
+def test_derive_expressions_fail_as_mapping_errors(expression, message):
+    from converter.mapping import _evaluate, _Where
+
+    class Odd(int):
+        def __mul__(self, other):
+            raise OverflowError("boom")
+
+    names = {"big": 2**40, "size": (8, 8), "odd": Odd(3)}
+    where = _Where("t.yaml", 3, "derive.x")
+    if message is None:
+        assert _evaluate(expression, names, where) == 64
+        return
+    with pytest.raises(MappingError, match="t.yaml:3: derive.x: .*" + message):
+        _evaluate(expression, names, where)
+
+
+def test_a_mapping_file_that_is_not_utf8_is_named(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(OPTICAL_FLOW.replace("# Optical flow", "# Optical flöw").encode("latin-1"))
+    with pytest.raises(MappingError, match=re.escape(f"{latin1}:1: not UTF-8 text") + ".*must be saved as UTF-8"):
+        load_mapping(latin1)
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_bytes(OPTICAL_FLOW.encode("utf-16"))
+    with pytest.raises(MappingError, match=re.escape(f"{utf16}:1: not UTF-8 text")):
+        load_mapping(utf16)
+    # An included file too.
+    (tmp_path / "_blocks.yaml").write_bytes(
+        (MAPPINGS / "_blocks.yaml").read_text().replace("# ", "# é ", 1).encode("latin-1")
+    )
+    with pytest.raises(MappingError, match=re.escape(str(tmp_path / "_blocks.yaml")) + ":\\d+: not UTF-8"):
+        load_mapping(variant(tmp_path, "schema: 1", "schema: 1"))
+    # CRLF files read as before (universal newlines: the same text and sha256).
+    (tmp_path / "crlf").mkdir()
+    crlf = tmp_path / "crlf" / "optical_flow.yaml"
+    crlf.write_bytes(OPTICAL_FLOW.replace("\n", "\r\n").encode())
+    assert load_mapping(crlf).sha256 == load_mapping("optical_flow").sha256
+
+
+def test_an_op_that_cannot_apply_is_a_shape_problem_not_a_dtype_one():
+    spec = parse(
+        "schema: 1\nname: t\nmodel: t\nconfig: {n: 1}\n"
+        "rules: [{source: a/b, target: a.bias, ops: [{squeeze: {dims: [0]}}]}]\n"
+    )
+    # The op's input shape equals the model's: before, that read as "only the dtype
+    # differs" and the fix suggested np.[64] as a dtype.
+    report = plan_forward(
+        spec.expand({"n": 1}), {"a/b": ((64,), "float32")}, {"a.bias": ((64,), "float32")}
+    )
+    assert report.problems() == [
+        "shape mismatch: a/b -> a.bias: squeeze(dims=[0]) needs size-1 dimensions, "
+        "got shape [64]"
+    ]
+    with pytest.raises(ShapeMismatch):
+        report.raise_for_problems()
+    # A real dtype mismatch still says so, with the fix.
+    copy = parse("schema: 1\nname: t\nmodel: t\nconfig: {n: 1}\nrules: [{source: a/b, target: a.bias}]\n")
+    report = plan_forward(
+        copy.expand({"n": 1}), {"a/b": ((64,), "float64")}, {"a.bias": ((64,), "float32")}
+    )
+    assert report.problems()[0].startswith("dtype mismatch: a/b -> a.bias")
+    assert "np.float32" in report.problems()[0]
+
+
+def test_an_op_argument_no_check_foresaw_is_a_mapping_error_naming_the_rule():
+    from converter.mapping import Rule, rule_shape
+    from converter.ops import Op
+
+    # Built in code, past parse_op's checks: what any unforeseen error of an op's
+    # arguments becomes. np.prod overflowed here with an OverflowError.
+    rule = Rule("a/b", "c.d", (Op("reshape", {"from": (-1,), "to": ("x", -1)}),), "t.yaml:4: rules[0]")
+    with pytest.raises(MappingError, match=r"t\.yaml:4: rules\[0\]: \[reshape.*cannot apply to shape \[64\]: TypeError"):
+        rule_shape(rule, (64,))
+    report = plan_forward(
+        MappingTable((rule,), ()), {"a/b": ((64,), "float32")}, {"c.d": ((64,), "float32")}
+    )
+    assert "t.yaml:4: rules[0]" in report.problems()[0]
+    with pytest.raises(MappingError, match=r"t\.yaml:4: rules\[0\]: .*checkpoint array of shape \[64\]"):
+        list(convert_arrays(MappingTable((rule,), ()), {"a/b": np.zeros(64, "float32")}))
+
+
+def test_the_python_api_raises_mapping_errors_for_malformed_files(tmp_path, golden_path):
+    import converter
+
+    checkpoint = golden_path("optical_flow")
+    for old, new in [
+        ("include: [_blocks.yaml]", "include: [5]"),
+        ("schema: 1", "schema: " + alias_bomb(8)),
+        (DERIVE, DERIVE + '\n  image_size: {expr: "1 // 0"}'),
+    ]:
+        with pytest.raises(MappingError, match="variant.yaml:"):
+            converter.convert(checkpoint, tmp_path / "out.safetensors", mapping=variant(tmp_path, old, new))

@@ -209,3 +209,50 @@ def test_broken_mapping_files_exit_3(tmp_path):
     result = run_cli("mapping", toy)
     assert result.exit_code == 3
     assert "has no shipped parameter tree" in result.stderr
+
+
+def _bomb() -> str:
+    text = "[&a0 [l,l,l,l,l,l,l,l,l], "
+    for level in range(1, 9):
+        text += f"&a{level} [" + ",".join([f"*a{level - 1}"] * 9) + "], "
+    return text + "*a8]"
+
+
+@pytest.mark.parametrize(
+    "old, new, line, message",
+    [
+        # A billion laughs (9**9 leaves): hung and ate memory.
+        ("schema: 1", "schema: " + _bomb(), 2, "aliases expand the document"),
+        ("relative: 1.0e-5", "relative: " + _bomb(), 28, "aliases expand the document"),
+        # 10**18 rules: MemoryError.
+        ("rules:\n", 'rules:\n  - {source: "a/b{i}{j}", target: "c.d{i}{j}", for: {i: 1000000000, j: 1000000000}}\n',
+         31, "expands to more than 100,000 rules"),
+        ("include: [_blocks.yaml]", "include: _blocks.yaml", 9, "'include' must be a list"),
+        ("  patch_channels: {shape: image_preprocessor/patches_linear/w, dim: 1}",
+         '  patch_channels: {shape: image_preprocessor/patches_linear/w, dim: 1}\n  image_size: {expr: "1 // 0"}',
+         20, "divides by zero"),
+        ("rules:\n", "rules:\n  - {source: " + "[" * 5000 + "]" * 5000 + ", target: x}\n", 31, "nest more than 64"),
+        ("relative: 1.0e-5", "relative: .nan", 28, "must be a positive number (finite)"),
+    ],
+)
+def test_malformed_mapping_files_are_one_line_errors_exit_3(tmp_path, old, new, line, message):
+    text = (ROOT / "mappings" / "optical_flow.yaml").read_text()
+    assert old in text
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace(old, new, 1))
+    result = run_cli("mapping", path)
+    assert result.exit_code == 3
+    assert result.stderr.startswith(f"error: {path}:{line}: ")
+    assert message in result.stderr
+    assert "unexpected" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_a_mapping_file_that_is_not_utf8_exits_3(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    text = (ROOT / "mappings" / "optical_flow.yaml").read_text()
+    path.write_bytes(text.replace("# Optical flow", "# Optical flöw").encode("latin-1"))
+    result = run_cli("mapping", path)
+    assert result.exit_code == 3
+    assert result.stderr.startswith(f"error: {path}:1: not UTF-8 text")
+    assert "unexpected" not in result.stderr

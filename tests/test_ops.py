@@ -143,3 +143,22 @@ def test_rank_errors_name_the_op():
         parse_op("linear").shape((3,))
     with pytest.raises(ShapeMismatch, match="conv_hwio_to_oihw expects a rank-4"):
         parse_op("conv_hwio_to_oihw").apply(arange(3, 3))
+
+
+def test_reshape_sizes_are_bounded_and_multiplied_exactly():
+    # Past numpy's largest dimension: refused where the op is read (np.prod raised
+    # OverflowError when the shape was checked).
+    with pytest.raises(MappingError, match="'to' must be a list of positive sizes"):
+        parse_op({"reshape": {"from": [-1, 64], "to": [2**70, -1]}})
+    with pytest.raises(MappingError, match="'from' must be a list of positive sizes"):
+        parse_op({"reshape": {"from": [True, 64], "to": [64]}})
+    # Sizes that fit int64 one by one, but not their product: np.prod wrapped to -2
+    # and the "shape" came out as [2**63 - 1, 2, -32].
+    op = parse_op({"reshape": {"from": [-1], "to": [2**63 - 1, 2, -1]}})
+    with pytest.raises(ShapeMismatch, match="does not fit"):
+        op.shape((64,))
+
+
+def test_squeeze_dims_are_not_booleans():
+    with pytest.raises(MappingError, match="'dims' must be a list"):
+        parse_op({"squeeze": {"dims": [True]}})
