@@ -210,11 +210,31 @@ def hf_config(model: str, config: Mapping[str, Any]) -> Dict[str, Any]:
     raise ValueError(f"unknown model {model!r}")
 
 
+# PerceiverConfig's default head counts. save_pretrained writes only the values that
+# differ from the defaults, so a config.json without a head count means this one
+# (the hub's ImageNet, flow and video files carry "num_cross_attention_heads": 1).
+HF_DEFAULT_HEADS = {"num_self_attention_heads": 8, "num_cross_attention_heads": 8}
+
+
 def config_overrides_from_hf(model: str, hf: Mapping[str, Any]) -> Dict[str, Any]:
     """perceiver_torch config values a transformers ``config.json`` gives that the
-    tensors' shapes cannot reveal (image and clip sizes, how often the ImageNet
-    models' shared block repeats); the rest is derived. The video model's
+    tensors' shapes cannot reveal: the head counts (as transformers reads them: the
+    file's, else PerceiverConfig's defaults), image and clip sizes, how often the
+    ImageNet models' shared block repeats; the rest is derived. The video model's
     ``num_chunks`` (a decoding default, not in transformers' config) stays official."""
+    heads = {key: hf.get(key, default) for key, default in HF_DEFAULT_HEADS.items()}
+    if model == "language_perceiver" and heads["num_cross_attention_heads"] != 8:
+        raise MappingError(
+            f"config.json gives num_cross_attention_heads="
+            f"{heads['num_cross_attention_heads']}: PerceiverForMaskedLM's encoder "
+            "cross-attention then has that many heads and its decoder 8 (a literal in "
+            "transformers), where the official model, and perceiver_torch's, use one "
+            "count for both; this checkpoint cannot be imported"
+        )
+    return {**heads, **_sizes_from_hf(model, hf)}
+
+
+def _sizes_from_hf(model: str, hf: Mapping[str, Any]) -> Dict[str, Any]:
     if model.startswith("imagenet_"):
         out = {"num_blocks": hf["num_blocks"]} if "num_blocks" in hf else {}
         if model == "imagenet_learned" and "image_size" in hf:

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from converter.errors import CheckpointError, MappingError, UnsafeCheckpointError
+from converter.errors import CheckpointError, ConfigError, MappingError, UnsafeCheckpointError
 from converter.mapping import (
     MappingSpec,
     available_hf_mappings,
@@ -210,6 +210,8 @@ def detect_model(source: HFSource) -> str:
     known = _architectures()
     if source.config is not None and source.config.get("architectures"):
         names = source.config["architectures"]
+        if not isinstance(names, list):
+            names = [names]  # one name given as a string, not a list
         for arch in names:
             if arch in known:
                 return known[arch]
@@ -305,9 +307,24 @@ def prepare_hf(
     # perceiver_torch config: the video model's num_chunks is nowhere else), then
     # transformers' config.json, then the caller's overrides.
     overrides = _embedded_config(source, detected)
-    overrides.update(config_overrides_from_hf(detected, source.config or {}))
+    # Without a config.json (a lone weights file) nothing says transformers' defaults
+    # apply: the embedded config, else the official values.
+    from_file = (
+        config_overrides_from_hf(detected, source.config) if source.config is not None else {}
+    )
+    overrides.update(from_file)
     overrides.update(config or {})
-    prepared = prepare(checkpoint, detected, config=overrides or None)
+    try:
+        prepared = prepare(checkpoint, detected, config=overrides or None)
+    except ConfigError as error:
+        if error.key in from_file and error.key not in (config or {}):
+            # The bad value is config.json's, not a --config the user typed.
+            message = str(error).removeprefix("--config: ")
+            raise CheckpointError(
+                f"{source.path}: config.json's {error.key}={from_file[error.key]!r}: "
+                f"{message}"
+            ) from None
+        raise
     provenance = {
         "format": "huggingface",
         "kind": source.kind,

@@ -22,6 +22,7 @@ from converter.conversion import convert
 from converter.mapping import flatten_tree
 from converter.haiku_reader import load_haiku_checkpoint
 from converter.registry import MODEL_NAMES
+import perceiver_torch
 from perceiver_torch import read_checkpoint
 from tests.helpers import run_cli
 
@@ -546,3 +547,43 @@ def test_export_quiet_prints_nothing_and_file_suffixes_are_refused(converted, tm
         assert result.exit_code == 2 and "name the folder without it" in result.stderr
         assert not (tmp_path / name).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["quiet"]
+
+
+def test_head_counts_come_from_config_json(converted, exported, tmp_path) -> None:
+    """A checkpoint transformers saved itself (no perceiver-convert metadata): the
+    head counts, which no tensor shape reveals, are config.json's (else
+    PerceiverConfig's defaults, which save_pretrained leaves out). The import then
+    equals a conversion of the same official arrays with those heads."""
+    from converter.hf import HF_DEFAULT_HEADS
+
+    defaults = transformers.PerceiverConfig()
+    assert {k: getattr(defaults, k) for k in HF_DEFAULT_HEADS} == HF_DEFAULT_HEADS
+    name = "language_perceiver"
+    hf_config = transformers.PerceiverConfig.from_pretrained(str(exported[name]))
+    hf_config.num_self_attention_heads = 4
+    hf_model = transformers.PerceiverForMaskedLM.from_pretrained(
+        str(exported[name]), config=hf_config
+    )
+    folder = tmp_path / "four_heads"
+    hf_model.save_pretrained(str(folder))
+    assert json.loads((folder / "config.json").read_text())["num_self_attention_heads"] == 4
+    imported = tmp_path / "imported.safetensors"
+    result = run_cli("convert", folder, "-o", imported, "-q")
+    assert result.exit_code == 0, result.stderr
+    expected_file = tmp_path / "expected.safetensors"
+    convert(converted[name][0], expected_file,
+            config={**HF_TINY_CONFIGS[name], "num_self_attention_heads": 4})
+    got, expected = perceiver_torch.load(imported), perceiver_torch.load(expected_file)
+    assert got.config == expected.config and got.config.num_self_attention_heads == 4
+    ids = torch.randint(6, 262, (2, got.config.max_seq_len), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(got(ids), expected(ids))
+    # A head count the official architecture cannot express, and a bad value.
+    config = json.loads((folder / "config.json").read_text())
+    for key, value, words in (("num_cross_attention_heads", 4, "cannot be imported"),
+                              ("num_self_attention_heads", "four", "config.json's")):
+        (folder / "config.json").write_text(json.dumps({**config, key: value}))
+        result = run_cli("convert", folder, "-o", tmp_path / "bad.safetensors")
+        assert result.exit_code == 3 and words in result.stderr, result.stderr
+        assert "--config" not in result.stderr
+    assert not (tmp_path / "bad.safetensors").exists()
