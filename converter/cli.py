@@ -801,13 +801,27 @@ def verify_command(
     With --dtype bfloat16|float16, the parity check runs the weights rounded to that
     dtype (with the dtype's tolerance) and is followed by a fidelity report of the
     model computing in that dtype (converter.precision); exit 1 also on inf/NaN
-    outputs there.
+    outputs there. --dtype and --mapping apply to official checkpoints only, and with
+    --reference no other option changes what is checked (exit 2 if given).
     """
     config = _parse_config(config_items, model)
+    from converter.hf_import import is_hf_input
     from converter.interop_cli import verify_other
-    from converter.verify import verify
 
-    # HuggingFace checkpoints and --reference: converter/interop_cli.py
+    # The options these two forms cannot honour are refused, not silently dropped.
+    if reference is not None:
+        _refuse_options(
+            {"--dtype": dtype != "float32", "--model": model is not None,
+             "--config": bool(config_items), "--mapping": mapping is not None},
+            "with --reference: the converted file records its model, config, mapping "
+            "and dtype, and is checked as it is",
+        )
+    elif is_hf_input(checkpoint):
+        _refuse_options(
+            {"--dtype": dtype != "float32", "--mapping": mapping is not None},
+            "to a HuggingFace checkpoint (its own mapping, float32 parity); for reduced "
+            "precision convert it first (convert HF -o OUT.safetensors --dtype bfloat16)",
+        )
     report = verify_other(checkpoint, reference, model=model, config=config or None,
                           seed=seed, batch=batch, as_json=as_json,
                           progress=_progress(quiet))
@@ -939,6 +953,14 @@ def export_command(
         )
     if as_json:
         echo_json(result.as_dict())
+
+
+def _refuse_options(given: Dict[str, bool], why: str) -> None:
+    """A usage error naming the options in ``given`` that were used (True)."""
+    used = [name for name, is_used in given.items() if is_used]
+    if used:
+        verb = "does" if len(used) == 1 else "do"
+        raise click.UsageError(f"{', '.join(used)} {verb} not apply {why}")
 
 
 @main.command("models")

@@ -587,3 +587,21 @@ def test_head_counts_come_from_config_json(converted, exported, tmp_path) -> Non
         assert result.exit_code == 3 and words in result.stderr, result.stderr
         assert "--config" not in result.stderr
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_verify_refuses_options_it_cannot_honour(converted, exported, tmp_path) -> None:
+    """--dtype/--mapping on a HuggingFace checkpoint, and any option that would change
+    the check with --reference, are usage errors (exit 2) before any work: they were
+    silently ignored (or --dtype failed later with exit 3)."""
+    fixture, target = converted["optical_flow"]
+    mapping = Path(__file__).resolve().parents[1] / "mappings" / "optical_flow.yaml"
+    cases = [
+        ([exported["optical_flow"], "--dtype", "bfloat16"], "--dtype does not apply"),
+        ([exported["optical_flow"], "--mapping", mapping], "--mapping does not apply"),
+        ([target, "--reference", fixture, "--dtype", "float16", "--model", "optical_flow"],
+         "--dtype, --model do not apply with --reference"),
+        ([target, "--reference", fixture, "--config", "num_blocks=1"], "--config does not"),
+    ]
+    for args, words in cases:
+        result = run_cli("verify", *args)
+        assert result.exit_code == 2 and words in result.stderr, result.stderr
