@@ -121,6 +121,18 @@ def fail(error: ConverterError) -> NoReturn:
     raise click.exceptions.Exit(exit_code_for(error))
 
 
+def _debug_from_environment() -> bool:
+    """PERCEIVER_CONVERT_DEBUG as an on/off switch (``false``/``off`` are off, as
+    ``0``); a value that is neither still shows the traceback, the safer reading
+    for a variable whose only use is diagnosis."""
+    from perceiver_torch.fast_paths import switch
+
+    try:
+        return bool(switch(DEBUG_ENV))
+    except ValueError:
+        return True
+
+
 def _wants_json(args: Sequence[str]) -> bool:
     """Whether the command line asks for ``--json`` (options end at ``--``)."""
     for arg in args:
@@ -145,10 +157,7 @@ class ConverterGroup(click.Group):
             *ctx.args,
         ]
         as_json = _wants_json(args)
-        debug = bool(ctx.params.get("debug")) or os.environ.get(DEBUG_ENV, "") not in (
-            "",
-            "0",
-        )
+        debug = bool(ctx.params.get("debug")) or _debug_from_environment()
         try:
             return super().invoke(ctx)
         except click.exceptions.Exit:

@@ -35,7 +35,8 @@ when parity breaks, run the plain path first::
 
 ``PERCEIVER_TORCH_FAST_PATHS=0`` turns all of them off for the process and
 ``PERCEIVER_TORCH_ONEDNN=0`` the two oneDNN paths alone (both read at first use;
-``reread_environment()`` reads them again).
+``reread_environment()`` reads them again; ``false``/``no``/``off`` mean 0 and
+``true``/``yes``/``on`` 1, any other value is a ``ValueError`` naming it).
 The fast paths switch themselves off where they do not apply (training, autograd,
 dropout, other devices or dtypes for the oneDNN kernel); the switch only ever turns
 them off, never on where they do not apply.
@@ -98,14 +99,33 @@ class AttentionMode(str, enum.Enum):
     ABSORB_Q = "absorb_q"
 
 
+_OFF = frozenset({"0", "false", "no", "off"})
+_ON = frozenset({"1", "true", "yes", "on"})
+
+
+def switch(name: str) -> Optional[bool]:
+    """The on/off value of environment variable ``name``: None where it is unset or
+    empty; 0/false/no/off and 1/true/yes/on in any case and spacing. Anything else is
+    a ``ValueError`` naming the variable: ``=off`` read as "not 0" would silently do
+    the opposite of what was meant."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    if value in _OFF or value in _ON:
+        return value in _ON
+    raise ValueError(
+        f"{name}={os.environ[name]!r}: expected 0/false/no/off or 1/true/yes/on"
+    )
+
+
 def _from_environment() -> Tuple[FrozenSet[FastPath], bool]:
     """(the fast paths the environment turns off, whether it forces the oneDNN paths)."""
-    onednn = os.environ.get(ENV_ONEDNN)
-    if os.environ.get(ENV_ALL, "1") == "0":
+    onednn = switch(ENV_ONEDNN)
+    if switch(ENV_ALL) is False:
         return frozenset(FastPath), False
-    if onednn == "0":
+    if onednn is False:
         return frozenset({FastPath.ONEDNN_LINEAR, FastPath.ONEDNN_ATTENTION}), False
-    return frozenset(), onednn == "1"
+    return frozenset(), onednn is True
 
 
 # Module globals, not a context variable: torch.compile traces reads of globals (and

@@ -302,6 +302,8 @@ def test_unexpected_errors_are_one_line_and_debug_shows_the_traceback(work, monk
     assert result.exit_code == 3 and "Traceback" in result.stderr
     monkeypatch.setenv("PERCEIVER_CONVERT_DEBUG", "1")
     assert "Traceback" in run_cli(*args).stderr
+    monkeypatch.setenv("PERCEIVER_CONVERT_DEBUG", "false")  # off, as 0 (was on)
+    assert "Traceback" not in run_cli(*args).stderr
 
 
 def test_a_bad_config_value_inside_a_mapping_file_is_the_files_fault(tmp_path):

@@ -315,3 +315,21 @@ def test_full_size_video_fused_decoding_within_float32_rounding():
             # decoder, which is what the fast path changes.
             exact = float64_model(model).decode(latents.double(), sub)
     check_outputs_within_float32_rounding("video", fused, plain, exact)
+
+
+@pytest.mark.parametrize("value, off", [("0", True), ("off", True), (" False ", True),
+                                        ("no", True), ("1", False), ("on", False),
+                                        ("", False)])
+def test_environment_switch_spellings(monkeypatch, value, off):
+    # "=off" read as "not 0" left every path on: the opposite of what was meant.
+    monkeypatch.setattr(fast_paths, "_environment", None)
+    monkeypatch.setenv("PERCEIVER_TORCH_FAST_PATHS", value)
+    assert (fast_paths.disabled_paths() == frozenset(FastPath)) == off
+
+
+def test_an_environment_value_that_is_no_switch_is_named(monkeypatch):
+    monkeypatch.setattr(fast_paths, "_environment", None)
+    monkeypatch.setenv("PERCEIVER_TORCH_ONEDNN", "maybe")
+    with pytest.raises(ValueError, match="PERCEIVER_TORCH_ONEDNN='maybe'"):
+        fast_paths.disabled_paths()
+    monkeypatch.setattr(fast_paths, "_environment", None)  # not kept for later tests
