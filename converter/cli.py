@@ -638,6 +638,10 @@ def _model_names(
                 )
             if name not in names:
                 names.append(name)
+    if values and not names:  # --models "" or "," names none: not "all of them"
+        raise click.BadParameter(
+            f"no model named; choose from {', '.join(MODEL_NAMES)}", ctx=ctx, param=param
+        )
     return tuple(names)
 
 

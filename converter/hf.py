@@ -364,6 +364,11 @@ def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: 
     # np.asarray keeps a 0-d array 0-d (np.ascontiguousarray makes it shape (1,)).
     save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(path),
               metadata=dict(metadata))
+    # safetensors creates its file 0600 whatever the umask; the folder's other files
+    # (and every other output here) get the umask's permissions, as open() gives.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _write_processor_files(model: str, config: Mapping[str, Any], folder: Path) -> List[str]:

@@ -167,8 +167,12 @@ def read_hf(path: str | os.PathLike) -> HFSource:
             )
         found = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
         if not found:
+            sharded = any(path.glob("*.index.json"))
             raise CheckpointError(
                 f"{path}: no model.safetensors or pytorch_model.bin next to config.json"
+                + ("; sharded weights (*.index.json and shards) are not read: save the "
+                   "model unsharded (save_pretrained(..., max_shard_size='100GB'))"
+                   if sharded else "")
             )
         weights = found[0]
     else:

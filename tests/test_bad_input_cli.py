@@ -648,6 +648,10 @@ def test_demo_models_parse_comma_separated_and_repeated(monkeypatch, tmp_path):
     assert seen == ["imagenet_fourier", "optical_flow", "language_perceiver", "imagenet_conv"]
     result = run_cli("demo", "--models", "imagenet_fourier,nosuch")
     assert result.exit_code == 2 and "nosuch" in result.stderr
+    for empty in ("", ","):  # names no model: refused, not "all six"
+        result = run_cli("demo", "--no-tasks", "--models", empty)
+        assert result.exit_code == 2 and "no model named" in result.stderr
+    assert len(seen) == 4
     # Files of an earlier demo in --workdir need --force.
     (tmp_path / "imagenet_fourier.pickle").write_bytes(b"earlier")
     before = snapshot(tmp_path)

@@ -384,6 +384,10 @@ def test_wrong_hf_folders_exit_3(converted, exported, tmp_path) -> None:
     (no_weights / "config.json").write_text((source / "config.json").read_text())
     result = run_cli("convert", no_weights, "-o", out)
     assert result.exit_code == 3 and "no model.safetensors" in result.stderr
+    assert "sharded" not in result.stderr
+    (no_weights / "model.safetensors.index.json").write_text("{}")  # sharded weights
+    result = run_cli("convert", no_weights, "-o", out)
+    assert result.exit_code == 3 and "sharded weights" in result.stderr
     for result_text in (result.stderr,):
         assert "Traceback" not in result_text
     assert not out.exists()
@@ -542,6 +546,10 @@ def test_export_quiet_prints_nothing_and_file_suffixes_are_refused(converted, tm
     result = run_cli("export", source, "-o", tmp_path / "quiet", "--format", "hf", "-q")
     assert result.exit_code == 0 and result.stderr == ""
     assert (tmp_path / "quiet" / "model.safetensors").is_file()
+    # The weights get the umask's permissions like the folder's other files
+    # (safetensors alone creates them 0600).
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "quiet").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes
     for name in ("x.safetensors", "x.onnx", "x.pickle"):
         result = run_cli("export", source, "-o", tmp_path / name, "--format", "hf")
         assert result.exit_code == 2 and "name the folder without it" in result.stderr
