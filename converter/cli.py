@@ -820,6 +820,7 @@ def verify_command(
     config = _parse_config(config_items, model)
     from converter.hf_import import is_hf_input
     from converter.interop_cli import verify_other
+    from converter.verify import verify
 
     # The options these two forms cannot honour are refused, not silently dropped.
     if reference is not None:
