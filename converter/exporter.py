@@ -169,11 +169,17 @@ def export(
     return ExportResult(haiku.model, Path(out), len(haiku.flat), haiku.exact, haiku.notes)
 
 
+def nonfinite_count(tensor: torch.Tensor) -> int:
+    """How many NaN/Inf values a floating tensor holds (0 for other dtypes)."""
+    if not tensor.is_floating_point():
+        return 0
+    return int(tensor.numel() - torch.isfinite(tensor).sum())
+
+
 def nonfinite_tensors(state_dict: Dict[str, torch.Tensor]) -> list:
     """The names of floating tensors holding NaN or Inf (a corrupt file: the converter
     refuses such official arrays, so a converted file has them only if changed)."""
-    return [key for key, tensor in state_dict.items()
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    return [key for key, tensor in state_dict.items() if nonfinite_count(tensor)]
 
 
 def check_stored_tensors(

@@ -28,17 +28,19 @@ def is_other(path: Path) -> bool:
         return True
     if path.suffix.lower() not in OTHER_SUFFIXES:
         return False
+    from perceiver_torch.registry import file_kind
+
     try:
         with open(path, "rb") as handle:
             head = handle.read(16)
     except OSError:
         return True  # the describer names the problem
-    plain_pickle = len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
-    legacy_torch = head.startswith(b"\x80\x02\x8a\x0a")  # torch.save's old format
-    return not plain_pickle or legacy_torch or head[8:9] == b"{"
+    return file_kind(head) != "pickle"
 
 
 def _rows(tensors: Dict[str, Any]) -> List[Dict[str, Any]]:
+    from converter.exporter import nonfinite_count
+
     rows = []
     for name, value in tensors.items():
         shape = list(value.shape)
@@ -48,17 +50,8 @@ def _rows(tensors: Dict[str, Any]) -> List[Dict[str, Any]]:
             count *= size
         itemsize = value.element_size() if hasattr(value, "element_size") else value.itemsize
         rows.append({"name": name, "shape": shape, "dtype": dtype, "values": count,
-                     "bytes": count * itemsize, "nonfinite": _nonfinite(value)})
+                     "bytes": count * itemsize, "nonfinite": nonfinite_count(value)})
     return rows
-
-
-def _nonfinite(tensor: Any) -> int:
-    """How many NaN/Inf values a floating torch tensor holds (0 for other dtypes)."""
-    import torch
-
-    if not tensor.is_floating_point():
-        return 0
-    return int(tensor.numel() - torch.isfinite(tensor).sum())
 
 
 def _mark_nonfinite(document: Dict[str, Any]) -> Dict[str, Any]:

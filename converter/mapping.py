@@ -1034,11 +1034,8 @@ def _parse_blocks(
                 where.at(root, "include", f"include[{index}]"),
                 f"an included file is a non-empty file name, got {_short(include)}",
             )
-    for include in includes:
         if include_loader is None:
-            raise _fail(
-                where.at(root, "include", "include"), "includes are not available here"
-            )
+            raise _fail(include_at, "includes are not available here")
         included_text, included_file = include_loader(include)
         hasher.update(included_text.encode("utf-8"))
         included = _load_yaml(included_text, included_file)

@@ -66,6 +66,7 @@ __all__ = [
     "onednn_forced",
     "plain",
     "reread_environment",
+    "switch",
 ]
 
 ENV_ALL = "PERCEIVER_TORCH_FAST_PATHS"

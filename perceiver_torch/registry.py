@@ -131,8 +131,7 @@ def _refuse_pickles(path: Path) -> bytes:
             head = f.read(4096)
     except OSError as err:
         raise LoadError(f"{path}: cannot read it ({err.strerror or err})") from None
-    is_pickle = len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
-    if is_pickle and not _is_safetensors(head) and not head.startswith(_LEGACY_TORCH_MAGIC):
+    if file_kind(head) == "pickle":
         # The official files name Haiku's FlatMapping in their first opcodes.
         what = (
             "this is an official Haiku checkpoint"
@@ -148,10 +147,19 @@ def _refuse_pickles(path: Path) -> bytes:
     return head
 
 
-def _is_safetensors(head: bytes) -> bool:
-    """A safetensors file starts with its header's length (8 bytes, little-endian,
-    whose first byte may be 0x80) and then the JSON header."""
-    return head[8:9] == b"{"
+def file_kind(head: bytes) -> str:
+    """What a file's first bytes (16 are enough) say it is: ``"safetensors"`` (its
+    header's length, 8 bytes little-endian whose first may be 0x80, then the JSON
+    header), ``"torch"`` (torch.save's zip archive or its legacy pickle), ``"pickle"``
+    (any other pickle of protocol 2 to 5: an official checkpoint, or anything) or
+    ``"other"``."""
+    if head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(_ZIP_MAGIC) or head.startswith(_LEGACY_TORCH_MAGIC):
+        return "torch"
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    return "other"
 
 
 # Storage dtypes a converted file may hold for the model's floating tensors.
@@ -227,7 +235,8 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
     head = _refuse_pickles(path)
     # By content, not by name: a converted file renamed keeps loading, and anything
     # else is named here instead of by torch.load (whose message suggests unsafe ways).
-    if _is_safetensors(head):
+    kind = file_kind(head)
+    if kind == "safetensors":
         from safetensors import safe_open
 
         try:
@@ -248,7 +257,7 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
             )
         _parse(path, metadata)  # a bad config is the file's problem, named here
         return state, metadata
-    if not (head.startswith(b"PK\x03\x04") or head.startswith(_LEGACY_TORCH_MAGIC)):
+    if kind != "torch":
         raise LoadError(
             f"{path}: neither a safetensors file nor a torch.save file; a converted "
             "model is the .safetensors (or .pt) file `perceiver-convert convert` wrote"
