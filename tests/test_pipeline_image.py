@@ -348,6 +348,26 @@ def test_native_size_option():
     assert torch.equal(result.logits, expected)
 
 
+def test_native_size_run_keeps_the_batch_size(tmp_path):
+    # run classify --native-size rebuilt its pipeline with the default batch size.
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.image import run_task
+
+    model = tiny("imagenet_fourier")
+    paths = []
+    for seed in range(3):
+        paths.append(str(tmp_path / f"{seed}.png"))
+        Image.fromarray(random_rgb(30, 30, seed=seed)).save(paths[-1])
+    batches = []
+    hook = model.register_forward_hook(lambda module, args, out: batches.append(len(out)))
+    try:
+        pipeline = ClassifyPipeline(model, batch_size=1)
+        run_task(pipeline, paths, RunOptions(extra={"native_size": True}))
+    finally:
+        hook.remove()
+    assert batches == [1, 1, 1]
+
+
 def test_wrong_model():
     with pytest.raises(WrongModelError, match="language_perceiver"):
         ClassifyPipeline(tiny("language_perceiver"))

@@ -404,7 +404,8 @@ class ClassifyPipeline:
 def run_task(pipeline: ClassifyPipeline, inputs: List[str], options: RunOptions) -> List[dict]:
     """``perceiver-convert run classify``: one document per image."""
     if options.extra.get("native_size") and pipeline.size is not None:
-        pipeline = ClassifyPipeline(pipeline.model, resize=False)
+        # The same pipeline at the images' own size: keep the caller's batch size.
+        pipeline = ClassifyPipeline(pipeline.model, resize=False, batch_size=pipeline.batch_size)
     pipeline.progress = options.progress
     pixels = []
     for path in options.progress(inputs, len(inputs), "preprocessing"):
