@@ -218,6 +218,33 @@ def _fits(
         return False
 
 
+def _refuse_overrides_that_break(
+    prepared: PreparedConversion, sources: Mapping[str, np.ndarray], overrides
+) -> None:
+    """Raises a ConfigError (exit 2) when the checkpoint fits its mapping without the
+    user's ``--config`` overrides but not with them: an override no shape reveals
+    (imagenet_learned's image_size: only the product H*W is in the checkpoint)
+    contradicts the tensors, and the fix is the override, not the file."""
+    if prepared.report.ok or not overrides:
+        return
+    if not _fits(prepared.checkpoint, prepared.mapping, sources):
+        return
+    given = ", ".join(f"{key}={_plain_value(value)}" for key, value in overrides.items())
+    problem = prepared.report.problems()[0]
+    raise ConfigError(
+        f"--config {given} contradicts the checkpoint, which converts as "
+        f"{prepared.model} without it ({problem}); drop or correct that override",
+        next(iter(overrides)) if len(overrides) == 1 else None,
+    )
+
+
+def _plain_value(value: Any) -> str:
+    """``(16, 16)`` as the ``16x16`` the command line takes."""
+    if isinstance(value, (tuple, list)):
+        return "x".join(str(item) for item in value)
+    return str(value)
+
+
 def prepare(
     checkpoint: HaikuCheckpoint | str | os.PathLike,
     model: Optional[str] = None,
@@ -244,6 +271,7 @@ def prepare(
             raise MappingError(
                 f"{checkpoint.path}: does not fit the {spec.name} mapping: {error}"
             ) from None
+        _refuse_overrides_that_break(prepared, sources, config)
         prepared.report.raise_for_problems(
             f"Is {checkpoint.path.name} really a {spec.model} checkpoint? "
             "Omit --model to detect the model from the parameter names."
@@ -267,6 +295,7 @@ def prepare(
             continue
         if prepared.report.ok:
             return prepared
+        _refuse_overrides_that_break(prepared, sources, config)
         covered = prepared.report.used / max(len(sources), 1)
         candidates.append((covered, name, prepared.report))
     candidates.sort(key=lambda item: -item[0])

@@ -175,6 +175,29 @@ def test_bad_config_values_exit_2_naming_the_key(work, item, words, forced):
     assert snapshot(work) == before
 
 
+@pytest.mark.parametrize("forced", [False, True])
+def test_an_override_no_shape_reveals_is_still_checked_against_the_tensors(work, forced):
+    """imagenet_learned's checkpoint holds only the product H*W of image_size (its
+    position table's rows): a size of another product was a shape mismatch exiting 3,
+    as if the file were wrong; it is the override (exit 2)."""
+    write_fixture("imagenet_learned", work / "learned.pickle", size="tiny", seed=5)
+    before = snapshot(work)
+    args = ["convert", work / "learned.pickle", "-o", work / "out.safetensors",
+            "--config", "image_size=8x8", "--json"]
+    if forced:
+        args += ["--model", "imagenet_learned"]
+    result = run_cli(*args)
+    assert_clean_error(result, 2, "--config image_size=8x8", "contradicts", "[64, 16]")
+    assert json.loads(result.stdout)["error"]["type"] == "ConfigError"
+    assert snapshot(work) == before
+    # The same product in another shape fits the tensors: accepted.
+    out = work / "wide.safetensors"
+    result = run_cli("convert", work / "learned.pickle", "-o", out, "-q",
+                     "--config", "image_size=16x64")
+    assert result.exit_code == 0, result.output
+    assert perceiver_torch.load(out).config.image_size == (16, 64)
+
+
 def test_tuples_parse_from_x_comma_and_json(work):
     for i, value in enumerate(("8x8", "8,8", "[8, 8]", " 8 X 8 ")):
         out = work / f"out{i}.safetensors"
