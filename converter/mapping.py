@@ -1341,6 +1341,9 @@ class ShapeProblem:
     expected: Shape
     detail: str
     kind: str = "result"
+    # The rule's own dtype op, when it has one: "file:line" of the rule. A dtype that
+    # comes out wrong through it is the mapping's to fix, or the array's to match.
+    cast_at: str = ""
 
 
 @dataclass
@@ -1389,17 +1392,21 @@ class MappingReport:
             kind = (
                 "dtype mismatch"
                 if problem.kind == "result"
-                and problem.expected
-                and tuple(problem.got) == tuple(problem.expected)
+                and tuple(problem.got) == tuple(problem.expected)  # scalars: () == ()
                 else "shape mismatch"
             )
             want = problem.detail.rsplit(" ", 1)[-1]  # "... model expects [..] float32"
-            fix = (
-                f"; store the array as {want} (numpy: array.astype(np.{want})) and "
-                "save the checkpoint again"
-                if kind == "dtype mismatch"
-                else ""
-            )
+            fix = ""
+            if kind == "dtype mismatch" and problem.cast_at:
+                fix = (
+                    f"; the rule's dtype op ({problem.cast_at}) must turn the array's "
+                    f"dtype into {want}: correct its 'from'/'to'"
+                )
+            elif kind == "dtype mismatch":
+                fix = (
+                    f"; store the array as {want} (numpy: array.astype(np.{want})) and "
+                    "save the checkpoint again"
+                )
             lines.append(
                 f"{kind}: {problem.source} -> {problem.target}: {problem.detail}{fix}"
             )
@@ -1486,6 +1493,11 @@ def plan_forward(
                     tuple(expected_shape),
                     f"checkpoint {list(shape)} {dtype} becomes {list(got)} {out_dtype} after "
                     f"[{rule.describe_ops()}], model expects {list(expected_shape)} {expected_dtype}",
+                    cast_at=(
+                        (rule.at[0] if rule.at else rule.origin)
+                        if any(op.name == "dtype" for op in rule.ops)
+                        else ""
+                    ),
                 )
             )
             continue

@@ -662,6 +662,21 @@ def test_an_op_that_cannot_apply_is_a_shape_problem_not_a_dtype_one():
     assert "np.float32" in report.problems()[0]
 
 
+@pytest.mark.parametrize("stored", ["int32", "int64"])
+def test_a_dtype_the_rules_own_op_gets_wrong_names_the_op_not_the_file(stored):
+    # The op casts to int32 where the model keeps int64 (or expects int32 where the
+    # file holds int64): re-saving the checkpoint as the model's dtype was the advice.
+    spec = parse(
+        "schema: 1\nname: t\nmodel: t\nconfig: {n: 1}\nrules:\n"
+        "  - {source: a/n, target: a.n, ops: [{dtype: {from: int32, to: int32}}]}\n"
+    )
+    report = plan_forward(spec.expand({"n": 1}), {"a/n": ((), stored)}, {"a.n": ((), "int64")})
+    (problem,) = report.problems()
+    assert problem.startswith("dtype mismatch: a/n -> a.n")
+    assert "test.yaml:6" in problem and "dtype op" in problem and "'from'/'to'" in problem
+    assert "save the checkpoint again" not in problem
+
+
 def test_an_op_argument_no_check_foresaw_is_a_mapping_error_naming_the_rule():
     from converter.mapping import Rule, rule_shape
     from converter.ops import Op
