@@ -154,6 +154,10 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
         channels = int(stream.codec_context.channels)
         # format only; the layout stays the source's so that channel 0 is kept as is.
         resampler = av.AudioResampler(format="fltp", rate=int(sample_rate))
+        # The first second of channel 0 at the source rate, for a sound too short
+        # for the resampler (below); the format only: no delay.
+        to_float = av.AudioResampler(format="fltp")
+        head: List[np.ndarray] = []
         pieces: List[np.ndarray] = []
         decoded = 0  # source samples
         try:
@@ -162,8 +166,11 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
                 frame.pts = None  # let the resampler count samples itself
                 for out in resampler.resample(frame):
                     pieces.append(out.to_ndarray()[0])
+                if decoded <= source_rate:
+                    head.extend(out.to_ndarray()[0] for out in to_float.resample(frame))
             for out in resampler.resample(None):
                 pieces.append(out.to_ndarray()[0])
+            head.extend(out.to_ndarray()[0] for out in to_float.resample(None))
         except av.error.FFmpegError as error:
             raise InputError(f"{path}: the sound cannot be decoded ({error})") from None
     if decoded == 0:
@@ -174,29 +181,20 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
     # gives no sample at all; longer sounds give at least floor(S * rate / source)).
     # A short sound is resampled again followed by silence: its own samples come out,
     # at least one, and the caller pads the rest with silence as for any short track.
+    # (A filter is far shorter than a second, so such a sound is all in ``head``.)
     wanted = max(1, decoded * int(sample_rate) // source_rate)
-    if len(audio) < wanted:
-        audio = _resample_padded(path, source_rate, int(sample_rate))[:wanted]
+    if len(audio) < wanted and decoded <= source_rate:
+        audio = _resample_padded(np.concatenate(head), source_rate, int(sample_rate))
+        audio = audio[:wanted]
     return audio.astype(np.float32), source_rate, channels
 
 
-def _resample_padded(path: Path, source_rate: int, sample_rate: int) -> np.ndarray:
-    """The first channel of ``path``'s sound, followed by a second of silence, at
+def _resample_padded(channel: np.ndarray, source_rate: int, sample_rate: int) -> np.ndarray:
+    """``channel`` (float, at ``source_rate``) followed by a second of silence, at
     ``sample_rate`` (the same resampler as :func:`read_audio`; channels are resampled
     independently, so resampling the first alone gives the same samples)."""
     av = require("av")
-    channel: List[np.ndarray] = []
-    with _open_container(path) as container:
-        stream = container.streams.audio[0]
-        to_float = av.AudioResampler(format="fltp")  # the format only: no delay
-        try:
-            for frame in container.decode(stream):
-                frame.pts = None
-                channel.extend(out.to_ndarray()[0] for out in to_float.resample(frame))
-            channel.extend(out.to_ndarray()[0] for out in to_float.resample(None))
-        except av.error.FFmpegError as error:
-            raise InputError(f"{path}: the sound cannot be decoded ({error})") from None
-    padded = np.concatenate(channel + [np.zeros(source_rate, np.float32)])
+    padded = np.concatenate([channel, np.zeros(source_rate, np.float32)])
     frame = av.AudioFrame.from_ndarray(
         padded.astype(np.float32)[None], format="fltp", layout="mono"
     )
