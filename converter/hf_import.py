@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -117,11 +118,19 @@ def _read_bin(path: Path) -> Dict[str, np.ndarray]:
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        # torch's own text begins with advice to retry with weights_only=False (that
+        # is, to run the file); only the name of what it refused is worth passing on.
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        name = found.group(1) if found else None
+        what = (
+            f"it asks for the global {name!r}, which" if name else "it holds objects that"
+        )
         raise UnsafeCheckpointError(
-            f"{path}: refused: torch.load(weights_only=True) does not allow this pickle "
-            f"({first[:200]}); nothing from the file was run. Use a model.safetensors "
-            "file, or one from a source you trust"
+            f"{path}: refused: {what} torch.load(weights_only=True) does not allow; "
+            "nothing from the file was run. A transformers checkpoint holds only "
+            "tensors: use its model.safetensors file, or a pytorch_model.bin from a "
+            "source you trust",
+            name,
         ) from None
     except Exception as error:  # truncated zip, not a torch file, ...
         raise CheckpointError(

@@ -739,3 +739,33 @@ def test_parity_failure_exits_1_with_the_report_in_the_json_and_no_file(
     assert document["exit_code"] == 1 and document["error"]["type"] == "ParityError"
     assert document["error"]["parity"]["passed"] is False
     assert snapshot(work) == before
+
+
+class _MakeDirs:
+    """Unpickling this would create ``path`` (a stand-in for any code execution)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (str(self.path),))
+
+
+def test_refused_pytorch_model_bin_names_the_global_without_torchs_advice(tmp_path):
+    """A pytorch_model.bin that torch.load(weights_only=True) refuses: the message
+    names the global it asked for, and never passes on torch's advice to retry with
+    weights_only=False (which would run the file)."""
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    weights = {"w": torch.randn(3, 4), "b": _MakeDirs(marker)}
+    torch.save(weights, folder / "pytorch_model.bin")
+    before = snapshot(tmp_path)
+    result = run_cli("convert", folder / "pytorch_model.bin", "-o", tmp_path / "out.safetensors")
+    assert_clean_error(result, 3, "refused", "'os.makedirs'", "nothing from the file was run")
+    assert "set to `False`" not in result.stderr and "Re-running" not in result.stderr
+    result = run_cli("inspect", folder / "pytorch_model.bin")
+    assert_clean_error(result, 3, "'os.makedirs'")
+    assert "set to `False`" not in result.stderr
+    assert not marker.exists()
+    assert snapshot(tmp_path) == before
