@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -245,6 +246,39 @@ def _plain_value(value: Any) -> str:
     return str(value)
 
 
+def _image_size_hint(prepared: PreparedConversion) -> str:
+    """How to fix a learned position encoding whose length the resolved image_size
+    does not give: its length is H*W, which no shape can split into H and W."""
+    config = prepared.config
+    if (
+        "image_size" not in config.values
+        or "image_size" in config.derived
+        or "image_size" in config.overrides
+    ):
+        return ""
+    for problem in prepared.report.mismatches:
+        got, expected = tuple(problem.got), tuple(problem.expected or ())
+        if (
+            problem.kind == "result"
+            and problem.target.endswith("position_encoding.embeddings")
+            and len(got) == 2
+            and len(expected) == 2
+            and got[1] == expected[1]
+            and got[0] != expected[0]
+        ):
+            positions = got[0]
+            height = next(
+                h for h in range(math.isqrt(positions), 0, -1) if positions % h == 0
+            )
+            return (
+                f"{problem.source} holds {positions:,} positions, but the image size "
+                f"(height x width = {positions:,}) cannot be read from the shapes: pass "
+                f"--config image_size=HxW, e.g. --config "
+                f"image_size={height}x{positions // height}"
+            )
+    return ""
+
+
 def prepare(
     checkpoint: HaikuCheckpoint | str | os.PathLike,
     model: Optional[str] = None,
@@ -273,7 +307,8 @@ def prepare(
             ) from None
         _refuse_overrides_that_break(prepared, sources, config)
         prepared.report.raise_for_problems(
-            f"Is {checkpoint.path.name} really a {spec.model} checkpoint? "
+            _image_size_hint(prepared)
+            or f"Is {checkpoint.path.name} really a {spec.model} checkpoint? "
             "Omit --model to detect the model from the parameter names."
         )
         return prepared
@@ -297,7 +332,7 @@ def prepare(
             return prepared
         _refuse_overrides_that_break(prepared, sources, config)
         covered = prepared.report.used / max(len(sources), 1)
-        candidates.append((covered, name, prepared.report))
+        candidates.append((covered, name, prepared))
     candidates.sort(key=lambda item: -item[0])
     best_score, best_name, best = candidates[0]
     if best_score == 0.0:
@@ -305,9 +340,11 @@ def prepare(
             f"{checkpoint.path}: the parameter names match none of the official models "
             f"({', '.join(available_mappings())}); pass --model NAME to see what is missing"
         )
-    detail = (
-        "\n".join(best.problems()[:20]) if isinstance(best, MappingReport) else best
-    )
+    if isinstance(best, PreparedConversion):
+        hint = _image_size_hint(best)
+        detail = "\n".join(best.report.problems()[:20] + ([hint] if hint else []))
+    else:
+        detail = best
     raise MappingError(
         f"{checkpoint.path}: closest model is {best_name} ({best_score:.0%} of the tensors "
         f"fit), but the checkpoint does not match it:\n{detail}"

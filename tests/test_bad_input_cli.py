@@ -769,3 +769,31 @@ def test_refused_pytorch_model_bin_names_the_global_without_torchs_advice(tmp_pa
     assert "set to `False`" not in result.stderr
     assert not marker.exists()
     assert snapshot(tmp_path) == before
+
+
+def test_learned_positions_of_an_unknown_image_size_name_the_config_fix(tmp_path):
+    """A learned position encoding's length is H*W, which the shapes cannot split:
+    when no size preset has it, the error says which --config fixes it."""
+    from converter.config_fixtures import write_config_fixture
+
+    source = tmp_path / "learned.pickle"
+    write_config_fixture(
+        "imagenet_learned", source,
+        dict(image_size=[6, 10], pos_channels=16, num_latents=8, d_latents=16,
+             num_self_attends_per_block=1, num_blocks=1, num_classes=5),
+        seed=7,
+    )
+    out = tmp_path / "learned.safetensors"
+    before = snapshot(tmp_path)
+    for extra in ((), ("--model", "imagenet_learned")):
+        result = run_cli("convert", source, "-o", out, *extra)
+        assert_clean_error(result, 3, "60 positions", "--config image_size=6x10")
+    assert snapshot(tmp_path) == before
+    result = run_cli("convert", source, "-o", out, "--config", "image_size=6x10", "-q")
+    assert result.exit_code == 0, result.stderr
+    checkpoint = load_haiku_checkpoint(source)
+    pos = checkpoint.params[
+        "image_preprocessor/~_build_network_inputs/trainable_position_encoding"]["pos_embs"]
+    with safe_open(str(out), framework="np") as f:
+        assert np.array_equal(f.get_tensor("input_preprocessor.position_encoding.embeddings"), pos)
+    assert json.loads(perceiver_torch.read_checkpoint(out)[1]["config"])["image_size"] == [6, 10]
