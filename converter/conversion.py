@@ -279,6 +279,23 @@ def _image_size_hint(prepared: PreparedConversion) -> str:
     return ""
 
 
+def _dtype_only(report: MappingReport) -> int:
+    """How many rules fit by name and shape and differ only in dtype."""
+    return sum(1 for problem in report.mismatches if problem.dtype_only)
+
+
+def _only_dtypes_differ(report: MappingReport) -> bool:
+    return bool(report.mismatches) and len(report.problems()) == _dtype_only(report)
+
+
+_DTYPE_HINT = (
+    "Only the dtypes differ: the names and shapes are this model's. Store each array "
+    "in the dtype named above (the official checkpoints hold float32 weights) and save "
+    "the checkpoint again; convert --dtype then writes float16 or bfloat16 if that is "
+    "what you want."
+)
+
+
 def prepare(
     checkpoint: HaikuCheckpoint | str | os.PathLike,
     model: Optional[str] = None,
@@ -307,7 +324,9 @@ def prepare(
             ) from None
         _refuse_overrides_that_break(prepared, sources, config)
         prepared.report.raise_for_problems(
-            _image_size_hint(prepared)
+            _DTYPE_HINT
+            if _only_dtypes_differ(prepared.report)
+            else _image_size_hint(prepared)
             or f"Is {checkpoint.path.name} really a {spec.model} checkpoint? "
             "Omit --model to detect the model from the parameter names."
         )
@@ -331,7 +350,9 @@ def prepare(
         if prepared.report.ok:
             return prepared
         _refuse_overrides_that_break(prepared, sources, config)
-        covered = prepared.report.used / max(len(sources), 1)
+        # Rules that differ only in dtype still say which model this is.
+        fitting = prepared.report.used + _dtype_only(prepared.report)
+        covered = fitting / max(len(sources), 1)
         candidates.append((covered, name, prepared))
     candidates.sort(key=lambda item: -item[0])
     best_score, best_name, best = candidates[0]
@@ -341,7 +362,9 @@ def prepare(
             f"({', '.join(available_mappings())}); pass --model NAME to see what is missing"
         )
     if isinstance(best, PreparedConversion):
-        hint = _image_size_hint(best)
+        hint = (
+            _DTYPE_HINT if _only_dtypes_differ(best.report) else _image_size_hint(best)
+        )
         detail = "\n".join(best.report.problems()[:20] + ([hint] if hint else []))
     else:
         detail = best

@@ -1345,6 +1345,13 @@ class ShapeProblem:
     # comes out wrong through it is the mapping's to fix, or the array's to match.
     cast_at: str = ""
 
+    @property
+    def dtype_only(self) -> bool:
+        """The ops ran and gave the model's shape: only the dtype differs. Not when an
+        op failed: ``got`` is then the op's input shape, which may equal the model's
+        (squeeze on [64] for a [64] tensor) without the dtype being at fault."""
+        return self.kind == "result" and tuple(self.got) == tuple(self.expected)
+
 
 @dataclass
 class MappingReport:
@@ -1385,16 +1392,9 @@ class MappingReport:
                 f"rule produces a tensor the model does not have: {key} ({origin})"
             )
         for problem in self.mismatches:
-            # Same shape after the ops: only the dtype is wrong; say so, with the fix.
-            # Not when an op failed: ``got`` is then the op's input shape, which may
-            # equal the model's (squeeze on [64] for a [64] tensor) without the dtype
-            # being at fault; the op's own message says what is wrong.
-            kind = (
-                "dtype mismatch"
-                if problem.kind == "result"
-                and tuple(problem.got) == tuple(problem.expected)  # scalars: () == ()
-                else "shape mismatch"
-            )
+            # Only the dtype is wrong: say so, with the fix; where an op failed, its
+            # own message says what is wrong.
+            kind = "dtype mismatch" if problem.dtype_only else "shape mismatch"
             want = problem.detail.rsplit(" ", 1)[-1]  # "... model expects [..] float32"
             fix = ""
             if kind == "dtype mismatch" and problem.cast_at:

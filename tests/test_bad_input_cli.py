@@ -797,3 +797,26 @@ def test_learned_positions_of_an_unknown_image_size_name_the_config_fix(tmp_path
     with safe_open(str(out), framework="np") as f:
         assert np.array_equal(f.get_tensor("input_preprocessor.position_encoding.embeddings"), pos)
     assert json.loads(perceiver_torch.read_checkpoint(out)[1]["config"])["image_size"] == [6, 10]
+
+
+def test_a_checkpoint_saved_in_float16_is_named_as_a_dtype_problem(tmp_path):
+    """Every array in float16 (names and shapes right): the error says that only the
+    dtypes differ and how to fix it, not that the file may be another model."""
+    source = tmp_path / "fourier.pickle"
+    write_fixture("imagenet_fourier", source, size="tiny", seed=5)
+    checkpoint = load_haiku_checkpoint(source)
+    half = {
+        module: {name: array.astype(np.float16) for name, array in params.items()}
+        for module, params in checkpoint.params.items()
+    }
+    halved = tmp_path / "half.pickle"
+    save_haiku_checkpoint(halved, half)
+    out = tmp_path / "half.safetensors"
+    before = snapshot(tmp_path)
+    for extra in ((), ("--model", "imagenet_fourier")):
+        result = run_cli("convert", halved, "-o", out, *extra)
+        assert_clean_error(result, 3, "Only the dtypes differ", "float32")
+        assert "really a" not in result.stderr
+    result = run_cli("convert", halved, "-o", out)
+    assert "closest model is imagenet_fourier (100% of the tensors fit)" in result.stderr
+    assert snapshot(tmp_path) == before
