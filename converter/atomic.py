@@ -69,9 +69,11 @@ def check_outputs(
                 f"refusing to write {out}: it is the input {given}; choose another "
                 "output name"
             )
-    if out.exists() and not force:
+    # A dangling link is no file, but writing would replace the link itself.
+    if (out.exists() or out.is_symlink()) and not force:
+        what = "the file exists" if out.exists() else "it is a link to a missing file"
         raise OutputError(
-            f"refusing to overwrite {out}: the file exists; pass --force to replace "
+            f"refusing to overwrite {out}: {what}; pass --force to replace "
             "it or choose another output name"
         )
     return out

@@ -106,6 +106,16 @@ def test_convert_refuses_to_overwrite_its_input(work):
     assert snapshot(work) == before
 
 
+def test_a_dangling_link_as_output_needs_force(work):
+    # Path.exists() follows the link: the link was silently replaced by a file.
+    link = work / "out.safetensors"
+    link.symlink_to(work / "missing.safetensors")
+    result = run_cli("convert", work / "fourier.pickle", "-o", link)
+    assert_clean_error(result, 2, "refusing to overwrite", "link to a missing file", "--force")
+    assert link.is_symlink() and not (work / "missing.safetensors").exists()
+    assert run_cli("convert", work / "fourier.pickle", "-o", link, "--force", "-q").exit_code == 0
+
+
 def test_existing_output_needs_force(work):
     source, converted = work / "fourier.pickle", work / "fourier.safetensors"
     exported = work / "back.pickle"
