@@ -291,16 +291,36 @@ def _mkl_kernel(x: Tensor, packed: Tensor, weight: Tensor, bias: Optional[Tensor
     return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.numel() // x.shape[-1])
 
 
-def _same_tensors(kept: Sequence[Tuple[Tensor, int]], tensors: Sequence[Tensor]) -> bool:
-    """Whether ``tensors`` are still the (alias, version) pairs ``kept``: same storage,
-    dtype, shape and version (a kept alias holds its storage, so an equal address
-    cannot be a later tensor's; see ``Linear._packed``)."""
+# Elements of a weight a packed copy's stamp samples (see _stamp).
+_STAMP_SAMPLES = 64
+
+Stamp = Tuple[int, Tensor, Tensor]  # (version, view of sampled elements, their values)
+
+
+def _stamp(t: Tensor) -> Stamp:
+    """What :func:`_same_tensors` checks a kept copy of ``t`` against besides its
+    storage, dtype and shape: its version counter, and the values of up to
+    ``_STAMP_SAMPLES`` elements spread over it (a view that follows the storage, and
+    a copy). Writes through ``p.data`` (``p.data.copy_(...)``, ``p.data.mul_(...)``,
+    the usual EMA and re-initialisation idioms) do not bump ``p``'s version counter:
+    ``.data`` is a tensor of its own for autograd; the samples catch the writes that
+    change most of the tensor (one comparison of 64 elements, a few microseconds)."""
+    flat = t.detach().reshape(-1)
+    view = flat[:: max(1, flat.numel() // _STAMP_SAMPLES)]
+    return t._version, view, view.clone()
+
+
+def _same_tensors(kept: Sequence[Tuple[Tensor, Stamp]], tensors: Sequence[Tensor]) -> bool:
+    """Whether ``tensors`` are still the (alias, stamp) pairs ``kept``: same storage,
+    dtype, shape, version and sampled values (a kept alias holds its storage, so an
+    equal address cannot be a later tensor's; see ``Linear._packed``)."""
     return len(kept) == len(tensors) and all(
         alias.data_ptr() == t.data_ptr()
         and alias.dtype == t.dtype
         and alias.shape == t.shape
-        and version == t._version
-        for (alias, version), t in zip(kept, tensors)
+        and stamp[0] == t._version
+        and torch.equal(stamp[1], stamp[2])
+        for (alias, stamp), t in zip(kept, tensors)
     )
 
 
@@ -324,8 +344,9 @@ class Linear(nn.Linear):
     model then holds as much as its float32 weights. :func:`pack_weights` keeps packed
     copies in float32 too (3-8% of the float32 time on AMD EPYC),
     :func:`release_packed_weights` keeps none (``load(..., pack_weights=False)``).
-    The copy is made again when the weight changes (in-place updates, ``.to()``, a new
-    tensor), is not part of the state dict or of copies and pickles of the module.
+    The copy is made again when the weight changes (in-place updates, also through
+    ``p.data``, which a sample of its elements catches; ``.to()``; a new tensor), and
+    is not part of the state dict or of copies and pickles of the module.
     :meth:`forward_gelu` and :meth:`forward_add` fuse the MLP's tanh GELU and a
     residual addition into the same oneDNN pass (elsewhere they run after ``F.linear``).
 
@@ -342,13 +363,13 @@ class Linear(nn.Linear):
     # Whether to keep a packed copy of the weight: None packs where
     # packs_by_default(dtype); pack_weights() sets True, release_packed_weights() False.
     packing: Optional[bool] = None
-    # (the weight's tensor when packed, its version then, the packed copy); holding
+    # (the weight's tensor when packed, its stamp then (_stamp), the packed copy); holding
     # that tensor keeps its memory from being reused by a later weight at the same
     # address, so equal addresses mean the same storage.
-    _packed: Optional[Tuple[Tensor, int, Tensor]] = None
+    _packed: Optional[Tuple[Tensor, Stamp, Tensor]] = None
     # MKL's packed copy where cpu_prefers_mkl_packing(): (the weight's tensor, its
-    # version then, the row count it is packed for, the copy).
-    _mkl_packed: Optional[Tuple[Tensor, int, int, Tensor]] = None
+    # stamp then, the row count it is packed for, the copy).
+    _mkl_packed: Optional[Tuple[Tensor, Stamp, int, Tensor]] = None
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -367,7 +388,7 @@ class Linear(nn.Linear):
     def packed_weight(self) -> Tensor:
         """The weight for the oneDNN kernel: itself, or where :meth:`packs` its copy in
         oneDNN's layout (made at the first call or by :func:`prepack`, kept while the
-        weight's storage, dtype, shape and version stay the same)."""
+        weight's storage, dtype, shape, version and sampled values stay the same)."""
         weight = self.weight
         if not self.packs(weight.dtype):
             return weight
@@ -376,7 +397,7 @@ class Linear(nn.Linear):
             alias = weight.detach()
             packed = (
                 alias,
-                weight._version,
+                _stamp(weight),
                 torch.ops.mkldnn._reorder_linear_weight(alias, _PACKING_ROWS),
             )
             self._packed = packed
@@ -395,7 +416,7 @@ class Linear(nn.Linear):
         if packed is None or not _same_tensors((packed[:2],), (weight,)):
             alias = weight.detach()
             copy = torch.ops.mkl._mkl_reorder_linear_weight(alias, rows)
-            packed = self._mkl_packed = (alias, weight._version, rows, copy)
+            packed = self._mkl_packed = (alias, _stamp(weight), rows, copy)
         return packed[3] if packed[2] == rows else None
 
     def _unpacked_or_mkl(self, x: Tensor) -> Tuple[Optional[Tensor], Callable[[], Tensor]]:
@@ -442,7 +463,7 @@ class FusedWeights:
     the owner clears it in ``_apply`` (``.to()`` and the like)."""
 
     def __init__(self) -> None:
-        self._entry: Optional[Tuple[Tuple[Tuple[Tensor, int], ...], Tensor, Tensor]] = None
+        self._entry: Optional[Tuple[Tuple[Tuple[Tensor, Stamp], ...], Tensor, Tensor]] = None
 
     def get(self, layers: Sequence["Linear"]) -> Tuple[Tensor, Tensor]:
         """(packed weight (sum of outputs, inputs), bias) of ``layers``."""
@@ -451,7 +472,7 @@ class FusedWeights:
         if entry is None or not _same_tensors(entry[0], tensors):
             weight = torch.cat([layer.weight.detach() for layer in layers])
             entry = (
-                tuple((t.detach(), t._version) for t in tensors),
+                tuple((t.detach(), _stamp(t)) for t in tensors),
                 torch.ops.mkldnn._reorder_linear_weight(weight, _PACKING_ROWS),
                 torch.cat([layer.bias.detach() for layer in layers]),
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -501,3 +502,28 @@ def test_full_size_forward(name):
         assert out["label"].shape == (1, 700)
         out = torch.cat([v.flatten() for v in out.values()])
     assert torch.isfinite(out).all()
+
+
+def _flat_outputs(out):
+    if isinstance(out, dict):
+        return torch.cat([out[k].flatten().float() for k in sorted(out)])
+    return out.flatten().float()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_follow_writes_through_data(name, dtype):
+    """Writes through ``p.data`` (EMA updates, re-initialisations) leave ``p``'s
+    version counter as it was: the packed copies (and fused projections) made by an
+    earlier call must still be remade, or the model silently computes with the old
+    weights. A deep copy (which keeps no copies) is the reference."""
+    model = pt.pack_weights(tiny(name).to(dtype))
+    other = tiny(name, seed=1).to(dtype)
+    inputs = tiny_inputs(name)
+    with torch.no_grad():
+        model(*inputs)  # the packed copies now exist
+        for p, q in zip(model.parameters(), other.parameters()):
+            p.data.copy_(q.data)
+        got = _flat_outputs(model(*inputs))
+        expected = _flat_outputs(copy.deepcopy(model)(*inputs))
+    torch.testing.assert_close(got, expected)
