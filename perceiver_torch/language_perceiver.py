@@ -107,7 +107,7 @@ class LanguagePerceiver(PerceiverIO):
     def check_inputs(
         self, input_ids: Tensor, attention_mask: Optional[Tensor] = None
     ) -> None:
-        """Raises ``InputError`` unless input_ids is (B, T) integer with
+        """Raises ``InputError`` unless input_ids is (B, T) int64 or int32 with
         1 <= T <= max_seq_len and attention_mask is None or has input_ids' shape."""
         name, max_len = type(self).__name__, self.config.max_seq_len
         if isinstance(input_ids, Tensor) and input_ids.dim() == 1:
@@ -118,6 +118,14 @@ class LanguagePerceiver(PerceiverIO):
             )
         expect(name, "input_ids", input_ids, (("B", None), ("T", None)),
                what="token ids", floating=False)
+        if input_ids.dtype not in (torch.int32, torch.int64):
+            # The embedding takes int32/int64 only; uint8 could not hold the special
+            # ids (256-261) either.
+            fail(
+                name,
+                f"input_ids must be int64 (or int32) token ids, got {input_ids.dtype}; "
+                "convert them with input_ids.long()",
+            )
         if input_ids.shape[1] > max_len:
             fail(
                 name,

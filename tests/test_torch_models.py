@@ -527,3 +527,16 @@ def test_packed_weights_follow_writes_through_data(name, dtype):
         got = _flat_outputs(model(*inputs))
         expected = _flat_outputs(copy.deepcopy(model)(*inputs))
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.bool])
+def test_language_refuses_token_ids_the_embedding_cannot_take(dtype):
+    """Integer dtypes other than int32/int64 (and bool) pass an "integer" check but
+    fail deep in the embedding: they are refused at the door, naming the fix."""
+    model = tiny("language_perceiver")
+    ids = tiny_inputs("language_perceiver")[0] % 100
+    with pytest.raises(pt.InputError, match=r"input_ids must be int64.*input_ids\.long\(\)"):
+        with torch.no_grad():
+            model(ids.to(dtype))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids.int()), model(ids), rtol=0, atol=0)
