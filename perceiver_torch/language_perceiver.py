@@ -11,6 +11,7 @@ from .configs import LanguagePerceiverConfig
 from .decoders import PerceiverDecoder
 from .fast_paths import FastPath, enabled
 from .inputs import expect, fail
+from .linear import recording_graph
 from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import EmbeddingDecoder
@@ -77,7 +78,8 @@ class LanguagePerceiver(PerceiverIO):
         ``SKIP_PADDING`` fast path of :mod:`perceiver_torch.fast_paths`): masked keys get
         zero attention weight, and a masked query's output does not depend on the
         query or the latents (its attention row is zeroed before ``to_out`` and there
-        is no query residual), so it is computed once and repeated.
+        is no query residual), so it is computed once and repeated. Not under
+        ``torch.jit.trace`` or ``torch.export``, whose graphs serve other masks.
         """
         self.check_inputs(input_ids, attention_mask)
         batch, length = input_ids.shape
@@ -86,6 +88,9 @@ class LanguagePerceiver(PerceiverIO):
             or self.training
             or not enabled(FastPath.SKIP_PADDING)
             or attention_mask.device.type == "meta"  # no values to find the padding in
+            # torch.jit.trace would freeze the example's padding into the graph
+            # (other masks then get wrong logits); torch.export cannot branch on it.
+            or recording_graph()
         ):
             return self.logits(input_ids, attention_mask)
         used = (attention_mask != 0).any(dim=0).nonzero()

@@ -215,11 +215,27 @@ def _onednn_linear_enabled(dtype: torch.dtype = torch.float32) -> bool:
     return enabled(FastPath.ONEDNN_LINEAR) and onednn_linear_preferred(dtype)
 
 
+def recording_graph() -> bool:
+    """Whether ``torch.jit.trace`` or ``torch.export`` is recording this code into a
+    graph that will run on other inputs: there Python branches on tensor values (the
+    language model's padding, the folded decoder's factorisation) would be frozen at
+    the example's values, or fail (export), and the eager fast paths that decide
+    from values step aside."""
+    if torch.jit.is_tracing():
+        return True
+    is_exporting = getattr(getattr(torch, "compiler", None), "is_exporting", None)
+    return bool(is_exporting()) if is_exporting is not None else False
+
+
 def compiling() -> bool:
-    """Whether torch.compile is tracing this code (False on torch builds without it)."""
+    """Whether torch.compile (or torch.export) is tracing this code, or
+    ``torch.jit.trace`` (:func:`recording_graph`) is: the oneDNN kernels and the
+    batch slicing step aside there (False on torch builds without them)."""
     compiler = getattr(torch, "compiler", None)
     is_compiling = getattr(compiler, "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
+    if is_compiling is not None and is_compiling():
+        return True
+    return recording_graph()
 
 
 def onednn_eligible(*tensors: Tensor) -> bool:

@@ -13,6 +13,7 @@ from .configs import VideoAutoencodingConfig
 from .decoders import FoldedDecoder, PerceiverDecoder
 from .fast_paths import FastPath, enabled
 from .inputs import expect, fail, same_batch
+from .linear import recording_graph
 from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import (
@@ -211,7 +212,12 @@ class VideoAutoencoder(PerceiverIO):
         return [{"image": i, "audio": a} for i, a in zip(images, audio)]
 
     def _use_fused(self) -> bool:
-        return enabled(FastPath.FOLDED_DECODER) and not self.training
+        # Not under torch.jit.trace / torch.export: the fold chooses its factorisation
+        # from the weights' values (decoders.gram_factor), which export cannot branch
+        # on and a trace would freeze.
+        return (
+            enabled(FastPath.FOLDED_DECODER) and not self.training and not recording_graph()
+        )
 
     def _folded(self, latents: Tensor) -> FoldedDecoder:
         queries = self.output_queries

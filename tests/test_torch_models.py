@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -540,3 +541,34 @@ def test_language_refuses_token_ids_the_embedding_cannot_take(dtype):
             model(ids.to(dtype))
     with torch.no_grad():
         torch.testing.assert_close(model(ids.int()), model(ids), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_trace_and_export_serve_other_inputs(name):
+    """torch.jit.trace under no_grad (the oneDNN kernels cannot be traced) and
+    torch.export (no Python branch on tensor values) record the plain computation,
+    and the graph serves inputs other than the example: another batch size, and for
+    the language model another padding (the padding skip would freeze the example's)."""
+    model = tiny(name)
+    example = tiny_inputs(name, batch=2)
+    other = tiny_inputs(name, batch=3, seed=1)
+    if name == "language_perceiver":
+        mask = torch.ones_like(example[0])
+        mask[:, -10:] = 0  # trailing padding in the example only
+        example, other = example + (mask,), other + (torch.ones_like(other[0]),)
+    with torch.no_grad():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python ints
+            traced = torch.jit.trace(model, example, strict=False, check_trace=False)
+        expected = _flat_outputs(model(*other))
+        got = _flat_outputs(traced(*other))
+    # The graph runs the plain kernels, eager the fast paths: both within float32
+    # rounding of float64 (about 1e-6 relative, test_fast_paths); a frozen padding or
+    # factorisation is off by O(1) (the language model's logits: 1.04 relative).
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    if name in ("language_perceiver", "video_autoencoding"):
+        exported = torch.export.export(model, example)
+        with torch.no_grad():
+            got = _flat_outputs(exported.module()(*example))
+            expected = _flat_outputs(model(*example))
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
