@@ -11,7 +11,7 @@ from .configs import LanguagePerceiverConfig
 from .decoders import PerceiverDecoder
 from .fast_paths import FastPath, enabled
 from .inputs import expect, fail
-from .linear import recording_graph
+from .linear import compiling, recording_graph
 from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import EmbeddingDecoder
@@ -113,7 +113,8 @@ class LanguagePerceiver(PerceiverIO):
         self, input_ids: Tensor, attention_mask: Optional[Tensor] = None
     ) -> None:
         """Raises ``InputError`` unless input_ids is (B, T) int64 or int32 with
-        1 <= T <= max_seq_len and attention_mask is None or has input_ids' shape."""
+        1 <= T <= max_seq_len (on the CPU, outside torch.compile: ids in
+        [0, vocab_size)) and attention_mask is None or has input_ids' shape."""
         name, max_len = type(self).__name__, self.config.max_seq_len
         if isinstance(input_ids, Tensor) and input_ids.dim() == 1:
             fail(
@@ -137,6 +138,18 @@ class LanguagePerceiver(PerceiverIO):
                 f"input_ids holds {input_ids.shape[1]} tokens, more than max_seq_len "
                 f"{max_len}; truncate or split the sequence",
             )
+        if input_ids.device.type == "cpu" and input_ids.numel() and not compiling():
+            # F.embedding's own error ("index out of range in self") names neither the
+            # tensor nor the vocabulary. Eager CPU only: a value check syncs a GPU and
+            # would be a graph break under torch.compile.
+            low, high, vocab = int(input_ids.min()), int(input_ids.max()), self.config.vocab_size
+            if low < 0 or high >= vocab:
+                fail(
+                    name,
+                    f"input_ids must be token ids in [0, {vocab}), got "
+                    f"{low if low < 0 else high}; make them with "
+                    "perceiver_torch.BytesTokenizer",
+                )
         if attention_mask is not None:
             if not isinstance(attention_mask, Tensor) or tuple(
                 attention_mask.shape

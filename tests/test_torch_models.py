@@ -543,6 +543,17 @@ def test_language_refuses_token_ids_the_embedding_cannot_take(dtype):
         torch.testing.assert_close(model(ids.int()), model(ids), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bad", [-1, 262, 300])
+def test_language_refuses_token_ids_outside_the_vocabulary(bad):
+    # F.embedding said "index out of range in self", naming neither the ids nor the range.
+    model = tiny("language_perceiver")
+    ids = tiny_inputs("language_perceiver")[0] % 100
+    ids[0, 3] = bad
+    with pytest.raises(pt.InputError, match=rf"token ids in \[0, 262\), got {bad}"):
+        with torch.no_grad():
+            model(ids)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_jit_trace_and_export_serve_other_inputs(name):
     """torch.jit.trace under no_grad (the oneDNN kernels cannot be traced) and
