@@ -61,7 +61,9 @@ def micro_batched(*batched: str) -> Callable[[F], F]:
 
     Batches run whole when the arguments' batch sizes disagree (the method then
     raises its own error about the shapes), and wherever slicing does not apply (see
-    the module's docstring).
+    the module's docstring). Before slicing, the model's ``check_inputs`` (called
+    with the ``batched`` arguments by name) checks the whole batch, so that its
+    ``InputError`` names the shapes the caller passed.
     """
 
     def decorate(method: F) -> F:
@@ -75,6 +77,11 @@ def micro_batched(*batched: str) -> Callable[[F], F]:
             size = _slice_size(self, tensors)
             if size is None:
                 return method(self, *args, **kwargs)
+            # The door checks see the whole batch, so that an InputError names the
+            # caller's shapes, not one slice's (each slice is checked again inside).
+            check = getattr(self, "check_inputs", None)
+            if check is not None:
+                check(**{name: bound.arguments.get(name) for name in batched})
             outputs: List[Any] = []
             for start in range(0, tensors[0].shape[0], size):
                 part = bound.arguments.copy()

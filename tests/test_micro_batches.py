@@ -137,3 +137,24 @@ def test_concat_batches_keeps_the_structure():
     assert isinstance(out["y"], tuple) and out["y"][0].tolist() == [0, 0, 1]
     with pytest.raises(TypeError, match="cannot concatenate"):
         micro_batches.concat_batches([1, 2])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_input_errors_name_the_whole_batch_not_a_slice(name, slices_of):
+    """A bad input in a batch that runs in slices is refused with the caller's shapes
+    (the door check sees the whole batch, not the first slice)."""
+    model = tiny(name)
+    inputs = list(tiny_inputs(name, batch=5, seed=3))
+    slices_of(model, inputs[0], 2)
+    if name == "language_perceiver":
+        inputs.append(torch.ones(5, inputs[0].shape[1] - 1, dtype=torch.long))
+        wrong = "[5, " + str(inputs[0].shape[1] - 1) + "]"
+    else:  # one channel too many in the first input (images, frames)
+        first = inputs[0]
+        shape = list(first.shape)
+        shape[-3] += 1
+        inputs[0] = torch.zeros(shape, dtype=first.dtype)
+        wrong = str(shape)
+    with torch.no_grad(), pytest.raises(pt.InputError) as raised:
+        model(*inputs)
+    assert f"got {wrong}" in str(raised.value)
