@@ -20,7 +20,7 @@ transformers hard-codes some sizes in its classes (Fourier bands, the learned mo
 
 The fidelity report runs transformers' forward pass and perceiver_torch's on the same
 deterministic inputs, so a user sees what choosing HuggingFace's architecture costs
-(NUMERICS.md lists the causes: erf GELU, the conv stem's padding and kernel
+(docs/OFFICIAL.md lists the causes: erf GELU, the conv stem's padding and kernel
 orientation, the learned model's query residual, the language decoder's query mask).
 
 Needs the ``[hf]`` extra (transformers); nothing else in the converter imports it.

@@ -114,7 +114,7 @@ def _conv_inverse(array: np.ndarray, args: Mapping[str, Any]) -> np.ndarray:
 
 # --- reverse_axes: every axis in reverse order (numpy's np.transpose without axes).
 # HuggingFace's Perceiver converter applied it to the 4-D conv kernels too: HWIO
-# becomes OIWH, height and width swapped (see NUMERICS.md); its own inverse.
+# becomes OIWH, height and width swapped (see docs/OFFICIAL.md); its own inverse.
 
 
 def _reverse_shape(shape: Shape, args: Mapping[str, Any]) -> Shape:
