@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from converter._version import __version__
-from converter.errors import ConverterError, MappingError, OutputError
+from converter.errors import ConverterError, MappingError, OutputError, UsageError
 from converter.mapping import (
     MappingSpec,
     convert_arrays,
@@ -60,7 +60,8 @@ def require_transformers() -> Any:
     try:
         import transformers  # noqa: F401
     except ImportError as error:
-        raise ConverterError(
+        # A missing optional extra: exit 2, as for run's media libraries.
+        raise UsageError(
             f"HuggingFace export and import need transformers ({error}); install it "
             "with `pip install 'perceiver-convert[hf]'`"
         ) from None

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from converter._version import __version__
-from converter.errors import ConverterError, OutputError, ParityError
+from converter.errors import ConverterError, OutputError, ParityError, UsageError
 from converter.progress import Progress, quiet
 from perceiver_torch import fast_paths
 
@@ -57,7 +57,8 @@ def require_onnx() -> Tuple[Any, Any]:
         import onnx
         import onnxruntime
     except ImportError as error:
-        raise ConverterError(
+        # A missing optional extra: exit 2, as for run's media libraries.
+        raise UsageError(
             f"ONNX export needs onnx and onnxruntime ({error}); install them with "
             "`pip install 'perceiver-convert[onnx]'`"
         ) from None

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import perceiver_torch
-from converter.errors import ConverterError, ParityError
+from converter.errors import ConverterError, ParityError, UsageError
 from converter.progress import Progress, quiet
 
 STAGES = ("preprocessed", "latents", "decoder_output")
@@ -73,7 +73,8 @@ def require_jax() -> Any:
     try:
         import perceiver_jax  # noqa: F401  (imports jax and haiku)
     except ImportError as error:
-        raise ConverterError(
+        # A missing optional extra: exit 2, as for run's media libraries.
+        raise UsageError(
             f"verifying needs jax and dm-haiku ({error}); install them with "
             "`pip install 'perceiver-convert[jax]'`"
         ) from None

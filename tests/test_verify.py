@@ -39,8 +39,9 @@ def test_compare_reports_relative_error_and_argmax():
 
 def test_missing_jax_is_explained(monkeypatch):
     monkeypatch.setitem(sys.modules, "perceiver_jax", None)
-    with pytest.raises(ConverterError, match=r"pip install 'perceiver-convert\[jax\]'"):
+    with pytest.raises(ConverterError, match=r"pip install 'perceiver-convert\[jax\]'") as info:
         require_jax()
+    assert info.value.exit_code == 2  # a missing extra, as for run's media libraries
 
 
 @pytest.fixture(scope="module")
