@@ -340,6 +340,26 @@ def _task_option(option: Any) -> click.Option:
     return click.Option([option.flag, option.dest], **kwargs)
 
 
+def _output_option(
+    ctx: click.Context, param: click.Parameter, value: Optional[str]
+) -> Optional[Path]:
+    """``-o`` as a Path. A value ending in a path separator names a folder: it must
+    exist (``Path("out/")`` is ``Path("out")``, so a missing ``out/`` would otherwise
+    become the stem of files written next to it, ``out.mp4``, ``out.wav``, or a
+    file named ``out``)."""
+    if value is None:
+        return None
+    separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
+    if str(value).endswith(separators) and not os.path.isdir(value):
+        raise click.BadParameter(
+            f"the folder {value} does not exist; create it first (mkdir -p {value}) or "
+            "give a file name",
+            ctx=ctx,
+            param=param,
+        )
+    return Path(value)
+
+
 def _build_params() -> List[click.Parameter]:
     from perceiver_torch.pipelines import TASKS
 
@@ -353,8 +373,9 @@ def _build_params() -> List[click.Parameter]:
         click.Argument(["inputs"], nargs=-1, required=True, metavar="INPUT..."),
         click.Option(
             ["-o", "--output"],
-            type=click.Path(path_type=Path),
+            type=click.Path(),  # a str: pathlib would drop a trailing slash
             default=None,
+            callback=_output_option,
             help="Where to write the results (see above); its folder must exist.",
         ),
         click.Option(

@@ -408,3 +408,63 @@ def test_run_flow_pads_small_frames_on_request(tmp_path, flow_checkpoint):
     result = run_cli("run", "flow", flow_checkpoint, a, b, "--pad", "-o", tmp_path / "p.flo")
     assert result.exit_code == 0, result.stderr
     assert decode_flo((tmp_path / "p.flo").read_bytes()).shape == (20, 30, 2)
+
+
+def test_run_flow_errors_name_the_frame_pair(tmp_path, flow_checkpoint):
+    # Among many frames, "the two frames differ in size" must say which two.
+    frames = _frames(tmp_path, count=3)
+    odd = tmp_path / "frame_odd.png"
+    Image.fromarray(textured_pair(44, 56, seed=3)[0]).save(odd)
+    inputs = [*frames, odd]
+    before = _listing(tmp_path)
+    result = run_cli("run", "flow", flow_checkpoint, *inputs, "-o", tmp_path / "out")
+    assert result.exit_code == 3, result.stderr
+    assert f"{frames[2]} -> {odd}: the two frames differ in size" in result.stderr
+
+
+@pytest.mark.parametrize("suffix, kind", [(".webp", "WebP"), (".png", "PNG (APNG)")])
+def test_run_flow_refuses_an_animated_webp_or_apng_among_frames(
+    tmp_path, flow_checkpoint, suffix, kind
+):
+    # Like an animated GIF, an animated WebP or APNG among the frames would be read as
+    # its first picture only, silently.
+    still = _frames(tmp_path)[0]
+    animated = tmp_path / f"animated{suffix}"
+    pictures = [Image.fromarray(f) for f in textured_pair(40, 56, shift=(1, 2), seed=2)]
+    options = {"lossless": True} if suffix == ".webp" else {}
+    pictures[0].save(animated, save_all=True, append_images=pictures[1:], duration=100,
+                     **options)
+    with Image.open(animated) as check:
+        if getattr(check, "n_frames", 1) != 2:
+            pytest.skip(f"this Pillow cannot write an animated {suffix}")
+    before = _listing(tmp_path)
+    result = run_cli("run", "flow", flow_checkpoint, still, animated, "-o",
+                     tmp_path / "mixed.png")
+    assert result.exit_code == 2, result.stderr
+    assert f"animated {kind} (2 frames)" in result.stderr
+    assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("suffix, container", [(".ts", "mpegts"), (".3gp", "3gp")])
+def test_run_flow_on_a_transport_stream_or_3gp_video(tmp_path, flow_checkpoint, suffix,
+                                                     container):
+    # Camcorder (.mts/.ts) and phone (.3gp) videos are videos: not "one frame, give
+    # the next frame too".
+    av = pytest.importorskip("av")
+    from fractions import Fraction
+
+    path = tmp_path / f"clip{suffix}"
+    frames = [textured_pair(40, 56, shift=(1, 2), seed=1)[i % 2] for i in range(3)]
+    with av.open(str(path), "w", format=container) as output:
+        stream = output.add_stream("libx264" if container != "3gp" else "mpeg4",
+                                   rate=Fraction(25))
+        stream.width, stream.height, stream.pix_fmt = 56, 40, "yuv420p"
+        for array in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                output.mux(packet)
+        for packet in stream.encode(None):
+            output.mux(packet)
+    result = run_cli("run", "flow", flow_checkpoint, path, "--npz", "-o",
+                     tmp_path / "flows.npz")
+    assert result.exit_code == 0, result.stderr
+    assert np.load(tmp_path / "flows.npz")["flow"].shape == (2, 40, 56, 2)

@@ -281,3 +281,22 @@ def test_lazy_names():
     assert pipelines.parse_masked_text is parse_masked_text
     with pytest.raises(AttributeError):
         pipelines.NoSuchPipeline  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    "texts, spans, message",
+    [
+        (["a[MASK]", "b[MASK]", "no marker here"], None, r"^text 3: nothing to fill"),
+        (["a[MASK]", "b[MASK*0]"], None, r"^text 2: \[MASK\*0\] masks no byte"),
+        (["abcdef", "ab"], [[(1, 4)], [(1, 4)]], r"^text 2: span 1:4 is not inside"),
+    ],
+)
+def test_an_error_in_one_of_several_texts_names_the_text(model, texts, spans, message):
+    # With many texts (the CLI's INPUT...), an error must say which text it is about,
+    # as the too-long error does ("text 2 is ... bytes long").
+    with pytest.raises(InputError, match=message):
+        FillMaskPipeline(model)(texts, spans=spans)
+    # A text alone is "the text": no number.
+    with pytest.raises(InputError, match=message.replace(r"^text 3: ", "^").replace(
+            r"^text 2: ", "^")):
+        FillMaskPipeline(model)(texts[-1], spans=None if spans is None else spans[-1])

@@ -441,3 +441,50 @@ def read_float_wav_bytes(data: bytes) -> np.ndarray:
     at = data.index(b"data")
     size = struct.unpack("<I", data[at + 4 : at + 8])[0]
     return np.frombuffer(data[at + 8 : at + 8 + size], "<f4")
+
+
+def test_video_frames_are_turned_upright_by_the_rotation_metadata(tmp_path):
+    # A phone's portrait video is stored landscape with a display rotation; OpenCV's
+    # reader (the colab's) and players turn it upright, so the pipeline must too.
+    from fractions import Fraction
+
+    from perceiver_torch.pipelines.media import iter_video_frames
+
+    if not hasattr(av.video.stream.VideoStream, "set_display_rotation"):
+        pytest.skip("this PyAV cannot write a display rotation")
+    stored = np.zeros((3, 32, 48, 3), np.uint8)
+    stored[..., 1] = 90
+    stored[:, :8, :8] = 255  # a white corner, top-left as stored
+    path = tmp_path / "portrait.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(25))
+        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv444p"
+        stream.set_display_rotation(90)  # counter-clockwise, as VideoFrame.rotation
+        for array in stored:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    frames = list(iter_video_frames(path))
+    assert len(frames) == 3 and frames[0].shape == (48, 32, 3)  # upright: portrait
+    white = np.argwhere(frames[0].min(-1) > 200)
+    # 90 degrees counter-clockwise: the stored top-left corner is now bottom-left.
+    assert white[:, 0].min() >= 40 and white[:, 1].max() < 8
+    capture = cv2.VideoCapture(str(path))
+    ok, bgr = capture.read()
+    capture.release()
+    if ok and bgr.shape[:2] == (48, 32):  # this OpenCV applies the rotation (>= 4.5)
+        assert np.abs(bgr[..., ::-1].astype(int) - frames[0]).mean() < 2
+
+
+def test_a_separate_sound_file_without_sound_is_named_as_such(tmp_path, model):
+    # read_audio's advice for a mute video ("give the sound ... with --audio") is
+    # wrong when the mute file *is* the --audio.
+    video, _ = make_test_video(tmp_path / "mute.mp4", 2, size=(16, 16), sample_rate=None)
+    with pytest.raises(InputError) as caught:
+        AutoencodePipeline(model)(tmp_path / "mute.mp4", audio=tmp_path / "mute.mp4")
+    message = str(caught.value)
+    assert "given as the sound (--audio)" in message and "with --audio" not in message
+    # The video's own missing track keeps the advice to use --audio.
+    with pytest.raises(InputError, match="give the sound as a WAV file with --audio"):
+        AutoencodePipeline(model)(tmp_path / "mute.mp4")

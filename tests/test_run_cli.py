@@ -601,3 +601,30 @@ def test_run_refuses_an_unknown_dtype(models, images):
     result = run_cli("run", "classify", models["imagenet_conv"], images[0], "--dtype", "int8")
     assert result.exit_code == 2
     assert "'int8' is not one of" in result.stderr and "bfloat16" in result.stderr
+
+
+def test_fill_mask_reads_a_file_and_stdin_as_bytes(models, tmp_path):
+    # The model reads bytes and a command-line text need not be UTF-8: a file or stdin
+    # holding the same bytes must give the same answer, not a decoding error (a file)
+    # or a locale-dependent re-encoding (stdin).
+    from click.testing import CliRunner
+
+    from converter.cli import main
+
+    data = b"caf\xe9 au lait, na\xefve [MASK*3] \xff"  # Latin-1: not UTF-8
+    text_file = tmp_path / "latin1.txt"
+    text_file.write_bytes(data)
+    model = str(models["language_perceiver"])
+    by_file = run_cli("run", "fill-mask", model, f"@{text_file}", "--json")
+    by_stdin = CliRunner().invoke(
+        main, ["run", "fill-mask", model, "-", "--json"], input=data,
+        catch_exceptions=False)
+    by_argv = run_cli("run", "fill-mask", model, data.decode("utf-8", "surrogateescape"),
+                      "--json")
+    documents = []
+    for result in (by_file, by_stdin, by_argv):
+        assert result.exit_code == 0, result.stderr
+        (entry,) = json.loads(result.stdout)["results"]
+        documents.append(entry)
+    assert [m["position"] for m in documents[0]["masked"]] == [20, 21, 22]
+    assert documents[0] == documents[1] == documents[2]

@@ -308,6 +308,35 @@ def test_a_missing_output_folder_is_refused_before_loading(models, tmp_path, no_
     assert result.exit_code == 2 and "does not exist" in result.stderr, result.stderr
 
 
+_real_load_any_model = run_cli_module.load_any_model
+
+
+@pytest.mark.parametrize("task", ["flow", "classify"])
+def test_a_missing_folder_given_with_a_trailing_slash_is_refused(
+    task, models, tmp_path, no_model_load, monkeypatch
+):
+    # "-o results/" names a folder; pathlib drops the slash, and without a check the
+    # run wrote results.flo/results.png next to it (classify: a file named results).
+    a, b = _frames(tmp_path, 2)
+    before = listing(tmp_path)
+    if task == "flow":
+        args = ("flow", models["optical_flow"], a, b)
+    else:
+        args = ("classify", models["imagenet_conv"], a)
+    result = run_cli("run", *args, "-o", f"{tmp_path / 'results'}{os.sep}")
+    assert result.exit_code == 2, result.stderr
+    assert "does not exist" in result.stderr and "mkdir -p" in result.stderr
+    assert listing(tmp_path) == before and not (tmp_path / "results").exists()
+    # An existing folder with the slash is a folder, as without it.
+    (tmp_path / "results").mkdir()
+    if task == "flow":
+        monkeypatch.setattr(run_cli_module, "load_any_model", _real_load_any_model)
+        result = run_cli("run", *args, "-o", f"{tmp_path / 'results'}{os.sep}")
+        assert result.exit_code == 0, result.stderr
+        assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
+            "frame0.flow.flo", "frame0.flow.png"]
+
+
 # --------------------------------------------------------------------------------------
 # the staging enforces the same rules at write time
 

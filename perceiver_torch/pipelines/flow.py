@@ -46,6 +46,7 @@ from .base import (
 from .flow_io import encode_flo, render_flow
 from .image import load_rgb
 from .media import (
+    VIDEO_SUFFIXES,
     is_video_path,
     iter_video_frames,
     video_frame_count,
@@ -283,7 +284,11 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     frames = [_still_frame(path) for path in inputs]
     results = []
     for i in range(len(frames) - 1):
-        results.append(pipeline.flow_of(frames[i], frames[i + 1]))
+        try:
+            results.append(pipeline.flow_of(frames[i], frames[i + 1]))
+        except InputError as error:
+            # Among many frames, say which pair ("the two frames differ in size").
+            raise InputError(f"{inputs[i]} -> {inputs[i + 1]}: {error}") from None
     files: List[str] = []
     documents = []
     if options.arrays:
@@ -325,30 +330,41 @@ def _is_video_run(inputs: Sequence[str]) -> bool:
     if len(inputs) < 2:
         error = PipelineError(
             f"flow needs two frames (or a video); got only {inputs[0]}: give the next "
-            "frame too"
+            "frame too (a video is known by its suffix: "
+            f"{', '.join(s for s in VIDEO_SUFFIXES)})"
         )
         error.exit_code = 2
         raise error
     return False
 
 
+# Formats whose files may be animations: an animated GIF, APNG or WebP among the frames
+# would be read as its first picture only, silently. (Not MPO: a camera JPEG with an
+# embedded preview has two "frames" and is one photo.)
+_ANIMATION_FORMATS = {"GIF": "GIF", "PNG": "PNG (APNG)", "WEBP": "WebP"}
+
+
 def _still_frame(path: str) -> np.ndarray:
-    """One frame INPUT as RGB; a GIF must hold one picture (an animated GIF among the
-    frames would be read as its first picture only, silently)."""
-    if Path(path).suffix.lower() == ".gif":
-        Image = require("PIL.Image")
-        try:
-            with Image.open(path) as opened:
-                count = int(getattr(opened, "n_frames", 1))
-        except (OSError, ValueError, SyntaxError):
-            count = 1  # unreadable: load_rgb says why
-        if count > 1:
-            error = PipelineError(
-                f"{path} is an animated GIF ({count} frames): give it alone for the flow "
-                "of its frames, or give still frames"
-            )
-            error.exit_code = 2
-            raise error
+    """One frame INPUT as RGB; an animation format (GIF, APNG, WebP) must hold one
+    picture."""
+    Image = require("PIL.Image")
+    try:
+        with Image.open(path) as opened:
+            kind = _ANIMATION_FORMATS.get(str(opened.format or "").upper())
+            count = int(getattr(opened, "n_frames", 1)) if kind else 1
+    except (OSError, ValueError, SyntaxError):
+        kind, count = None, 1  # unreadable: load_rgb says why
+    if count > 1:
+        alone = (
+            "give it alone for the flow of its frames"
+            if Path(path).suffix.lower() == ".gif"
+            else "give its frames as still pictures or as a video (MP4, GIF, ...)"
+        )
+        error = PipelineError(
+            f"{path} is an animated {kind} ({count} frames): {alone}, or give still frames"
+        )
+        error.exit_code = 2
+        raise error
     return _rgb(path)
 
 

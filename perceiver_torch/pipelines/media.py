@@ -37,8 +37,14 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-# Containers read as videos (anything else is opened as a still image).
-VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".gif")
+# Containers read as videos (anything else is opened as a still image): the common
+# ones, and those of phones (.3gp), camcorders and broadcasts (.ts, .mts, .m2ts), Flash
+# and Windows Media (.flv, .wmv, .asf), Ogg (.ogv), DVDs (.vob) and MXF.
+VIDEO_SUFFIXES = (
+    ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".gif",
+    ".3gp", ".3g2", ".ts", ".mts", ".m2ts", ".flv", ".wmv", ".asf", ".ogv", ".vob",
+    ".mxf",
+)
 
 # Sample rates FFmpeg's AAC encoder accepts; other rates are resampled to 48 kHz
 # for the muxed sound track (the .wav keeps the model's rate).
@@ -101,7 +107,10 @@ def video_frame_count(path: PathLike) -> int:
 
 def iter_video_frames(path: PathLike, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
     """The frames of ``path``'s first video stream in display order, each (H, W, 3)
-    uint8 RGB (FFmpeg's YUV->RGB conversion), at most ``max_frames``.
+    uint8 RGB (FFmpeg's YUV->RGB conversion), at most ``max_frames``, turned upright
+    by the stream's display rotation (a phone's portrait video is stored landscape
+    with a rotation in its metadata), as OpenCV's reader (the colab's) and players
+    show it (:func:`_upright`).
 
     Raises:
         InputError: unreadable file, no video stream, or a decoding error.
@@ -119,12 +128,21 @@ def iter_video_frames(path: PathLike, max_frames: Optional[int] = None) -> Itera
             for frame in container.decode(stream):
                 if max_frames is not None and count >= max_frames:
                     return
-                yield frame.to_ndarray(format="rgb24")
+                yield _upright(frame.to_ndarray(format="rgb24"), frame)
                 count += 1
         except av.error.FFmpegError as error:
             raise InputError(f"{path}: the video cannot be decoded ({error})") from None
         if count == 0:
             raise InputError(f"{path} has a video stream without frames")
+
+
+def _upright(array: np.ndarray, frame: Any) -> np.ndarray:
+    """A decoded frame turned by its display rotation (PyAV's ``VideoFrame.rotation``:
+    degrees counter-clockwise, from the container's display matrix), as FFmpeg's
+    autorotate and OpenCV's ``CAP_PROP_ORIENTATION_AUTO`` (on by default) do."""
+    rotation = getattr(frame, "rotation", 0) or 0  # PyAV < 14 has no rotation: 0
+    turns = int(round(float(rotation) / 90.0)) % 4
+    return np.ascontiguousarray(np.rot90(array, turns)) if turns else array
 
 
 def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:

@@ -140,7 +140,8 @@ def parse_masked_text(
 
     max_length: the longest text allowed (the model's max_seq_len), checked before
     a marker's bytes are made, so that ``[MASK*99999999999]`` costs no memory; None
-    for no limit. row: the text's number from 0, for that error's message.
+    for no limit. row: the text's number from 0, named in every error's message
+    (``text 3: ...``; None for a text alone).
 
     text: a str (its UTF-8 bytes) or bytes, which need not be UTF-8 (see the module
     docstring).
@@ -149,13 +150,17 @@ def parse_masked_text(
         InputError: no masked byte, a span outside the text or empty, ``[MASK*0]``,
             a text longer than ``max_length``, a str that has no UTF-8 bytes.
     """
-    data = _text_bytes(text)
+    which = "" if row is None else f"text {row + 1}: "
+    try:
+        data = _text_bytes(text)
+    except InputError as error:
+        raise InputError(f"{which}{error}") from None
     if spans is not None and len(spans) > 0:
         masked = set()
         for start, end in spans:
             if not 0 <= start < end <= len(data):
                 raise InputError(
-                    f"span {start}:{end} is not inside the text's {len(data)} bytes "
+                    f"{which}span {start}:{end} is not inside the text's {len(data)} bytes "
                     "(give START:END with 0 <= START < END <= the byte length)"
                 )
             masked.update(range(start, end))
@@ -175,13 +180,13 @@ def parse_masked_text(
         except ValueError:  # over sys.get_int_max_str_digits() digits
             if max_length is None:
                 raise InputError(
-                    f"[MASK*N] with an N of {len(match.group(1))} digits masks more "
+                    f"{which}[MASK*N] with an N of {len(match.group(1))} digits masks more "
                     "bytes than any model reads; give a smaller N"
                 ) from None
             count, oversized = max_length + 1, True
         if count < 1:
             marker = match.group(0).decode("ascii")
-            raise InputError(f"{marker} masks no byte; use [MASK*N] with N >= 1")
+            raise InputError(f"{which}{marker} masks no byte; use [MASK*N] with N >= 1")
         counts.append(count)
         cursor = match.end()
     literals.append(data[cursor:])
@@ -200,7 +205,7 @@ def parse_masked_text(
     pieces.append(literals[-1])
     if not positions:
         raise InputError(
-            "nothing to fill: mark the bytes to predict with [MASK] (one byte) or "
+            f"{which}nothing to fill: mark the bytes to predict with [MASK] (one byte) or "
             "[MASK*N] (N bytes), or give byte spans (--span START:END)"
         )
     return MaskedText(b"".join(pieces), tuple(positions), None)
@@ -397,15 +402,22 @@ class FillMaskPipeline:
 # perceiver-convert run fill-mask (the contract: perceiver_torch.pipelines)
 
 
-def _read_input(value: str) -> str:
-    """A CLI INPUT: ``@FILE`` (UTF-8 text file), ``-`` (stdin) or the text itself."""
+def _read_input(value: str) -> Union[str, bytes]:
+    """A CLI INPUT: ``@FILE``, ``-`` (stdin) or the text itself.
+
+    A file and stdin are read as bytes, as the model reads them: a text need not be
+    UTF-8 (see the module docstring), as a command-line text need not be (its
+    undecodable bytes arrive as surrogates and are those bytes again); decoding them
+    first would refuse such a file, and on stdin would depend on the locale (a Latin-1
+    terminal would turn each byte above 127 into two)."""
     if value == "-":
-        return sys.stdin.read()
+        stream = getattr(sys.stdin, "buffer", None)
+        return stream.read() if stream is not None else sys.stdin.read()
     if value.startswith("@"):
         path = Path(value[1:])
         try:
-            return path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
+            return path.read_bytes()
+        except OSError as error:
             reason = getattr(error, "strerror", None) or error
             raise InputError(f"cannot read the text file {path}: {reason}") from None
     return value

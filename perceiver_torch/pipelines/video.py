@@ -246,12 +246,23 @@ class AutoencodePipeline:
         Raises:
             InputError: no sound, a wrong shape, NaN or infinite samples.
         """
+        separate = audio is not None  # a sound file of its own (--audio), not the video's
         if audio is None:
             if not isinstance(video, (str, Path)):
                 raise InputError("frames given as an array need their sound: pass audio=")
             audio = video
         if isinstance(audio, (str, Path)):
-            samples, rate, channels = read_audio(audio, self.sample_rate)
+            try:
+                samples, rate, channels = read_audio(audio, self.sample_rate)
+            except InputError as error:
+                if not separate or "no sound track" not in str(error):
+                    raise
+                # read_audio's advice ("give the sound ... with --audio") is for a
+                # video without sound; this file was given as the sound.
+                raise InputError(
+                    f"{audio}, given as the sound (--audio), has no sound track; give a "
+                    "sound file (WAV, FLAC, MP3, ...) or a video with sound"
+                ) from None
             if rate != self.sample_rate:
                 notes.append(f"sound resampled from {rate} Hz to {self.sample_rate} Hz")
             if channels > 1:
