@@ -36,8 +36,8 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
         )
     if path.is_dir():
         raise ConverterError(
-            f"cannot write {path}: it is a folder; give a file name, e.g. "
-            f"{path / 'checkpoint.pickle'}"
+            f"cannot write {path}: it is a folder; give the name of a file, in it "
+            f"({path}{os.sep}NAME) or elsewhere"
         )
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConverterError(

@@ -548,6 +548,7 @@ def _run(**kwargs: Any) -> None:
         RunOptions,
         import_attribute,
         results_document,
+        with_article,
     )
 
     ctx = click.get_current_context()
@@ -600,8 +601,9 @@ def _run(**kwargs: Any) -> None:
         if name not in spec.models:
             hint = _task_for_model(name)
             raise click.UsageError(
-                f"{task} needs a {' or '.join(spec.models)} model; {model_path} is a "
-                f"{name} model" + (f" (run it with: run {hint})" if hint else "")
+                f"{task} needs {with_article(' or '.join(spec.models))} model; "
+                f"{model_path} is {with_article(name)} model"
+                + (f" (run it with: run {hint})" if hint else "")
             )
         from perceiver_torch.registry import dtype_name
 

@@ -253,6 +253,15 @@ def test_wrong_model_for_the_task(models, images, tmp_path):
     assert not out.exists()
     result = run_cli("run", "fill-mask", models["imagenet_conv"], MARKED)
     assert result.exit_code == 2 and "run classify" in result.stderr
+    assert "is an imagenet_conv model" in result.stderr  # it read "a imagenet_conv"
+    result = run_cli("run", "classify", models["language_perceiver"], images[0])
+    assert "needs an imagenet_learned or" in result.stderr
+    # A folder as -o: the hint named checkpoint.pickle, export's file.
+    (tmp_path / "folder").mkdir()
+    result = run_cli("run", "classify", models["imagenet_conv"], images[0], "-o",
+                     tmp_path / "folder")
+    assert result.exit_code == 2 and "it is a folder" in result.stderr
+    assert "checkpoint.pickle" not in result.stderr and "NAME" in result.stderr
 
 
 # --------------------------------------------------------------------------------------

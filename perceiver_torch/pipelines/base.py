@@ -131,6 +131,11 @@ def model_name_of(model: torch.nn.Module) -> str:
     return str(getattr(model, "model_name", "") or "")
 
 
+def with_article(word: str) -> str:
+    """``"an optical_flow"``, ``"a language_perceiver"``: for messages naming models."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 def check_model(model: torch.nn.Module, task: str, models: Sequence[str]) -> str:
     """Raises :class:`WrongModelError` unless ``model`` is one of ``models``; returns
     its name."""
@@ -138,7 +143,7 @@ def check_model(model: torch.nn.Module, task: str, models: Sequence[str]) -> str
     if name not in models:
         shown = name or type(model).__name__
         raise WrongModelError(
-            f"{task} needs a {' or '.join(models)} model, got {shown}; give a "
+            f"{task} needs {with_article(' or '.join(models))} model, got {shown}; give a "
             f"checkpoint of one of those (perceiver-convert models lists them)"
         )
     return name
