@@ -235,13 +235,15 @@ def write_pt(
 
 def read_converted(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Reads a converted file: ``(state_dict, metadata)``; clear errors for other files."""
-    from perceiver_torch.registry import LoadError, read_checkpoint
+    from perceiver_torch.registry import EmptyFileError, LoadError, read_checkpoint
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
         return read_checkpoint(path)
+    except EmptyFileError as error:  # no question of who wrote it
+        raise CheckpointError(str(error)) from None
     except LoadError as error:
         raise CheckpointError(
             f"{error}; was it written by `perceiver-convert convert`?"

@@ -198,6 +198,11 @@ def read_hf(path: str | os.PathLike) -> HFSource:
         if not isinstance(config, dict):
             raise CheckpointError(f"{config_file}: expected a JSON object")
     sha256, size = _sha256(weights)
+    if size == 0:  # named as such, not as an unreadable format
+        raise CheckpointError(
+            f"{weights}: the file is empty (0 bytes), e.g. an interrupted download; "
+            "download it again"
+        )
     metadata: Dict[str, str] = {}
     if weights.suffix == ".safetensors":
         kind = "safetensors"

@@ -149,6 +149,11 @@ def _describe_onnx(path: Path) -> Dict[str, Any]:
     from converter.onnx_export import require_onnx
 
     onnx, _ = require_onnx()
+    if path.stat().st_size == 0:  # onnx reads no bytes as an empty graph
+        raise CheckpointError(
+            f"{path}: the file is empty (0 bytes), e.g. an interrupted download or "
+            "copy; export or download it again"
+        )
     try:
         graph = onnx.load(str(path))
     except Exception as error:  # protobuf raises several types for a bad file

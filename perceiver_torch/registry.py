@@ -36,6 +36,10 @@ class LoadError(ValueError):
     """A file that cannot be turned into a model (metadata, name, keys)."""
 
 
+class EmptyFileError(LoadError):
+    """The file holds no bytes at all (an interrupted download or copy)."""
+
+
 def _model_class(name: str) -> type:
     try:
         return MODEL_CLASSES[name]
@@ -125,12 +129,18 @@ _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a"
 def _refuse_pickles(path: Path) -> bytes:
     """A plain pickle (an official Haiku checkpoint, or anything else that is not a
     converted file) is refused from its first bytes, before ``torch.load`` could
-    suggest unsafe ways of reading it. Returns the first bytes (up to 4 KiB)."""
+    suggest unsafe ways of reading it, and an empty file is named as such (not as
+    an unknown format). Returns the first bytes (up to 4 KiB)."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
     except OSError as err:
         raise LoadError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if not head:
+        raise EmptyFileError(
+            f"{path}: the file is empty (0 bytes), e.g. an interrupted download or "
+            "copy; download or convert it again"
+        )
     if file_kind(head) == "pickle":
         # The official files name Haiku's FlatMapping in their first opcodes.
         what = (

@@ -830,3 +830,42 @@ def test_a_checkpoint_saved_in_float16_is_named_as_a_dtype_problem(tmp_path):
     result = run_cli("convert", halved, "-o", out)
     assert "closest model is imagenet_fourier (100% of the tensors fit)" in result.stderr
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["x.bin", "x.safetensors", "x.pt", "x.onnx", "hf/model.safetensors",
+     "hf/pytorch_model.bin"],
+)
+def test_an_empty_file_is_named_as_empty_by_every_reader(tmp_path, name):
+    """A 0-byte file (an interrupted download or copy) is called empty by convert,
+    verify, inspect and export alike, in one line, exit 3, whatever reader it meets
+    (HuggingFace .bin/.safetensors/folder, converted .safetensors/.pt, ONNX)."""
+    import importlib.util
+
+    path = tmp_path / name
+    given = path
+    if path.parent != tmp_path:  # a HuggingFace folder whose weights file is empty
+        path.parent.mkdir()
+        (path.parent / "config.json").write_text(
+            json.dumps({"architectures": ["PerceiverForMaskedLM"]})
+        )
+        given = path.parent
+    path.write_bytes(b"")
+    commands = [["inspect", given], ["inspect", "--json", given]]
+    if path.suffix != ".onnx":
+        commands.append(["convert", given, "-o", tmp_path / "out.safetensors", "-q"])
+        if importlib.util.find_spec("jax") is not None:
+            commands.append(["verify", given, "-q"])
+    if given is path and path.suffix in (".safetensors", ".pt"):
+        commands.append(["export", given, "-o", tmp_path / "out.pickle", "-q"])
+    before = snapshot(tmp_path)
+    for args in commands:
+        result = run_cli(*args)
+        assert_clean_error(result, 3, f"{path}: the file is empty (0 bytes)")
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, lines)
+    assert snapshot(tmp_path) == before
+    if given is path and path.suffix in (".safetensors", ".pt"):
+        with pytest.raises(perceiver_torch.LoadError, match=r"empty \(0 bytes\)"):
+            perceiver_torch.load(path)
