@@ -112,11 +112,16 @@ def _to_numpy(tensor: Any) -> np.ndarray:
 
 def _read_bin(path: Path) -> Dict[str, np.ndarray]:
     import pickle
+    import warnings
 
     import torch
 
     try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+        # torch warns on stderr about some files it then reads or refuses (a pickle
+        # protocol other than its own, ...); what matters is said below, in one line.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's own text begins with advice to retry with weights_only=False (that
         # is, to run the file); only the name of what it refused is worth passing on.

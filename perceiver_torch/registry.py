@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -273,7 +274,11 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
             "model is the .safetensors (or .pt) file `perceiver-convert convert` wrote"
         )
     try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=True)
+        # torch warns on stderr about some files it then reads or refuses (a pickle
+        # protocol other than its own, ...); what matters is the LoadError below.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise LoadError(
             f"{path}: the torch.save file holds objects other than tensors and plain "

@@ -781,6 +781,35 @@ def test_refused_pytorch_model_bin_names_the_global_without_torchs_advice(tmp_pa
     assert snapshot(tmp_path) == before
 
 
+def test_torch_load_warnings_do_not_reach_stderr(tmp_path):
+    """torch warns (UserWarning, on stderr) about pickle protocols other than its own
+    before refusing such files; the user sees only the one-line error."""
+    import pickle
+
+    plain = tmp_path / "plain.bin"  # a plain pickle named like pytorch_model.bin
+    with open(plain, "wb") as handle:
+        pickle.dump({"a": [1]}, handle, protocol=4)
+    saved = tmp_path / "p4.pt"  # torch.save's zip, its data.pkl in protocol 4
+    torch.save({"model": "imagenet_fourier", "config": {}, "state_dict": {}}, saved,
+               pickle_protocol=4)
+    before = snapshot(tmp_path)
+    for args in (["convert", plain, "-o", tmp_path / "x.safetensors", "-q"],
+                 ["inspect", plain], ["inspect", saved]):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = run_cli(*args)
+        assert_clean_error(result, 3)
+        assert [str(w.message) for w in caught] == [], args
+        assert "Warning" not in result.stderr
+        assert len(result.stderr.splitlines()) == 1, result.stderr
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(perceiver_torch.LoadError):
+            perceiver_torch.load(saved)
+    assert [str(w.message) for w in caught] == []
+    assert snapshot(tmp_path) == before
+
+
 def test_learned_positions_of_an_unknown_image_size_name_the_config_fix(tmp_path):
     """A learned position encoding's length is H*W, which the shapes cannot split:
     when no size preset has it, the error says which --config fixes it."""
