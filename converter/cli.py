@@ -524,6 +524,8 @@ def inspect_command(path: Path, as_json: bool) -> None:
 
     PATH may also be a converted file (.safetensors/.pt: provenance, config, parity,
     tensors), a HuggingFace transformers folder or weights file, or an ONNX graph.
+    A safetensors or .bin file of another project (neither converted nor a
+    HuggingFace Perceiver checkpoint) is labelled so, its tensors listed; exit 3.
     """
     from converter.inspect_other import describe, is_other, print_document
     from converter.haiku_reader import load_haiku_checkpoint, scan_pickle

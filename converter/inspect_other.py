@@ -4,8 +4,10 @@ Converted files (safetensors / .pt written by ``convert``: provenance, config, p
 tensors), HuggingFace transformers folders and weight files (config, files, the
 model they hold, tensors, the fidelity report of an ``export --format hf``) and ONNX
 graphs (opset, inputs and outputs, operators, parameters, the onnxruntime check and
-provenance in ``metadata_props``). Nothing is run from any file: safetensors is
-plain data, ``.pt``/``.bin`` are read with ``torch.load(weights_only=True)``.
+provenance in ``metadata_props``). A weights file of another project (no converted
+metadata, no config.json, no transformers Perceiver names) is listed as such, exit 3.
+Nothing is run from any file: safetensors is plain data, ``.pt``/``.bin`` are read
+with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -123,6 +125,8 @@ def _describe_hf(path: Path) -> Dict[str, Any]:
         problem = None
     except ConverterError as error:
         model, problem = None, str(error)
+    if problem is not None and _another_projects(source):
+        return _describe_another_projects(path, source, rows)
     folder = path if path.is_dir() else path.parent
     fidelity = folder / "fidelity.json"
     document = {
@@ -142,6 +146,44 @@ def _describe_hf(path: Path) -> Dict[str, Any]:
         "tensors": rows,
     }
     return _mark_nonfinite(document)
+
+
+def _another_projects(source: Any) -> bool:
+    """Whether a weights file that matches no Perceiver class shows no sign of being
+    a HuggingFace Perceiver checkpoint either: no config.json beside it, no tensor
+    under transformers' ``perceiver.`` prefix, no ``export --format hf`` metadata."""
+    return (
+        source.config is None
+        and not any(name.startswith("perceiver.") for name in source.tensors)
+        and not any(key.startswith("perceiver_convert.") for key in source.metadata)
+    )
+
+
+def _describe_another_projects(path: Path, source: Any, rows: List[Dict[str, Any]]
+                               ) -> Dict[str, Any]:
+    """A safetensors (or torch.save) file of some other project: its tensors are
+    listed, and, as for any other file that is not a checkpoint of ours or an
+    official one, the verdict is exit 3."""
+    what = "safetensors" if source.kind == "safetensors" else "torch.save"
+    return {
+        "path": str(path),
+        "kind": "other",
+        "format": what,
+        "label": f"another project's {what} file",
+        "ok": False,
+        "exit_code": 3,
+        "error": (
+            f"another project's {what} file, not a Perceiver checkpoint: it has "
+            "neither perceiver-convert's 'model'/'config' metadata nor transformers' "
+            "Perceiver tensor names (or a config.json beside it); convert and verify "
+            "take official pickles, converted files and HuggingFace Perceiver "
+            "checkpoints"
+        ),
+        "sha256": source.sha256,
+        "metadata": {k: _json_or_text(v) for k, v in source.metadata.items()},
+        "totals": _totals(rows),
+        "tensors": rows,
+    }
 
 
 def _describe_onnx(path: Path) -> Dict[str, Any]:
@@ -184,8 +226,9 @@ def _describe_onnx(path: Path) -> Dict[str, Any]:
 
 def print_document(document: Dict[str, Any]) -> None:
     """The human form of :func:`describe`'s document (stdout)."""
-    lines = [f"{document['path']}  ({document['kind']})"]
-    skip = {"path", "kind", "tensors", "metadata", "config", "fidelity", "operators"}
+    lines = [f"{document['path']}  ({document.get('label') or document['kind']})"]
+    skip = {"path", "kind", "label", "tensors", "metadata", "config", "fidelity",
+            "operators", "ok", "exit_code", "error"}
     for key, value in document.items():
         if key in skip or value is None:
             continue

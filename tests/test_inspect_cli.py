@@ -144,6 +144,48 @@ def test_inspect_broken_files(tmp_path, data, message):
     assert document["ok"] is False and document["error_type"] == "CheckpointError"
 
 
+def test_inspect_labels_another_projects_safetensors_and_exits_3(tmp_path):
+    """A safetensors (or torch.save) file of some other project is neither a
+    converted file nor a HuggingFace Perceiver checkpoint: inspect lists its tensors
+    under that label and exits 3, as for any file that is not a checkpoint it
+    knows; one error line, nothing written."""
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.int64)}, str(other),
+              metadata={"foo": "bar"})
+    state = tmp_path / "state.bin"
+    torch.save({"encoder.w": torch.zeros(2)}, state)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for path, what in ((other, "safetensors"), (state, "torch.save")):
+        result = run_cli("inspect", str(path))
+        assert result.exit_code == 3, result.output
+        assert result.stdout.startswith(f"{path}  (another project's {what} file)\n")
+        assert "huggingface" not in result.stdout and "problem" not in result.stdout
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"error: {path}: another project's {what} file")
+        assert "Traceback" not in result.output
+        result = run_cli("inspect", "--json", str(path))
+        assert result.exit_code == 3
+        document = json.loads(result.stdout)
+        assert document["kind"] == "other" and document["format"] == what
+        assert document["ok"] is False and document["exit_code"] == 3
+    assert [row["name"] for row in document["tensors"]] == ["encoder.w"]
+    document = json.loads(run_cli("inspect", "--json", str(other)).stdout)
+    assert document["metadata"] == {"foo": "bar"}
+    assert [(r["name"], r["shape"]) for r in document["tensors"]] == [("a", [2, 3]), ("b", [4])]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+    # transformers' Perceiver names, incomplete: still described as a HuggingFace file.
+    partial = tmp_path / "partial.safetensors"
+    save_file({"perceiver.embeddings.latents": np.zeros((4, 8), np.float32)}, str(partial))
+    result = run_cli("inspect", "--json", str(partial))
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["kind"] == "huggingface" and document["problem"]
+
 def test_inspect_missing_path_is_a_usage_error(tmp_path):
     result = run_cli("inspect", str(tmp_path / "nope.pickle"))
     assert result.exit_code == 2
