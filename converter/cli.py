@@ -489,6 +489,12 @@ def _print_checkpoint(document: Dict[str, Any]) -> None:
 
 
 def _print_failure(document: Dict[str, Any]) -> None:
+    if document.get("not_a_pickle"):  # named by its first bytes; nothing scanned
+        click.echo(
+            f"{document['path']}\n  file        {document['not_a_pickle']} (named "
+            "by its first bytes; not scanned)"
+        )
+        return
     lines = [document["path"], f"  protocol    {document['protocol']}"]
     if document["globals"]:
         lines.append("  globals     (read from the opcodes; nothing was run)")
@@ -541,11 +547,19 @@ def inspect_command(path: Path, as_json: bool) -> None:
     try:
         checkpoint = load_haiku_checkpoint(path, check_finite=False)
     except CheckpointError as error:
-        try:
-            scan = scan_pickle(path)
-        except CheckpointError:
-            scan = None
+        # A file its first bytes already name (empty, .npy, zip, image, ...) is not
+        # scanned: its bytes read as opcodes would list made-up globals and problems.
+        from converter.haiku_reader import sniff_not_pickle
+
+        named = sniff_not_pickle(path)
+        scan = None
+        if named is None:
+            try:
+                scan = scan_pickle(path)
+            except CheckpointError:
+                scan = None
         document = _failure_document(path, error, scan)
+        document["not_a_pickle"] = named
         document["exit_code"] = exit_code_for(error)
         click.echo(f"error: {error}", err=True)
         if as_json:

@@ -53,6 +53,7 @@ __all__ = [
     "PickleScan",
     "load_haiku_checkpoint",
     "scan_pickle",
+    "sniff_not_pickle",
 ]
 
 #: ``{module_path: {param_name: array}}``.
@@ -969,6 +970,19 @@ def _sniff(head: bytes) -> Optional[str]:
     if len(head) >= 10 and head[8:10] == b'{"':
         return "a safetensors file (already converted?)"
     return None
+
+
+def sniff_not_pickle(path: Union[str, os.PathLike]) -> Optional[str]:
+    """What the file at ``path`` clearly is when its first bytes already say it is not
+    a pickle to read opcode by opcode (``"empty (0 bytes)"``, ``"a numpy .npy
+    file"``, ``"a zip archive (...)"``, ...); None otherwise, also when it cannot be
+    read. ``inspect`` then has no opcodes to scan."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64)
+    except OSError:
+        return None
+    return "empty (0 bytes)" if not head else _sniff(head)
 
 
 def _describe_text(head: bytes) -> Optional[str]:

@@ -190,3 +190,33 @@ def test_inspect_missing_path_is_a_usage_error(tmp_path):
     result = run_cli("inspect", str(tmp_path / "nope.pickle"))
     assert result.exit_code == 2
     assert "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "name, make, kind",
+    [
+        ("a.npy", lambda np, path: np.save(path, np.arange(3.0)), "a numpy .npy file"),
+        ("b.npz", lambda np, path: np.savez(path, x=np.arange(3.0)), "a zip archive"),
+        ("empty.pickle", lambda np, path: path.write_bytes(b""), "empty (0 bytes)"),
+    ],
+)
+def test_inspect_does_not_scan_a_file_its_first_bytes_name(tmp_path, name, make, kind):
+    """A file the reader names from its first bytes (not a pickle) gets no opcode
+    scan: its bytes read as opcodes would list made-up globals (the .npy magic as
+    STACK_GLOBAL) or a corrupt opcode stream."""
+    import numpy as np
+
+    path = tmp_path / name
+    make(np, path)
+    result = run_cli("inspect", str(path))
+    assert result.exit_code == 3, result.output
+    assert kind in result.stderr and len(result.stderr.splitlines()) == 1
+    assert result.stdout == f"{path}\n  file        {result.stdout.split('file        ')[1]}"
+    assert kind in result.stdout and "not scanned" in result.stdout
+    for noise in ("STACK_GLOBAL", "NOT ALLOWED", "opcode", "protocol", "scan "):
+        assert noise not in result.stdout, noise
+    document = json.loads(run_cli("inspect", "--json", str(path)).stdout)
+    assert document["ok"] is False and document["exit_code"] == 3
+    assert kind in document["not_a_pickle"]
+    assert document["globals"] == [] and document["problems"] == []
+    assert document["scan_error"] is None and document["protocol"] is None
