@@ -67,7 +67,8 @@ goes to stderr; --json prints one document on stdout: {{"task", "model", "dtype"
 the model computed in), "results": [one per input]}}; each result has "input" and:
 
 \b
-  classify    "top_k": [{{"label", "index", "probability"}}]
+  classify    "top_k": [{{"label", "index", "probability"}}], "notes" (an image
+              over Pillow's decompression-bomb limit)
   fill-mask   "text" (the filled text), "masked": [per masked byte: "position",
               "original" (with --span), "top_k": [{{"byte", "value", "index",
               "probability"}}]]

@@ -468,3 +468,36 @@ def test_run_flow_on_a_transport_stream_or_3gp_video(tmp_path, flow_checkpoint, 
                      tmp_path / "flows.npz")
     assert result.exit_code == 0, result.stderr
     assert np.load(tmp_path / "flows.npz")["flow"].shape == (2, 40, 56, 2)
+
+
+def test_run_flow_frames_over_pillows_limit_are_a_note_not_a_raw_warning(
+    tmp_path, flow_checkpoint, monkeypatch
+):
+    # Pillow warns (DecompressionBombWarning) above MAX_IMAGE_PIXELS and refuses above
+    # twice that; 56x40 = 2240 pixels against 1500 stands for 90 to 179 megapixels.
+    import warnings
+
+    frames = _frames(tmp_path, count=3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_cli("run", "flow", flow_checkpoint, *frames, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert "DecompressionBomb" not in result.stderr and "warnings.warn" not in result.stderr
+    notes = [
+        f"{frame} is 56x40 pixels (0.00224 megapixels, over Pillow's decompression-bomb "
+        "limit of 0.0015): reading it takes about 0.0291 MB of memory"
+        for frame in frames
+    ]
+    # Each frame's note once, with the first pair it is in.
+    documents = json.loads(result.stdout)["results"]
+    assert [d["notes"] for d in documents] == [notes[:1], notes[1:]]
+    assert [line for line in result.stderr.splitlines() if "note:" in line] == [
+        f"  note: {n}" for n in notes
+    ]
+    # Above twice the limit: the one-line refusal of an unreadable frame (exit 3).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    result = run_cli("run", "flow", flow_checkpoint, *frames[:2], "-o", tmp_path / "x.flo")
+    assert result.exit_code == 3, result.stderr
+    assert "too large to decode safely" in result.stderr and "unexpected" not in result.stderr

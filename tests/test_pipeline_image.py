@@ -435,3 +435,45 @@ def test_class_names_fall_back_to_indices():
     assert class_names(1000, "imagenet")[207] == "golden retriever"
     assert class_names(700, "kinetics700")[0] == "abseiling"
     assert class_names(7, "kinetics700")[6] == "class 6"
+
+
+def test_an_image_over_pillows_limit_is_a_note_not_a_raw_warning(tmp_path, monkeypatch):
+    # Pillow warns (DecompressionBombWarning, two raw lines on stderr) above
+    # MAX_IMAGE_PIXELS (89 megapixels) and refuses above twice that; in between the
+    # image is classified with one note naming its size and the memory it takes.
+    # 56x40 = 2240 pixels against a limit of 1500 stands for 90 to 179 megapixels.
+    import json
+    import warnings
+
+    from helpers import run_cli
+
+    fixture, checkpoint = tmp_path / "imagenet_conv.pickle", tmp_path / "imagenet_conv.safetensors"
+    assert run_cli("fixture", "imagenet_conv", "--size", "tiny", "-o", fixture).exit_code == 0
+    assert run_cli("convert", fixture, "-o", checkpoint).exit_code == 0
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    Image.fromarray(random_rgb(40, 56)).save(big)
+    Image.fromarray(random_rgb(30, 30, seed=1)).save(small)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1500)
+    note = (
+        f"{big} is 56x40 pixels (0.00224 megapixels, over Pillow's decompression-bomb "
+        "limit of 0.0015): reading it takes about 0.0291 MB of memory"
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_cli("run", "classify", checkpoint, big, small, "--json", "--top-k", "2")
+        pipeline = ClassifyPipeline(pt.load(checkpoint))
+        direct = pipeline([str(big), str(small)], top_k=2)
+    assert result.exit_code == 0, result.stderr
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert "DecompressionBomb" not in result.stderr and "warnings.warn" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[lines.index(str(big)) + 1] == f"  note: {note}"  # under the image's name
+    documents = json.loads(result.stdout)["results"]
+    assert [d["notes"] for d in documents] == [[note], []]
+    assert [r.notes for r in direct] == [(note,), ()]
+    assert documents == [r.as_dict() for r in direct]
+    # Above twice the limit: refused, in one line (exit 3).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    result = run_cli("run", "classify", checkpoint, big)
+    assert result.exit_code == 3 and "too large to decode safely" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -23,7 +23,7 @@ Results are (H, W, 2) float32 arrays in pixels, u (+x right) then v (+y down).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -44,7 +44,7 @@ from .base import (
     usage_error,
 )
 from .flow_io import encode_flo, render_flow
-from .image import load_rgb
+from .image import load_rgb, quiet_bomb_warning
 from .media import (
     VIDEO_SUFFIXES,
     is_video_path,
@@ -73,10 +73,13 @@ class FlowResult:
     Attributes:
         flow: (H, W, 2) float32 in pixels; u (+x, right) then v (+y, down).
         tiles: model evaluations (distinct tiles of the colab's grid).
+        notes: remarks on the frames (a file above Pillow's decompression-bomb
+            limit: :func:`~.image.large_image_note`).
     """
 
     flow: np.ndarray
     tiles: int
+    notes: List[str] = field(default_factory=list)
 
     def flo_bytes(self) -> bytes:
         """The Middlebury ``.flo`` file (:func:`~.flow_io.encode_flo`)."""
@@ -171,7 +174,11 @@ class FlowPipeline:
 
     def __call__(self, frame1: FrameInput, frame2: FrameInput) -> FlowResult:
         """Flow from ``frame1`` to ``frame2``."""
-        return self.flow_of(_rgb(frame1), _rgb(frame2))
+        notes: List[str] = []
+        first, second = _rgb(frame1, notes), _rgb(frame2, notes)
+        result = self.flow_of(first, second)
+        result.notes.extend(notes)
+        return result
 
     def video(self, path: Union[str, Path], max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
         """The flow of each consecutive frame pair of a video: an iterator of (H, W, 2)
@@ -199,8 +206,8 @@ class FlowPipeline:
             raise InputError(f"{path} has no frames")
 
 
-def _rgb(frame: FrameInput) -> np.ndarray:
-    rgb = load_rgb(frame)
+def _rgb(frame: FrameInput, notes: Optional[List[str]] = None) -> np.ndarray:
+    rgb = load_rgb(frame, notes)
     return rgb if rgb.dtype == np.uint8 else rgb.astype(np.float64)
 
 
@@ -281,7 +288,9 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     pipeline.progress = options.progress
     if _is_video_run(inputs):
         return [_run_video(pipeline, inputs[0], options, render)]
-    frames = [_still_frame(path) for path in inputs]
+    # Notes on each frame (a very large file) go with the first pair it is in.
+    notes: List[List[str]] = [[] for _ in inputs]
+    frames = [_still_frame(path, frame_notes) for path, frame_notes in zip(inputs, notes)]
     results = []
     for i in range(len(frames) - 1):
         try:
@@ -289,6 +298,7 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
         except InputError as error:
             # Among many frames, say which pair ("the two frames differ in size").
             raise InputError(f"{inputs[i]} -> {inputs[i + 1]}: {error}") from None
+        results[-1].notes.extend(notes[i] + (notes[i + 1] if i == len(frames) - 2 else []))
     files: List[str] = []
     documents = []
     if options.arrays:
@@ -303,6 +313,8 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
             _write(options, png, _png_bytes(result.picture(render)), written)
         documents.append(_pair_document(inputs[i], inputs[i + 1], result, written or files))
         options.echo(_pair_line(inputs[i], inputs[i + 1], result))
+        for note in result.notes:
+            options.echo(f"  note: {note}")
     return documents
 
 
@@ -344,16 +356,18 @@ def _is_video_run(inputs: Sequence[str]) -> bool:
 _ANIMATION_FORMATS = {"GIF": "GIF", "PNG": "PNG (APNG)", "WEBP": "WebP"}
 
 
-def _still_frame(path: str) -> np.ndarray:
+def _still_frame(path: str, notes: List[str]) -> np.ndarray:
     """One frame INPUT as RGB; an animation format (GIF, APNG, WebP) must hold one
-    picture."""
+    picture. ``notes`` as :func:`~.image.load_rgb`'s."""
     Image = require("PIL.Image")
     try:
-        with Image.open(path) as opened:
+        # (load_rgb notes a file above Pillow's decompression-bomb limit, once.)
+        with quiet_bomb_warning(notes), Image.open(path) as opened:
             kind = _ANIMATION_FORMATS.get(str(opened.format or "").upper())
             count = int(getattr(opened, "n_frames", 1)) if kind else 1
-    except (OSError, ValueError, SyntaxError):
-        kind, count = None, 1  # unreadable: load_rgb says why
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        # Unreadable, or over twice Pillow's limit: load_rgb says why.
+        kind, count = None, 1
     if count > 1:
         alone = (
             "give it alone for the flow of its frames"
@@ -365,7 +379,7 @@ def _still_frame(path: str) -> np.ndarray:
         )
         error.exit_code = 2
         raise error
-    return _rgb(path)
+    return _rgb(path, notes)
 
 
 def _pair_targets(inputs: Sequence[str], options: RunOptions) -> List[Tuple[Path, Path]]:
@@ -410,6 +424,7 @@ def _pair_document(a: str, b: str, result: FlowResult, files: List[str]) -> Dict
         "max_flow": _magnitude(result.flow),
         "mean_flow": [float(v) for v in result.flow.reshape(-1, 2).mean(0)],
         "files": list(files),
+        "notes": list(result.notes),
     }
 
 

@@ -24,10 +24,12 @@ never saw); the learned position encoding cannot.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -56,6 +58,7 @@ __all__ = [
     "LabelScore",
     "center_crop",
     "center_crop_box",
+    "large_image_note",
     "load_rgb",
     "model_image_size",
     "normalize",
@@ -154,7 +157,49 @@ def _from_pil(image: Any) -> np.ndarray:
     return _from_array(np.asarray(image))
 
 
-def load_rgb(image: ImageInput) -> np.ndarray:
+# Memory that reading an image takes per pixel, measured for an RGB PNG (Pillow's
+# 4-byte pixels, the copy ImageOps.exif_transpose returns, the (H, W, 3) array): 13
+# bytes, about 1.2 GB at Pillow's limit of 89 megapixels.
+_READ_BYTES_PER_PIXEL = 13
+
+
+def large_image_note(path: Union[str, Path], size: Tuple[int, int]) -> Optional[str]:
+    """The note for an image of ``size`` (W, H) above Pillow's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``, 89 megapixels by default), where Pillow warns
+    (``DecompressionBombWarning``) and reads it anyway; None below it. (Above twice
+    the limit Pillow refuses the image: :func:`load_rgb` raises InputError.)"""
+    Image = require("PIL.Image")
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = (int(v) for v in size)
+    pixels = width * height
+    if not limit or pixels <= limit:
+        return None
+    memory = pixels * _READ_BYTES_PER_PIXEL
+    shown = f"{memory / 1e9:.1f} GB" if memory >= 1e9 else f"{memory / 1e6:.3g} MB"
+    return (
+        f"{path} is {width}x{height} pixels ({pixels / 1e6:.3g} megapixels, over "
+        f"Pillow's decompression-bomb limit of {limit / 1e6:.3g}): reading it takes "
+        f"about {shown} of memory"
+    )
+
+
+@contextlib.contextmanager
+def quiet_bomb_warning(notes: Optional[List[str]]) -> Iterator[None]:
+    """A block in which Pillow's ``DecompressionBombWarning`` (an image above
+    ``MAX_IMAGE_PIXELS``, which Pillow reads anyway) is not raised when the caller
+    collects ``notes`` (it adds a :func:`large_image_note` instead); without a list,
+    the warning is Pillow's as usual. Pillow warns when it opens a file and, for some
+    formats (ICO, TIFF tiles, GIF frames), when it loads one: the block covers both."""
+    if notes is None:
+        yield
+        return
+    Image = require("PIL.Image")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def load_rgb(image: ImageInput, notes: Optional[List[str]] = None) -> np.ndarray:
     """Any supported image -> (H, W, 3) RGB: uint8 (float32 for float inputs).
 
     * a path: read with Pillow; EXIF orientation applied; greyscale repeated to 3
@@ -167,6 +212,10 @@ def load_rgb(image: ImageInput) -> np.ndarray:
     * a torch tensor: (3, H, W) or (1, H, W) (PyTorch's channel-first layout) or
       (H, W); same dtypes as numpy, and bfloat16.
 
+    notes: a list that gets a :func:`large_image_note` for a file above Pillow's
+    decompression-bomb limit, in place of Pillow's ``DecompressionBombWarning``
+    (which is raised as usual without a list). The pipelines pass one.
+
     Raises:
         InputError: unreadable file, unsupported shape or dtype, NaN or infinite
             float values.
@@ -175,8 +224,11 @@ def load_rgb(image: ImageInput) -> np.ndarray:
         Image = require("PIL.Image")
         path = Path(image)
         try:
-            with Image.open(path) as opened:
+            with quiet_bomb_warning(notes), Image.open(path) as opened:
                 opened.load()
+                note = large_image_note(path, opened.size)
+                if note is not None and notes is not None:
+                    notes.append(note)
                 return _from_pil(opened)
         except FileNotFoundError:
             raise InputError(f"no such image file: {path}") from None
@@ -262,14 +314,16 @@ def normalize(rgb: np.ndarray) -> np.ndarray:
 
 
 def preprocess_image(
-    image: ImageInput, size: Optional[Tuple[int, int]] = (224, 224)
+    image: ImageInput,
+    size: Optional[Tuple[int, int]] = (224, 224),
+    notes: Optional[List[str]] = None,
 ) -> torch.Tensor:
     """The colab's preprocessing: -> float32 (3, H, W), normalised.
 
     size: the model's (H, W); None keeps the crop at its own size (Fourier and conv
-    models only, see the module docstring).
+    models only, see the module docstring). notes: as :func:`load_rgb`'s.
     """
-    crop = center_crop(load_rgb(image))
+    crop = center_crop(load_rgb(image, notes))
     if size is not None:
         crop = resize_cubic(crop, size)
     return torch.from_numpy(normalize(crop)).permute(2, 0, 1).contiguous()
@@ -300,14 +354,20 @@ class LabelScore:
 @dataclass(frozen=True)
 class ClassifyResult:
     """What classify found for one image: ``top_k`` most probable first; ``logits``
-    (num_classes,) float32."""
+    (num_classes,) float32; ``notes``: remarks on the input (an image above Pillow's
+    decompression-bomb limit: :func:`large_image_note`)."""
 
     input: str
     top_k: Tuple[LabelScore, ...]
     logits: torch.Tensor
+    notes: Tuple[str, ...] = ()
 
     def as_dict(self) -> Dict[str, Any]:
-        return {"input": self.input, "top_k": [s.as_dict() for s in self.top_k]}
+        return {
+            "input": self.input,
+            "top_k": [s.as_dict() for s in self.top_k],
+            "notes": list(self.notes),
+        }
 
 
 def _describe(image: ImageInput) -> str:
@@ -347,9 +407,10 @@ class ClassifyPipeline:
         self.batch_size = positive_int(batch_size, "batch_size")
         self.progress: Progress = no_progress
 
-    def preprocess(self, image: ImageInput) -> torch.Tensor:
-        """One image -> the model's input (3, H, W) float32."""
-        return preprocess_image(image, self.size)
+    def preprocess(self, image: ImageInput, notes: Optional[List[str]] = None) -> torch.Tensor:
+        """One image -> the model's input (3, H, W) float32; ``notes`` as
+        :func:`load_rgb`'s."""
+        return preprocess_image(image, self.size, notes)
 
     @torch.no_grad()
     def logits(self, pixels: Sequence[torch.Tensor]) -> List[torch.Tensor]:
@@ -385,15 +446,18 @@ class ClassifyPipeline:
         stacked = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
         single = not stacked and not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
-        pixels = [self.preprocess(image) for image in batch]
+        notes: List[List[str]] = [[] for _ in batch]
+        pixels = [self.preprocess(image, n) for image, n in zip(batch, notes)]
         results = []
-        for image, logits in zip(batch, self.logits(pixels)):
+        for image, logits, image_notes in zip(batch, self.logits(pixels), notes):
             probabilities, indices = softmax_top_k(logits, top_k)
             scores = tuple(
                 LabelScore(self.labels[i], int(i), float(p))
                 for p, i in zip(probabilities.tolist(), indices.tolist())
             )
-            results.append(ClassifyResult(_describe(image), scores, logits))
+            results.append(
+                ClassifyResult(_describe(image), scores, logits, tuple(image_notes))
+            )
         return results[0] if single else results
 
 
@@ -408,22 +472,26 @@ def run_task(pipeline: ClassifyPipeline, inputs: List[str], options: RunOptions)
         pipeline = ClassifyPipeline(pipeline.model, resize=False, batch_size=pipeline.batch_size)
     pipeline.progress = options.progress
     pixels = []
-    for path in options.progress(inputs, len(inputs), "preprocessing"):
+    notes: List[List[str]] = [[] for _ in inputs]
+    pairs = list(zip(inputs, notes))
+    for path, image_notes in options.progress(pairs, len(pairs), "preprocessing"):
         try:
-            pixels.append(pipeline.preprocess(path))
+            pixels.append(pipeline.preprocess(path, image_notes))
         except InputError as error:
             message = str(error)
             raise InputError(message if path in message else f"{path}: {message}") from None
     logits = pipeline.logits(pixels)
     results = []
-    for path, row in zip(inputs, logits):
+    for path, row, image_notes in zip(inputs, logits, notes):
         probabilities, indices = softmax_top_k(row, options.top_k)
         scores = tuple(
             LabelScore(pipeline.labels[i], int(i), float(p))
             for p, i in zip(probabilities.tolist(), indices.tolist())
         )
-        results.append(ClassifyResult(path, scores, row))
+        results.append(ClassifyResult(path, scores, row, tuple(image_notes)))
         options.echo(path)
+        for note in image_notes:
+            options.echo(f"  note: {note}")
         for rank, score in enumerate(scores, 1):
             options.echo(
                 f"  {rank}. {score.label} (index {score.index})  {score.probability:.4f}"
