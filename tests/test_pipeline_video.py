@@ -389,6 +389,41 @@ def test_run_autoencode_pads_a_very_short_sound(tmp_path, video_checkpoint):
     assert "padded with silence" in result.stderr
 
 
+@pytest.mark.parametrize("fps", [50, 20, 25])
+def test_run_autoencode_names_a_frame_rate_other_than_25(tmp_path, video_checkpoint, fps):
+    # The model (as the colab) takes the frames as 25 fps, each with 64 samples (1920
+    # officially), whatever the video's rate: a 50 fps video's sound covers only half
+    # of its frames (padded with silence), a 20 fps video's is cut short. The frames
+    # are not resampled; a note says what the rate means, and the padding note does
+    # not blame the sound.
+    make_test_video(tmp_path / "in.mp4", 8, size=(32, 32), fps=fps, sample_rate=48000)
+    result = run_cli("run", "autoencode", video_checkpoint, tmp_path / "in.mp4", "--json",
+                     "-o", tmp_path / "out.mp4")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)["results"][0]
+    assert document["frames"] == 8 and len(document["clips"]) == 4  # every frame kept
+    notes = document["notes"]
+    assert all(f"  note: {note}" in result.stderr.splitlines() for note in notes)
+    rate_notes = [note for note in notes if note.startswith("the video is")]
+    padding = [note for note in notes if "padded with silence" in note]
+    if fps == 25:
+        assert rate_notes == [] and padding == []
+        return
+    assert rate_notes == [
+        f"the video is {fps} fps; the model takes its frames as 25 fps (64 sound samples "
+        "each, as the colab), so the sound is matched to frames at that rate: the "
+        f"reconstruction plays at {25 / fps:g}x speed, out of step with the sound; give "
+        "a 25 fps copy for real time (ffmpeg -i IN -r 25 OUT.mp4)"
+    ]
+    if fps == 20:
+        assert padding == []
+    else:
+        assert len(padding) == 1 and padding[0].endswith(
+            " s shorter than the 8 frames taken as 25 fps (0.320 s; 0.160 s at the "
+            "video's 50 fps); padded with silence"
+        )
+
+
 @pytest.mark.parametrize(
     "case, code, message",
     [

@@ -17,7 +17,10 @@ The colab's procedure (:class:`AutoencodePipeline`):
 3. Consecutive clips of ``num_frames`` frames (16) and ``num_frames x 1920`` samples,
    the remaining frames dropped (reported in :attr:`AutoencodeResult.dropped_frames`);
    a sound track shorter than the clips is padded with silence (reported too; the
-   colab would fail).
+   colab would fail). The frames are taken as 25 frames/s whatever the video's rate,
+   as the colab (it never reads the rate): a 50 fps video gets 1920 samples (1/25 s)
+   per frame, so its reconstruction plays at half speed and out of step with its
+   sound. Frames are not resampled; a video more than 1% off 25 fps gets a note.
 4. Each clip encoded once and decoded in the colab's chunks
    (:meth:`perceiver_torch.VideoAutoencoder.reconstruct`, ``num_chunks`` 128 by
    default; the colab re-encodes for every chunk, with the same result).
@@ -56,7 +59,7 @@ from .base import (
     softmax_top_k,
     usage_error,
 )
-from .media import encode_wav, iter_video_frames, read_audio, write_video
+from .media import encode_wav, iter_video_frames, read_audio, video_frame_rate, write_video
 
 __all__ = [
     "AutoencodePipeline",
@@ -290,11 +293,34 @@ class AutoencodePipeline:
             raise InputError(f"audio must be (S,) or (S, channels), got {samples.shape}")
         return _finite_sound(samples)
 
+    def frame_rate_note(self, video: VideoInput) -> Tuple[Optional[float], Optional[str]]:
+        """(the video's frame rate, a note) when ``video`` is a file whose rate is more
+        than 1% off :data:`MODEL_FPS`: the model (and the colab) takes every video's
+        frames as 25 per second, each with ``samples_per_frame`` sound samples, so the
+        sound is matched to the frames at that rate. (None, None) otherwise (arrays
+        have no rate; a container that does not say is taken at its word)."""
+        if not isinstance(video, (str, Path)):
+            return None, None
+        rate = video_frame_rate(video)
+        if not rate or abs(float(rate) / MODEL_FPS - 1.0) <= 0.01:
+            return None, None
+        fps = float(rate)
+        return fps, (
+            f"the video is {_fps(fps)} fps; the model takes its frames as {MODEL_FPS} fps "
+            f"({self.samples_per_frame} sound samples each, as the colab), so the sound "
+            f"is matched to frames at that rate: the reconstruction plays at "
+            f"{MODEL_FPS / fps:.3g}x speed, out of step with the sound; give a "
+            f"{MODEL_FPS} fps copy for real time (ffmpeg -i IN -r {MODEL_FPS} OUT.mp4)"
+        )
+
     # -- the model ----------------------------------------------------------------------
 
     def __call__(self, video: VideoInput, audio: AudioInput = None) -> AutoencodeResult:
         notes: List[str] = []
         frames = self.load_frames(video)
+        video_fps, rate_note = self.frame_rate_note(video)
+        if rate_note is not None:
+            notes.append(rate_note)
         sound = self.load_audio(video, audio, notes)
         t = self.num_frames
         clips = len(frames) // t
@@ -312,10 +338,17 @@ class AutoencodePipeline:
         needed = clips * t * self.samples_per_frame
         padded = max(needed - len(sound), 0)
         if padded:
-            notes.append(
-                f"sound {padded / self.sample_rate:.3f} s shorter than the frames; "
-                "padded with silence"
-            )
+            shortfall = f"sound {padded / self.sample_rate:.3f} s shorter than the frames"
+            if video_fps is not None:
+                # The frames last longer at 25 fps than at the video's own rate: say
+                # so rather than blame the sound (it may cover the video at its rate).
+                kept = clips * t
+                shortfall = (
+                    f"sound {padded / self.sample_rate:.3f} s shorter than the {kept} "
+                    f"frames taken as {MODEL_FPS} fps ({kept / MODEL_FPS:.3f} s; "
+                    f"{kept / video_fps:.3f} s at the video's {_fps(video_fps)} fps)"
+                )
+            notes.append(f"{shortfall}; padded with silence")
             sound = np.concatenate([sound, np.zeros(padded, np.float32)])
         sound = sound[:needed]
         parameter = next(self.model.parameters())
@@ -355,6 +388,11 @@ class AutoencodePipeline:
             padded_samples=padded,
             notes=notes,
         )
+
+
+def _fps(rate: float) -> str:
+    """A frame rate as people write it: 50, 29.97, 23.976."""
+    return f"{rate:.3f}".rstrip("0").rstrip(".")
 
 
 def _finite_sound(samples: np.ndarray) -> np.ndarray:
