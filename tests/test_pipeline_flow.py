@@ -395,6 +395,31 @@ def test_run_flow_on_gif_frames(tmp_path, flow_checkpoint):
     assert np.load(tmp_path / "anim.npz")["flow"].shape == (1, 48, 64, 2)
 
 
+def test_run_flow_video_output_suffix_is_honoured_or_refused(tmp_path, flow_checkpoint):
+    # -o X.mov wrote X.mov.mp4 and -o X.webm X.webm.mp4: the suffix asked for was
+    # neither honoured nor refused.
+    av = pytest.importorskip("av")
+    from perceiver_torch.pipelines.video import make_test_video
+
+    make_test_video(tmp_path / "clip.mp4", 3, size=(40, 56), sample_rate=None)
+    result = run_cli("run", "flow", flow_checkpoint, tmp_path / "clip.mp4", "--json",
+                     "-o", tmp_path / "flow.mov")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["results"][0]["files"] == [str(tmp_path / "flow.mov")]
+    with av.open(str(tmp_path / "flow.mov")) as opened:
+        assert "mov" in opened.format.name.split(",")
+        assert len(list(opened.decode(video=0))) == 2
+    before = _listing(tmp_path)
+    for suffix in (".webm", ".avi"):
+        result = run_cli("run", "flow", flow_checkpoint, tmp_path / "clip.mp4",
+                         "-o", tmp_path / f"flow{suffix}")
+        assert result.exit_code == 2, result.stderr
+        assert f"flow does not write {suffix}" in result.stderr
+        assert ".mp4, .mov, .mkv or .gif for a video" in result.stderr
+        assert "flow with" not in result.stderr  # refused before the model is loaded
+        assert _listing(tmp_path) == before
+
+
 def test_run_flow_refuses_a_video_model(tmp_path):
     checkpoint = tmp_path / "video.pickle"
     assert run_cli("fixture", "video_autoencoding", "-o", checkpoint).exit_code == 0

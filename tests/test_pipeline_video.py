@@ -457,6 +457,43 @@ def test_run_autoencode_errors(tmp_path, video_checkpoint, case, code, message):
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
+@pytest.mark.parametrize("suffix", [".webm", ".avi", ".png"])
+def test_run_autoencode_refuses_an_output_suffix_it_does_not_write(
+    tmp_path, video_checkpoint, suffix, monkeypatch
+):
+    # -o out.webm wrote out.webm.mp4 and out.webm.wav: neither honoured nor refused.
+    import converter.run_cli as run_cli_module
+
+    def refuse_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before -o was checked")
+
+    make_test_video(tmp_path / "in.mp4", 4, size=(32, 32))
+    monkeypatch.setattr(run_cli_module, "load_any_model", refuse_load)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_cli("run", "autoencode", video_checkpoint, tmp_path / "in.mp4",
+                     "-o", tmp_path / f"out{suffix}")
+    assert result.exit_code == 2, result.stderr
+    assert (f"autoencode does not write {suffix}; it writes the video as .mp4, .mov, .mkv "
+            "or .gif") in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("suffix, container", [(".mov", "mov"), (".mkv", "matroska")])
+def test_run_autoencode_writes_the_container_its_suffix_names(
+    tmp_path, video_checkpoint, suffix, container
+):
+    make_test_video(tmp_path / "in.mp4", 4, size=(32, 32))
+    result = run_cli("run", "autoencode", video_checkpoint, tmp_path / "in.mp4", "--json",
+                     "-o", tmp_path / f"out{suffix}")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["results"][0]["files"] == [
+        str(tmp_path / f"out{suffix}"), str(tmp_path / "out.wav")]
+    with av.open(str(tmp_path / f"out{suffix}")) as opened:
+        assert container in opened.format.name.split(",")
+        assert opened.streams.audio and len(list(opened.decode(video=0))) == 4
+
+
 def test_run_autoencode_refuses_a_flow_model(tmp_path):
     checkpoint = tmp_path / "flow.pickle"
     assert run_cli("fixture", "optical_flow", "-o", checkpoint).exit_code == 0

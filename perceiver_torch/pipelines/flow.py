@@ -46,7 +46,9 @@ from .base import (
 from .flow_io import encode_flo, render_flow
 from .image import load_rgb, quiet_bomb_warning
 from .media import (
+    MEDIA_SUFFIXES,
     VIDEO_SUFFIXES,
+    WRITTEN_VIDEO_SUFFIXES,
     is_video_path,
     iter_video_frames,
     video_frame_count,
@@ -214,7 +216,7 @@ def _rgb(frame: FrameInput, notes: Optional[List[str]] = None) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 # perceiver-convert run flow
 
-_SUFFIXES = (".flo", ".png", ".npy", ".npz", ".mp4", ".gif")
+_SUFFIXES = (".flo", ".png", ".npy", ".npz") + WRITTEN_VIDEO_SUFFIXES
 
 
 def _output_base(inputs: Sequence[str], options: RunOptions) -> Tuple[Path, str]:
@@ -227,7 +229,15 @@ def _output_base(inputs: Sequence[str], options: RunOptions) -> Tuple[Path, str]
         return out / (first.stem + ".flow"), ".mp4"
     suffix = out.suffix.lower()
     if suffix in _SUFFIXES:
-        return out.with_suffix(""), ".gif" if suffix == ".gif" else ".mp4"
+        return out.with_suffix(""), suffix if suffix in WRITTEN_VIDEO_SUFFIXES else ".mp4"
+    if suffix in MEDIA_SUFFIXES:
+        # Not a stem: the user asked for that format (out.webm wrote out.webm.mp4).
+        raise usage_error(
+            f"-o {out}: flow does not write {suffix}; it writes .flo and .png for "
+            f"frames, {', '.join(WRITTEN_VIDEO_SUFFIXES[:-1])} or "
+            f"{WRITTEN_VIDEO_SUFFIXES[-1]} for a video (--npy/--npz: the arrays): give "
+            "-o with one of those suffixes"
+        )
     return out, ".mp4"
 
 
@@ -275,7 +285,9 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     * frames: ``OUT.flo`` (Middlebury) and ``OUT.png`` (colour picture, ``--render``);
       several pairs: ``OUT_0000.flo``, ``OUT_0000.png``, ... (index of the pair's
       first frame);
-    * a video: ``OUT.mp4`` (H.264; ``-o X.gif`` for a GIF) of the colour pictures at
+    * a video: ``OUT.mp4`` (H.264; ``-o X.mov``/``X.mkv`` in QuickTime/Matroska,
+      ``-o X.gif`` for a GIF; another picture, sound or video suffix such as
+      ``X.webm`` is refused before any work, exit 2) of the colour pictures at
       the input's frame rate, the wheel's saturation scaled to the largest flow of
       the whole video so that colours compare across frames;
     * ``--npy``/``--npz``: only the raw flow in pixels, [H, W, 2] for one pair,

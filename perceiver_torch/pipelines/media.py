@@ -46,6 +46,19 @@ VIDEO_SUFFIXES = (
     ".mxf",
 )
 
+# The suffixes write_video writes: H.264 (with AAC sound) in MP4, QuickTime and
+# Matroska, and GIF. (FFmpeg picks the container from the suffix; WebM cannot hold
+# H.264, and AVI, MPEG-TS and FLV, which take it, are not checked for sound in step.)
+WRITTEN_VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".gif")
+
+# Suffixes that name a picture, sound or video format: an output named so is meant
+# to be that format, so a task that does not write it refuses the name rather than
+# taking it as part of a stem (out.webm -> out.webm.mp4).
+MEDIA_SUFFIXES = VIDEO_SUFFIXES + (
+    ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff",
+    ".wav", ".mp3", ".flac", ".ogg", ".oga", ".opus", ".m4a", ".aac",
+)
+
 # Sample rates FFmpeg's AAC encoder accepts; other rates are resampled to 48 kHz
 # for the muxed sound track (the .wav keeps the model's rate).
 _AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
@@ -257,7 +270,8 @@ def write_video(
     audio: Optional[np.ndarray] = None,
     sample_rate: Optional[int] = None,
 ) -> None:
-    """Writes frames (T, H, W, 3) uint8 RGB as a video chosen by ``path``'s suffix:
+    """Writes frames (T, H, W, 3) uint8 RGB as a video chosen by ``path``'s suffix
+    (the run tasks take :data:`WRITTEN_VIDEO_SUFFIXES`):
     ``.gif`` (Pillow, adaptive palette per frame, no sound) or any other (``.mp4``):
     H.264 (libx264, yuv420p, crf 18; an odd height or width gets its last row or
     column repeated) with ``audio`` (S,) float at ``sample_rate`` muxed as AAC

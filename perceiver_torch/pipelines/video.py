@@ -59,7 +59,15 @@ from .base import (
     softmax_top_k,
     usage_error,
 )
-from .media import encode_wav, iter_video_frames, read_audio, video_frame_rate, write_video
+from .media import (
+    MEDIA_SUFFIXES,
+    WRITTEN_VIDEO_SUFFIXES,
+    encode_wav,
+    iter_video_frames,
+    read_audio,
+    video_frame_rate,
+    write_video,
+)
 
 __all__ = [
     "AutoencodePipeline",
@@ -433,9 +441,18 @@ def _base(path: str, options: RunOptions, several: bool) -> Tuple[Path, str]:
     if out.is_dir():
         return out / (source.stem + ".autoencoded"), ".mp4"
     suffix = out.suffix.lower()
-    if suffix in (".mp4", ".gif", ".wav", ".npy", ".npz", ".mov", ".mkv"):
-        video_suffix = suffix if suffix in (".mp4", ".gif", ".mov", ".mkv") else ".mp4"
-        return out.with_suffix(""), video_suffix
+    if suffix in WRITTEN_VIDEO_SUFFIXES:
+        return out.with_suffix(""), suffix
+    if suffix in (".wav", ".npy", ".npz"):
+        return out.with_suffix(""), ".mp4"
+    if suffix in MEDIA_SUFFIXES:
+        # Not a stem: the user asked for that format (out.webm wrote out.webm.mp4).
+        raise usage_error(
+            f"-o {out}: autoencode does not write {suffix}; it writes the video as "
+            f"{', '.join(WRITTEN_VIDEO_SUFFIXES[:-1])} or {WRITTEN_VIDEO_SUFFIXES[-1]} "
+            "with the sound beside it as .wav (--npz/--npy: the arrays): give -o with "
+            "one of those suffixes"
+        )
     return out, ".mp4"
 
 
@@ -485,8 +502,10 @@ def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOption
     Files (``OUT`` = ``-o`` without its suffix; default ``<video>.autoencoded`` next
     to the video; ``-o FOLDER`` puts that name in FOLDER):
 
-    * ``OUT.mp4`` (H.264 with the reconstructed sound as AAC; ``-o X.gif``: a GIF,
-      which has no sound) at 25 frames/s, and ``OUT.wav`` (float32, the model's rate);
+    * ``OUT.mp4`` (H.264 with the reconstructed sound as AAC; ``-o X.mov``/``X.mkv``:
+      the same in QuickTime/Matroska; ``-o X.gif``: a GIF, which has no sound) at 25
+      frames/s, and ``OUT.wav`` (float32, the model's rate). Another picture, sound or
+      video suffix (``-o X.webm``, ``X.avi``) is refused before any work (exit 2);
     * ``--npz``: only ``OUT.npz`` with ``frames`` [T, H, W, 3], ``audio`` [S] and
       ``label_logits`` [clips, classes]; ``--npy``: ``OUT.npy`` (the frames),
       ``OUT.audio.npy`` and ``OUT.label_logits.npy``.
