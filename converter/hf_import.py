@@ -242,6 +242,8 @@ def detect_model(source: HFSource) -> str:
             f"{source.path}: config.json names architecture(s) {', '.join(map(str, names))}; "
             f"this converter reads {', '.join(sorted(known))}"
         )
+    if looks_like_another_project(source):
+        raise CheckpointError(f"{source.path}: {another_project_message(source)}")
     keys = set(source.tensors)
     scores = []
     for name in available_hf_mappings():
@@ -260,6 +262,29 @@ def detect_model(source: HFSource) -> str:
         "classes exactly"
         + (f" (closest: {best[1]}, {best[0]:.0%} of the names)" if best[1] else "")
         + "; add the folder's config.json, or check that the file is complete"
+    )
+
+
+def looks_like_another_project(source: HFSource) -> bool:
+    """Whether a weights file shows no sign of being a HuggingFace Perceiver
+    checkpoint: no config.json beside it, no tensor under transformers' ``perceiver.``
+    prefix, no ``export --format hf`` metadata."""
+    return (
+        source.config is None
+        and not any(name.startswith("perceiver.") for name in source.tensors)
+        and not any(key.startswith("perceiver_convert.") for key in source.metadata)
+    )
+
+
+def another_project_message(source: HFSource) -> str:
+    """What such a file is, and what the commands take instead."""
+    what = "safetensors" if source.kind == "safetensors" else "torch.save"
+    return (
+        f"another project's {what} file, not a Perceiver checkpoint: it has "
+        "neither perceiver-convert's 'model'/'config' metadata nor transformers' "
+        "Perceiver tensor names (or a config.json beside it); convert and verify "
+        "take official pickles, converted files and HuggingFace Perceiver "
+        "checkpoints"
     )
 
 
@@ -306,7 +331,7 @@ def prepare_hf(
     from converter.haiku_reader import HaikuCheckpoint
     from converter.registry import model_info
 
-    progress(f"reading {path} (transformers checkpoint)")
+    progress(f"reading {path} as a transformers checkpoint")
     source = read_hf(path)
     detected = detect_model(source)
     if model is not None and model != detected:

@@ -114,7 +114,7 @@ def _describe_converted(path: Path) -> Dict[str, Any]:
 
 def _describe_hf(path: Path) -> Dict[str, Any]:
     from converter.errors import ConverterError
-    from converter.hf_import import detect_model, read_hf
+    from converter.hf_import import detect_model, looks_like_another_project, read_hf
 
     source = read_hf(path)
     import torch
@@ -125,7 +125,7 @@ def _describe_hf(path: Path) -> Dict[str, Any]:
         problem = None
     except ConverterError as error:
         model, problem = None, str(error)
-    if problem is not None and _another_projects(source):
+    if problem is not None and looks_like_another_project(source):
         return _describe_another_projects(path, source, rows)
     folder = path if path.is_dir() else path.parent
     fidelity = folder / "fidelity.json"
@@ -148,22 +148,13 @@ def _describe_hf(path: Path) -> Dict[str, Any]:
     return _mark_nonfinite(document)
 
 
-def _another_projects(source: Any) -> bool:
-    """Whether a weights file that matches no Perceiver class shows no sign of being
-    a HuggingFace Perceiver checkpoint either: no config.json beside it, no tensor
-    under transformers' ``perceiver.`` prefix, no ``export --format hf`` metadata."""
-    return (
-        source.config is None
-        and not any(name.startswith("perceiver.") for name in source.tensors)
-        and not any(key.startswith("perceiver_convert.") for key in source.metadata)
-    )
-
-
 def _describe_another_projects(path: Path, source: Any, rows: List[Dict[str, Any]]
                                ) -> Dict[str, Any]:
     """A safetensors (or torch.save) file of some other project: its tensors are
     listed, and, as for any other file that is not a checkpoint of ours or an
     official one, the verdict is exit 3."""
+    from converter.hf_import import another_project_message
+
     what = "safetensors" if source.kind == "safetensors" else "torch.save"
     return {
         "path": str(path),
@@ -172,13 +163,7 @@ def _describe_another_projects(path: Path, source: Any, rows: List[Dict[str, Any
         "label": f"another project's {what} file",
         "ok": False,
         "exit_code": 3,
-        "error": (
-            f"another project's {what} file, not a Perceiver checkpoint: it has "
-            "neither perceiver-convert's 'model'/'config' metadata nor transformers' "
-            "Perceiver tensor names (or a config.json beside it); convert and verify "
-            "take official pickles, converted files and HuggingFace Perceiver "
-            "checkpoints"
-        ),
+        "error": another_project_message(source),
         "sha256": source.sha256,
         "metadata": {k: _json_or_text(v) for k, v in source.metadata.items()},
         "totals": _totals(rows),

@@ -898,3 +898,20 @@ def test_an_empty_file_is_named_as_empty_by_every_reader(tmp_path, name):
     if given is path and path.suffix in (".safetensors", ".pt"):
         with pytest.raises(perceiver_torch.LoadError, match=r"empty \(0 bytes\)"):
             perceiver_torch.load(path)
+
+
+def test_another_projects_weights_file_is_named_by_convert_and_verify(tmp_path):
+    # It was "the tensor names match none of transformers' six Perceiver classes;
+    # add the folder's config.json": advice for an HF checkpoint, not for this file.
+    from safetensors.numpy import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"a": np.arange(6, dtype=np.float32).reshape(2, 3)}, str(other),
+              metadata={"foo": "bar"})
+    before = snapshot(tmp_path)
+    for args in (["convert", other, "-o", tmp_path / "out.safetensors"], ["verify", other]):
+        result = run_cli(*args)
+        assert_clean_error(result, 3, "another project's safetensors file",
+                           "not a Perceiver checkpoint")
+        assert "config.json beside it" in result.stderr
+    assert snapshot(tmp_path) == before
