@@ -123,19 +123,15 @@ def _read_bin(path: Path) -> Dict[str, np.ndarray]:
             warnings.simplefilter("ignore")
             payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        # torch's own text begins with advice to retry with weights_only=False (that
-        # is, to run the file); only the name of what it refused is worth passing on.
+        from perceiver_torch.registry import weights_only_refusal
+
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
-        name = found.group(1) if found else None
-        what = (
-            f"it asks for the global {name!r}, which" if name else "it holds objects that"
-        )
         raise UnsafeCheckpointError(
-            f"{path}: refused: {what} torch.load(weights_only=True) does not allow; "
-            "nothing from the file was run. A transformers checkpoint holds only "
-            "tensors: use its model.safetensors file, or a pytorch_model.bin from a "
-            "source you trust",
-            name,
+            f"{path}: refused by torch.load(weights_only=True): the file "
+            f"{weights_only_refusal(error)}; nothing from the file was run. A "
+            "transformers checkpoint holds only tensors: use its "
+            "model.safetensors file, or a pytorch_model.bin from a source you trust",
+            found.group(1) if found else None,
         ) from None
     except Exception as error:  # truncated zip, not a torch file, ...
         raise CheckpointError(

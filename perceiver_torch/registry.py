@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -234,6 +235,32 @@ def format_state_problems(prefix: str, problems: Mapping[str, list]) -> Optional
     return "\n".join(lines)
 
 
+def weights_only_refusal(error: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` (torch's safe loader) refused a file,
+    from its error, as words that follow "the file": the global it asked for, a
+    pickle protocol its unpickler does not read, or objects that are not tensors.
+    torch's own text is not passed on: it advises retrying with the unsafe loader,
+    which runs the file."""
+    text = str(error)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (
+            f"asks for the global {found.group(1)!r}, which torch's safe loader does not "
+            "allow"
+        )
+    opcode = re.search(r"Unsupported operand (\d+)", text)
+    if opcode:
+        return (
+            f"was pickled with a protocol torch's safe loader does not read (opcode "
+            f"{opcode.group(1)}: torch.save(..., pickle_protocol=4 or 5)); save it again "
+            "with torch.save's default protocol, or as safetensors"
+        )
+    return (
+        "holds objects other than tensors and plain containers, which torch's safe "
+        "loader does not load"
+    )
+
+
 def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """The tensors and the metadata of a converted file: ``(state_dict, metadata)``.
 
@@ -279,11 +306,11 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             payload = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as error:
         raise LoadError(
-            f"{path}: the torch.save file holds objects other than tensors and plain "
-            "containers, which are not loaded (nothing in it was run); a converted "
-            "model holds only its name, config, tensors and metadata"
+            f"{path}: the torch.save file {weights_only_refusal(error)} (nothing in it "
+            "was run); a converted model holds only its name, config, tensors and "
+            "metadata"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         raise LoadError(
