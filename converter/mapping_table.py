@@ -154,6 +154,8 @@ def describe_mapping(
     targets = _model_targets(spec, resolved)
     table = spec.expand(resolved.values)
     report = plan_forward(table, sources, targets, spec.name)
+    if report.problems() and overrides:
+        _refuse_overrides_that_break(spec, sources, overrides, report.problems()[0])
 
     description = MappingDescription(
         spec.name, spec.file, spec.sha256, spec.model, size, resolved,
@@ -209,6 +211,31 @@ def _resolve(
                 f"shapes give {key}={_plain(derived[key])}; drop that override"
             )
     return spec.resolve_config(shapes, overrides)
+
+
+def _refuse_overrides_that_break(
+    spec: MappingSpec,
+    sources: Mapping[str, Tuple[Shape, str]],
+    overrides: Mapping[str, Any],
+    problem: str,
+) -> None:
+    """An OverrideError (exit 2) when the tree fits the mapping without the overrides
+    but not with them: a value no single shape gives (imagenet_learned's image_size:
+    the tree holds only H*W) contradicts the tree, as ``convert`` says of a checkpoint;
+    a mapping that does not fit its tree either way keeps its problems (exit 3)."""
+    try:
+        plain = _resolve(spec, {k: v[0] for k, v in sources.items()}, None)
+        fits = not plan_forward(
+            spec.expand(plain.values), sources, _model_targets(spec, plain), spec.name
+        ).problems()
+    except (MappingError, OverrideError):
+        fits = False
+    if fits:
+        given = ", ".join(f"{key}={_plain(value)}" for key, value in overrides.items())
+        raise OverrideError(
+            f"--config {given} contradicts the {spec.model} tree, which the mapping "
+            f"expands without it ({problem}); drop or correct that override"
+        )
 
 
 def _model_targets(

@@ -173,6 +173,13 @@ def test_config_overrides_show_in_the_table():
         (("missing.yaml",), "no such mapping file"),
         (("optical_flow", "--config", "num_heads=4"), "unknown config key"),
         (("optical_flow", "--config", "num_self_attends=5"), "contradicts"),
+        # No single shape gives it (the position table holds H*W rows), but the tree
+        # contradicts it all the same: a bad --config (2), as convert says, not a
+        # mapping that does not fit its tree (3).
+        (("imagenet_learned", "--config", "image_size=16x16"), "contradicts the "
+         "imagenet_learned tree"),
+        (("imagenet_learned", "--size", "full", "--config", "image_size=16x16", "--json"),
+         "contradicts the imagenet_learned tree"),
         (("optical_flow", "--size", "huge"), "huge"),
         # An export mapping to transformers' keys: not a table of perceiver_torch keys.
         ((str(ROOT / "mappings" / "hf" / "imagenet_conv.yaml"),), "transformers'"),
@@ -183,6 +190,12 @@ def test_usage_errors_exit_2(args, message):
     assert result.exit_code == 2
     assert message in result.stderr
     assert "Traceback" not in result.output
+
+
+def test_an_override_only_the_product_of_shapes_allows_is_accepted():
+    result = run_cli("mapping", "imagenet_learned", "--config", "image_size=16x64", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["problems"] == []
 
 
 def test_broken_mapping_files_exit_3(tmp_path):
