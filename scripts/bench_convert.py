@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from script_args import existing_file, positive_int  # beside this script
+from script_args import existing_file, output_file, positive_int  # beside this script
 
 _SCRIPTS = Path(__file__).resolve().parent
 
@@ -68,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", type=existing_file, help="official language checkpoint")
     parser.add_argument("--repeat", type=positive_int, default=3)
-    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--json", type=output_file, help="write the results here")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-convert-") as folder:

@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from proc_memory import current_rss, max_rss  # beside this script
-from script_args import positive_int
+from script_args import device, output_file, positive_int
 
 # Run from a checkout: use its perceiver_torch (also in the worker subprocesses).
 _ROOT = Path(__file__).resolve().parents[1]
@@ -851,7 +851,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
     p.add_argument(
-        "--device", default="cpu", help="where the models and inputs are: cpu, cuda, ..."
+        "--device", type=device, default="cpu", help="where the models and inputs are: cpu, cuda, ..."
     )
     p.add_argument(
         "--dtype",
@@ -909,7 +909,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "product shape; compiling takes minutes)",
     )
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--json", type=output_file, metavar="PATH",
+                   help="write the results as JSON here")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--case", choices=CASES + ("matmul_peak",), help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -47,7 +47,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_forward as bf  # noqa: E402  (beside this script; puts the checkout first)
-from script_args import non_negative_int, positive_int  # noqa: E402
+from script_args import non_negative_int, output_file, positive_int  # noqa: E402
 
 Variant = Tuple[str, str, int]  # (implementation, dtype, batch)
 
@@ -227,7 +227,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                    "weights packed too; bfloat16 ones are by default)")
     p.add_argument("--no-flops", dest="flops", action="store_false",
                    help="skip counting the matmul FLOPs")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    p.add_argument("--json", type=output_file, metavar="PATH",
+                   help="write the results as JSON here")
     args = p.parse_args(argv)
     import torch
 

@@ -35,7 +35,7 @@ import torch
 
 import perceiver_torch as pt
 from perceiver_torch.optical_flow import tile_grid
-from script_args import positive_int  # beside this script
+from script_args import output_file, positive_int  # beside this script
 
 
 def cpu_name() -> str:
@@ -143,7 +143,7 @@ def main(argv: Any = None) -> int:
                         help="alternating batched/single rounds (best of each)")
     parser.add_argument("--skip-flow", action="store_true")
     parser.add_argument("--skip-video", action="store_true")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON here")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="write the report as JSON here")
     args = parser.parse_args(argv)
     report: Dict[str, Any] = {
         "cpu": cpu_name(),

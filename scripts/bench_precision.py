@@ -36,7 +36,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "converter" / "__init__.py").is_file():
     sys.path.insert(0, str(_ROOT))
 
-from script_args import positive_int  # noqa: E402  (beside this script)
+from script_args import non_negative_int, output_file, positive_int  # noqa: E402  (beside this script)
 
 MODELS = (
     "language_perceiver",
@@ -135,10 +135,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     p.add_argument("--size", choices=("tiny", "full"), default="full")
     p.add_argument("--batch", type=positive_int, default=8, help="ImageNet images (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="fixture weights' seed")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="fixture weights' seed")
     p.add_argument("--no-clip", action="store_true", help="skip the whole video clip")
     p.add_argument("--threads", type=positive_int, default=2)
-    p.add_argument("--json", metavar="PATH", help="write the reports as JSON here")
+    p.add_argument("--json", type=output_file, metavar="PATH",
+                   help="write the reports as JSON here")
     args = p.parse_args(argv)
 
     import torch
@@ -175,7 +176,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             gc.collect()
             print(f"    {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         if args.json:  # after every model, so a long run leaves what it finished
-            payload = {"environment": env, "settings": vars(args), "reports": reports}
+            settings = {**vars(args), "json": str(args.json)}
+            payload = {"environment": env, "settings": settings, "reports": reports}
             Path(args.json).write_text(json.dumps(payload, indent=2))
     for dtype in args.dtype:
         rows = [row for r in reports if r["dtype"] == dtype for row in summary_rows(r)]

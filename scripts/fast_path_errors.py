@@ -37,7 +37,7 @@ if (_ROOT / "perceiver_torch" / "__init__.py").is_file():
 
 import perceiver_torch as pt  # noqa: E402
 from perceiver_torch import fast_paths  # noqa: E402
-from script_args import positive_int  # noqa: E402  (beside this script)
+from script_args import output_file, positive_int  # noqa: E402  (beside this script)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -123,7 +123,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(pt.MODEL_NAMES),
                         choices=list(pt.MODEL_NAMES))
     parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--json", type=output_file, default=None, help="also write the rows here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}, {args.threads} threads")

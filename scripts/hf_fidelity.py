@@ -23,13 +23,14 @@ from converter.conversion import convert
 from converter.fixtures import write_fixture
 from converter.hf import export_hf
 from converter.registry import MODEL_NAMES
+from script_args import non_negative_int, output_file  # beside this script
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODEL_NAMES), default=list(MODEL_NAMES))
-    parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=output_file, default=None)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     args = parser.parse_args()
     rows = []
     for name in args.models:

@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
+from script_args import output_file  # beside this script
+
 # Provenance fields that may change with the text of a mapping or the version.
 _MAY_CHANGE = ("mapping_sha256", "converter")
 
@@ -106,12 +108,23 @@ def compare(before: Dict[str, Any], after: Dict[str, Any]) -> list:
 def main(argv: Any = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["record", "compare"])
-    parser.add_argument("document", type=Path)
+    parser.add_argument("document", type=Path)  # record: checked below
     parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
     parser.add_argument("--models", nargs="+", default=None)
     args = parser.parse_args(argv)
     if args.action == "compare" and not args.document.is_file():
         parser.error(f"{args.document}: no such file (record it first)")
+    if args.action == "record":
+        try:
+            output_file(str(args.document))
+        except argparse.ArgumentTypeError as error:
+            parser.error(str(error))
+    from converter.registry import MODEL_NAMES
+
+    unknown = [name for name in args.models or () if name not in MODEL_NAMES]
+    if unknown:
+        parser.error(f"--models: unknown model(s) {', '.join(unknown)}; choose from "
+                     f"{', '.join(MODEL_NAMES)}")
     with tempfile.TemporaryDirectory() as folder:
         current = digests(Path(folder), args.size, args.models)
     if args.action == "record":

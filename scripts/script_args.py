@@ -31,6 +31,40 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def output_file(text: str) -> Path:
+    """A file the script writes at the end (--json, a digest document): its folder
+    must exist and it must not be a folder, checked before the minutes of work whose
+    results it holds."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name a file in it")
+    folder = path.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{text}: the folder {folder} does not exist; create it first"
+        )
+    return path
+
+
+def device(text: str) -> str:
+    """A torch device (cpu, cuda, cuda:1, meta, ...) that this machine has."""
+    import torch
+
+    try:
+        parsed = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a torch device (cpu, cuda, cuda:1, ...)"
+        ) from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return text
+
+
 def _integer(text: str) -> int:
     try:
         return int(text)

@@ -49,3 +49,48 @@ def test_bench_pipelines_writes_its_json_where_the_readme_says(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "pipelines.json").read_text())
     assert {"cpu", "threads", "torch", "command"} <= set(report)
+
+
+@pytest.mark.parametrize(
+    "script, args, words",
+    [
+        ("hf_fidelity.py", ["--seed", "-1"], "--seed: -1 is negative"),
+        ("bench_precision.py", ["--size", "tiny", "--models", "optical_flow", "--seed", "-1"],
+         "--seed: -1 is negative"),
+        ("bench_precision.py", ["--size", "tiny", "--models", "optical_flow", "--no-clip",
+                                "--json", "missing/precision.json"],
+         "the folder missing does not exist"),
+        ("output_digests.py", ["record", "missing/digests.json", "--models", "optical_flow"],
+         "the folder missing does not exist"),
+        ("output_digests.py", ["record", "digests.json", "--models", "bogus"],
+         "unknown model(s) bogus"),
+        ("bench_forward.py", ["--device", "bogus", "--models", "imagenet_fourier", "--impl",
+                              "ours", "--rounds", "1", "--repeat", "1", "--no-peak",
+                              "--no-flops"], "'bogus' is not a torch device"),
+    ],
+)
+def test_output_paths_seeds_and_devices_are_checked_before_any_work(
+    script, args, words, tmp_path
+):
+    """A --json (or digest document) whose folder is missing, a negative seed, an unknown
+    model or device: argparse errors before the run, not a traceback after it (which
+    loses the results the file was to hold)."""
+    result = run_script(script, *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert words in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_file_type(tmp_path):
+    import argparse
+
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from script_args import output_file
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    assert output_file(str(tmp_path / "out.json")) == tmp_path / "out.json"
+    with pytest.raises(argparse.ArgumentTypeError, match="is a folder"):
+        output_file(str(tmp_path))
+    with pytest.raises(argparse.ArgumentTypeError, match="does not exist"):
+        output_file(str(tmp_path / "missing" / "out.json"))
