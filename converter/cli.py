@@ -268,6 +268,10 @@ def main(debug: bool) -> None:
 # fixture
 
 
+# verify's and demo's seed also keys the JAX reference (jax.random.PRNGKey: a signed
+# 64-bit integer); converter.verify.MAX_SEED, not imported here (it imports torch).
+_MAX_SEED = 2**63 - 1
+
 _JSON_OPTION = click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON document on stdout."
 )
@@ -781,7 +785,7 @@ def convert_command(
 @_MODEL_OPTION
 @_CONFIG_OPTION
 @_MAPPING_OPTION
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=0, show_default=True,
               help="Seed of the deterministic test inputs.")
 @click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
@@ -885,8 +889,11 @@ def verify_command(
             progress=_progress(quiet),
         )
         click.echo(extra.format_table(), err=True)
-        document["fidelity"] = extra.as_dict()
+        document["fidelity"] = {**extra.as_dict(), "passed": extra.passed}
         passed = passed and extra.passed
+        # The exit code's verdict: the parity check and the fidelity report (a JSON
+        # reader must not see "passed": true next to exit 1).
+        document["passed"] = passed
     if as_json:
         echo_json(document)
     if not passed:
@@ -1102,7 +1109,7 @@ def mapping_command(
 @click.option("--force", is_flag=True,
               help="Replace the demo's files in --workdir if they exist (the models' "
               "files, and with --tasks anything in its tasks folder).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=0, show_default=True)
 @click.option("--tasks/--no-tasks", "with_tasks", default=True, show_default=True,
               help="Also run each task pipeline (run TASK) once on a tiny model.")
 @_JSON_OPTION

@@ -26,6 +26,7 @@ Needs the ``[jax]`` extra; everything else in the converter works without it.
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -38,6 +39,9 @@ from converter.errors import ConverterError, ParityError, UsageError
 from converter.progress import Progress, quiet
 
 STAGES = ("preprocessed", "latents", "decoder_output")
+
+# The largest --seed: the JAX reference's PRNGKey takes a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
 
 # Unit roundoff of the storage dtypes: rounding to nearest changes a weight by at most
 # this fraction of itself (2^-24 float32, 2^-11 float16, 2^-8 bfloat16).
@@ -419,6 +423,10 @@ def verify_prepared(
     """
     from converter.converted_files import TORCH_DTYPES
 
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (
+        0 <= seed <= MAX_SEED
+    ):
+        raise UsageError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}")
     require_jax()
     name = prepared.model
     config = prepared.config_object()

@@ -186,3 +186,35 @@ def test_config_override_means_the_same_in_both_implementations(jax_ready):
     got = flow.permute(0, 2, 3, 1).numpy()
     assert np.abs(got - expected).max() / np.abs(expected).max() > 1e-3
     assert isinstance(model, perceiver_torch.OpticalFlow)
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("command", ["verify", "demo"])
+def test_a_seed_beyond_the_jax_key_range_is_a_usage_error(jax_ready, command, tmp_path):
+    """verify's and demo's --seed also keys the JAX reference (a signed 64-bit
+    integer): 2**63 is refused as a bad option (exit 2), not an unexpected
+    OverflowError (exit 3) after the fixture was written."""
+    source = tmp_path / "optical_flow.pickle"
+    write_fixture("optical_flow", source, size="tiny")
+    args = (
+        [source] if command == "verify"
+        else ["--models", "optical_flow", "--no-tasks", "--workdir", tmp_path / "demo"]
+    )
+    result = run_cli(command, *args, "--seed", str(2**63))
+    assert result.exit_code == 2, result.output
+    assert "--seed" in result.stderr and "unexpected" not in result.stderr
+    assert not (tmp_path / "demo").exists() or not any((tmp_path / "demo").iterdir())
+    assert run_cli("verify", source, "--seed", str(2**63 - 1), "-q").exit_code == 0
+
+
+@pytest.mark.jax
+def test_verify_api_refuses_a_seed_beyond_the_jax_key_range(jax_ready, tmp_path):
+    from converter.errors import UsageError
+    from converter.verify import verify
+
+    source = tmp_path / "optical_flow.pickle"
+    write_fixture("optical_flow", source, size="tiny")
+    with pytest.raises(UsageError, match="seed"):
+        verify(source, seed=2**63)
+    with pytest.raises(UsageError, match="seed"):
+        verify(source, seed=-1)
