@@ -22,6 +22,7 @@ if (_ROOT / "perceiver_torch" / "__init__.py").is_file():
     sys.path.insert(0, str(_ROOT))
 
 from perceiver_torch.pipelines.flow_io import flow_to_hsv, flow_to_wheel, wheel_legend  # noqa: E402
+from script_args import output_folder  # noqa: E402  (beside this script)
 
 
 def rotation(height: int = 120, width: int = 200) -> np.ndarray:
@@ -35,7 +36,7 @@ def main() -> None:
     from PIL import Image
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("folder", type=Path)
+    parser.add_argument("folder", type=output_folder)
     args = parser.parse_args()
     args.folder.mkdir(parents=True, exist_ok=True)
     flow = rotation()

@@ -46,6 +46,14 @@ def output_file(text: str) -> Path:
     return path
 
 
+def output_folder(text: str) -> Path:
+    """A folder the script writes into (made if missing): not an existing file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; name a folder")
+    return path
+
+
 def device(text: str) -> str:
     """A torch device (cpu, cuda, cuda:1, meta, ...) that this machine has."""
     import torch

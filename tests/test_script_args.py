@@ -94,3 +94,13 @@ def test_output_file_type(tmp_path):
         output_file(str(tmp_path))
     with pytest.raises(argparse.ArgumentTypeError, match="does not exist"):
         output_file(str(tmp_path / "missing" / "out.json"))
+
+
+def test_flow_pictures_refuses_a_file_as_its_folder(tmp_path):
+    # mkdir on an existing file was a FileExistsError traceback.
+    (tmp_path / "pictures").write_text("not a folder")
+    result = run_script("flow_pictures.py", "pictures", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "pictures is a file; name a folder" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (tmp_path / "pictures").read_text() == "not a folder"
