@@ -218,3 +218,21 @@ def test_verify_api_refuses_a_seed_beyond_the_jax_key_range(jax_ready, tmp_path)
         verify(source, seed=2**63)
     with pytest.raises(UsageError, match="seed"):
         verify(source, seed=-1)
+
+
+def test_the_summary_numbers_are_one_outputs():
+    from converter.verify import Comparison, ParityReport
+
+    def output(name, relative, tolerance):
+        return Comparison(name, "output", (1, 4), relative, 1.0, relative, None, tolerance,
+                          relative <= tolerance)
+
+    # The video model: audio at its 1e-4 allowance passes, image past its 1e-5 fails.
+    report = ParityReport("video_autoencoding", "tiny", 1, 0, [
+        output("audio", 5e-5, 1e-4), output("image", 2e-5, 1e-5), output("label", 1e-7, 1e-5)
+    ])
+    summary = report.as_dict()
+    # It read max_relative 5e-5 (audio) under tolerance 1e-4 (audio) next to passed false.
+    assert summary["passed"] is False and summary["worst_output"] == "image"
+    assert (summary["max_relative"], summary["tolerance"]) == (2e-5, 1e-5)
+    assert ParityReport("m", "tiny", 1, 0, []).as_dict()["max_relative"] is None
