@@ -534,6 +534,11 @@ class MappingSpec:
         Values derived from shapes always come from the checkpoint; a user override that
         contradicts one is an error (the conversion could not succeed).
         """
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise ConfigError(
+                f"config must be a mapping of config keys to values (a dict), got "
+                f"{type(overrides).__name__}"
+            )
         derived = self.derive_config(source_shapes)
         overrides = {k: _as_tuple(v) for k, v in (overrides or {}).items()}
         unknown = sorted(set(overrides) - set(self.override_keys))
@@ -544,6 +549,9 @@ class MappingSpec:
                 f"{', '.join(self.override_keys)}",
                 unknown[0],
             )
+        # Type and range first (the Python API's values are not parsed by the CLI):
+        # "-1 contradicts the checkpoint" would hide that -1 is no size at all.
+        overrides = self._checked_values(overrides)
         for key, value in overrides.items():
             if key in derived and derived[key] != value:
                 raise ConfigError(
@@ -563,6 +571,22 @@ class MappingSpec:
                 break
         values = {**base, **derived, **overrides}
         return ResolvedConfig(values, preset, derived, dict(overrides))
+
+    def _checked_values(self, overrides: Mapping[str, Any]) -> Dict[str, Any]:
+        from perceiver_torch import configs  # see _official_values
+
+        cls = configs.CONFIG_CLASSES.get(self.model)
+        if cls is None:
+            return dict(overrides)
+        kinds = configs.field_kinds(cls)
+        checked = dict(overrides)
+        for key, value in overrides.items():
+            if key in kinds:
+                try:
+                    checked[key] = configs.check_value(cls, key, value)
+                except configs.ConfigError as error:
+                    raise ConfigError(f"--config: {error}", key) from None
+        return checked
 
     # -- expansion -------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import pickle
 import warnings
 from pathlib import Path
@@ -941,3 +942,17 @@ def test_a_torch_save_file_of_pickle_protocol_4_is_named_as_such(tmp_path):
     with pytest.raises(perceiver_torch.LoadError, match="pickled with a protocol"):
         perceiver_torch.load(tmp_path / "model.pt")
     assert snapshot(tmp_path) == before
+
+
+def test_the_python_apis_config_values_are_checked_like_the_cli(work):
+    # converter.convert(config=...) said "-1 contradicts the checkpoint, whose shapes
+    # give num_latents=16" for a value that is no size at all; a list was an
+    # AttributeError.
+    source, out = work / "fourier.pickle", work / "api.safetensors"
+    cases = [({"num_latents": "abc"}, "must be an integer, got 'abc'"),
+             ({"num_latents": -1}, "must be an integer >= 1, got -1"),
+             (["num_latents"], "must be a mapping of config keys to values")]
+    for config, words in cases:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            converter.convert(source, out, config=config)
+    assert not out.exists()
