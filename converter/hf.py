@@ -223,6 +223,7 @@ def config_overrides_from_hf(model: str, hf: Mapping[str, Any]) -> Dict[str, Any
     file's, else PerceiverConfig's defaults), image and clip sizes, how often the
     ImageNet models' shared block repeats; the rest is derived. The video model's
     ``num_chunks`` (a decoding default, not in transformers' config) stays official."""
+    _refuse_unrepresentable(model, hf)
     heads = {key: hf.get(key, default) for key, default in HF_DEFAULT_HEADS.items()}
     if model == "language_perceiver" and heads["num_cross_attention_heads"] != 8:
         raise MappingError(
@@ -233,6 +234,51 @@ def config_overrides_from_hf(model: str, hf: Mapping[str, Any]) -> Dict[str, Any
             "count for both; this checkpoint cannot be imported"
         )
     return {**heads, **_sizes_from_hf(model, hf)}
+
+
+# config.json values that change what transformers computes without changing any
+# tensor's shape, with the one the official architecture (and perceiver_torch) has;
+# PerceiverConfig's defaults where the file leaves them out.
+HF_FIXED_BEHAVIOUR = {"use_query_residual": True}
+
+
+def _refuse_unrepresentable(model: str, hf: Mapping[str, Any]) -> None:
+    """Raises :class:`MappingError` for a config.json whose transformers model computes
+    something perceiver_torch cannot: importing it would silently give another model.
+    (erf GELU, transformers' default, is the documented fidelity difference and is
+    accepted: perceiver_torch computes the official tanh GELU.)"""
+    wrong = []
+    for key, official in HF_FIXED_BEHAVIOUR.items():
+        if key in hf and hf[key] != official:
+            wrong.append(f"{key}={json.dumps(hf[key])} (the official model: "
+                         f"{json.dumps(official)})")
+    act = hf.get("hidden_act", "gelu")
+    if not (isinstance(act, str) and act.startswith("gelu") and act != "gelu_10"):
+        wrong.append(f"hidden_act={json.dumps(act)} (the official model: a GELU)")
+    # transformers repeats the whole self-attention stack num_blocks times; only the
+    # ImageNet models (whose num_blocks perceiver_torch reads) have such a loop.
+    blocks = hf.get("num_blocks", 1)
+    if not model.startswith("imagenet_") and blocks != 1:
+        wrong.append(f"num_blocks={json.dumps(blocks)} (the official {model}: 1)")
+    if model == "video_autoencoding" and "output_shape" in hf:
+        # transformers' Fourier features span (num_frames, image_size, image_size);
+        # perceiver_torch's the frames after space-to-depth, output_shape[1:] / (1, 4, 4).
+        shape = list(hf["output_shape"])
+        frames = hf.get("num_frames", 16)
+        size = hf.get("image_size", 56)
+        if len(shape) == 4 and (shape[1] != frames or shape[2] != 4 * size
+                                or shape[3] != 4 * size):
+            wrong.append(
+                f"image_size={json.dumps(size)}, num_frames={json.dumps(frames)} with "
+                f"output_shape={json.dumps(shape)} (the official model: output_shape "
+                "[1, num_frames, 4 x image_size, 4 x image_size])"
+            )
+    if wrong:
+        raise MappingError(
+            f"config.json gives {'; '.join(wrong)}: transformers computes another "
+            f"function with these, which the official {model}, and perceiver_torch's, "
+            "cannot; this checkpoint cannot be imported"
+        )
 
 
 def _sizes_from_hf(model: str, hf: Mapping[str, Any]) -> Dict[str, Any]:

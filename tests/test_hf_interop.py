@@ -613,3 +613,35 @@ def test_verify_refuses_options_it_cannot_honour(converted, exported, tmp_path) 
     for args, words in cases:
         result = run_cli("verify", *args)
         assert result.exit_code == 2 and words in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "name, key, value",
+    [
+        ("language_perceiver", "num_blocks", 2),
+        ("optical_flow", "num_blocks", 3),
+        ("optical_flow", "use_query_residual", False),
+        ("language_perceiver", "hidden_act", "relu"),
+        ("video_autoencoding", "image_size", 8),
+    ],
+)
+def test_config_json_values_that_change_the_function_are_refused(
+    name, key, value, exported, tmp_path
+) -> None:
+    """transformers reads these config.json values at no tensor's expense (the whole
+    stack repeated num_blocks times, the encoder's query residual, the activation,
+    the video Fourier features' resolution); perceiver_torch computes the official
+    model, so importing them would give another function without a word."""
+    folder = tmp_path / "changed"
+    folder.mkdir()
+    config = json.loads((exported[name] / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    (folder / "model.safetensors").write_bytes((exported[name] / "model.safetensors").read_bytes())
+    out = tmp_path / "out.safetensors"
+    result = run_cli("convert", folder, "-o", out)
+    assert result.exit_code == 3, result.stderr
+    assert f"{key}=" in result.stderr and "cannot be imported" in result.stderr
+    assert not out.exists()
+    # transformers' own default activation (erf GELU) is the documented difference.
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu_new"}))
+    assert run_cli("convert", folder, "-o", out, "-q").exit_code == 0
