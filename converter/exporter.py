@@ -129,6 +129,14 @@ def converted_to_haiku(
     report = plan_inverse(table, tensor_specs(state_dict), spec.name)
     report.raise_for_problems(f"Was {path} converted from a {model} checkpoint?")
     dropped = decode_dropped(metadata)
+    restored = _hf_restored_drops(metadata)
+    if restored:
+        exact = False
+        notes.append(
+            f"{len(restored)} array(s) the transformers checkpoint it was imported from "
+            "does not hold were rebuilt from their restore_from sources, not the "
+            f"original values ({', '.join(restored[:3])}{', ...' if len(restored) > 3 else ''})"
+        )
     if table.drops and not dropped:
         exact = False
         notes.append(
@@ -217,6 +225,16 @@ def check_stored_tensors(
                 "another file; convert the official checkpoint again"
             )
         raise CheckpointError(message)
+
+
+def _hf_restored_drops(metadata: Dict[str, str]) -> list:
+    """The dropped arrays a HuggingFace import rebuilt (``hf_source.restored_drops``)."""
+    try:
+        source = json.loads(metadata.get("hf_source") or "{}")
+    except ValueError:
+        return []
+    restored = source.get("restored_drops") if isinstance(source, dict) else None
+    return [str(name) for name in restored] if isinstance(restored, list) else []
 
 
 def _as_tuple(value: Any) -> Any:

@@ -51,8 +51,10 @@ from converter.mapping import (
 from converter.progress import Progress, quiet
 
 # Keys of the safetensors metadata; transformers wants "format": "pt".
+# "haiku_dropped" (the BatchNorm EMA accumulators and counter that neither
+# perceiver_torch nor transformers holds) lets the import give the original file back.
 HF_SOURCE_KEYS = ("model", "config", "source_file", "source_sha256", "mapping",
-                  "mapping_sha256", "converter")
+                  "mapping_sha256", "converter", "haiku_dropped")
 
 
 def require_transformers() -> Any:

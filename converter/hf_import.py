@@ -294,7 +294,9 @@ def hf_to_haiku(
     source: HFSource, model: str
 ) -> Tuple[Dict[str, np.ndarray], MappingSpec]:
     """transformers tensors -> official Haiku arrays (``{"module/param": array}``),
-    through the inverse of every rule of ``mappings/hf/<model>.yaml``."""
+    through the inverse of every rule of ``mappings/hf/<model>.yaml``. The arrays no
+    transformers tensor holds (BatchNorm EMA accumulators) come from an export's
+    metadata, else from their ``restore_from`` arrays (listed in :func:`restored_drops`)."""
     spec = load_hf_mapping(model)
     try:
         table = _table(spec, source)
@@ -309,8 +311,30 @@ def hf_to_haiku(
         f"{source.path} is not a complete {spec.target.get('architecture')} checkpoint "
         "(missing or unexpected tensors above)"
     )
-    flat = invert_arrays(table, source.tensors)
+    flat = invert_arrays(table, source.tensors, _carried_drops(source, model))
     return flat, spec
+
+
+def _carried_drops(source: HFSource, model: str) -> Dict[str, np.ndarray]:
+    """The dropped official arrays an ``export --format hf`` stored in its metadata."""
+    from converter.conversion import decode_dropped
+
+    if source.metadata.get("perceiver_convert.model") != model:
+        return {}
+    raw = source.metadata.get("perceiver_convert.haiku_dropped")
+    try:
+        return decode_dropped({"haiku_dropped": raw}) if raw else {}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def restored_drops(source: HFSource, model: str) -> List[str]:
+    """The official arrays :func:`hf_to_haiku` could only rebuild from their
+    ``restore_from`` arrays (not the original values: e.g. a hub file's BatchNorm
+    accumulators)."""
+    carried = _carried_drops(source, model)
+    table = _table(load_hf_mapping(model), source)
+    return sorted(drop.source for drop in table.drops if drop.source not in carried)
 
 
 def prepare_hf(
@@ -380,6 +404,10 @@ def prepare_hf(
         "hf_mapping_sha256": spec.sha256,
         "transformers_version": (source.config or {}).get("transformers_version"),
     }
+    restored = restored_drops(source, detected)
+    if restored:
+        # Not in the transformers file; `export` then says the pickle is not exact.
+        provenance["restored_drops"] = restored
     return prepared, checkpoint, provenance
 
 

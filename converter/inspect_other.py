@@ -140,7 +140,9 @@ def _describe_hf(path: Path) -> Dict[str, Any]:
         "model": model,
         "problem": problem,
         "config": source.config,
-        "metadata": {k: _json_or_text(v) for k, v in source.metadata.items()},
+        # The dropped arrays' values (base64) are named, not printed.
+        "metadata": {k: (sorted(_json_or_text(v) or {}) if k.endswith("haiku_dropped")
+                         else _json_or_text(v)) for k, v in source.metadata.items()},
         "fidelity": json.loads(fidelity.read_text()) if fidelity.is_file() else None,
         "totals": _totals(rows),
         "tensors": rows,
