@@ -302,12 +302,15 @@ def prepare(
     *,
     config: Optional[Mapping[str, Any]] = None,
     mapping: Optional[str | os.PathLike] = None,
+    mismatch_hint: Optional[str] = None,
 ) -> PreparedConversion:
     """Reads (if needed) and matches a checkpoint to its mapping; raises if it does not fit.
 
     ``model`` forces a mapping by model name; ``mapping`` uses a mapping file instead of
     the bundled ones; without either, the mapping whose rules account for every tensor
-    of the checkpoint is chosen.
+    of the checkpoint is chosen. ``mismatch_hint`` replaces the last line of the error
+    for tensors that do not fit the forced ``model`` (a HuggingFace import knows its
+    model from config.json, so "omit --model" is no advice there).
     """
     if not isinstance(checkpoint, HaikuCheckpoint):
         checkpoint = load_haiku_checkpoint(checkpoint)
@@ -327,6 +330,7 @@ def prepare(
             _DTYPE_HINT
             if _only_dtypes_differ(prepared.report)
             else _image_size_hint(prepared)
+            or mismatch_hint
             or f"Is {checkpoint.path.name} really a {spec.model} checkpoint? "
             "Omit --model to detect the model from the parameter names."
         )

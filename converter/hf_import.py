@@ -382,8 +382,11 @@ def prepare_hf(
     )
     overrides.update(from_file)
     overrides.update(config or {})
+    if detected == "video_autoencoding" and "num_chunks" not in overrides:
+        _check_official_chunks(source, overrides)
     try:
-        prepared = prepare(checkpoint, detected, config=overrides or None)
+        prepared = prepare(checkpoint, detected, config=overrides or None,
+                           mismatch_hint=_mismatch_hint(source, spec, detected))
     except ConfigError as error:
         if error.key in from_file and error.key not in (config or {}):
             # The bad value is config.json's, not a --config the user typed.
@@ -409,6 +412,61 @@ def prepare_hf(
         # Not in the transformers file; `export` then says the pickle is not exact.
         provenance["restored_drops"] = restored
     return prepared, checkpoint, provenance
+
+
+def _check_official_chunks(source: HFSource, overrides: Mapping[str, Any]) -> None:
+    """A clip smaller than the official one may have fewer audio patches or image
+    points than the official num_chunks (128: how many calls decode a clip, a value
+    transformers' config does not hold); say so, and what to pass, as a usage error
+    rather than as a checkpoint that does not fit its mapping."""
+    from perceiver_torch.configs import VideoAutoencodingConfig
+
+    official = VideoAutoencodingConfig()
+    try:
+        frames = int(overrides.get("num_frames", official.num_frames))
+        height, width = (int(v) for v in overrides.get("image_size", official.image_size))
+        samples = frames * int(
+            overrides.get("audio_samples_per_frame", official.audio_samples_per_frame)
+        )
+        patches = samples // int(overrides.get("samples_per_patch", official.samples_per_patch))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return  # a bad size: the config checks below name it
+    most = min(frames * height * width, patches)
+    if 1 <= most < official.num_chunks:
+        raise ConfigError(
+            f"{source.path}: this clip ({frames} frames of {height}x{width}, {patches} "
+            f"audio patches) is too short for the official num_chunks="
+            f"{official.num_chunks} (how many calls decode a clip; transformers' "
+            f"config.json does not hold it): pass --config num_chunks=N with "
+            f"1 <= N <= {most}",
+            "num_chunks",
+        )
+
+
+# config.json values that shape tensors differently from the official architecture
+# (which has these; PerceiverConfig's defaults too).
+_OFFICIAL_SHAPING = {"cross_attention_widening_factor": 1,
+                     "self_attention_widening_factor": 1,
+                     "cross_attention_shape_for_attention": "kv"}
+
+
+def _mismatch_hint(source: HFSource, spec: MappingSpec, model: str) -> str:
+    """What to say when a transformers checkpoint's tensors do not fit the official
+    architecture of the model its config.json (or its names) gave."""
+    hf = source.config or {}
+    differ = [f"{key}={json.dumps(hf[key])}" for key, value in _OFFICIAL_SHAPING.items()
+              if key in hf and hf[key] != value]
+    if model == "language_perceiver" and "qk_channels" in hf and hf["qk_channels"] != 256:
+        differ.append(f"qk_channels={json.dumps(hf['qk_channels'])}")
+    why = (f" (config.json gives {', '.join(differ)}; the official model: "
+           "widening factors 1, attention shape 'kv'"
+           + (", qk_channels 256" if model == "language_perceiver" else "") + ")"
+           if differ else "")
+    return (
+        f"{source.weights.name} is a {spec.target.get('architecture')} whose tensors "
+        f"have shapes the official {model} architecture (and perceiver_torch) cannot "
+        f"take{why}; this checkpoint cannot be imported"
+    )
 
 
 def _embedded_config(source: HFSource, model: str) -> Dict[str, Any]:

@@ -683,3 +683,37 @@ def test_pickle_round_trip_through_hf_is_exact(converted, exported, tmp_path) ->
     report = json.loads(result.stdout)
     assert report["exact"] is False
     assert any("restore_from" in note and "ema/hidden" in note for note in report["notes"])
+
+
+def test_a_short_hf_clip_asks_for_num_chunks(exported, tmp_path) -> None:
+    """transformers' config.json has no num_chunks; a clip with fewer audio patches
+    than the official 128 (a save_pretrained of a small PerceiverForMultimodalAutoencoding)
+    is a usage error naming --config num_chunks, and imports with it."""
+    name = "video_autoencoding"
+    hub = tmp_path / "hub"
+    hf_model = getattr(transformers, _architecture(name)).from_pretrained(str(exported[name]))
+    hf_model.save_pretrained(str(hub))  # no perceiver-convert metadata
+    out = tmp_path / "out.safetensors"
+    result = run_cli("convert", hub, "-o", out)
+    assert result.exit_code == 2, result.stderr
+    assert "--config num_chunks=N" in result.stderr and "<= 8" in result.stderr
+    assert not out.exists()
+    assert run_cli("convert", hub, "-o", out, "--config", "num_chunks=4", "-q").exit_code == 0
+    assert perceiver_torch.load(out).config.num_chunks == 4
+
+
+def test_hf_tensors_of_other_shapes_are_explained(exported, tmp_path) -> None:
+    """A transformers model whose config shapes its tensors otherwise than the official
+    architecture (a widening factor): the error names that config.json value, not
+    --model, which the user did not pass."""
+    name = "language_perceiver"
+    config = transformers.PerceiverConfig.from_pretrained(str(exported[name]))
+    config.self_attention_widening_factor = 2
+    folder = tmp_path / "wide"
+    transformers.PerceiverForMaskedLM(config).save_pretrained(str(folder))
+    out = tmp_path / "out.safetensors"
+    result = run_cli("convert", folder, "-o", out)
+    assert result.exit_code == 3, result.stderr
+    assert "self_attention_widening_factor=2" in result.stderr
+    assert "cannot be imported" in result.stderr and "--model" not in result.stderr
+    assert not out.exists()
