@@ -851,7 +851,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=positive_int, default=2, help="torch.set_num_threads")
     p.add_argument(
-        "--device", type=device, default="cpu", help="where the models and inputs are: cpu, cuda, ..."
+        "--device", type=device, default="cpu",
+        help="where the models and inputs are: cpu, cuda, ..."
     )
     p.add_argument(
         "--dtype",

@@ -143,7 +143,8 @@ def main(argv: Any = None) -> int:
                         help="alternating batched/single rounds (best of each)")
     parser.add_argument("--skip-flow", action="store_true")
     parser.add_argument("--skip-video", action="store_true")
-    parser.add_argument("--json", type=output_file, metavar="PATH", help="write the report as JSON here")
+    parser.add_argument("--json", type=output_file, metavar="PATH",
+                        help="write the report as JSON here")
     args = parser.parse_args(argv)
     report: Dict[str, Any] = {
         "cpu": cpu_name(),

@@ -36,7 +36,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "converter" / "__init__.py").is_file():
     sys.path.insert(0, str(_ROOT))
 
-from script_args import non_negative_int, output_file, positive_int  # noqa: E402  (beside this script)
+# beside this script
+from script_args import non_negative_int, output_file, positive_int  # noqa: E402
 
 MODELS = (
     "language_perceiver",
