@@ -228,14 +228,25 @@ def _refuse_overrides_that_break(
     contradicts the tensors, and the fix is the override, not the file."""
     if prepared.report.ok or not overrides:
         return
-    if not _fits(prepared.checkpoint, prepared.mapping, sources):
+    try:
+        plain = _try_mapping(prepared.checkpoint, prepared.mapping, sources, None)
+    except ConverterError:
         return
-    given = ", ".join(f"{key}={_plain_value(value)}" for key, value in overrides.items())
+    if not plain.report.ok:
+        return
+    # The overrides that change a value (an HF import passes all of config.json's,
+    # most of them the values the checkpoint converts with anyway).
+    def same(key: str, value: Any) -> bool:
+        resolved = plain.config.values.get(key)
+        return _plain_value(resolved) == _plain_value(value)
+
+    blamed = {k: v for k, v in overrides.items() if not same(k, v)} or dict(overrides)
+    given = ", ".join(f"{key}={_plain_value(value)}" for key, value in blamed.items())
     problem = prepared.report.problems()[0]
     raise ConfigError(
         f"--config {given} contradicts the checkpoint, which converts as "
         f"{prepared.model} without it ({problem}); drop or correct that override",
-        next(iter(overrides)) if len(overrides) == 1 else None,
+        next(iter(blamed)) if len(blamed) == 1 else None,
     )
 
 

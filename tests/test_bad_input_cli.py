@@ -202,6 +202,13 @@ def test_an_override_no_shape_reveals_is_still_checked_against_the_tensors(work,
     assert_clean_error(result, 2, "--config image_size=8x8", "contradicts", "[64, 16]")
     assert json.loads(result.stdout)["error"]["type"] == "ConfigError"
     assert snapshot(work) == before
+    # Only the override that changes a value is named (an HF import passes all of
+    # config.json's as overrides), with it as the error's key.
+    d_latents = perceiver_torch.TINY_CONFIGS["imagenet_learned"].d_latents
+    with pytest.raises(ConfigError, match=r"--config image_size=8x8 contradicts") as info:
+        converter.convert(work / "learned.pickle", work / "out.safetensors",
+                          config={"d_latents": d_latents, "image_size": [8, 8]})
+    assert info.value.key == "image_size" and "d_latents" not in str(info.value)
     # The same product in another shape fits the tensors: accepted.
     out = work / "wide.safetensors"
     result = run_cli("convert", work / "learned.pickle", "-o", out, "-q",
