@@ -23,6 +23,7 @@ from perceiver_torch.pipelines.flow_io import (
     encode_flo,
     flow_to_hsv,
     flow_to_wheel,
+    render_flow,
 )
 
 from helpers import run_cli
@@ -526,3 +527,23 @@ def test_run_flow_frames_over_pillows_limit_are_a_note_not_a_raw_warning(
     result = run_cli("run", "flow", flow_checkpoint, *frames[:2], "-o", tmp_path / "x.flo")
     assert result.exit_code == 3, result.stderr
     assert "too large to decode safely" in result.stderr and "unexpected" not in result.stderr
+
+
+def test_pictures_of_unknown_flow_are_black_and_max_flow_is_checked():
+    # A NaN or infinity anywhere made the wheel's max_flow NaN and every index into
+    # the wheel -2**63 (IndexError), and the HSV picture drew it as zero flow (white).
+    flow = np.zeros((3, 4, 2), np.float32)
+    flow[0, 0, 0] = np.nan
+    flow[0, 1, 1] = np.inf
+    flow[2, 3] = (2.0, 0.0)
+    for style in ("wheel", "hsv"):
+        picture = render_flow(flow, style)
+        assert picture[0, 0].tolist() == [0, 0, 0] and picture[0, 1].tolist() == [0, 0, 0]
+        assert picture[1, 1].tolist() == [255, 255, 255]
+    # The unknown vectors do not count towards the wheel's scale: 2 px is saturated.
+    assert flow_to_wheel(flow)[2, 3].tolist() == flow_to_wheel(flow[2:, 3:])[0, 0].tolist()
+    assert flow_to_wheel(flow)[2, 3].tolist() == [255, 0, 0]
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(PipelineError, match="max_flow must be"):
+            flow_to_wheel(flow, max_flow=bad)
+    assert render_flow(np.zeros((0, 3, 2)), "hsv").shape == (0, 3, 3)

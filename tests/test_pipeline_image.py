@@ -477,3 +477,39 @@ def test_an_image_over_pillows_limit_is_a_note_not_a_raw_warning(tmp_path, monke
     result = run_cli("run", "classify", checkpoint, big)
     assert result.exit_code == 3 and "too large to decode safely" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_model_in_training_mode_is_run_in_eval_mode_and_left_unchanged():
+    # A training loop that evaluates with a pipeline puts the model back in train()
+    # mode: the pipeline ran it so (BatchNorm's batch statistics: other answers, an
+    # image's answer depending on the rest of its batch) and updated its running
+    # statistics.
+    model = tiny("imagenet_conv")
+    image, other = random_rgb(40, 50, seed=1), random_rgb(40, 50, seed=2)
+    pipeline = ClassifyPipeline(model)
+    expected = pipeline(image).logits
+    model.train()
+    model.decoder.eval()  # a part the caller froze stays so
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    alone = pipeline(image).logits
+    in_batch = pipeline([image, other])[0].logits
+    assert torch.equal(alone, expected)
+    torch.testing.assert_close(in_batch, expected, rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert model.training and model.input_preprocessor.batchnorm.training
+    assert not model.decoder.training
+
+
+def test_float_pixels_on_another_scale_get_a_note():
+    # Floats are on the 0..255 scale: a ToTensor image (0..1) was classified as a
+    # nearly black picture, and a normalised one clipped, without a word.
+    pipeline = ClassifyPipeline(tiny("imagenet_fourier"))
+    image = random_rgb(40, 50)
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float()
+    assert pipeline(tensor).notes == ()
+    assert pipeline(np.zeros((8, 8, 3), np.float32)).notes == ()  # black is black
+    (note,) = pipeline(tensor / 255).notes
+    assert "all within 0..1" in note and "multiply them by 255" in note
+    (note,) = pipeline((tensor - 120) / 60).notes
+    assert "clipped to 0..255" in note
+    assert "within 0..1" in pipeline(Image.fromarray(image[..., 0] / np.float32(255))).notes[0]

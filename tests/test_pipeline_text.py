@@ -300,3 +300,51 @@ def test_an_error_in_one_of_several_texts_names_the_text(model, texts, spans, me
     with pytest.raises(InputError, match=message.replace(r"^text 3: ", "^").replace(
             r"^text 2: ", "^")):
         FillMaskPipeline(model)(texts[-1], spans=None if spans is None else spans[-1])
+
+
+def test_a_model_in_training_mode_is_run_in_eval_mode_and_left_so():
+    # Dropout was active when the model was put back in train() mode after the
+    # pipeline was built.
+    from perceiver_torch.pipelines import FillMaskPipeline
+
+    config = pt.TINY_CONFIGS["language_perceiver"]
+    config = pt.config_from_dict(
+        "language_perceiver", {**pt.config_to_dict(config), "dropout": 0.5}
+    )
+    torch.manual_seed(0)
+    model = pt.build("language_perceiver", config)
+    pipeline = FillMaskPipeline(model)
+    expected = pipeline("hello [MASK*3]").logits
+    model.train()
+    assert torch.equal(pipeline("hello [MASK*3]").logits, expected)
+    assert model.training
+
+
+def test_bytes_like_texts_non_texts_and_malformed_spans():
+    from perceiver_torch.pipelines import FillMaskPipeline
+
+    torch.manual_seed(0)
+    model = pt.build("language_perceiver", pt.TINY_CONFIGS["language_perceiver"])
+    pipeline = FillMaskPipeline(model)
+    expected = pipeline(b"ab[MASK]c")
+    # A bytearray or memoryview is one text, not a list of byte values (each of which
+    # bytes() turned into that many zero bytes: "text 1 is 97 bytes long").
+    for text in (bytearray(b"ab[MASK]c"), memoryview(b"ab[MASK]c")):
+        assert torch.equal(pipeline(text).logits, expected.logits)
+    for texts in (None, 5, [5], [[97, 98]]):
+        with pytest.raises(InputError, match="str or bytes"):
+            pipeline(texts)
+    # TypeError / ValueError from tuple unpacking or range() before.
+    for spans, message in (
+        ((0, 2), r"a single span goes in a list: \[\(0, 2\)\]"),
+        ([(0.5, 2)], "must be integers"),
+        (["0:2"], "parse_span"),
+        ([(0, 2, 3)], "not a pair"),
+    ):
+        with pytest.raises(PipelineError, match=message) as info:
+            pipeline("hello", spans=spans)
+        assert info.value.exit_code == 2
+    with pytest.raises(PipelineError, match="2 texts but 1 span lists") as info:
+        pipeline(["hello", "world"], spans=[[(0, 2)]])
+    assert info.value.exit_code == 2
+    assert pipeline("hello", spans=[(0, 2)]).filled[2:] == b"llo"

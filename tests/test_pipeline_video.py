@@ -560,3 +560,24 @@ def test_a_separate_sound_file_without_sound_is_named_as_such(tmp_path, model):
     # The video's own missing track keeps the advice to use --audio.
     with pytest.raises(InputError, match="give the sound as a WAV file with --audio"):
         AutoencodePipeline(model)(tmp_path / "mute.mp4")
+
+
+def test_channels_first_torch_and_non_numeric_sound(model):
+    pipeline = AutoencodePipeline(model)
+    frames = np.zeros((2, 16, 16, 3), np.uint8)
+    sound = np.linspace(-0.5, 0.5, 128, dtype=np.float32)
+    # torchaudio.load's (channels, S): the first sample of each channel was taken as
+    # the sound, and the rest of the clip padded with silence (a note blamed its length).
+    for layout in (sound[None], np.stack([sound, -sound])):
+        with pytest.raises(InputError, match=r"looks like \(channels, S\).*audio\.T"):
+            pipeline(frames, layout)
+    assert np.array_equal(pipeline.load_audio(frames, np.stack([sound, -sound], 1), []), sound)
+    # A torch tensor, bfloat16 too ("Got unsupported ScalarType BFloat16" before).
+    exact = torch.tensor([-0.5, 0.25, 0.0, 1.0])
+    for tensor in (exact, exact.bfloat16(), exact[:, None]):
+        assert np.array_equal(pipeline.load_audio(frames, tensor, []), exact.numpy())
+    # Bytes (a file's contents), strings, booleans, complex numbers: a clear refusal,
+    # not NumPy's "could not convert string to float" or a dropped imaginary part.
+    for bad in (b"RIFF....WAVE", np.array(["a", "b"]), np.zeros(4, bool), np.zeros(4, complex)):
+        with pytest.raises(InputError, match="audio samples must be numbers"):
+            pipeline.load_audio(frames, bad, [])

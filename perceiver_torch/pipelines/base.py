@@ -43,6 +43,7 @@ __all__ = [
     "WrongModelError",
     "check_model",
     "check_weights",
+    "eval_mode",
     "import_attribute",
     "model_name_of",
     "no_progress",
@@ -161,6 +162,24 @@ def check_weights(model: torch.nn.Module, task: str) -> None:
             "(shapes only); load it on cpu or cuda (perceiver_torch.load(path), or "
             "map_location='cuda')"
         )
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """A block in which ``model`` runs in eval mode (no dropout; BatchNorm uses and
+    keeps its running statistics), as the colabs run it, whatever mode the caller left
+    it in; each module's own mode is restored afterwards. The pipelines run every
+    forward pass in one, so a model switched back to ``train()`` after a pipeline was
+    built (a training loop that calls a pipeline to evaluate) is neither computed in
+    training mode (other answers, and a batch's items depending on each other) nor
+    changed (its BatchNorm statistics updated)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def results_document(task: str, model: torch.nn.Module, results: List[Any]) -> Dict[str, Any]:

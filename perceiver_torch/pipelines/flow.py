@@ -38,12 +38,13 @@ from .base import (
     RunOptions,
     check_model,
     check_weights,
+    eval_mode,
     no_progress,
     positive_int,
     require,
     usage_error,
 )
-from .flow_io import encode_flo, render_flow
+from .flow_io import encode_flo, max_magnitude, render_flow
 from .image import load_rgb, quiet_bomb_warning
 from .media import (
     MEDIA_SUFFIXES,
@@ -120,7 +121,7 @@ class FlowPipeline:
     ) -> None:
         check_model(model, "flow", ("optical_flow",))
         check_weights(model, "flow")
-        self.model = model.eval()
+        self.model = model  # run in eval mode, call by call (eval_mode)
         self.tile = tuple(int(v) for v in model.config.image_size)
         if not 0 <= min_overlap < min(self.tile):
             raise usage_error(
@@ -164,7 +165,7 @@ class FlowPipeline:
         parameter = self._parameter()
         frames = frames.to(device=parameter.device, dtype=parameter.dtype)
         tiles = len(tile_grid(frames.shape[-2], frames.shape[-1], self.tile, self.min_overlap))
-        with torch.inference_mode():
+        with torch.inference_mode(), eval_mode(self.model):
             flow = self.model.tiled(
                 frames,
                 min_overlap=self.min_overlap,
@@ -179,7 +180,7 @@ class FlowPipeline:
         notes: List[str] = []
         first, second = _rgb(frame1, notes), _rgb(frame2, notes)
         result = self.flow_of(first, second)
-        result.notes.extend(notes)
+        result.notes.extend(dict.fromkeys(notes))  # one note for two frames alike
         return result
 
     def video(self, path: Union[str, Path], max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
@@ -465,7 +466,7 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
         _write_arrays(options, stack, files)
     else:
         if render == "wheel":
-            scale = max(_magnitude(f) for f in flows)
+            scale = max(max_magnitude(f) for f in flows)
             pictures = np.stack([render_flow(f, "wheel", scale) for f in flows])
         else:
             pictures = np.stack([render_flow(f, "hsv") for f in flows])

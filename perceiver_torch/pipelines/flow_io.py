@@ -4,6 +4,9 @@ the colab's HSV rendering.
 Flow arrays here are numpy ``(H, W, 2)`` float32 in pixels, channel 0 horizontal (u,
 +x to the right) and channel 1 vertical (v, +y downwards), as in ``.flo`` files.
 Only :func:`flow_to_hsv` needs a media library (OpenCV, as the colab).
+
+Both pictures draw a vector with a NaN or infinite component black, as the Middlebury
+tools draw unknown flow; it does not count towards the wheel's ``max_flow``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Optional, Union
 
 import numpy as np
 
-from .base import InputError, require
+from .base import InputError, require, usage_error
 
 __all__ = [
     "FLO_MAGIC",
@@ -22,6 +25,7 @@ __all__ = [
     "encode_flo",
     "flow_to_hsv",
     "flow_to_wheel",
+    "max_magnitude",
     "render_flow",
     "wheel_legend",
 ]
@@ -118,6 +122,20 @@ def _wheel_colours(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.floor(255.0 * colour).astype(np.uint8)
 
 
+def max_magnitude(flow: np.ndarray) -> float:
+    """The largest length of the finite vectors of an (..., 2) flow (0.0 when none
+    is): the wheel's default ``max_flow``."""
+    flow = np.asarray(flow, dtype=np.float64)
+    lengths = np.hypot(flow[..., 0], flow[..., 1])  # no overflow for huge components
+    lengths = lengths[np.isfinite(lengths)]
+    return float(lengths.max()) if lengths.size else 0.0
+
+
+def _known(flow: np.ndarray) -> np.ndarray:
+    """(H, W) bool: the vectors whose two components are finite."""
+    return np.isfinite(flow).all(axis=-1)
+
+
 def flow_to_wheel(flow: np.ndarray, max_flow: Optional[float] = None) -> np.ndarray:
     """Middlebury colour picture of a flow, as ``flow_vis.flow_to_color``.
 
@@ -125,16 +143,29 @@ def flow_to_wheel(flow: np.ndarray, max_flow: Optional[float] = None) -> np.ndar
     (default: the largest magnitude in ``flow``, so the picture uses the whole wheel;
     give one value for every frame of a video so that colours compare across frames).
     Returns (H, W, 3) uint8 RGB: hue = direction (+x red, +y yellow-orange, -x cyan-blue),
-    saturation = magnitude / max_flow, white = no motion.
+    saturation = magnitude / max_flow, white = no motion, black = unknown (a NaN or
+    infinite component; not counted in the default ``max_flow``).
+
+    Raises:
+        PipelineError: ``max_flow`` negative, NaN or infinite (a negative one turned
+            every direction round).
     """
     flow = np.asarray(flow, dtype=np.float64)
     if flow.ndim != 3 or flow.shape[2] != 2:
         raise ValueError(f"flow must be (H, W, 2), got shape {flow.shape}")
     if max_flow is None:
-        max_flow = float(np.sqrt((flow**2).sum(-1)).max()) if flow.size else 0.0
+        max_flow = max_magnitude(flow)
+    elif not (np.isfinite(max_flow) and max_flow >= 0):
+        raise usage_error(
+            f"max_flow must be a finite length of at least 0 px, got {max_flow!r}"
+        )
+    known = _known(flow)
+    flow = np.where(known[..., None], flow, 0.0)
     # flow_vis's epsilon: an all-zero flow is drawn white instead of dividing by 0.
     scale = float(max_flow) + 1e-5
-    return _wheel_colours(flow[..., 0] / scale, flow[..., 1] / scale)
+    picture = _wheel_colours(flow[..., 0] / scale, flow[..., 1] / scale)
+    picture[~known] = 0
+    return picture
 
 
 def wheel_legend(size: int = 151) -> np.ndarray:
@@ -154,12 +185,17 @@ def flow_to_hsv(flow: np.ndarray, full_scale: float = 24.0) -> np.ndarray:
     value 255; converted with OpenCV's HSV->RGB. (The colab converts to BGR and shows
     that as RGB, swapping red and blue; this returns true RGB.)
 
-    flow: (H, W, 2) in pixels -> (H, W, 3) uint8 RGB.
+    flow: (H, W, 2) in pixels -> (H, W, 3) uint8 RGB; unknown vectors (a NaN or
+    infinite component) black.
     """
     cv2 = require("cv2")
     flow = np.asarray(flow, dtype=np.float32)
     if flow.ndim != 3 or flow.shape[2] != 2:
         raise ValueError(f"flow must be (H, W, 2), got shape {flow.shape}")
+    if flow.size == 0:  # OpenCV refuses empty images
+        return np.zeros(flow.shape[:2] + (3,), dtype=np.uint8)
+    known = _known(flow)
+    flow = np.where(known[..., None], flow, np.float32(0))
     hsv = np.zeros(flow.shape[:2] + (3,), dtype=np.uint8)
     hsv[..., 2] = 255
     magnitude, angle = cv2.cartToPolar(
@@ -168,7 +204,9 @@ def flow_to_hsv(flow: np.ndarray, full_scale: float = 24.0) -> np.ndarray:
     # numpy truncates when a float array is stored in uint8, as in the colab.
     hsv[..., 0] = angle / np.pi / 2 * 180
     hsv[..., 1] = np.clip(magnitude * 255 / full_scale, 0, 255)
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    picture = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    picture[~known] = 0
+    return picture
 
 
 def render_flow(

@@ -42,6 +42,7 @@ from .base import (
     WrongModelError,
     check_model,
     check_weights,
+    eval_mode,
     no_progress,
     positive_int,
     require,
@@ -94,11 +95,32 @@ def _over_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     return ((c * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
-def _from_array(array: np.ndarray) -> np.ndarray:
+def _float_scale_note(array: np.ndarray, notes: Optional[List[str]]) -> None:
+    """Adds a note to ``notes`` for float pixels that are clearly not on the 0..255
+    scale: all within 0..1 (torchvision's ``ToTensor``: read as a nearly black
+    image) or outside 0..255 (normalised values: clipped)."""
+    if notes is None or array.size == 0:
+        return
+    low, high = float(array.min()), float(array.max())
+    if low < 0.0 or high > 255.0:
+        notes.append(
+            f"the image's float values run from {low:g} to {high:g} and were clipped to "
+            "0..255: give pixels on the 0..255 scale (the pipeline normalises them itself)"
+        )
+    elif 0.0 < high <= 1.0:
+        notes.append(
+            f"the image's float values are all within 0..1 (the largest is {high:g}) and "
+            "were taken on the 0..255 scale, as a nearly black image: multiply them by 255 "
+            "if they are on the 0..1 scale (torchvision's ToTensor)"
+        )
+
+
+def _from_array(array: np.ndarray, notes: Optional[List[str]] = None) -> np.ndarray:
     """An (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array -> (H, W, 3).
 
     uint8 stays; uint16 is reduced to 8 bits (:func:`_to_uint8_16bit`); floats are
-    taken on the 0..255 scale and kept as float32 (clipped to 0..255; NaN and
+    taken on the 0..255 scale and kept as float32 (clipped to 0..255, with a note in
+    ``notes`` when they look like another scale: :func:`_float_scale_note`; NaN and
     infinities refused); RGBA is composited over white (uint8 only: a float alpha's
     scale is ambiguous)."""
     if array.ndim == 2:
@@ -121,6 +143,7 @@ def _from_array(array: np.ndarray) -> np.ndarray:
                 f"infinity), the first at row {y}, column {x}; give finite pixel values "
                 "on the 0..255 scale"
             )
+        _float_scale_note(array, notes)
         array = np.clip(array.astype(np.float32), 0.0, 255.0)
     elif array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
@@ -137,7 +160,7 @@ def _from_array(array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def _from_pil(image: Any) -> np.ndarray:
+def _from_pil(image: Any, notes: Optional[List[str]] = None) -> np.ndarray:
     """A PIL image -> (H, W, 3) uint8 (see :func:`load_rgb`)."""
     from PIL import ImageOps
 
@@ -147,7 +170,7 @@ def _from_pil(image: Any) -> np.ndarray:
         # 16-bit greyscale (PNG, TIFF): Pillow's own convert("L") would clip at 255.
         return _from_array(_to_uint8_16bit(np.asarray(image)))
     if mode == "F":
-        return _from_array(np.asarray(image, dtype=np.float32))
+        return _from_array(np.asarray(image, dtype=np.float32), notes)
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     elif mode in ("LA", "La", "PA", "RGBa"):
@@ -214,7 +237,8 @@ def load_rgb(image: ImageInput, notes: Optional[List[str]] = None) -> np.ndarray
 
     notes: a list that gets a :func:`large_image_note` for a file above Pillow's
     decompression-bomb limit, in place of Pillow's ``DecompressionBombWarning``
-    (which is raised as usual without a list). The pipelines pass one.
+    (which is raised as usual without a list), and a note for float pixels all
+    within 0..1 or outside 0..255 (another scale than 0..255). The pipelines pass one.
 
     Raises:
         InputError: unreadable file, unsupported shape or dtype, NaN or infinite
@@ -229,7 +253,7 @@ def load_rgb(image: ImageInput, notes: Optional[List[str]] = None) -> np.ndarray
                 note = large_image_note(path, opened.size)
                 if note is not None and notes is not None:
                     notes.append(note)
-                return _from_pil(opened)
+                return _from_pil(opened, notes)
         except FileNotFoundError:
             raise InputError(f"no such image file: {path}") from None
         except Image.DecompressionBombError as error:
@@ -256,11 +280,11 @@ def load_rgb(image: ImageInput, notes: Optional[List[str]] = None) -> np.ndarray
         if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float64):
             # NumPy has no bfloat16 (nor float8): float32 holds their values exactly.
             tensor = tensor.float()
-        return _from_array(tensor.numpy())
+        return _from_array(tensor.numpy(), notes)
     if isinstance(image, np.ndarray):
-        return _from_array(image)
+        return _from_array(image, notes)
     if hasattr(image, "mode") and hasattr(image, "size") and hasattr(image, "convert"):
-        return _from_pil(image)
+        return _from_pil(image, notes)
     raise InputError(
         f"cannot classify a {type(image).__name__}: give a file path, a PIL image, a "
         "numpy array (H, W, 3) or a torch tensor (3, H, W)"
@@ -401,7 +425,7 @@ class ClassifyPipeline:
                 "imagenet_fourier or imagenet_conv"
             )
         check_weights(model, "classify")
-        self.model = model.eval()
+        self.model = model  # run in eval mode, call by call (eval_mode)
         self.size: Optional[Tuple[int, int]] = model_image_size(model) if resize else None
         self.labels = class_names(int(model.config.num_classes), "imagenet")
         self.batch_size = positive_int(batch_size, "batch_size")
@@ -433,7 +457,8 @@ class ClassifyPipeline:
         out: List[torch.Tensor] = []
         for start, stop in self.progress(groups, len(groups), "batches"):
             batch = torch.stack(list(pixels[start:stop])).to(parameter.device, parameter.dtype)
-            out.extend(self.model(batch).float().cpu())
+            with eval_mode(self.model):
+                out.extend(self.model(batch).float().cpu())
         return out
 
     def __call__(

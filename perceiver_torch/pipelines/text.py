@@ -25,6 +25,7 @@ not UTF-8 too (a marker is its ASCII bytes ``[MASK]``, ``[MASK*N]``).
 from __future__ import annotations
 
 import json
+import numbers
 import re
 import sys
 from dataclasses import dataclass
@@ -42,9 +43,11 @@ from .base import (
     RunOptions,
     check_model,
     check_weights,
+    eval_mode,
     no_progress,
     positive_int,
     results_document,
+    usage_error,
 )
 
 __all__ = [
@@ -105,10 +108,15 @@ def _text_bytes(text: Union[str, bytes]) -> bytes:
     from ``surrogateescape`` decoding back to the bytes they stand for).
 
     Raises:
-        InputError: a str with another lone surrogate (no bytes stand for it).
+        InputError: a str with another lone surrogate (no bytes stand for it), or
+            something that is not a text (``bytes(5)`` would be five zero bytes).
     """
-    if not isinstance(text, str):
+    if isinstance(text, (bytes, bytearray, memoryview)):
         return bytes(text)
+    if not isinstance(text, str):
+        raise InputError(
+            f"a text is a str or bytes, got {type(text).__name__}; give the text itself"
+        )
     try:
         return text.encode("utf-8", errors="surrogateescape")
     except UnicodeEncodeError as error:
@@ -116,6 +124,32 @@ def _text_bytes(text: Union[str, bytes]) -> bytes:
             f"the text has a lone surrogate {text[error.start]!r} at character "
             f"{error.start}, which has no UTF-8 bytes; remove it or give the text as bytes"
         ) from None
+
+
+def _checked_spans(spans: Any, which: str) -> List[Span]:
+    """``spans`` as a list of (START, END) integer pairs, or :class:`PipelineError`
+    (exit 2) naming what is wrong: a bare pair ``(51, 60)`` for ``[(51, 60)]``, a
+    ``"51:60"`` string (:func:`parse_span` reads those), floats."""
+    def bad(detail: str) -> PipelineError:
+        return usage_error(
+            f"{which}spans must be a list of (START, END) byte offsets, e.g. "
+            f"spans=[(51, 60)]; {detail}"
+        )
+
+    if isinstance(spans, (str, bytes)) or not isinstance(spans, Sequence):
+        raise bad(f"got {type(spans).__name__} {spans!r}")
+    checked = []
+    for span in spans:
+        if isinstance(span, numbers.Integral):
+            raise bad(f"got {tuple(spans)!r} (a single span goes in a list: [{tuple(spans)!r}])")
+        if isinstance(span, (str, bytes)):
+            raise bad(f"got {span!r} (parse_span turns 'START:END' into a pair)")
+        if not isinstance(span, Sequence) or len(span) != 2:
+            raise bad(f"got {span!r}, not a pair")
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in span):
+            raise bad(f"got {tuple(span)!r}: the offsets must be integers")
+        checked.append((int(span[0]), int(span[1])))
+    return checked
 
 
 def _too_long(length: Optional[int], max_length: int, row: Optional[int]) -> InputError:
@@ -157,7 +191,7 @@ def parse_masked_text(
         raise InputError(f"{which}{error}") from None
     if spans is not None and len(spans) > 0:
         masked = set()
-        for start, end in spans:
+        for start, end in _checked_spans(spans, which):
             if not 0 <= start < end <= len(data):
                 raise InputError(
                     f"{which}span {start}:{end} is not inside the text's {len(data)} bytes "
@@ -311,7 +345,7 @@ class FillMaskPipeline:
     ) -> None:
         check_model(model, "fill-mask", ("language_perceiver",))
         check_weights(model, "fill-mask")
-        self.model = model.eval()
+        self.model = model  # run in eval mode, call by call (eval_mode)
         self.max_length = int(model.config.max_seq_len)
         self.batch_size = positive_int(batch_size, "batch_size")
         self.progress = progress
@@ -324,10 +358,11 @@ class FillMaskPipeline:
         out: List[torch.Tensor] = []
         starts = range(0, len(items), self.batch_size)
         for start in self.progress(starts, len(starts), "texts"):
-            logits = self.model(
-                ids[start : start + self.batch_size].to(device),
-                mask[start : start + self.batch_size].to(device),
-            )
+            with eval_mode(self.model):
+                logits = self.model(
+                    ids[start : start + self.batch_size].to(device),
+                    mask[start : start + self.batch_size].to(device),
+                )
             for row, item in enumerate(items[start : start + self.batch_size]):
                 out.append(logits[row, list(item.positions)].float().cpu())
         return out
@@ -344,8 +379,15 @@ class FillMaskPipeline:
         ``[MASK]``/``[MASK*N]`` markers. top_k: candidates per masked byte, at least 1
         (more than the 256 bytes gives all 256)."""
         top_k = positive_int(top_k, "top_k")  # before any work, not deep in topk
-        single = isinstance(texts, (str, bytes))
-        batch = [texts] if single else list(texts)
+        # bytes-like texts are one text (a bytearray is not a list of byte values).
+        single = isinstance(texts, (str, bytes, bytearray, memoryview))
+        try:
+            batch = [texts] if single else list(texts)
+        except TypeError:
+            raise InputError(
+                f"fill-mask takes a text (str or bytes) or a list of texts, got "
+                f"{type(texts).__name__}"
+            ) from None
         if single:
             per_text = [spans]
         elif spans is None:
@@ -353,7 +395,10 @@ class FillMaskPipeline:
         else:
             per_text = list(spans)
             if len(per_text) != len(batch):
-                raise ValueError(f"{len(batch)} texts but {len(per_text)} span lists")
+                raise usage_error(
+                    f"{len(batch)} texts but {len(per_text)} span lists: give one entry "
+                    "(a list of (START, END) spans, or None) per text"
+                )
         # One text is "the text" in an error's message, not "text 1".
         rows: List[Optional[int]] = [None] if len(batch) == 1 else list(range(len(batch)))
         items = [

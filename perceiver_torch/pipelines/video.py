@@ -53,6 +53,7 @@ from .base import (
     RunOptions,
     check_model,
     check_weights,
+    eval_mode,
     no_progress,
     positive_int,
     require,
@@ -188,8 +189,10 @@ class AutoencodePipeline:
     video's sound track), a sound file path, or samples (S,) or (S, channels) at
     :attr:`sample_rate`: floats in [-1, 1], or integer PCM of 8 to 32 bits (int16,
     int32, uint8, ...) scaled to [-1, 1] by its type's range as WAV files are (int16:
-    x / 32768; unsigned: centred on half the range, uint8: (x - 128) / 128). 64-bit
-    integers, NaN and infinite samples are refused. Returns an
+    x / 32768; unsigned: centred on half the range, uint8: (x - 128) / 128), as a
+    numpy array, a torch tensor or a list. 64-bit integers, NaN and infinite samples,
+    non-numbers and (channels, S) arrays (torchaudio's layout: more channels than
+    samples; give ``audio.T``) are refused. Returns an
     :class:`AutoencodeResult`.
     """
 
@@ -205,7 +208,7 @@ class AutoencodePipeline:
     ) -> None:
         check_model(model, "autoencode", ("video_autoencoding",))
         check_weights(model, "autoencode")
-        self.model = model.eval()
+        self.model = model  # run in eval mode, call by call (eval_mode)
         config = model.config
         self.num_frames = int(config.num_frames)
         self.size = tuple(int(v) for v in config.image_size)
@@ -279,7 +282,19 @@ class AutoencodePipeline:
             if channels > 1:
                 notes.append(f"first of {channels} sound channels used")
             return _finite_sound(samples)
+        if isinstance(audio, torch.Tensor):
+            audio = audio.detach().cpu()
+            if audio.is_floating_point() and audio.dtype != torch.float64:
+                audio = audio.float()  # NumPy has no bfloat16
+            audio = audio.numpy()
         raw = np.asarray(audio)
+        if raw.dtype == np.bool_ or not (
+            np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)
+        ):
+            raise InputError(
+                f"audio samples must be numbers (float in [-1, 1] or integer PCM), got "
+                f"{raw.dtype}; a sound file goes in as its path"
+            )
         if np.issubdtype(raw.dtype, np.integer):
             if raw.dtype.itemsize > 4:
                 # No PCM is 64-bit: such arrays are mostly Python ints (np.asarray's
@@ -295,6 +310,13 @@ class AutoencodePipeline:
             samples = ((raw.astype(np.float64) - offset) / half).astype(np.float32)
         else:
             samples = raw.astype(np.float32)
+        if samples.ndim == 2 and samples.shape[1] > samples.shape[0]:
+            # torchaudio.load's and librosa's (channels, S): its first column is one
+            # sample per channel, and the rest of the clip would be silence.
+            raise InputError(
+                f"audio of shape {samples.shape} has more channels than samples: it looks "
+                "like (channels, S); give (S,) or (S, channels), e.g. audio.T"
+            )
         if samples.ndim == 2:  # (S, channels): the first, as the colab's [..., 0:1]
             samples = samples[:, 0]
         if samples.ndim != 1:
@@ -365,7 +387,7 @@ class AutoencodePipeline:
         for c in self.progress(range(clips), clips, "clips"):
             images = torch.from_numpy(frames[c * t : (c + 1) * t]).permute(0, 3, 1, 2)[None]
             samples = torch.from_numpy(sound[c * per_clip : (c + 1) * per_clip])[None, :, None]
-            with torch.inference_mode():
+            with torch.inference_mode(), eval_mode(self.model):
                 out = self.model.reconstruct(
                     images.to(parameter.device, parameter.dtype),
                     samples.to(parameter.device, parameter.dtype),
