@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import re
 import struct
 from pathlib import Path
 from typing import List
@@ -547,3 +548,20 @@ def test_pictures_of_unknown_flow_are_black_and_max_flow_is_checked():
         with pytest.raises(PipelineError, match="max_flow must be"):
             flow_to_wheel(flow, max_flow=bad)
     assert render_flow(np.zeros((0, 3, 2)), "hsv").shape == (0, 3, 3)
+
+
+def test_flow_of_and_min_overlap_refuse_what_they_cannot_take():
+    # flow_of failed deep in torch on 2-D frames, read uint16 as 0..255 and raised
+    # AttributeError on lists; min_overlap="2" was a TypeError, 2.7 truncated to 2.
+    model = pt.build("optical_flow", pt.TINY_CONFIGS["optical_flow"])
+    pipeline = FlowPipeline(model)
+    frame = np.zeros((24, 32, 3), np.uint8)
+    cases = [(frame[..., 0], "has shape [24, 32]; give (H, W, 3)"),
+             (frame.astype(np.uint16), "is uint16; give uint8 or float"),
+             (frame.tolist(), "flow_of takes numpy arrays")]
+    for bad, words in cases:
+        with pytest.raises(InputError, match=re.escape(words)):
+            pipeline.flow_of(bad, frame)
+    for overlap in ("2", 2.7, None, True):
+        with pytest.raises(PipelineError, match="min_overlap must be between 0 and"):
+            FlowPipeline(model, min_overlap=overlap)

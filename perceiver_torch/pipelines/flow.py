@@ -23,6 +23,7 @@ Results are (H, W, 2) float32 arrays in pixels, u (+x right) then v (+y down).
 from __future__ import annotations
 
 import io
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -123,10 +124,11 @@ class FlowPipeline:
         check_weights(model, "flow")
         self.model = model  # run in eval mode, call by call (eval_mode)
         self.tile = tuple(int(v) for v in model.config.image_size)
-        if not 0 <= min_overlap < min(self.tile):
+        integral = isinstance(min_overlap, numbers.Integral) and not isinstance(min_overlap, bool)
+        if not integral or not 0 <= min_overlap < min(self.tile):
             raise usage_error(
                 f"min_overlap must be between 0 and {min(self.tile) - 1} for "
-                f"{self.tile[0]}x{self.tile[1]} tiles, got {min_overlap}"
+                f"{self.tile[0]}x{self.tile[1]} tiles (an integer), got {min_overlap!r}"
             )
         self.min_overlap = int(min_overlap)
         self.batch_size = positive_int(batch_size, "batch_size")
@@ -148,6 +150,8 @@ class FlowPipeline:
 
     def flow_of(self, first: np.ndarray, second: np.ndarray, *, progress: Optional[Progress] = None) -> FlowResult:
         """Flow of two (H, W, 3) RGB arrays (0..255) of the same size."""
+        for name, frame in (("first", first), ("second", second)):
+            _check_frame_array(frame, name)
         if first.shape != second.shape:
             raise InputError(
                 f"the two frames differ in size ({first.shape[0]}x{first.shape[1]} and "
@@ -207,6 +211,27 @@ class FlowPipeline:
             previous = frame
         if previous is None:
             raise InputError(f"{path} has no frames")
+
+
+def _check_frame_array(frame: Any, name: str) -> None:
+    """Raises InputError unless ``frame`` is what :meth:`FlowPipeline.flow_of` takes:
+    an (H, W, 3) numpy array of uint8 or float values on the 0..255 scale (other
+    integers, e.g. 16-bit, would be read as if on that scale)."""
+    if not isinstance(frame, np.ndarray):
+        raise InputError(
+            f"flow_of takes numpy arrays; the {name} frame is a {type(frame).__name__} "
+            "(call the pipeline itself for paths, PIL images and tensors)"
+        )
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        raise InputError(
+            f"the {name} frame has shape {list(frame.shape)}; give (H, W, 3) RGB "
+            "(np.stack([grey] * 3, axis=-1) for a grey frame)"
+        )
+    if frame.dtype != np.uint8 and frame.dtype.kind != "f":
+        raise InputError(
+            f"the {name} frame is {frame.dtype}; give uint8 or float values on the "
+            "0..255 scale (16-bit frames: (frame / 257).astype(np.uint8))"
+        )
 
 
 def _rgb(frame: FrameInput, notes: Optional[List[str]] = None) -> np.ndarray:
