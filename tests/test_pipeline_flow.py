@@ -219,6 +219,12 @@ def test_flo_bytes_field_by_field_and_round_trip():
         decode_flo(b"XXXX" + data[4:])
     with pytest.raises(InputError, match="should be"):
         decode_flo(data[:-1])
+    # An empty flow was written, then refused by the reader; a path given to the
+    # reader read as "only N bytes".
+    with pytest.raises(ValueError, match="H, W >= 1"):
+        encode_flo(np.zeros((0, 4, 2), np.float32))
+    with pytest.raises(TypeError, match="read_bytes"):
+        decode_flo("flow.flo")
 
 
 # -- colours ----------------------------------------------------------------------------

@@ -42,8 +42,9 @@ def encode_flo(flow: np.ndarray) -> bytes:
     flow: (H, W, 2) in pixels.
     """
     flow = np.asarray(flow)
-    if flow.ndim != 3 or flow.shape[2] != 2:
-        raise ValueError(f"flow must be (H, W, 2), got shape {flow.shape}")
+    if flow.ndim != 3 or flow.shape[2] != 2 or 0 in flow.shape:
+        # (An empty flow too: no reader, decode_flo included, takes a 0-pixel file.)
+        raise ValueError(f"flow must be (H, W, 2) with H, W >= 1, got shape {flow.shape}")
     height, width = flow.shape[:2]
     data = np.ascontiguousarray(flow, dtype="<f4")
     return _FLO_HEADER.pack(FLO_MAGIC, width, height) + data.tobytes()
@@ -55,6 +56,11 @@ def decode_flo(data: bytes, name: str = "the .flo data") -> np.ndarray:
     Raises:
         InputError: wrong tag, impossible size or a truncated/overlong file.
     """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"decode_flo takes the file's bytes, got a {type(data).__name__} "
+            "(Path(path).read_bytes() reads a file)"
+        )
     if len(data) < _FLO_HEADER.size:
         raise InputError(f"{name} is not a .flo file: only {len(data)} bytes")
     magic, width, height = _FLO_HEADER.unpack_from(data)
