@@ -52,9 +52,10 @@ from converter.progress import Progress, quiet
 
 # Keys of the safetensors metadata; transformers wants "format": "pt".
 # "haiku_dropped" (the BatchNorm EMA accumulators and counter that neither
-# perceiver_torch nor transformers holds) lets the import give the original file back.
+# perceiver_torch nor transformers holds) lets the import give the original file back;
+# "hf_source" is a converted file's own HF provenance (as the ONNX export keeps it).
 HF_SOURCE_KEYS = ("model", "config", "source_file", "source_sha256", "mapping",
-                  "mapping_sha256", "converter", "haiku_dropped")
+                  "mapping_sha256", "converter", "haiku_dropped", "hf_source")
 
 
 def require_transformers() -> Any:

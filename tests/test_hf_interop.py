@@ -664,6 +664,15 @@ def test_pickle_round_trip_through_hf_is_exact(converted, exported, tmp_path) ->
     result = run_cli("export", back, "-o", pickle_out, "--json", "-q")
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["exact"] is True
+    # The imported file's provenance travels on into a new HF export (ONNX kept it,
+    # the HF export dropped it).
+    from safetensors import safe_open
+
+    again_hf = tmp_path / "again_hf"
+    assert run_cli("export", back, "-o", again_hf, "--format", "hf", "-q").exit_code == 0
+    with safe_open(str(again_hf / "model.safetensors"), framework="np") as f:
+        carried = json.loads(f.metadata()["perceiver_convert.hf_source"])
+    assert carried["path"] == str(exported[name])
     original, again = _official_arrays(converted[name][0]), _official_arrays(pickle_out)
     assert sorted(original) == sorted(again)
     for key, array in original.items():
