@@ -17,7 +17,13 @@ from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
 from converter.errors import ConverterError, OutputError
 
-__all__ = ["HashingWriter", "atomic_write", "check_output_path", "check_outputs"]
+__all__ = [
+    "HashingWriter",
+    "atomic_write",
+    "check_output_path",
+    "check_outputs",
+    "write_failed",
+]
 
 
 def check_output_path(path: Union[str, os.PathLike]) -> Path:
@@ -79,6 +85,15 @@ def check_outputs(
     return out
 
 
+def write_failed(path: Union[str, os.PathLike], error: OSError) -> ConverterError:
+    """The one-line error of a write that failed (disk full, folder gone, ...) after
+    its temporary file was removed; the CLI prints it and exits 3."""
+    return ConverterError(
+        f"writing {path} failed: {error.strerror or error}; nothing was written "
+        "(free disk space or choose another folder)"
+    )
+
+
 def _fsync_folder(folder: Path) -> None:
     # Makes the rename itself durable; not possible on every platform, and the data
     # is already safe, so failing here is not an error.
@@ -138,10 +153,7 @@ def atomic_write(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         if isinstance(exc, OSError):
-            raise ConverterError(
-                f"writing {path} failed: {exc.strerror or exc}; nothing was written "
-                "(free disk space or choose another folder)"
-            ) from exc
+            raise write_failed(path, exc) from exc
         raise
     _fsync_folder(folder)
 

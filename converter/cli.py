@@ -19,19 +19,22 @@ Nothing here imports jax (nor torch): ``fixture`` and ``inspect`` work without t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple
 
 import click
 
 from converter._version import __version__
 from converter.atomic import check_outputs
-from converter.errors import CheckpointError, ConfigError, ConverterError
+from converter.errors import CheckpointError, ConfigError, ConverterError, Terminated
 from converter.registry import MODEL_NAMES, SIZES
 from converter.haiku_writer import CONTAINERS, check_pickle_suffix
 
@@ -70,6 +73,7 @@ Exit codes:
   {EXIT_BAD_INPUT}    bad checkpoint or mapping (unsafe, corrupt, unreadable or
        unexpected file)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); no partial file is left
+  143  terminated (SIGTERM); no partial file is left
 
 Errors are one line on stderr; --debug (or {DEBUG_ENV}=1) adds the traceback.
 With --json, every outcome, errors included, is one JSON document on stdout.
@@ -100,6 +104,8 @@ def error_document(error: BaseException, exit_code: int) -> Dict[str, Any]:
 def _message(error: BaseException) -> str:
     if isinstance(error, click.ClickException):
         return error.format_message()
+    if isinstance(error, Terminated):
+        return "terminated (SIGTERM); no partial file was left"
     if isinstance(error, KeyboardInterrupt):
         return "interrupted; no partial file was left"
     if isinstance(error, MemoryError):
@@ -157,9 +163,15 @@ class ConverterGroup(click.Group):
             *ctx.args,
         ]
         as_json = _wants_json(args)
-        debug = bool(ctx.params.get("debug")) or _debug_from_environment()
         try:
-            return super().invoke(ctx)
+            # Reading the switch imports perceiver_torch, hence torch: about a second
+            # in which Ctrl-C used to end in click's "Aborted!" and exit code 1.
+            debug = bool(ctx.params.get("debug")) or _debug_from_environment()
+        except KeyboardInterrupt as error:
+            self._report(error, EXIT_INTERRUPTED, as_json, False)
+        try:
+            with sigterm_as_interrupt():
+                return super().invoke(ctx)
         except click.exceptions.Exit:
             raise
         except click.exceptions.Abort:
@@ -170,8 +182,8 @@ class ConverterGroup(click.Group):
             error.show()
             echo_json(error_document(error, error.exit_code))
             raise click.exceptions.Exit(error.exit_code) from None
-        except KeyboardInterrupt as error:
-            self._report(error, EXIT_INTERRUPTED, as_json, debug)
+        except KeyboardInterrupt as error:  # Terminated (SIGTERM) too
+            self._report(error, getattr(error, "exit_code", EXIT_INTERRUPTED), as_json, debug)
         except Exception as error:  # every other failure: one line, never a traceback
             self._report(error, exit_code_for(error), as_json, debug)
 
@@ -185,6 +197,31 @@ class ConverterGroup(click.Group):
         if as_json:
             echo_json(error_document(error, code))
         raise click.exceptions.Exit(code)
+
+
+def _raise_terminated(signum: int, frame: Any) -> NoReturn:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`~converter.errors.Terminated` (a
+    ``KeyboardInterrupt``) in the main thread instead of killing the process on the
+    spot, so that the temporary file of an atomic write is removed and the exit is
+    one line (code 143). The previous handler comes back afterwards; outside the main
+    thread (where handlers cannot be set) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError, AttributeError):
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def echo_json(document: Any) -> None:

@@ -230,7 +230,17 @@ def write_pt(
         "metadata": dict(metadata),
     }
     with atomic_write(path) as handle:
-        torch.save(payload, handle)
+        try:
+            torch.save(payload, handle)
+        except RuntimeError as error:
+            # torch's zip writer finishes the archive in a ``finally`` and, the
+            # stream being short, raises "[enforce fail at inline_container.cc] ...
+            # unexpected pos" over what stopped the write: report that (Ctrl-C: exit
+            # 130; a full disk: atomic_write's one line), not an internal error.
+            hidden = error.__context__
+            if isinstance(hidden, (KeyboardInterrupt, OSError)):
+                raise hidden from None
+            raise
 
 
 def read_converted(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:

@@ -61,3 +61,11 @@ class ParityError(ConverterError):
     """The converted model's outputs differ from the JAX reference beyond the tolerance."""
 
     exit_code = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a CI timeout, ``docker stop``), raised in the main thread by
+    the CLI's handler: a ``KeyboardInterrupt``, so every cleanup of an interrupt runs
+    (temporary files removed, an existing output kept); exit code 128 + 15."""
+
+    exit_code = 143

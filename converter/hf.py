@@ -396,15 +396,22 @@ def atomic_folder(out_dir: Path):
     """
     out_dir = check_new_folder(out_dir)
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    from converter.atomic import write_failed
+
     temp = parent / f".{out_dir.name}.{secrets.token_hex(6)}.tmp"
-    temp.mkdir()
+    try:
+        temp.mkdir()
+    except OSError as error:
+        raise write_failed(out_dir, error) from error
     try:
         yield temp
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         os.replace(temp, out_dir)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temp, ignore_errors=True)
+        if isinstance(error, OSError):  # disk full: one line, exit 3
+            raise write_failed(out_dir, error) from error
         raise
 
 
@@ -412,8 +419,16 @@ def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: 
     from safetensors.numpy import save_file
 
     # np.asarray keeps a 0-d array 0-d (np.ascontiguousarray makes it shape (1,)).
-    save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(path),
-              metadata=dict(metadata))
+    try:
+        save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(path),
+                  metadata=dict(metadata))
+    except Exception as error:
+        # safetensors reports a failed write (disk full) as SafetensorError, which
+        # the CLI took for an internal error ("unexpected ... please report it").
+        if type(error).__name__ == "SafetensorError" and "I/O error" in str(error):
+            detail = str(error).split("I/O error:", 1)[1].strip()
+            raise OSError(f"{path.name}: {detail}") from error
+        raise
     # safetensors creates its file 0600 whatever the umask; the folder's other files
     # (and every other output here) get the umask's permissions, as open() gives.
     umask = os.umask(0)

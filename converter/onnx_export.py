@@ -256,6 +256,10 @@ def export_onnx(
         graph.producer_version = __version__
         onnx.save(graph, str(temp))
         os.replace(temp, out)
+    except OSError as error:  # disk full: one line, exit 3 (the finally removes temp)
+        from converter.atomic import write_failed
+
+        raise write_failed(out, error) from error
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)

@@ -157,10 +157,10 @@ class Staging:
                 yield handle
                 handle.flush()
                 os.fsync(handle.fileno())
-        except BaseException:
+        except BaseException as error:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
-            raise
+            _raise_write_error(path, error)
         self._staged.append((temp, path))
 
     @contextlib.contextmanager
@@ -173,10 +173,10 @@ class Staging:
             yield temp
             if not temp.is_file():
                 raise ConverterError(f"nothing was written for {path}")
-        except BaseException:
+        except BaseException as error:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
-            raise
+            _raise_write_error(path, error)
         self._staged.append((temp, path))
 
     @property
@@ -186,7 +186,10 @@ class Staging:
     def commit(self) -> List[Path]:
         """Renames every staged file into place; returns the targets."""
         for temp, target in self._staged:
-            os.replace(temp, target)
+            try:
+                os.replace(temp, target)
+            except OSError as error:
+                _raise_write_error(target, error)
         targets = self.targets
         self._staged = []
         return targets
@@ -197,6 +200,17 @@ class Staging:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
         self._staged = []
+
+
+def _raise_write_error(path: Path, error: BaseException) -> NoReturn:
+    """Re-raises ``error``; an OSError (disk full, folder gone) as the one-line
+    ConverterError the other commands give (exit 3), not "unexpected OSError ...
+    please report it"."""
+    if isinstance(error, OSError):
+        from converter.atomic import write_failed
+
+        raise write_failed(path, error) from error
+    raise error
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -621,9 +635,11 @@ def _run(**kwargs: Any) -> None:
     except PipelineError as error:
         staging.discard()
         _fail(error, error.exit_code, f"error: {error}", kwargs["as_json"])
-    except KeyboardInterrupt as error:
+    except KeyboardInterrupt as error:  # Terminated (SIGTERM: 143) too
         staging.discard()
-        _fail(error, EXIT_INTERRUPTED, "interrupted; nothing was written", kwargs["as_json"])
+        code = getattr(error, "exit_code", EXIT_INTERRUPTED)
+        what = "terminated (SIGTERM)" if code != EXIT_INTERRUPTED else "interrupted"
+        _fail(error, code, f"{what}; nothing was written", kwargs["as_json"])
     except BaseException:
         staging.discard()
         raise
@@ -684,6 +700,9 @@ def run_task_demos(
             staging.commit()
         except (PipelineError, ConverterError) as error:
             row["error"] = str(error)
+        except OSError as error:  # disk full: the row says so (it was "unexpected")
+            row["error"] = (f"writing in {folder / spec.name} failed: "
+                            f"{error.strerror or error}; free disk space")
         rows.append(row)
     return rows
 

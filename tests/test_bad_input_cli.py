@@ -312,6 +312,103 @@ def test_interrupted_convert_exits_130_without_a_partial_file(work, monkeypatch)
     assert snapshot(work) == before
 
 
+def test_sigterm_exits_143_without_a_partial_file(work, monkeypatch):
+    """SIGTERM (kill, a CI timeout) is cleaned up as Ctrl-C is: the temporary file
+    removed, the existing output kept, one line, exit 143 (it used to kill the
+    process on the spot, leaving .NAME.*.tmp behind)."""
+    import signal
+
+    def not_handled(signum, frame):
+        raise RuntimeError("SIGTERM was left to the default handler")
+
+    previous = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        calls = {"n": 0}
+        real = outputs_module._tensor_bytes
+
+        def terminate_midway(tensor):
+            calls["n"] += 1
+            if calls["n"] == 10:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(tensor)
+
+        monkeypatch.setattr(outputs_module, "_tensor_bytes", terminate_midway)
+        (work / "new.safetensors").write_bytes(b"the previous output")
+        before = snapshot(work)
+        result = run_cli("convert", work / "fourier.pickle", "-o",
+                         work / "new.safetensors", "--force", "--json")
+        assert_clean_error(result, 143, "terminated")
+        assert result.stderr.count("error:") == 1, result.stderr
+        assert json.loads(result.stdout)["exit_code"] == 143
+        assert snapshot(work) == before
+        assert signal.getsignal(signal.SIGTERM) is not_handled  # given back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_ctrl_c_while_the_cli_starts_exits_130(work, monkeypatch):
+    """Ctrl-C in the first second (torch being imported to read the debug switch)
+    is an interrupt like any other: one line, exit 130, not click's "Aborted!" and
+    exit 1 (the code of a parity failure)."""
+    import converter.cli
+
+    def interrupt():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(converter.cli, "_debug_from_environment", interrupt)
+    before = snapshot(work)
+    result = run_cli("convert", work / "fourier.pickle", "-o", work / "new.safetensors")
+    assert_clean_error(result, 130, "interrupted")
+    assert "Aborted" not in result.stderr
+
+
+class _FailAfter:
+    """A file wrapper whose writes raise ``failure`` once ``limit`` bytes are passed."""
+
+    def __init__(self, handle, limit, failure):
+        self._handle, self._limit, self._failure, self._size = handle, limit, failure, 0
+
+    def write(self, data):
+        self._size += len(data)
+        if self._size > self._limit:
+            raise self._failure
+        return self._handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+
+@pytest.mark.parametrize(
+    "failure, code, words",
+    [
+        (lambda: OSError(28, "No space left on device"), 3, ("No space left", "new.pt")),
+        (KeyboardInterrupt, 130, ("interrupted",)),
+    ],
+    ids=["disk-full", "ctrl-c"],
+)
+def test_pt_output_reports_a_full_disk_or_ctrl_c_not_torchs_zip_error(
+    work, monkeypatch, failure, code, words
+):
+    """torch.save's zip writer raised "unexpected RuntimeError: [enforce fail at
+    inline_container.cc] ... please report it" (exit 3) over both."""
+    import contextlib
+
+    real = outputs_module.atomic_write
+
+    @contextlib.contextmanager
+    def failing(path):
+        with real(path) as handle:
+            yield _FailAfter(handle, 100_000, failure())
+
+    monkeypatch.setattr(outputs_module, "atomic_write", failing)
+    (work / "new.pt").write_bytes(b"the previous output")
+    before = snapshot(work)
+    result = run_cli("convert", work / "fourier.pickle", "-o", work / "new.pt", "--force")
+    assert_clean_error(result, code, *words)
+    assert "inline_container" not in result.stderr
+    assert snapshot(work) == before
+
+
 def test_interrupted_verify_and_demo_exit_130(work, monkeypatch):
     import converter.demo
     import converter.verify
@@ -963,3 +1060,69 @@ def test_the_python_apis_config_values_are_checked_like_the_cli(work):
         with pytest.raises(ConfigError, match=re.escape(words)):
             converter.convert(source, out, config=config)
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------
+# A full disk is one line (exit 3), never "unexpected OSError ... please report it".
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+def test_run_outputs_on_a_full_disk_are_a_clean_error(tmp_path):
+    from converter.run_cli import Staging
+
+    staging = Staging()
+    with pytest.raises(converter.errors.ConverterError, match="No space left on device"):
+        with staging.open_output(tmp_path / "flow.flo"):
+            _disk_full()
+    with pytest.raises(converter.errors.ConverterError, match="No space left on device"):
+        with staging.output_path(tmp_path / "out.mp4"):
+            _disk_full()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hf_folder_on_a_full_disk_is_a_clean_error(tmp_path, monkeypatch):
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    from converter import hf
+
+    def full(*args, **kwargs):
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full)
+    with pytest.raises(converter.errors.ConverterError, match="No space left on device"):
+        with hf.atomic_folder(tmp_path / "hf") as folder:
+            hf._write_safetensors(folder / "model.safetensors",
+                                  {"w": np.zeros(2, np.float32)}, {"format": "pt"})
+    with pytest.raises(converter.errors.ConverterError, match="No space left on device"):
+        with hf.atomic_folder(tmp_path / "hf2") as folder:
+            _disk_full()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_task_files_on_a_full_disk_keep_the_previous_ones(tmp_path, monkeypatch):
+    """demo --workdir --force wrote the tasks' media in place: a full disk left a
+    half-written flow.flo (the previous one lost) and "unexpected OSError"."""
+    from converter.run_cli import run_task_demos
+
+    folder = tmp_path / "tasks"
+    (folder / "flow").mkdir(parents=True)
+    (folder / "flow" / "flow.flo").write_bytes(b"the previous flow.flo")
+    real = Path.write_bytes
+
+    def half_then_full(self, data):
+        if self.suffix == ".flo":
+            real(self, bytes(data)[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    rows = {row["task"]: row for row in run_task_demos(folder)}
+    assert "No space left on device" in rows["flow"]["error"]
+    assert (folder / "flow" / "flow.flo").read_bytes() == b"the previous flow.flo"
+    assert not [p for p in folder.rglob("*") if ".tmp" in p.name]

@@ -537,12 +537,18 @@ def demo_task(model: torch.nn.Module, folder: Path, options: RunOptions) -> Dict
     th, tw = model.config.image_size
     first, second = textured_pair(th + 16, tw + 24)
     paths = [folder / "frame0.png", folder / "frame1.png"]
+    from .media import atomic_path
+
+    # Each file appears whole or not at all (demo --workdir --force replaces them).
     for path, frame in zip(paths, (first, second)):
-        image_module.fromarray(frame).save(path)
+        with atomic_path(path) as temp:
+            image_module.fromarray(frame).save(temp)
     pipeline = FlowPipeline(model)
     result = pipeline(paths[0], paths[1])
-    (folder / "flow.flo").write_bytes(result.flo_bytes())
-    (folder / "flow.png").write_bytes(_png_bytes(result.picture()))
+    with atomic_path(folder / "flow.flo") as temp:
+        temp.write_bytes(result.flo_bytes())
+    with atomic_path(folder / "flow.png") as temp:
+        temp.write_bytes(_png_bytes(result.picture()))
     u, v = result.flow.reshape(-1, 2).mean(0)
     return {
         "task": "flow",

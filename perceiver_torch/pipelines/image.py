@@ -547,8 +547,11 @@ def demo_task(model: torch.nn.Module, folder: Path, options: RunOptions) -> Dict
         [x * 255 // (width - 1), y * 255 // (height - 1), np.full_like(x, 96)], axis=-1
     ).astype(np.uint8)
     picture[(y - 24) ** 2 + (x - 36) ** 2 < 12**2] = (250, 250, 40)
+    from .media import atomic_path
+
     path = Path(folder) / "picture.png"
-    Image.fromarray(picture).save(path)
+    with atomic_path(path) as temp:  # --workdir --force: never a half-written file
+        Image.fromarray(picture).save(temp)
     best = ClassifyPipeline(model)(str(path), top_k=1).top_k[0]
     return {
         "task": "classify",

@@ -521,8 +521,11 @@ COLAB_SPAN: Span = (51, 60)
 
 def demo_task(model: torch.nn.Module, folder: Path, options: RunOptions) -> Dict[str, str]:
     """``perceiver-convert demo``: the colab's sentence with " missing." masked."""
+    from .media import atomic_path
+
     path = Path(folder) / "sentence.txt"
-    path.write_text(COLAB_SENTENCE, encoding="utf-8")
+    with atomic_path(path) as temp:  # --workdir --force: never a half-written file
+        temp.write_text(COLAB_SENTENCE, encoding="utf-8")
     pipeline = FillMaskPipeline(model)
     result = pipeline(path.read_text(encoding="utf-8"), spans=[COLAB_SPAN])
     return {

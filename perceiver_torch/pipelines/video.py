@@ -626,13 +626,18 @@ def make_test_video(
 
 def demo_task(model: torch.nn.Module, folder: Path, options: RunOptions) -> Dict[str, str]:
     """Autoencodes a generated video with sound (two clips and one extra frame)."""
+    from .media import atomic_path
+
+    # Each file appears whole or not at all (demo --workdir --force replaces them).
     pipeline = AutoencodePipeline(model)
     source = folder / "input.mp4"
-    make_test_video(source, 2 * pipeline.num_frames + 1)
+    with atomic_path(source) as temp:
+        make_test_video(temp, 2 * pipeline.num_frames + 1)
     result = pipeline(source)
-    (folder / "reconstruction.wav").write_bytes(encode_wav(result.audio, result.sample_rate))
-    write_video(folder / "reconstruction.mp4", result.video_uint8(), result.fps,
-                result.audio, result.sample_rate)
+    with atomic_path(folder / "reconstruction.wav") as temp:
+        temp.write_bytes(encode_wav(result.audio, result.sample_rate))
+    with atomic_path(folder / "reconstruction.mp4") as temp:
+        write_video(temp, result.video_uint8(), result.fps, result.audio, result.sample_rate)
     first = result.clips[0]
     return {
         "task": "autoencode",
