@@ -193,7 +193,13 @@ def read_hf(path: str | os.PathLike) -> HFSource:
     config = None
     if config_file is not None:
         try:
-            config = json.loads(config_file.read_text(encoding="utf-8"))
+            text = config_file.read_text(encoding="utf-8")
+            if not text.strip():  # as every reader names an empty file
+                raise CheckpointError(
+                    f"{config_file}: the file is empty, e.g. an interrupted download; "
+                    "download it again"
+                )
+            config = json.loads(text)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise CheckpointError(f"{config_file}: not a readable JSON file ({error})") from None
         if not isinstance(config, dict):

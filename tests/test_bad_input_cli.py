@@ -1126,3 +1126,17 @@ def test_demo_task_files_on_a_full_disk_keep_the_previous_ones(tmp_path, monkeyp
     assert "No space left on device" in rows["flow"]["error"]
     assert (folder / "flow" / "flow.flo").read_bytes() == b"the previous flow.flo"
     assert not [p for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+def test_an_empty_config_json_is_named_as_empty(tmp_path):
+    # It was "not a readable JSON file (Expecting value: line 1 column 1 (char 0))".
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file({"perceiver.embeddings.latents": np.ones((4, 8), np.float32)},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text("\n")
+    result = run_cli("convert", folder, "-o", tmp_path / "out.safetensors")
+    assert_clean_error(result, 3, "config.json: the file is empty")
+    assert not (tmp_path / "out.safetensors").exists()
