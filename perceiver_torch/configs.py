@@ -539,7 +539,7 @@ def config_from_dict(name: str, values: Mapping[str, Any]) -> Any:
     """
     cls = CONFIG_CLASSES[name]
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    unknown = sorted(map(str, set(values) - set(fields)))  # keys need not be text
     if unknown:
         raise ConfigError(
             f"unknown config key(s) for {name}: {', '.join(unknown)}; "

@@ -326,7 +326,20 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
             + (f" with keys {sorted(payload)}" if isinstance(payload, Mapping) else "")
             + "); a bare state dict needs build(name, config).load_state_dict()"
         )
-    metadata = {str(k): str(v) for k, v in dict(payload.get("metadata") or {}).items()}
+    state = payload["state_dict"]
+    if not isinstance(state, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise LoadError(
+            f"{path}: 'state_dict' is not a dict of tensors by name (got "
+            f"{type(state).__name__}); a converted model maps parameter names to tensors"
+        )
+    raw_metadata = payload.get("metadata") or {}
+    if not isinstance(raw_metadata, Mapping):
+        raise LoadError(
+            f"{path}: 'metadata' is a {type(raw_metadata).__name__}, not a dict of text"
+        )
+    metadata = {str(k): str(v) for k, v in raw_metadata.items()}
     metadata["model"] = str(payload["model"])
     try:
         metadata["config"] = json.dumps(dict(payload["config"]))
@@ -335,7 +348,7 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
             f"{path}: 'config' is not a dict of plain config values (JSON-able)"
         ) from None
     _parse(path, metadata)
-    return dict(payload["state_dict"]), metadata
+    return dict(state), metadata
 
 
 def _parse(path: Path, metadata: Mapping[str, str]) -> Tuple[str, Dict[str, Any]]:
@@ -370,7 +383,8 @@ def load(
     a plain pickle (an official Haiku checkpoint: convert it first), missing
     metadata, an unknown model or missing/unexpected/misshapen keys or wrong dtypes.
 
-    map_location: device of the model (default "cpu").
+    map_location: device of the model (default "cpu"); a value torch.device()
+    refuses raises ``ValueError``.
     dtype: the model's floating-point dtype; None = the dtype the file was converted
     to (metadata "dtype", as ``convert --dtype`` records it; float32 when absent).
     Integer buffers (BatchNorm's counter) keep their dtype.
@@ -380,6 +394,12 @@ def load(
     as the weights), True = in float32 as well (in MKL's layout on Intel CPUs with
     AVX-512, made by the first call), False = never.
     """
+    # Only None means the default: a falsy device such as 0 (cuda:0) or "" must not
+    # silently become the CPU; an unknown device is a ValueError before any reading.
+    try:
+        device = torch.device("cpu" if map_location is None else map_location)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ValueError(f"invalid map_location {map_location!r}: {err}") from None
     path = Path(path)
     state, metadata = read_checkpoint(path)
     name, config_dict = _parse(path, metadata)
@@ -389,6 +409,11 @@ def load(
         except ValueError as err:
             raise LoadError(f"{path}: metadata 'dtype': {err}") from None
     torch_dtype = resolve_dtype(dtype)
+    if pack_weights is not None and not isinstance(pack_weights, bool):
+        # "no" or "false" would otherwise be truthy and pack.
+        raise TypeError(
+            f"pack_weights must be True, False or None, got {pack_weights!r}"
+        )
     if name not in MODEL_CLASSES:
         raise LoadError(
             f"{path}: unknown model {name!r}; known models: {', '.join(MODEL_CLASSES)}"
@@ -407,8 +432,8 @@ def load(
         raise LoadError(message)
     # Floating-point tensors in the model's dtype; load_state_dict copies (and casts)
     # the file's tensors into them, so a bfloat16 file can also load as float32.
-    model = model.to_empty(device=map_location or "cpu")
-    if torch.device(map_location or "cpu").type != "meta":
+    model = model.to_empty(device=device)
+    if device.type != "meta":
         # On the meta device there is nothing to copy into (the keys and shapes were
         # checked above); torch would warn that every copy is a no-op.
         model.load_state_dict(state, strict=True)

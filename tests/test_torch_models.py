@@ -459,6 +459,40 @@ def test_load_errors(tmp_path):
     with pytest.raises(pt.LoadError, match="'model', 'config' and 'state_dict'"):
         pt.load(bare_pt)
 
+    # A torch.save file whose parts are not what a converted file holds: LoadError,
+    # never a TypeError/AttributeError from deep inside load.
+    meta_dict = configs.config_to_dict(model.config)
+    for label, payload in [
+        ("sd_list", {"model": name, "config": meta_dict, "state_dict": [1, 2]}),
+        ("sd_none", {"model": name, "config": meta_dict, "state_dict": None}),
+        ("sd_ints", {"model": name, "config": meta_dict, "state_dict": {k: 1 for k in state}}),
+        ("sd_int_key", {"model": name, "config": meta_dict, "state_dict": {**state, 5: torch.zeros(1)}}),
+        ("meta_list", {"model": name, "config": meta_dict, "state_dict": state, "metadata": [1]}),
+    ]:
+        path = tmp_path / f"{label}.pt"
+        torch.save(payload, path)
+        with pytest.raises(pt.LoadError, match="'state_dict'|'metadata'"):
+            pt.load(path)
+
+
+    good = tmp_path / "good.safetensors"
+    _save_safetensors(good, name, model)
+    for bad in ("bogus", ""):
+        with pytest.raises(ValueError, match="map_location"):
+            pt.load(good, map_location=bad)
+    if not torch.cuda.is_available():
+        # 0 is torch's cuda:0: never silently the CPU.
+        with pytest.raises(ValueError, match="map_location"):
+            pt.load(good, map_location=0)
+    assert pt.load(good, map_location=torch.device("cpu")).encoder.latents.device.type == "cpu"
+
+
+    packed = tmp_path / "packed.safetensors"
+    _save_safetensors(packed, name, model)
+    for bad in ("no", "false", 0, 1):
+        with pytest.raises(TypeError, match="pack_weights"):
+            pt.load(packed, pack_weights=bad)
+
     bad_config = tmp_path / "bad_config.safetensors"
     save_file(
         state, str(bad_config), metadata={"model": name, "config": '{"bands": 3}'}
@@ -583,3 +617,9 @@ def test_jit_trace_and_export_serve_other_inputs(name):
             got = _flat_outputs(exported.module()(*example))
             expected = _flat_outputs(model(*example))
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_build_names_keys_that_are_not_text():
+    # Sorting {1, "foo"} raised a TypeError instead of the documented ConfigError.
+    with pytest.raises(pt.ConfigError, match="unknown config key.*1, foo"):
+        pt.build("imagenet_conv", {1: 1, "foo": 2})
