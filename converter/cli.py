@@ -444,6 +444,19 @@ def _checkpoint_document(checkpoint: Any) -> Dict[str, Any]:
     }
 
 
+def _error_shaped(document: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``--json`` form of an ``inspect`` report: a failed one carries its error as
+    ``{"type", "message"}``, as every other command's error document does (the
+    ``error_type`` key stays for older readers)."""
+    error = document.get("error")
+    if document.get("ok") is False and isinstance(error, str):
+        kind = document.get("error_type") or (
+            "CheckpointError" if document.get("exit_code") == EXIT_BAD_INPUT else "Error"
+        )
+        return dict(document, error={"type": kind, "message": error})
+    return document
+
+
 def _failure_document(path: Path, error: CheckpointError, scan: Any) -> Dict[str, Any]:
     return {
         "path": str(path),
@@ -579,7 +592,7 @@ def inspect_command(path: Path, as_json: bool) -> None:
 
     if is_other(path):  # other formats: converter/inspect_other.py
         document = describe(path)
-        echo_json(document) if as_json else print_document(document)
+        echo_json(_error_shaped(document)) if as_json else print_document(document)
         if document.get("error"):  # NaN/Inf weights, as for pickles below
             click.echo(f"error: {path}: {document['error']}", err=True)
             raise click.exceptions.Exit(document["exit_code"])
@@ -604,7 +617,7 @@ def inspect_command(path: Path, as_json: bool) -> None:
         document["exit_code"] = exit_code_for(error)
         click.echo(f"error: {error}", err=True)
         if as_json:
-            echo_json(document)
+            echo_json(_error_shaped(document))
         else:
             _print_failure(document)
         raise click.exceptions.Exit(exit_code_for(error))
@@ -624,7 +637,7 @@ def inspect_command(path: Path, as_json: bool) -> None:
             "the official file again"
         )
     if as_json:
-        echo_json(document)
+        echo_json(_error_shaped(document))
     else:
         _print_checkpoint(document)
     if bad:

@@ -142,6 +142,10 @@ def test_inspect_broken_files(tmp_path, data, message):
         assert "Traceback" not in result.output
     document = json.loads(result.stdout)
     assert document["ok"] is False and document["error_type"] == "CheckpointError"
+    # the error document every command shares: {"ok", "error": {"type", "message"}, "exit_code"}
+    assert document["error"]["type"] == "CheckpointError"
+    assert message in document["error"]["message"]
+    assert document["exit_code"] == 3
 
 
 def test_inspect_labels_another_projects_safetensors_and_exits_3(tmp_path):
