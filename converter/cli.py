@@ -170,7 +170,7 @@ class ConverterGroup(click.Group):
         except KeyboardInterrupt as error:
             self._report(error, EXIT_INTERRUPTED, as_json, False)
         try:
-            with sigterm_as_interrupt():
+            with sigterm_as_interrupt(), deliver_swallowed_interrupts():
                 return super().invoke(ctx)
         except click.exceptions.Exit:
             raise
@@ -222,6 +222,56 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def deliver_swallowed_interrupts() -> Iterator[None]:
+    """While the block runs, an interrupt that Python could not raise where it
+    arrived is raised again in the main thread. A Ctrl-C (or SIGTERM) landing in a
+    garbage-collection callback (jax's, during its import: a second or so of verify,
+    convert --verify and demo) is "unraisable": Python printed "Exception ignored"
+    and the command went on to report success with exit 0. The hook only records it;
+    a watcher thread hands it back with ``_thread.interrupt_main``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    import _thread
+
+    pending = threading.Event()
+    finished = threading.Event()
+    signals: List[int] = []
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            terminated = isinstance(unraisable.exc_value, Terminated)
+            signals.append(signal.SIGTERM if terminated else signal.SIGINT)
+            pending.set()
+            return
+        previous_hook(unraisable)
+
+    def watch() -> None:
+        while True:
+            pending.wait()
+            if finished.is_set():
+                return
+            pending.clear()
+            signum = signals.pop() if signals else signal.SIGINT
+            try:
+                _thread.interrupt_main(signum)
+            except TypeError:  # Python 3.9: SIGINT only
+                _thread.interrupt_main()
+
+    watcher = threading.Thread(target=watch, name="interrupts", daemon=True)
+    sys.unraisablehook = hook
+    watcher.start()
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        finished.set()
+        pending.set()
+        watcher.join(timeout=1)
 
 
 def echo_json(document: Any) -> None:

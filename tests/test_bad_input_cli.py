@@ -1140,3 +1140,39 @@ def test_an_empty_config_json_is_named_as_empty(tmp_path):
     result = run_cli("convert", folder, "-o", tmp_path / "out.safetensors")
     assert_clean_error(result, 3, "config.json: the file is empty")
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_ctrl_c_python_could_not_raise_where_it_landed_still_interrupts(monkeypatch):
+    """A Ctrl-C arriving in a garbage-collection callback (jax's, while verify imports
+    it) is "unraisable": Python printed "Exception ignored" and the command went on to
+    print success and exit 0. It is raised again in the main thread: exit 130."""
+    import gc
+    import time
+
+    import converter.mapping
+
+    real = converter.mapping.load_mapping
+    fired = []
+
+    def interrupting_gc(phase, info):
+        if not fired:
+            fired.append(phase)
+            raise KeyboardInterrupt
+
+    def load_mapping(name):
+        if not fired:
+            gc.callbacks.append(interrupting_gc)
+            try:
+                gc.collect()
+            finally:
+                gc.callbacks.remove(interrupting_gc)
+            for _ in range(200):  # the command goes on; the interrupt must reach it
+                time.sleep(0.01)
+        return real(name)
+
+    monkeypatch.setattr(converter.mapping, "load_mapping", load_mapping)
+    result = run_cli("models", "--json")
+    assert fired, "the gc callback did not run"
+    assert result.exit_code == 130, result.output
+    document = json.loads(result.stdout)
+    assert document["ok"] is False and document["exit_code"] == 130
