@@ -40,6 +40,8 @@ from converter.mapping import (
     convert_arrays,
     flatten_tree,
     load_mapping,
+    override_text,
+    overrides_at_fault,
     plan_forward,
 )
 from converter.converted_files import (
@@ -234,27 +236,13 @@ def _refuse_overrides_that_break(
         return
     if not plain.report.ok:
         return
-    # The overrides that change a value (an HF import passes all of config.json's,
-    # most of them the values the checkpoint converts with anyway).
-    def same(key: str, value: Any) -> bool:
-        resolved = plain.config.values.get(key)
-        return _plain_value(resolved) == _plain_value(value)
-
-    blamed = {k: v for k, v in overrides.items() if not same(k, v)} or dict(overrides)
-    given = ", ".join(f"{key}={_plain_value(value)}" for key, value in blamed.items())
+    blamed = overrides_at_fault(plain.config.values, overrides)
     problem = prepared.report.problems()[0]
     raise ConfigError(
-        f"--config {given} contradicts the checkpoint, which converts as "
-        f"{prepared.model} without it ({problem}); drop or correct that override",
+        f"--config {override_text(blamed)} contradicts the checkpoint, which converts "
+        f"as {prepared.model} without it ({problem}); drop or correct that override",
         next(iter(blamed)) if len(blamed) == 1 else None,
     )
-
-
-def _plain_value(value: Any) -> str:
-    """``(16, 16)`` as the ``16x16`` the command line takes."""
-    if isinstance(value, (tuple, list)):
-        return "x".join(str(item) for item in value)
-    return str(value)
 
 
 def _image_size_hint(prepared: PreparedConversion) -> str:

@@ -680,6 +680,34 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def override_text(overrides: Mapping[str, Any]) -> str:
+    """``--config`` values as the command line takes them: ``image_size=16x16``."""
+    def text(value: Any) -> str:
+        if isinstance(value, (tuple, list)):
+            return "x".join(str(item) for item in value)
+        return str(value)
+
+    return ", ".join(f"{key}={text(value)}" for key, value in overrides.items())
+
+
+def overrides_at_fault(
+    resolved_without: Mapping[str, Any], overrides: Mapping[str, Any]
+) -> Dict[str, Any]:
+    """The overrides that change a value of the configuration resolved without them
+    (all of them if none does): those to blame when a tree or checkpoint fits its
+    mapping without the overrides and not with them (an HF import passes all of
+    config.json's, most of them the values it converts with anyway)."""
+    def key(value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    changed = {
+        name: value
+        for name, value in overrides.items()
+        if key(resolved_without.get(name)) != key(value)
+    }
+    return changed or dict(overrides)
+
+
 def _substitute(template: str, values: Mapping[str, Any], where: _Where) -> str:
     def replace(match: re.Match) -> str:
         underscore, name = match.groups()

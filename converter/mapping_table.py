@@ -24,6 +24,8 @@ from converter.mapping import (
     ResolvedConfig,
     flatten_tree,
     load_mapping,
+    override_text,
+    overrides_at_fault,
     plan_forward,
     rule_shape,
 )
@@ -231,10 +233,10 @@ def _refuse_overrides_that_break(
     except (MappingError, OverrideError):
         fits = False
     if fits:
-        given = ", ".join(f"{key}={_plain(value)}" for key, value in overrides.items())
+        blamed = overrides_at_fault(plain.values, overrides)
         raise OverrideError(
-            f"--config {given} contradicts the {spec.model} tree, which the mapping "
-            f"expands without it ({problem}); drop or correct that override"
+            f"--config {override_text(blamed)} contradicts the {spec.model} tree, which "
+            f"the mapping expands without it ({problem}); drop or correct that override"
         )
 
 
