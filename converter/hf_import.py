@@ -298,11 +298,12 @@ def _table(spec: MappingSpec, source: HFSource):
 
 def hf_to_haiku(
     source: HFSource, model: str
-) -> Tuple[Dict[str, np.ndarray], MappingSpec]:
+) -> Tuple[Dict[str, np.ndarray], MappingSpec, List[str]]:
     """transformers tensors -> official Haiku arrays (``{"module/param": array}``),
-    through the inverse of every rule of ``mappings/hf/<model>.yaml``. The arrays no
-    transformers tensor holds (BatchNorm EMA accumulators) come from an export's
-    metadata, else from their ``restore_from`` arrays (listed in :func:`restored_drops`)."""
+    through the inverse of every rule of ``mappings/hf/<model>.yaml``, its spec, and
+    the names of the arrays it could only rebuild. The arrays no transformers tensor
+    holds (BatchNorm EMA accumulators) come from an export's metadata, else from their
+    ``restore_from`` arrays: not the original values (a hub file's)."""
     spec = load_hf_mapping(model)
     try:
         table = _table(spec, source)
@@ -317,8 +318,10 @@ def hf_to_haiku(
         f"{source.path} is not a complete {spec.target.get('architecture')} checkpoint "
         "(missing or unexpected tensors above)"
     )
-    flat = invert_arrays(table, source.tensors, _carried_drops(source, model))
-    return flat, spec
+    carried = _carried_drops(source, model)
+    flat = invert_arrays(table, source.tensors, carried)
+    restored = sorted(drop.source for drop in table.drops if drop.source not in carried)
+    return flat, spec, restored
 
 
 def _carried_drops(source: HFSource, model: str) -> Dict[str, np.ndarray]:
@@ -332,15 +335,6 @@ def _carried_drops(source: HFSource, model: str) -> Dict[str, np.ndarray]:
         return decode_dropped({"haiku_dropped": raw}) if raw else {}
     except (ValueError, KeyError, TypeError):
         return {}
-
-
-def restored_drops(source: HFSource, model: str) -> List[str]:
-    """The official arrays :func:`hf_to_haiku` could only rebuild from their
-    ``restore_from`` arrays (not the original values: e.g. a hub file's BatchNorm
-    accumulators)."""
-    carried = _carried_drops(source, model)
-    table = _table(load_hf_mapping(model), source)
-    return sorted(drop.source for drop in table.drops if drop.source not in carried)
 
 
 def prepare_hf(
@@ -362,7 +356,7 @@ def prepare_hf(
     detected = detect_model(source)
     if model is not None and model != detected:
         raise MappingError(f"{path} holds {detected}, not {model}")
-    flat, spec = hf_to_haiku(source, detected)
+    flat, spec, restored = hf_to_haiku(source, detected)
     progress(f"{spec.target.get('architecture')} -> {detected}: {len(flat)} official arrays")
     params, state = unflatten_tree(flat)
     info = model_info(detected)
@@ -413,7 +407,6 @@ def prepare_hf(
         "hf_mapping_sha256": spec.sha256,
         "transformers_version": (source.config or {}).get("transformers_version"),
     }
-    restored = restored_drops(source, detected)
     if restored:
         # Not in the transformers file; `export` then says the pickle is not exact.
         provenance["restored_drops"] = restored
