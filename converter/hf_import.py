@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -123,15 +122,14 @@ def _read_bin(path: Path) -> Dict[str, np.ndarray]:
             warnings.simplefilter("ignore")
             payload = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        from perceiver_torch.registry import weights_only_refusal
+        from perceiver_torch.registry import refused_global, weights_only_refusal
 
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))
         raise UnsafeCheckpointError(
             f"{path}: refused by torch.load(weights_only=True): the file "
             f"{weights_only_refusal(error)}; nothing from the file was run. A "
             "transformers checkpoint holds only tensors: use its "
             "model.safetensors file, or a pytorch_model.bin from a source you trust",
-            found.group(1) if found else None,
+            refused_global(error),
         ) from None
     except Exception as error:  # truncated zip, not a torch file, ...
         raise CheckpointError(

@@ -235,20 +235,23 @@ def format_state_problems(prefix: str, problems: Mapping[str, list]) -> Optional
     return "\n".join(lines)
 
 
+def refused_global(error: BaseException) -> Optional[str]:
+    """The global ``torch.load(weights_only=True)`` refused, from its error (None when
+    it refused something else)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return found.group(1) if found else None
+
+
 def weights_only_refusal(error: BaseException) -> str:
     """Why ``torch.load(weights_only=True)`` (torch's safe loader) refused a file,
     from its error, as words that follow "the file": the global it asked for, a
     pickle protocol its unpickler does not read, or objects that are not tensors.
     torch's own text is not passed on: it advises retrying with the unsafe loader,
     which runs the file."""
-    text = str(error)
-    found = re.search(r"GLOBAL ([\w.]+)", text)
-    if found:
-        return (
-            f"asks for the global {found.group(1)!r}, which torch's safe loader does not "
-            "allow"
-        )
-    opcode = re.search(r"Unsupported operand (\d+)", text)
+    name = refused_global(error)
+    if name:
+        return f"asks for the global {name!r}, which torch's safe loader does not allow"
+    opcode = re.search(r"Unsupported operand (\d+)", str(error))
     if opcode:
         return (
             f"was pickled with a protocol torch's safe loader does not read (opcode "
