@@ -34,7 +34,13 @@ import click
 
 from converter._version import __version__
 from converter.atomic import check_outputs
-from converter.errors import CheckpointError, ConfigError, ConverterError, Terminated
+from converter.errors import (
+    CheckpointError,
+    ConfigError,
+    ConverterError,
+    Terminated,
+    nonfinite_message,
+)
 from converter.registry import MODEL_NAMES, SIZES
 from converter.haiku_writer import CONTAINERS, check_pickle_suffix
 
@@ -682,8 +688,7 @@ def inspect_command(path: Path, as_json: bool) -> None:
         document["ok"] = False
         document["exit_code"] = EXIT_BAD_INPUT
         document["error"] = (
-            f"{len(bad)} array(s) hold NaN or Inf values ({', '.join(bad[:5])}"
-            f"{', ...' if len(bad) > 5 else ''}); the weights are corrupt: download "
+            f"{nonfinite_message(bad, 'array')}; the weights are corrupt: download "
             "the official file again"
         )
     if as_json:

@@ -69,3 +69,10 @@ class Terminated(KeyboardInterrupt):
     (temporary files removed, an existing output kept); exit code 128 + 15."""
 
     exit_code = 143
+
+
+def nonfinite_message(names: "list[str]", noun: str = "tensor") -> str:
+    """The start of every message about weights holding NaN or Inf values: how many,
+    and the first five names (inspect's pickles and other files, the exports)."""
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return f"{len(names)} {noun}(s) hold NaN or Inf values ({shown})"

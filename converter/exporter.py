@@ -19,7 +19,7 @@ import torch
 
 from converter.conversion import decode_dropped, tensor_specs
 from converter.atomic import check_outputs
-from converter.errors import CheckpointError, MappingError
+from converter.errors import CheckpointError, MappingError, nonfinite_message
 from converter.mapping import invert_arrays, load_mapping, plan_inverse, unflatten_tree
 from converter.converted_files import read_converted
 from converter.haiku_writer import check_pickle_suffix, save_haiku_checkpoint
@@ -208,9 +208,8 @@ def check_stored_tensors(
     nonfinite = nonfinite_tensors(state_dict)
     if nonfinite:
         raise CheckpointError(
-            f"{path}: {len(nonfinite)} tensor(s) hold NaN or Inf values "
-            f"({', '.join(nonfinite[:5])}{', ...' if len(nonfinite) > 5 else ''}); the "
-            "file is corrupt: convert the official checkpoint again"
+            f"{path}: {nonfinite_message(nonfinite)}; the file is corrupt: convert the "
+            "official checkpoint again"
         )
     problems = state_dict_problems(built.state_dict(), state_dict)
     stored = {"missing": [], "unexpected": [], "shape": problems["shape"],

@@ -59,14 +59,13 @@ def _rows(tensors: Dict[str, Any]) -> List[Dict[str, Any]]:
 def _mark_nonfinite(document: Dict[str, Any]) -> Dict[str, Any]:
     """Adds ``ok``/``error``/``exit_code`` to a document whose tensors hold NaN/Inf
     (as ``inspect`` does for official pickles: the weights are corrupt, exit 3)."""
+    from converter.errors import nonfinite_message
+
     bad = [row["name"] for row in document["tensors"] if row["nonfinite"]]
     if bad:
         document["ok"] = False
         document["exit_code"] = 3
-        document["error"] = (
-            f"{len(bad)} tensor(s) hold NaN or Inf values ({', '.join(bad[:5])}"
-            f"{', ...' if len(bad) > 5 else ''}); the weights are corrupt"
-        )
+        document["error"] = f"{nonfinite_message(bad)}; the weights are corrupt"
     return document
 
 
