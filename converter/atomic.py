@@ -13,7 +13,7 @@ import hashlib
 import os
 import secrets
 from pathlib import Path
-from typing import BinaryIO, Iterator, Optional, Sequence, Union
+from typing import BinaryIO, Iterator, NoReturn, Optional, Sequence, Union
 
 from converter.errors import ConverterError, OutputError
 
@@ -22,6 +22,7 @@ __all__ = [
     "atomic_write",
     "check_output_path",
     "check_outputs",
+    "raise_write_error",
     "write_failed",
 ]
 
@@ -94,6 +95,15 @@ def write_failed(path: Union[str, os.PathLike], error: OSError) -> ConverterErro
     )
 
 
+def raise_write_error(path: Union[str, os.PathLike], error: BaseException) -> NoReturn:
+    """Re-raises ``error`` (the writer has removed its temporary file); an OSError
+    (disk full, folder gone) as :func:`write_failed`'s one line (exit 3), not
+    "unexpected OSError ... please report it"."""
+    if isinstance(error, OSError):
+        raise write_failed(path, error) from error
+    raise error
+
+
 def _fsync_folder(folder: Path) -> None:
     # Makes the rename itself durable; not possible on every platform, and the data
     # is already safe, so failing here is not an error.
@@ -152,9 +162,7 @@ def atomic_write(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-        if isinstance(exc, OSError):
-            raise write_failed(path, exc) from exc
-        raise
+        raise_write_error(path, exc)
     _fsync_folder(folder)
 
 

@@ -396,13 +396,13 @@ def atomic_folder(out_dir: Path):
     """
     out_dir = check_new_folder(out_dir)
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
-    from converter.atomic import write_failed
+    from converter.atomic import raise_write_error
 
     temp = parent / f".{out_dir.name}.{secrets.token_hex(6)}.tmp"
     try:
         temp.mkdir()
     except OSError as error:
-        raise write_failed(out_dir, error) from error
+        raise_write_error(out_dir, error)
     try:
         yield temp
         if out_dir.exists():
@@ -410,9 +410,7 @@ def atomic_folder(out_dir: Path):
         os.replace(temp, out_dir)
     except BaseException as error:
         shutil.rmtree(temp, ignore_errors=True)
-        if isinstance(error, OSError):  # disk full: one line, exit 3
-            raise write_failed(out_dir, error) from error
-        raise
+        raise_write_error(out_dir, error)  # disk full: one line, exit 3
 
 
 def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:

@@ -38,6 +38,7 @@ from typing import (
 
 import click
 
+from converter.atomic import raise_write_error
 from converter.errors import ConverterError
 
 __all__ = [
@@ -160,7 +161,7 @@ class Staging:
         except BaseException as error:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
-            _raise_write_error(path, error)
+            raise_write_error(path, error)
         self._staged.append((temp, path))
 
     @contextlib.contextmanager
@@ -176,7 +177,7 @@ class Staging:
         except BaseException as error:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
-            _raise_write_error(path, error)
+            raise_write_error(path, error)
         self._staged.append((temp, path))
 
     @property
@@ -189,7 +190,7 @@ class Staging:
             try:
                 os.replace(temp, target)
             except OSError as error:
-                _raise_write_error(target, error)
+                raise_write_error(target, error)
         targets = self.targets
         self._staged = []
         return targets
@@ -200,17 +201,6 @@ class Staging:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()
         self._staged = []
-
-
-def _raise_write_error(path: Path, error: BaseException) -> NoReturn:
-    """Re-raises ``error``; an OSError (disk full, folder gone) as the one-line
-    ConverterError the other commands give (exit 3), not "unexpected OSError ...
-    please report it"."""
-    if isinstance(error, OSError):
-        from converter.atomic import write_failed
-
-        raise write_failed(path, error) from error
-    raise error
 
 
 def _same_file(a: Path, b: Path) -> bool:
