@@ -17,7 +17,7 @@ import torch
 import perceiver_torch as pt
 from perceiver_torch.optical_flow import tile_grid, tile_starts
 from perceiver_torch.pipelines.base import InputError, PipelineError
-from perceiver_torch.pipelines.flow import FlowPipeline, textured_pair
+from perceiver_torch.pipelines.flow import FlowPipeline, FlowResult, textured_pair
 from perceiver_torch.pipelines.flow_io import (
     colour_wheel,
     decode_flo,
@@ -127,6 +127,25 @@ def test_one_tile_frames_equal_the_model(model):
         direct = model(frames)[0].permute(1, 2, 0).numpy()
     # The colab lists this tile several times; the blend is the tile itself.
     np.testing.assert_allclose(got, direct, rtol=1e-6, atol=1e-7)
+
+
+def test_result_as_dict_is_a_json_summary(model):
+    # FlowResult had no as_dict (ClassifyResult, FillMaskResult and ClipResult do);
+    # run --json built the same fields by hand.
+    first, second = textured_pair(TILE[0] + 4, TILE[1] + 8, seed=3)
+    result = FlowPipeline(model)(first, second)
+    result.notes.append("a note")
+    document = result.as_dict()
+    assert json.loads(json.dumps(document, allow_nan=False)) == document  # no arrays
+    flow = result.flow.astype(np.float64)
+    assert document == {
+        "size": [TILE[0] + 4, TILE[1] + 8],
+        "tiles": result.tiles,
+        "max_flow": pytest.approx(float(np.sqrt((flow**2).sum(-1)).max()), rel=1e-12),
+        "mean_flow": pytest.approx(flow.reshape(-1, 2).mean(0).tolist(), rel=1e-5),
+        "notes": ["a note"],
+    }
+    assert result.tiles == len(tile_grid(TILE[0] + 4, TILE[1] + 8, TILE, 20)) > 1
 
 
 def test_small_frames_are_refused_or_padded(model):
@@ -304,6 +323,9 @@ def test_run_flow_writes_flo_and_png(tmp_path, flow_checkpoint):
     assert document["files"] == [str(tmp_path / "out.flo"), str(tmp_path / "out.png")]
     flow = decode_flo((tmp_path / "out.flo").read_bytes())
     assert flow.shape == (40, 56, 2)
+    # The document is FlowResult.as_dict of the pair, with its inputs and files.
+    summary = FlowResult(flow=flow, tiles=document["tiles"]).as_dict()
+    assert document == {"input": [str(a), str(b)], **summary, "files": document["files"]}
     picture = np.asarray(Image.open(tmp_path / "out.png"))
     assert picture.shape == (40, 56, 3)
     assert np.array_equal(picture, flow_to_wheel(flow))

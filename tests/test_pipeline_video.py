@@ -183,6 +183,28 @@ def test_framing_and_clips(tmp_path, model, monkeypatch):
     assert any("dropped" in note for note in result.notes)
 
 
+def test_result_as_dict_is_a_json_summary(model):
+    # AutoencodeResult had no as_dict (ClipResult and the other tasks' results do);
+    # run --json built the same fields by hand.
+    frames = np.random.default_rng(1).integers(0, 256, (5, 20, 24, 3), dtype=np.uint8)
+    result = AutoencodePipeline(model, top_k=2)(frames, np.zeros(5 * 64, np.float32))
+    document = result.as_dict()
+    assert json.loads(json.dumps(document, allow_nan=False)) == document  # no arrays
+    assert document == {
+        "clips": [clip.as_dict() for clip in result.clips],
+        "frames": 4,
+        "size": [16, 16],
+        "dropped_frames": 1,
+        "padded_samples": 0,
+        "sample_rate": 1600,
+        "fps": 25,
+        "notes": result.notes,
+    }
+    assert [c["frames"] for c in document["clips"]] == [[0, 2], [2, 4]]
+    assert all(len(c["top_k"]) == 2 for c in document["clips"])
+    assert any("dropped" in note for note in document["notes"])
+
+
 def test_official_rate_and_labels():
     # A pipeline needs a model with weights, and a full-size one is large: the official
     # config's numbers, then a tiny model with its sound framing and classes.
@@ -320,7 +342,8 @@ def read_float_wav(path: Path) -> tuple:
     return fmt_tag, channels, rate, np.frombuffer(data[at + 8 : at + 8 + size], "<f4")
 
 
-def test_run_autoencode_writes_a_playable_video_sound_and_labels(tmp_path, video_checkpoint):
+def test_run_autoencode_writes_a_playable_video_sound_and_labels(tmp_path, video_checkpoint,
+                                                                model):
     make_test_video(tmp_path / "in.mp4", 5, size=(36, 48))
     result = run_cli("run", "autoencode", video_checkpoint, tmp_path / "in.mp4", "--json",
                      "-o", tmp_path / "out.mp4")
@@ -328,7 +351,12 @@ def test_run_autoencode_writes_a_playable_video_sound_and_labels(tmp_path, video
     document = json.loads(result.stdout)["results"][0]
     assert document["files"] == [str(tmp_path / "out.mp4"), str(tmp_path / "out.wav")]
     assert document["dropped_frames"] == 1 and document["frames"] == 4
+    assert document["size"] == [16, 16]
     assert "dropped" in result.stderr
+    # The document is AutoencodeResult.as_dict with the input, sound and files.
+    summary = AutoencodePipeline(model)(np.zeros((2, 16, 16, 3), np.uint8),
+                                        np.zeros(128, np.float32)).as_dict()
+    assert list(document) == ["input", "audio", "files", *summary]
     # Playable: PyAV decodes 4 frames of the model's 16x16 and an AAC sound track.
     with av.open(str(tmp_path / "out.mp4")) as container:
         assert container.streams.audio and container.streams.audio[0].codec_context.name == "aac"

@@ -93,6 +93,21 @@ class FlowResult:
         """(H, W, 3) uint8 RGB: ``"wheel"`` (Middlebury) or ``"hsv"`` (the colab's)."""
         return render_flow(self.flow, style, max_flow)
 
+    def as_dict(self) -> Dict[str, Any]:
+        """A JSON-able summary, not the flow itself (``flo_bytes`` or ``flow`` hold
+        that): ``"size"`` [H, W], ``"tiles"``, ``"max_flow"`` (the largest |flow|,
+        px), ``"mean_flow"`` [u, v] (px) and ``"notes"``. ``perceiver-convert run
+        flow --json`` prints it for each frame pair, with ``"input"`` (the two
+        frames) and ``"files"`` (those written) added."""
+        height, width = self.flow.shape[:2]
+        return {
+            "size": [height, width],
+            "tiles": self.tiles,
+            "max_flow": _magnitude(self.flow),
+            "mean_flow": [float(v) for v in self.flow.reshape(-1, 2).mean(0)],
+            "notes": list(self.notes),
+        }
+
 
 class FlowPipeline:
     """Optical flow of frame pairs with an ``optical_flow`` model (see the module doc).
@@ -454,16 +469,9 @@ def _magnitude(flow: np.ndarray) -> float:
 
 
 def _pair_document(a: str, b: str, result: FlowResult, files: List[str]) -> Dict[str, Any]:
-    height, width = result.flow.shape[:2]
-    return {
-        "input": [a, b],
-        "size": [height, width],
-        "tiles": result.tiles,
-        "max_flow": _magnitude(result.flow),
-        "mean_flow": [float(v) for v in result.flow.reshape(-1, 2).mean(0)],
-        "files": list(files),
-        "notes": list(result.notes),
-    }
+    """A frame pair's ``run --json`` document: :meth:`FlowResult.as_dict` with the
+    pair's ``"input"`` and the ``"files"`` written."""
+    return {"input": [a, b], **result.as_dict(), "files": list(files)}
 
 
 def _pair_line(a: str, b: str, result: FlowResult) -> str:

@@ -171,6 +171,26 @@ class AutoencodeResult:
         truncated to uint8. (T, H, W, 3)."""
         return np.clip(self.frames * 255, 0, 255).astype(np.uint8)
 
+    def as_dict(self) -> Dict[str, Any]:
+        """A JSON-able summary, not the arrays (``frames``, ``audio`` and
+        ``label_logits`` hold those): ``"clips"`` (:meth:`ClipResult.as_dict` each:
+        frames [start, stop), PSNR (null when infinite), top-k labels), ``"frames"``
+        (the count of reconstructed frames), ``"size"`` [H, W] (of each frame),
+        ``"dropped_frames"``,
+        ``"padded_samples"``, ``"sample_rate"``, ``"fps"`` and ``"notes"``.
+        ``perceiver-convert run autoencode --json`` prints it for each video, with
+        ``"input"``, ``"audio"`` (the --audio file or null) and ``"files"`` added."""
+        return {
+            "clips": [clip.as_dict() for clip in self.clips],
+            "frames": int(self.frames.shape[0]),
+            "size": [int(v) for v in self.frames.shape[1:3]],
+            "dropped_frames": self.dropped_frames,
+            "padded_samples": self.padded_samples,
+            "sample_rate": self.sample_rate,
+            "fps": self.fps,
+            "notes": list(self.notes),
+        }
+
 
 class AutoencodePipeline:
     """Autoencodes videos with a ``video_autoencoding`` model (see the module doc).
@@ -579,13 +599,7 @@ def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOption
             "input": path,
             "audio": str(audio) if audio is not None else None,
             "files": files,
-            "clips": [clip.as_dict() for clip in result.clips],
-            "frames": int(result.frames.shape[0]),
-            "dropped_frames": result.dropped_frames,
-            "padded_samples": result.padded_samples,
-            "sample_rate": result.sample_rate,
-            "fps": result.fps,
-            "notes": list(result.notes),
+            **result.as_dict(),
         })
     return documents
 
