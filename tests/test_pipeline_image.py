@@ -329,6 +329,46 @@ def test_pipeline_equals_direct_model_call(name):
         assert all(torch.equal(r.logits, e.logits) for r, e in zip(rows, as_list))
 
 
+def test_any_iterable_of_images_is_a_batch_and_single_images_stay_single(tmp_path):
+    # A generator was taken as one image: "cannot classify a generator" (fill-mask
+    # takes any iterable of texts).
+    pipeline = ClassifyPipeline(tiny("imagenet_conv"))
+    images = [random_rgb(40, 60, seed=20), random_rgb(33, 33, seed=21)]
+    expected = [r.logits for r in pipeline(images)]
+    for batch in ((image for image in images), tuple(images), iter(images),
+                  map(np.asarray, images)):
+        results = pipeline(batch)
+        assert isinstance(results, list) and len(results) == 2
+        assert all(torch.equal(r.logits, e) for r, e in zip(results, expected))
+    assert pipeline(image for image in ()) == []
+    # One image of each kind is one result, not a batch of its rows.
+    path = tmp_path / "one.png"
+    Image.fromarray(images[0]).save(path)
+    tensor = torch.from_numpy(images[0]).permute(2, 0, 1)
+    for one in (images[0], tensor, Image.fromarray(images[0]), str(path), path):
+        result = pipeline(one)
+        assert not isinstance(result, list) and torch.equal(result.logits, expected[0])
+    grey = images[0][..., 0]  # (H, W): one image too, not H rows
+    assert torch.equal(pipeline(grey).logits, pipeline([grey])[0].logits)
+    with pytest.raises(InputError, match="^cannot classify a bytes"):
+        pipeline(path.read_bytes())
+
+
+def test_a_bad_image_among_several_is_named_by_its_number():
+    pipeline = ClassifyPipeline(tiny("imagenet_conv"))
+    good = random_rgb(30, 30)
+    bad = np.zeros((4, 4, 2), np.uint8)
+    for batch in ([good, bad, good], (image for image in [good, bad, good])):
+        with pytest.raises(InputError, match=r"^image 2: an image array must be"):
+            pipeline(batch)
+    with pytest.raises(InputError, match=r"^image 3: cannot classify a int"):
+        pipeline(iter([good, good, 7]))
+    # One image (alone or the only one of a list) is not numbered, as one text.
+    for one in (bad, [bad]):
+        with pytest.raises(InputError, match=r"^an image array must be"):
+            pipeline(one)
+
+
 def test_imagenet_labels_for_1000_classes():
     model = tiny("imagenet_conv", num_classes=1000)
     result = ClassifyPipeline(model)(random_rgb(40, 40), top_k=5)

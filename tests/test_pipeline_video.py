@@ -312,6 +312,15 @@ def test_frames_of_different_sizes_are_refused(model):
     # A list of frames of one size is the array.
     same = AutoencodePipeline(model).load_frames(frames[:2])
     assert np.array_equal(same, AutoencodePipeline(model).load_frames(np.stack(frames[:2])))
+    # So is any iterable of them (a generator was refused as "got object ()"), and
+    # the odd frame of a generator is named as in a list.
+    pipeline = AutoencodePipeline(model)
+    for iterable in ((f for f in frames[:2]), tuple(frames[:2]), iter(frames[:2])):
+        assert np.array_equal(pipeline.load_frames(iterable), same)
+    with pytest.raises(InputError, match=message):
+        pipeline((f for f in frames), np.zeros(192, np.float32))
+    clip = pipeline((f for f in frames[:2]), np.zeros(128, np.float32))
+    assert np.array_equal(clip.inputs, same)
 
 
 def test_a_model_without_weights_is_refused():

@@ -29,7 +29,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -222,6 +222,11 @@ def quiet_bomb_warning(notes: Optional[List[str]]) -> Iterator[None]:
         yield
 
 
+def _is_pil(image: Any) -> bool:
+    """A PIL image, known by its attributes (Pillow is imported only when needed)."""
+    return hasattr(image, "mode") and hasattr(image, "size") and hasattr(image, "convert")
+
+
 def load_rgb(image: ImageInput, notes: Optional[List[str]] = None) -> np.ndarray:
     """Any supported image -> (H, W, 3) RGB: uint8 (float32 for float inputs).
 
@@ -283,7 +288,7 @@ def load_rgb(image: ImageInput, notes: Optional[List[str]] = None) -> np.ndarray
         return _from_array(tensor.numpy(), notes)
     if isinstance(image, np.ndarray):
         return _from_array(image, notes)
-    if hasattr(image, "mode") and hasattr(image, "size") and hasattr(image, "convert"):
+    if _is_pil(image):
         return _from_pil(image, notes)
     raise InputError(
         f"cannot classify a {type(image).__name__}: give a file path, a PIL image, a "
@@ -394,6 +399,20 @@ class ClassifyResult:
         }
 
 
+def _is_one_image(images: Any) -> bool:
+    """True when ``images`` is one image rather than several: a path (str or Path),
+    a PIL image, a numpy array or torch tensor of fewer than 4 dimensions (an
+    (H, W, C) array is one image, not H rows), and anything that is not iterable
+    (:func:`load_rgb` then says what it takes). False for a batch: a 4-dimensional
+    array or tensor (B, ...), or any other iterable of images (list, tuple,
+    generator). Bytes count as one (unsupported) image, not as their byte values."""
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        return images.ndim != 4
+    if isinstance(images, (str, Path, bytes, bytearray, memoryview)) or _is_pil(images):
+        return True
+    return not isinstance(images, Iterable)
+
+
 def _describe(image: ImageInput) -> str:
     if isinstance(image, (str, Path)):
         return str(image)
@@ -405,8 +424,10 @@ class ClassifyPipeline:
     """ImageNet classification with an ``imagenet_learned``, ``imagenet_fourier`` or
     ``imagenet_conv`` model (see the module docstring).
 
-    ``pipeline(image)`` -> :class:`ClassifyResult`; ``pipeline([image, ...])`` -> a
-    list, run ``batch_size`` images per forward pass. Labels: the colab's 1000
+    ``pipeline(image)`` -> :class:`ClassifyResult`; ``pipeline([image, ...])`` (any
+    iterable of images: a list, a tuple, a generator) or a batch array -> a list, run
+    ``batch_size`` images per forward pass. A path, a PIL image and an array or tensor
+    of fewer than 4 dimensions are one image (an (H, W, 3) array is not H rows). Labels: the colab's 1000
     ImageNet names when the model has 1000 classes, ``"class N"`` otherwise (tiny test
     models).
 
@@ -462,17 +483,28 @@ class ClassifyPipeline:
         return out
 
     def __call__(
-        self, images: Union[ImageInput, Sequence[ImageInput]], *, top_k: int = 5
+        self, images: Union[ImageInput, Iterable[ImageInput]], *, top_k: int = 5
     ) -> Union[ClassifyResult, List[ClassifyResult]]:
-        """images: one image, a list of images, or a batch array: numpy (B, H, W, C)
-        or torch (B, C, H, W). top_k: labels per image, at least 1 (more than the
-        model's classes gives them all)."""
+        """images: one image, any iterable of images (list, tuple, generator), or a
+        batch array: numpy (B, H, W, C) or torch (B, C, H, W). top_k: labels per
+        image, at least 1 (more than the model's classes gives them all).
+
+        Raises:
+            InputError: an image that cannot be read or used; among several, the
+                message starts with its number from 1 (``image 2: ...``).
+        """
         top_k = positive_int(top_k, "top_k")  # before any work, not after the model
-        stacked = isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
-        single = not stacked and not isinstance(images, (list, tuple))
+        single = _is_one_image(images)
         batch = [images] if single else list(images)
         notes: List[List[str]] = [[] for _ in batch]
-        pixels = [self.preprocess(image, n) for image, n in zip(batch, notes)]
+        pixels = []
+        for row, (image, image_notes) in enumerate(zip(batch, notes)):
+            try:
+                pixels.append(self.preprocess(image, image_notes))
+            except InputError as error:
+                if len(batch) == 1:  # one image is "the image", as one text in fill-mask
+                    raise
+                raise InputError(f"image {row + 1}: {error}") from None
         results = []
         for image, logits, image_notes in zip(batch, self.logits(pixels), notes):
             probabilities, indices = softmax_top_k(logits, top_k)

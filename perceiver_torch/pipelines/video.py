@@ -39,7 +39,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -85,7 +85,7 @@ __all__ = [
 #: The frame rate the colab assumes (``AUDIO_SAMPLES_PER_FRAME = 48000 // 25``).
 MODEL_FPS = 25
 
-VideoInput = Union[str, Path, np.ndarray]
+VideoInput = Union[str, Path, np.ndarray, Iterable[np.ndarray]]
 AudioInput = Union[str, Path, np.ndarray, None]
 
 
@@ -205,7 +205,8 @@ class AutoencodePipeline:
         progress: :data:`~.base.Progress` for the loop over clips.
 
     ``pipeline(video, audio=None)``: ``video`` a file path or uint8 frames
-    (T, H, W, 3) RGB (an array, or a list of frames of one size); ``audio`` None (the
+    (T, H, W, 3) RGB (an array, or any iterable of (H, W, 3) frames of one size: a
+    list, a tuple, a generator); ``audio`` None (the
     video's sound track), a sound file path, or samples (S,) or (S, channels) at
     :attr:`sample_rate`: floats in [-1, 1], or integer PCM of 8 to 32 bits (int16,
     int32, uint8, ...) scaled to [-1, 1] by its type's range as WAV files are (int16:
@@ -251,11 +252,19 @@ class AutoencodePipeline:
     # -- inputs ------------------------------------------------------------------------
 
     def load_frames(self, video: VideoInput) -> np.ndarray:
-        """Every frame preprocessed: (T, H, W, 3) float32 in [0, 1]."""
+        """Every frame preprocessed: (T, H, W, 3) float32 in [0, 1].
+
+        Raises:
+            InputError: frames that are not uint8 (T, H, W, 3), or frames of
+                different sizes (the first odd one named by its number from 0).
+        """
         if isinstance(video, (str, Path)):
             frames = [preprocess_frame(f, self.size) for f in iter_video_frames(video)]
         else:
-            if isinstance(video, (list, tuple)):
+            if not isinstance(video, (np.ndarray, torch.Tensor)) and isinstance(video, Iterable):
+                # A generator of frames as a list; np.asarray would make it a 0-d
+                # object array, refused as "got object ()".
+                video = list(video)
                 # np.asarray would fail with NumPy's "inhomogeneous shape" message.
                 shapes = [np.shape(frame) for frame in video]
                 odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
