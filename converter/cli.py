@@ -1212,8 +1212,10 @@ def mapping_command(
 @click.option("--workdir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep the files here (default: a temporary folder, removed).")
 @click.option("--force", is_flag=True,
-              help="Replace the demo's files in --workdir if they exist (the models' "
-              "files, and with --tasks anything in its tasks folder).")
+              help="Replace files in --workdir that the demo would write but did not "
+              "write itself (the models' files, and with --tasks anything in its tasks "
+              "folder); its own, from an earlier or interrupted run (recorded in "
+              ".perceiver-demo.json), are replaced without it.")
 @click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=0, show_default=True)
 @click.option("--tasks/--no-tasks", "with_tasks", default=True, show_default=True,
               help="Also run each task pipeline (run TASK) once on a tiny model.")
@@ -1262,11 +1264,14 @@ def _demo_tasks(
     """The task pipelines once each (converter/run_cli.py), and their table."""
     import tempfile
 
-    from converter.demo import TASKS_FOLDER
+    from converter.demo import TASKS_FOLDER, DemoFiles
     from converter.run_cli import format_task_demos, run_task_demos
 
     if workdir is not None:
-        rows = run_task_demos(workdir / TASKS_FOLDER, seed=seed, progress=_progress(quiet))
+        # The task demos name their own files: the whole folder is the demo's while
+        # they run, and what they wrote is recorded for a rerun (check_workdir).
+        with DemoFiles(workdir).writing([TASKS_FOLDER]):
+            rows = run_task_demos(workdir / TASKS_FOLDER, seed=seed, progress=_progress(quiet))
     else:
         with tempfile.TemporaryDirectory(prefix="perceiver-demo-tasks-") as folder:
             rows = run_task_demos(Path(folder), seed=seed, progress=_progress(quiet))

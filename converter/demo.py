@@ -3,17 +3,21 @@
 For each model it writes an official-format checkpoint with random weights, converts
 it to safetensors, compares the converted model with the JAX reference (when the
 ``[jax]`` extra is installed), exports it back to the Haiku layout and checks that
-the round trip gives the original arrays bit for bit.
+the round trip gives the original arrays bit for bit. In a ``--workdir`` it records
+the files it wrote (:class:`DemoFiles`), so that a rerun replaces them, also after an
+interrupted run, and refuses (without ``--force``) any other file in their way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from converter.errors import ConverterError, OutputError, UsageError
 from converter.progress import Progress, quiet
@@ -29,15 +33,108 @@ def demo_files(name: str) -> List[str]:
 # ``--workdir``; each task's demo makes its own media there.
 TASKS_FOLDER = "tasks"
 
+#: The demo's record of what it wrote in ``--workdir`` (:class:`DemoFiles`).
+MANIFEST = ".perceiver-demo.json"
+
+
+class DemoFiles:
+    """The files the demo wrote in a ``--workdir``, recorded in its :data:`MANIFEST`,
+    so that a rerun (also after Ctrl-C) replaces them without ``--force`` while a
+    file the demo did not write is never replaced without it.
+
+    A written file is recorded by its size, modification time and inode; before a
+    step writes, the paths it will write (files, or a folder whose files the step
+    names itself: the task demos') are recorded as pending, so that an interrupted
+    step's files are known too. :meth:`owns` is true for a recorded file that is
+    unchanged since (not replaced, not edited) and for any file under a pending path.
+    Without a readable manifest nothing is the demo's. Paths are relative to the
+    workdir, with ``/``.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.files: Dict[str, Dict[str, int]] = {}
+        self.pending: List[str] = []
+        try:
+            document = json.loads((self.workdir / MANIFEST).read_text(encoding="utf-8"))
+            files, pending = document["files"], document["pending"]
+            if isinstance(files, dict) and isinstance(pending, list):
+                self.files = {str(k): v for k, v in files.items() if isinstance(v, dict)}
+                self.pending = [str(p) for p in pending]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no manifest (or not one this version reads): nothing is the demo's
+
+    def _stamp(self, path: str) -> Optional[Dict[str, int]]:
+        try:
+            info = os.stat(self.workdir / path)
+        except OSError:
+            return None
+        return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "inode": info.st_ino}
+
+    def _files_under(self, path: str) -> List[str]:
+        """``path`` if it is a file, the files under it if it is a folder."""
+        full = self.workdir / path
+        if full.is_dir():
+            return sorted(
+                p.relative_to(self.workdir).as_posix() for p in full.rglob("*") if not p.is_dir()
+            )
+        return [path] if full.exists() else []
+
+    def owns(self, path: str) -> bool:
+        """Whether the demo wrote the file ``path`` (relative to the workdir)."""
+        if any(path == p or path.startswith(p + "/") for p in self.pending):
+            return True
+        recorded = self.files.get(path)
+        return recorded is not None and recorded == self._stamp(path)
+
+    @contextlib.contextmanager
+    def writing(self, paths: Sequence[str]) -> Iterator[None]:
+        """A block that writes ``paths`` (files or folders): pending during the
+        block; afterwards (also after an error or Ctrl-C) each file under them that
+        the block made or changed, or that was the demo's before, is recorded. A
+        file that was not the demo's and that the block left alone stays not the
+        demo's."""
+        before = {f: self._stamp(f) for p in paths for f in self._files_under(p)}
+        owned = {f for f in before if self.owns(f)}
+        self.pending = sorted(set(self.pending) | set(paths))
+        self._save()
+        try:
+            yield
+        finally:
+            for path in paths:
+                for name in [n for n in self.files if n == path or n.startswith(path + "/")]:
+                    if self._stamp(name) is None:
+                        del self.files[name]  # gone
+                for name in self._files_under(path):
+                    stamp = self._stamp(name)
+                    if stamp is not None and (name in owned or before.get(name) != stamp):
+                        self.files[name] = stamp
+            self.pending = [p for p in self.pending if p not in paths]
+            self._save()
+
+    def _save(self) -> None:
+        from converter.atomic import atomic_write
+
+        document = {"written_by": "perceiver-convert demo", "pending": self.pending,
+                    "files": dict(sorted(self.files.items()))}
+        try:
+            with atomic_write(self.workdir / MANIFEST) as handle:
+                handle.write((json.dumps(document, indent=2) + "\n").encode("utf-8"))
+        except (OSError, ConverterError):
+            # Without the record a rerun only asks for --force; the demo's own
+            # error (a full disk) is the one to report.
+            pass
+
 
 def check_workdir(
     workdir: Path, names: Sequence[str], *, force: bool = False, with_tasks: bool = False
 ) -> None:
     """``--workdir`` must be a writable folder (created if missing) and, unless
-    ``force``, hold none of the files the demo would write: the models' files, and
-    with ``with_tasks`` any file under its ``tasks`` folder (the task demos choose
-    their own file names). Raises ``UsageError`` / ``OutputError`` (exit 2) before
-    anything is written."""
+    ``force``, hold none of the files the demo would write but did not write itself
+    (:class:`DemoFiles`: those of an earlier run, finished or interrupted, are
+    replaced): the models' files, and with ``with_tasks`` any file under its
+    ``tasks`` folder (the task demos choose their own file names). Raises
+    ``UsageError`` / ``OutputError`` (exit 2) before anything is written."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -50,20 +147,24 @@ def check_workdir(
             f"cannot write in the demo folder {workdir}: no write permission; choose "
             "a writable --workdir"
         )
+    if force:
+        return
+    ours = DemoFiles(workdir)
     existing = [
-        name for model in names for name in demo_files(model) if (workdir / name).exists()
+        name for model in names for name in demo_files(model)
+        if (workdir / name).exists() and not ours.owns(name)
     ]
     if with_tasks and (workdir / TASKS_FOLDER).is_dir():
         existing += sorted(
-            str(path.relative_to(workdir))
+            path.relative_to(workdir).as_posix()
             for path in (workdir / TASKS_FOLDER).rglob("*")
-            if not path.is_dir()
+            if not path.is_dir() and not ours.owns(path.relative_to(workdir).as_posix())
         )
-    if existing and not force:
+    if existing:
         raise OutputError(
-            f"refusing to overwrite {len(existing)} file(s) in {workdir} "
-            f"({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}); pass "
-            "--force to replace them or choose another --workdir"
+            f"refusing to overwrite {len(existing)} file(s) in {workdir} that the demo "
+            f"did not write ({', '.join(existing[:3])}{', ...' if len(existing) > 3 else ''}"
+            "); pass --force to replace them or choose another --workdir"
         )
 
 
@@ -163,7 +264,12 @@ def run_demo(
                  "(pip install 'perceiver-convert[jax]')")
     if workdir is not None:
         check_workdir(workdir, names, force=True)
-        return [demo_one(name, size, seed, workdir, progress) for name in names]
+        ours = DemoFiles(workdir)
+        rows = []
+        for name in names:
+            with ours.writing(demo_files(name)):  # recorded for a rerun (check_workdir)
+                rows.append(demo_one(name, size, seed, workdir, progress))
+        return rows
     folder = Path(tempfile.mkdtemp(prefix="perceiver-demo-"))
     try:
         return [demo_one(name, size, seed, folder, progress) for name in names]

@@ -811,6 +811,88 @@ def test_demo_models_parse_comma_separated_and_repeated(monkeypatch, tmp_path):
                    other).exit_code == 0
 
 
+@pytest.fixture
+def quick_demo(monkeypatch):
+    """demo without the JAX parity step and with two of the task demos (classify,
+    fill-mask): what is written where is the same, in seconds."""
+    import converter.demo
+    import perceiver_torch.pipelines
+
+    monkeypatch.setattr(converter.demo, "_jax_available", lambda: False)
+    tasks = {name: perceiver_torch.pipelines.TASKS[name] for name in ("fill-mask", "classify")}
+    monkeypatch.setattr(perceiver_torch.pipelines, "TASKS", tasks)
+
+
+def test_demo_rerun_after_ctrl_c_replaces_its_own_files_only(tmp_path, monkeypatch, quick_demo):
+    """demo --workdir D interrupted after writing its fixture: the rerun refused
+    ("refusing to overwrite ... imagenet_fourier.pickle; pass --force"), for a file the
+    demo itself had written. It recognises its own files now (.perceiver-demo.json);
+    a file it did not write, or one changed since, still needs --force."""
+    import converter.fixtures
+
+    workdir = tmp_path / "demo"
+    workdir.mkdir()
+    (workdir / "notes.txt").write_bytes(b"the user's own")
+    real_fixture = converter.fixtures.write_fixture
+
+    def fixture_then_ctrl_c(*args, **kwargs):
+        real_fixture(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    command = ("demo", "--no-tasks", "--models", "imagenet_fourier", "--workdir", workdir)
+    with monkeypatch.context() as patch:
+        patch.setattr(converter.fixtures, "write_fixture", fixture_then_ctrl_c)
+        assert run_cli(*command).exit_code == 130
+    assert (workdir / "imagenet_fourier.pickle").exists()
+    assert not (workdir / "imagenet_fourier.safetensors").exists()
+    result = run_cli(*command)  # the same command again
+    assert result.exit_code == 0, result.stderr
+    assert run_cli(*command).exit_code == 0  # and after a whole run
+    assert (workdir / "notes.txt").read_bytes() == b"the user's own"
+    # A demo file the user replaced is theirs: refused, left as it is.
+    (workdir / "imagenet_fourier.safetensors").write_bytes(b"the user's model")
+    before = snapshot(workdir)
+    result = run_cli(*command)
+    assert_clean_error(result, 2, "refusing to overwrite 1 file(s)",
+                       "imagenet_fourier.safetensors", "--force")
+    assert snapshot(workdir) == before
+    assert run_cli(*command, "--force").exit_code == 0
+    assert run_cli(*command).exit_code == 0  # the demo's again
+    assert (workdir / "notes.txt").read_bytes() == b"the user's own"
+
+
+def test_demo_rerun_after_ctrl_c_among_the_task_demos(tmp_path, monkeypatch, quick_demo):
+    # The task demos name their own files under tasks/: an interrupted run's are the
+    # demo's, a file the user put there is not.
+    import perceiver_torch.pipelines.image
+
+    workdir = tmp_path / "demo"
+    real_demo = perceiver_torch.pipelines.image.demo_task
+
+    def demo_then_ctrl_c(*args, **kwargs):
+        real_demo(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    command = ("demo", "--models", "imagenet_fourier", "--workdir", workdir)
+    with monkeypatch.context() as patch:
+        patch.setattr(perceiver_torch.pipelines.image, "demo_task", demo_then_ctrl_c)
+        assert run_cli(*command).exit_code == 130
+    assert (workdir / "tasks" / "classify" / "picture.png").exists()
+    assert (workdir / "tasks" / "fill-mask" / "sentence.txt").exists()
+    result = run_cli(*command)
+    assert result.exit_code == 0, result.stderr
+    assert run_cli(*command).exit_code == 0
+    (workdir / "tasks" / "classify" / "photo.png").write_bytes(b"the user's photo")
+    before = snapshot(workdir)
+    result = run_cli(*command)
+    assert_clean_error(result, 2, "refusing to overwrite 1 file(s)", "photo.png", "--force")
+    assert snapshot(workdir) == before
+    assert run_cli(*command, "--force").exit_code == 0
+    # --force replaced the demo's files; the user's photo is still not the demo's.
+    assert (workdir / "tasks" / "classify" / "photo.png").read_bytes() == b"the user's photo"
+    assert run_cli(*command).exit_code == 2
+
+
 @pytest.mark.parametrize("suffix", [".pickle", ".onnx"])
 def test_export_quiet_and_the_half_precision_note_printed_once(work, suffix):
     if suffix == ".onnx":
