@@ -245,9 +245,16 @@ def write_pt(
 
 def read_converted(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Reads a converted file: ``(state_dict, metadata)``; clear errors for other files."""
-    from perceiver_torch.registry import EmptyFileError, LoadError, read_checkpoint
+    from perceiver_torch.registry import (
+        EmptyFileError,
+        LoadError,
+        folder_refusal,
+        read_checkpoint,
+    )
 
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(folder_refusal(path))
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:

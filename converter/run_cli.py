@@ -263,6 +263,10 @@ def load_any_model(
             checkpoint (the reader's message says what is wrong).
     """
     path = Path(path)
+    if path.is_dir():  # `run` refuses one first (exit 2); callers in Python reach this
+        from perceiver_torch.registry import folder_refusal
+
+        raise ConverterError(folder_refusal(path))
     try:
         kind = _sniff(path)
     except OSError as error:

@@ -128,11 +128,34 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a"
 
 
+def folder_refusal(path: Path) -> str:
+    """Why a folder is not a converted file, and what to give instead: a folder with
+    a ``config.json`` is most likely a HuggingFace transformers checkpoint, which
+    ``perceiver-convert convert`` imports."""
+    if (path / "config.json").is_file():
+        # Named after the folder, so that it is never the folder's own model.safetensors
+        # (the CLI refuses to overwrite an input), even when run from inside it.
+        target = f"{path.resolve().name or 'model'}.safetensors"
+        return (
+            f"{path}: a folder, not a converted file; with its config.json it looks "
+            "like a HuggingFace transformers checkpoint: convert it first with "
+            f"`perceiver-convert convert {path} -o {target}`, then load the "
+            ".safetensors file"
+        )
+    return (
+        f"{path}: a folder, not a converted file; give the .safetensors (or .pt) file "
+        "`perceiver-convert convert` wrote"
+    )
+
+
 def _refuse_pickles(path: Path) -> bytes:
     """A plain pickle (an official Haiku checkpoint, or anything else that is not a
     converted file) is refused from its first bytes, before ``torch.load`` could
     suggest unsafe ways of reading it, and an empty file is named as such (not as
-    an unknown format). Returns the first bytes (up to 4 KiB)."""
+    an unknown format); so is a folder (see :func:`folder_refusal`). Returns the
+    first bytes (up to 4 KiB)."""
+    if path.is_dir():  # open() would say only "Is a directory" (Windows: "Permission denied")
+        raise LoadError(folder_refusal(path))
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
@@ -384,7 +407,8 @@ def load(
     ``configs.config_to_dict``); other files: ``torch.load(weights_only=True)`` of
     ``{"model": name, "config": {...}, "state_dict": {...}}``. Raises ``LoadError`` for
     a plain pickle (an official Haiku checkpoint: convert it first), missing
-    metadata, an unknown model or missing/unexpected/misshapen keys or wrong dtypes.
+    metadata, an unknown model or missing/unexpected/misshapen keys or wrong dtypes,
+    and for a folder (a HuggingFace folder: convert it first).
 
     map_location: device of the model (default "cpu"); a value torch.device()
     refuses raises ``ValueError``.

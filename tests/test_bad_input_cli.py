@@ -667,6 +667,40 @@ def test_load_names_what_a_file_is_by_its_content(work):
         assert "weights_only" not in result.stderr, name
 
 
+def test_a_folder_is_named_as_a_folder_not_as_is_a_directory(work):
+    """A folder given where a converted file belongs (a HuggingFace download:
+    config.json + model.safetensors) is a LoadError saying it is a folder, and for a
+    transformers folder, how to convert it; not open()'s bare "Is a directory". The
+    converter's readers say the same, and `run` stops it at the door (exit 2)."""
+    from converter.errors import ConverterError
+    from converter.run_cli import load_any_model
+
+    hf = work / "perceiver-hf"
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "perceiver"}')
+    (hf / "model.safetensors").write_bytes((work / "fourier.safetensors").read_bytes())
+    plain = work / "plain"
+    plain.mkdir()
+    advice = f"perceiver-convert convert {hf} -o perceiver-hf.safetensors"
+    for folder, words in ((hf, ["a folder", "HuggingFace", advice]),
+                          (plain, ["a folder", ".safetensors"])):
+        with pytest.raises(perceiver_torch.LoadError) as info:
+            perceiver_torch.load(folder)
+        message = str(info.value)
+        assert all(w in message for w in words), message
+        assert "directory" not in message
+        with pytest.raises(ConverterError) as info:
+            outputs_module.read_converted(folder)
+        assert all(w in str(info.value) for w in words), str(info.value)
+        with pytest.raises(ConverterError) as info:
+            load_any_model(folder)
+        assert all(w in str(info.value) for w in words), str(info.value)
+    assert "HuggingFace" not in message  # the plain folder's
+    result = run_cli("run", "classify", hf, work / "fourier.safetensors")
+    assert result.exit_code == 2 and "is a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int8])
 def test_wrong_dtype_in_a_converted_file_is_a_dtype_mismatch(work, dtype):
     source = work / "fourier.safetensors"
