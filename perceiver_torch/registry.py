@@ -394,6 +394,43 @@ def _parse(path: Path, metadata: Mapping[str, str]) -> Tuple[str, Dict[str, Any]
     return metadata["model"], config
 
 
+def available_devices() -> Tuple[str, ...]:
+    """The devices a model can be placed on here: ``("cpu", "cuda:0", ...)``, with
+    every CUDA, XPU or MPS device torch sees (meta, which holds no data, is not
+    listed)."""
+    names = ["cpu"]
+    for kind in ("cuda", "xpu", "mps"):
+        backend = getattr(torch, kind, None)
+        if backend is None or not backend.is_available():
+            continue
+        count = backend.device_count() if hasattr(backend, "device_count") else 1
+        names += [f"{kind}:{index}" for index in range(count)]
+    return tuple(names)
+
+
+def check_device(device: torch.device, given: Any = None) -> None:
+    """Raises ``ValueError`` when ``device`` is an accelerator this machine lacks
+    (``"cuda"`` on a CPU-only machine, ``"cuda:3"`` with two GPUs), naming the devices
+    there are; torch would fail only once tensors are moved, with an AssertionError
+    ("Torch not compiled with CUDA enabled") or a RuntimeError. ``given``: the value
+    the caller passed, for the message."""
+    backend = getattr(torch, device.type, None)
+    if device.type in ("cpu", "meta") or not hasattr(backend, "is_available"):
+        return  # another device type: torch's own checks stand
+    available = available_devices()
+    kind = device.type.upper()
+    if not backend.is_available():
+        problem = f"no {kind} device is available (torch.{device.type}.is_available() is False)"
+    elif device.index is not None and f"{device.type}:{device.index}" not in available:
+        problem = f"there is no {kind} device {device.index}"
+    else:
+        return
+    raise ValueError(
+        f"map_location {given if given is not None else str(device)!r}: {problem}; "
+        f"available devices: {', '.join(available)}"
+    )
+
+
 def load(
     path: Union[str, Path],
     *,
@@ -411,7 +448,8 @@ def load(
     and for a folder (a HuggingFace folder: convert it first).
 
     map_location: device of the model (default "cpu"); a value torch.device()
-    refuses raises ``ValueError``.
+    refuses, or an accelerator this machine lacks (``"cuda"`` without a GPU), raises
+    ``ValueError`` before the file is read.
     dtype: the model's floating-point dtype; None = the dtype the file was converted
     to (metadata "dtype", as ``convert --dtype`` records it; float32 when absent).
     Integer buffers (BatchNorm's counter) keep their dtype.
@@ -427,6 +465,7 @@ def load(
         device = torch.device("cpu" if map_location is None else map_location)
     except (RuntimeError, TypeError, ValueError) as err:
         raise ValueError(f"invalid map_location {map_location!r}: {err}") from None
+    check_device(device, map_location)
     path = Path(path)
     state, metadata = read_checkpoint(path)
     name, config_dict = _parse(path, metadata)

@@ -504,6 +504,32 @@ def test_load_errors(tmp_path):
 # -- full size (pytest -m full) ------------------------------------------------
 
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cuda", marks=NO_CUDA),
+        pytest.param("cuda:0", marks=NO_CUDA),
+        pytest.param(torch.device("cuda"), marks=NO_CUDA),
+        # One past the last GPU: refused with and without CUDA.
+        f"cuda:{torch.cuda.device_count()}",
+    ],
+    ids=str,
+)
+def test_load_names_a_missing_accelerator_before_reading(tmp_path, device):
+    """map_location="cuda" without that GPU is a ValueError naming the devices there
+    are, before the file is read (the path does not exist), not torch's
+    AssertionError ("Torch not compiled with CUDA enabled") once tensors move."""
+    with pytest.raises(ValueError, match="no CUDA device") as info:
+        pt.load(tmp_path / "absent.safetensors", map_location=device)
+    assert not isinstance(info.value, pt.LoadError)
+    message = str(info.value)
+    assert "map_location" in message and "available devices: cpu" in message
+    assert ", ".join(pt.registry.available_devices()) in message
+
+
 FULL_INPUTS = {
     "language_perceiver": lambda: (torch.randint(0, 262, (1, 2048)),),
     "imagenet_learned": lambda: (torch.randn(1, 3, 224, 224),),
