@@ -11,7 +11,8 @@ letter for letter, so one configuration drives both. Training-only knobs
 ``TINY_CONFIGS`` holds one small version of each architecture: the sizes of the golden
 test checkpoints (tiny random-weight models DeepMind's own code was run on). They keep
 every structural choice of the official model and shrink only the sizes; the mappings'
-``tiny`` preset is derived from them.
+``tiny`` preset is derived from them. It is read-only: derive a variant with
+``dataclasses.replace(TINY_CONFIGS[name], ...)``.
 
 Every config checks itself when it is made (``__post_init__`` calls ``validate()``):
 types, ranges (sizes >= 1, dropout in [0, 1)) and the relations the model needs
@@ -28,6 +29,7 @@ import functools
 import json
 import math
 import numbers
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -491,8 +493,10 @@ _TINY_IMAGENET = dict(
     num_classes=10,
 )
 
-# The sizes of the golden checkpoints (shared/official/golden/*/config.json).
-TINY_CONFIGS: Mapping[str, Any] = {
+# The sizes of the golden checkpoints (shared/official/golden/*/config.json). Read-only
+# (its configs are frozen dataclasses of immutable values), so that no caller can
+# change what every later build, fixture and mapping preset takes as "tiny".
+TINY_CONFIGS: Mapping[str, Any] = types.MappingProxyType({
     "language_perceiver": LanguagePerceiverConfig(
         max_seq_len=64,
         d_model=32,
@@ -527,7 +531,7 @@ TINY_CONFIGS: Mapping[str, Any] = {
         label_query_channels=40,
         num_chunks=4,
     ),
-}
+})
 
 
 def config_from_dict(name: str, values: Mapping[str, Any]) -> Any:

@@ -117,6 +117,34 @@ def test_build_accepts_dict_and_rejects_unknown():
         pt.build("optical_flow", pt.TINY_CONFIGS["imagenet_conv"])
 
 
+def test_tiny_configs_are_read_only():
+    """TINY_CONFIGS is shared by every build, fixture and mapping preset: no caller
+    can add, replace or remove an entry, nor change a config in it (frozen, and
+    every value immutable); a variant is made with dataclasses.replace."""
+    import dataclasses
+
+    before = dict(pt.TINY_CONFIGS)
+    assert list(before) == list(pt.MODEL_NAMES)
+    with pytest.raises(TypeError):
+        pt.TINY_CONFIGS["optical_flow"] = pt.TINY_CONFIGS["imagenet_conv"]
+    with pytest.raises(TypeError):
+        pt.TINY_CONFIGS["new"] = pt.TINY_CONFIGS["imagenet_conv"]
+    with pytest.raises(TypeError):
+        del pt.TINY_CONFIGS["optical_flow"]
+    for name in ("clear", "update", "pop", "setdefault", "popitem"):
+        assert not hasattr(pt.TINY_CONFIGS, name), name
+    for name, config in pt.TINY_CONFIGS.items():
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            config.num_latents = 3
+        hash(config)  # every field immutable (tuples, not lists), all the way down
+    variant = dataclasses.replace(pt.TINY_CONFIGS["optical_flow"], num_latents=4)
+    assert variant.num_latents == 4
+    assert dict(pt.TINY_CONFIGS) == before and pt.configs.TINY_CONFIGS is pt.TINY_CONFIGS
+    assert pt.build("optical_flow", pt.TINY_CONFIGS["optical_flow"]).config == before[
+        "optical_flow"
+    ]
+
+
 # -- forward contracts ----------------------------------------------------------
 
 
