@@ -263,7 +263,8 @@ def _refuse_unrepresentable(model: str, hf: Mapping[str, Any]) -> None:
     blocks = hf.get("num_blocks", 1)
     if not model.startswith("imagenet_") and blocks != 1:
         wrong.append(f"num_blocks={json.dumps(blocks)} (the official {model}: 1)")
-    if model == "video_autoencoding" and "output_shape" in hf:
+    if model == "video_autoencoding" and isinstance(hf.get("output_shape"), (list, tuple)):
+        # (Another output_shape is left to the config's checks, which name it.)
         # transformers' Fourier features span (num_frames, image_size, image_size);
         # perceiver_torch's the frames after space-to-depth, output_shape[1:] / (1, 4, 4).
         shape = list(hf["output_shape"])
@@ -284,6 +285,26 @@ def _refuse_unrepresentable(model: str, hf: Mapping[str, Any]) -> None:
         )
 
 
+# perceiver_torch config keys that _sizes_from_hf reads from a config.json key of
+# another name, by model: an error about the value names the key the file holds.
+_READ_FROM_HF_KEY: Mapping[str, Mapping[str, str]] = {
+    "optical_flow": {"image_size": "train_size"},
+    "video_autoencoding": {"image_size": "output_shape"},
+}
+
+
+def hf_source_key(model: str, key: str) -> str:
+    """The config.json key perceiver_torch's ``key`` of ``model`` is read from
+    (``image_size`` of optical_flow: ``train_size``); ``key`` itself otherwise."""
+    return _READ_FROM_HF_KEY.get(model, {}).get(key, key)
+
+
+def _pair(value: Any) -> Any:
+    """A JSON list as the tuple a config holds; anything else unchanged, for the
+    config's checks to name (tuple("big") would make three letters of it)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def _sizes_from_hf(model: str, hf: Mapping[str, Any]) -> Dict[str, Any]:
     if model.startswith("imagenet_"):
         out = {"num_blocks": hf["num_blocks"]} if "num_blocks" in hf else {}
@@ -293,11 +314,12 @@ def _sizes_from_hf(model: str, hf: Mapping[str, Any]) -> Dict[str, Any]:
             out["image_size"] = size
         return out
     if model == "optical_flow" and "train_size" in hf:
-        return {"image_size": tuple(hf["train_size"])}
+        return {"image_size": _pair(hf["train_size"])}
     if model == "video_autoencoding":
         out: Dict[str, Any] = {}
         if "output_shape" in hf:
-            out["image_size"] = tuple(hf["output_shape"][2:4])
+            shape = hf["output_shape"]
+            out["image_size"] = tuple(shape[2:4]) if isinstance(shape, (list, tuple)) else shape
         for key in ("num_frames", "audio_samples_per_frame", "samples_per_patch"):
             if key in hf:
                 out[key] = hf[key]

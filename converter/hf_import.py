@@ -345,7 +345,7 @@ def prepare_hf(
     """Reads a transformers checkpoint and matches it, as official arrays, to its
     perceiver_torch mapping. Returns ``(PreparedConversion, provenance dict)``."""
     from converter.conversion import prepare
-    from converter.hf import config_overrides_from_hf
+    from converter.hf import config_overrides_from_hf, hf_source_key
     from converter.haiku_reader import HaikuCheckpoint
     from converter.registry import model_info
 
@@ -387,10 +387,14 @@ def prepare_hf(
                            mismatch_hint=_mismatch_hint(source, spec, detected))
     except ConfigError as error:
         if error.key in from_file and error.key not in (config or {}):
-            # The bad value is config.json's, not a --config the user typed.
+            # The bad value is config.json's, not a --config the user typed: named as
+            # the file spells it (optical_flow's image_size is its train_size).
             message = str(error).removeprefix("--config: ")
+            file_key = hf_source_key(detected, error.key)
+            value = source.config.get(file_key, from_file[error.key])
+            read_as = f" (read as {error.key})" if file_key != error.key else ""
             raise CheckpointError(
-                f"{source.path}: config.json's {error.key}={from_file[error.key]!r}: "
+                f"{source.path}: config.json's {file_key}={json.dumps(value)}{read_as}: "
                 f"{message}"
             ) from None
         raise

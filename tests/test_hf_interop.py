@@ -647,6 +647,34 @@ def test_config_json_values_that_change_the_function_are_refused(
     assert run_cli("convert", folder, "-o", out, "-q").exit_code == 0
 
 
+@pytest.mark.parametrize(
+    "name, key, value",
+    [
+        ("optical_flow", "train_size", [0, 32]),
+        ("optical_flow", "train_size", "big"),  # was split into ('b', 'i', 'g')
+        ("optical_flow", "train_size", 7),  # was a TypeError
+        ("video_autoencoding", "output_shape", 7),  # was a TypeError
+    ],
+)
+def test_a_bad_size_in_config_json_names_the_key_the_file_holds(
+    name, key, value, exported, tmp_path
+) -> None:
+    """perceiver_torch's image_size is optical_flow's train_size (and the video's
+    output_shape[2:4]) in transformers' config.json, which also has an image_size of
+    its own: a bad value is named by the key and value the user wrote."""
+    folder = tmp_path / "changed"
+    folder.mkdir()
+    config = json.loads((exported[name] / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    (folder / "model.safetensors").write_bytes((exported[name] / "model.safetensors").read_bytes())
+    out = tmp_path / "out.safetensors"
+    result = run_cli("convert", folder, "-o", out)
+    assert result.exit_code == 3, result.stderr
+    assert f"config.json's {key}={json.dumps(value)} (read as image_size)" in result.stderr
+    assert "config.json's image_size" not in result.stderr and "unexpected" not in result.stderr
+    assert not out.exists()
+
+
 def _official_arrays(path: Path) -> Dict[str, np.ndarray]:
     checkpoint = load_haiku_checkpoint(path)
     return flatten_tree(checkpoint.params, checkpoint.state)
