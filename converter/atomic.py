@@ -1,9 +1,13 @@
 """Atomic file output: a failed or interrupted write never leaves a half-written file.
 
 Data goes to a temporary file in the target's own folder (so the final rename stays
-on one filesystem and is atomic), is flushed and fsynced, then renamed over the
-target with :func:`os.replace`. On any exception the temporary file is removed and an
-existing target is left exactly as it was.
+on one filesystem and is atomic), is flushed and fsynced, then published by
+:func:`publish`: renamed over the target with :func:`os.replace` when the caller may
+overwrite (``--force``), otherwise put in place only if no file holds the name at that
+instant. (:func:`check_outputs` refuses an existing output up front, but another
+process may create it during the minutes of work that follow; "nothing is lost" needs
+the final step itself to refuse.) On any exception the temporary file is removed and
+an existing target is left exactly as it was.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ __all__ = [
     "atomic_write",
     "check_output_path",
     "check_outputs",
+    "output_appeared",
+    "publish",
     "raise_write_error",
     "write_failed",
 ]
@@ -86,6 +92,65 @@ def check_outputs(
     return out
 
 
+def output_appeared(path: Union[str, os.PathLike]) -> OutputError:
+    """The one-line error (exit 2) of a no-clobber publish that found ``path`` taken:
+    it did not exist when checked, but something (another run) created it while this
+    output was being written. The same words and advice as :func:`check_outputs`."""
+    return OutputError(
+        f"refusing to overwrite {path}: the file appeared while this output was being "
+        "written (another run?) and was kept; pass --force to replace it or choose "
+        "another output name"
+    )
+
+
+def publish(
+    temp: Union[str, os.PathLike], path: Union[str, os.PathLike], *, overwrite: bool = True
+) -> None:
+    """Puts the finished file ``temp`` (in ``path``'s folder) at ``path``.
+
+    ``overwrite``: :func:`os.replace`, atomic, over whatever is there. Otherwise
+    no-clobber: ``path`` is created only if no name (file, folder, link) holds it at
+    that instant, else :func:`output_appeared` is raised and both files are left as
+    they are (the caller removes ``temp``).
+    """
+    if overwrite:
+        os.replace(temp, path)
+        return
+    try:
+        # link(2) creates the name only where none exists, atomically (EEXIST
+        # otherwise, even for a dangling link), and the file appears whole.
+        os.link(temp, path)
+    except FileExistsError:
+        raise output_appeared(path) from None
+    except OSError:
+        # No hard links here (FAT/exFAT, some network or FUSE mounts; EPERM, ENOTSUP,
+        # ...); whatever the reason, the fallback is no-clobber too, and its own
+        # error is the one reported.
+        _claim_then_replace(Path(temp), Path(path))
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)
+
+
+def _claim_then_replace(temp: Path, path: Path) -> None:
+    # O_EXCL claims the name atomically (a second writer fails there), then the rename
+    # replaces only our own empty placeholder. The cost: for that instant a reader may
+    # see an empty file (every reader here reports a 0-byte file as such), never a
+    # partly written one, which copying the data into an O_EXCL file would expose for
+    # the whole copy; a crash in that instant leaves the empty file.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise output_appeared(path) from None
+    os.close(fd)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # the empty placeholder
+        raise
+
+
 def write_failed(path: Union[str, os.PathLike], error: OSError) -> ConverterError:
     """The one-line error of a write that failed (disk full, folder gone, ...) after
     its temporary file was removed; the CLI prints it and exits 3."""
@@ -123,18 +188,24 @@ def _fsync_folder(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
+def atomic_write(
+    path: Union[str, os.PathLike], *, overwrite: bool = True
+) -> Iterator[BinaryIO]:
     """Open a binary file that appears at ``path`` only if the block succeeds.
 
     Usage::
 
-        with atomic_write(out) as f:
+        with atomic_write(out, overwrite=force) as f:
             f.write(data)
 
     The file gets the permissions a plain ``open(path, "wb")`` would give (the
-    process umask applies).
+    process umask applies). ``overwrite=False`` never replaces a file, also one that
+    another process created after the caller's :func:`check_outputs` (see
+    :func:`publish`).
 
     Raises:
+        OutputError: ``overwrite`` is False and ``path`` exists when the block ends
+            (:func:`output_appeared`; nothing was replaced, the temporary file is gone).
         ConverterError: ``path``'s folder is missing or not writable (see
             :func:`check_output_path`), or the write itself fails (disk full, ...).
     """
@@ -158,7 +229,7 @@ def atomic_write(path: Union[str, os.PathLike]) -> Iterator[BinaryIO]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temp, path)
+        publish(temp, path, overwrite=overwrite)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)

@@ -311,13 +311,15 @@ def output_option(
     (e.g. :func:`~converter.haiku_writer.check_pickle_suffix`) may refuse the name, the
     output may not be any of the parameters named in ``inputs`` (the same file, by
     any path), and an existing output needs ``--force``; each refusal exits 2 and
-    nothing is read or written. The command itself receives ``output`` only.
+    nothing is read or written. The command receives ``output`` and ``force``, which
+    it passes on as the write's ``overwrite``: without it the write refuses a file
+    that appears after this check, too (another run writing the same name).
     """
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(command)
         def checked(*args: Any, **kwargs: Any) -> Any:
-            force = kwargs.pop("force")
+            force = kwargs["force"]
             output = kwargs.get("output")
             if output is not None:
                 if check_name is not None:
@@ -409,14 +411,15 @@ prints them (and the options) as one document on stdout.
 )
 @_JSON_OPTION
 def fixture_command(
-    name: str, output: Path, seed: int, size: str, protocol: int, container: str,
-    as_json: bool,
+    name: str, output: Path, force: bool, seed: int, size: str, protocol: int,
+    container: str, as_json: bool,
 ) -> None:
     """Write a random-weight checkpoint (help text: ``_FIXTURE_HELP``)."""
     from converter.fixtures import write_fixture
 
     saved = write_fixture(
-        name, output, size=size, seed=seed, protocol=protocol, container=container
+        name, output, size=size, seed=seed, protocol=protocol, container=container,
+        overwrite=force,
     )
     from converter.registry import official_tree
 
@@ -835,6 +838,7 @@ _QUIET_OPTION = click.option(
 def convert_command(
     checkpoint: Path,
     output: Path,
+    force: bool,
     model: Optional[str],
     dtype: str,
     run_verify: bool,
@@ -873,6 +877,7 @@ def convert_command(
         mapping=mapping,
         verify=run_verify,
         progress=_progress(quiet),
+        overwrite=force,
     )
     if result.parity_report is not None and not quiet:
         click.echo(result.parity_report.format_table(), err=True)
@@ -1075,7 +1080,7 @@ def export_command(
         from converter.interop_cli import export_other
 
         export_other(converted, output, fmt, as_json=as_json, quiet=quiet,
-                     progress=_progress(quiet))
+                     progress=_progress(quiet), overwrite=force)
         return
     from converter.exporter import PrecisionWarning, export
 
@@ -1083,7 +1088,8 @@ def export_command(
         # The same message is one of result.notes, printed once below.
         warnings.simplefilter("ignore", PrecisionWarning)
         result = export(
-            converted, output, protocol=protocol, container=container, mapping=mapping
+            converted, output, protocol=protocol, container=container, mapping=mapping,
+            overwrite=force,
         )
     if not quiet:
         for note in result.notes:

@@ -440,14 +440,18 @@ def write_converted(
     dtype: str = "float32",
     parity: Optional[Mapping[str, Any]] = None,
     extra_metadata: Optional[Mapping[str, str]] = None,
+    *,
+    overwrite: bool = True,
 ) -> Dict[str, str]:
-    """Writes the converted weights atomically; returns the metadata written."""
+    """Writes the converted weights atomically; returns the metadata written.
+    ``overwrite=False`` never replaces a file, also one that appears meanwhile
+    (:func:`~converter.atomic.atomic_write`)."""
     out = Path(out)
     fmt = output_format(out)
     torch_dtype = TORCH_DTYPES[dtype]
     metadata = build_metadata(prepared, dtype, parity, extra_metadata)
     if fmt == "pt":
-        write_pt(out, prepared.state_dict(torch_dtype), metadata)
+        write_pt(out, prepared.state_dict(torch_dtype), metadata, overwrite=overwrite)
         return metadata
     layout = []
     for rule in prepared.table.rules:
@@ -455,7 +459,7 @@ def write_converted(
         layout.append((rule.target, shape, output_dtype(array_dtype, torch_dtype)))
     # Strided views: the writer transposes and casts them into reusable buffers.
     stream = convert_arrays(prepared.table, prepared.sources, contiguous=False)
-    write_safetensors_streaming(out, layout, stream, metadata)
+    write_safetensors_streaming(out, layout, stream, metadata, overwrite=overwrite)
     return metadata
 
 
@@ -488,8 +492,9 @@ def convert(
             extra) and store the result; outside tolerance raises ``ParityError`` and
             nothing is written. With ``dtype`` float16/bfloat16 the weights checked are
             the rounded ones that are written (tolerance: ``converter.verify``).
-        overwrite: False refuses an existing ``out`` (``OutputError``); ``out`` is
-            never allowed to be ``path`` or ``mapping``.
+        overwrite: False refuses an existing ``out`` (``OutputError``), up front and
+            again when the file is put in place (one another process wrote meanwhile
+            is kept); ``out`` is never allowed to be ``path`` or ``mapping``.
     """
     started = time.perf_counter()
     dtype = dtype or "float32"
@@ -530,7 +535,9 @@ def convert(
         out = Path(out)
         fmt = output_format(out)
         progress(f"writing {out}")
-        metadata = write_converted(prepared, out, dtype, parity, extra_metadata)
+        metadata = write_converted(
+            prepared, out, dtype, parity, extra_metadata, overwrite=overwrite
+        )
     else:
         metadata = build_metadata(prepared, dtype, parity, extra_metadata)
         state_dict = prepared.state_dict(TORCH_DTYPES[dtype])

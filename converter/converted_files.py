@@ -96,6 +96,8 @@ def write_safetensors_streaming(
     layout: Iterable[Tuple[str, Tuple[int, ...], torch.dtype]],
     arrays: Iterator[Tuple[str, np.ndarray]],
     metadata: Mapping[str, str],
+    *,
+    overwrite: bool = True,
 ) -> int:
     """Writes a safetensors file from a known layout and a stream of arrays.
 
@@ -104,7 +106,8 @@ def write_safetensors_streaming(
     dtype: each is copied, transposed and cast in one pass into one of a few reusable
     buffers, which a second thread writes while the next tensor is prepared; arrays
     already in their final layout are written straight from their memory. Returns
-    the number of bytes written.
+    the number of bytes written. ``overwrite=False``: see
+    :func:`~converter.atomic.atomic_write`.
     """
     layout = list(layout)
     header: Dict[str, Any] = {"__metadata__": dict(metadata)}
@@ -151,7 +154,7 @@ def write_safetensors_streaming(
         if next(expected, None) is not None:
             raise RuntimeError("internal error: fewer tensors than planned")
 
-    with atomic_write(path) as handle:
+    with atomic_write(path, overwrite=overwrite) as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
         with _BackgroundWriter(handle, buffer_size=largest) as writer:
@@ -220,16 +223,21 @@ class _BackgroundWriter:
 
 
 def write_pt(
-    path: Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+    path: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    overwrite: bool = True,
 ) -> None:
-    """A ``.pt`` file loadable with ``torch.load(path, weights_only=True)``."""
+    """A ``.pt`` file loadable with ``torch.load(path, weights_only=True)``;
+    ``overwrite=False``: see :func:`~converter.atomic.atomic_write`."""
     payload = {
         "model": metadata["model"],
         "config": json.loads(metadata["config"]),
         "state_dict": dict(state_dict),
         "metadata": dict(metadata),
     }
-    with atomic_write(path) as handle:
+    with atomic_write(path, overwrite=overwrite) as handle:
         try:
             torch.save(payload, handle)
         except RuntimeError as error:

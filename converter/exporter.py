@@ -161,7 +161,8 @@ def export(
 
     ``out`` may not be ``path`` (nor the mapping file) and may not carry another
     format's suffix (``.safetensors``, ``.pt``, ...); ``overwrite=False`` also refuses
-    an existing ``out``. These raise :class:`~converter.errors.OutputError`.
+    an existing ``out``, up front and when the file is put in place (one another
+    process wrote meanwhile is kept). These raise :class:`~converter.errors.OutputError`.
     """
     check_pickle_suffix(Path(out))
     check_outputs(out, (path, mapping), force=overwrite)
@@ -173,6 +174,7 @@ def export(
         state if haiku.layout == "params_and_state" else None,
         protocol=protocol,
         container=container,
+        overwrite=overwrite,
     )
     return ExportResult(haiku.model, Path(out), len(haiku.flat), haiku.exact, haiku.notes)
 

@@ -147,10 +147,12 @@ def write_fixture(
     seed: int = 0,
     protocol: int = 3,
     container: str = "flatmapping",
+    overwrite: bool = True,
 ) -> SavedCheckpoint:
-    """Write :func:`make_fixture`'s weights to ``path`` (atomically)."""
+    """Write :func:`make_fixture`'s weights to ``path`` (atomically; with
+    ``overwrite=False`` never over an existing file)."""
     check_output_path(path)  # fail before generating up to 800 MB of weights
     params, state = make_fixture(name, size=size, seed=seed)
     return save_haiku_checkpoint(
-        path, params, state, protocol=protocol, container=container
+        path, params, state, protocol=protocol, container=container, overwrite=overwrite
     )

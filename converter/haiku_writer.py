@@ -222,6 +222,7 @@ def save_haiku_checkpoint(
     *,
     protocol: int = 3,
     container: str = "flatmapping",
+    overwrite: bool = True,
 ) -> SavedCheckpoint:
     """Write ``params`` (and ``state``) in the official checkpoint layout, atomically.
 
@@ -235,6 +236,8 @@ def save_haiku_checkpoint(
         protocol: pickle protocol, 2 to 5 (the official files are 3).
         container: ``"flatmapping"`` (Haiku's FlatMapping at every node) or
             ``"dict"`` (plain dicts).
+        overwrite: False never replaces an existing file, also one another process
+            creates while this one writes (``OutputError``).
 
     Returns:
         The path, size, sha256 and layout written.
@@ -253,7 +256,7 @@ def save_haiku_checkpoint(
     top: Any = _two_level(params, "params", container)
     if state is not None:
         top = {"params": top, "state": _two_level(state, "state", container)}
-    with atomic_write(path) as handle:
+    with atomic_write(path, overwrite=overwrite) as handle:
         writer = HashingWriter(handle)
         _HaikuPickler(writer, protocol).dump(top)
     return SavedCheckpoint(

@@ -498,6 +498,7 @@ def convert_hf(
     verify: bool = False,
     progress: Progress = quiet,
     mapping: None = None,
+    overwrite: bool = True,
 ):
     """:func:`converter.convert` for a transformers checkpoint; the metadata's
     ``hf_source`` records where it came from. (``mapping`` must be None: the HF
@@ -519,4 +520,5 @@ def convert_hf(
         verify=verify,
         progress=progress,
         extra_metadata={"hf_source": json.dumps(provenance, sort_keys=True)},
+        overwrite=overwrite,
     )

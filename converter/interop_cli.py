@@ -23,10 +23,12 @@ def export_other(
     as_json: bool,
     quiet: bool,
     progress: Callable[[str], None],
+    overwrite: bool = True,
 ) -> None:
     """``perceiver-convert export CONVERTED -o OUTPUT --format hf|onnx``: the check's
     table, the notes and the summary on stderr unless ``quiet``. Errors keep their own
-    exit codes: a bad output name is a usage error (2), a bad file is 3."""
+    exit codes: a bad output name is a usage error (2), a bad file is 3. ``overwrite``
+    (``--force``) applies to the ONNX file; an hf folder is never overwritten."""
     from converter.exporter import PrecisionWarning
 
     with warnings.catch_warnings():
@@ -45,7 +47,7 @@ def export_other(
         else:
             from converter.onnx_export import export_onnx, format_onnx_check
 
-            result = export_onnx(converted, output, progress=progress)
+            result = export_onnx(converted, output, progress=progress, overwrite=overwrite)
             report = format_onnx_check(result.check)
             summary = (
                 f"wrote {result.output}: {result.model}, {result.form}, opset "

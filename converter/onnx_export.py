@@ -191,14 +191,17 @@ def export_onnx(
     seed: int = 0,
     batch: int = 2,
     progress: Progress = quiet,
+    overwrite: bool = True,
 ) -> OnnxExportResult:
     """Writes and checks the ONNX graph of a file made by :func:`converter.convert`.
 
     The check runs at ``batch`` (2 by default; the graph was traced at 1, so the
     dynamic batch dimension is exercised). Raises ``ParityError`` (nothing written)
     when onnxruntime is farther than 1e-4 relative from perceiver_torch.
+    ``overwrite=False`` never replaces a file at ``out``, also one another process
+    wrote meanwhile (``OutputError``; :func:`converter.atomic.publish`).
     """
-    from converter.atomic import check_output_path
+    from converter.atomic import check_output_path, publish
     from converter.converted_files import read_converted
     from converter.exporter import check_stored_tensors, load_float32, stored_low_precision
 
@@ -255,7 +258,7 @@ def export_onnx(
         graph.producer_name = "perceiver-convert"
         graph.producer_version = __version__
         onnx.save(graph, str(temp))
-        os.replace(temp, out)
+        publish(temp, out, overwrite=overwrite)
     except OSError as error:  # disk full: one line, exit 3 (the finally removes temp)
         from converter.atomic import write_failed
 

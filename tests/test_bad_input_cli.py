@@ -396,8 +396,8 @@ def test_pt_output_reports_a_full_disk_or_ctrl_c_not_torchs_zip_error(
     real = outputs_module.atomic_write
 
     @contextlib.contextmanager
-    def failing(path):
-        with real(path) as handle:
+    def failing(path, **options):
+        with real(path, **options) as handle:
             yield _FailAfter(handle, 100_000, failure())
 
     monkeypatch.setattr(outputs_module, "atomic_write", failing)

@@ -3,6 +3,7 @@ and every error path (exit codes 2 and 3, nothing half-written)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from safetensors import safe_open
 import converter
 import perceiver_torch
 from converter import converted_files as outputs_module
+from converter import haiku_writer as writer_module
 from converter.fixtures import make_fixture, write_fixture
 from converter.haiku_reader import load_haiku_checkpoint
 from converter.registry import MODEL_NAMES, official_tree
@@ -296,3 +298,64 @@ def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch, suffix)
         converter.convert(GOLDEN / "language_perceiver" / "checkpoint.pickle", out)
     assert out.read_bytes() == b"previous content"
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+# --------------------------------------------------------------------------------------
+# Two runs writing one new output at once: both pass the up-front check (no file yet);
+# without --force the one that finishes second must not replace the other's file.
+
+
+def _appears_while_writing(monkeypatch, module, content: bytes) -> None:
+    """``module``'s atomic_write, with another run's file put at the target after the
+    data is written and before it is published (after every up-front check)."""
+    real = module.atomic_write
+
+    @contextlib.contextmanager
+    def racing(path, **options):
+        with real(path, **options) as handle:
+            yield handle
+            Path(path).write_bytes(content)
+
+    monkeypatch.setattr(module, "atomic_write", racing)
+
+
+def _assert_lost_the_race(result, out: Path, content: bytes) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"refusing to overwrite {out}" in line
+    assert "appeared while" in line and "--force" in line
+    assert out.read_bytes() == content
+    assert [p.name for p in out.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "pt"])
+def test_convert_keeps_an_output_that_appears_while_writing(tmp_path, monkeypatch, suffix):
+    source = GOLDEN / "optical_flow" / "checkpoint.pickle"
+    out = tmp_path / f"model.{suffix}"
+    other = b"the other run's conversion"
+    _appears_while_writing(monkeypatch, outputs_module, other)
+    _assert_lost_the_race(run_cli("convert", source, "-o", out), out, other)
+    out.unlink()  # the Python API: the same check at publication
+    with pytest.raises(converter.OutputError, match="appeared while"):
+        converter.convert(source, out, overwrite=False)
+    assert out.read_bytes() == other
+    # --force: the last writer replaces it, as asked.
+    result = run_cli("convert", source, "-o", out, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert perceiver_torch.read_checkpoint(out)[1]["model"] == "optical_flow"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_export_keeps_an_output_that_appears_while_writing(tmp_path, monkeypatch):
+    converted = tmp_path / "model.safetensors"
+    assert run_cli("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o",
+                   converted).exit_code == 0
+    out = tmp_path / "exported.pickle"
+    other = b"the other run's export"
+    _appears_while_writing(monkeypatch, writer_module, other)
+    _assert_lost_the_race(run_cli("export", converted, "-o", out), out, other)
+    result = run_cli("export", converted, "-o", out, "--force", "-q")
+    assert result.exit_code == 0, result.output
+    assert load_haiku_checkpoint(out).sha256 != hashlib.sha256(other).hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, converted.name]

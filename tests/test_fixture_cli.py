@@ -185,6 +185,35 @@ def test_fixture_json_document(tmp_path):
     assert (document["model"], document["seed"], document["size"]) == ("optical_flow", 3, "tiny")
 
 
+def test_fixture_keeps_an_output_that_appears_while_writing(tmp_path, monkeypatch):
+    """Another run writes the same new name after the up-front check: without
+    --force that file is kept (exit 2, one line), with --force it is replaced."""
+    import contextlib
+
+    import converter.haiku_writer as writer_module
+
+    out, other = tmp_path / "flow.pickle", b"the other run's fixture"
+    real = writer_module.atomic_write
+
+    @contextlib.contextmanager
+    def racing(path, **options):
+        with real(path, **options) as handle:
+            yield handle
+            out.write_bytes(other)
+
+    monkeypatch.setattr(writer_module, "atomic_write", racing)
+    result = run_cli("fixture", "optical_flow", "-o", out)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"refusing to overwrite {out}" in result.stderr
+    assert "appeared while" in result.stderr and "--force" in result.stderr
+    assert out.read_bytes() == other
+    assert [p.name for p in tmp_path.iterdir()] == ["flow.pickle"]  # no temporary file
+    assert run_cli("fixture", "optical_flow", "-o", out, "--force").exit_code == 0
+    assert load_haiku_checkpoint(out).size_bytes > len(other)
+    assert [p.name for p in tmp_path.iterdir()] == ["flow.pickle"]
+
+
 def test_fixture_command_options(tmp_path):
     out = tmp_path / "flow.pickle"
     result = run_cli(

@@ -99,6 +99,31 @@ def test_export_traces_the_plain_computation(graphs, monkeypatch, tmp_path) -> N
     assert fast_paths.disabled_paths() == frozenset()
 
 
+def test_onnx_export_keeps_a_file_that_appears_while_writing(graphs, monkeypatch, tmp_path) -> None:
+    """Another run writes the same new name after the up-front check (both saw no
+    file): without --force that file is kept, exit 2 with one line; --force replaces it."""
+    out, other = tmp_path / "flow.onnx", b"the other run's graph"
+    real = onnx.save
+
+    def racing(graph, path, *args, **kwargs):
+        real(graph, path, *args, **kwargs)
+        out.write_bytes(other)  # just before the finished graph is put in place
+
+    monkeypatch.setattr(onnx, "save", racing)
+    result = run_cli("export", graphs["optical_flow"][0], "-o", out, "-q")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"refusing to overwrite {out}" in result.stderr
+    assert "appeared while" in result.stderr and "--force" in result.stderr
+    assert out.read_bytes() == other
+    assert [p.name for p in tmp_path.iterdir()] == ["flow.onnx"]  # no temporary file
+    monkeypatch.setattr(onnx, "save", real)
+    result = run_cli("export", graphs["optical_flow"][0], "-o", out, "-q", "--force")
+    assert result.exit_code == 0, result.output
+    onnx.checker.check_model(onnx.load(str(out)))
+    assert [p.name for p in tmp_path.iterdir()] == ["flow.onnx"]
+
+
 def test_onnx_export_needs_an_onnx_name(graphs, tmp_path) -> None:
     result = run_cli("export", graphs["optical_flow"][0], "-o", tmp_path / "x.bin", "--format", "onnx")
     assert result.exit_code == 2 and "*.onnx" in result.stderr

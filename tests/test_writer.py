@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import os
@@ -16,6 +17,7 @@ import pytest
 import converter.haiku_writer as writer_module
 from converter import ConverterError, load_haiku_checkpoint, save_haiku_checkpoint
 from converter.atomic import atomic_write
+from converter.errors import OutputError
 from converter.fixtures import make_fixture
 from converter.haiku_reader import ALLOWED_GLOBALS, scan_pickle
 from converter.registry import describe, official_tree
@@ -307,6 +309,53 @@ def test_atomic_write_replaces_and_respects_umask(tmp_path):
     os.umask(umask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+@pytest.mark.parametrize("hard_links", [True, False], ids=["link", "no-hard-links"])
+def test_atomic_write_without_overwrite_keeps_a_file_that_appeared(
+    tmp_path, monkeypatch, hard_links
+):
+    """Two runs writing one new name both pass the up-front check; the one that
+    finishes second refuses (no silent "last rename wins"), also where the filesystem
+    has no hard links (FAT, some network mounts)."""
+    if not hard_links:
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", refuse)
+    out = tmp_path / "f.bin"
+    with pytest.raises(OutputError) as caught:
+        with atomic_write(out, overwrite=False) as handle:
+            handle.write(b"the loser's bytes")
+            out.write_bytes(b"the winner's bytes")  # published by the other run
+    message = str(caught.value)
+    assert "\n" not in message and str(out) in message
+    assert "appeared while" in message and "--force" in message
+    assert out.read_bytes() == b"the winner's bytes"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no .f.bin.*.tmp left
+    # Without a race the file appears whole, with open()'s permissions.
+    fresh = tmp_path / "g.bin"
+    with atomic_write(fresh, overwrite=False) as handle:
+        handle.write(b"new")
+    assert fresh.read_bytes() == b"new"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert fresh.stat().st_mode & 0o777 == 0o666 & ~umask
+    # With overwrite (--force) the last writer replaces it.
+    with atomic_write(out, overwrite=True) as handle:
+        handle.write(b"forced")
+        out.write_bytes(b"the winner's bytes")
+    assert out.read_bytes() == b"forced"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin", "g.bin"]
+
+
+def test_save_haiku_checkpoint_without_overwrite_refuses_an_existing_file(tmp_path):
+    out = tmp_path / "x.pickle"
+    out.write_bytes(b"kept")
+    with pytest.raises(OutputError, match="--force"):
+        save_haiku_checkpoint(out, {"m": {"w": ARRAY}}, overwrite=False)
+    assert out.read_bytes() == b"kept"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pickle"]
 
 
 def test_writer_refuses_to_emit_any_other_global(tmp_path):
