@@ -414,7 +414,9 @@ def check_new_folder(out_dir: str | os.PathLike) -> Path:
 def atomic_folder(out_dir: Path):
     """Yields a temporary sibling folder that becomes ``out_dir`` if the block succeeds.
 
-    ``out_dir`` must not exist (or be an empty folder): an export never overwrites.
+    ``out_dir`` must not exist (or be an empty folder): an export never overwrites,
+    also not a folder or file another process puts at ``out_dir`` while this one
+    writes (:class:`~converter.errors.OutputError`, that one kept).
     """
     out_dir = check_new_folder(out_dir)
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
@@ -427,12 +429,36 @@ def atomic_folder(out_dir: Path):
         raise_write_error(out_dir, error)
     try:
         yield temp
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        os.replace(temp, out_dir)
+        _publish_folder(temp, out_dir)
     except BaseException as error:
         shutil.rmtree(temp, ignore_errors=True)
         raise_write_error(out_dir, error)  # disk full: one line, exit 3
+
+
+def _publish_folder(temp: Path, out_dir: Path) -> None:
+    """Renames the finished folder ``temp`` to ``out_dir`` without clobbering.
+
+    rename(2) of a folder replaces an *empty* folder and fails on a non-empty one
+    (ENOTEMPTY/EEXIST) or a file or link (ENOTDIR); that is the contract here (new or
+    empty), so the rename itself is the no-clobber step: another export's folder is
+    never empty (it holds config.json). Windows' rename never replaces a folder, hence
+    the rmdir of an empty one first. A failure with ``out_dir`` now taken is the race
+    (it was new or empty when checked): :class:`OutputError`, as the check says.
+    """
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if out_dir.is_dir() and not out_dir.is_symlink():
+                out_dir.rmdir()  # empty when checked; ENOTEMPTY if filled since
+        os.replace(temp, out_dir)
+    except OSError:
+        # What check_new_folder refuses, now there.
+        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+            raise OutputError(
+                f"refusing to write {out_dir}: it appeared while the export was being "
+                "written (another run?) and was kept; choose a new folder name (an "
+                "export never overwrites)"
+            ) from None
+        raise
 
 
 def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:

@@ -412,6 +412,44 @@ def test_export_refuses_an_existing_folder_and_unexpressible_sizes(converted, ex
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+@pytest.mark.parametrize("other", ["folder", "file", "empty folder"])
+def test_export_keeps_a_folder_that_appears_while_writing(other, converted, monkeypatch, tmp_path) -> None:
+    """Another run puts something at the new folder's name after the up-front check.
+    rename(2) replaces an empty folder (which the export may replace: nothing is lost)
+    and fails on a full one or a file: that is kept, exit 2 with one line, nothing
+    of this export left behind."""
+    import converter.hf as hf_module
+
+    out = tmp_path / "hf"
+    real = hf_module.load_hf_folder
+
+    def racing(folder, arch):  # the export is written, not yet renamed into place
+        if other == "file":
+            out.write_bytes(b"the other run's file")
+        else:
+            out.mkdir()
+            if other == "folder":
+                (out / "config.json").write_text("the other run's export")
+        return real(folder, arch)
+
+    monkeypatch.setattr(hf_module, "load_hf_folder", racing)
+    result = run_cli("export", converted["optical_flow"][1], "-o", out, "--format", "hf", "-q")
+    names = [p.name for p in tmp_path.iterdir()]
+    if other == "empty folder":
+        assert result.exit_code == 0, result.output
+        assert names == ["hf"] and (out / "model.safetensors").is_file()
+        return
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"refusing to write {out}" in result.stderr and "appeared while" in result.stderr
+    assert names == ["hf"]  # no temporary folder left
+    if other == "file":
+        assert out.read_bytes() == b"the other run's file"
+    else:
+        assert [p.name for p in out.iterdir()] == ["config.json"]
+        assert (out / "config.json").read_text() == "the other run's export"
+
+
 # --------------------------------------------------------------------------------------
 # inspect and verify --reference on files from elsewhere.
 
