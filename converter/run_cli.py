@@ -102,7 +102,9 @@ class Staging:
     :meth:`discard` (error, interrupt) every temporary file is removed.
 
     ``protected`` paths (the inputs and the model) may not be written; an existing
-    file is replaced only with ``force``. ``planned`` (when given) lists every file
+    file is replaced only with ``force``: without it the commit also refuses a file
+    that appeared after the checks (another run), keeps it and removes the files it
+    had already put in place. ``planned`` (when given) lists every file
     the task said it would write (``TaskSpec.planned_outputs``, checked before the
     run); writing any other file is an error, so that no file escapes those checks.
     """
@@ -185,12 +187,31 @@ class Staging:
         return [target for _, target in self._staged]
 
     def commit(self) -> List[Path]:
-        """Renames every staged file into place; returns the targets."""
+        """Renames every staged file into place; returns the targets.
+
+        Raises:
+            OutputError: without ``force``, a target that appeared since
+                :meth:`check` (:func:`~converter.atomic.output_appeared`); the files
+                this commit created are removed again, so that the failed run writes
+                none (with ``force`` an old file, once replaced, cannot come back).
+        """
+        from converter.atomic import publish
+
+        created: List[Tuple[Path, os.stat_result]] = []
         for temp, target in self._staged:
             try:
-                os.replace(temp, target)
-            except OSError as error:
+                mine = os.stat(temp)
+                publish(temp, target, overwrite=self._force)
+            except BaseException as error:
+                for path, stat in created:
+                    with contextlib.suppress(OSError):
+                        # Only if still ours (not replaced meanwhile by a --force run).
+                        if os.path.samestat(os.stat(path), stat):
+                            os.unlink(path)
+                self.discard()
                 raise_write_error(target, error)
+            if not self._force:
+                created.append((target, mine))
         targets = self.targets
         self._staged = []
         return targets

@@ -363,6 +363,31 @@ def test_staging_refuses_existing_and_unplanned_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new.bin", "old.bin"]
 
 
+def test_staging_commit_keeps_a_file_that_appeared_and_takes_back_its_own(tmp_path):
+    """Another run writes one of the outputs after the checks (both saw no file): the
+    commit without force refuses it, keeps its bytes, and removes the files it had put
+    in place already, so the failed run writes none. With force it is replaced."""
+    first, second = tmp_path / "a.bin", tmp_path / "b.bin"
+    staging = Staging(force=False, planned=[first, second])
+    for path in (first, second):
+        with staging.open_output(path) as handle:
+            handle.write(b"this run's " + path.name.encode())
+    second.write_bytes(b"the other run's")
+    with pytest.raises(OutputError) as caught:
+        staging.commit()
+    assert f"refusing to overwrite {second}" in str(caught.value)
+    assert "appeared while" in str(caught.value) and "--force" in str(caught.value)
+    assert second.read_bytes() == b"the other run's"
+    assert [p.name for p in tmp_path.iterdir()] == ["b.bin"]  # no a.bin, no temporary file
+    forced = Staging(force=True, planned=[first, second])
+    for path in (first, second):
+        with forced.open_output(path) as handle:
+            handle.write(b"forced")
+    assert forced.commit() == [first, second]
+    assert first.read_bytes() == second.read_bytes() == b"forced"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
+
+
 def test_help_documents_force():
     result = run_cli("run", "--help")
     assert result.exit_code == 0 and "--force" in result.stdout
