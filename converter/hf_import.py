@@ -330,9 +330,29 @@ def _carried_drops(source: HFSource, model: str) -> Dict[str, np.ndarray]:
         return {}
     raw = source.metadata.get("perceiver_convert.haiku_dropped")
     try:
-        return decode_dropped({"haiku_dropped": raw}) if raw else {}
+        carried = decode_dropped({"haiku_dropped": raw}) if raw else {}
     except (ValueError, KeyError, TypeError):
         return {}
+    # An export of a file that was itself imported from a checkpoint without them
+    # (the hub's) carries the arrays that import rebuilt: not the original values,
+    # so they count as rebuilt again (and `export` keeps saying the pickle is not
+    # exact), whatever the number of round trips.
+    rebuilt = _carried_hf_source(source, model).get("restored_drops")
+    if isinstance(rebuilt, list):
+        carried = {k: v for k, v in carried.items() if k not in rebuilt}
+    return carried
+
+
+def _carried_hf_source(source: HFSource, model: str) -> Dict[str, Any]:
+    """The ``hf_source`` provenance an ``export --format hf`` carried from its
+    converted file (that file's own HuggingFace import), or {}."""
+    if source.metadata.get("perceiver_convert.model") != model:
+        return {}
+    try:
+        carried = json.loads(source.metadata.get("perceiver_convert.hf_source") or "{}")
+    except ValueError:
+        return {}
+    return carried if isinstance(carried, dict) else {}
 
 
 def prepare_hf(

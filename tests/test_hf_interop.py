@@ -792,3 +792,49 @@ def test_hf_tensors_of_other_shapes_are_explained(exported, tmp_path) -> None:
     assert "self_attention_widening_factor=2" in result.stderr
     assert "cannot be imported" in result.stderr and "--model" not in result.stderr
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------
+# Provenance through round trips: what an import rebuilt or rounded stays said.
+
+
+def _hub_copy(exported_folder: Path, folder: Path, convert_tensors=None) -> Path:
+    """``exported_folder`` as the hub holds such a checkpoint: its config.json and its
+    tensors (through ``convert_tensors``), without this project's metadata."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    (folder / "config.json").write_text((exported_folder / "config.json").read_text())
+    tensors = load_file(str(exported_folder / "model.safetensors"))
+    if convert_tensors is not None:
+        tensors = {key: convert_tensors(key, tensor) for key, tensor in tensors.items()}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_rebuilt_arrays_stay_rebuilt_through_another_hf_round_trip(exported, tmp_path) -> None:
+    """hub file -> convert (BatchNorm accumulators rebuilt: not exact) -> export --format
+    hf -> convert -> export: the second export carried the rebuilt arrays in its
+    metadata, and the pickle was called exact."""
+    hub = _hub_copy(exported["imagenet_conv"], tmp_path / "hub")
+    first, again = tmp_path / "first.safetensors", tmp_path / "again.safetensors"
+    assert run_cli("convert", hub, "-o", first, "-q").exit_code == 0
+    assert run_cli("export", first, "-o", tmp_path / "hf", "--format", "hf", "-q").exit_code == 0
+    assert run_cli("convert", tmp_path / "hf", "-o", again, "-q").exit_code == 0
+    result = run_cli("export", again, "-o", tmp_path / "again.pickle", "--json", "-q")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["exact"] is False
+    assert any("restore_from" in note and "ema/hidden" in note for note in report["notes"])
+    # The rebuilt values themselves are the same as after the first import.
+    assert np.array_equal(
+        _official_arrays(tmp_path / "again.pickle")[
+            "state:image_preprocessor/~/conv2_d_downsample/~/batchnorm/~/mean_ema/hidden"],
+        _official_arrays(_export_pickle(first, tmp_path / "first.pickle"))[
+            "state:image_preprocessor/~/conv2_d_downsample/~/batchnorm/~/mean_ema/hidden"],
+    )
+
+
+def _export_pickle(converted_file: Path, out: Path) -> Path:
+    assert run_cli("export", converted_file, "-o", out, "-q").exit_code == 0
+    return out
