@@ -374,6 +374,7 @@ def prepare_hf(
     detected = detect_model(source)
     if model is not None and model != detected:
         raise MappingError(f"{path} holds {detected}, not {model}")
+    _refuse_nonfinite(source)
     flat, spec, restored = hf_to_haiku(source, detected)
     progress(f"{spec.target.get('architecture')} -> {detected}: {len(flat)} official arrays")
     params, state = unflatten_tree(flat)
@@ -433,6 +434,20 @@ def prepare_hf(
         # Not in the transformers file; `export` then says the pickle is not exact.
         provenance["restored_drops"] = restored
     return prepared, checkpoint, provenance
+
+
+def _refuse_nonfinite(source: HFSource) -> None:
+    """NaN or Inf weights are refused, as the official reader refuses them (every
+    export would refuse the converted file as corrupt)."""
+    from converter.errors import nonfinite_message
+
+    bad = [key for key, array in source.tensors.items()
+           if array.dtype.kind == "f" and not np.isfinite(array).all()]
+    if bad:
+        raise CheckpointError(
+            f"{source.weights}: {nonfinite_message(sorted(bad))}; the weights are "
+            "corrupt: download or save the checkpoint again"
+        )
 
 
 def _check_official_chunks(source: HFSource, overrides: Mapping[str, Any]) -> None:

@@ -838,3 +838,24 @@ def test_rebuilt_arrays_stay_rebuilt_through_another_hf_round_trip(exported, tmp
 def _export_pickle(converted_file: Path, out: Path) -> Path:
     assert run_cli("export", converted_file, "-o", out, "-q").exit_code == 0
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Damaged or misused transformers checkpoints: exit 3 (2 for usage), one clear line.
+
+
+def test_nonfinite_hf_weights_are_refused(exported, tmp_path) -> None:
+    """As the official reader refuses them; the converted file was written, and every
+    export then refused it as corrupt."""
+    def poison(key: str, tensor: torch.Tensor) -> torch.Tensor:
+        if key == "perceiver.embeddings.latents":
+            tensor = tensor.clone()
+            tensor[0, 0] = float("nan")
+        return tensor
+
+    hub = _hub_copy(exported["imagenet_fourier"], tmp_path / "hub", poison)
+    out = tmp_path / "out.safetensors"
+    result = run_cli("convert", hub, "-o", out)
+    assert result.exit_code == 3, result.stderr
+    assert "NaN or Inf" in result.stderr and "perceiver.embeddings.latents" in result.stderr
+    assert not out.exists()
