@@ -41,7 +41,13 @@ import numpy as np
 import torch
 
 from converter._version import __version__
-from converter.errors import ConverterError, MappingError, OutputError, UsageError
+from converter.errors import (
+    CheckpointError,
+    ConverterError,
+    MappingError,
+    OutputError,
+    UsageError,
+)
 from converter.mapping import (
     MappingSpec,
     convert_arrays,
@@ -267,11 +273,10 @@ def _refuse_unrepresentable(model: str, hf: Mapping[str, Any]) -> None:
         # (Another output_shape is left to the config's checks, which name it.)
         # transformers' Fourier features span (num_frames, image_size, image_size);
         # perceiver_torch's the frames after space-to-depth, output_shape[1:] / (1, 4, 4).
-        shape = list(hf["output_shape"])
-        frames = hf.get("num_frames", 16)
-        size = hf.get("image_size", 56)
-        if len(shape) == 4 and (shape[1] != frames or shape[2] != 4 * size
-                                or shape[3] != 4 * size):
+        shape = _int_list(hf, "output_shape", 4, "batch, frames, height, width")
+        frames = _int_value(hf, "num_frames", 16)
+        size = _int_value(hf, "image_size", 56)
+        if shape[1] != frames or shape[2] != 4 * size or shape[3] != 4 * size:
             wrong.append(
                 f"image_size={json.dumps(size)}, num_frames={json.dumps(frames)} with "
                 f"output_shape={json.dumps(shape)} (the official model: output_shape "
@@ -299,10 +304,32 @@ def hf_source_key(model: str, key: str) -> str:
     return _READ_FROM_HF_KEY.get(model, {}).get(key, key)
 
 
-def _pair(value: Any) -> Any:
-    """A JSON list as the tuple a config holds; anything else unchanged, for the
-    config's checks to name (tuple("big") would make three letters of it)."""
-    return tuple(value) if isinstance(value, (list, tuple)) else value
+def _int_list(hf: Mapping[str, Any], key: str, length: int, what: str) -> List[int]:
+    """config.json's ``key``, which transformers reads as ``length`` integers (the
+    error also says which perceiver_torch key it becomes: train_size is image_size)."""
+    value = hf[key]
+    if not (isinstance(value, list) and len(value) == length
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        read_as = [ours for m in _READ_FROM_HF_KEY.values() for ours, theirs in m.items()
+                   if theirs == key]
+        read = f" (read as {read_as[0]})" if read_as else ""
+        raise CheckpointError(
+            f"config.json's {key}={json.dumps(value)}{read}: transformers reads it as a list "
+            f"of {length} integers ({what}); correct config.json (save_pretrained writes "
+            "it so)"
+        )
+    return list(value)
+
+
+def _int_value(hf: Mapping[str, Any], key: str, default: int) -> int:
+    """config.json's integer ``key`` (transformers' ``default`` when absent)."""
+    value = hf.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CheckpointError(
+            f"config.json's {key}={json.dumps(value)}: transformers reads it as an "
+            "integer; correct config.json (save_pretrained writes it so)"
+        )
+    return value
 
 
 def _sizes_from_hf(model: str, hf: Mapping[str, Any]) -> Dict[str, Any]:
@@ -314,12 +341,12 @@ def _sizes_from_hf(model: str, hf: Mapping[str, Any]) -> Dict[str, Any]:
             out["image_size"] = size
         return out
     if model == "optical_flow" and "train_size" in hf:
-        return {"image_size": _pair(hf["train_size"])}
+        return {"image_size": tuple(_int_list(hf, "train_size", 2, "height, width"))}
     if model == "video_autoencoding":
         out: Dict[str, Any] = {}
         if "output_shape" in hf:
-            shape = hf["output_shape"]
-            out["image_size"] = tuple(shape[2:4]) if isinstance(shape, (list, tuple)) else shape
+            shape = _int_list(hf, "output_shape", 4, "batch, frames, height, width")
+            out["image_size"] = tuple(shape[2:4])
         for key in ("num_frames", "audio_samples_per_frame", "samples_per_patch"):
             if key in hf:
                 out[key] = hf[key]

@@ -236,10 +236,11 @@ def detect_model(source: HFSource) -> str:
         if not isinstance(names, list):
             names = [names]  # one name given as a string, not a list
         for arch in names:
-            if arch in known:
+            if isinstance(arch, str) and arch in known:
                 return known[arch]
         raise CheckpointError(
-            f"{source.path}: config.json names architecture(s) {', '.join(map(str, names))}; "
+            f"{source.path}: config.json names architecture(s) "
+            f"{', '.join(json.dumps(name) for name in names)}; "
             f"this converter reads {', '.join(sorted(known))}"
         )
     if looks_like_another_project(source):

@@ -859,3 +859,27 @@ def test_nonfinite_hf_weights_are_refused(exported, tmp_path) -> None:
     assert result.exit_code == 3, result.stderr
     assert "NaN or Inf" in result.stderr and "perceiver.embeddings.latents" in result.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "name, key, value",
+    [
+        ("optical_flow", "train_size", 5),
+        ("optical_flow", "train_size", None),
+        ("video_autoencoding", "output_shape", 5),
+        ("video_autoencoding", "output_shape", None),
+        ("video_autoencoding", "image_size", None),
+        ("imagenet_conv", "architectures", {"PerceiverForImageClassificationConvProcessing": 1}),
+    ],
+)
+def test_config_json_values_of_other_types_are_named(name, key, value, exported, tmp_path) -> None:
+    """They were internal errors ("unexpected TypeError ... please report it")."""
+    folder = tmp_path / "changed"
+    folder.mkdir()
+    config = json.loads((exported[name] / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    (folder / "model.safetensors").write_bytes((exported[name] / "model.safetensors").read_bytes())
+    result = run_cli("convert", folder, "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 3, result.stderr
+    assert key.rstrip("s") in result.stderr and "unexpected" not in result.stderr, result.stderr
+    assert not (tmp_path / "out.safetensors").exists()
