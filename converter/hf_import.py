@@ -217,6 +217,22 @@ def read_hf(path: str | os.PathLike) -> HFSource:
     return HFSource(path, weights, kind, tensors, config, sha256, size, metadata=metadata)
 
 
+def _refuse_shard(path: Path) -> None:
+    """One file of sharded weights (named in a ``*.index.json`` beside it) holds only
+    some tensors: say so, rather than list the others as missing."""
+    for index in sorted(path.parent.glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            continue
+        if isinstance(weight_map, dict) and path.name in weight_map.values():
+            raise CheckpointError(
+                f"{path}: one shard of sharded weights ({index.name} names it); sharded "
+                "weights are not read: save the model unsharded "
+                "(save_pretrained(..., max_shard_size='100GB')) and convert its folder"
+            )
+
+
 # --------------------------------------------------------------------------------------
 # Detecting the model and mapping back.
 
@@ -372,6 +388,7 @@ def prepare_hf(
 
     progress(f"reading {path} as a transformers checkpoint")
     source = read_hf(path)
+    _refuse_shard(source.weights)
     detected = detect_model(source)
     if model is not None and model != detected:
         raise MappingError(f"{path} holds {detected}, not {model}")

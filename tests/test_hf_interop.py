@@ -883,3 +883,15 @@ def test_config_json_values_of_other_types_are_named(name, key, value, exported,
     assert result.exit_code == 3, result.stderr
     assert key.rstrip("s") in result.stderr and "unexpected" not in result.stderr, result.stderr
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_one_shard_is_named_as_such(exported, tmp_path) -> None:
+    """A shard given alone was a checkpoint missing tensors ("is it the right model?")."""
+    hf_model = transformers.PerceiverForOpticalFlow.from_pretrained(str(exported["optical_flow"]))
+    hf_model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    result = run_cli("convert", shards[1], "-o", tmp_path / "out.safetensors")
+    assert result.exit_code == 3, result.stderr
+    assert "one shard of sharded weights" in result.stderr
+    assert "model.safetensors.index.json" in result.stderr
