@@ -129,7 +129,22 @@ def converted_to_haiku(
     report = plan_inverse(table, tensor_specs(state_dict), spec.name)
     report.raise_for_problems(f"Was {path} converted from a {model} checkpoint?")
     dropped = decode_dropped(metadata)
-    restored = _hf_restored_drops(metadata)
+    stored = _hf_source_list(metadata, "stored_dtypes")
+    if stored:
+        exact = False
+        reduced = [name for name in stored if name != "float64"]
+        if reduced:
+            notes.append(
+                f"the transformers checkpoint it was imported from held {', '.join(reduced)} "
+                "weights (or was exported from a file that did); they are exported as "
+                "float32 but cannot equal the original float32 values"
+            )
+        if "float64" in stored:
+            notes.append(
+                "the transformers checkpoint it was imported from held float64 weights, "
+                "rounded to float32 by the import: the export is not those values"
+            )
+    restored = _hf_source_list(metadata, "restored_drops")
     if restored:
         exact = False
         notes.append(
@@ -228,14 +243,15 @@ def check_stored_tensors(
         raise CheckpointError(message)
 
 
-def _hf_restored_drops(metadata: Dict[str, str]) -> list:
-    """The dropped arrays a HuggingFace import rebuilt (``hf_source.restored_drops``)."""
+def _hf_source_list(metadata: Dict[str, str], key: str) -> list:
+    """A list a HuggingFace import recorded in ``hf_source``: ``restored_drops`` (the
+    dropped arrays it rebuilt), ``stored_dtypes`` (float16/bfloat16/float64 weights)."""
     try:
         source = json.loads(metadata.get("hf_source") or "{}")
     except ValueError:
         return []
-    restored = source.get("restored_drops") if isinstance(source, dict) else None
-    return [str(name) for name in restored] if isinstance(restored, list) else []
+    found = source.get(key) if isinstance(source, dict) else None
+    return [str(name) for name in found] if isinstance(found, list) else []
 
 
 def _as_tuple(value: Any) -> Any:

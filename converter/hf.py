@@ -59,9 +59,11 @@ from converter.progress import Progress, quiet
 # Keys of the safetensors metadata; transformers wants "format": "pt".
 # "haiku_dropped" (the BatchNorm EMA accumulators and counter that neither
 # perceiver_torch nor transformers holds) lets the import give the original file back;
-# "hf_source" is a converted file's own HF provenance (as the ONNX export keeps it).
+# "hf_source" is a converted file's own HF provenance (as the ONNX export keeps it);
+# "dtype" the converted file's storage dtype: the float32 tensors of a bfloat16 file
+# hold bfloat16 values, not those of source_sha256's file (the import records it).
 HF_SOURCE_KEYS = ("model", "config", "source_file", "source_sha256", "mapping",
-                  "mapping_sha256", "converter", "haiku_dropped", "hf_source")
+                  "mapping_sha256", "converter", "dtype", "haiku_dropped", "hf_source")
 
 
 def require_transformers() -> Any:

@@ -26,7 +26,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import numpy as np
 
@@ -57,6 +57,10 @@ class HFSource:
     size_bytes: int
     notes: List[str] = field(default_factory=list)
     metadata: Dict[str, str] = field(default_factory=dict)
+    # Floating dtypes the file stores that reading as float32 does not keep exactly:
+    # float16/bfloat16 (their values, not the original float32 ones) and float64
+    # where rounding it changed a value.
+    stored_dtypes: List[str] = field(default_factory=list)
 
 
 def is_hf_input(path: str | os.PathLike) -> bool:
@@ -101,15 +105,23 @@ def _sha256(path: Path) -> Tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _to_numpy(tensor: Any) -> np.ndarray:
+def _to_numpy(tensor: Any, stored: Set[str]) -> np.ndarray:
+    """A tensor as numpy, floats as float32; adds to ``stored`` the dtypes whose values
+    are not float32 ones (see :attr:`HFSource.stored_dtypes`)."""
     import torch
 
     if tensor.is_floating_point() and tensor.dtype != torch.float32:
+        wide = tensor
         tensor = tensor.float()
+        name = str(wide.dtype).replace("torch.", "")
+        if wide.dtype in (torch.float16, torch.bfloat16):
+            stored.add(name)
+        elif not torch.equal(tensor.to(wide.dtype), wide):
+            stored.add(name)  # float64 values that float32 cannot hold: rounded
     return tensor.contiguous().numpy()
 
 
-def _read_bin(path: Path) -> Dict[str, np.ndarray]:
+def _read_bin(path: Path, stored: Set[str]) -> Dict[str, np.ndarray]:
     import pickle
     import warnings
 
@@ -143,15 +155,18 @@ def _read_bin(path: Path) -> Dict[str, np.ndarray]:
             f"{path}: expected a state dict (a mapping of names to tensors), got "
             f"{type(payload).__name__}"
         )
-    return {str(k): _to_numpy(v) for k, v in payload.items()}
+    return {str(k): _to_numpy(v, stored) for k, v in payload.items()}
 
 
-def _read_safetensors(path: Path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+def _read_safetensors(
+    path: Path, stored: Set[str]
+) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            tensors = {key: _to_numpy(handle.get_tensor(key)) for key in handle.keys()}
+            tensors = {key: _to_numpy(handle.get_tensor(key), stored)
+                       for key in handle.keys()}
             return tensors, dict(handle.metadata() or {})
     except Exception as error:
         raise CheckpointError(
@@ -209,12 +224,14 @@ def read_hf(path: str | os.PathLike) -> HFSource:
             "download it again"
         )
     metadata: Dict[str, str] = {}
+    stored: Set[str] = set()
     if weights.suffix == ".safetensors":
         kind = "safetensors"
-        tensors, metadata = _read_safetensors(weights)
+        tensors, metadata = _read_safetensors(weights, stored)
     else:
-        kind, tensors = "pytorch_model.bin", _read_bin(weights)
-    return HFSource(path, weights, kind, tensors, config, sha256, size, metadata=metadata)
+        kind, tensors = "pytorch_model.bin", _read_bin(weights, stored)
+    return HFSource(path, weights, kind, tensors, config, sha256, size, metadata=metadata,
+                    stored_dtypes=sorted(stored))
 
 
 def _refuse_shard(path: Path) -> None:
@@ -451,6 +468,11 @@ def prepare_hf(
     if restored:
         # Not in the transformers file; `export` then says the pickle is not exact.
         provenance["restored_drops"] = restored
+    stored = _stored_dtypes(source, detected)
+    if stored:
+        # The float32 file holds these dtypes' values; `export` says so, as it does for
+        # a convert --dtype file.
+        provenance["stored_dtypes"] = stored
     return prepared, checkpoint, provenance
 
 
@@ -466,6 +488,21 @@ def _refuse_nonfinite(source: HFSource) -> None:
             f"{source.weights}: {nonfinite_message(sorted(bad))}; the weights are "
             "corrupt: download or save the checkpoint again"
         )
+
+
+def _stored_dtypes(source: HFSource, model: str) -> List[str]:
+    """The floating dtypes other than float32 the weights went through before this
+    import: the file's own (:attr:`HFSource.stored_dtypes`), the converted file an
+    ``export --format hf`` was made from (its ``dtype``) and that file's own import."""
+    stored = set(source.stored_dtypes)
+    if source.metadata.get("perceiver_convert.model") == model:
+        dtype = source.metadata.get("perceiver_convert.dtype")
+        if dtype in ("float16", "bfloat16"):
+            stored.add(dtype)
+        earlier = _carried_hf_source(source, model).get("stored_dtypes")
+        if isinstance(earlier, list):
+            stored.update(str(name) for name in earlier)
+    return sorted(stored)
 
 
 def _check_official_chunks(source: HFSource, overrides: Mapping[str, Any]) -> None:

@@ -48,8 +48,10 @@ from perceiver_torch import fast_paths
 
 OPSET = 17
 TOLERANCE = 1e-4
+# "dtype": the converted file's storage dtype (the graph's float32 weights of a
+# bfloat16 file hold bfloat16 values, not those of source_sha256's file).
 _PROVENANCE_KEYS = ("model", "config", "source_file", "source_sha256", "mapping",
-                    "mapping_sha256", "converter", "hf_source")
+                    "mapping_sha256", "converter", "dtype", "hf_source")
 
 
 def require_onnx() -> Tuple[Any, Any]:

@@ -840,6 +840,48 @@ def _export_pickle(converted_file: Path, out: Path) -> Path:
     return out
 
 
+def test_reduced_precision_weights_are_not_called_exact_after_an_hf_round_trip(
+    converted, exported, tmp_path
+) -> None:
+    """A bfloat16 conversion exported to HuggingFace (float32 tensors holding bfloat16
+    values) says so in its metadata, and its import records it: exporting that to the
+    official layout is not the original arrays. The same for a transformers file that
+    stores float16, or float64 that float32 cannot hold; float64 holding float32 values
+    imports exactly."""
+    name = "optical_flow"
+    reduced = tmp_path / "reduced.safetensors"
+    convert(converted[name][0], reduced, config=HF_TINY_CONFIGS[name], dtype="bfloat16")
+    folder = tmp_path / "hf"
+    assert run_cli("export", reduced, "-o", folder, "--format", "hf", "-q").exit_code == 0
+    assert _safetensors_metadata(folder / "model.safetensors")["perceiver_convert.dtype"] == "bfloat16"
+    hub_f16 = _hub_copy(exported[name], tmp_path / "hub_f16",
+                        lambda key, t: t.half() if t.is_floating_point() else t)
+    hub_f64 = _hub_copy(exported[name], tmp_path / "hub_f64",
+                        lambda key, t: t.double() if t.is_floating_point() else t)
+    hub_f64_rounded = _hub_copy(
+        exported[name], tmp_path / "hub_f64_rounded",
+        lambda key, t: t.double() * (1 + 2.0 ** -40) if t.is_floating_point() else t)
+    cases = [(folder, ["bfloat16"], "bfloat16"), (hub_f16, ["float16"], "float16"),
+             (hub_f64, None, None), (hub_f64_rounded, ["float64"], "rounded to float32")]
+    for source, stored, words in cases:
+        back = tmp_path / f"{source.name}.safetensors"
+        assert run_cli("convert", source, "-o", back, "-q").exit_code == 0
+        hf_source = json.loads(read_checkpoint(back)[1]["hf_source"])
+        assert hf_source.get("stored_dtypes") == stored, source
+        result = run_cli("export", back, "-o", tmp_path / f"{source.name}.pickle", "--json", "-q")
+        assert result.exit_code == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert report["exact"] is (stored is None), source
+        if words:
+            assert any(words in note for note in report["notes"]), report["notes"]
+    # Carried on: the import's export to HuggingFace, imported again.
+    back = tmp_path / "hf.safetensors"
+    assert run_cli("export", back, "-o", tmp_path / "hf2", "--format", "hf", "-q").exit_code == 0
+    again = tmp_path / "again.safetensors"
+    assert run_cli("convert", tmp_path / "hf2", "-o", again, "-q").exit_code == 0
+    assert json.loads(read_checkpoint(again)[1]["hf_source"])["stored_dtypes"] == ["bfloat16"]
+
+
 # --------------------------------------------------------------------------------------
 # Damaged or misused transformers checkpoints: exit 3 (2 for usage), one clear line.
 

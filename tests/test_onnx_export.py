@@ -149,6 +149,10 @@ def test_a_reduced_precision_file_exports_a_float32_graph(dtype, tmp_path) -> No
     assert any(f"stored as {dtype}" in note for note in document["notes"])
     model = onnx.load(str(graph))
     assert {t.data_type for t in model.graph.initializer} == {onnx.TensorProto.FLOAT}
+    # The provenance says the float32 weights hold the reduced dtype's values (it
+    # named the official file alone, as if they were its values).
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["perceiver_convert.dtype"] == dtype
     # Other inputs than the export's check, against the stored values in float32.
     expected_model = perceiver_torch.load(reduced, dtype=torch.float32)
     images = torch.randn(3, 3, *expected_model.config.training_image_size,
