@@ -270,6 +270,9 @@ def read_converted(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]
     except EmptyFileError as error:  # no question of who wrote it
         raise CheckpointError(str(error)) from None
     except LoadError as error:
+        hint = _transformers_checkpoint_hint(path)
+        if hint is not None:
+            raise CheckpointError(f"{path}: {hint}") from None
         raise CheckpointError(
             f"{error}; was it written by `perceiver-convert convert`?"
         ) from None
@@ -278,3 +281,31 @@ def read_converted(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]
             f"{path}: cannot read it as a converted checkpoint ({type(error).__name__}: "
             f"{error}); convert an official file with `perceiver-convert convert` first"
         ) from error
+
+
+def _transformers_checkpoint_hint(path: Path) -> Optional[str]:
+    """What to do with a HuggingFace Perceiver checkpoint given where a converted file
+    is expected (its folder's config.json says model_type "perceiver", or its tensors
+    have transformers' ``perceiver.`` names), or None for other files."""
+    is_hf = False
+    try:
+        config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
+        is_hf = isinstance(config, dict) and config.get("model_type") == "perceiver"
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    if not is_hf and path.suffix.lower() == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="np") as handle:
+                is_hf = any(key.startswith("perceiver.") for key in handle.keys())
+        except Exception:  # not safetensors: the reader's own message stands
+            is_hf = False
+    if not is_hf:
+        return None
+    folder = path.parent
+    return (
+        "a HuggingFace transformers checkpoint, not a perceiver-convert output; "
+        f"convert it first (`perceiver-convert convert {folder} -o "
+        f"{folder.name or 'model'}.safetensors`) and use that file"
+    )

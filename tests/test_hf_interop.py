@@ -937,3 +937,14 @@ def test_one_shard_is_named_as_such(exported, tmp_path) -> None:
     assert result.exit_code == 3, result.stderr
     assert "one shard of sharded weights" in result.stderr
     assert "model.safetensors.index.json" in result.stderr
+
+
+def test_exporting_a_transformers_checkpoint_says_to_convert_it(exported, tmp_path) -> None:
+    for fmt in ("onnx", "hf", "haiku"):
+        out = tmp_path / {"onnx": "m.onnx", "hf": "m", "haiku": "m.pickle"}[fmt]
+        result = run_cli("export", exported["imagenet_fourier"] / "model.safetensors", "-o",
+                         out, "--format", fmt)
+        assert result.exit_code == 3, result.stderr
+        assert "a HuggingFace transformers checkpoint" in result.stderr
+        assert f"perceiver-convert convert {exported['imagenet_fourier']}" in result.stderr
+        assert not out.exists()
