@@ -1068,6 +1068,18 @@ def export_command(
     from converter.atomic import check_outputs
 
     fmt = fmt or ("onnx" if output.suffix.lower() == ".onnx" else "haiku")
+    if fmt != "haiku":
+        # Options of the pickle writer, not read by these formats: refused, not dropped.
+        ctx = click.get_current_context()
+        given = {
+            f"--{name}": ctx.get_parameter_source(name)
+            not in (None, click.core.ParameterSource.DEFAULT)
+            for name in ("protocol", "container", "mapping")
+        }
+        kind = {"hf": "HuggingFace", "onnx": "ONNX"}[fmt]
+        _refuse_options(given, f"to --format {fmt} (options of the Haiku pickle "
+                               f"export; the {kind} export reads the converted file "
+                               "as it is)")
     if fmt == "hf":
         # A folder: export_hf wants a new or empty one (--force replaces files only).
         check_outputs(output, [converted, mapping], force=True)

@@ -948,3 +948,18 @@ def test_exporting_a_transformers_checkpoint_says_to_convert_it(exported, tmp_pa
         assert "a HuggingFace transformers checkpoint" in result.stderr
         assert f"perceiver-convert convert {exported['imagenet_fourier']}" in result.stderr
         assert not out.exists()
+
+
+def test_pickle_options_are_refused_for_other_formats(converted, tmp_path) -> None:
+    """--protocol, --container and --mapping shape the Haiku pickle export; the hf and
+    onnx exports ignored them without a word."""
+    source = converted["imagenet_fourier"][1]
+    mapping = Path(__file__).resolve().parents[1] / "mappings" / "imagenet_fourier.yaml"
+    for args, words in (
+        (["-o", tmp_path / "m.onnx", "--protocol", "5"], "--protocol does not apply to --format onnx"),
+        (["-o", tmp_path / "hf", "--format", "hf", "--container", "dict", "--mapping", mapping],
+         "--container, --mapping do not apply to --format hf"),
+    ):
+        result = run_cli("export", source, *args)
+        assert result.exit_code == 2 and words in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
