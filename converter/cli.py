@@ -137,6 +137,8 @@ def _debug_from_environment() -> bool:
     """PERCEIVER_CONVERT_DEBUG as an on/off switch (``false``/``off`` are off, as
     ``0``); a value that is neither still shows the traceback, the safer reading
     for a variable whose only use is diagnosis."""
+    if not os.environ.get(DEBUG_ENV, "").strip():
+        return False  # unset: no need to import the parser, and with it torch
     from perceiver_torch.fast_paths import switch
 
     try:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import subprocess
+import sys
 
 import click
 import numpy as np
@@ -272,6 +275,27 @@ def test_missing_output_folder_is_a_usage_error(tmp_path):
     result = run_cli("fixture", "optical_flow", "-o", str(tmp_path / "no" / "x.pickle"))
     assert result.exit_code == 2
     assert "does not exist; create it first" in result.stderr
+
+
+def test_fixture_and_inspect_run_without_importing_torch(tmp_path):
+    """converter.cli's promise: fixture and inspect need neither jax nor torch. Reading
+    PERCEIVER_CONVERT_DEBUG through perceiver_torch's switch parser imported torch for
+    every command, also where the variable is unset."""
+    pickle = tmp_path / "fixture.pickle"
+    code = f"""
+import sys
+from click.testing import CliRunner
+import converter.cli
+runner = CliRunner()
+for args in (["fixture", "imagenet_conv", "-o", {str(pickle)!r}], ["inspect", {str(pickle)!r}]):
+    result = runner.invoke(converter.cli.main, args)
+    assert result.exit_code == 0, result.output
+print(sorted(name for name in ("torch", "jax") if name in sys.modules))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PERCEIVER_CONVERT_DEBUG"}
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                               text=True, timeout=300, env=env)
+    assert completed.stdout.strip() == "[]", completed.stdout + completed.stderr
 
 
 def test_help_documents_exit_codes_and_version():
