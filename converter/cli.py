@@ -899,7 +899,8 @@ def convert_command(
 @_MAPPING_OPTION
 @click.option("--seed", type=click.IntRange(0, _MAX_SEED), default=0, show_default=True,
               help="Seed of the deterministic test inputs.")
-@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Batch size of the deterministic test inputs.")
 @click.option(
     "--dtype",
     type=click.Choice(["float32", "bfloat16", "float16"]),
@@ -946,8 +947,9 @@ def verify_command(
     With --dtype bfloat16|float16, the parity check runs the weights rounded to that
     dtype (with the dtype's tolerance) and is followed by a fidelity report of the
     model computing in that dtype (converter.precision); exit 1 also on inf/NaN
-    outputs there. --dtype and --mapping apply to official checkpoints only, and with
-    --reference no other option changes what is checked (exit 2 if given).
+    outputs there. --dtype and --mapping apply to official checkpoints only; with
+    --reference, --model, --config, --mapping and --dtype are refused (the converted
+    file records them; exit 2 if given), while --seed and --batch apply.
     """
     config = _parse_config(config_items, model)
     from converter.hf_import import is_hf_input
