@@ -124,7 +124,7 @@ TASKS: Dict[str, TaskSpec] = {
             demo=".flow:demo_task",
             outputs=".flow:planned_outputs",
             summary="optical flow of frame pairs or a video (optical_flow)",
-            input_help="two frames, or a video",
+            input_help="two or more frames (each consecutive pair), or a video",
             requires=("PIL",),
             options=(
                 TaskOption(
