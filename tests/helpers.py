@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from click.testing import CliRunner, Result
@@ -29,3 +30,15 @@ def assert_same_tree(got: dict, expected: dict) -> None:
             assert back.dtype == array.dtype, (module, name)
             assert back.shape == array.shape, (module, name)
             assert back.tobytes() == array.tobytes(), (module, name)
+
+
+def assert_kept_the_other_runs_file(result: Result, out: Path, other: bytes) -> None:
+    """A CLI write without --force whose output appeared meanwhile (another run):
+    exit 2 with the one-line refusal, the other run's bytes kept and no temporary
+    file left beside them."""
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert f"refusing to overwrite {out}" in result.stderr
+    assert "appeared while" in result.stderr and "--force" in result.stderr
+    assert out.read_bytes() == other
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file

@@ -653,6 +653,16 @@ def test_verify_refuses_options_it_cannot_honour(converted, exported, tmp_path) 
         assert result.exit_code == 2 and words in result.stderr, result.stderr
 
 
+def _with_config_value(exported_folder: Path, folder: Path, key: str, value) -> Path:
+    """A copy of ``exported_folder`` (an HF export) in ``folder`` whose config.json
+    holds ``key: value`` (the tensors unchanged)."""
+    folder.mkdir()
+    config = json.loads((exported_folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, key: value}))
+    (folder / "model.safetensors").write_bytes((exported_folder / "model.safetensors").read_bytes())
+    return folder
+
+
 @pytest.mark.parametrize(
     "name, key, value",
     [
@@ -670,18 +680,14 @@ def test_config_json_values_that_change_the_function_are_refused(
     stack repeated num_blocks times, the encoder's query residual, the activation,
     the video Fourier features' resolution); perceiver_torch computes the official
     model, so importing them would give another function without a word."""
-    folder = tmp_path / "changed"
-    folder.mkdir()
-    config = json.loads((exported[name] / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, key: value}))
-    (folder / "model.safetensors").write_bytes((exported[name] / "model.safetensors").read_bytes())
+    folder = _with_config_value(exported[name], tmp_path / "changed", key, value)
     out = tmp_path / "out.safetensors"
     result = run_cli("convert", folder, "-o", out)
     assert result.exit_code == 3, result.stderr
     assert f"{key}=" in result.stderr and "cannot be imported" in result.stderr
     assert not out.exists()
     # transformers' own default activation (erf GELU) is the documented difference.
-    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu_new"}))
+    folder = _with_config_value(exported[name], tmp_path / "default_act", "hidden_act", "gelu_new")
     assert run_cli("convert", folder, "-o", out, "-q").exit_code == 0
 
 
@@ -700,11 +706,7 @@ def test_a_bad_size_in_config_json_names_the_key_the_file_holds(
     """perceiver_torch's image_size is optical_flow's train_size (and the video's
     output_shape[2:4]) in transformers' config.json, which also has an image_size of
     its own: a bad value is named by the key and value the user wrote."""
-    folder = tmp_path / "changed"
-    folder.mkdir()
-    config = json.loads((exported[name] / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, key: value}))
-    (folder / "model.safetensors").write_bytes((exported[name] / "model.safetensors").read_bytes())
+    folder = _with_config_value(exported[name], tmp_path / "changed", key, value)
     out = tmp_path / "out.safetensors"
     result = run_cli("convert", folder, "-o", out)
     assert result.exit_code == 3, result.stderr
@@ -916,11 +918,7 @@ def test_nonfinite_hf_weights_are_refused(exported, tmp_path) -> None:
 )
 def test_config_json_values_of_other_types_are_named(name, key, value, exported, tmp_path) -> None:
     """They were internal errors ("unexpected TypeError ... please report it")."""
-    folder = tmp_path / "changed"
-    folder.mkdir()
-    config = json.loads((exported[name] / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, key: value}))
-    (folder / "model.safetensors").write_bytes((exported[name] / "model.safetensors").read_bytes())
+    folder = _with_config_value(exported[name], tmp_path / "changed", key, value)
     result = run_cli("convert", folder, "-o", tmp_path / "out.safetensors")
     assert result.exit_code == 3, result.stderr
     assert key.rstrip("s") in result.stderr and "unexpected" not in result.stderr, result.stderr
