@@ -475,14 +475,16 @@ class VideoAutoencodingConfig(_EncoderRelations):
 # ignored by the JAX reference.
 TRAINING_ONLY_FIELDS: Tuple[str, ...] = ("dropout", "attention_dropout")
 
-CONFIG_CLASSES: Mapping[str, type] = {
+# Read-only like TINY_CONFIGS: build() and config_from_dict() look classes up here, so
+# an entry changed by any caller would change every later build.
+CONFIG_CLASSES: Mapping[str, type] = types.MappingProxyType({
     "language_perceiver": LanguagePerceiverConfig,
     "imagenet_learned": ImageNetLearnedConfig,
     "imagenet_fourier": ImageNetFourierConfig,
     "imagenet_conv": ImageNetConvConfig,
     "optical_flow": OpticalFlowConfig,
     "video_autoencoding": VideoAutoencodingConfig,
-}
+})
 
 _TINY_IMAGENET = dict(
     num_latents=16,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import types
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
@@ -21,7 +22,9 @@ from .perceiver import PerceiverIO
 from .video_autoencoding import VideoAutoencoder
 
 # Registry name -> class, in the official order; each class states its own name.
-MODEL_CLASSES: Mapping[str, type] = {
+# Read-only (like configs.TINY_CONFIGS): build() and load() look classes up here, so an
+# entry changed by any caller would change every later build.
+MODEL_CLASSES: Mapping[str, type] = types.MappingProxyType({
     cls.model_name: cls
     for cls in (
         LanguagePerceiver,
@@ -31,7 +34,7 @@ MODEL_CLASSES: Mapping[str, type] = {
         OpticalFlow,
         VideoAutoencoder,
     )
-}
+})
 
 
 class LoadError(ValueError):

@@ -145,6 +145,30 @@ def test_tiny_configs_are_read_only():
     ]
 
 
+@pytest.mark.parametrize("table", ["MODEL_CLASSES", "CONFIG_CLASSES"])
+def test_class_registries_are_read_only(table):
+    """build(), load() and config_from_dict() look the classes up in these tables:
+    a caller that could replace or remove an entry would change every later build
+    (both were plain dicts). Reading them as mappings still works."""
+    registry = getattr(pt, table)
+    before = dict(registry)
+    assert list(before) == list(pt.MODEL_NAMES)
+    with pytest.raises(TypeError):
+        registry["optical_flow"] = registry["imagenet_conv"]
+    with pytest.raises(TypeError):
+        registry["new"] = registry["imagenet_conv"]
+    with pytest.raises(TypeError):
+        del registry["optical_flow"]
+    for name in ("clear", "update", "pop", "setdefault", "popitem"):
+        assert not hasattr(registry, name), name
+    assert dict(registry) == before
+    assert pt.registry.MODEL_CLASSES is pt.MODEL_CLASSES
+    assert pt.configs.CONFIG_CLASSES is pt.CONFIG_CLASSES
+    model = pt.build("optical_flow", pt.TINY_CONFIGS["optical_flow"])
+    assert type(model) is pt.MODEL_CLASSES["optical_flow"]
+    assert type(model.config) is pt.CONFIG_CLASSES["optical_flow"]
+
+
 # -- forward contracts ----------------------------------------------------------
 
 
