@@ -23,7 +23,9 @@ lack bfloat16), and the check runs perceiver_torch in float32 too.
   T*H*W), ``audio_index`` int64 [m] (audio patches) -> ``image_out`` [B, n, 3],
   ``audio_out`` [B, 16 m], ``label_logits`` [B, classes]; n and m are dynamic up to
   the decoder's query
-  chunk (8192 points; the colab's chunks hold 6,272 image points).
+  chunk (8192 points; the colab's chunks hold 6,272 image points). An index outside
+  [0, T*H*W) or [0, audio patches) (negative ones too) fails in onnxruntime's Gather; the
+  graph cannot raise perceiver_torch's InputError.
 
 Needs the ``[onnx]`` extra (onnx, onnxruntime, onnxscript).
 """

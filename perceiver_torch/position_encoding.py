@@ -42,12 +42,22 @@ def subsampled_positions(size: int) -> Tensor:
 
 
 def unravel(flat_indices: Tensor, index_dims: Sequence[int]) -> Tensor:
-    """Row-major unravel of flat indices over ``index_dims``: (n,) -> (n, d) int64."""
+    """Row-major unravel of flat indices over ``index_dims``: (n,) -> (n, d) int64.
+
+    An index outside [0, prod(index_dims)) never wraps around to another point: its
+    first coordinate is out of range (index_dims[0] for a negative index, not
+    Python's count from the end), so that indexing a table with it fails, also in a
+    graph (torch.jit.trace, torch.export, torch.compile, ONNX) where the models'
+    eager range checks do not run.
+    """
     flat_indices = flat_indices.to(torch.int64)
+    dims = [int(size) for size in index_dims]
     coords = []
-    for size in reversed(list(index_dims)):
-        coords.append(torch.remainder(flat_indices, size))
-        flat_indices = torch.div(flat_indices, size, rounding_mode="floor")
+    rest = flat_indices
+    for size in reversed(dims[1:]):
+        coords.append(torch.remainder(rest, size))
+        rest = torch.div(rest, size, rounding_mode="floor")
+    coords.append(torch.where(flat_indices < 0, dims[0], rest))
     return torch.stack(coords[::-1], dim=-1)
 
 

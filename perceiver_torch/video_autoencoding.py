@@ -13,7 +13,7 @@ from .configs import VideoAutoencodingConfig
 from .decoders import FoldedDecoder, PerceiverDecoder
 from .fast_paths import FastPath, enabled
 from .inputs import expect, fail, same_batch
-from .linear import recording_graph
+from .linear import compiling, recording_graph
 from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import (
@@ -188,6 +188,85 @@ class VideoAutoencoder(PerceiverIO):
 
     # -- decoding ---------------------------------------------------------------
 
+    def decoder_points(self) -> Dict[str, int]:
+        """Decoder points per modality: {"audio": audio patches, "image": T*H*W,
+        "label": 1} (sorted order)."""
+        return {
+            name: module.num_points
+            for name, module in self.output_queries.modalities.items()
+        }
+
+    def check_subsample(self, subsample: Optional[Subsample]) -> None:
+        """Raises ``InputError`` unless ``subsample`` is None or a mapping from some
+        of "audio", "image", "label" to None (every point of that modality) or a
+        non-empty 1-D integer tensor of flat indices in [0, n): n = T*H*W image
+        points, the audio patches, or the single label query.
+
+        Negative indices are refused, not counted from the end, and an index past the
+        end is refused rather than wrapped around (the reference clips it, which
+        hides the mistake). The values are read in eager mode only (a value check
+        would be a graph break or frozen into a graph); under torch.jit.trace,
+        torch.export, torch.compile and in the ONNX graph an out-of-range index
+        fails in the gather instead (:func:`~perceiver_torch.position_encoding.
+        unravel`).
+        """
+        if subsample is None:
+            return
+        name = type(self).__name__
+        points = self.decoder_points()
+        if not isinstance(subsample, Mapping):
+            fail(
+                name,
+                f"subsample must be a dict from {', '.join(map(repr, points))} to "
+                f"1-D flat index tensors (or None), got {type(subsample).__name__}",
+            )
+        unknown = [key for key in subsample if key not in points]
+        if unknown:
+            fail(
+                name,
+                f"subsample has unknown modality {unknown[0]!r}; the modalities are "
+                f"{', '.join(map(repr, points))}",
+            )
+        for key, index in subsample.items():
+            if index is None:
+                continue
+            argument, n = f"subsample[{key!r}]", points[key]
+            if isinstance(index, Tensor) and index.dim() == 1 and index.shape[0] == 0:
+                fail(
+                    name,
+                    f"{argument} is empty; give at least one index in [0, {n}), or "
+                    f"None (or leave {key!r} out) to decode all {n} {key} points",
+                )
+            expect(name, argument, index, (("n", None),),
+                   what=f"flat indices in [0, {n})", floating=False)
+            if index.dtype == torch.bool:
+                fail(
+                    name,
+                    f"{argument} must be integer flat indices in [0, {n}), got a "
+                    f"torch.bool mask; pass mask.nonzero().squeeze(1)",
+                )
+            if index.device.type == "meta" or compiling():
+                continue  # no values here; a graph would freeze or break on them
+            low, high = int(index.min()), int(index.max())
+            if low < 0 or high >= n:
+                fail(
+                    name,
+                    f"{argument} must hold flat indices in [0, {n}) "
+                    f"({self._points_described(key)}; negative indices are not "
+                    f"counted from the end), got {low if low < 0 else high}",
+                )
+
+    def _points_described(self, modality: str) -> str:
+        if modality == "image":
+            t, h, w = self.image_dims
+            return f"{t * h * w} image points over (T, H, W) = ({t}, {h}, {w})"
+        if modality == "audio":
+            return (
+                f"{self.num_audio_patches} audio patches of "
+                f"{self.config.samples_per_patch} samples"
+            )
+        return "1 label query"
+
     def chunk_subsamples(
         self, num_chunks: Optional[int] = None, device: Optional[torch.device] = None
     ) -> List[Dict[str, Tensor]]:
@@ -268,7 +347,19 @@ class VideoAutoencoder(PerceiverIO):
         points) or, with ``subsample=None``, every point in ``num_chunks`` chunks
         (default ``config.num_chunks``); the label logits then come from the first
         chunk. Returns {"audio": (B, 16*m), "image": (B, n, 3), "label": (B, classes)}.
+
+        The indices are 1-D integer tensors, non-empty, each in [0, n) (no negative
+        indices); anything else raises ``InputError`` (:meth:`check_subsample`).
         """
+        self.check_subsample(subsample)
+        return self._decode(latents, subsample, num_chunks)
+
+    def _decode(
+        self,
+        latents: Tensor,
+        subsample: Optional[Subsample],
+        num_chunks: Optional[int] = None,
+    ) -> Dict[str, Tensor]:
         folded = self._folded(latents) if self._use_fused() else None
         if subsample is not None:
             return self._decode_chunk(latents, subsample, folded)
@@ -306,9 +397,10 @@ class VideoAutoencoder(PerceiverIO):
         label: Optional[Tensor] = None,
     ) -> Dict[str, Tensor]:
         """images: (B, T, 3, H, W); audio: (B, S) or (B, S, 1); subsample: see
-        :meth:`decode`. Returns {"audio": (B, 16*m), "image": (B, n, 3),
-        "label": (B, classes)}."""
-        return self.decode(self.encode(images, audio, label), subsample)
+        :meth:`decode` (checked before encoding). Returns {"audio": (B, 16*m),
+        "image": (B, n, 3), "label": (B, classes)}."""
+        self.check_subsample(subsample)
+        return self._decode(self.encode(images, audio, label), subsample)
 
     @micro_batched("images", "audio", "label")
     def reconstruct(
@@ -324,7 +416,7 @@ class VideoAutoencoder(PerceiverIO):
 
         Returns {"image": (B, T, 3, H, W), "audio": (B, S), "label": (B, classes)}.
         """
-        out = self.decode(self.encode(images, audio, label), num_chunks=num_chunks)
+        out = self._decode(self.encode(images, audio, label), None, num_chunks)
         t, h, w = self.image_dims
         image = (
             out["image"].reshape(images.shape[0], t, h, w, -1).permute(0, 1, 4, 2, 3)

@@ -77,6 +77,27 @@ def test_video_graph_takes_other_chunks(graphs) -> None:
         assert np.abs(value - reference).max() <= 1e-4 * np.abs(reference).max()
 
 
+@pytest.mark.parametrize("image_index,audio_index", [
+    ([0, 1, 512], [0, 1]), ([-1, 1, 2], [0, 1]), ([0, 1, 2], [8, 1]), ([0, 1, 2], [0, -1]),
+])
+def test_video_graph_refuses_out_of_range_indices(graphs, image_index, audio_index) -> None:
+    """The graph cannot raise perceiver_torch's InputError, but an index outside
+    [0, n) (512 image points, 8 audio patches in the tiny model) must fail in
+    onnxruntime's Gather rather than wrap around to another point (512 decoded
+    point 0; -1 the last point)."""
+    _, graph, _ = graphs["video_autoencoding"]
+    session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    feeds = {item.name: item for item in session.get_inputs()}
+    images_shape = [1, *feeds["images"].shape[1:]]
+    audio_shape = [1, *feeds["audio"].shape[1:]]
+    inputs = {"images": np.random.default_rng(0).random(images_shape, dtype=np.float32),
+              "audio": np.zeros(audio_shape, dtype=np.float32),
+              "image_index": np.array(image_index, dtype=np.int64),
+              "audio_index": np.array(audio_index, dtype=np.int64)}
+    with pytest.raises(Exception, match="out of data bounds"):
+        session.run(None, inputs)
+
+
 def test_export_traces_the_plain_computation(graphs, monkeypatch, tmp_path) -> None:
     """The graph is traced with every fast path off (the oneDNN kernel is no ONNX
     operator; a folded attention's choice would be frozen for one input size), and

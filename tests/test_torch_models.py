@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import warnings
@@ -387,6 +388,111 @@ def test_video_accepts_audio_with_channel_axis_and_label_has_no_effect():
         b = model(images, audio[..., None], sub, label=torch.randn(2, 10))
     for key in a:
         assert torch.equal(a[key], b[key])
+
+
+# The tiny video model decodes 512 image points (2 x 16 x 16), 8 audio patches and 1
+# label query; an index out of [0, n) used to wrap around (512 decoded point 0).
+_BAD_SUBSAMPLES = [
+    ({"image": torch.tensor([3, 512])}, r"subsample\['image'\] must hold flat indices "
+     r"in \[0, 512\) \(512 image points over \(T, H, W\) = \(2, 16, 16\).*got 512"),
+    ({"image": torch.tensor([0, -1])}, r"subsample\['image'\].*\[0, 512\).*negative "
+     r"indices are not counted from the end\), got -1"),
+    ({"audio": torch.tensor([8])}, r"subsample\['audio'\] must hold flat indices in "
+     r"\[0, 8\) \(8 audio patches of 16 samples.*got 8"),
+    ({"audio": torch.tensor([-9])}, r"subsample\['audio'\].*got -9"),
+    ({"label": torch.tensor([1])}, r"subsample\['label'\].*\[0, 1\).*got 1"),
+    ({"audio": torch.tensor([], dtype=torch.long)}, r"subsample\['audio'\] is empty; "
+     r"give at least one index in \[0, 8\), or None"),
+    ({"image": torch.zeros(0, dtype=torch.long)}, r"subsample\['image'\] is empty"),
+    ({"images": torch.arange(3)}, r"unknown modality 'images'; the modalities are "
+     r"'audio', 'image', 'label'"),
+    ({"image": torch.tensor([1.0])}, r"subsample\['image'\] must be an integer tensor"),
+    ({"image": torch.tensor([True, False])}, r"torch.bool mask.*nonzero"),
+    ({"image": torch.tensor(3)}, r"subsample\['image'\].*must have shape \(n\)"),
+    ({"image": [3]}, r"subsample\['image'\] must be a torch.Tensor"),
+    ([torch.arange(3)], r"subsample must be a dict"),
+]
+
+
+@pytest.mark.parametrize("subsample,message", _BAD_SUBSAMPLES)
+@pytest.mark.parametrize("plain", [False, True], ids=["folded", "plain"])
+def test_video_refuses_bad_subsample_indices(subsample, message, plain):
+    """Out-of-range decoder indices were wrapped around (index 512 of 512 points
+    decoded point 0: a silently wrong answer; the reference clips instead); negative
+    ones are not documented as counting from the end; an empty one failed in
+    torch.cat. Every entry point refuses them naming the argument, the value and the
+    range: forward (before encoding), decode, with and without the folded decoder."""
+    model = tiny("video_autoencoding")
+    images, audio = tiny_inputs("video_autoencoding")
+    modes = fast_paths.plain() if plain else contextlib.nullcontext()
+    with torch.no_grad(), modes:
+        with pytest.raises(pt.InputError, match=message):
+            model(images, audio, subsample)
+        latents = model.encode(images, audio)
+        with pytest.raises(pt.InputError, match=message):
+            model.decode(latents, subsample)
+
+
+def test_video_accepts_every_point_and_none_per_modality():
+    model = tiny("video_autoencoding")
+    images, audio = tiny_inputs("video_autoencoding")
+    assert model.decoder_points() == {"audio": 8, "image": 512, "label": 1}
+    edges = {"image": torch.tensor([0, 511], dtype=torch.int32),
+             "audio": torch.tensor([7, 0]), "label": torch.tensor([0])}
+    with torch.no_grad():
+        out = model(images, audio, edges)
+        whole = model.reconstruct(images, audio, num_chunks=1)
+        only_image = model(images, audio, {"image": torch.tensor([511]), "audio": None})
+    assert out["image"].shape == (2, 2, 3) and out["audio"].shape == (2, 32)
+    torch.testing.assert_close(out["image"][:, 1], whole["image"][:, -1, :, -1, -1])
+    torch.testing.assert_close(out["audio"][:, :16], whole["audio"][:, -16:])
+    torch.testing.assert_close(only_image["audio"], whole["audio"])
+    with torch.device("meta"):  # no values to check: shapes only
+        meta = pt.build("video_autoencoding", pt.TINY_CONFIGS["video_autoencoding"])
+        got = meta(*(x.to("meta") for x in (images, audio)),
+                   {"image": torch.tensor([600], device="meta")})
+    assert got["image"].shape == (2, 1, 3)
+
+
+def _video_graph(model):
+    class Graph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, images, audio, image_index, audio_index):
+            out = self.model(images, audio, {"image": image_index, "audio": audio_index})
+            return out["image"], out["audio"]
+
+    return Graph()
+
+
+@pytest.mark.parametrize("record", ["jit.trace", "export", "compile"])
+def test_video_graphs_fail_on_out_of_range_indices(record):
+    """Graphs cannot run the eager range check (a value check would be frozen or a
+    graph break), so an index outside [0, n) must fail in the gather rather than
+    wrap around to another point, as it did (and in the ONNX graph:
+    test_onnx_export)."""
+    model = tiny("video_autoencoding")
+    images, audio = tiny_inputs("video_autoencoding")
+    graph = _video_graph(model)
+    good = (images, audio, torch.tensor([0, 5, 511]), torch.tensor([1, 7]))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if record == "jit.trace":
+            run = torch.jit.trace(graph, good, strict=False, check_trace=False)
+        elif record == "export":
+            run = torch.export.export(graph, good).module()
+        else:
+            torch._dynamo.reset()
+            run = torch.compile(graph, backend="aot_eager")
+        expected = graph(*good)
+        for got, want in zip(run(*good), expected):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        for image_index, audio_index in (([0, 5, 512], [1, 7]), ([-1, 5, 6], [1, 7]),
+                                         ([0, 5, 6], [1, 8]), ([0, 5, 6], [-1, 7])):
+            with pytest.raises((IndexError, RuntimeError), match="out of bounds"):
+                run(images, audio, torch.tensor(image_index), torch.tensor(audio_index))
 
 
 # -- stages -------------------------------------------------------------------
