@@ -52,6 +52,8 @@ __all__ = [
     "HaikuCheckpoint",
     "PickleScan",
     "load_haiku_checkpoint",
+    "looks_like_onnx",
+    "onnx_refusal",
     "scan_pickle",
     "sniff_not_pickle",
 ]
@@ -962,6 +964,35 @@ _MAGICS = (
 )
 
 
+# ONNX has no magic number: a serialised ModelProto starts with its ir_version (field
+# 1, varint: tag 0x08, then a one-byte version) followed by the next field protobuf
+# writes in number order: producer_name 2, producer_version 3, domain 4,
+# model_version 5, doc_string 6, graph 7 or opset_import 8. No pickle starts with
+# 0x08 (not an opcode).
+_ONNX_SECOND_TAGS = frozenset((0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42))
+
+
+def looks_like_onnx(head: bytes) -> bool:
+    """Whether a file's first bytes (3 are enough) are those of an ONNX model."""
+    return (
+        len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 0x7F
+        and head[2] in _ONNX_SECOND_TAGS
+    )
+
+
+def onnx_refusal(where: str) -> str:
+    """Why an ONNX model is not read where an official checkpoint is expected, and
+    what to give instead."""
+    return (
+        f"{where}: the file is an ONNX model, not a checkpoint: ONNX is an export "
+        "format (`perceiver-convert export` writes it) that is not read back; "
+        "`perceiver-convert convert` takes the official checkpoint "
+        f"({DOWNLOAD_BASE_URL}<file>) or a HuggingFace transformers folder "
+        "(config.json + model.safetensors), and `perceiver-convert inspect "
+        f"{where}` describes the graph"
+    )
+
+
 def _sniff(head: bytes) -> Optional[str]:
     """Name the kind of a file that is clearly not a pickle, from its first bytes."""
     for magic, what in _MAGICS:
@@ -1285,6 +1316,8 @@ def load_haiku_checkpoint(
         ) from exc
     with raw:
         head = raw.peek(64)[:64] if hasattr(raw, "peek") else b""
+        if looks_like_onnx(head):
+            raise CheckpointError(onnx_refusal(where))
         kind = _sniff(head)
         if kind is not None:
             raise CheckpointError(

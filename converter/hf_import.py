@@ -175,6 +175,20 @@ def _read_safetensors(
         ) from None
 
 
+def _refuse_onnx(weights: Path) -> None:
+    """An ONNX model named like a weights file (model.bin) is named as ONNX, not as
+    a file torch.load refuses."""
+    from converter.haiku_reader import looks_like_onnx, onnx_refusal
+
+    try:
+        with open(weights, "rb") as handle:
+            head = handle.read(3)
+    except OSError:
+        return  # the reader below names the problem
+    if looks_like_onnx(head):
+        raise CheckpointError(onnx_refusal(str(weights)))
+
+
 def read_hf(path: str | os.PathLike) -> HFSource:
     """Reads a transformers folder (``config.json`` + ``model.safetensors`` or
     ``pytorch_model.bin``) or one weights file (its folder's ``config.json`` is used
@@ -223,6 +237,7 @@ def read_hf(path: str | os.PathLike) -> HFSource:
             f"{weights}: the file is empty (0 bytes), e.g. an interrupted download; "
             "download it again"
         )
+    _refuse_onnx(weights)
     metadata: Dict[str, str] = {}
     stored: Set[str] = set()
     if weights.suffix == ".safetensors":

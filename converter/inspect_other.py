@@ -22,14 +22,32 @@ import click
 OTHER_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".onnx")
 
 
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(16)
+    except OSError:
+        return b""
+
+
+def _is_onnx(path: Path) -> bool:
+    """An ONNX graph: by its name, or by its first bytes whatever its name."""
+    from converter.haiku_reader import looks_like_onnx
+
+    return path.suffix.lower() == ".onnx" or looks_like_onnx(_head(path))
+
+
 def is_other(path: Path) -> bool:
     """Whether ``inspect`` describes ``path`` here rather than as an official pickle:
-    a folder, or a file of those suffixes unless its first bytes are a plain pickle's
-    (an official file renamed .pt is still described as one, its globals listed)."""
+    a folder, an ONNX graph whatever its name, or a file of those suffixes unless its
+    first bytes are a plain pickle's (an official file renamed .pt is still described
+    as one, its globals listed)."""
     if path.is_dir():
         return True
+    from converter.haiku_reader import looks_like_onnx
+
     if path.suffix.lower() not in OTHER_SUFFIXES:
-        return False
+        return looks_like_onnx(_head(path))
     from perceiver_torch.registry import file_kind
 
     try:
@@ -85,7 +103,7 @@ def describe(path: Path) -> Dict[str, Any]:
     """One JSON-able document describing ``path`` (raises ConverterError if unreadable)."""
     from converter.hf_import import is_hf_input
 
-    if path.suffix.lower() == ".onnx":
+    if _is_onnx(path):
         return _describe_onnx(path)
     if is_hf_input(path):
         return _describe_hf(path)

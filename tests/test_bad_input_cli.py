@@ -1139,6 +1139,64 @@ def test_another_projects_weights_file_is_named_by_convert_and_verify(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+# The first bytes of torch.onnx.export's files: ir_version 8, producer_name "pytorch".
+_ONNX_HEAD = b"\x08\x08\x12\x07pytorch\x1a\x052.5.0"
+
+
+def _onnx_graph(path: Path) -> Path:
+    """A real ONNX model (Identity) where onnx is installed, else its first bytes."""
+    try:
+        import onnx
+        from onnx import TensorProto, helper
+    except ImportError:
+        path.write_bytes(_ONNX_HEAD + bytes(64))
+        return path
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [value("x", TensorProto.FLOAT, [1])],
+                              [value("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, producer_name="pytorch"), str(path))
+    return path
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.bin", "model.pickle",
+                                  "model.safetensors"])
+def test_an_onnx_model_is_named_as_onnx_by_convert_and_run(tmp_path, name):
+    # It was "byte 0x08 near offset 0 is not a pickle opcode" (model.bin: torch.load's
+    # refusal of an unknown protocol), naming neither ONNX nor what convert takes.
+    graph = _onnx_graph(tmp_path / name)
+    head = graph.read_bytes()[:3]  # ir_version (tag 0x08), then producer_name (0x12)
+    assert head[0] == 0x08 and head[2] == 0x12, head
+    image = tmp_path / "image.npy"
+    np.save(image, np.zeros((8, 8, 3), np.uint8))
+    before = snapshot(tmp_path)
+    words = ("an ONNX model", "export format", "official checkpoint",
+             "HuggingFace transformers folder", f"perceiver-convert inspect {graph}")
+    result = run_cli("convert", graph, "-o", tmp_path / "out.safetensors")
+    assert_clean_error(result, 3, *words)
+    assert "pickle opcode" not in result.stderr and "torch.load" not in result.stderr
+    result = run_cli("run", "classify", graph, image)
+    assert_clean_error(result, 3, *words)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.bin", "model.pickle"])
+def test_an_onnx_model_is_named_as_onnx_by_verify(jax_ready, tmp_path, name):
+    graph = _onnx_graph(tmp_path / name)
+    result = run_cli("verify", graph)
+    assert_clean_error(result, 3, "an ONNX model", "export format", "official checkpoint")
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "model.bin", "model.pickle"])
+def test_inspect_describes_an_onnx_model_whatever_its_name(tmp_path, name):
+    pytest.importorskip("onnx")
+    graph = _onnx_graph(tmp_path / name)
+    result = run_cli("inspect", graph, "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["kind"] == "onnx" and document["producer"].startswith("pytorch")
+
+
 def test_a_torch_save_file_of_pickle_protocol_4_is_named_as_such(tmp_path):
     # torch.load(weights_only=True) cannot read protocol 4's opcodes here; the refusal
     # said the file "holds objects other than tensors", sending the user the wrong way.
