@@ -63,7 +63,9 @@ TASK is one of:
 {tasks}
 
 MODEL is a converted file (.safetensors or .pt from `perceiver-convert convert`) or an
-official checkpoint (.pickle/.pystate, converted in memory first). The human summary
+official checkpoint (.pickle/.pystate, converted in memory first); a HuggingFace
+folder is converted first (`perceiver-convert convert FOLDER -o NAME.safetensors`;
+given here, exit 2). The human summary
 goes to stderr; --json prints one document on stdout: {{"task", "model", "dtype" (what
 the model computed in), "results": [one per input]}}; each result has "input" and:
 
@@ -390,6 +392,21 @@ def _output_option(
     return Path(value)
 
 
+class _ModelPath(click.Path):
+    """MODEL: an existing file. A folder (a HuggingFace download, most often) is a
+    usage error (exit 2) saying what perceiver_torch.load says of one
+    (``folder_refusal``: convert a transformers folder first), rather than click's
+    bare "is a directory"."""
+
+    def convert(self, value: Any, param: Optional[click.Parameter],
+                ctx: Optional[click.Context]) -> Any:
+        if os.path.isdir(value):
+            from perceiver_torch.registry import folder_refusal
+
+            self.fail(folder_refusal(Path(value)), param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def _build_params() -> List[click.Parameter]:
     from perceiver_torch.pipelines import TASKS
 
@@ -397,7 +414,7 @@ def _build_params() -> List[click.Parameter]:
         click.Argument(["task"], type=click.Choice(list(TASKS)), metavar="TASK"),
         click.Argument(
             ["model_path"],
-            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            type=_ModelPath(exists=True, dir_okay=False, path_type=Path),
             metavar="MODEL",
         ),
         click.Argument(["inputs"], nargs=-1, required=True, metavar="INPUT..."),

@@ -696,9 +696,19 @@ def test_a_folder_is_named_as_a_folder_not_as_is_a_directory(work):
             load_any_model(folder)
         assert all(w in str(info.value) for w in words), str(info.value)
     assert "HuggingFace" not in message  # the plain folder's
-    result = run_cli("run", "classify", hf, work / "fourier.safetensors")
-    assert result.exit_code == 2 and "is a directory" in result.stderr
-    assert "Traceback" not in result.stderr
+    # run refuses a folder as a usage error (exit 2), with the same words; it was
+    # click's bare "Directory ... is a directory" with no hint.
+    for folder, words in ((hf, ["a folder", "HuggingFace", advice]),
+                          (plain, ["a folder", ".safetensors"])):
+        result = run_cli("run", "classify", folder, work / "fourier.safetensors")
+        assert result.exit_code == 2, result.output
+        assert "MODEL" in result.stderr and "is a directory" not in result.stderr
+        assert all(w in result.stderr for w in words), result.stderr
+        assert "Traceback" not in result.stderr
+        result = run_cli("run", "classify", folder, work / "fourier.safetensors", "--json")
+        document = json.loads(result.stdout)
+        assert result.exit_code == 2 and document["exit_code"] == 2
+        assert all(w in document["error"]["message"] for w in words), document
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int8])
