@@ -26,6 +26,7 @@ __all__ = [
     "atomic_write",
     "check_output_path",
     "check_outputs",
+    "durable_publish",
     "output_appeared",
     "publish",
     "raise_write_error",
@@ -185,6 +186,22 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def durable_publish(
+    temp: Union[str, os.PathLike], path: Union[str, os.PathLike], *, overwrite: bool = True
+) -> None:
+    """:func:`publish` for a finished ``temp`` that a library wrote by name (no handle
+    to fsync): fsyncs ``temp`` first and the folder after, as :func:`atomic_write`
+    does, so that a crash never leaves ``path`` naming a file whose data was lost."""
+    fd = os.open(temp, os.O_RDWR)  # Windows' fsync needs a handle open for writing
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    publish(temp, path, overwrite=overwrite)
+    path = Path(path)
+    _fsync_folder(path.parent if str(path.parent) else Path("."))
 
 
 @contextlib.contextmanager

@@ -203,9 +203,10 @@ def export_onnx(
     dynamic batch dimension is exercised). Raises ``ParityError`` (nothing written)
     when onnxruntime is farther than 1e-4 relative from perceiver_torch.
     ``overwrite=False`` never replaces a file at ``out``, also one another process
-    wrote meanwhile (``OutputError``; :func:`converter.atomic.publish`).
+    wrote meanwhile (``OutputError``; :func:`converter.atomic.publish`). The file is
+    fsynced before it is put in place (:func:`converter.atomic.durable_publish`).
     """
-    from converter.atomic import check_output_path, publish
+    from converter.atomic import check_output_path, durable_publish
     from converter.converted_files import read_converted
     from converter.exporter import check_stored_tensors, load_float32, stored_low_precision
 
@@ -262,7 +263,7 @@ def export_onnx(
         graph.producer_name = "perceiver-convert"
         graph.producer_version = __version__
         onnx.save(graph, str(temp))
-        publish(temp, out, overwrite=overwrite)
+        durable_publish(temp, out, overwrite=overwrite)
     except OSError as error:  # disk full: one line, exit 3 (the finally removes temp)
         from converter.atomic import write_failed
 

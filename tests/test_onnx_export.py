@@ -140,6 +140,37 @@ def test_onnx_export_keeps_a_file_that_appears_while_writing(graphs, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == ["flow.onnx"]
 
 
+def test_onnx_export_fsyncs_the_graph_before_publishing(graphs, monkeypatch, tmp_path) -> None:
+    """The graph is written by name (torch, onnx.save), so there is no handle to
+    fsync; it is fsynced by name before the rename, as atomic_write's files are, or a
+    crash could leave flow.onnx naming lost data."""
+    import os
+    import stat
+
+    from converter import atomic
+
+    synced, published = [], []
+    real_fsync, real_publish = os.fsync, atomic.publish
+
+    def fsync(fd):
+        synced.append(os.fstat(fd))
+        return real_fsync(fd)
+
+    def publish(temp, path, **kwargs):
+        published.append(len(synced))
+        return real_publish(temp, path, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(atomic, "publish", publish)
+    out = tmp_path / "flow.onnx"
+    result = run_cli("export", graphs["optical_flow"][0], "-o", out, "-q")
+    assert result.exit_code == 0, result.output
+    inode = out.stat().st_ino
+    assert published, "the graph was not published through converter.atomic"
+    before = synced[: published[0]]
+    assert any(stat.S_ISREG(s.st_mode) and s.st_ino == inode for s in before), synced
+
+
 def test_onnx_export_needs_an_onnx_name(graphs, tmp_path) -> None:
     result = run_cli("export", graphs["optical_flow"][0], "-o", tmp_path / "x.bin", "--format", "onnx")
     assert result.exit_code == 2 and "*.onnx" in result.stderr
