@@ -1037,7 +1037,7 @@ def verify_command(
     "--force",
     is_flag=True,
     help="Replace the output file if it exists (never an input; a --format hf folder "
-    "must be new or empty).",
+    "must be new or an empty folder, not a link).",
 )
 @click.option("--protocol", type=click.IntRange(2, 5), default=3, show_default=True)
 @click.option(

@@ -411,7 +411,8 @@ def haiku_to_hf(
 
 
 def check_new_folder(out_dir: str | os.PathLike) -> Path:
-    """``out_dir`` may be created: its parent exists, it does not (or is empty), and
+    """``out_dir`` may be created: its parent exists, it does not (or is an empty
+    folder, not a link to one: the rename that publishes it cannot replace a link), and
     its name does not say a file format (``x.safetensors``, ``model.onnx``, ``.pickle``:
     a folder of that name would stand where a file is expected). Raises
     :class:`~converter.errors.OutputError` (a usage error) otherwise."""
@@ -431,12 +432,26 @@ def check_new_folder(out_dir: str | os.PathLike) -> Path:
         raise OutputError(
             f"cannot write {out_dir}: the folder {parent} does not exist; create it first"
         )
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.is_symlink() and (not out_dir.exists() or _is_empty_folder(out_dir)):
+        # The final rename(2) replaces the link itself, never writes through it, and
+        # fails on one (ENOTDIR), so say so before the work rather than after it.
+        target = Path(os.path.realpath(out_dir))
+        what = "an empty folder" if out_dir.exists() else "a missing path"
+        raise OutputError(
+            f"refusing to write {out_dir}: it is a link to {what} ({target}); an "
+            f"export writes a new folder and never replaces a link; give {target} "
+            "itself or choose a new folder name"
+        )
+    if out_dir.exists() and not _is_empty_folder(out_dir):
         raise OutputError(
             f"{out_dir} already exists and is not an empty folder; choose a new folder "
             "name (an export never overwrites)"
         )
     return out_dir
+
+
+def _is_empty_folder(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
 
 
 @contextlib.contextmanager
@@ -481,7 +496,7 @@ def _publish_folder(temp: Path, out_dir: Path) -> None:
         os.replace(temp, out_dir)
     except OSError:
         # What check_new_folder refuses, now there.
-        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if out_dir.is_symlink() or (out_dir.exists() and not _is_empty_folder(out_dir)):
             raise OutputError(
                 f"refusing to write {out_dir}: it appeared while the export was being "
                 "written (another run?) and was kept; choose a new folder name (an "

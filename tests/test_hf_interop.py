@@ -9,6 +9,7 @@ converter documents), so that a mapping that merely inverts itself cannot pass.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Dict, Optional
@@ -410,6 +411,27 @@ def test_export_refuses_an_existing_folder_and_unexpressible_sizes(converted, ex
     assert "num_bands=8 (transformers fixes 64)" in result.stderr
     assert not (tmp_path / "hf").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("target", ["missing", "empty folder"])
+def test_export_refuses_a_link_up_front(target, converted, tmp_path) -> None:
+    """A dangling link, or one to an empty folder, passed the up-front check and the
+    final rename then failed on the link (exit 3, "writing ... failed") after all the
+    work: the rename would replace the link, never write through it. Exit 2, with
+    the link's target to give instead; nothing is written."""
+    link, pointed = tmp_path / "out", tmp_path / "there"
+    if target == "empty folder":
+        pointed.mkdir()
+    link.symlink_to(pointed)
+    result = run_cli("export", converted["imagenet_fourier"][1], "-o", link, "--format", "hf")
+    assert result.exit_code == 2, result.stderr
+    assert "is a link to" in result.stderr and str(pointed) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert link.is_symlink() and os.readlink(link) == str(pointed)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["out"] + (["there"] if target == "empty folder" else []))
+    if target == "empty folder":
+        assert list(pointed.iterdir()) == []
 
 
 @pytest.mark.parametrize("other", ["folder", "file", "empty folder"])
