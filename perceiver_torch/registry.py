@@ -200,6 +200,16 @@ def file_kind(head: bytes) -> str:
     return "other"
 
 
+def _looks_like_onnx(head: bytes) -> bool:
+    # Mirrors converter.haiku_reader.looks_like_onnx (perceiver_torch cannot import the
+    # converter): no magic number, so a ModelProto's ir_version (tag 0x08, a one-byte
+    # varint) followed by the tag of field 2, 3, 4, 5, 6, 7 or 8.
+    return (
+        len(head) >= 3 and head[0] == 0x08 and 1 <= head[1] <= 0x7F
+        and head[2] in (0x12, 0x1A, 0x22, 0x28, 0x32, 0x3A, 0x42)
+    )
+
+
 # Storage dtypes a converted file may hold for the model's floating tensors.
 FLOAT_STORAGE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -324,6 +334,12 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
             )
         _parse(path, metadata)  # a bad config is the file's problem, named here
         return state, metadata
+    if kind == "other" and _looks_like_onnx(head):
+        raise LoadError(
+            f"{path}: the file is an ONNX model (`perceiver-convert export` writes them "
+            "for onnxruntime), not read back here; perceiver_torch.load takes the "
+            ".safetensors (or .pt) file `perceiver-convert convert` wrote"
+        )
     if kind != "torch":
         raise LoadError(
             f"{path}: neither a safetensors file nor a torch.save file; a converted "

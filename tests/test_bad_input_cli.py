@@ -644,6 +644,7 @@ def test_load_names_what_a_file_is_by_its_content(work):
     data = source.read_bytes()
     (work / "cut.safetensors").write_bytes(data[: len(data) // 2])
     (work / "graph.onnx").write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))
+    (work / "junk.bin").write_bytes(b"\x08\x08\x00 not a model" + bytes(64))
     model = perceiver_torch.load(source)
     torch.save({"model": "imagenet_fourier", "config": {}, "state_dict": model.state_dict()},
                work / "whole.pt")
@@ -655,7 +656,8 @@ def test_load_names_what_a_file_is_by_its_content(work):
     image = work / "grey.png"
     Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(image)
     cases = {"cut.safetensors": "not a readable safetensors file",
-             "graph.onnx": "neither a safetensors file nor a torch.save file",
+             "graph.onnx": "the file is an ONNX model",
+             "junk.bin": "neither a safetensors file nor a torch.save file",
              "cut.pt": "not a readable torch.save file",
              "other.pt": "asks for the global 'posix.getcwd'"}
     for name, words in cases.items():

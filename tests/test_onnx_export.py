@@ -171,6 +171,18 @@ def test_onnx_export_fsyncs_the_graph_before_publishing(graphs, monkeypatch, tmp
     assert any(stat.S_ISREG(s.st_mode) and s.st_ino == inode for s in before), synced
 
 
+def test_perceiver_torch_load_names_an_exported_graph(graphs) -> None:
+    """perceiver_torch's own header check (it cannot import the converter's) knows
+    the graphs export writes."""
+    import perceiver_torch
+    from converter.haiku_reader import looks_like_onnx
+
+    for name, (_, graph, _) in graphs.items():
+        assert looks_like_onnx(graph.read_bytes()[:16]), name
+        with pytest.raises(perceiver_torch.LoadError, match="the file is an ONNX model"):
+            perceiver_torch.load(graph)
+
+
 def test_onnx_export_needs_an_onnx_name(graphs, tmp_path) -> None:
     result = run_cli("export", graphs["optical_flow"][0], "-o", tmp_path / "x.bin", "--format", "onnx")
     assert result.exit_code == 2 and "*.onnx" in result.stderr
