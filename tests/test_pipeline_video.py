@@ -618,3 +618,13 @@ def test_channels_first_torch_and_non_numeric_sound(model):
     for bad in (b"RIFF....WAVE", np.array(["a", "b"]), np.zeros(4, bool), np.zeros(4, complex)):
         with pytest.raises(InputError, match="audio samples must be numbers"):
             pipeline.load_audio(frames, bad, [])
+    # Any iterable of numbers is its array, as load_frames takes any iterable of
+    # frames (a generator was refused as "not numbers", a 0-d object array).
+    values = [-0.5, 0.25, 0.0, 1.0]
+    for iterable in ((v for v in values), tuple(values), iter(values), map(float, values)):
+        assert np.array_equal(pipeline.load_audio(frames, iterable, []), exact.numpy())
+    stereo = pipeline.load_audio(frames, ((v, -v) for v in values), [])
+    assert np.array_equal(stereo, exact.numpy())
+    for bad in ((c for c in "ab"), iter([True, False]), iter([1j, 2j])):
+        with pytest.raises(InputError, match="audio samples must be numbers"):
+            pipeline.load_audio(frames, bad, [])

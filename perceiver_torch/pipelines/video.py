@@ -86,7 +86,7 @@ __all__ = [
 MODEL_FPS = 25
 
 VideoInput = Union[str, Path, np.ndarray, Iterable[np.ndarray]]
-AudioInput = Union[str, Path, np.ndarray, None]
+AudioInput = Union[str, Path, np.ndarray, torch.Tensor, Iterable[float], None]
 
 
 def crop_center_square(frame: np.ndarray) -> np.ndarray:
@@ -211,7 +211,8 @@ class AutoencodePipeline:
     :attr:`sample_rate`: floats in [-1, 1], or integer PCM of 8 to 32 bits (int16,
     int32, uint8, ...) scaled to [-1, 1] by its type's range as WAV files are (int16:
     x / 32768; unsigned: centred on half the range, uint8: (x - 128) / 128), as a
-    numpy array, a torch tensor or a list. 64-bit integers, NaN and infinite samples,
+    numpy array, a torch tensor or any iterable of samples (a list, a tuple, a
+    generator of floats). 64-bit integers, NaN and infinite samples,
     non-numbers and (channels, S) arrays (torchaudio's layout: more channels than
     samples; give ``audio.T``) are refused. Returns an
     :class:`AutoencodeResult`.
@@ -316,6 +317,13 @@ class AutoencodePipeline:
             if audio.is_floating_point() and audio.dtype != torch.float64:
                 audio = audio.float()  # NumPy has no bfloat16
             audio = audio.numpy()
+        elif isinstance(audio, Iterable) and not isinstance(
+            audio, (np.ndarray, bytes, bytearray, memoryview)
+        ):
+            # A generator of samples as a list, as load_frames does (np.asarray would
+            # make it a 0-d object array, "not numbers"). Bytes-like objects keep
+            # np.asarray's reading (bytes: a file's contents, refused below).
+            audio = list(audio)
         raw = np.asarray(audio)
         if raw.dtype == np.bool_ or not (
             np.issubdtype(raw.dtype, np.integer) or np.issubdtype(raw.dtype, np.floating)
