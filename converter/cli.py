@@ -74,12 +74,13 @@ safely (no jax, haiku or pickle.load needed) and verified numerically.
 Exit codes:
   {EXIT_OK}    success
   {EXIT_PARITY}    parity check outside tolerance
-  {EXIT_USAGE}    usage error (bad option or --config value, unknown model, missing
-       output folder, an output that is an input or exists without --force)
-  {EXIT_BAD_INPUT}    bad checkpoint or mapping (unsafe, corrupt, unreadable or
-       unexpected file)
+  {EXIT_USAGE}    usage error (bad option or --config value, unknown model, missing or
+       unwritable output folder, an output that is an input or exists without
+       --force, a wrong output suffix, a missing optional extra)
+  {EXIT_BAD_INPUT}    bad checkpoint or mapping (unsafe, empty, corrupt, unreadable or
+       unexpected file, malformed YAML), or a write that failed (disk full)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); no partial file is left
-  143  terminated (SIGTERM); no partial file is left
+  {Terminated.exit_code}  terminated (SIGTERM); no partial file is left
 
 Errors are one line on stderr; --debug (or {DEBUG_ENV}=1) adds the traceback.
 With --json, every outcome, errors included, is one JSON document on stdout.

@@ -293,6 +293,33 @@ def test_config_widths_match_the_models():
 # Exit codes: Ctrl-C 130 with no partial file, --json errors, --debug, no traceback.
 
 
+def test_help_lists_the_exit_codes_of_the_readme():
+    """`perceiver-convert --help` and README's table name the same codes, and the
+    help's 2 and 3 cover what the table's do (it said nothing of an unwritable
+    folder, a wrong suffix, a missing extra, malformed YAML or a failed write)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("Exit codes:", 1)[1].split("\n\n", 2)[1]
+    readme_codes = re.findall(r"^\| (\d+) \|", table, re.M)
+    help_text = run_cli("--help").output
+    listed = help_text.split("Exit codes:", 1)[1].split("\n\n", 1)[0]
+    entries = {}  # code -> its words, continuation lines joined
+    for line in listed.strip().splitlines():
+        match = re.match(r"\s*(\d+)\s+(.*)", line)
+        if match:
+            code = match.group(1)
+            entries[code] = match.group(2)
+        else:
+            entries[code] += " " + line.strip()
+    assert list(entries) == readme_codes == ["0", "1", "2", "3", "130", "143"]
+    usage, bad_input = entries["2"], entries["3"]
+    for words in ("unwritable output folder", "wrong output suffix", "optional extra",
+                  "exists without --force", "--config"):
+        assert words in usage, words
+    for words in ("malformed YAML", "empty", "write that failed"):
+        assert words in bad_input, words
+
+
+
 def test_interrupted_convert_exits_130_without_a_partial_file(work, monkeypatch):
     calls = {"n": 0}
     real = outputs_module._tensor_bytes
