@@ -27,6 +27,7 @@ __all__ = [
     "check_output_path",
     "check_outputs",
     "durable_publish",
+    "fsync_file",
     "output_appeared",
     "publish",
     "raise_write_error",
@@ -194,14 +195,20 @@ def durable_publish(
     """:func:`publish` for a finished ``temp`` that a library wrote by name (no handle
     to fsync): fsyncs ``temp`` first and the folder after, as :func:`atomic_write`
     does, so that a crash never leaves ``path`` naming a file whose data was lost."""
-    fd = os.open(temp, os.O_RDWR)  # Windows' fsync needs a handle open for writing
+    fsync_file(temp)
+    publish(temp, path, overwrite=overwrite)
+    path = Path(path)
+    _fsync_folder(path.parent if str(path.parent) else Path("."))
+
+
+def fsync_file(path: Union[str, os.PathLike]) -> None:
+    """Flushes to disk a file a library wrote by name (and closed): the step
+    :func:`atomic_write` takes on its own handle before the rename."""
+    fd = os.open(path, os.O_RDWR)  # Windows' fsync needs a handle open for writing
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    publish(temp, path, overwrite=overwrite)
-    path = Path(path)
-    _fsync_folder(path.parent if str(path.parent) else Path("."))
 
 
 @contextlib.contextmanager

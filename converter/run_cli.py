@@ -38,7 +38,7 @@ from typing import (
 
 import click
 
-from converter.atomic import raise_write_error
+from converter.atomic import fsync_file, raise_write_error
 from converter.errors import ConverterError
 
 __all__ = [
@@ -178,6 +178,7 @@ class Staging:
             yield temp
             if not temp.is_file():
                 raise ConverterError(f"nothing was written for {path}")
+            fsync_file(temp)  # as open_output's handle: on disk before the rename
         except BaseException as error:
             with contextlib.suppress(FileNotFoundError):
                 temp.unlink()

@@ -341,6 +341,27 @@ def test_a_missing_folder_given_with_a_trailing_slash_is_refused(
 # the staging enforces the same rules at write time
 
 
+def test_staging_fsyncs_a_file_written_by_name_before_the_rename(tmp_path, monkeypatch):
+    """Libraries that save by name (OpenCV, PyAV, the .flo writer) leave no handle to
+    fsync: the staging fsyncs the file by name, as open_output fsyncs its handle, so a
+    crash after the rename cannot leave the output naming lost data."""
+    synced: List[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "flow.flo"
+    staging = Staging(force=False, planned=[out])
+    with staging.output_path(out) as temp:
+        temp.write_bytes(b"PIEH")  # as a library would: by name, closed
+        inode = temp.stat().st_ino
+    assert inode in synced
+    assert staging.commit() == [out] and out.read_bytes() == b"PIEH"
+
+
 def test_staging_refuses_existing_and_unplanned_files(tmp_path):
     existing = tmp_path / "old.bin"
     existing.write_bytes(b"old")
