@@ -2,7 +2,9 @@
 
 Two steps: (1) tensor equality through the mapping: ORIGINAL (the official pickle)
 is converted in memory and every tensor of CONVERTED must equal its counterpart
-(bit for bit at float32; after the same rounding for a float16/bfloat16 file);
+(bit for bit at float32; after the same rounding for a float16/bfloat16 file, and for
+a float32 file whose values went through one: a HuggingFace export of such a file,
+or its import, records the dtype in ``hf_source.stored_dtypes``);
 (2) forward parity: CONVERTED's own model (``perceiver_torch.load``) against the JAX
 reference run on ORIGINAL, as ``verify`` does for a conversion. CONVERTED may also be
 a HuggingFace checkpoint; it is then mapped back through ``mappings/hf/`` first.
@@ -30,6 +32,10 @@ class TensorCheck:
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     different: List[Dict[str, Any]] = field(default_factory=list)
+    # The dtype the original's tensors were rounded to before the comparison, and
+    # what recorded it (None: compared as they are).
+    rounded_to: Optional[str] = None
+    rounded_because: Optional[str] = None
 
     @property
     def passed(self) -> bool:
@@ -38,10 +44,13 @@ class TensorCheck:
     def as_dict(self) -> Dict[str, Any]:
         return {"passed": self.passed, "compared": self.compared, "equal": self.equal,
                 "missing": self.missing, "unexpected": self.unexpected,
-                "different": self.different[:20]}
+                "different": self.different[:20], "rounded_to": self.rounded_to}
 
     def format(self) -> str:
         lines = [f"tensors through the mapping: {self.equal} of {self.compared} equal"]
+        if self.rounded_to is not None:
+            lines[0] += (f" to the original rounded to {self.rounded_to} "
+                         f"({self.rounded_because})")
         lines += [f"  missing in the converted file: {k}" for k in self.missing[:10]]
         lines += [f"  not in the official model: {k}" for k in self.unexpected[:10]]
         lines += [_format_difference(d) for d in self.different[:10]]
@@ -62,7 +71,13 @@ def _format_difference(difference: Dict[str, Any]) -> str:
     return f"  differs: {difference['key']} (max |diff| {difference['max_abs_diff']:.3e})"
 
 
-def compare_tensors(expected: Dict[str, torch.Tensor], got: Dict[str, torch.Tensor]) -> TensorCheck:
+def compare_tensors(
+    expected: Dict[str, torch.Tensor],
+    got: Dict[str, torch.Tensor],
+    rounded_to: Optional[str] = None,
+) -> TensorCheck:
+    """``rounded_to``: the float16/bfloat16 the values of float32 tensors in ``got``
+    went through (each must then equal the original rounded to it, bit for bit)."""
     check = TensorCheck()
     check.missing = sorted(set(expected) - set(got))
     check.unexpected = sorted(set(got) - set(expected))
@@ -71,6 +86,11 @@ def compare_tensors(expected: Dict[str, torch.Tensor], got: Dict[str, torch.Tens
         want, have = expected[key], got[key]
         if have.is_floating_point() and have.dtype != want.dtype:
             want = want.to(have.dtype)  # the same rounding the converter applies
+            check.rounded_to = str(have.dtype).replace("torch.", "")
+        elif rounded_to is not None and have.is_floating_point():
+            # float32 holding rounded values: round the original the same way.
+            want = want.to(getattr(torch, rounded_to)).to(have.dtype)
+            check.rounded_to = rounded_to
         if want.shape != have.shape:
             check.different.append({"key": key, "max_abs_diff": None,
                                     "expected_shape": list(want.shape),
@@ -115,15 +135,20 @@ def verify_against_reference(
 
     require_jax()
     if is_hf_input(converted):
-        theirs = prepare_hf(converted, progress=progress)[0]
+        theirs, _, provenance = prepare_hf(converted, progress=progress)
         model_name, got = theirs.model, theirs.state_dict()
         config = dict(theirs.config.overrides)
+        stored = provenance.get("stored_dtypes") or []
     else:
         got, metadata = read_converted(Path(converted))
         model_name = metadata["model"]
         import json
 
         config = json.loads(metadata["config"])
+        from converter.exporter import _hf_source_list
+
+        stored = _hf_source_list(metadata, "stored_dtypes")
+    rounded_to = _recorded_rounding(stored)
     progress(f"converting {reference} in memory")
     try:
         official = prepare(reference, model_name, config=_overridable(model_name, config))
@@ -131,16 +156,21 @@ def verify_against_reference(
         raise MappingError(
             f"{reference} is not the original of {converted} ({model_name}): {error}"
         ) from None
-    check = compare_tensors(official.state_dict(), got)
+    check = compare_tensors(official.state_dict(), got, rounded_to)
+    if check.rounded_to is not None:
+        check.rounded_because = (
+            "the file's dtype" if rounded_to is None
+            else "as hf_source.stored_dtypes records"
+        )
     if check.missing or check.unexpected or check.shapes_differ:
         return check, None  # no model to run
-    dtype = "float32"
+    # Float16/bfloat16 values (stored so, or recorded as gone through) are checked as
+    # verify checks them: in a float32 model, against the tolerance for that dtype.
+    dtype = rounded_to or "float32"
     if is_hf_input(converted):
         model = theirs.build_model()
     else:
-        # Stored float16/bfloat16 weights are checked as verify checks them: those
-        # values in a float32 model, against the tolerance for that dtype.
-        dtype = metadata.get("dtype", "float32")
+        dtype = rounded_to or metadata.get("dtype", "float32")
         model = perceiver_torch.build(model_name, official.config_object())
         model.load_state_dict(
             {k: v.float() if v.is_floating_point() else v for k, v in got.items()},
@@ -151,6 +181,15 @@ def verify_against_reference(
     report = verify_prepared(_WithModel(official, model), seed=seed, batch=batch,
                              dtype=dtype, progress=progress)
     return check, report
+
+
+def _recorded_rounding(stored: List[str]) -> Optional[str]:
+    """The one float16/bfloat16 that ``hf_source.stored_dtypes`` records (float64
+    rounds nothing of a float32 original). None if none; several (an import of an
+    export of a file stored in the other) give no single rounding to compare with,
+    and the comparison is then made as it is, so it fails rather than guesses."""
+    reduced = sorted(set(stored) & {"float16", "bfloat16"})
+    return reduced[0] if len(reduced) == 1 else None
 
 
 def _overridable(model: str, config: Dict[str, Any]) -> Optional[Dict[str, Any]]:

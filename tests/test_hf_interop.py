@@ -983,3 +983,47 @@ def test_pickle_options_are_refused_for_other_formats(converted, tmp_path) -> No
         result = run_cli("export", source, *args)
         assert result.exit_code == 2 and words in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.jax
+def test_verify_with_reference_rounds_to_the_recorded_dtype(converted, tmp_path) -> None:
+    """A --dtype bfloat16 file, its HuggingFace export and that export's import hold
+    the original rounded to bfloat16 (the last two as float32, with
+    hf_source.stored_dtypes saying so): each equals the original rounded so, bit for
+    bit; a tensor that is not (here: the unrounded original) still fails, exit 3."""
+    pytest.importorskip("jax")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    fixture = converted["optical_flow"][0]
+    bf16 = tmp_path / "bf16.safetensors"
+    convert(fixture, bf16, dtype="bfloat16", config=HF_TINY_CONFIGS["optical_flow"])
+    folder, back = tmp_path / "hf", tmp_path / "back.safetensors"
+    assert run_cli("export", bf16, "-o", folder, "--format", "hf", "-q").exit_code == 0
+    assert run_cli("convert", folder, "-o", back, "-q").exit_code == 0
+    for candidate, why in ((bf16, "the file's dtype"), (folder, "hf_source.stored_dtypes"),
+                           (back, "hf_source.stored_dtypes")):
+        result = run_cli("verify", candidate, "--reference", fixture, "--json", "-q")
+        assert result.exit_code == 0, result.stderr
+        document = json.loads(result.stdout)
+        assert document["tensors"]["passed"] and document["parity"]["passed"]
+        assert document["tensors"]["rounded_to"] == "bfloat16"
+        assert document["parity"]["dtype"] == "bfloat16"
+        assert "equal to the original rounded to bfloat16" in result.stderr
+        assert why in result.stderr
+
+    # One tensor of the import replaced by the original's unrounded float32 values.
+    with safe_open(str(back), "pt") as handle:
+        metadata = handle.metadata()
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    official, _ = read_checkpoint(converted["optical_flow"][1])
+    key = next(k for k in sorted(tensors)
+               if tensors[k].is_floating_point() and not torch.equal(tensors[k], official[k]))
+    tensors[key] = official[key].clone()
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(tensors, str(wrong), metadata=metadata)
+    result = run_cli("verify", wrong, "--reference", fixture, "--json", "-q")
+    assert result.exit_code == 3, result.stderr
+    document = json.loads(result.stdout)
+    assert [d["key"] for d in document["tensors"]["different"]] == [key]
+    assert document["tensors"]["equal"] == document["tensors"]["compared"] - 1
