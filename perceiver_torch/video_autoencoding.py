@@ -13,7 +13,7 @@ from .configs import VideoAutoencodingConfig
 from .decoders import FoldedDecoder, PerceiverDecoder
 from .fast_paths import FastPath, enabled
 from .inputs import expect, fail, same_batch
-from .linear import compiling, recording_graph
+from .linear import compiling
 from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import (
@@ -291,11 +291,12 @@ class VideoAutoencoder(PerceiverIO):
         return [{"image": i, "audio": a} for i, a in zip(images, audio)]
 
     def _use_fused(self) -> bool:
-        # Not under torch.jit.trace / torch.export: the fold chooses its factorisation
-        # from the weights' values (decoders.gram_factor), which export cannot branch
-        # on and a trace would freeze.
+        # Not under torch.jit.trace / torch.export / torch.compile: the fold chooses
+        # its factorisation from the weights' values (decoders.gram_factor), which
+        # export cannot branch on, a trace would freeze and torch.compile breaks the
+        # graph on (Tensor.item(): four breaks, the fold then ran eagerly per call).
         return (
-            enabled(FastPath.FOLDED_DECODER) and not self.training and not recording_graph()
+            enabled(FastPath.FOLDED_DECODER) and not self.training and not compiling()
         )
 
     def _folded(self, latents: Tensor) -> FoldedDecoder:

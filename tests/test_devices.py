@@ -282,6 +282,19 @@ def test_torch_compile_traces_every_model(name):
     _check_compiled(name, "aot_eager")
 
 
+def test_torch_compile_video_decoder_has_no_graph_break():
+    """Under torch.compile the video model decodes plainly: the folded decoder picks
+    its factorisation from the weights' values (``decoders.gram_factor``'s
+    ``int(info)``), on which dynamo broke the graph four times (five graphs, the fold
+    run eagerly on every call)."""
+    torch._dynamo.reset()
+    model = tiny("video_autoencoding")
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(*_compile_inputs("video_autoencoding"))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+
+
 @pytest.mark.full
 @pytest.mark.parametrize("name", NAMES)
 def test_torch_compile_inductor(name):
