@@ -129,7 +129,7 @@ def converted_to_haiku(
     report = plan_inverse(table, tensor_specs(state_dict), spec.name)
     report.raise_for_problems(f"Was {path} converted from a {model} checkpoint?")
     dropped = decode_dropped(metadata)
-    stored = _hf_source_list(metadata, "stored_dtypes")
+    stored = hf_source_list(metadata, "stored_dtypes")
     if stored:
         exact = False
         reduced = [name for name in stored if name != "float64"]
@@ -144,7 +144,7 @@ def converted_to_haiku(
                 "the transformers checkpoint it was imported from held float64 weights, "
                 "rounded to float32 by the import: the export is not those values"
             )
-    restored = _hf_source_list(metadata, "restored_drops")
+    restored = hf_source_list(metadata, "restored_drops")
     if restored:
         exact = False
         notes.append(
@@ -243,7 +243,7 @@ def check_stored_tensors(
         raise CheckpointError(message)
 
 
-def _hf_source_list(metadata: Dict[str, str], key: str) -> list:
+def hf_source_list(metadata: Dict[str, str], key: str) -> list:
     """A list a HuggingFace import recorded in ``hf_source``: ``restored_drops`` (the
     dropped arrays it rebuilt), ``stored_dtypes`` (float16/bfloat16/float64 weights)."""
     try:

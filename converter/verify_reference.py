@@ -144,10 +144,10 @@ def verify_against_reference(
         model_name = metadata["model"]
         import json
 
-        config = json.loads(metadata["config"])
-        from converter.exporter import _hf_source_list
+        from converter.exporter import hf_source_list
 
-        stored = _hf_source_list(metadata, "stored_dtypes")
+        config = json.loads(metadata["config"])
+        stored = hf_source_list(metadata, "stored_dtypes")
     rounded_to = _recorded_rounding(stored)
     progress(f"converting {reference} in memory")
     try:
