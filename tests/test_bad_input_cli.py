@@ -387,6 +387,7 @@ def test_ctrl_c_while_the_cli_starts_exits_130(work, monkeypatch):
     result = run_cli("convert", work / "fourier.pickle", "-o", work / "new.safetensors")
     assert_clean_error(result, 130, "interrupted")
     assert "Aborted" not in result.stderr
+    assert snapshot(work) == before
 
 
 class _FailAfter:

@@ -475,6 +475,7 @@ def test_run_flow_errors_name_the_frame_pair(tmp_path, flow_checkpoint):
     result = run_cli("run", "flow", flow_checkpoint, *inputs, "-o", tmp_path / "out")
     assert result.exit_code == 3, result.stderr
     assert f"{frames[2]} -> {odd}: the two frames differ in size" in result.stderr
+    assert _listing(tmp_path) == before  # nothing written
 
 
 @pytest.mark.parametrize("suffix, kind", [(".webp", "WebP"), (".png", "PNG (APNG)")])
