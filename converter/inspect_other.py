@@ -44,10 +44,8 @@ def is_other(path: Path) -> bool:
     as one, its globals listed)."""
     if path.is_dir():
         return True
-    from converter.haiku_reader import looks_like_onnx
-
     if path.suffix.lower() not in OTHER_SUFFIXES:
-        return looks_like_onnx(_head(path))
+        return _is_onnx(path)
     from perceiver_torch.registry import file_kind
 
     try:
