@@ -485,6 +485,11 @@ def load(
     except (RuntimeError, TypeError, ValueError) as err:
         raise ValueError(f"invalid map_location {map_location!r}: {err}") from None
     check_device(device, map_location)
+    if pack_weights is not None and not isinstance(pack_weights, bool):
+        # "no" or "false" would otherwise be truthy and pack.
+        raise TypeError(
+            f"pack_weights must be True, False or None, got {pack_weights!r}"
+        )
     path = Path(path)
     state, metadata = read_checkpoint(path)
     name, config_dict = _parse(path, metadata)
@@ -494,11 +499,6 @@ def load(
         except ValueError as err:
             raise LoadError(f"{path}: metadata 'dtype': {err}") from None
     torch_dtype = resolve_dtype(dtype)
-    if pack_weights is not None and not isinstance(pack_weights, bool):
-        # "no" or "false" would otherwise be truthy and pack.
-        raise TypeError(
-            f"pack_weights must be True, False or None, got {pack_weights!r}"
-        )
     if name not in MODEL_CLASSES:
         raise LoadError(
             f"{path}: unknown model {name!r}; known models: {', '.join(MODEL_CLASSES)}"
