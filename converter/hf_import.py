@@ -111,13 +111,12 @@ def _to_numpy(tensor: Any, stored: Set[str]) -> np.ndarray:
     import torch
 
     if tensor.is_floating_point() and tensor.dtype != torch.float32:
-        wide = tensor
+        stored_as = tensor
         tensor = tensor.float()
-        name = str(wide.dtype).replace("torch.", "")
-        if wide.dtype in (torch.float16, torch.bfloat16):
-            stored.add(name)
-        elif not torch.equal(tensor.to(wide.dtype), wide):
-            stored.add(name)  # float64 values that float32 cannot hold: rounded
+        # float16/bfloat16 values always; float64 ones where float32 rounded them.
+        narrow = stored_as.dtype in (torch.float16, torch.bfloat16)
+        if narrow or not torch.equal(tensor.to(stored_as.dtype), stored_as):
+            stored.add(str(stored_as.dtype).replace("torch.", ""))
     return tensor.contiguous().numpy()
 
 
