@@ -648,7 +648,22 @@ def load_hf_folder(folder: str | os.PathLike, arch: str):
     }
     if problems:
         raise MappingError(f"transformers loads {folder} with problems: {problems}")
+    _copy_out_of_the_file(hf_model)
     return hf_model.eval()
+
+
+def _copy_out_of_the_file(module: torch.nn.Module) -> None:
+    """Moves ``module``'s tensors from the memory-mapped file into memory of their own.
+
+    transformers maps model.safetensors and its tensors start wherever the file's
+    header ends, at any 4-byte offset. Matmul kernels round by alignment (on an AMD
+    EPYC two exports of equal tensors whose headers differed in length gave logits
+    that differed in their last bits), so a fidelity report would depend on the
+    length of the file's metadata; PyTorch's own allocations are 64-byte aligned.
+    It also lets go of the file before its folder is renamed into place."""
+    with torch.no_grad():
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data = tensor.data.clone()
 
 
 # --------------------------------------------------------------------------------------
