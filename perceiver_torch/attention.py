@@ -9,10 +9,11 @@ Attention is computed without materialising large logit matrices: queries are
 processed with :func:`torch.nn.functional.scaled_dot_product_attention` (a blocked,
 memory-efficient kernel on CPU) and, when the heads' qk and v widths differ (which
 the fused kernel does not support), with an explicit softmax over bounded chunks of
-queries; in bfloat16/float16 on the CPU, heads of unequal widths up to 256 (up to
+queries; in bfloat16/float16 on Intel CPUs, heads of unequal widths up to 256 (up to
 512 where the qk side is not much narrower) take the fused kernel with the narrower
-side zero-padded (:func:`_attend_padded`), and so do heads of equal widths from 128
-up that are not a multiple of 32 (padded to one). With a single head, :class:`Attention`
+side zero-padded (:func:`_attend_padded`), and on every CPU so do heads of equal
+widths from 128 up that are not a multiple of 32 (padded to one). With a single
+head, :class:`Attention`
 may also fold the key or query projection into the other side of the dot product
 (``absorb_kv`` / ``absorb_q``):
 the same function, fewer multiply-adds when one side is much longer than the other
@@ -20,7 +21,7 @@ the same function, fewer multiply-adds when one side is much longer than the oth
 ``ABSORBED_ATTENTION`` fast path (:mod:`perceiver_torch.fast_paths`); under
 ``fast_paths.plain()`` every attention runs ``AttentionMode.STANDARD``, the reference's
 computation. On CPUs without autograd, both products of one head (or of heads with
-unequal qk and v widths) run through oneDNN's matmul (``ONEDNN_ATTENTION``,
+unequal qk and v widths and enough work each) run through oneDNN's matmul (``ONEDNN_ATTENTION``,
 :func:`_attend_onednn`) where ``linear.onednn_attention_preferred`` says so: on AMD
 EPYC with AVX-512 it is twice as fast as the MKL kernels behind ``bmm`` and the fused
 attention; on Intel CPUs, whose MKL runs AVX-512 and AMX code, PyTorch's kernels are the
@@ -41,6 +42,7 @@ from .fast_paths import AttentionMode, FastPath, enabled
 from .linear import (  # gelu_tanh lives there (fused into Linear.forward_gelu)
     FusedWeights,
     Linear,
+    cpu_prefers_onednn_attention,
     gelu_tanh,
     linears_on_one_input,
     onednn_eligible,
@@ -273,7 +275,7 @@ def _attend_explicit(
 
 def _pads_to_fused_kernel(q: Tensor, v: Tensor) -> bool:
     """Whether :func:`attend` pads unequal qk and v widths to run the fused kernel:
-    bfloat16/float16 CPU tensors whose wider side is at most
+    bfloat16/float16 tensors on an Intel CPU whose wider side is at most
     ``_PADDED_FUSED_MAX_WIDTH``, or at most ``_PADDED_FUSED_WIDE_MAX_WIDTH`` with a qk
     side at least a quarter of it.
 
@@ -290,11 +292,18 @@ def _pads_to_fused_kernel(q: Tensor, v: Tensor) -> bool:
     512, but 1.47 for qk 64 and v 512 (padding the logits' side eightfold costs more
     than the explicit path's float32 logits); one head of 256 against 1,280 channels
     1.33 of it. In float32 the explicit path is the faster (5.4 against 7.0 ms on the
-    first shape)."""
+    first shape).
+
+    Not on CPUs where the oneDNN path takes the attentions
+    (:func:`~perceiver_torch.linear.cpu_prefers_onednn_attention`: not Intel's),
+    whose fused kernel runs bfloat16 through slower code: on AMD EPYC with AVX-512
+    (2026-12-06, the language model's shapes as above, bfloat16) padded against
+    explicit took 10.2 against 7.0 ms, 18.0 against 11.7, and 2.2 against 0.9."""
     dqk, wider = q.shape[-1], max(q.shape[-1], v.shape[-1])
     return (
         q.dtype in (torch.bfloat16, torch.float16)
         and q.device.type == "cpu"
+        and not cpu_prefers_onednn_attention()
         and (
             wider <= _PADDED_FUSED_MAX_WIDTH
             or (wider <= _PADDED_FUSED_WIDE_MAX_WIDTH and 4 * dqk >= wider)
@@ -376,6 +385,16 @@ def _onednn_chunk_rows(num_keys: int) -> int:
 _MIN_CHUNK_ROWS = 64
 _CACHED_KV_BYTES = 8 << 20
 
+# Several heads that each hold fewer multiply-adds than this (queries x keys x (qk +
+# v widths)) go to the explicit path's batched products: the oneDNN path calls some
+# six kernels a head from Python, and for small heads those calls cost more than
+# its faster products gain. Measured on AMD EPYC with AVX-512 (2026-12-06, medians):
+# the language model's latent self-attention (8 heads, 256 x 256 logits, qk 32, v
+# 160: 12.6 million a head) took 1.39 ms against 2.37 ms in float32, 0.92 against
+# 1.75 in bfloat16; its decoder's heads (2,048 x 256, qk 32, v 96: 67 million) and
+# encoder's (256 x 2,048, qk 32, v 160: 101 million) stay faster on oneDNN.
+_ONEDNN_MIN_HEAD_WORK = 1 << 25
+
 
 def _onednn_attention_pays(q: Tensor, k: Tensor, v: Tensor) -> bool:
     """Whether the oneDNN path beats the fused kernel here: not for several heads of
@@ -384,6 +403,8 @@ def _onednn_attention_pays(q: Tensor, k: Tensor, v: Tensor) -> bool:
     if q.shape[1] > 1 and q.shape[-1] == v.shape[-1]:
         return False
     m, n = q.shape[2], k.shape[2]
+    if q.shape[1] > 1 and m * n * (q.shape[-1] + v.shape[-1]) < _ONEDNN_MIN_HEAD_WORK:
+        return False
     rows = _onednn_chunk_rows(n)
     kv_bytes = n * (k.shape[-1] + v.shape[-1]) * k.element_size()
     return rows >= min(m, _MIN_CHUNK_ROWS) or kv_bytes <= _CACHED_KV_BYTES

@@ -217,6 +217,7 @@ def test_onednn_attention_within_float32_rounding(
     item, query chunk and mask bias lands where the plain path puts it."""
     if chunk_rows:  # 3 query rows per chunk: 17 queries in 6 chunks, the last short
         monkeypatch.setattr(pt.attention, "_ONEDNN_LOGITS_ELEMENTS", 3 * 29)
+    monkeypatch.setattr(pt.attention, "_ONEDNN_MIN_HEAD_WORK", 0)  # tiny heads too
     gen = torch.Generator().manual_seed(heads * 100 + qk)
     q = torch.randn(3, heads, 17, qk // heads, generator=gen)
     k = torch.randn(3, heads, 29, qk // heads, generator=gen)
@@ -245,10 +246,11 @@ def test_onednn_attention_within_float32_rounding(
     check_within_float32_rounding("attend", fast, plain, exact)
 
 
-def test_onednn_attention_leaves_equal_width_heads_to_the_fused_kernel():
+def test_onednn_attention_leaves_equal_width_heads_to_the_fused_kernel(monkeypatch):
     """Several heads of equal qk and v widths (the latent self-attentions) go to the
     fused kernel; one head, or unequal widths (which the fused kernel cannot take),
     stay on the oneDNN path."""
+    monkeypatch.setattr(pt.attention, "_ONEDNN_MIN_HEAD_WORK", 0)
     q, k = torch.randn(1, 4, 32, 8), torch.randn(1, 4, 32, 8)
     assert not pt.attention._onednn_attention_pays(q, k, k)
     assert pt.attention._onednn_attention_pays(q, k, torch.randn(1, 4, 32, 12))
@@ -257,6 +259,26 @@ def test_onednn_attention_leaves_equal_width_heads_to_the_fused_kernel():
         fused_only = pt.attention.attend(q, k, k)
         with fast_paths.plain(FastPath.ONEDNN_ATTENTION):
             assert torch.equal(fused_only, pt.attention.attend(q, k, k))
+
+
+def test_onednn_attention_leaves_small_heads_to_the_explicit_path(monkeypatch):
+    """Several heads of unequal widths with fewer than _ONEDNN_MIN_HEAD_WORK
+    multiply-adds each (queries x keys x (qk + v widths)) take the explicit path's
+    batched products, the same numbers as the plain path's; one head, or heads of
+    that much work, stay on the oneDNN path."""
+    monkeypatch.setattr(pt.attention, "_ONEDNN_MIN_HEAD_WORK", 32 * 32 * (8 + 12))
+    q, k, v = torch.randn(1, 4, 32, 8), torch.randn(1, 4, 32, 8), torch.randn(1, 4, 32, 12)
+    assert pt.attention._onednn_attention_pays(q, k, v)  # exactly the threshold
+    assert not pt.attention._onednn_attention_pays(q[:, :, :31], k, v)
+    assert not pt.attention._onednn_attention_pays(q, k[:, :, :31], v[:, :, :31])
+    assert pt.attention._onednn_attention_pays(q[:, :1, :31], k[:, :1], v[:, :1])
+    calls = []
+    monkeypatch.setattr(pt.attention, "_onednn_product", lambda *a: calls.append(1))
+    with torch.no_grad():
+        small = pt.attention.attend(q[:, :, :31], k, v)
+        with fast_paths.plain(FastPath.ONEDNN_ATTENTION):
+            assert torch.equal(small, pt.attention.attend(q[:, :, :31], k, v))
+    assert not calls
 
 
 def test_onednn_attention_steps_aside_for_long_uncached_keys(monkeypatch):

@@ -561,18 +561,43 @@ def test_unequal_head_widths_pad_to_the_fused_kernel_in_reduced_precision(dtype,
     side keeps the true width's scale."""
     from perceiver_torch import attention
 
+    monkeypatch.setattr(attention, "cpu_prefers_onednn_attention", lambda: False)  # Intel
+    _check_padding_choices(dtype, monkeypatch, [
+        ((32, 160), True), ((160, 32), True), ((16, 300), False),
+        ((197, 512), True), ((512, 128), True), ((64, 512), False), ((200, 520), False),
+        ((130, 130), True), ((322, 322), True), ((160, 160), False), ((100, 100), False),
+        ((130, "shared"), True),
+    ])
+
+
+@pytest.mark.parametrize("dtype", REDUCED, ids=str)
+def test_unequal_head_widths_stay_explicit_where_the_fused_kernel_is_slow(dtype, monkeypatch):
+    """On CPUs that are not Intel's (cpu_prefers_onednn_attention), whose fused kernel
+    runs bfloat16 through slower code, heads of unequal widths keep the explicit path
+    in every dtype; equal widths that are not a multiple of 32 are still padded to
+    one. The same bounds against float64 hold."""
+    from perceiver_torch import attention
+
+    monkeypatch.setattr(attention, "cpu_prefers_onednn_attention", lambda: True)  # AMD
+    _check_padding_choices(dtype, monkeypatch, [
+        ((32, 160), False), ((160, 32), False), ((197, 512), False), ((512, 128), False),
+        ((130, 130), True), ((160, 160), False), ((130, "shared"), True),
+    ])
+
+
+def _check_padding_choices(dtype, monkeypatch, cases) -> None:
+    """For each ((qk width, v width or "shared"), pads): whether attend pads to the
+    fused kernel in ``dtype`` with PyTorch's kernels (never in float32), and that its
+    answer agrees with float64 within gamma_4 of ``dtype``."""
+    from perceiver_torch import attention
+
     used = []
     original = attention._attend_padded
     monkeypatch.setattr(
         attention, "_attend_padded", lambda *a, **k: used.append(1) or original(*a, **k)
     )
     torch.manual_seed(0)
-    for (dqk, dv), pads in [
-        ((32, 160), True), ((160, 32), True), ((16, 300), False),
-        ((197, 512), True), ((512, 128), True), ((64, 512), False), ((200, 520), False),
-        ((130, 130), True), ((322, 322), True), ((160, 160), False), ((100, 100), False),
-        ((130, "shared"), True),
-    ]:
+    for (dqk, dv), pads in cases:
         q, k, v = (
             torch.randn(2, 3, n, d) for n, d in ((9, dqk), (11, dqk), (11, dqk if dv == "shared" else dv))
         )
@@ -584,7 +609,7 @@ def test_unequal_head_widths_pad_to_the_fused_kernel_in_reduced_precision(dtype,
             *(t.to(dtype).double() for t in (q, k, v)), bias=bias.double()
         )
         used.clear()
-        # PyTorch's kernels, as on Intel CPUs (the suite forces oneDNN's where it exists).
+        # PyTorch's kernels (the suite forces oneDNN's where it exists).
         with torch.no_grad(), pt.fast_paths.plain(pt.fast_paths.FastPath.ONEDNN_ATTENTION):
             got = attention.attend(*(t.to(dtype) for t in (q, k, v)), bias=bias.to(dtype))
         assert bool(used) is pads, (dqk, dv)
