@@ -13,19 +13,19 @@ queries; in bfloat16/float16 on Intel CPUs, heads of unequal widths up to 256 (u
 512 where the qk side is not much narrower) take the fused kernel with the narrower
 side zero-padded (:func:`_attend_padded`), and on every CPU so do heads of equal
 widths from 128 up that are not a multiple of 32 (padded to one). With a single
-head, :class:`Attention`
-may also fold the key or query projection into the other side of the dot product
-(``absorb_kv`` / ``absorb_q``):
-the same function, fewer multiply-adds when one side is much longer than the other
+head, :class:`Attention` may also fold the key or query projection into the other
+side of the dot product (``absorb_kv`` / ``absorb_q``): the same function, fewer
+multiply-adds when one side is much longer than the other
 (optical flow: 182,528 queries or inputs against 2,048 latents). That is the
 ``ABSORBED_ATTENTION`` fast path (:mod:`perceiver_torch.fast_paths`); under
 ``fast_paths.plain()`` every attention runs ``AttentionMode.STANDARD``, the reference's
 computation. On CPUs without autograd, both products of one head (or of heads with
-unequal qk and v widths and enough work each) run through oneDNN's matmul (``ONEDNN_ATTENTION``,
-:func:`_attend_onednn`) where ``linear.onednn_attention_preferred`` says so: on AMD
-EPYC with AVX-512 it is twice as fast as the MKL kernels behind ``bmm`` and the fused
-attention; on Intel CPUs, whose MKL runs AVX-512 and AMX code, PyTorch's kernels are the
-faster and keep the attentions.
+unequal qk and v widths and enough work each) run through oneDNN's matmul
+(``ONEDNN_ATTENTION``, :func:`_attend_onednn`) where
+``linear.onednn_attention_preferred`` says so: on AMD EPYC with AVX-512 it is twice
+as fast as the MKL kernels behind ``bmm`` and the fused attention; on Intel CPUs,
+whose MKL runs AVX-512 and AMX code, PyTorch's kernels are the faster and keep the
+attentions.
 """
 
 from __future__ import annotations
@@ -397,9 +397,10 @@ _ONEDNN_MIN_HEAD_WORK = 1 << 25
 
 
 def _onednn_attention_pays(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether the oneDNN path beats the fused kernel here: not for several heads of
-    equal qk and v widths, and only where its chunks of queries are big enough for
-    their keys."""
+    """Whether the oneDNN path beats the fused kernel (or the explicit path) here:
+    not for several heads of equal qk and v widths or of little work each
+    (``_ONEDNN_MIN_HEAD_WORK``), and only where its chunks of queries are big enough
+    for their keys."""
     if q.shape[1] > 1 and q.shape[-1] == v.shape[-1]:
         return False
     m, n = q.shape[2], k.shape[2]
