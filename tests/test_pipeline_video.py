@@ -618,6 +618,12 @@ def test_channels_first_torch_and_non_numeric_sound(model):
     for bad in (b"RIFF....WAVE", np.array(["a", "b"]), np.zeros(4, bool), np.zeros(4, complex)):
         with pytest.raises(InputError, match="audio samples must be numbers"):
             pipeline.load_audio(frames, bad, [])
+    # A WAV file's contents as a bytearray or memoryview were read as uint8 samples
+    # (its header played as sound); every bytes-like object is refused alike.
+    wav = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(200))
+    for contents in (wav, bytearray(wav), memoryview(wav)):
+        with pytest.raises(InputError, match=r"of 216 bytes; a sound file goes in as its path"):
+            pipeline.load_audio(frames, contents, [])
     # Any iterable of numbers is its array, as load_frames takes any iterable of
     # frames (a generator was refused as "not numbers", a 0-d object array).
     values = [-0.5, 0.25, 0.0, 1.0]

@@ -312,17 +312,23 @@ class AutoencodePipeline:
             if channels > 1:
                 notes.append(f"first of {channels} sound channels used")
             return _finite_sound(samples)
+        if isinstance(audio, (bytes, bytearray, memoryview)):
+            # A file's contents, most likely: NumPy would read a bytearray or
+            # memoryview as uint8 samples (a WAV header played as sound) and bytes as
+            # strings. Raw PCM goes in as an array of its type.
+            raise InputError(
+                f"audio samples must be numbers (float in [-1, 1] or integer PCM), got "
+                f"{type(audio).__name__} of {len(audio)} bytes; a sound file goes in as "
+                "its path, raw PCM as an array (np.frombuffer(data, np.int16))"
+            )
         if isinstance(audio, torch.Tensor):
             audio = audio.detach().cpu()
             if audio.is_floating_point() and audio.dtype != torch.float64:
                 audio = audio.float()  # NumPy has no bfloat16
             audio = audio.numpy()
-        elif isinstance(audio, Iterable) and not isinstance(
-            audio, (np.ndarray, bytes, bytearray, memoryview)
-        ):
+        elif isinstance(audio, Iterable) and not isinstance(audio, np.ndarray):
             # A generator of samples as a list, as load_frames does (np.asarray would
-            # make it a 0-d object array, "not numbers"). Bytes-like objects keep
-            # np.asarray's reading (bytes: a file's contents, refused below).
+            # make it a 0-d object array, "not numbers").
             audio = list(audio)
         raw = np.asarray(audio)
         if raw.dtype == np.bool_ or not (
