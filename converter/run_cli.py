@@ -456,7 +456,7 @@ def _build_params() -> List[click.Parameter]:
             help="The dtype the model computes in (default: the file's, as convert "
             "--dtype wrote it; float32 for an official checkpoint). bfloat16 costs about "
             "1% of the largest output (README, Reduced precision); against float32 it ran "
-            "1.1-1.8x as fast on a CPU with AVX512-BF16, 2.6-4.7x with AMX, and is many "
+            "1.2-2.0x as fast on a CPU with AVX512-BF16, 2.6-4.7x with AMX, and is many "
             "times slower on CPUs with neither.",
         )
     )
