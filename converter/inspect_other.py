@@ -48,12 +48,8 @@ def is_other(path: Path) -> bool:
         return _is_onnx(path)
     from perceiver_torch.registry import file_kind
 
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(16)
-    except OSError:
-        return True  # the describer names the problem
-    return file_kind(head) != "pickle"
+    # An unreadable file's head is empty, "other": the describer names the problem.
+    return file_kind(_head(path)) != "pickle"
 
 
 def _rows(tensors: Dict[str, Any]) -> List[Dict[str, Any]]:
