@@ -28,6 +28,8 @@ __all__ = [
     "check_outputs",
     "durable_publish",
     "fsync_file",
+    "fsync_folder",
+    "fsync_tree",
     "output_appeared",
     "publish",
     "raise_write_error",
@@ -171,9 +173,10 @@ def raise_write_error(path: Union[str, os.PathLike], error: BaseException) -> No
     raise error
 
 
-def _fsync_folder(folder: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform, and the data
-    # is already safe, so failing here is not an error.
+def fsync_folder(folder: Union[str, os.PathLike]) -> None:
+    """Flushes ``folder``'s entries to disk, which makes the renames and creations in
+    it durable. Not possible on every platform (Windows opens no folders), and the
+    files' data is already safe by then, so failing here is not an error."""
     flags = getattr(os, "O_DIRECTORY", None)
     if flags is None:
         return
@@ -198,7 +201,7 @@ def durable_publish(
     fsync_file(temp)
     publish(temp, path, overwrite=overwrite)
     path = Path(path)
-    _fsync_folder(path.parent if str(path.parent) else Path("."))
+    fsync_folder(path.parent if str(path.parent) else Path("."))
 
 
 def fsync_file(path: Union[str, os.PathLike]) -> None:
@@ -209,6 +212,20 @@ def fsync_file(path: Union[str, os.PathLike]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: Union[str, os.PathLike]) -> None:
+    """Flushes every file under ``folder`` that libraries wrote by name (transformers'
+    ``save_pretrained``, safetensors), then the folders themselves, before ``folder``
+    is renamed into place: a folder rename does not flush its files' data, so a crash
+    after it could otherwise leave the published folder holding empty or cut-off
+    files. Links are not followed."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                fsync_file(path)
+        fsync_folder(root)
 
 
 @contextlib.contextmanager
@@ -258,7 +275,7 @@ def atomic_write(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
         raise_write_error(path, exc)
-    _fsync_folder(folder)
+    fsync_folder(folder)
 
 
 class HashingWriter:

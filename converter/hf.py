@@ -460,11 +460,13 @@ def atomic_folder(out_dir: Path):
 
     ``out_dir`` must not exist (or be an empty folder): an export never overwrites,
     also not a folder or file another process puts at ``out_dir`` while this one
-    writes (:class:`~converter.errors.OutputError`, that one kept).
+    writes (:class:`~converter.errors.OutputError`, that one kept). The files are
+    fsynced before the rename and the parent folder after it, so a crash leaves either
+    no ``out_dir`` or a whole one.
     """
     out_dir = check_new_folder(out_dir)
     parent = out_dir.parent if str(out_dir.parent) else Path(".")
-    from converter.atomic import raise_write_error
+    from converter.atomic import fsync_folder, fsync_tree, raise_write_error
 
     temp = parent / f".{out_dir.name}.{secrets.token_hex(6)}.tmp"
     try:
@@ -473,7 +475,9 @@ def atomic_folder(out_dir: Path):
         raise_write_error(out_dir, error)
     try:
         yield temp
+        fsync_tree(temp)  # the files' data on disk before the rename names them
         _publish_folder(temp, out_dir)
+        fsync_folder(parent)  # and the rename itself
     except BaseException as error:
         shutil.rmtree(temp, ignore_errors=True)
         raise_write_error(out_dir, error)  # disk full: one line, exit 3

@@ -190,7 +190,8 @@ class Staging:
         return [target for _, target in self._staged]
 
     def commit(self) -> List[Path]:
-        """Renames every staged file into place; returns the targets.
+        """Renames every staged file into place (then fsyncs their folders, so that
+        the renames survive a crash); returns the targets.
 
         Raises:
             OutputError: without ``force``, a target that appeared since
@@ -198,7 +199,7 @@ class Staging:
                 this commit created are removed again, so that the failed run writes
                 none (with ``force`` an old file, once replaced, cannot come back).
         """
-        from converter.atomic import publish
+        from converter.atomic import fsync_folder, publish
 
         created: List[Tuple[Path, os.stat_result]] = []
         for temp, target in self._staged:
@@ -216,6 +217,9 @@ class Staging:
             if not self._force:
                 created.append((target, mine))
         targets = self.targets
+        # The files were fsynced before their renames; this makes the renames durable.
+        for folder in {target.parent for target in targets}:
+            fsync_folder(folder)
         self._staged = []
         return targets
 

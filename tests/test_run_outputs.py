@@ -362,6 +362,72 @@ def test_staging_fsyncs_a_file_written_by_name_before_the_rename(tmp_path, monke
     assert staging.commit() == [out] and out.read_bytes() == b"PIEH"
 
 
+def _record_fsyncs(monkeypatch) -> List[Tuple[int, bool]]:
+    """Patches os.fsync to record (inode, is a folder) of every descriptor synced."""
+    import stat
+
+    synced: List[Tuple[int, bool]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        status = os.fstat(fd)
+        synced.append((status.st_ino, stat.S_ISDIR(status.st_mode)))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_staging_fsyncs_the_folders_after_the_renames(tmp_path, monkeypatch):
+    """A rename is durable only once its folder is flushed: without that, a crash
+    soon after a run could leave the outputs missing although the run said it wrote
+    them. Every target folder is fsynced after its files were put in place."""
+    synced = _record_fsyncs(monkeypatch)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    outs = [tmp_path / "a" / "one.bin", tmp_path / "b" / "two.bin"]
+    staging = Staging(force=False, planned=outs)
+    for out in outs:
+        with staging.open_output(out) as handle:
+            handle.write(b"data")
+    before_commit = len(synced)
+    assert staging.commit() == outs
+    after = synced[before_commit:]
+    for folder in (tmp_path / "a", tmp_path / "b"):
+        assert (folder.stat().st_ino, True) in after, (folder, after)
+
+
+def test_hf_folder_is_flushed_before_and_after_its_rename(tmp_path, monkeypatch):
+    """An HF export's files are written by name (transformers' save_pretrained,
+    safetensors) and its folder is published by one rename, which does not flush the
+    files' data: each file and the folder are fsynced before the rename, the parent
+    folder after it, so that a crash leaves no folder or a whole one."""
+    from converter import hf
+
+    synced = _record_fsyncs(monkeypatch)
+    published: List[int] = []
+    real_publish = hf._publish_folder
+
+    def publish(temp, out_dir):
+        published.append(len(synced))
+        return real_publish(temp, out_dir)
+
+    monkeypatch.setattr(hf, "_publish_folder", publish)
+    out = tmp_path / "hf"
+    with hf.atomic_folder(out) as folder:
+        (folder / "config.json").write_text("{}")
+        (folder / "tokenizer").mkdir()
+        (folder / "tokenizer" / "vocab.txt").write_text("a")
+        (folder / "link.json").symlink_to(folder / "config.json")
+    assert published, "the folder was not published through hf._publish_folder"
+    before, after = synced[: published[0]], synced[published[0]:]
+    for path in (out / "config.json", out / "tokenizer" / "vocab.txt"):
+        assert (path.stat().st_ino, False) in before, path
+    for path in (out, out / "tokenizer"):
+        assert (path.stat().st_ino, True) in before, path
+    assert (tmp_path.stat().st_ino, True) in after
+
+
 def test_staging_refuses_existing_and_unplanned_files(tmp_path):
     existing = tmp_path / "old.bin"
     existing.write_bytes(b"old")
