@@ -107,7 +107,14 @@ def cpu_prefers_onednn_float32() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
-@functools.lru_cache(maxsize=None)
+# cpu_prefers_onednn_attention's answer once known. A plain global, not
+# functools.lru_cache: torch.compile reaches this question (attention's padding rule in
+# bfloat16) and traces through lru_cache wrappers, warning the user that it does, and
+# reads a global as a constant. Where /proc/cpuinfo names the vendor it is answered
+# at import (its first lines), so that a compiled model never traces the file's read.
+_ATTENTION_ANSWER: Dict[str, bool] = {}
+
+
 def cpu_prefers_onednn_attention() -> bool:
     """Whether the attention products pay on oneDNN's matmul here (given that the
     dtype does, :func:`onednn_attention_preferred`): on CPUs that are not Intel's.
@@ -118,8 +125,17 @@ def cpu_prefers_onednn_attention() -> bool:
     (2026-12-02, interleaved calls, linear layers on oneDNN either way) the video chunk
     took 0.874 s with PyTorch's kernels against 1.064 s on oneDNN in float32 and 0.325
     against 0.567 s in bfloat16, imagenet_fourier 0.401 against 0.446 s in bfloat16.
-    On AMD EPYC with AVX-512 oneDNN's was twice as fast as MKL's."""
-    return "intel" not in _cpu_vendor().lower()
+    On AMD EPYC with AVX-512 oneDNN's was twice as fast as MKL's. Asked once
+    (``cpu_prefers_onednn_attention.cache_clear()`` forgets the answer)."""
+    answer = _ATTENTION_ANSWER.get("answer")
+    if answer is None:
+        answer = _ATTENTION_ANSWER["answer"] = "intel" not in _cpu_vendor().lower()
+    return answer
+
+
+cpu_prefers_onednn_attention.cache_clear = _ATTENTION_ANSWER.clear  # type: ignore[attr-defined]
+if _cpuinfo_field("vendor_id") is not None:  # never platform.processor()'s subprocess
+    cpu_prefers_onednn_attention()
 
 
 def _mkl_probe() -> bool:
