@@ -82,12 +82,30 @@ def _cpuinfo_field(name: str) -> Optional[str]:
     return None
 
 
+# The CPU's vendor once read. A plain global, not functools.lru_cache:
+# torch.compile asks for it (attention's padding rule in bfloat16, through
+# cpu_prefers_onednn_attention) and reads a global as a constant, where it traces
+# through lru_cache wrappers and warns the user that it does. Filled at import where
+# /proc/cpuinfo names the vendor (its first lines), so that a compiled model never
+# traces the file's read; elsewhere at the first call (platform.processor() may start
+# a subprocess, not something to do at import).
+_VENDOR: List[str] = []
+
+
 def _cpu_vendor() -> str:
-    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" if unknown)."""
-    vendor = _cpuinfo_field("vendor_id")
-    if vendor is not None:
-        return vendor
-    return platform.processor()  # e.g. "Intel64 Family 6 ..., GenuineIntel" on Windows
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" if unknown),
+    read once."""
+    if not _VENDOR:
+        vendor = _cpuinfo_field("vendor_id")
+        # e.g. "Intel64 Family 6 ..., GenuineIntel" on Windows
+        _VENDOR.append(vendor if vendor is not None else platform.processor())
+    return _VENDOR[0]
+
+
+_vendor_in_cpuinfo = _cpuinfo_field("vendor_id")
+if _vendor_in_cpuinfo is not None:
+    _VENDOR.append(_vendor_in_cpuinfo)
+del _vendor_in_cpuinfo
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,14 +125,6 @@ def cpu_prefers_onednn_float32() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
-# cpu_prefers_onednn_attention's answer once known. A plain global, not
-# functools.lru_cache: torch.compile reaches this question (attention's padding rule in
-# bfloat16) and traces through lru_cache wrappers, warning the user that it does, and
-# reads a global as a constant. Where /proc/cpuinfo names the vendor it is answered
-# at import (its first lines), so that a compiled model never traces the file's read.
-_ATTENTION_ANSWER: Dict[str, bool] = {}
-
-
 def cpu_prefers_onednn_attention() -> bool:
     """Whether the attention products pay on oneDNN's matmul here (given that the
     dtype does, :func:`onednn_attention_preferred`): on CPUs that are not Intel's.
@@ -125,17 +135,8 @@ def cpu_prefers_onednn_attention() -> bool:
     (2026-12-02, interleaved calls, linear layers on oneDNN either way) the video chunk
     took 0.874 s with PyTorch's kernels against 1.064 s on oneDNN in float32 and 0.325
     against 0.567 s in bfloat16, imagenet_fourier 0.401 against 0.446 s in bfloat16.
-    On AMD EPYC with AVX-512 oneDNN's was twice as fast as MKL's. Asked once
-    (``cpu_prefers_onednn_attention.cache_clear()`` forgets the answer)."""
-    answer = _ATTENTION_ANSWER.get("answer")
-    if answer is None:
-        answer = _ATTENTION_ANSWER["answer"] = "intel" not in _cpu_vendor().lower()
-    return answer
-
-
-cpu_prefers_onednn_attention.cache_clear = _ATTENTION_ANSWER.clear  # type: ignore[attr-defined]
-if _cpuinfo_field("vendor_id") is not None:  # never platform.processor()'s subprocess
-    cpu_prefers_onednn_attention()
+    On AMD EPYC with AVX-512 oneDNN's was twice as fast as MKL's."""
+    return "intel" not in _cpu_vendor().lower()
 
 
 def _mkl_probe() -> bool:

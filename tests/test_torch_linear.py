@@ -267,11 +267,7 @@ def test_cpu_preference_for_onednn_float32_linear_layers(monkeypatch, capability
 )
 def test_cpu_preference_for_onednn_attention(monkeypatch, vendor, prefers):
     monkeypatch.setattr(linear_module, "_cpu_vendor", lambda: vendor)
-    linear_module.cpu_prefers_onednn_attention.cache_clear()
-    try:
-        assert linear_module.cpu_prefers_onednn_attention() is prefers
-    finally:
-        linear_module.cpu_prefers_onednn_attention.cache_clear()
+    assert linear_module.cpu_prefers_onednn_attention() is prefers
 
 
 @pytest.mark.parametrize(
