@@ -25,6 +25,12 @@ round then gives every batch size as many items as the largest batch (batch 1 of
 ``--batch 1 8 32`` is 32 calls in a row, timed together, and its time is their mean):
 a long call averages over the host's swings, and a median of short calls would not.
 
+With ``--pack-weights both`` our model runs twice in the same rounds, as "ours"
+(weights as ``perceiver_torch.load`` leaves them) and as "ours+packed"
+(``perceiver_torch.pack_weights``: float32 weights packed too), and a last table gives
+the packed variant's time over the other's: what the copies gain, measured in one
+run. ``--pack-weights`` alone packs the "ours" variant.
+
 Memory is not measured here (the variants share one process): use bench_forward.py.
 
 Examples::
@@ -33,6 +39,8 @@ Examples::
     python scripts/bench_interleaved.py --models video_autoencoding --impl ours --reps 9
     python scripts/bench_interleaved.py --dtype float32 bfloat16 --json interleaved.json
     python scripts/bench_interleaved.py --impl ours --batch 1 8 32 --reps 3 --warmup 1
+    python scripts/bench_interleaved.py --models language_perceiver --dtype float32 \
+        --pack-weights both --reps 11
 """
 
 from __future__ import annotations
@@ -51,10 +59,19 @@ from script_args import non_negative_int, output_file, positive_int  # noqa: E40
 
 Variant = Tuple[str, str, int]  # (implementation, dtype, batch)
 
+# Our model with perceiver_torch.pack_weights, beside "ours" (--pack-weights both).
+PACKED = "ours+packed"
+
 
 def variant_key(impl: str, dtype: str, batch: int = 1) -> str:
     """The variant's name in the results: "ours/float32", "hf/bfloat16/batch8"."""
     return f"{impl}/{dtype}" + ("" if batch == 1 else f"/batch{batch}")
+
+
+def packs_weights(impl: str, pack_weights: str) -> bool:
+    """Whether variant ``impl`` runs our model with ``perceiver_torch.pack_weights``:
+    "ours+packed" always, "ours" with ``--pack-weights on``, HF's never."""
+    return impl == PACKED or (impl == "ours" and pack_weights == "on")
 
 
 def peak_probe(dtype: str) -> Callable[[], float]:
@@ -88,10 +105,11 @@ def measure_case(case: str, variants: List[Variant], args: argparse.Namespace) -
     failed: Dict[str, str] = {}
     for impl, dtype, batch in variants:
         options = argparse.Namespace(
-            device="cpu", dtype=dtype, batch=batch, pack_weights=args.pack_weights,
-            compiled=False, hf_clip_calls=1,
+            device="cpu", dtype=dtype, batch=batch,
+            pack_weights=packs_weights(impl, args.pack_weights), compiled=False,
+            hf_clip_calls=1,
         )
-        build = bf.build_ours if impl == "ours" else bf.build_hf
+        build = bf.build_hf if impl == "hf" else bf.build_ours
         try:
             run = build(case, options)
             with torch.inference_mode():
@@ -145,21 +163,25 @@ def measure_case(case: str, variants: List[Variant], args: argparse.Namespace) -
     }
 
 
-def report(result: Dict[str, Any], dtypes: List[str], statistic: str) -> List[str]:
+def report(
+    result: Dict[str, Any], dtypes: List[str], statistic: str, ours_impl: str = "ours"
+) -> List[str]:
     """Table rows for one case: per dtype our time, HF's, ours/HF, the shares of the
     peak and our float32 time over this dtype's; ``statistic`` "median" (medians of
     the calls and of the peak probes) or "best" (the fastest call of each variant
     and the fastest probe: a host that only ever slows calls down leaves the best
-    ones closest to the code's own speed)."""
+    ones closest to the code's own speed). ``ours_impl``: which of our variants is
+    "ours" (``PACKED``: the rows say so in their statistic column)."""
     work = result["work_flops"]
     if statistic == "best":
         s, peak = result["best_seconds"], result["best_peak_gflops"]
     else:
         s, peak = result["seconds"], result["peak_gflops"]
+    label = statistic if ours_impl == "ours" else f"{statistic} ({ours_impl})"
     rows = []
     for dtype in dtypes:
-        ours, hf = s.get(f"ours/{dtype}"), s.get(f"hf/{dtype}")
-        fp32 = s.get("ours/float32")
+        ours, hf = s.get(variant_key(ours_impl, dtype)), s.get(variant_key("hf", dtype))
+        fp32 = s.get(variant_key(ours_impl, "float32"))
 
         def share(t: Optional[float]) -> str:
             if t is None or not work or not peak.get(dtype):
@@ -167,7 +189,7 @@ def report(result: Dict[str, Any], dtypes: List[str], statistic: str) -> List[st
             return f"{100 * work / t / 1e9 / peak[dtype]:.0f}%"
 
         rows.append(" | ".join([
-            result["case"], statistic, dtype,
+            result["case"], label, dtype,
             "-" if ours is None else f"{ours:.3f} s",
             "-" if hf is None else f"{hf:.3f} s",
             "-" if ours is None or hf is None else f"**{ours / hf:.2f}**",
@@ -175,6 +197,21 @@ def report(result: Dict[str, Any], dtypes: List[str], statistic: str) -> List[st
             "-" if dtype == "float32" or ours is None or fp32 is None else f"{fp32 / ours:.2f}x",
             f"{peak.get(dtype, 0):.0f}",
         ]))
+    return rows
+
+
+def report_packing(result: Dict[str, Any], dtypes: List[str]) -> List[str]:
+    """Rows of our packed variant's time over the plain one's per dtype (``--pack-weights
+    both``), from the medians of the calls (the fastest calls in brackets)."""
+    rows = []
+    for dtype in dtypes:
+        ratios = []
+        for times in (result["seconds"], result["best_seconds"]):
+            plain = times.get(variant_key("ours", dtype))
+            packed = times.get(variant_key(PACKED, dtype))
+            ratios.append(None if plain is None or packed is None else packed / plain)
+        if None not in ratios:
+            rows.append(f"{result['case']} | {dtype} | {ratios[0]:.3f} ({ratios[1]:.3f})")
     return rows
 
 
@@ -222,9 +259,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--reps", type=positive_int, default=7, help="interleaved rounds (median)")
     p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed calls per variant")
     p.add_argument("--threads", type=positive_int, default=2)
-    p.add_argument("--pack-weights", action="store_true",
+    p.add_argument("--pack-weights", nargs="?", const="on", default="off",
+                   choices=("off", "on", "both"),
                    help="our models with perceiver_torch.pack_weights (float32 "
-                   "weights packed too; bfloat16 ones are by default)")
+                   "weights packed too; bfloat16 ones are by default); 'both': ours "
+                   "without and with (an ours+packed variant) in the same rounds, and "
+                   "the packed one's time over the other's")
     p.add_argument("--no-flops", dest="flops", action="store_false",
                    help="skip counting the matmul FLOPs")
     p.add_argument("--json", type=output_file, metavar="PATH",
@@ -233,7 +273,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    impls = ["ours", "hf"] if args.impl == "both" else ["ours"]
+    impls = ["ours"] + ([PACKED] if args.pack_weights == "both" else [])
+    impls += ["hf"] if args.impl == "both" else []
     if "hf" in impls:
         bf.import_transformers()
     dtypes = list(dict.fromkeys(args.dtype))
@@ -241,17 +282,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     if batches[0] != 1:
         p.error("--batch: positive sizes, 1 among them (the others are compared with it)")
     variants = [(i, d, b) for b in batches for d in dtypes for i in impls]
-    results, rows, batch_rows = [], [], []
+    results, rows, batch_rows, packing_rows = [], [], [], []
     for case in args.models:
         # HF decodes a clip in 128 calls: bench_forward.py estimates that one; a
         # clip is one item.
         case_variants = [
             v for v in variants
-            if case != "video_clip" or (v[0] == "ours" and v[2] == 1)
+            if case != "video_clip" or (v[0] != "hf" and v[2] == 1)
         ]
         result = measure_case(case, case_variants, args)
         results.append(result)
         rows += report(result, dtypes, "median") + report(result, dtypes, "best")
+        if args.pack_weights == "both":
+            rows += report(result, dtypes, "median", PACKED)
+            rows += report(result, dtypes, "best", PACKED)
+            packing_rows += report_packing(result, dtypes)
         if len(batches) > 1:
             batch_rows += report_batches(result, impls, dtypes, batches)
     print("case | statistic | dtype | ours | HF | ours / HF | % of matmul peak, ours / HF"
@@ -262,10 +307,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"batch {b} items/s, median (best)" for b in batches
         ) + " | " + " / ".join(f"batch {b}" for b in batches[1:]) + " over batch 1 (medians)")
         print("\n".join(batch_rows))
+    if packing_rows:
+        print("\ncase | dtype | time with packed weights / without, median (best)")
+        print("\n".join(packing_rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": bf.environment(), "reps": args.reps,
-                       "threads": args.threads, "batches": batches, "results": results},
+                       "threads": args.threads, "batches": batches,
+                       "pack_weights": args.pack_weights, "results": results},
                       f, indent=2)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

@@ -49,3 +49,52 @@ def test_a_case_run_at_batch_one_only_has_no_throughput_row(bench):
     result = {"case": "video_clip", "seconds": {"ours/float32": 9.0},
               "best_seconds": {"ours/float32": 8.0}}
     assert bench.report_batches(result, ["ours"], ["float32"], [1, 8]) == []
+
+
+def test_pack_weights_both_times_our_model_with_and_without_packed_copies(bench, monkeypatch):
+    """--pack-weights both: one "ours" variant built as load() leaves it and one
+    "ours+packed" built with pack_weights, timed in the same rounds; HF's never packed."""
+    built = []
+
+    def fake_build(impl):
+        def build(case, options):
+            built.append((impl, options.dtype, options.pack_weights))
+            return lambda i: None
+        return build
+
+    monkeypatch.setattr(bench.bf, "build_ours", fake_build("ours"))
+    monkeypatch.setattr(bench.bf, "build_hf", fake_build("hf"))
+    monkeypatch.setattr(bench.bf, "import_transformers", lambda: None)
+    monkeypatch.setattr(bench, "peak_probe", lambda dtype: lambda: 100.0)
+    assert bench.main(["--models", "language_perceiver", "--dtype", "float32",
+                       "--pack-weights", "both", "--reps", "1", "--warmup", "0",
+                       "--no-flops"]) == 0
+    assert sorted(built) == [("hf", "float32", False), ("ours", "float32", False),
+                             ("ours", "float32", True)]
+    built.clear()
+    # the bare flag (the README's older commands) packs the one "ours" variant
+    bench.main(["--models", "language_perceiver", "--dtype", "float32", "--impl", "ours",
+                "--pack-weights", "--reps", "1", "--warmup", "0", "--no-flops"])
+    assert built == [("ours", "float32", True)]
+
+
+def test_packing_rows_are_the_packed_time_over_the_plain_one(bench):
+    result = {
+        "case": "language_perceiver",
+        "seconds": {"ours/float32": 0.5, "ours+packed/float32": 0.45, "hf/float32": 0.6,
+                    "ours/bfloat16": 0.3},
+        "best_seconds": {"ours/float32": 0.4, "ours+packed/float32": 0.38,
+                         "hf/float32": 0.5, "ours/bfloat16": 0.25},
+        "peak_gflops": {"float32": 100.0}, "best_peak_gflops": {"float32": 100.0},
+        "work_flops": 30e9,
+    }
+    # bfloat16 has no packed variant here: no row
+    assert bench.report_packing(result, ["float32", "bfloat16"]) == [
+        "language_perceiver | float32 | 0.900 (0.950)"
+    ]
+    # the packed variant's rows compare it with HF, and say which variant they are
+    [row] = bench.report(result, ["float32"], "median", bench.PACKED)
+    assert row.startswith("language_perceiver | median (ours+packed) | float32 | 0.450 s")
+    assert "**0.75**" in row and "67% / 50%" in row
+    [plain] = bench.report(result, ["float32"], "median")
+    assert "| median | float32 | 0.500 s" in plain and "**0.83**" in plain
