@@ -45,7 +45,7 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
             a folder; the message says how to fix it.
     """
     path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
+    parent = path.parent
     if not parent.is_dir():
         raise ConverterError(
             f"cannot write {path}: the folder {parent} does not exist; create it "
@@ -201,7 +201,7 @@ def durable_publish(
     fsync_file(temp)
     publish(temp, path, overwrite=overwrite)
     path = Path(path)
-    fsync_folder(path.parent if str(path.parent) else Path("."))
+    fsync_folder(path.parent)
 
 
 def fsync_file(path: Union[str, os.PathLike]) -> None:
@@ -251,7 +251,7 @@ def atomic_write(
             :func:`check_output_path`), or the write itself fails (disk full, ...).
     """
     path = check_output_path(path)
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
     while True:
         temp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
         try:

@@ -419,7 +419,7 @@ def check_new_folder(out_dir: str | os.PathLike) -> Path:
     from converter.haiku_writer import OTHER_FORMAT_SUFFIXES
 
     out_dir = Path(out_dir)
-    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    parent = out_dir.parent
     kind = {**OTHER_FORMAT_SUFFIXES, ".pickle": "a Haiku pickle", ".pkl": "a pickle",
             ".pystate": "a Haiku pickle"}.get(out_dir.suffix.lower())
     if kind is not None:
@@ -465,7 +465,7 @@ def atomic_folder(out_dir: Path):
     no ``out_dir`` or a whole one.
     """
     out_dir = check_new_folder(out_dir)
-    parent = out_dir.parent if str(out_dir.parent) else Path(".")
+    parent = out_dir.parent
     from converter.atomic import fsync_folder, fsync_tree, raise_write_error
 
     temp = parent / f".{out_dir.name}.{secrets.token_hex(6)}.tmp"

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from converter._version import __version__
-from converter.errors import ConverterError, OutputError, ParityError, UsageError
+from converter.errors import OutputError, ParityError, UsageError
 from converter.progress import Progress, quiet
 from perceiver_torch import fast_paths
 
@@ -230,7 +230,7 @@ def export_onnx(
     trace = _spec(model, name, seed, 1)
     check = _spec(model, name, seed + 1, batch)
     reference = _torch_outputs(check)  # fast paths on: the model as users run it
-    folder = out.parent if str(out.parent) else Path(".")
+    folder = out.parent
     temp = folder / f".{out.name}.{secrets.token_hex(6)}.tmp"
     try:
         progress(f"tracing {name} (opset {OPSET}, dynamic batch, fast paths off)")

@@ -147,7 +147,7 @@ class Staging:
         return path
 
     def _temp(self, path: Path) -> Path:
-        folder = path.parent if str(path.parent) else Path(".")
+        folder = path.parent
         # Same folder (the rename stays on one filesystem), same suffix (libraries
         # that pick a format from the file name still see it).
         return folder / f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}"

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import perceiver_torch
-from converter.errors import ConverterError, ParityError, UsageError
+from converter.errors import ParityError, UsageError
 from converter.progress import Progress, quiet
 
 STAGES = ("preprocessed", "latents", "decoder_output")

@@ -438,7 +438,6 @@ def count_matmul_flops(run: Callable[[int], Any]) -> int:
     ``torch.utils.flop_counter`` (matmuls, convolutions, attention kernels). It runs
     with autograd on and the parameters frozen (the counter's module tracker needs
     it), so our ``Linear`` takes ``F.linear`` and every product is one it knows."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     model = getattr(run, "model")
