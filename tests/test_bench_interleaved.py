@@ -66,6 +66,8 @@ def test_pack_weights_both_times_our_model_with_and_without_packed_copies(bench,
     monkeypatch.setattr(bench.bf, "build_hf", fake_build("hf"))
     monkeypatch.setattr(bench.bf, "import_transformers", lambda: None)
     monkeypatch.setattr(bench, "peak_probe", lambda dtype: lambda: 100.0)
+    # main() sets the process's thread count (--threads): not for the tests after this one
+    monkeypatch.setattr("torch.set_num_threads", lambda threads: None)
     assert bench.main(["--models", "language_perceiver", "--dtype", "float32",
                        "--pack-weights", "both", "--reps", "1", "--warmup", "0",
                        "--no-flops"]) == 0
