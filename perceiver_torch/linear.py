@@ -85,27 +85,20 @@ def _cpuinfo_field(name: str) -> Optional[str]:
 # The CPU's vendor once read. A plain global, not functools.lru_cache:
 # torch.compile asks for it (attention's padding rule in bfloat16, through
 # cpu_prefers_onednn_attention) and reads a global as a constant, where it traces
-# through lru_cache wrappers and warns the user that it does. Filled at import where
+# through lru_cache wrappers and warns the user that it does. Read at import where
 # /proc/cpuinfo names the vendor (its first lines), so that a compiled model never
-# traces the file's read; elsewhere at the first call (platform.processor() may start
-# a subprocess, not something to do at import).
-_VENDOR: List[str] = []
+# traces the file's read; None elsewhere until the first call asks platform (which
+# may start a subprocess, not something to do at import).
+_VENDOR: Optional[str] = _cpuinfo_field("vendor_id")
 
 
 def _cpu_vendor() -> str:
     """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...; "" if unknown),
     read once."""
-    if not _VENDOR:
-        vendor = _cpuinfo_field("vendor_id")
-        # e.g. "Intel64 Family 6 ..., GenuineIntel" on Windows
-        _VENDOR.append(vendor if vendor is not None else platform.processor())
-    return _VENDOR[0]
-
-
-_vendor_in_cpuinfo = _cpuinfo_field("vendor_id")
-if _vendor_in_cpuinfo is not None:
-    _VENDOR.append(_vendor_in_cpuinfo)
-del _vendor_in_cpuinfo
+    global _VENDOR
+    if _VENDOR is None:
+        _VENDOR = platform.processor()  # e.g. "Intel64 Family 6 ..., GenuineIntel" on Windows
+    return _VENDOR
 
 
 @functools.lru_cache(maxsize=None)
