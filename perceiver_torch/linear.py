@@ -579,13 +579,21 @@ def _fused_groups(module: nn.Module) -> List[Tuple[Sequence["Linear"], FusedWeig
     return groups() if groups is not None else []
 
 
+def packing_takes_effect(dtype: torch.dtype) -> bool:
+    """Whether packed ``dtype`` weights change anything for CPU inference here: where
+    the linear layers take the oneDNN path (the ``ONEDNN_LINEAR`` fast path switched on,
+    and float32 on CPUs with AVX-512, :func:`onednn_linear_preferred`). Elsewhere
+    :func:`pack_weights` keeps no copy and the weights stay as they are."""
+    return _onednn_linear_enabled(dtype)
+
+
 def _prepackable(layer: "Linear") -> bool:
     dtype = layer.weight.dtype
     return (
         layer.weight.device.type == "cpu"
         and layer.packs(dtype)
         and not _packs_with_mkl(dtype)
-        and _onednn_linear_enabled(dtype)
+        and packing_takes_effect(dtype)
     )
 
 

@@ -606,6 +606,75 @@ def test_run_dtype_notes_a_cpu_without_its_matrix_instructions(models, images, m
     assert run_cli(*args, "-q").stderr == ""  # quiet: errors only
 
 
+def _spy_on_packing(monkeypatch) -> list:
+    """Records (packs, model) for each call of linear.pack_weights and
+    linear.release_packed_weights (the real functions still run)."""
+    import perceiver_torch.linear as linear
+
+    calls = []
+    for name, packs in (("pack_weights", True), ("release_packed_weights", False)):
+        real = getattr(linear, name)
+
+        def spy(module, real=real, packs=packs):
+            calls.append((packs, module))
+            return real(module)
+
+        monkeypatch.setattr(linear, name, spy)
+    return calls
+
+
+def test_run_pack_weights_chooses_the_copies(models, images, monkeypatch):
+    """--pack-weights packs every linear layer's weights, from a converted file and
+    from an official checkpoint, and gives the same answers as the plain weights (the
+    same dot products; the kernel may sum in another order, hence the tolerance of a
+    few float32 roundings on probabilities of order 1/num_classes); --no-pack-weights
+    keeps none, in bfloat16 too; without either the library's default applies."""
+    import math
+
+    from perceiver_torch.linear import Linear
+
+    calls = _spy_on_packing(monkeypatch)
+    plain = run_cli("run", "classify", models["imagenet_learned"], *images, "--json")
+    assert plain.exit_code == 0, plain.stderr
+    assert calls == []  # the default: load() decides by dtype
+    official = golden_checkpoint_path("imagenet_learned")
+    for source in (models["imagenet_learned"], official):
+        calls.clear()
+        packed = run_cli("run", "classify", source, *images, "--json", "--pack-weights")
+        assert packed.exit_code == 0, packed.stderr
+        assert [packs for packs, _ in calls] == [True], source
+        layers = [m for m in calls[0][1].modules() if isinstance(m, Linear)]
+        assert layers and all(layer.packing is True for layer in layers)
+        got = json.loads(packed.stdout)["results"]
+        want = json.loads(plain.stdout)["results"]
+        for a, b in zip(got, want):
+            assert [e["index"] for e in a["top_k"]] == [e["index"] for e in b["top_k"]]
+            for x, y in zip(a["top_k"], b["top_k"]):
+                assert math.isclose(x["probability"], y["probability"], rel_tol=1e-5)
+    calls.clear()
+    released = run_cli("run", "classify", models["imagenet_learned"], images[0],
+                       "--dtype", "bfloat16", "--no-pack-weights")
+    assert released.exit_code == 0, released.stderr
+    assert [packs for packs, _ in calls] == [False]
+    layers = [m for m in calls[0][1].modules() if isinstance(m, Linear)]
+    assert all(layer.packing is False and layer._packed is None for layer in layers)
+
+
+def test_run_pack_weights_notes_where_it_changes_nothing(models, images, monkeypatch):
+    import perceiver_torch.linear as linear
+
+    args = ("run", "classify", models["imagenet_conv"], images[0], "--pack-weights")
+    monkeypatch.setattr(linear, "packing_takes_effect", lambda dtype: True)
+    assert "note:" not in run_cli(*args).stderr
+    monkeypatch.setattr(linear, "packing_takes_effect", lambda dtype: False)
+    result = run_cli(*args)
+    assert result.exit_code == 0, result.stderr
+    assert "--pack-weights changes nothing here" in result.stderr
+    assert "in float32 (float32 needs AVX-512" in result.stderr
+    assert "note:" not in run_cli(*args[:-1]).stderr  # not asked for: nothing to say
+    assert run_cli(*args, "-q").stderr == ""
+
+
 def test_run_refuses_an_unknown_dtype(models, images):
     result = run_cli("run", "classify", models["imagenet_conv"], images[0], "--dtype", "int8")
     assert result.exit_code == 2
