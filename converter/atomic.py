@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import BinaryIO, Iterator, NoReturn, Optional, Sequence, Union
 
@@ -33,6 +34,7 @@ __all__ = [
     "output_appeared",
     "publish",
     "raise_write_error",
+    "refuse_special_file",
     "write_failed",
 ]
 
@@ -41,12 +43,19 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
     """Check that ``path`` can be written as a file, before any work is done.
 
     Raises:
-        ConverterError: the parent folder is missing or not writable, or ``path`` is
-            a folder; the message says how to fix it.
+        ConverterError: the parent folder is missing (or a file stands where it
+            should be) or not writable, or ``path`` is a folder, a FIFO, a device or a
+            socket; the message says how to fix it.
     """
     path = Path(path)
     parent = path.parent
     if not parent.is_dir():
+        blocking = _file_in_the_way(parent)
+        if blocking is not None:
+            raise ConverterError(
+                f"cannot write {path}: {blocking} is a file, not a folder; choose "
+                "another output path"
+            )
         raise ConverterError(
             f"cannot write {path}: the folder {parent} does not exist; create it "
             f"first (mkdir -p {parent}) or choose another output path"
@@ -56,12 +65,54 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
             f"cannot write {path}: it is a folder; give the name of a file, in it "
             f"({path}{os.sep}NAME) or elsewhere"
         )
+    refuse_special_file(path)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConverterError(
             f"cannot write {path}: no write permission in {parent}; choose a "
             "writable folder"
         )
     return path
+
+
+def _file_in_the_way(folder: Path) -> Optional[Path]:
+    """The nearest existing ancestor of the missing ``folder`` (itself included) where
+    that is not a folder (a file where a folder is needed); None where it is one."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def refuse_special_file(path: Union[str, os.PathLike]) -> None:
+    """Raises ConverterError where ``path`` exists (through links) as a FIFO, device
+    or socket: outputs are written whole to a temporary file and renamed over the name
+    (:func:`atomic_write`), which would replace the node itself (``/dev/null`` with
+    ``--force``) rather than write into it."""
+    special = _special_file_kind(Path(path))
+    if special is not None:
+        raise ConverterError(
+            f"cannot write {path}: it is {special}, not a regular file, and outputs "
+            "are written to a new file renamed into place, which would replace it; "
+            "give the name of a regular file"
+        )
+
+
+def _special_file_kind(path: Path) -> Optional[str]:
+    """What ``path`` is ("a FIFO", "a character device", ...) where it exists (through
+    links) and is neither a regular file nor a folder; None otherwise."""
+    try:
+        mode = path.stat().st_mode
+    except (OSError, ValueError):
+        return None  # missing, a dangling link, or unreadable: the write will say
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return kind
+    return None
 
 
 def check_outputs(

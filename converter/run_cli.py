@@ -404,6 +404,13 @@ def _output_option(
             ctx=ctx,
             param=param,
         )
+    from converter.atomic import refuse_special_file
+
+    try:
+        # Also where -o is only the stem of the names written (flow's /dev/null.flo).
+        refuse_special_file(value)
+    except ConverterError as error:
+        raise click.BadParameter(str(error), ctx=ctx, param=param) from None
     return Path(value)
 
 

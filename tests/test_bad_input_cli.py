@@ -142,6 +142,58 @@ def test_existing_output_needs_force(work):
         converter.export(exported, exported)
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_fifo_or_device_is_never_replaced_by_an_output(work):
+    """Outputs are renamed into place, which would replace a FIFO or a device node
+    (/dev/null with --force, as root) by a regular file: refused (exit 2) by every
+    command that writes, with --force too, also where -o is only the stem of the
+    names written (flow), and by the Python API; the node stays what it was."""
+    import stat
+
+    fifo = work / "pipe"
+    os.mkfifo(fifo)
+    images = work / "frame.png"
+    pytest.importorskip("PIL.Image").new("RGB", (40, 32)).save(images)
+    flow_model = work / "flow.safetensors"
+    write_fixture("optical_flow", work / "flow.pickle", size="tiny", seed=1)
+    assert run_cli("convert", work / "flow.pickle", "-o", flow_model, "-q").exit_code == 0
+    before = snapshot(work)
+    for args in (
+        ("convert", work / "fourier.pickle", "-o", fifo, "--force"),
+        ("fixture", "imagenet_fourier", "-o", fifo, "--force"),
+        ("export", work / "fourier.safetensors", "-o", fifo, "--force"),
+        ("run", "classify", work / "fourier.safetensors", images, "-o", fifo, "--force"),
+        ("run", "flow", flow_model, images, images, "-o", fifo),
+    ):
+        result = run_cli(*args)
+        assert_clean_error(result, 2, f"cannot write {fifo}: it is a FIFO (named pipe)",
+                           "give the name of a regular file")
+        assert stat.S_ISFIFO(fifo.stat().st_mode), args
+    named = work / "pipe.safetensors"
+    os.mkfifo(named)
+    with pytest.raises(converter.ConverterError, match="it is a FIFO"):
+        converter.convert(work / "fourier.pickle", named)  # overwrite=True by default
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and stat.S_ISFIFO(named.stat().st_mode)
+    if Path("/dev/null").exists():
+        result = run_cli("run", "classify", work / "fourier.safetensors", images,
+                         "-o", "/dev/null", "--force")
+        assert_clean_error(result, 2, "cannot write /dev/null: it is a character device")
+    assert snapshot(work) == before
+
+
+def test_a_file_where_the_output_folder_should_be_is_named(work):
+    """-o inside a path whose "folder" is a file: the advice is not mkdir -p (which
+    would fail) but to choose another path."""
+    blocking = work / "fourier.safetensors"
+    before = snapshot(work)
+    for out in (blocking / "x.pickle", blocking / "a" / "b.pickle"):
+        result = run_cli("fixture", "imagenet_fourier", "-o", out)
+        assert_clean_error(result, 2, f"{blocking} is a file, not a folder",
+                           "choose another output path")
+        assert "mkdir" not in result.stderr
+    assert snapshot(work) == before
+
+
 def test_fixture_refuses_a_suffix_of_another_format(tmp_path):
     result = run_cli("fixture", "optical_flow", "-o", tmp_path / "x.safetensors")
     assert_clean_error(result, 2, "refusing to write a Haiku pickle")
