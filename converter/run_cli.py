@@ -79,8 +79,8 @@ the model computed in), "results": [one per input]}}; each result has "input" an
   autoencode  "files" written, "clips": [{{"frames", "psnr", "top_k": [{{"label",
               "index", "probability"}}]}}] and more
 
--o OUT writes the results (classify, fill-mask: the document --json prints; with
---npy/--npz the raw arrays: classify "logits" (N, classes), fill-mask "logits_I"
+-o OUT writes the results (classify, fill-mask: the document --json prints, to a
+name of no other format, e.g. OUT.json; with --npy/--npz the raw arrays: classify "logits" (N, classes), fill-mask "logits_I"
 (masked bytes, 262) and "positions_I" per input I) or, for flow and autoencode, the
 pictures, videos and sounds.
 Files appear only when the whole run succeeds; an output never replaces an input.
@@ -614,6 +614,34 @@ def _check_planned(
             )
 
 
+# Suffixes of formats other than JSON that a task's -o document would be mistaken
+# for: arrays (--npy/--npz write those), models and checkpoints.
+_ARRAY_SUFFIXES = {".npy": "--npy", ".npz": "--npz"}
+_MODEL_SUFFIXES = (
+    ".safetensors", ".pt", ".pth", ".bin", ".pickle", ".pkl", ".pystate", ".onnx", ".flo",
+)
+
+
+def _check_document_suffix(task: str, output: Path) -> None:
+    """A task whose -o is its JSON document (classify, fill-mask) refuses a name of
+    another format (exit 2): without this, ``-o logits.npy`` (no --npy) wrote JSON
+    that np.load cannot read, and ``-o out.png`` JSON in a .png."""
+    from perceiver_torch.pipelines.media import MEDIA_SUFFIXES
+
+    suffix = output.suffix.lower()
+    flag = _ARRAY_SUFFIXES.get(suffix)
+    if flag is not None:
+        raise click.UsageError(
+            f"-o {output}: add {flag} for the raw arrays; without it {task} writes its "
+            "JSON document (name that *.json)"
+        )
+    if suffix in MEDIA_SUFFIXES or suffix in _MODEL_SUFFIXES:
+        raise click.UsageError(
+            f"-o {output}: {task} writes a JSON document (the one --json prints), not "
+            f"{suffix}; name it *.json, or add --npy/--npz for the raw arrays"
+        )
+
+
 def _fail(error: BaseException, code: int, line: str, as_json: bool) -> NoReturn:
     """Ends a run that failed: ``line`` on stderr and, with ``--json``, the error
     document on stdout, as :class:`~converter.cli.ConverterGroup` does for the errors
@@ -675,6 +703,8 @@ def _run(**kwargs: Any) -> None:
         # input and, without --force, does not exist yet.
         planned = spec.planned_outputs(list(kwargs["inputs"]), options)
         _check_planned(ctx, planned, protected, force)
+        if arrays is None and output is not None and spec.outputs is None:
+            _check_document_suffix(task, output)  # after the input check: its words first
         staging = Staging(protected, force=force, planned=planned)
         options.open_output = staging.open_output
         options.output_path = staging.output_path

@@ -276,6 +276,11 @@ def test_usage_errors(models, images, tmp_path):
         (["--npz", "-o", tmp_path / "x.npy"], "ending in .npz"),
         (["-o", tmp_path / "missing" / "out.json"], "does not exist"),
         (["-o", images[0]], "it is the input"),
+        (["-o", tmp_path / "out.png"], "writes a JSON document (the one --json prints), not .png"),
+        # -o of an array format without its flag wrote JSON that np.load cannot read.
+        (["-o", tmp_path / "logits.npy"], "add --npy for the raw arrays"),
+        (["-o", tmp_path / "logits.NPZ"], "add --npz for the raw arrays"),
+        (["-o", tmp_path / "out.safetensors"], "name it *.json"),
         (["--span", "1:2"], "--span is an option of fill-mask"),
         (["--top-k", "0"], "--top-k"),
     ]
@@ -285,6 +290,13 @@ def test_usage_errors(models, images, tmp_path):
                      "-o", text_file)
     assert result.exit_code == 2 and "it is the input" in result.stderr
     assert text_file.read_text() == MARKED
+    result = run_cli("run", "fill-mask", models["language_perceiver"], MARKED,
+                     "-o", tmp_path / "logits.npz")
+    assert result.exit_code == 2 and "add --npz" in result.stderr
+    for name in ("out.json", "out.txt", "out"):  # JSON, or a name of no other format
+        result = run_cli("run", "classify", model, images[0], "-o", tmp_path / name)
+        assert result.exit_code == 0, (name, result.stderr)
+        assert json.loads((tmp_path / name).read_text())["task"] == "classify"
     before = images[0].read_bytes()
     for extra, message in cases:
         result = run_cli("run", "classify", model, *images, *extra)
