@@ -450,6 +450,38 @@ def test_run_flow_video_output_suffix_is_honoured_or_refused(tmp_path, flow_chec
         assert _listing(tmp_path) == before
 
 
+def test_run_flow_refuses_an_output_suffix_the_run_would_swap(tmp_path, flow_checkpoint):
+    """-o names one of flow's formats that this run does not write: refused before the
+    model is loaded. Frames with -o X.mp4 wrote X.flo and X.png, a video with -o X.flo
+    wrote X.mp4, and -o X.npy without --npy wrote X.flo and X.png: each silently."""
+    pytest.importorskip("av")
+    from perceiver_torch.pipelines.video import make_test_video
+
+    a, b = _frames(tmp_path)
+    make_test_video(tmp_path / "clip.mp4", 3, size=(40, 56), sample_rate=None)
+    before = _listing(tmp_path)
+    cases = [
+        ((a, b), "pair.mp4", "frames give a .flo and a .png per pair, not .mp4"),
+        ((a, b), "pair.gif", "frames give a .flo and a .png per pair, not .gif"),
+        ((a, b), "pair.npy", "add --npy for the raw arrays"),
+        ((tmp_path / "clip.mp4",), "video.flo",
+         "the flow of a video is written as a video (.mp4, .mov, .mkv, .gif), not .flo"),
+        ((tmp_path / "clip.mp4",), "video.png", "not .png"),
+        ((tmp_path / "clip.mp4",), "video.npz", "add --npz for the raw arrays"),
+    ]
+    for inputs, name, message in cases:
+        result = run_cli("run", "flow", flow_checkpoint, *inputs, "-o", tmp_path / name)
+        assert result.exit_code == 2, (name, result.stderr)
+        assert message in result.stderr, (name, result.stderr)
+        assert "flow with" not in result.stderr  # refused before the model is loaded
+        assert _listing(tmp_path) == before
+    # The suffixes each run writes, and a bare stem, still name its files.
+    result = run_cli("run", "flow", flow_checkpoint, a, b, "-o", tmp_path / "pair", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["results"][0]["files"] == [
+        str(tmp_path / "pair.flo"), str(tmp_path / "pair.png")]
+
+
 def test_run_flow_refuses_a_video_model(tmp_path):
     checkpoint = tmp_path / "video.pickle"
     assert run_cli("fixture", "video_autoencoding", "-o", checkpoint).exit_code == 0

@@ -270,6 +270,7 @@ def _output_base(inputs: Sequence[str], options: RunOptions) -> Tuple[Path, str]
         return out / (first.stem + ".flow"), ".mp4"
     suffix = out.suffix.lower()
     if suffix in _SUFFIXES:
+        _check_suffix_fits_the_run(out, suffix, _is_video_run(inputs), options)
         return out.with_suffix(""), suffix if suffix in WRITTEN_VIDEO_SUFFIXES else ".mp4"
     if suffix in MEDIA_SUFFIXES:
         # Not a stem: the user asked for that format (out.webm wrote out.webm.mp4).
@@ -280,6 +281,26 @@ def _output_base(inputs: Sequence[str], options: RunOptions) -> Tuple[Path, str]
             "-o with one of those suffixes"
         )
     return out, ".mp4"
+
+
+def _check_suffix_fits_the_run(out: Path, suffix: str, video: bool, options: RunOptions) -> None:
+    """-o's suffix names one of flow's formats; refuses (exit 2) one this run would
+    not write, where it used to be taken as a stem and swapped silently (frames with
+    -o x.mp4 wrote x.flo and x.png; a video with -o x.flo wrote x.mp4)."""
+    if suffix in (".npy", ".npz") and options.arrays is None:
+        raise usage_error(f"-o {out}: add --{suffix[1:]} for the raw arrays")
+    videos = ", ".join(WRITTEN_VIDEO_SUFFIXES)
+    if video and suffix in (".flo", ".png"):
+        raise usage_error(
+            f"-o {out}: the flow of a video is written as a video ({videos}), not "
+            f"{suffix}; give -o with one of those suffixes (--npy/--npz: the arrays), or "
+            "give the frames as pictures for a .flo and a .png per pair"
+        )
+    if not video and suffix in WRITTEN_VIDEO_SUFFIXES:
+        raise usage_error(
+            f"-o {out}: frames give a .flo and a .png per pair, not {suffix} (a video "
+            "input gives a flow video); give -o with .flo, .png or no suffix"
+        )
 
 
 def _png_bytes(picture: np.ndarray) -> bytes:
