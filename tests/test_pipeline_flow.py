@@ -150,7 +150,9 @@ def test_result_as_dict_is_a_json_summary(model):
 
 def test_small_frames_are_refused_or_padded(model):
     first, second = textured_pair(20, 30)
-    with pytest.raises(InputError, match="smaller than the model's 24x32 tile"):
+    # Sizes as width x height, as classify and image viewers give them.
+    with pytest.raises(InputError, match=r"are 30x20 px \(width x height\), smaller than "
+                       r"the model's 32x24 tile"):
         FlowPipeline(model)(first, second)
     padded = FlowPipeline(model, pad=True)(first, second).flow
     assert padded.shape == (20, 30, 2) and np.isfinite(padded).all()
@@ -159,7 +161,7 @@ def test_small_frames_are_refused_or_padded(model):
     big_second = np.pad(second, ((0, 4), (0, 2), (0, 0)), mode="edge")
     direct = FlowPipeline(model)(big_first, big_second).flow[:20, :30]
     np.testing.assert_allclose(padded, direct, rtol=1e-6, atol=1e-7)
-    with pytest.raises(InputError, match="differ in size"):
+    with pytest.raises(InputError, match=r"differ in size \(30x20 and 30x19 px, width x"):
         FlowPipeline(model)(first, second[:-1])
 
 
@@ -323,6 +325,10 @@ def test_run_flow_writes_flo_and_png(tmp_path, flow_checkpoint):
     assert document["files"] == [str(tmp_path / "out.flo"), str(tmp_path / "out.png")]
     flow = decode_flo((tmp_path / "out.flo").read_bytes())
     assert flow.shape == (40, 56, 2)
+    # The human line gives width x height (as classify and image viewers do); the
+    # document's "size" stays [height, width], the arrays' order.
+    assert f"{a} -> {b}: 56x40, " in result.stderr
+    assert document["size"] == [40, 56]
     # The document is FlowResult.as_dict of the pair, with its inputs and files.
     summary = FlowResult(flow=flow, tiles=document["tiles"]).as_dict()
     assert document == {"input": [str(a), str(b)], **summary, "files": document["files"]}
@@ -361,7 +367,7 @@ def _listing(folder: Path) -> List[str]:
 @pytest.mark.parametrize(
     "case, code, message",
     [
-        ("small", 3, "smaller than the model's 24x32 tile"),
+        ("small", 3, "smaller than the model's 32x24 tile"),
         ("garbage", 3, "cannot read"),
         ("one-frame", 2, "needs two frames"),
         ("mixed", 2, "one video or two or more frames"),

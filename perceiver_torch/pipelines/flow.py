@@ -159,8 +159,9 @@ class FlowPipeline:
         th, tw = self.tile
         if (height < th or width < tw) and not self.pad:
             raise InputError(
-                f"{name} are {height}x{width} px, smaller than the model's {th}x{tw} "
-                "tile; give larger frames, resize them, or pad them (--pad)"
+                f"{name} are {width}x{height} px (width x height), smaller than the "
+                f"model's {tw}x{th} tile; give larger frames, resize them, or pad them "
+                "(--pad)"
             )
 
     def flow_of(self, first: np.ndarray, second: np.ndarray, *, progress: Optional[Progress] = None) -> FlowResult:
@@ -169,8 +170,9 @@ class FlowPipeline:
             _check_frame_array(frame, name)
         if first.shape != second.shape:
             raise InputError(
-                f"the two frames differ in size ({first.shape[0]}x{first.shape[1]} and "
-                f"{second.shape[0]}x{second.shape[1]}); give frames of one size"
+                f"the two frames differ in size ({first.shape[1]}x{first.shape[0]} and "
+                f"{second.shape[1]}x{second.shape[0]} px, width x height); give frames of "
+                "one size"
             )
         height, width = first.shape[:2]
         self.check_size(height, width)
@@ -499,7 +501,7 @@ def _pair_line(a: str, b: str, result: FlowResult) -> str:
     height, width = result.flow.shape[:2]
     u, v = result.flow.reshape(-1, 2).mean(0)
     return (
-        f"{a} -> {b}: {height}x{width}, {result.tiles} tiles, mean flow ({u:+.2f}, "
+        f"{a} -> {b}: {width}x{height}, {result.tiles} tiles, mean flow ({u:+.2f}, "
         f"{v:+.2f}) px, max |flow| {_magnitude(result.flow):.2f} px"
     )
 
@@ -530,7 +532,7 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
         files.append(str(target))
     height, width = stack.shape[1:3]
     options.echo(
-        f"{path}: {len(flows)} frame pairs, {height}x{width}, max |flow| "
+        f"{path}: {len(flows)} frame pairs, {width}x{height}, max |flow| "
         f"{_magnitude(stack):.2f} px"
     )
     return {
@@ -581,7 +583,7 @@ def demo_task(model: torch.nn.Module, folder: Path, options: RunOptions) -> Dict
     u, v = result.flow.reshape(-1, 2).mean(0)
     return {
         "task": "flow",
-        "input": f"2 frames {first.shape[0]}x{first.shape[1]} (moved +2, +1 px)",
+        "input": f"2 frames {first.shape[1]}x{first.shape[0]} (moved +2, +1 px)",
         "answer": (
             f"mean flow ({u:+.2f}, {v:+.2f}) px (random weights: noise), "
             f"{result.tiles} tiles -> flow.flo, flow.png"
