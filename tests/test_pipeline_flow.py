@@ -372,6 +372,7 @@ def _listing(folder: Path) -> List[str]:
         ("one-frame", 2, "needs two frames"),
         ("mixed", 2, "one video or two or more frames"),
         ("missing-video", 3, "no such file"),
+        ("folder-video", 3, "folder-video.mp4 is a folder; give a video or sound file"),
     ],
 )
 def test_run_flow_errors(tmp_path, flow_checkpoint, case, code, message):
@@ -387,6 +388,9 @@ def test_run_flow_errors(tmp_path, flow_checkpoint, case, code, message):
         inputs = [a, tmp_path / "clip.mp4"]
     elif case == "missing-video":
         inputs = [tmp_path / "absent.mp4"]
+    elif case == "folder-video":  # was "no such file", though the folder exists
+        inputs = [tmp_path / "folder-video.mp4"]
+        inputs[0].mkdir()
     before = _listing(tmp_path)
     result = run_cli("run", "flow", flow_checkpoint, *inputs, "-o", tmp_path / "out")
     assert result.exit_code == code, result.stderr

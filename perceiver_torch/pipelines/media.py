@@ -87,6 +87,8 @@ def is_video_path(path: PathLike) -> bool:
 
 def _open_container(path: Path) -> Any:
     av = require("av")
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; give a video or sound file")
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     try:
