@@ -264,15 +264,26 @@ def progress_bar(quiet: bool, stream: Any = None):
 # Models
 
 
+# The official checkpoints are pickles of protocol 2 to 5, which all begin with the
+# PROTO opcode.
+_PICKLE_PROTO = b"\x80"
+_CONVERTED_SUFFIXES = (".safetensors", ".pt", ".pth")
+
+
 def _sniff(path: Path) -> str:
     """``"safetensors"``, ``"torch"`` (a zip archive, torch.save's format) or
-    ``"official"`` (anything else: left to the checkpoint reader's checks)."""
+    ``"official"`` (anything else: left to the checkpoint reader's checks). A file
+    named as a converted model that is no pickle either is ``"torch"``: its error is
+    then perceiver_torch.load's (not a converted model), not the checkpoint reader's
+    advice to download the official file again."""
     with open(path, "rb") as handle:
         head = handle.read(16)
     if head[:4] == b"PK\x03\x04":
         return "torch"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
+    if path.suffix.lower() in _CONVERTED_SUFFIXES and not head.startswith(_PICKLE_PROTO):
+        return "torch"
     return "official"
 
 

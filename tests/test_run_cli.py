@@ -318,11 +318,23 @@ def test_unreadable_models(tmp_path, images):
 
     no_metadata = tmp_path / "bare.safetensors"
     save_file({"w": torch.ones(2)}, str(no_metadata))
-    for path in (junk, random_bytes, no_metadata):
+    zeros = tmp_path / "zeros.safetensors"  # no pickle either (not 0x80 first)
+    zeros.write_bytes(bytes(100))
+    for path in (junk, random_bytes, no_metadata, zeros):
         result = run_cli("run", "classify", path, images[0])
         assert result.exit_code == 3, (path, result.stderr)
         errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
         assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    # Named as a converted model and no pickle: not the checkpoint reader's advice to
+    # download the official file again, but what a converted model is.
+    result = run_cli("run", "classify", zeros, images[0])
+    assert "neither a safetensors file nor a torch.save file" in result.stderr
+    assert "download" not in result.stderr and "pickle opcode" not in result.stderr
+    # An official checkpoint keeps being read by its content, whatever its name.
+    renamed = tmp_path / "official.pt"
+    renamed.write_bytes(golden_checkpoint_path("imagenet_conv").read_bytes())
+    result = run_cli("run", "classify", renamed, images[0])
+    assert result.exit_code == 0 and "converted in memory from official.pt" in result.stderr
 
 
 def test_unavailable_task(models, images, monkeypatch):
