@@ -705,6 +705,39 @@ def test_run_refuses_an_unknown_dtype(models, images):
     assert "'int8' is not one of" in result.stderr and "bfloat16" in result.stderr
 
 
+def test_fill_mask_drops_one_final_line_ending_of_a_file_or_stdin(models, tmp_path):
+    """The newline an editor or echo adds is not part of the text (it was read as a
+    byte of it, changing the answer, and made a text of the model's length one byte
+    too long); a second one, and a newline typed in the argument, stay."""
+    from click.testing import CliRunner
+
+    from converter.cli import main
+    from perceiver_torch.pipelines.text import _read_input
+
+    model = str(models["language_perceiver"])
+    plain = run_cli("run", "fill-mask", model, MARKED, "--json")
+    assert plain.exit_code == 0, plain.stderr
+    expected = json.loads(plain.stdout)["results"]
+    for ending in ("\n", "\r\n"):
+        text_file = tmp_path / "marked.txt"
+        text_file.write_bytes((MARKED + ending).encode())
+        by_file = run_cli("run", "fill-mask", model, f"@{text_file}", "--json")
+        by_stdin = CliRunner().invoke(main, ["run", "fill-mask", model, "-", "--json"],
+                                      input=MARKED + ending, catch_exceptions=False)
+        for result in (by_file, by_stdin):
+            assert result.exit_code == 0, (ending, result.stderr)
+            assert json.loads(result.stdout)["results"] == expected, ending
+    # A text exactly the model's length, as an editor saves it, is accepted.
+    length = pt.TINY_CONFIGS["language_perceiver"].max_seq_len
+    full = tmp_path / "full.txt"
+    full.write_bytes(b"a" * (length - 1) + b"[MASK]\n")
+    result = run_cli("run", "fill-mask", model, f"@{full}", "-q")
+    assert result.exit_code == 0, result.stderr
+    full.write_bytes(b"x[MASK]\n\n")  # only the last line ending goes
+    assert _read_input(f"@{full}") == b"x[MASK]\n"
+    assert _read_input("x[MASK]\n") == "x[MASK]\n"  # the argument is taken as typed
+
+
 def test_fill_mask_reads_a_file_and_stdin_as_bytes(models, tmp_path):
     # The model reads bytes and a command-line text need not be UTF-8: a file or stdin
     # holding the same bytes must give the same answer, not a decoding error (a file)

@@ -454,18 +454,34 @@ def _read_input(value: str) -> Union[str, bytes]:
     UTF-8 (see the module docstring), as a command-line text need not be (its
     undecodable bytes arrive as surrogates and are those bytes again); decoding them
     first would refuse such a file, and on stdin would depend on the locale (a Latin-1
-    terminal would turn each byte above 127 into two)."""
+    terminal would turn each byte above 127 into two).
+
+    One final line ending (``\n`` or ``\r\n``) of a file or stdin is dropped, as the
+    shell's ``$(cat FILE)`` drops it: editors and ``echo`` add one, and the model
+    would otherwise read it as part of the text (a 2,048-byte text saved by an editor
+    was refused as 2,049 bytes). A second one, or other whitespace, stays."""
     if value == "-":
         stream = getattr(sys.stdin, "buffer", None)
-        return stream.read() if stream is not None else sys.stdin.read()
+        return _drop_final_line_ending(
+            stream.read() if stream is not None else sys.stdin.read()
+        )
     if value.startswith("@"):
         path = Path(value[1:])
         try:
-            return path.read_bytes()
+            return _drop_final_line_ending(path.read_bytes())
         except OSError as error:
             reason = getattr(error, "strerror", None) or error
             raise InputError(f"cannot read the text file {path}: {reason}") from None
     return value
+
+
+def _drop_final_line_ending(text: Union[str, bytes]) -> Union[str, bytes]:
+    """``text`` without one final ``\n`` or ``\r\n`` (see :func:`_read_input`)."""
+    newline = b"\n" if isinstance(text, bytes) else "\n"
+    if not text.endswith(newline):
+        return text
+    text = text[:-1]
+    return text[:-1] if text.endswith(b"\r" if isinstance(text, bytes) else "\r") else text
 
 
 def run_task(pipeline: FillMaskPipeline, inputs: List[str], options: RunOptions) -> List[dict]:
