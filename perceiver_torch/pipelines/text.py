@@ -456,10 +456,10 @@ def _read_input(value: str) -> Union[str, bytes]:
     first would refuse such a file, and on stdin would depend on the locale (a Latin-1
     terminal would turn each byte above 127 into two).
 
-    One final line ending (``\n`` or ``\r\n``) of a file or stdin is dropped, as the
-    shell's ``$(cat FILE)`` drops it: editors and ``echo`` add one, and the model
-    would otherwise read it as part of the text (a 2,048-byte text saved by an editor
-    was refused as 2,049 bytes). A second one, or other whitespace, stays."""
+    One final line ending (``\n`` or ``\r\n``) of a file or stdin is dropped: editors
+    and ``echo`` add one, and the model would otherwise read it as part of the text (a
+    2,048-byte text saved by an editor was refused as 2,049 bytes). A second one, or
+    other whitespace, stays."""
     if value == "-":
         stream = getattr(sys.stdin, "buffer", None)
         return _drop_final_line_ending(
