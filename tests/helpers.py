@@ -42,3 +42,30 @@ def assert_kept_the_other_runs_file(result: Result, out: Path, other: bytes) -> 
     assert "appeared while" in result.stderr and "--force" in result.stderr
     assert out.read_bytes() == other
     assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temporary file
+
+
+def truncated_video(folder: Path, frames: int = 30, size=(40, 56)) -> Path:
+    """An H.264 MP4 of ``frames`` textured frames (index at the front, so that a cut
+    file still opens) cut to its first two thirds: FFmpeg decodes the frames that are
+    there without an error, while the container still declares ``frames``."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    whole = folder / "whole.mp4"
+    with av.open(str(whole), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    data = whole.read_bytes()
+    cut = folder / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    whole.unlink()
+    return cut

@@ -492,6 +492,32 @@ def test_run_flow_refuses_an_output_suffix_the_run_would_swap(tmp_path, flow_che
         str(tmp_path / "pair.flo"), str(tmp_path / "pair.png")]
 
 
+def test_run_flow_notes_a_video_cut_short(tmp_path, flow_checkpoint):
+    """A truncated video decodes to fewer frames than its container declares, without
+    an error from FFmpeg: the run says so (it went on silently with a third missing);
+    a whole video gets no such note."""
+    pytest.importorskip("av")
+    from helpers import truncated_video
+    from perceiver_torch.pipelines.media import iter_video_frames, video_frame_count
+
+    cut = truncated_video(tmp_path)
+    decoded = sum(1 for _ in iter_video_frames(cut))
+    assert video_frame_count(cut) == 30 and 2 <= decoded <= 28
+    result = run_cli("run", "flow", flow_checkpoint, cut, "--json", "-o", tmp_path / "f.mp4")
+    assert result.exit_code == 0, result.stderr
+    note = f"{decoded} of the 30 frames the video declares were decoded"
+    assert note in result.stderr
+    (document,) = json.loads(result.stdout)["results"]
+    assert document["pairs"] == decoded - 1 and note in document["notes"][0]
+    from perceiver_torch.pipelines.video import make_test_video
+
+    make_test_video(tmp_path / "whole.mp4", 3, size=(40, 56), sample_rate=None)
+    result = run_cli("run", "flow", flow_checkpoint, tmp_path / "whole.mp4", "--json",
+                     "-o", tmp_path / "w.mp4")
+    assert result.exit_code == 0 and "note:" not in result.stderr
+    assert json.loads(result.stdout)["results"][0]["notes"] == []
+
+
 def test_run_flow_refuses_a_video_model(tmp_path):
     checkpoint = tmp_path / "video.pickle"
     assert run_cli("fixture", "video_autoencoding", "-o", checkpoint).exit_code == 0

@@ -145,6 +145,24 @@ def test_a_sound_shorter_than_the_resampling_filter(tmp_path, samples, rate, exp
     assert expected == 1 or np.abs(short).max() > 0.01
 
 
+def test_a_video_cut_short_is_noted(tmp_path, model):
+    """Fewer frames decoded than the container declares (a truncated file, which
+    FFmpeg decodes to its end without an error): a note, where the run went on
+    silently with a third of the video missing; a whole video gets none."""
+    from helpers import truncated_video
+    from perceiver_torch.pipelines.media import iter_video_frames
+
+    cut = truncated_video(tmp_path)
+    decoded = sum(1 for _ in iter_video_frames(cut))
+    sound = np.zeros(30 * 64, np.float32)
+    result = AutoencodePipeline(model)(cut, sound)
+    assert f"{decoded} of the 30 frames the video declares were decoded" in " ".join(
+        result.notes)
+    make_test_video(tmp_path / "whole.mp4", 4, size=(24, 40), sample_rate=None)
+    whole = AutoencodePipeline(model)(tmp_path / "whole.mp4", sound[: 4 * 64])
+    assert not any("declares" in note for note in whole.notes)
+
+
 def test_framing_and_clips(tmp_path, model, monkeypatch):
     # 5 frames at 1600 Hz (64 samples per frame): 2 clips of 2 frames, 1 frame dropped.
     video, _ = make_test_video(tmp_path / "v.mp4", 5, size=(24, 40), sample_rate=None)

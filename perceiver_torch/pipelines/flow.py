@@ -53,6 +53,7 @@ from .media import (
     WRITTEN_VIDEO_SUFFIXES,
     is_video_path,
     iter_video_frames,
+    missing_frames_note,
     video_frame_count,
     video_frame_rate,
     write_video,
@@ -535,6 +536,10 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
         f"{path}: {len(flows)} frame pairs, {width}x{height}, max |flow| "
         f"{_magnitude(stack):.2f} px"
     )
+    missing = missing_frames_note(path, len(flows) + 1)
+    notes = [] if missing is None else [missing]
+    for note in notes:
+        options.echo(f"  note: {note}")
     return {
         "input": path,
         "size": [height, width],
@@ -542,6 +547,7 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
         "fps": fps,
         "max_flow": _magnitude(stack),
         "files": files,
+        "notes": notes,
     }
 
 

@@ -120,6 +120,20 @@ def video_frame_count(path: PathLike) -> int:
         return int(container.streams.video[0].frames or 0)
 
 
+def missing_frames_note(path: PathLike, decoded: int) -> Optional[str]:
+    """A note where ``path`` decoded to fewer frames than its container declares (by
+    two or more: an edit list may hide one): FFmpeg stops at the end of a truncated
+    file without an error, so a third of a video could go missing silently. None
+    where the count matches or the container declares none."""
+    declared = video_frame_count(path)
+    if declared - decoded < 2:
+        return None
+    return (
+        f"{decoded} of the {declared} frames the video declares were decoded: the file "
+        "may be truncated or damaged (the missing frames are not in the results)"
+    )
+
+
 def iter_video_frames(path: PathLike, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
     """The frames of ``path``'s first video stream in display order, each (H, W, 3)
     uint8 RGB (FFmpeg's YUV->RGB conversion), at most ``max_frames``, turned upright

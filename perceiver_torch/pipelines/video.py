@@ -65,6 +65,7 @@ from .media import (
     WRITTEN_VIDEO_SUFFIXES,
     encode_wav,
     iter_video_frames,
+    missing_frames_note,
     read_audio,
     video_frame_rate,
     write_video,
@@ -391,6 +392,10 @@ class AutoencodePipeline:
     def __call__(self, video: VideoInput, audio: AudioInput = None) -> AutoencodeResult:
         notes: List[str] = []
         frames = self.load_frames(video)
+        if isinstance(video, (str, Path)):
+            missing = missing_frames_note(video, len(frames))
+            if missing is not None:
+                notes.append(missing)
         video_fps, rate_note = self.frame_rate_note(video)
         if rate_note is not None:
             notes.append(rate_note)
