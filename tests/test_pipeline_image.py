@@ -185,6 +185,27 @@ def test_16_bit_greyscale(tmp_path):
     assert np.array_equal(load_rgb(values), got)  # the same rule for arrays
 
 
+def test_32_bit_integer_values_beyond_16_bits_are_clipped_with_a_note(tmp_path):
+    """A mode "I" TIFF (32-bit integers) is read on the 16-bit scale, as Pillow opens
+    16-bit greyscale files; values beyond it were clipped without a word."""
+    values = np.array([[0, 257, 65535, 70000], [-5, 1 << 20, 128, 32896]], dtype=np.int32)
+    path = tmp_path / "wide.tif"
+    Image.fromarray(values, mode="I").save(path)
+    notes: list = []
+    got = load_rgb(path, notes=notes)
+    expected = np.round(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
+    assert np.array_equal(got[..., 0], expected)
+    assert notes == [
+        "the image's 32-bit integer values run from -5 to 1048576 and were clipped to "
+        "0..65535, the 16-bit scale read as greyscale; give an 8- or 16-bit image"
+    ]
+    within = tmp_path / "within.tif"
+    Image.fromarray(np.clip(values, 0, 65535), mode="I").save(within)
+    notes = []
+    load_rgb(within, notes=notes)
+    assert notes == []
+
+
 def test_16_bit_rgb_file(tmp_path):
     values = (np.arange(2 * 3 * 3).reshape(2, 3, 3) * 7000 + 11).astype(np.uint16)
     path = tmp_path / "rgb16.png"

@@ -168,7 +168,18 @@ def _from_pil(image: Any, notes: Optional[List[str]] = None) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit greyscale (PNG, TIFF): Pillow's own convert("L") would clip at 255.
-        return _from_array(_to_uint8_16bit(np.asarray(image)))
+        # Mode "I" (32-bit integers) is how Pillow opens most 16-bit greyscale files;
+        # values outside 0..65535 (a true 32-bit image) are clipped, and said so.
+        values = np.asarray(image)
+        if mode == "I" and notes is not None and values.size:
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high > 65535:
+                notes.append(
+                    f"the image's 32-bit integer values run from {low} to {high} and were "
+                    "clipped to 0..65535, the 16-bit scale read as greyscale; give an "
+                    "8- or 16-bit image"
+                )
+        return _from_array(_to_uint8_16bit(values))
     if mode == "F":
         return _from_array(np.asarray(image, dtype=np.float32), notes)
     if mode == "P":
