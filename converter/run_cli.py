@@ -80,9 +80,9 @@ the model computed in), "results": [one per input]}}; each result has "input" an
               "index", "probability"}}]}}] and more
 
 -o OUT writes the results (classify, fill-mask: the document --json prints, to a
-name of no other format, e.g. OUT.json; with --npy/--npz the raw arrays: classify "logits" (N, classes), fill-mask "logits_I"
-(masked bytes, 262) and "positions_I" per input I) or, for flow and autoencode, the
-pictures, videos and sounds.
+name of no other format, e.g. OUT.json; with --npy/--npz the raw arrays: classify
+"logits" (N, classes), fill-mask "logits_I" (masked bytes, 262) and "positions_I"
+per input I) or, for flow and autoencode, the pictures, videos and sounds.
 Files appear only when the whole run succeeds; an output never replaces an input.
 Every file the run would write (-o and the names derived from it, e.g. flow's .flo and
 .png) is checked before the model is loaded: one that exists is refused unless --force.
@@ -626,9 +626,10 @@ def _check_planned(
 
 
 # Suffixes of formats other than JSON that a task's -o document would be mistaken
-# for: arrays (--npy/--npz write those), models and checkpoints.
+# for: arrays (--npy/--npz write those), models, checkpoints and flow fields (pictures,
+# sounds and videos: MEDIA_SUFFIXES).
 _ARRAY_SUFFIXES = {".npy": "--npy", ".npz": "--npz"}
-_MODEL_SUFFIXES = (
+_OTHER_FORMAT_SUFFIXES = (
     ".safetensors", ".pt", ".pth", ".bin", ".pickle", ".pkl", ".pystate", ".onnx", ".flo",
 )
 
@@ -646,7 +647,7 @@ def _check_document_suffix(task: str, output: Path) -> None:
             f"-o {output}: add {flag} for the raw arrays; without it {task} writes its "
             "JSON document (name that *.json)"
         )
-    if suffix in MEDIA_SUFFIXES or suffix in _MODEL_SUFFIXES:
+    if suffix in MEDIA_SUFFIXES or suffix in _OTHER_FORMAT_SUFFIXES:
         raise click.UsageError(
             f"-o {output}: {task} writes a JSON document (the one --json prints), not "
             f"{suffix}; name it *.json, or add --npy/--npz for the raw arrays"
