@@ -273,16 +273,24 @@ _CONVERTED_SUFFIXES = (".safetensors", ".pt", ".pth")
 def _sniff(path: Path) -> str:
     """``"safetensors"``, ``"torch"`` (a zip archive, torch.save's format) or
     ``"official"`` (anything else: left to the checkpoint reader's checks). A file
-    named as a converted model that is no pickle either is ``"torch"``: its error is
-    then perceiver_torch.load's (not a converted model), not the checkpoint reader's
-    advice to download the official file again."""
+    named as a converted model that is no pickle either, nor anything the checkpoint
+    reader names (an ONNX model, an empty file, a .npy, ...), is ``"torch"``: its
+    error is then perceiver_torch.load's (not a converted model), not the checkpoint
+    reader's advice to download the official file again."""
+    from converter.haiku_reader import looks_like_onnx, sniff_not_pickle
+
     with open(path, "rb") as handle:
-        head = handle.read(16)
+        head = handle.read(64)
     if head[:4] == b"PK\x03\x04":
         return "torch"
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
-    if path.suffix.lower() in _CONVERTED_SUFFIXES and not head.startswith(_PICKLE_PROTO):
+    if (
+        path.suffix.lower() in _CONVERTED_SUFFIXES
+        and not head.startswith(_PICKLE_PROTO)
+        and not looks_like_onnx(head)
+        and sniff_not_pickle(path) is None
+    ):
         return "torch"
     return "official"
 
