@@ -112,9 +112,15 @@ def converted_to_haiku(
     notes = []
     exact = True
     if metadata.get("mapping_sha256") and metadata["mapping_sha256"] != spec.sha256:
+        # The inverse is of this mapping, which may place tensors differently from the
+        # one the file was made with (two same-shaped tensors swapped pass every
+        # shape check): the export cannot be called exact.
+        exact = False
         notes.append(
             f"the file was converted with another version of {spec.file} "
-            f"(sha256 {metadata['mapping_sha256'][:12]}...)"
+            f"(sha256 {metadata['mapping_sha256'][:12]}...), so the export, made "
+            "through this one, is not known to equal the original; if the file was "
+            "converted with a mapping of your own, export with --mapping FILE"
         )
     low_precision = stored_low_precision(state_dict)
     if low_precision:

@@ -144,6 +144,40 @@ def test_export_of_half_precision_is_flagged_inexact(tmp_path):
     assert "float16" in result.stderr
 
 
+def test_export_of_a_file_converted_with_another_mapping_is_not_called_exact(tmp_path):
+    """A mapping of one's own that swaps two same-shaped tensors (the self-attention
+    blocks' two LayerNorms) passes every shape check: exporting through the bundled
+    mapping then gives other arrays than the original, and was reported "exact". Now
+    the export says it is not known to be, and --mapping with the file's own mapping
+    gives the original back, byte for byte."""
+    bundled = Path(__file__).resolve().parents[1] / "mappings"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "optical_flow.yaml").write_text((bundled / "optical_flow.yaml").read_text())
+    blocks = (bundled / "_blocks.yaml").read_text()
+    norms = ('{src: "{src}/layer_norm", dst: "{dst}.norm"}',
+             '{src: "{src}/layer_norm_1", dst: "{dst}.mlp_norm"}')
+    assert all(line in blocks for line in norms)
+    swapped = blocks.replace(norms[0], '{src: "{src}/layer_norm_1", dst: "{dst}.norm"}')
+    swapped = swapped.replace(norms[1], '{src: "{src}/layer_norm", dst: "{dst}.mlp_norm"}')
+    (mine / "_blocks.yaml").write_text(swapped)
+    original = GOLDEN / "optical_flow" / "checkpoint.pickle"
+    converted = tmp_path / "mine.safetensors"
+    assert run_cli("convert", original, "-o", converted, "-q",
+                   "--mapping", mine / "optical_flow.yaml").exit_code == 0
+    result = run_cli("export", converted, "-o", tmp_path / "back.pickle", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["exact"] is False
+    assert "not known to equal the original" in result.stderr
+    assert "export with --mapping FILE" in result.stderr
+    assert (tmp_path / "back.pickle").read_bytes() != original.read_bytes()
+    result = run_cli("export", converted, "-o", tmp_path / "same.pickle", "--json",
+                     "--mapping", mine / "optical_flow.yaml")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["exact"] is True
+    assert (tmp_path / "same.pickle").read_bytes() == original.read_bytes()
+
+
 def test_models_lists_the_six_official_files():
     result = run_cli("models", "--json")
     assert result.exit_code == 0
