@@ -106,9 +106,22 @@ def verify_other(
         click.echo(check.format(), err=True)
         if report is not None:
             click.echo(report.format_table(), err=True)
+        document = {"tensors": check.as_dict(),
+                    "parity": None if report is None else report.as_dict()}
+        if not check.passed:
+            # Not a parity failure (exit 1) but a file that is not this original's
+            # conversion: the error line, and the error document's fields, say so.
+            message = (
+                f"{checkpoint} is not a conversion of {reference}: its tensors differ "
+                f"from the original's through the mapping ({check.equal} of "
+                f"{check.compared} equal, the rest listed above); give the official "
+                "file it was made from"
+            )
+            click.echo(f"error: {message}", err=True)
+            document.update(ok=False, error={"type": "TensorMismatch", "message": message},
+                            exit_code=EXIT_BAD_INPUT)
         if as_json:
-            echo_json({"tensors": check.as_dict(),
-                       "parity": None if report is None else report.as_dict()})
+            echo_json(document)
         if not check.passed:
             raise click.exceptions.Exit(EXIT_BAD_INPUT)
         raise click.exceptions.Exit(0 if report.passed else EXIT_PARITY)

@@ -510,7 +510,13 @@ def test_verify_with_reference(converted, exported, tmp_path) -> None:
     write_config_fixture("optical_flow", other, HF_TINY_CONFIGS["optical_flow"], seed=4)
     result = run_cli("verify", target, "--reference", other, "--json", "-q")
     assert result.exit_code == 3
-    assert json.loads(result.stdout)["tensors"]["passed"] is False
+    document = json.loads(result.stdout)
+    assert document["tensors"]["passed"] is False
+    # An error (exit 3), not a parity failure (exit 1): its line on stderr and the
+    # fields of every error document (it looked like a parity failure, without them).
+    assert (document["ok"], document["exit_code"]) == (False, 3)
+    assert document["error"]["message"].startswith(f"{target} is not a conversion of {other}")
+    assert f"error: {target} is not a conversion of {other}" in result.stderr
     # The same model at other sizes (the shipped tiny fixture has 8 Fourier bands,
     # this one 64): the shapes differ, named; exit 3, no model is run.
     small = tmp_path / "small.pickle"
@@ -519,6 +525,7 @@ def test_verify_with_reference(converted, exported, tmp_path) -> None:
     assert result.exit_code == 3 and "unexpected" not in result.stderr
     document = json.loads(result.stdout, parse_constant=pytest.fail)  # no Infinity
     assert document["parity"] is None and document["tensors"]["passed"] is False
+    assert document["exit_code"] == 3 and "error: " in result.stderr
     assert "has shape" in result.stderr and "other sizes" in result.stderr
 
 
