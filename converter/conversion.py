@@ -295,6 +295,11 @@ _DTYPE_HINT = (
 )
 
 
+def _a(name: str) -> str:
+    """``name`` with its indefinite article ("an imagenet_conv", "a language_perceiver")."""
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
 def prepare(
     checkpoint: HaikuCheckpoint | str | os.PathLike,
     model: Optional[str] = None,
@@ -330,8 +335,14 @@ def prepare(
             if _only_dtypes_differ(prepared.report)
             else _image_size_hint(prepared)
             or mismatch_hint
-            or f"Is {checkpoint.path.name} really a {spec.model} checkpoint? "
-            "Omit --model to detect the model from the parameter names."
+            or (
+                f"Is {checkpoint.path.name} really {_a(spec.model)} checkpoint, and does "
+                f"the mapping file {spec.file} fit it? Without --mapping the bundled "
+                "mappings are tried."
+                if mapping is not None
+                else f"Is {checkpoint.path.name} really {_a(spec.model)} checkpoint? "
+                "Omit --model to detect the model from the parameter names."
+            )
         )
         return prepared
 

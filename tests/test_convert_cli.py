@@ -239,6 +239,23 @@ def test_extra_parameter_is_listed(tmp_path):
     assert "unexpected in the checkpoint (no rule uses or drops it): extra_head/linear/w" in result.stderr
 
 
+def test_a_mapping_file_that_does_not_fit_is_named_in_the_advice(tmp_path):
+    """With --mapping the advice was to omit --model (not given): the mapping file,
+    which may be the one at fault, is what the last line names now."""
+    mapping = Path(__file__).resolve().parents[1] / "mappings" / "imagenet_fourier.yaml"
+    source = GOLDEN / "imagenet_conv" / "checkpoint.pickle"
+    result = run_cli("convert", source, "-o", tmp_path / "o.safetensors", "--mapping", mapping)
+    assert result.exit_code == 3
+    assert (f"Is checkpoint.pickle really an imagenet_fourier checkpoint, and does the "
+            f"mapping file {mapping} fit it?") in result.stderr
+    assert "--model" not in result.stderr
+    result = run_cli("convert", source, "-o", tmp_path / "o.safetensors",
+                     "--model", "imagenet_fourier")
+    assert result.exit_code == 3
+    assert "really an imagenet_fourier checkpoint? Omit --model" in result.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_shape_mismatch_names_both_keys_and_shapes(tmp_path):
     def reshape(params):
         module = params["classification_decoder/~/basic_decoder/output"]
