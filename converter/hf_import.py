@@ -292,6 +292,22 @@ def detect_model(source: HFSource) -> str:
         )
     if looks_like_another_project(source):
         raise CheckpointError(f"{source.path}: {another_project_message(source)}")
+    exact, best = _models_by_tensor_names(source)
+    if exact is not None:
+        return exact
+    raise CheckpointError(
+        f"{source.path}: the tensor names match none of transformers' six Perceiver "
+        "classes exactly"
+        + (f" (closest: {best[1]}, {best[0]:.0%} of the names)" if best[1] else "")
+        + "; add the folder's config.json, or check that the file is complete"
+    )
+
+
+def _models_by_tensor_names(
+    source: HFSource,
+) -> Tuple[Optional[str], Tuple[float, Optional[str]]]:
+    """(the model whose transformers tensor names are exactly ``source``'s, or None;
+    (the share of names of the closest model, its name))."""
     keys = set(source.tensors)
     scores = []
     for name in available_hf_mappings():
@@ -302,15 +318,9 @@ def detect_model(source: HFSource) -> str:
             continue
         wanted = {rule.target for rule in table.rules}
         if wanted == keys:
-            return name
+            return name, (1.0, name)
         scores.append((len(wanted & keys) / max(len(wanted | keys), 1), name))
-    best = max(scores, default=(0.0, None))
-    raise CheckpointError(
-        f"{source.path}: the tensor names match none of transformers' six Perceiver "
-        "classes exactly"
-        + (f" (closest: {best[1]}, {best[0]:.0%} of the names)" if best[1] else "")
-        + "; add the folder's config.json, or check that the file is complete"
-    )
+    return None, max(scores, default=(0.0, None))
 
 
 def looks_like_another_project(source: HFSource) -> bool:
@@ -360,6 +370,18 @@ def hf_to_haiku(
         ) from None
     specs = {key: (tuple(a.shape), str(a.dtype)) for key, a in source.tensors.items()}
     report = plan_inverse(table, specs, spec.name)
+    if not report.ok and source.config is not None and source.config.get("architectures"):
+        # config.json named the model; the tensors may be another's (a hand-edited
+        # config): say that in one line rather than list some forty tensors.
+        fitting, _ = _models_by_tensor_names(source)
+        if fitting is not None and fitting != model:
+            raise CheckpointError(
+                f"{source.path}: config.json's architectures name "
+                f"{spec.target.get('architecture')}, but the tensors are those of "
+                f"{load_hf_mapping(fitting).target.get('architecture')} ({fitting}); "
+                "correct config.json's \"architectures\" (or remove it to detect the "
+                "model from the tensor names)"
+            )
     report.raise_for_problems(
         f"{source.path} is not a complete {spec.target.get('architecture')} checkpoint "
         "(missing or unexpected tensors above)"

@@ -370,6 +370,18 @@ def test_wrong_hf_folders_exit_3(converted, exported, tmp_path) -> None:
     result = run_cli("convert", wrong_arch, "-o", out)
     assert result.exit_code == 3 and "BertForMaskedLM" in result.stderr
 
+    # Another Perceiver class named: one line saying whose the tensors are, not some
+    # forty missing and unexpected tensors.
+    config["architectures"] = ["PerceiverForMaskedLM"]
+    (wrong_arch / "config.json").write_text(json.dumps(config))
+    result = run_cli("convert", wrong_arch, "-o", out)
+    assert result.exit_code == 3
+    assert ("config.json's architectures name PerceiverForMaskedLM, but the tensors are "
+            "those of PerceiverForOpticalFlow (optical_flow)") in result.stderr
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if line.startswith("error")] == [lines[-1]]
+    assert "unexpected" not in result.stderr and "missing" not in result.stderr
+
     missing = tmp_path / "missing_key"
     missing.mkdir()
     (missing / "config.json").write_text((source / "config.json").read_text())
