@@ -171,17 +171,18 @@ def _refuse_pickles(path: Path) -> bytes:
         )
     if file_kind(head) == "pickle":
         # The official files name Haiku's FlatMapping in their first opcodes.
-        what = (
-            "this is an official Haiku checkpoint"
-            if b"FlatMapping" in head or b"haiku" in head
-            else "this is a pickle, not a converted perceiver_torch file; if it is "
-            "an official Haiku checkpoint"
-        )
-        raise LoadError(
-            f"{path}: {what}; convert it first with `perceiver-convert "
-            f"convert {path} -o {path.with_suffix('.safetensors').name}`, then load "
-            "the .safetensors file"
-        )
+        command = f"`perceiver-convert convert {path} -o {path.with_suffix('.safetensors').name}`"
+        if b"FlatMapping" in head or b"haiku" in head:
+            advice = f"this is an official Haiku checkpoint; convert it first with {command}"
+        else:
+            # Nothing here says what the pickle holds (it is not unpickled: it could
+            # run code); convert reads it without running anything and says.
+            advice = (
+                "this is a pickle, not a converted perceiver_torch file; if it is an "
+                f"official Haiku checkpoint, convert it first with {command}, which "
+                "reads it without running anything and refuses any other pickle"
+            )
+        raise LoadError(f"{path}: {advice}, then load the .safetensors file")
     return head
 
 
