@@ -696,6 +696,18 @@ def test_load_and_export_recognise_a_haiku_pickle(tmp_path):
     assert_clean_error(result, 3, "official Haiku checkpoint", "convert it first")
     assert "weights_only" not in result.stderr
     assert snapshot(tmp_path) == {}
+    # Any other pickle (here one naming os.system, never unpickled): one sentence, and
+    # convert named as the reader that refuses what is not a checkpoint.
+    other = tmp_path / "other.pickle"
+    other.write_bytes(b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os"
+                      b"\x8c\x06system\x93.")
+    with pytest.raises(perceiver_torch.LoadError) as info:
+        perceiver_torch.load(other)
+    assert ("this is a pickle, not a converted perceiver_torch file; if it is an official "
+            "Haiku checkpoint, convert it first with `perceiver-convert convert") in str(
+                info.value)
+    assert "without running anything and refuses any other pickle" in str(info.value)
+    assert not (tmp_path / "other.safetensors").exists()
 
 
 def test_verify_of_a_converted_file_asks_for_its_original(work):
