@@ -56,6 +56,7 @@ from converter.atomic import check_outputs
 from converter.progress import Progress, quiet
 from converter.haiku_reader import HaikuCheckpoint, load_haiku_checkpoint
 from perceiver_torch.configs import ConfigError as TorchConfigError
+from perceiver_torch.pipelines.base import with_article
 from perceiver_torch.configs import config_from_dict, config_to_dict
 
 if TYPE_CHECKING:  # verify is imported only when verifying; here only its type
@@ -295,11 +296,6 @@ _DTYPE_HINT = (
 )
 
 
-def _a(name: str) -> str:
-    """``name`` with its indefinite article ("an imagenet_conv", "a language_perceiver")."""
-    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
-
-
 def prepare(
     checkpoint: HaikuCheckpoint | str | os.PathLike,
     model: Optional[str] = None,
@@ -335,13 +331,12 @@ def prepare(
             if _only_dtypes_differ(prepared.report)
             else _image_size_hint(prepared)
             or mismatch_hint
-            or (
-                f"Is {checkpoint.path.name} really {_a(spec.model)} checkpoint, and does "
-                f"the mapping file {spec.file} fit it? Without --mapping the bundled "
-                "mappings are tried."
+            or f"Is {checkpoint.path.name} really {with_article(spec.model)} checkpoint"
+            + (
+                f", and does the mapping file {spec.file} fit it? Without --mapping the "
+                "bundled mappings are tried."
                 if mapping is not None
-                else f"Is {checkpoint.path.name} really {_a(spec.model)} checkpoint? "
-                "Omit --model to detect the model from the parameter names."
+                else "? Omit --model to detect the model from the parameter names."
             )
         )
         return prepared
