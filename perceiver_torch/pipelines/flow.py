@@ -536,7 +536,7 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
         f"{path}: {len(flows)} frame pairs, {width}x{height}, max |flow| "
         f"{_magnitude(stack):.2f} px"
     )
-    missing = missing_frames_note(path, len(flows) + 1)
+    missing = missing_frames_note(frames, len(flows) + 1)  # frames: declared
     notes = [] if missing is None else [missing]
     for note in notes:
         options.echo(f"  note: {note}")

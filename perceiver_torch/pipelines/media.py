@@ -120,12 +120,11 @@ def video_frame_count(path: PathLike) -> int:
         return int(container.streams.video[0].frames or 0)
 
 
-def missing_frames_note(path: PathLike, decoded: int) -> Optional[str]:
-    """A note where ``path`` decoded to fewer frames than its container declares (by
-    two or more: an edit list may hide one): FFmpeg stops at the end of a truncated
-    file without an error, so a third of a video could go missing silently. None
-    where the count matches or the container declares none."""
-    declared = video_frame_count(path)
+def missing_frames_note(declared: int, decoded: int) -> Optional[str]:
+    """A note where a video decoded to fewer frames than its container ``declared``
+    (:func:`video_frame_count`; by two or more: an edit list may hide one): FFmpeg
+    stops at the end of a truncated file without an error, so a third of a video could
+    go missing silently. None where the count matches or the container declares none."""
     if declared - decoded < 2:
         return None
     return (

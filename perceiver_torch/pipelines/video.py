@@ -67,6 +67,7 @@ from .media import (
     iter_video_frames,
     missing_frames_note,
     read_audio,
+    video_frame_count,
     video_frame_rate,
     write_video,
 )
@@ -393,7 +394,7 @@ class AutoencodePipeline:
         notes: List[str] = []
         frames = self.load_frames(video)
         if isinstance(video, (str, Path)):
-            missing = missing_frames_note(video, len(frames))
+            missing = missing_frames_note(video_frame_count(video), len(frames))
             if missing is not None:
                 notes.append(missing)
         video_fps, rate_note = self.frame_rate_note(video)
