@@ -1013,6 +1013,11 @@ def sniff_not_pickle(path: Union[str, os.PathLike]) -> Optional[str]:
             head = handle.read(64)
     except OSError:
         return None
+    return head_not_pickle(head)
+
+
+def head_not_pickle(head: bytes) -> Optional[str]:
+    """:func:`sniff_not_pickle` of a file's first 64 bytes, already read."""
     return "empty (0 bytes)" if not head else _sniff(head)
 
 

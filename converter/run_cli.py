@@ -264,9 +264,6 @@ def progress_bar(quiet: bool, stream: Any = None):
 # Models
 
 
-# The official checkpoints are pickles of protocol 2 to 5, which all begin with the
-# PROTO opcode.
-_PICKLE_PROTO = b"\x80"
 _CONVERTED_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
@@ -277,7 +274,8 @@ def _sniff(path: Path) -> str:
     reader names (an ONNX model, an empty file, a .npy, ...), is ``"torch"``: its
     error is then perceiver_torch.load's (not a converted model), not the checkpoint
     reader's advice to download the official file again."""
-    from converter.haiku_reader import looks_like_onnx, sniff_not_pickle
+    from converter.haiku_reader import head_not_pickle, looks_like_onnx
+    from perceiver_torch.registry import file_kind
 
     with open(path, "rb") as handle:
         head = handle.read(64)
@@ -287,9 +285,9 @@ def _sniff(path: Path) -> str:
         return "safetensors"
     if (
         path.suffix.lower() in _CONVERTED_SUFFIXES
-        and not head.startswith(_PICKLE_PROTO)
+        and file_kind(head) == "other"  # no pickle (the official files are) nor torch file
         and not looks_like_onnx(head)
-        and sniff_not_pickle(path) is None
+        and head_not_pickle(head) is None
     ):
         return "torch"
     return "official"
