@@ -477,11 +477,11 @@ def _read_input(value: str) -> Union[str, bytes]:
 
 def _drop_final_line_ending(text: Union[str, bytes]) -> Union[str, bytes]:
     """``text`` without one final ``\n`` or ``\r\n`` (see :func:`_read_input`)."""
-    newline = b"\n" if isinstance(text, bytes) else "\n"
-    if not text.endswith(newline):
-        return text
-    text = text[:-1]
-    return text[:-1] if text.endswith(b"\r" if isinstance(text, bytes) else "\r") else text
+    endings = (b"\r\n", b"\n") if isinstance(text, bytes) else ("\r\n", "\n")
+    for ending in endings:
+        if text.endswith(ending):
+            return text[: -len(ending)]
+    return text
 
 
 def run_task(pipeline: FillMaskPipeline, inputs: List[str], options: RunOptions) -> List[dict]:
