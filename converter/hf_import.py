@@ -292,9 +292,9 @@ def detect_model(source: HFSource) -> str:
         )
     if looks_like_another_project(source):
         raise CheckpointError(f"{source.path}: {another_project_message(source)}")
-    exact, best = _models_by_tensor_names(source)
-    if exact is not None:
-        return exact
+    best = _closest_model_by_tensor_names(source)
+    if best[0] == 1.0:
+        return best[1]
     raise CheckpointError(
         f"{source.path}: the tensor names match none of transformers' six Perceiver "
         "classes exactly"
@@ -303,11 +303,10 @@ def detect_model(source: HFSource) -> str:
     )
 
 
-def _models_by_tensor_names(
-    source: HFSource,
-) -> Tuple[Optional[str], Tuple[float, Optional[str]]]:
-    """(the model whose transformers tensor names are exactly ``source``'s, or None;
-    (the share of names of the closest model, its name))."""
+def _closest_model_by_tensor_names(source: HFSource) -> Tuple[float, Optional[str]]:
+    """(the share of names in common, of all the names, with the model whose
+    transformers tensor names are closest to ``source``'s, that model): a share of 1.0
+    is exactly its names; (0.0, None) where no mapping applies."""
     keys = set(source.tensors)
     scores = []
     for name in available_hf_mappings():
@@ -318,9 +317,9 @@ def _models_by_tensor_names(
             continue
         wanted = {rule.target for rule in table.rules}
         if wanted == keys:
-            return name, (1.0, name)
+            return 1.0, name
         scores.append((len(wanted & keys) / max(len(wanted | keys), 1), name))
-    return None, max(scores, default=(0.0, None))
+    return max(scores, default=(0.0, None))
 
 
 def looks_like_another_project(source: HFSource) -> bool:
@@ -373,8 +372,8 @@ def hf_to_haiku(
     if not report.ok and source.config is not None and source.config.get("architectures"):
         # config.json named the model; the tensors may be another's (a hand-edited
         # config): say that in one line rather than list some forty tensors.
-        fitting, _ = _models_by_tensor_names(source)
-        if fitting is not None and fitting != model:
+        share, fitting = _closest_model_by_tensor_names(source)
+        if share == 1.0 and fitting != model:
             raise CheckpointError(
                 f"{source.path}: config.json's architectures name "
                 f"{spec.target.get('architecture')}, but the tensors are those of "
