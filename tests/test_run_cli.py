@@ -647,34 +647,37 @@ def _spy_on_packing(monkeypatch) -> list:
     return calls
 
 
-def test_run_pack_weights_chooses_the_copies(models, images, monkeypatch):
+def test_run_pack_weights_chooses_the_copies(models, images, monkeypatch, tmp_path):
     """--pack-weights packs every linear layer's weights, from a converted file and
-    from an official checkpoint, and gives the same answers as the plain weights (the
-    same dot products; the kernel may sum in another order, hence the tolerance of a
-    few float32 roundings on probabilities of order 1/num_classes); --no-pack-weights
-    keeps none, in bfloat16 too; without either the library's default applies."""
-    import math
-
+    from an official checkpoint, and computes the same logits as the plain weights
+    within the float32 bound both are held to against the float64 model (gamma_n of
+    the model's roundings, test_precision; the packed kernel may sum in another
+    order, on Intel CPUs it is MKL's); --no-pack-weights keeps none, in bfloat16 too;
+    without either the library's default applies."""
     from perceiver_torch.linear import Linear
+    from perceiver_torch.pipelines import ClassifyPipeline
+    from tests.test_precision import gamma, relative
 
     calls = _spy_on_packing(monkeypatch)
-    plain = run_cli("run", "classify", models["imagenet_learned"], *images, "--json")
+    plain = run_cli("run", "classify", models["imagenet_learned"], *images, "--npy",
+                    "-o", tmp_path / "plain.npy")
     assert plain.exit_code == 0, plain.stderr
     assert calls == []  # the default: load() decides by dtype
+    pipeline = ClassifyPipeline(pt.load(models["imagenet_learned"]).double())
+    exact = torch.stack(pipeline.logits([pipeline.preprocess(str(p)) for p in images]))
+    bound = gamma("imagenet_learned", torch.float32)
+    assert relative(torch.from_numpy(np.load(tmp_path / "plain.npy")), exact) <= bound
     official = golden_checkpoint_path("imagenet_learned")
-    for source in (models["imagenet_learned"], official):
+    for i, source in enumerate((models["imagenet_learned"], official)):
         calls.clear()
-        packed = run_cli("run", "classify", source, *images, "--json", "--pack-weights")
+        out = tmp_path / f"packed{i}.npy"
+        packed = run_cli("run", "classify", source, *images, "--npy", "-o", out,
+                         "--pack-weights")
         assert packed.exit_code == 0, packed.stderr
         assert [packs for packs, _ in calls] == [True], source
         layers = [m for m in calls[0][1].modules() if isinstance(m, Linear)]
         assert layers and all(layer.packing is True for layer in layers)
-        got = json.loads(packed.stdout)["results"]
-        want = json.loads(plain.stdout)["results"]
-        for a, b in zip(got, want):
-            assert [e["index"] for e in a["top_k"]] == [e["index"] for e in b["top_k"]]
-            for x, y in zip(a["top_k"], b["top_k"]):
-                assert math.isclose(x["probability"], y["probability"], rel_tol=1e-5)
+        assert relative(torch.from_numpy(np.load(out)), exact) <= bound, source
     calls.clear()
     released = run_cli("run", "classify", models["imagenet_learned"], images[0],
                        "--dtype", "bfloat16", "--no-pack-weights")
