@@ -534,6 +534,38 @@ def test_run_autoencode_refuses_an_output_suffix_it_does_not_write(
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
+@pytest.mark.parametrize("name", ["out.npy", "out.NPZ"])
+def test_run_autoencode_refuses_an_array_name_without_its_flag(
+    tmp_path, video_checkpoint, name, monkeypatch
+):
+    # -o out.npy without --npy took out as a stem and wrote out.mp4 and out.wav.
+    import converter.run_cli as run_cli_module
+
+    def refuse_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before -o was checked")
+
+    make_test_video(tmp_path / "in.mp4", 4, size=(32, 32))
+    monkeypatch.setattr(run_cli_module, "load_any_model", refuse_load)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_cli("run", "autoencode", video_checkpoint, tmp_path / "in.mp4",
+                     "-o", tmp_path / name)
+    flag = "--" + Path(name).suffix[1:].lower()
+    assert result.exit_code == 2, result.stderr
+    assert f"add {flag} for the raw arrays" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_run_autoencode_takes_a_wav_name_as_the_stem(tmp_path, video_checkpoint):
+    # -o out.wav names the sound file; the video goes beside it as out.mp4.
+    make_test_video(tmp_path / "in.mp4", 4, size=(32, 32))
+    result = run_cli("run", "autoencode", video_checkpoint, tmp_path / "in.mp4", "--json",
+                     "-o", tmp_path / "out.wav")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["results"][0]["files"] == [
+        str(tmp_path / "out.mp4"), str(tmp_path / "out.wav")]
+
+
 @pytest.mark.parametrize("suffix, container", [(".mov", "mov"), (".mkv", "matroska")])
 def test_run_autoencode_writes_the_container_its_suffix_names(
     tmp_path, video_checkpoint, suffix, container

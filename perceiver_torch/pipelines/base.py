@@ -93,6 +93,16 @@ def usage_error(message: str) -> PipelineError:
     return error
 
 
+def refuse_array_suffix_without_flag(out: Path, arrays: Optional[str]) -> None:
+    """-o ending in .npy or .npz without --npy/--npz (``arrays`` None) is refused
+    (exit 2) by the tasks that take -o as the stem of other files: flow wrote x.flo
+    and x.png for ``-o x.npy``, autoencode x.mp4 and x.wav, neither the arrays asked
+    for."""
+    suffix = out.suffix.lower()
+    if suffix in (".npy", ".npz") and arrays is None:
+        raise usage_error(f"-o {out}: add --{suffix[1:]} for the raw arrays")
+
+
 def positive_int(value: Any, name: str) -> int:
     """``value`` as an int, or :class:`PipelineError` (exit 2) unless it is an integer
     of at least 1: ``batch_size``, ``top_k`` and the like, where 0 or a negative

@@ -42,6 +42,7 @@ from .base import (
     eval_mode,
     no_progress,
     positive_int,
+    refuse_array_suffix_without_flag,
     require,
     usage_error,
 )
@@ -290,8 +291,7 @@ def _check_suffix_fits_the_run(out: Path, suffix: str, video: bool, options: Run
     """-o's suffix names one of flow's formats; refuses (exit 2) one this run would
     not write, where it used to be taken as a stem and swapped silently (frames with
     -o x.mp4 wrote x.flo and x.png; a video with -o x.flo wrote x.mp4)."""
-    if suffix in (".npy", ".npz") and options.arrays is None:
-        raise usage_error(f"-o {out}: add --{suffix[1:]} for the raw arrays")
+    refuse_array_suffix_without_flag(out, options.arrays)
     videos = ", ".join(WRITTEN_VIDEO_SUFFIXES)
     if video and suffix in (".flo", ".png"):
         raise usage_error(

@@ -56,6 +56,7 @@ from .base import (
     eval_mode,
     no_progress,
     positive_int,
+    refuse_array_suffix_without_flag,
     require,
     softmax_top_k,
     usage_error,
@@ -514,7 +515,8 @@ def _base(path: str, options: RunOptions, several: bool) -> Tuple[Path, str]:
     suffix = out.suffix.lower()
     if suffix in WRITTEN_VIDEO_SUFFIXES:
         return out.with_suffix(""), suffix
-    if suffix in (".wav", ".npy", ".npz"):
+    refuse_array_suffix_without_flag(out, options.arrays)  # x.npy wrote x.mp4, x.wav
+    if suffix == ".wav":
         return out.with_suffix(""), ".mp4"
     if suffix in MEDIA_SUFFIXES:
         # Not a stem: the user asked for that format (out.webm wrote out.webm.mp4).
@@ -576,7 +578,8 @@ def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOption
     * ``OUT.mp4`` (H.264 with the reconstructed sound as AAC; ``-o X.mov``/``X.mkv``:
       the same in QuickTime/Matroska; ``-o X.gif``: a GIF, which has no sound) at 25
       frames/s, and ``OUT.wav`` (float32, the model's rate). Another picture, sound or
-      video suffix (``-o X.webm``, ``X.avi``) is refused before any work (exit 2);
+      video suffix (``-o X.webm``, ``X.avi``), or ``.npy``/``.npz`` without
+      ``--npy``/``--npz``, is refused before any work (exit 2);
     * ``--npz``: only ``OUT.npz`` with ``frames`` [T, H, W, 3], ``audio`` [S] and
       ``label_logits`` [clips, classes]; ``--npy``: ``OUT.npy`` (the frames),
       ``OUT.audio.npy`` and ``OUT.label_logits.npy``.
