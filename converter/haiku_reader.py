@@ -1168,7 +1168,9 @@ class _TreeBuilder:
             state = self.two_level(items["state"], "state")
         else:
             params, state = self.two_level(top, "params"), {}
-        if not params:
+        if not any(params.values()):
+            # Also {"params": {}} (a module named "params" with nothing in it), which
+            # read as a checkpoint of 0 arrays where {} was refused.
             raise self.fail("the checkpoint holds no parameters")
         return params, state, wrapped
 

@@ -266,6 +266,9 @@ def test_torch_save_file(tmp_path):
         ({"m": {"w": 5}}, "params m/w is a int, expected a numpy array"),
         ({"m": [np.ones(2, np.float32)]}, "params module 'm' is a list"),
         ({}, "holds no parameters"),
+        ({"params": {}}, "holds no parameters"),  # read as 0 arrays, exit 0
+        ({"params": {}, "state": {}}, "holds no parameters"),
+        ({"m": {}}, "holds no parameters"),
         (
             {
                 "params": {"m": {"w": np.ones(2, np.float32)}},
