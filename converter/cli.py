@@ -824,7 +824,8 @@ _QUIET_OPTION = click.option(
     default="float32",
     show_default=True,
     help="Storage dtype of the floating-point tensors (recorded in the metadata; "
-    "perceiver_torch.load runs the model in it unless told otherwise).",
+    "perceiver_torch.load runs the model in it unless told otherwise). float16 "
+    "refuses weights beyond its range of 65504 (exit 2, naming them).",
 )
 @click.option(
     "--verify",

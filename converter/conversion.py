@@ -58,6 +58,7 @@ from converter.haiku_reader import HaikuCheckpoint, load_haiku_checkpoint
 from perceiver_torch.configs import ConfigError as TorchConfigError
 from perceiver_torch.pipelines.base import with_article
 from perceiver_torch.configs import config_from_dict, config_to_dict
+from perceiver_torch.registry import out_of_range, out_of_range_message
 
 if TYPE_CHECKING:  # verify is imported only when verifying; here only its type
     from converter.verify import ParityReport
@@ -109,10 +110,11 @@ class PreparedConversion:
 
 
 def _model_with_weights(
-    name: str, config: Any, state_dict: Mapping[str, torch.Tensor]
+    name: str, config: Any, state_dict: Mapping[str, torch.Tensor], dtype: Any = None
 ) -> torch.nn.Module:
-    """Model ``name`` built with ``config``, the weights loaded strictly, in eval mode."""
-    model = perceiver_torch.build(name, config)
+    """Model ``name`` built with ``config`` in ``dtype`` (None: float32), the weights
+    loaded strictly, in eval mode."""
+    model = perceiver_torch.build(name, config, dtype=dtype)
     model.load_state_dict(state_dict, strict=True)
     return model.eval()
 
@@ -143,10 +145,14 @@ class ConversionResult:
         return None if self.parity_report is None else self.parity_report.as_dict()
 
     def build_model(self) -> torch.nn.Module:
-        """Rebuilds the model; needs ``state_dict`` (``convert(..., out=None)``) or ``output``."""
+        """Rebuilds the model in the dtype converted to, as ``perceiver_torch.load``
+        of the file does; needs ``state_dict`` (``convert(..., out=None)``) or
+        ``output``."""
         if self.state_dict is not None:
             config = config_from_dict(self.model, self.config)
-            return _model_with_weights(self.model, config, self.state_dict)
+            return _model_with_weights(
+                self.model, config, self.state_dict, dtype=self.dtype
+            )
         if self.output is not None:
             return perceiver_torch.load(self.output)
         raise ValueError("no weights: convert with out=None or to a file first")
@@ -527,6 +533,17 @@ def convert(
         f"{prepared.mapping.file}: {prepared.report.used} tensors, "
         f"{len(prepared.report.dropped)} dropped"
     )
+    if dtype != "float32":
+        # Up front, before minutes of verifying: a finite weight rounded to inf
+        # (float16 ends at 65504) made a file every export refused as corrupt.
+        found = out_of_range(
+            convert_arrays(prepared.table, prepared.sources, contiguous=False),
+            TORCH_DTYPES[dtype],
+        )
+        if found:
+            raise UsageError(
+                f"{checkpoint.path}: {out_of_range_message(found, TORCH_DTYPES[dtype])}"
+            )
     parity, parity_report = None, None
     if verify:
         from converter.verify import verify_prepared

@@ -39,7 +39,7 @@ from typing import (
 import click
 
 from converter.atomic import fsync_file, raise_write_error
-from converter.errors import ConverterError
+from converter.errors import ConverterError, UsageError
 
 __all__ = [
     "RunCommand",
@@ -312,6 +312,8 @@ def load_any_model(
     Raises:
         ConverterError: the file is neither a converted file nor a readable official
             checkpoint (the reader's message says what is wrong).
+        UsageError: ``dtype`` cannot hold the weights (float16 and magnitudes over
+            65504).
     """
     path = Path(path)
     if path.is_dir():  # `run` refuses one first (exit 2); callers in Python reach this
@@ -325,12 +327,10 @@ def load_any_model(
     if kind == "official":
         from converter.conversion import convert
 
-        result = convert(path, None, progress=progress or (lambda message: None))
+        # In dtype (checked to hold the weights), as a file converted with --dtype.
+        result = convert(path, None, dtype=dtype,
+                         progress=progress or (lambda message: None))
         model = result.build_model().eval()
-        if dtype is not None:
-            from perceiver_torch.registry import resolve_dtype
-
-            model = model.to(resolve_dtype(dtype))
         if pack_weights is not None:
             from perceiver_torch import linear
 
@@ -338,8 +338,12 @@ def load_any_model(
         return model, f"converted in memory from {path.name}"
     import perceiver_torch
 
+    from perceiver_torch.registry import OutOfRangeError
+
     try:
         model = perceiver_torch.load(path, dtype=dtype, pack_weights=pack_weights)
+    except OutOfRangeError as error:  # --dtype float16 for weights beyond 65504
+        raise UsageError(str(error)) from None
     except perceiver_torch.LoadError as error:
         raise ConverterError(str(error)) from None
     except Exception as error:  # torch.load's and safetensors' own errors

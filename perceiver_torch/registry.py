@@ -8,7 +8,7 @@ import re
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -39,6 +39,11 @@ MODEL_CLASSES: Mapping[str, type] = types.MappingProxyType({
 
 class LoadError(ValueError):
     """A file that cannot be turned into a model (metadata, name, keys)."""
+
+
+class OutOfRangeError(LoadError):
+    """The weights hold values the dtype asked for cannot (``load(dtype="float16")``
+    of a file with magnitudes over 65504): a wrong choice of dtype, not a bad file."""
 
 
 class EmptyFileError(LoadError):
@@ -88,6 +93,39 @@ def resolve_dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "bfloat16"."""
     return str(dtype).replace("torch.", "")
+
+
+def out_of_range(
+    tensors: Iterable[Tuple[str, Any]], dtype: torch.dtype
+) -> List[Tuple[str, float]]:
+    """``(name, largest magnitude)`` of each floating tensor (torch or numpy) holding
+    values that rounding to ``dtype`` would make infinite: float16 ends at 65504
+    (magnitudes from 65520 round to inf), bfloat16 near float32's end. A finite
+    float32 weight of 1e5 became inf in a float16 file, silently. Rounding is
+    monotonic, so the largest magnitude decides for the whole tensor."""
+    found = []
+    for name, tensor in tensors:
+        tensor = torch.as_tensor(tensor)
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        if torch.finfo(tensor.dtype).max <= torch.finfo(dtype).max:
+            continue  # no wider than dtype: nothing to overflow
+        largest = tensor.detach().abs().max()
+        if torch.isinf(largest.to(dtype)) and torch.isfinite(largest):
+            found.append((name, float(largest)))
+    return found
+
+
+def out_of_range_message(found: List[Tuple[str, float]], dtype: torch.dtype) -> str:
+    """What :func:`out_of_range` found, and the dtypes that hold it."""
+    listed = ", ".join(f"{name} (up to {largest:.6g})" for name, largest in found[:5])
+    more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+    wider = "bfloat16 (float32's range) or float32" if dtype == torch.float16 else "float32"
+    return (
+        f"{len(found)} tensor(s) hold values beyond {dtype_name(dtype)}'s range "
+        f"(largest magnitude {torch.finfo(dtype).max:.6g}), which would become inf: "
+        f"{listed}{more}; use {wider} instead"
+    )
 
 
 def build(name: str, config: Any = None, *, dtype: DTypeLike = None) -> PerceiverIO:
@@ -465,7 +503,8 @@ def load(
     ``{"model": name, "config": {...}, "state_dict": {...}}``. Raises ``LoadError`` for
     a plain pickle (an official Haiku checkpoint: convert it first), missing
     metadata, an unknown model or missing/unexpected/misshapen keys or wrong dtypes,
-    and for a folder (a HuggingFace folder: convert it first).
+    weights beyond the range of ``dtype`` (a float32 file with magnitudes over 65504
+    loaded as float16), and for a folder (a HuggingFace folder: convert it first).
 
     map_location: device of the model (default "cpu"); a value torch.device()
     refuses, or an accelerator this machine lacks (``"cuda"`` without a GPU), raises
@@ -518,6 +557,9 @@ def load(
         raise LoadError(message)
     # Floating-point tensors in the model's dtype; load_state_dict copies (and casts)
     # the file's tensors into them, so a bfloat16 file can also load as float32.
+    found = out_of_range(state.items(), torch_dtype)
+    if found:
+        raise OutOfRangeError(f"{path}: {out_of_range_message(found, torch_dtype)}")
     model = model.to_empty(device=device)
     if device.type != "meta":
         # On the meta device there is nothing to copy into (the keys and shapes were

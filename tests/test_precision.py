@@ -332,6 +332,101 @@ def test_converted_file_loads_in_its_dtype(tmp_path, file_dtype, suffix):
         assert loaded(images).dtype == torch_dtype
 
 
+def test_out_of_range_finds_what_rounds_to_inf():
+    """float16's largest value is 65504 = (2 - 2^-10) 2^15; the next step would be
+    2^16, so 65520 is the halfway point and rounds to even, i.e. to 2^16 = inf
+    (IEEE 754 round-to-nearest-even); everything below it rounds to 65504 or less.
+    bfloat16's largest is (2 - 2^-7) 2^127, halfway to 2^128: (2 - 2^-8) 2^127."""
+    from perceiver_torch.registry import out_of_range
+
+    below = np.nextafter(np.float32(65520), np.float32(0))
+    weights = np.array([[1.0, -below]], np.float32)
+    assert out_of_range([("w", weights)], torch.float16) == []
+    assert out_of_range([("w", -weights)], torch.float16) == []
+    weights[0, 0] = -65520.0
+    assert out_of_range([("w", weights), ("b", np.ones(3, np.float32))], torch.float16) == [
+        ("w", 65520.0)]
+    assert out_of_range([("w", torch.from_numpy(weights))], torch.bfloat16) == []
+    halfway = np.float32((2 - 2.0**-8) * 2.0**127)
+    bfloat_below = np.nextafter(halfway, np.float32(0))
+    assert out_of_range([("w", np.array([bfloat_below]))], torch.bfloat16) == []
+    assert out_of_range([("w", np.array([halfway]))], torch.bfloat16) == [
+        ("w", float(halfway))]
+    # Integer tensors (BatchNorm's counter), empty ones and float16 into float16: none.
+    assert out_of_range([("n", np.array(10**6, np.int32)), ("e", np.zeros(0, np.float32)),
+                         ("h", torch.full((2,), 65504.0, dtype=torch.float16))],
+                        torch.float16) == []
+
+
+def _checkpoint_with_a_large_bias(tmp_path, value: float):
+    """A tiny imagenet_conv checkpoint whose classifier bias holds ``value``."""
+    import converter
+    from converter.fixtures import write_fixture
+
+    source = tmp_path / "fixture.pickle"
+    write_fixture("imagenet_conv", source, size="tiny", seed=4)
+    checkpoint = converter.load_haiku_checkpoint(source)
+    checkpoint.params["classification_decoder/~/basic_decoder/output"]["b"][3] = value
+    large = tmp_path / "large.pickle"
+    converter.save_haiku_checkpoint(large, checkpoint.params, checkpoint.state)
+    return large
+
+
+def test_float16_refuses_weights_beyond_its_range(tmp_path):
+    """A finite float32 weight of 1e5 became inf in a float16 file, silently (every
+    export then refused the file as corrupt). convert, load and run refuse it, naming
+    the tensor; bfloat16, which has float32's range, takes it."""
+    import converter
+    from converter.errors import UsageError
+    from helpers import run_cli
+    from perceiver_torch.registry import OutOfRangeError
+
+    large = _checkpoint_with_a_large_bias(tmp_path, 1e5)
+    with pytest.raises(UsageError) as refused:
+        converter.convert(large, tmp_path / "half.safetensors", dtype="float16")
+    message = str(refused.value)
+    assert "decoder.output_projection.bias (up to 100000)" in message
+    assert "float16's range (largest magnitude 65504)" in message
+    assert "use bfloat16 (float32's range) or float32" in message
+    assert not (tmp_path / "half.safetensors").exists()
+    with pytest.raises(UsageError):
+        converter.convert(large, None, dtype="float16")
+    converted = converter.convert(large, tmp_path / "bf16.safetensors", dtype="bfloat16")
+    assert torch.isfinite(converted.build_model().decoder.output_projection.bias).all()
+
+    full = converter.convert(large, tmp_path / "f32.safetensors")
+    with pytest.raises(OutOfRangeError, match="decoder.output_projection.bias"):
+        pt.load(full.output, dtype="float16")
+    assert pt.load(full.output, dtype="bfloat16").dtype == torch.bfloat16
+
+    image = tmp_path / "photo.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 40, 3), 90, np.uint8)).save(image)
+    for model in (large, full.output):  # official (converted in memory) and converted
+        result = run_cli("run", "classify", model, image, "--dtype", "float16")
+        assert result.exit_code == 2, result.stderr  # the option, not the file
+        assert "beyond float16's range" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_in_memory_conversion_builds_in_its_dtype(tmp_path):
+    """convert(out=None, dtype=...).build_model() is the model loading the file gives
+    (it was a float32 model holding the rounded weights)."""
+    import converter
+    from converter.fixtures import write_fixture
+
+    source = tmp_path / "fixture.pickle"
+    write_fixture("imagenet_conv", source, size="tiny", seed=4)
+    (images,) = tiny_inputs("imagenet_conv", batch=2)
+    for dtype in ("bfloat16", "float16", "float32"):
+        in_memory = converter.convert(source, None, dtype=dtype).build_model()
+        from_file = pt.load(converter.convert(
+            source, tmp_path / f"{dtype}.safetensors", dtype=dtype).output)
+        assert in_memory.dtype == from_file.dtype == getattr(torch, dtype)
+        with torch.no_grad():
+            assert torch.equal(in_memory(images), from_file(images))
+
+
 def packed_layers(model: torch.nn.Module) -> int:
     """How many of ``model``'s linear layers have their weight packed: a copy of their
     own, or a fused one with the other projections of their attention; none twice."""
