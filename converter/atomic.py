@@ -43,31 +43,32 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
     """Check that ``path`` can be written as a file, before any work is done.
 
     Raises:
-        ConverterError: the parent folder is missing (or a file stands where it
-            should be) or not writable, or ``path`` is a folder, a FIFO, a device or a
-            socket; the message says how to fix it.
+        OutputError (exit 2, a :class:`~converter.errors.ConverterError`): the
+            parent folder is missing (or a file stands where it should be) or not
+            writable, or ``path`` is a folder, a FIFO, a device or a socket; the
+            message says how to fix it.
     """
     path = Path(path)
     parent = path.parent
     if not parent.is_dir():
         blocking = _file_in_the_way(parent)
         if blocking is not None:
-            raise ConverterError(
+            raise OutputError(
                 f"cannot write {path}: {blocking} is a file, not a folder; choose "
                 "another output path"
             )
-        raise ConverterError(
+        raise OutputError(
             f"cannot write {path}: the folder {parent} does not exist; create it "
             f"first (mkdir -p {parent}) or choose another output path"
         )
     if path.is_dir():
-        raise ConverterError(
+        raise OutputError(
             f"cannot write {path}: it is a folder; give the name of a file, in it "
             f"({path}{os.sep}NAME) or elsewhere"
         )
     refuse_special_file(path)
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConverterError(
+        raise OutputError(
             f"cannot write {path}: no write permission in {parent}; choose a "
             "writable folder"
         )
@@ -84,13 +85,13 @@ def _file_in_the_way(folder: Path) -> Optional[Path]:
 
 
 def refuse_special_file(path: Union[str, os.PathLike]) -> None:
-    """Raises ConverterError where ``path`` exists (through links) as a FIFO, device
+    """Raises OutputError where ``path`` exists (through links) as a FIFO, device
     or socket: outputs are written whole to a temporary file and renamed over the name
     (:func:`atomic_write`), which would replace the node itself (``/dev/null`` with
     ``--force``) rather than write into it."""
     special = _special_file_kind(Path(path))
     if special is not None:
-        raise ConverterError(
+        raise OutputError(
             f"cannot write {path}: it is {special}, not a regular file, and outputs "
             "are written to a new file renamed into place, which would replace it; "
             "give the name of a regular file"
@@ -298,8 +299,9 @@ def atomic_write(
     Raises:
         OutputError: ``overwrite`` is False and ``path`` exists when the block ends
             (:func:`output_appeared`; nothing was replaced, the temporary file is gone).
-        ConverterError: ``path``'s folder is missing or not writable (see
-            :func:`check_output_path`), or the write itself fails (disk full, ...).
+        OutputError: ``path``'s folder is missing or not writable (see
+            :func:`check_output_path`).
+        ConverterError: the write itself fails (disk full, ...).
     """
     path = check_output_path(path)
     folder = path.parent

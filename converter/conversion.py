@@ -52,7 +52,7 @@ from converter.converted_files import (
     write_pt,
     write_safetensors_streaming,
 )
-from converter.atomic import check_outputs
+from converter.atomic import check_output_path, check_outputs
 from converter.progress import Progress, quiet
 from converter.haiku_reader import HaikuCheckpoint, load_haiku_checkpoint
 from perceiver_torch.configs import ConfigError as TorchConfigError
@@ -516,6 +516,7 @@ def convert(
         )
     if out is not None:
         output_format(Path(out))  # fail on a bad suffix before reading 800 MB
+        check_output_path(out)  # and on a missing folder (it failed after verifying)
         source = path.path if isinstance(path, HaikuCheckpoint) else path
         check_outputs(out, (source, mapping), force=overwrite)
     if isinstance(path, HaikuCheckpoint):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from converter.conversion import decode_dropped, tensor_specs
-from converter.atomic import check_outputs
+from converter.atomic import check_output_path, check_outputs
 from converter.errors import CheckpointError, MappingError, nonfinite_message
 from converter.mapping import invert_arrays, load_mapping, plan_inverse, unflatten_tree
 from converter.converted_files import read_converted
@@ -183,9 +183,11 @@ def export(
     ``out`` may not be ``path`` (nor the mapping file) and may not carry another
     format's suffix (``.safetensors``, ``.pt``, ...); ``overwrite=False`` also refuses
     an existing ``out``, up front and when the file is put in place (one another
-    process wrote meanwhile is kept). These raise :class:`~converter.errors.OutputError`.
+    process wrote meanwhile is kept); ``out``'s folder must exist. These raise
+    :class:`~converter.errors.OutputError`.
     """
     check_pickle_suffix(Path(out))
+    check_output_path(out)  # a missing folder, before the whole conversion back
     check_outputs(out, (path, mapping), force=overwrite)
     haiku = converted_to_haiku(path, mapping=mapping)
     params, state = unflatten_tree(haiku.flat)

@@ -202,18 +202,24 @@ def export_onnx(
     The check runs at ``batch`` (2 by default; the graph was traced at 1, so the
     dynamic batch dimension is exercised). Raises ``ParityError`` (nothing written)
     when onnxruntime is farther than 1e-4 relative from perceiver_torch.
-    ``overwrite=False`` never replaces a file at ``out``, also one another process
-    wrote meanwhile (``OutputError``; :func:`converter.atomic.publish`). The file is
+    ``out`` may not be ``path``; ``overwrite=False`` refuses an existing ``out`` up
+    front and never replaces a file at ``out``, also one another process wrote
+    meanwhile (``OutputError``; :func:`converter.atomic.publish`). The file is
     fsynced before it is put in place (:func:`converter.atomic.durable_publish`).
     """
-    from converter.atomic import check_output_path, durable_publish
+    from converter.atomic import check_output_path, check_outputs, durable_publish
     from converter.converted_files import read_converted
     from converter.exporter import check_stored_tensors, load_float32, stored_low_precision
 
     onnx, _ = require_onnx()
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise UsageError(f"batch must be an integer >= 1, got {batch!r}")
     out = check_output_path(out)
     if out.suffix.lower() != ".onnx":
         raise OutputError(f"{out}: name the ONNX file *.onnx")
+    # Up front, as convert and export: a converted file named *.onnx was replaced by
+    # its own graph, and an existing out was refused only after the trace and check.
+    check_outputs(out, (path,), force=overwrite)
     state_dict, metadata = read_converted(Path(path))
     name = metadata["model"]
     check_stored_tensors(Path(path), name, json.loads(metadata["config"]), state_dict)

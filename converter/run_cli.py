@@ -128,8 +128,7 @@ class Staging:
         exist (unless ``force``), it was planned, it is not yet staged.
 
         Raises:
-            ConverterError: exit 2 for an input or an existing file
-                (:class:`~converter.errors.OutputError`), 3 for a missing folder.
+            OutputError: (exit 2) an input, an existing file or a missing folder.
         """
         from converter.atomic import check_output_path, check_outputs
 

@@ -415,6 +415,21 @@ def run_torch(
     return outputs, {k: v.numpy() for k, v in captured.items()}
 
 
+def check_arguments(seed: Any, batch: Any, dtype: Any) -> None:
+    """Raises UsageError for a seed, batch or dtype :func:`verify` cannot take (a
+    batch of 0 was a ZeroDivisionError, a dtype of "float64" a KeyError)."""
+    from converter.converted_files import TORCH_DTYPES
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (
+        0 <= seed <= MAX_SEED
+    ):
+        raise UsageError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}")
+    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
+        raise UsageError(f"batch must be an integer >= 1, not {batch!r}")
+    if dtype not in TORCH_DTYPES:
+        raise UsageError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, not {dtype!r}")
+
+
 def verify_prepared(
     prepared: Any,
     *,
@@ -430,10 +445,7 @@ def verify_prepared(
     """
     from converter.converted_files import TORCH_DTYPES
 
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not (
-        0 <= seed <= MAX_SEED
-    ):
-        raise UsageError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}")
+    check_arguments(seed, batch, dtype)
     require_jax()
     name = prepared.model
     config = prepared.config_object()
@@ -509,6 +521,7 @@ def verify(
     doc); ``dtype`` checks the weights rounded to that storage dtype."""
     from converter.conversion import prepare
 
+    check_arguments(seed, batch, dtype)  # before reading the checkpoint
     require_jax()
     progress(f"reading {path}")
     prepared = prepare(path, model, config=config, mapping=mapping)

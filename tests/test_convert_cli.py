@@ -410,3 +410,27 @@ def test_export_keeps_an_output_that_appears_while_writing(tmp_path, monkeypatch
     assert result.exit_code == 0, result.output
     assert load_haiku_checkpoint(out).sha256 != hashlib.sha256(other).hexdigest()
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, converted.name]
+
+
+def test_python_api_checks_the_output_folder_before_any_work(tmp_path, monkeypatch):
+    """converter.convert/export with out in a missing folder failed after reading,
+    converting and (verify=True) running the JAX reference, as a plain ConverterError
+    (the CLI's exit 3); now an OutputError (exit 2) before the checkpoint is read."""
+    from converter import conversion, exporter
+    from converter.errors import OutputError
+
+    source = tmp_path / "fixture.pickle"
+    write_fixture("imagenet_conv", source, size="tiny", seed=1)
+    converted = converter.convert(source, tmp_path / "conv.safetensors").output
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("read before the output was checked")
+
+    monkeypatch.setattr(conversion, "load_haiku_checkpoint", no_reading)
+    monkeypatch.setattr(exporter, "converted_to_haiku", no_reading)
+    missing = tmp_path / "missing"
+    with pytest.raises(OutputError, match=r"the folder .*missing does not exist"):
+        converter.convert(source, missing / "x.safetensors", verify=True)
+    with pytest.raises(OutputError, match=r"the folder .*missing does not exist"):
+        converter.export(converted, missing / "x.pickle")
+    assert not missing.exists()

@@ -183,6 +183,38 @@ def test_perceiver_torch_load_names_an_exported_graph(graphs) -> None:
             perceiver_torch.load(graph)
 
 
+def test_onnx_export_checks_its_output_and_batch_up_front(graphs, monkeypatch, tmp_path) -> None:
+    """export_onnx in Python: a converted file named *.onnx (converted files are
+    known by their bytes) was replaced by its own graph; an existing output with
+    overwrite=False was refused only after the trace and the onnxruntime check, as
+    one that "appeared while this output was being written"; batch=-1 was torch's
+    "negative dimension"."""
+    import shutil
+
+    from converter.errors import OutputError, UsageError
+    from converter.onnx_export import export_onnx
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("traced before the output was checked")
+
+    monkeypatch.setattr(torch.onnx, "export", no_trace)
+    converted = graphs["imagenet_conv"][0]
+    named_onnx = tmp_path / "model.onnx"
+    shutil.copy(converted, named_onnx)
+    with pytest.raises(OutputError, match="it is the input"):
+        export_onnx(named_onnx, named_onnx)
+    assert named_onnx.read_bytes() == converted.read_bytes()
+    existing = tmp_path / "old.onnx"
+    existing.write_bytes(b"an older graph")
+    with pytest.raises(OutputError, match="the file exists"):
+        export_onnx(converted, existing, overwrite=False)
+    assert existing.read_bytes() == b"an older graph"
+    for batch in (0, -1, True, 1.5):
+        with pytest.raises(UsageError, match="batch must be an integer >= 1"):
+            export_onnx(converted, tmp_path / "new.onnx", batch=batch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "old.onnx"]
+
+
 def test_onnx_export_needs_an_onnx_name(graphs, tmp_path) -> None:
     result = run_cli("export", graphs["optical_flow"][0], "-o", tmp_path / "x.bin", "--format", "onnx")
     assert result.exit_code == 2 and "*.onnx" in result.stderr

@@ -236,3 +236,20 @@ def test_the_summary_numbers_are_one_outputs():
     assert summary["passed"] is False and summary["worst_output"] == "image"
     assert (summary["max_relative"], summary["tolerance"]) == (2e-5, 1e-5)
     assert ParityReport("m", "tiny", 1, 0, []).as_dict()["max_relative"] is None
+
+
+@pytest.mark.parametrize(
+    "argument, value, message",
+    [("batch", 0, "batch must be an integer >= 1"), ("batch", -1, "batch must be"),
+     ("batch", True, "batch must be"), ("dtype", "float64", "dtype must be one of"),
+     ("seed", -1, "seed must be an integer")],
+)
+def test_verify_refuses_bad_arguments_before_reading(tmp_path, argument, value, message):
+    """batch=0 was a ZeroDivisionError, batch=-1 numpy's "negative dimensions",
+    dtype="float64" a KeyError: UsageErrors now, before the checkpoint is read (the
+    path here does not even exist)."""
+    from converter.errors import UsageError
+    from converter.verify import verify
+
+    with pytest.raises(UsageError, match=message):
+        verify(tmp_path / "not-read.pickle", **{argument: value})
