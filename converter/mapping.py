@@ -1190,7 +1190,26 @@ def _parse_config(
             f"unknown config key(s) {', '.join(unknown)} for {root['model']}; valid "
             f"keys: {', '.join(official.config)}",
         )
-    return {**official.config, **{k: _as_tuple(v) for k, v in values.items()}}
+    return {**official.config, **_checked_file_values(root["model"], values, where)}
+
+
+def _checked_file_values(model: str, values: Mapping[str, Any], where: _Where) -> Dict[str, Any]:
+    """The file's ``config:`` values, each checked as ``--config`` values are (type and
+    range: ``num_blocks: -3`` was accepted where a size preset then replaced it)."""
+    from perceiver_torch import configs  # see _official_values
+
+    cls = configs.CONFIG_CLASSES[model]
+    kinds = configs.field_kinds(cls)
+    checked = {}
+    for key, value in values.items():
+        value = _as_tuple(value)
+        if key in kinds:
+            try:
+                value = configs.check_value(cls, key, value)
+            except configs.ConfigError as error:
+                raise _fail(where.at(values, key, f"config.{key}"), str(error)) from None
+        checked[key] = value
+    return checked
 
 
 def _parse_presets(
@@ -1199,8 +1218,9 @@ def _parse_presets(
     config: Mapping[str, Any],
     official: Optional[_OfficialValues],
 ) -> Dict[str, Dict[str, Any]]:
-    """The known sizes: ``tiny`` from perceiver_torch's ``TINY_CONFIGS``, then the
-    file's ``presets:`` (one of the same name replaces it)."""
+    """The known sizes: ``tiny`` from perceiver_torch's ``TINY_CONFIGS`` (but for the
+    keys the file's ``config:`` sets), then the file's ``presets:`` (one of the same
+    name replaces it)."""
     presets = root.get("presets") or {}
     if not isinstance(presets, dict):
         raise _fail(
@@ -1214,7 +1234,12 @@ def _parse_presets(
         unknown = sorted(set(values) - set(config))
         if unknown:
             raise _fail(at, f"unknown config key(s) {', '.join(unknown)}")
-    base = {} if official is None else {"tiny": dict(official.tiny)}
+    # The file's own config: values are its model's; the built-in tiny preset fills
+    # in only the others (it replaced them: num_blocks: 5 became tiny's 3, silently).
+    given = root.get("config") or {}
+    base = {} if official is None else {
+        "tiny": {k: v for k, v in official.tiny.items() if k not in given}
+    }
     return {
         **base,
         **{k: {kk: _as_tuple(vv) for kk, vv in v.items()} for k, v in presets.items()},

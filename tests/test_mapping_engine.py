@@ -326,6 +326,28 @@ def test_a_mapping_file_sets_only_what_differs(tmp_path):
         load_mapping(path)
 
 
+def test_a_files_config_outranks_the_built_in_tiny_preset(tmp_path):
+    """A mapping's config: value was replaced by the tiny preset's whenever the
+    checkpoint's shapes matched that preset (num_blocks: 5 converted as tiny's 3, and
+    an invalid -3 was accepted the same way): the file's values hold, and are checked
+    as --config values are."""
+    text = (MAPPINGS / "imagenet_fourier.yaml").read_text()
+    path = tmp_path / "fourier.yaml"
+    path.write_text(text + "config: {num_blocks: 5}\n")
+    spec = load_mapping(path)
+    assert "num_blocks" not in spec.presets["tiny"]
+    assert TINY_CONFIGS["imagenet_fourier"].num_blocks != 5  # else this proves nothing
+    tree = read_tree("imagenet_fourier", "tiny")
+    resolved = spec.resolve_config({k: v[0] for k, v in tree.items()})
+    assert resolved.preset == "tiny" and resolved.values["num_blocks"] == 5
+    tiny = architecture(TINY_CONFIGS["imagenet_fourier"])
+    assert {k: v for k, v in resolved.values.items() if k != "num_blocks"} == {
+        k: v for k, v in tiny.items() if k != "num_blocks"}
+    path.write_text(text + "config: {num_blocks: -3}\n")
+    with pytest.raises(MappingError, match=r"fourier\.yaml:\d+: config\.num_blocks: .*-3"):
+        load_mapping(path)
+
+
 def test_a_model_perceiver_torch_does_not_know_needs_its_config():
     with pytest.raises(MappingError, match="must give its 'config'"):
         parse(MINIMAL.replace("config: {layers: 3}\n", ""))
