@@ -218,14 +218,39 @@ def _try_mapping(
     )
 
 
-def _fits(
+def _coverage(prepared: PreparedConversion) -> float:
+    """The share of the checkpoint's tensors the mapping's rules fit (rules that
+    differ only in dtype still say which model this is)."""
+    fitting = prepared.report.used + _dtype_only(prepared.report)
+    return fitting / max(len(prepared.sources), 1)
+
+
+def _plain_coverage(
     checkpoint: HaikuCheckpoint, spec: MappingSpec, sources: Mapping[str, np.ndarray]
-) -> bool:
-    """Whether the checkpoint is this mapping's model (without any overrides)."""
+) -> float:
+    """:func:`_coverage` without the user's overrides (1.0: the checkpoint is this
+    model as it stands); 0.0 where the mapping cannot even be tried."""
     try:
-        return _try_mapping(checkpoint, spec, sources, None).report.ok
+        return _coverage(_try_mapping(checkpoint, spec, sources, None))
     except ConverterError:
-        return False
+        return 0.0
+
+
+def _name_shares(
+    spec: MappingSpec, sources: Mapping[str, np.ndarray]
+) -> Tuple[float, float]:
+    """For a mapping that could not be tried (a tensor a derivation reads is
+    missing): the share of the checkpoint's tensor names the mapping knows at its
+    official configuration, and the share of those names the checkpoint has (which
+    tells apart two mappings that both know every name, imagenet_conv's being a
+    superset of imagenet_fourier's)."""
+    try:
+        table = spec.expand(spec.config)
+    except ConverterError:
+        return 0.0, 0.0
+    known = {rule.source for rule in table.rules} | {drop.source for drop in table.drops}
+    both = len(known & set(sources))
+    return both / max(len(sources), 1), both / max(len(known), 1)
 
 
 def _refuse_overrides_that_break(
@@ -347,45 +372,52 @@ def prepare(
         )
         return prepared
 
-    candidates: List[Tuple[float, str, Any]] = []
+    # (share of the tensors that fit, tie-breakers, name, what went wrong): the
+    # closest model's problem is the one to report. A mapping that raises is scored
+    # without the overrides (a bad --config value of the closest model is the user's
+    # error, not "matches none of the official models") or, where even that fails (a
+    # tensor a derivation reads is missing), by the tensor names it knows, ranked
+    # after a mapping that could be tried at the same share.
+    candidates: List[Tuple[float, Tuple[int, float], str, Any]] = []
     for name in available_mappings():
         spec = load_mapping(name)
         try:
             prepared = _try_mapping(checkpoint, spec, sources, config)
         except ConfigError as error:
-            # The overrides do not fit this model: an error of the user's config if
-            # the checkpoint itself is this model, else just not this model.
-            if _fits(checkpoint, spec, sources):
-                raise
-            candidates.append((0.0, name, str(error)))
+            plain = _plain_coverage(checkpoint, spec, sources)
+            if plain == 1.0:
+                raise  # the checkpoint is this model: the overrides are at fault
+            candidates.append((plain, (0, 1.0), name, error))
             continue
         except MappingError as error:
-            candidates.append((0.0, name, str(error)))
+            known, present = _name_shares(spec, sources)
+            candidates.append((known, (1, -present), name, error))
             continue
         if prepared.report.ok:
             return prepared
         _refuse_overrides_that_break(prepared, sources, config)
-        # Rules that differ only in dtype still say which model this is.
-        fitting = prepared.report.used + _dtype_only(prepared.report)
-        covered = fitting / max(len(sources), 1)
-        candidates.append((covered, name, prepared))
-    candidates.sort(key=lambda item: -item[0])
-    best_score, best_name, best = candidates[0]
+        candidates.append((_coverage(prepared), (0, 1.0), name, prepared))
+    candidates.sort(key=lambda item: (-item[0], item[1]))
+    best_score, _, best_name, best = candidates[0]
     if best_score == 0.0:
         raise MappingError(
             f"{checkpoint.path}: the parameter names match none of the official models "
             f"({', '.join(available_mappings())}); pass --model NAME to see what is missing"
         )
+    if isinstance(best, ConfigError):
+        raise best
     if isinstance(best, PreparedConversion):
         hint = (
             _DTYPE_HINT if _only_dtypes_differ(best.report) else _image_size_hint(best)
         )
         detail = "\n".join(best.report.problems()[:20] + ([hint] if hint else []))
+        share = f"{best_score:.0%} of the tensors fit"
     else:
-        detail = best
+        detail = str(best)
+        share = f"{best_score:.0%} of the tensor names are its"
     raise MappingError(
-        f"{checkpoint.path}: closest model is {best_name} ({best_score:.0%} of the tensors "
-        f"fit), but the checkpoint does not match it:\n{detail}"
+        f"{checkpoint.path}: closest model is {best_name} ({share}), but the checkpoint "
+        f"does not match it:\n{detail}"
     )
 
 

@@ -434,3 +434,42 @@ def test_python_api_checks_the_output_folder_before_any_work(tmp_path, monkeypat
     with pytest.raises(OutputError, match=r"the folder .*missing does not exist"):
         converter.export(converted, missing / "x.pickle")
     assert not missing.exists()
+
+
+def test_detection_reports_the_closest_models_own_problem(tmp_path):
+    """Without --model, a bad override of the closest model, or a missing tensor that
+    a derivation reads, was reported as "the parameter names match none of the
+    official models": the real problem is reported now."""
+    from converter.config_fixtures import HF_TINY_CONFIGS, write_config_fixture
+    from converter.errors import ConfigError, MappingError
+
+    learned = tmp_path / "learned.pickle"  # an image size no shape reveals
+    write_config_fixture("imagenet_learned", learned, HF_TINY_CONFIGS["imagenet_learned"])
+    size = HF_TINY_CONFIGS["imagenet_learned"]["image_size"]
+    assert converter.convert(learned, None, config={"image_size": size}).model == \
+        "imagenet_learned"
+    for bad, key in (({"num_blocks": 0}, "'num_blocks' must be an integer >= 1"),
+                     ({"num_self_attention_heads": 3}, "num_self_attention_heads=3")):
+        with pytest.raises(ConfigError, match=key):
+            converter.convert(learned, None, config={"image_size": size, **bad})
+
+    source = tmp_path / "conv.pickle"
+    write_fixture("imagenet_conv", source, size="tiny", seed=2)
+    checkpoint = load_haiku_checkpoint(source)
+    del checkpoint.params["classification_decoder/~/basic_decoder/output"]["b"]
+    missing = tmp_path / "missing.pickle"
+    save_haiku_checkpoint(missing, checkpoint.params, checkpoint.state)
+    with pytest.raises(MappingError) as refused:
+        converter.convert(missing, None)
+    assert "closest model is imagenet_conv (100% of the tensor names are its)" in str(
+        refused.value)
+    assert "no tensor 'classification_decoder/~/basic_decoder/output/b'" in str(refused.value)
+    # imagenet_conv's mapping knows every name of imagenet_fourier's too: the names
+    # the checkpoint lacks tell the two apart.
+    source = tmp_path / "fourier.pickle"
+    write_fixture("imagenet_fourier", source, size="tiny", seed=2)
+    checkpoint = load_haiku_checkpoint(source)
+    del checkpoint.params["classification_decoder/~/basic_decoder/output"]["b"]
+    save_haiku_checkpoint(missing, checkpoint.params, checkpoint.state)
+    with pytest.raises(MappingError, match="closest model is imagenet_fourier "):
+        converter.convert(missing, None)
