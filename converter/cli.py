@@ -1077,10 +1077,13 @@ def export_command(
     if fmt != "haiku":
         # Options of the pickle writer, not read by these formats: refused, not dropped.
         ctx = click.get_current_context()
+        # The HuggingFace export goes through the official names, hence the mapping
+        # the file was converted with; the ONNX graph is traced from the file itself.
+        refused = ("protocol", "container") + (("mapping",) if fmt == "onnx" else ())
         given = {
             f"--{name}": ctx.get_parameter_source(name)
             not in (None, click.core.ParameterSource.DEFAULT)
-            for name in ("protocol", "container", "mapping")
+            for name in refused
         }
         kind = {"hf": "HuggingFace", "onnx": "ONNX"}[fmt]
         _refuse_options(given, f"to --format {fmt} (options of the Haiku pickle "
@@ -1098,7 +1101,7 @@ def export_command(
         from converter.interop_cli import export_other
 
         export_other(converted, output, fmt, as_json=as_json, quiet=quiet,
-                     progress=_progress(quiet), overwrite=force)
+                     progress=_progress(quiet), overwrite=force, mapping=mapping)
         return
     from converter.exporter import PrecisionWarning, export
 

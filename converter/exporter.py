@@ -20,7 +20,13 @@ import torch
 from converter.conversion import decode_dropped, tensor_specs
 from converter.atomic import check_output_path, check_outputs
 from converter.errors import CheckpointError, MappingError, nonfinite_message
-from converter.mapping import invert_arrays, load_mapping, plan_inverse, unflatten_tree
+from converter.mapping import (
+    available_mappings,
+    invert_arrays,
+    load_mapping,
+    plan_inverse,
+    unflatten_tree,
+)
 from converter.converted_files import read_converted
 from converter.haiku_writer import check_pickle_suffix, save_haiku_checkpoint
 
@@ -102,9 +108,14 @@ def converted_to_haiku(
     model = metadata["model"]
     config = json.loads(metadata["config"])
     check_stored_tensors(Path(path), model, config, state_dict)
-    spec = load_mapping(
-        mapping if mapping is not None else metadata.get("mapping", model)
-    )
+    recorded = metadata.get("mapping", model)
+    if mapping is None and recorded not in available_mappings():
+        raise MappingError(
+            f"{path} was converted with the mapping {recorded!r}, which is not one of "
+            "the bundled mappings (a file of yours): export it through that file, "
+            "--mapping FILE (mapping= in Python)"
+        )
+    spec = load_mapping(mapping if mapping is not None else recorded)
     if spec.model != model:
         raise MappingError(
             f"{spec.file} maps {spec.model!r}, but {path} holds {model!r}"

@@ -35,7 +35,7 @@ import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -592,14 +592,18 @@ def export_hf(
     *,
     seed: int = 0,
     progress: Progress = quiet,
+    mapping: Optional[str | os.PathLike] = None,
 ) -> HFExportResult:
     """Writes the transformers folder for a file made by :func:`converter.convert`,
-    loads it back with transformers (strict) and measures its fidelity."""
+    loads it back with transformers (strict) and measures its fidelity.
+
+    ``mapping``: the mapping file the file was converted with, where that is not a
+    bundled one (the export goes through the official names)."""
     from converter.exporter import converted_to_haiku, load_float32
 
     require_transformers()
     out_dir = check_new_folder(out_dir)
-    haiku = converted_to_haiku(path)
+    haiku = converted_to_haiku(path, mapping=mapping)
     model, config = haiku.model, haiku.config
     progress(f"mapping {model} to transformers' keys")
     tensors, kwargs, spec = haiku_to_hf(model, config, haiku.flat)

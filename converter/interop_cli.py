@@ -24,11 +24,13 @@ def export_other(
     quiet: bool,
     progress: Callable[[str], None],
     overwrite: bool = True,
+    mapping: Optional[Path] = None,
 ) -> None:
     """``perceiver-convert export CONVERTED -o OUTPUT --format hf|onnx``: the check's
     table, the notes and the summary on stderr unless ``quiet``. Errors keep their own
     exit codes: a bad output name is a usage error (2), a bad file is 3. ``overwrite``
-    (``--force``) applies to the ONNX file; an hf folder is never overwritten."""
+    (``--force``) applies to the ONNX file; an hf folder is never overwritten.
+    ``mapping`` (``--mapping``, hf only): the file's own mapping file."""
     from converter.exporter import PrecisionWarning
 
     with warnings.catch_warnings():
@@ -37,7 +39,7 @@ def export_other(
         if fmt == "hf":
             from converter.hf import export_hf, format_fidelity
 
-            result = export_hf(converted, output, progress=progress)
+            result = export_hf(converted, output, progress=progress, mapping=mapping)
             report = format_fidelity(result.fidelity)
             summary = (
                 f"wrote {result.output}/: {result.model} as transformers' "

@@ -990,18 +990,61 @@ def test_exporting_a_transformers_checkpoint_says_to_convert_it(exported, tmp_pa
 
 
 def test_pickle_options_are_refused_for_other_formats(converted, tmp_path) -> None:
-    """--protocol, --container and --mapping shape the Haiku pickle export; the hf and
-    onnx exports ignored them without a word."""
+    """--protocol and --container shape the Haiku pickle export, --mapping the way
+    back to the official names (pickle and hf); the other exports ignored them
+    without a word."""
     source = converted["imagenet_fourier"][1]
     mapping = Path(__file__).resolve().parents[1] / "mappings" / "imagenet_fourier.yaml"
     for args, words in (
-        (["-o", tmp_path / "m.onnx", "--protocol", "5"], "--protocol does not apply to --format onnx"),
+        (["-o", tmp_path / "m.onnx", "--protocol", "5", "--mapping", mapping],
+         "--protocol, --mapping do not apply to --format onnx"),
         (["-o", tmp_path / "hf", "--format", "hf", "--container", "dict", "--mapping", mapping],
-         "--container, --mapping do not apply to --format hf"),
+         "--container does not apply to --format hf"),
     ):
         result = run_cli("export", source, *args)
         assert result.exit_code == 2 and words in result.stderr, result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_of_a_mapping_of_ones_own_exports_through_that_file(converted, tmp_path) -> None:
+    """A file converted with a mapping file of another name could not be exported to
+    Haiku without --mapping ("no mapping named 'my_fourier'", no hint) nor to
+    HuggingFace at all (export_hf took no mapping): the error names --mapping FILE,
+    and both exports take it."""
+    import shutil
+
+    from converter.errors import MappingError
+    from converter.exporter import export
+    from converter.hf import export_hf
+
+    mappings = Path(__file__).resolve().parents[1] / "mappings"
+    mine = tmp_path / "my_fourier.yaml"
+    mine.write_text((mappings / "imagenet_fourier.yaml").read_text().replace(
+        "name: imagenet_fourier", "name: my_fourier"))
+    shutil.copy(mappings / "_blocks.yaml", tmp_path)
+    fixture = converted["imagenet_fourier"][0]
+    source = tmp_path / "mine.safetensors"
+    convert(fixture, source, config=HF_TINY_CONFIGS["imagenet_fourier"], mapping=mine)
+    for call in (lambda: export(source, tmp_path / "back.pickle"),
+                 lambda: export_hf(source, tmp_path / "hf")):
+        with pytest.raises(MappingError, match=r"converted with the mapping 'my_fourier'.*"
+                                               r"--mapping FILE \(mapping= in Python\)"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "_blocks.yaml", "mine.safetensors", "my_fourier.yaml"]
+    assert export(source, tmp_path / "back.pickle", mapping=mine).exact
+    result = run_cli("export", source, "-o", tmp_path / "hf", "--format", "hf",
+                     "--mapping", mine, "--json")
+    assert result.exit_code == 0, result.stderr
+    plain = run_cli("export", converted["imagenet_fourier"][1], "-o", tmp_path / "hf_plain",
+                    "--format", "hf", "--json")
+    assert plain.exit_code == 0, plain.stderr
+    from safetensors.torch import load_file
+
+    mine_tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    plain_tensors = load_file(tmp_path / "hf_plain" / "model.safetensors")
+    assert mine_tensors.keys() == plain_tensors.keys()
+    assert all(torch.equal(mine_tensors[k], plain_tensors[k]) for k in plain_tensors)
 
 
 @pytest.mark.jax
