@@ -219,9 +219,10 @@ def _try_mapping(
 
 
 def _coverage(prepared: PreparedConversion) -> float:
-    """The share of the checkpoint's tensors the mapping's rules fit (rules that
-    differ only in dtype still say which model this is)."""
-    fitting = prepared.report.used + _dtype_only(prepared.report)
+    """The share of the checkpoint's tensors the mapping's rules fit or drop (rules
+    that differ only in dtype still say which model this is)."""
+    report = prepared.report
+    fitting = report.used + _dtype_only(report) + len(report.dropped)
     return fitting / max(len(prepared.sources), 1)
 
 

@@ -1421,6 +1421,9 @@ class ShapeProblem:
     # The rule's own dtype op, when it has one: "file:line" of the rule. A dtype that
     # comes out wrong through it is the mapping's to fix, or the array's to match.
     cast_at: str = ""
+    # The dtype that op takes, when the checkpoint's array is not in it: then the
+    # array is the one to fix (the op is right for the official file).
+    cast_from: str = ""
 
     @property
     def dtype_only(self) -> bool:
@@ -1474,7 +1477,14 @@ class MappingReport:
             kind = "dtype mismatch" if problem.dtype_only else "shape mismatch"
             want = problem.detail.rsplit(" ", 1)[-1]  # "... model expects [..] float32"
             fix = ""
-            if kind == "dtype mismatch" and problem.cast_at:
+            if kind == "dtype mismatch" and problem.cast_from:
+                fix = (
+                    f"; the rule's dtype op ({problem.cast_at}) takes "
+                    f"{problem.cast_from}: store the array as {problem.cast_from} "
+                    f"(numpy: array.astype(np.{problem.cast_from})) and save the "
+                    "checkpoint again"
+                )
+            elif kind == "dtype mismatch" and problem.cast_at:
                 fix = (
                     f"; the rule's dtype op ({problem.cast_at}) must turn the array's "
                     f"dtype into {want}: correct its 'from'/'to'"
@@ -1575,6 +1585,7 @@ def plan_forward(
                         if any(op.name == "dtype" for op in rule.ops)
                         else ""
                     ),
+                    cast_from=_array_dtype_to_store(dtype, rule.ops, expected_dtype),
                 )
             )
             continue
@@ -1654,6 +1665,20 @@ def _apply_rule(
             f"{'the model tensor' if inverse else 'the checkpoint array'} of shape "
             f"{list(array.shape)}: {type(error).__name__}: {error}"
         ) from None
+
+
+def _array_dtype_to_store(dtype: str, ops: Sequence[Op], expected: str) -> str:
+    """Where an array of ``dtype`` does not fit the ``from`` of the rule's first
+    dtype op, and an array in that ``from`` dtype would come out as the model's
+    ``expected`` dtype: that dtype (the array is at fault, the op is right); else ""
+    (the op is at fault, or none refuses the array)."""
+    for op in ops:
+        if op.name == "dtype":
+            wanted = str(op.args["from"])
+            if dtype != wanted:
+                return wanted if _dtype_after(wanted, ops) == expected else ""
+            dtype = op.args["to"]
+    return ""
 
 
 def _dtype_after(dtype: str, ops: Sequence[Op]) -> str:

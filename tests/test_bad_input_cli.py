@@ -1454,3 +1454,34 @@ def test_a_ctrl_c_python_could_not_raise_where_it_landed_still_interrupts(monkey
     assert result.exit_code == 130, result.output
     document = json.loads(result.stdout)
     assert document["ok"] is False and document["exit_code"] == 130
+
+
+def test_a_dtype_op_mismatch_says_whether_the_array_or_the_mapping_is_at_fault(tmp_path):
+    """The BatchNorm counter stored as int64 (the official file: int32) was told to
+    "correct the dtype op's 'from'/'to'" of the bundled mapping, and that int64, the
+    dtype it already had, was the one to store: the array is the one to fix. A
+    mapping whose dtype op gives the wrong dtype is still the mapping's to fix."""
+    source = tmp_path / "conv.pickle"
+    write_fixture("imagenet_conv", source, size="tiny", seed=5)
+    checkpoint = load_haiku_checkpoint(source)
+    state = {module: dict(arrays) for module, arrays in checkpoint.state.items()}
+    module = "image_preprocessor/~/conv2_d_downsample/~/batchnorm/~/mean_ema"
+    state[module]["counter"] = state[module]["counter"].astype(np.int64)
+    wide = tmp_path / "int64.pickle"
+    save_haiku_checkpoint(wide, checkpoint.params, state)
+    with pytest.raises(converter.MappingError) as refused:
+        converter.convert(wide, None)
+    message = str(refused.value)
+    assert "takes int32: store the array as int32 (numpy: array.astype(np.int32))" in message
+    assert "correct its 'from'/'to'" not in message
+    assert "(100% of the tensors fit)" in message  # the dropped accumulators count
+
+    mappings = Path(__file__).resolve().parents[1] / "mappings"
+    text = (mappings / "imagenet_conv.yaml").read_text()
+    assert "{dtype: {from: int32, to: int64}}" in text
+    wrong = tmp_path / "imagenet_conv.yaml"
+    wrong.write_text(text.replace("{dtype: {from: int32, to: int64}}",
+                                  "{dtype: {from: int32, to: int32}}"))
+    with pytest.raises(converter.MappingError, match=r"must turn the array's dtype into "
+                                                     r"int64: correct its 'from'/'to'"):
+        converter.convert(source, None, mapping=wrong)
