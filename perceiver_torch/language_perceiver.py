@@ -79,7 +79,9 @@ class LanguagePerceiver(PerceiverIO):
         zero attention weight, and a masked query's output does not depend on the
         query or the latents (its attention row is zeroed before ``to_out`` and there
         is no query residual), so it is computed once and repeated. Not under
-        ``torch.jit.trace`` or ``torch.export``, whose graphs serve other masks.
+        ``torch.jit.trace``, ``torch.export`` or ``torch.compile``, whose graphs serve
+        other masks (a compiled model recompiled for every new padding length, and
+        ran eagerly after eight).
         """
         self.check_inputs(input_ids, attention_mask)
         batch, length = input_ids.shape
@@ -89,8 +91,9 @@ class LanguagePerceiver(PerceiverIO):
             or not enabled(FastPath.SKIP_PADDING)
             or attention_mask.device.type == "meta"  # no values to find the padding in
             # torch.jit.trace would freeze the example's padding into the graph
-            # (other masks then get wrong logits); torch.export cannot branch on it.
-            or recording_graph()
+            # (other masks then get wrong logits); torch.export cannot branch on it;
+            # torch.compile breaks the graph on it and specialises on each length.
+            or compiling()
         ):
             return self.logits(input_ids, attention_mask)
         used = (attention_mask != 0).any(dim=0).nonzero()
@@ -138,11 +141,12 @@ class LanguagePerceiver(PerceiverIO):
                 f"input_ids holds {input_ids.shape[1]} tokens, more than max_seq_len "
                 f"{max_len}; truncate or split the sequence",
             )
+        vocab = self.config.vocab_size
         if input_ids.device.type == "cpu" and input_ids.numel() and not compiling():
             # F.embedding's own error ("index out of range in self") names neither the
             # tensor nor the vocabulary. Eager CPU only: a value check syncs a GPU and
             # would be a graph break under torch.compile.
-            low, high, vocab = int(input_ids.min()), int(input_ids.max()), self.config.vocab_size
+            low, high = int(input_ids.min()), int(input_ids.max())
             if low < 0 or high >= vocab:
                 fail(
                     name,
@@ -150,6 +154,15 @@ class LanguagePerceiver(PerceiverIO):
                     f"{low if low < 0 else high}; make them with "
                     "perceiver_torch.BytesTokenizer",
                 )
+        elif input_ids.device.type == "cpu" and compiling() and not recording_graph():
+            # Under torch.compile an id past the table killed the whole process (the
+            # compiled gather's bounds check fires inside OpenMP's threads: "terminate
+            # called recursively"); an assert in the graph raises a RuntimeError.
+            torch._assert_async(
+                ((input_ids >= 0) & (input_ids < vocab)).all(),
+                f"{name}: input_ids must be token ids in [0, {vocab}); make them with "
+                "perceiver_torch.BytesTokenizer",
+            )
         if attention_mask is not None:
             if not isinstance(attention_mask, Tensor) or tuple(
                 attention_mask.shape

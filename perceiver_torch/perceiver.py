@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import CrossAttentionLayer, SelfAttentionLayer
+from . import fast_paths
 from .fast_paths import FastPath, plain
 from .micro_batches import items_per_slice
 from .position_encoding import truncated_normal_
@@ -119,6 +120,10 @@ class PerceiverIO(nn.Module):
         # Floating-point inputs follow the model's dtype (a bfloat16 model takes the
         # same float32 images as a float32 one); integer ids and indices are untouched.
         self.register_forward_pre_hook(_cast_inputs_hook, with_kwargs=True)
+        # The fast-path switches are read from the environment at first use: here,
+        # eagerly. Read first inside torch.compile, the unread state became a guard
+        # and every compiled model was compiled twice.
+        fast_paths.disabled_paths()
 
     def cast_input(self, value: Any) -> Any:
         """``value`` with its floating-point tensors (also inside dicts, lists and

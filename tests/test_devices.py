@@ -295,6 +295,74 @@ def test_torch_compile_video_decoder_has_no_graph_break():
     assert explained.graph_count == 1
 
 
+def test_torch_compile_language_model_serves_every_padding_in_one_graph():
+    """The padding shortcut reads the mask's values: under torch.compile that was a
+    graph break and a recompilation for every new padding length (after eight,
+    dynamo ran the model eagerly). Compiled, the padding is computed plainly: one
+    graph, compiled once, for any mask (the fast-path switches, read when the model
+    is built, no longer cost a second compilation either)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = tiny("language_perceiver")
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    ids = tiny_inputs("language_perceiver")[0]
+    with torch.no_grad():
+        for real in (40, 30, 20, ids.shape[1]):
+            mask = torch.zeros_like(ids)
+            mask[:, :real] = 1
+            assert relative(compiled(ids, mask), model(ids, mask).double()) <= 2 * gamma(
+                "language_perceiver", torch.float32
+            ), real
+        explained = torch._dynamo.explain(model)(ids, mask)
+    assert counter.frame_count == 1
+    assert explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_torch_compile_language_model_refuses_ids_past_the_vocabulary():
+    """The eager check of the ids' values steps aside under torch.compile (it would
+    break the graph); an id past the table then made inductor's gather abort the
+    process ("terminate called recursively"). An assert captured in the graph raises
+    a RuntimeError naming the range instead (aot_eager here, which runs the same
+    graph's ops; inductor in the full tier)."""
+    torch._dynamo.reset()
+    model = tiny("language_perceiver")
+    compiled = torch.compile(model, backend="aot_eager")
+    ids = tiny_inputs("language_perceiver")[0]
+    with torch.no_grad():
+        compiled(ids)
+        for bad in (ids + 300, ids - 300):
+            with pytest.raises(RuntimeError, match=r"input_ids must be token ids in \[0, 262\)"):
+                compiled(bad)
+
+
+@pytest.mark.full
+def test_torch_compile_inductor_refuses_ids_past_the_vocabulary(tmp_path):
+    """As above with inductor, in a child process: the failure was the whole
+    process aborting."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ids.py"
+    script.write_text(
+        "import torch, perceiver_torch as pt\n"
+        "model = pt.build('language_perceiver', pt.TINY_CONFIGS['language_perceiver']).eval()\n"
+        "compiled = torch.compile(model)\n"
+        "ids = torch.randint(6, 262, (2, 64))\n"
+        "with torch.no_grad():\n"
+        "    compiled(ids)\n"
+        "    try:\n"
+        "        compiled(ids + 300)\n"
+        "    except RuntimeError as error:\n"
+        "        print('refused:', error)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: LanguagePerceiver: input_ids must be token ids in [0, 262)" in done.stdout
+
+
 def test_torch_compile_of_a_bfloat16_model_is_quiet():
     """Compiling the language model in bfloat16 reaches the padding rule of its
     unequal head widths, which asks a cached probe of the CPU's vendor: dynamo warned
