@@ -16,11 +16,12 @@ an empty result.
 
 from __future__ import annotations
 
-from typing import Mapping, NoReturn, Optional, Sequence, Tuple
+import numbers
+from typing import Any, Mapping, NoReturn, Optional, Sequence, Tuple
 
 from torch import Tensor
 
-__all__ = ["InputError", "expect", "fail", "same_batch"]
+__all__ = ["InputError", "expect", "expect_positive_int", "fail", "same_batch"]
 
 Dim = Tuple[str, Optional[int]]  # (label, required size or None for any size >= 1)
 
@@ -122,3 +123,13 @@ def same_batch(model: str, tensors: Mapping[str, Optional[Tensor]]) -> None:
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
         fail(model, f"the inputs have different batch sizes: {listed}")
+
+
+def expect_positive_int(model: str, name: str, value: Any) -> int:
+    """``value`` as an int, or :class:`InputError` unless it is an integer of at least
+    1 (not a bool): a count such as ``batch_size``, which ``range()`` would refuse
+    with a bare TypeError (2.5) or a ValueError (0). The pipelines' options get the
+    same check (``pipelines.base.positive_int``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        fail(model, f"{name} must be an integer of at least 1, got {value!r}")
+    return int(value)

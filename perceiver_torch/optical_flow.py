@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+import numbers
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from .configs import OpticalFlowConfig
 from .decoders import PerceiverDecoder
-from .inputs import expect
+from .inputs import expect, expect_positive_int, fail
 from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import FlowPostprocessor
@@ -40,13 +41,33 @@ def tile_starts(size: int, tile: int, min_overlap: int) -> List[int]:
     """
     if size < tile:
         raise ValueError(f"image axis of {size} px is smaller than the {tile} px tile")
-    if min_overlap >= tile:
+    if not 0 <= min_overlap < tile:
+        # A negative overlap steps past the tile's end: pixels between tiles that no
+        # tile covers.
         raise ValueError(
-            f"min_overlap {min_overlap} must be smaller than the tile {tile}"
+            f"min_overlap {min_overlap} must be from 0 to the tile {tile} - 1"
         )
     starts = list(range(0, size, tile - min_overlap))
     starts[-1] = size - tile
     return [min(start, size - tile) for start in starts]
+
+
+def min_overlap_problem(min_overlap: Any, tile: Tuple[int, int]) -> Optional[str]:
+    """Why ``min_overlap`` cannot tile frames with ``tile`` (height, width) tiles, or
+    None when it can: it must be an integer from 0 to the smaller side - 1.
+
+    An overlap of the tile's side or more never steps forward; a negative one steps
+    past the tile's end and leaves pixels that no tile covers, whose blend is 0 / 0
+    (NaN). :meth:`OpticalFlow.tiled` and the flow pipeline refuse both with this
+    message.
+    """
+    integral = isinstance(min_overlap, numbers.Integral) and not isinstance(min_overlap, bool)
+    if integral and 0 <= min_overlap < min(tile):
+        return None
+    return (
+        f"min_overlap must be between 0 and {min(tile) - 1} for {tile[0]}x{tile[1]} "
+        f"tiles (an integer), got {min_overlap!r}"
+    )
 
 
 def tile_grid(
@@ -169,9 +190,12 @@ class OpticalFlow(PerceiverIO):
         bfloat16 holds exactly (256) at its 3 significant digits.
         """
         self.check_inputs(frames)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        name = type(self).__name__
+        batch_size = expect_positive_int(name, "batch_size", batch_size)
         th, tw = tile_size or self.config.image_size
+        problem = min_overlap_problem(min_overlap, (th, tw))
+        if problem is not None:
+            fail(name, problem)
         batch = frames.shape[0]
         height, width = frames.shape[-2:]
         grid = tile_grid(height, width, (th, tw), min_overlap)

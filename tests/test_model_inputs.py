@@ -150,6 +150,21 @@ def test_flow_model_refuses_one_frame(models):
         model(frames.permute(0, 1, 3, 4, 2))
 
 
+def test_flow_tiling_refuses_overlaps_and_batch_sizes_it_cannot_use(models):
+    # min_overlap=-5 left 5 px between tiles that no tile covered: NaN flow there (the
+    # blend's 0 / 0), silently; batch_size=2.5 was range()'s bare TypeError.
+    model = models["optical_flow"]
+    frames = torch.rand(1, 2, 3, 30, 70) * 2 - 1  # 24x32 tiles: two rows, three columns
+    for overlap in (-5, -1, 24, 2.5, True):
+        with pytest.raises(InputError, match=rf"min_overlap must be between 0 and 23 for 24x32 tiles.*got {overlap!r}"):
+            model.tiled(frames, min_overlap=overlap)
+    for batch_size in (2.5, 0, -1, True, "2"):
+        with pytest.raises(InputError, match=rf"batch_size must be an integer of at least 1, got {re.escape(repr(batch_size))}"):
+            model.tiled(frames, min_overlap=4, batch_size=batch_size)
+    with torch.no_grad():
+        assert torch.isfinite(model.tiled(frames, min_overlap=0, batch_size=2)).all()
+
+
 def test_door_checks_trace_and_compile(models):
     """Shape checks only: torch.compile captures every model's door check as part of
     one graph (fullgraph=True fails on any graph break), a compiled model computes

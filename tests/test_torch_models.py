@@ -287,6 +287,10 @@ def test_tile_starts():
     assert tile_starts(1000, 368, 20) == [0, 348, 632]
     with pytest.raises(ValueError):
         tile_starts(300, 368, 20)
+    # A negative overlap stepped past the tile's end: [0, 373, 648] left 5 px between
+    # tiles uncovered.
+    with pytest.raises(ValueError, match="min_overlap -5 must be from 0"):
+        tile_starts(1000, 368, -5)
 
 
 def test_flow_tiled_blends_tiles():

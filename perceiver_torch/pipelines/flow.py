@@ -23,7 +23,6 @@ Results are (H, W, 2) float32 arrays in pixels, u (+x right) then v (+y down).
 from __future__ import annotations
 
 import io
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -31,7 +30,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..optical_flow import tile_grid
+from ..optical_flow import min_overlap_problem, tile_grid
 from .base import (
     InputError,
     PipelineError,
@@ -141,12 +140,9 @@ class FlowPipeline:
         check_weights(model, "flow")
         self.model = model  # run in eval mode, call by call (eval_mode)
         self.tile = tuple(int(v) for v in model.config.image_size)
-        integral = isinstance(min_overlap, numbers.Integral) and not isinstance(min_overlap, bool)
-        if not integral or not 0 <= min_overlap < min(self.tile):
-            raise usage_error(
-                f"min_overlap must be between 0 and {min(self.tile) - 1} for "
-                f"{self.tile[0]}x{self.tile[1]} tiles (an integer), got {min_overlap!r}"
-            )
+        problem = min_overlap_problem(min_overlap, self.tile)
+        if problem is not None:
+            raise usage_error(problem)
         self.min_overlap = int(min_overlap)
         self.batch_size = positive_int(batch_size, "batch_size")
         self.pad = bool(pad)
