@@ -662,3 +662,28 @@ def test_flow_of_and_min_overlap_refuse_what_they_cannot_take():
     for overlap in ("2", 2.7, None, True):
         with pytest.raises(PipelineError, match="min_overlap must be between 0 and"):
             FlowPipeline(model, min_overlap=overlap)
+
+
+def test_flow_of_takes_float_frames_as_the_pipeline_call_does(model):
+    # flow_of skipped the checks of pipeline(frame1, frame2): a NaN pixel gave NaN flow
+    # (and an as_dict() that is not JSON), values outside 0..255 were used unclipped,
+    # and an empty frame failed in torch's padding ("Expected 3D or 4D tensor").
+    pipeline = FlowPipeline(model, pad=True)
+    first, second = (f.astype(np.float32) for f in textured_pair(*TILE, seed=5))
+    for bad in (np.nan, np.inf):
+        broken = first.copy()
+        broken[3, 7, 1] = bad
+        for call in (pipeline, pipeline.flow_of):
+            with pytest.raises(InputError, match="1 non-finite value.*row 3, column 7"):
+                call(broken, second)
+    stretched = first * 1.5 - 60.0  # runs from -60 to about 322
+    assert stretched.min() < 0 and stretched.max() > 255
+    expected = pipeline.flow_of(np.clip(stretched, 0, 255), second)
+    for call in (pipeline, pipeline.flow_of):
+        result = call(stretched, second)
+        assert np.array_equal(result.flow, expected.flow)
+        assert len(result.notes) == 1 and "clipped to 0..255" in result.notes[0]
+    assert expected.notes == []
+    for empty in (np.zeros((24, 0, 3), np.uint8), np.zeros((0, 32, 3), np.float32)):
+        with pytest.raises(InputError, match=r"the first frame is empty \(\d+x\d+ px"):
+            pipeline.flow_of(empty, empty)

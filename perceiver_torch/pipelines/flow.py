@@ -163,9 +163,26 @@ class FlowPipeline:
             )
 
     def flow_of(self, first: np.ndarray, second: np.ndarray, *, progress: Optional[Progress] = None) -> FlowResult:
-        """Flow of two (H, W, 3) RGB arrays (0..255) of the same size."""
+        """Flow of two (H, W, 3) RGB arrays (uint8, or float on the 0..255 scale) of the
+        same size, at least 1x1 px. Their values are taken as ``pipeline(frame1,
+        frame2)`` takes them: NaN or infinite values are refused, float values outside
+        0..255 clipped to it, and float values all within 0..1 or outside 0..255 get a
+        note in the result's ``notes``."""
         for name, frame in (("first", first), ("second", second)):
             _check_frame_array(frame, name)
+        notes: List[str] = []
+        first, second = _rgb(first, notes), _rgb(second, notes)
+        return self._flow_of_rgb(first, second, notes, progress)
+
+    def _flow_of_rgb(
+        self,
+        first: np.ndarray,
+        second: np.ndarray,
+        notes: List[str],
+        progress: Optional[Progress] = None,
+    ) -> FlowResult:
+        """Flow of two frames already read by :func:`_rgb` (checked and clipped), with
+        the ``notes`` made reading them."""
         if first.shape != second.shape:
             raise InputError(
                 f"the two frames differ in size ({first.shape[1]}x{first.shape[0]} and "
@@ -192,15 +209,16 @@ class FlowPipeline:
                 progress=self.progress if progress is None else progress,
             )
         flow = flow[0, :, :height, :width].permute(1, 2, 0).float().cpu().numpy()
-        return FlowResult(flow=np.ascontiguousarray(flow), tiles=tiles)
+        # One note for two frames alike.
+        return FlowResult(
+            flow=np.ascontiguousarray(flow), tiles=tiles, notes=list(dict.fromkeys(notes))
+        )
 
     def __call__(self, frame1: FrameInput, frame2: FrameInput) -> FlowResult:
         """Flow from ``frame1`` to ``frame2``."""
         notes: List[str] = []
         first, second = _rgb(frame1, notes), _rgb(frame2, notes)
-        result = self.flow_of(first, second)
-        result.notes.extend(dict.fromkeys(notes))  # one note for two frames alike
-        return result
+        return self._flow_of_rgb(first, second, notes)
 
     def video(self, path: Union[str, Path], max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
         """The flow of each consecutive frame pair of a video: an iterator of (H, W, 2)
@@ -246,6 +264,13 @@ def _check_frame_array(frame: Any, name: str) -> None:
         raise InputError(
             f"the {name} frame is {frame.dtype}; give uint8 or float values on the "
             "0..255 scale (16-bit frames: (frame / 257).astype(np.uint8))"
+        )
+    if 0 in frame.shape[:2]:
+        # Even pad=True cannot pad a frame without pixels (torch's replicate pad
+        # failed with "Expected 3D or 4D tensor").
+        raise InputError(
+            f"the {name} frame is empty ({frame.shape[1]}x{frame.shape[0]} px, width x "
+            "height); give frames of at least 1x1 px"
         )
 
 
@@ -367,7 +392,8 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     results = []
     for i in range(len(frames) - 1):
         try:
-            results.append(pipeline.flow_of(frames[i], frames[i + 1]))
+            # Read (and noted) once, by _still_frame.
+            results.append(pipeline._flow_of_rgb(frames[i], frames[i + 1], []))
         except InputError as error:
             # Among many frames, say which pair ("the two frames differ in size").
             raise InputError(f"{inputs[i]} -> {inputs[i + 1]}: {error}") from None
