@@ -165,6 +165,19 @@ class VideoAutoencoder(PerceiverIO):
                    what="label scores", floating=True)
         same_batch(name, {"images": images, "audio": audio, "label": label})
 
+    def check_latents(self, latents: Tensor) -> None:
+        """Raises ``InputError`` unless latents is a float (B, num_latents, d_latents)
+        tensor, the shape :meth:`encode` returns."""
+        c = self.config
+        expect(
+            type(self).__name__,
+            "latents",
+            latents,
+            (("B", None), ("N", c.num_latents), ("D", c.d_latents)),
+            what=f"{c.num_latents} latents of {c.d_latents} channels, as encode() returns",
+            floating=True,
+        )
+
     def preprocess(
         self, images: Tensor, audio: Tensor, label: Optional[Tensor] = None
     ) -> Tensor:
@@ -349,11 +362,15 @@ class VideoAutoencoder(PerceiverIO):
         (default ``config.num_chunks``); the label logits then come from the first
         chunk. Returns {"audio": (B, 16*m), "image": (B, n, 3), "label": (B, classes)}.
 
-        The indices are 1-D integer tensors, non-empty, each in [0, n) (no negative
-        indices); anything else raises ``InputError`` (:meth:`check_subsample`).
+        ``latents`` is (B, num_latents, d_latents) floating point, as :meth:`encode`
+        returns it, and is cast to the model's dtype (as ``forward`` casts its inputs);
+        anything else raises ``InputError`` (:meth:`check_latents`). The indices are
+        1-D integer tensors, non-empty, each in [0, n) (no negative indices); anything
+        else raises ``InputError`` (:meth:`check_subsample`).
         """
+        self.check_latents(latents)
         self.check_subsample(subsample)
-        return self._decode(latents, subsample, num_chunks)
+        return self._decode(self.cast_input(latents), subsample, num_chunks)
 
     def _decode(
         self,

@@ -104,6 +104,47 @@ def test_reconstruct_defaults_to_the_configured_chunks(models):
         model.reconstruct(**inputs, num_chunks=128)
 
 
+def test_video_decode_checks_latents(models):
+    # decode read latents unchecked: rank 2 was an IndexError, int64 a linalg error, a
+    # wrong width a LayerNorm error, a wrong latent count decoded silently, float64
+    # failed in train mode only ("mixed dtype").
+    model = models["video_autoencoding"]
+    config = model.config  # 8 latents of 32 channels
+    inputs = valid_inputs("video_autoencoding", config)
+    with torch.no_grad():
+        latents = model.encode(**inputs)
+    assert latents.shape == (1, 8, 32)
+    cases = [
+        (latents[0], r"latents \(8 latents of 32 channels, as encode\(\) returns\) must have shape \(B, N, D\) = \(B, 8, 32\), got \[8, 32\]"),
+        (latents[:, :5], r"got \[1, 5, 32\]"),
+        (latents[..., :16], r"got \[1, 8, 16\]"),
+        (latents[:0], "batch size 0"),
+        (latents.long(), r"floating-point tensor, got torch.int64"),
+        (latents.numpy(), "must be a torch.Tensor"),
+    ]
+    for bad, words in cases:
+        with pytest.raises(InputError, match=words):
+            model.decode(bad)
+    compiled_check = torch.compile(
+        lambda x: (model.check_latents(x), x.sum())[1], backend="eager", fullgraph=True
+    )
+    torch.testing.assert_close(compiled_check(latents), latents.sum())
+    # float64 latents are cast to the model's dtype, as forward's inputs are: the
+    # same output as float32 ones, in eval and in train mode (the plain decoder).
+    subsample = {"image": torch.arange(5), "audio": torch.arange(2)}
+    try:
+        for train in (False, True):
+            model.train(train)
+            with torch.no_grad():
+                expected = model.decode(latents, subsample)
+                got = model.decode(latents.double(), subsample)
+            for key in expected:
+                assert got[key].dtype == torch.float32
+                torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+    finally:
+        model.eval()
+
+
 def test_language_model_checks_ids_and_mask(models):
     model = models["language_perceiver"]
     ids = torch.randint(0, 262, (1, 10))
