@@ -254,6 +254,19 @@ def test_too_few_frames(model):
         AutoencodePipeline(model)(frames, np.zeros(64, np.float32))
 
 
+def test_no_frames_and_empty_frames_are_named_as_such(model):
+    # An empty list was "must be uint8 (T, H, W, 3) RGB, got float64 (0,)" where an
+    # empty array says the video has 0 frames; frames of width 0 were cv2.error.
+    pipeline = AutoencodePipeline(model)
+    sound = np.zeros(128, np.float32)
+    for no_frames in (np.zeros((0, 16, 16, 3), np.uint8), [], (), iter([])):
+        with pytest.raises(InputError, match=r"the video has 0 frame\(s\)"):
+            pipeline(no_frames, sound)
+    for empty in (np.zeros((2, 16, 0, 3), np.uint8), [np.zeros((0, 16, 3), np.uint8)] * 2):
+        with pytest.raises(InputError, match=r"the video frames are empty \(\d+x\d+ px"):
+            pipeline(empty, sound)
+
+
 @pytest.mark.parametrize("num_chunks", [16, 9, 0, -1])
 def test_num_chunks_is_checked_at_construction(model, num_chunks):
     # The tiny clip has 8 audio patches: 16 failed only at the call, after decoding

@@ -258,9 +258,13 @@ class AutoencodePipeline:
     def load_frames(self, video: VideoInput) -> np.ndarray:
         """Every frame preprocessed: (T, H, W, 3) float32 in [0, 1].
 
+        No frames (an empty array, list or generator) give (0, H, W, 3), which
+        the pipeline call refuses as a video of 0 frames.
+
         Raises:
-            InputError: frames that are not uint8 (T, H, W, 3), or frames of
-                different sizes (the first odd one named by its number from 0).
+            InputError: frames that are not uint8 (T, H, W, 3), frames of width or
+                height 0, or frames of different sizes (the first odd one named by
+                its number from 0).
         """
         if isinstance(video, (str, Path)):
             frames = [preprocess_frame(f, self.size) for f in iter_video_frames(video)]
@@ -269,6 +273,10 @@ class AutoencodePipeline:
                 # A generator of frames as a list; np.asarray would make it a 0-d
                 # object array, refused as "got object ()".
                 video = list(video)
+                if not video:
+                    # np.asarray([]) is float64 (0,): refused as "must be uint8
+                    # (T, H, W, 3)" where an empty array says it has 0 frames.
+                    return np.zeros((0, *self.size, 3), np.float32)
                 # np.asarray would fail with NumPy's "inhomogeneous shape" message.
                 shapes = [np.shape(frame) for frame in video]
                 odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
@@ -282,6 +290,12 @@ class AutoencodePipeline:
                 raise InputError(
                     f"video frames must be uint8 (T, H, W, 3) RGB, got {array.dtype} "
                     f"{array.shape}"
+                )
+            if len(array) and 0 in array.shape[1:3]:
+                # cv2.resize fails on them with an assertion on "!ssize.empty()".
+                raise InputError(
+                    f"the video frames are empty ({array.shape[2]}x{array.shape[1]} px, "
+                    "width x height); give frames of at least 1x1 px"
                 )
             frames = [preprocess_frame(f, self.size) for f in array]
         return np.stack(frames) if frames else np.zeros((0, *self.size, 3), np.float32)
