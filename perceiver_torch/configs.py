@@ -536,14 +536,26 @@ TINY_CONFIGS: Mapping[str, Any] = types.MappingProxyType({
 })
 
 
+def config_class(name: str) -> type:
+    """The config dataclass of model ``name``; another name raises ``ValueError``
+    listing the known models (``perceiver_torch.build`` says the same)."""
+    try:
+        return CONFIG_CLASSES[name]
+    except (KeyError, TypeError):  # TypeError: an unhashable name
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(CONFIG_CLASSES)}"
+        ) from None
+
+
 def config_from_dict(name: str, values: Mapping[str, Any]) -> Any:
     """Builds the config of model ``name`` from plain values (JSON, YAML or CLI).
 
     Lists become tuples; unknown keys, wrong types, values out of range and values
     that do not fit together raise :class:`ConfigError` (a ``ValueError``) naming the
-    key (and, for an unknown key, the valid ones).
+    key (and, for an unknown key, the valid ones). An unknown model name raises
+    ``ValueError`` listing the known ones (:func:`config_class`).
     """
-    cls = CONFIG_CLASSES[name]
+    cls = config_class(name)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(map(str, set(values) - set(fields)))  # keys need not be text
     if unknown:

@@ -51,12 +51,10 @@ class EmptyFileError(LoadError):
 
 
 def _model_class(name: str) -> type:
-    try:
-        return MODEL_CLASSES[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown model {name!r}; known models: {', '.join(MODEL_CLASSES)}"
-        ) from None
+    # Every model has a config class of the same name: config_class refuses another
+    # name with the message config_from_dict gives.
+    configs.config_class(name)
+    return MODEL_CLASSES[name]
 
 
 # The dtypes the models run in, by the names converted files record.

@@ -110,8 +110,15 @@ def test_build_accepts_dict_and_rejects_unknown():
         "optical_flow", configs.config_to_dict(pt.TINY_CONFIGS["optical_flow"])
     )
     assert model.config == pt.TINY_CONFIGS["optical_flow"]
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="unknown model") as built:
         pt.build("imagenet_resnet")
+    # config_from_dict raised a bare KeyError('imagenet_resnet'); now build's message.
+    with pytest.raises(ValueError) as configured:
+        pt.config_from_dict("imagenet_resnet", {})
+    assert str(configured.value) == str(built.value)
+    assert str(built.value) == (
+        "unknown model 'imagenet_resnet'; known models: " + ", ".join(pt.MODEL_NAMES)
+    )
     with pytest.raises(ValueError, match="unknown config key"):
         pt.build("optical_flow", {"num_bandz": 3})
     with pytest.raises(TypeError):
