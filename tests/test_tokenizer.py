@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,6 +30,40 @@ def test_decode_round_trip_and_skips_specials():
     ids = [1, 3] + tok.encode("ab") + [0, 0, 2, 4, 5]
     assert tok.decode(ids) == "ab"
     assert tok.decode(torch.tensor(ids)) == "ab"
+
+
+def test_bytes_are_encoded_as_themselves():
+    # tok(b"abc") was AttributeError ('int' object has no attribute 'encode'): a bytes
+    # text was taken as a batch of ints. The model reads bytes, so bytes are the text.
+    tok = BytesTokenizer()
+    assert tok.encode(b"Hi") == tok.encode("Hi")
+    assert tok.encode(b"\xff\x00") == [0xFF + 6, 0 + 6]  # not UTF-8: kept as they are
+    assert tok.encode(bytearray(b"\xc3\xa9")) == tok.encode("é")
+    assert tok.encode(memoryview(b"ab"), add_special_tokens=True) == [1, 97 + 6, 98 + 6, 2]
+    for one in (b"abc", bytearray(b"abc")):
+        ids, mask = tok(one)
+        assert ids.tolist() == [[103, 104, 105]] and mask.tolist() == [[1, 1, 1]]
+    ids, _ = tok([b"ab", "c"])
+    assert ids.tolist() == [[103, 104], [105, 0]]
+    with pytest.raises(TypeError, match="encodes a str or bytes, got int"):
+        tok.encode(5)
+    with pytest.raises(TypeError, match="encodes a str or bytes, got int"):
+        tok([1, 2])
+
+
+def test_decode_takes_the_tokenizers_own_one_text_output():
+    # decode(tok("hello")[0]), the (1, T) input_ids, was int()'s TypeError on a list.
+    tok = BytesTokenizer()
+    ids, _ = tok("hello", length=8)
+    assert ids.shape == (1, 8)
+    for one_row in (ids, ids.tolist(), ids.numpy(), ids[0], ids[0].tolist()):
+        assert tok.decode(one_row) == "hello"
+    batch, _ = tok(["ab", "cd"])
+    for rows in (batch, batch.tolist(), batch.numpy(), batch[None], torch.tensor(104)):
+        with pytest.raises(ValueError, match=r"decode takes one sequence of .*ids.*row by row"):
+            tok.decode(rows)
+    assert [tok.decode(row) for row in batch] == ["ab", "cd"]
+    assert tok.decode(np.array([104, 105])) == "bc"
 
 
 def test_decode_invalid_utf8_is_graceful():
