@@ -50,8 +50,14 @@ _KINDS = {
     "optional_int": "an integer or null",
     "float": "a number",
     "bool": "true or false",
-    "pair": "two integers (e.g. 8x8, 8,8 or [8, 8])",
+    "pair": "two integers",
 }
+# How a pair is written, said after "two integers": a list or tuple from Python, JSON
+# or YAML (check_value, whose callers never see a string parsed), or the text
+# forms of --config KEY=VALUE (parse_value). Each message names only forms its path
+# accepts ('8x8' from Python was refused with "e.g. 8x8").
+_PAIR_EXAMPLE = "[8, 8]"
+_COMMAND_LINE_PAIR_EXAMPLE = "8x8, 8,8 or [8, 8]"
 
 # Lower bounds of the integer fields that may be 0 (every other size must be >= 1).
 _MAY_BE_ZERO = frozenset({"input_padding", "query_padding"})
@@ -95,10 +101,14 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_value(cls: type, key: str, value: Any) -> Any:
+def check_value(
+    cls: type, key: str, value: Any, *, pair_example: str = _PAIR_EXAMPLE
+) -> Any:
     """``value`` checked (type and range) and normalised for field ``key`` of ``cls``.
 
-    Lists become tuples, integral numbers plain ints. Raises ``ConfigError``.
+    Lists become tuples, integral numbers plain ints; a pair is a list or tuple of two
+    integers (a string such as ``"8x8"`` is read by :func:`parse_value` only). Raises
+    ``ConfigError``; for a pair it shows ``pair_example``.
     """
     kinds = field_kinds(cls)
     if key not in kinds:
@@ -110,8 +120,10 @@ def check_value(cls: type, key: str, value: Any) -> Any:
     kind = kinds[key]
 
     def wrong(detail: str = "") -> ConfigError:
+        example = f" (e.g. {pair_example})" if kind == "pair" else ""
         return ConfigError(
-            f"config key {key!r} must be {_KINDS[kind]}{detail}, got {value!r}", key
+            f"config key {key!r} must be {_KINDS[kind]}{example}{detail}, got {value!r}",
+            key,
         )
 
     if kind == "bool":
@@ -175,7 +187,7 @@ def parse_value(cls: type, key: str, raw: str) -> Any:
         except json.JSONDecodeError:
             if kind == "bool" and text.lower() in ("true", "false"):
                 value = text.lower() == "true"
-    return check_value(cls, key, value)
+    return check_value(cls, key, value, pair_example=_COMMAND_LINE_PAIR_EXAMPLE)
 
 
 class _Validated:

@@ -818,3 +818,21 @@ def test_build_names_keys_that_are_not_text():
     # Sorting {1, "foo"} raised a TypeError instead of the documented ConfigError.
     with pytest.raises(pt.ConfigError, match="unknown config key.*1, foo"):
         pt.build("imagenet_conv", {1: 1, "foo": 2})
+
+
+def test_pair_messages_name_only_the_forms_their_path_accepts():
+    # build(..., max_resolution="8x8") said 'must be two integers (e.g. 8x8, 8,8 or
+    # [8, 8]), got "8x8"': it offered the form it refused. Python values are lists or
+    # tuples; the text forms are --config's (configs.parse_value).
+    base = configs.config_to_dict(pt.TINY_CONFIGS["imagenet_conv"])
+    for value in ("8x8", [8], [8, "8"]):
+        with pytest.raises(pt.ConfigError) as info:
+            pt.build("imagenet_conv", {**base, "max_resolution": value})
+        assert "(e.g. [8, 8])" in str(info.value) and "8x8," not in str(info.value)
+    for value in ([8, 8], (8, 8)):
+        model = pt.build("imagenet_conv", {**base, "max_resolution": value})
+        assert model.config.max_resolution == (8, 8)
+    with pytest.raises(pt.ConfigError, match=r"two integers \(e\.g\. 8x8, 8,8 or \[8, 8\]\), got '8x'"):
+        configs.parse_value(pt.ImageNetConvConfig, "max_resolution", "8x")
+    for text in ("8x8", "8,8", "[8, 8]"):
+        assert configs.parse_value(pt.ImageNetConvConfig, "max_resolution", text) == (8, 8)
