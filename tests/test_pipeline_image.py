@@ -251,13 +251,74 @@ def test_arrays_and_tensors_agree():
     from_tensor = preprocess_image(torch.from_numpy(image).permute(2, 0, 1), (16, 16))
     from_pil = preprocess_image(Image.fromarray(image), (16, 16))
     assert torch.equal(from_numpy, from_tensor) and torch.equal(from_numpy, from_pil)
-    # Float input (0..255 scale) is resized in float32, without the 8-bit rounding and
-    # saturation: the same as OpenCV on the float crop.
+    # Float input (0..255 scale) is resized in float32, without the 8-bit rounding: the
+    # same as OpenCV on the float crop, clipped to 0..255 as uint8 saturates.
     from_float = preprocess_image(image.astype(np.float32), (16, 16))
     top, left, side = center_crop_box(30, 40)
     crop = image[top : top + side, left : left + side].astype(np.float32)
     resized = cv2.resize(crop, (16, 16), interpolation=cv2.INTER_CUBIC)
-    assert np.array_equal(from_float.permute(1, 2, 0).numpy(), normalize(resized))
+    assert resized.min() < 0 or resized.max() > 255  # the cubic's overshoot, clipped
+    expected = normalize(np.clip(resized, 0, 255))
+    assert np.array_equal(from_float.permute(1, 2, 0).numpy(), expected)
+
+
+def opencv_cubic_weights(t: float) -> np.ndarray:
+    """OpenCV's interpolateCubic (A = -0.75): the 4 tap weights at fraction t."""
+    a = -0.75
+    w0 = ((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a
+    w1 = ((a + 2) * t - (a + 3)) * t * t + 1
+    w2 = ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1
+    return np.array([w0, w1, w2, 1 - w0 - w1 - w2])
+
+
+def uint8_and_float_cubic_bound() -> float:
+    """The most a pixel resized from uint8 and from the same integers in float may
+    differ by, on the 0..255 scale.
+
+    OpenCV's uint8 cubic (resize.cpp) rounds its weights to multiples of 2^-11
+    (INTER_RESIZE_COEF_BITS = 11: each off by at most 2^-12), sums in exact integers,
+    two passes (rows, then columns), and rounds the result to an integer (0.5) and
+    saturates it to 0..255, where the float path clips its result to the same range
+    (which brings two values no further apart). The float path sums in float32.
+    """
+    kernel = max(np.abs(opencv_cubic_weights(t)).sum() for t in np.linspace(0, 1, 1001))
+    weight_error = 4 * 2.0**-12  # the 4 weights of one pass, summed
+    # First pass over pixels in 0..255; its values reach 255 * (positive weights) =
+    # 255 * (1 + kernel) / 2 (the weights sum to 1).
+    first_pass = weight_error * 255
+    largest = 255 * (1 + kernel) / 2
+    second_pass = weight_error * largest + (kernel + weight_error) * first_pass
+    # float32: a 4-term sum errs by at most 4u of the sum of |terms| (u = 2^-24), per pass.
+    u = 2.0**-24
+    float32 = 4 * u * kernel * 255 * kernel + 4 * u * kernel * largest + u * 255
+    return 0.5 + second_pass + float32
+
+
+def test_float_and_uint8_images_are_resized_to_within_the_rounding_of_uint8():
+    # Float pixels were clipped to 0..255 before the cubic resize only: its overshoot
+    # took them to -27..301 where uint8 saturates, so the same image as uint8 and as
+    # float fed the model pixels up to 27 levels apart (other logits).
+    from perceiver_torch.pipelines.image import center_crop, resize_cubic
+
+    bound = uint8_and_float_cubic_bound()
+    assert 0.5 < bound < 1.2  # 0.5 of rounding, the rest OpenCV's 11-bit weights
+    checkerboard = (np.indices((37, 53)).sum(0) % 2 * 255).astype(np.uint8)
+    images = [random_rgb(60, 80, seed=0), random_rgb(301, 257, seed=3),
+              np.repeat(checkerboard[..., None], 3, axis=-1)]
+    for image in images:
+        for size in [(32, 32), (224, 224), (20, 30)]:
+            as_uint8 = resize_cubic(center_crop(load_rgb(image)), size).astype(np.float64)
+            as_float = resize_cubic(center_crop(load_rgb(image.astype(np.float32))), size)
+            assert as_float.dtype == np.float32
+            assert as_float.min() >= 0 and as_float.max() <= 255
+            assert np.abs(as_float - as_uint8).max() <= bound, (image.shape, size)
+            # The model's inputs: the same normalisation of these pixels.
+            pixels = preprocess_image(image.astype(np.float32), size).permute(1, 2, 0)
+            assert np.array_equal(pixels.numpy(), normalize(as_float))
+    # Fractions are kept, not rounded (a 52 px crop to 32: weights at fractions of a
+    # pixel; the 224 px crop of the 301x257 image to 32 samples every 7th pixel).
+    resized = resize_cubic(center_crop(load_rgb(images[0].astype(np.float32))), (32, 32))
+    assert not np.array_equal(resized, np.round(resized))
 
 
 def test_bad_inputs(tmp_path, monkeypatch):

@@ -10,7 +10,10 @@ The colab's procedure (:func:`preprocess_image`):
    ``top = ((H - side) + 1) // 2``, ``left = ((W - side) + 1) // 2``.
 3. Resize of the 8-bit crop to the model's size (224x224 for the official models) with
    ``cv2.resize(..., interpolation=cv2.INTER_CUBIC)``, OpenCV's own cubic (not PIL's):
-   its rounded 8-bit result is what the colab feeds.
+   its rounded 8-bit result is what the colab feeds. Float pixels (a float array or
+   tensor, on the 0..255 scale) are clipped to 0..255 when read, resized in float32
+   and clipped to 0..255 again (the cubic overshoots at edges, where uint8
+   saturates), keeping their fractions (:func:`resize_cubic`).
 4. ``(x - mean) / std`` with the ImageNet mean (123.675, 116.28, 103.53) and std
    (58.395, 57.12, 57.375) on the 0..255 scale, computed in float64 (as NumPy does in
    the colab) and given to the model as float32, (B, 3, H, W).
@@ -338,12 +341,21 @@ def center_crop(rgb: np.ndarray) -> np.ndarray:
 
 
 def resize_cubic(rgb: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """(H, W, C) -> (size[0], size[1], C) with ``cv2.resize(..., INTER_CUBIC)``, in the
-    input's dtype (uint8 in, rounded and saturated uint8 out, as in the colab)."""
+    """(H, W, C) on the 0..255 scale -> (size[0], size[1], C) with ``cv2.resize(...,
+    INTER_CUBIC)``, in the input's dtype: uint8 in, rounded and saturated uint8 out,
+    as in the colab; float in, float out clipped to 0..255, fractions kept.
+
+    The cubic overshoots next to edges, below 0 and above 255: uint8 saturates that
+    away, and the clip does the same for floats, so that an image given as uint8 and
+    as the same integers in float differs only by uint8's rounding to integers (and
+    OpenCV's fixed-point arithmetic for uint8), not by the overshoot."""
     cv2 = require("cv2")
     height, width = size
     # cv2's dsize is (width, height).
-    return cv2.resize(rgb, (int(width), int(height)), interpolation=cv2.INTER_CUBIC)
+    resized = cv2.resize(rgb, (int(width), int(height)), interpolation=cv2.INTER_CUBIC)
+    if np.issubdtype(resized.dtype, np.floating):
+        resized = np.clip(resized, 0.0, 255.0)
+    return resized
 
 
 def normalize(rgb: np.ndarray) -> np.ndarray:
@@ -444,6 +456,10 @@ class ClassifyPipeline:
 
     resize: False feeds the centre crop at its own size (Fourier and conv only);
     crops of different sizes then run one at a time.
+
+    Float pixels (0..255 scale) are clipped to 0..255, resized in float32 and clipped
+    to 0..255 again, their fractions kept (:func:`resize_cubic`); uint8 pixels are
+    resized in uint8, rounded and saturated, as in the colab.
     """
 
     def __init__(
