@@ -13,6 +13,7 @@ an existing target is left exactly as it was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import secrets
@@ -209,10 +210,18 @@ def _claim_then_replace(temp: Path, path: Path) -> None:
 
 def write_failed(path: Union[str, os.PathLike], error: OSError) -> ConverterError:
     """The one-line error of a write that failed (disk full, folder gone, ...) after
-    its temporary file was removed; the CLI prints it and exits 3."""
+    its temporary file was removed; the CLI prints it and exits 3. The advice follows
+    the cause: "free disk space" is no help on a read-only filesystem."""
+    advice = {
+        errno.ENOSPC: "free disk space or choose another folder",
+        errno.EDQUOT: "free space within your disk quota or choose another folder",
+        errno.EROFS: "the filesystem is read-only: choose a folder on a writable one",
+        errno.EACCES: "choose a folder you may write in",
+        errno.EPERM: "choose a folder you may write in",
+    }.get(error.errno, "free disk space or choose another folder")
     return ConverterError(
         f"writing {path} failed: {error.strerror or error}; nothing was written "
-        "(free disk space or choose another folder)"
+        f"({advice})"
     )
 
 

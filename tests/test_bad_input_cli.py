@@ -1485,3 +1485,21 @@ def test_a_dtype_op_mismatch_says_whether_the_array_or_the_mapping_is_at_fault(t
     with pytest.raises(converter.MappingError, match=r"must turn the array's dtype into "
                                                      r"int64: correct its 'from'/'to'"):
         converter.convert(source, None, mapping=wrong)
+
+
+@pytest.mark.parametrize(
+    "name, advice",
+    [("ENOSPC", "(free disk space or choose another folder)"),
+     ("EROFS", "(the filesystem is read-only: choose a folder on a writable one)"),
+     ("EACCES", "(choose a folder you may write in)")],
+)
+def test_a_failed_write_advises_what_fits_its_cause(tmp_path, name, advice):
+    """Every failed write advised "free disk space", also on a read-only filesystem
+    (EROFS) or without permission (EACCES)."""
+    import errno
+
+    from converter.atomic import write_failed
+
+    code = getattr(errno, name)
+    message = str(write_failed(tmp_path / "x.safetensors", OSError(code, os.strerror(code))))
+    assert message.endswith(f"nothing was written {advice}"), message
