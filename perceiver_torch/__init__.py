@@ -51,7 +51,14 @@ from .language_perceiver import LanguagePerceiver
 from .linear import pack_weights, release_packed_weights
 from .optical_flow import OpticalFlow
 from .perceiver import PerceiverEncoder, PerceiverIO, capture_stages
-from .registry import MODEL_CLASSES, LoadError, build, load, read_checkpoint
+from .registry import (
+    MODEL_CLASSES,
+    LoadError,
+    OutOfRangeError,
+    build,
+    load,
+    read_checkpoint,
+)
 from .tokenizer import BytesTokenizer
 from .video_autoencoding import VideoAutoencoder
 
@@ -77,6 +84,7 @@ __all__ = [
     "MODEL_NAMES",
     "OpticalFlow",
     "OpticalFlowConfig",
+    "OutOfRangeError",
     "PerceiverEncoder",
     "PerceiverIO",
     "TINY_CONFIGS",
