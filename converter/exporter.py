@@ -141,7 +141,8 @@ def converted_to_haiku(
             "float32 but cannot equal the original float32 values"
         )
         notes.append(message)
-        warnings.warn(message, PrecisionWarning, stacklevel=2)
+        # At the line of the user's call: its callers are export and export_hf.
+        warnings.warn(message, PrecisionWarning, stacklevel=3)
     table = spec.expand({**spec.config, **{k: _as_tuple(v) for k, v in config.items()}})
     report = plan_inverse(table, tensor_specs(state_dict), spec.name)
     report.raise_for_problems(f"Was {path} converted from a {model} checkpoint?")

@@ -1047,9 +1047,10 @@ def test_export_quiet_and_the_half_precision_note_printed_once(work, suffix):
     result = run_cli("export", converted, "-o", work / f"b{suffix}", "-q")
     assert result.exit_code == 0 and result.stderr == ""
     if suffix == ".pickle":
-        # The Python API still warns.
-        with pytest.warns(UserWarning, match="float16"):
+        # The Python API still warns, at the caller's line (it named the exporter's).
+        with pytest.warns(UserWarning, match="float16") as record:
             converter.export(converted, work / "c.pickle")
+        assert record[0].filename == __file__
 
 
 @pytest.mark.jax
