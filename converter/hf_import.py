@@ -122,16 +122,13 @@ def _to_numpy(tensor: Any, stored: Set[str]) -> np.ndarray:
 
 def _read_bin(path: Path, stored: Set[str]) -> Dict[str, np.ndarray]:
     import pickle
-    import warnings
 
     import torch
 
+    from perceiver_torch.registry import torch_load_weights
+
     try:
-        # torch warns on stderr about some files it then reads or refuses (a pickle
-        # protocol other than its own, ...); what matters is said below, in one line.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            payload = torch.load(str(path), map_location="cpu", weights_only=True)
+        payload = torch_load_weights(path)
     except pickle.UnpicklingError as error:
         from perceiver_torch.registry import refused_global, weights_only_refusal
 

@@ -104,6 +104,15 @@ def describe(path: Path) -> Dict[str, Any]:
     return _describe_converted(path)
 
 
+def _converted_format(path: Path) -> str:
+    """"safetensors" or "pt", by the file's first bytes as it was read (a .pt file
+    renamed *.safetensors said "safetensors")."""
+    from perceiver_torch.registry import file_kind
+
+    with open(path, "rb") as handle:
+        return "safetensors" if file_kind(handle.read(16)) == "safetensors" else "pt"
+
+
 def _describe_converted(path: Path) -> Dict[str, Any]:
     from converter.converted_files import read_converted
 
@@ -114,7 +123,7 @@ def _describe_converted(path: Path) -> Dict[str, Any]:
     return _mark_nonfinite({
         "path": str(path),
         "kind": "converted",
-        "format": "safetensors" if path.suffix == ".safetensors" else "pt",
+        "format": _converted_format(path),
         "model": metadata.get("model"),
         "metadata": parsed,
         "haiku_dropped": sorted(_json_or_text(metadata.get("haiku_dropped", "{}")) or {}),

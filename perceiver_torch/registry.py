@@ -93,6 +93,18 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def torch_load_weights(path: Union[str, Path]) -> Any:
+    """``torch.load(..., map_location="cpu", weights_only=True)`` of the file at
+    ``path``, given as an open file: torch.load sends a path ending in .safetensors
+    to safetensors whatever the file holds, so a torch.save file of that name (read
+    by content everywhere else) failed with safetensors' "header too large". torch's
+    own warnings about files it then reads or refuses (a pickle protocol other than
+    its own, ...) are silenced: the callers' errors say what matters, in one line."""
+    with open(path, "rb") as handle, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(handle, map_location="cpu", weights_only=True)
+
+
 def out_of_range(
     tensors: Iterable[Tuple[str, Any]], dtype: torch.dtype
 ) -> List[Tuple[str, float]]:
@@ -383,11 +395,7 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
             "model is the .safetensors (or .pt) file `perceiver-convert convert` wrote"
         )
     try:
-        # torch warns on stderr about some files it then reads or refuses (a pickle
-        # protocol other than its own, ...); what matters is the LoadError below.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            payload = torch.load(str(path), map_location="cpu", weights_only=True)
+        payload = torch_load_weights(path)
     except pickle.UnpicklingError as error:
         raise LoadError(
             f"{path}: the torch.save file {weights_only_refusal(error)} (nothing in it "

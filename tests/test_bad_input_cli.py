@@ -733,6 +733,16 @@ def test_load_names_what_a_file_is_by_its_content(work):
     expected = perceiver_torch.load(source).state_dict()
     got = perceiver_torch.load(renamed).state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.items())
+    # A .pt file named *.safetensors: torch.load, given that path, handed it to
+    # safetensors ("header too large", not even a LoadError).
+    pt_file = work / "as_pt.pt"
+    assert run_cli("convert", work / "fourier.pickle", "-o", pt_file, "-q").exit_code == 0
+    misnamed = work / "as_pt.safetensors"
+    misnamed.write_bytes(pt_file.read_bytes())
+    got = perceiver_torch.load(misnamed).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in expected.items())
+    inspected = run_cli("inspect", misnamed, "--json")
+    assert inspected.exit_code == 0 and json.loads(inspected.stdout)["format"] == "pt"
     data = source.read_bytes()
     (work / "cut.safetensors").write_bytes(data[: len(data) // 2])
     (work / "graph.onnx").write_bytes(b"\x08\x08\x12\x07pytorch" + bytes(64))
