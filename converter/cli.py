@@ -65,6 +65,7 @@ EXIT_PARITY = 1
 EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as shells report a reader that went away
 DEBUG_ENV = "PERCEIVER_CONVERT_DEBUG"
 
 _MAIN_HELP = f"""Convert DeepMind's official Perceiver IO Haiku checkpoints to PyTorch,
@@ -80,6 +81,7 @@ Exit codes:
   {EXIT_BAD_INPUT}    bad checkpoint or mapping (unsafe, empty, corrupt, unreadable or
        unexpected file, malformed YAML), or a write that failed (disk full)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); no partial file is left
+  {EXIT_BROKEN_PIPE}  the reader of stdout went away (a pipe into head); nothing is said
   {Terminated.exit_code}  terminated (SIGTERM); no partial file is left
 
 Errors are one line on stderr; --debug (or {DEBUG_ENV}=1) adds the traceback.
@@ -193,6 +195,11 @@ class ConverterGroup(click.Group):
             raise click.exceptions.Exit(error.exit_code) from None
         except KeyboardInterrupt as error:  # Terminated (SIGTERM) too
             self._report(error, getattr(error, "exit_code", EXIT_INTERRUPTED), as_json, debug)
+        except BrokenPipeError:
+            # `models | head`: the reader has what it wanted; as other command-line
+            # tools, end quietly (this was "unexpected BrokenPipeError ... report it").
+            _discard_stdout()
+            raise click.exceptions.Exit(EXIT_BROKEN_PIPE) from None
         except Exception as error:  # every other failure: one line, never a traceback
             self._report(error, exit_code_for(error), as_json, debug)
 
@@ -206,6 +213,21 @@ class ConverterGroup(click.Group):
         if as_json:
             echo_json(error_document(error, code))
         raise click.exceptions.Exit(code)
+
+
+def _discard_stdout() -> None:
+    """Points the process's stdout at the null device, so that flushing what is left
+    at exit does not fail again on the closed pipe ("Exception ignored ...
+    BrokenPipeError"); nothing to do where stdout is no file (a test's runner)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def _raise_terminated(signum: int, frame: Any) -> NoReturn:
@@ -968,9 +990,13 @@ def verify_command(
         )
     elif is_hf_input(checkpoint):
         _refuse_options(
-            {"--dtype": dtype != "float32", "--mapping": mapping is not None},
-            "to a HuggingFace checkpoint (its own mapping, float32 parity); for reduced "
-            "precision convert it first (convert HF -o OUT.safetensors --dtype bfloat16)",
+            {"--mapping": mapping is not None},
+            "to a HuggingFace checkpoint (it is read through its own mapping)",
+        )
+        _refuse_options(
+            {"--dtype": dtype != "float32"},
+            "to a HuggingFace checkpoint (float32 parity); for reduced precision "
+            "convert it first (convert HF -o OUT.safetensors --dtype bfloat16)",
         )
     report = verify_other(checkpoint, reference, model=model, config=config or None,
                           seed=seed, batch=batch, as_json=as_json,
@@ -1135,7 +1161,8 @@ def _refuse_options(given: Dict[str, bool], why: str) -> None:
 @main.command("models")
 @_JSON_OPTION
 def models_command(as_json: bool) -> None:
-    """List the six official models: file, download address, parameters, mapping."""
+    """List the six official models: file, download address and parameters (--json:
+    also the mapping file and its sha256, and a description)."""
     from converter.mapping import load_mapping
 
     rows = []

@@ -362,7 +362,7 @@ def test_help_lists_the_exit_codes_of_the_readme():
             entries[code] = match.group(2)
         else:
             entries[code] += " " + line.strip()
-    assert list(entries) == readme_codes == ["0", "1", "2", "3", "130", "143"]
+    assert list(entries) == readme_codes == ["0", "1", "2", "3", "130", "141", "143"]
     usage, bad_input = entries["2"], entries["3"]
     for words in ("unwritable output folder", "wrong output suffix", "optional extra",
                   "exists without --force", "--config"):
@@ -1514,3 +1514,19 @@ def test_a_failed_write_advises_what_fits_its_cause(tmp_path, name, advice):
     code = getattr(errno, name)
     message = str(write_failed(tmp_path / "x.safetensors", OSError(code, os.strerror(code))))
     assert message.endswith(f"nothing was written {advice}"), message
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """`perceiver-convert mapping NAME | head`: the write into the closed pipe was
+    "error: unexpected BrokenPipeError ... please report it", exit 3. Now exit 141
+    (128 + SIGPIPE, as shells report it) and nothing on stderr, as other tools."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", "from converter.cli import main; main()",
+               "mapping", "language_perceiver", "--size", "full"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader is gone before the first line is written
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141, stderr
+    assert stderr == ""

@@ -683,8 +683,12 @@ def test_verify_refuses_options_it_cannot_honour(converted, exported, tmp_path) 
     fixture, target = converted["optical_flow"]
     mapping = Path(__file__).resolve().parents[1] / "mappings" / "optical_flow.yaml"
     cases = [
-        ([exported["optical_flow"], "--dtype", "bfloat16"], "--dtype does not apply"),
-        ([exported["optical_flow"], "--mapping", mapping], "--mapping does not apply"),
+        ([exported["optical_flow"], "--dtype", "bfloat16"],
+         "--dtype does not apply to a HuggingFace checkpoint (float32 parity); for reduced"),
+        # Not the reduced-precision advice, which fits --dtype only.
+        ([exported["optical_flow"], "--mapping", mapping],
+         "--mapping does not apply to a HuggingFace checkpoint (it is read through its "
+         "own mapping)\n"),
         ([target, "--reference", fixture, "--dtype", "float16", "--model", "optical_flow"],
          "--dtype, --model do not apply with --reference"),
         ([target, "--reference", fixture, "--config", "num_blocks=1"], "--config does not"),
