@@ -5,6 +5,7 @@ checkpoints.
 converted file, ``capture_stages(model)`` records intermediate stages, and
 ``BytesTokenizer`` is the language model's tokenizer::
 
+    import torch
     import perceiver_torch as pt
 
     model = pt.load("language_perceiver.safetensors")  # eval mode

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -120,5 +120,10 @@ class BytesTokenizer:
         A text is a ``str`` or its ``bytes`` (see :meth:`encode`)."""
         if isinstance(texts, (str, bytes, bytearray, memoryview)):
             texts = [texts]
+        elif not isinstance(texts, Iterable):
+            raise TypeError(
+                f"BytesTokenizer takes a text (str or bytes) or a list of them, got "
+                f"{type(texts).__name__}"
+            )
         encoded = [self.encode(t, add_special_tokens=add_special_tokens) for t in texts]
         return self.pad(encoded, length)

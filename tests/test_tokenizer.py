@@ -49,6 +49,8 @@ def test_bytes_are_encoded_as_themselves():
         tok.encode(5)
     with pytest.raises(TypeError, match="encodes a str or bytes, got int"):
         tok([1, 2])
+    with pytest.raises(TypeError, match=r"takes a text \(str or bytes\) or a list of them, got int"):
+        tok(123)  # was "'int' object is not iterable"
 
 
 def test_decode_takes_the_tokenizers_own_one_text_output():
