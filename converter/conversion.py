@@ -526,7 +526,10 @@ def convert(
     Args:
         path: the official ``.pickle``/``.pystate`` file (read safely, no jax needed),
             or a :class:`HaikuCheckpoint` already in memory (e.g. mapped back from a
-            HuggingFace file by :mod:`converter.hf_import`).
+            HuggingFace file by :mod:`converter.hf_import`). The provenance written
+            (``source_file``, ``source_sha256``) is the file it was read from: arrays
+            edited in memory are not detected, so save an edited checkpoint
+            (:func:`~converter.save_haiku_checkpoint`) and convert that file.
         out: ``*.safetensors`` (recommended) or ``*.pt``; None keeps the converted state
             dict in memory (``result.state_dict``, ``result.build_model()``).
         model: force a model name; None detects it from the parameter names.
