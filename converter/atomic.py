@@ -76,6 +76,19 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
     return path
 
 
+def refuse_non_utf8_name(path: Union[str, os.PathLike], library: str) -> None:
+    """Raises OutputError where ``path`` is not valid UTF-8 and is written by
+    ``library``, which takes only such names (torch.onnx.export failed with a
+    TypeError quoting its whole graph, safetensors' writer with its own error)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise OutputError(
+            f"cannot write {os.fsencode(path)!r}: {library} takes only names that are "
+            "valid UTF-8; choose such a name"
+        ) from None
+
+
 def _file_in_the_way(folder: Path) -> Optional[Path]:
     """The nearest existing ancestor of the missing ``folder`` (itself included) where
     that is not a folder (a file where a folder is needed); None where it is one."""

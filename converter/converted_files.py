@@ -23,6 +23,7 @@ import torch
 
 from converter.atomic import atomic_write
 from converter.errors import CheckpointError, OutputError
+from perceiver_torch.registry import safetensors_name
 
 # dtype names used on the command line -> torch dtypes.
 TORCH_DTYPES: Mapping[str, torch.dtype] = {
@@ -91,6 +92,23 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.numpy()).cast("B")
 
 
+def metadata_text(value: str) -> str:
+    """``value`` as valid UTF-8 text for a safetensors header. A file name that is not
+    UTF-8 (Python holds its bytes as lone surrogates, also names like café.pickle in
+    an ASCII locale) made a header that safetensors' JSON parser refuses: the file
+    written could not be read back. Valid UTF-8 bytes become their characters again,
+    others backslash escapes (``\\xff``)."""
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def header_metadata(metadata: Mapping[str, str]) -> Dict[str, str]:
+    """``metadata`` with every key and value :func:`metadata_text`."""
+    return {metadata_text(k): metadata_text(v) for k, v in metadata.items()}
+
+
 def write_safetensors_streaming(
     path: Path,
     layout: Iterable[Tuple[str, Tuple[int, ...], torch.dtype]],
@@ -110,7 +128,7 @@ def write_safetensors_streaming(
     :func:`~converter.atomic.atomic_write`.
     """
     layout = list(layout)
-    header: Dict[str, Any] = {"__metadata__": dict(metadata)}
+    header: Dict[str, Any] = {"__metadata__": header_metadata(metadata)}
     offset, largest = 0, 0
     for name, shape, dtype in layout:
         nbytes = (
@@ -297,7 +315,7 @@ def _transformers_checkpoint_hint(path: Path) -> Optional[str]:
         try:
             from safetensors import safe_open
 
-            with safe_open(str(path), framework="np") as handle:
+            with safetensors_name(path) as name, safe_open(name, framework="np") as handle:
                 is_hf = any(key.startswith("perceiver.") for key in handle.keys())
         except Exception:  # not safetensors: the reader's own message stands
             is_hf = False

@@ -512,10 +512,12 @@ def _publish_folder(temp: Path, out_dir: Path) -> None:
 def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
     from safetensors.numpy import save_file
 
+    from converter.converted_files import header_metadata
+
     # np.asarray keeps a 0-d array 0-d (np.ascontiguousarray makes it shape (1,)).
     try:
         save_file({k: np.asarray(v, order="C") for k, v in tensors.items()}, str(path),
-                  metadata=dict(metadata))
+                  metadata=header_metadata(metadata))
     except Exception as error:
         # safetensors reports a failed write (disk full) as SafetensorError, which
         # the CLI took for an internal error ("unexpected ... please report it").
@@ -601,8 +603,11 @@ def export_hf(
     bundled one (the export goes through the official names)."""
     from converter.exporter import converted_to_haiku, load_float32
 
+    from converter.atomic import refuse_non_utf8_name
+
     require_transformers()
     out_dir = check_new_folder(out_dir)
+    refuse_non_utf8_name(out_dir, "the safetensors library")
     haiku = converted_to_haiku(path, mapping=mapping)
     model, config = haiku.model, haiku.config
     progress(f"mapping {model} to transformers' keys")

@@ -40,6 +40,7 @@ from converter.mapping import (
     unflatten_tree,
 )
 from converter.progress import Progress, quiet
+from perceiver_torch.registry import safetensors_name
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
@@ -84,7 +85,7 @@ def safetensors_metadata(path: Path) -> Optional[Dict[str, str]]:
     try:
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="np") as handle:
+        with safetensors_name(path) as name, safe_open(name, framework="np") as handle:
             return handle.metadata() or {}
     except Exception:
         return None
@@ -160,7 +161,7 @@ def _read_safetensors(
     try:
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as handle:
+        with safetensors_name(path) as name, safe_open(name, framework="pt") as handle:
             tensors = {key: _to_numpy(handle.get_tensor(key), stored)
                        for key in handle.keys()}
             return tensors, dict(handle.metadata() or {})

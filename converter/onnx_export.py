@@ -207,7 +207,12 @@ def export_onnx(
     meanwhile (``OutputError``; :func:`converter.atomic.publish`). The file is
     fsynced before it is put in place (:func:`converter.atomic.durable_publish`).
     """
-    from converter.atomic import check_output_path, check_outputs, durable_publish
+    from converter.atomic import (
+        check_output_path,
+        check_outputs,
+        durable_publish,
+        refuse_non_utf8_name,
+    )
     from converter.converted_files import read_converted
     from converter.exporter import check_stored_tensors, load_float32, stored_low_precision
 
@@ -215,6 +220,7 @@ def export_onnx(
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise UsageError(f"batch must be an integer >= 1, got {batch!r}")
     out = check_output_path(out)
+    refuse_non_utf8_name(out, "torch.onnx.export")
     if out.suffix.lower() != ".onnx":
         raise OutputError(f"{out}: name the ONNX file *.onnx")
     # Up front, as convert and export: a converted file named *.onnx was replaced by

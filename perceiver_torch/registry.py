@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
 import re
 import types
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -91,6 +93,31 @@ def resolve_dtype(dtype: DTypeLike) -> Optional[torch.dtype]:
 def dtype_name(dtype: torch.dtype) -> str:
     """torch.bfloat16 -> "bfloat16"."""
     return str(dtype).replace("torch.", "")
+
+
+@contextlib.contextmanager
+def safetensors_name(path: Union[str, Path]) -> Iterator[str]:
+    """A name the safetensors library opens ``path`` by: the path itself, or, where
+    the name is not valid UTF-8 (which it cannot take: a converted file of such a
+    name read as "a truncated or corrupt copy"), ``/proc/self/fd/N`` of the file
+    opened here (Linux, where such names occur); elsewhere a LoadError saying to
+    rename the file."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        if not os.path.isdir("/proc/self/fd"):
+            raise LoadError(
+                f"{path}: the safetensors library opens only names that are valid "
+                "UTF-8; rename the file"
+            ) from None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    yield text
 
 
 def torch_load_weights(path: Union[str, Path]) -> Any:
@@ -366,7 +393,7 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
         from safetensors import safe_open
 
         try:
-            with safe_open(str(path), framework="pt") as f:
+            with safetensors_name(path) as name, safe_open(name, framework="pt") as f:
                 metadata = dict(f.metadata() or {})
                 state = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as err:  # safetensors raises its own error types

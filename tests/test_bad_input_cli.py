@@ -1530,3 +1530,47 @@ def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=300) == 141, stderr
     assert stderr == ""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names of any bytes: Linux")
+def test_names_that_are_not_utf8(tmp_path):
+    """A checkpoint named b"bad\\xffname.pickle" converted with exit 0 to a file whose
+    safetensors header (the name in source_file, as lone surrogates) safetensors
+    refused: every later read called it "a truncated or corrupt copy", --verify
+    included. A .safetensors name that is not UTF-8 read the same (the library opens
+    only UTF-8 names). The ONNX and HuggingFace writers cannot take such names: they
+    are refused up front (a TypeError quoting the whole graph; "unexpected ...")."""
+    from converter.converted_files import metadata_text
+
+    source = tmp_path / os.fsdecode(b"bad\xffname.pickle")
+    write_fixture("imagenet_fourier", source, size="tiny", seed=3)
+    plain = tmp_path / "plain.safetensors"
+    assert run_cli("convert", source, "-o", plain, "-q").exit_code == 0
+    model = perceiver_torch.load(plain)
+    with safe_open(str(plain), framework="pt") as handle:
+        assert handle.metadata()["source_file"] == "bad\\xffname.pickle"
+    odd = tmp_path / os.fsdecode(b"out\xff.safetensors")
+    assert run_cli("convert", source, "-o", odd, "-q").exit_code == 0
+    loaded = perceiver_torch.load(odd)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(),
+                                                 model.state_dict().values()))
+    # In a process of its own: click's test runner cannot print such a name.
+    import subprocess
+    import sys
+
+    inspected = subprocess.run(
+        [sys.executable, "-c", "from converter.cli import main; main()", "inspect", odd],
+        capture_output=True,
+    )
+    assert inspected.returncode == 0, inspected.stderr
+    for args, library in (([tmp_path / os.fsdecode(b"m\xff.onnx")], "torch.onnx.export"),
+                          ([tmp_path / os.fsdecode(b"hf\xff"), "--format", "hf"],
+                           "the safetensors library")):
+        result = run_cli("export", plain, "-o", *args)
+        assert result.exit_code == 2, result.stderr
+        assert f"{library} takes only names that are valid UTF-8" in result.stderr
+        assert len(result.stderr.splitlines()) == 1
+    # A name decoded in an ASCII locale (PYTHONUTF8=0, LC_ALL=C): its UTF-8 bytes as
+    # lone surrogates, which the header holds as the characters again.
+    assert metadata_text(os.fsencode("café.pickle").decode("ascii", "surrogateescape")) \
+        == "café.pickle"
