@@ -51,6 +51,8 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
     """
     path = Path(path)
     parent = path.parent
+    _refuse_long_name(path)  # first: stat() of such a name raises ENAMETOOLONG
+    _refuse_link_loop(path)
     if not parent.is_dir():
         blocking = _file_in_the_way(parent)
         if blocking is not None:
@@ -76,6 +78,27 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
     return path
 
 
+# The longest file name most filesystems take (NAME_MAX), in bytes.
+_NAME_MAX = 255
+
+
+def temporary_name(path: Path, *, keep_suffix: bool = False) -> Path:
+    """A fresh hidden name next to ``path`` for the file written before it is renamed
+    into place: ``.NAME.<12 hex>.tmp`` (``keep_suffix``: ``.STEM.<hex>.tmp.SUFFIX``,
+    for libraries that choose the format by the suffix). For a name near the
+    filesystem's limit the name part is shortened, so that a legal output name (a
+    255-byte one) does not fail on its temporary file's name."""
+    token = secrets.token_hex(6)
+    suffix = path.suffix if keep_suffix else ""
+    stem = path.stem if keep_suffix else path.name
+    extra = len(f"..{token}.tmp{suffix}".encode())
+    encoded = os.fsencode(stem)
+    if len(encoded) + extra > _NAME_MAX:
+        # Cut in bytes (a character cut in two is bytes again, a legal name part).
+        stem = os.fsdecode(encoded[: _NAME_MAX - extra])
+    return path.with_name(f".{stem}.{token}.tmp{suffix}")
+
+
 def refuse_non_utf8_name(path: Union[str, os.PathLike], library: str) -> None:
     """Raises OutputError where ``path`` is not valid UTF-8 and is written by
     ``library``, which takes only such names (torch.onnx.export failed with a
@@ -87,6 +110,36 @@ def refuse_non_utf8_name(path: Union[str, os.PathLike], library: str) -> None:
             f"cannot write {os.fsencode(path)!r}: {library} takes only names that are "
             "valid UTF-8; choose such a name"
         ) from None
+
+
+def _refuse_link_loop(path: Path) -> None:
+    """OutputError where ``path`` is a link that leads back to itself (a -> b -> a),
+    which every later check failed on as "unexpected RuntimeError: Symlink loop"."""
+    if not path.is_symlink():
+        return
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OutputError(
+                f"cannot write {path}: it is a link in a loop of links (it leads back "
+                "to itself); remove the link or choose another output name"
+            ) from None
+
+
+def _refuse_long_name(path: Path) -> None:
+    """OutputError for a name longer than the filesystem takes (NAME_MAX bytes):
+    the write failed as "unexpected OSError: File name too long"."""
+    try:
+        limit = os.pathconf(path.parent, "PC_NAME_MAX")
+    except (AttributeError, OSError, ValueError):
+        limit = _NAME_MAX
+    length = len(os.fsencode(path.name))
+    if limit > 0 and length > limit:
+        raise OutputError(
+            f"cannot write {path}: its name is {length} bytes long, more than the "
+            f"{limit} this filesystem takes; choose a shorter name"
+        )
 
 
 def _file_in_the_way(folder: Path) -> Optional[Path]:
@@ -328,7 +381,7 @@ def atomic_write(
     path = check_output_path(path)
     folder = path.parent
     while True:
-        temp = folder / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        temp = temporary_name(path)
         try:
             # O_EXCL: never reuse a file someone else created; mode 0o666 lets the
             # umask decide the final permissions, as open() would.

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -466,9 +465,9 @@ def atomic_folder(out_dir: Path):
     """
     out_dir = check_new_folder(out_dir)
     parent = out_dir.parent
-    from converter.atomic import fsync_folder, fsync_tree, raise_write_error
+    from converter.atomic import fsync_folder, fsync_tree, raise_write_error, temporary_name
 
-    temp = parent / f".{out_dir.name}.{secrets.token_hex(6)}.tmp"
+    temp = temporary_name(out_dir)
     try:
         temp.mkdir()
     except OSError as error:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Tuple
@@ -212,6 +211,7 @@ def export_onnx(
         check_outputs,
         durable_publish,
         refuse_non_utf8_name,
+        temporary_name,
     )
     from converter.converted_files import read_converted
     from converter.exporter import check_stored_tensors, load_float32, stored_low_precision
@@ -242,8 +242,7 @@ def export_onnx(
     trace = _spec(model, name, seed, 1)
     check = _spec(model, name, seed + 1, batch)
     reference = _torch_outputs(check)  # fast paths on: the model as users run it
-    folder = out.parent
-    temp = folder / f".{out.name}.{secrets.token_hex(6)}.tmp"
+    temp = temporary_name(out)
     try:
         progress(f"tracing {name} (opset {OPSET}, dynamic batch, fast paths off)")
         with fast_paths.plain(), torch.no_grad(), _quiet_warnings():

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import sys
 from pathlib import Path
 from typing import (
@@ -38,7 +37,7 @@ from typing import (
 
 import click
 
-from converter.atomic import fsync_file, raise_write_error
+from converter.atomic import fsync_file, raise_write_error, temporary_name
 from converter.errors import ConverterError, UsageError
 
 __all__ = [
@@ -146,10 +145,9 @@ class Staging:
         return path
 
     def _temp(self, path: Path) -> Path:
-        folder = path.parent
         # Same folder (the rename stays on one filesystem), same suffix (libraries
         # that pick a format from the file name still see it).
-        return folder / f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}"
+        return temporary_name(path, keep_suffix=True)
 
     @contextlib.contextmanager
     def open_output(self, path: Path) -> Iterator[BinaryIO]:

@@ -1574,3 +1574,35 @@ def test_names_that_are_not_utf8(tmp_path):
     # lone surrogates, which the header holds as the characters again.
     assert metadata_text(os.fsencode("café.pickle").decode("ascii", "surrogateescape")) \
         == "café.pickle"
+
+
+def test_long_names_and_link_loops(tmp_path):
+    """A legal 255-byte output name failed on its temporary file's longer name
+    ("File name too long ... choose a writable folder", exit 3); a longer one and a
+    link loop (a -> b -> a) were "unexpected OSError/RuntimeError ... please report
+    it". Now the legal name is written, and the others refused in one line (exit 2)."""
+    source = tmp_path / "conv.pickle"
+    write_fixture("imagenet_conv", source, size="tiny", seed=1)
+    longest = tmp_path / ("x" * (255 - len(".safetensors")) + ".safetensors")
+    result = run_cli("convert", source, "-o", longest, "-q")
+    assert result.exit_code == 0, result.stderr
+    assert perceiver_torch.load(longest).model_name == "imagenet_conv"
+    from converter.atomic import temporary_name
+
+    for name in (longest, tmp_path / ("é" * 127 + ".json")):  # 254 bytes, 2 a character
+        temp = temporary_name(name, keep_suffix=name.suffix == ".json")
+        assert len(os.fsencode(temp.name)) <= 255 and temp.parent == name.parent
+        assert temp.name.startswith(".") and temp.suffix == (
+            ".json" if name.suffix == ".json" else ".tmp")
+    too_long = tmp_path / ("y" * 250 + ".safetensors")
+    result = run_cli("convert", source, "-o", too_long)
+    assert result.exit_code == 2 and "its name is 262 bytes long, more than the 255" in \
+        result.stderr, result.stderr
+    (tmp_path / "a.safetensors").symlink_to("b.safetensors")
+    (tmp_path / "b.safetensors").symlink_to("a.safetensors")
+    for force in ((), ("--force",)):
+        result = run_cli("convert", source, "-o", tmp_path / "a.safetensors", *force)
+        assert result.exit_code == 2 and "a link in a loop of links" in result.stderr
+        assert "unexpected" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["conv.pickle", longest.name, "a.safetensors", "b.safetensors"])
