@@ -766,3 +766,24 @@ def test_fill_mask_reads_a_file_and_stdin_as_bytes(models, tmp_path):
         documents.append(entry)
     assert [m["position"] for m in documents[0]["masked"]] == [20, 21, 22]
     assert documents[0] == documents[1] == documents[2]
+
+
+def test_fill_mask_stdin_closed_or_given_twice(models):
+    """`run fill-mask MODEL - <&-` was "unexpected AttributeError: 'NoneType' object
+    has no attribute 'read'"; `- -` read stdin once and the second text came out
+    empty ("nothing to fill"). Both are one-line refusals now."""
+    import subprocess
+    import sys
+
+    model = str(models["language_perceiver"])
+    # A process of its own, started with stdin closed (click's test runner gives one).
+    closed = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" <&-', sys.executable, "-c",
+         "from converter.cli import main; main()", "run", "fill-mask", model, "-"],
+        capture_output=True, text=True,
+    )
+    assert closed.returncode == 3, closed.stderr
+    assert "stdin, which is closed; give the text itself or @FILE" in closed.stderr
+    result = run_cli("run", "fill-mask", model, "-", "-")
+    assert result.exit_code == 2, result.stderr
+    assert "- (stdin) can be one of the texts only once" in result.stderr

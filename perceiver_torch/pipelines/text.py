@@ -461,6 +461,11 @@ def _read_input(value: str) -> Union[str, bytes]:
     2,048-byte text saved by an editor was refused as 2,049 bytes). A second one, or
     other whitespace, stays."""
     if value == "-":
+        if sys.stdin is None:  # started with stdin closed (<&-)
+            raise InputError(
+                "- reads the text from stdin, which is closed; give the text itself "
+                "or @FILE"
+            )
         stream = getattr(sys.stdin, "buffer", None)
         return _drop_final_line_ending(
             stream.read() if stream is not None else sys.stdin.read()
@@ -487,6 +492,9 @@ def _drop_final_line_ending(text: Union[str, bytes]) -> Union[str, bytes]:
 def run_task(pipeline: FillMaskPipeline, inputs: List[str], options: RunOptions) -> List[dict]:
     """``perceiver-convert run fill-mask``: one document per input text."""
     spans = [parse_span(s) for s in options.extra.get("spans") or ()] or None
+    if inputs.count("-") > 1:
+        # The first read takes all of stdin: the second text was silently empty.
+        raise usage_error("- (stdin) can be one of the texts only once")
     texts = [_read_input(value) for value in inputs]
     pipeline.progress = options.progress
     results = pipeline(texts, spans=[spans] * len(texts), top_k=options.top_k)
