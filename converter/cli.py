@@ -207,11 +207,16 @@ class ConverterGroup(click.Group):
     def _report(
         error: BaseException, code: int, as_json: bool, debug: bool
     ) -> NoReturn:
-        if debug:
-            traceback.print_exception(type(error), error, error.__traceback__)
-        click.echo(f"error: {_message(error)}", err=True)
+        # The report itself may not be writable (stderr or stdout at /dev/full, the
+        # error being that very write): the exit code still says what happened,
+        # where a traceback of the failed report ended with exit 1 (parity).
+        with contextlib.suppress(OSError, ConverterError):
+            if debug:
+                traceback.print_exception(type(error), error, error.__traceback__)
+            click.echo(f"error: {_message(error)}", err=True)
         if as_json:
-            echo_json(error_document(error, code))
+            with contextlib.suppress(OSError, ConverterError):
+                echo_json(error_document(error, code))
         raise click.exceptions.Exit(code)
 
 
@@ -306,8 +311,16 @@ def deliver_swallowed_interrupts() -> Iterator[None]:
 
 
 def echo_json(document: Any) -> None:
-    """Print ``document`` as one JSON document on stdout."""
-    click.echo(json.dumps(document, indent=2))
+    """Print ``document`` as one JSON document on stdout; a stdout that cannot take
+    it (``>/dev/full``) is a ConverterError saying so (exit 3), not "unexpected"."""
+    try:
+        click.echo(json.dumps(document, indent=2))
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        raise ConverterError(
+            f"cannot write the JSON document to stdout: {error.strerror or error}"
+        ) from None
 
 
 def output_path_callback(

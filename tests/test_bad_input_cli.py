@@ -1606,3 +1606,20 @@ def test_long_names_and_link_loops(tmp_path):
         assert "unexpected" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["conv.pickle", longest.name, "a.safetensors", "b.safetensors"])
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_stdout_that_cannot_be_written(tmp_path):
+    """`models --json >/dev/full`: "unexpected OSError", then the error document
+    failed too and ended in a traceback and exit 1 (the parity failure's code)."""
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-c", "from converter.cli import main; main()", "models",
+             "--json"], stdout=full, stderr=subprocess.PIPE, text=True,
+        )
+    assert done.returncode == 3, done.stderr
+    assert done.stderr == (
+        "error: cannot write the JSON document to stdout: No space left on device\n")
