@@ -237,6 +237,7 @@ def publish(
     they are (the caller removes ``temp``).
     """
     if overwrite:
+        _keep_mode(temp, path)
         os.replace(temp, path)
         return
     try:
@@ -253,6 +254,19 @@ def publish(
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(temp)
+
+
+def _keep_mode(temp: Union[str, os.PathLike], path: Union[str, os.PathLike]) -> None:
+    """Gives ``temp`` the permissions of the regular file it is about to replace
+    (``--force``): a file kept private (0600) became 0644 (the umask's), where
+    ``cp`` over it, which writes into the file, keeps them. Best effort: a file
+    that cannot be read or changed keeps the umask's."""
+    try:
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode):
+            os.chmod(temp, stat.S_IMODE(info.st_mode))
+    except OSError:
+        pass
 
 
 def _claim_then_replace(temp: Path, path: Path) -> None:

@@ -1623,3 +1623,23 @@ def test_a_stdout_that_cannot_be_written(tmp_path):
     assert done.returncode == 3, done.stderr
     assert done.stderr == (
         "error: cannot write the JSON document to stdout: No space left on device\n")
+
+
+def test_force_keeps_the_replaced_files_permissions(tmp_path):
+    """A file kept private (0600) and replaced with --force became 0644 (the
+    umask's); cp over it keeps 0600, and so does every --force now. A new file gets
+    what the umask gives, as open() would."""
+    import stat as stat_module
+
+    source = tmp_path / "conv.pickle"
+    write_fixture("imagenet_conv", source, size="tiny", seed=1)
+    private = tmp_path / "private.safetensors"
+    assert run_cli("convert", source, "-o", private, "-q").exit_code == 0
+    private.chmod(0o600)
+    assert run_cli("convert", source, "-o", private, "--force", "-q").exit_code == 0
+    assert stat_module.S_IMODE(private.stat().st_mode) == 0o600
+    umask = os.umask(0)
+    os.umask(umask)
+    fresh = tmp_path / "fresh.safetensors"
+    assert run_cli("convert", source, "-o", fresh, "-q").exit_code == 0
+    assert stat_module.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
