@@ -312,7 +312,10 @@ def deliver_swallowed_interrupts() -> Iterator[None]:
 
 def echo_json(document: Any) -> None:
     """Print ``document`` as one JSON document on stdout; a stdout that cannot take
-    it (``>/dev/full``) is a ConverterError saying so (exit 3), not "unexpected"."""
+    it (``>/dev/full``) is a ConverterError saying so (exit 3), not "unexpected",
+    and so is a closed one (``>&-``), where the document was lost with exit 0."""
+    if sys.stdout is None:
+        raise ConverterError("cannot write the JSON document to stdout: it is closed")
     try:
         click.echo(json.dumps(document, indent=2))
     except BrokenPipeError:

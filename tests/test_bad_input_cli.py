@@ -1623,6 +1623,13 @@ def test_a_stdout_that_cannot_be_written(tmp_path):
     assert done.returncode == 3, done.stderr
     assert done.stderr == (
         "error: cannot write the JSON document to stdout: No space left on device\n")
+    closed = subprocess.run(
+        ["sh", "-c", 'exec "$0" "$@" >&-', sys.executable, "-c",
+         "from converter.cli import main; main()", "models", "--json"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    assert closed.returncode == 3, closed.stderr
+    assert closed.stderr == "error: cannot write the JSON document to stdout: it is closed\n"
 
 
 def test_force_keeps_the_replaced_files_permissions(tmp_path):
