@@ -1186,6 +1186,13 @@ def _file_size(path: Path, where: str) -> int:
         raise CheckpointError(
             f"{where}: cannot read the file ({exc.strerror or exc}); check the path"
         ) from exc
+    if path.is_dir():
+        # A HuggingFace folder is the likely one: its importer is another function.
+        raise CheckpointError(
+            f"{where}: is a folder; pass the checkpoint file (a HuggingFace "
+            "transformers folder: converter.hf_import.convert_hf, or "
+            "`perceiver-convert convert FOLDER`)"
+        )
     if not path.is_file():
         raise CheckpointError(f"{where}: not a regular file; pass the checkpoint file")
     return info.st_size

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import pickle
 import pickletools
 import struct
@@ -191,7 +192,12 @@ def test_missing_file_and_folder(tmp_path):
     error = refused(tmp_path / "nope.pickle")
     assert "cannot read" in str(error)
     error = refused(tmp_path)
-    assert "not a regular file" in str(error)
+    # A folder is most likely a HuggingFace one: its importer is named.
+    assert "is a folder; pass the checkpoint file" in str(error)
+    assert "converter.hf_import.convert_hf" in str(error)
+    fifo = tmp_path / "pipe.pickle"
+    os.mkfifo(fifo)
+    assert "not a regular file" in str(refused(fifo))
 
 
 def test_empty_file(tmp_path):
