@@ -328,10 +328,9 @@ def load_any_model(
         result = convert(path, None, dtype=dtype,
                          progress=progress or (lambda message: None))
         model = result.build_model().eval()
-        if pack_weights is not None:
-            from perceiver_torch import linear
+        from perceiver_torch.linear import choose_packing
 
-            (linear.pack_weights if pack_weights else linear.release_packed_weights)(model)
+        choose_packing(model, pack_weights)
         return model, f"converted in memory from {path.name}"
     import perceiver_torch
 

@@ -633,6 +633,16 @@ def pack_weights(module: nn.Module) -> nn.Module:
     return prepack(module)
 
 
+def choose_packing(module: nn.Module, pack: Optional[bool]) -> nn.Module:
+    """``pack_weights`` (True), :func:`release_packed_weights` (False) or nothing
+    (None, the default: bfloat16 packed where the CPU has its instructions), as
+    ``perceiver_torch.load(pack_weights=)`` and ``run --pack-weights`` choose.
+    Returns ``module``."""
+    if pack is None:
+        return module
+    return pack_weights(module) if pack else release_packed_weights(module)
+
+
 def release_packed_weights(module: nn.Module) -> nn.Module:
     """Drops every packed copy in ``module`` (fused ones too) and keeps none from now
     on, in any dtype (the weights' memory, at the cost of oneDNN reordering them in

@@ -588,16 +588,15 @@ def load(
     )
     if message is not None:
         raise LoadError(message)
-    # Floating-point tensors in the model's dtype; load_state_dict copies (and casts)
-    # the file's tensors into them, so a bfloat16 file can also load as float32.
     found = out_of_range(state.items(), torch_dtype)
     if found:
         raise OutOfRangeError(f"{path}: {out_of_range_message(found, torch_dtype)}")
+    # Floating-point tensors in the model's dtype; load_state_dict copies (and casts)
+    # the file's tensors into them, so a bfloat16 file can also load as float32.
     model = model.to_empty(device=device)
     if device.type != "meta":
         # On the meta device there is nothing to copy into (the keys and shapes were
         # checked above); torch would warn that every copy is a no-op.
         model.load_state_dict(state, strict=True)
-    if pack_weights is not None:
-        (linear.pack_weights if pack_weights else linear.release_packed_weights)(model)
+    linear.choose_packing(model, pack_weights)
     return linear.prepack(model.eval())
