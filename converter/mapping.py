@@ -575,18 +575,10 @@ class MappingSpec:
     def _checked_values(self, overrides: Mapping[str, Any]) -> Dict[str, Any]:
         from perceiver_torch import configs  # see _official_values
 
-        cls = configs.CONFIG_CLASSES.get(self.model)
-        if cls is None:
-            return dict(overrides)
-        kinds = configs.field_kinds(cls)
-        checked = dict(overrides)
-        for key, value in overrides.items():
-            if key in kinds:
-                try:
-                    checked[key] = configs.check_value(cls, key, value)
-                except configs.ConfigError as error:
-                    raise ConfigError(f"--config: {error}", key) from None
-        return checked
+        try:
+            return _checked_config_values(self.model, overrides)
+        except configs.ConfigError as error:
+            raise ConfigError(f"--config: {error}", error.key) from None
 
     # -- expansion -------------------------------------------------------------------
 
@@ -1190,26 +1182,34 @@ def _parse_config(
             f"unknown config key(s) {', '.join(unknown)} for {root['model']}; valid "
             f"keys: {', '.join(official.config)}",
         )
-    return {**official.config, **_checked_file_values(root["model"], values, where)}
-
-
-def _checked_file_values(model: str, values: Mapping[str, Any], where: _Where) -> Dict[str, Any]:
-    """The file's ``config:`` values, each checked as ``--config`` values are (type and
-    range: ``num_blocks: -3`` was accepted where a size preset then replaced it)."""
+    # Each checked as --config values are (type and range: num_blocks: -3 was
+    # accepted where a size preset then replaced it).
     from perceiver_torch import configs  # see _official_values
 
-    cls = configs.CONFIG_CLASSES[model]
+    try:
+        checked = _checked_config_values(
+            root["model"], {k: _as_tuple(v) for k, v in values.items()}
+        )
+    except configs.ConfigError as error:
+        raise _fail(where.at(values, error.key, f"config.{error.key}"), str(error)) from None
+    return {**official.config, **checked}
+
+
+def _checked_config_values(model: str, values: Mapping[str, Any]) -> Dict[str, Any]:
+    """``values`` with each key of ``model``'s config dataclass checked (type and
+    range) and normalised by ``perceiver_torch.configs.check_value``; other keys (and
+    every key of a model perceiver_torch does not know) as given. Raises
+    ``perceiver_torch.configs.ConfigError`` naming the key."""
+    from perceiver_torch import configs  # see _official_values
+
+    cls = configs.CONFIG_CLASSES.get(model)
+    if cls is None:
+        return dict(values)
     kinds = configs.field_kinds(cls)
-    checked = {}
-    for key, value in values.items():
-        value = _as_tuple(value)
-        if key in kinds:
-            try:
-                value = configs.check_value(cls, key, value)
-            except configs.ConfigError as error:
-                raise _fail(where.at(values, key, f"config.{key}"), str(error)) from None
-        checked[key] = value
-    return checked
+    return {
+        key: configs.check_value(cls, key, value) if key in kinds else value
+        for key, value in values.items()
+    }
 
 
 def _parse_presets(
