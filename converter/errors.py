@@ -71,6 +71,15 @@ class Terminated(KeyboardInterrupt):
     exit_code = 143
 
 
+def check_positive_int(value: object, name: str) -> None:
+    """Raises UsageError unless ``value`` is an integer of at least 1 (not a bool): a
+    count such as ``batch``, where 0 or -1 failed deep in numpy or torch."""
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def nonfinite_message(names: "list[str]", noun: str = "tensor") -> str:
     """The start of every message about weights holding NaN or Inf values: how many,
     and the first five names (inspect's pickles and other files, the exports)."""

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from converter._version import __version__
-from converter.errors import OutputError, ParityError, UsageError
+from converter.errors import OutputError, ParityError, UsageError, check_positive_int
 from converter.progress import Progress, quiet
 from perceiver_torch import fast_paths
 
@@ -217,8 +217,7 @@ def export_onnx(
     from converter.exporter import check_stored_tensors, load_float32, stored_low_precision
 
     onnx, _ = require_onnx()
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise UsageError(f"batch must be an integer >= 1, got {batch!r}")
+    check_positive_int(batch, "batch")
     out = check_output_path(out)
     refuse_non_utf8_name(out, "torch.onnx.export")
     if out.suffix.lower() != ".onnx":

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 import perceiver_torch
-from converter.errors import ParityError, UsageError
+from converter.errors import ParityError, UsageError, check_positive_int
 from converter.progress import Progress, quiet
 
 STAGES = ("preprocessed", "latents", "decoder_output")
@@ -424,8 +424,7 @@ def check_arguments(seed: Any, batch: Any, dtype: Any) -> None:
         0 <= seed <= MAX_SEED
     ):
         raise UsageError(f"seed must be an integer from 0 to {MAX_SEED}, not {seed!r}")
-    if isinstance(batch, bool) or not isinstance(batch, numbers.Integral) or batch < 1:
-        raise UsageError(f"batch must be an integer >= 1, not {batch!r}")
+    check_positive_int(batch, "batch")
     if dtype not in TORCH_DTYPES:
         raise UsageError(f"dtype must be one of {', '.join(TORCH_DTYPES)}, not {dtype!r}")
 
