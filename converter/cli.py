@@ -34,6 +34,7 @@ import click
 
 from converter._version import __version__
 from converter.atomic import check_outputs
+from converter.terminal import echo, terminal_safe
 from converter.errors import (
     CheckpointError,
     ConfigError,
@@ -132,7 +133,7 @@ def _message(error: BaseException) -> str:
 
 def fail(error: ConverterError) -> NoReturn:
     """Print ``error: <message>`` on stderr and exit with the error's code."""
-    click.echo(f"error: {error}", err=True)
+    echo(f"error: {error}", err=True)
     raise click.exceptions.Exit(exit_code_for(error))
 
 
@@ -188,6 +189,7 @@ class ConverterGroup(click.Group):
         except click.exceptions.Abort:
             self._report(KeyboardInterrupt(), EXIT_INTERRUPTED, as_json, False)
         except click.ClickException as error:
+            error.message = terminal_safe(error.message)  # click prints it, not echo
             if not as_json:
                 raise  # click prints "Usage: ... Error: ..." itself (exit 2)
             error.show()
@@ -213,7 +215,7 @@ class ConverterGroup(click.Group):
         with contextlib.suppress(OSError, ConverterError):
             if debug:
                 traceback.print_exception(type(error), error, error.__traceback__)
-            click.echo(f"error: {_message(error)}", err=True)
+            echo(f"error: {_message(error)}", err=True)
         if as_json:
             with contextlib.suppress(OSError, ConverterError):
                 echo_json(error_document(error, code))
@@ -472,7 +474,7 @@ def fixture_command(
         "arrays": sum(1 for _ in tree.iter_specs()),
         "bytes": saved.size_bytes, "sha256": saved.sha256,
     }
-    click.echo(
+    echo(
         f"wrote {saved.path}: {name} ({size}, seed {seed}), {document['values']:,} "
         f"values in {document['arrays']:,} arrays, {saved.size_bytes:,} bytes, sha256 "
         f"{saved.sha256}",
@@ -639,12 +641,12 @@ def _print_checkpoint(document: Dict[str, Any]) -> None:
         f"total: {total['arrays']:,} arrays, {total['values']:,} values, "
         f"{total['bytes']:,} bytes"
     )
-    click.echo("\n".join(lines))
+    echo("\n".join(lines))
 
 
 def _print_failure(document: Dict[str, Any]) -> None:
     if document.get("not_a_pickle"):  # named by its first bytes; nothing scanned
-        click.echo(
+        echo(
             f"{document['path']}\n  file        {document['not_a_pickle']} (named "
             "by its first bytes; not scanned)"
         )
@@ -663,7 +665,7 @@ def _print_failure(document: Dict[str, Any]) -> None:
     if document["scan_error"]:
         lines.append(f"  scan        stopped early: {document['scan_error']}")
     lines.append(f"  safe        {'yes' if document['safe'] else 'NO'}")
-    click.echo("\n".join(lines))
+    echo("\n".join(lines))
 
 
 @main.command("inspect")
@@ -694,7 +696,7 @@ def inspect_command(path: Path, as_json: bool) -> None:
         document = describe(path)
         echo_json(_error_shaped(document)) if as_json else print_document(document)
         if document.get("error"):  # NaN/Inf weights, as for pickles below
-            click.echo(f"error: {path}: {document['error']}", err=True)
+            echo(f"error: {path}: {document['error']}", err=True)
             raise click.exceptions.Exit(document["exit_code"])
         return
 
@@ -715,7 +717,7 @@ def inspect_command(path: Path, as_json: bool) -> None:
         document = _failure_document(path, error, scan)
         document["not_a_pickle"] = named
         document["exit_code"] = exit_code_for(error)
-        click.echo(f"error: {error}", err=True)
+        echo(f"error: {error}", err=True)
         if as_json:
             echo_json(_error_shaped(document))
         else:
@@ -740,7 +742,7 @@ def inspect_command(path: Path, as_json: bool) -> None:
     else:
         _print_checkpoint(document)
     if bad:
-        click.echo(f"error: {path}: {document['error']}", err=True)
+        echo(f"error: {path}: {document['error']}", err=True)
         raise click.exceptions.Exit(EXIT_BAD_INPUT)
 
 
@@ -817,7 +819,7 @@ def _model_names(
 def _progress(quiet: bool):
     def report(message: str) -> None:
         if not quiet:
-            click.echo(f"  {message}", err=True)
+            echo(f"  {message}", err=True)
 
     return report
 
@@ -922,8 +924,8 @@ def convert_command(
         overwrite=force,
     )
     if result.parity_report is not None and not quiet:
-        click.echo(result.parity_report.format_table(), err=True)
-    click.echo(
+        echo(result.parity_report.format_table(), err=True)
+    echo(
         f"wrote {result.output}: {result.model} ({result.size_preset or 'custom'} size), "
         f"{result.report.used} tensors, {result.dtype}, {result.seconds:.1f} s",
         err=True,
@@ -1028,7 +1030,7 @@ def verify_command(
             dtype=dtype,
             progress=_progress(quiet),
         )
-    click.echo(report.format_table(), err=True)
+    echo(report.format_table(), err=True)
     document, passed = report.as_dict(), report.passed
     if dtype != "float32":  # reduced precision (issue 13): the fidelity report too
         from converter.precision import fidelity
@@ -1036,7 +1038,7 @@ def verify_command(
 
         note = emulated_dtype_note(dtype, advice="the report holds all the same")
         if note and not quiet:
-            click.echo(note, err=True)
+            echo(note, err=True)
 
         extra = fidelity(
             checkpoint,
@@ -1046,7 +1048,7 @@ def verify_command(
             mapping=mapping,
             progress=_progress(quiet),
         )
-        click.echo(extra.format_table(), err=True)
+        echo(extra.format_table(), err=True)
         document["fidelity"] = {**extra.as_dict(), "passed": extra.passed}
         passed = passed and extra.passed
         # The exit code's verdict: the parity check and the fidelity report (a JSON
@@ -1156,8 +1158,8 @@ def export_command(
         )
     if not quiet:
         for note in result.notes:
-            click.echo(f"note: {note}", err=True)
-        click.echo(
+            echo(f"note: {note}", err=True)
+        echo(
             f"wrote {result.output}: {result.model}, {result.tensors} arrays, protocol "
             f"{protocol}, {'exact' if result.exact else 'not bit-exact (see notes)'}",
             err=True,
@@ -1200,8 +1202,8 @@ def models_command(as_json: bool) -> None:
         return
     width = max(len(r["name"]) for r in rows)
     for row in rows:
-        click.echo(f"{row['name']:<{width}}  {row['params']:>12,} params  {row['file']}")
-        click.echo(f"{'':<{width}}  {row['url']}")
+        echo(f"{row['name']:<{width}}  {row['params']:>12,} params  {row['file']}")
+        echo(f"{'':<{width}}  {row['url']}")
 
 
 # --------------------------------------------------------------------------------------
@@ -1268,7 +1270,7 @@ def mapping_command(
     if as_json:
         echo_json(description.as_dict())
     else:
-        click.echo(format_table(description))
+        echo(format_table(description))
     if description.problems:
         raise click.exceptions.Exit(EXIT_BAD_INPUT)
 
@@ -1318,7 +1320,7 @@ def demo_command(
     rows = run_demo(
         names, size=size, seed=seed, workdir=workdir, progress=_progress(quiet)
     )
-    click.echo(_demo_table(rows, size), err=as_json)
+    echo(_demo_table(rows, size), err=as_json)
     task_rows = _demo_tasks(workdir, seed, quiet, as_json) if with_tasks else []
     if as_json:
         echo_json({"models": rows, "tasks": task_rows})
@@ -1345,7 +1347,7 @@ def _demo_tasks(
     else:
         with tempfile.TemporaryDirectory(prefix="perceiver-demo-tasks-") as folder:
             rows = run_task_demos(Path(folder), seed=seed, progress=_progress(quiet))
-    click.echo(format_task_demos(rows), err=as_json)
+    echo(format_task_demos(rows), err=as_json)
     return rows
 
 

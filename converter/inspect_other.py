@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List
 
-import click
+from converter.terminal import echo
 
 OTHER_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".onnx")
 
@@ -262,4 +262,4 @@ def print_document(document: Dict[str, Any]) -> None:
         totals = document["totals"]
         lines.append(f"total: {totals['tensors']:,} tensors, {totals['values']:,} values, "
                      f"{totals['bytes']:,} bytes")
-    click.echo("\n".join(lines))
+    echo("\n".join(lines))

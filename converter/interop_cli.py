@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, Optional
 import click
 
 from converter.cli import EXIT_BAD_INPUT, EXIT_PARITY, echo_json
+from converter.terminal import echo
 
 
 def export_other(
@@ -56,10 +57,10 @@ def export_other(
                 f"{result.opset}, dynamic batch"
             )
     if not quiet:
-        click.echo(report, err=True)
+        echo(report, err=True)
         for note in result.notes:
-            click.echo(f"note: {note}", err=True)
-        click.echo(summary, err=True)
+            echo(f"note: {note}", err=True)
+        echo(summary, err=True)
     if as_json:
         echo_json(result.as_dict())
 
@@ -105,9 +106,9 @@ def verify_other(
         check, report = verify_against_reference(
             checkpoint, reference, seed=seed, batch=batch, progress=progress
         )
-        click.echo(check.format(), err=True)
+        echo(check.format(), err=True)
         if report is not None:
-            click.echo(report.format_table(), err=True)
+            echo(report.format_table(), err=True)
         document = {"tensors": check.as_dict(),
                     "parity": None if report is None else report.as_dict()}
         if not check.passed:
@@ -119,7 +120,7 @@ def verify_other(
                 f"{check.compared} equal, the rest listed above); give the official "
                 "file it was made from"
             )
-            click.echo(f"error: {message}", err=True)
+            echo(f"error: {message}", err=True)
             document.update(ok=False, error={"type": "TensorMismatch", "message": message},
                             exit_code=EXIT_BAD_INPUT)
         if as_json:

@@ -39,6 +39,7 @@ import click
 
 from converter.atomic import fsync_file, raise_write_error, temporary_name
 from converter.errors import ConverterError, UsageError
+from converter.terminal import echo
 
 __all__ = [
     "RunCommand",
@@ -664,7 +665,7 @@ def _fail(error: BaseException, code: int, line: str, as_json: bool) -> NoReturn
     """Ends a run that failed: ``line`` on stderr and, with ``--json``, the error
     document on stdout, as :class:`~converter.cli.ConverterGroup` does for the errors
     it catches (these exits bypass it, so it would print nothing)."""
-    click.echo(line, err=True)
+    echo(line, err=True)
     if as_json:
         from converter.cli import echo_json, error_document
 
@@ -701,9 +702,9 @@ def _run(**kwargs: Any) -> None:
     force: bool = kwargs["force"]
     protected = _protected_paths(spec, model_path, kwargs)
 
-    def echo(line: str) -> None:
+    def say(line: str) -> None:
         if not quiet:
-            click.echo(line, err=True)
+            echo(line, err=True)
 
     staging = Staging(protected, force=force, planned=())  # replaced once planned
     try:
@@ -713,7 +714,7 @@ def _run(**kwargs: Any) -> None:
             arrays=arrays,
             quiet=quiet,
             progress=progress_bar(quiet),
-            echo=echo,
+            echo=say,
             extra=extra,
         )
         # Up front, before minutes of work and before the model is loaded: every file
@@ -729,7 +730,7 @@ def _run(**kwargs: Any) -> None:
         spec.check_requirements()  # before a possibly long conversion
         model, how = load_any_model(
             model_path,
-            progress=lambda message: echo(f"  {message}"),
+            progress=lambda message: say(f"  {message}"),
             dtype=kwargs["dtype"],
             pack_weights=kwargs["pack_weights"],
         )
@@ -745,15 +746,15 @@ def _run(**kwargs: Any) -> None:
 
         model_dtype = next(model.parameters()).dtype
         computed_in = dtype_name(model_dtype)
-        echo(f"{task} with {name} ({how}, {computed_in})")
+        say(f"{task} with {name} ({how}, {computed_in})")
         note = emulated_dtype_note(model_dtype)
         if note:
-            echo(note)
+            say(note)
         if kwargs["pack_weights"]:
             from perceiver_torch.linear import packing_takes_effect
 
             if not packing_takes_effect(model_dtype):
-                echo(
+                say(
                     f"note: --pack-weights changes nothing here: the linear layers do not "
                     f"run on oneDNN on this CPU in {computed_in} (float32 needs AVX-512; "
                     "PERCEIVER_TORCH_FAST_PATHS=0 or PERCEIVER_TORCH_ONEDNN=0 turns the "
@@ -775,7 +776,7 @@ def _run(**kwargs: Any) -> None:
         staging.discard()
         raise
     for path in written:
-        echo(f"wrote {path}")
+        say(f"wrote {path}")
     if kwargs["as_json"]:
         from converter.cli import echo_json
 

@@ -1650,3 +1650,31 @@ def test_force_keeps_the_replaced_files_permissions(tmp_path):
     fresh = tmp_path / "fresh.safetensors"
     assert run_cli("convert", source, "-o", fresh, "-q").exit_code == 0
     assert stat_module.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask
+
+
+def test_names_with_terminal_controls_are_shown_escaped(tmp_path):
+    """A file name may carry escape sequences (``\\x1b[2J`` clears the screen), a
+    carriage return that overwrites the line, or a bidirectional override that shows
+    ``gpj.exe`` as ``exe.jpg``; every line the CLI printed passed them to the terminal
+    raw. Now they are shown as Python escapes, in progress lines, results and errors
+    alike, click's own usage errors included; JSON already escaped them."""
+    from converter.terminal import terminal_safe
+
+    assert terminal_safe("a\x1b[2Jb\rc\x9bd\u202ee\tf\ng é") == \
+        "a\\x1b[2Jb\\rc\\x9bd\\u202ee\tf\ng é"
+    source = tmp_path / "in\x1b]0;title\x07.pickle"
+    write_fixture("imagenet_learned", source, size="tiny", seed=2)
+    converted = tmp_path / "out\r\u202e.safetensors"
+    printed = []
+    for code, args in ((0, ("convert", source, "-o", converted)),        # progress
+                       (2, ("convert", source, "-o", converted)),        # error
+                       (0, ("inspect", converted)),                      # stdout
+                       (3, ("run", "classify", converted, tmp_path / "no\x1b[2J.png")),
+                       (2, ("run", "classify", converted, source, "--npy",  # click's
+                            "-o", tmp_path / "x\x1b[2J.json"))):
+        result = run_cli(*args)
+        assert result.exit_code == code, (args, result.stderr)
+        printed.append(result.output + result.stderr)
+        assert "\\x1b" in printed[-1] or "\\r\\u202e" in printed[-1], printed[-1]
+    for text in printed:
+        assert not set(text) & set("\x1b\x07\r\u202e"), text
