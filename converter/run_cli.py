@@ -414,6 +414,10 @@ def _output_option(
     file named ``out``)."""
     if value is None:
         return None
+    if not str(value):  # Path("") is Path("."): the results went where no -o puts them
+        raise click.BadParameter(
+            "the name is empty; give a file name, or leave -o out", ctx=ctx, param=param
+        )
     separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
     if str(value).endswith(separators) and not os.path.isdir(value):
         raise click.BadParameter(

@@ -308,6 +308,19 @@ def test_a_missing_output_folder_is_refused_before_loading(models, tmp_path, no_
     assert result.exit_code == 2 and "does not exist" in result.stderr, result.stderr
 
 
+
+@pytest.mark.parametrize("task", ["flow", "classify"])
+def test_an_empty_output_name_is_refused(task, models, tmp_path, no_model_load):
+    # -o '' was Path(""), that is ".": the results went where no -o puts them, exit 0.
+    a, b = _frames(tmp_path, 2)
+    before = listing(tmp_path)
+    args = (("flow", models["optical_flow"], a, b) if task == "flow"
+            else ("classify", models["imagenet_conv"], a))
+    result = run_cli("run", *args, "-o", "")
+    assert result.exit_code == 2 and "the name is empty" in result.stderr, result.stderr
+    assert listing(tmp_path) == before
+
+
 _real_load_any_model = run_cli_module.load_any_model
 
 
