@@ -209,8 +209,8 @@ def check_outputs(
     if (out.exists() or out.is_symlink()) and not force:
         what = "the file exists" if out.exists() else "it is a link to a missing file"
         raise OutputError(
-            f"refusing to overwrite {out}: {what}; pass --force to replace "
-            "it or choose another output name"
+            f"refusing to overwrite {out}: {what}; pass --force (overwrite=True in "
+            "Python) to replace it or choose another output name"
         )
     return out
 
@@ -221,8 +221,8 @@ def output_appeared(path: Union[str, os.PathLike]) -> OutputError:
     output was being written. The same words and advice as :func:`check_outputs`."""
     return OutputError(
         f"refusing to overwrite {path}: the file appeared while this output was being "
-        "written (another run?) and was kept; pass --force to replace it or choose "
-        "another output name"
+        "written (another run?) and was kept; pass --force (overwrite=True in Python) "
+        "to replace it or choose another output name"
     )
 
 

@@ -368,7 +368,8 @@ def prepare(
                 f", and does the mapping file {spec.file} fit it? Without --mapping the "
                 "bundled mappings are tried."
                 if mapping is not None
-                else "? Omit --model to detect the model from the parameter names."
+                else "? Omit --model (model= in Python) to detect the model from the "
+                "parameter names."
             )
         )
         return prepared
@@ -403,7 +404,8 @@ def prepare(
     if best_score == 0.0:
         raise MappingError(
             f"{checkpoint.path}: the parameter names match none of the official models "
-            f"({', '.join(available_mappings())}); pass --model NAME to see what is missing"
+            f"({', '.join(available_mappings())}); pass --model NAME (model= in Python) "
+            "to see what is missing"
         )
     if isinstance(best, ConfigError):
         raise best

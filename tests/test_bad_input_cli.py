@@ -135,8 +135,8 @@ def test_existing_output_needs_force(work):
     assert result.exit_code == 0, result.output
     with safe_open(str(converted), framework="pt") as f:
         assert f.metadata()["dtype"] == "float16"
-    # The Python API refuses it only when asked to.
-    with pytest.raises(OutputError, match="--force"):
+    # The Python API refuses it only when asked to, naming its own parameter too.
+    with pytest.raises(OutputError, match=r"--force \(overwrite=True in Python\)"):
         converter.convert(source, converted, overwrite=False)
     with pytest.raises(OutputError, match="it is the input"):
         converter.export(exported, exported)

@@ -252,7 +252,8 @@ def test_a_mapping_file_that_does_not_fit_is_named_in_the_advice(tmp_path):
     result = run_cli("convert", source, "-o", tmp_path / "o.safetensors",
                      "--model", "imagenet_fourier")
     assert result.exit_code == 3
-    assert "really an imagenet_fourier checkpoint? Omit --model" in result.stderr
+    assert "really an imagenet_fourier checkpoint? Omit --model (model= in Python)" \
+        in result.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
 
@@ -388,7 +389,7 @@ def test_convert_keeps_an_output_that_appears_while_writing(tmp_path, monkeypatc
     _appears_while_writing(monkeypatch, outputs_module, other)
     _assert_lost_the_race(run_cli("convert", source, "-o", out), out, other)
     out.unlink()  # the Python API: the same check at publication
-    with pytest.raises(converter.OutputError, match="appeared while"):
+    with pytest.raises(converter.OutputError, match="appeared while.*overwrite=True"):
         converter.convert(source, out, overwrite=False)
     assert out.read_bytes() == other
     # --force: the last writer replaces it, as asked.

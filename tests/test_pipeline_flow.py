@@ -152,7 +152,7 @@ def test_small_frames_are_refused_or_padded(model):
     first, second = textured_pair(20, 30)
     # Sizes as width x height, as classify and image viewers give them.
     with pytest.raises(InputError, match=r"are 30x20 px \(width x height\), smaller than "
-                       r"the model's 32x24 tile"):
+                       r"the model's 32x24 tile.*\(--pad; pad=True in Python\)"):
         FlowPipeline(model)(first, second)
     padded = FlowPipeline(model, pad=True)(first, second).flow
     assert padded.shape == (20, 30, 2) and np.isfinite(padded).all()

@@ -646,7 +646,8 @@ def test_a_separate_sound_file_without_sound_is_named_as_such(tmp_path, model):
     with pytest.raises(InputError) as caught:
         AutoencodePipeline(model)(tmp_path / "mute.mp4", audio=tmp_path / "mute.mp4")
     message = str(caught.value)
-    assert "given as the sound (--audio)" in message and "with --audio" not in message
+    assert "given as the sound (--audio; audio= in Python)" in message
+    assert "with --audio" not in message
     # The video's own missing track keeps the advice to use --audio.
     with pytest.raises(InputError, match="give the sound as a WAV file with --audio"):
         AutoencodePipeline(model)(tmp_path / "mute.mp4")

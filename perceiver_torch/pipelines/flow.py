@@ -159,7 +159,7 @@ class FlowPipeline:
             raise InputError(
                 f"{name} are {width}x{height} px (width x height), smaller than the "
                 f"model's {tw}x{th} tile; give larger frames, resize them, or pad them "
-                "(--pad)"
+                "(--pad; pad=True in Python)"
             )
 
     def flow_of(self, first: np.ndarray, second: np.ndarray, *, progress: Optional[Progress] = None) -> FlowResult:

@@ -193,7 +193,8 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
     with container:
         if not container.streams.audio:
             raise InputError(
-                f"{path} has no sound track; give the sound as a WAV file with --audio"
+                f"{path} has no sound track; give the sound as a WAV file with --audio "
+                "(audio= in Python)"
             )
         stream = container.streams.audio[0]
         source_rate = int(stream.rate or stream.codec_context.sample_rate)

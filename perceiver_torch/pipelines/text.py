@@ -240,7 +240,8 @@ def parse_masked_text(
     if not positions:
         raise InputError(
             f"{which}nothing to fill: mark the bytes to predict with [MASK] (one byte) or "
-            "[MASK*N] (N bytes), or give byte spans (--span START:END)"
+            "[MASK*N] (N bytes), or give byte spans (--span START:END; spans= in "
+            "Python)"
         )
     return MaskedText(b"".join(pieces), tuple(positions), None)
 

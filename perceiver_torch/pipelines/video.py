@@ -321,8 +321,8 @@ class AutoencodePipeline:
                 # read_audio's advice ("give the sound ... with --audio") is for a
                 # video without sound; this file was given as the sound.
                 raise InputError(
-                    f"{audio}, given as the sound (--audio), has no sound track; give a "
-                    "sound file (WAV, FLAC, MP3, ...) or a video with sound"
+                    f"{audio}, given as the sound (--audio; audio= in Python), has no sound "
+                    "track; give a sound file (WAV, FLAC, MP3, ...) or a video with sound"
                 ) from None
             if rate != self.sample_rate:
                 notes.append(f"sound resampled from {rate} Hz to {self.sample_rate} Hz")
