@@ -226,6 +226,99 @@ def test_greyscale_and_bilevel(tmp_path):
     assert np.array_equal(load_rgb(bilevel), np.stack([(grey > 127) * 255] * 3, axis=-1))
 
 
+
+@pytest.mark.parametrize("kind", ["RGB", "L", "I;16"])
+def test_a_colour_key_is_transparent_over_white(tmp_path, kind):
+    """PNG's tRNS chunk in a greyscale or RGB file makes one value transparent, as a
+    palette's transparency or an alpha channel; those pixels were read as their
+    colour (black here) where the README promises alpha over white."""
+    rng = np.random.default_rng(9)
+    if kind == "RGB":
+        pixels = rng.integers(1, 256, (4, 6, 3), dtype=np.uint8)
+        pixels[:, :2] = 0
+        key, expected = (0, 0, 0), pixels.copy()
+    else:
+        dtype = np.uint16 if kind == "I;16" else np.uint8
+        pixels = rng.integers(1, 255 if kind == "L" else 65535, (4, 6), dtype=dtype)
+        pixels[:, :2] = 0
+        key = 0
+        scaled = np.round(pixels / 257.0) if kind == "I;16" else pixels
+        expected = np.repeat(scaled.astype(np.uint8)[..., None], 3, axis=-1)
+    expected[:, :2] = 255  # the keyed pixels: fully transparent, so white
+    path = tmp_path / "keyed.png"
+    Image.fromarray(pixels).save(path, transparency=key)
+    with Image.open(path) as opened:
+        assert opened.info.get("transparency") == key  # really written with the key
+    assert np.array_equal(load_rgb(path), expected)
+
+
+def _jpeg_with_damaged_exif(path, orientation: int = 6) -> np.ndarray:
+    """A JPEG whose EXIF block points its first directory past its own end (Pillow
+    warns "Corrupt EXIF data" when it opens it, and reads no tags)."""
+    import io
+    import struct
+
+    pixels = random_rgb(8, 10, seed=11)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", exif=exif.tobytes(), quality=95)
+    data = bytearray(buffer.getvalue())
+    tiff = data.find(b"Exif\x00\x00") + 6
+    order = "<" if data[tiff:tiff + 2] == b"II" else ">"
+    struct.pack_into(order + "I", data, tiff + 4, 0x7FFFFFFF)
+    path.write_bytes(bytes(data))
+    with Image.open(path) as opened:
+        return np.asarray(opened.convert("RGB"))
+
+
+def test_damaged_exif_is_a_note_not_pillows_warning(tmp_path):
+    """Pillow's "Corrupt EXIF data" UserWarning reached stderr through `run`, -q or
+    not (the README: no library's warnings); the pipelines now note it. Without a list
+    of notes (a Python caller of load_rgb) the warning is Pillow's as before."""
+    import warnings
+
+    path = tmp_path / "damaged.jpg"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decoded = _jpeg_with_damaged_exif(path)
+    notes: list = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = load_rgb(path, notes=notes)
+    assert np.array_equal(got, decoded)  # its pixels, not rotated: the tag is lost
+    assert len(notes) == 1 and "Corrupt EXIF data" in notes[0], notes
+    assert "orientation in it may not have been applied" in notes[0]
+    with pytest.warns(UserWarning, match="Corrupt EXIF"):
+        load_rgb(path)
+    # Other warnings raised in the block still reach the caller.
+    from perceiver_torch.pipelines.image import pillow_warnings_as_notes
+
+    notes = []
+    with pytest.warns(RuntimeWarning, match="not Pillow's"):
+        with pillow_warnings_as_notes(notes):
+            warnings.warn("not Pillow's", RuntimeWarning)
+    assert notes == []
+
+
+def test_a_readable_file_with_nan_pixels_is_named_for_them(tmp_path):
+    """The NaN refusal of a float TIFF was wrapped as "cannot read ... as an image
+    ...; give a JPEG, PNG, ..." (PipelineError is a ValueError, as Pillow's errors)."""
+    values = np.full((5, 6), 100.0, dtype=np.float32)
+    values[3, 4] = np.nan
+    path = tmp_path / "nan.tif"
+    Image.fromarray(values, mode="F").save(path)
+    with pytest.raises(InputError) as caught:
+        load_rgb(path, notes=[])
+    message = str(caught.value)
+    assert "1 non-finite value(s)" in message and "row 3, column 4" in message
+    assert "cannot read" not in message
+    # A float RGB TIFF, which Pillow cannot read: not "give a ... TIFF ... file".
+    rgb = tmp_path / "float_rgb.tif"
+    assert cv2.imwrite(str(rgb), np.ones((4, 5, 3), np.float32))
+    with pytest.raises(InputError, match="not float RGB.*save it as an 8- or 16-bit PNG"):
+        load_rgb(rgb)
+
 def test_alpha_is_composited_over_white(tmp_path):
     rgb = random_rgb(4, 5, seed=7)
     alpha = np.random.default_rng(8).integers(0, 256, (4, 5), dtype=np.uint8)

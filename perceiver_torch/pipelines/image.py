@@ -4,8 +4,8 @@ colab does.
 The colab's procedure (:func:`preprocess_image`):
 
 1. RGB, 8 bits per channel (:func:`load_rgb`): EXIF orientation applied, greyscale
-   repeated to three channels, palette images expanded, alpha composited over white,
-   16-bit values reduced to 8 bits.
+   repeated to three channels, palette images expanded, alpha and colour keys
+   composited over white, 16-bit values reduced to 8 bits.
 2. Centre crop (:func:`center_crop_box`): ``side = int((224 / 256) * min(H, W))``,
    ``top = ((H - side) + 1) // 2``, ``left = ((W - side) + 1) // 2``.
 3. Resize of the 8-bit crop to the model's size (224x224 for the official models) with
@@ -29,10 +29,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import numpy as np
 import torch
@@ -40,6 +52,7 @@ import torch
 from ..labels import class_names
 from .base import (
     InputError,
+    PipelineError,
     Progress,
     RunOptions,
     WrongModelError,
@@ -167,8 +180,13 @@ def _from_pil(image: Any, notes: Optional[List[str]] = None) -> np.ndarray:
     """A PIL image -> (H, W, 3) uint8 (see :func:`load_rgb`)."""
     from PIL import ImageOps
 
-    image = ImageOps.exif_transpose(image)
+    with pillow_warnings_as_notes(notes):
+        image = ImageOps.exif_transpose(image)
     mode = image.mode
+    # A colour key (PNG's tRNS chunk in a greyscale or RGB file): pixels of that value
+    # are transparent, as the alpha of a palette or RGBA image, and go over white too.
+    keyed = mode in ("L", "RGB", "I") or mode.startswith("I;16")
+    key = image.info.get("transparency") if keyed else None
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit greyscale (PNG, TIFF): Pillow's own convert("L") would clip at 255.
         # Mode "I" (32-bit integers) is how Pillow opens most 16-bit greyscale files;
@@ -182,12 +200,15 @@ def _from_pil(image: Any, notes: Optional[List[str]] = None) -> np.ndarray:
                     "clipped to 0..65535, the 16-bit scale read as greyscale; give an "
                     "8- or 16-bit image"
                 )
-        return _from_array(_to_uint8_16bit(values))
+        rgb = _from_array(_to_uint8_16bit(values))
+        if isinstance(key, int):
+            rgb[values == key] = 255
+        return rgb
     if mode == "F":
         return _from_array(np.asarray(image, dtype=np.float32), notes)
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    elif mode in ("LA", "La", "PA", "RGBa"):
+    elif mode in ("LA", "La", "PA", "RGBa") or key is not None:
         image = image.convert("RGBA")
     elif mode not in ("RGB", "RGBA", "L"):
         image = image.convert("RGB")  # 1, CMYK, YCbCr, LAB, HSV
@@ -236,6 +257,32 @@ def quiet_bomb_warning(notes: Optional[List[str]]) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def pillow_warnings_as_notes(notes: Optional[List[str]]) -> Iterator[None]:
+    """A block in which Pillow's warnings about a damaged part of a file ("Corrupt
+    EXIF data", "Tag data larger than file", raised when it opens or orients a JPEG
+    or TIFF; it goes on without that part) become one note when the caller collects
+    ``notes``, instead of a library's warning on stderr; other warnings pass on as
+    usual, and without a list so do Pillow's."""
+    if notes is None:
+        yield
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        yield
+    from_pillow = [w for w in caught if f"{os.sep}PIL{os.sep}" in str(w.filename)
+                   and issubclass(w.category, UserWarning)]
+    if from_pillow:
+        first = " ".join(str(from_pillow[0].message).split())
+        notes.append(
+            f"Pillow read past a damaged part of the file ({first}); an EXIF "
+            "orientation in it may not have been applied"
+        )
+    for w in caught:
+        if not any(w is p for p in from_pillow):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def _is_pil(image: Any) -> bool:
     """A PIL image, known by its attributes (Pillow is imported only when needed)."""
     return hasattr(image, "mode") and hasattr(image, "size") and hasattr(image, "convert")
@@ -245,8 +292,8 @@ def load_rgb(image: ImageInput, notes: Optional[List[str]] = None) -> np.ndarray
     """Any supported image -> (H, W, 3) RGB: uint8 (float32 for float inputs).
 
     * a path: read with Pillow; EXIF orientation applied; greyscale repeated to 3
-      channels; palette expanded (with its transparency); alpha composited over
-      white; 16-bit greyscale reduced by round(x / 257) (16-bit RGB files: Pillow
+      channels; palette expanded (with its transparency); alpha and a greyscale or
+      RGB file's colour key (PNG's tRNS) composited over white; 16-bit greyscale reduced by round(x / 257) (16-bit RGB files: Pillow
       reduces them itself, keeping the high byte).
     * a PIL image: the same, without reading.
     * a numpy array (H, W[, C]) with C in 1, 3, 4: uint8, uint16 (round(x / 257)) or
@@ -256,35 +303,17 @@ def load_rgb(image: ImageInput, notes: Optional[List[str]] = None) -> np.ndarray
 
     notes: a list that gets a :func:`large_image_note` for a file above Pillow's
     decompression-bomb limit, in place of Pillow's ``DecompressionBombWarning``
-    (which is raised as usual without a list), and a note for float pixels all
-    within 0..1 or outside 0..255 (another scale than 0..255). The pipelines pass one.
+    (which is raised as usual without a list), a note for float pixels all within
+    0..1 or outside 0..255 (another scale than 0..255), and one in place of Pillow's
+    warnings about a damaged part of a file (:func:`pillow_warnings_as_notes`). The
+    pipelines pass one.
 
     Raises:
         InputError: unreadable file, unsupported shape or dtype, NaN or infinite
             float values.
     """
     if isinstance(image, (str, Path)):
-        Image = require("PIL.Image")
-        path = Path(image)
-        try:
-            with quiet_bomb_warning(notes), Image.open(path) as opened:
-                opened.load()
-                note = large_image_note(path, opened.size)
-                if note is not None and notes is not None:
-                    notes.append(note)
-                return _from_pil(opened, notes)
-        except FileNotFoundError:
-            raise InputError(f"no such image file: {path}") from None
-        except Image.DecompressionBombError as error:
-            # Pillow's guard against images that would decode to gigabytes.
-            raise InputError(f"{path} is too large to decode safely ({error})") from None
-        except (OSError, ValueError, SyntaxError) as error:
-            # Pillow raises UnidentifiedImageError (an OSError) for non-images and
-            # OSError/SyntaxError/ValueError for truncated or corrupt ones.
-            raise InputError(
-                f"cannot read {path} as an image ({str(error).splitlines()[0]}); give a "
-                "JPEG, PNG, BMP, GIF, TIFF or WebP file"
-            ) from None
+        return read_image_file(image, notes)
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         if tensor.dim() == 3 and tensor.shape[0] in (1, 3, 4):
@@ -308,6 +337,47 @@ def load_rgb(image: ImageInput, notes: Optional[List[str]] = None) -> np.ndarray
         f"cannot classify a {type(image).__name__}: give a file path, a PIL image, a "
         "numpy array (H, W, 3) or a torch tensor (3, H, W)"
     )
+
+
+def read_image_file(
+    path: Union[str, Path],
+    notes: Optional[List[str]] = None,
+    check: Optional[Callable[[Any], None]] = None,
+) -> np.ndarray:
+    """:func:`load_rgb` of the file ``path``, opened once (so a pipe, ``<(cat x.png)``,
+    works too); ``check(opened)`` may refuse the opened PIL image (by raising an
+    InputError or PipelineError) before its pixels are decoded."""
+    Image = require("PIL.Image")
+    path = Path(path)
+    try:
+        with pillow_warnings_as_notes(notes), quiet_bomb_warning(notes), \
+                Image.open(path) as opened:
+            if check is not None:
+                check(opened)
+            opened.load()
+            note = large_image_note(path, opened.size)
+            if note is not None and notes is not None:
+                notes.append(note)
+            return _from_pil(opened, notes)
+    except PipelineError:
+        raise  # the pixels' own problem (NaN), or check's: not "cannot read"
+    except FileNotFoundError:
+        raise InputError(f"no such image file: {path}") from None
+    except Image.DecompressionBombError as error:
+        # Pillow's guard against images that would decode to gigabytes.
+        raise InputError(f"{path} is too large to decode safely ({error})") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        # Pillow raises UnidentifiedImageError (an OSError) for non-images and
+        # OSError/SyntaxError/ValueError for truncated or corrupt ones.
+        advice = (
+            "Pillow reads 8- and 16-bit TIFFs and float greyscale ones, not float RGB "
+            "or every compression: save it as an 8- or 16-bit PNG or TIFF"
+            if path.suffix.lower() in (".tif", ".tiff")
+            else "give a JPEG, PNG, BMP, GIF, TIFF or WebP file"
+        )
+        raise InputError(
+            f"cannot read {path} as an image ({str(error).splitlines()[0]}); {advice}"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------
