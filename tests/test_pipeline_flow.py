@@ -546,12 +546,14 @@ def test_run_flow_errors_name_the_frame_pair(tmp_path, flow_checkpoint):
     assert _listing(tmp_path) == before  # nothing written
 
 
-@pytest.mark.parametrize("suffix, kind", [(".webp", "WebP"), (".png", "PNG (APNG)")])
+@pytest.mark.parametrize("suffix, kind", [(".webp", "animated WebP (2 frames)"),
+                                          (".png", "animated PNG (APNG) (2 frames)"),
+                                          (".tif", "multi-page TIFF (2 pages)")])
 def test_run_flow_refuses_an_animated_webp_or_apng_among_frames(
     tmp_path, flow_checkpoint, suffix, kind
 ):
-    # Like an animated GIF, an animated WebP or APNG among the frames would be read as
-    # its first picture only, silently.
+    # Like an animated GIF, an animated WebP or APNG, or a multi-page TIFF, among the
+    # frames would be read as its first picture only, silently.
     still = _frames(tmp_path)[0]
     animated = tmp_path / f"animated{suffix}"
     pictures = [Image.fromarray(f) for f in textured_pair(40, 56, shift=(1, 2), seed=2)]
@@ -565,8 +567,64 @@ def test_run_flow_refuses_an_animated_webp_or_apng_among_frames(
     result = run_cli("run", "flow", flow_checkpoint, still, animated, "-o",
                      tmp_path / "mixed.png")
     assert result.exit_code == 2, result.stderr
-    assert f"animated {kind} (2 frames)" in result.stderr
+    assert kind in result.stderr
     assert _listing(tmp_path) == before
+
+
+@pytest.fixture
+def pipes(tmp_path):
+    """``pipe(name, data)``: a named pipe that gives ``data`` to its first reader and
+    nothing (end of file at once) to any later one, as ``<(cat frame.png)`` does."""
+    import os
+    import threading
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    made, stop = [], threading.Event()
+
+    def serve(path: Path, data: bytes) -> None:
+        first = True
+        while not stop.is_set():
+            with open(path, "wb") as handle:  # blocks until a reader opens it
+                if first and not stop.is_set():
+                    handle.write(data)
+            first = False
+
+    def pipe(name: str, data: bytes) -> Path:
+        path = tmp_path / name
+        os.mkfifo(path)
+        threading.Thread(target=serve, args=(path, data), daemon=True).start()
+        made.append(path)
+        return path
+
+    yield pipe
+    stop.set()
+    for path in made:  # release a writer still waiting for a reader
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+
+
+def test_run_flow_reads_frames_from_pipes(tmp_path, flow_checkpoint, pipes):
+    """Each frame was opened twice (once to count its pictures), so a pipe's second
+    reader found it empty: "cannot read /dev/fd/63 as an image". Classify read pipes."""
+    a, b = _frames(tmp_path)
+    files = run_cli("run", "flow", flow_checkpoint, a, b, "--npy", "-o", tmp_path / "f.npy")
+    assert files.exit_code == 0, files.stderr
+    piped = [pipes(f"pipe{i}", frame.read_bytes()) for i, frame in enumerate((a, b))]
+    result = run_cli("run", "flow", flow_checkpoint, *piped, "--npy", "-o",
+                     tmp_path / "p.npy")
+    assert result.exit_code == 0, result.stderr
+    assert np.array_equal(np.load(tmp_path / "p.npy"), np.load(tmp_path / "f.npy"))
+    # A video is opened more than once (its rate and count first): refused as a pipe,
+    # where it was "no such file" of a path that exists.
+    from perceiver_torch.pipelines.video import make_test_video
+
+    make_test_video(tmp_path / "clip.mp4", 3, size=(40, 56), sample_rate=None)
+    video = pipes("video.mp4", (tmp_path / "clip.mp4").read_bytes())
+    result = run_cli("run", "flow", flow_checkpoint, video, "--npy", "-o",
+                     tmp_path / "v.npy")
+    assert result.exit_code == 3, result.stderr
+    assert "is not a regular file (a pipe" in result.stderr and "save it to a file" \
+        in result.stderr
 
 
 @pytest.mark.parametrize("suffix, container", [(".ts", "mpegts"), (".3gp", "3gp")])

@@ -46,7 +46,7 @@ from .base import (
     usage_error,
 )
 from .flow_io import encode_flo, max_magnitude, render_flow
-from .image import load_rgb, quiet_bomb_warning
+from .image import load_rgb, read_image_file
 from .media import (
     MEDIA_SUFFIXES,
     VIDEO_SUFFIXES,
@@ -449,36 +449,43 @@ def _is_video_run(inputs: Sequence[str]) -> bool:
     return False
 
 
-# Formats whose files may be animations: an animated GIF, APNG or WebP among the frames
-# would be read as its first picture only, silently. (Not MPO: a camera JPEG with an
-# embedded preview has two "frames" and is one photo.)
-_ANIMATION_FORMATS = {"GIF": "GIF", "PNG": "PNG (APNG)", "WEBP": "WebP"}
+# Formats whose files may hold several pictures: an animated GIF, APNG or WebP, or a
+# multi-page TIFF among the frames would be read as its first picture only, silently.
+# (Not MPO: a camera JPEG with an embedded preview has two "frames" and is one photo.)
+_ANIMATION_FORMATS = {
+    "GIF": ("an animated GIF", "frames"),
+    "PNG": ("an animated PNG (APNG)", "frames"),
+    "WEBP": ("an animated WebP", "frames"),
+    "TIFF": ("a multi-page TIFF", "pages"),
+}
 
 
 def _still_frame(path: str, notes: List[str]) -> np.ndarray:
-    """One frame INPUT as RGB; an animation format (GIF, APNG, WebP) must hold one
-    picture. ``notes`` as :func:`~.image.load_rgb`'s."""
-    Image = require("PIL.Image")
-    try:
-        # (load_rgb notes a file above Pillow's decompression-bomb limit, once.)
-        with quiet_bomb_warning(notes), Image.open(path) as opened:
-            kind = _ANIMATION_FORMATS.get(str(opened.format or "").upper())
-            count = int(getattr(opened, "n_frames", 1)) if kind else 1
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        # Unreadable, or over twice Pillow's limit: load_rgb says why.
-        kind, count = None, 1
-    if count > 1:
-        alone = (
-            "give it alone for the flow of its frames"
-            if Path(path).suffix.lower() == ".gif"
-            else "give its frames as still pictures or as a video (MP4, GIF, ...)"
-        )
-        error = PipelineError(
-            f"{path} is an animated {kind} ({count} frames): {alone}, or give still frames"
-        )
-        error.exit_code = 2
-        raise error
-    return _rgb(path, notes)
+    """One frame INPUT as RGB; a file of an animation format (GIF, APNG, WebP) or a
+    TIFF must hold one picture. ``notes`` as :func:`~.image.load_rgb`'s. The file is
+    opened once, so that a pipe (``<(cat frame.png)``) can be a frame."""
+
+    def refuse_several_pictures(opened: Any) -> None:
+        kind = _ANIMATION_FORMATS.get(str(opened.format or "").upper())
+        if kind is None:
+            return
+        try:
+            count = int(getattr(opened, "n_frames", 1))
+            opened.seek(0)
+        except (OSError, ValueError, SyntaxError, EOFError):
+            return  # a damaged file: decoding its first picture says what is wrong
+        if count > 1:
+            advice = (
+                "give it alone for the flow of its frames, or give still frames"
+                if Path(path).suffix.lower() == ".gif"
+                else "give its pictures as still frames or as a video (MP4, GIF, ...)"
+            )
+            error = PipelineError(f"{path} is {kind[0]} ({count} {kind[1]}): {advice}")
+            error.exit_code = 2
+            raise error
+
+    rgb = read_image_file(path, notes, check=refuse_several_pictures)
+    return rgb if rgb.dtype == np.uint8 else rgb.astype(np.float64)
 
 
 def _pair_targets(inputs: Sequence[str], options: RunOptions) -> List[Tuple[Path, Path]]:

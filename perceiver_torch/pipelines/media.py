@@ -89,8 +89,15 @@ def _open_container(path: Path) -> Any:
     av = require("av")
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a video or sound file")
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        # A pipe (<(cat clip.mp4)) can be read once, and a video is opened for its
+        # frame rate and count before its frames are decoded.
+        raise InputError(
+            f"{path} is not a regular file (a pipe, such as <(...), or a device); save "
+            "it to a file and give that"
+        )
     try:
         return av.open(str(path))
     except (av.error.FFmpegError, OSError, ValueError) as error:
