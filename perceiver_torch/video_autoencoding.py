@@ -308,8 +308,14 @@ class VideoAutoencoder(PerceiverIO):
         # its factorisation from the weights' values (decoders.gram_factor), which
         # export cannot branch on, a trace would freeze and torch.compile breaks the
         # graph on (Tensor.item(): four breaks, the fold then ran eagerly per call).
+        # Nor under autograd, in eval mode too: the fold is formed from detached
+        # weights and latents, so backward() left the encoder, decoder, heads and
+        # inputs without gradients (saliency, fine-tuning with the model in eval()).
         return (
-            enabled(FastPath.FOLDED_DECODER) and not self.training and not compiling()
+            enabled(FastPath.FOLDED_DECODER)
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not compiling()
         )
 
     def _folded(self, latents: Tensor) -> FoldedDecoder:

@@ -161,3 +161,50 @@ def test_training_without_dropout_gives_every_parameter_a_gradient_as_plain(name
     assert [k for k, g in fast.items() if g is None] == [
         k for k, g in plain.items() if g is None
     ]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradients_in_eval_mode_are_the_plain_paths(name):
+    """Gradients taken with the model in eval() (saliency maps, fine-tuning with frozen
+    statistics) go through the inference fast paths that do not switch off outside
+    training: they must be the plain path's. The video model's folded decoder, formed
+    from detached weights, left 84 of its 87 parameters and the input without a
+    gradient (None), and backward() raised nothing.
+
+    Bound: the two paths compute the same function in other orders, so they differ by
+    float32 rounding carried through a dozen layers, which is relative to the terms a
+    gradient sums, not to their sum: a gradient formed by cancellation (the decoder's
+    single query, 1e-5 of the model's largest gradient) is off by 2.5e-4 of itself.
+    So each tensor's error is taken relative to its own largest element or a
+    thousandth of the model's largest gradient, whichever is more; 1e-3 of that is
+    far above rounding (8e-5 at most, and 1e-5 against jax.grad) and far below the
+    1.0 of a missing or wrong gradient. A folded key projection's bias may get None
+    where the plain path gives zeros up to rounding: its true gradient is zero
+    (softmax is invariant to a constant added to every logit of a row)."""
+    def gradients(plain: bool):
+        model = tiny_model(name, dropout=0.0).eval()
+        args = [t.clone().requires_grad_() if torch.is_tensor(t) and t.is_floating_point()
+                else t for t in inputs(name)]
+        with pt.fast_paths.plain() if plain else contextlib.nullcontext():
+            loss_of(model(*args)).backward()
+        found = {key: p.grad for key, p in model.named_parameters()}
+        found.update({f"input {i}": a.grad for i, a in enumerate(args)
+                      if torch.is_tensor(a) and a.requires_grad})
+        return found
+
+    fast, plain = gradients(False), gradients(True)
+    assert set(fast) == set(plain)
+    largest = max(float(g.abs().max()) for g in plain.values() if g is not None)
+    for key, expected in plain.items():
+        got = fast[key]
+        if expected is None:
+            assert got is None or not got.any(), key
+            continue
+        if key.endswith("to_k.bias"):  # zero, up to rounding, on both paths
+            for g in (got, expected):
+                assert g is None or float(g.abs().max()) <= 1e-5 * largest, key
+            continue
+        assert got is not None, f"{key}: no gradient in eval mode"
+        scale = max(float(expected.abs().max()), 1e-3 * largest)
+        error = float((got - expected).abs().max()) / scale
+        assert error <= 1e-3, (key, error)
