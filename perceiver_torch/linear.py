@@ -33,6 +33,7 @@ This is the ``FastPath.ONEDNN_LINEAR`` fast path (:mod:`perceiver_torch.fast_pat
 
 from __future__ import annotations
 
+import math
 import functools
 import platform
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -331,8 +332,16 @@ def _stamp(t: Tensor) -> Stamp:
     the usual EMA and re-initialisation idioms) do not bump ``p``'s version counter:
     ``.data`` is a tensor of its own for autograd; the samples catch the writes that
     change most of the tensor (one comparison of 64 elements, a few microseconds)."""
-    flat = t.detach().reshape(-1)
-    view = flat[:: max(1, flat.numel() // _STAMP_SAMPLES)]
+    t = t.detach()
+    if t.is_contiguous():
+        flat = t.view(-1)
+        view = flat[:: max(1, flat.numel() // _STAMP_SAMPLES)]
+    else:
+        # A transposed or otherwise strided weight (load_state_dict(assign=True) of a
+        # transposed tensor, a tied weight): reshape would copy it, and a copy does not
+        # see later writes. Slicing every dimension with a step stays a view.
+        per_dim = max(1, math.ceil(_STAMP_SAMPLES ** (1 / t.dim())))
+        view = t[tuple(slice(None, None, max(1, n // per_dim)) for n in t.shape)]
     return t._version, view, view.clone()
 
 
