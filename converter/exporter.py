@@ -80,7 +80,7 @@ def load_float32(path: str | os.PathLike) -> torch.nn.Module:
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     if tensor.dtype in (torch.float16, torch.bfloat16):
         tensor = tensor.float()
-    return tensor.contiguous().numpy()
+    return tensor.detach().contiguous().numpy()  # an nn.Parameter requires grad
 
 
 @dataclass

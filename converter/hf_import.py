@@ -118,7 +118,7 @@ def _to_numpy(tensor: Any, stored: Set[str]) -> np.ndarray:
         narrow = stored_as.dtype in (torch.float16, torch.bfloat16)
         if narrow or not torch.equal(tensor.to(stored_as.dtype), stored_as):
             stored.add(str(stored_as.dtype).replace("torch.", ""))
-    return tensor.contiguous().numpy()
+    return tensor.detach().contiguous().numpy()  # an nn.Parameter requires grad
 
 
 def _read_bin(path: Path, stored: Set[str]) -> Dict[str, np.ndarray]:

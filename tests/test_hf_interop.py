@@ -290,6 +290,43 @@ def test_hub_state_dict_imports_to_the_official_model(name, converted, exported,
     assert json.loads(meta["hf_source"])["kind"] == "pytorch_model.bin"
 
 
+def test_weights_saved_as_parameters_import_and_export(converted, exported, tmp_path) -> None:
+    """``torch.save(dict(model.named_parameters()))`` stores nn.Parameters, which
+    require grad: transformers loads such a pytorch_model.bin, and import and inspect
+    ended in "unexpected RuntimeError: Can't call numpy() on Tensor that requires
+    grad". The same for a converted .pt whose tensors are Parameters, exported back."""
+    name = "imagenet_fourier"
+    folder = tmp_path / "params"
+    folder.mkdir()
+    (folder / "config.json").write_text((exported[name] / "config.json").read_text())
+    state = hub_state_dict(converted[name][0], name)
+    wrapped = {k: torch.nn.Parameter(v) if v.is_floating_point() else v
+               for k, v in state.items()}
+    torch.save(wrapped, folder / "pytorch_model.bin")
+    plain = _hub_folder(tmp_path, name, converted, exported, "bin")
+    for source, out in ((folder, "wrapped.safetensors"), (plain, "plain.safetensors")):
+        result = run_cli("convert", source, "-o", tmp_path / out, "-q")
+        assert result.exit_code == 0, result.stderr
+    a, _ = read_checkpoint(tmp_path / "wrapped.safetensors")
+    b, _ = read_checkpoint(tmp_path / "plain.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert run_cli("inspect", folder).exit_code == 0
+    # A converted .pt holding Parameters exports to the official format as well.
+    result = run_cli("convert", converted[name][0], "-o", tmp_path / "params.pt", "-q",
+                     *(f"--config={k}={v}" for k, v in HF_TINY_CONFIGS[name].items()))
+    assert result.exit_code == 0, result.stderr
+    payload = torch.load(tmp_path / "params.pt", weights_only=True)
+    payload["state_dict"] = {k: torch.nn.Parameter(v) if v.is_floating_point() else v
+                             for k, v in payload["state_dict"].items()}
+    torch.save(payload, tmp_path / "params.pt")
+    assert perceiver_torch.load(tmp_path / "params.pt").model_name == name
+    result = run_cli("export", tmp_path / "params.pt", "-o", tmp_path / "back.pickle")
+    assert result.exit_code == 0, result.stderr
+    again = run_cli("export", converted[name][1], "-o", tmp_path / "direct.pickle")
+    assert again.exit_code == 0, again.stderr
+    assert (tmp_path / "back.pickle").read_bytes() == (tmp_path / "direct.pickle").read_bytes()
+
+
 @pytest.mark.jax
 @pytest.mark.parametrize("name", ["language_perceiver", "video_autoencoding"])
 def test_verify_on_an_hf_export(name, exported) -> None:
