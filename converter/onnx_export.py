@@ -21,9 +21,9 @@ lack bfloat16), and the check runs perceiver_torch in float32 too.
 - video_autoencoding: one graph with the subsample indices as inputs: ``images``
   [B, T, 3, H, W], ``audio`` [B, S], ``image_index`` int64 [n] (flat indices over
   T*H*W), ``audio_index`` int64 [m] (audio patches) -> ``image_out`` [B, n, 3],
-  ``audio_out`` [B, 16 m], ``label_logits`` [B, classes]; n and m are dynamic up to
-  the decoder's query
-  chunk (8192 points; the colab's chunks hold 6,272 image points). An index outside
+  ``audio_out`` [B, 16 m], ``label_logits`` [B, classes]; n and m are dynamic (the
+  graph decodes its queries in one chunk, where perceiver_torch takes 8,192 at a
+  time; the colab's chunks hold 6,272 image points). An index outside
   [0, T*H*W) or [0, audio patches) (negative ones too) fails in onnxruntime's Gather; the
   graph cannot raise perceiver_torch's InputError.
 

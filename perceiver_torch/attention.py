@@ -42,6 +42,7 @@ from .fast_paths import AttentionMode, FastPath, enabled
 from .linear import (  # gelu_tanh lives there (fused into Linear.forward_gelu)
     FusedWeights,
     Linear,
+    compiling,
     cpu_prefers_onednn_attention,
     gelu_tanh,
     linears_on_one_input,
@@ -250,7 +251,12 @@ def _attend_explicit(
     logits_dtype = torch.promote_types(q.dtype, torch.float32)
     keys_t = k.reshape(b * h, n, d).transpose(1, 2).to(logits_dtype)  # (BH, D, N)
     values = v.reshape(b * h, n, v.shape[-1])
-    rows = max(1, _MAX_LOGITS_ELEMENTS // max(1, b * h * n))
+    # A recorded graph (torch.jit.trace for ONNX, torch.export, torch.compile) keeps
+    # the chunking of its example's batch: there it depends on one item only, so that
+    # the graph serves other batches (at batch 2 the language model's ONNX graph
+    # failed in onnxruntime, its chunks cut for batch 1).
+    items = 1 if compiling() else b
+    rows = max(1, _MAX_LOGITS_ELEMENTS // max(1, items * h * n))
     outputs = []
     for start in range(0, m, rows):
         q_chunk = q[:, :, start : start + rows].reshape(b * h, -1, d).to(logits_dtype)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import CrossAttentionLayer, PreparedKeys, attend
-from .linear import Linear, linear, linear_gelu
+from .linear import Linear, linear, linear_gelu, recording_graph
 
 # Queries per chunk when decoding long query arrays.
 DEFAULT_QUERY_CHUNK = 8192
@@ -91,7 +91,11 @@ class PerceiverDecoder(nn.Module):
         """Decodes queries (B, M, C_q) chunk by chunk against prepared latents;
         query_mask: (B, M), nonzero = keep. Returns (B, M, output_channels or C_q)."""
         outputs = []
-        size = self.query_chunk_size
+        # A graph recorded by torch.jit.trace (the ONNX export) would keep the chunks
+        # of its example's query count: the video graph, whose query count is an
+        # input, decoded only the first 8,192 queries of a longer subsample (and lost
+        # its label query, the last). It decodes them in one chunk.
+        size = max(1, queries.shape[1]) if recording_graph() else self.query_chunk_size
         for start in range(0, queries.shape[1], size):
             chunk = queries[:, start : start + size]
             mask = None if query_mask is None else query_mask[:, start : start + size]

@@ -824,6 +824,50 @@ def test_jit_trace_and_export_serve_other_inputs(name):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+
+def test_traced_graphs_keep_no_chunking_of_their_example(monkeypatch):
+    """Work split into chunks by the example's size was frozen into a traced graph
+    (the ONNX export traces at batch 1): the full-size language model's attention
+    chunks, cut for one item, failed at batch 2 in onnxruntime, and the video graph
+    decoded only the first 8,192 queries of a longer subsample (its label query, the
+    last, lost). Here chunks far smaller than the tiny models' make both happen."""
+    from perceiver_torch import attention
+
+    monkeypatch.setattr(attention, "_MAX_LOGITS_ELEMENTS", 2048)  # several chunks
+    model = tiny("language_perceiver")
+    example, other = tiny_inputs("language_perceiver", batch=1), \
+        tiny_inputs("language_perceiver", batch=3, seed=1)
+    mask = torch.ones_like(other[0])
+    mask[1, 20:] = 0
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python ints
+        traced = torch.jit.trace(model, example + (torch.ones_like(example[0]),),
+                                 strict=False, check_trace=False)
+        torch.testing.assert_close(traced(other[0], mask), model(other[0], mask),
+                                   rtol=1e-4, atol=1e-5)
+
+    video = tiny("video_autoencoding")
+    video.decoder.query_chunk_size = 50
+
+    class Points(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.video = video
+
+        def forward(self, images, audio, image_index, audio_index):
+            out = self.video(images, audio, {"image": image_index, "audio": audio_index})
+            return out["image"], out["audio"], out["label"]
+
+    images, audio = tiny_inputs("video_autoencoding", batch=1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(Points(), (images, audio, torch.arange(60),
+                                            torch.arange(2)), check_trace=False)
+        longer = (images, audio, torch.arange(7, 140), torch.arange(1, 4))
+        for got, expected in zip(traced(*longer), Points()(*longer)):
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
 def test_build_names_keys_that_are_not_text():
     # Sorting {1, "foo"} raised a TypeError instead of the documented ConfigError.
     with pytest.raises(pt.ConfigError, match="unknown config key.*1, foo"):
