@@ -51,6 +51,7 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
     """
     path = Path(path)
     parent = path.parent
+    refuse_bare_suffix(path)
     _refuse_long_name(path)  # first: stat() of such a name raises ENAMETOOLONG
     _refuse_link_loop(path)
     if not parent.is_dir():
@@ -76,6 +77,26 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
             "writable folder"
         )
     return path
+
+
+# The suffixes this project's outputs are told apart by.
+_OUTPUT_SUFFIXES = frozenset(
+    "safetensors pt pth pickle pkl pystate onnx json npy npz flo png jpg jpeg gif mp4 "
+    "mov mkv webm avi wav".split()
+)
+
+
+def refuse_bare_suffix(path: Union[str, os.PathLike]) -> None:
+    """Refuses an output named only by a suffix (``-o .onnx``): to pathlib it is a
+    hidden file with no suffix, so the format chosen by suffix was not the one named
+    (``export -o .onnx`` wrote a Haiku pickle; ``convert -o .safetensors`` asked for
+    "*.safetensors", the name given). OutputError, exit 2."""
+    name = Path(path).name
+    if name.startswith(".") and name.count(".") == 1 and name[1:].lower() in _OUTPUT_SUFFIXES:
+        raise OutputError(
+            f"cannot write {path}: {name} is a suffix without a name; give a name such as "
+            f"model{name}"
+        )
 
 
 # The longest file name most filesystems take (NAME_MAX), in bytes.

@@ -21,7 +21,7 @@ from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
-from converter.atomic import atomic_write
+from converter.atomic import atomic_write, refuse_bare_suffix
 from converter.errors import CheckpointError, OutputError
 from perceiver_torch.registry import safetensors_name
 
@@ -52,6 +52,7 @@ _NUMPY_TO_TORCH: Mapping[str, torch.dtype] = {
 
 def output_format(path: Path) -> str:
     """``safetensors`` or ``pt`` from the file suffix; anything else is a usage error."""
+    refuse_bare_suffix(path)  # ".pt" has no suffix to pathlib
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         return "safetensors"

@@ -426,9 +426,10 @@ def _output_option(
             ctx=ctx,
             param=param,
         )
-    from converter.atomic import refuse_special_file
+    from converter.atomic import refuse_bare_suffix, refuse_special_file
 
     try:
+        refuse_bare_suffix(value)
         # Also where -o is only the stem of the names written (flow's /dev/null.flo).
         refuse_special_file(value)
     except ConverterError as error:

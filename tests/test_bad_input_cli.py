@@ -1678,3 +1678,24 @@ def test_names_with_terminal_controls_are_shown_escaped(tmp_path):
         assert "\\x1b" in printed[-1] or "\\r\\u202e" in printed[-1], printed[-1]
     for text in printed:
         assert not set(text) & set("\x1b\x07\r\u202e"), text
+
+
+def test_an_output_named_only_by_a_suffix_is_refused(work, monkeypatch):
+    """To pathlib ".onnx" is a hidden file with no suffix: `export -o .onnx` wrote a
+    Haiku pickle under that name (exit 0), and `convert -o .safetensors` asked for
+    "*.safetensors", the very name given."""
+    monkeypatch.chdir(work)
+    before = snapshot(work)
+    for args in (("export", "fourier.safetensors", "-o", ".onnx"),
+                 ("convert", "fourier.pickle", "-o", ".safetensors"),
+                 ("fixture", "imagenet_conv", "-o", ".pickle"),
+                 ("run", "classify", "fourier.safetensors", "fourier.pickle", "--npz",
+                  "-o", ".npz")):
+        result = run_cli(*args)
+        assert_clean_error(result, 2, f"{args[-1]} is a suffix without a name",
+                           f"such as model{args[-1]}")
+    with pytest.raises(OutputError, match="suffix without a name"):
+        converter.convert("fourier.pickle", ".pt")
+    assert snapshot(work) == before
+    # A hidden file with a name and a suffix is a name like any other.
+    assert run_cli("export", "fourier.safetensors", "-o", ".hidden.pickle").exit_code == 0
