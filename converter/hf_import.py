@@ -331,6 +331,17 @@ def looks_like_another_project(source: HFSource) -> bool:
     )
 
 
+def names_another_model(source: HFSource) -> bool:
+    """Whether a HuggingFace folder's config.json is another model's (a BERT folder:
+    ``model_type`` other than ``perceiver``) and no tensor has transformers'
+    ``perceiver.`` prefix."""
+    config = source.config or {}
+    return (
+        config.get("model_type") not in (None, "perceiver")
+        and not any(name.startswith("perceiver.") for name in source.tensors)
+    )
+
+
 def another_project_message(source: HFSource) -> str:
     """What such a file is, and what the commands take instead."""
     what = "safetensors" if source.kind == "safetensors" else "torch.save"

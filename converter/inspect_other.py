@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from converter.terminal import echo
 
@@ -134,7 +134,12 @@ def _describe_converted(path: Path) -> Dict[str, Any]:
 
 def _describe_hf(path: Path) -> Dict[str, Any]:
     from converter.errors import ConverterError
-    from converter.hf_import import detect_model, looks_like_another_project, read_hf
+    from converter.hf_import import (
+        detect_model,
+        looks_like_another_project,
+        names_another_model,
+        read_hf,
+    )
 
     source = read_hf(path)
     import torch
@@ -147,6 +152,10 @@ def _describe_hf(path: Path) -> Dict[str, Any]:
         model, problem = None, str(error)
     if problem is not None and looks_like_another_project(source):
         return _describe_another_projects(path, source, rows)
+    if problem is not None and names_another_model(source):
+        for named in (path, source.path):  # the report names the path itself
+            problem = problem.removeprefix(f"{named}: ")
+        return _describe_another_projects(path, source, rows, problem)  # its config's words
     folder = path if path.is_dir() else path.parent
     fidelity = folder / "fidelity.json"
     document = {
@@ -170,11 +179,12 @@ def _describe_hf(path: Path) -> Dict[str, Any]:
     return _mark_nonfinite(document)
 
 
-def _describe_another_projects(path: Path, source: Any, rows: List[Dict[str, Any]]
-                               ) -> Dict[str, Any]:
-    """A safetensors (or torch.save) file of some other project: its tensors are
-    listed, and, as for any other file that is not a checkpoint of ours or an
-    official one, the verdict is exit 3."""
+def _describe_another_projects(path: Path, source: Any, rows: List[Dict[str, Any]],
+                               error: Optional[str] = None) -> Dict[str, Any]:
+    """A safetensors (or torch.save) file of some other project (or a folder of another
+    transformers model, ``error`` then saying which): its tensors are listed, and, as
+    for any other file that is not a checkpoint of ours or an official one, the
+    verdict is exit 3."""
     from converter.hf_import import another_project_message
 
     what = "safetensors" if source.kind == "safetensors" else "torch.save"
@@ -185,7 +195,7 @@ def _describe_another_projects(path: Path, source: Any, rows: List[Dict[str, Any
         "label": f"another project's {what} file",
         "ok": False,
         "exit_code": 3,
-        "error": another_project_message(source),
+        "error": error or another_project_message(source),
         "sha256": source.sha256,
         "metadata": {k: _json_or_text(v) for k, v in source.metadata.items()},
         "totals": _totals(rows),

@@ -148,6 +148,33 @@ def test_inspect_broken_files(tmp_path, data, message):
     assert document["exit_code"] == 3
 
 
+
+def test_inspect_labels_another_transformers_models_folder_and_exits_3(tmp_path):
+    """A transformers folder of another model (a BERT: config.json beside its
+    weights) was described as a HuggingFace Perceiver folder with a "problem" line,
+    exit 0, where the same weights without the config.json are another project's
+    file (exit 3, as `inspect --help` says)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "bert"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "bert", "architectures": ["BertModel"], "hidden_size": 32}))
+    rng = np.random.default_rng(0)
+    save_file({"embeddings.word_embeddings.weight": rng.random((10, 4), np.float32),
+               "encoder.layer.0.output.dense.bias": rng.random(4, np.float32)},
+              str(folder / "model.safetensors"))
+    for path in (folder, folder / "model.safetensors"):
+        result = run_cli("inspect", path)
+        assert result.exit_code == 3, result.output
+        assert result.stdout.startswith(f"{path}  (another project's safetensors file)\n")
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"error: {path}: config.json names architecture(s) "
+                               '"BertModel"; this converter reads Perceiver'), line
+        document = json.loads(run_cli("inspect", "--json", path).stdout)
+        assert document["kind"] == "other" and document["exit_code"] == 3
+
 def test_inspect_labels_another_projects_safetensors_and_exits_3(tmp_path):
     """A safetensors (or torch.save) file of some other project is neither a
     converted file nor a HuggingFace Perceiver checkpoint: inspect lists its tensors
