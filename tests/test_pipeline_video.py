@@ -688,3 +688,65 @@ def test_channels_first_torch_and_non_numeric_sound(model):
     for bad in ((c for c in "ab"), iter([True, False]), iter([1j, 2j])):
         with pytest.raises(InputError, match="audio samples must be numbers"):
             pipeline.load_audio(frames, bad, [])
+
+
+@pytest.mark.parametrize("pix_fmt", ["yuv420p", "yuv420p10le"])
+def test_video_frames_are_the_colabs_readers_pixels(tmp_path, pix_fmt):
+    """The colab reads frames with cv2.VideoCapture (libswscale to BGR24, bicubic).
+    PyAV's default conversion (RGB24, bilinear) gave the same pixels for 8-bit
+    video only: a 10-bit clip (phones' HDR video, HEVC, AV1) reached the model up to
+    47 levels off. Frames must equal OpenCV's, channels swapped, exactly."""
+    from fractions import Fraction
+
+    from perceiver_torch.pipelines.media import iter_video_frames
+
+    rng = np.random.default_rng(3)
+    path = tmp_path / f"clip_{pix_fmt}.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(25))
+        stream.width, stream.height = 64, 48
+        try:
+            stream.pix_fmt = pix_fmt
+            for _ in range(3):
+                smooth = cv2.resize(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8),
+                                    (64, 48), interpolation=cv2.INTER_CUBIC)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(smooth, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode(None):
+                container.mux(packet)
+        except (av.error.FFmpegError, ValueError) as error:
+            pytest.skip(f"this PyAV's libx264 cannot encode {pix_fmt} ({error})")
+    capture = cv2.VideoCapture(str(path))
+    colab = []
+    while True:
+        ok, bgr = capture.read()
+        if not ok:
+            break
+        colab.append(bgr[:, :, ::-1])
+    capture.release()
+    if not colab:
+        pytest.skip("this OpenCV cannot read the clip")
+    ours = list(iter_video_frames(path))
+    assert len(ours) == len(colab) == 3
+    for got, expected in zip(ours, colab):
+        assert got.dtype == np.uint8 and np.array_equal(got, expected)
+
+
+def test_sound_files_are_read_as_the_colabs_16_bit_wav(tmp_path):
+    """The colab's `ffmpeg -i VIDEO -c copy -f wav -map 0:a pcm_f32le -ar 48000
+    output.wav` takes pcm_f32le for a file name: output.wav is the WAV default, 16-bit
+    PCM, which the colab reads as x / 2**15. So the model's sound is rounded to 16
+    bits and clipped, where the pipeline fed the decoded floats (a loud track's
+    samples beyond full scale, up to 0.98 apart)."""
+    rng = np.random.default_rng(4)
+    sound = np.concatenate([rng.uniform(-0.6, 0.6, 4000), rng.uniform(-1.4, 1.4, 4000),
+                            [1.0, -1.0, 0.5 / 32768, 1.5 / 32768, 32767.5 / 32768]])
+    sound = sound.astype(np.float32)
+    (tmp_path / "f.wav").write_bytes(encode_wav(sound, 48000))
+    samples, rate, channels = read_audio(tmp_path / "f.wav", 48000)  # no resampling
+    assert (rate, channels) == (48000, 1)
+    # Independent: IEEE round-half-to-even to int16 (FFmpeg's lrintf), clipped.
+    expected = np.clip(np.rint(sound.astype(np.float64) * 32768), -32768, 32767) / 32768
+    assert samples.dtype == np.float32
+    assert np.array_equal(samples, expected.astype(np.float32))
+    assert samples[-3:].tolist() == [0.0, 2 / 32768, 32767 / 32768]  # ties to even; clip

@@ -163,12 +163,22 @@ def iter_video_frames(path: PathLike, max_frames: Optional[int] = None) -> Itera
             for frame in container.decode(stream):
                 if max_frames is not None and count >= max_frames:
                     return
-                yield _upright(frame.to_ndarray(format="rgb24"), frame)
+                yield _upright(_rgb24(frame), frame)
                 count += 1
         except av.error.FFmpegError as error:
             raise InputError(f"{path}: the video cannot be decoded ({error})") from None
         if count == 0:
             raise InputError(f"{path} has a video stream without frames")
+
+
+def _rgb24(frame: Any) -> np.ndarray:
+    """A decoded frame as (H, W, 3) uint8 RGB, converted as the colab's reader
+    (``cv2.VideoCapture``) converts it: libswscale to BGR24 with bicubic filtering,
+    then the channels swapped. PyAV's default (RGB24, bilinear) gives the same pixels
+    for 8-bit video, but for 10-bit video (phones' HDR clips, HEVC, AV1, VP9 profile
+    2) it is up to 47 levels off, 2.5 on average, biased darker in red and blue."""
+    bgr = frame.to_ndarray(format="bgr24", interpolation="BICUBIC")
+    return np.ascontiguousarray(bgr[:, :, ::-1])
 
 
 def _upright(array: np.ndarray, frame: Any) -> np.ndarray:
@@ -186,8 +196,9 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
     Decoded and, if needed, resampled with FFmpeg's libswresample (PyAV's
     ``AudioResampler``: windowed-sinc polyphase filter, FFmpeg's defaults), the
     resampler the colab's ``ffmpeg -ar 48000`` uses; every channel is resampled and
-    the first one kept (the colab's ``audio[..., 0:1]``), never a down-mix. Integer
-    samples become float by FFmpeg's conversion (int16: x / 32768, as the colab).
+    the first one kept (the colab's ``audio[..., 0:1]``), never a down-mix. The
+    samples are 16-bit, as in the WAV file the colab's command writes (rounded, and
+    clipped to [-1, 32767/32768]), read as the colab does: x / 32768.
 
     Returns (audio float32 (S,), source sample rate, source channel count).
 
@@ -206,8 +217,12 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
         stream = container.streams.audio[0]
         source_rate = int(stream.rate or stream.codec_context.sample_rate)
         channels = int(stream.codec_context.channels)
-        # format only; the layout stays the source's so that channel 0 is kept as is.
-        resampler = av.AudioResampler(format="fltp", rate=int(sample_rate))
+        # 16-bit samples, as the colab's command writes them: its `ffmpeg ... -c copy -f
+        # wav -map 0:a pcm_f32le -ar 48000 output.wav` takes pcm_f32le for a file name,
+        # so output.wav gets the WAV default, 16-bit PCM (hence the colab's int16
+        # branch); louder-than-full-scale samples are clipped there. The layout stays
+        # the source's so that channel 0 is kept as is.
+        resampler = av.AudioResampler(format="s16p", rate=int(sample_rate))
         # The first second of channel 0 at the source rate, for a sound too short
         # for the resampler (below); the format only: no delay.
         to_float = av.AudioResampler(format="fltp")
@@ -224,6 +239,7 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
                     head.extend(out.to_ndarray()[0] for out in to_float.resample(frame))
             for out in resampler.resample(None):
                 pieces.append(out.to_ndarray()[0])
+            pieces = [piece.astype(np.float32) / 32768 for piece in pieces]
             head.extend(out.to_ndarray()[0] for out in to_float.resample(None))
         except av.error.FFmpegError as error:
             raise InputError(f"{path}: the sound cannot be decoded ({error})") from None
@@ -239,7 +255,8 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
     wanted = max(1, decoded * int(sample_rate) // source_rate)
     if len(audio) < wanted and decoded <= source_rate:
         audio = _resample_padded(np.concatenate(head), source_rate, int(sample_rate))
-        audio = audio[:wanted]
+        # To 16 bits as above (FFmpeg's conversion: rounded to nearest even, clipped).
+        audio = np.clip(np.rint(audio[:wanted] * 32768), -32768, 32767) / 32768
     return audio.astype(np.float32), source_rate, channels
 
 

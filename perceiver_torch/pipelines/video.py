@@ -4,14 +4,16 @@ and the top-k Kinetics-700 labels of each clip.
 
 The colab's procedure (:class:`AutoencodePipeline`):
 
-1. Frames decoded in order (PyAV; the colab uses OpenCV's reader, both FFmpeg), each
-   centre-square-cropped as the colab's ``crop_center_square`` (side = min(H, W),
+1. Frames decoded in order (PyAV; the colab uses OpenCV's reader, both FFmpeg) and
+   converted to 8-bit RGB as that reader converts them (bicubic libswscale to BGR,
+   channels swapped: the same pixels for 10-bit video too), each centre-square-cropped as the colab's ``crop_center_square`` (side = min(H, W),
    origin ``(W // 2) - (side // 2)``, the same for H) and resized to the model's size
    (224x224) with ``cv2.resize``'s default INTER_LINEAR, then RGB / 255 (float64,
    given to the model as float32) (:func:`preprocess_frame`).
 2. Sound from the video's first sound track or from a separate file (``audio=``),
-   first channel, float in [-1, 1], resampled with FFmpeg's libswresample to the
-   model's rate when it differs (:func:`~.media.read_audio`). The rate is the model's
+   first channel, resampled with FFmpeg's libswresample to the model's rate when it
+   differs, as 16-bit samples / 32768, as the colab's 16-bit WAV holds them
+   (:func:`~.media.read_audio`; sound given as an array is taken as it is). The rate is the model's
    samples per frame x 25 frames/s: 1920 x 25 = 48 kHz officially (the colab's
    ``48000 // 25``); tiny test models with 64 samples per frame run at 1600 Hz.
 3. Consecutive clips of ``num_frames`` frames (16) and ``num_frames x 1920`` samples,
