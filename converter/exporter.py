@@ -24,6 +24,7 @@ from converter.mapping import (
     available_mappings,
     invert_arrays,
     load_mapping,
+    override_text,
     plan_inverse,
     unflatten_tree,
 )
@@ -88,7 +89,9 @@ class HaikuArrays:
     """A converted file mapped back to the official Haiku names (nothing written yet).
 
     ``flat``: ``{"module/param": array}`` and ``{"state:module/param": array}``;
-    ``config``: the converted file's perceiver_torch config (a plain dict).
+    ``config``: the converted file's perceiver_torch config (a plain dict);
+    ``not_held``: :func:`settings_not_held` of ``flat`` (what an official-format file
+    of these arrays cannot say; a transformers config holds it).
     """
 
     model: str
@@ -98,6 +101,7 @@ class HaikuArrays:
     layout: str
     exact: bool
     notes: list
+    not_held: Dict[str, tuple]
 
 
 def converted_to_haiku(
@@ -178,7 +182,36 @@ def converted_to_haiku(
     arrays = {key: _to_numpy(tensor) for key, tensor in state_dict.items()}
     flat = invert_arrays(table, arrays, dropped)
     layout = spec.source.get("layout", "params")
-    return HaikuArrays(model, config, flat, metadata, layout, exact, notes)
+    return HaikuArrays(model, config, flat, metadata, layout, exact, notes,
+                       settings_not_held(spec, flat, config))
+
+
+def not_held_note(lost: Dict[str, tuple]) -> str:
+    """The note of an official-format export whose model the file cannot describe
+    (:func:`settings_not_held`), with the ``--config`` that converts it back."""
+    held = override_text({key: value for key, (value, _) in lost.items()})
+    back = override_text({key: again for key, (_, again) in lost.items()})
+    flags = " ".join(f"--config {override_text({key: value})}"
+                     for key, (value, _) in lost.items())
+    return (
+        f"the official format cannot hold {held} (no array's shape reveals it): the "
+        f"export converts back as {back} unless converted with {flags}"
+    )
+
+
+def settings_not_held(
+    spec: Any, flat: Dict[str, np.ndarray], config: Dict[str, Any]
+) -> Dict[str, tuple]:
+    """``{key: (the file's value, what converting ``flat`` back resolves)}`` for the
+    configuration values an official-format file cannot hold: a model converted with
+    ``--config num_self_attention_heads=2`` (or imported from a transformers model of
+    another size) exports arrays that convert back with the official value."""
+    again = spec.resolve_config({k: tuple(np.shape(v)) for k, v in flat.items()}).values
+    return {
+        key: (value, again[key])
+        for key, value in config.items()
+        if key in again and _as_tuple(again[key]) != _as_tuple(value)
+    }
 
 
 def export(
@@ -211,7 +244,8 @@ def export(
         container=container,
         overwrite=overwrite,
     )
-    return ExportResult(haiku.model, Path(out), len(haiku.flat), haiku.exact, haiku.notes)
+    notes = haiku.notes + ([not_held_note(haiku.not_held)] if haiku.not_held else [])
+    return ExportResult(haiku.model, Path(out), len(haiku.flat), haiku.exact, notes)
 
 
 def nonfinite_count(tensor: torch.Tensor) -> int:

@@ -144,6 +144,33 @@ def test_export_of_half_precision_is_flagged_inexact(tmp_path):
     assert "float16" in result.stderr
 
 
+
+def test_export_names_settings_the_official_format_cannot_hold(tmp_path):
+    """A model converted with --config num_self_attention_heads=2 exported as "exact"
+    and converted back silently with the official 8 heads (logits 0.44 apart): the
+    arrays are exact, the model they make is not. The export now says which settings
+    the file cannot hold and the --config that gives the model back."""
+    source = tmp_path / "fourier.pickle"
+    write_fixture("imagenet_fourier", source, size="tiny", seed=6)
+    two = tmp_path / "two.safetensors"
+    assert run_cli("convert", source, "-o", two, "-q",
+                   "--config", "num_self_attention_heads=2").exit_code == 0
+    result = run_cli("export", two, "-o", tmp_path / "two.pickle", "--json")
+    assert result.exit_code == 0, result.stderr
+    flag = "--config num_self_attention_heads=2"
+    (note,) = [n for n in json.loads(result.stdout)["notes"] if "cannot hold" in n]
+    assert "converts back as num_self_attention_heads=8" in note and note.endswith(flag)
+    assert flag in result.stderr
+    for args, heads in (((), 8), (flag.split(), 2)):
+        back = tmp_path / f"back{heads}.safetensors"
+        assert run_cli("convert", tmp_path / "two.pickle", "-o", back, "-q", *args) \
+            .exit_code == 0
+        assert perceiver_torch.load(back).config.num_self_attention_heads == heads
+    # The official settings (here the tiny preset's) need no note.
+    assert run_cli("convert", source, "-o", tmp_path / "plain.safetensors", "-q").exit_code == 0
+    result = run_cli("export", tmp_path / "plain.safetensors", "-o", tmp_path / "p.pickle")
+    assert result.exit_code == 0 and "cannot hold" not in result.stderr
+
 def test_export_of_a_file_converted_with_another_mapping_is_not_called_exact(tmp_path):
     """A mapping of one's own that swaps two same-shaped tensors (the self-attention
     blocks' two LayerNorms) passes every shape check: exporting through the bundled
