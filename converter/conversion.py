@@ -562,8 +562,10 @@ def convert(
     else:
         progress(f"reading {path}")
         checkpoint = load_haiku_checkpoint(path)
+    # A transformers checkpoint (convert_hf) is no pickle: it names no globals.
+    kind = f"protocol {checkpoint.protocol}" if checkpoint.globals else "no pickle"
     progress(
-        f"read {checkpoint.size_bytes / 1e6:.1f} MB, protocol {checkpoint.protocol}, "
+        f"read {checkpoint.size_bytes / 1e6:.1f} MB, {kind}, "
         f"sha256 {checkpoint.sha256[:16]}..."
     )
     prepared = prepare(checkpoint, model, config=config, mapping=mapping)

@@ -292,6 +292,8 @@ def read_converted(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]
         hint = _transformers_checkpoint_hint(path)
         if hint is not None:
             raise CheckpointError(f"{path}: {hint}") from None
+        if "perceiver-convert" in str(error):  # it says what the file is, and the fix
+            raise CheckpointError(str(error)) from None
         raise CheckpointError(
             f"{error}; was it written by `perceiver-convert convert`?"
         ) from None

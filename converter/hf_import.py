@@ -145,12 +145,19 @@ def _read_bin(path: Path, stored: Set[str]) -> Dict[str, np.ndarray]:
             f"{path}: not a readable PyTorch state dict ({type(error).__name__}: "
             f"{str(error)[:200]})"
         ) from None
-    if not isinstance(payload, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in payload.values()
-    ):
+    if not isinstance(payload, Mapping):
         raise CheckpointError(
             f"{path}: expected a state dict (a mapping of names to tensors), got "
             f"{type(payload).__name__}"
+        )
+    other = next((k for k, v in payload.items() if not isinstance(v, torch.Tensor)), None)
+    if other is not None:
+        # A training checkpoint ({"state_dict": {...}, "optimizer": ...}) most often.
+        raise CheckpointError(
+            f"{path}: expected a state dict (a mapping of names to tensors), but its "
+            f"{str(other)!r} holds a {type(payload[other]).__name__}, not a tensor; if "
+            "the state dict is nested in it, save that alone (torch.save(checkpoint"
+            f"[{str(other)!r}], 'pytorch_model.bin'))"
         )
     return {str(k): _to_numpy(v, stored) for k, v in payload.items()}
 

@@ -327,6 +327,32 @@ def test_weights_saved_as_parameters_import_and_export(converted, exported, tmp_
     assert (tmp_path / "back.pickle").read_bytes() == (tmp_path / "direct.pickle").read_bytes()
 
 
+def test_import_and_export_messages_say_what_the_file_is(converted, exported, tmp_path):
+    """Three misleading lines: an import's progress claimed a pickle protocol (0) for
+    a safetensors file; a training checkpoint's {"state_dict": {...}} was "expected
+    a state dict ..., got dict"; and exporting an official pickle named it and the
+    command to convert it, then asked "was it written by `perceiver-convert
+    convert`?"."""
+    name = "imagenet_fourier"
+    result = run_cli("convert", exported[name], "-o", tmp_path / "back.safetensors")
+    assert result.exit_code == 0, result.stderr
+    assert "no pickle, sha256" in result.stderr and "protocol" not in result.stderr
+    official = run_cli("convert", converted[name][0], "-o", tmp_path / "o.safetensors")
+    assert "protocol 3, sha256" in official.stderr  # a pickle's is named
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / "config.json").write_text((exported[name] / "config.json").read_text())
+    torch.save({"state_dict": hub_state_dict(converted[name][0], name), "epoch": 3},
+               nested / "pytorch_model.bin")
+    result = run_cli("convert", nested, "-o", tmp_path / "n.safetensors")
+    assert result.exit_code == 3, result.stderr
+    assert "but its 'state_dict' holds a dict, not a tensor" in result.stderr
+    assert "torch.save(checkpoint['state_dict'], 'pytorch_model.bin')" in result.stderr
+    result = run_cli("export", converted[name][0], "-o", tmp_path / "x.onnx")
+    assert result.exit_code == 3 and "this is an official Haiku checkpoint" in result.stderr
+    assert "was it written by" not in result.stderr
+
+
 @pytest.mark.jax
 @pytest.mark.parametrize("name", ["language_perceiver", "video_autoencoding"])
 def test_verify_on_an_hf_export(name, exported) -> None:
