@@ -293,8 +293,9 @@ def load_rgb(image: ImageInput, notes: Optional[List[str]] = None) -> np.ndarray
 
     * a path: read with Pillow; EXIF orientation applied; greyscale repeated to 3
       channels; palette expanded (with its transparency); alpha and a greyscale or
-      RGB file's colour key (PNG's tRNS) composited over white; 16-bit greyscale reduced by round(x / 257) (16-bit RGB files: Pillow
-      reduces them itself, keeping the high byte).
+      RGB file's colour key (PNG's tRNS) composited over white; 16-bit greyscale
+      reduced by round(x / 257) (16-bit RGB files: Pillow reduces them itself,
+      keeping the high byte).
     * a PIL image: the same, without reading.
     * a numpy array (H, W[, C]) with C in 1, 3, 4: uint8, uint16 (round(x / 257)) or
       float on the 0..255 scale.
