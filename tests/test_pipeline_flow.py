@@ -571,6 +571,41 @@ def test_run_flow_refuses_an_animated_webp_or_apng_among_frames(
     assert _listing(tmp_path) == before
 
 
+def test_run_flow_reads_a_tiff_with_a_damaged_page_list(tmp_path, flow_checkpoint):
+    """A one-page TIFF whose next-page pointer points past the file's end: counting
+    its pages (to refuse a multi-page TIFF) raised TypeError, "unexpected ... please
+    report it", where classify reads it. Its one picture is the frame."""
+    import io
+
+    a, b = _frames(tmp_path)
+    buffer = io.BytesIO()
+    Image.open(b).save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    entries = struct.unpack_from("<H", data, ifd)[0]
+    struct.pack_into("<I", data, ifd + 2 + 12 * entries, len(data) + 1000)
+    damaged = tmp_path / "damaged.tif"
+    damaged.write_bytes(bytes(data))
+    for second, out in ((b, "plain.npy"), (damaged, "damaged.npy")):
+        result = run_cli("run", "flow", flow_checkpoint, a, second, "--npy", "-o",
+                         tmp_path / out)
+        assert result.exit_code == 0, result.stderr
+    assert np.array_equal(np.load(tmp_path / "plain.npy"), np.load(tmp_path / "damaged.npy"))
+
+
+def test_run_flow_names_the_frame_whose_pixels_are_refused(tmp_path, flow_checkpoint):
+    values = np.full((40, 56), 100.0, np.float32)
+    values[3, 4] = np.nan
+    frames = [tmp_path / f"f{i}.tif" for i in range(3)]
+    for i, frame in enumerate(frames):
+        Image.fromarray(values if i == 1 else np.full((40, 56), 90.0, np.float32),
+                        mode="F").save(frame)
+    result = run_cli("run", "flow", flow_checkpoint, *frames, "--npz", "-o",
+                     tmp_path / "f.npz")
+    assert result.exit_code == 3
+    assert f"error: {frames[1]}: the image has 1 non-finite value(s)" in result.stderr
+
+
 @pytest.fixture
 def pipes(tmp_path):
     """``pipe(name, data)``: a named pipe that gives ``data`` to its first reader and
@@ -625,6 +660,12 @@ def test_run_flow_reads_frames_from_pipes(tmp_path, flow_checkpoint, pipes):
     assert result.exit_code == 3, result.stderr
     assert "is not a regular file (a pipe" in result.stderr and "save it to a file" \
         in result.stderr
+    # Without -o the results go beside the first input: not beside a pipe (they were
+    # computed, then "writing /dev/fd/63.flow.flo failed").
+    piped = [pipes(f"again{i}", frame.read_bytes()) for i, frame in enumerate((a, b))]
+    result = run_cli("run", "flow", flow_checkpoint, *piped)
+    assert result.exit_code == 2, result.stderr
+    assert "is not a file (a pipe?)" in result.stderr and "give -o OUT" in result.stderr
 
 
 @pytest.mark.parametrize("suffix, container", [(".ts", "mpegts"), (".3gp", "3gp")])

@@ -22,6 +22,7 @@ Results are (H, W, 2) float32 arrays in pixels, u (+x right) then v (+y down).
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,6 +291,12 @@ def _output_base(inputs: Sequence[str], options: RunOptions) -> Tuple[Path, str]
     first = Path(inputs[0])
     out = options.output
     if out is None:
+        if first.exists() and not first.is_file():
+            # <(cat a.png) is /dev/fd/63: "beside the first input" is no place to write.
+            raise usage_error(
+                f"{first} is not a file (a pipe?): there is no folder beside it to write "
+                "the results in; give -o OUT (a name, or a folder)"
+            )
         return first.with_name(first.stem + ".flow"), ".mp4"
     if out.is_dir():
         return out / (first.stem + ".flow"), ".mp4"
@@ -471,9 +478,11 @@ def _still_frame(path: str, notes: List[str]) -> np.ndarray:
             return
         try:
             count = int(getattr(opened, "n_frames", 1))
-            opened.seek(0)
-        except (OSError, ValueError, SyntaxError, EOFError):
-            return  # a damaged file: decoding its first picture says what is wrong
+        except Exception:  # noqa: BLE001 - Pillow raises many types for a bad page list
+            count = 1  # a damaged list of pages: its first picture is read
+        finally:
+            with contextlib.suppress(Exception):
+                opened.seek(0)  # counting went through the pages
         if count > 1:
             advice = (
                 "give it alone for the flow of its frames, or give still frames"
@@ -484,7 +493,12 @@ def _still_frame(path: str, notes: List[str]) -> np.ndarray:
             error.exit_code = 2
             raise error
 
-    rgb = read_image_file(path, notes, check=refuse_several_pictures)
+    try:
+        rgb = read_image_file(path, notes, check=refuse_several_pictures)
+    except InputError as error:
+        if str(path) in str(error):
+            raise
+        raise InputError(f"{path}: {error}") from None  # its pixels (NaN): which frame
     return rgb if rgb.dtype == np.uint8 else rgb.astype(np.float64)
 
 
