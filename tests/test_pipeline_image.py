@@ -252,6 +252,52 @@ def test_a_colour_key_is_transparent_over_white(tmp_path, kind):
     assert np.array_equal(load_rgb(path), expected)
 
 
+
+def _png(width: int, bit_depth: int, colour_type: int, row: bytes, trns: bytes) -> bytes:
+    """A one-row PNG written from the specification (Pillow cannot write every depth)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, 1, bit_depth, colour_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tRNS", trns)
+            + chunk(b"IDAT", zlib.compress(b"\x00" + row)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("bits, row, width, key, expected", [
+    (1, bytes([0b01000000]), 2, 0, [255, 255]),          # black keyed; white stays
+    (2, bytes([0b00011011]), 4, 1, [0, 255, 170, 255]),  # level 1 of 3 (85) keyed
+    (4, bytes([0x05, 0xF0]), 4, 5, [0, 255, 255, 0]),    # level 5 of 15 (85) keyed
+    (8, bytes([44, 200]), 2, 300, [44, 200]),            # a key no pixel can have
+])
+def test_a_low_bit_greyscale_colour_key_is_read_at_its_depth(tmp_path, bits, row, width,
+                                                             key, expected):
+    """Pillow scales 1-, 2- and 4-bit grey up to 0..255 but keeps the key as stored:
+    compared with the scaled pixels, it whitened none (or, out of range, the wrong
+    ones: key 300 whitened grey 44, its low byte)."""
+    import struct
+
+    path = tmp_path / "grey.png"
+    path.write_bytes(_png(width, bits, 0, row, struct.pack(">H", key)))
+    assert load_rgb(path)[0, :, 0].tolist() == expected
+
+
+def test_a_16_bit_rgb_colour_key_is_not_applied_to_other_pixels(tmp_path):
+    """Pillow reads a 16-bit RGB PNG as 8 bits but keeps its 16-bit key: compared
+    with the 8-bit pixels, key (0, 0, 300) whitened the pixel (0, 0, 11308), whose
+    high byte is 44, its low byte. The key cannot be applied at 8 bits: a note."""
+    import struct
+
+    path = tmp_path / "rgb16.png"
+    row = struct.pack(">6H", 0, 0, 300, 0, 0, 11308)
+    path.write_bytes(_png(2, 16, 2, row, struct.pack(">3H", 0, 0, 300)))
+    notes: list = []
+    assert load_rgb(path, notes=notes).tolist() == [[[0, 0, 1], [0, 0, 44]]]
+    assert len(notes) == 1 and "colour key (transparency) was not applied" in notes[0]
+
 def _jpeg_with_damaged_exif(path, orientation: int = 6) -> np.ndarray:
     """A JPEG whose EXIF block points its first directory past its own end (Pillow
     warns "Corrupt EXIF data" when it opens it, and reads no tags)."""

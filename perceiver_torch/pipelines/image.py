@@ -165,17 +165,69 @@ def _from_array(array: np.ndarray, notes: Optional[List[str]] = None) -> np.ndar
     return np.ascontiguousarray(array)
 
 
-def _from_pil(image: Any, notes: Optional[List[str]] = None) -> np.ndarray:
-    """A PIL image -> (H, W, 3) uint8 (see :func:`load_rgb`)."""
+def _from_pil(
+    image: Any, notes: Optional[List[str]] = None, rawmode: Optional[str] = None
+) -> np.ndarray:
+    """A PIL image -> (H, W, 3) uint8 (see :func:`load_rgb`). ``rawmode``: how the
+    file stores its pixels (``"L;4"``, ``"RGB;16B"``, ...), read before they were
+    decoded (:func:`_stored_rawmode`); it says how to read a colour key."""
     from PIL import ImageOps
 
+    key = _colour_key(image, rawmode or _stored_rawmode(image), notes)
     with pillow_warnings_as_notes(notes):
         image = ImageOps.exif_transpose(image)
+    rgb = _decoded_rgb(image, notes)
+    if key is not None:
+        # Fully transparent over white: white (PNG's colour key is all-or-nothing).
+        values = np.asarray(image.convert("L") if image.mode == "1" else image)
+        keyed = np.all(values == np.asarray(key), axis=-1) if values.ndim == 3 \
+            else values == key
+        rgb = np.array(rgb)  # writable
+        rgb[keyed] = 255
+    return rgb
+
+
+# How a PNG's colour key (tRNS of a greyscale or RGB file) reads against the decoded
+# pixels, by the file's raw mode: Pillow keeps the key as stored, but scales 1-, 2- and
+# 4-bit greyscale up to 0..255 (1 -> 255, 85, 17). 16-bit greyscale stays 16-bit
+# (mode I;16), as its key.
+_KEY_SCALE = {"1": 255, "L;2": 85, "L;4": 17, "L": 1, "RGB": 1, "I;16B": 1, "I;16": 1}
+
+
+def _stored_rawmode(image: Any) -> Optional[str]:
+    """The raw mode of an image not decoded yet (its first tile's), else None."""
+    tile = getattr(image, "tile", None)
+    if not tile:
+        return None
+    args = tile[0][3] if len(tile[0]) > 3 else None
+    return args if isinstance(args, str) else None
+
+
+def _colour_key(image: Any, rawmode: Optional[str], notes: Optional[List[str]]) -> Any:
+    """The colour key of a greyscale or RGB image in its decoded pixels' values (an int,
+    or an (R, G, B) tuple), or None: none, or one that cannot be applied (a 16-bit RGB
+    PNG, whose pixels Pillow reduces to 8 bits but not its key; noted)."""
+    key = image.info.get("transparency")
+    if key is None or not (image.mode in ("1", "L", "RGB", "I") or image.mode.startswith("I;16")):
+        return None
+    if rawmode is None:
+        # Decoded already (a PIL image given to the pipeline): taken at its mode's
+        # plain depth, as Pillow's own convert("RGBA") takes it.
+        rawmode = image.mode if image.mode in ("1", "L", "RGB") else "I;16"
+    if rawmode in _KEY_SCALE:
+        scale = _KEY_SCALE[rawmode]
+        return tuple(k * scale for k in key) if isinstance(key, tuple) else key * scale
+    if notes is not None:
+        notes.append(
+            f"the image's colour key (transparency) was not applied: Pillow reads its "
+            f"{rawmode} pixels at another depth than the key"
+        )
+    return None
+
+
+def _decoded_rgb(image: Any, notes: Optional[List[str]]) -> np.ndarray:
+    """A PIL image, oriented, -> (H, W, 3) uint8 (no colour key; see _from_pil)."""
     mode = image.mode
-    # A colour key (PNG's tRNS chunk in a greyscale or RGB file): pixels of that value
-    # are transparent, as the alpha of a palette or RGBA image, and go over white too.
-    keyed = mode in ("L", "RGB", "I") or mode.startswith("I;16")
-    key = image.info.get("transparency") if keyed else None
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit greyscale (PNG, TIFF): Pillow's own convert("L") would clip at 255.
         # Mode "I" (32-bit integers) is how Pillow opens most 16-bit greyscale files;
@@ -189,15 +241,12 @@ def _from_pil(image: Any, notes: Optional[List[str]] = None) -> np.ndarray:
                     "clipped to 0..65535, the 16-bit scale read as greyscale; give an "
                     "8- or 16-bit image"
                 )
-        rgb = _from_array(_to_uint8_16bit(values))
-        if isinstance(key, int):
-            rgb[values == key] = 255
-        return rgb
+        return _from_array(_to_uint8_16bit(values))
     if mode == "F":
         return _from_array(np.asarray(image, dtype=np.float32), notes)
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    elif mode in ("LA", "La", "PA", "RGBa") or key is not None:
+    elif mode in ("LA", "La", "PA", "RGBa"):
         image = image.convert("RGBA")
     elif mode not in ("RGB", "RGBA", "L"):
         image = image.convert("RGB")  # 1, CMYK, YCbCr, LAB, HSV
@@ -344,11 +393,12 @@ def read_image_file(
                 Image.open(path) as opened:
             if check is not None:
                 check(opened)
+            rawmode = _stored_rawmode(opened)  # gone once the pixels are decoded
             opened.load()
             note = large_image_note(path, opened.size)
             if note is not None and notes is not None:
                 notes.append(note)
-            return _from_pil(opened, notes)
+            return _from_pil(opened, notes, rawmode)
     except PipelineError:
         raise  # the pixels' own problem (NaN), or check's: not "cannot read"
     except FileNotFoundError:
