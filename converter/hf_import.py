@@ -62,6 +62,8 @@ class HFSource:
     # float16/bfloat16 (their values, not the original float32 ones) and float64
     # where rounding it changed a value.
     stored_dtypes: List[str] = field(default_factory=list)
+    # Each tensor's dtype as the file stores it (``tensors`` holds float32 copies).
+    file_dtypes: Dict[str, str] = field(default_factory=dict)
 
 
 def is_hf_input(path: str | os.PathLike) -> bool:
@@ -106,6 +108,10 @@ def _sha256(path: Path) -> Tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def _dtype_name(tensor: Any) -> str:
+    return str(tensor.dtype).replace("torch.", "")
+
+
 def _to_numpy(tensor: Any, stored: Set[str]) -> np.ndarray:
     """A tensor as numpy, floats as float32; adds to ``stored`` the dtypes whose values
     are not float32 ones (see :attr:`HFSource.stored_dtypes`)."""
@@ -121,7 +127,7 @@ def _to_numpy(tensor: Any, stored: Set[str]) -> np.ndarray:
     return tensor.detach().contiguous().numpy()  # an nn.Parameter requires grad
 
 
-def _read_bin(path: Path, stored: Set[str]) -> Dict[str, np.ndarray]:
+def _read_bin(path: Path, stored: Set[str], dtypes: Dict[str, str]) -> Dict[str, np.ndarray]:
     import pickle
 
     import torch
@@ -159,18 +165,22 @@ def _read_bin(path: Path, stored: Set[str]) -> Dict[str, np.ndarray]:
             "the state dict is nested in it, save that alone (torch.save(checkpoint"
             f"[{str(other)!r}], 'pytorch_model.bin'))"
         )
+    dtypes.update({str(k): _dtype_name(v) for k, v in payload.items()})
     return {str(k): _to_numpy(v, stored) for k, v in payload.items()}
 
 
 def _read_safetensors(
-    path: Path, stored: Set[str]
+    path: Path, stored: Set[str], dtypes: Dict[str, str]
 ) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     try:
         from safetensors import safe_open
 
         with safetensors_name(path) as name, safe_open(name, framework="pt") as handle:
-            tensors = {key: _to_numpy(handle.get_tensor(key), stored)
-                       for key in handle.keys()}
+            tensors = {}
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                dtypes[key] = _dtype_name(tensor)
+                tensors[key] = _to_numpy(tensor, stored)
             return tensors, dict(handle.metadata() or {})
     except Exception as error:
         raise CheckpointError(
@@ -244,13 +254,14 @@ def read_hf(path: str | os.PathLike) -> HFSource:
     _refuse_onnx(weights)
     metadata: Dict[str, str] = {}
     stored: Set[str] = set()
+    dtypes: Dict[str, str] = {}
     if weights.suffix == ".safetensors":
         kind = "safetensors"
-        tensors, metadata = _read_safetensors(weights, stored)
+        tensors, metadata = _read_safetensors(weights, stored, dtypes)
     else:
-        kind, tensors = "pytorch_model.bin", _read_bin(weights, stored)
+        kind, tensors = "pytorch_model.bin", _read_bin(weights, stored, dtypes)
     return HFSource(path, weights, kind, tensors, config, sha256, size, metadata=metadata,
-                    stored_dtypes=sorted(stored))
+                    stored_dtypes=sorted(stored), file_dtypes=dtypes)
 
 
 def _refuse_shard(path: Path) -> None:

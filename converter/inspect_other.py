@@ -145,6 +145,11 @@ def _describe_hf(path: Path) -> Dict[str, Any]:
     import torch
 
     rows = _rows({k: torch.from_numpy(v) for k, v in source.tensors.items()})
+    for row in rows:  # as the file stores them, not as the float32 copies read
+        stored = source.file_dtypes.get(row["name"], row["dtype"])
+        if stored != row["dtype"]:
+            itemsize = torch.empty((), dtype=getattr(torch, stored)).element_size()
+            row.update(dtype=stored, bytes=row["values"] * itemsize)
     try:
         model = detect_model(source)
         problem = None

@@ -175,6 +175,23 @@ def test_inspect_labels_another_transformers_models_folder_and_exits_3(tmp_path)
         document = json.loads(run_cli("inspect", "--json", path).stdout)
         assert document["kind"] == "other" and document["exit_code"] == 3
 
+
+def test_inspect_shows_reduced_precision_tensors_as_the_file_stores_them(tmp_path):
+    """Transformers-format and other projects' files are read as float32 copies;
+    inspect listed those copies: float16 and bfloat16 tensors as float32, with twice
+    their bytes."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "half.safetensors"
+    save_file({"a": torch.randn(2, 3).half(), "b": torch.randn(4).bfloat16(),
+               "c": torch.randn(5, dtype=torch.float64), "d": torch.arange(3)}, str(path))
+    document = json.loads(run_cli("inspect", "--json", path).stdout)
+    rows = {row["name"]: (row["dtype"], row["bytes"]) for row in document["tensors"]}
+    assert rows == {"a": ("float16", 12), "b": ("bfloat16", 8), "c": ("float64", 40),
+                    "d": ("int64", 24)}
+    assert document["totals"]["bytes"] == 84
+
 def test_inspect_labels_another_projects_safetensors_and_exits_3(tmp_path):
     """A safetensors (or torch.save) file of some other project is neither a
     converted file nor a HuggingFace Perceiver checkpoint: inspect lists its tensors
