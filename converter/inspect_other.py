@@ -229,8 +229,20 @@ def _describe_onnx(path: Path) -> Dict[str, Any]:
         return {"name": entry.name, "shape": dims,
                 "dtype": onnx.TensorProto.DataType.Name(tensor.elem_type).lower()}
 
+    import numpy as np
+    from onnx import numpy_helper
+
+    from converter.errors import nonfinite_message
+
     ops = collections.Counter(node.op_type for node in graph.graph.node)
-    params = sum(int(__import__("numpy").prod(init.dims)) for init in graph.graph.initializer)
+    params = sum(int(np.prod(init.dims)) for init in graph.graph.initializer)
+    # NaN/Inf weights: corrupt, as for every other kind of file inspect reads (exit 3).
+    nonfinite = [init.name for init in graph.graph.initializer
+                 if np.issubdtype((array := numpy_helper.to_array(init)).dtype, np.floating)
+                 and not np.isfinite(array).all()]
+    verdict = ({"ok": False, "exit_code": 3,
+                "error": f"{nonfinite_message(nonfinite)}; the graph's weights are corrupt"}
+               if nonfinite else {})
     return {
         "path": str(path),
         "kind": "onnx",
@@ -243,6 +255,8 @@ def _describe_onnx(path: Path) -> Dict[str, Any]:
         "initializers": len(graph.graph.initializer),
         "parameters": params,
         "metadata": {p.key: _json_or_text(p.value) for p in graph.metadata_props},
+        "nonfinite_initializers": nonfinite,
+        **verdict,
     }
 
 

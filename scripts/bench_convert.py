@@ -56,11 +56,15 @@ print(json.dumps({"seconds": seconds, "peak": peak, "baseline": baseline}))
 def measure(mode: str, source: Path, target: Path) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", _CHILD, mode, str(source), str(target), str(_SCRIPTS)],
-        check=True,
         capture_output=True,
         text=True,
     )
     target.unlink(missing_ok=True)
+    if result.returncode != 0:
+        # The conversion's own error (a checkpoint that is no official file, ...), not
+        # a traceback of this script quoting the child's source.
+        lines = result.stderr.strip().splitlines() or [f"exit status {result.returncode}"]
+        sys.exit(f"bench_convert.py: {mode} of {source} failed: {lines[-1]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

@@ -215,6 +215,28 @@ def test_onnx_export_checks_its_output_and_batch_up_front(graphs, monkeypatch, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "old.onnx"]
 
 
+
+def test_inspect_marks_a_graph_with_nonfinite_weights(graphs, tmp_path) -> None:
+    """inspect marks NaN/Inf weights and exits 3 for every kind of file it reads;
+    an ONNX graph's initializers were only counted (exit 0)."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(graphs["imagenet_learned"][1]))
+    index, init = next((i, t) for i, t in enumerate(model.graph.initializer)
+                       if numpy_helper.to_array(t).dtype == np.float32
+                       and numpy_helper.to_array(t).size > 1)
+    array = numpy_helper.to_array(init).copy()
+    array.flat[1] = np.nan
+    model.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, init.name))
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    result = run_cli("inspect", broken, "--json")
+    assert result.exit_code == 3
+    document = json.loads(result.stdout)
+    assert document["nonfinite_initializers"] == [init.name] and not document["ok"]
+    clean = json.loads(run_cli("inspect", graphs["imagenet_learned"][1], "--json").stdout)
+    assert clean["nonfinite_initializers"] == [] and "error" not in clean
+
 def test_onnx_export_needs_an_onnx_name(graphs, tmp_path) -> None:
     result = run_cli("export", graphs["optical_flow"][0], "-o", tmp_path / "x.bin", "--format", "onnx")
     assert result.exit_code == 2 and "*.onnx" in result.stderr

@@ -104,3 +104,16 @@ def test_flow_pictures_refuses_a_file_as_its_folder(tmp_path):
     assert "pictures is a file; name a folder" in result.stderr
     assert "Traceback" not in result.stderr
     assert (tmp_path / "pictures").read_text() == "not a folder"
+
+
+def test_bench_convert_reports_a_checkpoint_it_cannot_convert_in_one_line(tmp_path):
+    """A --checkpoint that exists but is no official file ended in a traceback of
+    subprocess.CalledProcessError quoting the child's whole source; the converter's
+    own message was captured and lost."""
+    (tmp_path / "notes.pickle").write_text("hello world\n")
+    result = run_script("bench_convert.py", "--checkpoint", "notes.pickle", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("bench_convert.py: convert of notes.pickle failed: ")
+    assert "not a readable pickle" in line
