@@ -308,6 +308,12 @@ def detect_model(source: HFSource) -> str:
         )
     if looks_like_another_project(source):
         raise CheckpointError(f"{source.path}: {another_project_message(source)}")
+    model_type = (source.config or {}).get("model_type")
+    if model_type not in (None, "perceiver") and names_another_model(source):
+        raise CheckpointError(
+            f"{source.path}: config.json is of model_type {json.dumps(model_type)}, not "
+            f"\"perceiver\"; this converter reads {', '.join(sorted(known))}"
+        )
     best = _closest_model_by_tensor_names(source)
     if best[0] == 1.0:
         return best[1]
@@ -351,13 +357,15 @@ def looks_like_another_project(source: HFSource) -> bool:
 
 def names_another_model(source: HFSource) -> bool:
     """Whether a HuggingFace folder's config.json is another model's (a BERT folder:
-    ``model_type`` other than ``perceiver``) and no tensor has transformers'
-    ``perceiver.`` prefix."""
+    ``model_type`` other than ``perceiver``, or architectures none of which is a
+    Perceiver class) and no tensor has transformers' ``perceiver.`` prefix."""
     config = source.config or {}
-    return (
-        config.get("model_type") not in (None, "perceiver")
-        and not any(name.startswith("perceiver.") for name in source.tensors)
+    names = config.get("architectures") or []
+    names = names if isinstance(names, list) else [names]
+    other = config.get("model_type") not in (None, "perceiver") or (
+        names and not any(str(name).startswith("Perceiver") for name in names)
     )
+    return bool(other) and not any(name.startswith("perceiver.") for name in source.tensors)
 
 
 def another_project_message(source: HFSource) -> str:

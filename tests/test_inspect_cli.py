@@ -174,6 +174,18 @@ def test_inspect_labels_another_transformers_models_folder_and_exits_3(tmp_path)
                                '"BertModel"; this converter reads Perceiver'), line
         document = json.loads(run_cli("inspect", "--json", path).stdout)
         assert document["kind"] == "other" and document["exit_code"] == 3
+    # Either half of the config suffices: a model_type without architectures (the
+    # advice was "add the folder's config.json"), architectures without a model_type
+    # (exit 0 with a "problem" line).
+    for config, words in (({"model_type": "bert"}, 'config.json is of model_type "bert"'),
+                          ({"architectures": ["Foo"]}, 'names architecture(s) "Foo"')):
+        (folder / "config.json").write_text(json.dumps(config))
+        for command in ("inspect", "convert"):
+            args = ("-o", tmp_path / "x.safetensors") if command == "convert" else ()
+            result = run_cli(command, folder, *args)
+            assert result.exit_code == 3, (config, result.output)
+            assert words in result.stderr and "add the folder's config.json" not in \
+                result.stderr, result.stderr
 
 
 def test_inspect_shows_reduced_precision_tensors_as_the_file_stores_them(tmp_path):
