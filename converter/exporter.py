@@ -90,8 +90,7 @@ class HaikuArrays:
 
     ``flat``: ``{"module/param": array}`` and ``{"state:module/param": array}``;
     ``config``: the converted file's perceiver_torch config (a plain dict);
-    ``not_held``: :func:`settings_not_held` of ``flat`` (what an official-format file
-    of these arrays cannot say; a transformers config holds it).
+    ``spec``: the mapping the arrays were inverted through.
     """
 
     model: str
@@ -101,7 +100,7 @@ class HaikuArrays:
     layout: str
     exact: bool
     notes: list
-    not_held: Dict[str, tuple]
+    spec: Any
 
 
 def converted_to_haiku(
@@ -182,8 +181,7 @@ def converted_to_haiku(
     arrays = {key: _to_numpy(tensor) for key, tensor in state_dict.items()}
     flat = invert_arrays(table, arrays, dropped)
     layout = spec.source.get("layout", "params")
-    return HaikuArrays(model, config, flat, metadata, layout, exact, notes,
-                       settings_not_held(spec, flat, config))
+    return HaikuArrays(model, config, flat, metadata, layout, exact, notes, spec)
 
 
 def not_held_note(lost: Dict[str, tuple]) -> str:
@@ -244,7 +242,9 @@ def export(
         container=container,
         overwrite=overwrite,
     )
-    notes = haiku.notes + ([not_held_note(haiku.not_held)] if haiku.not_held else [])
+    # Only here: a transformers config.json (export_hf) holds every setting.
+    lost = settings_not_held(haiku.spec, haiku.flat, haiku.config)
+    notes = haiku.notes + ([not_held_note(lost)] if lost else [])
     return ExportResult(haiku.model, Path(out), len(haiku.flat), haiku.exact, notes)
 
 
