@@ -136,6 +136,7 @@ def test_a_sound_shorter_than_the_resampling_filter(tmp_path, samples, rate, exp
     write_pcm_wav(tmp_path / "short.wav", tone[None, :samples], 48000)
     short, source_rate, _ = read_audio(tmp_path / "short.wav", rate)
     assert source_rate == 48000 and short.dtype == np.float32 and len(short) == expected
+    assert np.array_equal(short * 32768, np.round(short * 32768))  # 16-bit, as the rest
     write_pcm_wav(tmp_path / "long.wav", tone[None], 48000)
     long, _, _ = read_audio(tmp_path / "long.wav", rate)
     # The sound itself, not silence: its first half is the longer sound's resampling

@@ -234,12 +234,11 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
                 decoded += frame.samples
                 frame.pts = None  # let the resampler count samples itself
                 for out in resampler.resample(frame):
-                    pieces.append(out.to_ndarray()[0])
+                    pieces.append(_from_int16(out.to_ndarray()[0]))
                 if decoded <= source_rate:
                     head.extend(out.to_ndarray()[0] for out in to_float.resample(frame))
             for out in resampler.resample(None):
-                pieces.append(out.to_ndarray()[0])
-            pieces = [piece.astype(np.float32) / 32768 for piece in pieces]
+                pieces.append(_from_int16(out.to_ndarray()[0]))
             head.extend(out.to_ndarray()[0] for out in to_float.resample(None))
         except av.error.FFmpegError as error:
             raise InputError(f"{path}: the sound cannot be decoded ({error})") from None
@@ -255,25 +254,29 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
     wanted = max(1, decoded * int(sample_rate) // source_rate)
     if len(audio) < wanted and decoded <= source_rate:
         audio = _resample_padded(np.concatenate(head), source_rate, int(sample_rate))
-        # To 16 bits as above (FFmpeg's conversion: rounded to nearest even, clipped).
-        audio = np.clip(np.rint(audio[:wanted] * 32768), -32768, 32767) / 32768
+        audio = audio[:wanted]
     return audio.astype(np.float32), source_rate, channels
+
+
+def _from_int16(samples: np.ndarray) -> np.ndarray:
+    """16-bit samples as the colab reads its WAV file's: float32 x / 32768."""
+    return samples.astype(np.float32) / 32768
 
 
 def _resample_padded(channel: np.ndarray, source_rate: int, sample_rate: int) -> np.ndarray:
     """``channel`` (float, at ``source_rate``) followed by a second of silence, at
-    ``sample_rate`` (the same resampler as :func:`read_audio`; channels are resampled
-    independently, so resampling the first alone gives the same samples)."""
+    ``sample_rate`` in 16 bits (the same resampler as :func:`read_audio`; channels are
+    resampled independently, so resampling the first alone gives the same samples)."""
     av = require("av")
     padded = np.concatenate([channel, np.zeros(source_rate, np.float32)])
     frame = av.AudioFrame.from_ndarray(
         padded.astype(np.float32)[None], format="fltp", layout="mono"
     )
     frame.sample_rate = source_rate
-    resampler = av.AudioResampler(format="fltp", rate=sample_rate)
+    resampler = av.AudioResampler(format="s16p", rate=sample_rate)
     pieces = [out.to_ndarray()[0] for out in resampler.resample(frame)]
     pieces += [out.to_ndarray()[0] for out in resampler.resample(None)]
-    return np.concatenate(pieces)
+    return _from_int16(np.concatenate(pieces))
 
 
 def encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:
