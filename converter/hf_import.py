@@ -123,7 +123,7 @@ def _to_numpy(tensor: Any, stored: Set[str]) -> np.ndarray:
         # float16/bfloat16 values always; float64 ones where float32 rounded them.
         narrow = stored_as.dtype in (torch.float16, torch.bfloat16)
         if narrow or not torch.equal(tensor.to(stored_as.dtype), stored_as):
-            stored.add(str(stored_as.dtype).replace("torch.", ""))
+            stored.add(_dtype_name(stored_as))
     return tensor.detach().contiguous().numpy()  # an nn.Parameter requires grad
 
 
@@ -308,8 +308,8 @@ def detect_model(source: HFSource) -> str:
         )
     if looks_like_another_project(source):
         raise CheckpointError(f"{source.path}: {another_project_message(source)}")
-    model_type = (source.config or {}).get("model_type")
-    if model_type not in (None, "perceiver") and names_another_model(source):
+    if names_another_model(source):  # here: by its model_type (no architectures)
+        model_type = source.config["model_type"]
         raise CheckpointError(
             f"{source.path}: config.json is of model_type {json.dumps(model_type)}, not "
             f"\"perceiver\"; this converter reads {', '.join(sorted(known))}"

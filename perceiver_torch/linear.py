@@ -33,8 +33,8 @@ This is the ``FastPath.ONEDNN_LINEAR`` fast path (:mod:`perceiver_torch.fast_pat
 
 from __future__ import annotations
 
-import math
 import functools
+import math
 import platform
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 

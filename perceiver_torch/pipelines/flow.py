@@ -276,7 +276,11 @@ def _check_frame_array(frame: Any, name: str) -> None:
 
 
 def _rgb(frame: FrameInput, notes: Optional[List[str]] = None) -> np.ndarray:
-    rgb = load_rgb(frame, notes)
+    return _frame_array(load_rgb(frame, notes))
+
+
+def _frame_array(rgb: np.ndarray) -> np.ndarray:
+    """A frame as the tiling takes it: uint8 as it is, float pixels as float64."""
     return rgb if rgb.dtype == np.uint8 else rgb.astype(np.float64)
 
 
@@ -499,7 +503,7 @@ def _still_frame(path: str, notes: List[str]) -> np.ndarray:
         if str(path) in str(error):
             raise
         raise InputError(f"{path}: {error}") from None  # its pixels (NaN): which frame
-    return rgb if rgb.dtype == np.uint8 else rgb.astype(np.float64)
+    return _frame_array(rgb)
 
 
 def _pair_targets(inputs: Sequence[str], options: RunOptions) -> List[Tuple[Path, Path]]:
