@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +45,8 @@ from .linear import (  # gelu_tanh lives there (fused into Linear.forward_gelu)
     compiling,
     cpu_prefers_onednn_attention,
     gelu_tanh,
+    intercepted,
+    linear_as_built,
     linears_on_one_input,
     onednn_eligible,
     onednn_kernel_available,
@@ -499,6 +501,23 @@ class PreparedKeys:
     key_mask: Optional[Tensor]
 
 
+@dataclass
+class UnpreparedKeys:
+    """In place of :class:`PreparedKeys`, the key/value inputs of ``layer``, which
+    must be called whole for each chunk of queries (:func:`linear.intercepted`:
+    hooked or replaced): ``inputs_kv`` (B, N, C), ``key_mask`` (B, N) or None."""
+
+    layer: nn.Module
+    inputs_kv: Tensor
+    key_mask: Optional[Tensor]
+
+    def call(self, inputs_q: Tensor, query_mask: Optional[Tensor]) -> Tensor:
+        """``layer(inputs_q, inputs_kv, key_mask=..., query_mask=...)``."""
+        return self.layer(
+            inputs_q, self.inputs_kv, key_mask=self.key_mask, query_mask=query_mask
+        )
+
+
 class Attention(nn.Module):
     """Multi-head QKV attention with separate qk, v and output widths.
 
@@ -575,6 +594,12 @@ class Attention(nn.Module):
     def _dropout_p(self) -> float:
         return self.attention_dropout if self.training else 0.0
 
+    def projections_as_built(self) -> bool:
+        """Whether no projection is hooked or replaced (:func:`linear.intercepted`)."""
+        return all(
+            linear_as_built(layer) for layer in (self.to_q, self.to_k, self.to_v, self.to_out)
+        )
+
     def choose_mode(self, num_queries: int, num_keys: int) -> AttentionMode:
         """Cheapest exact formulation for M queries against N keys (by multiply-adds).
 
@@ -584,13 +609,15 @@ class Attention(nn.Module):
         float32 rounding. It needs one head, no attention dropout, no training with
         autograd (a folded-away key projection's bias would get no gradient, where the
         plain path gives it zeros up to rounding: optimizers treat the two differently)
-        and the ``ABSORBED_ATTENTION`` fast path switched on.
+        and the ``ABSORBED_ATTENTION`` fast path switched on, and projections that
+        are not :func:`linear.intercepted` (the folds read their weights).
         """
         if (
             self.num_heads != 1
             or self._dropout_p() > 0.0
             or (self.training and torch.is_grad_enabled())
             or not enabled(FastPath.ABSORBED_ATTENTION)
+            or not self.projections_as_built()
         ):
             return AttentionMode.STANDARD
         m, n = num_queries, num_keys
@@ -650,18 +677,22 @@ class Attention(nn.Module):
         self, mode: Optional[AttentionMode], num_queries: Optional[int], num_keys: int
     ) -> AttentionMode:
         """``mode`` as an :class:`AttentionMode` (or its value, e.g. ``"absorb_q"``), or
-        where None the cheapest for ``num_queries`` (None: as many as the keys)."""
+        where None the cheapest for ``num_queries`` (None: as many as the keys).
+        STANDARD where a projection is hooked or replaced, whatever was asked."""
         if mode is None:
             mode = self.choose_mode(
                 num_queries if num_queries is not None else num_keys, num_keys
             )
         try:
-            return AttentionMode(mode)
+            mode = AttentionMode(mode)
         except ValueError:
             raise ValueError(
                 f"unknown attention mode {mode!r}; expected one of "
                 f"{[m.value for m in AttentionMode]}"
             ) from None
+        if mode is not AttentionMode.STANDARD and not self.projections_as_built():
+            return AttentionMode.STANDARD
+        return mode
 
     def absorbed_key_width(self, inputs_kv: Tensor, num_queries: int) -> int:
         """The width :func:`attend` will pad ABSORB_KV's keys and values (the inputs
@@ -755,9 +786,12 @@ class Attention(nn.Module):
         return self._project_out(summed, residual)
 
     def _project_out(self, summed: Tensor, residual: Optional[Tensor]) -> Tensor:
-        """to_out(summed), plus ``residual`` in the same pass where it is given."""
+        """to_out(summed), plus ``residual`` in the same pass where it is given (and
+        to_out is not hooked or replaced)."""
         if residual is None:
             return self.to_out(summed)
+        if not linear_as_built(self.to_out):
+            return residual + self.to_out(summed)
         return self.to_out.forward_add(summed, residual)
 
     def forward(
@@ -788,6 +822,14 @@ class Attention(nn.Module):
         )
 
 
+def _mlp_block(mlp: nn.Module, normed: Tensor, residual: Tensor) -> Tensor:
+    """``residual + mlp(normed)``: the addition in the MLP's last pass, unless the MLP
+    is hooked or replaced (:func:`linear.intercepted`)."""
+    if intercepted(mlp):
+        return residual + mlp(normed)
+    return mlp(normed, residual=residual)
+
+
 def _dropout_active(dropout: nn.Dropout) -> bool:
     """Whether ``dropout`` changes its input (training with p > 0)."""
     return dropout.training and dropout.p > 0
@@ -812,9 +854,17 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
         """x: (..., C) -> (..., C); plus ``residual`` when given (in the last linear
-        layer's pass on the oneDNN path, without dropout)."""
-        hidden = self.fc1.forward_gelu(x)
-        if residual is not None and not _dropout_active(self.dropout):
+        layer's pass on the oneDNN path, without dropout). A hooked or replaced layer
+        (:func:`linear.intercepted`) is called instead of fused."""
+        if linear_as_built(self.fc1):
+            hidden = self.fc1.forward_gelu(x)
+        else:
+            hidden = gelu_tanh(self.fc1(x))
+        if (
+            residual is not None
+            and not _dropout_active(self.dropout)
+            and linear_as_built(self.fc2)
+        ):
             return self.fc2.forward_add(hidden, residual)
         out = self.dropout(self.fc2(hidden))
         return out if residual is None else residual + out
@@ -866,11 +916,13 @@ class SelfAttentionLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, N, C) -> (B, N, C)."""
         normed = self.norm(x)
-        if _dropout_active(self.dropout):
+        # The residuals are added in the attention's and the MLP's last passes, unless
+        # they are hooked or replaced: their hooks see their own outputs then.
+        if _dropout_active(self.dropout) or intercepted(self.attention):
             x = x + self.dropout(self.attention(normed, normed))
-        else:  # the residual added in to_out's pass
+        else:
             x = self.attention(normed, normed, residual=x)
-        return self.mlp(self.mlp_norm(x), residual=x)
+        return _mlp_block(self.mlp, self.mlp_norm(x), x)
 
 
 class CrossAttentionLayer(nn.Module):
@@ -930,14 +982,21 @@ class CrossAttentionLayer(nn.Module):
         key_mask: Optional[Tensor] = None,
         num_queries: Optional[int] = None,
         mode: Optional[AttentionMode] = None,
-    ) -> PreparedKeys:
-        """Normalises and projects the key/value inputs (B, N, C_kv) once."""
+    ) -> Union[PreparedKeys, UnpreparedKeys]:
+        """Normalises and projects the key/value inputs (B, N, C_kv) once (where the
+        attention is hooked or replaced, only normalises them: it is called whole)."""
         attention = self.attention
+        if intercepted(attention):
+            return UnpreparedKeys(attention, self.kv_norm(inputs_kv), key_mask)
         num_keys = inputs_kv.shape[1]
         num_queries = num_keys if num_queries is None else num_queries
         mode = attention.resolve_mode(mode, num_queries, num_keys)
         normed = None
-        if mode is AttentionMode.ABSORB_KV and not torch.is_grad_enabled():
+        if (
+            mode is AttentionMode.ABSORB_KV
+            and not torch.is_grad_enabled()
+            and not intercepted(self.kv_norm)
+        ):
             width = attention.absorbed_key_width(inputs_kv, num_queries)
             if width > inputs_kv.shape[-1]:
                 normed = layer_norm_padded(self.kv_norm, inputs_kv, width)
@@ -948,23 +1007,32 @@ class CrossAttentionLayer(nn.Module):
     def attend_prepared(
         self,
         inputs_q: Tensor,
-        prepared: PreparedKeys,
+        prepared: Union[PreparedKeys, UnpreparedKeys],
         *,
         query_mask: Optional[Tensor] = None,
     ) -> Tensor:
         """inputs_q: (B, M, C_q) against prepared keys -> (B, M, C_q)."""
         normed = self.q_norm(inputs_q)
-        if self.use_query_residual and not _dropout_active(self.dropout):
+        if (
+            isinstance(prepared, PreparedKeys)
+            and self.use_query_residual
+            and not _dropout_active(self.dropout)
+        ):
             # The query residual added in to_out's pass.
             x = self.attention.attend_prepared(
                 normed, prepared, query_mask=query_mask, residual=inputs_q
             )
         else:
-            attended = self.dropout(
-                self.attention.attend_prepared(normed, prepared, query_mask=query_mask)
-            )
+            if isinstance(prepared, UnpreparedKeys):  # the attention called whole
+                assert prepared.layer is self.attention
+                attended = prepared.call(normed, query_mask)
+            else:
+                attended = self.attention.attend_prepared(
+                    normed, prepared, query_mask=query_mask
+                )
+            attended = self.dropout(attended)
             x = inputs_q + attended if self.use_query_residual else attended
-        return self.mlp(self.mlp_norm(x), residual=x)
+        return _mlp_block(self.mlp, self.mlp_norm(x), x)
 
     def forward(
         self,

@@ -10,14 +10,14 @@ query array is ever held.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import CrossAttentionLayer, PreparedKeys, attend
-from .linear import Linear, linear, linear_gelu, recording_graph
+from .attention import CrossAttentionLayer, PreparedKeys, UnpreparedKeys, attend
+from .linear import Linear, intercepted, linear, linear_gelu, recording_graph
 
 # Queries per chunk when decoding long query arrays.
 DEFAULT_QUERY_CHUNK = 8192
@@ -77,14 +77,18 @@ class PerceiverDecoder(nn.Module):
 
     def prepare(
         self, latents: Tensor, *, num_queries: Optional[int] = None
-    ) -> PreparedKeys:
-        """Key/value projections of the latents (B, N, C), reusable across chunks."""
+    ) -> Union[PreparedKeys, UnpreparedKeys]:
+        """Key/value projections of the latents (B, N, C), reusable across chunks
+        (the latents themselves where the cross-attention layer is hooked or replaced:
+        it is called whole for each chunk, :func:`linear.intercepted`)."""
+        if intercepted(self.cross_attention):
+            return UnpreparedKeys(self.cross_attention, latents, None)
         return self.cross_attention.prepare(latents, num_queries=num_queries)
 
     def decode_prepared(
         self,
         queries: Tensor,
-        prepared: PreparedKeys,
+        prepared: Union[PreparedKeys, UnpreparedKeys],
         *,
         query_mask: Optional[Tensor] = None,
     ) -> Tensor:
@@ -99,7 +103,10 @@ class PerceiverDecoder(nn.Module):
         for start in range(0, queries.shape[1], size):
             chunk = queries[:, start : start + size]
             mask = None if query_mask is None else query_mask[:, start : start + size]
-            out = self.cross_attention.attend_prepared(chunk, prepared, query_mask=mask)
+            if isinstance(prepared, UnpreparedKeys) and prepared.layer is self.cross_attention:
+                out = prepared.call(chunk, mask)
+            else:  # PreparedKeys, or its attention's UnpreparedKeys
+                out = self.cross_attention.attend_prepared(chunk, prepared, query_mask=mask)
             if self.output_projection is not None:
                 out = self.output_projection(out)
             outputs.append(out)

@@ -38,8 +38,9 @@ when parity breaks, run the plain path first::
 ``reread_environment()`` reads them again; ``false``/``no``/``off`` mean 0 and
 ``true``/``yes``/``on`` 1, any other value is a ``ValueError`` naming it).
 The fast paths switch themselves off where they do not apply (training, autograd,
-dropout, other devices or dtypes for the oneDNN kernel); the switch only ever turns
-them off, never on where they do not apply.
+dropout, other devices or dtypes for the oneDNN kernel, modules with hooks or
+replaced by other ones: ``linear.intercepted``); the switch only ever turns them off,
+never on where they do not apply.
 
 The two oneDNN paths also step aside on CPUs where oneDNN's matmul is not the faster
 kernel: the linear layers for float32 on CPUs without AVX-512

@@ -11,7 +11,7 @@ from .configs import LanguagePerceiverConfig
 from .decoders import PerceiverDecoder
 from .fast_paths import FastPath, enabled
 from .inputs import expect, fail
-from .linear import compiling, recording_graph
+from .linear import compiling, intercepted_below, recording_graph
 from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import EmbeddingDecoder
@@ -98,7 +98,8 @@ class LanguagePerceiver(PerceiverIO):
             return self.logits(input_ids, attention_mask)
         used = (attention_mask != 0).any(dim=0).nonzero()
         real = max(int(used.max()) + 1 if used.numel() else 0, 1)
-        if real == length:
+        # Hooked or replaced modules inside see the plain path's full length.
+        if real == length or intercepted_below(self):
             return self.logits(input_ids, attention_mask)
         logits, latents = self.logits(
             input_ids[:, :real], attention_mask[:, :real], return_latents=True

@@ -249,6 +249,80 @@ def compiling() -> bool:
     return recording_graph()
 
 
+# The torch.nn classes the models are built from (or that compute what the models'
+# Linear layers compute), whose work a shortcut may do without calling them.
+_TORCH_FORWARDS = frozenset(
+    cls.forward
+    for cls in (
+        nn.Module,  # containers: ModuleList, ModuleDict, ParameterDict
+        nn.Linear,
+        nn.LayerNorm,
+        nn.Dropout,
+        nn.Embedding,
+        nn.Conv2d,
+        nn.BatchNorm2d,
+    )
+)
+
+# Hooks registered for every module (torch.nn.modules.module.register_module_forward_hook
+# and the like).
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def global_hooks() -> bool:
+    """Whether hooks registered for every module exist."""
+    return any(getattr(nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
+
+
+def _hooked_or_replaced(module: nn.Module) -> bool:
+    """:func:`intercepted` but for the global hooks."""
+    if (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in module.__dict__
+    ):
+        return True
+    forward = type(module).forward
+    return forward not in _TORCH_FORWARDS and not getattr(
+        forward, "__module__", ""
+    ).startswith("perceiver_torch.")
+
+
+def intercepted(module: nn.Module) -> bool:
+    """Whether ``module`` must be called as a module rather than computed around:
+    calling it would run hooks (its own forward or backward hooks, or global ones:
+    feature extraction, ``torch.nn.utils.prune``), or its ``forward`` is not the one
+    it was built with (the module replaced, by a LoRA adapter or another class, or
+    its forward overridden or, as accelerate's offloading hooks do, replaced on the
+    instance). The shortcuts that read a module's weights instead of calling it
+    (fused GELU or residual, fused projections, folded attentions and decoders, a
+    padded LayerNorm), or that change what its hooks would see (skipped padding,
+    batch slices), step aside for such modules, so that the hooks run on the plain
+    path's tensors and a replacement is what computes."""
+    return _hooked_or_replaced(module) or global_hooks()
+
+
+def intercepted_below(model: nn.Module) -> bool:
+    """Whether any module inside ``model`` (not ``model`` itself, whose hooks see its
+    whole call either way) is :func:`intercepted`."""
+    if global_hooks():
+        return True
+    return any(_hooked_or_replaced(m) for m in model.modules() if m is not model)
+
+
+def linear_as_built(layer: nn.Module) -> bool:
+    """Whether ``layer`` is a :class:`Linear` a shortcut may compute without calling
+    it (not :func:`intercepted`)."""
+    return isinstance(layer, Linear) and not intercepted(layer)
+
+
 def onednn_eligible(*tensors: Tensor) -> bool:
     """Whether oneDNN's kernels could compute on ``tensors``: no autograd, CPU tensors
     of one dtype the kernels take, not under torch.compile (the oneDNN fast paths add
@@ -565,7 +639,10 @@ def linears_on_one_input(
     (1,280 -> 256, 256 and 1,280 channels on 256 latents) took 0.54 against 0.78 ms
     in bfloat16 (2026-12-06, an Intel Xeon with AMX, medians of 41 interleaved calls;
     float32 with packed weights 4.11 against 4.20 ms). Each output column is the same
-    dot product either way (float32 sums; the kernel may order them differently)."""
+    dot product either way (float32 sums; the kernel may order them differently).
+    Layers that are :func:`intercepted` (hooked or replaced) are called one by one."""
+    if not all(linear_as_built(layer) for layer in layers):
+        return tuple(layer(x) for layer in layers)
     if uses_onednn(x, layers[0].weight) and fuses(layers, x.dtype):
         weight, bias = fused.get(layers)
         out = _onednn_kernel(x.contiguous(), weight, bias, "none", [], "")
@@ -617,7 +694,9 @@ def prepack(module: nn.Module) -> nn.Module:
     fused_layers = set()
     for sub in module.modules():
         for layers, fused in _fused_groups(sub):
-            if all(_prepackable(layer) for layer in layers) and fuses(
+            if all(
+                isinstance(layer, Linear) and _prepackable(layer) for layer in layers
+            ) and fuses(
                 layers, layers[0].weight.dtype
             ):
                 fused.get(layers)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .fast_paths import FastPath, enabled
-from .linear import compiling
+from .linear import compiling, intercepted_below
 
 __all__ = ["MICRO_BATCH_TOKENS", "concat_batches", "items_per_slice", "micro_batched"]
 
@@ -112,7 +112,8 @@ def _slice_size(model: Any, tensors: List[Any]) -> Optional[int]:
     if not all(t.shape[0] == batch and t.device.type == "cpu" for t in tensors):
         return None
     size = model.micro_batch_size(tensors[0])
-    return size if batch > size else None
+    # Hooked or replaced modules inside see the whole batch, as on the plain path.
+    return size if batch > size and not intercepted_below(model) else None
 
 
 def items_per_slice(tokens_per_item: int) -> int:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import Linear
+from .linear import Linear, intercepted
 from .position_encoding import (
     FourierPositionEncoding,
     TrainablePositionEncoding,
@@ -188,9 +188,12 @@ class LearnedImagePreprocessor(nn.Module):
                 f"the learned position encoding covers {self.image_size[0]}x"
                 f"{self.image_size[1]} images only, got {images.shape[-2]}x{images.shape[-1]}"
             )
-        # A 1x1 conv is a Linear on channels-last tokens (no big NCHW permute).
-        tokens = channels_last_tokens(images)
-        features = F.linear(tokens, self.conv1x1.weight.flatten(1), self.conv1x1.bias)
+        if intercepted(self.conv1x1):  # hooked or replaced: called as a module
+            features = channels_last_tokens(self.conv1x1(images))
+        else:
+            # A 1x1 conv is a Linear on channels-last tokens (no big NCHW permute).
+            tokens = channels_last_tokens(images)
+            features = F.linear(tokens, self.conv1x1.weight.flatten(1), self.conv1x1.bias)
         position = self.position_projection(self.position_encoding.embeddings)
         return concat_position(features, position)
 

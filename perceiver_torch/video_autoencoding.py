@@ -13,7 +13,7 @@ from .configs import VideoAutoencodingConfig
 from .decoders import FoldedDecoder, PerceiverDecoder
 from .fast_paths import FastPath, enabled
 from .inputs import expect, fail, same_batch
-from .linear import compiling
+from .linear import compiling, intercepted_below
 from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import (
@@ -311,11 +311,14 @@ class VideoAutoencoder(PerceiverIO):
         # Nor under autograd, in eval mode too: the fold is formed from detached
         # weights and latents, so backward() left the encoder, decoder, heads and
         # inputs without gradients (saliency, fine-tuning with the model in eval()).
+        # Nor where a module is hooked or replaced (linear.intercepted): the fold
+        # reads the decoder's weights instead of calling its modules.
         return (
             enabled(FastPath.FOLDED_DECODER)
             and not self.training
             and not torch.is_grad_enabled()
             and not compiling()
+            and not intercepted_below(self)
         )
 
     def _folded(self, latents: Tensor) -> FoldedDecoder:
