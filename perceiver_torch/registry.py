@@ -196,8 +196,11 @@ def build(name: str, config: Any = None, *, dtype: DTypeLike = None) -> Perceive
         raise configs.ConfigError(
             f"cannot build {name} with this configuration: {error}"
         ) from error
-    # Initialised in float32 (the reference's initialisers), then cast once.
-    return model if torch_dtype in (None, torch.float32) else model.to(torch_dtype)
+    # Initialised in the default dtype (the reference's initialisers; float32 unless
+    # torch.set_default_dtype says otherwise), then cast once: None and "float32"
+    # give a float32 model under a float64 default too, as load() asks (a float64
+    # model would hold twice the memory and take none of the fast paths).
+    return model.to(torch.float32 if torch_dtype is None else torch_dtype)
 
 
 # A torch.save file is a zip archive; the legacy (pre-1.6) format is a pickle that

@@ -561,6 +561,35 @@ def _save_safetensors(path, name, model, metadata=None):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_build_and_load_give_float32_under_a_float64_default_dtype(tmp_path, name):
+    # build() constructs its modules in torch's default dtype; dtype None or
+    # "float32" (and load() of a float32 file, which asks for float32) must still
+    # give a float32 model where torch.set_default_dtype(torch.float64) is in force.
+    path = tmp_path / "model.safetensors"
+    _save_safetensors(path, name, tiny(name))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        models = {
+            "build()": pt.build(name, pt.TINY_CONFIGS[name]),
+            "build(dtype='float32')": pt.build(name, pt.TINY_CONFIGS[name], dtype="float32"),
+            "load()": pt.load(path),
+            "load(dtype='float32')": pt.load(path, dtype="float32"),
+            "build(dtype='bfloat16')": pt.build(
+                name, pt.TINY_CONFIGS[name], dtype="bfloat16"
+            ),
+        }
+    finally:
+        torch.set_default_dtype(previous)
+    for label, model in models.items():
+        floating = {
+            t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()
+        }
+        want = torch.bfloat16 if "bfloat16" in label else torch.float32
+        assert floating == {want}, f"{label}: {floating}"
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_load_round_trip(tmp_path, name):
     model = tiny(name, seed=5)
     inputs = tiny_inputs(name, batch=1)
