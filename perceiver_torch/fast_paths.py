@@ -39,8 +39,9 @@ when parity breaks, run the plain path first::
 ``true``/``yes``/``on`` 1, any other value is a ``ValueError`` naming it).
 The fast paths switch themselves off where they do not apply (training, autograd,
 dropout, other devices or dtypes for the oneDNN kernel, modules with hooks or
-replaced by other ones: ``linear.intercepted``); the switch only ever turns them off,
-never on where they do not apply.
+replaced by other ones: ``linear.intercepted``; ``torch.autocast`` for the oneDNN
+kernels and the folded decoder, which autocast does not cast); the switch only ever
+turns them off, never on where they do not apply.
 
 The two oneDNN paths also step aside on CPUs where oneDNN's matmul is not the faster
 kernel: the linear layers for float32 on CPUs without AVX-512

@@ -323,16 +323,32 @@ def linear_as_built(layer: nn.Module) -> bool:
     return isinstance(layer, Linear) and not intercepted(layer)
 
 
+def autocasting(device_type: str = "cpu") -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` here. Autocast does not
+    see the oneDNN kernels (``torch.ops.mkldnn``), the in-place products or the
+    folded video decoder's own casts: under it those fast paths step aside, so that
+    every layer computes in autocast's dtype as on the plain path (the folded decoder
+    failed there: a bfloat16 ``addmm_`` into a float32 product)."""
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
+
+
 def onednn_eligible(*tensors: Tensor) -> bool:
     """Whether oneDNN's kernels could compute on ``tensors``: no autograd, CPU tensors
-    of one dtype the kernels take, not under torch.compile (the oneDNN fast paths add
-    whether they are switched on and the kernel exists)."""
+    of one dtype the kernels take, not under torch.compile nor CPU autocast
+    (:func:`autocasting`; the oneDNN fast paths add whether they are switched on and
+    the kernel exists)."""
     dtype = tensors[0].dtype
     return (
         not torch.is_grad_enabled()
         and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
         and dtype in ONEDNN_DTYPES
         and not compiling()
+        and not autocasting("cpu")
     )
 
 

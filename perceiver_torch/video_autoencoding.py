@@ -13,7 +13,7 @@ from .configs import VideoAutoencodingConfig
 from .decoders import FoldedDecoder, PerceiverDecoder
 from .fast_paths import FastPath, enabled
 from .inputs import expect, fail, same_batch
-from .linear import compiling, intercepted_below
+from .linear import autocasting, compiling, intercepted_below
 from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import (
@@ -303,7 +303,7 @@ class VideoAutoencoder(PerceiverIO):
         audio = torch.arange(self.num_audio_patches, device=device).tensor_split(k)
         return [{"image": i, "audio": a} for i, a in zip(images, audio)]
 
-    def _use_fused(self) -> bool:
+    def _use_fused(self, latents: Tensor) -> bool:
         # Not under torch.jit.trace / torch.export / torch.compile: the fold chooses
         # its factorisation from the weights' values (decoders.gram_factor), which
         # export cannot branch on, a trace would freeze and torch.compile breaks the
@@ -311,13 +311,16 @@ class VideoAutoencoder(PerceiverIO):
         # Nor under autograd, in eval mode too: the fold is formed from detached
         # weights and latents, so backward() left the encoder, decoder, heads and
         # inputs without gradients (saliency, fine-tuning with the model in eval()).
-        # Nor where a module is hooked or replaced (linear.intercepted): the fold
-        # reads the decoder's weights instead of calling its modules.
+        # Nor under torch.autocast, which does not cast the fold's own products (it
+        # failed there, and the plain decoder computes in autocast's dtype). Nor where
+        # a module is hooked or replaced (linear.intercepted): the fold reads the
+        # decoder's weights instead of calling its modules.
         return (
             enabled(FastPath.FOLDED_DECODER)
             and not self.training
             and not torch.is_grad_enabled()
             and not compiling()
+            and not autocasting(latents.device.type)
             and not intercepted_below(self)
         )
 
@@ -387,7 +390,7 @@ class VideoAutoencoder(PerceiverIO):
         subsample: Optional[Subsample],
         num_chunks: Optional[int] = None,
     ) -> Dict[str, Tensor]:
-        folded = self._folded(latents) if self._use_fused() else None
+        folded = self._folded(latents) if self._use_fused(latents) else None
         if subsample is not None:
             return self._decode_chunk(latents, subsample, folded)
         chunks = self.chunk_subsamples(num_chunks, latents.device)
