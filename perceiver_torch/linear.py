@@ -408,43 +408,73 @@ def _mkl_kernel(x: Tensor, packed: Tensor, weight: Tensor, bias: Optional[Tensor
     return torch.ops.mkl._mkl_linear(x, packed, weight, bias, x.numel() // x.shape[-1])
 
 
-# Elements of a weight a packed copy's stamp samples (see _stamp).
+# Elements of a tensor other than a matrix or a vector that a packed copy's stamp
+# samples (see _sampled_views).
 _STAMP_SAMPLES = 64
 
-Stamp = Tuple[int, Tensor, Tensor]  # (version, view of sampled elements, their values)
+# (version, views of the sampled elements, their values then)
+Stamp = Tuple[int, Tuple[Tensor, ...], Tuple[Tensor, ...]]
+
+
+def _sampled_views(t: Tensor) -> Tuple[Tensor, ...]:
+    """Views of the elements of ``t`` a stamp samples. For a matrix (R, C), of any
+    strides, an element of every row and of every column: where R >= C the diagonal
+    of each block of C rows and of the last C rows (likewise by columns where R < C),
+    R + C elements at most, as two strided views. A vector (a bias, at
+    most a few thousand elements) whole. Elsewhere up to ``_STAMP_SAMPLES`` elements
+    spread over the tensor."""
+    if t.dim() == 1:
+        return (t,)
+    if t.dim() == 2 and t.numel() > 0:
+        rows, cols = t.shape
+        row_step, col_step = t.stride()
+        start, diagonal = t.storage_offset(), row_step + col_step
+        if rows >= cols:  # blocks of cols rows, then the last cols rows
+            return (
+                t.as_strided((rows // cols, cols), (cols * row_step, diagonal), start),
+                t.as_strided((cols,), (diagonal,), start + (rows - cols) * row_step),
+            )
+        return (  # blocks of rows columns, then the last rows columns
+            t.as_strided((cols // rows, rows), (rows * col_step, diagonal), start),
+            t.as_strided((rows,), (diagonal,), start + (cols - rows) * col_step),
+        )
+    if t.is_contiguous():
+        flat = t.view(-1)
+        return (flat[:: max(1, flat.numel() // _STAMP_SAMPLES)],)
+    # Slicing every dimension with a step stays a view (reshape would copy, and a copy
+    # does not see later writes).
+    per_dim = max(1, math.ceil(_STAMP_SAMPLES ** (1 / t.dim())))
+    return (t[tuple(slice(None, None, max(1, n // per_dim)) for n in t.shape)],)
 
 
 def _stamp(t: Tensor) -> Stamp:
     """What :func:`_same_tensors` checks a kept copy of ``t`` against besides its
-    storage, dtype and shape: its version counter, and the values of up to
-    ``_STAMP_SAMPLES`` elements spread over it (a view that follows the storage, and
-    a copy). Writes through ``p.data`` (``p.data.copy_(...)``, ``p.data.mul_(...)``,
-    the usual EMA and re-initialisation idioms) do not bump ``p``'s version counter:
-    ``.data`` is a tensor of its own for autograd; the samples catch the writes that
-    change most of the tensor (one comparison of 64 elements, a few microseconds)."""
+    storage, strides, dtype and shape: its version counter, and the values of sampled
+    elements (:func:`_sampled_views`: views that follow the storage, and copies).
+    Writes through ``p.data`` (``p.data.copy_(...)``, ``p.data.mul_(...)``,
+    ``p.data[:, j] = 0``, the usual EMA, re-initialisation and ablation idioms) and
+    through numpy do not bump ``p``'s version counter: ``.data`` is a tensor of its
+    own for autograd. The samples catch those that change a whole row or column of a
+    matrix, or most of any tensor (a few microseconds a check); narrower ones (single
+    elements) need ``pack_weights`` again, which remakes every copy."""
     t = t.detach()
-    if t.is_contiguous():
-        flat = t.view(-1)
-        view = flat[:: max(1, flat.numel() // _STAMP_SAMPLES)]
-    else:
-        # A transposed or otherwise strided weight (load_state_dict(assign=True) of a
-        # transposed tensor, a tied weight): reshape would copy it, and a copy does not
-        # see later writes. Slicing every dimension with a step stays a view.
-        per_dim = max(1, math.ceil(_STAMP_SAMPLES ** (1 / t.dim())))
-        view = t[tuple(slice(None, None, max(1, n // per_dim)) for n in t.shape)]
-    return t._version, view, view.clone()
+    views = _sampled_views(t)
+    return t._version, views, tuple(view.clone() for view in views)
 
 
 def _same_tensors(kept: Sequence[Tuple[Tensor, Stamp]], tensors: Sequence[Tensor]) -> bool:
     """Whether ``tensors`` are still the (alias, stamp) pairs ``kept``: same storage,
-    dtype, shape, version and sampled values (a kept alias holds its storage, so an
-    equal address cannot be a later tensor's; see ``Linear._packed``)."""
+    strides, dtype, shape, version and sampled values (a kept alias holds its storage,
+    so an equal address cannot be a later tensor's; see ``Linear._packed``; equal
+    strides, because ``p.data = p.data.t()`` keeps the address, shape and version of
+    a square weight)."""
     return len(kept) == len(tensors) and all(
         alias.data_ptr() == t.data_ptr()
         and alias.dtype == t.dtype
         and alias.shape == t.shape
+        and alias.stride() == t.stride()
         and stamp[0] == t._version
-        and torch.equal(stamp[1], stamp[2])
+        and all(torch.equal(view, value) for view, value in zip(stamp[1], stamp[2]))
         for (alias, stamp), t in zip(kept, tensors)
     )
 
@@ -469,8 +499,10 @@ class Linear(nn.Linear):
     model then holds as much as its float32 weights. :func:`pack_weights` keeps packed
     copies in float32 too (3-8% of the float32 time on AMD EPYC),
     :func:`release_packed_weights` keeps none (``load(..., pack_weights=False)``).
-    The copy is made again when the weight changes (in-place updates, also through
-    ``p.data``, which a sample of its elements catches; ``.to()``; a new tensor), and
+    The copy is made again when the weight changes (in-place updates; ``.to()``; a
+    new tensor or view; writes through ``p.data`` or numpy, which bypass the version
+    counter, where they change a whole row or column or most of the weight, which
+    sampled elements catch: after narrower ones call :func:`pack_weights` again), and
     is not part of the state dict or of copies and pickles of the module.
     :meth:`forward_gelu` and :meth:`forward_add` fuse the MLP's tanh GELU and a
     residual addition into the same oneDNN pass (elsewhere they run after ``F.linear``).
@@ -730,10 +762,15 @@ def pack_weights(module: nn.Module) -> nn.Module:
     copies are oneDNN's, made now (:func:`prepack`), except float32 ones on Intel CPUs
     with AVX-512, which are MKL's, made by the first call (:func:`cpu_prefers_mkl_packing`;
     the language model in float32 8% faster there, against 2% with oneDNN's). They
-    follow the weights' later changes. Returns ``module``."""
+    follow the weights' later changes (``Linear`` says which writes it sees); copies
+    that exist already are made again, so that a call after writes it cannot see
+    (single elements through ``p.data``) brings them up to date. Returns ``module``."""
     for sub in module.modules():
         if isinstance(sub, Linear):
             sub.packing = True
+            sub._packed = sub._mkl_packed = None
+        for _, fused in _fused_groups(sub):
+            fused.clear()
     return prepack(module)
 
 

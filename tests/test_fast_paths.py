@@ -376,3 +376,21 @@ def test_an_environment_value_that_is_no_switch_is_named(monkeypatch):
     with pytest.raises(ValueError, match="PERCEIVER_TORCH_ONEDNN='maybe'"):
         fast_paths.disabled_paths()
     monkeypatch.setattr(fast_paths, "_environment", None)  # not kept for later tests
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_packed_weights_follow_column_ablation_and_views_through_data(name):
+    # After a forward pass with packed weights (float32 pack_weights; bfloat16 packs by
+    # default), writes through p.data do not bump the version counter: zeroing an
+    # input column of every weight (an ablation) or transposing a square weight in
+    # place (same storage) must still reach the packed and fused copies.
+    model, inputs = linear_module.pack_weights(tiny(name)), model_inputs(name)
+    with torch.no_grad():
+        model(*inputs)
+    for p in model.parameters():
+        if p.dim() == 2 and p.shape[0] == p.shape[1]:
+            p.data = p.data.t()
+        elif p.dim() == 2 and p.shape[1] > 3:
+            p.data[:, 3] = 0.0
+    fast, plain, exact = run_three_ways(model, inputs)
+    check_outputs_within_float32_rounding(name, fast, plain, exact)

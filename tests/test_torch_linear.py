@@ -163,6 +163,74 @@ def test_packed_weight_follows_the_weight(onednn_packing):
 
 
 @needs_onednn
+@pytest.mark.parametrize("shape", [(8, 16), (40, 96), (96, 40), (16, 16)])
+def test_packed_weight_follows_row_column_and_view_writes(onednn_packing, shape):
+    """Writes through ``p.data`` bypass the version counter: the packed copy sees those
+    that change a whole row or column (a neuron's or an input's ablation, which a
+    64-element sample missed) and a new view of the same storage (``p.data =
+    p.data.t()`` keeps a square weight's address, shape and version); narrower
+    writes are brought up to date by ``pack_weights`` again."""
+    torch.manual_seed(3)
+    out_features, in_features = shape
+    layer = linear_module.pack_weights(torch.nn.Sequential(Linear(in_features, out_features)))[0]
+    x = torch.randn(5, in_features)
+
+    def check(label):
+        with torch.no_grad():
+            got = layer(x)
+            plain = F.linear(x, layer.weight, layer.bias)
+        exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+        check_within_float32_rounding(label, got, plain, exact)
+
+    check("first call")
+    for row in range(out_features):
+        layer.weight.data[row] = torch.randn(in_features)
+        check(f"row {row} written through .data")
+    for column in range(in_features):
+        layer.weight.data[:, column] = torch.randn(out_features)
+        check(f"column {column} written through .data")
+    if out_features == in_features:
+        layer.weight.data = layer.weight.data.t()  # same storage, other strides
+        check("transposed view of the same storage")
+    layer.weight.data[1, 2] += 5.0  # one element: not sampled here, but ...
+    linear_module.pack_weights(torch.nn.Sequential(layer))  # ... made again
+    check("one element written, then pack_weights")
+
+
+@needs_onednn
+def test_fused_copy_follows_bias_elements_written_through_data(onednn_packing):
+    """The fused q, k, v copy holds the biases concatenated: an element of one
+    written through ``p.data`` (no version bump) is seen (a 64-element sample of a
+    192-wide bias missed it)."""
+    import copy
+
+    from perceiver_torch.attention import Attention
+
+    torch.manual_seed(4)
+    attention = Attention(
+        q_channels=32, kv_channels=32, qk_channels=192, v_channels=192,
+        num_heads=2, self_attention=True,
+    ).eval()
+    linear_module.pack_weights(attention)
+    x = torch.randn(2, 6, 32)
+
+    def check(label):
+        with torch.no_grad():
+            got = attention(x, x)
+            with fast_paths.plain():
+                plain = attention(x, x)
+                exact = copy.deepcopy(attention).double()(x.double(), x.double())
+        check_within_float32_rounding(label, got, plain, exact)
+
+    check("first call")
+    assert attention._fused.made
+    attention.to_v.bias.data[5] += 1.0
+    check("to_v.bias[5] written through .data")
+    attention.to_q.bias.data[7] += 1.0
+    check("to_q.bias[7] written through .data")
+
+
+@needs_onednn
 def test_packed_weight_is_what_the_kernel_reads(monkeypatch, onednn_packing):
     """After pack_weights, forward and forward_gelu hand oneDNN the packed copy (not
     the plain weight, which it would reorder in every call)."""
