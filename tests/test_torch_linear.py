@@ -162,6 +162,15 @@ def test_packed_weight_follows_the_weight(onednn_packing):
     assert layer._packed is None and layer.packed_weight() is layer.weight
 
 
+def check_layer_within_float32_rounding(label, layer, x):
+    """``layer(x)`` against ``F.linear`` of its weight now, both against float64."""
+    with torch.no_grad():
+        got = layer(x)
+        plain = F.linear(x, layer.weight, layer.bias)
+    exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+    check_within_float32_rounding(label, got, plain, exact)
+
+
 @needs_onednn
 @pytest.mark.parametrize("shape", [(8, 16), (40, 96), (96, 40), (16, 16)])
 def test_packed_weight_follows_row_column_and_view_writes(onednn_packing, shape):
@@ -176,11 +185,7 @@ def test_packed_weight_follows_row_column_and_view_writes(onednn_packing, shape)
     x = torch.randn(5, in_features)
 
     def check(label):
-        with torch.no_grad():
-            got = layer(x)
-            plain = F.linear(x, layer.weight, layer.bias)
-        exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
-        check_within_float32_rounding(label, got, plain, exact)
+        check_layer_within_float32_rounding(label, layer, x)
 
     check("first call")
     for row in range(out_features):
@@ -437,11 +442,7 @@ def test_mkl_packed_copy_follows_the_weight(mkl_packing):
     x = torch.randn(5, 16)
 
     def check(label):
-        with torch.no_grad():
-            got = layer(x)
-            plain = F.linear(x, layer.weight, layer.bias)
-        exact = F.linear(x.double(), layer.weight.double(), layer.bias.double())
-        check_within_float32_rounding(label, got, plain, exact)
+        check_layer_within_float32_rounding(label, layer, x)
         assert mkl_packing[-1] == (layer._mkl_packed[3], 5)
 
     check("first call")
