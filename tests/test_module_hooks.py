@@ -255,3 +255,46 @@ def test_plain_torch_linear_in_place_of_ours():
     with torch.no_grad():
         got = model(*inputs)
     check_within_float32_rounding(name, got, expected, exact)
+
+
+@pytest.mark.parametrize("name", ["language_perceiver", "optical_flow", "video_autoencoding"])
+def test_hooks_fire_in_bfloat16_as_on_the_plain_path(name):
+    """bfloat16 has shortcuts of its own (q, k and v as one product against packed
+    weights, a LayerNorm written into zero-padded keys): a hook on any one module
+    fires as often, with the same keyword arguments and shapes, as on the plain path
+    (the values are the float32 tests' concern)."""
+    model = tiny(name).to(torch.bfloat16)
+    inputs = model_inputs(name)
+    names = _hooked_modules(model, inputs)
+    with fast_paths.plain():
+        plain_calls = _record(model, names, inputs)
+    for module_name in names:
+        (fast,) = _record(model, [module_name], inputs).values()
+        plain = plain_calls[module_name]
+        label = f"{name}: {module_name}"
+        assert len(fast) == len(plain), (label, len(fast), len(plain))
+        for (f_out, f_kw), (p_out, p_kw) in zip(fast, plain):
+            assert f_kw == p_kw, (label, f_kw, p_kw)
+            shapes = [t.shape for t in _tensors(f_out)]
+            assert shapes == [t.shape for t in _tensors(p_out)], label
+
+
+def test_a_hooked_key_norm_is_called_where_bfloat16_pads_it():
+    """A bfloat16 one-head cross-attention of wide inputs writes its key LayerNorm
+    into zero-padded keys (``layer_norm_padded``, test_precision.py checks it) rather
+    than calling ``kv_norm``: hooked, the LayerNorm is called."""
+    from perceiver_torch.attention import CrossAttentionLayer
+
+    torch.manual_seed(3)
+    layer = CrossAttentionLayer(q_channels=24, kv_channels=161, num_heads=1)
+    layer = layer.to(torch.bfloat16).eval()
+    inputs_q = torch.randn(2, 5, 24).to(torch.bfloat16)
+    inputs_kv = torch.randn(2, 130, 161).to(torch.bfloat16)
+    calls = []
+    # PyTorch's kernels, as on Intel CPUs (the suite forces oneDNN's where it exists).
+    with torch.no_grad(), fast_paths.plain(fast_paths.FastPath.ONEDNN_ATTENTION):
+        assert layer.prepare(inputs_kv, mode="absorb_kv").k.shape[-1] == 192  # padded
+        layer.kv_norm.register_forward_hook(lambda m, a, out: calls.append(out.shape))
+        prepared = layer.prepare(inputs_kv, mode="absorb_kv")
+        layer.attend_prepared(inputs_q, prepared)
+    assert calls == [(2, 130, 161)]
