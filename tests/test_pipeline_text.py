@@ -348,3 +348,41 @@ def test_bytes_like_texts_non_texts_and_malformed_spans():
         pipeline(["hello", "world"], spans=[[(0, 2)]])
     assert info.value.exit_code == 2
     assert pipeline("hello", spans=[(0, 2)]).filled[2:] == b"llo"
+
+
+def test_a_text_input_is_read_only_up_to_a_bound(tmp_path, monkeypatch):
+    """@FILE and stdin were read whole: @/dev/zero or an endless pipe into `-` ran
+    until the process was killed for memory. Reading stops past MAX_INPUT_BYTES."""
+    import io
+    import sys
+
+    from perceiver_torch.pipelines import text
+
+    monkeypatch.setattr(text, "MAX_INPUT_BYTES", 1000)
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"x" * 5000)
+    with pytest.raises(InputError, match="more than 1,000 bytes"):
+        text._read_input(f"@{big}")
+    small = tmp_path / "small.txt"
+    small.write_bytes(b"x" * 1000 + b"\n")
+    assert text._read_input(f"@{small}") == b"x" * 1000
+
+    class Endless(io.RawIOBase):
+        asked: list = []
+
+        def readable(self):
+            return True
+
+        def read(self, size=-1):
+            self.asked.append(size)
+            if size is None or size < 0:
+                raise AssertionError("stdin was read without a bound")
+            return b"y" * size
+
+    class Stdin:
+        buffer = Endless()
+
+    monkeypatch.setattr(sys, "stdin", Stdin())
+    with pytest.raises(InputError, match="stdin"):
+        text._read_input("-")
+    assert Endless.asked and all(0 <= n <= 1003 for n in Endless.asked)

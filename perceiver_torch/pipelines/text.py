@@ -468,17 +468,37 @@ def _read_input(value: str) -> Union[str, bytes]:
                 "or @FILE"
             )
         stream = getattr(sys.stdin, "buffer", None)
-        return _drop_final_line_ending(
-            stream.read() if stream is not None else sys.stdin.read()
-        )
+        return _read_at_most(stream if stream is not None else sys.stdin, "stdin (-)")
     if value.startswith("@"):
         path = Path(value[1:])
         try:
-            return _drop_final_line_ending(path.read_bytes())
+            with open(path, "rb") as handle:
+                return _read_at_most(handle, f"the text file {path}")
         except OSError as error:
             reason = getattr(error, "strerror", None) or error
             raise InputError(f"cannot read the text file {path}: {reason}") from None
     return value
+
+
+#: The most bytes a text INPUT read from @FILE or stdin may hold. The model reads
+#: max_seq_len bytes (2,048 for the official file; markers such as [MASK*N] make a
+#: text longer or shorter than that), so this only guards the memory: an endless
+#: stream (@/dev/zero, `yes | ... -`) or a huge file was read whole, until the
+#: process was killed for memory.
+MAX_INPUT_BYTES = 64 * 2**20
+
+
+def _read_at_most(stream: Any, what: str) -> Union[str, bytes]:
+    """All of ``stream`` less one final line ending (:func:`_drop_final_line_ending`),
+    or :class:`~.base.InputError` (exit 3) where that is more than
+    :data:`MAX_INPUT_BYTES` (reading stops just past it)."""
+    data = _drop_final_line_ending(stream.read(MAX_INPUT_BYTES + 3))  # + "\r\n" + 1
+    if len(data) > MAX_INPUT_BYTES:
+        raise InputError(
+            f"{what} holds more than {MAX_INPUT_BYTES:,} bytes, far more than the model "
+            "reads (its max_seq_len); give a shorter text"
+        )
+    return data
 
 
 def _drop_final_line_ending(text: Union[str, bytes]) -> Union[str, bytes]:
