@@ -494,3 +494,26 @@ def test_every_task_planner_resolves():
         if spec.outputs is not None:
             assert callable(import_attribute(spec.outputs)), spec.name
     assert TASKS["flow"].outputs and TASKS["autoencode"].outputs  # they derive names
+
+
+def test_an_installed_library_that_fails_to_load_is_not_called_missing(tmp_path, monkeypatch):
+    """Under a memory limit (ulimit -v) cv2's import failed with "failed to map
+    segment from shared object", and run said "this task needs opencv-python-headless
+    ...; install it": the package was installed. A missing package still gets that
+    advice."""
+    import sys
+
+    from perceiver_torch.pipelines.base import PipelineError, require
+
+    (tmp_path / "perceiver_broken_library.py").write_text(
+        'raise ImportError("libx.so: failed to map segment from shared object")\n'
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(PipelineError) as failed:
+        require("perceiver_broken_library")
+    message = str(failed.value)
+    assert "is installed but could not be loaded" in message
+    assert "failed to map segment" in message and failed.value.exit_code == 2
+    sys.modules.pop("perceiver_broken_library", None)
+    with pytest.raises(PipelineError, match=r"this task needs perceiver_no_such_lib .*install it"):
+        require("perceiver_no_such_lib")

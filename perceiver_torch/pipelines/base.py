@@ -122,10 +122,24 @@ def require(module: str, extra: str = "media") -> Any:
         package = {"cv2": "opencv-python-headless", "PIL": "Pillow", "av": "av"}.get(
             module.split(".")[0], module
         )
-        failure = PipelineError(
-            f"this task needs {package} ({error}); install it with "
-            f"pip install 'perceiver-convert[{extra}]'"
+        missing = isinstance(error, ModuleNotFoundError) and (
+            error.name is None or module == error.name or module.startswith(error.name + ".")
         )
+        if missing:
+            message = (
+                f"this task needs {package} ({error}); install it with "
+                f"pip install 'perceiver-convert[{extra}]'"
+            )
+        else:
+            # Installed, but loading it failed: a shared library that could not be
+            # mapped (a memory limit, ulimit -v) or a broken install. "Install it"
+            # was no help for a package that is there.
+            message = (
+                f"{package} is installed but could not be loaded ({error}); with a "
+                "memory limit (ulimit -v) give it more memory, otherwise reinstall it "
+                f"(pip install --force-reinstall 'perceiver-convert[{extra}]')"
+            )
+        failure = PipelineError(message)
         failure.exit_code = 2
         raise failure from None
 
