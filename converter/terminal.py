@@ -14,6 +14,7 @@ need nothing: ``json.dumps`` already escapes every control character.
 from __future__ import annotations
 
 import re
+import sys
 from typing import Any, Optional
 
 import click
@@ -36,5 +37,25 @@ def terminal_safe(text: str) -> str:
 
 
 def echo(message: Any = "", err: bool = False, nl: bool = True, file: Optional[Any] = None) -> None:
-    """``click.echo`` of ``message`` made :func:`terminal_safe`."""
-    click.echo(terminal_safe(str(message)), err=err, nl=nl, file=file)
+    """``click.echo`` of ``message`` made :func:`terminal_safe`.
+
+    A stream that cannot take it (``>/dev/full``: ENOSPC, EIO, ...) is a
+    :class:`~converter.errors.ConverterError` naming the stream (exit 3), as
+    ``echo_json`` says for a JSON document, not "unexpected OSError ... please report
+    it". A reader that went away (BrokenPipeError) is left to the CLI (exit 141)."""
+    if file is None and not err and sys.stdout is None:  # started with >&-
+        from converter.errors import ConverterError
+
+        raise ConverterError("cannot write to stdout: it is closed")
+    try:
+        click.echo(terminal_safe(str(message)), err=err, nl=nl, file=file)
+    except BrokenPipeError:
+        raise
+    except OSError as error:
+        from converter.errors import ConverterError
+
+        where = "stderr" if err else "stdout" if file is None else "the output"
+        raise ConverterError(
+            f"cannot write to {where}: {error.strerror or error}; send it to a file or "
+            "device that has room"
+        ) from None

@@ -1632,6 +1632,28 @@ def test_a_stdout_that_cannot_be_written(tmp_path):
     assert closed.stderr == "error: cannot write the JSON document to stdout: it is closed\n"
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["models"], ["mapping", "imagenet_conv"]])
+def test_a_stdout_that_cannot_take_a_table(args):
+    """The tables (models, mapping, inspect, demo) on a full stdout ended in
+    "unexpected OSError: [Errno 28] ... please report it", and on a closed one were
+    lost with exit 0; both are one line naming stdout, exit 3, as for --json."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-c", "from converter.cli import main; main()", *args]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr == (
+        "error: cannot write to stdout: No space left on device; send it to a file or "
+        "device that has room\n")
+    closed = subprocess.run(["sh", "-c", 'exec "$0" "$@" >&-', *command],
+                            stderr=subprocess.PIPE, text=True)
+    assert closed.returncode == 3, closed.stderr
+    assert closed.stderr == "error: cannot write to stdout: it is closed\n"
+
+
 def test_force_keeps_the_replaced_files_permissions(tmp_path):
     """A file kept private (0600) and replaced with --force became 0644 (the
     umask's); cp over it keeps 0600, and so does every --force now. A new file gets
