@@ -431,6 +431,14 @@ def check_new_folder(out_dir: str | os.PathLike) -> Path:
         raise OutputError(
             f"cannot write {out_dir}: the folder {parent} does not exist; create it first"
         )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        # As check_output_path says for a file (exit 2, before the work): the folder
+        # was refused only when the temporary folder was made, after the mapping,
+        # as "writing ... failed" (exit 3).
+        raise OutputError(
+            f"cannot write {out_dir}: no write permission in {parent}; choose a "
+            "writable folder"
+        )
     if out_dir.is_symlink() and (not out_dir.exists() or _is_empty_folder(out_dir)):
         # The final rename(2) replaces the link itself, never writes through it, and
         # fails on one (ENOTDIR), so say so before the work rather than after it.

@@ -488,6 +488,32 @@ def test_export_refuses_an_existing_folder_and_unexpressible_sizes(converted, ex
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_export_refuses_an_unwritable_folder_up_front(converted, tmp_path, monkeypatch) -> None:
+    """`export --format hf -o ro/NAME` with ro not writable: the other outputs are
+    refused before any work (exit 2, "no write permission"); the HF folder was
+    refused only when its temporary folder was made, after the mapping, exit 3."""
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    real_access = os.access
+
+    def access(path, mode, *args, **kwargs):  # root may write anyway: answer as a user
+        if Path(path) == parent and mode & os.W_OK:
+            return False
+        return real_access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    try:
+        result = run_cli("export", converted["imagenet_fourier"][1], "-o", parent / "hf",
+                         "--format", "hf")
+        assert result.exit_code == 2, result.stderr
+        assert "no write permission in" in result.stderr
+        assert "mapping" not in result.stderr  # before the work
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.chmod(0o755)
+
+
 @pytest.mark.parametrize("target", ["missing", "empty folder"])
 def test_export_refuses_a_link_up_front(target, converted, tmp_path) -> None:
     """A dangling link, or one to an empty folder, passed the up-front check and the
