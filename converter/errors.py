@@ -85,3 +85,19 @@ def nonfinite_message(names: "list[str]", noun: str = "tensor") -> str:
     and the first five names (inspect's pickles and other files, the exports)."""
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
     return f"{len(names)} {noun}(s) hold NaN or Inf values ({shown})"
+
+
+def extra_import_error(error: ImportError, missing: str, extra: str) -> UsageError:
+    """The error (exit 2) for an optional extra whose import failed: ``missing`` (the
+    message saying what needs it and how to install it) where a module is not there
+    (``ModuleNotFoundError``); where one is installed but could not be loaded (a shared
+    library that could not be mapped under a memory limit, ``ulimit -v``, or a broken
+    install), that, and how to mend it: "install it" was no help for a package that
+    is there."""
+    if isinstance(error, ModuleNotFoundError):
+        return UsageError(missing)
+    return UsageError(
+        f"{error.name or 'a library it needs'} is installed but could not be loaded "
+        f"({error}); with a memory limit (ulimit -v) give it more memory, otherwise "
+        f"reinstall it (pip install --force-reinstall 'perceiver-convert[{extra}]')"
+    )

@@ -45,7 +45,7 @@ from converter.errors import (
     ConverterError,
     MappingError,
     OutputError,
-    UsageError,
+    extra_import_error,
 )
 from converter.mapping import (
     MappingSpec,
@@ -71,9 +71,11 @@ def require_transformers() -> Any:
         import transformers  # noqa: F401
     except ImportError as error:
         # A missing optional extra: exit 2, as for run's media libraries.
-        raise UsageError(
+        raise extra_import_error(
+            error,
             f"HuggingFace export and import need transformers ({error}); install it "
-            "with `pip install 'perceiver-convert[hf]'`"
+            "with `pip install 'perceiver-convert[hf]'`",
+            "hf",
         ) from None
     return transformers
 

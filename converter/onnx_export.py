@@ -43,7 +43,12 @@ import numpy as np
 import torch
 
 from converter._version import __version__
-from converter.errors import OutputError, ParityError, UsageError, check_positive_int
+from converter.errors import (
+    OutputError,
+    ParityError,
+    check_positive_int,
+    extra_import_error,
+)
 from converter.progress import Progress, quiet
 from perceiver_torch import fast_paths
 
@@ -61,9 +66,11 @@ def require_onnx() -> Tuple[Any, Any]:
         import onnxruntime
     except ImportError as error:
         # A missing optional extra: exit 2, as for run's media libraries.
-        raise UsageError(
+        raise extra_import_error(
+            error,
             f"ONNX export needs onnx and onnxruntime ({error}); install them with "
-            "`pip install 'perceiver-convert[onnx]'`"
+            "`pip install 'perceiver-convert[onnx]'`",
+            "onnx",
         ) from None
     return onnx, onnxruntime
 

@@ -35,7 +35,12 @@ import numpy as np
 import torch
 
 import perceiver_torch
-from converter.errors import ParityError, UsageError, check_positive_int
+from converter.errors import (
+    ParityError,
+    UsageError,
+    check_positive_int,
+    extra_import_error,
+)
 from converter.progress import Progress, quiet
 
 STAGES = ("preprocessed", "latents", "decoder_output")
@@ -78,9 +83,11 @@ def require_jax() -> Any:
         import perceiver_jax  # noqa: F401  (imports jax and haiku)
     except ImportError as error:
         # A missing optional extra: exit 2, as for run's media libraries.
-        raise UsageError(
+        raise extra_import_error(
+            error,
             f"verifying needs jax and dm-haiku ({error}); install them with "
-            "`pip install 'perceiver-convert[jax]'`"
+            "`pip install 'perceiver-convert[jax]'`",
+            "jax",
         ) from None
     return perceiver_jax
 
