@@ -776,7 +776,7 @@ def _run(**kwargs: Any) -> None:
         staging.discard()
         code = getattr(error, "exit_code", EXIT_INTERRUPTED)
         what = "terminated (SIGTERM)" if code != EXIT_INTERRUPTED else "interrupted"
-        _fail(error, code, f"{what}; nothing was written", kwargs["as_json"])
+        _fail(error, code, f"error: {what}; nothing was written", kwargs["as_json"])
     except BaseException:
         staging.discard()
         raise
