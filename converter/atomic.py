@@ -319,6 +319,9 @@ def write_failed(path: Union[str, os.PathLike], error: OSError) -> ConverterErro
         errno.EROFS: "the filesystem is read-only: choose a folder on a writable one",
         errno.EACCES: "choose a folder you may write in",
         errno.EPERM: "choose a folder you may write in",
+        # A file-size limit (ulimit -f, RLIMIT_FSIZE), not the disk.
+        errno.EFBIG: "the file is larger than this process may write: raise its file-size "
+        "limit (ulimit -f) or choose a filesystem that takes files this large",
     }.get(error.errno, "free disk space or choose another folder")
     return ConverterError(
         f"writing {path} failed: {error.strerror or error}; nothing was written "

@@ -1502,11 +1502,13 @@ def test_a_dtype_op_mismatch_says_whether_the_array_or_the_mapping_is_at_fault(t
     "name, advice",
     [("ENOSPC", "(free disk space or choose another folder)"),
      ("EROFS", "(the filesystem is read-only: choose a folder on a writable one)"),
-     ("EACCES", "(choose a folder you may write in)")],
+     ("EACCES", "(choose a folder you may write in)"),
+     ("EFBIG", "(the file is larger than this process may write: raise its file-size "
+      "limit (ulimit -f) or choose a filesystem that takes files this large)")],
 )
 def test_a_failed_write_advises_what_fits_its_cause(tmp_path, name, advice):
     """Every failed write advised "free disk space", also on a read-only filesystem
-    (EROFS) or without permission (EACCES)."""
+    (EROFS), without permission (EACCES) or past a file-size limit (EFBIG)."""
     import errno
 
     from converter.atomic import write_failed
