@@ -774,3 +774,19 @@ def test_float_pixels_on_another_scale_get_a_note():
     (note,) = pipeline((tensor - 120) / 60).notes
     assert "clipped to 0..255" in note
     assert "within 0..1" in pipeline(Image.fromarray(image[..., 0] / np.float32(255))).notes[0]
+
+
+def test_an_image_over_twice_pillows_limit_is_refused_with_advice(tmp_path, monkeypatch):
+    """Above twice MAX_IMAGE_PIXELS Pillow refuses to decode (DecompressionBombError):
+    the error said so but not what to do. 56x40 = 2240 pixels against a limit of
+    1000 (refused above 2000) stands for an image over 179 megapixels."""
+    from perceiver_torch.pipelines.image import read_image_file
+
+    big = tmp_path / "big.png"
+    Image.fromarray(random_rgb(40, 56)).save(big)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(InputError) as refused:
+        read_image_file(big, [], None)
+    message = str(refused.value)
+    assert message.startswith(f"{big} is too large to decode safely (")
+    assert message.endswith("give a copy scaled down below 0.002 megapixels"), message

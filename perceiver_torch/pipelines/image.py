@@ -405,7 +405,10 @@ def read_image_file(
         raise InputError(f"no such image file: {path}") from None
     except Image.DecompressionBombError as error:
         # Pillow's guard against images that would decode to gigabytes.
-        raise InputError(f"{path} is too large to decode safely ({error})") from None
+        raise InputError(
+            f"{path} is too large to decode safely ({error}); give a copy scaled "
+            f"down below {2 * Image.MAX_IMAGE_PIXELS / 1e6:.3g} megapixels"
+        ) from None
     except (OSError, ValueError, SyntaxError) as error:
         # Pillow raises UnidentifiedImageError (an OSError) for non-images and
         # OSError/SyntaxError/ValueError for truncated or corrupt ones.
