@@ -790,3 +790,27 @@ def test_an_image_over_twice_pillows_limit_is_refused_with_advice(tmp_path, monk
     message = str(refused.value)
     assert message.startswith(f"{big} is too large to decode safely (")
     assert message.endswith("give a copy scaled down below 0.002 megapixels"), message
+
+
+def test_any_os_pathlike_is_a_path(tmp_path):
+    """os.DirEntry (os.scandir), pure pathlib paths and other os.PathLike names are
+    file paths, as str and Path are: they were refused as "cannot classify a
+    DirEntry" (flow: the same words)."""
+    import os
+    from pathlib import PurePath
+
+    from perceiver_torch.pipelines import FlowPipeline
+
+    pipeline = ClassifyPipeline(tiny("imagenet_conv"))
+    path = tmp_path / "one.png"
+    Image.fromarray(random_rgb(40, 60)).save(path)
+    expected = pipeline(path)
+    entry = next(e for e in os.scandir(tmp_path) if e.name == "one.png")
+    for one in (entry, PurePath(path)):
+        result = pipeline(one)
+        assert not isinstance(result, list)
+        assert torch.equal(result.logits, expected.logits)
+        assert result.input == str(path)
+    assert torch.equal(pipeline([entry, path])[0].logits, expected.logits)
+    flow = FlowPipeline(tiny("optical_flow"), pad=True)
+    assert np.array_equal(flow(entry, entry).flow, flow(path, path).flow)

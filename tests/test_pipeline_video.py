@@ -751,3 +751,25 @@ def test_sound_files_are_read_as_the_colabs_16_bit_wav(tmp_path):
     assert samples.dtype == np.float32
     assert np.array_equal(samples, expected.astype(np.float32))
     assert samples[-3:].tolist() == [0.0, 2 / 32768, 32767 / 32768]  # ties to even; clip
+
+
+def test_any_os_pathlike_is_a_path(tmp_path, model):
+    """A video or sound named by an os.DirEntry (os.scandir) or a pure pathlib path is
+    read as a file, as str and Path are: it was taken as frames ("video frames must be
+    uint8 (T, H, W, 3) RGB, got object ()") or samples ("audio samples must be
+    numbers ... a sound file goes in as its path")."""
+    import os
+    from pathlib import PurePath
+
+    make_test_video(tmp_path / "v.mp4", 4, size=(24, 40), sample_rate=1600)
+    (tmp_path / "s.wav").write_bytes(encode_wav(np.zeros(4 * 64, np.float32), 1600))
+    entries = {e.name: e for e in os.scandir(tmp_path)}
+    pipeline = AutoencodePipeline(model)
+    expected = pipeline(tmp_path / "v.mp4", tmp_path / "s.wav")
+    for video, sound in ((entries["v.mp4"], entries["s.wav"]),
+                         (PurePath(tmp_path / "v.mp4"), PurePath(tmp_path / "s.wav"))):
+        result = pipeline(video, sound)
+        assert np.array_equal(result.frames, expected.frames)
+        assert np.array_equal(result.audio, expected.audio)
+    alone = pipeline(entries["v.mp4"])  # its own sound track
+    assert np.array_equal(alone.audio, pipeline(tmp_path / "v.mp4").audio)

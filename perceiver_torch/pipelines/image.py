@@ -321,6 +321,16 @@ def pillow_warnings_as_notes(notes: Optional[List[str]]) -> Iterator[None]:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
+def is_path(value: Any) -> bool:
+    """A file path: a str, or any ``os.PathLike`` naming a str path (``pathlib``
+    paths, pure ones included, ``os.DirEntry`` from ``os.scandir``), which were
+    refused as "cannot classify a DirEntry" (and taken as frames or samples by
+    autoencode). Bytes paths stay refused, as bytes are."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, os.PathLike) and isinstance(os.fspath(value), str)
+
+
 def _is_pil(image: Any) -> bool:
     """A PIL image, known by its attributes (Pillow is imported only when needed)."""
     return hasattr(image, "mode") and hasattr(image, "size") and hasattr(image, "convert")
@@ -351,8 +361,8 @@ def load_rgb(image: ImageInput, notes: Optional[List[str]] = None) -> np.ndarray
         InputError: unreadable file, unsupported shape or dtype, NaN or infinite
             float values.
     """
-    if isinstance(image, (str, Path)):
-        return read_image_file(image, notes)
+    if is_path(image):
+        return read_image_file(os.fspath(image), notes)
     if isinstance(image, torch.Tensor):
         tensor = image.detach().cpu()
         if tensor.dim() == 3 and tensor.shape[0] in (1, 3, 4):
@@ -544,14 +554,14 @@ def _is_one_image(images: Any) -> bool:
     generator). Bytes count as one (unsupported) image, not as their byte values."""
     if isinstance(images, (np.ndarray, torch.Tensor)):
         return images.ndim != 4
-    if isinstance(images, (str, Path, bytes, bytearray, memoryview)) or _is_pil(images):
+    if isinstance(images, (bytes, bytearray, memoryview)) or is_path(images) or _is_pil(images):
         return True
     return not isinstance(images, Iterable)
 
 
 def _describe(image: ImageInput) -> str:
-    if isinstance(image, (str, Path)):
-        return str(image)
+    if is_path(image):
+        return os.fspath(image)
     shape = getattr(image, "shape", None) or getattr(image, "size", None)
     return f"{type(image).__name__} {tuple(shape) if shape is not None else ''}".strip()
 

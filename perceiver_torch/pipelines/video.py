@@ -40,6 +40,7 @@ from __future__ import annotations
 import io
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -49,6 +50,7 @@ import torch
 
 from ..inputs import InputError as ModelInputError
 from ..labels import class_names
+from .image import is_path
 from .base import (
     InputError,
     PipelineError,
@@ -269,8 +271,10 @@ class AutoencodePipeline:
                 height 0, or frames of different sizes (the first odd one named by
                 its number from 0).
         """
-        if isinstance(video, (str, Path)):
-            frames = [preprocess_frame(f, self.size) for f in iter_video_frames(video)]
+        if is_path(video):
+            frames = [
+                preprocess_frame(f, self.size) for f in iter_video_frames(os.fspath(video))
+            ]
         else:
             if not isinstance(video, (np.ndarray, torch.Tensor)) and isinstance(video, Iterable):
                 # A generator of frames as a list; np.asarray would make it a 0-d
@@ -312,10 +316,11 @@ class AutoencodePipeline:
         """
         separate = audio is not None  # a sound file of its own (--audio), not the video's
         if audio is None:
-            if not isinstance(video, (str, Path)):
+            if not is_path(video):
                 raise InputError("frames given as an array need their sound: pass audio=")
             audio = video
-        if isinstance(audio, (str, Path)):
+        if is_path(audio):
+            audio = os.fspath(audio)
             try:
                 samples, rate, channels = read_audio(audio, self.sample_rate)
             except InputError as error:
@@ -392,9 +397,9 @@ class AutoencodePipeline:
         frames as 25 per second, each with ``samples_per_frame`` sound samples, so the
         sound is matched to the frames at that rate. (None, None) otherwise (arrays
         have no rate; a container that does not say is taken at its word)."""
-        if not isinstance(video, (str, Path)):
+        if not is_path(video):
             return None, None
-        rate = video_frame_rate(video)
+        rate = video_frame_rate(os.fspath(video))
         if not rate or abs(float(rate) / MODEL_FPS - 1.0) <= 0.01:
             return None, None
         fps = float(rate)
@@ -411,8 +416,8 @@ class AutoencodePipeline:
     def __call__(self, video: VideoInput, audio: AudioInput = None) -> AutoencodeResult:
         notes: List[str] = []
         frames = self.load_frames(video)
-        if isinstance(video, (str, Path)):
-            missing = missing_frames_note(video_frame_count(video), len(frames))
+        if is_path(video):
+            missing = missing_frames_note(video_frame_count(os.fspath(video)), len(frames))
             if missing is not None:
                 notes.append(missing)
         video_fps, rate_note = self.frame_rate_note(video)
