@@ -386,3 +386,23 @@ def test_a_text_input_is_read_only_up_to_a_bound(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="stdin"):
         text._read_input("-")
     assert Endless.asked and all(0 <= n <= 1003 for n in Endless.asked)
+
+
+def test_spans_that_are_no_list_are_named():
+    """spans=5, a generator or a number per text failed with Python's "object of type
+    'int' has no len()" before the spans were checked."""
+    from perceiver_torch.pipelines import FillMaskPipeline
+
+    torch.manual_seed(0)
+    model = pt.build("language_perceiver", pt.TINY_CONFIGS["language_perceiver"])
+    pipeline = FillMaskPipeline(model)
+    for call in (
+        lambda: pipeline("hello", spans=5),
+        lambda: pipeline("hello", spans=((0, 2) for _ in range(1))),
+        lambda: pipeline(["hello", "world"], spans=[[(0, 2)], 3]),
+    ):
+        with pytest.raises(PipelineError, match="spans must be a list of") as info:
+            call()
+        assert info.value.exit_code == 2
+    # An empty list is still "no spans": the markers are read.
+    assert pipeline("he[MASK]lo", spans=[]).masked[0].position == 2

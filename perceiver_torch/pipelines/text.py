@@ -189,9 +189,12 @@ def parse_masked_text(
         data = _text_bytes(text)
     except InputError as error:
         raise InputError(f"{which}{error}") from None
-    if spans is not None and len(spans) > 0:
+    # Checked before len(): spans=5 or a generator failed with "object of type 'int'
+    # has no len()" instead of the spans message.
+    checked = None if spans is None else _checked_spans(spans, which)
+    if checked:
         masked = set()
-        for start, end in _checked_spans(spans, which):
+        for start, end in checked:
             if not 0 <= start < end <= len(data):
                 raise InputError(
                     f"{which}span {start}:{end} is not inside the text's {len(data)} bytes "
