@@ -424,6 +424,51 @@ def prepare(
     )
 
 
+# The entries build_metadata writes itself: load() reads "model", "config" and "dtype"
+# (an extra "dtype": "bfloat16" loaded a float32 file in bfloat16), and the others are
+# the file's provenance, which an extra entry would silently replace.
+RESERVED_METADATA = (
+    "format",
+    "model",
+    "config",
+    "size_preset",
+    "source_file",
+    "source_sha256",
+    "mapping",
+    "mapping_sha256",
+    "converter",
+    "dtype",
+    "haiku_dropped",
+    "parity",
+)
+
+
+def check_extra_metadata(extra: Optional[Mapping[str, str]]) -> Dict[str, str]:
+    """``extra`` as a dict of str to str, or :class:`UsageError` naming what is
+    wrong: not a mapping, a key or value that is not a str (safetensors metadata holds
+    strings only: an int failed deep in the writer with "'int' object has no
+    attribute 'encode'"), or a key the converter writes itself."""
+    if extra is None:
+        return {}
+    if not isinstance(extra, Mapping):
+        raise UsageError(
+            f"extra_metadata must be a mapping of str to str, got {type(extra).__name__}"
+        )
+    for key, value in extra.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise UsageError(
+                f"extra_metadata entries must be str to str (safetensors metadata holds "
+                f"strings), got {key!r}: {value!r}; json.dumps() other values"
+            )
+        if key in RESERVED_METADATA:
+            raise UsageError(
+                f"extra_metadata may not set {key!r}: the converter writes it (the "
+                f"file's model, config, dtype and provenance); reserved keys: "
+                f"{', '.join(RESERVED_METADATA)}"
+            )
+    return dict(extra)
+
+
 def build_metadata(
     prepared: PreparedConversion,
     dtype: str,
@@ -463,7 +508,7 @@ def build_metadata(
         )
     if parity is not None:
         metadata["parity"] = json.dumps(parity, sort_keys=True)
-    metadata.update(extra or {})
+    metadata.update(check_extra_metadata(extra))
     return metadata
 
 
@@ -545,8 +590,12 @@ def convert(
         overwrite: False refuses an existing ``out`` (``OutputError``), up front and
             again when the file is put in place (one another process wrote meanwhile
             is kept); ``out`` is never allowed to be ``path`` or ``mapping``.
+        extra_metadata: more str -> str entries for the file's metadata; the keys
+            the converter writes itself (:data:`RESERVED_METADATA`) are refused
+            (``UsageError``).
     """
     started = time.perf_counter()
+    check_extra_metadata(extra_metadata)  # before reading the checkpoint
     dtype = dtype or "float32"
     if dtype not in TORCH_DTYPES:
         raise UsageError(

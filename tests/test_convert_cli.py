@@ -501,3 +501,29 @@ def test_detection_reports_the_closest_models_own_problem(tmp_path):
     save_haiku_checkpoint(missing, checkpoint.params, checkpoint.state)
     with pytest.raises(MappingError, match="closest model is imagenet_fourier "):
         converter.convert(missing, None)
+
+
+def test_python_api_refuses_extra_metadata_that_would_corrupt_the_file(tmp_path):
+    """extra_metadata replaced the converter's own entries: {"dtype": "bfloat16"}
+    made a float32 conversion load as bfloat16, {"model": ...} a file that does not
+    load, {"source_sha256": ...} false provenance; a non-str value failed deep in
+    the writer ("'int' object has no attribute 'encode'")."""
+    source = GOLDEN / "imagenet_conv" / "checkpoint.pickle"
+    out = tmp_path / "out.safetensors"
+    for extra, message in (
+        ({"dtype": "bfloat16"}, "may not set 'dtype'"),
+        ({"model": "optical_flow"}, "may not set 'model'"),
+        ({"source_sha256": "0" * 64}, "may not set 'source_sha256'"),
+        ({"note": 1}, "must be str to str"),
+        ({1: "x"}, "must be str to str"),
+        ([("note", "x")], "must be a mapping"),
+    ):
+        for target in (out, None):
+            with pytest.raises(converter.UsageError, match=message):
+                converter.convert(source, target, extra_metadata=extra)
+        assert not out.exists()
+    converter.convert(source, out, extra_metadata={"note": "kept"})
+    with safe_open(str(out), "pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["note"] == "kept" and metadata["dtype"] == "float32"
+    assert next(perceiver_torch.load(out).parameters()).dtype == torch.float32
