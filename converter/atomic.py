@@ -410,6 +410,8 @@ def atomic_write(
     :func:`publish`).
 
     Raises:
+        OutputError: ``overwrite`` is False and ``path`` exists when the block
+            starts (:func:`check_outputs`'s message), before anything is written.
         OutputError: ``overwrite`` is False and ``path`` exists when the block ends
             (:func:`output_appeared`; nothing was replaced, the temporary file is gone).
         OutputError: ``path``'s folder is missing or not writable (see
@@ -417,6 +419,11 @@ def atomic_write(
         ConverterError: the write itself fails (disk full, ...).
     """
     path = check_output_path(path)
+    if not overwrite:
+        # Up front, before the caller writes (a whole checkpoint: save_haiku_checkpoint
+        # pickled it all and then blamed "another run" for a file that was there all
+        # along); publish() still refuses one that appears meanwhile.
+        check_outputs(path, force=False)
     folder = path.parent
     while True:
         temp = temporary_name(path)

@@ -363,3 +363,27 @@ def test_writer_refuses_to_emit_any_other_global(tmp_path):
         pickler = writer_module._HaikuPickler(handle, 3)
         with pytest.raises(TypeError, match="only emits the official globals"):
             pickler.dump({"m": {"w": print}})
+
+
+def test_save_without_overwrite_refuses_an_existing_file_up_front(tmp_path, monkeypatch):
+    """save_haiku_checkpoint(..., overwrite=False) over an existing file pickled the
+    whole checkpoint first and then refused it with "the file appeared while this
+    output was being written (another run?)", which it had not."""
+    out = tmp_path / "existing.pickle"
+    out.write_bytes(b"keep me")
+    pickled = []
+    original = writer_module._HaikuPickler.dump
+
+    def dump(self, obj):
+        pickled.append(True)
+        return original(self, obj)
+
+    monkeypatch.setattr(writer_module._HaikuPickler, "dump", dump)
+    params = {"linear": {"w": np.zeros((2, 3), np.float32)}}
+    with pytest.raises(OutputError, match="the file exists") as caught:
+        save_haiku_checkpoint(out, params, overwrite=False)
+    assert "appeared" not in str(caught.value)
+    assert not pickled and out.read_bytes() == b"keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["existing.pickle"]
+    save_haiku_checkpoint(out, params)  # overwrite=True (the default) replaces it
+    assert load_haiku_checkpoint(out).params["linear"]["w"].shape == (2, 3)
