@@ -571,7 +571,7 @@ def test_any_iterable_of_images_is_a_batch_and_single_images_stay_single(tmp_pat
         assert not isinstance(result, list) and torch.equal(result.logits, expected[0])
     grey = images[0][..., 0]  # (H, W): one image too, not H rows
     assert torch.equal(pipeline(grey).logits, pipeline([grey])[0].logits)
-    with pytest.raises(InputError, match="^cannot classify a bytes"):
+    with pytest.raises(InputError, match="^cannot read an image from a bytes"):
         pipeline(path.read_bytes())
 
 
@@ -582,7 +582,7 @@ def test_a_bad_image_among_several_is_named_by_its_number():
     for batch in ([good, bad, good], (image for image in [good, bad, good])):
         with pytest.raises(InputError, match=r"^image 2: an image array must be"):
             pipeline(batch)
-    with pytest.raises(InputError, match=r"^image 3: cannot classify a int"):
+    with pytest.raises(InputError, match=r"^image 3: cannot read an image from a int"):
         pipeline(iter([good, good, 7]))
     # One image (alone or the only one of a list) is not numbered, as one text.
     for one in (bad, [bad]):
@@ -814,3 +814,15 @@ def test_any_os_pathlike_is_a_path(tmp_path):
     assert torch.equal(pipeline([entry, path])[0].logits, expected.logits)
     flow = FlowPipeline(tiny("optical_flow"), pad=True)
     assert np.array_equal(flow(entry, entry).flow, flow(path, path).flow)
+
+
+def test_a_meta_tensor_is_refused_by_name():
+    """A meta tensor holds no values: it was torch's "Cannot copy out of meta
+    tensor"; and a flow frame of an unknown type is not told it cannot be
+    "classified"."""
+    from perceiver_torch.pipelines.image import load_rgb
+
+    with pytest.raises(InputError, match="^the image's pixels are a meta tensor"):
+        load_rgb(torch.empty(3, 8, 8, device="meta"))
+    with pytest.raises(InputError, match="^cannot read an image from a NoneType"):
+        load_rgb(None)

@@ -773,3 +773,26 @@ def test_any_os_pathlike_is_a_path(tmp_path, model):
         assert np.array_equal(result.audio, expected.audio)
     alone = pipeline(entries["v.mp4"])  # its own sound track
     assert np.array_equal(alone.audio, pipeline(tmp_path / "v.mp4").audio)
+
+
+def test_frames_and_sound_as_tensors(model):
+    """Frames given as a tensor, or a list of tensors, are read as the array (they
+    are detached and brought to the CPU: np.asarray failed on GPU tensors); a meta
+    tensor, which holds no values, is refused by name (it was torch's "can't convert
+    meta device type tensor to numpy"); frames in PyTorch's (T, 3, H, W) layout are
+    told the permute that gives (T, H, W, 3)."""
+    pipeline = AutoencodePipeline(model)
+    frames = np.random.default_rng(2).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    expected = pipeline.load_frames(frames)
+    tensor = torch.from_numpy(frames)
+    assert np.array_equal(pipeline.load_frames(tensor), expected)
+    assert np.array_equal(pipeline.load_frames(list(tensor)), expected)
+    meta = torch.empty(2, 16, 16, 3, dtype=torch.uint8, device="meta")
+    with pytest.raises(InputError, match="^the video frames are a meta tensor"):
+        pipeline.load_frames(meta)
+    with pytest.raises(InputError, match="^the video frames are a meta tensor"):
+        pipeline.load_frames(list(meta))
+    with pytest.raises(InputError, match=r"\.permute\(0, 2, 3, 1\) gives it"):
+        pipeline.load_frames(tensor.permute(0, 3, 1, 2))
+    with pytest.raises(InputError, match="^the audio samples are a meta tensor"):
+        pipeline.load_audio(frames, torch.empty(128, device="meta"), [])

@@ -103,6 +103,18 @@ def refuse_array_suffix_without_flag(out: Path, arrays: Optional[str]) -> None:
         raise usage_error(f"-o {out}: add --{suffix[1:]} for the raw arrays")
 
 
+def host_tensor(tensor: torch.Tensor, what: str) -> torch.Tensor:
+    """``tensor`` detached on the CPU, for NumPy (inputs on a GPU work as on the
+    CPU); :class:`InputError` for a meta tensor, which holds no values (``.cpu()``
+    failed with "Cannot copy out of meta tensor", ``np.asarray`` with "can't convert
+    meta device type tensor to numpy")."""
+    if tensor.device.type == "meta":
+        raise InputError(
+            f"the {what} are a meta tensor, which holds no values; give a tensor with values"
+        )
+    return tensor.detach().cpu()
+
+
 def positive_int(value: Any, name: str) -> int:
     """``value`` as an int, or :class:`PipelineError` (exit 2) unless it is an integer
     of at least 1: ``batch_size``, ``top_k`` and the like, where 0 or a negative

@@ -48,6 +48,7 @@ from .base import (
     check_model,
     check_weights,
     eval_mode,
+    host_tensor,
     no_progress,
     positive_int,
     require,
@@ -364,7 +365,7 @@ def load_rgb(image: ImageInput, notes: Optional[List[str]] = None) -> np.ndarray
     if is_path(image):
         return read_image_file(os.fspath(image), notes)
     if isinstance(image, torch.Tensor):
-        tensor = image.detach().cpu()
+        tensor = host_tensor(image, "image's pixels")
         if tensor.dim() == 3 and tensor.shape[0] in (1, 3, 4):
             tensor = tensor.permute(1, 2, 0)
         elif tensor.dim() != 2:
@@ -383,8 +384,8 @@ def load_rgb(image: ImageInput, notes: Optional[List[str]] = None) -> np.ndarray
     if _is_pil(image):
         return _from_pil(image, notes)
     raise InputError(
-        f"cannot classify a {type(image).__name__}: give a file path, a PIL image, a "
-        "numpy array (H, W, 3) or a torch tensor (3, H, W)"
+        f"cannot read an image from a {type(image).__name__}: give a file path, a PIL "
+        "image, a numpy array (H, W, 3) or a torch tensor (3, H, W)"
     )
 
 

@@ -59,6 +59,7 @@ from .base import (
     check_model,
     check_weights,
     eval_mode,
+    host_tensor,
     no_progress,
     positive_int,
     refuse_array_suffix_without_flag,
@@ -292,11 +293,23 @@ class AutoencodePipeline:
                         f"the frames differ in size: frame 0 is {shapes[0]}, frame {odd} "
                         f"is {shapes[odd]}; give frames of one size (T, H, W, 3)"
                     )
+            if isinstance(video, torch.Tensor):
+                video = host_tensor(video, "video frames")
+            elif isinstance(video, list):
+                video = [
+                    host_tensor(f, "video frames") if isinstance(f, torch.Tensor) else f
+                    for f in video
+                ]
             array = np.asarray(video)
             if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+                hint = (
+                    " (PyTorch's (T, 3, H, W) layout: .permute(0, 2, 3, 1) gives it)"
+                    if array.ndim == 4 and array.shape[1] == 3
+                    else ""
+                )
                 raise InputError(
                     f"video frames must be uint8 (T, H, W, 3) RGB, got {array.dtype} "
-                    f"{array.shape}"
+                    f"{array.shape}{hint}"
                 )
             if len(array) and 0 in array.shape[1:3]:
                 # cv2.resize fails on them with an assertion on "!ssize.empty()".
@@ -347,7 +360,7 @@ class AutoencodePipeline:
                 "its path, raw PCM as an array (np.frombuffer(data, np.int16))"
             )
         if isinstance(audio, torch.Tensor):
-            audio = audio.detach().cpu()
+            audio = host_tensor(audio, "audio samples")
             if audio.is_floating_point() and audio.dtype != torch.float64:
                 audio = audio.float()  # NumPy has no bfloat16
             audio = audio.numpy()
