@@ -25,6 +25,7 @@ from perceiver_torch.pipelines.flow_io import (
     flow_to_hsv,
     flow_to_wheel,
     render_flow,
+    wheel_legend,
 )
 
 from helpers import run_cli
@@ -740,9 +741,16 @@ def test_pictures_of_unknown_flow_are_black_and_max_flow_is_checked():
     # The unknown vectors do not count towards the wheel's scale: 2 px is saturated.
     assert flow_to_wheel(flow)[2, 3].tolist() == flow_to_wheel(flow[2:, 3:])[0, 0].tolist()
     assert flow_to_wheel(flow)[2, 3].tolist() == [255, 0, 0]
-    for bad in (-1.0, float("nan"), float("inf")):
+    # A string or a bool was NumPy's "ufunc 'isfinite' not supported" or taken as 1.
+    for bad in (-1.0, float("nan"), float("inf"), "3", True):
         with pytest.raises(PipelineError, match="max_flow must be"):
             flow_to_wheel(flow, max_flow=bad)
+    assert flow_to_wheel(flow, max_flow=np.float32(2)).tolist() == flow_to_wheel(flow).tolist()
+    # A legend of no pixels was NumPy's "negative dimensions are not allowed".
+    for bad in (-1, 0, 2.5):
+        with pytest.raises(PipelineError, match="size must be an integer of at least 1"):
+            wheel_legend(bad)
+    assert wheel_legend(1).shape == (1, 1, 3)
     assert render_flow(np.zeros((0, 3, 2)), "hsv").shape == (0, 3, 3)
 
 
@@ -786,3 +794,17 @@ def test_flow_of_takes_float_frames_as_the_pipeline_call_does(model):
     for empty in (np.zeros((24, 0, 3), np.uint8), np.zeros((0, 32, 3), np.float32)):
         with pytest.raises(InputError, match=r"the first frame is empty \(\d+x\d+ px"):
             pipeline.flow_of(empty, empty)
+
+
+def test_switches_are_true_or_false():
+    """pad="false" (a truthy string) was taken as True; so was classify's resize="no"."""
+    from perceiver_torch.pipelines import ClassifyPipeline
+
+    flow_model = pt.build("optical_flow", pt.TINY_CONFIGS["optical_flow"])
+    with pytest.raises(PipelineError, match="pad must be True or False, got 'false'"):
+        FlowPipeline(flow_model, pad="false")
+    assert FlowPipeline(flow_model, pad=np.bool_(True)).pad is True
+    conv = pt.build("imagenet_conv", pt.TINY_CONFIGS["imagenet_conv"])
+    with pytest.raises(PipelineError, match="resize must be True or False, got 'no'"):
+        ClassifyPipeline(conv, resize="no")
+    assert ClassifyPipeline(conv, resize=False).size is None

@@ -31,6 +31,7 @@ from typing import (
     TypeVar,
 )
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -113,6 +114,15 @@ def host_tensor(tensor: torch.Tensor, what: str) -> torch.Tensor:
             f"the {what} are a meta tensor, which holds no values; give a tensor with values"
         )
     return tensor.detach().cpu()
+
+
+def flag(value: Any, name: str) -> bool:
+    """``value`` as a bool, or :class:`PipelineError` (exit 2) unless it is True or
+    False (NumPy's too): ``resize="no"`` or ``pad="false"``, truthy strings, were taken
+    as True."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise usage_error(f"{name} must be True or False, got {value!r}")
 
 
 def positive_int(value: Any, name: str) -> int:

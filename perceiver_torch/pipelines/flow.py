@@ -40,6 +40,7 @@ from .base import (
     check_model,
     check_weights,
     eval_mode,
+    flag,
     no_progress,
     positive_int,
     refuse_array_suffix_without_flag,
@@ -146,7 +147,7 @@ class FlowPipeline:
             raise usage_error(problem)
         self.min_overlap = int(min_overlap)
         self.batch_size = positive_int(batch_size, "batch_size")
-        self.pad = bool(pad)
+        self.pad = flag(pad, "pad")
         self.progress = progress
 
     def _parameter(self) -> torch.Tensor:

@@ -11,12 +11,13 @@ tools draw unknown flow; it does not count towards the wheel's ``max_flow``.
 
 from __future__ import annotations
 
+import numbers
 import struct
 from typing import Optional, Union
 
 import numpy as np
 
-from .base import InputError, require, usage_error
+from .base import InputError, positive_int, require, usage_error
 
 __all__ = [
     "FLO_MAGIC",
@@ -161,7 +162,12 @@ def flow_to_wheel(flow: np.ndarray, max_flow: Optional[float] = None) -> np.ndar
         raise ValueError(f"flow must be (H, W, 2), got shape {flow.shape}")
     if max_flow is None:
         max_flow = max_magnitude(flow)
-    elif not (np.isfinite(max_flow) and max_flow >= 0):
+    elif (
+        isinstance(max_flow, bool)
+        or not isinstance(max_flow, numbers.Real)
+        or not (np.isfinite(max_flow) and max_flow >= 0)
+    ):
+        # A string failed in NumPy ("ufunc 'isfinite' not supported").
         raise usage_error(
             f"max_flow must be a finite length of at least 0 px, got {max_flow!r}"
         )
@@ -177,8 +183,13 @@ def flow_to_wheel(flow: np.ndarray, max_flow: Optional[float] = None) -> np.ndar
 def wheel_legend(size: int = 151) -> np.ndarray:
     """The colour key of :func:`flow_to_wheel`: (size, size, 3) uint8, the flow at a
     pixel being its offset from the centre (radius size // 2 fully saturated, +x to the
-    right, +y down); outside the unit circle the darkened colours show."""
-    r = size // 2
+    right, +y down); outside the unit circle the darkened colours show.
+
+    Raises:
+        PipelineError: ``size`` not an integer of at least 1 (NumPy's "negative
+            dimensions are not allowed" before).
+    """
+    r = positive_int(size, "size") // 2
     y, x = np.mgrid[-r : size - r, -r : size - r].astype(np.float64)
     return _wheel_colours(x / max(r, 1), y / max(r, 1))
 

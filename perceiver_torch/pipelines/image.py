@@ -48,6 +48,7 @@ from .base import (
     check_model,
     check_weights,
     eval_mode,
+    flag,
     host_tensor,
     no_progress,
     positive_int,
@@ -590,6 +591,7 @@ class ClassifyPipeline:
         self, model: torch.nn.Module, *, resize: bool = True, batch_size: int = 16
     ) -> None:
         name = check_model(model, "classify", IMAGENET_MODELS)
+        resize = flag(resize, "resize")
         if not resize and name == "imagenet_learned":
             raise WrongModelError(
                 "imagenet_learned has a learned position encoding of its training size "
