@@ -826,3 +826,22 @@ def test_a_meta_tensor_is_refused_by_name():
         load_rgb(torch.empty(3, 8, 8, device="meta"))
     with pytest.raises(InputError, match="^cannot read an image from a NoneType"):
         load_rgb(None)
+
+
+def test_sixteen_bit_pixels_within_the_8_bit_range_get_a_note(tmp_path):
+    """8-bit values in a 16-bit container (a mode "I" image made from int32 values,
+    a uint16 array, a 16-bit PNG) were read on the 0..65535 scale, nearly black,
+    without a word; the float path notes the same kind of mistake."""
+    from perceiver_torch.pipelines.image import load_rgb
+
+    values = np.random.default_rng(4).integers(0, 256, (12, 10))
+    path = tmp_path / "sixteen.png"
+    Image.fromarray(values.astype(np.uint16)).save(path)
+    for image in (Image.fromarray(values.astype(np.int32)), values.astype(np.uint16),
+                  str(path)):
+        notes = []
+        load_rgb(image, notes)
+        assert len(notes) == 1 and "16-bit values are all within 0..255" in notes[0], notes
+    notes = []
+    load_rgb((values * 257).astype(np.uint16), notes)  # the full 16-bit scale
+    assert notes == []

@@ -122,10 +122,26 @@ def _float_scale_note(array: np.ndarray, notes: Optional[List[str]]) -> None:
         )
 
 
+def _sixteen_bit_scale_note(values: np.ndarray, notes: Optional[List[str]]) -> None:
+    """Adds a note to ``notes`` for 16-bit pixels all within 0..255: most likely 8-bit
+    values in a 16-bit container (``Image.fromarray`` of int32 values, an array cast
+    to uint16), read on the 0..65535 scale as a nearly black image, silently."""
+    if notes is None or values.size == 0:
+        return
+    low, high = int(values.min()), int(values.max())
+    if 0 <= low and 0 < high <= 255:
+        notes.append(
+            f"the image's 16-bit values are all within 0..255 (the largest is {high}) "
+            "and were taken on the 0..65535 scale, as a nearly black image: give them "
+            "as 8-bit values (uint8, an 8-bit image) if they are on the 0..255 scale"
+        )
+
+
 def _from_array(array: np.ndarray, notes: Optional[List[str]] = None) -> np.ndarray:
     """An (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array -> (H, W, 3).
 
-    uint8 stays; uint16 is reduced to 8 bits (:func:`_to_uint8_16bit`); floats are
+    uint8 stays; uint16 is reduced to 8 bits (:func:`_to_uint8_16bit`; a note where
+    all are within 0..255, :func:`_sixteen_bit_scale_note`); floats are
     taken on the 0..255 scale and kept as float32 (clipped to 0..255, with a note in
     ``notes`` when they look like another scale: :func:`_float_scale_note`; NaN and
     infinities refused); RGBA is composited over white (uint8 only: a float alpha's
@@ -138,6 +154,7 @@ def _from_array(array: np.ndarray, notes: Optional[List[str]] = None) -> np.ndar
             f"shape {tuple(array.shape)}"
         )
     if array.dtype == np.uint16:
+        _sixteen_bit_scale_note(array, notes)
         array = _to_uint8_16bit(array)
     elif np.issubdtype(array.dtype, np.floating):
         # NaN passes np.clip and would make every probability NaN; an infinity would
@@ -235,6 +252,7 @@ def _decoded_rgb(image: Any, notes: Optional[List[str]]) -> np.ndarray:
         # Mode "I" (32-bit integers) is how Pillow opens most 16-bit greyscale files;
         # values outside 0..65535 (a true 32-bit image) are clipped, and said so.
         values = np.asarray(image)
+        _sixteen_bit_scale_note(values, notes)
         if mode == "I" and notes is not None and values.size:
             low, high = int(values.min()), int(values.max())
             if low < 0 or high > 65535:
