@@ -808,3 +808,20 @@ def test_switches_are_true_or_false():
     with pytest.raises(PipelineError, match="resize must be True or False, got 'no'"):
         ClassifyPipeline(conv, resize="no")
     assert ClassifyPipeline(conv, resize=False).size is None
+
+
+def test_uint8_frames_scale_as_the_colab_in_float64():
+    """uint8 frames go through a table instead of a float64 copy of the frames: every
+    value must be the colab's im / 255.0 * 2 - 1 computed in float64, rounded to
+    float32 (and float frames take that arithmetic itself)."""
+    from perceiver_torch.pipelines.flow import frames_to_model_input
+
+    values = np.arange(256, dtype=np.uint8)
+    first = np.stack([values] * 3, axis=-1)[None]  # (1, 256, 3)
+    second = first[:, ::-1]
+    got = frames_to_model_input(first, second)
+    expected = (np.stack([first, second]).astype(np.float64) / 255.0 * 2 - 1).astype(np.float32)
+    assert got.dtype == torch.float32 and got.shape == (1, 2, 3, 1, 256)
+    assert np.array_equal(got[0].permute(0, 2, 3, 1).numpy(), expected)
+    floats = frames_to_model_input(first.astype(np.float64), second.astype(np.float64))
+    assert torch.equal(floats, got)

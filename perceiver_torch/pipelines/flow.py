@@ -66,11 +66,23 @@ __all__ = ["FlowPipeline", "FlowResult", "frames_to_model_input", "run_task", "d
 FrameInput = Union[str, Path, np.ndarray, torch.Tensor, Any]  # Any: a PIL image
 
 
+# The colab's im / 255.0 * 2 - 1 (float64) rounded to float32, for each uint8 value:
+# the same numbers without a float64 copy of the frames (8 bytes a channel: a
+# 12000 x 12000 pair took 11 GB, a third of it that copy).
+_UINT8_TO_MODEL = (np.arange(256, dtype=np.float64) / 255.0 * 2 - 1).astype(np.float32)
+
+
 def frames_to_model_input(first: np.ndarray, second: np.ndarray) -> torch.Tensor:
     """Two (H, W, 3) RGB frames on the 0..255 scale -> the model's input
-    (1, 2, 3, H, W) float32 in [-1, 1], as the colab's ``im / 255.0 * 2 - 1``."""
-    stacked = np.stack([first, second]).astype(np.float64) / 255.0 * 2 - 1
-    return torch.from_numpy(stacked.astype(np.float32)).permute(0, 3, 1, 2)[None]
+    (1, 2, 3, H, W) float32 in [-1, 1], as the colab's ``im / 255.0 * 2 - 1``
+    (computed in float64, then rounded to float32; uint8 frames through a table of
+    those 256 values)."""
+    stacked = np.stack([first, second])
+    if stacked.dtype == np.uint8:
+        scaled = _UINT8_TO_MODEL[stacked]
+    else:
+        scaled = (stacked.astype(np.float64) / 255.0 * 2 - 1).astype(np.float32)
+    return torch.from_numpy(scaled).permute(0, 3, 1, 2)[None]
 
 
 @dataclass
