@@ -78,9 +78,10 @@ Exit codes:
   {EXIT_PARITY}    parity check outside tolerance
   {EXIT_USAGE}    usage error (bad option or --config value, unknown model, missing or
        unwritable output folder, an output that is an input or exists without
-       --force, a wrong output suffix, a missing optional extra)
+       --force, a wrong output suffix, a missing or unloadable optional extra)
   {EXIT_BAD_INPUT}    bad checkpoint or mapping (unsafe, empty, corrupt, unreadable or
-       unexpected file, malformed YAML), or a write that failed (disk full)
+       unexpected file, malformed YAML), or a write that failed (disk full, a
+       stdout that cannot take the output)
   {EXIT_INTERRUPTED}  interrupted (Ctrl-C); no partial file is left
   {EXIT_BROKEN_PIPE}  the reader of stdout went away (a pipe into head); nothing is said
   {Terminated.exit_code}  terminated (SIGTERM); no partial file is left

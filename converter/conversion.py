@@ -590,6 +590,8 @@ def convert(
         overwrite: False refuses an existing ``out`` (``OutputError``), up front and
             again when the file is put in place (one another process wrote meanwhile
             is kept); ``out`` is never allowed to be ``path`` or ``mapping``.
+        progress: called with a one-line message per step (the CLI's stderr lines);
+            silent by default.
         extra_metadata: more str -> str entries for the file's metadata; the keys
             the converter writes itself (:data:`RESERVED_METADATA`) are refused
             (``UsageError``).

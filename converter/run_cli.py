@@ -88,8 +88,9 @@ Every file the run would write (-o and the names derived from it, e.g. flow's .f
 .png) is checked before the model is loaded: one that exists is refused unless --force.
 
 Exit codes: 0 ok; 2 usage error (bad option, wrong model for the task, an output that
-is an input or exists without --force); 3 unreadable
-or unusable input (bad image, text too long, too-small frame); 130 interrupted.
+is an input or exists without --force, a media library missing or failing to load);
+3 unreadable or unusable input (bad image, text too long or an @FILE/stdin text over
+64 MiB, too-small frame); 130 interrupted; 143 terminated (SIGTERM).
 With random weights (fixtures), the answers are noise.
 """
 

@@ -172,7 +172,8 @@ def build(name: str, config: Any = None, *, dtype: DTypeLike = None) -> Perceive
     dataclass (``configs.config_from_dict``); otherwise the dataclass instance itself.
     An invalid configuration raises ``configs.ConfigError`` (a ``ValueError``) naming
     the key; no model is built.
-    dtype: "float32", "bfloat16", "float16" (or the torch dtype); None = float32.
+    dtype: "float32", "bfloat16", "float16" (or the torch dtype); None = float32,
+    also under ``torch.set_default_dtype(torch.float64)``.
     Floating-point inputs are cast to the model's dtype by the model. Builds on the
     current default device (``with torch.device("meta"):`` works).
     """

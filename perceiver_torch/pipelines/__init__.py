@@ -49,7 +49,9 @@ Contract of a task (how ``perceiver-convert run TASK`` finds and runs it)
    means the task writes ``options.output`` only (when given).
    :meth:`~.base.TaskSpec.planned_outputs` calls it.
 7. ``spec.requires``: the optional libraries every run imports; missing ones are
-   reported (exit 2, with the extra to install) before the model is loaded.
+   reported (exit 2, with the extra to install) before the model is loaded; one that
+   is installed but fails to load is reported when it is imported (exit 2, saying so
+   and how to mend it, :func:`~.base.require`).
 8. Errors: raise :class:`~.base.InputError` (unreadable or unusable input, exit 3),
    :class:`~.base.WrongModelError` (exit 2) or another :class:`~.base.PipelineError`
    with the right ``exit_code``; the message is one line saying what is wrong and how

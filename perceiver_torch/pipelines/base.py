@@ -136,8 +136,10 @@ def positive_int(value: Any, name: str) -> int:
 
 
 def require(module: str, extra: str = "media") -> Any:
-    """Imports an optional library, or raises :class:`PipelineError` saying which
-    extra installs it (``pip install 'perceiver-convert[media]'``)."""
+    """Imports an optional library, or raises :class:`PipelineError` (exit 2): where it
+    is missing, saying which extra installs it (``pip install
+    'perceiver-convert[media]'``); where it is installed but fails to load (a memory
+    limit, a broken install), saying so and how to mend it."""
     try:
         return importlib.import_module(module)
     except ImportError as error:
