@@ -70,8 +70,9 @@ goes to stderr; --json prints one document on stdout: {{"task", "model", "dtype"
 the model computed in), "results": [one per input]}}; each result has "input" and:
 
 \b
-  classify    "top_k": [{{"label", "index", "probability"}}], "notes" (an image
-              over Pillow's decompression-bomb limit)
+  classify    "top_k": [{{"label", "index", "probability"}}], "notes" (e.g. an
+              image over Pillow's decompression-bomb limit, a damaged EXIF block,
+              pixels that look like another scale)
   fill-mask   "text" (the filled text), "masked": [per masked byte: "position",
               "original" (with --span), "top_k": [{{"byte", "value", "index",
               "probability"}}]]
