@@ -328,13 +328,16 @@ def autocasting(device_type: str = "cpu") -> bool:
     see the oneDNN kernels (``torch.ops.mkldnn``), the in-place products or the
     folded video decoder's own casts: under it those fast paths step aside, so that
     every layer computes in autocast's dtype as on the plain path (the folded decoder
-    failed there: a bfloat16 ``addmm_`` into a float32 product)."""
+    failed there: a bfloat16 ``addmm_`` into a float32 product). False for device
+    types autocast has no mode for (the meta device)."""
     try:
         return bool(torch.is_autocast_enabled(device_type))
     except TypeError:  # torch < 2.4: no device argument
         if device_type == "cpu":
             return bool(torch.is_autocast_cpu_enabled())
-        return bool(torch.is_autocast_enabled())
+        return device_type == "cuda" and bool(torch.is_autocast_enabled())
+    except RuntimeError:  # "unknown device type for autocast" (meta)
+        return False
 
 
 def onednn_eligible(*tensors: Tensor) -> bool:
