@@ -41,6 +41,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .fast_paths import FastPath, enabled, onednn_forced
 
@@ -309,12 +310,37 @@ def intercepted(module: nn.Module) -> bool:
     return _hooked_or_replaced(module) or global_hooks()
 
 
+def _any_hooked_or_replaced(roots: Sequence[nn.Module], below_only: bool) -> bool:
+    """Whether a module of ``roots``' subtrees (not the roots themselves where
+    ``below_only``) is hooked or replaced, leaving out parametrizations
+    (``torch.nn.utils.parametrize``: weight_norm, spectral_norm, orthogonal): they
+    compute a weight, which the shortcuts read through the parametrized attribute, and
+    see the same weight whatever the shortcut (their classes are no replaced layer)."""
+    for root in roots:
+        parametrizations = set()
+        for module in root.modules():  # parents before their children
+            if id(module) in parametrizations:
+                continue
+            # (_modules first: a missing attribute costs nn.Module.__getattr__ a raise)
+            if "parametrizations" in module._modules and parametrize.is_parametrized(module):
+                parametrizations.update(id(p) for p in module.parametrizations.modules())
+            if (module is not root or not below_only) and _hooked_or_replaced(module):
+                return True
+    return False
+
+
 def intercepted_below(model: nn.Module) -> bool:
     """Whether any module inside ``model`` (not ``model`` itself, whose hooks see its
-    whole call either way) is :func:`intercepted`."""
-    if global_hooks():
-        return True
-    return any(_hooked_or_replaced(m) for m in model.modules() if m is not model)
+    whole call either way) is :func:`intercepted` (parametrizations aside: see
+    :func:`_any_hooked_or_replaced`)."""
+    return global_hooks() or _any_hooked_or_replaced((model,), below_only=True)
+
+
+def intercepted_within(*modules: nn.Module) -> bool:
+    """Whether any of ``modules`` or a module inside them is :func:`intercepted`
+    (parametrizations aside), for a shortcut that computes those modules' work without
+    calling them (the folded video decoder: the decoder, queries and postprocessors)."""
+    return global_hooks() or _any_hooked_or_replaced(modules, below_only=False)
 
 
 def linear_as_built(layer: nn.Module) -> bool:

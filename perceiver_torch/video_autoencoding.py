@@ -13,7 +13,7 @@ from .configs import VideoAutoencodingConfig
 from .decoders import FoldedDecoder, PerceiverDecoder
 from .fast_paths import FastPath, enabled
 from .inputs import expect, fail, same_batch
-from .linear import autocasting, compiling, intercepted_below
+from .linear import autocasting, compiling, intercepted_within
 from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import (
@@ -313,15 +313,18 @@ class VideoAutoencoder(PerceiverIO):
         # inputs without gradients (saliency, fine-tuning with the model in eval()).
         # Nor under torch.autocast, which does not cast the fold's own products (it
         # failed there, and the plain decoder computes in autocast's dtype). Nor where
-        # a module is hooked or replaced (linear.intercepted): the fold reads the
-        # decoder's weights instead of calling its modules.
+        # a module it computes around is hooked or replaced (linear.intercepted): the
+        # fold reads the decoder's, queries' and postprocessors' weights instead of
+        # calling them (the encoder is called either way: a hook there may stay).
         return (
             enabled(FastPath.FOLDED_DECODER)
             and not self.training
             and not torch.is_grad_enabled()
             and not compiling()
             and not autocasting(latents.device.type)
-            and not intercepted_below(self)
+            and not intercepted_within(
+                self.decoder, self.output_queries, self.output_postprocessor
+            )
         )
 
     def _folded(self, latents: Tensor) -> FoldedDecoder:

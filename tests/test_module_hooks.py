@@ -298,3 +298,58 @@ def test_a_hooked_key_norm_is_called_where_bfloat16_pads_it():
         prepared = layer.prepare(inputs_kv, mode="absorb_kv")
         layer.attend_prepared(inputs_q, prepared)
     assert calls == [(2, 130, 161)]
+
+
+def test_a_hook_outside_the_video_decoder_keeps_the_folded_decoder():
+    """The fold reads the decoder's, queries' and postprocessors' weights only: a hook
+    on the encoder (feature extraction) is called either way and need not turn it off
+    (it did: intercepted_below(model) walked the whole model). Hooks inside the
+    folded modules still turn it off."""
+    model = tiny("video_autoencoding")
+    latents = torch.zeros(1, 4, 4)
+    with torch.no_grad():
+        assert model._use_fused(latents)
+        handle = model.encoder.register_forward_hook(lambda *args: None)
+        try:
+            assert model._use_fused(latents)
+        finally:
+            handle.remove()
+        for folded in (model.decoder, model.output_queries, model.output_postprocessor):
+            for module in (folded, list(folded.modules())[-1]):  # itself, a leaf
+                handle = module.register_forward_hook(lambda *args: None)
+                try:
+                    assert not model._use_fused(latents), folded
+                finally:
+                    handle.remove()
+        handle = model.decoder.cross_attention.mlp.fc1.register_forward_hook(
+            lambda *args: None
+        )
+        try:
+            assert not model._use_fused(latents)
+        finally:
+            handle.remove()
+
+
+@pytest.mark.parametrize("name", ["language_perceiver", "video_autoencoding"])
+def test_parametrized_weights_keep_the_whole_model_fast_paths(name):
+    """torch.nn.utils.parametrizations (weight_norm, spectral_norm, orthogonal) compute
+    a weight, which the shortcuts read through the parametrized attribute: their
+    modules are no hooked or replaced layer, and SKIP_PADDING, MICRO_BATCHES and the
+    folded decoder stay on (they were turned off), computing the parametrized model."""
+    from torch.nn.utils import parametrizations
+
+    from perceiver_torch.linear import intercepted_below
+
+    model, inputs = tiny(name), model_inputs(name)
+    layer = model.decoder.cross_attention.attention.to_q
+    parametrizations.weight_norm(layer)
+    with torch.no_grad():
+        layer.parametrizations.weight.original0.mul_(1.5)  # a different function
+    assert not intercepted(layer)
+    assert not intercepted_below(model)
+    with torch.no_grad():
+        fast = model(*inputs)
+        with fast_paths.plain():
+            plain = model(*inputs)
+    exact = float64_model(model)(*float64_inputs(inputs))
+    check_outputs_within_float32_rounding(name, fast, plain, exact)
