@@ -30,7 +30,7 @@ from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from converter.atomic import check_output_path
+from converter.atomic import check_output_path, check_outputs
 from converter.registry import ParamTree, Spec, SpecTree, official_tree
 from converter.haiku_writer import SavedCheckpoint, save_haiku_checkpoint
 
@@ -151,7 +151,11 @@ def write_fixture(
 ) -> SavedCheckpoint:
     """Write :func:`make_fixture`'s weights to ``path`` (atomically; with
     ``overwrite=False`` never over an existing file)."""
-    check_output_path(path)  # fail before generating up to 800 MB of weights
+    # Fail before generating up to 800 MB of weights: a missing folder, and without
+    # overwrite an existing file (save_haiku_checkpoint refuses it again, and one
+    # that appears meanwhile, when the file is put in place).
+    check_output_path(path)
+    check_outputs(path, force=overwrite)
     params, state = make_fixture(name, size=size, seed=seed)
     return save_haiku_checkpoint(
         path, params, state, protocol=protocol, container=container, overwrite=overwrite

@@ -387,3 +387,28 @@ def test_save_without_overwrite_refuses_an_existing_file_up_front(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["existing.pickle"]
     save_haiku_checkpoint(out, params)  # overwrite=True (the default) replaces it
     assert load_haiku_checkpoint(out).params["linear"]["w"].shape == (2, 3)
+
+
+def test_write_fixture_without_overwrite_refuses_an_existing_file_before_the_weights(
+    tmp_path, monkeypatch
+):
+    """write_fixture(..., overwrite=False) (``perceiver-convert fixture`` without
+    --force) generated every weight (up to 800 MB for the official sizes) before
+    save_haiku_checkpoint's up-front check refused the existing file."""
+    import converter.fixtures as fixtures_module
+
+    out = tmp_path / "existing.pickle"
+    out.write_bytes(b"keep me")
+    made = []
+    original = fixtures_module.make_fixture
+
+    def make_fixture(*args, **kwargs):
+        made.append(True)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fixtures_module, "make_fixture", make_fixture)
+    with pytest.raises(OutputError, match="the file exists"):
+        fixtures_module.write_fixture("imagenet_fourier", out, overwrite=False)
+    assert not made and out.read_bytes() == b"keep me"
+    fixtures_module.write_fixture("imagenet_fourier", out)  # overwrite=True replaces it
+    assert made and out.read_bytes() != b"keep me"
