@@ -890,8 +890,26 @@ class _FileBytes:
         return len(self.data)
 
 
+# Globals of a checkpoint pickled straight from JAX: jax arrays rebuild themselves
+# with jax code (jax._src.array._reconstruct_array), bfloat16 numpy arrays name
+# ml_dtypes' type. Refused like any other global, but said for what they are: the
+# user's own file, which one line of JAX code saves in the official form.
+_JAX_ROOTS = ("jax", "jaxlib", "ml_dtypes")
+
+
 def _unsafe_global(where: str, name: str, how: str = "") -> UnsafeCheckpointError:
     via = f" {how}" if how else ""
+    if name.split(".")[0] in _JAX_ROOTS:
+        return UnsafeCheckpointError(
+            f"{where}: refused to load: the pickle asks for the global {name!r}{via}: "
+            "it holds jax arrays or bfloat16 values (parameters pickled from JAX "
+            "without converting them to numpy), which only jax's own code could "
+            "rebuild, and this reader runs none; nothing from the file was run. Save "
+            "it again with numpy leaves, as the official files hold them: "
+            "pickle.dump(jax.device_get(params), f), bfloat16 leaves cast to float32 "
+            "first",
+            name,
+        )
     return UnsafeCheckpointError(
         f"{where}: refused to load: the pickle asks for the global {name!r}{via}, "
         "which is not on the allow-list of official checkpoint globals; nothing from "

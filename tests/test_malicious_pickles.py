@@ -507,3 +507,24 @@ def test_unsafe_file_in_a_fresh_interpreter_runs_nothing(tmp_path):
     )
     assert result.stdout.strip() == "builtins.getattr"
     assert not sentinel.exists()
+
+
+@pytest.mark.parametrize(
+    "module, name",
+    [("jax._src.array", "_reconstruct_array"), ("ml_dtypes", "bfloat16")],
+)
+def test_parameters_pickled_from_jax_are_refused_for_what_they_are(tmp_path, module, name):
+    """A user's own checkpoint pickled straight from JAX names jax's array rebuilder
+    (jax arrays) or ml_dtypes' bfloat16: refused as every unlisted global is, but
+    the message said the file "was tampered with" and to download the official one
+    again; it says what the file holds and the one line that saves it readably."""
+    body = stack_global(module, name) + pickle.EMPTY_TUPLE + pickle.REDUCE
+    path = tmp_path / "finetuned.pickle"
+    path.write_bytes(proto(4) + body + pickle.STOP)
+    with pytest.raises(UnsafeCheckpointError) as info:
+        load_haiku_checkpoint(path)
+    message = str(info.value)
+    assert info.value.global_name == f"{module}.{name}"
+    assert "nothing from the file was run" in message
+    assert "pickled from JAX" in message and "jax.device_get(params)" in message
+    assert "tampered" not in message
