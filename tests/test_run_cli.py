@@ -789,3 +789,22 @@ def test_fill_mask_stdin_closed_or_given_twice(models):
     result = run_cli("run", "fill-mask", model, "-", "-")
     assert result.exit_code == 2, result.stderr
     assert "- (stdin) can be one of the texts only once" in result.stderr
+
+
+def test_a_folder_given_as_images_or_frames_is_named(models, images, tmp_path):
+    """A folder where images are expected: classify said "cannot read ... ([Errno 21]
+    Is a directory)", flow "is not a file (a pipe?)"; both now say it is a folder and
+    what to give instead (exit 3, before the model runs)."""
+    folder = images[0].parent
+    result = run_cli("run", "classify", models["imagenet_conv"], folder)
+    assert result.exit_code == 3
+    assert f"{folder} is a folder, not an image; give the image files in it" in result.stderr
+    flow_model = tmp_path / "optical_flow.safetensors"
+    convert(golden_checkpoint_path("optical_flow"), flow_model)
+    for extra in ([], ["-o", str(tmp_path / "out.flo")]):
+        result = run_cli("run", "flow", flow_model, folder, images[0], *extra)
+        assert result.exit_code == 3, result.stderr
+        assert f"{folder} is a folder; give the frames" in result.stderr
+        assert "pipe" not in result.stderr
+    result = run_cli("run", "flow", flow_model, images[0], folder, "-o", tmp_path / "o.flo")
+    assert result.exit_code == 3 and f"{folder} is a folder, not an image" in result.stderr

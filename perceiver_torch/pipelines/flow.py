@@ -307,6 +307,12 @@ def _output_base(inputs: Sequence[str], options: RunOptions) -> Tuple[Path, str]
     """(stem path, video suffix) of the files to write."""
     first = Path(inputs[0])
     out = options.output
+    if first.is_dir():
+        # It was "not a file (a pipe?)" without -o, and "cannot read" with it.
+        raise InputError(
+            f"{first} is a folder; give the frames (image files, for example "
+            f"{first / '*.png'}) or a video"
+        )
     if out is None:
         if first.exists() and not first.is_file():
             # <(cat a.png) is /dev/fd/63: "beside the first input" is no place to write.

@@ -433,6 +433,11 @@ def read_image_file(
         raise  # the pixels' own problem (NaN), or check's: not "cannot read"
     except FileNotFoundError:
         raise InputError(f"no such image file: {path}") from None
+    except IsADirectoryError:
+        raise InputError(
+            f"{path} is a folder, not an image; give the image files in it (for "
+            f"example {Path(path) / '*.png'})"
+        ) from None
     except Image.DecompressionBombError as error:
         # Pillow's guard against images that would decode to gigabytes.
         raise InputError(
