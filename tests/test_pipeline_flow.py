@@ -373,7 +373,7 @@ def _listing(folder: Path) -> List[str]:
         ("one-frame", 2, "needs two frames"),
         ("mixed", 2, "one video or two or more frames"),
         ("missing-video", 3, "no such file"),
-        ("folder-video", 3, "folder-video.mp4 is a folder; give a video or sound file"),
+        ("folder-video", 3, "folder-video.mp4 is a folder; give the frames (image files"),
     ],
 )
 def test_run_flow_errors(tmp_path, flow_checkpoint, case, code, message):
