@@ -253,3 +253,31 @@ def test_verify_refuses_bad_arguments_before_reading(tmp_path, argument, value, 
 
     with pytest.raises(UsageError, match=message):
         verify(tmp_path / "not-read.pickle", **{argument: value})
+
+
+@pytest.mark.jax
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_verify_names_weights_beyond_the_dtypes_range(jax_ready, dtype, tmp_path):
+    """verify --dtype float16 of a checkpoint with a finite weight over 65504 (which
+    float16 rounds to inf) names the tensor and refuses (exit 2), as convert --dtype
+    and run --dtype do; before, it ran and printed inf differences and "the float16
+    outputs are not all finite" without saying why. 1e5 fits bfloat16 (float32's
+    range): that verify runs (whether it passes is the parity's business: a weight
+    of 1e5 multiplies the upstream rounding of its input by 1e5)."""
+    import pickle
+
+    source = tmp_path / "imagenet_conv.pickle"
+    write_fixture("imagenet_conv", source, size="tiny")
+    with open(source, "rb") as handle:
+        tree = pickle.load(handle)
+    tree["params"]["classification_decoder/~/basic_decoder/output"]["w"][0, 0] = 1e5
+    with open(source, "wb") as handle:
+        pickle.dump(tree, handle)
+    result = run_cli("verify", source, "--dtype", dtype, "-q")
+    if dtype == "float16":
+        assert result.exit_code == 2, result.output
+        assert "decoder.output_projection.weight (up to 100000)" in result.stderr
+        assert "beyond float16's range" in result.stderr
+    else:
+        assert result.exit_code in (0, 1), result.output
+        assert "beyond" not in result.stderr and "parity of imagenet_conv" in result.output
