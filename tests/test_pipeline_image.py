@@ -845,3 +845,33 @@ def test_sixteen_bit_pixels_within_the_8_bit_range_get_a_note(tmp_path):
     notes = []
     load_rgb((values * 257).astype(np.uint16), notes)  # the full 16-bit scale
     assert notes == []
+
+
+def test_float16_logits_beyond_its_range_are_noted():
+    """A float16 model whose logits pass 65504 (weights all in range) gave inf
+    logits, NaN probabilities and an arbitrary ranking with no note, where float32
+    was confident. The output projection is scaled (weight and bias: the logits scale
+    exactly) so that float32's largest logit is 1e5: float16's own is within a few
+    percent of it (its rounding upstream, u = 2^-11 per operation), so far past the
+    65520 from which float16 rounds to inf. bfloat16 (float32's range) and float32
+    stay finite and get no note."""
+    model = tiny("imagenet_conv")
+    image = random_rgb(40, 40)
+    largest = ClassifyPipeline(model)(image).logits.abs().max().item()
+    factor = 1e5 / largest
+    with torch.no_grad():
+        model.decoder.output_projection.weight.mul_(factor)
+        model.decoder.output_projection.bias.mul_(factor)
+    assert model.decoder.output_projection.weight.abs().max() < 65504  # loads in float16
+    expected = ClassifyPipeline(model)(image)
+    assert expected.notes == () and torch.isfinite(expected.logits).all()
+    for dtype in (torch.bfloat16, torch.float16):
+        result = ClassifyPipeline(pt.build("imagenet_conv", pt.TINY_CONFIGS["imagenet_conv"], dtype=dtype).eval())
+        result.model.load_state_dict(model.state_dict())
+        got = result(image)
+        if dtype == torch.bfloat16:
+            assert got.notes == () and torch.isfinite(got.logits).all()
+        else:
+            assert not torch.isfinite(got.logits).all()
+            assert len(got.notes) == 1 and "non-finite" in got.notes[0]
+            assert "float16 overflowed" in got.notes[0]

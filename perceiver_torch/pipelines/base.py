@@ -245,6 +245,27 @@ def results_document(task: str, model: torch.nn.Module, results: List[Any]) -> D
     }
 
 
+def non_finite_output_note(output: torch.Tensor, model: torch.nn.Module) -> Optional[str]:
+    """A note for an output (logits) of ``model`` holding NaN or inf, else None.
+
+    A float16 model overflows past 65504 (large logits of a trained checkpoint, or
+    activations on the way): its inf logits gave NaN probabilities and an arbitrary
+    ranking, with no note, where the float32 model was confident."""
+    finite = torch.isfinite(output)
+    if bool(finite.all()):
+        return None
+    dtype = next(itertools.chain(model.parameters(), model.buffers()), output).dtype
+    why = (
+        "float16 overflowed (its range ends at 65504); run in bfloat16 or float32"
+        if dtype == torch.float16
+        else f"computed in {str(dtype).replace('torch.', '')}"
+    )
+    return (
+        f"the model's output holds {int((~finite).sum())} non-finite value(s) (NaN or "
+        f"inf): the ranking and probabilities are not meaningful ({why})"
+    )
+
+
 def softmax_top_k(logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """logits (..., C) -> (probabilities (..., k), indices (..., k)), most probable first.
 

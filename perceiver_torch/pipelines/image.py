@@ -51,6 +51,7 @@ from .base import (
     flag,
     host_tensor,
     no_progress,
+    non_finite_output_note,
     positive_int,
     require,
     results_document,
@@ -683,6 +684,9 @@ class ClassifyPipeline:
                 raise InputError(f"image {row + 1}: {error}") from None
         results = []
         for image, logits, image_notes in zip(batch, self.logits(pixels), notes):
+            note = non_finite_output_note(logits, self.model)
+            if note is not None:
+                image_notes.append(note)
             probabilities, indices = softmax_top_k(logits, top_k)
             scores = tuple(
                 LabelScore(self.labels[i], int(i), float(p))
@@ -716,6 +720,9 @@ def run_task(pipeline: ClassifyPipeline, inputs: List[str], options: RunOptions)
     logits = pipeline.logits(pixels)
     results = []
     for path, row, image_notes in zip(inputs, logits, notes):
+        note = non_finite_output_note(row, pipeline.model)
+        if note is not None:
+            image_notes.append(note)
         probabilities, indices = softmax_top_k(row, options.top_k)
         scores = tuple(
             LabelScore(pipeline.labels[i], int(i), float(p))
