@@ -60,9 +60,13 @@ LAYER_NORM_EPS = 1e-5
 # masked row into NaN). Adding -1e30 to a float32 logit gives exactly -1e30 too.
 MASK_VALUE = -1e30
 # float16 cannot hold 1e30 (its largest finite value is 65504); the reference uses
-# -1e4 there. It leaves room for any float16 logit (l - 1e4 stays finite for
-# l > -55504) and still gives masked keys a weight of exp(-1e4 + ...) = 0.
-FLOAT16_MASK_VALUE = -1e4
+# -1e4 there, but it *replaces* masked logits (jnp.where) where this port *adds* the
+# value: a masked key whose own logit l exceeded 1e4 plus the row's largest kept
+# logit got weight from l - 1e4 (the logits are float32 in every kernel, and q, k of
+# a few hundred reach l = 1e4), and all of it past that. -3e4 gives masked keys
+# weight exp(-3e4 + ...) = 0 for l up to 3e4 (three times the old room) and still
+# leaves l - 3e4 finite in float16 for l > -35504, should any kernel add in float16.
+FLOAT16_MASK_VALUE = -3e4
 
 # Largest logits block (elements) the explicit-softmax path materialises at once:
 # 4 MiB of float32 logits, which the softmax and the weighted sum read back from the
@@ -127,14 +131,14 @@ def layer_norm_padded(norm: nn.LayerNorm, x: Tensor, width: int) -> Tensor:
 
 
 def mask_value(dtype: torch.dtype) -> float:
-    """The masked-logit value for logits of ``dtype``: -1e30, or -1e4 in float16
-    (the reference's choice; 1e30 overflows float16). bfloat16 has float32's
+    """The masked-logit value for logits of ``dtype``: -1e30, or -3e4 in float16
+    (1e30 overflows float16; the reference's -1e4 replaces logits, this is added). bfloat16 has float32's
     exponent range, so -1e30 is representable there (as -1.0000e30 rounded)."""
     return FLOAT16_MASK_VALUE if dtype == torch.float16 else MASK_VALUE
 
 
 def key_mask_bias(key_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive logits bias: 0 for kept keys, ``mask_value(dtype)`` (-1e30; -1e4 in
+    """Additive logits bias: 0 for kept keys, ``mask_value(dtype)`` (-1e30; -3e4 in
     float16) for masked keys.
 
     key_mask: (B, N), nonzero = keep. Returns (B, 1, 1, N) for (B, H, M, N) logits.

@@ -36,6 +36,7 @@ from perceiver_torch.attention import (
     MASK_VALUE,
     Attention,
     CrossAttentionLayer,
+    attend,
     key_mask_bias,
     layer_norm,
 )
@@ -751,3 +752,28 @@ def test_absorbed_keys_are_normalised_into_their_padded_width(dtype, monkeypatch
         monkeypatch.undo()
         float32 = copy.deepcopy(layer).float()
         assert float32.prepare(inputs_kv.float(), mode="absorb_kv").k.shape[-1] == 161
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_masked_key_with_a_large_logit_gets_no_weight(dtype):
+    """The reference replaces masked logits (-1e30; -1e4 in float16), so a masked key
+    gets no weight whatever its own logit. Here its logit is 120 * 540 / sqrt(16) =
+    16,200 (q and k exactly representable in every dtype), the kept keys' 3-27: in
+    float16 the added -1e4 left it 6,200, and it took all the weight. Against float64
+    with the reference's replacement, the weights are the kept keys' softmax: the
+    output's error is the rounding of q, k, v (exact here), of the float32 logits and
+    softmax, and of the output to the dtype (u), so within 4u."""
+    d, n = 16, 4
+    q = torch.zeros(1, 1, 1, d)
+    q[..., 0] = 120.0
+    k = torch.zeros(1, 1, n, d)
+    k[0, 0, :, 0] = torch.tensor([0.1, 0.25, 0.9, 540.0])  # key 3 is masked
+    v = torch.nn.functional.pad(torch.eye(n)[None, None], (0, d - n))
+    mask = torch.tensor([[1, 1, 1, 0]])
+    logits = q.double() @ k.double().transpose(-1, -2) / math.sqrt(d)
+    replaced = torch.where(mask[:, None, None, :].bool(), logits, torch.tensor(-1e4).double())
+    expected = torch.softmax(replaced, -1) @ v.double()
+    got = attend(q.to(dtype), k.to(dtype), v.to(dtype), bias=key_mask_bias(mask, dtype))
+    assert float(got[0, 0, 0, 3]) == 0.0
+    u = UNIT_ROUNDOFF[dtype]
+    assert (got.double() - expected).abs().max() <= 4 * u
