@@ -825,3 +825,22 @@ def test_uint8_frames_scale_as_the_colab_in_float64():
     assert np.array_equal(got[0].permute(0, 2, 3, 1).numpy(), expected)
     floats = frames_to_model_input(first.astype(np.float64), second.astype(np.float64))
     assert torch.equal(floats, got)
+
+
+def test_non_finite_flow_is_noted(monkeypatch):
+    """A float16 model past 65504 (or any NaN on the way) gave NaN flow vectors with no
+    word; the result notes them, as classify notes non-finite logits."""
+    model = pt.build("optical_flow", pt.TINY_CONFIGS["optical_flow"])
+    pipeline = FlowPipeline(model)
+    first, second = textured_pair(24, 32)
+    assert not [n for n in pipeline(first, second).notes if "non-finite" in n]
+    original = type(model).tiled
+
+    def tiled(self, *args, **kwargs):
+        flow = original(self, *args, **kwargs)
+        flow[..., 0, 0] = float("inf")
+        return flow
+
+    monkeypatch.setattr(type(model), "tiled", tiled)
+    (note,) = [n for n in pipeline(first, second).notes if "non-finite" in n]
+    assert "holds 2 non-finite value(s)" in note and "flow vectors are unknown" in note

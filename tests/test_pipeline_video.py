@@ -796,3 +796,22 @@ def test_frames_and_sound_as_tensors(model):
         pipeline.load_frames(tensor.permute(0, 3, 1, 2))
     with pytest.raises(InputError, match="^the audio samples are a meta tensor"):
         pipeline.load_audio(frames, torch.empty(128, device="meta"), [])
+
+
+def test_non_finite_reconstructions_are_noted(model, monkeypatch):
+    """NaN or inf in the reconstruction (a float16 model past 65504) came without a
+    word; each output that holds some is noted."""
+    frames = np.random.default_rng(3).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    sound = np.zeros(2 * 64, np.float32)
+    pipeline = AutoencodePipeline(model)
+    assert not [n for n in pipeline(frames, sound).notes if "non-finite" in n]
+    original = type(model).reconstruct
+
+    def reconstruct(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out["label"][..., 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(type(model), "reconstruct", reconstruct)
+    notes = [n for n in pipeline(frames, sound).notes if "non-finite" in n]
+    assert len(notes) == 1 and "reconstructed labels there are not meaningful" in notes[0]

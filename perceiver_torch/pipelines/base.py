@@ -245,13 +245,19 @@ def results_document(task: str, model: torch.nn.Module, results: List[Any]) -> D
     }
 
 
-def non_finite_output_note(output: torch.Tensor, model: torch.nn.Module) -> Optional[str]:
-    """A note for an output (logits) of ``model`` holding NaN or inf, else None.
+def non_finite_output_note(
+    output: torch.Tensor,
+    model: torch.nn.Module,
+    consequence: str = "the ranking and probabilities are not meaningful",
+) -> Optional[str]:
+    """A note for an output of ``model`` holding NaN or inf, else None; ``consequence``
+    says what it spoils (classify's default: the ranking).
 
     A float16 model overflows past 65504 (large logits of a trained checkpoint, or
     activations on the way): its inf logits gave NaN probabilities and an arbitrary
-    ranking, with no note, where the float32 model was confident."""
-    finite = torch.isfinite(output)
+    ranking, with no note, where the float32 model was confident (flow and
+    autoencode alike: NaN vectors, frames and labels)."""
+    finite = torch.isfinite(torch.as_tensor(output))
     if bool(finite.all()):
         return None
     dtype = next(itertools.chain(model.parameters(), model.buffers()), output).dtype
@@ -262,7 +268,7 @@ def non_finite_output_note(output: torch.Tensor, model: torch.nn.Module) -> Opti
     )
     return (
         f"the model's output holds {int((~finite).sum())} non-finite value(s) (NaN or "
-        f"inf): the ranking and probabilities are not meaningful ({why})"
+        f"inf): {consequence} ({why})"
     )
 
 

@@ -42,6 +42,7 @@ from .base import (
     eval_mode,
     flag,
     no_progress,
+    non_finite_output_note,
     positive_int,
     refuse_array_suffix_without_flag,
     require,
@@ -223,6 +224,11 @@ class FlowPipeline:
                 progress=self.progress if progress is None else progress,
             )
         flow = flow[0, :, :height, :width].permute(1, 2, 0).float().cpu().numpy()
+        note = non_finite_output_note(
+            torch.from_numpy(flow), self.model, "those flow vectors are unknown"
+        )
+        if note is not None:
+            notes = [*notes, note]
         # One note for two frames alike.
         return FlowResult(
             flow=np.ascontiguousarray(flow), tiles=tiles, notes=list(dict.fromkeys(notes))

@@ -61,6 +61,7 @@ from .base import (
     eval_mode,
     host_tensor,
     no_progress,
+    non_finite_output_note,
     positive_int,
     refuse_array_suffix_without_flag,
     require,
@@ -490,6 +491,14 @@ class AutoencodePipeline:
             results.append(
                 ClipResult(c * t, (c + 1) * t, psnr(recon, frames[c * t : (c + 1) * t]), top)
             )
+        for name, values in (("frames", out_frames), ("sound", out_audio), ("labels", logits)):
+            note = non_finite_output_note(
+                torch.from_numpy(np.concatenate([v.reshape(-1) for v in values])),
+                self.model,
+                f"the reconstructed {name} there are not meaningful",
+            )
+            if note is not None:
+                notes.append(note)
         return AutoencodeResult(
             frames=np.concatenate(out_frames),
             audio=np.concatenate(out_audio),
