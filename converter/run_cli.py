@@ -75,7 +75,8 @@ the model computed in), "results": [one per input]}}; each result has "input" an
               pixels that look like another scale)
   fill-mask   "text" (the filled text), "masked": [per masked byte: "position",
               "original" (with --span), "top_k": [{{"byte", "value", "index",
-              "probability"}}]]
+              "probability"}}]], "notes" (where there are any: logits that are
+              not finite)
   flow        "files" written, "size", "max_flow" and more
   autoencode  "files" written, "clips": [{{"frames", "psnr", "top_k": [{{"label",
               "index", "probability"}}]}}] and more

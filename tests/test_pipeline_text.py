@@ -406,3 +406,23 @@ def test_spans_that_are_no_list_are_named():
         assert info.value.exit_code == 2
     # An empty list is still "no spans": the markers are read.
     assert pipeline("he[MASK]lo", spans=[]).masked[0].position == 2
+
+
+def test_non_finite_logits_are_noted(model, monkeypatch):
+    """A float16 language model past 65504 gave NaN probabilities and arbitrary bytes
+    with no word; the result (and the JSON document) notes it, as classify does."""
+    pipeline = FillMaskPipeline(model)
+    clean = pipeline("ab[MASK]")
+    assert clean.notes == () and "notes" not in clean.as_dict()
+    original = FillMaskPipeline.logits
+
+    def logits(self, items):
+        out = original(self, items)
+        out[0][0, 10] = float("inf")
+        return out
+
+    monkeypatch.setattr(FillMaskPipeline, "logits", logits)
+    result = pipeline("ab[MASK]")
+    (note,) = result.notes
+    assert "non-finite" in note and "the filled bytes are not meaningful" in note
+    assert result.as_dict()["notes"] == [note]

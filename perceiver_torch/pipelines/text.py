@@ -28,7 +28,7 @@ import json
 import numbers
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -45,6 +45,7 @@ from .base import (
     check_weights,
     eval_mode,
     no_progress,
+    non_finite_output_note,
     positive_int,
     results_document,
     usage_error,
@@ -319,7 +320,8 @@ class FillMaskResult:
     ``filled``: the text's bytes with each masked byte replaced by its most probable
     byte; ``text``: ``filled`` decoded (invalid UTF-8 shows as U+FFFD). ``masked``:
     per masked byte, in order. ``logits``: (M, 262) float32, the model's logits at the
-    M masked positions.
+    M masked positions. ``notes``: remarks on the result (logits that are not finite:
+    a float16 model past its range).
     """
 
     input: str
@@ -327,13 +329,17 @@ class FillMaskResult:
     filled: bytes
     masked: Tuple[MaskedByte, ...]
     logits: torch.Tensor
+    notes: Tuple[str, ...] = ()
 
     def as_dict(self) -> Dict[str, Any]:
-        return {
+        document = {
             "input": self.input,
             "text": self.text,
             "masked": [m.as_dict() for m in self.masked],
         }
+        if self.notes:
+            document["notes"] = list(self.notes)
+        return document
 
 
 class FillMaskPipeline:
@@ -410,10 +416,19 @@ class FillMaskPipeline:
             for row, t, s in zip(rows, batch, per_text)
         ]
         results = [
-            self._result(text, item, logits, top_k)
+            self._noted(self._result(text, item, logits, top_k))
             for text, item, logits in zip(batch, items, self.logits(items))
         ]
         return results[0] if single else results
+
+    def _noted(self, result: FillMaskResult) -> FillMaskResult:
+        """``result`` with a note where its logits are not all finite."""
+        note = non_finite_output_note(
+            result.logits, self.model, "the filled bytes are not meaningful"
+        )
+        if note is None:
+            return result
+        return replace(result, notes=result.notes + (note,))
 
     @staticmethod
     def _result(
@@ -530,6 +545,8 @@ def run_task(pipeline: FillMaskPipeline, inputs: List[str], options: RunOptions)
                 f"'{byte_text(c.value)}' {c.probability:.3f}" for c in masked.top_k
             )
             options.echo(f"  byte {masked.position:>4}: {shown}")
+        for note in result.notes:
+            options.echo(f"  note: {note}")
     documents = [result.as_dict() for result in results]
     if options.output is not None:
         _write_output(results, results_document("fill-mask", pipeline.model, documents), options)
