@@ -30,6 +30,17 @@ def _head(path: Path) -> bytes:
         return b""
 
 
+def _is_torch_archive(path: Path) -> bool:
+    """A torch.save zip archive (its ``data.pkl``), not any zip file."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
+
+
 def _is_onnx(path: Path) -> bool:
     """An ONNX graph: by its name, or by its first bytes whatever its name."""
     from converter.haiku_reader import looks_like_onnx
@@ -44,9 +55,15 @@ def is_other(path: Path) -> bool:
     as one, its globals listed)."""
     if path.is_dir():
         return True
-    if path.suffix.lower() not in OTHER_SUFFIXES:
-        return _is_onnx(path)
     from perceiver_torch.registry import file_kind
+
+    if path.suffix.lower() not in OTHER_SUFFIXES:
+        # A converted file renamed (conv.pickle, conv.bak) is still described as one,
+        # by its first bytes, as load, run, export and verify read it.
+        if _is_onnx(path) or not path.is_file():
+            return _is_onnx(path)
+        kind = file_kind(_head(path))
+        return kind == "safetensors" or (kind == "torch" and _is_torch_archive(path))
 
     # An unreadable file's head is empty, "other": the describer names the problem.
     return file_kind(_head(path)) != "pickle"

@@ -280,3 +280,28 @@ def test_inspect_does_not_scan_a_file_its_first_bytes_name(tmp_path, name, make,
     assert kind in document["not_a_pickle"]
     assert document["globals"] == [] and document["problems"] == []
     assert document["scan_error"] is None and document["protocol"] is None
+
+
+@pytest.mark.parametrize("name", ["conv.pickle", "conv.pystate", "conv_backup"])
+def test_inspect_describes_a_renamed_converted_file(conv_fixture, tmp_path, name):
+    """load, run, export and verify read a converted file by its first bytes, whatever
+    its name; inspect describes it too, instead of refusing it as a pickle."""
+    converted = tmp_path / "conv.safetensors"
+    assert run_cli("convert", str(conv_fixture), "-o", str(converted)).exit_code == 0
+    renamed = tmp_path / name
+    renamed.write_bytes(converted.read_bytes())
+    result = run_cli("inspect", str(renamed), "--json")
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert document["kind"] == "converted"
+    assert document["format"] == "safetensors"
+
+
+def test_inspect_describes_a_renamed_pt_file(conv_fixture, tmp_path):
+    converted = tmp_path / "conv.pt"
+    assert run_cli("convert", str(conv_fixture), "-o", str(converted)).exit_code == 0
+    renamed = tmp_path / "conv.pickle"
+    renamed.write_bytes(converted.read_bytes())
+    result = run_cli("inspect", str(renamed), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["format"] == "pt"
