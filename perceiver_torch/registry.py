@@ -230,6 +230,21 @@ def folder_refusal(path: Path) -> str:
     )
 
 
+def _is_transformers_weights(path: Path, metadata: Mapping[str, str], state) -> bool:
+    """Whether a safetensors file without a converted file's metadata is a
+    HuggingFace Perceiver checkpoint's weights (an ``export --format hf``'s, or the
+    hub's): its export metadata, its folder's config.json, or transformers' names."""
+    if "perceiver_convert.model" in metadata:
+        return True
+    try:
+        config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
+        if isinstance(config, dict) and config.get("model_type") == "perceiver":
+            return True
+    except (OSError, UnicodeDecodeError, ValueError):
+        pass
+    return any(str(key).startswith("perceiver.") for key in state)
+
+
 def _refuse_pickles(path: Path) -> bytes:
     """A plain pickle (an official Haiku checkpoint, or anything else that is not a
     converted file) is refused from its first bytes, before ``torch.load`` could
@@ -406,6 +421,14 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
                 "corrupt copy: convert or download it again"
             ) from None
         missing = [k for k in ("model", "config") if k not in metadata]
+        if missing and _is_transformers_weights(path, metadata, state):
+            folder = path.parent
+            target = f"{folder.resolve().name or 'model'}.safetensors"
+            raise LoadError(
+                f"{path}: a HuggingFace transformers checkpoint's weights, not a "
+                "converted file; convert it first with `perceiver-convert convert "
+                f"{folder} -o {target}`, then load the .safetensors file"
+            )
         if missing:
             raise LoadError(
                 f"{path}: safetensors metadata lacks {', '.join(missing)}; a converted "

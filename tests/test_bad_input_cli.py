@@ -1723,3 +1723,33 @@ def test_an_output_named_only_by_a_suffix_is_refused(work, monkeypatch):
     assert snapshot(work) == before
     # A hidden file with a name and a suffix is a name like any other.
     assert run_cli("export", "fourier.safetensors", "-o", ".hidden.pickle").exit_code == 0
+
+
+@pytest.mark.parametrize("how", ["export_metadata", "config_json", "names"])
+def test_load_names_a_transformers_weights_file(tmp_path, how):
+    """A HuggingFace folder's model.safetensors given to perceiver_torch.load (or
+    `run`) is named as one, with the command that converts it, as its folder is;
+    not as a converted file whose metadata lacks model and config."""
+    folder = tmp_path / "vision-perceiver-conv"
+    folder.mkdir()
+    weights = folder / "model.safetensors"
+    key = "perceiver.embeddings.latents" if how == "names" else "embeddings.latents"
+    metadata = {"format": "pt"}
+    if how == "export_metadata":
+        metadata["perceiver_convert.model"] = "imagenet_conv"
+    save_file({key: torch.zeros(4, 8)}, str(weights), metadata=metadata)
+    if how == "config_json":
+        (folder / "config.json").write_text(json.dumps({"model_type": "perceiver"}))
+    with pytest.raises(perceiver_torch.LoadError) as caught:
+        perceiver_torch.load(weights)
+    message = str(caught.value)
+    assert "HuggingFace" in message, message
+    assert f"perceiver-convert convert {folder} -o" in message, message
+    assert "lacks model" not in message
+
+
+def test_load_of_another_projects_safetensors_keeps_its_message(tmp_path):
+    other = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": torch.zeros(2, 2)}, str(other))
+    with pytest.raises(perceiver_torch.LoadError, match="metadata lacks model"):
+        perceiver_torch.load(other)
