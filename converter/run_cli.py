@@ -356,7 +356,7 @@ def load_any_model(
 
 
 def emulated_dtype_note(
-    dtype: Any, advice: str = "leave out --dtype to run in float32"
+    dtype: Any, advice: str = "pass --dtype float32 to run in float32"
 ) -> Optional[str]:
     """A note for stderr when this CPU has no matrix instructions for ``dtype``
     (``perceiver_torch.linear.cpu_has_matmul_instructions``), ending in ``advice``;
@@ -755,6 +755,8 @@ def _run(**kwargs: Any) -> None:
         model_dtype = next(model.parameters()).dtype
         computed_in = dtype_name(model_dtype)
         say(f"{task} with {name} ({how}, {computed_in})")
+        # "Leave out --dtype" ran in float32 only for a float32 file: one converted
+        # with --dtype bfloat16/float16 computes in its own dtype without it.
         note = emulated_dtype_note(model_dtype)
         if note:
             say(note)

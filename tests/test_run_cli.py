@@ -627,9 +627,29 @@ def test_run_dtype_notes_a_cpu_without_its_matrix_instructions(models, images, m
     emulated = run_cli(*args)
     assert emulated.exit_code == 0, emulated.stderr
     assert "no bfloat16 matrix instructions (AVX512-BF16 or AMX)" in emulated.stderr
-    assert "leave out --dtype" in emulated.stderr
+    assert "pass --dtype float32 to run in float32" in emulated.stderr
     assert "note:" not in run_cli("run", "classify", models["imagenet_conv"], images[0]).stderr
     assert run_cli(*args, "-q").stderr == ""  # quiet: errors only
+
+
+def test_run_dtype_note_of_a_reduced_precision_file_gives_advice_that_works(
+    images, monkeypatch, tmp_path
+):
+    """A file converted with --dtype bfloat16 runs in bfloat16 without --dtype, so
+    the note's advice cannot be "leave out --dtype": it is --dtype float32."""
+    import perceiver_torch.linear as linear
+
+    bf16_file = tmp_path / "conv_bf16.safetensors"
+    convert(golden_checkpoint_path("imagenet_conv"), bf16_file, dtype="bfloat16")
+    monkeypatch.setattr(
+        linear, "cpu_has_matmul_instructions", lambda dtype: dtype == torch.float32
+    )
+    result = run_cli("run", "classify", bf16_file, images[0])
+    assert result.exit_code == 0, result.stderr
+    assert ", bfloat16)" in result.stderr
+    assert "no bfloat16 matrix instructions" in result.stderr
+    assert "leave out --dtype" not in result.stderr
+    assert "pass --dtype float32" in result.stderr
 
 
 def _spy_on_packing(monkeypatch) -> list:
