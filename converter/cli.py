@@ -40,6 +40,7 @@ from converter.errors import (
     ConfigError,
     ConverterError,
     Terminated,
+    UsageError,
     nonfinite_message,
 )
 from converter.registry import MODEL_NAMES, SIZES
@@ -1007,6 +1008,7 @@ def verify_command(
             "with --reference: the converted file records its model, config, mapping "
             "and dtype, and is checked as it is",
         )
+        _refuse_swapped_reference(Path(checkpoint), Path(reference))
     elif is_hf_input(checkpoint):
         _refuse_options(
             {"--mapping": mapping is not None},
@@ -1167,6 +1169,25 @@ def export_command(
         )
     if as_json:
         echo_json(result.as_dict())
+
+
+def _refuse_swapped_reference(checkpoint: Path, reference: Path) -> None:
+    """``verify OFFICIAL --reference CONVERTED``: the files the wrong way round, said
+    so with the command that works (it said to convert the official file first, which
+    the user had done)."""
+    from converter.inspect_other import head_bytes
+    from perceiver_torch.registry import file_kind
+
+    if checkpoint.is_file() and reference.is_file():
+        if file_kind(head_bytes(checkpoint)) == "pickle" and file_kind(head_bytes(reference)) in (
+            "safetensors",
+            "torch",
+        ):
+            raise UsageError(
+                f"the files are the wrong way round: the converted file goes first and "
+                f"the official checkpoint after --reference: `perceiver-convert verify "
+                f"{reference} --reference {checkpoint}`"
+            )
 
 
 def _refuse_options(given: Dict[str, bool], why: str) -> None:

@@ -22,7 +22,8 @@ from converter.terminal import echo
 OTHER_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".onnx")
 
 
-def _head(path: Path) -> bytes:
+def head_bytes(path: Path) -> bytes:
+    """A file's first 16 bytes (enough for ``file_kind``), empty where unreadable."""
     try:
         with open(path, "rb") as handle:
             return handle.read(16)
@@ -45,7 +46,7 @@ def _is_onnx(path: Path) -> bool:
     """An ONNX graph: by its name, or by its first bytes whatever its name."""
     from converter.haiku_reader import looks_like_onnx
 
-    return path.suffix.lower() == ".onnx" or looks_like_onnx(_head(path))
+    return path.suffix.lower() == ".onnx" or looks_like_onnx(head_bytes(path))
 
 
 def is_other(path: Path) -> bool:
@@ -62,11 +63,11 @@ def is_other(path: Path) -> bool:
         # by its first bytes, as load, run, export and verify read it.
         if _is_onnx(path) or not path.is_file():
             return _is_onnx(path)
-        kind = file_kind(_head(path))
+        kind = file_kind(head_bytes(path))
         return kind == "safetensors" or (kind == "torch" and _is_torch_archive(path))
 
     # An unreadable file's head is empty, "other": the describer names the problem.
-    return file_kind(_head(path)) != "pickle"
+    return file_kind(head_bytes(path)) != "pickle"
 
 
 def _rows(tensors: Dict[str, Any]) -> List[Dict[str, Any]]:

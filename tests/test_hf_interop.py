@@ -628,6 +628,12 @@ def test_verify_with_reference(converted, exported, tmp_path) -> None:
     assert document["parity"] is None and document["tensors"]["passed"] is False
     assert document["exit_code"] == 3 and "error: " in result.stderr
     assert "has shape" in result.stderr and "other sizes" in result.stderr
+    # The two files the wrong way round: said so, with the command that works (it
+    # said to convert the official file first, which had been done), before any work.
+    result = run_cli("verify", fixture, "--reference", target)
+    assert result.exit_code == 2
+    assert "the files are the wrong way round" in result.stderr
+    assert f"perceiver-convert verify {target} --reference {fixture}" in result.stderr
 
 
 @pytest.mark.full
