@@ -276,7 +276,7 @@ def _refuse_pickles(path: Path) -> bytes:
                 f"official Haiku checkpoint, convert it first with {command}, which "
                 "reads it without running anything and refuses any other pickle"
             )
-        raise LoadError(f"{path}: {advice}, then load the .safetensors file")
+        raise LoadError(f"{path}: {advice}, then give the .safetensors file")
     return head
 
 
@@ -427,7 +427,7 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
             raise LoadError(
                 f"{path}: a HuggingFace transformers checkpoint's weights, not a "
                 "converted file; convert it first with `perceiver-convert convert "
-                f"{folder} -o {target}`, then load the .safetensors file"
+                f"{folder} -o {target}`, then give the .safetensors file"
             )
         if missing:
             raise LoadError(
