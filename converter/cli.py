@@ -1064,7 +1064,7 @@ def verify_command(
 
 
 @main.command("export")
-@click.argument("converted", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("converted", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "-o",
     "--output",
@@ -1119,7 +1119,12 @@ def export_command(
     import warnings
 
     from converter.atomic import check_outputs
+    from perceiver_torch.registry import folder_refusal
 
+    if converted.is_dir():
+        # click's "File '...' is a directory." gave no hint: a HuggingFace folder is
+        # named as one, with the command that converts it (as run says: exit 2).
+        raise UsageError(folder_refusal(converted))
     fmt = fmt or ("onnx" if output.suffix.lower() == ".onnx" else "haiku")
     if fmt != "haiku":
         # Options of the pickle writer, not read by these formats: refused, not dropped.

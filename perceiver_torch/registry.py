@@ -221,7 +221,7 @@ def folder_refusal(path: Path) -> str:
         return (
             f"{path}: a folder, not a converted file; with its config.json it looks "
             "like a HuggingFace transformers checkpoint: convert it first with "
-            f"`perceiver-convert convert {path} -o {target}`, then load the "
+            f"`perceiver-convert convert {path} -o {target}`, then give the "
             ".safetensors file"
         )
     return (

@@ -813,6 +813,11 @@ def test_a_folder_is_named_as_a_folder_not_as_is_a_directory(work):
         document = json.loads(result.stdout)
         assert result.exit_code == 2 and document["exit_code"] == 2
         assert all(w in document["error"]["message"] for w in words), document
+        # export too (click's bare "File ... is a directory." before).
+        result = run_cli("export", folder, "-o", work / "back.pickle")
+        assert result.exit_code == 2 and "is a directory" not in result.stderr
+        assert all(w in result.stderr for w in words), result.stderr
+        assert not (work / "back.pickle").exists()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.int8])
