@@ -447,6 +447,22 @@ def _carried_drops(source: HFSource, model: str) -> Dict[str, np.ndarray]:
     return carried
 
 
+# What an export --format hf records of the converted file it wrote from.
+_EXPORTED_KEYS = ("source_file", "source_sha256", "mapping", "mapping_sha256", "dtype", "converter")
+
+
+def _exported_from(source: HFSource, model: str) -> Dict[str, str]:
+    """The provenance an ``export --format hf`` recorded of its converted file (its
+    official source's name and sha256, mapping, dtype), or {}."""
+    if source.metadata.get("perceiver_convert.model") != model:
+        return {}
+    return {
+        key: source.metadata[f"perceiver_convert.{key}"]
+        for key in _EXPORTED_KEYS
+        if f"perceiver_convert.{key}" in source.metadata
+    }
+
+
 def _carried_hf_source(source: HFSource, model: str) -> Dict[str, Any]:
     """The ``hf_source`` provenance an ``export --format hf`` carried from its
     converted file (that file's own HuggingFace import), or {}."""
@@ -538,6 +554,12 @@ def prepare_hf(
     if restored:
         # Not in the transformers file; `export` then says the pickle is not exact.
         provenance["restored_drops"] = restored
+    exported = _exported_from(source, detected)
+    if exported:
+        # A perceiver-convert export: the converted file it came from, and that file's
+        # own source (the official pickle's name and sha256), which the round trip
+        # lost (the import's source_* are the HuggingFace weights').
+        provenance["exported_from"] = exported
     stored = _stored_dtypes(source, detected)
     if stored:
         # The float32 file holds these dtypes' values; `export` says so, as it does for

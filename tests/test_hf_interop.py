@@ -116,6 +116,11 @@ def test_import_of_the_export_is_bit_identical(name: str, converted, exported, t
     source = json.loads(again_meta["hf_source"])
     assert source["architecture"] == _architecture(name)
     assert source["weights"] == "model.safetensors"
+    # The official file it all came from is still named (the round trip lost it).
+    exported_from = source["exported_from"]
+    assert exported_from["source_sha256"] == direct_meta["source_sha256"]
+    assert exported_from["source_file"] == direct_meta["source_file"]
+    assert exported_from["dtype"] == direct_meta["dtype"]
     # The whole config comes back: from the shapes, transformers' config.json and (the
     # video model's num_chunks) the export's metadata.
     assert json.loads(again_meta["config"]) == json.loads(direct_meta["config"])
