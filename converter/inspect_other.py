@@ -56,15 +56,21 @@ def is_other(path: Path) -> bool:
     as one, its globals listed)."""
     if path.is_dir():
         return True
-    from perceiver_torch.registry import file_kind
-
     if path.suffix.lower() not in OTHER_SUFFIXES:
         # A converted file renamed (conv.pickle, conv.bak) is still described as one,
         # by its first bytes, as load, run, export and verify read it.
         if _is_onnx(path) or not path.is_file():
             return _is_onnx(path)
-        kind = file_kind(head_bytes(path))
+        head = head_bytes(path)
+        if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
+            # A plain pickle, as the official files are: decided without importing
+            # perceiver_torch (and torch), which inspect of a pickle never needs.
+            return False
+        from perceiver_torch.registry import file_kind
+
+        kind = file_kind(head)
         return kind == "safetensors" or (kind == "torch" and _is_torch_archive(path))
+    from perceiver_torch.registry import file_kind
 
     # An unreadable file's head is empty, "other": the describer names the problem.
     return file_kind(head_bytes(path)) != "pickle"
