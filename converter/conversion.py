@@ -76,6 +76,9 @@ class PreparedConversion:
     report: MappingReport
     targets: Dict[str, Tuple[Tuple[int, ...], str]]
     sources: Dict[str, np.ndarray]
+    # The dtypes refuse_out_of_range found every weight within (convert checks up
+    # front, then verify_prepared need not convert every array again).
+    checked_dtypes: set = field(default_factory=set, repr=False, compare=False)
 
     @property
     def model(self) -> str:
@@ -87,6 +90,24 @@ class PreparedConversion:
     def converted_arrays(self):
         """Yields ``(state-dict key, numpy array)`` in mapping order."""
         return convert_arrays(self.table, self.sources)
+
+    def refuse_out_of_range(self, dtype: str) -> None:
+        """:class:`UsageError` (exit 2) naming the weights beyond ``dtype``'s range (a
+        finite float32 weight over float16's 65504 rounds to inf), before the long
+        work: such a file every export refused as corrupt, and verify's inf
+        differences did not say why. Nothing to check for float32, nor again for a
+        dtype already checked."""
+        if dtype == "float32" or dtype in self.checked_dtypes:
+            return
+        found = out_of_range(
+            convert_arrays(self.table, self.sources, contiguous=False), TORCH_DTYPES[dtype]
+        )
+        if found:
+            raise UsageError(
+                f"{self.checkpoint.path}: "
+                f"{out_of_range_message(found, TORCH_DTYPES[dtype])}"
+            )
+        self.checked_dtypes.add(dtype)
 
     def state_dict(
         self, dtype: Optional[torch.dtype] = None
@@ -625,17 +646,7 @@ def convert(
         f"{prepared.mapping.file}: {prepared.report.used} tensors, "
         f"{len(prepared.report.dropped)} dropped"
     )
-    if dtype != "float32":
-        # Up front, before minutes of verifying: a finite weight rounded to inf
-        # (float16 ends at 65504) made a file every export refused as corrupt.
-        found = out_of_range(
-            convert_arrays(prepared.table, prepared.sources, contiguous=False),
-            TORCH_DTYPES[dtype],
-        )
-        if found:
-            raise UsageError(
-                f"{checkpoint.path}: {out_of_range_message(found, TORCH_DTYPES[dtype])}"
-            )
+    prepared.refuse_out_of_range(dtype)  # before minutes of verifying
     parity, parity_report = None, None
     if verify:
         from converter.verify import verify_prepared

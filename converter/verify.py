@@ -453,23 +453,8 @@ def verify_prepared(
 
     check_arguments(seed, batch, dtype)
     require_jax()
-    if dtype != "float32":
-        # As convert --dtype and run --dtype do: a finite weight beyond float16's
-        # 65504 would be rounded to inf, and the report's inf differences and
-        # "not all finite" would not say why. Named up front (exit 2), before
-        # seconds of JAX.
-        from converter.mapping import convert_arrays
-        from perceiver_torch.registry import out_of_range, out_of_range_message
-
-        found = out_of_range(
-            convert_arrays(prepared.table, prepared.sources, contiguous=False),
-            TORCH_DTYPES[dtype],
-        )
-        if found:
-            raise UsageError(
-                f"{prepared.checkpoint.path}: "
-                f"{out_of_range_message(found, TORCH_DTYPES[dtype])}"
-            )
+    # As convert --dtype does (exit 2), before seconds of JAX.
+    prepared.refuse_out_of_range(dtype)
     name = prepared.model
     config = prepared.config_object()
     tolerance = prepared.mapping.tolerance
