@@ -29,6 +29,7 @@ from typing import (
     Sequence,
     Tuple,
     TypeVar,
+    Union,
 )
 
 import numpy as np
@@ -246,28 +247,30 @@ def results_document(task: str, model: torch.nn.Module, results: List[Any]) -> D
 
 
 def non_finite_output_note(
-    output: torch.Tensor,
+    outputs: Union[torch.Tensor, np.ndarray, Sequence[Union[torch.Tensor, np.ndarray]]],
     model: torch.nn.Module,
     consequence: str = "the ranking and probabilities are not meaningful",
 ) -> Optional[str]:
-    """A note for an output of ``model`` holding NaN or inf, else None; ``consequence``
-    says what it spoils (classify's default: the ranking).
+    """A note for outputs of ``model`` (a tensor or array, or a list of them) holding
+    NaN or inf, else None; ``consequence`` says what it spoils (classify's default:
+    the ranking).
 
     A float16 model overflows past 65504 (large logits of a trained checkpoint, or
     activations on the way): its inf logits gave NaN probabilities and an arbitrary
     ranking, with no note, where the float32 model was confident (flow and
     autoencode alike: NaN vectors, frames and labels)."""
-    finite = torch.isfinite(torch.as_tensor(output))
-    if bool(finite.all()):
+    parts = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    count = sum(int((~torch.isfinite(torch.as_tensor(part))).sum()) for part in parts)
+    if not count:
         return None
-    dtype = next(itertools.chain(model.parameters(), model.buffers()), output).dtype
+    dtype = next(itertools.chain(model.parameters(), model.buffers())).dtype
     why = (
         "float16 overflowed (its range ends at 65504); run in bfloat16 or float32"
         if dtype == torch.float16
         else f"computed in {str(dtype).replace('torch.', '')}"
     )
     return (
-        f"the model's output holds {int((~finite).sum())} non-finite value(s) (NaN or "
+        f"the model's output holds {count} non-finite value(s) (NaN or "
         f"inf): {consequence} ({why})"
     )
 

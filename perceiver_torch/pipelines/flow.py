@@ -224,9 +224,7 @@ class FlowPipeline:
                 progress=self.progress if progress is None else progress,
             )
         flow = flow[0, :, :height, :width].permute(1, 2, 0).float().cpu().numpy()
-        note = non_finite_output_note(
-            torch.from_numpy(flow), self.model, "those flow vectors are unknown"
-        )
+        note = non_finite_output_note(flow, self.model, "those flow vectors are unknown")
         if note is not None:
             notes = [*notes, note]
         # One note for two frames alike.

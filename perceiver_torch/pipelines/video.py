@@ -493,9 +493,7 @@ class AutoencodePipeline:
             )
         for name, values in (("frames", out_frames), ("sound", out_audio), ("labels", logits)):
             note = non_finite_output_note(
-                torch.from_numpy(np.concatenate([v.reshape(-1) for v in values])),
-                self.model,
-                f"the reconstructed {name} there are not meaningful",
+                values, self.model, f"the reconstructed {name} there are not meaningful"
             )
             if note is not None:
                 notes.append(note)
