@@ -123,13 +123,11 @@ def _float_scale_note(array: np.ndarray, notes: Optional[List[str]]) -> None:
         )
 
 
-def _sixteen_bit_scale_note(values: np.ndarray, notes: Optional[List[str]]) -> None:
-    """Adds a note to ``notes`` for 16-bit pixels all within 0..255: most likely 8-bit
-    values in a 16-bit container (``Image.fromarray`` of int32 values, an array cast
-    to uint16), read on the 0..65535 scale as a nearly black image, silently."""
-    if notes is None or values.size == 0:
-        return
-    low, high = int(values.min()), int(values.max())
+def _sixteen_bit_scale_note(low: int, high: int, notes: List[str]) -> None:
+    """Adds a note to ``notes`` for 16-bit pixels (the smallest ``low``, the largest
+    ``high``) all within 0..255: most likely 8-bit values in a 16-bit container
+    (``Image.fromarray`` of int32 values, an array cast to uint16), read on the
+    0..65535 scale as a nearly black image, silently."""
     if 0 <= low and 0 < high <= 255:
         notes.append(
             f"the image's 16-bit values are all within 0..255 (the largest is {high}) "
@@ -155,7 +153,8 @@ def _from_array(array: np.ndarray, notes: Optional[List[str]] = None) -> np.ndar
             f"shape {tuple(array.shape)}"
         )
     if array.dtype == np.uint16:
-        _sixteen_bit_scale_note(array, notes)
+        if notes is not None:  # not empty: refused above
+            _sixteen_bit_scale_note(int(array.min()), int(array.max()), notes)
         array = _to_uint8_16bit(array)
     elif np.issubdtype(array.dtype, np.floating):
         # NaN passes np.clip and would make every probability NaN; an infinity would
@@ -253,10 +252,10 @@ def _decoded_rgb(image: Any, notes: Optional[List[str]]) -> np.ndarray:
         # Mode "I" (32-bit integers) is how Pillow opens most 16-bit greyscale files;
         # values outside 0..65535 (a true 32-bit image) are clipped, and said so.
         values = np.asarray(image)
-        _sixteen_bit_scale_note(values, notes)
-        if mode == "I" and notes is not None and values.size:
+        if notes is not None and values.size:
             low, high = int(values.min()), int(values.max())
-            if low < 0 or high > 65535:
+            _sixteen_bit_scale_note(low, high, notes)
+            if mode == "I" and (low < 0 or high > 65535):
                 notes.append(
                     f"the image's 32-bit integer values run from {low} to {high} and were "
                     "clipped to 0..65535, the 16-bit scale read as greyscale; give an "
