@@ -59,9 +59,11 @@ def is_other(path: Path) -> bool:
     if path.suffix.lower() not in OTHER_SUFFIXES:
         # A converted file renamed (conv.pickle, conv.bak) is still described as one,
         # by its first bytes, as load, run, export and verify read it.
-        if _is_onnx(path) or not path.is_file():
-            return _is_onnx(path)
+        from converter.haiku_reader import looks_like_onnx
+
         head = head_bytes(path)
+        if looks_like_onnx(head) or not path.is_file():
+            return looks_like_onnx(head)
         if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:
             # A plain pickle, as the official files are: decided without importing
             # perceiver_torch (and torch), which inspect of a pickle never needs.
