@@ -306,27 +306,18 @@ def read_converted(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]
 
 def _transformers_checkpoint_hint(path: Path) -> Optional[str]:
     """What to do with a HuggingFace Perceiver checkpoint given where a converted file
-    is expected (its folder's config.json says model_type "perceiver", or its tensors
-    have transformers' ``perceiver.`` names), or None for other files."""
-    is_hf = False
-    try:
-        config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
-        is_hf = isinstance(config, dict) and config.get("model_type") == "perceiver"
-    except (OSError, UnicodeDecodeError, ValueError):
-        pass
-    if not is_hf and path.suffix.lower() == ".safetensors":
+    is expected (``perceiver_torch.registry.transformers_weights_advice``: its
+    folder's config.json, or, for safetensors, its tensors' ``perceiver.`` names), or
+    None for other files."""
+    from perceiver_torch.registry import transformers_weights_advice
+
+    names: list = []
+    if path.suffix.lower() == ".safetensors":
         try:
             from safetensors import safe_open
 
             with safetensors_name(path) as name, safe_open(name, framework="np") as handle:
-                is_hf = any(key.startswith("perceiver.") for key in handle.keys())
+                names = list(handle.keys())
         except Exception:  # not safetensors: the reader's own message stands
-            is_hf = False
-    if not is_hf:
-        return None
-    folder = path.parent
-    return (
-        "a HuggingFace transformers checkpoint, not a perceiver-convert output; "
-        f"convert it first (`perceiver-convert convert {folder} -o "
-        f"{folder.name or 'model'}.safetensors`) and use that file"
-    )
+            pass
+    return transformers_weights_advice(path, names=names)

@@ -215,14 +215,9 @@ def folder_refusal(path: Path) -> str:
     a ``config.json`` is most likely a HuggingFace transformers checkpoint, which
     ``perceiver-convert convert`` imports."""
     if (path / "config.json").is_file():
-        # Named after the folder, so that it is never the folder's own model.safetensors
-        # (the CLI refuses to overwrite an input), even when run from inside it.
-        target = f"{path.resolve().name or 'model'}.safetensors"
         return (
             f"{path}: a folder, not a converted file; with its config.json it looks "
-            "like a HuggingFace transformers checkpoint: convert it first with "
-            f"`perceiver-convert convert {path} -o {target}`, then give the "
-            ".safetensors file"
+            f"like a HuggingFace transformers checkpoint: {_convert_hf_first(path)}"
         )
     return (
         f"{path}: a folder, not a converted file; give the .safetensors (or .pt) file "
@@ -230,19 +225,38 @@ def folder_refusal(path: Path) -> str:
     )
 
 
-def _is_transformers_weights(path: Path, metadata: Mapping[str, str], state) -> bool:
-    """Whether a safetensors file without a converted file's metadata is a
-    HuggingFace Perceiver checkpoint's weights (an ``export --format hf``'s, or the
-    hub's): its export metadata, its folder's config.json, or transformers' names."""
-    if "perceiver_convert.model" in metadata:
-        return True
-    try:
-        config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
-        if isinstance(config, dict) and config.get("model_type") == "perceiver":
-            return True
-    except (OSError, UnicodeDecodeError, ValueError):
-        pass
-    return any(str(key).startswith("perceiver.") for key in state)
+def _convert_hf_first(folder: Path) -> str:
+    """The advice for a HuggingFace transformers folder (or its weights): the command
+    that converts it. The output is named after the folder, so that it is never the
+    folder's own model.safetensors (the CLI refuses to overwrite an input), even when
+    run from inside it."""
+    target = f"{folder.resolve().name or 'model'}.safetensors"
+    return (
+        f"convert it first with `perceiver-convert convert {folder} -o {target}`, then "
+        "give the .safetensors file"
+    )
+
+
+def transformers_weights_advice(
+    path: Path, metadata: Optional[Mapping[str, str]] = None, names: Iterable[str] = ()
+) -> Optional[str]:
+    """What to do with a file of a HuggingFace Perceiver checkpoint's weights (an
+    ``export --format hf``'s, or the hub's) given where a converted file belongs, or
+    None for other files. Known by its export ``metadata``, its folder's config.json
+    (model_type "perceiver") or transformers' ``perceiver.`` tensor ``names``."""
+    is_hf = "perceiver_convert.model" in (metadata or {})
+    if not is_hf:
+        try:
+            config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
+            is_hf = isinstance(config, dict) and config.get("model_type") == "perceiver"
+        except (OSError, UnicodeDecodeError, ValueError):
+            pass
+    if not (is_hf or any(str(name).startswith("perceiver.") for name in names)):
+        return None
+    return (
+        "a HuggingFace transformers checkpoint's weights, not a converted file; "
+        + _convert_hf_first(path.parent)
+    )
 
 
 def _refuse_pickles(path: Path) -> bytes:
@@ -421,14 +435,9 @@ def read_checkpoint(path: Union[str, Path]) -> Tuple[Dict[str, torch.Tensor], Di
                 "corrupt copy: convert or download it again"
             ) from None
         missing = [k for k in ("model", "config") if k not in metadata]
-        if missing and _is_transformers_weights(path, metadata, state):
-            folder = path.parent
-            target = f"{folder.resolve().name or 'model'}.safetensors"
-            raise LoadError(
-                f"{path}: a HuggingFace transformers checkpoint's weights, not a "
-                "converted file; convert it first with `perceiver-convert convert "
-                f"{folder} -o {target}`, then give the .safetensors file"
-            )
+        advice = transformers_weights_advice(path, metadata, state) if missing else None
+        if advice is not None:
+            raise LoadError(f"{path}: {advice}")
         if missing:
             raise LoadError(
                 f"{path}: safetensors metadata lacks {', '.join(missing)}; a converted "
