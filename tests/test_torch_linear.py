@@ -203,6 +203,26 @@ def test_packed_weight_follows_row_column_and_view_writes(onednn_packing, shape)
 
 
 @needs_onednn
+def test_packed_weight_with_nan_elements_is_kept_between_calls(onednn_packing):
+    """A NaN among the sampled elements (a diverged run's weights, under inspection)
+    equals itself for the stamp: the copy is kept, not remade on every call, and a
+    write that replaces the NaN is still seen."""
+    torch.manual_seed(4)
+    layer = linear_module.pack_weights(torch.nn.Sequential(Linear(16, 8)))[0]
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        layer.weight.data[:, 0] = float("nan")  # column 0: every row's sample
+        layer.bias.data[3] = float("nan")
+        layer(x)
+        first = layer.packed_weight()
+        layer(x)
+        assert layer.packed_weight() is first
+        layer.weight.data[:, 0] = torch.randn(8)
+        layer.bias.data[3] = 0.5
+    check_layer_within_float32_rounding("NaN written over", layer, x)
+
+
+@needs_onednn
 def test_fused_copy_follows_bias_elements_written_through_data(onednn_packing):
     """The fused q, k, v copy holds the biases concatenated: an element of one
     written through ``p.data`` (no version bump) is seen (a 64-element sample of a
