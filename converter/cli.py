@@ -961,7 +961,9 @@ def convert_command(
     default=None,
     help="CHECKPOINT is a converted file (or HuggingFace checkpoint) someone made from "
     "this official file: compare their tensors through the mapping, then the converted "
-    "model's forward pass with the JAX reference on this file.",
+    "model's forward pass with the JAX reference on this file (run with the "
+    "settings the converted file records; those no shape holds that differ from the "
+    "official model's, such as flow_scale or head counts, are named).",
 )
 @_JSON_OPTION
 @_QUIET_OPTION

@@ -572,6 +572,19 @@ class MappingSpec:
         values = {**base, **derived, **overrides}
         return ResolvedConfig(values, preset, derived, dict(overrides))
 
+    def unlike_preset(self, resolved: ResolvedConfig) -> Dict[str, Tuple[Any, Any]]:
+        """The overrides of ``resolved`` that differ from its preset's values (the
+        official ones where no preset matched): ``{key: (value, preset's value)}``.
+        None in a preset ("derived from other fields") differs from nothing."""
+        base = dict(self.config)
+        if resolved.preset not in (None, "official"):
+            base.update(self.presets[resolved.preset])
+        return {
+            key: (value, base[key])
+            for key, value in resolved.overrides.items()
+            if base.get(key) is not None and _as_tuple(value) != _as_tuple(base[key])
+        }
+
     def _checked_values(self, overrides: Mapping[str, Any]) -> Dict[str, Any]:
         from perceiver_torch import configs  # see _official_values
 
@@ -672,14 +685,18 @@ def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def config_value_text(value: Any) -> str:
+    """A config value as ``--config`` takes it: ``16x16`` for a size."""
+    if isinstance(value, (tuple, list)):
+        return "x".join(str(item) for item in value)
+    return str(value)
+
+
 def override_text(overrides: Mapping[str, Any]) -> str:
     """``--config`` values as the command line takes them: ``image_size=16x16``."""
-    def text(value: Any) -> str:
-        if isinstance(value, (tuple, list)):
-            return "x".join(str(item) for item in value)
-        return str(value)
-
-    return ", ".join(f"{key}={text(value)}" for key, value in overrides.items())
+    return ", ".join(
+        f"{key}={config_value_text(value)}" for key, value in overrides.items()
+    )
 
 
 def overrides_at_fault(

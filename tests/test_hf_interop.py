@@ -641,6 +641,35 @@ def test_verify_with_reference(converted, exported, tmp_path) -> None:
     assert f"perceiver-convert verify {target} --reference {fixture}" in result.stderr
 
 
+@pytest.mark.jax
+def test_verify_with_reference_names_settings_unlike_the_official_model(tmp_path) -> None:
+    """A converted file's settings that no shape fixes (here flow_scale, set at
+    conversion) are applied to the JAX reference too, so parity passes; the report
+    says they are not the official model's (it said nothing) and passes (a fine-tuned
+    variant may differ on purpose)."""
+    pytest.importorskip("jax")
+    fixture = tmp_path / "official.pickle"
+    assert run_cli("fixture", "optical_flow", "-o", fixture).exit_code == 0
+    plain, scaled = tmp_path / "plain.safetensors", tmp_path / "scaled.safetensors"
+    assert run_cli("convert", fixture, "-o", plain, "-q").exit_code == 0
+    assert run_cli(
+        "convert", fixture, "-o", scaled, "--config", "flow_scale=10", "-q"
+    ).exit_code == 0
+    result = run_cli("verify", plain, "--reference", fixture, "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["tensors"]["unofficial_settings"] == {}
+    assert "not the official model's" not in result.stderr
+    result = run_cli("verify", scaled, "--reference", fixture, "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["tensors"]["passed"] and document["parity"]["passed"]
+    assert document["tensors"]["unofficial_settings"] == {
+        "flow_scale": {"converted": 10.0, "official": 20.0}
+    }
+    assert "settings no shape holds, not the official model's" in result.stderr
+    assert "flow_scale=10.0 (official: 20.0)" in result.stderr
+
+
 @pytest.mark.full
 @pytest.mark.parametrize("name", ["video_autoencoding", "imagenet_conv"])
 def test_full_size_hf_round_trip(name, tmp_path) -> None:
