@@ -53,7 +53,7 @@ class TensorCheck:
                 "missing": self.missing, "unexpected": self.unexpected,
                 "different": self.different[:20], "rounded_to": self.rounded_to,
                 "unofficial_settings": {
-                    key: {"converted": _plain(ours), "official": _plain(theirs)}
+                    key: {"converted": ours, "official": theirs}
                     for key, (ours, theirs) in self.unofficial_settings.items()
                 }}
 
@@ -81,10 +81,6 @@ class TensorCheck:
     @property
     def shapes_differ(self) -> bool:
         return any("shape" in d for d in self.different)
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _format_difference(difference: Dict[str, Any]) -> str:
