@@ -733,6 +733,65 @@ def test_video_frames_are_the_colabs_readers_pixels(tmp_path, pix_fmt):
         assert got.dtype == np.uint8 and np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize("colorspace, color_range", [(1, 2), (1, None), (None, 2)])
+def test_video_colour_tags_are_ignored_as_the_colabs_reader_ignores_them(
+    tmp_path, colorspace, color_range
+):
+    """The colab's reader (OpenCV 4: its requirements pin 4.5.2) converts every frame
+    with libswscale's defaults: the BT.601 matrix and the range the pixel format
+    implies (full for yuvj and grey formats, limited otherwise), whatever the stream's
+    colour tags say. Recent PyAV follows the tags instead: a BT.709 clip (nearly every HD
+    or phone video) or a full-range VP9/HEVC one reached the model up to 56 levels
+    off the colab's pixels (5 on average for a BT.709 clip).
+
+    Independent oracle: lossless yuv444p frames (no chroma resampling), tagged BT.709
+    and/or full range, against the BT.601 limited-range formula in float64. Bound:
+    the exact value rounds to the nearest level (half a level) and libswscale's
+    fixed-point matrix (its SIMD kernels keep fewer fractional bits than the C code)
+    adds a little more; 3 levels allows that, while the readings that follow the
+    tags are 20 (full range), 49 (BT.709) and 56 (both) levels off on these frames."""
+    from perceiver_torch.pipelines.media import iter_video_frames
+
+    rng = np.random.default_rng(5)
+    height, width = 24, 32
+    yuv = np.stack([
+        rng.integers(16, 236, (height, width)),  # Y: limited-range luma
+        rng.integers(16, 241, (height, width)),  # U
+        rng.integers(16, 241, (height, width)),  # V
+    ]).astype(np.uint8)
+    path = tmp_path / "tagged.mkv"
+    try:
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("ffv1", rate=25)  # lossless
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv444p"
+            if colorspace is not None:
+                stream.codec_context.colorspace = colorspace  # 1: BT.709
+            if color_range is not None:
+                stream.codec_context.color_range = color_range  # 2: full (JPEG)
+            for _ in range(2):
+                frame = av.VideoFrame.from_ndarray(yuv, format="yuv444p")
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode(None):
+                container.mux(packet)
+    except (av.error.FFmpegError, ValueError) as error:
+        pytest.skip(f"this PyAV cannot write a tagged FFV1 clip ({error})")
+    with av.open(str(path)) as container:
+        decoded = next(container.decode(container.streams.video[0]))
+        assert decoded.format.name == "yuv444p"
+        if colorspace is not None:
+            assert int(decoded.colorspace) == colorspace  # the tag reached the frames
+    y, u, v = yuv.astype(np.float64) - np.array([16.0, 128.0, 128.0])[:, None, None]
+    y, u, v = y * 255 / 219, u * 255 / 224, v * 255 / 224  # limited range
+    rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], -1)
+    expected = np.clip(np.rint(rgb), 0, 255)  # BT.601 (Kr 0.299, Kb 0.114)
+    frames = list(iter_video_frames(path))
+    assert len(frames) == 2
+    for got in frames:
+        assert got.dtype == np.uint8
+        assert np.abs(got.astype(np.float64) - expected).max() <= 3
+
+
 def test_sound_files_are_read_as_the_colabs_16_bit_wav(tmp_path):
     """The colab's `ffmpeg -i VIDEO -c copy -f wav -map 0:a pcm_f32le -ar 48000
     output.wav` takes pcm_f32le for a file name: output.wav is the WAV default, 16-bit

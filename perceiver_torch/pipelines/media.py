@@ -142,10 +142,10 @@ def missing_frames_note(declared: int, decoded: int) -> Optional[str]:
 
 def iter_video_frames(path: PathLike, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
     """The frames of ``path``'s first video stream in display order, each (H, W, 3)
-    uint8 RGB (FFmpeg's YUV->RGB conversion), at most ``max_frames``, turned upright
-    by the stream's display rotation (a phone's portrait video is stored landscape
-    with a rotation in its metadata), as OpenCV's reader (the colab's) and players
-    show it (:func:`_upright`).
+    uint8 RGB (converted as the colab's OpenCV reader converts them, :func:`_rgb24`),
+    at most ``max_frames``, turned upright by the stream's display rotation (a phone's
+    portrait video is stored landscape with a rotation in its metadata), as OpenCV's
+    reader (the colab's) and players show it (:func:`_upright`).
 
     Raises:
         InputError: unreadable file, no video stream, or a decoding error.
@@ -173,11 +173,29 @@ def iter_video_frames(path: PathLike, max_frames: Optional[int] = None) -> Itera
 
 def _rgb24(frame: Any) -> np.ndarray:
     """A decoded frame as (H, W, 3) uint8 RGB, converted as the colab's reader
-    (``cv2.VideoCapture``) converts it: libswscale to BGR24 with bicubic filtering,
-    then the channels swapped. PyAV's default (RGB24, bilinear) gives the same pixels
-    for 8-bit video, but for 10-bit video (phones' HDR clips, HEVC, AV1, VP9 profile
-    2) it is up to 47 levels off, 2.5 on average, biased darker in red and blue."""
-    bgr = frame.to_ndarray(format="bgr24", interpolation="BICUBIC")
+    (``cv2.VideoCapture`` of OpenCV 4; the colab's requirements pin 4.5.2) converts
+    it: libswscale to BGR24 with bicubic filtering, then the channels swapped. PyAV's
+    default (RGB24, bilinear) gives the same pixels for 8-bit video, but for 10-bit
+    video (phones' HDR clips, HEVC, AV1, VP9 profile 2) it is up to 47 levels off, 2.5
+    on average, biased darker in red and blue.
+
+    That reader gives libswscale no colour details, so a YUV frame is read with its
+    default BT.601 matrix and the range its pixel format implies (full for the yuvj
+    and grey formats, limited for the others), whatever the stream's colour tags say.
+    PyAV (18) follows the tags by default: a BT.709 clip (nearly every HD or phone
+    video) was up to 30 levels off the colab's pixels, 5 on average, and a full-range
+    yuv420p one (VP9, HEVC) up to 19. The tags are overridden accordingly."""
+    fmt = frame.format
+    if fmt.is_rgb or fmt.has_palette or getattr(fmt, "is_bayer", False):
+        details = {}  # no matrix, no range: nothing for the tags to change
+    else:
+        full = fmt.name.startswith(("yuvj", "gray", "ya"))
+        details = {"src_colorspace": "ITU601", "src_color_range": "JPEG" if full else "MPEG"}
+    try:
+        bgr = frame.to_ndarray(format="bgr24", interpolation="BICUBIC", **details)
+    except TypeError:
+        # An older PyAV without the colour-range argument: its own defaults.
+        bgr = frame.to_ndarray(format="bgr24", interpolation="BICUBIC")
     return np.ascontiguousarray(bgr[:, :, ::-1])
 
 

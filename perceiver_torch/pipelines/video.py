@@ -6,7 +6,9 @@ The colab's procedure (:class:`AutoencodePipeline`):
 
 1. Frames decoded in order (PyAV; the colab uses OpenCV's reader, both FFmpeg) and
    converted to 8-bit RGB as that reader converts them (bicubic libswscale to BGR,
-   channels swapped: the same pixels for 10-bit video too), each centre-square-cropped
+   channels swapped: the same pixels for 10-bit video too; the BT.601 matrix and the
+   range the pixel format implies, whatever colour tags the video carries, as OpenCV 4
+   reads BT.709 and full-range clips), each centre-square-cropped
    as the colab's ``crop_center_square`` (side = min(H, W), origin ``(W // 2) -
    (side // 2)``, the same for H) and resized to the model's size
    (224x224) with ``cv2.resize``'s default INTER_LINEAR, then RGB / 255 (float64,
