@@ -239,15 +239,36 @@ def recording_graph() -> bool:
     return bool(is_exporting()) if is_exporting is not None else False
 
 
+def func_transforming() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jvp``, ...) runs this
+    code. Its tensors are wrappers: a vmapped model's weights are batched, one per
+    stacked model (``torch.func.stack_module_state``), and so are vmapped inputs.
+    oneDNN's kernels have no batching rules (packing a batched weight failed with
+    "'memory_format' argument is incompatible with mkldnn tensor", so a bfloat16
+    model could not be vmapped on a CPU that packs bfloat16 weights by default; the
+    other kernels ran once per batched item, with a warning), and ``vmap`` refuses
+    to read a batched tensor's values (``.item()``), which the padding skip, the
+    folded decoder and the id and index checks read. False while torch.compile
+    traces (:func:`compiling` says so; its graphs hold functorch's own machinery)."""
+    if _dynamo_compiling():
+        return False
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
+
+
+def _dynamo_compiling() -> bool:
+    """Whether torch.compile (or torch.export) is tracing this code."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return is_compiling is not None and bool(is_compiling())
+
+
 def compiling() -> bool:
     """Whether torch.compile (or torch.export) is tracing this code, or
-    ``torch.jit.trace`` (:func:`recording_graph`) is: the oneDNN kernels and the
-    batch slicing step aside there (False on torch builds without them)."""
-    compiler = getattr(torch, "compiler", None)
-    is_compiling = getattr(compiler, "is_compiling", None)
-    if is_compiling is not None and is_compiling():
-        return True
-    return recording_graph()
+    ``torch.jit.trace`` (:func:`recording_graph`) is, or a ``torch.func`` transform
+    (:func:`func_transforming`) runs it: the oneDNN kernels, the batch slicing and
+    the shortcuts that read tensor values step aside there (False on torch builds
+    without them)."""
+    return _dynamo_compiling() or recording_graph() or func_transforming()
 
 
 # The torch.nn classes the models are built from (or that compute what the models'

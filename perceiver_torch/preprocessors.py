@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .linear import Linear, intercepted
+from .linear import Linear, func_transforming, intercepted
 from .position_encoding import (
     FourierPositionEncoding,
     TrainablePositionEncoding,
@@ -480,7 +480,9 @@ class MultimodalPreprocessor(PaddedModalities):
         straight into the output (the same values as concatenating them: the video
         model's 52,097 tokens of 704 channels are written once instead of three
         times), except under ``torch.jit.trace`` (the ONNX export), which does not
-        record writes into slices of a new tensor."""
+        record writes into slices of a new tensor, and under ``torch.func``
+        transforms, where a vmapped block (a stacked model's padding) cannot be
+        written into a tensor that is not."""
         # Each modality's tokens as channel blocks: [features, position, padding] for
         # unmasked modalities that give their features and positions apart,
         # [tokens, padding] for other unmasked ones, the padded, masked tokens else.
@@ -495,7 +497,7 @@ class MultimodalPreprocessor(PaddedModalities):
         sizes = {name: parts[0].shape[1] for name, parts in blocks.items()}
         first = next(iter(blocks.values()))[0]
         batch, dtype = first.shape[0], first.dtype
-        if torch.jit.is_tracing():
+        if torch.jit.is_tracing() or func_transforming():
             return torch.cat(
                 [
                     torch.cat(

@@ -1,0 +1,98 @@
+"""The models as objects users copy, save, move and transform.
+
+Packed weights, fused projections and cached position features are kept on the
+modules; copies, pickles, state dicts, dtype moves and ``torch.func`` must see the
+models' weights and nothing else.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import perceiver_torch as pt
+from float64_reference import (
+    check_outputs_within_float32_rounding,
+    float64_inputs,
+    float64_model,
+)
+from perceiver_torch import fast_paths
+from test_fast_paths import model_inputs
+from test_torch_models import tiny, tiny_inputs
+
+NAMES = list(pt.MODEL_NAMES)
+
+
+def _item(out, i: int):
+    """Item ``i`` of a vmapped output (a tensor or a dict of them)."""
+    if isinstance(out, dict):
+        return {k: v[i] for k, v in out.items()}
+    return out[i]
+
+
+def _ensemble(models, inputs_per_model, in_dims_inputs):
+    """The models' outputs computed as one ``torch.vmap`` over their stacked
+    parameters and buffers (``torch.func.stack_module_state``), the ensembling
+    recipe of torch.func, with ``in_dims_inputs`` (None: every model gets
+    ``inputs_per_model[0]``; 0: model i gets ``inputs_per_model[i]``)."""
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    if in_dims_inputs is None:
+        inputs = inputs_per_model[0]
+        dims = tuple(None for _ in inputs)
+    else:
+        inputs = tuple(
+            torch.stack(items) if torch.is_tensor(items[0]) else items[0]
+            for items in zip(*inputs_per_model)
+        )
+        dims = tuple(0 if torch.is_tensor(x) else None for x in inputs)
+
+    def call(p, b, *x):
+        return torch.func.functional_call(base, (p, b), x)
+
+    with torch.no_grad():
+        return torch.vmap(call, in_dims=(0, 0) + dims)(params, buffers, *inputs)
+
+
+def _check_each(name, models, inputs_per_model, got):
+    """Each model's vmapped output is as close to its float64 evaluation as the model
+    run alone on the plain path (float64_reference)."""
+    for i, (model, inputs) in enumerate(zip(models, inputs_per_model)):
+        with torch.no_grad(), fast_paths.plain():
+            plain = model(*inputs)
+            exact = float64_model(model)(*float64_inputs(inputs))
+        check_outputs_within_float32_rounding(f"{name}[{i}]", _item(got, i), plain, exact)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vmap_ensemble_of_models_with_packed_weights(name, dtype):
+    """``torch.vmap`` over stacked weights (model ensembling) of packed models
+    (bfloat16 packs by default on CPUs with bfloat16 instructions): the oneDNN
+    paths have no batching rules and packing a batched weight failed ("'memory_format'
+    argument is incompatible with mkldnn tensor"); the video model's preprocessor
+    wrote the stacked padding into a tensor that was not batched. Under torch.func
+    transforms the fast paths step aside. (bfloat16 rounds at the same places on
+    both paths, so the float64 argument of float64_reference holds for it too.)"""
+    models = [pt.pack_weights(tiny(name, seed=s).to(dtype)) for s in (0, 1)]
+    inputs = model_inputs(name)
+    with torch.no_grad():
+        for model in models:
+            model(*inputs)  # the packed copies exist
+    got = _ensemble(models, [inputs, inputs], None)
+    _check_each(name, models, [inputs, inputs], got)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_ensemble_with_inputs_per_model(name):
+    """Each model of the ensemble its own batch (in_dims=0 for the inputs too): the
+    language model's id check and padding skip, and the video model's index check
+    and folded decoder, read tensor values, which vmap refuses (``.item()``); they
+    step aside there as under torch.compile."""
+    models = [tiny(name, seed=s) for s in (0, 1)]
+    first = model_inputs(name)
+    second = tiny_inputs(name, seed=3) + first[len(tiny_inputs(name)):]
+    got = _ensemble(models, [first, second], 0)
+    _check_each(name, models, [first, second], got)
