@@ -7,7 +7,8 @@ They are computed in float64 and cast once to the model's dtype (the reference's
 float32 arithmetic is off by up to 1e-2 for the 30,720-sample audio encoding; in
 bfloat16/float16 the features are thus correctly rounded values, with no error from
 computing sines of large arguments in low precision) and, being independent of the
-input, cached per module, device and dtype.
+input, cached per module, device and dtype (not kept by copies, pickles and
+``torch.save(model)``, which compute them again).
 
 Every feature only depends on the coordinate along one dimension, so they are built
 from small per-dimension tables gathered by index: cheap even for 802,816 queries.
@@ -179,7 +180,8 @@ class FourierPositionEncoding(nn.Module):
         concat_pos: prepend the raw positions (the reference's ``concat_pos``).
         sine_only: only sines (not used by the official models).
         cache_size: how many grids (shape, device, dtype) to keep, and as many
-            per-axis tables of subsampled positions.
+            per-axis tables of subsampled positions (copies and pickles of the
+            module start without them).
     """
 
     def __init__(
@@ -199,6 +201,13 @@ class FourierPositionEncoding(nn.Module):
         self.cache_size = cache_size
         self._cache: "OrderedDict[tuple, Tensor]" = OrderedDict()
         self._table_cache: "OrderedDict[tuple, List[AxisTable]]" = OrderedDict()
+
+    def __getstate__(self):
+        # The caches are derived data, as packed weights are: copies, pickles and
+        # torch.save(model) start without them (a full-size flow model's grid
+        # features are 188 MB, more than its weights).
+        state = super().__getstate__()
+        return dict(state, _cache=OrderedDict(), _table_cache=OrderedDict())
 
     def _remember(self, cache: "OrderedDict[tuple, Any]", key: tuple, value: Any) -> None:
         """Stores ``value`` in an LRU ``cache`` of ``cache_size`` entries."""
