@@ -44,6 +44,7 @@ from .linear import (  # gelu_tanh lives there (fused into Linear.forward_gelu)
     Linear,
     compiling,
     cpu_prefers_onednn_attention,
+    func_transforming,
     gelu_tanh,
     intercepted,
     linear_as_built,
@@ -234,6 +235,12 @@ def fused_kernel_width(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.
     the kernel runs slowly, :func:`_aligned_fused_width`), or ``_ONEDNN_PATH`` /
     ``_EXPLICIT_PATH`` where it computes with oneDNN's products or materialised
     logits instead. Only shapes, dtypes and devices are read."""
+    if func_transforming():
+        # Under torch.func transforms the fused kernel has no batching rule (vmap
+        # runs it once per item, with a warning) and no forward-mode derivative
+        # (jvp failed on every model); the explicit path's products and softmax have
+        # both.
+        return _EXPLICIT_PATH
     if dropout_p == 0.0 and uses_onednn_attention(q, k, v) and _onednn_attention_pays(q, k, v):
         return _ONEDNN_PATH
     if q.shape[-1] == v.shape[-1] or _pads_to_fused_kernel(q, v):

@@ -100,6 +100,43 @@ def test_vmap_ensemble_with_inputs_per_model(name):
     _check_each(name, models, [first, second], got)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_mode_derivatives_under_torch_func(name):
+    """``torch.func.jvp`` (forward-mode derivatives, e.g. for Jacobian-vector
+    products or ``jacfwd``) failed on every model: PyTorch's fused CPU attention has
+    no forward-mode formula. Under torch.func transforms attention takes the explicit
+    path. The derivative along a random direction of every weight, in float64,
+    against central finite differences at h = 1e-6: their truncation error, h^2 / 6
+    times the third directional derivative, passes 1e-6 of the first only where the
+    third passes 6e6 times the first, and their rounding error is about
+    1e-16 |f| / h = 1e-10 |f|; a wrong derivative (a dropped or doubled term) is
+    off by a sizeable fraction of it."""
+    model = float64_model(tiny(name)).eval()
+    inputs = float64_inputs(model_inputs(name))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    gen = torch.Generator().manual_seed(7)
+    direction = {
+        k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in params.items()
+    }
+
+    def outputs(p):
+        out = torch.func.functional_call(model, p, inputs)
+        return out if torch.is_tensor(out) else tuple(out[k] for k in sorted(out))
+
+    with torch.no_grad():
+        _, derivative = torch.func.jvp(outputs, (params,), (direction,))
+        h = 1e-6
+        ahead = outputs({k: v + h * direction[k] for k, v in params.items()})
+        behind = outputs({k: v - h * direction[k] for k, v in params.items()})
+    if torch.is_tensor(derivative):
+        derivative, ahead, behind = (derivative,), (ahead,), (behind,)
+    for got, plus, minus in zip(derivative, ahead, behind):
+        expected = (plus - minus) / (2 * h)
+        scale = expected.abs().max()
+        assert scale > 0
+        assert (got - expected).abs().max() <= 1e-6 * scale
+
+
 def _fourier_caches(model):
     """The cached features and tables of every Fourier position encoding in ``model``."""
     from perceiver_torch.position_encoding import FourierPositionEncoding
