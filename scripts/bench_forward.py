@@ -452,7 +452,8 @@ def count_matmul_flops(run: Callable[[int], Any]) -> int:
 
 
 def synchronized(run: Callable[[int], Any], device: str) -> Callable[[int], Any]:
-    """``run`` that waits for the device's queued work (GPU kernels are asynchronous)."""
+    """``run`` that waits for the device's queued work (GPU kernels are asynchronous),
+    still naming the model ``run`` calls (``with_model``), for the FLOP count."""
     if not device.startswith("cuda"):
         return run
     import torch
@@ -462,6 +463,8 @@ def synchronized(run: Callable[[int], Any], device: str) -> Callable[[int], Any]
         torch.cuda.synchronize()
         return out
 
+    if hasattr(run, "model"):
+        call.model = run.model  # type: ignore[attr-defined]
     return call
 
 

@@ -65,3 +65,17 @@ def test_compile_model_sets_inductor_options(bench):
         bench.compile_model(torch.nn.Linear(2, 2), args)  # compiles at its first call
         assert inductor_config.freezing and inductor_config.max_autotune
         assert inductor_config.max_autotune_gemm_backends == "CPP,ATEN"
+
+
+def test_flops_are_counted_through_the_cuda_synchronising_wrapper(bench, monkeypatch):
+    """On CUDA the worker wraps each model's call in ``synchronized``; the FLOP
+    counter finds the model through that wrapper (it raised AttributeError, so every
+    CUDA worker failed unless --no-flops)."""
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 5)
+    x = torch.randn(3, 6)
+    run = bench.synchronized(bench.with_model(lambda i: layer(x), layer), "cuda")
+    assert run.model is layer
+    assert bench.count_matmul_flops(run) == 2 * 3 * 6 * 5
