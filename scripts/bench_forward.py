@@ -437,13 +437,24 @@ def count_matmul_flops(run: Callable[[int], Any]) -> int:
     """Multiply-add FLOPs (x2) of the matrix products of one ``run(0)``, counted by
     ``torch.utils.flop_counter`` (matmuls, convolutions, attention kernels). It runs
     with autograd on and the parameters frozen (the counter's module tracker needs
-    it), so our ``Linear`` takes ``F.linear`` and every product is one it knows."""
-    from torch.utils.flop_counter import FlopCounterMode
+    it), so our ``Linear`` takes ``F.linear``. The CPU's fused attention kernel
+    (``F.scaled_dot_product_attention``'s flash kernel, which our attentions run), for
+    which the counter has no formula, is counted as its two products, as the counter
+    counts the kernels of GPUs."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+    def fused_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query, key, value)  # shapes (B, H, N, C)
+
+    custom = {}
+    cpu_kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_kernel is not None:
+        custom[cpu_kernel] = fused_attention
     model = getattr(run, "model")
     for p in model.parameters():
         p.requires_grad_(False)
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
         run(0)
     return int(counter.get_total_flops())
 

@@ -79,3 +79,26 @@ def test_flops_are_counted_through_the_cuda_synchronising_wrapper(bench, monkeyp
     run = bench.synchronized(bench.with_model(lambda i: layer(x), layer), "cuda")
     assert run.model is layer
     assert bench.count_matmul_flops(run) == 2 * 3 * 6 * 5
+
+
+@pytest.mark.parametrize("d_v", [8, 4])  # 8: the fused kernel; 4: torch's math path
+def test_flops_count_the_cpu_fused_attention_kernel(bench, d_v):
+    """Our models' attentions run ``F.scaled_dot_product_attention``, which on the CPU
+    is ``aten._scaled_dot_product_flash_attention_for_cpu``: torch's counter has no
+    formula for it, so the work of a case run without HF (--impl ours) left the
+    attentions' products out. Counted by hand: a projection and the two products of
+    the attention (2 b h q k d_qk + 2 b h q k d_v)."""
+    torch = pytest.importorskip("torch")
+    import torch.nn.functional as F
+
+    b, h, q, k, d_qk = 2, 3, 5, 7, 8
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(d_qk, d_qk)
+    query = torch.randn(b, h, q, d_qk)
+    key, value = torch.randn(b, h, k, d_qk), torch.randn(b, h, k, d_v)
+
+    def call(i):
+        return F.scaled_dot_product_attention(proj(query), key, value)
+
+    expected = 2 * (b * h * q) * d_qk * d_qk + 2 * b * h * q * k * d_qk + 2 * b * h * q * k * d_v
+    assert bench.count_matmul_flops(bench.with_model(call, proj)) == expected
