@@ -15,15 +15,21 @@ import argparse
 import gc
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from converter.conversion import convert
-from converter.fixtures import write_fixture
-from converter.hf import export_hf
-from converter.registry import MODEL_NAMES
-from script_args import non_negative_int, output_file  # beside this script
+# Run from a checkout: use its converter and perceiver_torch, not an installed copy.
+_ROOT = Path(__file__).resolve().parents[1]
+if (_ROOT / "converter" / "__init__.py").is_file():
+    sys.path.insert(0, str(_ROOT))
+
+from converter.conversion import convert  # noqa: E402
+from converter.fixtures import write_fixture  # noqa: E402
+from converter.hf import export_hf  # noqa: E402
+from converter.registry import MODEL_NAMES  # noqa: E402
+from script_args import non_negative_int, output_file  # noqa: E402  (beside this script)
 
 
 def main() -> None:

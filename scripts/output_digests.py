@@ -28,7 +28,13 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
-from script_args import output_file  # beside this script
+# Run from a checkout: digest its converter, not an installed copy (which would
+# make "record" before a change and "compare" after it agree whatever changed).
+_ROOT = Path(__file__).resolve().parents[1]
+if (_ROOT / "converter" / "__init__.py").is_file():
+    sys.path.insert(0, str(_ROOT))
+
+from script_args import output_file  # noqa: E402  (beside this script)
 
 # Provenance fields that may change with the text of a mapping or the version.
 _MAY_CHANGE = ("mapping_sha256", "converter")

@@ -4,6 +4,7 @@ before any work, instead of tracebacks minutes into a run (scripts/script_args.p
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,33 @@ def test_bench_convert_reports_a_checkpoint_it_cannot_convert_in_one_line(tmp_pa
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("bench_convert.py: convert of notes.pickle failed: ")
     assert "not a readable pickle" in line
+
+
+@pytest.mark.parametrize(
+    "script, args, words",
+    [
+        ("output_digests.py", ["record", "digests.json", "--models", "bogus"],
+         "unknown model(s) bogus"),
+        ("hf_fidelity.py", ["--models", "foo"], "invalid choice: 'foo'"),
+    ],
+)
+def test_scripts_run_the_checkouts_packages_not_installed_ones(script, args, words, tmp_path):
+    """Run from a checkout, a script uses that checkout's converter and
+    perceiver_torch, as bench_forward.py and bench_precision.py do, not another copy
+    on the path (an installed release, another checkout's editable install):
+    output_digests.py, recording before a change and comparing after it, would
+    otherwise digest the other copy both times and say "identical"."""
+    stale = tmp_path / "stale"
+    for package in ("converter", "perceiver_torch"):
+        (stale / package).mkdir(parents=True)
+        (stale / package / "__init__.py").write_text(
+            "raise SystemExit('imported a stale installed copy')\n"
+        )
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(stale)
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), *args], cwd=work,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert "stale" not in result.stderr
+    assert result.returncode == 2 and words in result.stderr, result.stderr
