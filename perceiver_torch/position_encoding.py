@@ -209,12 +209,32 @@ class FourierPositionEncoding(nn.Module):
         state = super().__getstate__()
         return dict(state, _cache=OrderedDict(), _table_cache=OrderedDict())
 
+    # The caches are shared by every thread that runs the model (a web server's): each
+    # step below is one OrderedDict operation, atomic on its own, and none assumes that
+    # an entry it saw is still there at the next (another thread may have evicted it).
+    @staticmethod
+    def _recall(cache: "OrderedDict[tuple, Any]", key: tuple) -> Any:
+        """The entry ``key`` of an LRU ``cache`` (marked most recent), or None."""
+        value = cache.get(key)
+        if value is not None:
+            try:
+                cache.move_to_end(key)
+            except KeyError:  # evicted by another thread meanwhile: still a valid value
+                pass
+        return value
+
     def _remember(self, cache: "OrderedDict[tuple, Any]", key: tuple, value: Any) -> None:
         """Stores ``value`` in an LRU ``cache`` of ``cache_size`` entries."""
         cache[key] = value
-        cache.move_to_end(key)
+        try:
+            cache.move_to_end(key)
+        except KeyError:  # evicted by another thread meanwhile
+            pass
         while len(cache) > self.cache_size:
-            cache.popitem(last=False)
+            try:
+                cache.popitem(last=False)
+            except KeyError:  # emptied by other threads meanwhile
+                break
 
     @property
     def num_channels(self) -> int:
@@ -248,10 +268,8 @@ class FourierPositionEncoding(nn.Module):
                 for size, resolution in zip(index_dims, self.max_resolution)
             ]
         key = (kind, index_dims, str(device), dtype)
-        tables = self._table_cache.get(key)
-        if tables is not None:
-            self._table_cache.move_to_end(key)
-        else:
+        tables = self._recall(self._table_cache, key)
+        if tables is None:
             axis_positions = grid_positions if kind == "grid" else subsampled_positions
             # Cached across calls: never inference tensors, which autograd rejects.
             with torch.inference_mode(False):
@@ -287,9 +305,10 @@ class FourierPositionEncoding(nn.Module):
         row-major: (prod(index_dims), C). Cached."""
         index_dims = tuple(int(n) for n in index_dims)
         key = (index_dims, str(device), dtype)
-        cached = None if _axis_table_override is not None else self._cache.get(key)
+        cached = (
+            None if _axis_table_override is not None else self._recall(self._cache, key)
+        )
         if cached is not None:
-            self._cache.move_to_end(key)
             return cached
         self._check_dims(index_dims)
         with torch.inference_mode(False):  # cached: not an inference tensor

@@ -1,0 +1,113 @@
+"""One model shared by several threads (a web server's), and processes forked after a
+model was used (DataLoader workers).
+
+Outputs are compared bit for bit with the same calls made one at a time: the same
+kernels on the same inputs, with one intra-op thread (``one_intra_op_thread``), do
+the same operations in the same order, so any difference is another thread's state
+leaking into a call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections import OrderedDict
+from typing import Callable, Iterator, List, Sequence
+
+import pytest
+import torch
+
+import perceiver_torch as pt
+from perceiver_torch.position_encoding import FourierPositionEncoding
+from test_torch_models import tiny
+
+
+@contextlib.contextmanager
+def one_intra_op_thread() -> Iterator[None]:
+    """torch's intra-op threads set to one, and Python's thread switch made frequent
+    (interleavings that a loaded server sees now and then, here in every run)."""
+    threads, interval = torch.get_num_threads(), sys.getswitchinterval()
+    torch.set_num_threads(1)
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(interval)
+        torch.set_num_threads(threads)
+
+
+def run_threads(work: Callable[[int], None], count: int = 4) -> List[BaseException]:
+    """Runs ``work(k)`` for k < count in as many threads; the exceptions they raised."""
+    errors: List[BaseException] = []
+
+    def guarded(k: int) -> None:
+        try:
+            work(k)
+        except BaseException as error:  # noqa: B902 - reported by the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(k,)) for k in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def same_as_alone(
+    model: torch.nn.Module, inputs: Sequence[tuple], calls: int, threads: int = 4
+) -> None:
+    """``threads`` threads call ``model`` ``calls`` times each, thread k on
+    ``inputs[(i + k) % len(inputs)]`` at its call i: every output must equal the
+    output of the same input computed alone, and no call may fail."""
+    with one_intra_op_thread(), torch.no_grad():
+        expected = [model(*args) for args in inputs]
+        wrong: List[int] = []
+
+        def work(k: int) -> None:
+            with torch.no_grad():
+                for i in range(calls):
+                    j = (i + k) % len(inputs)
+                    if not torch.equal(model(*inputs[j]), expected[j]):
+                        wrong.append(j)
+
+        errors = run_threads(work, threads)
+    assert not errors, errors
+    assert not wrong, f"outputs differ from the same inputs computed alone: {wrong}"
+
+
+# -- position-encoding caches ------------------------------------------------------
+
+
+class _EvictedAfterLookup(OrderedDict):
+    """A cache that another thread empties right after each lookup: the interleaving
+    in which a second thread evicts the entry this one has just found."""
+
+    def get(self, key, default=None):
+        value = super().get(key, default)
+        self.clear()
+        return value
+
+
+def test_fourier_cache_entry_evicted_by_another_thread_after_its_lookup():
+    enc = FourierPositionEncoding(num_bands=4, max_resolution=(8, 8), cache_size=2)
+    alone = FourierPositionEncoding(num_bands=4, max_resolution=(8, 8), cache_size=2)
+    enc._cache, enc._table_cache = _EvictedAfterLookup(), _EvictedAfterLookup()
+    for _ in range(2):  # the second call finds the entry, which is then evicted
+        assert torch.equal(enc.grid((3, 4)), alone.grid((3, 4)))
+        points = torch.arange(5)
+        assert torch.equal(
+            enc.subsampled(points, (3, 4)), alone.subsampled(points, (3, 4))
+        )
+
+
+def test_imagenet_fourier_shared_by_threads_with_different_image_sizes():
+    """Each image size has its own Fourier grid, two of them cached: with more sizes
+    in flight, threads evicted each other's entries between a lookup and its
+    move_to_end, and the model raised KeyError((H, W), 'cpu', torch.float32)."""
+    model = tiny("imagenet_fourier")
+    gen = torch.Generator().manual_seed(1)
+    sizes = [(4, 4), (4, 5), (5, 4), (5, 5), (6, 4), (4, 6), (6, 5), (5, 6)]
+    inputs = [(torch.randn(1, 3, h, w, generator=gen),) for h, w in sizes]
+    same_as_alone(model, inputs, calls=200)
