@@ -56,7 +56,8 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
-from typing import FrozenSet, Iterator, Optional, Tuple
+import threading
+from typing import Dict, FrozenSet, Iterator, Optional, Tuple
 
 __all__ = [
     "ENV_ALL",
@@ -133,9 +134,15 @@ def _from_environment() -> Tuple[FrozenSet[FastPath], bool]:
 
 # Module globals, not a context variable: torch.compile traces reads of globals (and
 # guards on them), while ContextVar.get breaks the graph. ``plain()`` blocks are
-# therefore process-wide: do not enter them from several threads at once.
+# therefore process-wide. Each block counts the paths it turns off (``_blocks``), and
+# the paths with a count are off: threads' blocks may overlap in any order, and
+# leaving one never turns on what another, still open, turned off (a "previous
+# state" saved at the entry and restored at the exit was another thread's, and left
+# paths off for good).
 _environment: Optional[Tuple[FrozenSet[FastPath], bool]] = None  # read at first use
 _disabled_by_blocks: FrozenSet[FastPath] = frozenset()
+_blocks: Dict[FastPath, int] = {path: 0 for path in FastPath}
+_blocks_lock = threading.Lock()
 
 
 def reread_environment() -> None:
@@ -167,16 +174,27 @@ def enabled(path: FastPath) -> bool:
     return path not in disabled_paths()
 
 
+def _count_blocks(paths: FrozenSet[FastPath], step: int) -> None:
+    global _disabled_by_blocks
+    with _blocks_lock:
+        for path in paths:
+            _blocks[path] += step
+        _disabled_by_blocks = frozenset(path for path, n in _blocks.items() if n > 0)
+
+
 @contextlib.contextmanager
 def plain(*paths: FastPath) -> Iterator[None]:
     """Runs the plain computation of ``paths`` (default: every fast path) inside the
-    ``with`` block; nested blocks add up, and leaving a block restores the previous
-    state."""
-    global _disabled_by_blocks
+    ``with`` block; nested blocks add up, and leaving a block turns back on only the
+    paths that no other open block turns off.
+
+    The blocks are process-wide (module state, which torch.compile can guard on):
+    while one is open, every thread computes those paths plainly, the same function
+    in the reference's order. Blocks of several threads may open and close in any
+    order."""
     off = frozenset(FastPath) if not paths else frozenset(FastPath(p) for p in paths)
-    previous = _disabled_by_blocks
-    _disabled_by_blocks = previous | off
+    _count_blocks(off, 1)
     try:
         yield
     finally:
-        _disabled_by_blocks = previous
+        _count_blocks(off, -1)

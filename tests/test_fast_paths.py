@@ -173,6 +173,38 @@ def test_plain_blocks_nest_and_restore():
             pass
 
 
+def test_plain_blocks_of_threads_overlap_in_any_order():
+    """Thread A opens plain(), thread B plain(SKIP_PADDING), A leaves, then B (a
+    server's debug request, an ONNX export in a worker thread): each exit restored
+    the state saved at its entry, so B ran its block with every path on and, once
+    both had left, every fast path stayed off for the rest of the process."""
+    import threading
+
+    a_open, b_open, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with fast_paths.plain():
+            a_open.set()
+            b_open.wait(10)
+        a_left.set()
+
+    def thread_b():
+        a_open.wait(10)
+        with fast_paths.plain(FastPath.SKIP_PADDING):
+            b_open.set()
+            a_left.wait(10)
+            seen["inside B after A left"] = fast_paths.disabled_paths()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen["inside B after A left"] == {FastPath.SKIP_PADDING}
+    assert fast_paths.disabled_paths() == frozenset()
+
+
 def test_switch_is_traced_by_torch_compile():
     """No graph break: the switch is read from module globals dynamo can guard."""
 
