@@ -111,3 +111,37 @@ def test_imagenet_fourier_shared_by_threads_with_different_image_sizes():
     sizes = [(4, 4), (4, 5), (5, 4), (5, 5), (6, 4), (4, 6), (6, 5), (5, 6)]
     inputs = [(torch.randn(1, 3, h, w, generator=gen),) for h, w in sizes]
     same_as_alone(model, inputs, calls=200)
+
+
+# -- pipelines ---------------------------------------------------------------------
+
+
+def test_classify_pipelines_share_a_model_left_in_training_mode():
+    """build() gives a model in training mode; the pipelines run it in eval mode. With
+    threads, the first call to finish put training mode back while others ran: their
+    BatchNorm used batch statistics (wrong answers) and updated its running
+    statistics, which changed every later answer; the model ended in eval mode."""
+    pytest.importorskip("PIL.Image")
+    pytest.importorskip("cv2")
+    from perceiver_torch.pipelines import ClassifyPipeline
+
+    model = tiny("imagenet_conv").train()
+    pipeline = ClassifyPipeline(model, resize=False)
+    gen = torch.Generator().manual_seed(2)
+    images = [torch.rand(3, 32, 32, generator=gen) for _ in range(4)]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with one_intra_op_thread():
+        expected = [pipeline(image).logits for image in images]
+        wrong: List[int] = []
+
+        def work(k: int) -> None:
+            for i in range(100):
+                j = (i + k) % len(images)
+                if not torch.equal(pipeline(images[j]).logits, expected[j]):
+                    wrong.append(j)
+
+        errors = run_threads(work)
+    assert not errors, errors
+    assert not wrong, f"outputs differ from the same images classified alone: {wrong}"
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(module.training for module in model.modules())

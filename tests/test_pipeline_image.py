@@ -761,6 +761,41 @@ def test_a_model_in_training_mode_is_run_in_eval_mode_and_left_unchanged():
     assert not model.decoder.training
 
 
+def test_eval_mode_blocks_of_threads_on_one_model_restore_its_modes_at_the_last_exit():
+    # Threads' pipelines on one model left in training mode (build() gives it so): the
+    # first to leave restored training mode while the others still ran (BatchNorm's
+    # batch statistics: wrong answers, running statistics updated), and the last left
+    # the model in eval mode for good.
+    import threading
+
+    from perceiver_torch.pipelines.base import eval_mode
+
+    model = tiny("imagenet_conv").train()
+    a_open, b_open, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with eval_mode(model):
+            a_open.set()
+            b_open.wait(10)
+        a_left.set()
+
+    def thread_b():
+        a_open.wait(10)
+        with eval_mode(model):
+            b_open.set()
+            a_left.wait(10)
+            seen["training inside B after A left"] = [m.training for m in model.modules()]
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not any(seen["training inside B after A left"])
+    assert all(m.training for m in model.modules())
+
+
 def test_float_pixels_on_another_scale_get_a_note():
     # Floats are on the 0..255 scale: a ToTensor image (0..1) was classified as a
     # nearly black picture, and a normalised one clipped, without a word.

@@ -14,6 +14,7 @@ import importlib.util
 import itertools
 import numbers
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
@@ -213,6 +214,12 @@ def check_weights(model: torch.nn.Module, task: str) -> None:
         )
 
 
+# Open eval_mode blocks per model (id -> [count, the modes before the first]): the
+# training flags are the model's, shared by every thread that runs it.
+_eval_blocks: Dict[int, List[Any]] = {}
+_eval_blocks_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """A block in which ``model`` runs in eval mode (no dropout; BatchNorm uses and
@@ -221,14 +228,29 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     forward pass in one, so a model switched back to ``train()`` after a pipeline was
     built (a training loop that calls a pipeline to evaluate) is neither computed in
     training mode (other answers, and a batch's items depending on each other) nor
-    changed (its BatchNorm statistics updated)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
+    changed (its BatchNorm statistics updated).
+
+    Blocks of several threads on one model (pipelines serving requests) share it:
+    the modes are restored when the last one leaves, not when the first does (which
+    ran the others' forward passes in training mode and left the model in eval
+    mode)."""
+    key = id(model)
+    with _eval_blocks_lock:
+        entry = _eval_blocks.get(key)
+        if entry is None:
+            modes = [(module, module.training) for module in model.modules()]
+            entry = _eval_blocks[key] = [0, modes]
+            model.eval()
+        entry[0] += 1
     try:
         yield
     finally:
-        for module, training in modes:
-            module.training = training
+        with _eval_blocks_lock:
+            entry[0] -= 1
+            if entry[0] == 0:
+                del _eval_blocks[key]
+                for module, training in entry[1]:
+                    module.training = training
 
 
 def results_document(task: str, model: torch.nn.Module, results: List[Any]) -> Dict[str, Any]:
