@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import threading
 import types
 import warnings
 from pathlib import Path
@@ -120,6 +121,32 @@ def safetensors_name(path: Union[str, Path]) -> Iterator[str]:
     yield text
 
 
+# warnings.catch_warnings saves the process-wide warning filters and handler when it
+# opens and puts them back when it closes: blocks of two threads that close out of
+# order left the other thread's state in place for good (every later warning of the
+# process ignored, or recorded into a finished block's list). This package's blocks
+# take this lock (reentrant: they nest), so that they close in the order they open.
+_warnings_lock = threading.RLock()
+
+
+def _new_warnings_lock() -> None:
+    global _warnings_lock
+    _warnings_lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # a child forked during a block must not wait on it
+    os.register_at_fork(after_in_child=_new_warnings_lock)
+
+
+@contextlib.contextmanager
+def catch_warnings(**kwargs: Any) -> Iterator[Any]:
+    """``warnings.catch_warnings(**kwargs)`` that threads may enter at once: the
+    package's blocks run one at a time (see ``_warnings_lock``), so that each
+    restores the state it found. Blocks of other code are not covered."""
+    with _warnings_lock, warnings.catch_warnings(**kwargs) as caught:
+        yield caught
+
+
 def torch_load_weights(path: Union[str, Path]) -> Any:
     """``torch.load(..., map_location="cpu", weights_only=True)`` of the file at
     ``path``, given as an open file: torch.load sends a path ending in .safetensors
@@ -127,7 +154,7 @@ def torch_load_weights(path: Union[str, Path]) -> Any:
     by content everywhere else) failed with safetensors' "header too large". torch's
     own warnings about files it then reads or refuses (a pickle protocol other than
     its own, ...) are silenced: the callers' errors say what matters, in one line."""
-    with open(path, "rb") as handle, warnings.catch_warnings():
+    with open(path, "rb") as handle, catch_warnings():
         warnings.simplefilter("ignore")
         return torch.load(handle, map_location="cpu", weights_only=True)
 

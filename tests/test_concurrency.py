@@ -145,3 +145,42 @@ def test_classify_pipelines_share_a_model_left_in_training_mode():
     assert not wrong, f"outputs differ from the same images classified alone: {wrong}"
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(module.training for module in model.modules())
+
+
+def test_threads_reading_images_and_weight_files_leave_warnings_as_they_were(tmp_path):
+    """Reading an image file (its Pillow warnings made notes) and a torch weight file
+    (torch's warnings silenced) each open a catch_warnings block, which saves the
+    process's warning filters and handler and puts them back: threads' blocks closing
+    out of order left an "ignore every warning" filter or a finished block's recorder
+    in place, and every later warning of the process was lost."""
+    import warnings
+
+    Image = pytest.importorskip("PIL.Image")
+    pytest.importorskip("cv2")
+    import numpy as np
+
+    from perceiver_torch.pipelines import ClassifyPipeline
+    from perceiver_torch.registry import torch_load_weights
+
+    pipeline = ClassifyPipeline(tiny("imagenet_fourier"))
+    images = []
+    for i in range(2):
+        pixels = np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.jpg")
+        images.append(tmp_path / f"{i}.jpg")
+    weights = tmp_path / "weights.pt"
+    torch.save({"w": torch.arange(3.0)}, weights)
+    handler, filters = warnings._showwarnmsg_impl, list(warnings.filters)
+
+    def work(k: int) -> None:
+        for i in range(60):
+            if k % 2:
+                pipeline.preprocess(images[i % 2], [])
+            else:
+                assert torch.equal(torch_load_weights(weights)["w"], torch.arange(3.0))
+
+    with one_intra_op_thread():
+        errors = run_threads(work)
+    assert not errors, errors
+    assert warnings._showwarnmsg_impl is handler
+    assert warnings.filters == filters

@@ -796,6 +796,41 @@ def test_eval_mode_blocks_of_threads_on_one_model_restore_its_modes_at_the_last_
     assert all(m.training for m in model.modules())
 
 
+def test_warning_blocks_of_threads_leave_the_warnings_state_as_they_found_it():
+    # Thread A reads an image (its Pillow warnings become notes: a catch_warnings
+    # block), thread B opens its block meanwhile and leaves after A: B restored A's
+    # recording handler, and every later warning of the process went into A's list.
+    import threading
+    import warnings
+
+    from perceiver_torch.pipelines.image import pillow_warnings_as_notes, quiet_bomb_warning
+
+    handler, filters = warnings._showwarnmsg_impl, list(warnings.filters)
+    a_open, b_open, a_left = threading.Event(), threading.Event(), threading.Event()
+
+    def thread_a():
+        with pillow_warnings_as_notes([]):
+            a_open.set()
+            b_open.wait(2)  # B enters now where blocks may overlap; else after A
+        a_left.set()
+
+    def thread_b():
+        a_open.wait(10)
+        with quiet_bomb_warning([]), pillow_warnings_as_notes([]):
+            b_open.set()
+            a_left.wait(10)
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert warnings._showwarnmsg_impl is handler
+    assert warnings.filters == filters
+    with pytest.warns(UserWarning, match="still shown"):
+        warnings.warn("still shown", UserWarning)
+
+
 def test_float_pixels_on_another_scale_get_a_note():
     # Floats are on the 0..255 scale: a ToTensor image (0..1) was classified as a
     # nearly black picture, and a normalised one clipped, without a word.

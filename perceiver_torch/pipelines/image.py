@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ..labels import class_names
+from ..registry import catch_warnings
 from .base import (
     InputError,
     PipelineError,
@@ -310,7 +311,7 @@ def quiet_bomb_warning(notes: Optional[List[str]]) -> Iterator[None]:
         yield
         return
     Image = require("PIL.Image")
-    with warnings.catch_warnings():
+    with catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         yield
 
@@ -325,7 +326,7 @@ def pillow_warnings_as_notes(notes: Optional[List[str]]) -> Iterator[None]:
     if notes is None:
         yield
         return
-    with warnings.catch_warnings(record=True) as caught:
+    with catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         yield
     from_pillow = [w for w in caught if f"{os.sep}PIL{os.sep}" in str(w.filename)
