@@ -11,6 +11,7 @@ their inputs, queries and outputs look.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Dict, Iterator, Mapping, Optional
 
 import torch
@@ -213,17 +214,26 @@ def capture_stages(model: PerceiverIO) -> Iterator[Dict[str, Tensor]]:
     outputs are concatenated along M. Models with a shortcut (the video model's fused
     decoding, the language model's skipping of padding) run the plain computation
     meanwhile, so that the stages have the reference's shapes.
+
+    Only the forward passes of the thread that opened the block are recorded: other
+    threads may run the same model meanwhile (a server's requests), and their passes
+    neither enter these stages nor fail in these hooks.
     """
     stages: Dict[str, Tensor] = {}
     decoder_outputs = []
+    owner = threading.get_ident()
 
     def on_encoder_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        stages["preprocessed"] = (args[0] if args else kwargs["inputs"]).detach()
+        if threading.get_ident() == owner:
+            stages["preprocessed"] = (args[0] if args else kwargs["inputs"]).detach()
 
     def on_encoder_output(module: nn.Module, args: tuple, output: Tensor) -> None:
-        stages["latents"] = output.detach()
+        if threading.get_ident() == owner:
+            stages["latents"] = output.detach()
 
     def on_decoder_output(module: nn.Module, args: tuple, output: Tensor) -> None:
+        if threading.get_ident() != owner:
+            return
         decoder_outputs.append(output.detach())
         stages["decoder_output"] = (
             decoder_outputs[0]

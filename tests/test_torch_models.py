@@ -548,6 +548,53 @@ def test_capture_stages(name):
     assert fast_paths.disabled_paths() == frozenset()
 
 
+def test_capture_stages_leaves_other_threads_passes_alone():
+    """A thread records stages (a server's debug request) while another runs the same
+    model on a batch of another size: the other pass went through the block's hooks,
+    whose concatenation of decoder outputs failed it ("Sizes of tensors must match"),
+    and its stages mixed with the recording thread's."""
+    import threading
+
+    model = tiny("imagenet_fourier")
+    mine = tiny_inputs("imagenet_fourier", batch=1)
+    other = tiny_inputs("imagenet_fourier", batch=2, seed=1)
+    with torch.no_grad(), pt.capture_stages(model) as alone:
+        model(*mine)
+    with torch.no_grad(), pt.capture_stages(model):  # the other pass's conditions
+        expected_other = model(*other)
+    opened, other_done = threading.Event(), threading.Event()
+    recorded, other_out, errors = {}, [], []
+
+    def recording():
+        try:
+            with torch.no_grad(), pt.capture_stages(model) as stages:
+                opened.set()
+                other_done.wait(10)
+                model(*mine)
+            recorded.update(stages)
+        except Exception as error:
+            errors.append(error)
+
+    def serving():
+        opened.wait(10)
+        try:
+            with torch.no_grad():
+                other_out.append(model(*other))
+        except Exception as error:
+            errors.append(error)
+        other_done.set()
+
+    threads = [threading.Thread(target=recording), threading.Thread(target=serving)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert set(recorded) == set(alone)
+    assert all(torch.equal(recorded[key], alone[key]) for key in alone)
+    assert torch.equal(other_out[0], expected_other)
+
+
 # -- load ------------------------------------------------------------------------
 
 
