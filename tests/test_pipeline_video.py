@@ -7,6 +7,7 @@ import dataclasses
 import json
 import struct
 import wave
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -810,6 +811,108 @@ def test_sound_files_are_read_as_the_colabs_16_bit_wav(tmp_path):
     assert samples.dtype == np.float32
     assert np.array_equal(samples, expected.astype(np.float32))
     assert samples[-3:].tolist() == [0.0, 2 / 32768, 32767 / 32768]  # ties to even; clip
+
+
+def _aac_mp4(path: Path, sound: np.ndarray, rate: int) -> None:
+    """``sound`` (S,) float as mono AAC in MP4, timestamps from 0 so that the
+    encoder's priming gets an edit list (as write_video and ffmpeg write it)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray(sound[None].astype(np.float32), format="fltp",
+                                           layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)
+        for packet in stream.encode(frame) + stream.encode(None):
+            container.mux(packet)
+
+
+def _aac_layout(path: Path):
+    """(packets, priming) of ``path``'s sound, from the file itself: AAC packets hold
+    1024 samples each, and the priming is the first packet's negative timestamp (the
+    start of the edit list)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        assert stream.codec_context.frame_size == 1024
+        packets = [p for p in container.demux(stream) if p.size]
+    assert packets[0].time_base == Fraction(1, 48000)
+    return len(packets), -packets[0].pts
+
+
+def _ffmpeg9_container(real: Any, discard: int) -> Any:
+    """``real`` (an opened MP4) as FFmpeg 9's MP4 demuxer (PyAV 19) gives it: its last
+    packet marked to drop ``discard`` samples at the end (the second field of the
+    skip-samples side data), the part past the edit list. PyAV 18 bundles FFmpeg 8,
+    whose demuxer leaves that part unmarked, as the colab's FFmpeg did."""
+
+    class Container:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return real.__exit__(*exc)
+
+        def demux(self, *streams):
+            packets = list(real.demux(*streams))
+            sound = [p for p in packets if p.size]
+            side = sound[0].get_sidedata("skip_samples")  # the priming's, (1024, 0)
+            side.update(struct.pack("<IIBB", 0, discard, 0, 0))
+            sound[-1].set_sidedata(side)
+            return iter(packets)
+
+        def decode(self, *streams):  # as PyAV's: the packets of demux, decoded
+            return (frame for packet in self.demux(*streams) for frame in packet.decode())
+
+    return Container()
+
+
+def test_aac_in_mp4_is_read_as_the_colabs_ffmpeg_reads_it(tmp_path, monkeypatch):
+    """The colab's FFmpeg (and every FFmpeg up to 8) drops an MP4 AAC track's
+    priming (the edit list's start) and keeps the encoder's end padding: every AAC
+    frame but the priming, packets x 1024 - 1024 samples, the sound from its first
+    sample. FFmpeg 9's MP4 demuxer (PyAV 19 bundles it) marks that padding to be
+    dropped, and read_audio gave 720 samples fewer for this clip there; the mark is
+    taken off, so the sound does not depend on the PyAV (the FFmpeg) installed."""
+    import perceiver_torch.pipelines.media as media
+
+    if not hasattr(av.Packet, "has_sidedata"):
+        pytest.skip("this PyAV has no packet side data (nor FFmpeg 9)")
+    rng = np.random.default_rng(7)
+    n = 30000  # 0.625 s at 48 kHz: it ends inside the 30th AAC frame after the priming
+    sound = 0.3 * np.sin(2 * np.pi * 440 * np.arange(n) / 48000) + 0.1 * rng.standard_normal(n)
+    _aac_mp4(tmp_path / "s.mp4", sound, 48000)
+    packets, priming = _aac_layout(tmp_path / "s.mp4")
+    assert priming == 1024
+    expected = packets * 1024 - priming  # the priming dropped, the end padding kept
+    assert expected > n
+
+    samples, rate, channels = read_audio(tmp_path / "s.mp4", 48000)
+    assert (rate, channels, len(samples)) == (48000, 1, expected)
+    # The sound starts with its first sample (the priming dropped, not kept): the
+    # cross-correlation with the noisy input peaks at lag 0, far above other lags.
+    lags = range(-1100, 1101)
+    scores = [np.dot(samples[2048 + k:2048 + k + 16384], sound[2048:2048 + 16384]) for k in lags]
+    assert list(lags)[int(np.argmax(scores))] == 0
+
+    # Other containers' end padding (Matroska's DiscardPadding, here Opus) is
+    # dropped, as every FFmpeg drops it: 30000 samples in, 30000 out.
+    if "libopus" in av.codecs_available:
+        with av.open(str(tmp_path / "s.webm"), "w") as container:
+            stream = container.add_stream("libopus", rate=48000, layout="mono")
+            frame = av.AudioFrame.from_ndarray(sound[None].astype(np.float32),
+                                               format="flt", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = 48000, 0, Fraction(1, 48000)
+            for packet in stream.encode(frame) + stream.encode(None):
+                container.mux(packet)
+        assert len(read_audio(tmp_path / "s.webm", 48000)[0]) == n
+
+    # FFmpeg 9's mark on the last packet: what lies past the edit list (n samples).
+    opened = media._open_container
+    monkeypatch.setattr(media, "_open_container",
+                        lambda path: _ffmpeg9_container(opened(path), expected - n))
+    marked, _, _ = read_audio(tmp_path / "s.mp4", 48000)
+    assert np.array_equal(marked, samples)
 
 
 def test_any_os_pathlike_is_a_path(tmp_path, model):

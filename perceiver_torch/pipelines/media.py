@@ -218,6 +218,14 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
     samples are 16-bit, as in the WAV file the colab's command writes (rounded, and
     clipped to [-1, 32767/32768]), read as the colab does: x / 32768.
 
+    The samples are those the colab's ``ffmpeg`` (a Colab system package, 3.4 or 4.x)
+    decodes, as every FFmpeg up to 8 does: an encoder's priming at the start is
+    dropped (MP4 edit lists, Opus pre-skip, MP3 gapless headers), and so is the end
+    padding that Matroska/WebM (Opus) and MP3 headers mark; the end padding of AAC in
+    MP4/MOV (up to 1023 samples at the source rate) is kept. FFmpeg 9, which PyAV 19
+    bundles, drops that too (its MP4 demuxer marks it): the mark is taken off
+    (:func:`_colab_packets`), so the sound is the same whichever FFmpeg PyAV bundles.
+
     Returns (audio float32 (S,), source sample rate, source channel count).
 
     Raises:
@@ -248,7 +256,8 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
         pieces: List[np.ndarray] = []
         decoded = 0  # source samples
         try:
-            for frame in container.decode(stream):
+            frames = (f for p in _colab_packets(container, stream) for f in p.decode())
+            for frame in frames:
                 decoded += frame.samples
                 frame.pts = None  # let the resampler count samples itself
                 for out in resampler.resample(frame):
@@ -274,6 +283,37 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
         audio = _resample_padded(np.concatenate(head), source_rate, int(sample_rate))
         audio = audio[:wanted]
     return audio.astype(np.float32), source_rate, channels
+
+
+def _colab_packets(container: Any, stream: Any) -> Iterator[Any]:
+    """``container.demux(stream)`` with the end trimming that FFmpeg 9's MP4/MOV
+    demuxer adds taken off, so that a sound decodes to the samples of the colab's
+    FFmpeg and of every FFmpeg up to 8 (checked: 4.4, 5.1 and PyAV 18's 8.x).
+
+    FFmpeg 9 marks the part of an MP4 track's last packet that lies past its edit
+    list (the AAC encoder's end padding: FFmpeg's encoder leaves 768 samples after a
+    1.2 s, 48 kHz track) as
+    discard padding (the second field of the packet's skip-samples side data), and
+    the decoder drops it; the FFmpegs before it had no such mark for MP4 and kept
+    those samples. The start skip (the priming the edit list skips) is left as it is,
+    and so is every other container's end padding (Matroska's DiscardPadding, MP3
+    gapless headers), which every FFmpeg has trimmed."""
+    packets = container.demux(stream)
+    names = str(getattr(container.format, "name", "") or "").split(",")
+    if "mov" not in names:
+        yield from packets
+        return
+    for packet in packets:
+        # A PyAV without packet side data is an older release, with an older FFmpeg.
+        has = getattr(packet, "has_sidedata", None)
+        if packet.size and has is not None and has("skip_samples"):
+            side = packet.get_sidedata("skip_samples")
+            data = bytes(side)
+            # skip at the start (u32le), discard at the end (u32le), two reasons (u8)
+            if len(data) >= 8 and struct.unpack_from("<I", data, 4)[0]:
+                side.update(data[:4] + bytes(4) + data[8:])
+                packet.set_sidedata(side)
+        yield packet
 
 
 def _from_int16(samples: np.ndarray) -> np.ndarray:
