@@ -471,7 +471,9 @@ def synchronized(run: Callable[[int], Any], device: str) -> Callable[[int], Any]
 
     def call(i: int) -> Any:
         out = run(i)
-        torch.cuda.synchronize()
+        # This device's queue: without one torch waits for the current device
+        # (cuda:0), not for --device cuda:1's kernels.
+        torch.cuda.synchronize(device)
         return out
 
     if hasattr(run, "model"):
@@ -515,15 +517,15 @@ def worker(args: argparse.Namespace) -> Dict[str, Any]:
     with torch.inference_mode():
         # The first call of the fresh process gives the memory figure and is the first
         # warm-up pass (compiled: it includes the compilation, timed separately).
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
+        if cuda:  # --device's counters (without a device: the current one's, cuda:0)
+            torch.cuda.reset_peak_memory_stats(args.device)
+            before = torch.cuda.memory_allocated(args.device)
         first_seconds, extra = measure_first_call(lambda: run(0))
         record["first_call_seconds"] = round(first_seconds, 4)
         record["extra_peak_mib"] = round(extra / 2**20, 1)
         if cuda:  # the device's memory, not the host's
             record["host_extra_peak_mib"] = record["extra_peak_mib"]
-            extra = torch.cuda.max_memory_allocated() - before
+            extra = torch.cuda.max_memory_allocated(args.device) - before
             record["extra_peak_mib"] = round(extra / 2**20, 1)
         # A compiled model may compile again on its second call (dynamic shapes).
         warmup = max(args.warmup, 3) if args.compiled else args.warmup

@@ -102,3 +102,44 @@ def test_flops_count_the_cpu_fused_attention_kernel(bench, d_v):
 
     expected = 2 * (b * h * q) * d_qk * d_qk + 2 * b * h * q * k * d_qk + 2 * b * h * q * k * d_v
     assert bench.count_matmul_flops(bench.with_model(call, proj)) == expected
+
+
+def test_synchronized_waits_for_the_device_the_model_runs_on(bench, monkeypatch):
+    """``--device cuda:1``: ``torch.cuda.synchronize()`` without a device waits for the
+    current device (cuda:0), not for the one whose kernels were queued, so each timed
+    call measured only their launch."""
+    torch = pytest.importorskip("torch")
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    run = bench.synchronized(lambda i: i, "cuda:1")
+    assert run(7) == 7
+    assert [None if d is None else str(torch.device(d)) for d in waited] == ["cuda:1"]
+
+
+def test_worker_reads_the_memory_of_the_device_the_model_runs_on(bench, monkeypatch):
+    """The CUDA memory figure (peak allocated during the first call) is read from
+    ``--device``'s allocator: without a device torch's counters are the current
+    device's (cuda:0), which a model on cuda:1 leaves untouched."""
+    torch = pytest.importorskip("torch")
+    asked = []
+
+    def counter(name, value=0):
+        def read(device=None):
+            asked.append((name, None if device is None else str(torch.device(device))))
+            return value
+        return read
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", counter("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", counter("allocated", 100))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", counter("peak", 100 + 2**20))
+    monkeypatch.setattr(bench, "build_ours", lambda case, args: (lambda i: None))
+    args = bench.parse_args(
+        ["--worker", "--case", "imagenet_conv", "--impl", "ours", "--no-flops",
+         "--repeat", "1", "--warmup", "1", "--threads", str(torch.get_num_threads())]
+    )
+    args.batch, args.dtype, args.device = 1, "float32", "cuda:1"
+    record = bench.worker(args)
+    assert set(asked) == {("reset", "cuda:1"), ("allocated", "cuda:1"), ("peak", "cuda:1")}
+    assert record["extra_peak_mib"] == 1.0
+
