@@ -19,9 +19,9 @@ alternating over ``--rounds`` pairs of processes (the median round counts):
   (``torch._inductor.config.freezing``: the weights folded in as constants, which
   lets inductor keep them in MKL's and oneDNN's packed layouts; later changes to the
   weights are not seen by the compiled model); ``--max-autotune`` lets inductor time
-  its own generated matrix-product kernels (AMX ones for bfloat16 on CPUs that have
-  them) against PyTorch's for every product shape and keep the faster (compiling
-  takes minutes);
+  its own generated matrix-product kernels (C++ ones on the CPU, AMX ones for
+  bfloat16 on CPUs that have them; Triton ones on a GPU) against PyTorch's for every
+  product shape and keep the faster (compiling takes minutes);
 - work and peak: each worker counts the matrix-product FLOPs of one call with
   ``torch.utils.flop_counter``; the *work* of a case is HF's count (the standard
   algorithm; ours where HF is not run), so "% peak" says how fast each side does
@@ -254,8 +254,11 @@ def compile_model(model: Any, args: argparse.Namespace) -> Any:
         inductor_config.freezing = True
     if getattr(args, "max_autotune", False):
         inductor_config.max_autotune = True
-        # Inductor's C++ templates (on the CPU) against PyTorch's own kernels.
-        inductor_config.max_autotune_gemm_backends = "CPP,ATEN"
+        if torch.device(getattr(args, "device", "cpu")).type == "cpu":
+            # Inductor's C++ templates against PyTorch's own kernels. Not on a GPU,
+            # where this list (no TRITON) left inductor nothing to autotune: there
+            # its own list stays (Triton templates against cuBLAS).
+            inductor_config.max_autotune_gemm_backends = "CPP,ATEN"
     return torch.compile(model)
 
 
@@ -921,8 +924,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--max-autotune",
         action="store_true",
         help="with --compile: inductor's max-autotune (torch._inductor.config."
-        "max_autotune, its C++ matmul templates timed against PyTorch's kernels per "
-        "product shape; compiling takes minutes)",
+        "max_autotune, its C++ matmul templates, on a GPU its Triton ones, timed "
+        "against PyTorch's kernels per product shape; compiling takes minutes)",
     )
     p.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json", type=output_file, metavar="PATH",

@@ -143,3 +143,17 @@ def test_worker_reads_the_memory_of_the_device_the_model_runs_on(bench, monkeypa
     assert set(asked) == {("reset", "cuda:1"), ("allocated", "cuda:1"), ("peak", "cuda:1")}
     assert record["extra_peak_mib"] == 1.0
 
+
+def test_max_autotune_on_a_gpu_keeps_inductor_s_gpu_kernels(bench):
+    """``--device cuda --compile --max-autotune``: the CPU's backend list ("CPP,ATEN")
+    has no TRITON, so on a GPU inductor had nothing to autotune against PyTorch's
+    own products; there inductor's own list stays."""
+    torch = pytest.importorskip("torch")
+    import torch._inductor.config as inductor_config
+
+    args = bench.parse_args(["--compile", "--max-autotune"])
+    args.device = "cuda"
+    with inductor_config.patch(max_autotune=False, max_autotune_gemm_backends="ATEN,TRITON"):
+        bench.compile_model(torch.nn.Linear(2, 2), args)
+        assert inductor_config.max_autotune
+        assert "TRITON" in inductor_config.max_autotune_gemm_backends.upper().split(",")
