@@ -192,6 +192,69 @@ def test_cuda_tiled_flow_and_video_reconstruct():
         ), key
 
 
+
+def check_value_reading_paths(device: str) -> None:
+    """On ``device`` against the CPU: the paths that read tensor values, which the
+    meta device steps around (so that only a GPU run shows that they keep to the
+    device): the language model's padding skip (``nonzero`` of the mask), the video
+    model's subsample check (indices on the CPU and on the device) and its folded
+    decoder's factorisation (``decoders.gram_factor``), and the pipelines given a
+    model on ``device`` (inputs moved to it, outputs brought back)."""
+    from perceiver_torch.pipelines import ClassifyPipeline, FillMaskPipeline
+
+    language = tiny("language_perceiver")
+    ids = tiny_inputs("language_perceiver", batch=2, seed=3)[0]
+    mask = torch.ones_like(ids)
+    mask[0, 40:] = 0
+    mask[1, 25:] = 0  # trailing padding in every row: the skip runs
+    text = "Some words are [MASK*5]."
+    with torch.no_grad():
+        expected = language(ids, mask)
+        expected_fill = FillMaskPipeline(language)(text).logits
+        moved = copy.deepcopy(language).to(device)
+        got = moved(ids.to(device), mask.to(device))
+        got_fill = FillMaskPipeline(moved)(text).logits
+    bound = 2 * gamma("language_perceiver", torch.float32)
+    assert got.device.type == torch.device(device).type
+    for row, real in enumerate((40, 25)):
+        assert relative(got[row, :real].cpu(), expected[row, :real].double()) <= bound
+    assert got_fill.device.type == "cpu"
+    assert relative(got_fill, expected_fill.double()) <= bound
+
+    video = tiny("video_autoencoding")
+    images, audio = tiny_inputs("video_autoencoding", batch=2, seed=4)
+    subsample = {"image": torch.tensor([0, 5, 17]), "audio": torch.tensor([1, 2])}
+    with torch.no_grad():
+        expected = video(images, audio, subsample=subsample)
+        moved = copy.deepcopy(video).to(device)
+        for where in ("cpu", device):  # indices on the CPU or beside the model
+            got = moved(
+                images.to(device),
+                audio.to(device),
+                subsample={k: v.to(where) for k, v in subsample.items()},
+            )
+            for key in expected:
+                assert relative(got[key].cpu(), expected[key].double()) <= 2 * gamma(
+                    "video_autoencoding", torch.float32
+                ), (where, key)
+
+    image_model = tiny("imagenet_conv")
+    picture = (torch.rand(40, 50, 3, generator=torch.Generator().manual_seed(5)) * 255)
+    picture = picture.to(torch.uint8).numpy()
+    with torch.no_grad():
+        expected = ClassifyPipeline(image_model)(picture).logits
+        got = ClassifyPipeline(copy.deepcopy(image_model).to(device))(picture).logits
+    assert got.device.type == "cpu"
+    assert relative(got, expected.double()) <= 2 * gamma("imagenet_conv", torch.float32)
+
+
+@CUDA
+def test_cuda_value_reading_paths_and_pipelines(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    check_value_reading_paths("cuda")
+
+
 # -- batches ---------------------------------------------------------------------
 
 
