@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import sys
 import threading
 from typing import Dict, FrozenSet, Iterator, Optional, Tuple
 
@@ -143,6 +144,14 @@ _environment: Optional[Tuple[FrozenSet[FastPath], bool]] = None  # read at first
 _disabled_by_blocks: FrozenSet[FastPath] = frozenset()
 _blocks: Dict[FastPath, int] = {path: 0 for path in FastPath}
 _blocks_lock = threading.Lock()
+# The paths that plain() blocks inside code torch.compile traces turn off, apart:
+# dynamo traces no lock (fullgraph=True failed on one, "Unsupported context
+# manager", and the graph broke around every block otherwise), and it writes the
+# globals a traced block sets back as it traced them when the compiled code runs. So
+# a traced block saves and restores this one, which only tracing sets (empty
+# whenever compiled code runs), and never writes the eager blocks' counts, which
+# other threads' blocks may have changed meanwhile.
+_traced_blocks: FrozenSet[FastPath] = frozenset()
 
 
 def reread_environment() -> None:
@@ -166,7 +175,8 @@ def onednn_forced() -> bool:
 
 def disabled_paths() -> FrozenSet[FastPath]:
     """The fast paths that are off here: by the environment or a ``plain()`` block."""
-    return _read_environment()[0] | _disabled_by_blocks
+    off = _read_environment()[0] | _disabled_by_blocks
+    return off | _traced_blocks if _traced_blocks else off
 
 
 def enabled(path: FastPath) -> bool:
@@ -182,6 +192,14 @@ def _count_blocks(paths: FrozenSet[FastPath], step: int) -> None:
         _disabled_by_blocks = frozenset(path for path, n in _blocks.items() if n > 0)
 
 
+def _dynamo_tracing() -> bool:
+    """Whether torch.compile traces this code (torch is not imported for it here:
+    where it traces, torch is loaded)."""
+    torch = sys.modules.get("torch")
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return is_compiling is not None and bool(is_compiling())
+
+
 @contextlib.contextmanager
 def plain(*paths: FastPath) -> Iterator[None]:
     """Runs the plain computation of ``paths`` (default: every fast path) inside the
@@ -191,8 +209,18 @@ def plain(*paths: FastPath) -> Iterator[None]:
     The blocks are process-wide (module state, which torch.compile can guard on):
     while one is open, every thread computes those paths plainly, the same function
     in the reference's order. Blocks of several threads may open and close in any
-    order."""
+    order. A block inside code that torch.compile traces is traced with it (no graph
+    break; it turns the paths off for the code it holds)."""
+    global _traced_blocks
     off = frozenset(FastPath) if not paths else frozenset(FastPath(p) for p in paths)
+    if _dynamo_tracing():
+        previous = _traced_blocks
+        _traced_blocks = previous | off
+        try:
+            yield
+        finally:
+            _traced_blocks = previous
+        return
     _count_blocks(off, 1)
     try:
         yield

@@ -217,6 +217,29 @@ def test_switch_is_traced_by_torch_compile():
         assert torch.equal(compiled(torch.ones(2)), torch.zeros(2))
 
 
+def test_plain_block_inside_compiled_code_is_traced():
+    """A ``plain()`` block inside a function torch.compile traces (a compiled step
+    that runs the model plainly) is traced too, in one graph: the lock that keeps
+    threads' counts whole is a context manager dynamo cannot trace, and
+    ``fullgraph=True`` failed on it ("Unsupported context manager"; without it, the
+    graph broke around every block)."""
+    torch._dynamo.reset()
+
+    def step(x):
+        with fast_paths.plain(FastPath.SKIP_PADDING):
+            inside = x + 1 if fast_paths.enabled(FastPath.SKIP_PADDING) else x - 1
+        return inside + 10 if fast_paths.enabled(FastPath.SKIP_PADDING) else inside
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    for _ in range(2):  # plain inside the block, on again after it
+        assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 10.0))
+    assert fast_paths.disabled_paths() == frozenset()
+    with fast_paths.plain(FastPath.SKIP_PADDING):  # an eager block around it adds up
+        assert torch.equal(compiled(torch.ones(2)), torch.zeros(2))
+        assert fast_paths.disabled_paths() == {FastPath.SKIP_PADDING}
+    assert fast_paths.disabled_paths() == frozenset()
+
+
 @pytest.mark.parametrize(
     "variable,expected",
     [
