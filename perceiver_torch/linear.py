@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.autograd import forward_ad as _forward_ad
 
 from .fast_paths import FastPath, enabled, onednn_forced
 
@@ -249,9 +250,16 @@ def func_transforming() -> bool:
     other kernels ran once per batched item, with a warning), and ``vmap`` refuses
     to read a batched tensor's values (``.item()``), which the padding skip, the
     folded decoder and the id and index checks read. False while torch.compile
-    traces (:func:`compiling` says so; its graphs hold functorch's own machinery)."""
+    traces (:func:`compiling` says so; its graphs hold functorch's own machinery).
+
+    True as well within a ``torch.autograd.forward_ad.dual_level`` (forward-mode
+    derivatives with dual tensors, outside torch.func): the fused CPU attention has
+    no forward-mode formula, and oneDNN's kernels (packed weights), which run under
+    ``torch.no_grad``, dropped the tangents."""
     if _dynamo_compiling():
         return False
+    if getattr(_forward_ad, "_current_level", -1) >= 0:
+        return True
     peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
     return peek is not None and peek() is not None
 

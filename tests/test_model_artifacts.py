@@ -137,6 +137,57 @@ def test_forward_mode_derivatives_under_torch_func(name):
         assert (got - expected).abs().max() <= 1e-6 * scale
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("grad", [False, True])
+def test_forward_mode_derivatives_with_dual_tensors(name, grad):
+    """``torch.autograd.forward_ad`` (dual tensors, forward-mode derivatives outside
+    torch.func) failed as torch.func.jvp did (the fused CPU attention has no
+    forward-mode formula), and under ``torch.no_grad`` the oneDNN kernels (packed
+    weights) dropped the tangents: the outputs came back with none, or wrong (the
+    language model's), silently. Within
+    a dual level the fast paths step aside as under torch.func. The float32 tangents
+    along a random direction of every weight are held, as every fast path is, to
+    the float32 error of the plain path's (torch.func.jvp, checked against finite
+    differences above) against float64 (float64_reference)."""
+    import torch.autograd.forward_ad as fwad
+
+    model = pt.pack_weights(tiny(name))
+    inputs = model_inputs(name)
+    with torch.no_grad():
+        model(*inputs)  # the packed copies exist
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    gen = torch.Generator().manual_seed(7)
+    direction = {k: torch.randn(v.shape, generator=gen) for k, v in params.items()}
+
+    def outputs(m, p, x):
+        out = torch.func.functional_call(m, p, x)
+        return out if torch.is_tensor(out) else {k: out[k] for k in sorted(out)}
+
+    def tangents(out):
+        if torch.is_tensor(out):
+            return fwad.unpack_dual(out).tangent
+        return {k: fwad.unpack_dual(v).tangent for k, v in out.items()}
+
+    with torch.set_grad_enabled(grad), fwad.dual_level():
+        duals = {k: fwad.make_dual(v, direction[k]) for k, v in params.items()}
+        got = tangents(outputs(model, duals, inputs))
+    for tangent in got.values() if isinstance(got, dict) else [got]:
+        assert tangent is not None, "the tangent was dropped"
+    plain_model = tiny(name)
+    exact_model = float64_model(plain_model)
+    exact_params = {k: v.detach() for k, v in exact_model.named_parameters()}
+    with torch.no_grad():
+        _, plain = torch.func.jvp(
+            lambda p: outputs(plain_model, p, inputs), (params,), (direction,)
+        )
+        _, exact = torch.func.jvp(
+            lambda p: outputs(exact_model, p, float64_inputs(inputs)),
+            (exact_params,),
+            ({k: v.double() for k, v in direction.items()},),
+        )
+    check_outputs_within_float32_rounding(name, got, plain, exact)
+
+
 def _fourier_caches(model):
     """The cached features and tables of every Fourier position encoding in ``model``."""
     from perceiver_torch.position_encoding import FourierPositionEncoding
