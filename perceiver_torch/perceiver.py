@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .attention import CrossAttentionLayer, SelfAttentionLayer
 from . import fast_paths
 from .fast_paths import FastPath, plain
+from .linear import compiling
 from .micro_batches import items_per_slice
 from .position_encoding import truncated_normal_
 
@@ -217,22 +218,27 @@ def capture_stages(model: PerceiverIO) -> Iterator[Dict[str, Tensor]]:
 
     Only the forward passes of the thread that opened the block are recorded: other
     threads may run the same model meanwhile (a server's requests), and their passes
-    neither enter these stages nor fail in these hooks.
+    neither enter these stages nor fail in these hooks. (In code torch.compile
+    traces, every pass is recorded: it cannot trace the thread check, which broke
+    the graph at each hook.)
     """
     stages: Dict[str, Tensor] = {}
     decoder_outputs = []
     owner = threading.get_ident()
 
+    def recorded() -> bool:
+        return compiling() or threading.get_ident() == owner
+
     def on_encoder_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if threading.get_ident() == owner:
+        if recorded():
             stages["preprocessed"] = (args[0] if args else kwargs["inputs"]).detach()
 
     def on_encoder_output(module: nn.Module, args: tuple, output: Tensor) -> None:
-        if threading.get_ident() == owner:
+        if recorded():
             stages["latents"] = output.detach()
 
     def on_decoder_output(module: nn.Module, args: tuple, output: Tensor) -> None:
-        if threading.get_ident() != owner:
+        if not recorded():
             return
         decoder_outputs.append(output.detach())
         stages["decoder_output"] = (

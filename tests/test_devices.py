@@ -192,7 +192,6 @@ def test_cuda_tiled_flow_and_video_reconstruct():
         ), key
 
 
-
 def check_value_reading_paths(device: str) -> None:
     """On ``device`` against the CPU: the paths that read tensor values, which the
     meta device steps around (so that only a GPU run shows that they keep to the
@@ -356,6 +355,21 @@ def test_torch_compile_video_decoder_has_no_graph_break():
         explained = torch._dynamo.explain(model)(*_compile_inputs("video_autoencoding"))
     assert explained.graph_break_count == 0, explained.break_reasons
     assert explained.graph_count == 1
+
+
+def test_torch_compile_traces_capture_stages_without_a_graph_break():
+    """capture_stages's hooks check the thread that records; dynamo cannot trace
+    threading.get_ident, which broke the graph at every hook (8 graphs for the
+    ImageNet model); in traced code every pass is recorded."""
+    from perceiver_torch.perceiver import capture_stages
+
+    torch._dynamo.reset()
+    model = tiny("imagenet_learned")
+    with torch.no_grad(), capture_stages(model) as stages:
+        explained = torch._dynamo.explain(model)(*_compile_inputs("imagenet_learned"))
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    assert set(stages) == {"preprocessed", "latents", "decoder_output"}
 
 
 def test_torch_compile_language_model_serves_every_padding_in_one_graph():
