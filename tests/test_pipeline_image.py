@@ -796,6 +796,30 @@ def test_eval_mode_blocks_of_threads_on_one_model_restore_its_modes_at_the_last_
     assert all(m.training for m in model.modules())
 
 
+def test_eval_mode_whose_eval_call_raises_leaves_no_block_behind():
+    # A module whose train() raises (here once, as a hook's error would) failed the
+    # first block; it stayed registered with no one in it, and the next block skipped
+    # eval() and ran the model in training mode.
+    from perceiver_torch.pipelines.base import eval_mode
+
+    model = tiny("imagenet_conv").train()
+    real_train, calls = torch.nn.Module.train, []
+
+    def failing_once(self, mode=True):
+        if not calls:
+            calls.append(mode)
+            raise RuntimeError("a hook failed")
+        return real_train(self, mode)
+
+    model.train = failing_once.__get__(model)
+    with pytest.raises(RuntimeError, match="a hook failed"):
+        with eval_mode(model):
+            pass
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())
+
+
 def test_warning_blocks_of_threads_leave_the_warnings_state_as_they_found_it():
     # Thread A reads an image (its Pillow warnings become notes: a catch_warnings
     # block), thread B opens its block meanwhile and leaves after A: B restored A's

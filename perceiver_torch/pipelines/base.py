@@ -239,8 +239,8 @@ def eval_mode(model: torch.nn.Module) -> Iterator[None]:
         entry = _eval_blocks.get(key)
         if entry is None:
             modes = [(module, module.training) for module in model.modules()]
+            model.eval()  # first: where it raises, no block is left registered
             entry = _eval_blocks[key] = [0, modes]
-            model.eval()
         entry[0] += 1
     try:
         yield
