@@ -18,7 +18,6 @@ from typing import Callable, Iterator, List, Sequence
 import pytest
 import torch
 
-import perceiver_torch as pt
 from perceiver_torch.position_encoding import FourierPositionEncoding
 from test_torch_models import tiny
 
