@@ -192,9 +192,9 @@ def _count_blocks(paths: FrozenSet[FastPath], step: int) -> None:
         _disabled_by_blocks = frozenset(path for path, n in _blocks.items() if n > 0)
 
 
-def _dynamo_tracing() -> bool:
-    """Whether torch.compile traces this code (torch is not imported for it here:
-    where it traces, torch is loaded)."""
+def dynamo_tracing() -> bool:
+    """Whether torch.compile (or torch.export) traces this code (torch is not
+    imported for it here: where it traces, torch is loaded)."""
     torch = sys.modules.get("torch")
     is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     return is_compiling is not None and bool(is_compiling())
@@ -213,7 +213,7 @@ def plain(*paths: FastPath) -> Iterator[None]:
     break; it turns the paths off for the code it holds)."""
     global _traced_blocks
     off = frozenset(FastPath) if not paths else frozenset(FastPath(p) for p in paths)
-    if _dynamo_tracing():
+    if dynamo_tracing():
         previous = _traced_blocks
         _traced_blocks = previous | off
         try:

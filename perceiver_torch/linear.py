@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.autograd import forward_ad as _forward_ad
 
-from .fast_paths import FastPath, enabled, onednn_forced
+from .fast_paths import FastPath, dynamo_tracing, enabled, onednn_forced
 
 # The dtypes the oneDNN path takes, and which of them this torch's kernel serves
 # (probed at first use, once per dtype).
@@ -256,18 +256,12 @@ def func_transforming() -> bool:
     derivatives with dual tensors, outside torch.func): the fused CPU attention has
     no forward-mode formula, and oneDNN's kernels (packed weights), which run under
     ``torch.no_grad``, dropped the tangents."""
-    if _dynamo_compiling():
+    if dynamo_tracing():
         return False
     if getattr(_forward_ad, "_current_level", -1) >= 0:
         return True
     peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
     return peek is not None and peek() is not None
-
-
-def _dynamo_compiling() -> bool:
-    """Whether torch.compile (or torch.export) is tracing this code."""
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return is_compiling is not None and bool(is_compiling())
 
 
 def compiling() -> bool:
@@ -276,7 +270,7 @@ def compiling() -> bool:
     (:func:`func_transforming`) runs it: the oneDNN kernels, the batch slicing and
     the shortcuts that read tensor values step aside there (False on torch builds
     without them)."""
-    return _dynamo_compiling() or recording_graph() or func_transforming()
+    return dynamo_tracing() or recording_graph() or func_transforming()
 
 
 # The torch.nn classes the models are built from (or that compute what the models'
