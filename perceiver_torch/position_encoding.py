@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections import OrderedDict
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -76,23 +77,43 @@ AxisTable = Tuple[Tensor, Tensor, Tensor]
 # (kind, axis size, num_bands, resolution) -> (position (n,1), sin (n,K), cos (n,K));
 # kind is "grid" (linspace positions) or "subsampled" (-1 + 2 i / n).
 AxisTableFunction = Callable[[str, int, int, int], AxisTable]
-_axis_table_override: Optional[AxisTableFunction] = None
+# The override of the thread that opened an axis_tables_from block, for that thread
+# alone: other threads' models (another verify, a pipeline) keep their own tables,
+# and blocks of several threads may close in any order. The count of open blocks is
+# plain module state, read first, so that torch.compile's guards see no override
+# without tracing a thread-local lookup.
+_axis_table_overrides = threading.local()
+_override_blocks = 0
+_override_lock = threading.Lock()
+
+
+def _axis_table_override() -> Optional[AxisTableFunction]:
+    """This thread's axis-table override, or None."""
+    if not _override_blocks:
+        return None
+    return getattr(_axis_table_overrides, "function", None)
 
 
 @contextlib.contextmanager
 def axis_tables_from(function: AxisTableFunction) -> Iterator[None]:
-    """Take every Fourier axis table from ``function`` inside the ``with`` block.
+    """Take every Fourier axis table from ``function`` inside the ``with`` block, in
+    the thread that opened it (other threads' models are unaffected).
 
     A diagnostic for parity checks: feeding the JAX reference's own float32 tables
     separates the (documented) rounding of the official Fourier features from
     everything else the model computes. Caches are bypassed while it is active.
     """
-    global _axis_table_override
-    previous, _axis_table_override = _axis_table_override, function
+    global _override_blocks
+    previous = getattr(_axis_table_overrides, "function", None)
+    _axis_table_overrides.function = function
+    with _override_lock:
+        _override_blocks += 1
     try:
         yield
     finally:
-        _axis_table_override = previous
+        with _override_lock:
+            _override_blocks -= 1
+        _axis_table_overrides.function = previous
 
 
 def axis_table(
@@ -255,15 +276,16 @@ class FourierPositionEncoding(nn.Module):
         index_dims: Tuple[int, ...],
         device: Optional[torch.device],
         dtype: torch.dtype,
+        override: Optional[AxisTableFunction] = None,
     ) -> List[AxisTable]:
         """Per-axis tables of the grid ("grid": linspace positions) or of its
         subsampled positions ("subsampled"). The subsampled ones are cached (the
         grid's features are cached whole, by :meth:`grid`)."""
-        if _axis_table_override is not None:
+        if override is not None:
             return [
                 tuple(
                     t.to(dtype=dtype, device=device)
-                    for t in _axis_table_override(kind, size, self.num_bands, resolution)
+                    for t in override(kind, size, self.num_bands, resolution)
                 )
                 for size, resolution in zip(index_dims, self.max_resolution)
             ]
@@ -305,21 +327,20 @@ class FourierPositionEncoding(nn.Module):
         row-major: (prod(index_dims), C). Cached."""
         index_dims = tuple(int(n) for n in index_dims)
         key = (index_dims, str(device), dtype)
-        cached = (
-            None if _axis_table_override is not None else self._recall(self._cache, key)
-        )
+        override = _axis_table_override()  # read once: the same answer throughout
+        cached = None if override is not None else self._recall(self._cache, key)
         if cached is not None:
             return cached
         self._check_dims(index_dims)
         with torch.inference_mode(False):  # cached: not an inference tensor
             n = math.prod(index_dims)
             features = gather_features(
-                self._tables("grid", index_dims, device, dtype),
+                self._tables("grid", index_dims, device, dtype, override),
                 unravel(torch.arange(n, device=device), index_dims),
                 concat_pos=self.concat_pos,
                 sine_only=self.sine_only,
             )
-        if _axis_table_override is not None:
+        if override is not None:
             return features
         self._remember(self._cache, key, features)
         return features
@@ -336,7 +357,10 @@ class FourierPositionEncoding(nn.Module):
         index_dims = tuple(int(n) for n in index_dims)
         self._check_dims(index_dims)
         return gather_features(
-            self._tables("subsampled", index_dims, flat_indices.device, dtype),
+            self._tables(
+                "subsampled", index_dims, flat_indices.device, dtype,
+                _axis_table_override(),
+            ),
             unravel(flat_indices, index_dims),
             concat_pos=self.concat_pos,
             sine_only=self.sine_only,

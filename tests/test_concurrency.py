@@ -112,6 +112,78 @@ def test_imagenet_fourier_shared_by_threads_with_different_image_sizes():
     same_as_alone(model, inputs, calls=200)
 
 
+def _scaled_tables(kind: str, size: int, num_bands: int, resolution: int):
+    """Axis tables unlike the module's own (positions doubled): a block's override
+    is visible in every feature it reaches."""
+    from perceiver_torch.position_encoding import (
+        axis_table,
+        grid_positions,
+        subsampled_positions,
+    )
+
+    positions = grid_positions(size) if kind == "grid" else subsampled_positions(size)
+    return axis_table(2 * positions, num_bands=num_bands, resolution=resolution)
+
+
+def test_axis_table_override_is_the_opening_threads_alone():
+    """converter.verify's last pass of the video model runs inside
+    ``axis_tables_from(jax_axis_table)``. The override was process-wide: a model run
+    by another thread meanwhile (another verify's own pass, a pipeline) computed with
+    the reference's tables, a thread that found it set and then read it again after
+    the block closed called None (TypeError), and two blocks closing out of order
+    left it set for the rest of the process (every later verify measured the
+    injected tables, not the model). Blocks open here A, B, close A, B; thread C
+    computes while both are open; afterwards nothing is overridden."""
+    from perceiver_torch.position_encoding import axis_tables_from
+
+    alone = FourierPositionEncoding(num_bands=4, max_resolution=(8, 8))
+    expected = alone.grid((3, 4)).clone()
+    points = torch.arange(7)
+    expected_points = alone.subsampled(points, (3, 4)).clone()
+    with axis_tables_from(_scaled_tables):
+        overridden = FourierPositionEncoding(num_bands=4, max_resolution=(8, 8))
+        scaled = overridden.grid((3, 4)).clone()
+    assert not torch.equal(scaled, expected)
+
+    a_open, b_open, c_done, a_closed = (threading.Event() for _ in range(4))
+    seen = {}
+
+    def block(name: str, opened: threading.Event, close_after: threading.Event,
+              closed=None) -> None:
+        with axis_tables_from(_scaled_tables):
+            opened.set()
+            assert close_after.wait(10)
+            enc = FourierPositionEncoding(num_bands=4, max_resolution=(8, 8))
+            seen[name] = enc.grid((3, 4)).clone()
+        if closed is not None:
+            closed.set()
+
+    def other() -> None:
+        assert a_open.wait(10) and b_open.wait(10)
+        enc = FourierPositionEncoding(num_bands=4, max_resolution=(8, 8))
+        seen["other"] = enc.grid((3, 4)).clone()
+        seen["other_points"] = enc.subsampled(points, (3, 4)).clone()
+        c_done.set()
+
+    def work(k: int) -> None:
+        if k == 0:
+            block("a", a_open, c_done, a_closed)
+        elif k == 1:
+            assert a_open.wait(10)
+            block("b", b_open, a_closed)
+        else:
+            other()
+
+    errors = run_threads(work, 3)
+    assert not errors, errors
+    assert torch.equal(seen["a"], scaled) and torch.equal(seen["b"], scaled)
+    assert torch.equal(seen["other"], expected), "another thread's block reached this one"
+    assert torch.equal(seen["other_points"], expected_points)
+    after = FourierPositionEncoding(num_bands=4, max_resolution=(8, 8))
+    assert torch.equal(after.grid((3, 4)), expected), "an override outlived its blocks"
+    assert torch.equal(after.subsampled(points, (3, 4)), expected_points)
+
+
 # -- pipelines ---------------------------------------------------------------------
 
 
