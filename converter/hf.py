@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
@@ -536,9 +537,28 @@ def _write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: 
         raise
     # safetensors creates its file 0600 whatever the umask; the folder's other files
     # (and every other output here) get the umask's permissions, as open() gives.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, _new_file_mode(path.parent))
+
+
+def _new_file_mode(folder: Path) -> int:
+    """The permissions ``open()`` gives a new file in ``folder`` (the umask's), read
+    from a probe file: ``os.umask`` is only read by setting it, and a umask of 0 set
+    for that instant applied to every file the process's other threads created
+    meanwhile (group- and world-writable)."""
+    from converter.atomic import temporary_name
+
+    while True:
+        probe = temporary_name(folder / "mode")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:
+            continue
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 def _write_processor_files(model: str, config: Mapping[str, Any], folder: Path) -> List[str]:

@@ -255,3 +255,38 @@ def test_threads_reading_images_and_weight_files_leave_warnings_as_they_were(tmp
     assert not errors, errors
     assert warnings._showwarnmsg_impl is handler
     assert warnings.filters == filters
+
+
+def test_hf_weights_file_mode_found_without_changing_the_umask(tmp_path, monkeypatch):
+    """export --format hf gives model.safetensors (which safetensors creates 0600) the
+    permissions open() gives, and read the umask by setting it to 0 and back: for
+    that instant every file another thread of the process created (a service's
+    uploads, another conversion's output) was group- and world-writable. The umask
+    is now never changed; the mode is still the umask's."""
+    import os
+
+    import numpy as np
+
+    from converter.hf import _write_safetensors
+
+    real_umask = os.umask
+    current = real_umask(0o027)
+    set_to: List[int] = []
+
+    def spy(mask: int) -> int:
+        previous = real_umask(mask)
+        if mask != previous:
+            set_to.append(mask)
+        return previous
+
+    monkeypatch.setattr(os, "umask", spy)
+    try:
+        out = tmp_path / "model.safetensors"
+        _write_safetensors(out, {"w": np.arange(3, dtype=np.float32)}, {"format": "pt"})
+        plain = tmp_path / "plain"
+        plain.write_bytes(b"")
+    finally:
+        real_umask(current)
+    assert not set_to, f"the process umask was set to {[oct(m) for m in set_to]}"
+    assert out.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "plain"]
