@@ -81,6 +81,9 @@ the model computed in), "results": [one per input]}}; each result has "input" an
   autoencode  "files" written, "clips": [{{"frames", "psnr", "top_k": [{{"label",
               "index", "probability"}}]}}] and more
 
+A number that is NaN or infinite is null (JSON has neither): the PSNR of a perfect
+reconstruction, or outputs that are not finite (the notes say so).
+
 -o OUT writes the results (classify, fill-mask: the document --json prints, to a
 name of no other format, e.g. OUT.json; with --npy/--npz the raw arrays: classify
 "logits" (N, classes), fill-mask "logits_I" (masked bytes, 262) and "positions_I"

@@ -517,3 +517,75 @@ def test_an_installed_library_that_fails_to_load_is_not_called_missing(tmp_path,
     sys.modules.pop("perceiver_broken_library", None)
     with pytest.raises(PipelineError, match=r"this task needs perceiver_no_such_lib .*install it"):
         require("perceiver_no_such_lib")
+
+
+
+def _reject_constant(name: str):
+    raise AssertionError(f"{name} is not JSON (json.dumps writes it for a non-finite float)")
+
+
+@pytest.fixture
+def nan_outputs(monkeypatch):
+    """``nan_outputs(*names)``: the runs' models get NaN in those biases, as a float16
+    run past 65504 gets non-finite outputs (which the runners note)."""
+    import torch
+
+    def poison(*names: str) -> None:
+        real = run_cli_module.load_any_model
+
+        def load(*args, **kwargs):
+            model, how = real(*args, **kwargs)
+            parameters = dict(model.named_parameters())
+            with torch.no_grad():
+                for name in names:
+                    parameters[name].fill_(float("nan"))
+            return model, how
+
+        monkeypatch.setattr(run_cli_module, "load_any_model", load)
+
+    return poison
+
+
+def _non_finite_notes(document) -> List[str]:
+    notes = []
+    for result in document["results"]:
+        notes += [n for n in result.get("notes", []) if "non-finite" in n]
+    return notes
+
+
+def _run_with_json(args: List[object], tmp_path: Path) -> dict:
+    result = run_cli("run", *args, "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout, parse_constant=_reject_constant)
+    assert _non_finite_notes(document), document
+    assert "non-finite" in result.stderr
+    for written in tmp_path.glob("*.json"):  # classify's and fill-mask's -o document
+        assert json.loads(written.read_text(), parse_constant=_reject_constant) == document
+    return document
+
+
+@pytest.mark.parametrize("case", ["fill-mask", "classify", "flow", "autoencode"])
+def test_json_of_non_finite_outputs_is_json(models, tmp_path, nan_outputs, case):
+    """json.dumps wrote NaN and Infinity for the probabilities, flow statistics and
+    PSNR of a model whose outputs are not finite: not JSON (jq, JSON.parse and
+    json.loads(parse_constant=...) refuse the document). They are null now; the
+    result's notes say why."""
+    if case == "fill-mask":
+        nan_outputs("output_postprocessor.bias")
+        args = ["fill-mask", models["language_perceiver"], MARKED, "-o", tmp_path / "f.json"]
+        key = lambda r: r["masked"][0]["top_k"][0]["probability"]  # noqa: E731
+    elif case == "classify":
+        nan_outputs("decoder.output_projection.bias")
+        args = ["classify", models["imagenet_conv"], _image(tmp_path), "-o", tmp_path / "c.json"]
+        key = lambda r: r["top_k"][0]["probability"]  # noqa: E731
+    elif case == "flow":
+        nan_outputs("decoder.output_projection.bias")
+        args = ["flow", models["optical_flow"], *_frames(tmp_path, 2), "-o", tmp_path / "o.png"]
+        key = lambda r: r["max_flow"]  # noqa: E731
+    else:
+        nan_outputs("output_postprocessor.modalities.label.projection.bias")
+        args = ["autoencode", models["video_autoencoding"], _video(tmp_path / "in.mp4"),
+                "-o", tmp_path / "o.mp4"]
+        key = lambda r: r["clips"][0]["top_k"][0]["probability"]  # noqa: E731
+    document = _run_with_json(args, tmp_path)
+    assert key(document["results"][0]) is None

@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import importlib.util
 import itertools
+import math
 import numbers
 import sys
 import threading
@@ -257,15 +258,30 @@ def results_document(task: str, model: torch.nn.Module, results: List[Any]) -> D
     """A run's document: ``{"task", "model", "dtype" (what the model computes in),
     "results"}``. ``perceiver-convert run --json`` prints it and classify's and
     fill-mask's ``-o OUT`` write it, so that a file says what made it (a bfloat16
-    run's file records bfloat16)."""
+    run's file records bfloat16). A NaN or infinite number in ``results`` (the
+    outputs of a model that overflowed, which the result's notes name) is null:
+    JSON has no such numbers, and json.dumps's NaN/Infinity made a document that
+    JSON parsers refuse."""
     from ..registry import dtype_name
 
     return {
         "task": task,
         "model": model_name_of(model) or type(model).__name__,
         "dtype": dtype_name(next(model.parameters()).dtype),
-        "results": results,
+        "results": _finite_or_null(results),
     }
+
+
+def _finite_or_null(value: Any) -> Any:
+    """``value`` (JSON-able: dicts, lists, tuples, scalars) with every NaN or
+    infinite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def non_finite_output_note(
