@@ -589,3 +589,15 @@ def test_json_of_non_finite_outputs_is_json(models, tmp_path, nan_outputs, case)
         key = lambda r: r["clips"][0]["top_k"][0]["probability"]  # noqa: E731
     document = _run_with_json(args, tmp_path)
     assert key(document["results"][0]) is None
+
+
+def test_flow_of_a_video_notes_non_finite_flow(models, tmp_path, nan_outputs):
+    """The flow of frame pairs noted non-finite flow vectors; the flow of a video
+    (pipeline.video yields bare arrays) dropped the note: max |flow| nan with no word."""
+    nan_outputs("decoder.output_projection.bias")
+    video = tmp_path / "in.mp4"
+    make_test_video(video, 3, size=(40, 56), sample_rate=None)
+    document = _run_with_json(["flow", models["optical_flow"], video, "-o", tmp_path / "o.mp4"],
+                              tmp_path)
+    (note,) = _non_finite_notes(document)
+    assert "flow vectors are unknown" in note and document["results"][0]["max_flow"] is None

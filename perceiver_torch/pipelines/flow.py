@@ -607,7 +607,9 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
         f"{_magnitude(stack):.2f} px"
     )
     missing = missing_frames_note(frames, len(flows) + 1)  # frames: declared
-    notes = [] if missing is None else [missing]
+    # pipeline.video yields bare arrays: the note flow_of gives each pair, once here.
+    unknown = non_finite_output_note(stack, pipeline.model, "those flow vectors are unknown")
+    notes = [note for note in (missing, unknown) if note is not None]
     for note in notes:
         options.echo(f"  note: {note}")
     return {
