@@ -33,6 +33,7 @@ pytest.importorskip("cv2")
 pytest.importorskip("av")
 
 from perceiver_torch.pipelines.flow import textured_pair  # noqa: E402  (needs the media extra)
+from perceiver_torch.pipelines.media import iter_video_frames, read_audio  # noqa: E402
 from perceiver_torch.pipelines.video import make_test_video  # noqa: E402
 
 MARKED = "This is an incomplete sentence where some words are[MASK*9]"
@@ -601,3 +602,25 @@ def test_flow_of_a_video_notes_non_finite_flow(models, tmp_path, nan_outputs):
                               tmp_path)
     (note,) = _non_finite_notes(document)
     assert "flow vectors are unknown" in note and document["results"][0]["max_flow"] is None
+
+
+@pytest.mark.filterwarnings("error:invalid value encountered in cast:RuntimeWarning")
+def test_autoencode_writes_non_finite_frames_and_sound(models, tmp_path, nan_outputs):
+    """An autoencoding whose frames and sound are not finite got its notes, then the
+    AAC encoder refused the NaN samples: exit 3 with PyAV's "avcodec_send_frame()
+    returned 22" and no file. The video's sound is silent there and its frames black
+    (NaN to uint8 was undefined); the .wav keeps the float samples as they are."""
+    nan_outputs("decoder.output_projection.bias")
+    video = _video(tmp_path / "in.mp4")
+    document = _run_with_json(
+        ["autoencode", models["video_autoencoding"], video, "-o", tmp_path / "o.mp4"], tmp_path
+    )
+    notes = " ".join(_non_finite_notes(document))
+    assert all(f"reconstructed {part}" in notes for part in ("frames", "sound", "labels"))
+    assert document["results"][0]["clips"][0]["psnr"] is None
+    frames = np.stack(list(iter_video_frames(tmp_path / "o.mp4")))
+    assert len(frames) == 4 and frames.max() <= 16  # black (H.264's studio range: 16)
+    audio, _, _ = read_audio(tmp_path / "o.mp4", 1600)
+    assert np.isfinite(audio).all() and np.abs(audio).max() < 1e-3
+    wav = np.frombuffer((tmp_path / "o.wav").read_bytes()[-4 * 4 * 64:], "<f4")
+    assert np.isnan(wav).all()  # the last 4 frames' worth of samples, as computed

@@ -376,7 +376,8 @@ def write_video(
     ``.gif`` (Pillow, adaptive palette per frame, no sound) or any other (``.mp4``):
     H.264 (libx264, yuv420p, crf 18; an odd height or width gets its last row or
     column repeated) with ``audio`` (S,) float at ``sample_rate`` muxed as AAC
-    (resampled to 48 kHz when AAC cannot take the rate).
+    (resampled to 48 kHz when AAC cannot take the rate; NaN or infinite samples,
+    which the AAC encoder refuses, are silence).
     """
     path = Path(path)
     frames = np.asarray(frames, dtype=np.uint8)
@@ -414,6 +415,7 @@ def write_video(
             container.mux(packet)
         if sound is not None:
             samples = np.asarray(audio, dtype=np.float32).reshape(1, -1)
+            samples = np.where(np.isfinite(samples), samples, np.float32(0))
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp", layout="mono")
             frame.sample_rate = int(sample_rate)
             # A timestamp of 0 lets the AAC encoder mark its 1024 priming samples

@@ -180,8 +180,9 @@ class AutoencodeResult:
 
     def video_uint8(self) -> np.ndarray:
         """The frames as the colab's ``to_gif`` shows them: clip(x * 255, 0, 255),
-        truncated to uint8. (T, H, W, 3)."""
-        return np.clip(self.frames * 255, 0, 255).astype(np.uint8)
+        truncated to uint8. (T, H, W, 3). A NaN value (outputs that are not finite,
+        which the notes name) is 0, black (NumPy's cast of NaN is undefined)."""
+        return np.clip(np.nan_to_num(self.frames * 255, nan=0.0), 0, 255).astype(np.uint8)
 
     def as_dict(self) -> Dict[str, Any]:
         """A JSON-able summary, not the arrays (``frames``, ``audio`` and
