@@ -321,7 +321,16 @@ def echo_json(document: Any) -> None:
     if sys.stdout is None:
         raise ConverterError("cannot write the JSON document to stdout: it is closed")
     try:
-        click.echo(json.dumps(document, indent=2))
+        text = json.dumps(document, indent=2, allow_nan=False)
+    except ValueError:
+        # NaN or infinite numbers (verify's differences of outputs that overflowed,
+        # which its table marks): JSON has none, and json.dumps's NaN/Infinity made a
+        # document that JSON parsers refuse. They are null.
+        text = json.dumps(
+            json.loads(json.dumps(document), parse_constant=lambda _: None), indent=2
+        )
+    try:
+        click.echo(text)
     except BrokenPipeError:
         raise
     except OSError as error:

@@ -281,3 +281,44 @@ def test_verify_names_weights_beyond_the_dtypes_range(jax_ready, dtype, tmp_path
     else:
         assert result.exit_code in (0, 1), result.output
         assert "beyond" not in result.stderr and "parity of imagenet_conv" in result.output
+
+
+def _strict_json(text: str):
+    """json.loads refusing NaN and Infinity, which JSON does not have."""
+    def refuse(constant: str):
+        raise AssertionError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_documents_hold_no_nan_or_infinity(capsys):
+    """Every command's --json goes through echo_json: non-finite numbers are null."""
+    from converter.cli import echo_json
+
+    echo_json({"relative": float("inf"), "rows": [float("nan"), -float("inf"), 1.5]})
+    assert _strict_json(capsys.readouterr().out) == {"relative": None, "rows": [None, None, 1.5]}
+
+
+@pytest.mark.jax
+def test_verify_json_of_outputs_that_overflow_is_json(jax_ready, tmp_path):
+    """verify --dtype float16 of weights within float16's range whose activations
+    pass it (every weight x 300: up to about 500, the logits about 1e7) reports
+    outputs that are not finite (exit 1); its --json document held NaN and
+    Infinity (max |diff|, relative), which JSON parsers refuse. They are null."""
+    import pickle
+
+    source = tmp_path / "imagenet_conv.pickle"
+    write_fixture("imagenet_conv", source, size="tiny")
+    with open(source, "rb") as handle:
+        tree = pickle.load(handle)
+    for module in tree["params"].values():
+        for name, array in module.items():
+            module[name] = array * 300
+    with open(source, "wb") as handle:
+        pickle.dump(tree, handle)
+    result = run_cli("verify", source, "--dtype", "float16", "--json", "-q")
+    assert result.exit_code == 1, result.output
+    fidelity = _strict_json(result.stdout)["fidelity"]
+    assert fidelity["finite"] is False and fidelity["passed"] is False
+    reduced = [row for row in fidelity["rows"] if row["run"] == "float16"]
+    assert reduced and all(row["relative"] is None for row in reduced)
