@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import signal
 import sys
@@ -34,7 +33,7 @@ import click
 
 from converter._version import __version__
 from converter.atomic import check_outputs
-from converter.terminal import echo, terminal_safe
+from converter.terminal import echo, json_text, terminal_safe
 from converter.errors import (
     CheckpointError,
     ConfigError,
@@ -320,15 +319,7 @@ def echo_json(document: Any) -> None:
     and so is a closed one (``>&-``), where the document was lost with exit 0."""
     if sys.stdout is None:
         raise ConverterError("cannot write the JSON document to stdout: it is closed")
-    try:
-        text = json.dumps(document, indent=2, allow_nan=False)
-    except ValueError:
-        # NaN or infinite numbers (verify's differences of outputs that overflowed,
-        # which its table marks): JSON has none, and json.dumps's NaN/Infinity made a
-        # document that JSON parsers refuse. They are null.
-        text = json.dumps(
-            json.loads(json.dumps(document), parse_constant=lambda _: None), indent=2
-        )
+    text = json_text(document)  # NaN and infinite numbers null
     try:
         click.echo(text)
     except BrokenPipeError:

@@ -55,6 +55,7 @@ from converter.mapping import (
     plan_forward,
 )
 from converter.progress import Progress, quiet
+from converter.terminal import json_text
 
 # Keys of the safetensors metadata; transformers wants "format": "pt".
 # "haiku_dropped" (the BatchNorm EMA accumulators and counter that neither
@@ -665,7 +666,7 @@ def export_hf(
         report.update(
             {"source": Path(path).name, "architecture": arch, "model": model}
         )
-        (folder / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+        (folder / "fidelity.json").write_text(json_text(report) + "\n")
         files.append("fidelity.json")
     return HFExportResult(model, out_dir, arch, len(tensors), sorted(files), report,
                           list(haiku.notes))

@@ -8,11 +8,13 @@ Every human-readable line the CLI prints goes through :func:`echo`, which shows 
 characters as Python escapes (``\\x1b``, ``\\r``, ``\\u202e``) instead of obeying them.
 
 Newlines and tabs are kept: reports and multi-line errors use them. JSON documents
-need nothing: ``json.dumps`` already escapes every control character.
+need nothing: ``json.dumps`` already escapes every control character (but not NaN
+and infinite numbers, which JSON lacks: :func:`json_text`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from typing import Any, Optional
@@ -59,3 +61,15 @@ def echo(message: Any = "", err: bool = False, nl: bool = True, file: Optional[A
             f"cannot write to {where}: {error.strerror or error}; send it to a file or "
             "device that has room"
         ) from None
+
+
+def json_text(document: Any, indent: int = 2) -> str:
+    """``json.dumps(document, indent=indent)`` with every NaN or infinite number null:
+    JSON has neither, and json.dumps's NaN/Infinity (verify's differences of outputs
+    that overflowed, an HF export's fidelity report of such outputs) made documents
+    that JSON parsers refuse."""
+    try:
+        return json.dumps(document, indent=indent, allow_nan=False)
+    except ValueError:
+        finite = json.loads(json.dumps(document), parse_constant=lambda _: None)
+        return json.dumps(finite, indent=indent)

@@ -292,11 +292,17 @@ def _strict_json(text: str):
 
 
 def test_json_documents_hold_no_nan_or_infinity(capsys):
-    """Every command's --json goes through echo_json: non-finite numbers are null."""
+    """Every command's --json goes through echo_json, and an HF export's
+    fidelity.json through the same json_text: non-finite numbers are null."""
     from converter.cli import echo_json
+    from converter.terminal import json_text
 
-    echo_json({"relative": float("inf"), "rows": [float("nan"), -float("inf"), 1.5]})
-    assert _strict_json(capsys.readouterr().out) == {"relative": None, "rows": [None, None, 1.5]}
+    document = {"relative": float("inf"), "rows": [float("nan"), -float("inf"), 1.5]}
+    expected = {"relative": None, "rows": [None, None, 1.5]}
+    echo_json(document)
+    assert _strict_json(capsys.readouterr().out) == expected
+    assert _strict_json(json_text(document)) == expected
+    assert json_text({"a": [1, 2.5]}) == json.dumps({"a": [1, 2.5]}, indent=2)
 
 
 @pytest.mark.jax
