@@ -19,8 +19,7 @@ from torch import Tensor, nn
 
 from .attention import CrossAttentionLayer, SelfAttentionLayer
 from . import fast_paths
-from .fast_paths import FastPath, plain
-from .linear import compiling
+from .fast_paths import FastPath, dynamo_tracing, plain
 from .micro_batches import items_per_slice
 from .position_encoding import truncated_normal_
 
@@ -227,7 +226,7 @@ def capture_stages(model: PerceiverIO) -> Iterator[Dict[str, Tensor]]:
     owner = threading.get_ident()
 
     def recorded() -> bool:
-        return compiling() or threading.get_ident() == owner
+        return dynamo_tracing() or threading.get_ident() == owner
 
     def on_encoder_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
         if recorded():
