@@ -203,7 +203,7 @@ def _upright(array: np.ndarray, frame: Any) -> np.ndarray:
     """A decoded frame turned by its display rotation (PyAV's ``VideoFrame.rotation``:
     degrees counter-clockwise, from the container's display matrix), as FFmpeg's
     autorotate and OpenCV's ``CAP_PROP_ORIENTATION_AUTO`` (on by default) do."""
-    rotation = getattr(frame, "rotation", 0) or 0  # PyAV < 14 has no rotation: 0
+    rotation = frame.rotation or 0  # PyAV >= 14 (the [media] extra asks for it)
     turns = int(round(float(rotation) / 90.0)) % 4
     return np.ascontiguousarray(np.rot90(array, turns)) if turns else array
 
