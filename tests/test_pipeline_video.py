@@ -655,6 +655,63 @@ def test_a_separate_sound_file_without_sound_is_named_as_such(tmp_path, model):
         AutoencodePipeline(model)(tmp_path / "mute.mp4")
 
 
+def _with_cover_picture(path: Path, frames: int) -> None:
+    """An MP4 with an AAC sound track, ``frames`` H.264 frames (none: a music file)
+    and a cover picture (an attached picture: MP4's ``covr``, which FFmpeg lists as a
+    one-frame video stream after the others, as it does MKV attachments and MP3 APIC)."""
+    with av.open(str(path), "w") as container:
+        sound = container.add_stream("aac", rate=44100, layout="mono")
+        video = None
+        if frames:
+            video = container.add_stream("libx264", rate=25)
+            video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 32, 32, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        picture = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 200, np.uint8), format="rgb24")
+        for packet in cover.encode(picture.reformat(format="yuvj420p")) + cover.encode(None):
+            container.mux(packet)
+        for i in range(frames):
+            pixels = np.full((48, 64, 3), 10 * i, np.uint8)
+            for packet in video.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        if video is not None:
+            for packet in video.encode(None):
+                container.mux(packet)
+        tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(44100) / 44100)).astype(np.float32)
+        samples = av.AudioFrame.from_ndarray(tone[None], format="fltp", layout="mono")
+        samples.sample_rate, samples.pts = 44100, 0
+        for packet in sound.encode(samples) + sound.encode(None):
+            container.mux(packet)
+
+
+def test_a_cover_picture_is_not_read_as_the_video(tmp_path, video_checkpoint):
+    from perceiver_torch.pipelines.media import (
+        iter_video_frames, video_frame_count, video_frame_rate)
+
+    # A music file (AAC in MP4) with cover art: its only "video stream" is the
+    # picture. It was read as a one-frame video: "the video has 1 frame(s) ... give a
+    # longer video" (autoencode), "has a single frame" (flow), and a frame rate of None.
+    _with_cover_picture(tmp_path / "song.mp4", 0)
+    with av.open(str(tmp_path / "song.mp4")) as container:
+        assert [s.type for s in container.streams] == ["audio", "video"]
+        assert container.streams.video[0].disposition & av.stream.Disposition.attached_pic
+    for read in (lambda p: list(iter_video_frames(p)), video_frame_rate, video_frame_count):
+        with pytest.raises(InputError, match="has no video stream, only a still picture"):
+            read(tmp_path / "song.mp4")
+    result = run_cli("run", "autoencode", video_checkpoint, tmp_path / "song.mp4",
+                     "-o", tmp_path / "out.mp4")
+    assert result.exit_code == 3, result.stderr
+    assert "song.mp4 has no video stream, only a still picture (cover art)" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out.mp4").exists()
+    # A video with cover art: the frames, rate and count are the video's.
+    _with_cover_picture(tmp_path / "clip.mp4", 5)
+    frames = list(iter_video_frames(tmp_path / "clip.mp4"))
+    assert len(frames) == 5 and frames[0].shape == (48, 64, 3)
+    assert video_frame_rate(tmp_path / "clip.mp4") == 25
+    assert video_frame_count(tmp_path / "clip.mp4") == 5
+
+
 def test_channels_first_torch_and_non_numeric_sound(model):
     pipeline = AutoencodePipeline(model)
     frames = np.zeros((2, 16, 16, 3), np.uint8)

@@ -107,24 +107,46 @@ def _open_container(path: Path) -> Any:
         ) from None
 
 
+def _video_stream(container: Any, path: PathLike) -> Any:
+    """The first video stream of ``container`` that is not an attached picture.
+
+    FFmpeg lists a file's cover art (MP4's ``covr``, Matroska's image attachments, an
+    MP3's or FLAC's embedded picture) as a video stream of one frame with the
+    ``attached_pic`` disposition, after the other streams: a music file with a cover
+    would be read as a one-frame video.
+
+    Raises:
+        InputError: no video stream, or only attached pictures.
+    """
+    av = require("av")
+    attached = int(getattr(getattr(av.stream, "Disposition", None), "attached_pic", 1024))
+    videos = container.streams.video
+    for stream in videos:
+        if not int(stream.disposition or 0) & attached:
+            return stream
+    if videos:
+        raise InputError(
+            f"{path} has no video stream, only a still picture (cover art); give a "
+            "video file"
+        )
+    raise InputError(f"{path} has no video stream; give a video file")
+
+
 def video_frame_rate(path: PathLike) -> Optional[Fraction]:
-    """The frame rate of ``path``'s first video stream, or None if unknown."""
+    """The frame rate of ``path``'s first video stream (cover art aside, see
+    :func:`_video_stream`), or None if unknown."""
     container = _open_container(Path(path))
     with container:
-        if not container.streams.video:
-            raise InputError(f"{path} has no video stream")
-        rate = container.streams.video[0].average_rate
+        rate = _video_stream(container, path).average_rate
         return Fraction(rate) if rate else None
 
 
 def video_frame_count(path: PathLike) -> int:
-    """The number of frames the container declares for its first video stream (0
-    when it does not say)."""
+    """The number of frames the container declares for its first video stream (cover
+    art aside, see :func:`_video_stream`; 0 when it does not say)."""
     container = _open_container(Path(path))
     with container:
-        if not container.streams.video:
-            raise InputError(f"{path} has no video stream")
-        return int(container.streams.video[0].frames or 0)
+        return int(_video_stream(container, path).frames or 0)
 
 
 def missing_frames_note(declared: int, decoded: int) -> Optional[str]:
@@ -141,22 +163,22 @@ def missing_frames_note(declared: int, decoded: int) -> Optional[str]:
 
 
 def iter_video_frames(path: PathLike, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
-    """The frames of ``path``'s first video stream in display order, each (H, W, 3)
+    """The frames of ``path``'s first video stream (cover art aside: a music file's
+    picture is no video, see :func:`_video_stream`) in display order, each (H, W, 3)
     uint8 RGB (converted as the colab's OpenCV reader converts them, :func:`_rgb24`),
     at most ``max_frames``, turned upright by the stream's display rotation (a phone's
     portrait video is stored landscape with a rotation in its metadata), as OpenCV's
     reader (the colab's) and players show it (:func:`_upright`).
 
     Raises:
-        InputError: unreadable file, no video stream, or a decoding error.
+        InputError: unreadable file, no video stream (or only cover art), or a
+            decoding error.
     """
     av = require("av")
     path = Path(path)
     container = _open_container(path)
     with container:
-        if not container.streams.video:
-            raise InputError(f"{path} has no video stream; give a video file")
-        stream = container.streams.video[0]
+        stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
         count = 0
         try:
