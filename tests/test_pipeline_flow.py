@@ -519,6 +519,52 @@ def test_run_flow_notes_a_video_cut_short(tmp_path, flow_checkpoint):
     assert json.loads(result.stdout)["results"][0]["notes"] == []
 
 
+def _size_changing_video(path: Path, sizes) -> None:
+    """An H.264 MPEG-TS video of 3 frames per (H, W) in ``sizes``: each part encoded
+    alone (its own SPS, in band), the parts' packets muxed in one stream, as a
+    broadcast or a screen recording switches resolution."""
+    import av
+    from fractions import Fraction
+
+    packets = []
+    for height, width in sizes:
+        codec = av.CodecContext.create("libx264", "w")
+        codec.width, codec.height, codec.pix_fmt = width, height, "yuv420p"
+        codec.time_base, codec.framerate = Fraction(1, 25), 25
+        codec.options = {"bf": "0"}
+        for i in range(3):
+            pixels, _ = textured_pair(height, width, seed=i)
+            frame = av.VideoFrame.from_ndarray(pixels, format="rgb24").reformat(format="yuv420p")
+            frame.pts = i
+            packets += codec.encode(frame)
+        packets += codec.encode(None)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.height, stream.width = sizes[0]
+        stream.pix_fmt = "yuv420p"
+        for i, packet in enumerate(packets):
+            packet.stream, packet.pts, packet.dts = stream, i, i
+            packet.time_base = Fraction(1, 25)
+            container.mux(packet)
+
+
+def test_run_flow_names_a_video_that_changes_size(tmp_path, flow_checkpoint):
+    from perceiver_torch.pipelines.media import iter_video_frames
+
+    path = tmp_path / "switch.ts"
+    _size_changing_video(path, [(40, 56), (56, 40)])
+    assert [f.shape[:2] for f in iter_video_frames(path)] == [(40, 56)] * 3 + [(56, 40)] * 3
+    # Frames 2 and 3 were refused as "the two frames differ in size (...); give frames
+    # of one size", which names neither the frames nor the video.
+    result = run_cli("run", "flow", flow_checkpoint, path, "-o", tmp_path / "f.mp4")
+    assert result.exit_code == 3, result.stderr
+    assert (f"{path} changes size at frame 3 (from 0): 56x40 px before, 40x56 px from "
+            "there (width x height)") in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "f.mp4").exists()
+    with pytest.raises(InputError, match="changes size at frame 3"):
+        list(FlowPipeline(pt.build("optical_flow", pt.TINY_CONFIGS["optical_flow"])).video(path))
+
+
 def test_run_flow_refuses_a_video_model(tmp_path):
     checkpoint = tmp_path / "video.pickle"
     assert run_cli("fixture", "video_autoencoding", "-o", checkpoint).exit_code == 0

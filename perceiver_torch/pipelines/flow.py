@@ -244,6 +244,10 @@ class FlowPipeline:
 
         max_frames: read at most this many frames (N frames give N - 1 flows), at
         least 1; None reads them all. Checked at the call, before the video is opened.
+
+        Raises (as the flows are consumed): InputError for an unreadable video, and
+        for one that changes size mid-stream (naming the frame; flow needs frames of
+        one size).
         """
         if max_frames is not None:
             # 0 or less would read no frame and then blame the video ("has no frames").
@@ -254,10 +258,20 @@ class FlowPipeline:
         self, path: Union[str, Path], max_frames: Optional[int]
     ) -> Iterator[np.ndarray]:
         previous = None
-        for frame in iter_video_frames(path, max_frames):
+        for index, frame in enumerate(iter_video_frames(path, max_frames)):
             if previous is None:
                 self.check_size(frame.shape[0], frame.shape[1], f"the frames of {path}")
             else:
+                if frame.shape != previous.shape:
+                    # A stream may switch resolution (broadcasts, screen recordings):
+                    # flow_of's "the two frames differ" names neither frame nor video.
+                    (h0, w0), (h1, w1) = previous.shape[:2], frame.shape[:2]
+                    raise InputError(
+                        f"{path} changes size at frame {index} (from 0): {w0}x{h0} px "
+                        f"before, {w1}x{h1} px from there (width x height); flow needs "
+                        "frames of one size: give a copy scaled to one size (ffmpeg -i IN "
+                        f"-vf scale={w0}:{h0} OUT.mp4)"
+                    )
                 yield self.flow_of(previous, frame, progress=no_progress).flow
             previous = frame
         if previous is None:
