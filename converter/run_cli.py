@@ -90,7 +90,8 @@ name of no other format, e.g. OUT.json; with --npy/--npz the raw arrays: classif
 per input I) or, for flow and autoencode, the pictures, videos and sounds.
 Files appear only when the whole run succeeds; an output never replaces an input.
 Every file the run would write (-o and the names derived from it, e.g. flow's .flo and
-.png) is checked before the model is loaded: one that exists is refused unless --force.
+.png) is checked before the model is loaded: one that exists is refused unless --force;
+flow's and autoencode's INPUTs must exist by then too (exit 3).
 
 Exit codes: 0 ok; 2 usage error (bad option, wrong model for the task, an output that
 is an input or exists without --force, a media library missing or failing to load);

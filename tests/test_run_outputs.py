@@ -624,3 +624,38 @@ def test_autoencode_writes_non_finite_frames_and_sound(models, tmp_path, nan_out
     assert np.isfinite(audio).all() and np.abs(audio).max() < 1e-3
     wav = np.frombuffer((tmp_path / "o.wav").read_bytes()[-4 * 4 * 64:], "<f4")
     assert np.isnan(wav).all()  # the last 4 frames' worth of samples, as computed
+
+
+# --------------------------------------------------------------------------------------
+# a missing INPUT among many: named before the model is loaded, never blamed on -o
+
+
+@pytest.mark.parametrize(
+    "task, make",
+    [
+        # A typo among several videos: it was found only after the earlier videos'
+        # whole work (minutes each at full size).
+        ("autoencode", lambda t: [_video(t / "a.mp4"), t / "typo.mp4"]),
+        # A missing folder (a shell pattern that matched nothing is passed on as it
+        # is): it was "Invalid value for '-o'... the folder clips does not exist; create
+        # it first", exit 2, though no -o was given.
+        ("autoencode", lambda t: [_video(t / "a.mp4"), t / "clips" / "*.mp4"]),
+        ("flow", lambda t: [t / "frames" / "*.png", *_frames(t, 2)]),
+        ("flow", lambda t: [*_frames(t, 2), t / "frame9.png"]),
+        ("flow", lambda t: [t / "clips" / "*.mp4"]),
+    ],
+)
+def test_a_missing_input_is_named_before_any_work(task, make, models, tmp_path, no_model_load):
+    inputs = make(tmp_path)
+    missing = next(p for p in inputs if not p.exists())
+    before = listing(tmp_path)
+    model = models["video_autoencoding" if task == "autoencode" else "optical_flow"]
+    result = run_cli("run", task, model, *inputs)
+    assert result.exit_code == 3, result.stderr
+    assert f"{missing}: no such file" in result.stderr, result.stderr
+    assert "--output" not in result.stderr and "Traceback" not in result.stderr
+    if "*" in str(missing):
+        assert "shell pattern" in result.stderr
+    assert listing(tmp_path) == before
+    result = run_cli("run", task, model, *inputs, "--json", "-q")
+    assert result.exit_code == 3 and json.loads(result.stdout)["exit_code"] == 3

@@ -44,8 +44,10 @@ Contract of a task (how ``perceiver-convert run TASK`` finds and runs it)
    returns ``{"task", "input", "answer"}`` (short strings) for the demo's table.
 6. ``spec.outputs = "module:function"`` or None, called as ``function(inputs,
    options) -> list[Path]``: every file the runner would write, from the names alone
-   (no input read). The CLI checks them all before loading the model: none may be an
-   input, none may exist unless ``--force``; the runner may write no other file. None
+   (no input read; flow's and autoencode's planners also refuse an INPUT that does
+   not exist, :func:`~.base.require_existing_files`, exit 3). The CLI checks them all
+   before loading the model: none may be an input, none may exist unless ``--force``;
+   the runner may write no other file. None
    means the task writes ``options.output`` only (when given).
    :meth:`~.base.TaskSpec.planned_outputs` calls it.
 7. ``spec.requires``: the optional libraries every run imports; missing ones are

@@ -14,6 +14,7 @@ import importlib.util
 import itertools
 import math
 import numbers
+import os
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -95,6 +96,28 @@ def usage_error(message: str) -> PipelineError:
     error = PipelineError(message)
     error.exit_code = 2
     return error
+
+
+def no_such_file(path: Any, message: Optional[str] = None) -> InputError:
+    """The :class:`InputError` of an INPUT that does not exist (``message``, default
+    ``"PATH: no such file"``); a name holding a shell pattern (``*``, ``?``, ``[``)
+    is most likely one that matched no file, which shells pass on as it is: said so."""
+    message = message or f"{path}: no such file"
+    if any(char in str(path) for char in "*?["):
+        message += (" (a shell pattern that matched no file is passed on as it is: "
+                    "check the folder and the pattern)")
+    return InputError(message)
+
+
+def require_existing_files(inputs: Sequence[Any]) -> None:
+    """Raises :func:`no_such_file`'s error (exit 3) for the first of ``inputs`` that
+    does not exist. For the planners of the tasks whose INPUTs are all files (flow,
+    autoencode): a typo among many videos is named before the model is loaded and
+    before the earlier videos' work, and a missing input's folder is not mistaken
+    for the output folder (the default outputs go beside the input)."""
+    for path in inputs:
+        if not os.path.exists(path):
+            raise no_such_file(path)
 
 
 def refuse_array_suffix_without_flag(out: Path, arrays: Optional[str]) -> None:

@@ -46,6 +46,7 @@ from .base import (
     positive_int,
     refuse_array_suffix_without_flag,
     require,
+    require_existing_files,
     usage_error,
 )
 from .flow_io import encode_flo, max_magnitude, render_flow
@@ -566,10 +567,15 @@ def planned_outputs(inputs: List[str], options: RunOptions) -> List[Path]:
     video = _is_video_run(inputs)
     if options.arrays:
         assert options.output is not None  # the CLI requires -o OUT.npy / OUT.npz
-        return [options.output]
-    if video:
-        return [_video_target(inputs, options)]
-    return [path for pair in _pair_targets(inputs, options) for path in pair]
+        planned = [options.output]
+    elif video:
+        planned = [_video_target(inputs, options)]
+    else:
+        planned = [path for pair in _pair_targets(inputs, options) for path in pair]
+    # After the name checks (usage errors first); before the model is loaded, and
+    # before a missing first input's folder is refused as the output's.
+    require_existing_files(inputs)
+    return planned
 
 
 def _magnitude(flow: np.ndarray) -> float:

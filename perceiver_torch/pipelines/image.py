@@ -52,6 +52,7 @@ from .base import (
     flag,
     host_tensor,
     no_progress,
+    no_such_file,
     non_finite_output_note,
     positive_int,
     require,
@@ -433,7 +434,7 @@ def read_image_file(
     except PipelineError:
         raise  # the pixels' own problem (NaN), or check's: not "cannot read"
     except FileNotFoundError:
-        raise InputError(f"no such image file: {path}") from None
+        raise no_such_file(path, f"no such image file: {path}") from None
     except IsADirectoryError:
         raise InputError(
             f"{path} is a folder, not an image; give the image files in it (for "

@@ -22,7 +22,7 @@ from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .base import InputError, require
+from .base import InputError, no_such_file, require
 
 __all__ = [
     "atomic_path",
@@ -90,7 +90,7 @@ def _open_container(path: Path) -> Any:
     if path.is_dir():
         raise InputError(f"{path} is a folder; give a video or sound file")
     if not path.exists():
-        raise InputError(f"{path}: no such file")
+        raise no_such_file(path)
     if not path.is_file():
         # A pipe (<(cat clip.mp4)) can be read once, and a video is opened for its
         # frame rate and count before its frames are decoded.

@@ -67,6 +67,7 @@ from .base import (
     positive_int,
     refuse_array_suffix_without_flag,
     require,
+    require_existing_files,
     softmax_top_k,
     usage_error,
 )
@@ -611,7 +612,11 @@ def planned_outputs(inputs: List[str], options: RunOptions) -> List[Path]:
     ``inputs`` (from the names alone, before any video is read)."""
     _check_inputs(inputs, options)
     several = len(inputs) > 1
-    return [target for path in inputs for target in _targets(path, options, several)]
+    planned = [target for path in inputs for target in _targets(path, options, several)]
+    # After the name checks (usage errors first); before the model is loaded, so that
+    # a typo among many videos does not wait for the earlier videos' work.
+    require_existing_files(inputs)
+    return planned
 
 
 def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOptions) -> List[dict]:
