@@ -629,12 +629,22 @@ def _check_planned(
     (:func:`~converter.cli.output_path_callback`), it is no input and does not exist
     unless ``force`` (:func:`~converter.atomic.check_outputs`), it is planned once.
     Each refusal exits 2."""
-    from converter.atomic import check_outputs
+    from converter.atomic import check_output_path, check_outputs
     from converter.cli import output_path_callback
     from converter.errors import OutputError
 
     option = next(p for p in ctx.command.get_params(ctx) if p.name == "output")
     for i, path in enumerate(planned):
+        if ctx.params.get("output") is None:
+            # No -o: the task put its files beside the input; "Invalid value for -o"
+            # would name an option not given, whose advice only -o can follow.
+            try:
+                check_output_path(path)
+            except ConverterError as error:
+                raise click.UsageError(
+                    f"{error} (without -o the results go beside the input: give -o "
+                    "FOLDER, or -o NAME, to write them elsewhere)"
+                ) from None
         output_path_callback(ctx, option, path)
         check_outputs(path, protected, force=force)
         if any(_same_file(path, other) for other in planned[:i]):

@@ -659,3 +659,30 @@ def test_a_missing_input_is_named_before_any_work(task, make, models, tmp_path, 
     assert listing(tmp_path) == before
     result = run_cli("run", task, model, *inputs, "--json", "-q")
     assert result.exit_code == 3 and json.loads(result.stdout)["exit_code"] == 3
+
+
+@pytest.mark.parametrize("task", ["flow", "autoencode"])
+def test_a_default_output_refused_beside_its_input_is_not_blamed_on_o(
+    task, models, tmp_path, no_model_load
+):
+    # Without -o the results go beside the first input; a name there that cannot be
+    # written (here over the filesystem's 255 bytes; also a read-only folder of
+    # inputs) was "Invalid value for '-o' / '--output'", an option not given, whose
+    # advice ("choose a shorter name") the user could only follow with -o.
+    if task == "flow":
+        frames = _frames(tmp_path, 2)
+        long = frames[0].rename(tmp_path / ("f" * 247 + ".png"))  # + .flow.flo: 256
+        args = ("flow", models["optical_flow"], long, frames[1])
+    else:
+        long = _video(tmp_path / ("v" * 240 + ".mp4"))  # + .autoencoded.mp4: 256
+        args = ("autoencode", models["video_autoencoding"], long)
+    before = listing(tmp_path)
+    result = run_cli("run", *args)
+    assert result.exit_code == 2, result.stderr
+    assert "255" in result.stderr and "Traceback" not in result.stderr
+    assert "'-o'" not in result.stderr and "--output" not in result.stderr
+    assert "beside the input" in result.stderr and "give -o" in result.stderr
+    assert listing(tmp_path) == before
+    # With -o the option is the one named, as before.
+    result = run_cli("run", *args, "-o", tmp_path / ("o" * 252))  # + .flo / .mp4: 256
+    assert result.exit_code == 2 and "'-o'" in result.stderr, result.stderr
