@@ -9,9 +9,9 @@ from torch import Tensor
 
 from .configs import LanguagePerceiverConfig
 from .decoders import PerceiverDecoder
-from .fast_paths import FastPath, enabled
+from .fast_paths import FastPath, dynamo_tracing, enabled
 from .inputs import expect, fail
-from .linear import compiling, func_transforming, intercepted_below, recording_graph
+from .linear import compiling, intercepted_below, recording_graph
 from .micro_batches import micro_batched
 from .perceiver import PerceiverIO
 from .postprocessors import EmbeddingDecoder
@@ -155,12 +155,9 @@ class LanguagePerceiver(PerceiverIO):
                     f"{low if low < 0 else high}; make them with "
                     "perceiver_torch.BytesTokenizer",
                 )
-        elif (
-            input_ids.device.type == "cpu"
-            and compiling()
-            and not recording_graph()
-            and not func_transforming()  # vmap has no rule for the assert
-        ):
+        elif input_ids.device.type == "cpu" and dynamo_tracing() and not recording_graph():
+            # (torch.compile only: not jit traces, nor torch.func transforms, where
+            # compiling() holds too and vmap has no rule for the assert.)
             # Under torch.compile an id past the table killed the whole process (the
             # compiled gather's bounds check fires inside OpenMP's threads: "terminate
             # called recursively"); an assert in the graph raises a RuntimeError.
