@@ -11,6 +11,7 @@ import json
 import os
 import re
 import pickle
+import signal
 import warnings
 from pathlib import Path
 from typing import Dict
@@ -1465,7 +1466,13 @@ def test_a_ctrl_c_python_could_not_raise_where_it_landed_still_interrupts(monkey
         return real(name)
 
     monkeypatch.setattr(converter.mapping, "load_mapping", load_mapping)
-    result = run_cli("models", "--json")
+    # A Ctrl-C needs Python's SIGINT handler; a shell starts a background job (the
+    # suite run with `&`) with SIGINT ignored, and interrupt_main then does nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        result = run_cli("models", "--json")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert fired, "the gc callback did not run"
     assert result.exit_code == 130, result.output
     document = json.loads(result.stdout)
