@@ -6,6 +6,9 @@ Reading never imports jax or haiku and never runs code from the file; see
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from converter._version import __version__
 from converter.errors import (
     CheckpointError,
@@ -18,22 +21,33 @@ from converter.errors import (
     UnsafeCheckpointError,
     UsageError,
 )
-from converter.haiku_reader import HaikuCheckpoint, load_haiku_checkpoint
-from converter.haiku_writer import save_haiku_checkpoint
+
+if TYPE_CHECKING:
+    from converter.conversion import ConversionResult, convert
+    from converter.exporter import export
+    from converter.haiku_reader import HaikuCheckpoint, load_haiku_checkpoint
+    from converter.haiku_writer import save_haiku_checkpoint
+
+# Loaded on first use: convert() and export() import torch, the reader and writer
+# numpy. Importing the package (and with it converter.errors) stays light: the
+# console script (converter.console_script) reports a Ctrl-C once it has
+# converter.errors, and everything it imports before that is time in which a Ctrl-C
+# is a Python traceback.
+_LAZY = {
+    "convert": "converter.conversion",
+    "ConversionResult": "converter.conversion",
+    "export": "converter.exporter",
+    "HaikuCheckpoint": "converter.haiku_reader",
+    "load_haiku_checkpoint": "converter.haiku_reader",
+    "save_haiku_checkpoint": "converter.haiku_writer",
+}
 
 
-def __getattr__(name: str):
-    # convert() and export() import torch and perceiver_torch; load them on first use
-    # so that reading, writing and inspecting checkpoints stay light.
-    if name in ("convert", "ConversionResult"):
-        from converter import conversion
-
-        return getattr(conversion, name)
-    if name == "export":
-        from converter.exporter import export
-
-        return export
-    raise AttributeError(f"module 'converter' has no attribute {name!r}")
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'converter' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 __all__ = [
     "__version__",

@@ -14,6 +14,9 @@ here as helpers:
   before the command runs, an output that is one of the command's inputs or that
   exists (without ``--force``); :func:`echo_json` prints one JSON document on stdout.
 
+The console script runs :func:`main` through :mod:`converter.console_script`, which
+reports an interrupt of this module's imports the same way.
+
 Nothing here imports jax (nor torch): ``fixture`` and ``inspect`` work without them.
 """
 
@@ -35,13 +38,16 @@ from converter._version import __version__
 from converter.atomic import check_outputs
 from converter.terminal import echo, json_text, terminal_safe
 from converter.errors import (
+    EXIT_INTERRUPTED,
     CheckpointError,
     ConfigError,
     ConverterError,
     Terminated,
     UsageError,
+    interrupt_message,
     nonfinite_message,
 )
+from converter.console_script import wants_json
 from converter.registry import MODEL_NAMES, SIZES
 from converter.haiku_writer import CONTAINERS, check_pickle_suffix
 
@@ -65,7 +71,8 @@ EXIT_OK = 0
 EXIT_PARITY = 1
 EXIT_USAGE = 2
 EXIT_BAD_INPUT = 3
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+# EXIT_INTERRUPTED (130, 128 + SIGINT) comes from converter.errors, which the console
+# script's startup uses before this module is loaded.
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as shells report a reader that went away
 DEBUG_ENV = "PERCEIVER_CONVERT_DEBUG"
 
@@ -115,10 +122,8 @@ def error_document(error: BaseException, exit_code: int) -> Dict[str, Any]:
 def _message(error: BaseException) -> str:
     if isinstance(error, click.ClickException):
         return error.format_message()
-    if isinstance(error, Terminated):
-        return "terminated (SIGTERM); no partial file was left"
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted; no partial file was left"
+    if isinstance(error, KeyboardInterrupt):  # Terminated (SIGTERM) too
+        return interrupt_message(error)
     if isinstance(error, MemoryError):
         return (
             "not enough memory for this (e.g. a --batch or a size too large for this "
@@ -152,16 +157,6 @@ def _debug_from_environment() -> bool:
         return True
 
 
-def _wants_json(args: Sequence[str]) -> bool:
-    """Whether the command line asks for ``--json`` (options end at ``--``)."""
-    for arg in args:
-        if arg == "--":
-            return False
-        if arg == "--json":
-            return True
-    return False
-
-
 class ConverterGroup(click.Group):
     """A click group whose commands share one error policy (see the module docstring).
 
@@ -175,7 +170,7 @@ class ConverterGroup(click.Group):
             *(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])),
             *ctx.args,
         ]
-        as_json = _wants_json(args)
+        as_json = wants_json(args)
         try:
             # Reading the switch imports perceiver_torch, hence torch: about a second
             # in which Ctrl-C used to end in click's "Aborted!" and exit code 1.

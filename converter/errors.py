@@ -71,6 +71,20 @@ class Terminated(KeyboardInterrupt):
     exit_code = 143
 
 
+# Ctrl-C's exit code: 128 + SIGINT, as shells report it. Here rather than in
+# converter.cli with the other codes: the console script (converter.console_script)
+# reports an interrupt of its startup imports before converter.cli is loaded.
+EXIT_INTERRUPTED = 130
+
+
+def interrupt_message(error: KeyboardInterrupt) -> str:
+    """The CLI's one-line report of an interrupt (Ctrl-C, or SIGTERM as
+    :class:`Terminated`); every write is atomic, so no partial file is left."""
+    if isinstance(error, Terminated):
+        return "terminated (SIGTERM); no partial file was left"
+    return "interrupted; no partial file was left"
+
+
 def check_positive_int(value: object, name: str) -> None:
     """Raises UsageError unless ``value`` is an integer of at least 1 (not a bool): a
     count such as ``batch``, where 0 or -1 failed deep in numpy or torch."""

@@ -443,6 +443,72 @@ def test_ctrl_c_while_the_cli_starts_exits_130(work, monkeypatch):
     assert snapshot(work) == before
 
 
+def _console_script_entry_point() -> str:
+    """``module:function`` of the perceiver-convert console script in setup.cfg."""
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    scripts = setup["options.entry_points"]["console_scripts"]
+    (line,) = [s for s in scripts.splitlines() if s.strip().startswith("perceiver-convert")]
+    return line.split("=", 1)[1].strip()
+
+
+@pytest.mark.parametrize("library", ["click", "numpy"])
+@pytest.mark.parametrize(
+    "signum, code, error_type",
+    [(signal.SIGINT, 130, KeyboardInterrupt), (signal.SIGTERM, 143, converter.errors.Terminated)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_a_signal_while_the_console_script_imports_the_cli(
+    tmp_path, library, signum, code, error_type
+):
+    """Ctrl-C while the console script still imported converter.cli (click, numpy:
+    a few tenths of a second) was a Python traceback, and SIGTERM killed the process
+    (-15), where a moment later both are one line and exit 130 or 143. The signal is
+    sent by a stand-in for a library of the startup, so that it lands inside the
+    startup imports on every run: click, the first one converter.cli imports, and
+    numpy, which the converter package itself imported (before the console script
+    could run a line of its own)."""
+    import subprocess
+    import sys
+
+    from converter.cli import error_document
+
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / f"{library}.py").write_text(f"import os\nos.kill(os.getpid(), {int(signum)})\n")
+    repo = Path(__file__).resolve().parents[1]
+    module, function = _console_script_entry_point().split(":")
+    # What the installed script runs (pip writes `sys.exit(function())`).
+    script = f"import sys; from {module} import {function}; sys.exit({function}())"
+
+    def default_signals():  # a background job (the suite run with `&`) ignores SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    done = subprocess.run(
+        [sys.executable, "-c", script, "models", "--json"],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(repo)])},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120,
+        preexec_fn=default_signals,
+    )
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    message = converter.errors.interrupt_message(error_type())  # the CLI's own line
+    assert done.stderr.splitlines() == [f"error: {message}"]
+    assert json.loads(done.stdout) == error_document(error_type(), code)
+
+    # Without the stand-in the same script is the command line itself.
+    version = subprocess.run(
+        [sys.executable, "-c", script, "--version"],
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120,
+    )
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.startswith("perceiver-convert, version ")
+
+
 class _FailAfter:
     """A file wrapper whose writes raise ``failure`` once ``limit`` bytes are passed."""
 
