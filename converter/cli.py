@@ -265,7 +265,11 @@ def deliver_swallowed_interrupts() -> Iterator[None]:
     garbage-collection callback (jax's, during its import: a second or so of verify,
     convert --verify and demo) is "unraisable": Python printed "Exception ignored"
     and the command went on to report success with exit 0. The hook only records it;
-    a watcher thread hands it back with ``_thread.interrupt_main``."""
+    a watcher thread hands it back with ``_thread.interrupt_main``. That runs the
+    signal's Python handler and does nothing where there is none (SIGINT ignored, as
+    in a shell's background job, or left to the default): such an interrupt goes to
+    the previous hook (Python's "Exception ignored"), as without this block, instead
+    of being lost without a word."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -279,9 +283,12 @@ def deliver_swallowed_interrupts() -> Iterator[None]:
     def hook(unraisable: Any) -> None:
         if isinstance(unraisable.exc_value, KeyboardInterrupt):
             terminated = isinstance(unraisable.exc_value, Terminated)
-            signals.append(signal.SIGTERM if terminated else signal.SIGINT)
-            pending.set()
-            return
+            signum = signal.SIGTERM if terminated else signal.SIGINT
+            # SIG_IGN and SIG_DFL are not callable; None: a handler set outside Python.
+            if callable(signal.getsignal(signum)):
+                signals.append(signum)
+                pending.set()
+                return
         previous_hook(unraisable)
 
     def watch() -> None:

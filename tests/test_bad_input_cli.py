@@ -1545,6 +1545,52 @@ def test_a_ctrl_c_python_could_not_raise_where_it_landed_still_interrupts(monkey
     assert document["ok"] is False and document["exit_code"] == 130
 
 
+@pytest.mark.parametrize(
+    "disposition", [signal.SIG_IGN, signal.SIG_DFL], ids=["ignored", "default"]
+)
+def test_a_swallowed_ctrl_c_without_a_python_handler_still_reaches_the_previous_hook(
+    monkeypatch, disposition
+):
+    """Where SIGINT has no Python handler (ignored, as in a shell's background job, or
+    the default), ``_thread.interrupt_main`` does nothing: the unraisable Ctrl-C the
+    CLI's hook had taken was then lost without even Python's "Exception ignored". It
+    goes to the hook that was there before, and the command runs on as it would
+    have."""
+    import gc
+
+    import converter.mapping
+
+    real = converter.mapping.load_mapping
+    fired = []
+    reported = []
+
+    def interrupting_gc(phase, info):
+        if not fired:
+            fired.append(phase)
+            raise KeyboardInterrupt
+
+    def load_mapping(name):
+        if not fired:
+            gc.callbacks.append(interrupting_gc)
+            try:
+                gc.collect()
+            finally:
+                gc.callbacks.remove(interrupting_gc)
+        return real(name)
+
+    monkeypatch.setattr(converter.mapping, "load_mapping", load_mapping)
+    monkeypatch.setattr("sys.unraisablehook", reported.append)  # the hook before the CLI's
+    previous = signal.signal(signal.SIGINT, disposition)
+    try:
+        result = run_cli("models", "--json")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert fired, "the gc callback did not run"
+    assert [type(r.exc_value) for r in reported] == [KeyboardInterrupt]
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)
+
+
 def test_a_dtype_op_mismatch_says_whether_the_array_or_the_mapping_is_at_fault(tmp_path):
     """The BatchNorm counter stored as int64 (the official file: int32) was told to
     "correct the dtype op's 'from'/'to'" of the bundled mapping, and that int64, the
