@@ -11,9 +11,10 @@ when the whole run succeeds (:class:`Staging`): an error or an interrupt leaves 
 partial output, and no output may name an input. Every file a run would write
 (``TaskSpec.planned_outputs``) is checked before the model is loaded, with the other
 commands' rules (:func:`converter.atomic.check_outputs`): none may be an input, none
-may exist unless ``--force``. The parameters are built on first
-use (:class:`RunCommand`), so ``perceiver-convert --help`` and the commands that need
-no torch do not import it.
+may exist unless ``--force``; a converted ``.safetensors`` MODEL of another task is
+refused before that, by the model name in its header (:func:`recorded_model_name`).
+The parameters are built on first use (:class:`RunCommand`), so
+``perceiver-convert --help`` and the commands that need no torch do not import it.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ per input I) or, for flow and autoencode, the pictures, videos and sounds.
 Files appear only when the whole run succeeds; an output never replaces an input.
 Every file the run would write (-o and the names derived from it, e.g. flow's .flo and
 .png) is checked before the model is loaded: one that exists is refused unless --force;
-flow's and autoencode's INPUTs must exist by then too (exit 3).
+flow's and autoencode's INPUTs must exist by then too (exit 3). A .safetensors MODEL
+that is the wrong model for TASK is refused before both (its header names the model).
 
 Exit codes: 0 ok; 2 usage error (bad option, wrong model for the task, an output that
 is an input or exists without --force, a media library missing or failing to load);
@@ -387,6 +389,39 @@ def _task_for_model(name: str) -> Optional[str]:
     from perceiver_torch.pipelines import TASKS
 
     return next((task for task, spec in TASKS.items() if name in spec.models), None)
+
+
+def recorded_model_name(path: Path) -> Optional[str]:
+    """The model a converted ``.safetensors`` file names in its header (read without
+    its tensors), or None where that is not known cheaply: an official checkpoint
+    (its model is known once its arrays are read and fit a mapping), a ``.pt`` file
+    (torch.load of its pickle), or a file that is unreadable, not safetensors or names
+    no registered model (loading it says what is wrong)."""
+    from converter.hf_import import safetensors_metadata
+    from converter.registry import MODEL_NAMES
+
+    try:
+        if _sniff(path) != "safetensors":
+            return None
+    except OSError:
+        return None
+    name = (safetensors_metadata(path) or {}).get("model")
+    return name if name in MODEL_NAMES else None
+
+
+def _refuse_wrong_model(task: str, spec: Any, model_path: Path, name: str) -> None:
+    """A usage error (exit 2) where TASK does not run model ``name``, naming the task
+    that does."""
+    from perceiver_torch.pipelines.base import with_article
+
+    if name in spec.models:
+        return
+    hint = _task_for_model(name)
+    raise click.UsageError(
+        f"{task} needs {with_article(' or '.join(spec.models))} model; "
+        f"{model_path} is {with_article(name)} model"
+        + (f" (run it with: run {hint})" if hint else "")
+    )
 
 
 # --------------------------------------------------------------------------------------
@@ -703,7 +738,6 @@ def _run(**kwargs: Any) -> None:
         RunOptions,
         import_attribute,
         results_document,
-        with_article,
     )
 
     ctx = click.get_current_context()
@@ -722,6 +756,11 @@ def _run(**kwargs: Any) -> None:
     extra = _task_extra(task, kwargs, ctx)
     if not spec.available():
         raise click.UsageError(f"task {task} is not available in this version")
+    # A converted file's header names its model: a wrong one is said before the
+    # INPUTs and outputs are checked (fixing those first led only to this error).
+    recorded = recorded_model_name(model_path)
+    if recorded is not None:
+        _refuse_wrong_model(task, spec, model_path, recorded)
     force: bool = kwargs["force"]
     protected = _protected_paths(spec, model_path, kwargs)
 
@@ -758,13 +797,7 @@ def _run(**kwargs: Any) -> None:
             pack_weights=kwargs["pack_weights"],
         )
         name = getattr(model, "model_name", type(model).__name__)
-        if name not in spec.models:
-            hint = _task_for_model(name)
-            raise click.UsageError(
-                f"{task} needs {with_article(' or '.join(spec.models))} model; "
-                f"{model_path} is {with_article(name)} model"
-                + (f" (run it with: run {hint})" if hint else "")
-            )
+        _refuse_wrong_model(task, spec, model_path, name)  # an official checkpoint, .pt
         from perceiver_torch.registry import dtype_name
 
         model_dtype = next(model.parameters()).dtype

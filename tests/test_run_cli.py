@@ -264,6 +264,39 @@ def test_wrong_model_for_the_task(models, images, tmp_path):
     assert "checkpoint.pickle" not in result.stderr and "NAME" in result.stderr
 
 
+def test_a_wrong_converted_model_is_named_before_the_inputs_and_outputs(
+    models, images, tmp_path, monkeypatch
+):
+    """`run flow LANGUAGE.safetensors A B` whose default output (beside A) existed was
+    told "exists, use --force", and only once that file was gone that the model was
+    the wrong one (likewise a missing INPUT, or classify's existing -o). The model
+    name in the file's header is read first; the model is not loaded for it."""
+    import converter.run_cli
+    from perceiver_torch.pipelines.base import RunOptions
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(converter.run_cli, "load_any_model", no_load)
+    language = models["language_perceiver"]
+    # flow's default output, beside the first frame
+    existing = TASKS["flow"].planned_outputs([str(p) for p in images], RunOptions())[0]
+    assert existing.parent == images[0].parent
+    existing.write_bytes(b"an earlier run's flow")
+    runs = [
+        ("flow", [*images]),
+        ("flow", [images[0], tmp_path / "missing.png"]),
+        ("classify", [images[0], "-o", existing]),
+    ]
+    for task, rest in runs:
+        result = run_cli("run", task, language, *rest)
+        assert result.exit_code == 2, result.stderr
+        assert f"{language} is a language_perceiver model" in result.stderr, result.stderr
+        assert "run it with: run fill-mask" in result.stderr
+        assert existing.read_bytes() == b"an earlier run's flow"
+        assert leftovers(tmp_path) == []
+
+
 # --------------------------------------------------------------------------------------
 # usage and model errors shared by every task
 
