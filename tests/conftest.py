@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -37,3 +38,32 @@ def model_name(request: pytest.FixtureRequest) -> str:
 def golden_path() -> Callable[[str], Path]:
     """``golden_path(name)``: path of model ``name``'s golden checkpoint."""
     return golden_checkpoint_path
+
+
+@pytest.fixture
+def pipes(tmp_path):
+    """``pipe(name, data)``: a named pipe that gives ``data`` to its first reader and
+    nothing (end of file at once) to any later one, as ``<(cat frame.png)`` does."""
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no named pipes here")
+    made, stop = [], threading.Event()
+
+    def serve(path: Path, data: bytes) -> None:
+        first = True
+        while not stop.is_set():
+            with open(path, "wb") as handle:  # blocks until a reader opens it
+                if first and not stop.is_set():
+                    handle.write(data)
+            first = False
+
+    def pipe(name: str, data: bytes) -> Path:
+        path = tmp_path / name
+        os.mkfifo(path)
+        threading.Thread(target=serve, args=(path, data), daemon=True).start()
+        made.append(path)
+        return path
+
+    yield pipe
+    stop.set()
+    for path in made:  # release a writer still waiting for a reader
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))

@@ -653,38 +653,6 @@ def test_run_flow_names_the_frame_whose_pixels_are_refused(tmp_path, flow_checkp
     assert f"error: {frames[1]}: the image has 1 non-finite value(s)" in result.stderr
 
 
-@pytest.fixture
-def pipes(tmp_path):
-    """``pipe(name, data)``: a named pipe that gives ``data`` to its first reader and
-    nothing (end of file at once) to any later one, as ``<(cat frame.png)`` does."""
-    import os
-    import threading
-
-    if not hasattr(os, "mkfifo"):
-        pytest.skip("no named pipes here")
-    made, stop = [], threading.Event()
-
-    def serve(path: Path, data: bytes) -> None:
-        first = True
-        while not stop.is_set():
-            with open(path, "wb") as handle:  # blocks until a reader opens it
-                if first and not stop.is_set():
-                    handle.write(data)
-            first = False
-
-    def pipe(name: str, data: bytes) -> Path:
-        path = tmp_path / name
-        os.mkfifo(path)
-        threading.Thread(target=serve, args=(path, data), daemon=True).start()
-        made.append(path)
-        return path
-
-    yield pipe
-    stop.set()
-    for path in made:  # release a writer still waiting for a reader
-        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
-
-
 def test_run_flow_reads_frames_from_pipes(tmp_path, flow_checkpoint, pipes):
     """Each frame was opened twice (once to count its pictures), so a pipe's second
     reader found it empty: "cannot read /dev/fd/63 as an image". Classify read pipes."""

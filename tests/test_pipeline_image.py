@@ -7,6 +7,8 @@ Every image here is made by the test (numpy + Pillow); nothing is downloaded.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -627,6 +629,152 @@ def test_native_size_run_keeps_the_batch_size(tmp_path):
     finally:
         hook.remove()
     assert batches == [1, 1, 1]
+
+
+# --------------------------------------------------------------------------------------
+# run classify: memory bounded by the batch, the outputs unchanged
+
+
+def _save_images(folder, sizes) -> list:
+    paths = []
+    for i, (height, width) in enumerate(sizes):
+        paths.append(str(folder / f"image{i}.png"))
+        Image.fromarray(random_rgb(height, width, seed=i)).save(paths[-1])
+    return paths
+
+
+@pytest.fixture
+def live_pixels(monkeypatch) -> dict:
+    """Counts the preprocessed images (the (3, H, W) float32 tensors run_task makes)
+    alive at once: ``{"now", "most", "made"}``, through weak references."""
+    import weakref
+
+    import perceiver_torch.pipelines.image as image_module
+
+    live = {"now": 0, "most": 0, "made": 0}
+    real = image_module.preprocess_image
+
+    def gone() -> None:
+        live["now"] -= 1
+
+    def counted(*args, **kwargs):
+        pixels = real(*args, **kwargs)
+        live["now"] += 1
+        live["made"] += 1
+        live["most"] = max(live["most"], live["now"])
+        weakref.finalize(pixels, gone)
+        return pixels
+
+    monkeypatch.setattr(image_module, "preprocess_image", counted)
+    return live
+
+
+# Crop sizes 35 (40x50), 28 (33x32) and 21 (24x30) at the images' own size; with
+# batch_size 2 the model calls are the runs of one size cut at 2 images.
+NATIVE_SIZES = [(40, 50)] * 3 + [(33, 32)] * 2 + [(40, 50)] + [(24, 30)] * 3
+NATIVE_CALLS = [(0, 2), (2, 3), (3, 5), (5, 6), (6, 8), (8, 9)]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_run_holds_one_batch_of_pixels_and_writes_what_the_model_gives(
+    tmp_path, live_pixels, native
+):
+    """run classify held every image's pixels until the last logits (0.6 MB an image
+    at 224x224: thousands of images ran out of memory); it now reads each image to
+    check it, then again for its batch. The documents, lines and logits are those of
+    the model called on the same batches."""
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.image import run_task
+
+    model = tiny("imagenet_fourier")
+    paths = _save_images(tmp_path, NATIVE_SIZES)
+    # A 16-bit image with values within 0..255 gets a note: printed once, under it.
+    Image.fromarray(random_rgb(40, 50, seed=20)[..., 0].astype(np.uint16)).save(paths[2])
+    calls = NATIVE_CALLS if native else [(i, min(i + 2, 9)) for i in range(0, 9, 2)]
+    lines: list = []
+    options = RunOptions(output=tmp_path / "out.npz", arrays="npz", top_k=3,
+                         echo=lines.append, extra={"native_size": native})
+    batches = []
+    hook = model.register_forward_hook(lambda module, args, out: batches.append(len(out)))
+    try:
+        documents = run_task(ClassifyPipeline(model, batch_size=2), paths, options)
+    finally:
+        hook.remove()
+
+    assert live_pixels["most"] <= 2  # one batch (it was every image: 9)
+    assert batches == [stop - start for start, stop in calls]
+    size = None if native else model_image_size(model)
+    expected = []
+    with torch.no_grad():
+        for start, stop in calls:
+            batch = torch.stack([preprocess_image(p, size) for p in paths[start:stop]])
+            expected.extend(model(batch).float())
+    saved = np.load(tmp_path / "out.npz")
+    assert saved["logits"].tobytes() == torch.stack(expected).numpy().tobytes()
+    assert saved["inputs"].tolist() == paths
+    direct = ClassifyPipeline(model, resize=not native, batch_size=2)(paths, top_k=3)
+    assert documents == [r.as_dict() for r in direct]
+    assert len(direct[2].notes) == 1
+    shown = []
+    for result in direct:
+        shown.append(result.input)
+        shown.extend(f"  note: {note}" for note in result.notes)
+        shown.extend(f"  {rank}. {s.label} (index {s.index})  {s.probability:.4f}"
+                     for rank, s in enumerate(result.top_k, 1))
+    assert lines == shown
+
+
+def test_run_checks_every_image_before_the_model(tmp_path, live_pixels):
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.image import run_task
+
+    model = tiny("imagenet_conv")
+    paths = _save_images(tmp_path, [(40, 50)] * 5)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"no image")
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        with pytest.raises(InputError, match=f"cannot read {broken}"):
+            run_task(ClassifyPipeline(model, batch_size=2), paths + [str(broken)], RunOptions())
+    finally:
+        hook.remove()
+    assert calls == [] and live_pixels["made"] == 5
+
+
+def test_run_reads_a_pipe_once(tmp_path, pipes):
+    """A pipe (<(cat image.png)) gives its bytes to one reader: its pixels are kept
+    from the check, not read again for the batch."""
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.image import run_task
+
+    model = tiny("imagenet_conv")
+    paths = _save_images(tmp_path, [(40, 50)] * 4)
+    piped = str(pipes("piped", Path(paths[2]).read_bytes()))
+    documents = run_task(ClassifyPipeline(model, batch_size=2),
+                         paths[:2] + [piped] + paths[3:], RunOptions())
+    files = run_task(ClassifyPipeline(model, batch_size=2), paths, RunOptions())
+    assert documents[2] == {**files[2], "input": piped}
+
+
+def test_run_refuses_an_image_changed_before_its_batch(tmp_path, monkeypatch):
+    import perceiver_torch.pipelines.image as image_module
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.image import run_task
+
+    paths = _save_images(tmp_path, [(40, 50)] * 3)
+    real, reads = image_module.preprocess_image, []
+
+    def rewritten_after_the_checks(image, *args, **kwargs):
+        reads.append(image)
+        if len(reads) == len(paths) + 1:  # the first read for a batch
+            Image.fromarray(random_rgb(30, 30)).save(paths[2])
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(image_module, "preprocess_image", rewritten_after_the_checks)
+    with pytest.raises(InputError, match=f"{paths[2]} changed during the run"):
+        run_task(ClassifyPipeline(tiny("imagenet_fourier"), batch_size=2), paths,
+                 RunOptions(extra={"native_size": True}))
 
 
 def test_wrong_model():

@@ -15,6 +15,7 @@ import itertools
 import math
 import numbers
 import os
+import stat
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -118,6 +119,27 @@ def require_existing_files(inputs: Sequence[Any]) -> None:
     for path in inputs:
         if not os.path.exists(path):
             raise no_such_file(path)
+
+
+def readable_twice(path: Any) -> bool:
+    """Whether the INPUT ``path`` gives its bytes again to a second reader: a regular
+    file does; a pipe (``<(cat frame.png)``, a FIFO) or a device gives them once. The
+    runners that read their inputs twice (checked first, then read again batch by
+    batch) keep the first read of the others."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+def changed_input_error(path: Any, before: Sequence[int], after: Sequence[int]) -> InputError:
+    """The :class:`InputError` of an INPUT read again for its batch that no longer has
+    the shape it had when every input was checked (a file rewritten meanwhile)."""
+    return InputError(
+        f"{path} changed during the run: read again for the model, its pixels are "
+        f"{tuple(after)}, not {tuple(before)} as when the inputs were checked; run again "
+        "once nothing writes to it"
+    )
 
 
 def refuse_array_suffix_without_flag(out: Path, arrays: Optional[str]) -> None:

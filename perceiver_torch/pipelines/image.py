@@ -46,6 +46,7 @@ from .base import (
     Progress,
     RunOptions,
     WrongModelError,
+    changed_input_error,
     check_model,
     check_weights,
     eval_mode,
@@ -55,6 +56,7 @@ from .base import (
     no_such_file,
     non_finite_output_note,
     positive_int,
+    readable_twice,
     require,
     results_document,
     softmax_top_k,
@@ -67,6 +69,7 @@ __all__ = [
     "ClassifyPipeline",
     "ClassifyResult",
     "LabelScore",
+    "batches",
     "center_crop",
     "center_crop_box",
     "large_image_note",
@@ -531,6 +534,25 @@ def preprocess_image(
     return torch.from_numpy(normalize(crop)).permute(2, 0, 1).contiguous()
 
 
+def batches(shapes: Sequence[Sequence[int]], batch_size: int) -> List[Tuple[int, int]]:
+    """``(start, stop)`` of each model call for images of these preprocessed
+    ``shapes``, in order: runs of consecutive images of one shape, at most
+    ``batch_size`` each."""
+    groups: List[Tuple[int, int]] = []
+    start = 0
+    while start < len(shapes):
+        stop = start + 1
+        while (
+            stop < len(shapes)
+            and stop - start < batch_size
+            and tuple(shapes[stop]) == tuple(shapes[start])
+        ):
+            stop += 1
+        groups.append((start, stop))
+        start = stop
+    return groups
+
+
 def model_image_size(model: torch.nn.Module) -> Tuple[int, int]:
     """The input size (H, W) an ImageNet model was trained at, from its config."""
     check_model(model, "classify", IMAGENET_MODELS)
@@ -638,27 +660,21 @@ class ClassifyPipeline:
     @torch.no_grad()
     def logits(self, pixels: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         """Preprocessed images (3, H, W) -> per image the float32 logits (C,); images
-        of one size are batched together, in order."""
-        parameter = next(self.model.parameters())
-        # Runs of consecutive same-size images, at most batch_size each.
-        groups: List[Tuple[int, int]] = []
-        start = 0
-        while start < len(pixels):
-            stop = start + 1
-            while (
-                stop < len(pixels)
-                and stop - start < self.batch_size
-                and pixels[stop].shape == pixels[start].shape
-            ):
-                stop += 1
-            groups.append((start, stop))
-            start = stop
+        of one size are batched together, in order (:func:`batches`)."""
+        groups = batches([p.shape for p in pixels], self.batch_size)
         out: List[torch.Tensor] = []
         for start, stop in self.progress(groups, len(groups), "batches"):
-            batch = torch.stack(list(pixels[start:stop])).to(parameter.device, parameter.dtype)
-            with eval_mode(self.model):
-                out.extend(self.model(batch).float().cpu())
+            out.extend(self.batch_logits(pixels[start:stop]))
         return out
+
+    @torch.no_grad()
+    def batch_logits(self, pixels: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """One model call: preprocessed images of one size (3, H, W) -> per image the
+        float32 logits (C,)."""
+        parameter = next(self.model.parameters())
+        batch = torch.stack(list(pixels)).to(parameter.device, parameter.dtype)
+        with eval_mode(self.model):
+            return list(self.model(batch).float().cpu())
 
     def __call__(
         self, images: Union[ImageInput, Iterable[ImageInput]], *, top_k: int = 5
@@ -704,53 +720,98 @@ class ClassifyPipeline:
 
 
 def run_task(pipeline: ClassifyPipeline, inputs: List[str], options: RunOptions) -> List[dict]:
-    """``perceiver-convert run classify``: one document per image."""
+    """``perceiver-convert run classify``: one document per image.
+
+    Memory is bounded by the batch, not by the number of images: every image is read
+    and checked first (an unreadable one among thousands fails before any model call,
+    naming the file), keeping only its notes and its size; each batch's images are
+    then read again for their model call, and only the documents (and with
+    ``--npy``/``--npz`` the logits, the output itself) stay. An INPUT that cannot be
+    read twice (a pipe: :func:`~.base.readable_twice`) keeps its first read's pixels.
+    The lines are printed once every image has its answer, as when all were computed
+    at once.
+    """
     if options.extra.get("native_size") and pipeline.size is not None:
         # The same pipeline at the images' own size: keep the caller's batch size.
         pipeline = ClassifyPipeline(pipeline.model, resize=False, batch_size=pipeline.batch_size)
     pipeline.progress = options.progress
-    pixels = []
     notes: List[List[str]] = [[] for _ in inputs]
-    pairs = list(zip(inputs, notes))
-    for path, image_notes in options.progress(pairs, len(pairs), "preprocessing"):
-        try:
-            pixels.append(pipeline.preprocess(path, image_notes))
-        except InputError as error:
-            message = str(error)
-            raise InputError(message if path in message else f"{path}: {message}") from None
-    logits = pipeline.logits(pixels)
-    results = []
-    for path, row, image_notes in zip(inputs, logits, notes):
-        note = non_finite_output_note(row, pipeline.model)
-        if note is not None:
-            image_notes.append(note)
-        probabilities, indices = softmax_top_k(row, options.top_k)
-        scores = tuple(
-            LabelScore(pipeline.labels[i], int(i), float(p))
-            for p, i in zip(probabilities.tolist(), indices.tolist())
-        )
-        results.append(ClassifyResult(path, scores, row, tuple(image_notes)))
-        options.echo(path)
-        for note in image_notes:
-            options.echo(f"  note: {note}")
-        for rank, score in enumerate(scores, 1):
-            options.echo(
-                f"  {rank}. {score.label} (index {score.index})  {score.probability:.4f}"
+    shapes: List[Tuple[int, ...]] = []
+    kept: Dict[int, torch.Tensor] = {}  # the pixels of the inputs read only once
+    rows = list(enumerate(zip(inputs, notes)))
+    for index, (path, image_notes) in options.progress(rows, len(rows), "preprocessing"):
+        pixels = _preprocess_input(pipeline, path, image_notes)
+        shapes.append(tuple(pixels.shape))
+        if not readable_twice(path):
+            kept[index] = pixels
+        del pixels  # not held while the next image is read
+    groups = batches(shapes, pipeline.batch_size)
+    documents: List[dict] = []
+    lines: List[str] = []
+    logits: Optional[np.ndarray] = None  # (N, num_classes): --npy/--npz only
+    for start, stop in options.progress(groups, len(groups), "batches"):
+        batch = [
+            kept.pop(index) if index in kept else _preprocess_again(pipeline, inputs[index], shapes[index])
+            for index in range(start, stop)
+        ]
+        batch_logits = pipeline.batch_logits(batch)
+        del batch
+        for index, row in zip(range(start, stop), batch_logits):
+            path, image_notes = inputs[index], notes[index]
+            note = non_finite_output_note(row, pipeline.model)
+            if note is not None:
+                image_notes.append(note)
+            probabilities, indices = softmax_top_k(row, options.top_k)
+            scores = tuple(
+                LabelScore(pipeline.labels[i], int(i), float(p))
+                for p, i in zip(probabilities.tolist(), indices.tolist())
             )
-    documents = [result.as_dict() for result in results]
+            documents.append(ClassifyResult(path, scores, row, tuple(image_notes)).as_dict())
+            lines.append(path)
+            lines.extend(f"  note: {note}" for note in image_notes)
+            lines.extend(
+                f"  {rank}. {score.label} (index {score.index})  {score.probability:.4f}"
+                for rank, score in enumerate(scores, 1)
+            )
+            if options.arrays is not None:
+                if logits is None:
+                    logits = np.empty((len(inputs), *row.shape), dtype=np.float32)
+                logits[index] = row.numpy()
+        del batch_logits
+    for line in lines:
+        options.echo(line)
     if options.output is not None:
         if options.arrays is None:
             with options.open_output(options.output) as handle:
                 document = results_document("classify", pipeline.model, documents)
                 handle.write((json.dumps(document, indent=2) + "\n").encode("utf-8"))
         else:
-            array = torch.stack(logits).numpy()  # (N, num_classes)
             with options.open_output(options.output) as handle:
                 if options.arrays == "npy":
-                    np.save(handle, array)
+                    np.save(handle, logits)
                 else:
-                    np.savez(handle, logits=array, inputs=np.asarray(inputs))
+                    np.savez(handle, logits=logits, inputs=np.asarray(inputs))
     return documents
+
+
+def _preprocess_input(pipeline: ClassifyPipeline, path: str, notes: List[str]) -> torch.Tensor:
+    """The INPUT ``path`` preprocessed; its InputError names the file."""
+    try:
+        return pipeline.preprocess(path, notes)
+    except InputError as error:
+        message = str(error)
+        raise InputError(message if path in message else f"{path}: {message}") from None
+
+
+def _preprocess_again(pipeline: ClassifyPipeline, path: str, shape: Tuple[int, ...]) -> torch.Tensor:
+    """The INPUT ``path`` read again for its batch; it must still give pixels of
+    ``shape`` (its batch was made by size)."""
+    # Its notes were taken on the first read; a list (not None) keeps Pillow's
+    # warnings quiet on this one too.
+    pixels = _preprocess_input(pipeline, path, [])
+    if tuple(pixels.shape) != shape:
+        raise changed_input_error(path, shape, pixels.shape)
+    return pixels
 
 
 def demo_task(model: torch.nn.Module, folder: Path, options: RunOptions) -> Dict[str, str]:
