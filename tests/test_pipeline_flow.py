@@ -653,6 +653,151 @@ def test_run_flow_names_the_frame_whose_pixels_are_refused(tmp_path, flow_checkp
     assert f"error: {frames[1]}: the image has 1 non-finite value(s)" in result.stderr
 
 
+# --------------------------------------------------------------------------------------
+# run flow of frames: memory bounded by a pair, the outputs unchanged
+
+
+def _moving_frames(folder: Path, count: int, noted=()) -> List[str]:
+    """``count`` frames of 40x56 px, each a texture moved from the one before; the
+    frames at ``noted`` are 16-bit greyscale with values within 0..255 (a note)."""
+    paths = []
+    for i in range(count):
+        frame = textured_pair(40, 56, shift=(1, 2), seed=i)[0]
+        path = folder / f"frame{i}.png"
+        Image.fromarray(frame[..., 0].astype(np.uint16) if i in noted else frame).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def live(monkeypatch) -> dict:
+    """Counts, through weak references, the frames run_task reads (arrays from
+    _still_frame) and the FlowResults it makes, alive at once: ``{"frames":
+    {"now", "most", "made"}, "results": {...}}``."""
+    import weakref
+
+    import perceiver_torch.pipelines.flow as flow_module
+
+    live = {kind: {"now": 0, "most": 0, "made": 0} for kind in ("frames", "results")}
+
+    def track(kind: str, value):
+        counts = live[kind]
+        counts["now"] += 1
+        counts["made"] += 1
+        counts["most"] = max(counts["most"], counts["now"])
+        weakref.finalize(value, lambda: counts.__setitem__("now", counts["now"] - 1))
+        return value
+
+    read, compute = flow_module._still_frame, FlowPipeline._flow_of_rgb
+    monkeypatch.setattr(flow_module, "_still_frame",
+                        lambda *a, **k: track("frames", read(*a, **k)))
+    monkeypatch.setattr(FlowPipeline, "_flow_of_rgb",
+                        lambda self, *a, **k: track("results", compute(self, *a, **k)))
+    return live
+
+
+@pytest.mark.parametrize("arrays", [None, "npy", "npz"])
+def test_run_flow_holds_two_frames_and_one_flow(tmp_path, model, live, arrays):
+    """run flow read every frame, then computed every pair's flow and kept each
+    FlowResult until the end (a 1080p pair: 23 MB with its .flo and picture); it now
+    reads each frame to check it, then again for its pairs, and writes each pair's
+    files as soon as its flow is computed. The files, documents and lines are those
+    of the pipeline called on each pair."""
+    import io
+
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.flow import run_task
+    from perceiver_torch.pipelines.image import load_rgb
+
+    paths = _moving_frames(tmp_path, 6, noted=(2, 5))
+    out = tmp_path / (f"out.{arrays}" if arrays else "out")
+    lines: list = []
+    options = RunOptions(output=out, arrays=arrays, echo=lines.append)
+    documents = run_task(FlowPipeline(model, batch_size=2), paths, options)
+    assert live["frames"]["most"] <= 2 and live["results"]["most"] <= 1  # were 6 and 5
+    del live  # the pipeline's own calls below are not run_task's
+
+    notes = {2: [], 5: []}
+    for i, frame_notes in notes.items():
+        load_rgb(paths[i], frame_notes)
+        assert len(frame_notes) == 1
+    pipeline = FlowPipeline(model, batch_size=2)
+    results = [pipeline(a, b) for a, b in zip(paths, paths[1:])]
+    for i, result in enumerate(results):
+        # A frame's note goes with the first pair it is in, the last frame's with
+        # the last pair; printed once.
+        result.notes[:] = {2: notes[2], 4: notes[5]}.get(i, [])
+    if arrays:
+        expected = io.BytesIO()
+        stack = np.stack([r.flow for r in results])
+        np.save(expected, stack) if arrays == "npy" else np.savez(expected, flow=stack)
+        assert out.read_bytes() == expected.getvalue()
+        files = [[str(out)]] * len(results)
+    else:
+        files = []
+        for i, result in enumerate(results):
+            flo, png = tmp_path / f"out_{i:04d}.flo", tmp_path / f"out_{i:04d}.png"
+            assert flo.read_bytes() == encode_flo(result.flow)
+            assert np.array_equal(np.asarray(Image.open(png)), flow_to_wheel(result.flow))
+            files.append([str(flo), str(png)])
+    assert documents == [
+        {"input": [a, b], **result.as_dict(), "files": written}
+        for a, b, result, written in zip(paths, paths[1:], results, files)
+    ]
+    shown = []
+    for a, b, result in zip(paths, paths[1:], results):
+        u, v = result.flow.reshape(-1, 2).mean(0)
+        largest = float(np.sqrt((result.flow.astype(np.float64) ** 2).sum(-1)).max())
+        shown.append(f"{a} -> {b}: 56x40, {result.tiles} tiles, mean flow ({u:+.2f}, "
+                     f"{v:+.2f}) px, max |flow| {largest:.2f} px")
+        shown.extend(f"  note: {n}" for n in result.notes)
+    assert lines == shown
+
+
+@pytest.mark.parametrize("bad", ["other size", "unreadable"])
+def test_run_flow_checks_every_pair_before_the_model(tmp_path, model, bad):
+    """A last frame of another size was found after every other pair's flow."""
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.flow import run_task
+
+    paths = _moving_frames(tmp_path, 4)
+    last = tmp_path / "last.png"
+    if bad == "other size":
+        Image.fromarray(textured_pair(44, 56)[0]).save(last)
+        message = f"{paths[-1]} -> {last}: the two frames differ in size"
+    else:
+        last.write_bytes(b"no image")
+        message = f"cannot read {last}"
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        with pytest.raises(InputError, match=re.escape(message)):
+            run_task(FlowPipeline(model), paths + [str(last)],
+                     RunOptions(output=tmp_path / "out"))
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_run_flow_refuses_a_frame_changed_before_its_pair(tmp_path, model, monkeypatch):
+    import perceiver_torch.pipelines.flow as flow_module
+    from perceiver_torch.pipelines.base import RunOptions
+
+    paths = _moving_frames(tmp_path, 3)
+    read, reads = flow_module._still_frame, []
+
+    def rewritten_after_the_checks(path, *args, **kwargs):
+        reads.append(path)
+        if len(reads) == len(paths) + 1:  # the first read for a pair
+            Image.fromarray(textured_pair(44, 60)[0]).save(paths[2])
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(flow_module, "_still_frame", rewritten_after_the_checks)
+    with pytest.raises(InputError, match=f"{paths[2]} changed during the run"):
+        flow_module.run_task(FlowPipeline(model), paths,
+                             RunOptions(output=tmp_path / "out"))
+
+
 def test_run_flow_reads_frames_from_pipes(tmp_path, flow_checkpoint, pipes):
     """Each frame was opened twice (once to count its pictures), so a pipe's second
     reader found it empty: "cannot read /dev/fd/63 as an image". Classify read pipes."""

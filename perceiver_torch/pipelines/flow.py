@@ -37,6 +37,7 @@ from .base import (
     PipelineError,
     Progress,
     RunOptions,
+    changed_input_error,
     check_model,
     check_weights,
     eval_mode,
@@ -44,6 +45,7 @@ from .base import (
     no_progress,
     non_finite_output_note,
     positive_int,
+    readable_twice,
     refuse_array_suffix_without_flag,
     require,
     require_existing_files,
@@ -178,6 +180,16 @@ class FlowPipeline:
                 "(--pad; pad=True in Python)"
             )
 
+    def _check_pair(self, first: Tuple[int, ...], second: Tuple[int, ...]) -> None:
+        """Raises :class:`~.base.InputError` unless two frames of these shapes (H, W,
+        3) can give a flow: one size, not smaller than a tile (unless ``pad``)."""
+        if tuple(first) != tuple(second):
+            raise InputError(
+                f"the two frames differ in size ({first[1]}x{first[0]} and "
+                f"{second[1]}x{second[0]} px, width x height); give frames of one size"
+            )
+        self.check_size(first[0], first[1])
+
     def flow_of(self, first: np.ndarray, second: np.ndarray, *, progress: Optional[Progress] = None) -> FlowResult:
         """Flow of two (H, W, 3) RGB arrays (uint8, or float on the 0..255 scale) of the
         same size, at least 1x1 px. Their values are taken as ``pipeline(frame1,
@@ -199,14 +211,8 @@ class FlowPipeline:
     ) -> FlowResult:
         """Flow of two frames already read by :func:`_rgb` (checked and clipped), with
         the ``notes`` made reading them."""
-        if first.shape != second.shape:
-            raise InputError(
-                f"the two frames differ in size ({first.shape[1]}x{first.shape[0]} and "
-                f"{second.shape[1]}x{second.shape[0]} px, width x height); give frames of "
-                "one size"
-            )
+        self._check_pair(first.shape, second.shape)
         height, width = first.shape[:2]
-        self.check_size(height, width)
         th, tw = self.tile
         frames = frames_to_model_input(first, second)
         if height < th or width < tw:
@@ -383,18 +389,6 @@ def _png_bytes(picture: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def _npz_bytes(**arrays: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
 def _write(options: RunOptions, path: Path, data: bytes, files: List[str]) -> None:
     with options.open_output(path) as handle:
         handle.write(data)
@@ -402,11 +396,14 @@ def _write(options: RunOptions, path: Path, data: bytes, files: List[str]) -> No
 
 
 def _write_arrays(options: RunOptions, flow: np.ndarray, files: List[str]) -> None:
+    """--npy/--npz: ``flow`` into the file, with no copy of it in memory."""
     assert options.output is not None  # the CLI requires -o OUT.npy / OUT.npz
-    if options.arrays == "npy":
-        _write(options, options.output, _npy_bytes(flow), files)
-    else:
-        _write(options, options.output, _npz_bytes(flow=flow), files)
+    with options.open_output(options.output) as handle:
+        if options.arrays == "npy":
+            np.save(handle, flow)
+        else:
+            np.savez(handle, flow=flow)
+    files.append(str(options.output))
 
 
 def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> List[dict]:
@@ -428,7 +425,14 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     * ``--npy``/``--npz``: only the raw flow in pixels, [H, W, 2] for one pair,
       [N, H, W, 2] for several pairs or a video (``--npz``: key ``flow``).
 
-    Everything is computed before anything is written (the CLI stages the files).
+    Every frame is read and checked first (an unreadable frame, or a pair of two
+    sizes, among thousands fails before the model runs), keeping only its notes and
+    its size; the frames are then read again, each once, and each pair's files are
+    written (staged by the CLI) as soon as its flow is computed, so that memory
+    holds two frames and one flow, not all of them (``--npy``/``--npz``: the array
+    of every flow, the output itself). A frame that cannot be read twice (a pipe:
+    :func:`~.base.readable_twice`) keeps its first read. The lines are printed when
+    every pair has its flow, as when all were computed at once.
     """
     render = options.extra.get("render") or "wheel"
     pipeline.pad = bool(options.extra.get("pad", pipeline.pad))
@@ -437,33 +441,72 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
         return [_run_video(pipeline, inputs[0], options, render)]
     # Notes on each frame (a very large file) go with the first pair it is in.
     notes: List[List[str]] = [[] for _ in inputs]
-    frames = [_still_frame(path, frame_notes) for path, frame_notes in zip(inputs, notes)]
-    results = []
-    for i in range(len(frames) - 1):
+    shapes: List[Tuple[int, ...]] = []
+    kept: Dict[int, np.ndarray] = {}  # the frames read only once
+    for index, (path, frame_notes) in enumerate(zip(inputs, notes)):
+        frame = _still_frame(path, frame_notes)
+        shapes.append(frame.shape)
+        if not readable_twice(path):
+            kept[index] = frame
+        del frame  # not held while the next frame is read
+    pairs = len(inputs) - 1
+    for i in range(pairs):
         try:
-            # Read (and noted) once, by _still_frame.
-            results.append(pipeline._flow_of_rgb(frames[i], frames[i + 1], []))
+            pipeline._check_pair(shapes[i], shapes[i + 1])
         except InputError as error:
             # Among many frames, say which pair ("the two frames differ in size").
             raise InputError(f"{inputs[i]} -> {inputs[i + 1]}: {error}") from None
-        results[-1].notes.extend(notes[i] + (notes[i + 1] if i == len(frames) - 2 else []))
+    targets = _pair_targets(inputs, options)
+    flows: Optional[np.ndarray] = None  # --npy/--npz of several pairs: (N, H, W, 2)
     files: List[str] = []
     documents = []
-    if options.arrays:
-        stack = results[0].flow if len(results) == 1 else np.stack([r.flow for r in results])
-        _write_arrays(options, stack, files)
-    targets = _pair_targets(inputs, options)
-    for i, result in enumerate(results):
+    lines: List[str] = []
+    first = _frame_again(inputs, 0, shapes, kept)
+    for i in range(pairs):
+        second = _frame_again(inputs, i + 1, shapes, kept)
+        try:
+            # Read (and noted) once, by _still_frame.
+            result = pipeline._flow_of_rgb(first, second, [])
+        except InputError as error:
+            raise InputError(f"{inputs[i]} -> {inputs[i + 1]}: {error}") from None
+        result.notes.extend(notes[i] + (notes[i + 1] if i == pairs - 1 else []))
+        first = second
         written: List[str] = []
-        if not options.arrays:
+        if options.arrays and pairs == 1:
+            flows = result.flow
+        elif options.arrays:
+            if flows is None:
+                flows = np.empty((pairs, *result.flow.shape), dtype=result.flow.dtype)
+            flows[i] = result.flow
+        else:
             flo, png = targets[i]
             _write(options, flo, result.flo_bytes(), written)
             _write(options, png, _png_bytes(result.picture(render)), written)
-        documents.append(_pair_document(inputs[i], inputs[i + 1], result, written or files))
-        options.echo(_pair_line(inputs[i], inputs[i + 1], result))
-        for note in result.notes:
-            options.echo(f"  note: {note}")
+        documents.append(_pair_document(inputs[i], inputs[i + 1], result, written))
+        lines.append(_pair_line(inputs[i], inputs[i + 1], result))
+        lines.extend(f"  note: {note}" for note in result.notes)
+        del result, second
+    if options.arrays:
+        _write_arrays(options, flows, files)
+        for document in documents:  # every pair's document names the arrays' file
+            document["files"] = list(files)
+    for line in lines:
+        options.echo(line)
     return documents
+
+
+def _frame_again(
+    inputs: Sequence[str], index: int, shapes: Sequence[Tuple[int, ...]],
+    kept: Dict[int, np.ndarray],
+) -> np.ndarray:
+    """Frame ``index`` read again for its pairs (or its first read, for a pipe); it
+    must still have the shape it was checked with."""
+    if index in kept:
+        return kept.pop(index)
+    frame = _still_frame(inputs[index], [])  # noted on the first read
+    if frame.shape != shapes[index]:
+        raise changed_input_error(inputs[index], shapes[index], frame.shape)
+    return frame
 
 
 def _is_video_run(inputs: Sequence[str]) -> bool:
