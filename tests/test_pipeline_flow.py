@@ -24,6 +24,7 @@ from perceiver_torch.pipelines.flow_io import (
     encode_flo,
     flow_to_hsv,
     flow_to_wheel,
+    max_magnitude,
     render_flow,
     wheel_legend,
 )
@@ -796,6 +797,132 @@ def test_run_flow_refuses_a_frame_changed_before_its_pair(tmp_path, model, monke
     with pytest.raises(InputError, match=f"{paths[2]} changed during the run"):
         flow_module.run_task(FlowPipeline(model), paths,
                              RunOptions(output=tmp_path / "out"))
+
+
+@pytest.fixture
+def live_video(monkeypatch) -> dict:
+    """Counts, through weak references, the flows FlowPipeline.video yields and the
+    pictures run flow draws of them (render_flow), alive at once: ``{"flows":
+    {"now", "most", "made"}, "pictures": {...}}``."""
+    import weakref
+
+    import perceiver_torch.pipelines.flow as flow_module
+
+    live = {kind: {"now": 0, "most": 0, "made": 0} for kind in ("flows", "pictures")}
+
+    def track(kind: str, value):
+        counts = live[kind]
+        counts["now"] += 1
+        counts["made"] += 1
+        counts["most"] = max(counts["most"], counts["now"])
+        weakref.finalize(value, lambda: counts.__setitem__("now", counts["now"] - 1))
+        return value
+
+    video, render = FlowPipeline.video, flow_module.render_flow
+    monkeypatch.setattr(FlowPipeline, "video", lambda self, *a, **k: (
+        track("flows", flow) for flow in video(self, *a, **k)))
+    monkeypatch.setattr(flow_module, "render_flow",
+                        lambda *a, **k: track("pictures", render(*a, **k)))
+    return live
+
+
+@pytest.mark.parametrize("output", ["wheel.mp4", "hsv.mp4", "wheel.gif", "flows.npy",
+                                    "flows.npz"])
+def test_run_flow_of_a_video_holds_no_list_of_flows_nor_of_pictures(
+    tmp_path, model, live_video, output
+):
+    """run flow of a video kept the list of flows, a stacked copy of it (and a float64
+    copy of that for the largest length) and a stack of every picture; the flows are
+    now held once, in one array, where the wheel's scale or the arrays' output needs
+    them all, and the pictures go to the encoder one by one. The files, the
+    document and the line are those of the flows computed and stacked in full."""
+    import io
+
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.flow import run_task
+    from perceiver_torch.pipelines.media import write_video
+    from perceiver_torch.pipelines.video import make_test_video
+
+    video = tmp_path / "clip.mp4"
+    make_test_video(video, 7, size=(40, 56), sample_rate=None)
+    render = "hsv" if output.startswith("hsv") else "wheel"
+    arrays = output.rsplit(".", 1)[1] if output.startswith("flows") else None
+    lines: list = []
+    options = RunOptions(output=tmp_path / output, arrays=arrays, echo=lines.append,
+                         extra={"render": render})
+    (document,) = run_task(FlowPipeline(model, batch_size=2), [str(video)], options)
+    assert live_video["flows"]["made"] == 6
+    assert live_video["flows"]["most"] <= 2  # was 6, and a stack beside them
+    assert live_video["pictures"]["most"] <= 2  # was 6, and a stack beside them
+    del live_video
+
+    flows = list(FlowPipeline(model, batch_size=2).video(video))
+    stack = np.stack(flows)
+    expected = io.BytesIO()
+    if arrays:
+        np.save(expected, stack) if arrays == "npy" else np.savez(expected, flow=stack)
+    else:
+        scale = max(max_magnitude(f) for f in flows)
+        pictures = np.stack([render_flow(f, render, scale if render == "wheel" else None)
+                             for f in flows])
+        expected = tmp_path / f"expected{Path(output).suffix}"
+        write_video(expected, pictures, 25.0)
+        expected = io.BytesIO(expected.read_bytes())
+    assert (tmp_path / output).read_bytes() == expected.getvalue()
+    largest = float(np.sqrt((stack.astype(np.float64) ** 2).sum(-1)).max())
+    assert document == {"input": str(video), "size": [40, 56], "pairs": 6, "fps": 25.0,
+                        "max_flow": largest, "files": [str(tmp_path / output)],
+                        "notes": []}
+    assert lines == [f"{video}: 6 frame pairs, 56x40, max |flow| {largest:.2f} px"]
+
+
+def test_run_flow_of_a_video_counts_non_finite_flow_over_every_pair(
+    tmp_path, model, monkeypatch
+):
+    """The summary's numbers, gathered flow by flow, are those of the whole stack: a
+    NaN in any flow makes the largest length NaN, and the note counts every flow's
+    non-finite values."""
+    import math
+
+    from perceiver_torch.pipelines.base import RunOptions, non_finite_output_note
+    from perceiver_torch.pipelines.flow import run_task
+    from perceiver_torch.pipelines.video import make_test_video
+
+    video = tmp_path / "clip.mp4"
+    make_test_video(video, 7, size=(40, 56), sample_rate=None)
+    real = FlowPipeline.video
+
+    def with_holes(self, *args, **kwargs):
+        for i, flow in enumerate(real(self, *args, **kwargs)):
+            flow = flow.copy()
+            flow.reshape(-1)[:i] = np.nan  # flow i has i NaN values: 15 in all
+            yield flow
+
+    monkeypatch.setattr(FlowPipeline, "video", with_holes)
+    out = tmp_path / "flows.npy"
+    (document,) = run_task(FlowPipeline(model), [str(video)],
+                           RunOptions(output=out, arrays="npy"))
+    note = non_finite_output_note(np.load(out), model, "those flow vectors are unknown")
+    assert "holds 15 non-finite value(s)" in note
+    assert document["notes"] == [note]
+    assert math.isnan(document["max_flow"])
+
+
+@pytest.mark.parametrize("declared", [0, 1, 2, 5, 9])
+def test_video_flows_stacked_as_they_come_whatever_the_declared_count(declared):
+    """The container's frame count may be wrong (a cut file declares more; some
+    declare none): the stack is the same array, and np.save writes the same bytes."""
+    import io
+
+    from perceiver_torch.pipelines.flow import _stacked
+
+    rng = np.random.default_rng(0)
+    flows = [rng.standard_normal((3, 4, 2)).astype(np.float32) for _ in range(5)]
+    stacked = _stacked(iter(flows), declared)
+    got, expected = io.BytesIO(), io.BytesIO()
+    np.save(got, stacked)
+    np.save(expected, np.stack(flows))
+    assert got.getvalue() == expected.getvalue()
 
 
 def test_run_flow_reads_frames_from_pipes(tmp_path, flow_checkpoint, pipes):

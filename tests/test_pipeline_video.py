@@ -1034,3 +1034,26 @@ def test_non_finite_reconstructions_are_noted(model, monkeypatch):
     monkeypatch.setattr(type(model), "reconstruct", reconstruct)
     notes = [n for n in pipeline(frames, sound).notes if "non-finite" in n]
     assert len(notes) == 1 and "reconstructed labels there are not meaningful" in notes[0]
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_write_video_takes_frames_one_by_one(tmp_path, suffix):
+    """write_video encodes the frames of a generator as they come (run flow hands it
+    each picture as its flow is computed): the same file as the stacked frames, an
+    odd size padded as before (the whole stack padded up front, a row and a column
+    repeated), and a frame of another size refused."""
+    from perceiver_torch.pipelines.media import write_video
+
+    frames = np.random.default_rng(0).integers(0, 256, (4, 41, 57, 3), dtype=np.uint8)
+    write_video(tmp_path / f"stacked{suffix}", frames, 25)
+    write_video(tmp_path / f"streamed{suffix}", (f for f in frames), 25)
+    stacked = (tmp_path / f"stacked{suffix}").read_bytes()
+    assert (tmp_path / f"streamed{suffix}").read_bytes() == stacked
+    if suffix == ".mp4":
+        even = np.pad(frames, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="edge")
+        write_video(tmp_path / "even.mp4", even, 25)
+        assert (tmp_path / "even.mp4").read_bytes() == stacked
+    with pytest.raises(ValueError, match="one size"):
+        write_video(tmp_path / f"mixed{suffix}", iter([frames[0], frames[1, :40]]), 25)
+    with pytest.raises(ValueError, match="at least one frame"):
+        write_video(tmp_path / f"none{suffix}", iter([]), 25)

@@ -342,8 +342,25 @@ def non_finite_output_note(
     activations on the way): its inf logits gave NaN probabilities and an arbitrary
     ranking, with no note, where the float32 model was confident (flow and
     autoencode alike: NaN vectors, frames and labels)."""
+    return non_finite_note(non_finite_count(outputs), model, consequence)
+
+
+def non_finite_count(
+    outputs: Union[torch.Tensor, np.ndarray, Sequence[Union[torch.Tensor, np.ndarray]]],
+) -> int:
+    """How many values of ``outputs`` (a tensor or array, or a list of them) are NaN
+    or inf."""
     parts = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-    count = sum(int((~torch.isfinite(torch.as_tensor(part))).sum()) for part in parts)
+    return sum(int((~torch.isfinite(torch.as_tensor(part))).sum()) for part in parts)
+
+
+def non_finite_note(
+    count: int,
+    model: torch.nn.Module,
+    consequence: str = "the ranking and probabilities are not meaningful",
+) -> Optional[str]:
+    """:func:`non_finite_output_note` for outputs of which ``count`` values are NaN
+    or inf (counted part by part where the outputs are not held together)."""
     if not count:
         return None
     dtype = next(itertools.chain(model.parameters(), model.buffers())).dtype

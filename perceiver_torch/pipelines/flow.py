@@ -26,7 +26,7 @@ import contextlib
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -43,6 +43,8 @@ from .base import (
     eval_mode,
     flag,
     no_progress,
+    non_finite_count,
+    non_finite_note,
     non_finite_output_note,
     positive_int,
     readable_twice,
@@ -641,49 +643,115 @@ def _pair_line(a: str, b: str, result: FlowResult) -> str:
 
 
 def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: str) -> Dict[str, Any]:
+    """The flow of a video, drawn as a video or (``--npy``/``--npz``) stacked.
+
+    Memory: ``--render hsv`` draws each flow as it is computed and hands the picture
+    to the encoder, holding no flow nor picture beyond the current one; the wheel
+    (the default) scales every picture by the largest flow of the whole video, so
+    every flow is held, once, in one array, before the first picture is drawn; the
+    arrays' output holds them so too (it is that array). The summary's numbers are
+    gathered flow by flow (:class:`_VideoFlowSummary`)."""
     rate = video_frame_rate(path)
     fps = float(rate) if rate else 25.0
     frames = video_frame_count(path)
-    flows = pipeline.video(path)
+    flows: Iterable[np.ndarray] = pipeline.video(path)
     if frames > 1:  # the container knows its length: show a bar over the pairs
         flows = options.progress(flows, frames - 1, "flow frames")
-    flows = list(flows)
-    if not flows:
+    summary = _VideoFlowSummary()
+    flows = summary.follow(flows)
+    first = next(flows, None)  # before any output: a video of one frame writes none
+    if first is None:
         raise InputError(f"{path} has a single frame; flow needs at least two")
-    stack = np.stack(flows)
+    flows = _first_then(first, flows)
+    del first
     files: List[str] = []
     if options.arrays:
-        _write_arrays(options, stack, files)
+        _write_arrays(options, _stacked(flows, frames - 1), files)
     else:
         if render == "wheel":
-            scale = max(max_magnitude(f) for f in flows)
-            pictures = np.stack([render_flow(f, "wheel", scale) for f in flows])
+            every = _stacked(flows, frames - 1)
+            scale = max(max_magnitude(f) for f in every)
+            pictures = (render_flow(f, "wheel", scale) for f in every)
         else:
-            pictures = np.stack([render_flow(f, "hsv") for f in flows])
+            pictures = (render_flow(f, "hsv") for f in flows)  # computed as encoded
         target = _video_target([path], options)
         with options.output_path(target) as temp:
             write_video(temp, pictures, fps)
         files.append(str(target))
-    height, width = stack.shape[1:3]
+    height, width = summary.size
+    largest = summary.largest()
     options.echo(
-        f"{path}: {len(flows)} frame pairs, {width}x{height}, max |flow| "
-        f"{_magnitude(stack):.2f} px"
+        f"{path}: {summary.pairs} frame pairs, {width}x{height}, max |flow| "
+        f"{largest:.2f} px"
     )
-    missing = missing_frames_note(frames, len(flows) + 1)  # frames: declared
+    missing = missing_frames_note(frames, summary.pairs + 1)  # frames: declared
     # pipeline.video yields bare arrays: the note flow_of gives each pair, once here.
-    unknown = non_finite_output_note(stack, pipeline.model, "those flow vectors are unknown")
+    unknown = non_finite_note(summary.non_finite, pipeline.model, "those flow vectors are unknown")
     notes = [note for note in (missing, unknown) if note is not None]
     for note in notes:
         options.echo(f"  note: {note}")
     return {
         "input": path,
         "size": [height, width],
-        "pairs": len(flows),
+        "pairs": summary.pairs,
         "fps": fps,
-        "max_flow": _magnitude(stack),
+        "max_flow": largest,
         "files": files,
         "notes": notes,
     }
+
+
+def _first_then(first: np.ndarray, rest: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """``first``, then ``rest``, ``first`` held no longer than it is in use
+    (``itertools.chain([first], rest)`` keeps its arguments to the end)."""
+    yield first
+    del first
+    yield from rest
+
+
+class _VideoFlowSummary:
+    """What a video's summary line and document say of its flows, gathered as they
+    pass (:meth:`follow`), so that no stack of them is needed: their count, size,
+    the largest length (:meth:`largest`) and the count of non-finite values."""
+
+    def __init__(self) -> None:
+        self.pairs = 0
+        self.size: Tuple[int, int] = (0, 0)
+        self.non_finite = 0
+        self._largest: List[float] = []  # each flow's largest length (NaN if any is)
+
+    def follow(self, flows: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """``flows`` unchanged, each counted as it passes."""
+        for flow in flows:
+            self.pairs += 1
+            self.size = (int(flow.shape[0]), int(flow.shape[1]))
+            self._largest.append(_magnitude(flow))
+            self.non_finite += non_finite_count(flow)
+            yield flow
+
+    def largest(self) -> float:
+        """:func:`_magnitude` of all the flows together: NaN where any length is (as
+        NumPy's max over them all), else the largest."""
+        return float(np.max(self._largest))
+
+
+def _stacked(flows: Iterable[np.ndarray], expected: int) -> np.ndarray:
+    """The flows (H, W, 2) as one array (N, H, W, 2), copied in as they come, with no
+    list of them beside it: room for ``expected`` (the container's count of pairs,
+    which a cut file overstates), doubled where more come."""
+    stack: Optional[np.ndarray] = None
+    count = 0
+    for flow in flows:
+        if stack is None:
+            stack = np.empty((max(expected, 1), *flow.shape), dtype=flow.dtype)
+        elif count == len(stack):
+            grown = np.empty((2 * count, *flow.shape), dtype=stack.dtype)
+            grown[:count] = stack
+            stack = grown
+        stack[count] = flow
+        count += 1
+    assert stack is not None  # _run_video has seen a first flow
+    return stack[:count]
 
 
 # --------------------------------------------------------------------------------------

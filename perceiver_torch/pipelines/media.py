@@ -378,17 +378,47 @@ def encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:
     return struct.pack("<4sI", b"RIFF", len(body)) + body
 
 
-def _even(frames: np.ndarray) -> np.ndarray:
+def _even(frame: np.ndarray) -> np.ndarray:
     # H.264 in yuv420p needs even sizes: repeat the last row/column when odd.
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    pad_h, pad_w = frame.shape[0] % 2, frame.shape[1] % 2
     if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    return frames
+        frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return frame
+
+
+def _video_frames(frames: Any) -> Tuple[Tuple[int, int], Iterator[np.ndarray]]:
+    """``(height, width)`` and an iterator over the (H, W, 3) uint8 frames of
+    :func:`write_video`'s ``frames``: an array (T, H, W, 3) or a list of frames as
+    before, or any other iterable (a generator), whose frames are taken one at a time
+    as they are encoded. Raises ValueError for no frame or one of another shape."""
+    if isinstance(frames, (np.ndarray, list, tuple)):
+        array = np.asarray(frames, dtype=np.uint8)
+        if array.ndim != 4 or array.shape[-1] != 3 or len(array) == 0:
+            raise ValueError(f"frames must be (T, H, W, 3) with T >= 1, got {array.shape}")
+        return array.shape[1:3], iter(array)
+    stream = iter(frames)
+    first = next(stream, None)
+    if first is None:
+        raise ValueError("frames must hold at least one frame, got none")
+    first = np.asarray(first, dtype=np.uint8)
+    if first.ndim != 3 or first.shape[-1] != 3:
+        raise ValueError(f"each frame must be (H, W, 3), got {first.shape}")
+
+    def checked(frame: np.ndarray, shape: Tuple[int, ...]) -> Iterator[np.ndarray]:
+        yield frame  # then no longer held: only the frame being encoded is
+        for frame in stream:
+            frame = np.asarray(frame, dtype=np.uint8)
+            if frame.shape != shape:
+                raise ValueError(f"the frames must be of one size: {shape}, then {frame.shape}")
+            yield frame
+
+    shape = first.shape
+    return shape[:2], checked(first, shape)
 
 
 def write_video(
     path: PathLike,
-    frames: np.ndarray,
+    frames: Any,
     fps: float,
     audio: Optional[np.ndarray] = None,
     sample_rate: Optional[int] = None,
@@ -400,11 +430,13 @@ def write_video(
     column repeated) with ``audio`` (S,) float at ``sample_rate`` muxed as AAC
     (resampled to 48 kHz when AAC cannot take the rate; NaN or infinite samples,
     which the AAC encoder refuses, are silence).
+
+    ``frames`` may also be any iterable of (H, W, 3) frames (a generator): H.264
+    encodes each as it comes, so that a long video's pictures need not all be in
+    memory (a GIF is made whole: Pillow holds every picture).
     """
     path = Path(path)
-    frames = np.asarray(frames, dtype=np.uint8)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"frames must be (T, H, W, 3) with T >= 1, got {frames.shape}")
+    (height, width), frames = _video_frames(frames)
     if path.suffix.lower() == ".gif":
         image_module = require("PIL.Image")
         pictures = [image_module.fromarray(f) for f in frames]
@@ -416,11 +448,10 @@ def write_video(
         )
         return
     av = require("av")
-    frames = _even(frames)
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(str(path), mode="w") as container:
         video = container.add_stream("libx264", rate=rate)
-        video.width, video.height = frames.shape[2], frames.shape[1]
+        video.width, video.height = width + width % 2, height + height % 2  # _even's
         video.pix_fmt = "yuv420p"
         video.options = {"crf": "18"}
         sound = None
@@ -430,7 +461,7 @@ def write_video(
             out_rate = int(sample_rate) if int(sample_rate) in _AAC_RATES else 48000
             sound = container.add_stream("aac", rate=out_rate, layout="mono")
         for array in frames:
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame = av.VideoFrame.from_ndarray(_even(array), format="rgb24")
             for packet in video.encode(frame):
                 container.mux(packet)
         for packet in video.encode(None):
