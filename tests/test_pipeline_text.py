@@ -153,6 +153,47 @@ def test_batch_equals_single_texts(model):
         assert result.input == text
 
 
+def test_model_inputs_are_made_batch_by_batch(model, monkeypatch):
+    """logits() made the (N, max_length) int64 ids and mask of every text at once (32
+    KB a text at the official 2048); they are now made for each batch: the same rows
+    to the same model calls, the same logits."""
+    import perceiver_torch.pipelines.text as text_module
+
+    made = []
+    real = text_module.encode_masked
+
+    def counted(items, max_length):
+        made.append(len(items))
+        return real(items, max_length)
+
+    monkeypatch.setattr(text_module, "encode_masked", counted)
+    items = [parse_masked_text(f"text {i} is[MASK*{i % 3 + 1}] here") for i in range(7)]
+    logits = FillMaskPipeline(model, batch_size=2).logits(items)
+    assert made == [2, 2, 2, 1]  # was [7]
+    expected = []
+    with torch.no_grad():
+        for start in range(0, 7, 2):
+            ids, mask = real(items[start : start + 2], model.config.max_seq_len)
+            out = model(ids, mask)
+            expected.extend(out[row, list(item.positions)].float()
+                            for row, item in enumerate(items[start : start + 2]))
+    assert all(torch.equal(a, b) for a, b in zip(logits, expected))
+    assert len(logits) == 7
+
+
+def test_a_text_too_long_is_refused_before_the_model_by_its_number(model):
+    limit = model.config.max_seq_len
+    items = [MaskedText(b"ab", (1,), None)] * 3 + [MaskedText(b"a" * (limit + 1), (0,), None)]
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        with pytest.raises(InputError, match=f"^text 4 is {limit + 1} bytes long"):
+            FillMaskPipeline(model, batch_size=2).logits(items)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
 def test_candidates_are_bytes_only():
     # Known logits: the mask id (3) is the most likely id, then bytes 'b', 'a'.
     logits = torch.full((1, 262), -5.0)

@@ -362,18 +362,25 @@ class FillMaskPipeline:
 
     @torch.no_grad()
     def logits(self, items: Sequence[MaskedText]) -> List[torch.Tensor]:
-        """Per item, the float32 logits (M, 262) at its masked positions."""
+        """Per item, the float32 logits (M, 262) at its masked positions.
+
+        Every item's length is checked first (a text too long among many fails
+        before any model call, by its number); the model's inputs are then made
+        batch by batch (:func:`encode_masked`: two int64 rows of ``max_length``, 32
+        KB a text at 2048, were made for every text at once)."""
+        for row, item in enumerate(items):
+            if len(item.data) > self.max_length:
+                raise _too_long(len(item.data), self.max_length,
+                                None if len(items) == 1 else row)
         device = next(self.model.parameters()).device
-        ids, mask = encode_masked(items, self.max_length)
         out: List[torch.Tensor] = []
         starts = range(0, len(items), self.batch_size)
         for start in self.progress(starts, len(starts), "texts"):
+            batch = items[start : start + self.batch_size]
+            ids, mask = encode_masked(batch, self.max_length)
             with eval_mode(self.model):
-                logits = self.model(
-                    ids[start : start + self.batch_size].to(device),
-                    mask[start : start + self.batch_size].to(device),
-                )
-            for row, item in enumerate(items[start : start + self.batch_size]):
+                logits = self.model(ids.to(device), mask.to(device))
+            for row, item in enumerate(batch):
                 out.append(logits[row, list(item.positions)].float().cpu())
         return out
 
