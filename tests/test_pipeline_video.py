@@ -1057,3 +1057,52 @@ def test_write_video_takes_frames_one_by_one(tmp_path, suffix):
         write_video(tmp_path / f"mixed{suffix}", iter([frames[0], frames[1, :40]]), 25)
     with pytest.raises(ValueError, match="at least one frame"):
         write_video(tmp_path / f"none{suffix}", iter([]), 25)
+
+
+@pytest.mark.parametrize("arrays", [None, "npz"])
+def test_run_autoencode_lets_each_video_go_before_the_next(tmp_path, model, monkeypatch,
+                                                           arrays):
+    """The runner's loop variable held a video's result (its reconstructed and input
+    frames) while the next video was autoencoded; --npz copied the arrays into bytes
+    first. The files and documents are those of the pipeline on each video."""
+    import io
+    import weakref
+
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.video import run_task
+
+    live = {"now": 0, "most": 0}
+    real = AutoencodePipeline.__call__
+
+    def gone() -> None:
+        live["now"] -= 1
+
+    def counted(self, *args, **kwargs):
+        result = real(self, *args, **kwargs)
+        live["now"] += 1
+        live["most"] = max(live["most"], live["now"])
+        weakref.finalize(result, gone)
+        return result
+
+    videos = [make_test_video(tmp_path / f"v{i}.mp4", 4, size=(24, 32), seed=i) and
+              str(tmp_path / f"v{i}.mp4") for i in range(3)]
+    out = tmp_path / ("out.npz" if arrays else "out")
+    if arrays is None:
+        out.mkdir()
+    monkeypatch.setattr(AutoencodePipeline, "__call__", counted)
+    documents = run_task(AutoencodePipeline(model), videos[:1] if arrays else videos,
+                         RunOptions(output=out, arrays=arrays))
+    assert live["most"] == 1  # was 2 from the second of several videos
+    monkeypatch.setattr(AutoencodePipeline, "__call__", real)
+    for path, document in zip(videos, documents):
+        result = AutoencodePipeline(model)(path)
+        assert {k: v for k, v in document.items() if k not in ("input", "audio", "files")} \
+            == result.as_dict()
+        if arrays:
+            expected = io.BytesIO()
+            np.savez(expected, frames=result.frames, audio=result.audio,
+                     label_logits=result.label_logits)
+            assert out.read_bytes() == expected.getvalue()
+        else:
+            wav = out / (Path(path).stem + ".autoencoded.wav")
+            assert wav.read_bytes() == encode_wav(result.audio, result.sample_rate)

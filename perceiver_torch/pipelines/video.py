@@ -39,7 +39,6 @@ they are the model's guess of the clip's class), and the PSNR of each clip's fra
 
 from __future__ import annotations
 
-import io
 import math
 import numbers
 import os
@@ -538,10 +537,14 @@ def _finite_sound(samples: np.ndarray) -> np.ndarray:
 # perceiver-convert run autoencode
 
 
-def _bytes_of(save: Any, *args: Any, **kwargs: Any) -> bytes:
-    buffer = io.BytesIO()
-    save(buffer, *args, **kwargs)
-    return buffer.getvalue()
+def _write_arrays(
+    options: RunOptions, path: Path, save: Any, files: List[str], *args: Any, **kwargs: Any
+) -> None:
+    """``save(handle, *args, **kwargs)`` (np.save, np.savez) straight into the file
+    ``path``: no bytes copy of the arrays in memory."""
+    with options.open_output(path) as handle:
+        save(handle, *args, **kwargs)
+    files.append(str(path))
 
 
 def _write(options: RunOptions, path: Path, data: bytes, files: List[str]) -> None:
@@ -635,55 +638,61 @@ def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOption
       ``OUT.audio.npy`` and ``OUT.label_logits.npy``.
 
     The JSON document of each video lists the files, the clips with their PSNR and
-    top-k labels, and the dropped frames.
+    top-k labels, and the dropped frames. The videos are autoencoded one at a time,
+    each one's result let go (its files staged by the CLI) before the next is read.
     """
     pipeline.top_k = options.top_k
     pipeline.progress = options.progress
     audio = options.extra.get("audio")
     _check_inputs(inputs, options)
     several = len(inputs) > 1
-    documents = []
-    for path in inputs:
-        result = pipeline(path, audio)
-        files: List[str] = []
-        targets = _targets(path, options, several)
-        if options.arrays == "npz":
-            _write(options, targets[0], _bytes_of(
-                np.savez, frames=result.frames, audio=result.audio,
-                label_logits=result.label_logits), files)
-        elif options.arrays == "npy":
-            _write(options, targets[0], _bytes_of(np.save, result.frames), files)
-            _write(options, targets[1], _bytes_of(np.save, result.audio), files)
-            _write(options, targets[2], _bytes_of(np.save, result.label_logits), files)
-        else:
-            video, wav = targets
-            with options.output_path(video) as temp:
-                if video.suffix == ".gif":
-                    write_video(temp, result.video_uint8(), result.fps)
-                else:
-                    write_video(temp, result.video_uint8(), result.fps, result.audio, result.sample_rate)
-            files.append(str(video))
+    return [_run_video(pipeline, path, audio, options, several) for path in inputs]
+
+
+def _run_video(
+    pipeline: AutoencodePipeline, path: str, audio: Optional[str], options: RunOptions,
+    several: bool,
+) -> Dict[str, Any]:
+    """One video of :func:`run_task`: its files written, its lines printed, its
+    document returned (its result, the frames and sound, goes with this call)."""
+    result = pipeline(path, audio)
+    files: List[str] = []
+    targets = _targets(path, options, several)
+    if options.arrays == "npz":
+        _write_arrays(options, targets[0], np.savez, files, frames=result.frames,
+                      audio=result.audio, label_logits=result.label_logits)
+    elif options.arrays == "npy":
+        _write_arrays(options, targets[0], np.save, files, result.frames)
+        _write_arrays(options, targets[1], np.save, files, result.audio)
+        _write_arrays(options, targets[2], np.save, files, result.label_logits)
+    else:
+        video, wav = targets
+        with options.output_path(video) as temp:
             if video.suffix == ".gif":
-                result.notes.append("a GIF has no sound: the sound is in the .wav")
-            _write(options, wav, encode_wav(result.audio, result.sample_rate), files)
+                write_video(temp, result.video_uint8(), result.fps)
+            else:
+                write_video(temp, result.video_uint8(), result.fps, result.audio, result.sample_rate)
+        files.append(str(video))
+        if video.suffix == ".gif":
+            result.notes.append("a GIF has no sound: the sound is in the .wav")
+        _write(options, wav, encode_wav(result.audio, result.sample_rate), files)
+    options.echo(
+        f"{path}: {len(result.clips)} clip(s) of {pipeline.num_frames} frames, "
+        f"{result.sample_rate} Hz sound"
+    )
+    for note in result.notes:
+        options.echo(f"  note: {note}")
+    for clip in result.clips:
+        labels = ", ".join(f"{label} ({p:.3f})" for label, _, p in clip.top_k)
         options.echo(
-            f"{path}: {len(result.clips)} clip(s) of {pipeline.num_frames} frames, "
-            f"{result.sample_rate} Hz sound"
+            f"  frames {clip.start}-{clip.stop - 1}: PSNR {clip.psnr:.2f} dB; {labels}"
         )
-        for note in result.notes:
-            options.echo(f"  note: {note}")
-        for clip in result.clips:
-            labels = ", ".join(f"{label} ({p:.3f})" for label, _, p in clip.top_k)
-            options.echo(
-                f"  frames {clip.start}-{clip.stop - 1}: PSNR {clip.psnr:.2f} dB; {labels}"
-            )
-        documents.append({
-            "input": path,
-            "audio": str(audio) if audio is not None else None,
-            "files": files,
-            **result.as_dict(),
-        })
-    return documents
+    return {
+        "input": path,
+        "audio": str(audio) if audio is not None else None,
+        "files": files,
+        **result.as_dict(),
+    }
 
 
 # --------------------------------------------------------------------------------------
