@@ -799,6 +799,29 @@ def test_run_flow_refuses_a_frame_changed_before_its_pair(tmp_path, model, monke
                              RunOptions(output=tmp_path / "out"))
 
 
+def test_run_flow_failing_after_staged_pairs_leaves_no_file(tmp_path, flow_checkpoint,
+                                                            monkeypatch):
+    """The pairs' files are now staged as each flow is computed: a failure at a
+    later pair (a frame rewritten meanwhile) still leaves none of them."""
+    import perceiver_torch.pipelines.flow as flow_module
+
+    paths = _moving_frames(tmp_path, 4)
+    read, reads = flow_module._still_frame, []
+
+    def rewritten_before_the_last_pair(path, *args, **kwargs):
+        reads.append(path)
+        if len(reads) == 2 * len(paths):  # the last frame, read again
+            Image.fromarray(textured_pair(44, 60)[0]).save(paths[-1])
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(flow_module, "_still_frame", rewritten_before_the_last_pair)
+    before = _listing(tmp_path)
+    result = run_cli("run", "flow", flow_checkpoint, *paths, "-o", tmp_path / "out")
+    assert result.exit_code == 3, result.stderr
+    assert f"{paths[-1]} changed during the run" in result.stderr
+    assert _listing(tmp_path) == before  # no pair's file, no temporary file
+
+
 @pytest.fixture
 def live_video(monkeypatch) -> dict:
     """Counts, through weak references, the flows FlowPipeline.video yields and the
