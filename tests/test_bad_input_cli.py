@@ -1503,10 +1503,12 @@ def test_an_empty_config_json_is_named_as_empty(tmp_path):
     assert not (tmp_path / "out.safetensors").exists()
 
 
-def test_a_ctrl_c_python_could_not_raise_where_it_landed_still_interrupts(monkeypatch):
-    """A Ctrl-C arriving in a garbage-collection callback (jax's, while verify imports
-    it) is "unraisable": Python printed "Exception ignored" and the command went on to
-    print success and exit 0. It is raised again in the main thread: exit 130."""
+def _run_with_a_ctrl_c_in_a_gc_callback(monkeypatch, sigint, wait=0.0):
+    """``run_cli("models", "--json")`` with SIGINT's disposition ``sigint`` (restored
+    after), where the first mapping load raises KeyboardInterrupt from a
+    garbage-collection callback (jax's, while verify imports it, in real runs) and
+    the command then goes on for ``wait`` seconds (time for a re-delivered interrupt
+    to land). Returns the result; asserts that the callback ran."""
     import gc
     import time
 
@@ -1527,19 +1529,29 @@ def test_a_ctrl_c_python_could_not_raise_where_it_landed_still_interrupts(monkey
                 gc.collect()
             finally:
                 gc.callbacks.remove(interrupting_gc)
-            for _ in range(200):  # the command goes on; the interrupt must reach it
+            for _ in range(round(wait / 0.01)):  # the command goes on meanwhile
                 time.sleep(0.01)
         return real(name)
 
     monkeypatch.setattr(converter.mapping, "load_mapping", load_mapping)
-    # A Ctrl-C needs Python's SIGINT handler; a shell starts a background job (the
-    # suite run with `&`) with SIGINT ignored, and interrupt_main then does nothing.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, sigint)
     try:
         result = run_cli("models", "--json")
     finally:
         signal.signal(signal.SIGINT, previous)
     assert fired, "the gc callback did not run"
+    return result
+
+
+def test_a_ctrl_c_python_could_not_raise_where_it_landed_still_interrupts(monkeypatch):
+    """A Ctrl-C arriving in a garbage-collection callback (jax's, while verify imports
+    it) is "unraisable": Python printed "Exception ignored" and the command went on to
+    print success and exit 0. It is raised again in the main thread: exit 130."""
+    # A Ctrl-C needs Python's SIGINT handler; a shell starts a background job (the
+    # suite run with `&`) with SIGINT ignored, and interrupt_main then does nothing.
+    result = _run_with_a_ctrl_c_in_a_gc_callback(
+        monkeypatch, signal.default_int_handler, wait=2.0
+    )
     assert result.exit_code == 130, result.output
     document = json.loads(result.stdout)
     assert document["ok"] is False and document["exit_code"] == 130
@@ -1556,36 +1568,9 @@ def test_a_swallowed_ctrl_c_without_a_python_handler_still_reaches_the_previous_
     CLI's hook had taken was then lost without even Python's "Exception ignored". It
     goes to the hook that was there before, and the command runs on as it would
     have."""
-    import gc
-
-    import converter.mapping
-
-    real = converter.mapping.load_mapping
-    fired = []
     reported = []
-
-    def interrupting_gc(phase, info):
-        if not fired:
-            fired.append(phase)
-            raise KeyboardInterrupt
-
-    def load_mapping(name):
-        if not fired:
-            gc.callbacks.append(interrupting_gc)
-            try:
-                gc.collect()
-            finally:
-                gc.callbacks.remove(interrupting_gc)
-        return real(name)
-
-    monkeypatch.setattr(converter.mapping, "load_mapping", load_mapping)
     monkeypatch.setattr("sys.unraisablehook", reported.append)  # the hook before the CLI's
-    previous = signal.signal(signal.SIGINT, disposition)
-    try:
-        result = run_cli("models", "--json")
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert fired, "the gc callback did not run"
+    result = _run_with_a_ctrl_c_in_a_gc_callback(monkeypatch, disposition)
     assert [type(r.exc_value) for r in reported] == [KeyboardInterrupt]
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)
