@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict
 
 from click.testing import CliRunner, Result
 
@@ -69,3 +70,24 @@ def truncated_video(folder: Path, frames: int = 30, size=(40, 56)) -> Path:
     cut.write_bytes(data[: len(data) * 2 // 3])
     whole.unlink()
     return cut
+
+
+def alive_counts() -> Dict[str, int]:
+    """Counts for :func:`track_alive`: how many tracked objects are alive now, the
+    most alive at once, and how many were made."""
+    return {"now": 0, "most": 0, "made": 0}
+
+
+def _one_gone(counts: Dict[str, int]) -> None:
+    counts["now"] -= 1
+
+
+def track_alive(counts: Dict[str, int], value: Any) -> Any:
+    """``value``, counted in ``counts`` (:func:`alive_counts`) until it is garbage
+    (a weak reference's finalizer): what a runner holds at once, without timing or
+    measuring memory."""
+    counts["now"] += 1
+    counts["made"] += 1
+    counts["most"] = max(counts["most"], counts["now"])
+    weakref.finalize(value, _one_gone, counts)
+    return value

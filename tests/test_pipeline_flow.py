@@ -29,7 +29,7 @@ from perceiver_torch.pipelines.flow_io import (
     wheel_legend,
 )
 
-from helpers import run_cli
+from helpers import alive_counts, run_cli, track_alive
 
 pytest.importorskip("av")
 pytest.importorskip("cv2")
@@ -675,19 +675,12 @@ def live(monkeypatch) -> dict:
     """Counts, through weak references, the frames run_task reads (arrays from
     _still_frame) and the FlowResults it makes, alive at once: ``{"frames":
     {"now", "most", "made"}, "results": {...}}``."""
-    import weakref
-
     import perceiver_torch.pipelines.flow as flow_module
 
-    live = {kind: {"now": 0, "most": 0, "made": 0} for kind in ("frames", "results")}
+    live = {kind: alive_counts() for kind in ("frames", "results")}
 
     def track(kind: str, value):
-        counts = live[kind]
-        counts["now"] += 1
-        counts["made"] += 1
-        counts["most"] = max(counts["most"], counts["now"])
-        weakref.finalize(value, lambda: counts.__setitem__("now", counts["now"] - 1))
-        return value
+        return track_alive(live[kind], value)
 
     read, compute = flow_module._still_frame, FlowPipeline._flow_of_rgb
     monkeypatch.setattr(flow_module, "_still_frame",
@@ -827,19 +820,12 @@ def live_video(monkeypatch) -> dict:
     """Counts, through weak references, the flows FlowPipeline.video yields and the
     pictures run flow draws of them (render_flow), alive at once: ``{"flows":
     {"now", "most", "made"}, "pictures": {...}}``."""
-    import weakref
-
     import perceiver_torch.pipelines.flow as flow_module
 
-    live = {kind: {"now": 0, "most": 0, "made": 0} for kind in ("flows", "pictures")}
+    live = {kind: alive_counts() for kind in ("flows", "pictures")}
 
     def track(kind: str, value):
-        counts = live[kind]
-        counts["now"] += 1
-        counts["made"] += 1
-        counts["most"] = max(counts["most"], counts["now"])
-        weakref.finalize(value, lambda: counts.__setitem__("now", counts["now"] - 1))
-        return value
+        return track_alive(live[kind], value)
 
     video, render = FlowPipeline.video, flow_module.render_flow
     monkeypatch.setattr(FlowPipeline, "video", lambda self, *a, **k: (

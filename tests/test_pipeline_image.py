@@ -16,6 +16,7 @@ import torch
 import perceiver_torch as pt
 from perceiver_torch.labels import class_names, imagenet_labels, kinetics700_labels
 from perceiver_torch.pipelines import InputError, PipelineError, WrongModelError
+from helpers import alive_counts, track_alive
 
 cv2 = pytest.importorskip("cv2")
 Image = pytest.importorskip("PIL.Image")
@@ -647,23 +648,13 @@ def _save_images(folder, sizes) -> list:
 def live_pixels(monkeypatch) -> dict:
     """Counts the preprocessed images (the (3, H, W) float32 tensors run_task makes)
     alive at once: ``{"now", "most", "made"}``, through weak references."""
-    import weakref
-
     import perceiver_torch.pipelines.image as image_module
 
-    live = {"now": 0, "most": 0, "made": 0}
+    live = alive_counts()
     real = image_module.preprocess_image
 
-    def gone() -> None:
-        live["now"] -= 1
-
     def counted(*args, **kwargs):
-        pixels = real(*args, **kwargs)
-        live["now"] += 1
-        live["made"] += 1
-        live["most"] = max(live["most"], live["now"])
-        weakref.finalize(pixels, gone)
-        return pixels
+        return track_alive(live, real(*args, **kwargs))
 
     monkeypatch.setattr(image_module, "preprocess_image", counted)
     return live

@@ -27,7 +27,7 @@ from perceiver_torch.pipelines.video import (
     psnr,
 )
 
-from helpers import run_cli
+from helpers import alive_counts, run_cli, track_alive
 
 av = pytest.importorskip("av")
 cv2 = pytest.importorskip("cv2")
@@ -1066,23 +1066,15 @@ def test_run_autoencode_lets_each_video_go_before_the_next(tmp_path, model, monk
     frames) while the next video was autoencoded; --npz copied the arrays into bytes
     first. The files and documents are those of the pipeline on each video."""
     import io
-    import weakref
 
     from perceiver_torch.pipelines.base import RunOptions
     from perceiver_torch.pipelines.video import run_task
 
-    live = {"now": 0, "most": 0}
+    live = alive_counts()
     real = AutoencodePipeline.__call__
 
-    def gone() -> None:
-        live["now"] -= 1
-
     def counted(self, *args, **kwargs):
-        result = real(self, *args, **kwargs)
-        live["now"] += 1
-        live["most"] = max(live["most"], live["now"])
-        weakref.finalize(result, gone)
-        return result
+        return track_alive(live, real(self, *args, **kwargs))
 
     videos = [make_test_video(tmp_path / f"v{i}.mp4", 4, size=(24, 32), seed=i) and
               str(tmp_path / f"v{i}.mp4") for i in range(3)]
