@@ -934,6 +934,39 @@ def test_video_flows_stacked_as_they_come_whatever_the_declared_count(declared):
     assert got.getvalue() == expected.getvalue()
 
 
+@pytest.mark.parametrize("declared", [2**44, 2**62], ids=["memory", "array-size"])
+@pytest.mark.parametrize("output", ["wheel.mp4", "flows.npy"])
+def test_run_flow_of_a_video_whose_header_declares_too_many_frames(
+    tmp_path, model, monkeypatch, declared, output
+):
+    """A damaged header may declare any frame count (an AVI's length field patched to
+    50 million made run flow fail with "not enough memory" where 5 pairs were
+    decoded): room for the flows was reserved for the declared count, which no
+    machine has (2**44 flows of 40x56 px: over a 47-bit address space; 2**62: over
+    NumPy's largest array). The run is that of the video with its true count, with
+    the note that frames are missing."""
+    import perceiver_torch.pipelines.flow as flow_module
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.flow import run_task
+    from perceiver_torch.pipelines.video import make_test_video
+
+    video = tmp_path / "clip.mp4"
+    make_test_video(video, 4, size=(40, 56), sample_rate=None)
+    arrays = "npy" if output.endswith(".npy") else None
+    # The --render wheel and --npy runs reserve room for every flow.
+    expected_out, got_out = tmp_path / f"expected_{output}", tmp_path / output
+    (expected,) = run_task(FlowPipeline(model), [str(video)],
+                           RunOptions(output=expected_out, arrays=arrays))
+    monkeypatch.setattr(flow_module, "video_frame_count", lambda path: declared)
+    (got,) = run_task(FlowPipeline(model), [str(video)],
+                      RunOptions(output=got_out, arrays=arrays))
+    assert got["pairs"] == expected["pairs"] == 3
+    assert got["max_flow"] == expected["max_flow"]
+    assert f"4 of the {declared} frames the video declares" in got["notes"][0]
+    if arrays:
+        assert got_out.read_bytes() == expected_out.read_bytes()
+
+
 def test_run_flow_reads_frames_from_pipes(tmp_path, flow_checkpoint, pipes):
     """Each frame was opened twice (once to count its pictures), so a pipe's second
     reader found it empty: "cannot read /dev/fd/63 as an image". Classify read pipes."""

@@ -738,12 +738,13 @@ class _VideoFlowSummary:
 def _stacked(flows: Iterable[np.ndarray], expected: int) -> np.ndarray:
     """The flows (H, W, 2) as one array (N, H, W, 2), copied in as they come, with no
     list of them beside it: room for ``expected`` (the container's count of pairs,
-    which a cut file overstates), doubled where more come."""
+    which a cut file overstates), doubled where more come. Room that cannot be had
+    (a damaged header's count: 50 million frames) starts at one flow instead."""
     stack: Optional[np.ndarray] = None
     count = 0
     for flow in flows:
         if stack is None:
-            stack = np.empty((max(expected, 1), *flow.shape), dtype=flow.dtype)
+            stack = _room(expected, flow)
         elif count == len(stack):
             grown = np.empty((2 * count, *flow.shape), dtype=stack.dtype)
             grown[:count] = stack
@@ -752,6 +753,17 @@ def _stacked(flows: Iterable[np.ndarray], expected: int) -> np.ndarray:
         count += 1
     assert stack is not None  # _run_video has seen a first flow
     return stack[:count]
+
+
+def _room(expected: int, flow: np.ndarray) -> np.ndarray:
+    """An uninitialised array for ``expected`` flows like ``flow`` (pages untouched
+    until written: a count somewhat too high costs no memory), or for one flow where
+    the system or NumPy refuses that much (MemoryError; ValueError past NumPy's
+    largest array)."""
+    try:
+        return np.empty((max(expected, 1), *flow.shape), dtype=flow.dtype)
+    except (MemoryError, ValueError):
+        return np.empty((1, *flow.shape), dtype=flow.dtype)
 
 
 # --------------------------------------------------------------------------------------
