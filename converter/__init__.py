@@ -7,7 +7,7 @@ Reading never imports jax or haiku and never runs code from the file; see
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, List
 
 from converter._version import __version__
 from converter.errors import (
@@ -48,6 +48,12 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'converter' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> List[str]:
+    # The names __getattr__ gives are not in the module's dict: listed here, so that
+    # dir() (IPython's completion, inspect.getmembers) shows them as it did.
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "__version__",

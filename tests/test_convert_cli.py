@@ -90,6 +90,19 @@ def test_pt_output_loads_with_weights_only(tmp_path):
     assert set(model.state_dict()) == set(payload["state_dict"])
 
 
+def test_the_package_lists_the_names_it_loads_on_first_use():
+    """The converter package loads its reader, writer, convert() and export() on first
+    use (its __getattr__): dir(converter), which IPython's completion and
+    inspect.getmembers read, lost HaikuCheckpoint, load_haiku_checkpoint and
+    save_haiku_checkpoint when they became lazy (convert and export were never
+    listed). Every name of __all__ is listed, and each is what the package gives."""
+    names = dir(converter)
+    assert set(converter.__all__) <= set(names), set(converter.__all__) - set(names)
+    assert converter.load_haiku_checkpoint is load_haiku_checkpoint
+    assert converter.save_haiku_checkpoint is save_haiku_checkpoint
+    assert "not_a_name" not in names
+
+
 def test_python_api_converts_in_memory():
     result = converter.convert(GOLDEN / "language_perceiver" / "checkpoint.pickle")
     assert result.output is None and result.model == "language_perceiver"
