@@ -35,12 +35,16 @@ Contract of a task (how ``perceiver-convert run TASK`` finds and runs it)
    ``options.open_output(path)`` or ``options.output_path(path)`` (atomic in the CLI:
    a failed run leaves no partial file, an input is never overwritten). The documents
    of a task that writes files list them under ``"files"``. Its memory is bounded by
-   a batch, not by the number of inputs: it reads and checks every input first (a bad
-   one is named before the model runs), keeping only what is small (notes, sizes),
-   then reads them again batch by batch (an input that cannot be read twice, a pipe:
-   :func:`~.base.readable_twice`, keeps its first read), writes each batch's files as
-   it goes and keeps per input only its document (and an ``--npy``/``--npz`` array,
-   which is the output itself).
+   a batch (autoencode: one video), not by the number of inputs: it writes each
+   batch's files as it goes and keeps per input only its document (and an
+   ``--npy``/``--npz`` array, which is the output itself). classify and flow read and
+   check every image or frame first (a bad one is named before the model runs),
+   keeping only what is small (notes, sizes), then read them again batch by batch (an
+   input that cannot be read twice, a pipe: :func:`~.base.readable_twice`, keeps its
+   first read); fill-mask checks every text's length first; autoencode reads each
+   video once, in turn: only the videos' existence is checked up front (by its
+   ``spec.outputs``), and an unreadable video is named at its turn, after the earlier
+   videos' work.
 4. ``spec.options``: the task's own CLI options (:class:`~.base.TaskOption`); their
    values arrive in ``options.extra[dest]``. Using one with another task is a usage
    error.
