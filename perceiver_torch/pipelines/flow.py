@@ -646,7 +646,8 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
     """The flow of a video, drawn as a video or (``--npy``/``--npz``) stacked.
 
     Memory: ``--render hsv`` draws each flow as it is computed and hands the picture
-    to the encoder, holding no flow nor picture beyond the current one; the wheel
+    to the encoder, holding no flow nor picture beyond the current one (a GIF, which
+    Pillow makes whole, holds every picture: :func:`~.media.write_video`); the wheel
     (the default) scales every picture by the largest flow of the whole video, so
     every flow is held, once, in one array, before the first picture is drawn; the
     arrays' output holds them so too (it is that array). The summary's numbers are
