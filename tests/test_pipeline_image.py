@@ -748,6 +748,23 @@ def test_run_reads_a_pipe_once(tmp_path, pipes):
     assert documents[2] == {**files[2], "input": piped}
 
 
+def test_a_descriptor_name_counts_as_read_once_even_for_a_regular_file(tmp_path):
+    """``classify MODEL /dev/stdin < photo.png``: the name leads to a regular file,
+    but on macOS and the BSDs opening it again shares the descriptor's offset (the
+    second read would find the end of the file), so its first read is kept."""
+    import os
+
+    from perceiver_torch.pipelines.base import readable_twice
+
+    path = Path(_save_images(tmp_path, [(40, 50)])[0])
+    assert readable_twice(str(path))
+    with open(path, "rb") as handle:
+        descriptor = f"/dev/fd/{handle.fileno()}"
+        assert os.path.isfile(descriptor)  # a regular file behind it
+        assert not readable_twice(descriptor)
+        assert not readable_twice(f"/proc/self/fd/{handle.fileno()}")
+
+
 def test_run_refuses_an_image_changed_before_its_batch(tmp_path, monkeypatch):
     import perceiver_torch.pipelines.image as image_module
     from perceiver_torch.pipelines.base import RunOptions

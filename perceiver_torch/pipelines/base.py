@@ -125,10 +125,17 @@ def readable_twice(path: Any) -> bool:
     """Whether the INPUT ``path`` gives its bytes again to a second reader: a regular
     file does; a pipe (``<(cat frame.png)``, a FIFO) or a device gives them once. The
     runners that read their inputs twice (checked first, then read again batch by
-    batch) keep the first read of the others."""
+    batch) keep the first read of the others.
+
+    A name for an open descriptor (``/dev/stdin``, ``/dev/fd/N``, ``/proc/self/fd/N``)
+    counts as read once even where it leads to a regular file (``< photo.png``): on
+    macOS and the BSDs opening it again shares the descriptor's offset, and the
+    second read would start where the first ended."""
     try:
+        if os.path.abspath(os.fspath(path)).startswith(("/dev/", "/proc/")):
+            return False
         return stat.S_ISREG(os.stat(path).st_mode)
-    except (OSError, ValueError):
+    except (OSError, TypeError, ValueError):
         return False
 
 
