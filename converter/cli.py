@@ -44,6 +44,7 @@ from converter.errors import (
     ConverterError,
     Terminated,
     UsageError,
+    failure_document,
     interrupt_message,
     nonfinite_message,
 )
@@ -111,12 +112,12 @@ def exit_code_for(error: BaseException) -> int:
 def error_document(error: BaseException, exit_code: int) -> Dict[str, Any]:
     """The ``--json`` document of a failed command: ``{"ok": false, "error": {"type",
     "message", ...details}, "exit_code"}``."""
-    body: Dict[str, Any] = {"type": type(error).__name__, "message": _message(error)}
+    details: Dict[str, Any] = {}
     key = getattr(error, "key", None)
     if key is not None:
-        body["key"] = key
-    body.update(getattr(error, "details", None) or {})
-    return {"ok": False, "error": body, "exit_code": exit_code}
+        details["key"] = key
+    details.update(getattr(error, "details", None) or {})
+    return failure_document(error, _message(error), exit_code, details)
 
 
 def _message(error: BaseException) -> str:

@@ -16,7 +16,12 @@ import signal
 import sys
 from typing import Any, NoReturn, Sequence
 
-from converter.errors import EXIT_INTERRUPTED, Terminated, interrupt_message
+from converter.errors import (
+    EXIT_INTERRUPTED,
+    Terminated,
+    failure_document,
+    interrupt_message,
+)
 
 __all__ = ["main", "wants_json"]
 
@@ -37,10 +42,10 @@ def _raise_terminated(signum: int, frame: Any) -> NoReturn:
 
 def _report_interrupt(error: KeyboardInterrupt, as_json: bool) -> NoReturn:
     """Exits as ``converter.cli.ConverterGroup`` does on an interrupt: one line on
-    stderr and, with ``--json``, its error document on stdout (the same keys as
-    ``converter.cli.error_document``). No traceback, even with ``--debug``: the
-    switch is not read yet (as in ConverterGroup, whose own reading of it may be
-    interrupted)."""
+    stderr and, with ``--json``, its error document on stdout
+    (:func:`~converter.errors.failure_document`, which ``converter.cli.error_document``
+    fills too). No traceback, even with ``--debug``: the switch is not read yet (as in
+    ConverterGroup, whose own reading of it may be interrupted)."""
     code = getattr(error, "exit_code", EXIT_INTERRUPTED)
     message = interrupt_message(error)
     # A stream that cannot take the report (closed, /dev/full): the exit code still
@@ -52,13 +57,8 @@ def _report_interrupt(error: KeyboardInterrupt, as_json: bool) -> NoReturn:
     if as_json:
         import json  # here: nothing but the report needs it
 
-        document = {
-            "ok": False,
-            "error": {"type": type(error).__name__, "message": message},
-            "exit_code": code,
-        }
         try:
-            print(json.dumps(document, indent=2), flush=True)
+            print(json.dumps(failure_document(error, message, code), indent=2), flush=True)
         except (OSError, AttributeError, ValueError):
             pass
     raise SystemExit(code)

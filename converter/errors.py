@@ -6,6 +6,8 @@ where there is one, and says how to fix it. The CLI maps them to exit codes.
 
 from __future__ import annotations
 
+from typing import Any, Dict, Mapping, Optional
+
 
 class ConverterError(Exception):
     """Base class of every error the converter raises on purpose.
@@ -75,6 +77,19 @@ class Terminated(KeyboardInterrupt):
 # converter.cli with the other codes: the console script (converter.console_script)
 # reports an interrupt of its startup imports before converter.cli is loaded.
 EXIT_INTERRUPTED = 130
+
+
+def failure_document(
+    error: BaseException, message: str, exit_code: int,
+    details: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """The ``--json`` document of a failed command: ``{"ok": false, "error": {"type",
+    "message", ...details}, "exit_code"}``. Here rather than in converter.cli
+    (``error_document`` fills it for every command): the console script prints it for
+    an interrupt of converter.cli's imports."""
+    body: Dict[str, Any] = {"type": type(error).__name__, "message": message}
+    body.update(details or {})
+    return {"ok": False, "error": body, "exit_code": exit_code}
 
 
 def interrupt_message(error: KeyboardInterrupt) -> str:
