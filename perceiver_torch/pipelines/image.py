@@ -699,20 +699,24 @@ class ClassifyPipeline:
                 if len(batch) == 1:  # one image is "the image", as one text in fill-mask
                     raise
                 raise InputError(f"image {row + 1}: {error}") from None
-        results = []
-        for image, logits, image_notes in zip(batch, self.logits(pixels), notes):
-            note = non_finite_output_note(logits, self.model)
-            if note is not None:
-                image_notes.append(note)
-            probabilities, indices = softmax_top_k(logits, top_k)
-            scores = tuple(
-                LabelScore(self.labels[i], int(i), float(p))
-                for p, i in zip(probabilities.tolist(), indices.tolist())
-            )
-            results.append(
-                ClassifyResult(_describe(image), scores, logits, tuple(image_notes))
-            )
+        results = [
+            ClassifyResult(_describe(image), self.scores(logits, top_k, image_notes),
+                           logits, tuple(image_notes))
+            for image, logits, image_notes in zip(batch, self.logits(pixels), notes)
+        ]
         return results[0] if single else results
+
+    def scores(self, logits: torch.Tensor, top_k: int, notes: List[str]) -> Tuple[LabelScore, ...]:
+        """An image's ``top_k`` labels from its logits (C,), best first; a note on
+        logits that are not finite is added to ``notes``."""
+        note = non_finite_output_note(logits, self.model)
+        if note is not None:
+            notes.append(note)
+        probabilities, indices = softmax_top_k(logits, top_k)
+        return tuple(
+            LabelScore(self.labels[i], int(i), float(p))
+            for p, i in zip(probabilities.tolist(), indices.tolist())
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -758,14 +762,7 @@ def run_task(pipeline: ClassifyPipeline, inputs: List[str], options: RunOptions)
         del batch
         for index, row in zip(range(start, stop), batch_logits):
             path, image_notes = inputs[index], notes[index]
-            note = non_finite_output_note(row, pipeline.model)
-            if note is not None:
-                image_notes.append(note)
-            probabilities, indices = softmax_top_k(row, options.top_k)
-            scores = tuple(
-                LabelScore(pipeline.labels[i], int(i), float(p))
-                for p, i in zip(probabilities.tolist(), indices.tolist())
-            )
+            scores = pipeline.scores(row, options.top_k, image_notes)
             documents.append(ClassifyResult(path, scores, row, tuple(image_notes)).as_dict())
             lines.append(path)
             lines.extend(f"  note: {note}" for note in image_notes)
