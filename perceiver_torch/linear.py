@@ -184,9 +184,9 @@ def cpu_has_matmul_instructions(dtype: torch.dtype) -> bool:
     every product to float32 and back: on an AMD EPYC with AVX2 only the language model
     took 12.8 s in bfloat16 against 1.0 s in float32 (HF's the same: 13.8 s); on an
     Intel Xeon with AVX-512 but neither (Ice Lake, 2026-12-07) 2.0 against 0.75 s (a
-    2048^3 product: 54-65 GFLOP/s against 254-311). On an Intel Xeon with AMX and AVX512-FP16 (no AMX-FP16) a 2048^3 product ran at 2079
-    GFLOP/s in bfloat16, 326 in float16 and 319 in float32. True where this torch
-    cannot tell."""
+    2048^3 product: 54-65 GFLOP/s against 254-311). On an Intel Xeon with AMX and
+    AVX512-FP16 (no AMX-FP16) a 2048^3 product ran at 2079 GFLOP/s in bfloat16, 326 in
+    float16 and 319 in float32. True where this torch cannot tell."""
     if dtype == torch.bfloat16:
         found = [_cpu_feature("_is_avx512_bf16_supported"), _cpu_feature("_is_amx_tile_supported")]
     elif dtype == torch.float16:
