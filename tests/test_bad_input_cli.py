@@ -454,6 +454,7 @@ def _console_script_entry_point() -> str:
     return line.split("=", 1)[1].strip()
 
 
+@pytest.mark.parametrize("entry", ["console-script", "python-m"])
 @pytest.mark.parametrize("library", ["click", "numpy"])
 @pytest.mark.parametrize(
     "signum, code, error_type",
@@ -461,7 +462,7 @@ def _console_script_entry_point() -> str:
     ids=["ctrl-c", "sigterm"],
 )
 def test_a_signal_while_the_console_script_imports_the_cli(
-    tmp_path, library, signum, code, error_type
+    tmp_path, library, signum, code, error_type, entry
 ):
     """Ctrl-C while the console script still imported converter.cli (click, numpy:
     a few tenths of a second) was a Python traceback, and SIGTERM killed the process
@@ -469,7 +470,7 @@ def test_a_signal_while_the_console_script_imports_the_cli(
     sent by a stand-in for a library of the startup, so that it lands inside the
     startup imports on every run: click, the first one converter.cli imports, and
     numpy, which the converter package itself imported (before the console script
-    could run a line of its own)."""
+    could run a line of its own). ``python -m converter`` goes the same way."""
     import subprocess
     import sys
 
@@ -482,13 +483,15 @@ def test_a_signal_while_the_console_script_imports_the_cli(
     module, function = _console_script_entry_point().split(":")
     # What the installed script runs (pip writes `sys.exit(function())`).
     script = f"import sys; from {module} import {function}; sys.exit({function}())"
+    command = [sys.executable, "-c", script] if entry == "console-script" else [
+        sys.executable, "-m", "converter"]
 
     def default_signals():  # a background job (the suite run with `&`) ignores SIGINT
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     done = subprocess.run(
-        [sys.executable, "-c", script, "models", "--json"],
+        [*command, "models", "--json"],
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), str(repo)])},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120,
         preexec_fn=default_signals,
@@ -501,7 +504,7 @@ def test_a_signal_while_the_console_script_imports_the_cli(
 
     # Without the stand-in the same script is the command line itself.
     version = subprocess.run(
-        [sys.executable, "-c", script, "--version"],
+        [*command, "--version"],
         env={**os.environ, "PYTHONPATH": str(repo)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120,
     )
