@@ -256,8 +256,10 @@ def test_a_colour_key_is_transparent_over_white(tmp_path, kind):
 
 
 
-def _png(width: int, bit_depth: int, colour_type: int, row: bytes, trns: bytes) -> bytes:
-    """A one-row PNG written from the specification (Pillow cannot write every depth)."""
+def _png(width: int, bit_depth: int, colour_type: int, row: bytes, trns: bytes,
+         rows: int = 1) -> bytes:
+    """A PNG of ``rows`` copies of ``row``, written from the specification (Pillow
+    cannot write every depth)."""
     import struct
     import zlib
 
@@ -265,9 +267,9 @@ def _png(width: int, bit_depth: int, colour_type: int, row: bytes, trns: bytes) 
         return (struct.pack(">I", len(data)) + kind + data
                 + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
 
-    header = struct.pack(">IIBBBBB", width, 1, bit_depth, colour_type, 0, 0, 0)
+    header = struct.pack(">IIBBBBB", width, rows, bit_depth, colour_type, 0, 0, 0)
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tRNS", trns)
-            + chunk(b"IDAT", zlib.compress(b"\x00" + row)) + chunk(b"IEND", b""))
+            + chunk(b"IDAT", zlib.compress((b"\x00" + row) * rows)) + chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("bits, row, width, key, expected", [
@@ -646,8 +648,9 @@ def _save_images(folder, sizes) -> list:
 
 @pytest.fixture
 def live_pixels(monkeypatch) -> dict:
-    """Counts the preprocessed images (the (3, H, W) float32 tensors run_task makes)
-    alive at once: ``{"now", "most", "made"}``, through weak references."""
+    """Counts the preprocessed images (the (3, H, W) float32 tensors the pipeline
+    makes, for run_task too) alive at once: ``{"now", "most", "made"}``, through weak
+    references."""
     import perceiver_torch.pipelines.image as image_module
 
     live = alive_counts()
@@ -765,7 +768,10 @@ def test_a_descriptor_name_counts_as_read_once_even_for_a_regular_file(tmp_path)
         assert not readable_twice(f"/proc/self/fd/{handle.fileno()}")
 
 
-def test_run_refuses_an_image_changed_before_its_batch(tmp_path, monkeypatch):
+@pytest.mark.parametrize("caller", ["run", "pipeline"])
+def test_an_image_changed_before_its_batch_is_refused(tmp_path, monkeypatch, caller):
+    import re
+
     import perceiver_torch.pipelines.image as image_module
     from perceiver_torch.pipelines.base import RunOptions
     from perceiver_torch.pipelines.image import run_task
@@ -780,9 +786,116 @@ def test_run_refuses_an_image_changed_before_its_batch(tmp_path, monkeypatch):
         return real(image, *args, **kwargs)
 
     monkeypatch.setattr(image_module, "preprocess_image", rewritten_after_the_checks)
-    with pytest.raises(InputError, match=f"{paths[2]} changed during the run"):
-        run_task(ClassifyPipeline(tiny("imagenet_fourier"), batch_size=2), paths,
-                 RunOptions(extra={"native_size": True}))
+    pipeline = ClassifyPipeline(tiny("imagenet_fourier"), batch_size=2, resize=False)
+    # run names the file; the pipeline numbers it too, as any image among several.
+    prefix = "" if caller == "run" else "image 3: "
+    with pytest.raises(InputError, match=f"^{re.escape(prefix + paths[2])} changed during the run"):
+        if caller == "run":
+            run_task(pipeline, paths, RunOptions())
+        else:
+            pipeline(paths)
+
+
+# --------------------------------------------------------------------------------------
+# the pipeline on many images: memory bounded by the batch too
+
+
+def test_the_pipeline_holds_one_batch_of_pixels_at_each_model_call(tmp_path, live_pixels):
+    """pipeline(images) preprocessed every image before its first model call (0.6 MB
+    an image at 224x224: 10,000 paths took 6 GB); it now checks every image, then
+    preprocesses each batch's again for its call, images in memory too."""
+    model = tiny("imagenet_conv")
+    paths = _save_images(tmp_path, [(40, 50)] * 2)
+    images = [
+        paths[0], Path(paths[1]), random_rgb(40, 50, seed=2),
+        torch.from_numpy(random_rgb(33, 32, seed=3)).permute(2, 0, 1),
+        Image.fromarray(random_rgb(30, 30, seed=4)), random_rgb(24, 30, seed=5),
+        random_rgb(40, 50, seed=6),
+    ]
+    alive_at_calls = []
+    hook = model.register_forward_pre_hook(
+        lambda module, args: alive_at_calls.append(live_pixels["now"]))
+    try:
+        results = ClassifyPipeline(model, batch_size=2)(image for image in images)
+    finally:
+        hook.remove()
+    assert len(results) == len(images)
+    assert alive_at_calls == [2, 2, 2, 1]  # each call's own images (it was all 7)
+    assert live_pixels["most"] == 2 and live_pixels["made"] == 2 * len(images)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_the_pipeline_gives_each_image_preprocessed_alone_batch_by_batch(tmp_path, pipes,
+                                                                        native):
+    """Read twice, every kind of image gives the logits and notes of its first read:
+    the model called on the images preprocessed one by one, in the same batches (at
+    the images' own size: runs of one size cut at 2 images, NATIVE_CALLS)."""
+    model = tiny("imagenet_fourier")
+    arrays = [random_rgb(height, width, seed=i) for i, (height, width) in enumerate(NATIVE_SIZES)]
+    paths = _save_images(tmp_path, NATIVE_SIZES)  # the same pixels (seed i)
+    piped = str(pipes("piped", Path(paths[4]).read_bytes()))
+    # A 16-bit image with values within 0..255 gets a note, on its first read only.
+    sixteen_bit = arrays[7][..., 0].astype(np.uint16)
+    images = [paths[0], arrays[1], torch.from_numpy(arrays[2]).permute(2, 0, 1),
+              Image.fromarray(arrays[3]), piped, arrays[5].astype(np.float32),
+              Path(paths[6]), sixteen_bit, arrays[8]]
+    alone = [paths[4] if image is piped else image for image in images]
+    size = None if native else model_image_size(model)
+    notes = [[] for _ in alone]
+    pixels = [preprocess_image(image, size, n) for image, n in zip(alone, notes)]
+    calls = NATIVE_CALLS if native else [(i, min(i + 2, 9)) for i in range(0, 9, 2)]
+    with torch.no_grad():
+        expected = [row for start, stop in calls
+                    for row in model(torch.stack(pixels[start:stop])).float()]
+
+    batches = []
+    hook = model.register_forward_hook(lambda module, args, out: batches.append(len(out)))
+    try:
+        results = ClassifyPipeline(model, resize=not native, batch_size=2)(images, top_k=3)
+    finally:
+        hook.remove()
+    assert batches == [stop - start for start, stop in calls]
+    assert [results[i].input for i in (0, 4, 6)] == [paths[0], piped, paths[6]]
+    for result, row, image_notes in zip(results, expected, notes):
+        assert torch.equal(result.logits, row)
+        order = torch.softmax(row.double(), -1).argsort(descending=True)[:3]
+        assert [s.index for s in result.top_k] == order.tolist()
+        assert result.notes == tuple(image_notes)
+    assert len(results[7].notes) == 1
+
+
+def test_a_bad_image_among_several_fails_before_any_model_call(tmp_path, live_pixels):
+    model = tiny("imagenet_conv")
+    good = _save_images(tmp_path, [(40, 50)] * 4)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"no image")
+    calls = []
+    hook = model.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        # The fifth image is in the third batch: it is named before the first.
+        with pytest.raises(InputError, match=f"^image 5: cannot read {broken} as an image"):
+            ClassifyPipeline(model, batch_size=2)(good + [broken, good[0]])
+        with pytest.raises(InputError, match=r"^image 4: an image array must be"):
+            ClassifyPipeline(model, batch_size=2)([random_rgb(30, 30)] * 3
+                                                  + [np.zeros((4, 4, 2), np.uint8)])
+    finally:
+        hook.remove()
+    assert calls == [] and live_pixels["made"] == 4 + 3
+
+
+def test_a_pil_image_not_decoded_yet_keeps_its_first_read(tmp_path):
+    """A PIL image from Image.open is decoded by its first read; only before that
+    does it say that its colour key is stored at 4 bits (key 5 is grey level 85):
+    read again, the key matched no pixel, and grey 85 was not white."""
+    import struct
+
+    path = tmp_path / "grey.png"
+    path.write_bytes(_png(4, 4, 0, bytes([0x05, 0xF0]), struct.pack(">H", 5), rows=4))
+    pipeline = ClassifyPipeline(tiny("imagenet_conv"))
+    with Image.open(path) as opened:
+        assert opened.tile  # not decoded yet
+        from_image, from_file = pipeline([opened, path])
+    assert torch.equal(from_image.logits, from_file.logits)
 
 
 def test_wrong_model():

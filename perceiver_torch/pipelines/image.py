@@ -615,6 +615,21 @@ def _describe(image: ImageInput) -> str:
     return f"{type(image).__name__} {tuple(shape) if shape is not None else ''}".strip()
 
 
+def _reads_the_same_again(image: ImageInput) -> bool:
+    """Whether preprocessing ``image`` a second time gives what the first gave, so
+    that its pixels need not be held between the two: true of a file that can be read
+    twice (:func:`~.base.readable_twice`; not a pipe or ``/dev/stdin``, whose bytes
+    come once), of arrays and tensors, and of a PIL image already decoded. Not of a
+    PIL image that ``Image.open`` has not decoded yet: the first read decodes it, and
+    only before that does it tell the depth its colour key is stored at
+    (:func:`_stored_rawmode`)."""
+    if is_path(image):
+        return readable_twice(image)
+    if _is_pil(image):
+        return not getattr(image, "tile", None)  # Pillow empties it when it decodes
+    return True
+
+
 class ClassifyPipeline:
     """ImageNet classification with an ``imagenet_learned``, ``imagenet_fourier`` or
     ``imagenet_conv`` model (see the module docstring).
@@ -628,6 +643,14 @@ class ClassifyPipeline:
 
     resize: False feeds the centre crop at its own size (Fourier and conv only);
     crops of different sizes then run one at a time.
+
+    Memory holds one batch of preprocessed pixels, not every image's (0.6 MB an
+    image at 224x224): every image is preprocessed first, so that a bad one fails
+    before any model call, keeping only its notes and size, then again batch by
+    batch for its model call (:meth:`logits_by_batch`). A pipe or ``/dev/stdin``, and
+    a PIL image ``Image.open`` has not decoded yet, keep their first read instead. A
+    generator's images are taken into a list first (the caller's objects, not
+    pixels).
 
     Float pixels (0..255 scale) are clipped to 0..255, resized in float32 and clipped
     to 0..255 again, their fractions kept (:func:`resize_cubic`); uint8 pixels are
@@ -691,20 +714,76 @@ class ClassifyPipeline:
         single = _is_one_image(images)
         batch = [images] if single else list(images)
         notes: List[List[str]] = [[] for _ in batch]
-        pixels = []
-        for row, (image, image_notes) in enumerate(zip(batch, notes)):
-            try:
-                pixels.append(self.preprocess(image, image_notes))
-            except InputError as error:
-                if len(batch) == 1:  # one image is "the image", as one text in fill-mask
-                    raise
-                raise InputError(f"image {row + 1}: {error}") from None
+
+        def numbered(index: int, message: str) -> str:
+            # One image (alone or the only one of a list) is "the image", as one text
+            # in fill-mask.
+            return message if len(batch) == 1 else f"image {index + 1}: {message}"
+
         results = [
-            ClassifyResult(_describe(image), self.scores(logits, top_k, image_notes),
-                           logits, tuple(image_notes))
-            for image, logits, image_notes in zip(batch, self.logits(pixels), notes)
+            ClassifyResult(_describe(batch[index]), self.scores(logits, top_k, notes[index]),
+                           logits, tuple(notes[index]))
+            for index, logits in self.logits_by_batch(batch, notes, numbered)
         ]
         return results[0] if single else results
+
+    def logits_by_batch(
+        self,
+        images: Sequence[ImageInput],
+        notes: Sequence[List[str]],
+        message: Callable[[int, str], str],
+    ) -> Iterator[Tuple[int, torch.Tensor]]:
+        """``(index, logits)`` of each of ``images``, in order: the float32 logits
+        (C,), with memory bounded by the batch rather than by the number of images.
+
+        Every image is preprocessed first, so that a bad one among thousands fails
+        before any model call; only its notes (added to ``notes[index]``) and its
+        shape are kept. The images of each model call (:func:`batches`) are then
+        preprocessed again, and only their logits outlive the call. An image whose
+        second read would not be its first (:func:`_reads_the_same_again`: a pipe, a
+        PIL image not decoded yet) keeps its first read's pixels instead; one whose
+        shape has changed meanwhile (a file rewritten) is refused.
+
+        message(index, text): the message of image ``index``'s InputError, given
+        the error's own text (``__call__`` numbers the image, ``run`` names the file).
+        Progress (:attr:`progress`): ``"preprocessing"``, then ``"batches"``.
+        """
+
+        def preprocessed(index: int, image_notes: List[str]) -> torch.Tensor:
+            try:
+                return self.preprocess(images[index], image_notes)
+            except InputError as error:
+                raise InputError(message(index, str(error))) from None
+
+        shapes: List[Tuple[int, ...]] = []
+        kept: Dict[int, torch.Tensor] = {}  # the pixels of the images read only once
+        rows = list(enumerate(notes))
+        for index, image_notes in self.progress(rows, len(rows), "preprocessing"):
+            # Asked before the read: reading a PIL image decodes it, and the answer changes.
+            once = not _reads_the_same_again(images[index])
+            pixels = preprocessed(index, image_notes)
+            shapes.append(tuple(pixels.shape))
+            if once:
+                kept[index] = pixels
+            del pixels  # not held while the next image is read
+
+        def again(index: int) -> torch.Tensor:
+            if index in kept:
+                return kept.pop(index)
+            # Its notes were taken on the first read; a list (not None) keeps
+            # Pillow's warnings quiet on this one too.
+            pixels = preprocessed(index, [])
+            if tuple(pixels.shape) != shapes[index]:
+                error = changed_input_error(_describe(images[index]), shapes[index], pixels.shape)
+                raise InputError(message(index, str(error)))
+            return pixels
+
+        groups = batches(shapes, self.batch_size)
+        for start, stop in self.progress(groups, len(groups), "batches"):
+            batch = [again(index) for index in range(start, stop)]
+            logits = self.batch_logits(batch)
+            del batch  # not held while the next batch is read
+            yield from zip(range(start, stop), logits)
 
     def scores(self, logits: torch.Tensor, top_k: int, notes: List[str]) -> Tuple[LabelScore, ...]:
         """An image's ``top_k`` labels from its logits (C,), best first; a note on
@@ -726,55 +805,42 @@ class ClassifyPipeline:
 def run_task(pipeline: ClassifyPipeline, inputs: List[str], options: RunOptions) -> List[dict]:
     """``perceiver-convert run classify``: one document per image.
 
-    Memory is bounded by the batch, not by the number of images: every image is read
-    and checked first (an unreadable one among thousands fails before any model call,
-    naming the file), keeping only its notes and its size; each batch's images are
-    then read again for their model call, and only the documents (and with
-    ``--npy``/``--npz`` the logits, the output itself) stay. An INPUT that cannot be
-    read twice (a pipe: :func:`~.base.readable_twice`) keeps its first read's pixels.
-    The lines are printed once every image has its answer, as when all were computed
-    at once.
+    Memory is bounded by the batch, not by the number of images
+    (:meth:`ClassifyPipeline.logits_by_batch`): every image is read and checked first
+    (an unreadable one among thousands fails before any model call, naming the file),
+    keeping only its notes and its size; each batch's images are then read again for
+    their model call, and only the documents (and with ``--npy``/``--npz`` the
+    logits, the output itself) stay. An INPUT that cannot be read twice (a pipe:
+    :func:`~.base.readable_twice`) keeps its first read's pixels. The lines are
+    printed once every image has its answer, as when all were computed at once.
     """
     if options.extra.get("native_size") and pipeline.size is not None:
         # The same pipeline at the images' own size: keep the caller's batch size.
         pipeline = ClassifyPipeline(pipeline.model, resize=False, batch_size=pipeline.batch_size)
     pipeline.progress = options.progress
     notes: List[List[str]] = [[] for _ in inputs]
-    shapes: List[Tuple[int, ...]] = []
-    kept: Dict[int, torch.Tensor] = {}  # the pixels of the inputs read only once
-    rows = list(enumerate(zip(inputs, notes)))
-    for index, (path, image_notes) in options.progress(rows, len(rows), "preprocessing"):
-        pixels = _preprocess_input(pipeline, path, image_notes)
-        shapes.append(tuple(pixels.shape))
-        if not readable_twice(path):
-            kept[index] = pixels
-        del pixels  # not held while the next image is read
-    groups = batches(shapes, pipeline.batch_size)
+
+    def named(index: int, message: str) -> str:
+        path = inputs[index]
+        return message if path in message else f"{path}: {message}"
+
     documents: List[dict] = []
     lines: List[str] = []
     logits: Optional[np.ndarray] = None  # (N, num_classes): --npy/--npz only
-    for start, stop in options.progress(groups, len(groups), "batches"):
-        batch = [
-            kept.pop(index) if index in kept else _preprocess_again(pipeline, inputs[index], shapes[index])
-            for index in range(start, stop)
-        ]
-        batch_logits = pipeline.batch_logits(batch)
-        del batch
-        for index, row in zip(range(start, stop), batch_logits):
-            path, image_notes = inputs[index], notes[index]
-            scores = pipeline.scores(row, options.top_k, image_notes)
-            documents.append(ClassifyResult(path, scores, row, tuple(image_notes)).as_dict())
-            lines.append(path)
-            lines.extend(f"  note: {note}" for note in image_notes)
-            lines.extend(
-                f"  {rank}. {score.label} (index {score.index})  {score.probability:.4f}"
-                for rank, score in enumerate(scores, 1)
-            )
-            if options.arrays is not None:
-                if logits is None:
-                    logits = np.empty((len(inputs), *row.shape), dtype=np.float32)
-                logits[index] = row.numpy()
-        del batch_logits
+    for index, row in pipeline.logits_by_batch(inputs, notes, named):
+        path, image_notes = inputs[index], notes[index]
+        scores = pipeline.scores(row, options.top_k, image_notes)
+        documents.append(ClassifyResult(path, scores, row, tuple(image_notes)).as_dict())
+        lines.append(path)
+        lines.extend(f"  note: {note}" for note in image_notes)
+        lines.extend(
+            f"  {rank}. {score.label} (index {score.index})  {score.probability:.4f}"
+            for rank, score in enumerate(scores, 1)
+        )
+        if options.arrays is not None:
+            if logits is None:
+                logits = np.empty((len(inputs), *row.shape), dtype=np.float32)
+            logits[index] = row.numpy()
     for line in lines:
         options.echo(line)
     if options.output is not None:
@@ -789,26 +855,6 @@ def run_task(pipeline: ClassifyPipeline, inputs: List[str], options: RunOptions)
                 else:
                     np.savez(handle, logits=logits, inputs=np.asarray(inputs))
     return documents
-
-
-def _preprocess_input(pipeline: ClassifyPipeline, path: str, notes: List[str]) -> torch.Tensor:
-    """The INPUT ``path`` preprocessed; its InputError names the file."""
-    try:
-        return pipeline.preprocess(path, notes)
-    except InputError as error:
-        message = str(error)
-        raise InputError(message if path in message else f"{path}: {message}") from None
-
-
-def _preprocess_again(pipeline: ClassifyPipeline, path: str, shape: Tuple[int, ...]) -> torch.Tensor:
-    """The INPUT ``path`` read again for its batch; it must still give pixels of
-    ``shape`` (its batch was made by size)."""
-    # Its notes were taken on the first read; a list (not None) keeps Pillow's
-    # warnings quiet on this one too.
-    pixels = _preprocess_input(pipeline, path, [])
-    if tuple(pixels.shape) != shape:
-        raise changed_input_error(path, shape, pixels.shape)
-    return pixels
 
 
 def demo_task(model: torch.nn.Module, folder: Path, options: RunOptions) -> Dict[str, str]:
