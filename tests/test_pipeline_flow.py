@@ -792,6 +792,36 @@ def test_run_flow_refuses_a_frame_changed_before_its_pair(tmp_path, model, monke
                              RunOptions(output=tmp_path / "out"))
 
 
+def test_run_flow_refuses_a_frame_rewritten_with_the_same_size(tmp_path, model, monkeypatch):
+    """Only the frames' shape was compared: a frame rewritten with other pixels of the
+    same size between the checks and its pair gave the flow of the new frame. A BMP of
+    one size is one byte count, so only the modification time tells (set a second
+    later, as a later write sets it)."""
+    import os
+
+    import perceiver_torch.pipelines.flow as flow_module
+    from perceiver_torch.pipelines.base import RunOptions
+
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"frame{i}.bmp"))
+        Image.fromarray(textured_pair(40, 56, shift=(1, 2), seed=i)[0]).save(paths[-1])
+    size, mtime = os.path.getsize(paths[2]), os.stat(paths[2]).st_mtime_ns
+    read, reads = flow_module._still_frame, []
+
+    def rewritten_after_the_checks(path, *args, **kwargs):
+        reads.append(path)
+        if len(reads) == len(paths) + 1:  # the first read for a pair
+            Image.fromarray(textured_pair(40, 56, seed=9)[0]).save(paths[2])
+            os.utime(paths[2], ns=(mtime + 10**9, mtime + 10**9))
+            assert os.path.getsize(paths[2]) == size
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(flow_module, "_still_frame", rewritten_after_the_checks)
+    with pytest.raises(InputError, match=f"^{re.escape(paths[2])} changed during the run"):
+        flow_module.run_task(FlowPipeline(model), paths, RunOptions(output=tmp_path / "out"))
+
+
 def test_run_flow_failing_after_staged_pairs_leaves_no_file(tmp_path, flow_checkpoint,
                                                             monkeypatch):
     """The pairs' files are now staged as each flow is computed: a failure at a

@@ -7,6 +7,7 @@ Every image here is made by the test (numpy + Pillow); nothing is downloaded.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -755,7 +756,6 @@ def test_a_descriptor_name_counts_as_read_once_even_for_a_regular_file(tmp_path)
     """``classify MODEL /dev/stdin < photo.png``: the name leads to a regular file,
     but on macOS and the BSDs opening it again shares the descriptor's offset (the
     second read would find the end of the file), so its first read is kept."""
-    import os
 
     from perceiver_torch.pipelines.base import readable_twice
 
@@ -788,6 +788,45 @@ def test_an_image_changed_before_its_batch_is_refused(tmp_path, monkeypatch, cal
     monkeypatch.setattr(image_module, "preprocess_image", rewritten_after_the_checks)
     pipeline = ClassifyPipeline(tiny("imagenet_fourier"), batch_size=2, resize=False)
     # run names the file; the pipeline numbers it too, as any image among several.
+    prefix = "" if caller == "run" else "image 3: "
+    with pytest.raises(InputError, match=f"^{re.escape(prefix + paths[2])} changed during the run"):
+        if caller == "run":
+            run_task(pipeline, paths, RunOptions())
+        else:
+            pipeline(paths)
+
+
+@pytest.mark.parametrize("caller", ["run", "pipeline"])
+def test_an_image_rewritten_with_the_same_size_before_its_batch_is_refused(
+    tmp_path, monkeypatch, caller
+):
+    """Only the pixels' shape was compared: a file rewritten with other pixels of the
+    same size between the check and its batch was classified with the first read's
+    notes. A BMP of one size is one byte count, so only the modification time tells;
+    it is set a second later, as a later write sets it (a rewrite within the clock's
+    tick is the one case a file's state cannot tell)."""
+    import re
+
+    import perceiver_torch.pipelines.image as image_module
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.image import run_task
+
+    paths = [str(tmp_path / f"image{i}.bmp") for i in range(3)]
+    for i, path in enumerate(paths):
+        Image.fromarray(random_rgb(40, 50, seed=i)).save(path)
+    size, mtime = os.path.getsize(paths[2]), os.stat(paths[2]).st_mtime_ns
+    real, reads = image_module.preprocess_image, []
+
+    def rewritten_after_the_checks(image, *args, **kwargs):
+        reads.append(image)
+        if len(reads) == len(paths) + 1:  # the first read for a batch
+            Image.fromarray(random_rgb(40, 50, seed=7)).save(paths[2])
+            os.utime(paths[2], ns=(mtime + 10**9, mtime + 10**9))
+            assert os.path.getsize(paths[2]) == size
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(image_module, "preprocess_image", rewritten_after_the_checks)
+    pipeline = ClassifyPipeline(tiny("imagenet_fourier"), batch_size=2, resize=False)
     prefix = "" if caller == "run" else "image 3: "
     with pytest.raises(InputError, match=f"^{re.escape(prefix + paths[2])} changed during the run"):
         if caller == "run":
@@ -1159,7 +1198,6 @@ def test_any_os_pathlike_is_a_path(tmp_path):
     """os.DirEntry (os.scandir), pure pathlib paths and other os.PathLike names are
     file paths, as str and Path are: they were refused as "cannot classify a
     DirEntry" (flow: the same words)."""
-    import os
     from pathlib import PurePath
 
     from perceiver_torch.pipelines import FlowPipeline

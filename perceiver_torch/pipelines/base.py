@@ -139,6 +139,29 @@ def readable_twice(path: Any) -> bool:
         return False
 
 
+def file_state(path: Any) -> Optional[Tuple[int, int, int, int]]:
+    """What tells that the file at ``path`` was rewritten or replaced: its device,
+    inode, size and modification time (ns); None where it cannot be asked. The
+    runners that read an INPUT twice take it before each read
+    (:func:`modified_input_error`), so that a file rewritten with the same size and
+    shape between the reads is refused, not answered with the first read's notes."""
+    try:
+        info = os.stat(path)
+    except (OSError, TypeError, ValueError):
+        return None
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def modified_input_error(path: Any) -> InputError:
+    """The :class:`InputError` of an INPUT whose :func:`file_state` is no longer what
+    it was when every input was checked."""
+    return InputError(
+        f"{path} changed during the run: it was written to or replaced after the "
+        "inputs were checked (its size or modification time is not what it was); run "
+        "again once nothing writes to it"
+    )
+
+
 def changed_input_error(path: Any, before: Sequence[int], after: Sequence[int]) -> InputError:
     """The :class:`InputError` of an INPUT read again for its batch that no longer has
     the shape it had when every input was checked (a file rewritten meanwhile)."""

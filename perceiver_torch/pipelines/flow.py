@@ -41,7 +41,9 @@ from .base import (
     check_model,
     check_weights,
     eval_mode,
+    file_state,
     flag,
+    modified_input_error,
     no_progress,
     non_finite_count,
     non_finite_note,
@@ -445,10 +447,14 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     notes: List[List[str]] = [[] for _ in inputs]
     shapes: List[Tuple[int, ...]] = []
     kept: Dict[int, np.ndarray] = {}  # the frames read only once
+    states: Dict[int, Any] = {}  # the others' files, as they were first read
     for index, (path, frame_notes) in enumerate(zip(inputs, notes)):
+        twice = readable_twice(path)
+        if twice:
+            states[index] = file_state(path)
         frame = _still_frame(path, frame_notes)
         shapes.append(frame.shape)
-        if not readable_twice(path):
+        if not twice:
             kept[index] = frame
         del frame  # not held while the next frame is read
     pairs = len(inputs) - 1
@@ -463,9 +469,9 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     files: List[str] = []
     documents = []
     lines: List[str] = []
-    first = _frame_again(inputs, 0, shapes, kept)
+    first = _frame_again(inputs, 0, shapes, kept, states)
     for i in range(pairs):
-        second = _frame_again(inputs, i + 1, shapes, kept)
+        second = _frame_again(inputs, i + 1, shapes, kept, states)
         try:
             # Read (and noted) once, by _still_frame.
             result = pipeline._flow_of_rgb(first, second, [])
@@ -499,12 +505,15 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
 
 def _frame_again(
     inputs: Sequence[str], index: int, shapes: Sequence[Tuple[int, ...]],
-    kept: Dict[int, np.ndarray],
+    kept: Dict[int, np.ndarray], states: Dict[int, Any],
 ) -> np.ndarray:
-    """Frame ``index`` read again for its pairs (or its first read, for a pipe); it
-    must still have the shape it was checked with."""
+    """Frame ``index`` read again for its pairs (or its first read, for a pipe); its
+    file must not have been written to since it was checked (``states``:
+    :func:`~.base.file_state`), and it must still have the shape it was checked with."""
     if index in kept:
         return kept.pop(index)
+    if file_state(inputs[index]) != states[index]:
+        raise modified_input_error(inputs[index])
     frame = _still_frame(inputs[index], [])  # noted on the first read
     if frame.shape != shapes[index]:
         raise changed_input_error(inputs[index], shapes[index], frame.shape)

@@ -50,8 +50,10 @@ from .base import (
     check_model,
     check_weights,
     eval_mode,
+    file_state,
     flag,
     host_tensor,
+    modified_input_error,
     no_progress,
     no_such_file,
     non_finite_output_note,
@@ -741,8 +743,9 @@ class ClassifyPipeline:
         shape are kept. The images of each model call (:func:`batches`) are then
         preprocessed again, and only their logits outlive the call. An image whose
         second read would not be its first (:func:`_reads_the_same_again`: a pipe, a
-        PIL image not decoded yet) keeps its first read's pixels instead; one whose
-        shape has changed meanwhile (a file rewritten) is refused.
+        PIL image not decoded yet) keeps its first read's pixels instead; a file
+        written to or replaced meanwhile (:func:`~.base.file_state`), or whose shape
+        has changed, is refused.
 
         message(index, text): the message of image ``index``'s InputError, given
         the error's own text (``__call__`` numbers the image, ``run`` names the file).
@@ -757,10 +760,14 @@ class ClassifyPipeline:
 
         shapes: List[Tuple[int, ...]] = []
         kept: Dict[int, torch.Tensor] = {}  # the pixels of the images read only once
+        states: Dict[int, Any] = {}  # the files read twice, as they were first read
         rows = list(enumerate(notes))
         for index, image_notes in self.progress(rows, len(rows), "preprocessing"):
+            image = images[index]
             # Asked before the read: reading a PIL image decodes it, and the answer changes.
-            once = not _reads_the_same_again(images[index])
+            once = not _reads_the_same_again(image)
+            if is_path(image) and not once:
+                states[index] = file_state(image)
             pixels = preprocessed(index, image_notes)
             shapes.append(tuple(pixels.shape))
             if once:
@@ -770,6 +777,9 @@ class ClassifyPipeline:
         def again(index: int) -> torch.Tensor:
             if index in kept:
                 return kept.pop(index)
+            if index in states and file_state(images[index]) != states[index]:
+                error = modified_input_error(_describe(images[index]))
+                raise InputError(message(index, str(error)))
             # Its notes were taken on the first read; a list (not None) keeps
             # Pillow's warnings quiet on this one too.
             pixels = preprocessed(index, [])
