@@ -871,10 +871,11 @@ def test_run_flow_of_a_video_holds_no_list_of_flows_nor_of_pictures(
     tmp_path, model, live_video, output
 ):
     """run flow of a video kept the list of flows, a stacked copy of it (and a float64
-    copy of that for the largest length) and a stack of every picture; the flows are
-    now held once, in one array, where the wheel's scale or the arrays' output needs
-    them all, and the pictures go to the encoder one by one. The files, the
-    document and the line are those of the flows computed and stacked in full."""
+    copy of that for the largest length) and a stack of every picture; the pictures
+    now go to the encoder one by one, and where the wheel's scale or the arrays'
+    output needs every flow they are kept on disk (the memory test below). The
+    files, the document and the line are those of the flows computed and stacked in
+    full."""
     import io
 
     from perceiver_torch.pipelines.base import RunOptions
@@ -947,34 +948,245 @@ def test_run_flow_of_a_video_counts_non_finite_flow_over_every_pair(
     assert math.isnan(document["max_flow"])
 
 
-@pytest.mark.parametrize("declared", [0, 1, 2, 5, 9])
-def test_video_flows_stacked_as_they_come_whatever_the_declared_count(declared):
-    """The container's frame count may be wrong (a cut file declares more; some
-    declare none): the stack is the same array, and np.save writes the same bytes."""
+def _numpy_bytes() -> int:
+    """The bytes of NumPy's array data alive now, as tracemalloc traces them (NumPy
+    reports its allocations in a domain of their own; torch's are not traced)."""
+    import tracemalloc
+
+    domain = tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)
+    return sum(trace.size for trace in tracemalloc.take_snapshot().filter_traces([domain]).traces)
+
+
+def _most_numpy_memory_of_a_video_run(folder: Path, model, frames: int, output: str,
+                                      traced: bool = True) -> int:
+    """The most NumPy array memory (bytes) alive when run flow of a video of
+    ``frames`` frames (40x56 px) to ``output`` has computed a pair's flow, drawn a
+    picture or written to the output file."""
+    import contextlib
+    import tracemalloc
+    from unittest import mock
+
+    import perceiver_torch.pipelines.flow as flow_module
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.video import make_test_video
+
+    folder.mkdir()
+    video = folder / "clip.mp4"
+    make_test_video(video, frames, size=(40, 56), sample_rate=None)
+    seen: List[int] = []
+
+    def measured(real):
+        def call(*args, **kwargs):
+            value = real(*args, **kwargs)
+            if traced:
+                seen.append(_numpy_bytes())
+            return value
+        return call
+
+    class MeasuredFile:
+        def __init__(self, handle):
+            self._handle = handle
+
+        def write(self, data):
+            return measured(self._handle.write)(data)
+
+        def __getattr__(self, name):  # tell, seek, flush for zipfile
+            return getattr(self._handle, name)
+
+    @contextlib.contextmanager
+    def open_output(path):
+        with open(path, "wb") as handle:
+            yield MeasuredFile(handle)
+
+    arrays = output.rsplit(".", 1)[1] if output.startswith("flows") else None
+    options = RunOptions(output=folder / output, arrays=arrays, open_output=open_output,
+                         extra={"render": None if arrays else output.split(".")[0]})
+    with mock.patch.object(FlowPipeline, "flow_of", measured(FlowPipeline.flow_of)), \
+            mock.patch.object(flow_module, "render_flow", measured(flow_module.render_flow)):
+        if traced:
+            tracemalloc.start(1)
+        try:
+            flow_module.run_task(FlowPipeline(model, batch_size=2), [str(video)], options)
+        finally:
+            tracemalloc.stop()
+    return max(seen, default=0)
+
+
+@pytest.mark.parametrize("output", ["wheel.mp4", "flows.npy", "flows.npz", "hsv.mp4"])
+def test_run_flow_of_a_video_holds_as_many_flows_for_any_length(tmp_path, model, output):
+    """The wheel's scale and --npy/--npz need every flow of the video, which were held
+    in memory, in one array of (N, H, W, 2) (5 GB for 10 s of 1080p at 30 fps): the
+    most NumPy memory alive as a pair's flow was computed grew by a flow a pair.
+    They are now written to a temporary file as they come and read back one at a
+    time, so that a video of 8 pairs holds no more than one of 2 (less than a flow
+    more: not a flow a pair). ``--render hsv`` streamed already."""
+    flow_bytes = 40 * 56 * 2 * 4  # (H, W, 2) float32
+    # Untraced first: what the first run makes and keeps (caches) is not a flow.
+    _most_numpy_memory_of_a_video_run(tmp_path / "warm", model, 3, output, traced=False)
+    short = _most_numpy_memory_of_a_video_run(tmp_path / "short", model, 3, output)
+    long = _most_numpy_memory_of_a_video_run(tmp_path / "long", model, 9, output)
+    assert short >= flow_bytes  # the measure sees the flows (one at least is alive)
+    assert long < short + flow_bytes, (long / flow_bytes, short / flow_bytes)
+
+
+def _spill_of(folder: Path, flows):
+    from perceiver_torch.pipelines.flow import _FlowSpill
+
+    spill = _FlowSpill(folder)
+    for flow in flows:
+        spill.append(flow)
+    return spill
+
+
+@pytest.mark.parametrize("count", [1, 2, 5])
+def test_flow_spill_reads_back_the_flows_and_writes_np_saves_bytes(tmp_path, count):
+    """_FlowSpill: the flows read back are those appended, in order; the .npy and
+    .npz written from it are the bytes np.save and np.savez write for their stack
+    (the .npz: one key, "flow"), NaN and infinities included."""
     import io
 
-    from perceiver_torch.pipelines.flow import _stacked
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.flow import _write_spilled_arrays
 
     rng = np.random.default_rng(0)
-    flows = [rng.standard_normal((3, 4, 2)).astype(np.float32) for _ in range(5)]
-    stacked = _stacked(iter(flows), declared)
-    got, expected = io.BytesIO(), io.BytesIO()
-    np.save(got, stacked)
-    np.save(expected, np.stack(flows))
-    assert got.getvalue() == expected.getvalue()
+    flows = [rng.standard_normal((3, 4, 2)).astype(np.float32) for _ in range(count)]
+    flows[0][1, 2] = (np.nan, np.inf)
+    stack = np.stack(flows)
+    with _spill_of(tmp_path, flows) as spill:
+        for got, expected in zip(spill, flows):  # interleaved with the npy: no matter
+            npy = io.BytesIO()
+            spill.write_npy(npy)
+            assert got.dtype == np.float32
+            assert got.tobytes() == expected.tobytes()
+        assert spill.count == len(list(spill)) == count
+        expected = io.BytesIO()
+        np.save(expected, stack)
+        assert npy.getvalue() == expected.getvalue()
+        for kind in ("npy", "npz"):
+            out = tmp_path / f"flows.{kind}"
+            _write_spilled_arrays(RunOptions(output=out, arrays=kind), spill)
+            expected = io.BytesIO()
+            np.save(expected, stack) if kind == "npy" else np.savez(expected, flow=stack)
+            assert out.read_bytes() == expected.getvalue()
+        with np.load(tmp_path / "flows.npz") as loaded:
+            assert list(loaded.keys()) == ["flow"]
+            assert loaded["flow"].tobytes() == stack.tobytes()
+            assert loaded["flow"].dtype == np.float32 and loaded["flow"].shape == stack.shape
 
 
-@pytest.mark.parametrize("declared", [2**44, 2**62], ids=["memory", "array-size"])
-@pytest.mark.parametrize("output", ["wheel.mp4", "flows.npy"])
-def test_run_flow_of_a_video_whose_header_declares_too_many_frames(
+@pytest.mark.parametrize("failure", [None, "error", "interrupt"])
+@pytest.mark.parametrize("output", ["wheel.mp4", "flows.npy", "flows.npz"])
+def test_run_flow_of_a_video_leaves_no_file_of_its_flows(tmp_path, model, monkeypatch,
+                                                         output, failure):
+    """The flows are kept in an anonymous temporary file in the output's folder: it
+    has no name from the start (on POSIX: nothing is left even if the process is
+    killed) and it is closed, which frees it, when the run ends: finished, failed at
+    the 3rd pair's flow, or interrupted there."""
+    import os
+    import tempfile
+
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.flow import run_task
+    from perceiver_torch.pipelines.video import make_test_video
+
+    video = tmp_path / "clip.mp4"
+    make_test_video(video, 6, size=(40, 56), sample_rate=None)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    spills, links = [], []
+    make = tempfile.TemporaryFile
+
+    def recorded(*args, **kwargs):
+        spill = make(*args, **kwargs)
+        spills.append((spill, Path(kwargs["dir"])))
+        links.append(os.fstat(spill.fileno()).st_nlink)
+        return spill
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", recorded)
+    compute, calls = FlowPipeline.flow_of, []
+
+    def failing_at_the_third_pair(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3 and failure == "error":
+            raise RuntimeError("the model failed")
+        if len(calls) == 3 and failure == "interrupt":
+            raise KeyboardInterrupt
+        return compute(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlowPipeline, "flow_of", failing_at_the_third_pair)
+    arrays = output.rsplit(".", 1)[1] if output.startswith("flows") else None
+    options = RunOptions(output=folder / output, arrays=arrays)
+    raised = {None: None, "error": RuntimeError, "interrupt": KeyboardInterrupt}[failure]
+    if raised is None:
+        run_task(FlowPipeline(model), [str(video)], options)
+    else:
+        with pytest.raises(raised):
+            run_task(FlowPipeline(model), [str(video)], options)
+    assert [folder for _, folder in spills] == [folder]
+    assert spills[0][0].closed
+    if os.name == "posix":
+        assert links == [0]  # no name in any folder
+    assert _listing(folder) == ([] if failure else [output])
+
+
+def test_run_flow_of_a_video_without_room_for_its_flows(tmp_path, flow_checkpoint,
+                                                        monkeypatch):
+    """A full disk under the flows kept for the wheel: a one-line error naming the
+    folder (exit 3), no output, the temporary file closed."""
+    import errno
+    import tempfile
+
+    from perceiver_torch.pipelines.video import make_test_video
+
+    video = tmp_path / "clip.mp4"
+    make_test_video(video, 5, size=(40, 56), sample_rate=None)
+    folder = tmp_path / "out"
+    folder.mkdir()
+    make, spills = tempfile.TemporaryFile, []
+
+    class Full:
+        """A file that takes two flows, then has no room (ENOSPC)."""
+
+        def __init__(self, handle):
+            self._handle, self._writes = handle, 0
+
+        def write(self, data):
+            self._writes += 1
+            if self._writes > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self._handle.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self._handle, name)
+
+    def full(*args, **kwargs):
+        spills.append(make(*args, **kwargs))
+        return Full(spills[-1])
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", full)
+    result = run_cli("run", "flow", flow_checkpoint, video, "-o", folder / "wheel.mp4")
+    assert result.exit_code == 3, result.stderr
+    assert (f"keeping the flows of the video on disk in {folder} failed after 2 of them: "
+            "No space left on device") in result.stderr
+    assert "unexpected" not in result.stderr
+    assert len(spills) == 1 and spills[0].closed
+    assert _listing(folder) == []
+
+
+@pytest.mark.parametrize("declared", [0, 2, 9, 2**44, 2**62],
+                         ids=["none", "fewer", "cut", "memory", "array-size"])
+@pytest.mark.parametrize("output", ["wheel.mp4", "flows.npy", "flows.npz"])
+def test_run_flow_of_a_video_whose_header_declares_another_frame_count(
     tmp_path, model, monkeypatch, declared, output
 ):
-    """A damaged header may declare any frame count (an AVI's length field patched to
-    50 million made run flow fail with "not enough memory" where 5 pairs were
-    decoded): room for the flows was reserved for the declared count, which no
-    machine has (2**44 flows of 40x56 px: over a 47-bit address space; 2**62: over
-    NumPy's largest array). The run is that of the video with its true count, with
-    the note that frames are missing."""
+    """The container's frame count may be wrong: a cut file declares more, some
+    declare none, and a damaged header may declare any count (an AVI's length field
+    patched to 50 million made run flow fail with "not enough memory" where 5 pairs
+    were decoded: room for the flows was reserved for the declared count, which no
+    machine has: 2**44 flows of 40x56 px are over a 47-bit address space, 2**62 over
+    NumPy's largest array). The flows now go to a file that grows as they come. The
+    run is that of the video with its true count (the same files), with the note
+    that frames are missing where it declares two or more too many."""
     import perceiver_torch.pipelines.flow as flow_module
     from perceiver_torch.pipelines.base import RunOptions
     from perceiver_torch.pipelines.flow import run_task
@@ -982,8 +1194,7 @@ def test_run_flow_of_a_video_whose_header_declares_too_many_frames(
 
     video = tmp_path / "clip.mp4"
     make_test_video(video, 4, size=(40, 56), sample_rate=None)
-    arrays = "npy" if output.endswith(".npy") else None
-    # The --render wheel and --npy runs reserve room for every flow.
+    arrays = output.rsplit(".", 1)[1] if output.startswith("flows") else None
     expected_out, got_out = tmp_path / f"expected_{output}", tmp_path / output
     (expected,) = run_task(FlowPipeline(model), [str(video)],
                            RunOptions(output=expected_out, arrays=arrays))
@@ -992,9 +1203,11 @@ def test_run_flow_of_a_video_whose_header_declares_too_many_frames(
                       RunOptions(output=got_out, arrays=arrays))
     assert got["pairs"] == expected["pairs"] == 3
     assert got["max_flow"] == expected["max_flow"]
-    assert f"4 of the {declared} frames the video declares" in got["notes"][0]
-    if arrays:
-        assert got_out.read_bytes() == expected_out.read_bytes()
+    if declared >= 4 + 2:
+        assert f"4 of the {declared} frames the video declares" in got["notes"][0]
+    else:
+        assert got["notes"] == []
+    assert got_out.read_bytes() == expected_out.read_bytes()
 
 
 def test_run_flow_reads_frames_from_pipes(tmp_path, flow_checkpoint, pipes):

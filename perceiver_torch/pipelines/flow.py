@@ -24,9 +24,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -654,13 +657,17 @@ def _pair_line(a: str, b: str, result: FlowResult) -> str:
 def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: str) -> Dict[str, Any]:
     """The flow of a video, drawn as a video or (``--npy``/``--npz``) stacked.
 
-    Memory: ``--render hsv`` draws each flow as it is computed and hands the picture
-    to the encoder, holding no flow nor picture beyond the current one (a GIF, which
-    Pillow makes whole, holds every picture: :func:`~.media.write_video`); the wheel
-    (the default) scales every picture by the largest flow of the whole video, so
-    every flow is held, once, in one array, before the first picture is drawn; the
-    arrays' output holds them so too (it is that array). The summary's numbers are
-    gathered flow by flow (:class:`_VideoFlowSummary`)."""
+    Memory is that of a frame pair or two (frames, flows, a picture), however long
+    the video: ``--render hsv`` draws each flow as it is computed and hands the
+    picture to the encoder; the wheel (the default), which scales every picture by
+    the largest flow of the whole video, and the arrays' output, which is every flow,
+    get the flows from disk instead: each is written, as it is computed, to an
+    anonymous temporary file in the output's folder (:class:`_FlowSpill`; as large
+    as the ``.npy``, gone when the run ends, however it ends), then read back one at
+    a time to be drawn, or copied a flow at a time into the ``.npy`` (the ``.npz``'s
+    member). A GIF, which Pillow makes whole, holds every picture
+    (:func:`~.media.write_video`). The summary's numbers are gathered flow by flow
+    (:class:`_VideoFlowSummary`)."""
     rate = video_frame_rate(path)
     fps = float(rate) if rate else 25.0
     frames = video_frame_count(path)
@@ -674,20 +681,30 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
         raise InputError(f"{path} has a single frame; flow needs at least two")
     flows = _first_then(first, flows)
     del first
-    files: List[str] = []
     if options.arrays:
-        _write_arrays(options, _stacked(flows, frames - 1), files)
+        assert options.output is not None  # the CLI requires -o OUT.npy / OUT.npz
+        target = options.output
     else:
-        if render == "wheel":
-            every = _stacked(flows, frames - 1)
-            scale = max(max_magnitude(f) for f in every)
-            pictures = (render_flow(f, "wheel", scale) for f in every)
-        else:
-            pictures = (render_flow(f, "hsv") for f in flows)  # computed as encoded
         target = _video_target([path], options)
+    if render == "hsv" and not options.arrays:
+        pictures = (render_flow(f, "hsv") for f in flows)  # computed as encoded
         with options.output_path(target) as temp:
             write_video(temp, pictures, fps)
-        files.append(str(target))
+    else:
+        with _FlowSpill(Path(target).parent) as spill:
+            scale = 0.0  # the wheel's: the largest finite length of every flow
+            for flow in flows:
+                spill.append(flow)
+                if not options.arrays:
+                    scale = max(scale, max_magnitude(flow))
+            del flow
+            if options.arrays:
+                _write_spilled_arrays(options, spill)
+            else:
+                pictures = (render_flow(f, "wheel", scale) for f in spill)
+                with options.output_path(target) as temp:
+                    write_video(temp, pictures, fps)
+    files = [str(target)]
     height, width = summary.size
     largest = summary.largest()
     options.echo(
@@ -745,35 +762,108 @@ class _VideoFlowSummary:
         return float(np.max(self._largest))
 
 
-def _stacked(flows: Iterable[np.ndarray], expected: int) -> np.ndarray:
-    """The flows (H, W, 2) as one array (N, H, W, 2), copied in as they come, with no
-    list of them beside it: room for ``expected`` (the container's count of pairs,
-    which a cut file overstates), doubled where more come. Room that cannot be had
-    (a damaged header's count: 50 million frames) starts at one flow instead."""
-    stack: Optional[np.ndarray] = None
-    count = 0
-    for flow in flows:
-        if stack is None:
-            stack = _room(expected, flow)
-        elif count == len(stack):
-            grown = np.empty((2 * count, *flow.shape), dtype=stack.dtype)
-            grown[:count] = stack
-            stack = grown
-        stack[count] = flow
-        count += 1
-    assert stack is not None  # _run_video has seen a first flow
-    return stack[:count]
+class _FlowSpill:
+    """A video's flows, (H, W, 2) each, on disk rather than in memory (a 1080p flow is
+    16.6 MB: a 10 s clip at 30 fps, 5 GB), for what needs them all: the wheel's
+    scale and the arrays' output.
+
+    :meth:`append` adds a flow's bytes (C order, as a ``.npy`` holds them) at the end
+    of an anonymous temporary file, which grows with them: nothing is reserved for
+    the container's frame count, which a cut file overstates and a damaged header
+    can make absurd. Iterating reads the flows back one at a time; :meth:`write_npy`
+    writes them as ``np.save`` writes their stack, a flow at a time. The file has no
+    name (``tempfile.TemporaryFile``: removed from its folder at once on POSIX, on
+    close on Windows) and is closed by the ``with`` block however the run ends, so
+    a failed or interrupted run leaves nothing (a killed one neither, on POSIX).
+
+    Raises:
+        PipelineError: the file cannot be made or written (disk full), naming the
+            folder.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.count = 0
+        self.shape: Tuple[int, ...] = ()
+        self.dtype = np.dtype(np.float32)
+        # The output's folder, not the system's temporary one: that is often a tmpfs,
+        # in memory (which this file is to spare), or a small partition, while the
+        # output's folder is where the user chose to put a large result (the .npy is
+        # as large as this file) and the CLI checked it writable before the model ran.
+        try:
+            self._file = tempfile.TemporaryFile(dir=self.folder)
+        except OSError as error:
+            raise self._failed(error) from error
+
+    def __enter__(self) -> "_FlowSpill":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._file.close()
+
+    def _failed(self, error: OSError) -> PipelineError:
+        return PipelineError(
+            f"keeping the flows of the video on disk in {self.folder} failed after "
+            f"{self.count} of them: {error.strerror or error}; free disk space there or "
+            "give -o in a folder with room (the wheel's scale and --npy/--npz need "
+            "every flow, which are kept there rather than in memory)"
+        )
+
+    def append(self, flow: np.ndarray) -> None:
+        """Adds ``flow`` (H, W, 2), of the first one's shape and dtype."""
+        if self.count == 0:
+            self.shape, self.dtype = tuple(int(n) for n in flow.shape), flow.dtype
+        # pipeline.video refuses a change of size, and its flows are all float32.
+        assert flow.shape == self.shape and flow.dtype == self.dtype
+        try:
+            self._file.write(memoryview(np.ascontiguousarray(flow)).cast("B"))
+        except OSError as error:
+            raise self._failed(error) from error
+        self.count += 1
+
+    def _flow_bytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        """Each flow, read back as a new array when it is asked for."""
+        size = self._flow_bytes()
+        for index in range(self.count):
+            flow = np.empty(self.shape, self.dtype)
+            self._file.seek(index * size)  # the next flow whatever read the file since
+            read = self._file.readinto(memoryview(flow).cast("B"))
+            assert read == size  # the file holds what append wrote
+            yield flow
+
+    def write_npy(self, handle: BinaryIO) -> None:
+        """The ``.npy`` of the flows stacked, (N, H, W, 2), into ``handle``: the
+        bytes ``np.save`` writes for that stack, without the stack."""
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (self.count, *self.shape),
+        }
+        # Version 1.0, as np.save chooses for any header under 64 KiB (this one is
+        # about 100 bytes).
+        np.lib.format.write_array_header_1_0(handle, header)
+        self._file.seek(0)
+        shutil.copyfileobj(self._file, handle, self._flow_bytes())
 
 
-def _room(expected: int, flow: np.ndarray) -> np.ndarray:
-    """An uninitialised array for ``expected`` flows like ``flow`` (pages untouched
-    until written: a count somewhat too high costs no memory), or for one flow where
-    the system or NumPy refuses that much (MemoryError; ValueError past NumPy's
-    largest array)."""
-    try:
-        return np.empty((max(expected, 1), *flow.shape), dtype=flow.dtype)
-    except (MemoryError, ValueError):
-        return np.empty((1, *flow.shape), dtype=flow.dtype)
+def _write_spilled_arrays(options: RunOptions, spill: _FlowSpill) -> None:
+    """--npy/--npz of a video: the flows in ``spill`` written as :func:`_write_arrays`
+    writes their stack (the same bytes), a flow at a time."""
+    assert options.output is not None  # the CLI requires -o OUT.npy / OUT.npz
+    with options.open_output(options.output) as handle:
+        if options.arrays == "npy":
+            spill.write_npy(handle)
+        else:
+            # As np.savez(handle, flow=stack) writes it: a ZIP of one stored member,
+            # flow.npy, opened with force_zip64 (its size is not known in advance),
+            # its .npy streamed in.
+            with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED,
+                                 allowZip64=True) as archive:
+                with archive.open("flow.npy", mode="w", force_zip64=True) as member:
+                    spill.write_npy(member)
 
 
 # --------------------------------------------------------------------------------------
