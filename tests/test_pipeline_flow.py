@@ -1040,9 +1040,9 @@ def _spill_of(folder: Path, flows):
 
 @pytest.mark.parametrize("count", [1, 2, 5])
 def test_flow_spill_reads_back_the_flows_and_writes_np_saves_bytes(tmp_path, count):
-    """_FlowSpill: the flows read back are those appended, in order; the .npy and
-    .npz written from it are the bytes np.save and np.savez write for their stack
-    (the .npz: one key, "flow"), NaN and infinities included."""
+    """_FlowSpill: the flows read back are those appended, in order; the .npy
+    written from it is the bytes np.save writes for their stack, and the .npz loads
+    as np.savez's (one key, "flow"), NaN and infinities included."""
     import io
 
     from perceiver_torch.pipelines.base import RunOptions
@@ -1065,9 +1065,9 @@ def test_flow_spill_reads_back_the_flows_and_writes_np_saves_bytes(tmp_path, cou
         for kind in ("npy", "npz"):
             out = tmp_path / f"flows.{kind}"
             _write_spilled_arrays(RunOptions(output=out, arrays=kind), spill)
-            expected = io.BytesIO()
-            np.save(expected, stack) if kind == "npy" else np.savez(expected, flow=stack)
-            assert out.read_bytes() == expected.getvalue()
+        # The .npy's bytes are its format's; the .npz's layout is NumPy's zipfile
+        # usage, which may change between releases: its contents are compared.
+        assert (tmp_path / "flows.npy").read_bytes() == expected.getvalue()
         with np.load(tmp_path / "flows.npz") as loaded:
             assert list(loaded.keys()) == ["flow"]
             assert loaded["flow"].tobytes() == stack.tobytes()
