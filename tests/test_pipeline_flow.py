@@ -4,6 +4,7 @@ and ``perceiver-convert run flow`` (on frames and videos the tests make)."""
 from __future__ import annotations
 
 import colorsys
+import functools
 import json
 import re
 import struct
@@ -958,10 +959,11 @@ def _numpy_bytes() -> int:
 
 
 def _most_numpy_memory_of_a_video_run(folder: Path, model, frames: int, output: str,
-                                      traced: bool = True) -> int:
+                                      traced: bool = True, video: bool = True) -> int:
     """The most NumPy array memory (bytes) alive when run flow of a video of
     ``frames`` frames (40x56 px) to ``output`` has computed a pair's flow, drawn a
-    picture or written to the output file."""
+    picture or written to the output file. ``video=False``: as many frames as
+    pictures instead (:func:`_moving_frames`)."""
     import contextlib
     import tracemalloc
     from unittest import mock
@@ -971,8 +973,11 @@ def _most_numpy_memory_of_a_video_run(folder: Path, model, frames: int, output: 
     from perceiver_torch.pipelines.video import make_test_video
 
     folder.mkdir()
-    video = folder / "clip.mp4"
-    make_test_video(video, frames, size=(40, 56), sample_rate=None)
+    if video:
+        inputs = [str(folder / "clip.mp4")]
+        make_test_video(inputs[0], frames, size=(40, 56), sample_rate=None)
+    else:
+        inputs = _moving_frames(folder, frames)
     seen: List[int] = []
 
     def measured(real):
@@ -1001,12 +1006,13 @@ def _most_numpy_memory_of_a_video_run(folder: Path, model, frames: int, output: 
     arrays = output.rsplit(".", 1)[1] if output.startswith("flows") else None
     options = RunOptions(output=folder / output, arrays=arrays, open_output=open_output,
                          extra={"render": None if arrays else output.split(".")[0]})
-    with mock.patch.object(FlowPipeline, "flow_of", measured(FlowPipeline.flow_of)), \
+    # Every flow, of a video or of frames, is computed by _flow_of_rgb.
+    with mock.patch.object(FlowPipeline, "_flow_of_rgb", measured(FlowPipeline._flow_of_rgb)), \
             mock.patch.object(flow_module, "render_flow", measured(flow_module.render_flow)):
         if traced:
             tracemalloc.start(1)
         try:
-            flow_module.run_task(FlowPipeline(model, batch_size=2), [str(video)], options)
+            flow_module.run_task(FlowPipeline(model, batch_size=2), inputs, options)
         finally:
             tracemalloc.stop()
     return max(seen, default=0)
@@ -1026,6 +1032,23 @@ def test_run_flow_of_a_video_holds_as_many_flows_for_any_length(tmp_path, model,
     short = _most_numpy_memory_of_a_video_run(tmp_path / "short", model, 3, output)
     long = _most_numpy_memory_of_a_video_run(tmp_path / "long", model, 9, output)
     assert short >= flow_bytes  # the measure sees the flows (one at least is alive)
+    assert long < short + flow_bytes, (long / flow_bytes, short / flow_bytes)
+
+
+@pytest.mark.parametrize("output", ["flows.npy", "flows.npz"])
+def test_run_flow_of_many_frames_to_arrays_holds_as_many_flows_for_any_count(
+    tmp_path, model, output
+):
+    """--npy/--npz of several frame pairs kept every flow in one (N, H, W, 2) array
+    until the output was written; each now goes to disk as it is computed
+    (_FlowSpill, as a video's), so 8 pairs hold less than a flow more than 2."""
+    flow_bytes = 40 * 56 * 2 * 4  # (H, W, 2) float32
+    measure = functools.partial(_most_numpy_memory_of_a_video_run, model=model,
+                                output=output, video=False)
+    measure(tmp_path / "warm", frames=3, traced=False)
+    short = measure(tmp_path / "short", frames=3)
+    long = measure(tmp_path / "long", frames=9)
+    assert short >= flow_bytes  # the measure sees the flows
     assert long < short + flow_bytes, (long / flow_bytes, short / flow_bytes)
 
 
@@ -1166,7 +1189,7 @@ def test_run_flow_of_a_video_without_room_for_its_flows(tmp_path, flow_checkpoin
     monkeypatch.setattr(tempfile, "TemporaryFile", full)
     result = run_cli("run", "flow", flow_checkpoint, video, "-o", folder / "wheel.mp4")
     assert result.exit_code == 3, result.stderr
-    assert (f"keeping the flows of the video on disk in {folder} failed after 2 of them: "
+    assert (f"keeping the flows on disk in {folder} failed after 2 of them: "
             "No space left on device") in result.stderr
     assert "unexpected" not in result.stderr
     assert len(spills) == 1 and spills[0].closed

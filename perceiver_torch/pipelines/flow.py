@@ -436,8 +436,9 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     sizes, among thousands fails before the model runs), keeping only its notes and
     its size; the frames are then read again, each once, and each pair's files are
     written (staged by the CLI) as soon as its flow is computed, so that memory
-    holds two frames and one flow, not all of them (``--npy``/``--npz``: the array
-    of every flow, the output itself). A frame that cannot be read twice (a pipe:
+    holds two frames and one flow, not all of them (``--npy``/``--npz`` of several
+    pairs: each flow goes to disk as it is computed, :class:`_FlowSpill`, then into
+    the output). A frame that cannot be read twice (a pipe:
     :func:`~.base.readable_twice`) keeps its first read. The lines are printed when
     every pair has its flow, as when all were computed at once.
     """
@@ -468,37 +469,44 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
             # Among many frames, say which pair ("the two frames differ in size").
             raise InputError(f"{inputs[i]} -> {inputs[i + 1]}: {error}") from None
     targets = _pair_targets(inputs, options)
-    flows: Optional[np.ndarray] = None  # --npy/--npz of several pairs: (N, H, W, 2)
+    single: Optional[np.ndarray] = None  # --npy/--npz of one pair: its (H, W, 2)
     files: List[str] = []
     documents = []
     lines: List[str] = []
-    first = _frame_again(inputs, 0, shapes, kept, states)
-    for i in range(pairs):
-        second = _frame_again(inputs, i + 1, shapes, kept, states)
-        try:
-            # Read (and noted) once, by _still_frame.
-            result = pipeline._flow_of_rgb(first, second, [])
-        except InputError as error:
-            raise InputError(f"{inputs[i]} -> {inputs[i + 1]}: {error}") from None
-        result.notes.extend(notes[i] + (notes[i + 1] if i == pairs - 1 else []))
-        first = second
-        written: List[str] = []
-        if options.arrays and pairs == 1:
-            flows = result.flow
+    # --npy/--npz of several pairs: (N, H, W, 2), each flow kept on disk as it is
+    # computed (_FlowSpill), not in memory, then copied into the output.
+    spilling = bool(options.arrays) and pairs > 1
+    with (_FlowSpill(Path(options.output).parent) if spilling
+          else contextlib.nullcontext()) as spill:
+        first = _frame_again(inputs, 0, shapes, kept, states)
+        for i in range(pairs):
+            second = _frame_again(inputs, i + 1, shapes, kept, states)
+            try:
+                # Read (and noted) once, by _still_frame.
+                result = pipeline._flow_of_rgb(first, second, [])
+            except InputError as error:
+                raise InputError(f"{inputs[i]} -> {inputs[i + 1]}: {error}") from None
+            result.notes.extend(notes[i] + (notes[i + 1] if i == pairs - 1 else []))
+            first = second
+            written: List[str] = []
+            if spilling:
+                spill.append(result.flow)
+            elif options.arrays:
+                single = result.flow
+            else:
+                flo, png = targets[i]
+                _write(options, flo, result.flo_bytes(), written)
+                _write(options, png, _png_bytes(result.picture(render)), written)
+            documents.append(_pair_document(inputs[i], inputs[i + 1], result, written))
+            lines.append(_pair_line(inputs[i], inputs[i + 1], result))
+            lines.extend(f"  note: {note}" for note in result.notes)
+            del result, second
+        if spilling:
+            _write_spilled_arrays(options, spill)
+            files.append(str(options.output))
         elif options.arrays:
-            if flows is None:
-                flows = np.empty((pairs, *result.flow.shape), dtype=result.flow.dtype)
-            flows[i] = result.flow
-        else:
-            flo, png = targets[i]
-            _write(options, flo, result.flo_bytes(), written)
-            _write(options, png, _png_bytes(result.picture(render)), written)
-        documents.append(_pair_document(inputs[i], inputs[i + 1], result, written))
-        lines.append(_pair_line(inputs[i], inputs[i + 1], result))
-        lines.extend(f"  note: {note}" for note in result.notes)
-        del result, second
+            _write_arrays(options, single, files)
     if options.arrays:
-        _write_arrays(options, flows, files)
         for document in documents:  # every pair's document names the arrays' file
             document["files"] = list(files)
     for line in lines:
@@ -763,9 +771,9 @@ class _VideoFlowSummary:
 
 
 class _FlowSpill:
-    """A video's flows, (H, W, 2) each, on disk rather than in memory (a 1080p flow is
-    16.6 MB: a 10 s clip at 30 fps, 5 GB), for what needs them all: the wheel's
-    scale and the arrays' output.
+    """Flows, (H, W, 2) each, on disk rather than in memory (a 1080p flow is 16.6 MB:
+    a 10 s clip at 30 fps, 5 GB), for what needs them all: a video's wheel scale and
+    the arrays' output (of a video or of several frame pairs).
 
     :meth:`append` adds a flow's bytes (C order, as a ``.npy`` holds them) at the end
     of an anonymous temporary file, which grows with them: nothing is reserved for
@@ -803,10 +811,10 @@ class _FlowSpill:
 
     def _failed(self, error: OSError) -> PipelineError:
         return PipelineError(
-            f"keeping the flows of the video on disk in {self.folder} failed after "
-            f"{self.count} of them: {error.strerror or error}; free disk space there or "
-            "give -o in a folder with room (the wheel's scale and --npy/--npz need "
-            "every flow, which are kept there rather than in memory)"
+            f"keeping the flows on disk in {self.folder} failed after {self.count} of "
+            f"them: {error.strerror or error}; free disk space there or give -o in a "
+            "folder with room (a video's wheel scale and --npy/--npz need every flow, "
+            "which are kept there rather than in memory)"
         )
 
     def append(self, flow: np.ndarray) -> None:
