@@ -793,6 +793,36 @@ def test_run_flow_refuses_a_frame_changed_before_its_pair(tmp_path, model, monke
                              RunOptions(output=tmp_path / "out"))
 
 
+def test_run_flow_names_a_frame_removed_before_its_pair_as_missing(tmp_path, model,
+                                                                 monkeypatch):
+    """A frame removed between the checks and its pair was refused as "changed during
+    the run: it was written to or replaced" (its state could not be taken, which is
+    not a rewrite); its read says it is missing, as that of a name that never was."""
+    import os
+
+    import perceiver_torch.pipelines.flow as flow_module
+    from perceiver_torch.pipelines.base import RunOptions
+
+    paths = _moving_frames(tmp_path, 3)
+    never = str(tmp_path / "never.png")
+    with pytest.raises(InputError) as never_existed:
+        flow_module._still_frame(never, [])
+    missing_words = str(never_existed.value).replace(never, paths[2])
+    read, reads = flow_module._still_frame, []
+
+    def removed_after_the_checks(path, *args, **kwargs):
+        reads.append(path)
+        if len(reads) == len(paths) + 1:  # the first read for a pair
+            os.remove(paths[2])
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(flow_module, "_still_frame", removed_after_the_checks)
+    with pytest.raises(InputError) as raised:
+        flow_module.run_task(FlowPipeline(model), paths, RunOptions(output=tmp_path / "out"))
+    assert "changed during the run" not in str(raised.value)
+    assert str(raised.value).endswith(missing_words)
+
+
 def test_run_flow_refuses_a_frame_rewritten_with_the_same_size(tmp_path, model, monkeypatch):
     """Only the frames' shape was compared: a frame rewritten with other pixels of the
     same size between the checks and its pair gave the flow of the new frame. A BMP of

@@ -797,6 +797,39 @@ def test_an_image_changed_before_its_batch_is_refused(tmp_path, monkeypatch, cal
 
 
 @pytest.mark.parametrize("caller", ["run", "pipeline"])
+def test_an_image_removed_before_its_batch_is_named_as_missing(tmp_path, monkeypatch, caller):
+    """A file removed between the check and its batch was refused as "changed during
+    the run: it was written to or replaced ... run again once nothing writes to it"
+    (its state could not be taken, which is not a rewrite); its read says it is
+    missing, as the same read of a name that never existed does."""
+    import perceiver_torch.pipelines.image as image_module
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.image import run_task
+
+    paths = _save_images(tmp_path, [(40, 50)] * 3)
+    with pytest.raises(InputError) as never_existed:
+        preprocess_image(str(tmp_path / "never.png"), None, [])
+    missing_words = str(never_existed.value).replace(str(tmp_path / "never.png"), paths[2])
+    real, reads = image_module.preprocess_image, []
+
+    def removed_after_the_checks(image, *args, **kwargs):
+        reads.append(image)
+        if len(reads) == len(paths) + 1:  # the first read for a batch
+            os.remove(paths[2])
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(image_module, "preprocess_image", removed_after_the_checks)
+    pipeline = ClassifyPipeline(tiny("imagenet_fourier"), batch_size=2, resize=False)
+    with pytest.raises(InputError) as raised:
+        if caller == "run":
+            run_task(pipeline, paths, RunOptions())
+        else:
+            pipeline(paths)
+    assert "changed during the run" not in str(raised.value)
+    assert str(raised.value).endswith(missing_words)
+
+
+@pytest.mark.parametrize("caller", ["run", "pipeline"])
 def test_an_image_rewritten_with_the_same_size_before_its_batch_is_refused(
     tmp_path, monkeypatch, caller
 ):

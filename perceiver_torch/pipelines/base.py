@@ -152,9 +152,17 @@ def file_state(path: Any) -> Optional[Tuple[int, int, int, int]]:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
+def rewritten_since(path: Any, state: Optional[Tuple[int, int, int, int]]) -> bool:
+    """Whether the file at ``path``, whose :func:`file_state` was ``state``, has been
+    written to or replaced since. False where it is gone or cannot be asked now: its
+    second read then says what is wrong ("no such file"), which "written to" is not."""
+    now = file_state(path)
+    return now is not None and now != state
+
+
 def modified_input_error(path: Any) -> InputError:
-    """The :class:`InputError` of an INPUT whose :func:`file_state` is no longer what
-    it was when every input was checked."""
+    """The :class:`InputError` of an INPUT :func:`rewritten_since` every input was
+    checked."""
     return InputError(
         f"{path} changed during the run: it was written to or replaced after the "
         "inputs were checked (its size or modification time is not what it was); run "

@@ -56,6 +56,7 @@ from .base import (
     refuse_array_suffix_without_flag,
     require,
     require_existing_files,
+    rewritten_since,
     usage_error,
 )
 from .flow_io import encode_flo, max_magnitude, render_flow
@@ -523,7 +524,7 @@ def _frame_again(
     :func:`~.base.file_state`), and it must still have the shape it was checked with."""
     if index in kept:
         return kept.pop(index)
-    if file_state(inputs[index]) != states[index]:
+    if rewritten_since(inputs[index], states[index]):
         raise modified_input_error(inputs[index])
     frame = _still_frame(inputs[index], [])  # noted on the first read
     if frame.shape != shapes[index]:

@@ -61,6 +61,7 @@ from .base import (
     readable_twice,
     require,
     results_document,
+    rewritten_since,
     softmax_top_k,
 )
 
@@ -777,7 +778,7 @@ class ClassifyPipeline:
         def again(index: int) -> torch.Tensor:
             if index in kept:
                 return kept.pop(index)
-            if index in states and file_state(images[index]) != states[index]:
+            if index in states and rewritten_since(images[index], states[index]):
                 error = modified_input_error(_describe(images[index]))
                 raise InputError(message(index, str(error)))
             # Its notes were taken on the first read; a list (not None) keeps
