@@ -955,6 +955,43 @@ def test_a_bad_image_among_several_fails_before_any_model_call(tmp_path, live_pi
     assert calls == [] and live_pixels["made"] == 4 + 3
 
 
+@pytest.mark.parametrize("caller", ["run", "pipeline"])
+def test_images_of_one_batch_are_read_once(tmp_path, monkeypatch, caller):
+    """Reading every image again bounds memory by a batch; where the images are one
+    batch or fewer, holding their first reads is that bound already, and
+    pipeline(path) decoded its file twice (the second read doubling the call's
+    preprocessing time). More images than a batch are still read twice."""
+    import perceiver_torch.pipelines.image as image_module
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.image import run_task
+
+    paths = _save_images(tmp_path, [(40, 50)] * 3)
+    real, reads = image_module.preprocess_image, []
+
+    def counted(image, *args, **kwargs):
+        reads.append(image)
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(image_module, "preprocess_image", counted)
+    model = tiny("imagenet_conv")
+
+    def classify(images, batch_size):
+        pipeline = ClassifyPipeline(model, batch_size=batch_size)
+        if caller == "run":
+            return run_task(pipeline, images, RunOptions())
+        return pipeline(images)
+
+    assert len(classify(paths, batch_size=3)) == 3
+    assert reads == paths
+    if caller == "pipeline":
+        reads.clear()
+        ClassifyPipeline(model)(paths[0])
+        assert reads == paths[:1]
+    reads.clear()
+    assert len(classify(paths, batch_size=2)) == 3
+    assert reads == paths + paths
+
+
 def test_a_pil_image_not_decoded_yet_keeps_its_first_read(tmp_path):
     """A PIL image from Image.open is decoded by its first read; only before that
     does it say that its colour key is stored at 4 bits (key 5 is grey level 85):
@@ -963,7 +1000,8 @@ def test_a_pil_image_not_decoded_yet_keeps_its_first_read(tmp_path):
 
     path = tmp_path / "grey.png"
     path.write_bytes(_png(4, 4, 0, bytes([0x05, 0xF0]), struct.pack(">H", 5), rows=4))
-    pipeline = ClassifyPipeline(tiny("imagenet_conv"))
+    # batch_size=1: more images than a batch, so that the others are read again.
+    pipeline = ClassifyPipeline(tiny("imagenet_conv"), batch_size=1)
     with Image.open(path) as opened:
         assert opened.tile  # not decoded yet
         from_image, from_file = pipeline([opened, path])

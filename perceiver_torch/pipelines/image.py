@@ -651,7 +651,9 @@ class ClassifyPipeline:
     image at 224x224): every image is preprocessed first, so that a bad one fails
     before any model call, keeping only its notes and size, then again batch by
     batch for its model call (:meth:`logits_by_batch`). A pipe or ``/dev/stdin``, and
-    a PIL image ``Image.open`` has not decoded yet, keep their first read instead. A
+    a PIL image ``Image.open`` has not decoded yet, keep their first read instead, as
+    do ``batch_size`` images or fewer (one model call's worth: one image is read
+    once). A
     generator's images are taken into a list first (the caller's objects, not
     pixels).
 
@@ -744,9 +746,11 @@ class ClassifyPipeline:
         shape are kept. The images of each model call (:func:`batches`) are then
         preprocessed again, and only their logits outlive the call. An image whose
         second read would not be its first (:func:`_reads_the_same_again`: a pipe, a
-        PIL image not decoded yet) keeps its first read's pixels instead; a file
-        written to or replaced meanwhile (:func:`~.base.file_state`), or whose shape
-        has changed, is refused.
+        PIL image not decoded yet) keeps its first read's pixels instead, and so does
+        every image where there are no more than ``batch_size`` (one model call's
+        worth, which the bound allows: ``pipeline(image)`` reads its file once); a
+        file written to or replaced meanwhile (:func:`~.base.file_state`), or whose
+        shape has changed, is refused.
 
         message(index, text): the message of image ``index``'s InputError, given
         the error's own text (``__call__`` numbers the image, ``run`` names the file).
@@ -763,10 +767,13 @@ class ClassifyPipeline:
         kept: Dict[int, torch.Tensor] = {}  # the pixels of the images read only once
         states: Dict[int, Any] = {}  # the files read twice, as they were first read
         rows = list(enumerate(notes))
+        # Pixels of one model call are held anyway: reading them again would only
+        # double the decoding (and refuse a file touched meanwhile).
+        hold_every_image = len(rows) <= self.batch_size
         for index, image_notes in self.progress(rows, len(rows), "preprocessing"):
             image = images[index]
             # Asked before the read: reading a PIL image decodes it, and the answer changes.
-            once = not _reads_the_same_again(image)
+            once = hold_every_image or not _reads_the_same_again(image)
             if is_path(image) and not once:
                 states[index] = file_state(image)
             pixels = preprocessed(index, image_notes)
@@ -822,7 +829,8 @@ def run_task(pipeline: ClassifyPipeline, inputs: List[str], options: RunOptions)
     keeping only its notes and its size; each batch's images are then read again for
     their model call, and only the documents (and with ``--npy``/``--npz`` the
     logits, the output itself) stay. An INPUT that cannot be read twice (a pipe:
-    :func:`~.base.readable_twice`) keeps its first read's pixels. The lines are
+    :func:`~.base.readable_twice`) keeps its first read's pixels, as do the images of
+    a run of no more than one batch. The lines are
     printed once every image has its answer, as when all were computed at once.
     """
     if options.extra.get("native_size") and pipeline.size is not None:
