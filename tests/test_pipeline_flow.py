@@ -1127,6 +1127,55 @@ def test_flow_spill_reads_back_the_flows_and_writes_np_saves_bytes(tmp_path, cou
             assert loaded["flow"].dtype == np.float32 and loaded["flow"].shape == stack.shape
 
 
+@pytest.mark.parametrize("then", ["read back", "npy", "close"])
+def test_flow_spill_without_room_fails_at_the_flow_that_found_none(tmp_path, monkeypatch,
+                                                                    then):
+    """The spill's file is buffered (8 KiB): a flow smaller than that (a small frame,
+    --pad) stayed in the buffer, and a full disk surfaced later, at the seek that
+    reads the flows back or writes the .npy, or at close: a bare OSError ("unexpected
+    ... please report it"), not the one-line error naming the folder. The disk is
+    full, in the system's own file, after two flows."""
+    import errno
+    import io
+    import os
+    import tempfile
+
+    from perceiver_torch.pipelines.base import PipelineError
+    from perceiver_torch.pipelines.flow import _FlowSpill
+
+    flow = np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2)  # 96 bytes
+
+    class FullDisk(io.FileIO):
+        room = 2 * flow.nbytes
+
+        def write(self, data):
+            size = memoryview(data).nbytes
+            if size > FullDisk.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            FullDisk.room -= size
+            return super().write(data)
+
+    spills = []
+
+    def on_full_disk(*args, dir=None, **kwargs):
+        handle, name = tempfile.mkstemp(dir=dir)
+        os.unlink(name)
+        spills.append(io.BufferedRandom(FullDisk(handle, "r+")))
+        return spills[-1]
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", on_full_disk)
+    with pytest.raises(PipelineError, match=f"^keeping the flows on disk in {re.escape(str(tmp_path))} "
+                                            "failed after 2 of them: No space left on device"):
+        with _FlowSpill(tmp_path) as spill:
+            for _ in range(3):
+                spill.append(flow)
+            if then == "read back":
+                list(spill)
+            elif then == "npy":
+                spill.write_npy(io.BytesIO())
+    assert len(spills) == 1 and spills[0].closed and spills[0].raw.closed
+
+
 @pytest.mark.parametrize("failure", [None, "error", "interrupt"])
 @pytest.mark.parametrize("output", ["wheel.mp4", "flows.npy", "flows.npz"])
 def test_run_flow_of_a_video_leaves_no_file_of_its_flows(tmp_path, model, monkeypatch,

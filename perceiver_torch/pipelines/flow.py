@@ -808,7 +808,10 @@ class _FlowSpill:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        self._file.close()
+        # The flows are thrown away: a close whose flush fails (the full disk that
+        # append has reported) frees the file all the same, and says nothing new.
+        with contextlib.suppress(OSError):
+            self._file.close()
 
     def _failed(self, error: OSError) -> PipelineError:
         return PipelineError(
@@ -826,6 +829,10 @@ class _FlowSpill:
         assert flow.shape == self.shape and flow.dtype == self.dtype
         try:
             self._file.write(memoryview(np.ascontiguousarray(flow)).cast("B"))
+            # Now, not at the next seek or at close: what the file buffers (a flow
+            # under its 8 KiB, a short write's rest) would meet a full disk there,
+            # as a bare OSError.
+            self._file.flush()
         except OSError as error:
             raise self._failed(error) from error
         self.count += 1
