@@ -866,8 +866,9 @@ class _FlowSpill:
 
 
 def _write_spilled_arrays(options: RunOptions, spill: _FlowSpill) -> None:
-    """--npy/--npz of a video: the flows in ``spill`` written as :func:`_write_arrays`
-    writes their stack (the same bytes), a flow at a time."""
+    """--npy/--npz of a video or of several frame pairs: the flows in ``spill``
+    written as :func:`_write_arrays` writes their stack (the same bytes), a flow at a
+    time."""
     assert options.output is not None  # the CLI requires -o OUT.npy / OUT.npz
     with options.open_output(options.output) as handle:
         if options.arrays == "npy":
