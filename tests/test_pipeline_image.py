@@ -868,6 +868,34 @@ def test_an_image_rewritten_with_the_same_size_before_its_batch_is_refused(
             pipeline(paths)
 
 
+def test_an_image_renumbered_between_its_reads_is_not_refused(tmp_path, monkeypatch):
+    """The first file state compared the inode too; FAT, sshfs and CIFS renumber files
+    that have not changed, and a long run was refused for nothing. Here the file is
+    replaced by an identical copy that keeps its modification time (a new inode, as
+    such a file system gives): the answers are those of the untouched files."""
+    import shutil
+
+    import perceiver_torch.pipelines.image as image_module
+
+    paths = _save_images(tmp_path, [(40, 50)] * 3)
+    pipeline = ClassifyPipeline(tiny("imagenet_fourier"), batch_size=2, resize=False)
+    expected = pipeline(paths)
+    real, reads = image_module.preprocess_image, []
+
+    def renumbered_after_the_checks(image, *args, **kwargs):
+        reads.append(image)
+        if len(reads) == len(paths) + 1:  # the first read for a batch
+            inode = os.stat(paths[2]).st_ino
+            shutil.copy2(paths[2], tmp_path / "copy")
+            os.replace(tmp_path / "copy", paths[2])
+            assert os.stat(paths[2]).st_ino != inode
+        return real(image, *args, **kwargs)
+
+    monkeypatch.setattr(image_module, "preprocess_image", renumbered_after_the_checks)
+    got = pipeline(paths)
+    assert [r.logits.tolist() for r in got] == [r.logits.tolist() for r in expected]
+
+
 # --------------------------------------------------------------------------------------
 # the pipeline on many images: memory bounded by the batch too
 

@@ -139,20 +139,26 @@ def readable_twice(path: Any) -> bool:
         return False
 
 
-def file_state(path: Any) -> Optional[Tuple[int, int, int, int]]:
-    """What tells that the file at ``path`` was rewritten or replaced: its device,
-    inode, size and modification time (ns); None where it cannot be asked. The
-    runners that read an INPUT twice take it before each read
-    (:func:`modified_input_error`), so that a file rewritten with the same size and
-    shape between the reads is refused, not answered with the first read's notes."""
+def file_state(path: Any) -> Optional[Tuple[int, int]]:
+    """What tells that the file at ``path`` was rewritten or replaced: its size and
+    modification time (ns); None where it cannot be asked. The runners that read an
+    INPUT twice take it before each read (:func:`rewritten_since`), so that a file
+    rewritten with the same size and shape between the reads is refused, not
+    answered with the first read's notes.
+
+    Not the inode nor the device: some file systems renumber a file that has not
+    changed (FAT and exFAT as their cache forgets it, sshfs without ``use_ino``, CIFS
+    with ``noserverino``), and a long run would be refused for nothing. A file
+    replaced by one of the same size that keeps its modification time (``cp -p``),
+    or rewritten within one tick of a coarse clock (FAT's 2 s), goes unseen."""
     try:
         info = os.stat(path)
     except (OSError, TypeError, ValueError):
         return None
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    return (info.st_size, info.st_mtime_ns)
 
 
-def rewritten_since(path: Any, state: Optional[Tuple[int, int, int, int]]) -> bool:
+def rewritten_since(path: Any, state: Optional[Tuple[int, int]]) -> bool:
     """Whether the file at ``path``, whose :func:`file_state` was ``state``, has been
     written to or replaced since. False where it is gone or cannot be asked now: its
     second read then says what is wrong ("no such file"), which "written to" is not."""
