@@ -823,6 +823,27 @@ def test_run_flow_names_a_frame_removed_before_its_pair_as_missing(tmp_path, mod
     assert str(raised.value).endswith(missing_words)
 
 
+@pytest.mark.parametrize("count, reads", [(2, 2), (3, 6)])
+def test_run_flow_reads_the_two_frames_of_one_pair_once(tmp_path, model, monkeypatch,
+                                                        count, reads):
+    """Two frames were read twice each (checked, then again for their pair), though
+    their pair holds both anyway: now once; three or more frames are still read twice,
+    so that memory holds two frames, not all."""
+    import perceiver_torch.pipelines.flow as flow_module
+    from perceiver_torch.pipelines.base import RunOptions
+
+    paths = _moving_frames(tmp_path, count)
+    read, seen = flow_module._still_frame, []
+
+    def counted(path, *args, **kwargs):
+        seen.append(path)
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(flow_module, "_still_frame", counted)
+    flow_module.run_task(FlowPipeline(model), paths, RunOptions(output=tmp_path / "out"))
+    assert len(seen) == reads and sorted(set(seen)) == sorted(paths)
+
+
 def test_run_flow_refuses_a_frame_rewritten_with_the_same_size(tmp_path, model, monkeypatch):
     """Only the frames' shape was compared: a frame rewritten with other pixels of the
     same size between the checks and its pair gave the flow of the new frame. A BMP of

@@ -435,7 +435,8 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
 
     Every frame is read and checked first (an unreadable frame, or a pair of two
     sizes, among thousands fails before the model runs), keeping only its notes and
-    its size; the frames are then read again, each once, and each pair's files are
+    its size; the frames are then read again, each once (two frames, one pair, are
+    read once and kept: they are held for its flow anyway), and each pair's files are
     written (staged by the CLI) as soon as its flow is computed, so that memory
     holds two frames and one flow, not all of them (``--npy``/``--npz`` of several
     pairs: each flow goes to disk as it is computed, :class:`_FlowSpill`, then into
@@ -453,8 +454,11 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     shapes: List[Tuple[int, ...]] = []
     kept: Dict[int, np.ndarray] = {}  # the frames read only once
     states: Dict[int, Any] = {}  # the others' files, as they were first read
+    # One pair's two frames are held for its flow anyway: reading them again would
+    # only double the decoding (and refuse a file touched meanwhile).
+    one_pair = len(inputs) == 2
     for index, (path, frame_notes) in enumerate(zip(inputs, notes)):
-        twice = readable_twice(path)
+        twice = readable_twice(path) and not one_pair
         if twice:
             states[index] = file_state(path)
         frame = _still_frame(path, frame_notes)
