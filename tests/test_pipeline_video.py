@@ -1059,6 +1059,56 @@ def test_write_video_takes_frames_one_by_one(tmp_path, suffix):
         write_video(tmp_path / f"none{suffix}", iter([]), 25)
 
 
+@pytest.mark.parametrize("rate", [1600, 44100])
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv", ".gif"])
+def test_video_writer_takes_frames_and_sound_in_pieces(tmp_path, rate, suffix):
+    """VideoWriter, which run autoencode hands each clip's frames and sound as they
+    come: the decoded frames and sound of write_video's file of the whole (sound
+    resampled for AAC at 1600 Hz, not at 44.1 kHz; NaN samples silent), however the
+    sound is cut, some of it before the first frame; a GIF ignores the sound."""
+    from perceiver_torch.pipelines.media import VideoWriter, iter_video_frames, write_video
+
+    rng = np.random.default_rng(4)
+    frames = rng.integers(0, 256, (10, 17, 23, 3), dtype=np.uint8)
+    sound = (0.5 * np.sin(np.arange(10 * rate // 25) * 0.05)).astype(np.float32)
+    sound[7] = np.nan
+    whole, pieces = tmp_path / f"whole{suffix}", tmp_path / f"pieces{suffix}"
+    write_video(whole, frames, 25, sound, rate)
+    cuts = [0, 5, 5 + rate // 25, len(sound) // 2, len(sound) - 3, len(sound)]
+    with VideoWriter(pieces, 25, rate) as writer:
+        writer.add_sound(sound[cuts[0] : cuts[1]])  # before any frame
+        for i in range(0, 10, 2):
+            writer.add_frames(frames[i : i + 2])
+            if i // 2 + 2 < len(cuts):
+                writer.add_sound(sound[cuts[i // 2 + 1] : cuts[i // 2 + 2]])
+    if suffix == ".gif":
+        assert pieces.read_bytes() == whole.read_bytes()
+        return
+    assert np.array_equal(np.stack(list(iter_video_frames(pieces))),
+                          np.stack(list(iter_video_frames(whole))))
+    with av.open(str(whole)) as a, av.open(str(pieces)) as b:
+        assert b.streams.audio[0].rate == a.streams.audio[0].rate
+        decoded = [np.concatenate([f.to_ndarray() for f in c.decode(audio=0)], axis=1)
+                   for c in (a, b)]
+    assert np.array_equal(decoded[1], decoded[0])
+    with pytest.raises(ValueError, match="one size"):
+        with VideoWriter(tmp_path / f"mixed{suffix}", 25) as writer:
+            writer.add_frames([frames[0], frames[1, :16]])
+    with pytest.raises(ValueError, match="no sound track"):
+        with VideoWriter(tmp_path / f"mute{suffix}", 25) as writer:
+            writer.add_frames(frames[:1])
+            writer.add_sound(sound)
+
+
+def test_wav_header_is_encode_wavs(tmp_path):
+    """A .wav written as its header for S samples, then the samples (run autoencode
+    copies them from a temporary file), is encode_wav's file byte for byte."""
+    from perceiver_torch.pipelines.media import wav_header
+
+    samples = np.random.default_rng(5).standard_normal(1001).astype(np.float32)
+    assert wav_header(1001, 1600) + samples.astype("<f4").tobytes() == encode_wav(samples, 1600)
+
+
 @pytest.mark.parametrize("arrays", [None, "npz"])
 def test_run_autoencode_lets_each_video_go_before_the_next(tmp_path, model, monkeypatch,
                                                            arrays):

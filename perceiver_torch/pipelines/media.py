@@ -25,6 +25,8 @@ import numpy as np
 from .base import InputError, no_such_file, require
 
 __all__ = [
+    "SoundReader",
+    "VideoWriter",
     "atomic_path",
     "encode_wav",
     "is_video_path",
@@ -32,6 +34,7 @@ __all__ = [
     "read_audio",
     "video_frame_count",
     "video_frame_rate",
+    "wav_header",
     "write_video",
 ]
 
@@ -231,7 +234,27 @@ def _upright(array: np.ndarray, frame: Any) -> np.ndarray:
 
 
 def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
-    """The first channel of ``path``'s first sound track at ``sample_rate`` Hz.
+    """The first channel of ``path``'s first sound track at ``sample_rate`` Hz, whole:
+    :class:`SoundReader`'s pieces joined (it says how they are decoded and resampled).
+
+    Returns (audio float32 (S,), source sample rate, source channel count).
+
+    Raises:
+        InputError: unreadable file or no sound track (the message names ``--audio``).
+    """
+    with SoundReader(path, sample_rate) as sound:
+        pieces = list(sound)
+    audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+    return audio.astype(np.float32), sound.source_rate, sound.channels
+
+
+class SoundReader:
+    """The first channel of ``path``'s first sound track at ``sample_rate`` Hz, as
+    float32 pieces (S_i,) in decoding order, so that a long sound need not be held
+    whole (:func:`read_audio` joins them). The file is opened, and its sound track
+    found, when the reader is made (:attr:`source_rate`, :attr:`channels`); it is
+    decoded as the pieces are taken, once, and closed at the end or by :meth:`close`
+    (``with SoundReader(...) as sound:``).
 
     Decoded and, if needed, resampled with FFmpeg's libswresample (PyAV's
     ``AudioResampler``: windowed-sinc polyphase filter, FFmpeg's defaults), the
@@ -248,63 +271,103 @@ def read_audio(path: PathLike, sample_rate: int) -> Tuple[np.ndarray, int, int]:
     bundles, drops that too (its MP4 demuxer marks it): the mark is taken off
     (:func:`_colab_packets`), so the sound is the same whichever FFmpeg PyAV bundles.
 
-    Returns (audio float32 (S,), source sample rate, source channel count).
+    A sound of at most one second (at its own rate) comes as one piece at its end: it
+    may be too short for the resampler and be resampled again (:meth:`_pieces`).
 
     Raises:
-        InputError: unreadable file or no sound track (the message names ``--audio``).
+        InputError: unreadable file or no sound track (the message names ``--audio``)
+            when made; an empty sound track or a decoding error while the pieces are
+            taken.
     """
-    av = require("av")
-    path = Path(path)
-    container = _open_container(path)
-    with container:
-        if not container.streams.audio:
-            raise InputError(
-                f"{path} has no sound track; give the sound as a WAV file with --audio "
-                "(audio= in Python)"
-            )
-        stream = container.streams.audio[0]
-        source_rate = int(stream.rate or stream.codec_context.sample_rate)
-        channels = int(stream.codec_context.channels)
-        # 16-bit samples, as the colab's command writes them: its `ffmpeg ... -c copy -f
-        # wav -map 0:a pcm_f32le -ar 48000 output.wav` takes pcm_f32le for a file name,
-        # so output.wav gets the WAV default, 16-bit PCM (hence the colab's int16
-        # branch); louder-than-full-scale samples are clipped there. The layout stays
-        # the source's so that channel 0 is kept as is.
-        resampler = av.AudioResampler(format="s16p", rate=int(sample_rate))
-        # The first second of channel 0 at the source rate, for a sound too short
-        # for the resampler (below); the format only: no delay.
-        to_float = av.AudioResampler(format="fltp")
-        head: List[np.ndarray] = []
-        pieces: List[np.ndarray] = []
-        decoded = 0  # source samples
+
+    def __init__(self, path: PathLike, sample_rate: int) -> None:
+        self.path = Path(path)
+        self.sample_rate = int(sample_rate)
+        self._container = _open_container(self.path)
         try:
-            frames = (f for p in _colab_packets(container, stream) for f in p.decode())
-            for frame in frames:
-                decoded += frame.samples
-                frame.pts = None  # let the resampler count samples itself
-                for out in resampler.resample(frame):
-                    pieces.append(_from_int16(out.to_ndarray()[0]))
-                if decoded <= source_rate:
-                    head.extend(out.to_ndarray()[0] for out in to_float.resample(frame))
-            for out in resampler.resample(None):
-                pieces.append(_from_int16(out.to_ndarray()[0]))
-            head.extend(out.to_ndarray()[0] for out in to_float.resample(None))
-        except av.error.FFmpegError as error:
-            raise InputError(f"{path}: the sound cannot be decoded ({error})") from None
-    if decoded == 0:
-        raise InputError(f"{path} has an empty sound track")
-    audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-    # libswresample holds back about one filter length of samples, and its flush does
-    # not return them when the sound is shorter than that (0.01 s at 48 kHz to 1600 Hz
-    # gives no sample at all; longer sounds give at least floor(S * rate / source)).
-    # A short sound is resampled again followed by silence: its own samples come out,
-    # at least one, and the caller pads the rest with silence as for any short track.
-    # (A filter is far shorter than a second, so such a sound is all in ``head``.)
-    wanted = max(1, decoded * int(sample_rate) // source_rate)
-    if len(audio) < wanted and decoded <= source_rate:
-        audio = _resample_padded(np.concatenate(head), source_rate, int(sample_rate))
-        audio = audio[:wanted]
-    return audio.astype(np.float32), source_rate, channels
+            if not self._container.streams.audio:
+                raise InputError(
+                    f"{self.path} has no sound track; give the sound as a WAV file with "
+                    "--audio (audio= in Python)"
+                )
+            stream = self._container.streams.audio[0]
+            #: The track's own sample rate (Hz) and channel count.
+            self.source_rate = int(stream.rate or stream.codec_context.sample_rate)
+            self.channels = int(stream.codec_context.channels)
+        except BaseException:
+            self._container.close()
+            raise
+        self._iterator = self._pieces(stream)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return self._iterator
+
+    def close(self) -> None:
+        """Stops decoding and closes the file (the pieces end)."""
+        self._iterator.close()
+        self._container.close()
+
+    def __enter__(self) -> "SoundReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _pieces(self, stream: Any) -> Iterator[np.ndarray]:
+        av = require("av")
+        path, container, rate = self.path, self._container, self.sample_rate
+        source_rate = self.source_rate
+        with container:
+            # 16-bit samples, as the colab's command writes them: its `ffmpeg ... -c copy
+            # -f wav -map 0:a pcm_f32le -ar 48000 output.wav` takes pcm_f32le for a file
+            # name, so output.wav gets the WAV default, 16-bit PCM (hence the colab's
+            # int16 branch); louder-than-full-scale samples are clipped there. The layout
+            # stays the source's so that channel 0 is kept as is.
+            resampler = av.AudioResampler(format="s16p", rate=rate)
+            # The first second of channel 0 at the source rate, for a sound too short
+            # for the resampler (below); the format only: no delay.
+            to_float = av.AudioResampler(format="fltp")
+            head: List[np.ndarray] = []
+            # Pieces held back while the sound is at most a second long: such a sound
+            # may be resampled again at its end, replacing them.
+            held: List[np.ndarray] = []
+            decoded = 0  # source samples
+            try:
+                frames = (f for p in _colab_packets(container, stream) for f in p.decode())
+                for frame in frames:
+                    decoded += frame.samples
+                    frame.pts = None  # let the resampler count samples itself
+                    pieces = [_from_int16(out.to_ndarray()[0]) for out in resampler.resample(frame)]
+                    if decoded <= source_rate:
+                        head.extend(out.to_ndarray()[0] for out in to_float.resample(frame))
+                        held.extend(pieces)
+                        continue
+                    # Longer than a second: these samples are final, and the first
+                    # second is not needed again.
+                    head = []
+                    yield from held + pieces
+                    held = []
+                tail = [_from_int16(out.to_ndarray()[0]) for out in resampler.resample(None)]
+                head.extend(out.to_ndarray()[0] for out in to_float.resample(None))
+            except av.error.FFmpegError as error:
+                raise InputError(f"{path}: the sound cannot be decoded ({error})") from None
+        if decoded == 0:
+            raise InputError(f"{path} has an empty sound track")
+        if decoded > source_rate:
+            yield from tail
+            return
+        audio = np.concatenate(held + tail) if held or tail else np.zeros(0, np.float32)
+        # libswresample holds back about one filter length of samples, and its flush
+        # does not return them when the sound is shorter than that (0.01 s at 48 kHz to
+        # 1600 Hz gives no sample at all; longer sounds give at least floor(S * rate /
+        # source)). A short sound is resampled again followed by silence: its own samples
+        # come out, at least one, and the caller pads the rest with silence as for any
+        # short track. (A filter is far shorter than a second, so such a sound is all in
+        # ``head``.)
+        wanted = max(1, decoded * rate // source_rate)
+        if len(audio) < wanted:
+            audio = _resample_padded(np.concatenate(head), source_rate, rate)[:wanted]
+        yield audio.astype(np.float32)
 
 
 def _colab_packets(container: Any, stream: Any) -> Iterator[Any]:
@@ -366,16 +429,24 @@ def encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:
     audio: (S,) float.
     """
     data = np.ascontiguousarray(np.asarray(audio, dtype="<f4").reshape(-1)).tobytes()
+    return wav_header(len(data) // 4, sample_rate) + data
+
+
+def wav_header(samples: int, sample_rate: int) -> bytes:
+    """The bytes of :func:`encode_wav`'s file before its samples, for ``samples``
+    float32 samples: a WAV written piece by piece gets this header, then the samples
+    as little-endian float32 (``"<f4"``)."""
     channels, bits = 1, 32
     block = channels * bits // 8
     fmt = struct.pack(
         "<4sIHHIIHH", b"fmt ", 16, 3, channels, int(sample_rate),
         int(sample_rate) * block, block, bits,
     )
+    size = int(samples) * block
     # Non-PCM formats carry a "fact" chunk with the number of samples per channel.
-    fact = struct.pack("<4sII", b"fact", 4, len(data) // block)
-    body = b"WAVE" + fmt + fact + struct.pack("<4sI", b"data", len(data)) + data
-    return struct.pack("<4sI", b"RIFF", len(body)) + body
+    fact = struct.pack("<4sII", b"fact", 4, int(samples))
+    body = b"WAVE" + fmt + fact + struct.pack("<4sI", b"data", size)
+    return struct.pack("<4sI", b"RIFF", len(body) + size) + body
 
 
 def _even(frame: np.ndarray) -> np.ndarray:
@@ -433,56 +504,184 @@ def write_video(
 
     ``frames`` may also be any iterable of (H, W, 3) frames (a generator): H.264
     encodes each as it comes, so that a long video's pictures need not all be in
-    memory (a GIF is made whole: Pillow holds every picture).
+    memory (a GIF is made whole: Pillow holds every picture). :class:`VideoWriter`
+    takes the sound in pieces too.
     """
     path = Path(path)
-    (height, width), frames = _video_frames(frames)
-    if path.suffix.lower() == ".gif":
-        image_module = require("PIL.Image")
-        pictures = [image_module.fromarray(f) for f in frames]
-        # GIF delays are in hundredths of a second (Pillow takes milliseconds).
-        duration = max(int(round(1000.0 / fps / 10.0)) * 10, 10)
-        pictures[0].save(
-            path, format="GIF", save_all=True, append_images=pictures[1:],
-            duration=duration, loop=0,
-        )
-        return
-    av = require("av")
-    rate = Fraction(fps).limit_denominator(1001)
-    with av.open(str(path), mode="w") as container:
-        video = container.add_stream("libx264", rate=rate)
+    _, frames = _video_frames(frames)
+    gif = path.suffix.lower() == ".gif"
+    if audio is not None and sample_rate is None and not gif:
+        raise ValueError("sample_rate is needed with audio")
+    with VideoWriter(path, fps, None if audio is None else sample_rate) as writer:
+        writer.add_frames(frames)
+        # The whole picture track before the sound, as this function always wrote it
+        # (the muxer interleaves them by time either way).
+        writer._end_frames()
+        if audio is not None:
+            writer.add_sound(audio)
+
+
+class VideoWriter:
+    """:func:`write_video` in pieces: frames and sound added as they come, so that
+    neither need be all in memory (``run autoencode`` adds each clip's reconstruction
+    as it is computed). ``with VideoWriter(path, fps, sample_rate) as video:
+    video.add_frames(frames); video.add_sound(samples); ...``: the file is finished
+    when the block ends (encoders flushed, container closed); a block that fails
+    leaves it unfinished, for the caller to remove.
+
+    The format, codecs and settings are :func:`write_video`'s (H.264 with AAC sound;
+    ``.gif``: Pillow, no sound, made whole at the end: Pillow holds every picture),
+    and so are the decoded frames and samples, however the frames and the sound are
+    cut into pieces: the encoders and the resampler take a continuous stream (the
+    sound's timestamps run on from piece to piece). Only the order of the packets in
+    the file may differ (they are interleaved as they come).
+
+    Args:
+        path: the file; its suffix chooses the format.
+        fps: the frame rate.
+        sample_rate: that of the sound given to :meth:`add_sound`; None: no sound
+            track (:meth:`add_sound` is then an error, except for a GIF, which has
+            none and ignores the sound).
+    """
+
+    def __init__(self, path: PathLike, fps: float, sample_rate: Optional[int] = None) -> None:
+        self.path = Path(path)
+        self.fps = fps
+        self.sample_rate = None if sample_rate is None else int(sample_rate)
+        self._gif = self.path.suffix.lower() == ".gif"
+        require("PIL.Image" if self._gif else "av")
+        self._shape: Optional[Tuple[int, ...]] = None  # the first frame's
+        self._pictures: List[Any] = []  # a GIF's, saved at the end
+        self._container: Any = None  # opened at the first frame, which gives the size
+        self._video: Any = None
+        self._sound: Any = None
+        self._resampler: Any = None
+        self._early_sound: List[np.ndarray] = []  # sound added before the first frame
+        self._sound_samples = 0  # samples encoded: the next piece's timestamp
+        self._frames_ended = False
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        if kind is None:
+            self.close()
+        elif self._container is not None:
+            # Unfinished: the error is the news; a failure to close would hide it.
+            with contextlib.suppress(Exception):
+                self._container.close()
+
+    def add_frames(self, frames: Any) -> None:
+        """Encodes each (H, W, 3) uint8 RGB frame of the iterable ``frames`` (all of one
+        size). Raises ValueError for a frame of another shape."""
+        for frame in frames:
+            self.add_frame(frame)
+
+    def add_frame(self, frame: np.ndarray) -> None:
+        """Encodes one (H, W, 3) uint8 RGB frame (see :meth:`add_frames`)."""
+        if self._frames_ended:
+            raise ValueError("no frame can follow the end of the frames")
+        frame = np.asarray(frame, dtype=np.uint8)
+        if self._shape is None:
+            if frame.ndim != 3 or frame.shape[-1] != 3:
+                raise ValueError(f"each frame must be (H, W, 3), got {frame.shape}")
+            self._shape = frame.shape
+            if not self._gif:
+                self._open(frame.shape[0], frame.shape[1])
+        elif frame.shape != self._shape:
+            raise ValueError(f"the frames must be of one size: {self._shape}, then {frame.shape}")
+        if self._gif:
+            self._pictures.append(require("PIL.Image").fromarray(frame))
+            return
+        av = require("av")
+        for packet in self._video.encode(av.VideoFrame.from_ndarray(_even(frame), format="rgb24")):
+            self._container.mux(packet)
+
+    def add_sound(self, samples: np.ndarray) -> None:
+        """Encodes the next sound samples (S,) float at :attr:`sample_rate`, after those
+        added before (NaN or infinite samples are silence, see :func:`write_video`)."""
+        if self.sample_rate is None:
+            if self._gif:
+                return
+            raise ValueError("this video has no sound track: give sample_rate")
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if self._container is None and not self._gif:
+            self._early_sound.append(samples.copy())  # the streams need the frame size
+            return
+        if not self._gif:
+            self._encode_sound(samples)
+
+    def close(self) -> None:
+        """Flushes the encoders and finishes the file (a GIF: saves it).
+
+        Raises:
+            ValueError: no frame was added.
+        """
+        if self._shape is None:
+            raise ValueError("frames must hold at least one frame, got none")
+        if self._gif:
+            # GIF delays are in hundredths of a second (Pillow takes milliseconds).
+            duration = max(int(round(1000.0 / self.fps / 10.0)) * 10, 10)
+            first, *rest = self._pictures
+            self._pictures = []
+            first.save(
+                self.path, format="GIF", save_all=True, append_images=rest,
+                duration=duration, loop=0,
+            )
+            return
+        self._end_frames()
+        if self._sound is not None:
+            if self._resampler is not None:
+                for piece in self._resampler.resample(None):
+                    self._mux(self._sound.encode(piece))
+            self._mux(self._sound.encode(None))
+        self._container.close()
+
+    def _open(self, height: int, width: int) -> None:
+        av = require("av")
+        rate = Fraction(self.fps).limit_denominator(1001)
+        self._container = av.open(str(self.path), mode="w")
+        video = self._container.add_stream("libx264", rate=rate)
         video.width, video.height = width + width % 2, height + height % 2  # _even's
         video.pix_fmt = "yuv420p"
         video.options = {"crf": "18"}
-        sound = None
-        if audio is not None:
-            if sample_rate is None:
-                raise ValueError("sample_rate is needed with audio")
-            out_rate = int(sample_rate) if int(sample_rate) in _AAC_RATES else 48000
-            sound = container.add_stream("aac", rate=out_rate, layout="mono")
-        for array in frames:
-            frame = av.VideoFrame.from_ndarray(_even(array), format="rgb24")
-            for packet in video.encode(frame):
-                container.mux(packet)
-        for packet in video.encode(None):
-            container.mux(packet)
-        if sound is not None:
-            samples = np.asarray(audio, dtype=np.float32).reshape(1, -1)
-            samples = np.where(np.isfinite(samples), samples, np.float32(0))
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples), format="fltp", layout="mono")
-            frame.sample_rate = int(sample_rate)
-            # A timestamp of 0 lets the AAC encoder mark its 1024 priming samples
-            # (negative pts, an edit list in MP4) so that decoders drop them and the
-            # sound stays in sync; without it the sound starts 1024 samples late.
-            frame.pts = 0
-            frame.time_base = Fraction(1, int(sample_rate))
-            if out_rate != int(sample_rate):
-                resampler = av.AudioResampler(format="fltp", layout="mono", rate=out_rate)
-                converted = resampler.resample(frame) + resampler.resample(None)
-            else:
-                converted = [frame]
-            for piece in converted:
-                for packet in sound.encode(piece):
-                    container.mux(packet)
-            for packet in sound.encode(None):
-                container.mux(packet)
+        self._video = video
+        if self.sample_rate is not None:
+            out_rate = self.sample_rate if self.sample_rate in _AAC_RATES else 48000
+            self._sound = self._container.add_stream("aac", rate=out_rate, layout="mono")
+            if out_rate != self.sample_rate:
+                self._resampler = av.AudioResampler(format="fltp", layout="mono", rate=out_rate)
+        early, self._early_sound = self._early_sound, []
+        for samples in early:
+            self._encode_sound(samples)
+
+    def _end_frames(self) -> None:
+        """No more frames: the picture encoder's delayed packets are written."""
+        if self._frames_ended or self._gif or self._video is None:
+            return
+        self._frames_ended = True
+        self._mux(self._video.encode(None))
+
+    def _encode_sound(self, samples: np.ndarray) -> None:
+        av = require("av")
+        if not len(samples):
+            return
+        samples = np.where(np.isfinite(samples), samples, np.float32(0))[None]
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(samples), format="fltp", layout="mono"
+        )
+        frame.sample_rate = self.sample_rate
+        # A first timestamp of 0 lets the AAC encoder mark its 1024 priming samples
+        # (negative pts, an edit list in MP4) so that decoders drop them and the sound
+        # stays in sync; without it the sound starts 1024 samples late. The next pieces
+        # follow on, one stream for the resampler and the encoder.
+        frame.pts = self._sound_samples
+        frame.time_base = Fraction(1, self.sample_rate)
+        self._sound_samples += samples.shape[1]
+        pieces = [frame] if self._resampler is None else self._resampler.resample(frame)
+        for piece in pieces:
+            self._mux(self._sound.encode(piece))
+
+    def _mux(self, packets: Any) -> None:
+        for packet in packets:
+            self._container.mux(packet)
