@@ -1114,14 +1114,16 @@ def test_run_autoencode_lets_each_video_go_before_the_next(tmp_path, model, monk
                                                            arrays):
     """The runner's loop variable held a video's result (its reconstructed and input
     frames) while the next video was autoencoded; --npz copied the arrays into bytes
-    first. The files and documents are those of the pipeline on each video."""
+    first. The runner now goes clip by clip: no clip's reconstruction is held while
+    the next clip is computed, in the next video either. The files and documents are
+    those of the pipeline on each video."""
     import io
 
     from perceiver_torch.pipelines.base import RunOptions
     from perceiver_torch.pipelines.video import run_task
 
     live = alive_counts()
-    real = AutoencodePipeline.__call__
+    real = AutoencodePipeline._autoencode
 
     def counted(self, *args, **kwargs):
         return track_alive(live, real(self, *args, **kwargs))
@@ -1131,11 +1133,11 @@ def test_run_autoencode_lets_each_video_go_before_the_next(tmp_path, model, monk
     out = tmp_path / ("out.npz" if arrays else "out")
     if arrays is None:
         out.mkdir()
-    monkeypatch.setattr(AutoencodePipeline, "__call__", counted)
+    monkeypatch.setattr(AutoencodePipeline, "_autoencode", counted)
     documents = run_task(AutoencodePipeline(model), videos[:1] if arrays else videos,
                          RunOptions(output=out, arrays=arrays))
-    assert live["most"] == 1  # was 2 from the second of several videos
-    monkeypatch.setattr(AutoencodePipeline, "__call__", real)
+    assert live["made"] == (2 if arrays else 6) and live["most"] == 1
+    monkeypatch.setattr(AutoencodePipeline, "_autoencode", real)
     for path, document in zip(videos, documents):
         result = AutoencodePipeline(model)(path)
         assert {k: v for k, v in document.items() if k not in ("input", "audio", "files")} \
@@ -1148,3 +1150,300 @@ def test_run_autoencode_lets_each_video_go_before_the_next(tmp_path, model, monk
         else:
             wav = out / (Path(path).stem + ".autoencoded.wav")
             assert wav.read_bytes() == encode_wav(result.audio, result.sample_rate)
+
+
+# -- autoencoding clip by clip ---------------------------------------------------------
+
+
+def _whole_video_reference(model: torch.nn.Module, video: Path, sound: Path) -> Dict[str, Any]:
+    """The autoencoding of ``video`` with the sound of ``sound`` as the pipeline made it
+    before it went clip by clip, computed here from its parts: every frame decoded
+    and preprocessed, the whole sound read, padded with silence to the clips' length
+    (or cut), then the model on each run of ``num_frames`` frames. Independent of the
+    pipeline's loop, its sound pieces and its writers."""
+    from perceiver_torch.pipelines.media import iter_video_frames
+
+    t, per_frame = TINY.num_frames, TINY.audio_samples_per_frame
+    frames = np.stack([preprocess_frame(f, TINY.image_size) for f in iter_video_frames(video)])
+    samples, _, _ = read_audio(sound, per_frame * 25)
+    clips = len(frames) // t
+    needed = clips * t * per_frame
+    padded = max(needed - len(samples), 0)
+    samples = np.concatenate([samples, np.zeros(padded, np.float32)])[:needed]
+    outputs: Dict[str, List[np.ndarray]] = {"image": [], "audio": [], "label": []}
+    with torch.inference_mode():
+        for c in range(clips):
+            images = torch.from_numpy(frames[c * t : (c + 1) * t]).permute(0, 3, 1, 2)[None]
+            audio = torch.from_numpy(samples[c * t * per_frame : (c + 1) * t * per_frame])
+            out = model.reconstruct(images, audio[None, :, None], num_chunks=TINY.num_chunks)
+            for key in outputs:
+                outputs[key].append(out[key][0].numpy().copy())
+    recon = np.concatenate([clip.transpose(0, 2, 3, 1) for clip in outputs["image"]])
+    return {
+        "frames": recon,
+        "audio": np.concatenate(outputs["audio"]),
+        "label_logits": np.stack(outputs["label"]),
+        "inputs": frames[: clips * t],
+        "input_audio": samples,
+        "dropped_frames": len(frames) - clips * t,
+        "padded_samples": padded,
+        "psnr": [psnr(recon[c * t : (c + 1) * t], frames[c * t : (c + 1) * t])
+                 for c in range(clips)],
+    }
+
+
+def _sound_cases(tmp_path: Path, case: str) -> tuple:
+    """(video, --audio file or None, the sound file) for 5 clips of 2 frames and a
+    frame dropped: the video's own sound (44.1 kHz AAC, resampled), or a 1600 Hz WAV
+    that ends in the 4th clip (padded) or goes on past the video (cut)."""
+    video = tmp_path / "v.mp4"
+    make_test_video(video, 11, size=(24, 32), sample_rate=None if case != "own" else 44100)
+    if case == "own":
+        return video, None, video
+    samples = {"short": 7 * 64 + 20, "long": 30 * 64}[case]
+    ramp = (((np.arange(samples) * 37) % 4000) - 2000).astype(np.int16)
+    write_pcm_wav(tmp_path / "s.wav", ramp[None], 1600)
+    return video, tmp_path / "s.wav", tmp_path / "s.wav"
+
+
+@pytest.mark.parametrize("arrays", [None, "npy", "npz", "python"])
+def test_run_autoencode_holds_one_clip_at_a_time(tmp_path, model, monkeypatch, arrays):
+    """run autoencode (and the pipeline call) held the whole video: every frame was
+    decoded and preprocessed before the first clip reached the model, and every
+    clip's reconstruction was kept until the files were written. At each clip's model
+    call now: the frames decoded are that clip's and the earlier ones', and of the
+    clips' input frames and sound, and of their reconstructed frames, only the
+    current clip's (and at most one earlier reconstruction) are alive; in Python,
+    ``AutoencodePipeline.clips`` with its parts let go, likewise."""
+    from perceiver_torch.pipelines import video as video_module
+    from perceiver_torch.pipelines.base import RunOptions
+
+    t = TINY.num_frames
+    video, audio, _ = _sound_cases(tmp_path, "own")
+    decoded = [0]
+    real_frames = video_module.iter_video_frames
+
+    def counting_frames(*args, **kwargs):
+        for frame in real_frames(*args, **kwargs):
+            decoded[0] += 1
+            yield frame
+
+    live = {kind: alive_counts() for kind in ("inputs", "reconstructions")}
+    calls: List[Dict[str, int]] = []
+    original = type(model).reconstruct
+    autoencode = AutoencodePipeline._autoencode
+
+    def counted_inputs(self, inputs, samples, start):
+        # The clip's frames and sound as the pipeline hands them to the model.
+        return autoencode(self, track_alive(live["inputs"], inputs),
+                          track_alive(live["inputs"], samples), start)
+
+    def reconstruct(self, images, sound, **kwargs):
+        calls.append({"decoded": decoded[0], "inputs": live["inputs"]["now"],
+                      "reconstructions": live["reconstructions"]["now"]})
+        out = original(self, images, sound, **kwargs)
+        # The frames in an array counted while alive: any view of it (the pipeline's
+        # reconstruction is one) keeps it alive; a copy does not.
+        recon = out["image"].numpy().copy()
+        out["image"] = torch.from_numpy(track_alive(live["reconstructions"], recon))
+        return out
+
+    monkeypatch.setattr(video_module, "iter_video_frames", counting_frames)
+    monkeypatch.setattr(AutoencodePipeline, "_autoencode", counted_inputs)
+    monkeypatch.setattr(type(model), "reconstruct", reconstruct)
+    pipeline = AutoencodePipeline(model)
+    if arrays == "python":
+        for part in pipeline.clips(video, audio):
+            del part  # what a caller that writes each clip away does
+    else:
+        out = tmp_path / {None: "out.mp4", "npy": "out.npy", "npz": "out.npz"}[arrays]
+        video_module.run_task(pipeline, [str(video)], RunOptions(output=out, arrays=arrays))
+    assert len(calls) == 5  # 11 frames: 5 clips of 2
+    for c, call in enumerate(calls):
+        assert call["decoded"] <= (c + 1) * t, (c, call)  # was all 11 from the first
+        assert call["inputs"] == 2, (c, call)  # this clip's frames and sound only
+        assert call["reconstructions"] <= 1, (c, call)  # was c: every earlier clip's
+
+
+def test_the_sound_is_read_as_the_clips_need_it(tmp_path, model, monkeypatch):
+    """The whole sound track was decoded and resampled before the first clip. Now the
+    sound file's samples are taken as the clips need them: at each clip's model call,
+    those taken from the reader are that clip's and the earlier ones', and at most
+    one decoded piece more (here 1024 samples at 48 kHz: at most 35 at the model's
+    1600 Hz). (The reader itself holds back the first second, SoundReader.)"""
+    from perceiver_torch.pipelines import video as video_module
+    from perceiver_torch.pipelines.media import SoundReader
+
+    make_test_video(tmp_path / "v.mp4", 75, size=(16, 16), sample_rate=48000)  # 3 s
+    read = [0]
+
+    class CountingReader(SoundReader):
+        def __iter__(self):
+            for piece in super().__iter__():
+                read[0] += len(piece)
+                yield piece
+
+    calls: List[int] = []
+    original = type(model).reconstruct
+
+    def reconstruct(self, *args, **kwargs):
+        calls.append(read[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(video_module, "SoundReader", CountingReader)
+    monkeypatch.setattr(type(model), "reconstruct", reconstruct)
+    for part in AutoencodePipeline(model).clips(tmp_path / "v.mp4"):
+        del part
+    per_clip, piece = 2 * 64, 35
+    assert len(calls) == 37 and read[0] >= 37 * per_clip
+    for c, samples in enumerate(calls):
+        assert samples <= (c + 1) * per_clip + piece, (c, samples)  # was 4800 from the first
+
+
+@pytest.fixture(scope="module")
+def checkpoint_model(video_checkpoint: Path) -> torch.nn.Module:
+    """The model ``run`` loads from ``video_checkpoint``."""
+    from converter.run_cli import load_any_model
+
+    return load_any_model(video_checkpoint)[0]
+
+
+@pytest.mark.parametrize("sound", ["own", "short", "long"])
+@pytest.mark.parametrize("arrays", [None, "npy", "npz"])
+def test_run_autoencode_clip_by_clip_writes_the_whole_video_results(
+    tmp_path, checkpoint_model, video_checkpoint, sound, arrays
+):
+    """The files, the document and the lines of run autoencode, which goes clip by
+    clip, are those of the whole video computed at once (here, from the pipeline's
+    parts: :func:`_whole_video_reference`): the arrays and the .wav byte for byte,
+    the video's decoded frames and sound those write_video makes of the whole
+    reconstruction, each clip's PSNR and labels, the dropped frame and the padding.
+    So is the pipeline call's result, and AutoencodePipeline.clips' parts."""
+    import io
+
+    from perceiver_torch.pipelines.media import iter_video_frames, write_video
+
+    model = checkpoint_model
+    video, audio, sound_file = _sound_cases(tmp_path, sound)
+    expected = _whole_video_reference(model, video, sound_file)
+    out = tmp_path / "out" / {None: "r.mp4", "npy": "r.npy", "npz": "r.npz"}[arrays]
+    out.parent.mkdir()
+    flags = ["--audio", audio] if audio else []
+    flags += [f"--{arrays}"] if arrays else []
+    result = run_cli("run", "autoencode", video_checkpoint, video, *flags, "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)["results"][0]
+
+    # The pipeline call: the same arrays as the reference, the document's summary.
+    pipeline = AutoencodePipeline(model)
+    whole = pipeline(video, audio)
+    for name in ("frames", "audio", "label_logits", "inputs", "input_audio"):
+        assert np.array_equal(getattr(whole, name), expected[name]), name
+    assert (whole.dropped_frames, whole.padded_samples) == (
+        expected["dropped_frames"], expected["padded_samples"])
+    assert [clip.psnr for clip in whole.clips] == expected["psnr"]
+    assert {k: v for k, v in document.items() if k not in ("input", "audio", "files")} \
+        == whole.as_dict()
+    assert (expected["padded_samples"] > 0) == (sound == "short")
+    # AutoencodePipeline.clips: the same parts, the whole video's facts once finished.
+    stream = pipeline.clips(video, audio)
+    assert not stream.finished and stream.notes == []
+    parts = list(stream)
+    assert stream.finished and stream.as_dict() == whole.as_dict()
+    assert np.array_equal(np.concatenate([p.frames for p in parts]), expected["frames"])
+    assert np.array_equal(np.concatenate([p.video_uint8() for p in parts]), whole.video_uint8())
+
+    # Each clip's line and the notes, as the document has them.
+    lines = result.stderr.splitlines()
+    for clip, psnr_value in zip(document["clips"], expected["psnr"]):
+        start, stop = clip["frames"]
+        assert any(line.startswith(f"  frames {start}-{stop - 1}: PSNR {psnr_value:.2f} dB; ")
+                   for line in lines)
+    assert [line[len("  note: "):] for line in lines if line.startswith("  note: ")] \
+        == document["notes"]
+
+    if arrays == "npz":
+        assert document["files"] == [str(out)]
+        with np.load(out) as written:
+            assert written.files == ["frames", "audio", "label_logits"]
+            for name in written.files:
+                assert written[name].dtype == np.float32
+                assert np.array_equal(written[name], expected[name]), name
+    elif arrays == "npy":
+        names = [out, out.with_name("r.audio.npy"), out.with_name("r.label_logits.npy")]
+        assert document["files"] == [str(n) for n in names]
+        for name, key in zip(names, ("frames", "audio", "label_logits")):
+            saved = io.BytesIO()
+            np.save(saved, expected[key])
+            assert name.read_bytes() == saved.getvalue(), name
+    else:
+        wav = out.with_suffix(".wav")
+        assert document["files"] == [str(out), str(wav)]
+        assert wav.read_bytes() == encode_wav(expected["audio"], 1600)
+        reference = tmp_path / "reference.mp4"
+        pictures = np.clip(np.nan_to_num(expected["frames"] * 255, nan=0.0), 0, 255)
+        write_video(reference, pictures.astype(np.uint8), 25, expected["audio"], 1600)
+        assert np.array_equal(np.stack(list(iter_video_frames(out))),
+                              np.stack(list(iter_video_frames(reference))))
+        assert np.array_equal(read_audio(out, 48000)[0], read_audio(reference, 48000)[0])
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(
+        Path(f).name for f in document["files"])  # no temporary file left
+
+
+@pytest.mark.parametrize("output", ["r.mp4", "r.gif", "r.npy", "r.npz"])
+def test_run_autoencode_failing_mid_video_writes_nothing(tmp_path, model, video_checkpoint,
+                                                         monkeypatch, output):
+    """The video and .wav are written as the clips come (and --npy/--npz spooled):
+    a model that fails on the second clip (exit 3, as anything unexpected) leaves no
+    file and no temporary file."""
+    video, _, _ = _sound_cases(tmp_path, "own")
+    (tmp_path / "out").mkdir()
+    original = type(model).reconstruct
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the model failed on the second clip")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "reconstruct", failing)
+    flags = {".npy": ["--npy"], ".npz": ["--npz"]}.get(Path(output).suffix, [])
+    result = run_cli("run", "autoencode", video_checkpoint, video, *flags,
+                     "-o", tmp_path / "out" / output)
+    assert result.exit_code == 3 and "the model failed on the second clip" in result.stderr
+    assert len(calls) == 2
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("output", ["r.mp4", "r.npy", "r.npz"])
+def test_run_autoencode_disk_full_while_spooling_is_a_write_failure(
+    tmp_path, video_checkpoint, monkeypatch, output
+):
+    """The .wav's sound and the --npy/--npz arrays go to temporary files as the clips
+    come; a full disk there is the run's one-line write failure (exit 3, nothing
+    written), as a full disk while writing the outputs was, not "unexpected OSError
+    ... please report it"."""
+    import errno
+
+    from perceiver_torch.pipelines import video as video_module
+
+    video, _, _ = _sound_cases(tmp_path, "own")
+    (tmp_path / "out").mkdir()
+    real = video_module._Spool.append
+    appended = []
+
+    def append(self, rows):
+        appended.append(1)
+        if len(appended) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, rows)
+
+    monkeypatch.setattr(video_module._Spool, "append", append)
+    flags = {".npy": ["--npy"], ".npz": ["--npz"]}.get(Path(output).suffix, [])
+    result = run_cli("run", "autoencode", video_checkpoint, video, *flags,
+                     "-o", tmp_path / "out" / output)
+    assert result.exit_code == 3, result.stderr
+    assert "failed: No space left on device; nothing was written" in result.stderr
+    assert "unexpected" not in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []

@@ -35,9 +35,10 @@ Contract of a task (how ``perceiver-convert run TASK`` finds and runs it)
    ``options.open_output(path)`` or ``options.output_path(path)`` (atomic in the CLI:
    a failed run leaves no partial file, an input is never overwritten). The documents
    of a task that writes files list them under ``"files"``. Its memory is bounded by
-   a batch (autoencode: one video), not by the number of inputs: it writes each
-   batch's files as it goes and keeps per input only its document (and an
-   ``--npy``/``--npz`` array, which is the output itself). classify and flow read and
+   a batch (autoencode: one clip of a video), not by the number of inputs: it writes
+   each batch's files as it goes and keeps per input only its document (and an
+   ``--npy``/``--npz`` array, which is the output itself; autoencode spools those to
+   temporary files and writes them at the end). classify and flow read and
    check every image or frame first (a bad one is named before the model runs),
    keeping only what is small (notes, sizes), then read them again batch by batch (an
    input that cannot be read twice, a pipe: :func:`~.base.readable_twice`, keeps its

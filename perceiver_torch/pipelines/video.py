@@ -35,16 +35,32 @@ reconstructed sound, the label logits per clip (the label input is always masked
 they are the model's guess of the clip's class), and the PSNR of each clip's frames
 (clipped to [0, 1], as the colab's ``to_gif``) against the model's input frames:
 ``10 log10(1 / MSE)`` over all pixels and channels.
+
+Memory: the clips are independent, so :meth:`AutoencodePipeline.clips` goes clip by
+clip: a video file is decoded, and a sound file read, as the clips need them, and each
+clip's frames are preprocessed (9.6 MB of float32 for 16 frames of 224x224) and
+autoencoded in turn, with nothing of the earlier clips kept but their PSNR and
+labels; the pipeline call gathers every clip into one :class:`AutoencodeResult` (a
+one-minute 25 fps video: 0.9 GB of input frames and as much of reconstructed ones), and
+``perceiver-convert run autoencode`` writes each clip's reconstruction away as it
+comes (:func:`run_task`). Frames or sound given as arrays are the caller's, held as
+given.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
+import shutil
+import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import (
+    Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union,
+)
 
 import numpy as np
 import torch
@@ -62,7 +78,8 @@ from .base import (
     eval_mode,
     host_tensor,
     no_progress,
-    non_finite_output_note,
+    non_finite_count,
+    non_finite_note,
     positive_int,
     refuse_array_suffix_without_flag,
     require,
@@ -73,18 +90,22 @@ from .base import (
 from .media import (
     MEDIA_SUFFIXES,
     WRITTEN_VIDEO_SUFFIXES,
+    SoundReader,
+    VideoWriter,
     encode_wav,
     iter_video_frames,
     missing_frames_note,
-    read_audio,
     video_frame_count,
     video_frame_rate,
+    wav_header,
     write_video,
 )
 
 __all__ = [
+    "AutoencodeClips",
     "AutoencodePipeline",
     "AutoencodeResult",
+    "ClipReconstruction",
     "ClipResult",
     "MODEL_FPS",
     "crop_center_square",
@@ -182,7 +203,7 @@ class AutoencodeResult:
         """The frames as the colab's ``to_gif`` shows them: clip(x * 255, 0, 255),
         truncated to uint8. (T, H, W, 3). A NaN value (outputs that are not finite,
         which the notes name) is 0, black (NumPy's cast of NaN is undefined)."""
-        return np.clip(np.nan_to_num(self.frames * 255, nan=0.0), 0, 255).astype(np.uint8)
+        return _video_uint8(self.frames)
 
     def as_dict(self) -> Dict[str, Any]:
         """A JSON-able summary, not the arrays (``frames``, ``audio`` and
@@ -193,16 +214,55 @@ class AutoencodeResult:
         ``"padded_samples"``, ``"sample_rate"``, ``"fps"`` and ``"notes"``.
         ``perceiver-convert run autoencode --json`` prints it for each video, with
         ``"input"``, ``"audio"`` (the --audio file or null) and ``"files"`` added."""
-        return {
-            "clips": [clip.as_dict() for clip in self.clips],
-            "frames": int(self.frames.shape[0]),
-            "size": [int(v) for v in self.frames.shape[1:3]],
-            "dropped_frames": self.dropped_frames,
-            "padded_samples": self.padded_samples,
-            "sample_rate": self.sample_rate,
-            "fps": self.fps,
-            "notes": list(self.notes),
-        }
+        return _summary(self, int(self.frames.shape[0]), self.frames.shape[1:3])
+
+
+def _video_uint8(frames: np.ndarray) -> np.ndarray:
+    """:meth:`AutoencodeResult.video_uint8` of ``frames`` (any number of them)."""
+    return np.clip(np.nan_to_num(frames * 255, nan=0.0), 0, 255).astype(np.uint8)
+
+
+def _summary(result: Any, frames: int, size: Sequence[int]) -> Dict[str, Any]:
+    """:meth:`AutoencodeResult.as_dict` of ``result`` (an AutoencodeResult or a
+    finished :class:`AutoencodeClips`) with ``frames`` reconstructed frames of
+    ``size`` (H, W)."""
+    return {
+        "clips": [clip.as_dict() for clip in result.clips],
+        "frames": frames,
+        "size": [int(v) for v in size],
+        "dropped_frames": result.dropped_frames,
+        "padded_samples": result.padded_samples,
+        "sample_rate": result.sample_rate,
+        "fps": result.fps,
+        "notes": list(result.notes),
+    }
+
+
+@dataclass
+class ClipReconstruction:
+    """One clip's autoencoding, as :meth:`AutoencodePipeline.clips` yields them.
+
+    Attributes:
+        clip: its frames [start, stop), PSNR and top-k labels.
+        frames: reconstructed frames (t, H, W, 3) float32, nominally [0, 1], unclipped
+            (t: the model's ``num_frames``, 16).
+        audio: reconstructed sound (t * samples_per_frame,) float32.
+        label_logits: (classes,) float32.
+        inputs: the model's input frames (t, H, W, 3) float32 in [0, 1].
+        input_audio: the model's input sound (same length as ``audio``; silence where
+            the sound track had ended).
+    """
+
+    clip: ClipResult
+    frames: np.ndarray
+    audio: np.ndarray
+    label_logits: np.ndarray
+    inputs: np.ndarray
+    input_audio: np.ndarray
+
+    def video_uint8(self) -> np.ndarray:
+        """The frames as :meth:`AutoencodeResult.video_uint8` gives them (t, H, W, 3)."""
+        return _video_uint8(self.frames)
 
 
 class AutoencodePipeline:
@@ -228,7 +288,9 @@ class AutoencodePipeline:
     generator of floats). 64-bit integers, NaN and infinite samples,
     non-numbers and (channels, S) arrays (torchaudio's layout: more channels than
     samples; give ``audio.T``) are refused. Returns an
-    :class:`AutoencodeResult`.
+    :class:`AutoencodeResult`, which holds the whole video's input and reconstructed
+    frames and sound; ``pipeline.clips(video, audio=None)`` (same arguments) yields
+    each clip's instead, holding one clip at a time (:class:`AutoencodeClips`).
     """
 
     task = "autoencode"
@@ -266,7 +328,8 @@ class AutoencodePipeline:
     # -- inputs ------------------------------------------------------------------------
 
     def load_frames(self, video: VideoInput) -> np.ndarray:
-        """Every frame preprocessed: (T, H, W, 3) float32 in [0, 1].
+        """Every frame preprocessed: (T, H, W, 3) float32 in [0, 1] (the whole video:
+        :meth:`clips` preprocesses a clip's frames at a time).
 
         No frames (an empty array, list or generator) give (0, H, W, 3), which
         the pipeline call refuses as a video of 0 frames.
@@ -277,83 +340,107 @@ class AutoencodePipeline:
                 its number from 0).
         """
         if is_path(video):
-            frames = [
-                preprocess_frame(f, self.size) for f in iter_video_frames(os.fspath(video))
-            ]
+            raw: Iterable[np.ndarray] = iter_video_frames(os.fspath(video))
         else:
-            if not isinstance(video, (np.ndarray, torch.Tensor)) and isinstance(video, Iterable):
-                # A generator of frames as a list; np.asarray would make it a 0-d
-                # object array, refused as "got object ()".
-                video = list(video)
-                if not video:
-                    # np.asarray([]) is float64 (0,): refused as "must be uint8
-                    # (T, H, W, 3)" where an empty array says it has 0 frames.
-                    return np.zeros((0, *self.size, 3), np.float32)
-                # np.asarray would fail with NumPy's "inhomogeneous shape" message.
-                shapes = [np.shape(frame) for frame in video]
-                odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
-                if odd is not None:
-                    raise InputError(
-                        f"the frames differ in size: frame 0 is {shapes[0]}, frame {odd} "
-                        f"is {shapes[odd]}; give frames of one size (T, H, W, 3)"
-                    )
-            if isinstance(video, torch.Tensor):
-                video = host_tensor(video, "video frames")
-            elif isinstance(video, list):
-                video = [
-                    host_tensor(f, "video frames") if isinstance(f, torch.Tensor) else f
-                    for f in video
-                ]
-            array = np.asarray(video)
-            if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
-                hint = (
-                    " (PyTorch's (T, 3, H, W) layout: .permute(0, 2, 3, 1) gives it)"
-                    if array.ndim == 4 and array.shape[1] == 3
-                    else ""
-                )
-                raise InputError(
-                    f"video frames must be uint8 (T, H, W, 3) RGB, got {array.dtype} "
-                    f"{array.shape}{hint}"
-                )
-            if len(array) and 0 in array.shape[1:3]:
-                # cv2.resize fails on them with an assertion on "!ssize.empty()".
-                raise InputError(
-                    f"the video frames are empty ({array.shape[2]}x{array.shape[1]} px, "
-                    "width x height); give frames of at least 1x1 px"
-                )
-            frames = [preprocess_frame(f, self.size) for f in array]
+            raw = self._frame_array(video)
+        frames = [preprocess_frame(f, self.size) for f in raw]
         return np.stack(frames) if frames else np.zeros((0, *self.size, 3), np.float32)
+
+    def _frame_array(self, video: VideoInput) -> np.ndarray:
+        """Frames given as an array, tensor or iterable, checked (:meth:`load_frames`'
+        errors): (T, H, W, 3) uint8, not yet preprocessed."""
+        if not isinstance(video, (np.ndarray, torch.Tensor)) and isinstance(video, Iterable):
+            # A generator of frames as a list; np.asarray would make it a 0-d
+            # object array, refused as "got object ()".
+            video = list(video)
+            if not video:
+                # np.asarray([]) is float64 (0,): refused as "must be uint8
+                # (T, H, W, 3)" where an empty array says it has 0 frames.
+                return np.zeros((0, *self.size, 3), np.uint8)
+            # np.asarray would fail with NumPy's "inhomogeneous shape" message.
+            shapes = [np.shape(frame) for frame in video]
+            odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
+            if odd is not None:
+                raise InputError(
+                    f"the frames differ in size: frame 0 is {shapes[0]}, frame {odd} "
+                    f"is {shapes[odd]}; give frames of one size (T, H, W, 3)"
+                )
+        if isinstance(video, torch.Tensor):
+            video = host_tensor(video, "video frames")
+        elif isinstance(video, list):
+            video = [
+                host_tensor(f, "video frames") if isinstance(f, torch.Tensor) else f
+                for f in video
+            ]
+        array = np.asarray(video)
+        if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8:
+            hint = (
+                " (PyTorch's (T, 3, H, W) layout: .permute(0, 2, 3, 1) gives it)"
+                if array.ndim == 4 and array.shape[1] == 3
+                else ""
+            )
+            raise InputError(
+                f"video frames must be uint8 (T, H, W, 3) RGB, got {array.dtype} "
+                f"{array.shape}{hint}"
+            )
+        if len(array) and 0 in array.shape[1:3]:
+            # cv2.resize fails on them with an assertion on "!ssize.empty()".
+            raise InputError(
+                f"the video frames are empty ({array.shape[2]}x{array.shape[1]} px, "
+                "width x height); give frames of at least 1x1 px"
+            )
+        return array
 
     def load_audio(self, video: VideoInput, audio: AudioInput, notes: List[str]) -> np.ndarray:
         """The sound at :attr:`sample_rate`, first channel, (S,) float32 (integer
-        samples scaled to [-1, 1], see the class docstring).
+        samples scaled to [-1, 1], see the class docstring); the whole of it (a sound
+        file is read piece by piece by :meth:`clips`).
 
         Raises:
             InputError: no sound, a wrong shape, NaN or infinite samples.
         """
+        source = self._sound_source(video, audio, notes)
+        if isinstance(source, SoundReader):
+            with source:
+                pieces = list(source)
+            return _finite_sound(np.concatenate(pieces) if pieces else np.zeros(0, np.float32))
+        return source
+
+    def _sound_source(
+        self, video: VideoInput, audio: AudioInput, notes: List[str]
+    ) -> Union[SoundReader, np.ndarray]:
+        """The sound of ``video``/``audio`` (:meth:`load_audio`'s checks): a file's as
+        a :class:`~.media.SoundReader` at :attr:`sample_rate`, not yet decoded (its
+        notes added to ``notes``; its samples are 16-bit ones scaled, so finite), or
+        the samples given, checked and scaled, whole."""
         separate = audio is not None  # a sound file of its own (--audio), not the video's
         if audio is None:
             if not is_path(video):
                 raise InputError("frames given as an array need their sound: pass audio=")
             audio = video
-        if is_path(audio):
-            audio = os.fspath(audio)
-            try:
-                samples, rate, channels = read_audio(audio, self.sample_rate)
-            except InputError as error:
-                if not separate or "no sound track" not in str(error):
-                    raise
-                # read_audio's advice ("give the sound ... with --audio") is for a
-                # video without sound; this file was given as the sound.
-                raise InputError(
-                    f"{audio}, given as the sound (--audio; audio= in Python), has no sound "
-                    "track; give a sound file (WAV, FLAC, MP3, ...) or a video with sound"
-                ) from None
-            if rate != self.sample_rate:
-                notes.append(f"sound resampled from {rate} Hz to {self.sample_rate} Hz")
-            if channels > 1:
-                notes.append(f"first of {channels} sound channels used")
-            return _finite_sound(samples)
+        if not is_path(audio):
+            return self._samples(audio)
+        audio = os.fspath(audio)
+        try:
+            sound = SoundReader(audio, self.sample_rate)
+        except InputError as error:
+            if not separate or "no sound track" not in str(error):
+                raise
+            # SoundReader's advice ("give the sound ... with --audio") is for a video
+            # without sound; this file was given as the sound.
+            raise InputError(
+                f"{audio}, given as the sound (--audio; audio= in Python), has no sound "
+                "track; give a sound file (WAV, FLAC, MP3, ...) or a video with sound"
+            ) from None
+        if sound.source_rate != self.sample_rate:
+            notes.append(f"sound resampled from {sound.source_rate} Hz to {self.sample_rate} Hz")
+        if sound.channels > 1:
+            notes.append(f"first of {sound.channels} sound channels used")
+        return sound
+
+    def _samples(self, audio: Any) -> np.ndarray:
+        """Sound given as samples (an array, tensor or iterable): checked, first
+        channel, float32 in [-1, 1] (:meth:`load_audio`)."""
         if isinstance(audio, (bytes, bytearray, memoryview)):
             # A file's contents, most likely: NumPy would read a bytearray or
             # memoryview as uint8 samples (a WAV header played as sound) and bytes as
@@ -431,88 +518,261 @@ class AutoencodePipeline:
     # -- the model ----------------------------------------------------------------------
 
     def __call__(self, video: VideoInput, audio: AudioInput = None) -> AutoencodeResult:
-        notes: List[str] = []
-        frames = self.load_frames(video)
+        """The whole video's :class:`AutoencodeResult`: :meth:`clips` gathered (every
+        frame and sample held; :meth:`clips` itself holds one clip at a time)."""
+        stream = self.clips(video, audio)
+        names = ("frames", "audio", "label_logits", "inputs", "input_audio")
+        gathered: Dict[str, List[np.ndarray]] = {name: [] for name in names}
+        for part in stream:
+            for name in names:
+                gathered[name].append(getattr(part, name))
+        joined = {
+            name: (np.stack if name == "label_logits" else np.concatenate)(gathered.pop(name))
+            for name in names
+        }
+        return AutoencodeResult(
+            **joined,
+            clips=stream.clips,
+            sample_rate=stream.sample_rate,
+            fps=stream.fps,
+            dropped_frames=stream.dropped_frames,
+            padded_samples=stream.padded_samples,
+            notes=stream.notes,
+        )
+
+    def clips(self, video: VideoInput, audio: AudioInput = None) -> "AutoencodeClips":
+        """The clips of ``video`` (with its sound, or ``audio``: as the pipeline call
+        takes them) autoencoded one at a time as they are iterated: an
+        :class:`AutoencodeClips`, whose iteration yields each clip's
+        :class:`ClipReconstruction` and holds no other clip's frames (a video file is
+        decoded, and a sound file read, as the clips need them). The checks that need
+        no frame are made now: the frames given as an array, the sound, a file's frame
+        rate and sound track; the rest as the clips come (a video of fewer frames than
+        a clip, a frame that cannot be decoded)."""
+        return AutoencodeClips(self, video, audio)
+
+    def _autoencode(
+        self, inputs: np.ndarray, samples: np.ndarray, start: int
+    ) -> ClipReconstruction:
+        """One clip through the model: ``inputs`` (t, H, W, 3) float32 frames, the
+        first being frame ``start`` of the video, with ``samples`` (t *
+        samples_per_frame,) float32."""
+        parameter = next(self.model.parameters())
+        images = torch.from_numpy(inputs).permute(0, 3, 1, 2)[None]
+        sound = torch.from_numpy(samples)[None, :, None]
+        with torch.inference_mode(), eval_mode(self.model):
+            out = self.model.reconstruct(
+                images.to(parameter.device, parameter.dtype),
+                sound.to(parameter.device, parameter.dtype),
+                num_chunks=self.num_chunks,
+            )
+        recon = out["image"][0].permute(0, 2, 3, 1).float().cpu().numpy()
+        values, indices = softmax_top_k(out["label"][0], self.top_k)
+        top = [
+            (self.labels[int(i)], int(i), float(p))
+            for p, i in zip(values.tolist(), indices.tolist())
+        ]
+        return ClipReconstruction(
+            clip=ClipResult(start, start + len(inputs), psnr(recon, inputs), top),
+            frames=recon,
+            audio=out["audio"][0].float().cpu().numpy(),
+            label_logits=out["label"][0].float().cpu().numpy(),
+            inputs=inputs,
+            input_audio=samples,
+        )
+
+
+class AutoencodeClips:
+    """A video's clips, autoencoded one at a time as they are iterated
+    (:meth:`AutoencodePipeline.clips`): each step decodes and preprocesses the next
+    clip's frames (``num_frames``, 16) and takes its sound, runs the model and yields
+    the clip's :class:`ClipReconstruction`; memory holds that clip's frames and sound
+    (and what the caller keeps), not the video's. It is iterated once.
+
+    What concerns the whole video is known when the iteration has ended
+    (:attr:`finished`), as :class:`AutoencodeResult` has it: :attr:`dropped_frames`
+    (the frames after the last whole clip, known when the video ends),
+    :attr:`padded_samples`, :attr:`notes`, and :meth:`as_dict`. :attr:`clips` (each
+    clip's frames, PSNR and labels) grows as the clips come.
+
+    Attributes:
+        sample_rate: of the sound (Hz); ``fps``: the model's frame rate (25).
+        clips: the :class:`ClipResult` of each clip so far.
+        dropped_frames, padded_samples, notes: as :class:`AutoencodeResult`'s, once
+            finished (0, 0 and [] before).
+        finished: whether every clip has been yielded.
+
+    Raises (while iterated): :class:`~.base.InputError` for a video shorter than one
+    clip, or a frame or sound that cannot be decoded.
+    """
+
+    def __init__(self, pipeline: AutoencodePipeline, video: VideoInput, audio: AudioInput) -> None:
+        self.sample_rate = pipeline.sample_rate
+        self.fps = MODEL_FPS
+        self.clips: List[ClipResult] = []
+        self.dropped_frames = 0
+        self.padded_samples = 0
+        self.notes: List[str] = []
+        self.finished = False
+        self._pipeline = pipeline
+        self._size: Tuple[int, ...] = pipeline.size
+        self._decoded = 0  # frames decoded so far, the dropped ones included
+        # The checks of the pipeline call in its order: the frames given as an array,
+        # the frame rate, the sound; a file's frames are decoded as the clips go.
+        frames: Iterable[np.ndarray]
+        declared: Optional[int] = None  # the frame count a video file declares
         if is_path(video):
-            missing = missing_frames_note(video_frame_count(os.fspath(video)), len(frames))
-            if missing is not None:
-                notes.append(missing)
-        video_fps, rate_note = self.frame_rate_note(video)
-        if rate_note is not None:
-            notes.append(rate_note)
-        sound = self.load_audio(video, audio, notes)
-        t = self.num_frames
-        clips = len(frames) // t
+            frames = iter_video_frames(os.fspath(video))
+        else:
+            array = pipeline._frame_array(video)
+            frames, expected = array, len(array)
+        self._video_fps, rate_note = pipeline.frame_rate_note(video)
+        if is_path(video):
+            declared = expected = video_frame_count(os.fspath(video))
+        sound_notes: List[str] = []
+        sound = pipeline._sound_source(video, audio, sound_notes)
+        self._iterator = self._run(frames, declared, expected, sound, rate_note, sound_notes)
+
+    def __iter__(self) -> Iterator[ClipReconstruction]:
+        return self._iterator
+
+    def as_dict(self) -> Dict[str, Any]:
+        """:meth:`AutoencodeResult.as_dict` of the finished iteration."""
+        if not self.finished:
+            raise RuntimeError("as_dict() needs every clip: iterate the clips first")
+        return _summary(self, len(self.clips) * self._pipeline.num_frames, self._size[:2])
+
+    def _run(
+        self,
+        frames: Iterable[np.ndarray],
+        declared: Optional[int],
+        expected: int,
+        sound: Union[SoundReader, np.ndarray],
+        rate_note: Optional[str],
+        sound_notes: List[str],
+    ) -> Iterator[ClipReconstruction]:
+        pipeline = self._pipeline
+        t = pipeline.num_frames
+        per_clip = t * pipeline.samples_per_frame
+        samples = _ClipSound(iter(sound) if isinstance(sound, SoundReader) else iter([sound]))
+        non_finite = {"frames": 0, "sound": 0, "labels": 0}
+        try:
+            inputs: Iterable[np.ndarray] = self._input_clips(frames)
+            if expected >= t:  # a container that does not say its length gets no bar
+                inputs = pipeline.progress(inputs, expected // t, "clips")
+            for clip_inputs in inputs:
+                start = len(self.clips) * t
+                part = pipeline._autoencode(clip_inputs, samples.take(per_clip), start)
+                del clip_inputs
+                self.clips.append(part.clip)
+                self._size = part.frames.shape[1:3]
+                non_finite["frames"] += non_finite_count(part.frames)
+                non_finite["sound"] += non_finite_count(part.audio)
+                non_finite["labels"] += non_finite_count(part.label_logits)
+                yield part
+                del part  # not held while the next clip is decoded
+            # The rest of the sound is decoded, unused, as the whole sound was (an
+            # error in it stops the run as before).
+            samples.drain()
+        finally:
+            if isinstance(sound, SoundReader):
+                sound.close()
+        clips = len(self.clips)
         if clips == 0:
             raise InputError(
-                f"the video has {len(frames)} frame(s); the model autoencodes clips of "
+                f"the video has {self._decoded} frame(s); the model autoencodes clips of "
                 f"{t} frames: give a longer video"
             )
-        dropped = len(frames) - clips * t
+        notes: List[str] = []
+        missing = None if declared is None else missing_frames_note(declared, self._decoded)
+        if missing is not None:
+            notes.append(missing)
+        if rate_note is not None:
+            notes.append(rate_note)
+        notes.extend(sound_notes)
+        dropped = self._decoded - clips * t
         if dropped:
-            notes.append(
-                f"last {dropped} frame(s) dropped (not a whole {t}-frame clip)"
-            )
-        frames = frames[: clips * t]
-        needed = clips * t * self.samples_per_frame
-        padded = max(needed - len(sound), 0)
+            notes.append(f"last {dropped} frame(s) dropped (not a whole {t}-frame clip)")
+        padded = samples.padded
         if padded:
-            shortfall = f"sound {padded / self.sample_rate:.3f} s shorter than the frames"
+            rate, video_fps = self.sample_rate, self._video_fps
+            shortfall = f"sound {padded / rate:.3f} s shorter than the frames"
             if video_fps is not None:
                 # The frames last longer at 25 fps than at the video's own rate: say
                 # so rather than blame the sound (it may cover the video at its rate).
                 kept = clips * t
                 shortfall = (
-                    f"sound {padded / self.sample_rate:.3f} s shorter than the {kept} "
+                    f"sound {padded / rate:.3f} s shorter than the {kept} "
                     f"frames taken as {MODEL_FPS} fps ({kept / MODEL_FPS:.3f} s; "
                     f"{kept / video_fps:.3f} s at the video's {_fps(video_fps)} fps)"
                 )
             notes.append(f"{shortfall}; padded with silence")
-            sound = np.concatenate([sound, np.zeros(padded, np.float32)])
-        sound = sound[:needed]
-        parameter = next(self.model.parameters())
-        out_frames, out_audio, logits, results = [], [], [], []
-        per_clip = t * self.samples_per_frame
-        for c in self.progress(range(clips), clips, "clips"):
-            images = torch.from_numpy(frames[c * t : (c + 1) * t]).permute(0, 3, 1, 2)[None]
-            samples = torch.from_numpy(sound[c * per_clip : (c + 1) * per_clip])[None, :, None]
-            with torch.inference_mode(), eval_mode(self.model):
-                out = self.model.reconstruct(
-                    images.to(parameter.device, parameter.dtype),
-                    samples.to(parameter.device, parameter.dtype),
-                    num_chunks=self.num_chunks,
-                )
-            recon = out["image"][0].permute(0, 2, 3, 1).float().cpu().numpy()
-            out_frames.append(recon)
-            out_audio.append(out["audio"][0].float().cpu().numpy())
-            logits.append(out["label"][0].float().cpu().numpy())
-            values, indices = softmax_top_k(out["label"][0], self.top_k)
-            top = [
-                (self.labels[int(i)], int(i), float(p))
-                for p, i in zip(values.tolist(), indices.tolist())
-            ]
-            results.append(
-                ClipResult(c * t, (c + 1) * t, psnr(recon, frames[c * t : (c + 1) * t]), top)
-            )
-        for name, values in (("frames", out_frames), ("sound", out_audio), ("labels", logits)):
-            note = non_finite_output_note(
-                values, self.model, f"the reconstructed {name} there are not meaningful"
+        for name, count in zip(("frames", "sound", "labels"), non_finite.values()):
+            note = non_finite_note(
+                count, pipeline.model, f"the reconstructed {name} there are not meaningful"
             )
             if note is not None:
                 notes.append(note)
-        return AutoencodeResult(
-            frames=np.concatenate(out_frames),
-            audio=np.concatenate(out_audio),
-            label_logits=np.stack(logits),
-            clips=results,
-            inputs=frames,
-            input_audio=sound,
-            sample_rate=self.sample_rate,
-            fps=MODEL_FPS,
-            dropped_frames=dropped,
-            padded_samples=padded,
-            notes=notes,
-        )
+        self.dropped_frames, self.padded_samples, self.notes = dropped, padded, notes
+        self.finished = True
+
+    def _input_clips(self, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """The frames preprocessed into clips (t, H, W, 3) float32, each filled as its
+        frames are decoded; the frames after the last whole clip are counted (in
+        ``_decoded``, as all) and let go."""
+        t, size = self._pipeline.num_frames, self._pipeline.size
+        clip: Optional[np.ndarray] = None
+        filled = 0
+        for frame in frames:
+            if clip is None:
+                clip = np.empty((t, *size, 3), np.float32)
+            clip[filled] = preprocess_frame(frame, size)
+            filled += 1
+            self._decoded += 1
+            if filled == t:
+                full, clip, filled = clip, None, 0
+                yield full
+                del full
+
+
+class _ClipSound:
+    """Sound pieces handed out clip by clip: :meth:`take` gives the next ``n``
+    samples, silence past the end of the sound (counted in :attr:`padded`). Only the
+    part of a piece not yet taken is held (a sound given as an array is one piece,
+    the caller's)."""
+
+    def __init__(self, pieces: Iterator[np.ndarray]) -> None:
+        self._pieces = pieces
+        self._left = np.zeros(0, np.float32)
+        self._ended = False
+        self.padded = 0
+
+    def take(self, n: int) -> np.ndarray:
+        parts = [self._left[:n]]
+        have = len(parts[0])
+        self._left = self._left[n:]
+        while have < n and not self._ended:
+            piece = next(self._pieces, None)
+            if piece is None:
+                self._ended = True
+                break
+            parts.append(piece[: n - have])
+            self._left = piece[n - have :]
+            have += len(parts[-1])
+        if have < n:
+            self.padded += n - have
+            parts.append(np.zeros(n - have, np.float32))
+        # A new array (a copy where it is one piece's part): a clip's sound does not
+        # keep a larger piece (or a whole sound given as an array) alive.
+        return np.concatenate(parts)
+
+    def drain(self) -> None:
+        """Decodes the rest of the sound, unused."""
+        if not self._ended:
+            for _ in self._pieces:
+                pass
+            self._ended = True
+        self._left = np.zeros(0, np.float32)
 
 
 def _fps(rate: float) -> str:
@@ -537,20 +797,60 @@ def _finite_sound(samples: np.ndarray) -> np.ndarray:
 # perceiver-convert run autoencode
 
 
-def _write_arrays(
-    options: RunOptions, path: Path, save: Any, files: List[str], *args: Any, **kwargs: Any
-) -> None:
-    """``save(handle, *args, **kwargs)`` (np.save, np.savez) straight into the file
-    ``path``: no bytes copy of the arrays in memory."""
-    with options.open_output(path) as handle:
-        save(handle, *args, **kwargs)
-    files.append(str(path))
+class _Spool:
+    """Rows of one dtype written, as they come, to a temporary file with no name (in
+    ``folder``, the output's: /tmp may be memory, a tmpfs), then copied out whole
+    behind a header (:meth:`write_npy`, :meth:`copy_to`): an output that needs the
+    whole of an array, whose header needs its length, without the array in memory.
+    The file goes when the spool is closed, or with the process."""
+
+    def __init__(self, folder: Path, dtype: Any = np.float32) -> None:
+        self._file = tempfile.TemporaryFile(dir=folder)
+        self.dtype = np.dtype(dtype)
+        self.rows = 0
+        self.row_shape: Tuple[int, ...] = ()
+
+    def __enter__(self) -> "_Spool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._file.close()
+
+    def append(self, rows: np.ndarray) -> None:
+        """``rows`` (n, *row_shape), each row of the same shape."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if self.rows and rows.shape[1:] != self.row_shape:
+            raise ValueError(f"rows of {rows.shape[1:]} after rows of {self.row_shape}")
+        self.row_shape = rows.shape[1:]
+        self._file.write(rows.data)
+        self.rows += len(rows)
+
+    def copy_to(self, handle: BinaryIO) -> None:
+        """The rows' bytes (C order, native byte order) written to ``handle``."""
+        self._file.seek(0)
+        shutil.copyfileobj(self._file, handle, 1 << 20)
+
+    def write_npy(self, handle: BinaryIO) -> None:
+        """The rows as one array (rows, *row_shape) in the file format of ``np.save``
+        (the same bytes: its version 1.0 header, which every array here fits)."""
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": (self.rows, *self.row_shape),
+        }
+        np.lib.format.write_array_header_1_0(handle, header)
+        self.copy_to(handle)
 
 
-def _write(options: RunOptions, path: Path, data: bytes, files: List[str]) -> None:
-    with options.open_output(path) as handle:
-        handle.write(data)
-    files.append(str(path))
+def _write_npz(handle: BinaryIO, **spools: _Spool) -> None:
+    """``np.savez(handle, **arrays)`` of the spools' arrays (the same archive: stored,
+    Zip64 members named ``NAME.npy``, in that order), copied from the spools."""
+    with zipfile.ZipFile(
+        handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True
+    ) as archive:
+        for name, spool in spools.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                spool.write_npy(member)
 
 
 def _base(path: str, options: RunOptions, several: bool) -> Tuple[Path, str]:
@@ -639,7 +939,9 @@ def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOption
 
     The JSON document of each video lists the files, the clips with their PSNR and
     top-k labels, and the dropped frames. The videos are autoencoded one at a time,
-    each one's result let go (its files staged by the CLI) before the next is read.
+    and each clip by clip (:func:`_run_video`): memory holds one clip's frames and
+    sound, not a video's; the files are written as the clips come (staged by the CLI:
+    a run that fails leaves none).
     """
     pipeline.top_k = options.top_k
     pipeline.progress = options.progress
@@ -654,35 +956,66 @@ def _run_video(
     several: bool,
 ) -> Dict[str, Any]:
     """One video of :func:`run_task`: its files written, its lines printed, its
-    document returned (its result, the frames and sound, goes with this call)."""
-    result = pipeline(path, audio)
+    document returned.
+
+    Memory is bounded by a clip (:meth:`AutoencodePipeline.clips`): each clip's
+    reconstruction goes to the video encoder (:class:`~.media.VideoWriter`; a GIF is
+    made whole at the end: Pillow holds every picture) and its sound to the encoder
+    and to a temporary file, which becomes the .wav when the video ends (its header
+    needs the length); ``--npy``/``--npz`` spool the frames, sound and logits to
+    temporary files likewise and write the arrays from them (:class:`_Spool`). Only
+    each clip's PSNR, labels and the notes are kept. The files are written through
+    ``options`` (staged in the CLI: a run that fails leaves none)."""
+    clips = pipeline.clips(path, audio)
     files: List[str] = []
     targets = _targets(path, options, several)
-    if options.arrays == "npz":
-        _write_arrays(options, targets[0], np.savez, files, frames=result.frames,
-                      audio=result.audio, label_logits=result.label_logits)
-    elif options.arrays == "npy":
-        _write_arrays(options, targets[0], np.save, files, result.frames)
-        _write_arrays(options, targets[1], np.save, files, result.audio)
-        _write_arrays(options, targets[2], np.save, files, result.label_logits)
-    else:
-        video, wav = targets
-        with options.output_path(video) as temp:
-            if video.suffix == ".gif":
-                write_video(temp, result.video_uint8(), result.fps)
-            else:
-                write_video(temp, result.video_uint8(), result.fps, result.audio, result.sample_rate)
-        files.append(str(video))
-        if video.suffix == ".gif":
-            result.notes.append("a GIF has no sound: the sound is in the .wav")
-        _write(options, wav, encode_wav(result.audio, result.sample_rate), files)
+    folder = targets[0].parent
+    notes: List[str] = []
+    with _Spool(folder) as sound:
+        if options.arrays:
+            with contextlib.ExitStack() as outputs, _Spool(folder) as frames, \
+                    _Spool(folder) as logits:
+                # Open while the clips are spooled, so that a failed write there (disk
+                # full) is the output's; opened last first, so that they close, and are
+                # staged, in order.
+                handles = [outputs.enter_context(options.open_output(target))
+                           for target in reversed(targets)][::-1]
+                for part in clips:
+                    frames.append(part.frames)
+                    sound.append(part.audio)
+                    logits.append(part.label_logits[None])
+                    del part  # not held while the next clip is computed
+                if options.arrays == "npz":
+                    _write_npz(handles[0], frames=frames, audio=sound, label_logits=logits)
+                else:
+                    for handle, spool in zip(handles, (frames, sound, logits)):
+                        spool.write_npy(handle)
+            files.extend(str(target) for target in targets)
+        else:
+            video, wav = targets
+            gif = video.suffix == ".gif"
+            with options.output_path(video) as temp:
+                with VideoWriter(temp, clips.fps, None if gif else clips.sample_rate) as writer:
+                    for part in clips:
+                        writer.add_frames(part.video_uint8())
+                        writer.add_sound(part.audio)
+                        sound.append(part.audio)
+                        del part
+            files.append(str(video))
+            if gif:
+                notes.append("a GIF has no sound: the sound is in the .wav")
+            with options.open_output(wav) as handle:
+                handle.write(wav_header(sound.rows, clips.sample_rate))
+                sound.copy_to(handle)
+            files.append(str(wav))
+    clips.notes.extend(notes)
     options.echo(
-        f"{path}: {len(result.clips)} clip(s) of {pipeline.num_frames} frames, "
-        f"{result.sample_rate} Hz sound"
+        f"{path}: {len(clips.clips)} clip(s) of {pipeline.num_frames} frames, "
+        f"{clips.sample_rate} Hz sound"
     )
-    for note in result.notes:
+    for note in clips.notes:
         options.echo(f"  note: {note}")
-    for clip in result.clips:
+    for clip in clips.clips:
         labels = ", ".join(f"{label} ({p:.3f})" for label, _, p in clip.top_k)
         options.echo(
             f"  frames {clip.start}-{clip.stop - 1}: PSNR {clip.psnr:.2f} dB; {labels}"
@@ -691,7 +1024,7 @@ def _run_video(
         "input": path,
         "audio": str(audio) if audio is not None else None,
         "files": files,
-        **result.as_dict(),
+        **clips.as_dict(),
     }
 
 
