@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 from click.testing import CliRunner, Result
 
@@ -91,3 +91,35 @@ def track_alive(counts: Dict[str, int], value: Any) -> Any:
     counts["most"] = max(counts["most"], counts["now"])
     weakref.finalize(value, _one_gone, counts)
     return value
+
+
+def full_disk_temporary_files(monkeypatch: Any, room: int) -> List[Any]:
+    """Makes ``tempfile.TemporaryFile`` give real unnamed files (in the folder asked)
+    whose disk is full once ``room`` bytes have been written to each: the system's
+    write raises ENOSPC, below Python's buffer, as a full disk does. Returns the list
+    of the files made (buffered; their ``.raw`` below)."""
+    import errno
+    import io
+    import os
+    import tempfile
+
+    class FullDisk(io.FileIO):
+        def write(self, data: Any) -> int:
+            size = memoryview(data).nbytes
+            if size > self.room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.room -= size
+            return super().write(data)
+
+    made: List[Any] = []
+
+    def full_disk(*args: Any, dir: Any = None, **kwargs: Any) -> Any:
+        handle, name = tempfile.mkstemp(dir=dir)
+        os.unlink(name)
+        raw = FullDisk(handle, "r+")
+        raw.room = room
+        made.append(io.BufferedRandom(raw))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", full_disk)
+    return made

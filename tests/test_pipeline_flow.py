@@ -30,7 +30,7 @@ from perceiver_torch.pipelines.flow_io import (
     wheel_legend,
 )
 
-from helpers import alive_counts, run_cli, track_alive
+from helpers import alive_counts, full_disk_temporary_files, run_cli, track_alive
 
 pytest.importorskip("av")
 pytest.importorskip("cv2")
@@ -1092,7 +1092,7 @@ def test_run_flow_of_many_frames_to_arrays_holds_as_many_flows_for_any_count(
 ):
     """--npy/--npz of several frame pairs kept every flow in one (N, H, W, 2) array
     until the output was written; each now goes to disk as it is computed
-    (_FlowSpill, as a video's), so 8 pairs hold less than a flow more than 2."""
+    (a DiskSpool, as a video's), so 8 pairs hold less than a flow more than 2."""
     flow_bytes = 40 * 56 * 2 * 4  # (H, W, 2) float32
     measure = functools.partial(_most_numpy_memory_of_a_video_run, model=model,
                                 output=output, video=False)
@@ -1104,17 +1104,17 @@ def test_run_flow_of_many_frames_to_arrays_holds_as_many_flows_for_any_count(
 
 
 def _spill_of(folder: Path, flows):
-    from perceiver_torch.pipelines.flow import _FlowSpill
+    from perceiver_torch.pipelines.flow import _flow_spill
 
-    spill = _FlowSpill(folder)
+    spill = _flow_spill(folder)
     for flow in flows:
-        spill.append(flow)
+        spill.append(flow[None])
     return spill
 
 
 @pytest.mark.parametrize("count", [1, 2, 5])
 def test_flow_spill_reads_back_the_flows_and_writes_np_saves_bytes(tmp_path, count):
-    """_FlowSpill: the flows read back are those appended, in order; the .npy
+    """The flows' DiskSpool: the flows read back are those appended, in order; the .npy
     written from it is the bytes np.save writes for their stack, and the .npz loads
     as np.savez's (one key, "flow"), NaN and infinities included."""
     import io
@@ -1132,7 +1132,7 @@ def test_flow_spill_reads_back_the_flows_and_writes_np_saves_bytes(tmp_path, cou
             spill.write_npy(npy)
             assert got.dtype == np.float32
             assert got.tobytes() == expected.tobytes()
-        assert spill.count == len(list(spill)) == count
+        assert spill.rows == len(list(spill)) == count
         expected = io.BytesIO()
         np.save(expected, stack)
         assert npy.getvalue() == expected.getvalue()
@@ -1156,40 +1156,18 @@ def test_flow_spill_without_room_fails_at_the_flow_that_found_none(tmp_path, mon
     reads the flows back or writes the .npy, or at close: a bare OSError ("unexpected
     ... please report it"), not the one-line error naming the folder. The disk is
     full, in the system's own file, after two flows."""
-    import errno
     import io
-    import os
-    import tempfile
 
     from perceiver_torch.pipelines.base import PipelineError
-    from perceiver_torch.pipelines.flow import _FlowSpill
+    from perceiver_torch.pipelines.flow import _flow_spill
 
     flow = np.arange(3 * 4 * 2, dtype=np.float32).reshape(3, 4, 2)  # 96 bytes
-
-    class FullDisk(io.FileIO):
-        room = 2 * flow.nbytes
-
-        def write(self, data):
-            size = memoryview(data).nbytes
-            if size > FullDisk.room:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            FullDisk.room -= size
-            return super().write(data)
-
-    spills = []
-
-    def on_full_disk(*args, dir=None, **kwargs):
-        handle, name = tempfile.mkstemp(dir=dir)
-        os.unlink(name)
-        spills.append(io.BufferedRandom(FullDisk(handle, "r+")))
-        return spills[-1]
-
-    monkeypatch.setattr(tempfile, "TemporaryFile", on_full_disk)
+    spills = full_disk_temporary_files(monkeypatch, room=2 * flow.nbytes)
     with pytest.raises(PipelineError, match=f"^keeping the flows on disk in {re.escape(str(tmp_path))} "
                                             "failed after 2 of them: No space left on device"):
-        with _FlowSpill(tmp_path) as spill:
+        with _flow_spill(tmp_path) as spill:
             for _ in range(3):
-                spill.append(flow)
+                spill.append(flow[None])
             if then == "read back":
                 list(spill)
             elif then == "npy":
@@ -1256,43 +1234,19 @@ def test_run_flow_of_a_video_without_room_for_its_flows(tmp_path, flow_checkpoin
                                                         monkeypatch):
     """A full disk under the flows kept for the wheel: a one-line error naming the
     folder (exit 3), no output, the temporary file closed."""
-    import errno
-    import tempfile
-
     from perceiver_torch.pipelines.video import make_test_video
 
     video = tmp_path / "clip.mp4"
     make_test_video(video, 5, size=(40, 56), sample_rate=None)
     folder = tmp_path / "out"
     folder.mkdir()
-    make, spills = tempfile.TemporaryFile, []
-
-    class Full:
-        """A file that takes two flows, then has no room (ENOSPC)."""
-
-        def __init__(self, handle):
-            self._handle, self._writes = handle, 0
-
-        def write(self, data):
-            self._writes += 1
-            if self._writes > 2:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return self._handle.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self._handle, name)
-
-    def full(*args, **kwargs):
-        spills.append(make(*args, **kwargs))
-        return Full(spills[-1])
-
-    monkeypatch.setattr(tempfile, "TemporaryFile", full)
+    spills = full_disk_temporary_files(monkeypatch, room=2 * 40 * 56 * 2 * 4)  # 2 flows
     result = run_cli("run", "flow", flow_checkpoint, video, "-o", folder / "wheel.mp4")
     assert result.exit_code == 3, result.stderr
     assert (f"keeping the flows on disk in {folder} failed after 2 of them: "
             "No space left on device") in result.stderr
     assert "unexpected" not in result.stderr
-    assert len(spills) == 1 and spills[0].closed
+    assert len(spills) == 1 and spills[0].closed and spills[0].raw.closed
     assert _listing(folder) == []
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import struct
 import wave
 from fractions import Fraction
@@ -27,7 +28,7 @@ from perceiver_torch.pipelines.video import (
     psnr,
 )
 
-from helpers import alive_counts, run_cli, track_alive
+from helpers import alive_counts, full_disk_temporary_files, run_cli, track_alive
 
 av = pytest.importorskip("av")
 cv2 = pytest.importorskip("cv2")
@@ -1417,33 +1418,22 @@ def test_run_autoencode_failing_mid_video_writes_nothing(tmp_path, model, video_
 
 
 @pytest.mark.parametrize("output", ["r.mp4", "r.npy", "r.npz"])
-def test_run_autoencode_disk_full_while_spooling_is_a_write_failure(
+def test_run_autoencode_disk_full_while_spooling_is_one_line(
     tmp_path, video_checkpoint, monkeypatch, output
 ):
     """The .wav's sound and the --npy/--npz arrays go to temporary files as the clips
-    come; a full disk there is the run's one-line write failure (exit 3, nothing
-    written), as a full disk while writing the outputs was, not "unexpected OSError
-    ... please report it"."""
-    import errno
-
-    from perceiver_torch.pipelines import video as video_module
-
+    come; a full disk there is a one-line error naming the folder (exit 3, nothing
+    written, the temporary files closed), not "unexpected OSError ... please report
+    it"."""
     video, _, _ = _sound_cases(tmp_path, "own")
     (tmp_path / "out").mkdir()
-    real = video_module._Spool.append
-    appended = []
-
-    def append(self, rows):
-        appended.append(1)
-        if len(appended) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, rows)
-
-    monkeypatch.setattr(video_module._Spool, "append", append)
+    spools = full_disk_temporary_files(monkeypatch, room=1)
     flags = {".npy": ["--npy"], ".npz": ["--npz"]}.get(Path(output).suffix, [])
     result = run_cli("run", "autoencode", video_checkpoint, video, *flags,
                      "-o", tmp_path / "out" / output)
     assert result.exit_code == 3, result.stderr
-    assert "failed: No space left on device; nothing was written" in result.stderr
+    assert re.search(f"keeping the [a-z' ]+ on disk in {re.escape(str(tmp_path / 'out'))} "
+                     "failed after 0 of them: No space left on device", result.stderr)
     assert "unexpected" not in result.stderr
     assert list((tmp_path / "out").iterdir()) == []
+    assert spools and all(spool.closed and spool.raw.closed for spool in spools)

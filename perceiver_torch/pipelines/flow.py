@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import shutil
-import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -72,6 +69,7 @@ from .media import (
     video_frame_rate,
     write_video,
 )
+from .spool import DiskSpool, write_npz
 
 __all__ = ["FlowPipeline", "FlowResult", "frames_to_model_input", "run_task", "demo_task"]
 
@@ -439,7 +437,7 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     read once and kept: they are held for its flow anyway), and each pair's files are
     written (staged by the CLI) as soon as its flow is computed, so that memory
     holds two frames and one flow, not all of them (``--npy``/``--npz`` of several
-    pairs: each flow goes to disk as it is computed, :class:`_FlowSpill`, then into
+    pairs: each flow goes to disk as it is computed, :class:`~.spool.DiskSpool`, then into
     the output). A frame that cannot be read twice (a pipe:
     :func:`~.base.readable_twice`) keeps its first read. The lines are printed when
     every pair has its flow, as when all were computed at once.
@@ -479,9 +477,9 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     documents = []
     lines: List[str] = []
     # --npy/--npz of several pairs: (N, H, W, 2), each flow kept on disk as it is
-    # computed (_FlowSpill), not in memory, then copied into the output.
+    # computed (_flow_spill), not in memory, then copied into the output.
     spilling = bool(options.arrays) and pairs > 1
-    with (_FlowSpill(Path(options.output).parent) if spilling
+    with (_flow_spill(Path(options.output).parent) if spilling
           else contextlib.nullcontext()) as spill:
         first = _frame_again(inputs, 0, shapes, kept, states)
         for i in range(pairs):
@@ -495,7 +493,7 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
             first = second
             written: List[str] = []
             if spilling:
-                spill.append(result.flow)
+                spill.append(result.flow[None])
             elif options.arrays:
                 single = result.flow
             else:
@@ -675,7 +673,7 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
     picture to the encoder; the wheel (the default), which scales every picture by
     the largest flow of the whole video, and the arrays' output, which is every flow,
     get the flows from disk instead: each is written, as it is computed, to an
-    anonymous temporary file in the output's folder (:class:`_FlowSpill`; as large
+    anonymous temporary file in the output's folder (:class:`~.spool.DiskSpool`; as large
     as the ``.npy``, gone when the run ends, however it ends), then read back one at
     a time to be drawn, or copied a flow at a time into the ``.npy`` (the ``.npz``'s
     member). A GIF, which Pillow makes whole, holds every picture
@@ -704,10 +702,10 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
         with options.output_path(target) as temp:
             write_video(temp, pictures, fps)
     else:
-        with _FlowSpill(Path(target).parent) as spill:
+        with _flow_spill(Path(target).parent) as spill:
             scale = 0.0  # the wheel's: the largest finite length of every flow
             for flow in flows:
-                spill.append(flow)
+                spill.append(flow[None])
                 if not options.arrays:
                     scale = max(scale, max_magnitude(flow))
             del flow
@@ -775,101 +773,17 @@ class _VideoFlowSummary:
         return float(np.max(self._largest))
 
 
-class _FlowSpill:
-    """Flows, (H, W, 2) each, on disk rather than in memory (a 1080p flow is 16.6 MB:
-    a 10 s clip at 30 fps, 5 GB), for what needs them all: a video's wheel scale and
-    the arrays' output (of a video or of several frame pairs).
-
-    :meth:`append` adds a flow's bytes (C order, as a ``.npy`` holds them) at the end
-    of an anonymous temporary file, which grows with them: nothing is reserved for
-    the container's frame count, which a cut file overstates and a damaged header
-    can make absurd. Iterating reads the flows back one at a time; :meth:`write_npy`
-    writes them as ``np.save`` writes their stack, a flow at a time. The file has no
-    name (``tempfile.TemporaryFile``: removed from its folder at once on POSIX, on
-    close on Windows) and is closed by the ``with`` block however the run ends, so
-    a failed or interrupted run leaves nothing (a killed one neither, on POSIX).
-
-    Raises:
-        PipelineError: the file cannot be made or written (disk full), naming the
-            folder.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self.count = 0
-        self.shape: Tuple[int, ...] = ()
-        self.dtype = np.dtype(np.float32)
-        # The output's folder, not the system's temporary one: that is often a tmpfs,
-        # in memory (which this file is to spare), or a small partition, while the
-        # output's folder is where the user chose to put a large result (the .npy is
-        # as large as this file) and the CLI checked it writable before the model ran.
-        try:
-            self._file = tempfile.TemporaryFile(dir=self.folder)
-        except OSError as error:
-            raise self._failed(error) from error
-
-    def __enter__(self) -> "_FlowSpill":
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        # The flows are thrown away: a close whose flush fails (the full disk that
-        # append has reported) frees the file all the same, and says nothing new.
-        with contextlib.suppress(OSError):
-            self._file.close()
-
-    def _failed(self, error: OSError) -> PipelineError:
-        return PipelineError(
-            f"keeping the flows on disk in {self.folder} failed after {self.count} of "
-            f"them: {error.strerror or error}; free disk space there or give -o in a "
-            "folder with room (a video's wheel scale and --npy/--npz need every flow, "
-            "which are kept there rather than in memory)"
-        )
-
-    def append(self, flow: np.ndarray) -> None:
-        """Adds ``flow`` (H, W, 2), of the first one's shape and dtype."""
-        if self.count == 0:
-            self.shape, self.dtype = tuple(int(n) for n in flow.shape), flow.dtype
-        # pipeline.video refuses a change of size, and its flows are all float32.
-        assert flow.shape == self.shape and flow.dtype == self.dtype
-        try:
-            self._file.write(memoryview(np.ascontiguousarray(flow)).cast("B"))
-            # Now, not at the next seek or at close: what the file buffers (a flow
-            # under its 8 KiB, a short write's rest) would meet a full disk there,
-            # as a bare OSError.
-            self._file.flush()
-        except OSError as error:
-            raise self._failed(error) from error
-        self.count += 1
-
-    def _flow_bytes(self) -> int:
-        return int(np.prod(self.shape)) * self.dtype.itemsize
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        """Each flow, read back as a new array when it is asked for."""
-        size = self._flow_bytes()
-        for index in range(self.count):
-            flow = np.empty(self.shape, self.dtype)
-            self._file.seek(index * size)  # the next flow whatever read the file since
-            read = self._file.readinto(memoryview(flow).cast("B"))
-            assert read == size  # the file holds what append wrote
-            yield flow
-
-    def write_npy(self, handle: BinaryIO) -> None:
-        """The ``.npy`` of the flows stacked, (N, H, W, 2), into ``handle``: the
-        bytes ``np.save`` writes for that stack, without the stack."""
-        header = {
-            "descr": np.lib.format.dtype_to_descr(self.dtype),
-            "fortran_order": False,
-            "shape": (self.count, *self.shape),
-        }
-        # Version 1.0, as np.save chooses for any header under 64 KiB (this one is
-        # about 100 bytes).
-        np.lib.format.write_array_header_1_0(handle, header)
-        self._file.seek(0)
-        shutil.copyfileobj(self._file, handle, self._flow_bytes())
+def _flow_spill(folder: Path) -> DiskSpool:
+    """A :class:`~.spool.DiskSpool` for flows (H, W, 2), one row each (a 1080p flow
+    is 16.6 MB: a 10 s clip at 30 fps, 5 GB), in ``folder`` (the output's)."""
+    return DiskSpool(
+        folder, "the flows",
+        "a video's wheel scale and --npy/--npz need every flow, which are kept there "
+        "rather than in memory",
+    )
 
 
-def _write_spilled_arrays(options: RunOptions, spill: _FlowSpill) -> None:
+def _write_spilled_arrays(options: RunOptions, spill: DiskSpool) -> None:
     """--npy/--npz of a video or of several frame pairs: the flows in ``spill``
     written as :func:`_write_arrays` writes their stack (the same bytes), a flow at a
     time."""
@@ -878,13 +792,7 @@ def _write_spilled_arrays(options: RunOptions, spill: _FlowSpill) -> None:
         if options.arrays == "npy":
             spill.write_npy(handle)
         else:
-            # As np.savez(handle, flow=stack) writes it: a ZIP of one stored member,
-            # flow.npy, opened with force_zip64 (its size is not known in advance),
-            # its .npy streamed in.
-            with zipfile.ZipFile(handle, mode="w", compression=zipfile.ZIP_STORED,
-                                 allowZip64=True) as archive:
-                with archive.open("flow.npy", mode="w", force_zip64=True) as member:
-                    spill.write_npy(member)
+            write_npz(handle, flow=spill)
 
 
 # --------------------------------------------------------------------------------------

@@ -53,13 +53,10 @@ import contextlib
 import math
 import numbers
 import os
-import shutil
-import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
-    Any, BinaryIO, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union,
+    Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union,
 )
 
 import numpy as np
@@ -100,6 +97,7 @@ from .media import (
     wav_header,
     write_video,
 )
+from .spool import DiskSpool, write_npz
 
 __all__ = [
     "AutoencodeClips",
@@ -797,60 +795,13 @@ def _finite_sound(samples: np.ndarray) -> np.ndarray:
 # perceiver-convert run autoencode
 
 
-class _Spool:
-    """Rows of one dtype written, as they come, to a temporary file with no name (in
-    ``folder``, the output's: /tmp may be memory, a tmpfs), then copied out whole
-    behind a header (:meth:`write_npy`, :meth:`copy_to`): an output that needs the
-    whole of an array, whose header needs its length, without the array in memory.
-    The file goes when the spool is closed, or with the process."""
-
-    def __init__(self, folder: Path, dtype: Any = np.float32) -> None:
-        self._file = tempfile.TemporaryFile(dir=folder)
-        self.dtype = np.dtype(dtype)
-        self.rows = 0
-        self.row_shape: Tuple[int, ...] = ()
-
-    def __enter__(self) -> "_Spool":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._file.close()
-
-    def append(self, rows: np.ndarray) -> None:
-        """``rows`` (n, *row_shape), each row of the same shape."""
-        rows = np.ascontiguousarray(rows, dtype=self.dtype)
-        if self.rows and rows.shape[1:] != self.row_shape:
-            raise ValueError(f"rows of {rows.shape[1:]} after rows of {self.row_shape}")
-        self.row_shape = rows.shape[1:]
-        self._file.write(rows.data)
-        self.rows += len(rows)
-
-    def copy_to(self, handle: BinaryIO) -> None:
-        """The rows' bytes (C order, native byte order) written to ``handle``."""
-        self._file.seek(0)
-        shutil.copyfileobj(self._file, handle, 1 << 20)
-
-    def write_npy(self, handle: BinaryIO) -> None:
-        """The rows as one array (rows, *row_shape) in the file format of ``np.save``
-        (the same bytes: its version 1.0 header, which every array here fits)."""
-        header = {
-            "descr": np.lib.format.dtype_to_descr(self.dtype),
-            "fortran_order": False,
-            "shape": (self.rows, *self.row_shape),
-        }
-        np.lib.format.write_array_header_1_0(handle, header)
-        self.copy_to(handle)
-
-
-def _write_npz(handle: BinaryIO, **spools: _Spool) -> None:
-    """``np.savez(handle, **arrays)`` of the spools' arrays (the same archive: stored,
-    Zip64 members named ``NAME.npy``, in that order), copied from the spools."""
-    with zipfile.ZipFile(
-        handle, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True
-    ) as archive:
-        for name, spool in spools.items():
-            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
-                spool.write_npy(member)
+def _spool(folder: Path, what: str) -> DiskSpool:
+    """A :class:`~.spool.DiskSpool` of a video's ``what`` in ``folder`` (the output's)."""
+    return DiskSpool(
+        folder, what,
+        "the .wav and --npy/--npz need the whole video's, which are kept there rather "
+        "than in memory",
+    )
 
 
 def _base(path: str, options: RunOptions, several: bool) -> Tuple[Path, str]:
@@ -963,7 +914,7 @@ def _run_video(
     made whole at the end: Pillow holds every picture) and its sound to the encoder
     and to a temporary file, which becomes the .wav when the video ends (its header
     needs the length); ``--npy``/``--npz`` spool the frames, sound and logits to
-    temporary files likewise and write the arrays from them (:class:`_Spool`). Only
+    temporary files likewise and write the arrays from them (:class:`~.spool.DiskSpool`). Only
     each clip's PSNR, labels and the notes are kept. The files are written through
     ``options`` (staged in the CLI: a run that fails leaves none)."""
     clips = pipeline.clips(path, audio)
@@ -971,10 +922,11 @@ def _run_video(
     targets = _targets(path, options, several)
     folder = targets[0].parent
     notes: List[str] = []
-    with _Spool(folder) as sound:
+    with _spool(folder, "the reconstructed sound's samples") as sound:
         if options.arrays:
-            with contextlib.ExitStack() as outputs, _Spool(folder) as frames, \
-                    _Spool(folder) as logits:
+            with contextlib.ExitStack() as outputs, \
+                    _spool(folder, "the reconstructed frames") as frames, \
+                    _spool(folder, "the label logits") as logits:
                 # Open while the clips are spooled, so that a failed write there (disk
                 # full) is the output's; opened last first, so that they close, and are
                 # staged, in order.
@@ -986,7 +938,7 @@ def _run_video(
                     logits.append(part.label_logits[None])
                     del part  # not held while the next clip is computed
                 if options.arrays == "npz":
-                    _write_npz(handles[0], frames=frames, audio=sound, label_logits=logits)
+                    write_npz(handles[0], frames=frames, audio=sound, label_logits=logits)
                 else:
                     for handle, spool in zip(handles, (frames, sound, logits)):
                         spool.write_npy(handle)
