@@ -1391,12 +1391,14 @@ def test_run_autoencode_clip_by_clip_writes_the_whole_video_results(
         Path(f).name for f in document["files"])  # no temporary file left
 
 
+@pytest.mark.parametrize("caller", ["cli", "run_task"])
 @pytest.mark.parametrize("output", ["r.mp4", "r.gif", "r.npy", "r.npz"])
 def test_run_autoencode_failing_mid_video_writes_nothing(tmp_path, model, video_checkpoint,
-                                                         monkeypatch, output):
+                                                         monkeypatch, output, caller):
     """The video and .wav are written as the clips come (and --npy/--npz spooled):
     a model that fails on the second clip (exit 3, as anything unexpected) leaves no
-    file and no temporary file."""
+    file and no temporary file; so does the runner called from a script with
+    RunOptions' defaults (they wrote straight to the file, a partial video)."""
     video, _, _ = _sound_cases(tmp_path, "own")
     (tmp_path / "out").mkdir()
     original = type(model).reconstruct
@@ -1409,10 +1411,19 @@ def test_run_autoencode_failing_mid_video_writes_nothing(tmp_path, model, video_
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(model), "reconstruct", failing)
-    flags = {".npy": ["--npy"], ".npz": ["--npz"]}.get(Path(output).suffix, [])
-    result = run_cli("run", "autoencode", video_checkpoint, video, *flags,
-                     "-o", tmp_path / "out" / output)
-    assert result.exit_code == 3 and "the model failed on the second clip" in result.stderr
+    arrays = {".npy": "npy", ".npz": "npz"}.get(Path(output).suffix)
+    if caller == "run_task":
+        from perceiver_torch.pipelines.base import RunOptions
+        from perceiver_torch.pipelines.video import run_task
+
+        options = RunOptions(output=tmp_path / "out" / output, arrays=arrays)
+        with pytest.raises(RuntimeError, match="the model failed on the second clip"):
+            run_task(AutoencodePipeline(model), [str(video)], options)
+    else:
+        flags = [f"--{arrays}"] if arrays else []
+        result = run_cli("run", "autoencode", video_checkpoint, video, *flags,
+                         "-o", tmp_path / "out" / output)
+        assert result.exit_code == 3 and "the model failed on the second clip" in result.stderr
     assert len(calls) == 2
     assert list((tmp_path / "out").iterdir()) == []
 

@@ -15,6 +15,7 @@ import itertools
 import math
 import numbers
 import os
+import secrets
 import stat
 import sys
 import threading
@@ -514,14 +515,27 @@ class TaskSpec:
 
 
 @contextlib.contextmanager
-def _plain_file(path: Path) -> Iterator[BinaryIO]:
-    with open(path, "wb") as handle:
-        yield handle
+def atomic_path(path: Any) -> Iterator[Path]:
+    """A temporary name next to ``path`` (same suffix) that is renamed to ``path`` when
+    the block succeeds and removed when it fails: a plain-library stand-in for the
+    CLI's staging, so a failed save never leaves a half-written file."""
+    path = Path(path)
+    temp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
+    try:
+        yield temp
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
 
 
 @contextlib.contextmanager
-def _plain_path(path: Path) -> Iterator[Path]:
-    yield Path(path)
+def _atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """:attr:`RunOptions.open_output`'s default: the file, written under a temporary
+    name and renamed when the block succeeds (:func:`atomic_path`)."""
+    with atomic_path(path) as temp, open(temp, "wb") as handle:
+        yield handle
 
 
 @dataclass
@@ -538,11 +552,13 @@ class RunOptions:
         progress: a :data:`Progress`; silent unless stderr is a terminal.
         echo: prints one line of human output (stderr in the CLI).
         open_output: ``with open_output(path) as f: f.write(...)``; the file appears
-            only when the block succeeds (the CLI's is atomic and refuses to overwrite
-            an input).
+            only when the block succeeds (the default writes a temporary file beside
+            it and renames it, :func:`atomic_path`; the CLI's stages every output of
+            the run and refuses to overwrite an input).
         output_path: ``with output_path(path) as tmp: library.save(tmp)``; for
             libraries that want a file name: ``tmp`` (same folder, same suffix) is
-            renamed to ``path`` when the block succeeds, removed otherwise.
+            renamed to ``path`` when the block succeeds, removed otherwise (the
+            default: :func:`atomic_path`).
         extra: the values of the task's own :class:`TaskOption` s, by ``dest``.
     """
 
@@ -552,7 +568,7 @@ class RunOptions:
     quiet: bool = False
     progress: Progress = no_progress
     echo: Callable[[str], None] = lambda line: None
-    open_output: Callable[[Path], ContextManager[BinaryIO]] = _plain_file
-    output_path: Callable[[Path], ContextManager[Path]] = _plain_path
+    open_output: Callable[[Path], ContextManager[BinaryIO]] = _atomic_file
+    output_path: Callable[[Path], ContextManager[Path]] = atomic_path
     extra: Dict[str, Any] = field(default_factory=dict)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import struct
 from fractions import Fraction
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .base import InputError, no_such_file, require
+# atomic_path is base's (RunOptions' defaults stage through it), offered here too.
+from .base import InputError, atomic_path, no_such_file, require
 
 __all__ = [
     "SoundReader",
@@ -65,22 +65,6 @@ MEDIA_SUFFIXES = VIDEO_SUFFIXES + (
 # Sample rates FFmpeg's AAC encoder accepts; other rates are resampled to 48 kHz
 # for the muxed sound track (the .wav keeps the model's rate).
 _AAC_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000)
-
-
-@contextlib.contextmanager
-def atomic_path(path: PathLike) -> Iterator[Path]:
-    """A temporary name next to ``path`` (same suffix) that is renamed to ``path`` when
-    the block succeeds and removed when it fails: a plain-library stand-in for the
-    CLI's staging, so a failed save never leaves a half-written file."""
-    path = Path(path)
-    temp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.tmp{path.suffix}")
-    try:
-        yield temp
-        os.replace(temp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-        raise
 
 
 def is_video_path(path: PathLike) -> bool:
