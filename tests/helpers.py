@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 from click.testing import CliRunner, Result
 
@@ -123,3 +123,20 @@ def full_disk_temporary_files(monkeypatch: Any, room: int) -> List[Any]:
 
     monkeypatch.setattr(tempfile, "TemporaryFile", full_disk)
     return made
+
+
+def act_at_read(monkeypatch: Any, module: Any, name: str, at: int,
+                action: Callable[[], None]) -> None:
+    """Wraps the reading function ``module.name`` so that ``action()`` runs just before
+    its ``at``-th call (from 1): with ``at = len(inputs) + 1``, once every input has
+    been checked and before the first read for the model (a file rewritten, removed
+    or replaced between a runner's two reads)."""
+    real, calls = getattr(module, name), []
+
+    def reading(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == at:
+            action()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, reading)

@@ -30,7 +30,7 @@ from perceiver_torch.pipelines.flow_io import (
     wheel_legend,
 )
 
-from helpers import alive_counts, full_disk_temporary_files, run_cli, track_alive
+from helpers import act_at_read, alive_counts, full_disk_temporary_files, run_cli, track_alive
 
 pytest.importorskip("av")
 pytest.importorskip("cv2")
@@ -779,15 +779,13 @@ def test_run_flow_refuses_a_frame_changed_before_its_pair(tmp_path, model, monke
     from perceiver_torch.pipelines.base import RunOptions
 
     paths = _moving_frames(tmp_path, 3)
-    read, reads = flow_module._still_frame, []
 
-    def rewritten_after_the_checks(path, *args, **kwargs):
-        reads.append(path)
-        if len(reads) == len(paths) + 1:  # the first read for a pair
-            Image.fromarray(textured_pair(44, 60)[0]).save(paths[2])
-        return read(path, *args, **kwargs)
+    def rewritten_after_the_checks():
+        Image.fromarray(textured_pair(44, 60)[0]).save(paths[2])
 
-    monkeypatch.setattr(flow_module, "_still_frame", rewritten_after_the_checks)
+    # Before the first read for a pair, once every frame is checked.
+    act_at_read(monkeypatch, flow_module, "_still_frame", len(paths) + 1,
+                rewritten_after_the_checks)
     with pytest.raises(InputError, match=f"{paths[2]} changed during the run"):
         flow_module.run_task(FlowPipeline(model), paths,
                              RunOptions(output=tmp_path / "out"))
@@ -808,15 +806,13 @@ def test_run_flow_names_a_frame_removed_before_its_pair_as_missing(tmp_path, mod
     with pytest.raises(InputError) as never_existed:
         flow_module._still_frame(never, [])
     missing_words = str(never_existed.value).replace(never, paths[2])
-    read, reads = flow_module._still_frame, []
 
-    def removed_after_the_checks(path, *args, **kwargs):
-        reads.append(path)
-        if len(reads) == len(paths) + 1:  # the first read for a pair
-            os.remove(paths[2])
-        return read(path, *args, **kwargs)
+    def removed_after_the_checks():
+        os.remove(paths[2])
 
-    monkeypatch.setattr(flow_module, "_still_frame", removed_after_the_checks)
+    # Before the first read for a pair, once every frame is checked.
+    act_at_read(monkeypatch, flow_module, "_still_frame", len(paths) + 1,
+                removed_after_the_checks)
     with pytest.raises(InputError) as raised:
         flow_module.run_task(FlowPipeline(model), paths, RunOptions(output=tmp_path / "out"))
     assert "changed during the run" not in str(raised.value)
@@ -859,17 +855,15 @@ def test_run_flow_refuses_a_frame_rewritten_with_the_same_size(tmp_path, model, 
         paths.append(str(tmp_path / f"frame{i}.bmp"))
         Image.fromarray(textured_pair(40, 56, shift=(1, 2), seed=i)[0]).save(paths[-1])
     size, mtime = os.path.getsize(paths[2]), os.stat(paths[2]).st_mtime_ns
-    read, reads = flow_module._still_frame, []
 
-    def rewritten_after_the_checks(path, *args, **kwargs):
-        reads.append(path)
-        if len(reads) == len(paths) + 1:  # the first read for a pair
-            Image.fromarray(textured_pair(40, 56, seed=9)[0]).save(paths[2])
-            os.utime(paths[2], ns=(mtime + 10**9, mtime + 10**9))
-            assert os.path.getsize(paths[2]) == size
-        return read(path, *args, **kwargs)
+    def rewritten_after_the_checks():
+        Image.fromarray(textured_pair(40, 56, seed=9)[0]).save(paths[2])
+        os.utime(paths[2], ns=(mtime + 10**9, mtime + 10**9))
+        assert os.path.getsize(paths[2]) == size
 
-    monkeypatch.setattr(flow_module, "_still_frame", rewritten_after_the_checks)
+    # Before the first read for a pair, once every frame is checked.
+    act_at_read(monkeypatch, flow_module, "_still_frame", len(paths) + 1,
+                rewritten_after_the_checks)
     with pytest.raises(InputError, match=f"^{re.escape(paths[2])} changed during the run"):
         flow_module.run_task(FlowPipeline(model), paths, RunOptions(output=tmp_path / "out"))
 
@@ -881,15 +875,13 @@ def test_run_flow_failing_after_staged_pairs_leaves_no_file(tmp_path, flow_check
     import perceiver_torch.pipelines.flow as flow_module
 
     paths = _moving_frames(tmp_path, 4)
-    read, reads = flow_module._still_frame, []
 
-    def rewritten_before_the_last_pair(path, *args, **kwargs):
-        reads.append(path)
-        if len(reads) == 2 * len(paths):  # the last frame, read again
-            Image.fromarray(textured_pair(44, 60)[0]).save(paths[-1])
-        return read(path, *args, **kwargs)
+    def rewritten_before_the_last_pair():
+        Image.fromarray(textured_pair(44, 60)[0]).save(paths[-1])
 
-    monkeypatch.setattr(flow_module, "_still_frame", rewritten_before_the_last_pair)
+    # Before the last frame is read again.
+    act_at_read(monkeypatch, flow_module, "_still_frame", 2 * len(paths),
+                rewritten_before_the_last_pair)
     before = _listing(tmp_path)
     result = run_cli("run", "flow", flow_checkpoint, *paths, "-o", tmp_path / "out")
     assert result.exit_code == 3, result.stderr

@@ -17,7 +17,7 @@ import torch
 import perceiver_torch as pt
 from perceiver_torch.labels import class_names, imagenet_labels, kinetics700_labels
 from perceiver_torch.pipelines import InputError, PipelineError, WrongModelError
-from helpers import alive_counts, track_alive
+from helpers import act_at_read, alive_counts, track_alive
 
 cv2 = pytest.importorskip("cv2")
 Image = pytest.importorskip("PIL.Image")
@@ -777,15 +777,13 @@ def test_an_image_changed_before_its_batch_is_refused(tmp_path, monkeypatch, cal
     from perceiver_torch.pipelines.image import run_task
 
     paths = _save_images(tmp_path, [(40, 50)] * 3)
-    real, reads = image_module.preprocess_image, []
 
-    def rewritten_after_the_checks(image, *args, **kwargs):
-        reads.append(image)
-        if len(reads) == len(paths) + 1:  # the first read for a batch
-            Image.fromarray(random_rgb(30, 30)).save(paths[2])
-        return real(image, *args, **kwargs)
+    def rewritten_after_the_checks():
+        Image.fromarray(random_rgb(30, 30)).save(paths[2])
 
-    monkeypatch.setattr(image_module, "preprocess_image", rewritten_after_the_checks)
+    # Before the first read for a batch, once every image is checked.
+    act_at_read(monkeypatch, image_module, "preprocess_image", len(paths) + 1,
+                rewritten_after_the_checks)
     pipeline = ClassifyPipeline(tiny("imagenet_fourier"), batch_size=2, resize=False)
     # run names the file; the pipeline numbers it too, as any image among several.
     prefix = "" if caller == "run" else "image 3: "
@@ -810,15 +808,13 @@ def test_an_image_removed_before_its_batch_is_named_as_missing(tmp_path, monkeyp
     with pytest.raises(InputError) as never_existed:
         preprocess_image(str(tmp_path / "never.png"), None, [])
     missing_words = str(never_existed.value).replace(str(tmp_path / "never.png"), paths[2])
-    real, reads = image_module.preprocess_image, []
 
-    def removed_after_the_checks(image, *args, **kwargs):
-        reads.append(image)
-        if len(reads) == len(paths) + 1:  # the first read for a batch
-            os.remove(paths[2])
-        return real(image, *args, **kwargs)
+    def removed_after_the_checks():
+        os.remove(paths[2])
 
-    monkeypatch.setattr(image_module, "preprocess_image", removed_after_the_checks)
+    # Before the first read for a batch, once every image is checked.
+    act_at_read(monkeypatch, image_module, "preprocess_image", len(paths) + 1,
+                removed_after_the_checks)
     pipeline = ClassifyPipeline(tiny("imagenet_fourier"), batch_size=2, resize=False)
     with pytest.raises(InputError) as raised:
         if caller == "run":
@@ -848,17 +844,15 @@ def test_an_image_rewritten_with_the_same_size_before_its_batch_is_refused(
     for i, path in enumerate(paths):
         Image.fromarray(random_rgb(40, 50, seed=i)).save(path)
     size, mtime = os.path.getsize(paths[2]), os.stat(paths[2]).st_mtime_ns
-    real, reads = image_module.preprocess_image, []
 
-    def rewritten_after_the_checks(image, *args, **kwargs):
-        reads.append(image)
-        if len(reads) == len(paths) + 1:  # the first read for a batch
-            Image.fromarray(random_rgb(40, 50, seed=7)).save(paths[2])
-            os.utime(paths[2], ns=(mtime + 10**9, mtime + 10**9))
-            assert os.path.getsize(paths[2]) == size
-        return real(image, *args, **kwargs)
+    def rewritten_after_the_checks():
+        Image.fromarray(random_rgb(40, 50, seed=7)).save(paths[2])
+        os.utime(paths[2], ns=(mtime + 10**9, mtime + 10**9))
+        assert os.path.getsize(paths[2]) == size
 
-    monkeypatch.setattr(image_module, "preprocess_image", rewritten_after_the_checks)
+    # Before the first read for a batch, once every image is checked.
+    act_at_read(monkeypatch, image_module, "preprocess_image", len(paths) + 1,
+                rewritten_after_the_checks)
     pipeline = ClassifyPipeline(tiny("imagenet_fourier"), batch_size=2, resize=False)
     prefix = "" if caller == "run" else "image 3: "
     with pytest.raises(InputError, match=f"^{re.escape(prefix + paths[2])} changed during the run"):
@@ -880,18 +874,16 @@ def test_an_image_renumbered_between_its_reads_is_not_refused(tmp_path, monkeypa
     paths = _save_images(tmp_path, [(40, 50)] * 3)
     pipeline = ClassifyPipeline(tiny("imagenet_fourier"), batch_size=2, resize=False)
     expected = pipeline(paths)
-    real, reads = image_module.preprocess_image, []
 
-    def renumbered_after_the_checks(image, *args, **kwargs):
-        reads.append(image)
-        if len(reads) == len(paths) + 1:  # the first read for a batch
-            inode = os.stat(paths[2]).st_ino
-            shutil.copy2(paths[2], tmp_path / "copy")
-            os.replace(tmp_path / "copy", paths[2])
-            assert os.stat(paths[2]).st_ino != inode
-        return real(image, *args, **kwargs)
+    def renumbered_after_the_checks():
+        inode = os.stat(paths[2]).st_ino
+        shutil.copy2(paths[2], tmp_path / "copy")
+        os.replace(tmp_path / "copy", paths[2])
+        assert os.stat(paths[2]).st_ino != inode
 
-    monkeypatch.setattr(image_module, "preprocess_image", renumbered_after_the_checks)
+    # Before the first read for a batch, once every image is checked.
+    act_at_read(monkeypatch, image_module, "preprocess_image", len(paths) + 1,
+                renumbered_after_the_checks)
     got = pipeline(paths)
     assert [r.logits.tolist() for r in got] == [r.logits.tolist() for r in expected]
 
