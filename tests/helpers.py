@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterator, List
 
 from click.testing import CliRunner, Result
 
@@ -140,3 +141,15 @@ def act_at_read(monkeypatch: Any, module: Any, name: str, at: int,
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, reading)
+
+
+@contextlib.contextmanager
+def batch_sizes_of_calls(model: Any) -> Iterator[List[int]]:
+    """The batch size (the output's length) of each forward call ``model`` makes in
+    the block, in order: a forward hook, removed at the end."""
+    sizes: List[int] = []
+    hook = model.register_forward_hook(lambda module, args, out: sizes.append(len(out)))
+    try:
+        yield sizes
+    finally:
+        hook.remove()

@@ -30,7 +30,14 @@ from perceiver_torch.pipelines.flow_io import (
     wheel_legend,
 )
 
-from helpers import act_at_read, alive_counts, full_disk_temporary_files, run_cli, track_alive
+from helpers import (
+    act_at_read,
+    alive_counts,
+    batch_sizes_of_calls,
+    full_disk_temporary_files,
+    run_cli,
+    track_alive,
+)
 
 pytest.importorskip("av")
 pytest.importorskip("cv2")
@@ -763,14 +770,10 @@ def test_run_flow_checks_every_pair_before_the_model(tmp_path, model, bad):
     else:
         last.write_bytes(b"no image")
         message = f"cannot read {last}"
-    calls = []
-    hook = model.register_forward_hook(lambda module, args, out: calls.append(1))
-    try:
+    with batch_sizes_of_calls(model) as calls:
         with pytest.raises(InputError, match=re.escape(message)):
             run_task(FlowPipeline(model), paths + [str(last)],
                      RunOptions(output=tmp_path / "out"))
-    finally:
-        hook.remove()
     assert calls == []
 
 

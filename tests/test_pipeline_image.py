@@ -17,7 +17,7 @@ import torch
 import perceiver_torch as pt
 from perceiver_torch.labels import class_names, imagenet_labels, kinetics700_labels
 from perceiver_torch.pipelines import InputError, PipelineError, WrongModelError
-from helpers import act_at_read, alive_counts, track_alive
+from helpers import act_at_read, alive_counts, batch_sizes_of_calls, track_alive
 
 cv2 = pytest.importorskip("cv2")
 Image = pytest.importorskip("PIL.Image")
@@ -625,13 +625,9 @@ def test_native_size_run_keeps_the_batch_size(tmp_path):
     for seed in range(3):
         paths.append(str(tmp_path / f"{seed}.png"))
         Image.fromarray(random_rgb(30, 30, seed=seed)).save(paths[-1])
-    batches = []
-    hook = model.register_forward_hook(lambda module, args, out: batches.append(len(out)))
-    try:
+    with batch_sizes_of_calls(model) as batches:
         pipeline = ClassifyPipeline(model, batch_size=1)
         run_task(pipeline, paths, RunOptions(extra={"native_size": True}))
-    finally:
-        hook.remove()
     assert batches == [1, 1, 1]
 
 
@@ -689,12 +685,8 @@ def test_run_holds_one_batch_of_pixels_and_writes_what_the_model_gives(
     lines: list = []
     options = RunOptions(output=tmp_path / "out.npz", arrays="npz", top_k=3,
                          echo=lines.append, extra={"native_size": native})
-    batches = []
-    hook = model.register_forward_hook(lambda module, args, out: batches.append(len(out)))
-    try:
+    with batch_sizes_of_calls(model) as batches:
         documents = run_task(ClassifyPipeline(model, batch_size=2), paths, options)
-    finally:
-        hook.remove()
 
     assert live_pixels["most"] <= 2  # one batch (it was every image: 9)
     assert batches == [stop - start for start, stop in calls]
@@ -727,13 +719,9 @@ def test_run_checks_every_image_before_the_model(tmp_path, live_pixels):
     paths = _save_images(tmp_path, [(40, 50)] * 5)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"no image")
-    calls = []
-    hook = model.register_forward_hook(lambda module, args, out: calls.append(1))
-    try:
+    with batch_sizes_of_calls(model) as calls:
         with pytest.raises(InputError, match=f"cannot read {broken}"):
             run_task(ClassifyPipeline(model, batch_size=2), paths + [str(broken)], RunOptions())
-    finally:
-        hook.remove()
     assert calls == [] and live_pixels["made"] == 5
 
 
@@ -940,12 +928,8 @@ def test_the_pipeline_gives_each_image_preprocessed_alone_batch_by_batch(tmp_pat
         expected = [row for start, stop in calls
                     for row in model(torch.stack(pixels[start:stop])).float()]
 
-    batches = []
-    hook = model.register_forward_hook(lambda module, args, out: batches.append(len(out)))
-    try:
+    with batch_sizes_of_calls(model) as batches:
         results = ClassifyPipeline(model, resize=not native, batch_size=2)(images, top_k=3)
-    finally:
-        hook.remove()
     assert batches == [stop - start for start, stop in calls]
     assert [results[i].input for i in (0, 4, 6)] == [paths[0], piped, paths[6]]
     for result, row, image_notes in zip(results, expected, notes):
@@ -961,17 +945,13 @@ def test_a_bad_image_among_several_fails_before_any_model_call(tmp_path, live_pi
     good = _save_images(tmp_path, [(40, 50)] * 4)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"no image")
-    calls = []
-    hook = model.register_forward_hook(lambda module, args, out: calls.append(1))
-    try:
+    with batch_sizes_of_calls(model) as calls:
         # The fifth image is in the third batch: it is named before the first.
         with pytest.raises(InputError, match=f"^image 5: cannot read {broken} as an image"):
             ClassifyPipeline(model, batch_size=2)(good + [broken, good[0]])
         with pytest.raises(InputError, match=r"^image 4: an image array must be"):
             ClassifyPipeline(model, batch_size=2)([random_rgb(30, 30)] * 3
                                                   + [np.zeros((4, 4, 2), np.uint8)])
-    finally:
-        hook.remove()
     assert calls == [] and live_pixels["made"] == 4 + 3
 
 
