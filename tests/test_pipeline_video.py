@@ -1448,3 +1448,66 @@ def test_run_autoencode_disk_full_while_spooling_is_one_line(
     assert "unexpected" not in result.stderr
     assert list((tmp_path / "out").iterdir()) == []
     assert spools and all(spool.closed and spool.raw.closed for spool in spools)
+
+
+def _tracked_files(monkeypatch) -> Dict[str, List[str]]:
+    """Records, per kind ("video", "sound"), the files the autoencode pipeline opens
+    for decoding and those it has closed again: the video's frame decoder (a
+    generator, closed when its ``finally`` runs) and the SoundReader."""
+    from perceiver_torch.pipelines import video as video_module
+
+    files: Dict[str, List[str]] = {"video": [], "video closed": [], "sound": [],
+                                   "sound closed": []}
+    real_frames, real_reader = video_module.iter_video_frames, video_module.SoundReader
+
+    def tracked_frames(path, *args, **kwargs):
+        files["video"].append(str(path))
+        try:
+            yield from real_frames(path, *args, **kwargs)
+        finally:
+            files["video closed"].append(str(path))
+
+    class TrackedReader(real_reader):
+        def __init__(self, path, *args, **kwargs):
+            super().__init__(path, *args, **kwargs)
+            files["sound"].append(str(path))
+
+        def close(self):
+            if str(self.path) not in files["sound closed"]:
+                files["sound closed"].append(str(self.path))
+            super().close()
+
+    monkeypatch.setattr(video_module, "iter_video_frames", tracked_frames)
+    monkeypatch.setattr(video_module, "SoundReader", TrackedReader)
+    return files
+
+
+@pytest.mark.parametrize("caller", ["call", "clips"])
+def test_a_failed_clip_closes_the_video_and_sound_files(tmp_path, model, monkeypatch, caller):
+    """A model (or anything) failing on the second clip: the video's decoder was let
+    go with the iteration's frame, which the exception's traceback keeps as long as
+    the exception is kept (a REPL keeps the last one): the video file stayed open
+    (on Windows, neither deletable nor replaceable). The pipeline call before clip by
+    clip had decoded every frame, and closed the file, before the model ran."""
+    video, audio, _ = _sound_cases(tmp_path, "long")
+    files = _tracked_files(monkeypatch)
+    original = type(model).reconstruct
+    calls = []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the model failed on the second clip")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "reconstruct", failing)
+    pipeline = AutoencodePipeline(model)
+    with pytest.raises(RuntimeError, match="second clip") as kept:
+        if caller == "call":
+            pipeline(video, audio)
+        else:
+            for part in pipeline.clips(video, audio):
+                pass
+    assert kept.traceback  # the exception, and its frames, still held here
+    assert files["video"] == files["video closed"] == [str(video)]
+    assert files["sound"] == files["sound closed"] == [str(audio)]

@@ -654,8 +654,8 @@ class AutoencodeClips:
         per_clip = t * pipeline.samples_per_frame
         samples = _ClipSound(iter(sound) if isinstance(sound, SoundReader) else iter([sound]))
         non_finite = {"frames": 0, "sound": 0, "labels": 0}
+        inputs: Iterable[np.ndarray] = self._input_clips(frames)
         try:
-            inputs: Iterable[np.ndarray] = self._input_clips(frames)
             if expected >= t:  # a container that does not say its length gets no bar
                 inputs = pipeline.progress(inputs, expected // t, "clips")
             for clip_inputs in inputs:
@@ -673,6 +673,13 @@ class AutoencodeClips:
             # error in it stops the run as before).
             samples.drain()
         finally:
+            # Now, not when this generator's frame goes: an exception's traceback
+            # holds that frame, and with it the video's decoder, while the exception
+            # is kept (a REPL keeps the last one).
+            for opened in (inputs, frames):
+                close = getattr(opened, "close", None)  # generators; arrays have none
+                if close is not None:
+                    close()
             if isinstance(sound, SoundReader):
                 sound.close()
         clips = len(self.clips)
