@@ -1511,3 +1511,33 @@ def test_a_failed_clip_closes_the_video_and_sound_files(tmp_path, model, monkeyp
     assert kept.traceback  # the exception, and its frames, still held here
     assert files["video"] == files["video closed"] == [str(video)]
     assert files["sound"] == files["sound closed"] == [str(audio)]
+
+
+def test_clips_left_early_are_closed_by_close_or_a_with_block(tmp_path, model, monkeypatch):
+    """A loop over AutoencodePipeline.clips left with break kept the video and sound
+    files open, with their decoders, as long as the AutoencodeClips object lived, and
+    nothing could close them; close() (or a with block) does, also before any clip
+    (the sound file is opened when the clips are made). After it, no clip comes."""
+    video, audio, _ = _sound_cases(tmp_path, "long")
+    files = _tracked_files(monkeypatch)
+    pipeline = AutoencodePipeline(model)
+
+    stream = pipeline.clips(video, audio)
+    for part in stream:
+        break
+    assert files["video"] == [str(video)] and files["video closed"] == []
+    assert files["sound"] == [str(audio)] and files["sound closed"] == []
+    stream.close()
+    assert files["video closed"] == [str(video)] and files["sound closed"] == [str(audio)]
+    assert list(stream) == [] and not stream.finished and len(stream.clips) == 1
+
+    files["video closed"].clear(), files["sound closed"].clear()
+    with pipeline.clips(video, audio) as stream:
+        for part in stream:
+            break
+    assert files["video closed"] == [str(video)] and files["sound closed"] == [str(audio)]
+
+    files["sound closed"].clear()
+    unused = pipeline.clips(video, audio)  # never iterated: only the sound file is open
+    unused.close()
+    assert files["sound closed"] == [str(audio)]

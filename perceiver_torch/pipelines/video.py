@@ -546,7 +546,9 @@ class AutoencodePipeline:
         decoded, and a sound file read, as the clips need them). The checks that need
         no frame are made now: the frames given as an array, the sound, a file's frame
         rate and sound track; the rest as the clips come (a video of fewer frames than
-        a clip, a frame that cannot be decoded)."""
+        a clip, a frame that cannot be decoded). A loop left early leaves the files
+        open until :meth:`AutoencodeClips.close` (``with pipeline.clips(video) as
+        clips:`` closes them)."""
         return AutoencodeClips(self, video, audio)
 
     def _autoencode(
@@ -586,6 +588,11 @@ class AutoencodeClips:
     clip's frames (``num_frames``, 16) and takes its sound, runs the model and yields
     the clip's :class:`ClipReconstruction`; memory holds that clip's frames and sound
     (and what the caller keeps), not the video's. It is iterated once.
+
+    A finished or failed iteration has closed the video and sound files; one left
+    early (``break``) keeps them open, and the decoders, until :meth:`close` or
+    until this object is garbage: ``with pipeline.clips(video) as clips: for part
+    in clips: ...`` closes them at the end of the block.
 
     What concerns the whole video is known when the iteration has ended
     (:attr:`finished`), as :class:`AutoencodeResult` has it: :attr:`dropped_frames`
@@ -629,10 +636,24 @@ class AutoencodeClips:
             declared = expected = video_frame_count(os.fspath(video))
         sound_notes: List[str] = []
         sound = pipeline._sound_source(video, audio, sound_notes)
+        self._sound = sound  # a sound file is open from here: close() closes it
         self._iterator = self._run(frames, declared, expected, sound, rate_note, sound_notes)
 
     def __iter__(self) -> Iterator[ClipReconstruction]:
         return self._iterator
+
+    def close(self) -> None:
+        """Ends the iteration (no more clips come; :attr:`finished` stays False
+        unless it was True) and closes the video and sound files."""
+        self._iterator.close()  # its own cleanup, where it has begun
+        if isinstance(self._sound, SoundReader):
+            self._sound.close()  # opened when this object was made
+
+    def __enter__(self) -> "AutoencodeClips":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     def as_dict(self) -> Dict[str, Any]:
         """:meth:`AutoencodeResult.as_dict` of the finished iteration."""
