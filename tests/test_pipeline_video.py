@@ -1513,6 +1513,40 @@ def test_a_failed_clip_closes_the_video_and_sound_files(tmp_path, model, monkeyp
     assert files["sound"] == files["sound closed"] == [str(audio)]
 
 
+@pytest.mark.parametrize("output", ["r.mp4", "r.npy"])
+def test_a_failed_write_closes_the_video_and_sound_files(tmp_path, model, monkeypatch,
+                                                         output):
+    """The runner's own failure between clips (the encoder, a write: not the clips'
+    iteration) left the iteration suspended, the video and sound files open as long
+    as the exception was kept; run autoencode now closes the clips however it ends."""
+    from perceiver_torch.pipelines import video as video_module
+    from perceiver_torch.pipelines.base import RunOptions
+
+    video, audio, _ = _sound_cases(tmp_path, "long")
+    (tmp_path / "out").mkdir()
+    files = _tracked_files(monkeypatch)
+    # The video encoder's sound, or the arrays' spool.
+    owner, method = {"r.mp4": (video_module.VideoWriter, "add_sound"),
+                     "r.npy": (video_module.DiskSpool, "append")}[output]
+    real, calls = getattr(owner, method), []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the writer failed on the second clip")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, method, failing)
+    options = RunOptions(output=tmp_path / "out" / output, extra={"audio": str(audio)},
+                         arrays="npy" if output.endswith(".npy") else None)
+    with pytest.raises(RuntimeError, match="second clip") as kept:
+        video_module.run_task(AutoencodePipeline(model), [str(video)], options)
+    assert kept.traceback  # the exception, and its frames, still held here
+    assert files["video"] == files["video closed"] == [str(video)]
+    assert files["sound"] == files["sound closed"] == [str(audio)]
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_clips_left_early_are_closed_by_close_or_a_with_block(tmp_path, model, monkeypatch):
     """A loop over AutoencodePipeline.clips left with break kept the video and sound
     files open, with their decoders, as long as the AutoencodeClips object lived, and

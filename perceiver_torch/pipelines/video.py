@@ -518,12 +518,13 @@ class AutoencodePipeline:
     def __call__(self, video: VideoInput, audio: AudioInput = None) -> AutoencodeResult:
         """The whole video's :class:`AutoencodeResult`: :meth:`clips` gathered (every
         frame and sample held; :meth:`clips` itself holds one clip at a time)."""
-        stream = self.clips(video, audio)
         names = ("frames", "audio", "label_logits", "inputs", "input_audio")
         gathered: Dict[str, List[np.ndarray]] = {name: [] for name in names}
-        for part in stream:
-            for name in names:
-                gathered[name].append(getattr(part, name))
+        # Its files closed however the loop ends (an interrupt between two clips).
+        with self.clips(video, audio) as stream:
+            for part in stream:
+                for name in names:
+                    gathered[name].append(getattr(part, name))
         joined = {
             name: (np.stack if name == "label_logits" else np.concatenate)(gathered.pop(name))
             for name in names
@@ -946,48 +947,51 @@ def _run_video(
     each clip's PSNR, labels and the notes are kept. The files are written through
     ``options`` (staged in the CLI: a run that fails leaves none)."""
     clips = pipeline.clips(path, audio)
-    files: List[str] = []
-    targets = _targets(path, options, several)
-    folder = targets[0].parent
-    notes: List[str] = []
-    with _spool(folder, "the reconstructed sound's samples") as sound:
-        if options.arrays:
-            with contextlib.ExitStack() as outputs, \
-                    _spool(folder, "the reconstructed frames") as frames, \
-                    _spool(folder, "the label logits") as logits:
-                # Open while the clips are spooled, so that a failed write there (disk
-                # full) is the output's; opened last first, so that they close, and are
-                # staged, in order.
-                handles = [outputs.enter_context(options.open_output(target))
-                           for target in reversed(targets)][::-1]
-                for part in clips:
-                    frames.append(part.frames)
-                    sound.append(part.audio)
-                    logits.append(part.label_logits[None])
-                    del part  # not held while the next clip is computed
-                if options.arrays == "npz":
-                    write_npz(handles[0], frames=frames, audio=sound, label_logits=logits)
-                else:
-                    for handle, spool in zip(handles, (frames, sound, logits)):
-                        spool.write_npy(handle)
-            files.extend(str(target) for target in targets)
-        else:
-            video, wav = targets
-            gif = video.suffix == ".gif"
-            with options.output_path(video) as temp:
-                with VideoWriter(temp, clips.fps, None if gif else clips.sample_rate) as writer:
+    # Its files closed however this ends (a failed write, an interrupt between clips).
+    with clips:
+        files: List[str] = []
+        targets = _targets(path, options, several)
+        folder = targets[0].parent
+        notes: List[str] = []
+        with _spool(folder, "the reconstructed sound's samples") as sound:
+            if options.arrays:
+                with contextlib.ExitStack() as outputs, \
+                        _spool(folder, "the reconstructed frames") as frames, \
+                        _spool(folder, "the label logits") as logits:
+                    # Open while the clips are spooled, so that a failed write there (disk
+                    # full) is the output's; opened last first, so that they close, and are
+                    # staged, in order.
+                    handles = [outputs.enter_context(options.open_output(target))
+                               for target in reversed(targets)][::-1]
                     for part in clips:
-                        writer.add_frames(part.video_uint8())
-                        writer.add_sound(part.audio)
+                        frames.append(part.frames)
                         sound.append(part.audio)
-                        del part
-            files.append(str(video))
-            if gif:
-                notes.append("a GIF has no sound: the sound is in the .wav")
-            with options.open_output(wav) as handle:
-                handle.write(wav_header(sound.rows, clips.sample_rate))
-                sound.copy_to(handle)
-            files.append(str(wav))
+                        logits.append(part.label_logits[None])
+                        del part  # not held while the next clip is computed
+                    if options.arrays == "npz":
+                        write_npz(handles[0], frames=frames, audio=sound, label_logits=logits)
+                    else:
+                        for handle, spool in zip(handles, (frames, sound, logits)):
+                            spool.write_npy(handle)
+                files.extend(str(target) for target in targets)
+            else:
+                video, wav = targets
+                gif = video.suffix == ".gif"
+                rate = None if gif else clips.sample_rate
+                with options.output_path(video) as temp:
+                    with VideoWriter(temp, clips.fps, rate) as writer:
+                        for part in clips:
+                            writer.add_frames(part.video_uint8())
+                            writer.add_sound(part.audio)
+                            sound.append(part.audio)
+                            del part
+                files.append(str(video))
+                if gif:
+                    notes.append("a GIF has no sound: the sound is in the .wav")
+                with options.open_output(wav) as handle:
+                    handle.write(wav_header(sound.rows, clips.sample_rate))
+                    sound.copy_to(handle)
+                files.append(str(wav))
     clips.notes.extend(notes)
     options.echo(
         f"{path}: {len(clips.clips)} clip(s) of {pipeline.num_frames} frames, "
