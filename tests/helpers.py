@@ -153,3 +153,20 @@ def batch_sizes_of_calls(model: Any) -> Iterator[List[int]]:
         yield sizes
     finally:
         hook.remove()
+
+
+def fail_on_call(monkeypatch: Any, owner: Any, method: str, call: int,
+                 message: str) -> List[int]:
+    """Makes ``owner.method`` raise ``RuntimeError(message)`` on its ``call``-th call
+    (from 1), and behave as before on the others. Returns the list that counts the
+    calls (one entry each)."""
+    real, calls = getattr(owner, method), []
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError(message)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, method, failing)
+    return calls

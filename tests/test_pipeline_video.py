@@ -28,7 +28,13 @@ from perceiver_torch.pipelines.video import (
     psnr,
 )
 
-from helpers import alive_counts, full_disk_temporary_files, run_cli, track_alive
+from helpers import (
+    alive_counts,
+    fail_on_call,
+    full_disk_temporary_files,
+    run_cli,
+    track_alive,
+)
 
 av = pytest.importorskip("av")
 cv2 = pytest.importorskip("cv2")
@@ -1401,16 +1407,8 @@ def test_run_autoencode_failing_mid_video_writes_nothing(tmp_path, model, video_
     RunOptions' defaults (they wrote straight to the file, a partial video)."""
     video, _, _ = _sound_cases(tmp_path, "own")
     (tmp_path / "out").mkdir()
-    original = type(model).reconstruct
-    calls = []
-
-    def failing(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("the model failed on the second clip")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "reconstruct", failing)
+    calls = fail_on_call(monkeypatch, type(model), "reconstruct", 2,
+                         "the model failed on the second clip")
     arrays = {".npy": "npy", ".npz": "npz"}.get(Path(output).suffix)
     if caller == "run_task":
         from perceiver_torch.pipelines.base import RunOptions
@@ -1491,16 +1489,8 @@ def test_a_failed_clip_closes_the_video_and_sound_files(tmp_path, model, monkeyp
     clip had decoded every frame, and closed the file, before the model ran."""
     video, audio, _ = _sound_cases(tmp_path, "long")
     files = _tracked_files(monkeypatch)
-    original = type(model).reconstruct
-    calls = []
-
-    def failing(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("the model failed on the second clip")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "reconstruct", failing)
+    fail_on_call(monkeypatch, type(model), "reconstruct", 2,
+                 "the model failed on the second clip")
     pipeline = AutoencodePipeline(model)
     with pytest.raises(RuntimeError, match="second clip") as kept:
         if caller == "call":
@@ -1528,15 +1518,7 @@ def test_a_failed_write_closes_the_video_and_sound_files(tmp_path, model, monkey
     # The video encoder's sound, or the arrays' spool.
     owner, method = {"r.mp4": (video_module.VideoWriter, "add_sound"),
                      "r.npy": (video_module.DiskSpool, "append")}[output]
-    real, calls = getattr(owner, method), []
-
-    def failing(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("the writer failed on the second clip")
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(owner, method, failing)
+    fail_on_call(monkeypatch, owner, method, 2, "the writer failed on the second clip")
     options = RunOptions(output=tmp_path / "out" / output, extra={"audio": str(audio)},
                          arrays="npy" if output.endswith(".npy") else None)
     with pytest.raises(RuntimeError, match="second clip") as kept:
