@@ -43,7 +43,7 @@ Contract of a task (how ``perceiver-convert run TASK`` finds and runs it)
    keeping only what is small (notes, sizes), then read them again batch by batch (an
    input that cannot be read twice, a pipe: :func:`~.base.readable_twice`, keeps its
    first read, as do classify's images where they are one batch; a file written to
-   meanwhile, :func:`~.base.file_state`, is refused);
+   meanwhile, :func:`~.base.file_state`, is refused: :class:`~.base.TwoReads`);
    fill-mask checks every text's length first; autoencode reads each
    video once, in turn: only the videos' existence is checked up front (by its
    ``spec.outputs``), and an unreadable video is named at its turn, after the earlier

@@ -27,6 +27,7 @@ from typing import (
     Callable,
     ContextManager,
     Dict,
+    Generic,
     Iterable,
     Iterator,
     List,
@@ -185,6 +186,53 @@ def changed_input_error(path: Any, before: Sequence[int], after: Sequence[int]) 
         f"{tuple(after)}, not {tuple(before)} as when the inputs were checked; run again "
         "once nothing writes to it"
     )
+
+
+class TwoReads(Generic[T]):
+    """The inputs of a runner that reads them twice: each read and checked first (a
+    bad one among thousands is named before the model runs), keeping only its shape,
+    then read again for its model call, so that memory holds a batch, not every
+    input (classify's images, flow's frames).
+
+    :meth:`first` keeps the value itself where reading again would not give it
+    (a pipe: :func:`readable_twice`) or would gain nothing (every input held
+    anyway); :meth:`again` refuses a file written to or replaced between the reads
+    (:func:`rewritten_since`), or whose value has another shape.
+    """
+
+    def __init__(self) -> None:
+        self.shapes: List[Tuple[int, ...]] = []  # each input's, in order
+        self._kept: Dict[int, T] = {}  # the values read only once
+        self._states: Dict[int, Tuple[Any, Any]] = {}  # files read twice: (path, state)
+
+    def first(self, read: Callable[[], T], path: Any = None, *, keep: bool) -> None:
+        """The next input's first read, ``read()`` (a value with a ``shape``); ``path``:
+        its file (None: not a file); ``keep``: hold this value for :meth:`again`
+        rather than reading it again. The state is taken before the read."""
+        index = len(self.shapes)
+        if path is not None and not keep:
+            self._states[index] = (path, file_state(path))
+        value = read()
+        self.shapes.append(tuple(value.shape))
+        if keep:
+            self._kept[index] = value
+
+    def again(self, index: int, read: Callable[[], T], name: Any) -> T:
+        """Input ``index`` for its model call: its kept value, or ``read()`` once more.
+
+        Raises:
+            InputError: its file was written to or replaced since the first read, or
+                the value has another shape (``name``: the input, as the message
+                names it).
+        """
+        if index in self._kept:
+            return self._kept.pop(index)
+        if index in self._states and rewritten_since(*self._states[index]):
+            raise modified_input_error(name)
+        value = read()
+        if tuple(value.shape) != self.shapes[index]:
+            raise changed_input_error(name, self.shapes[index], value.shape)
+        return value
 
 
 def refuse_array_suffix_without_flag(out: Path, arrays: Optional[str]) -> None:

@@ -37,13 +37,11 @@ from .base import (
     PipelineError,
     Progress,
     RunOptions,
-    changed_input_error,
+    TwoReads,
     check_model,
     check_weights,
     eval_mode,
-    file_state,
     flag,
-    modified_input_error,
     no_progress,
     non_finite_count,
     non_finite_note,
@@ -53,7 +51,6 @@ from .base import (
     refuse_array_suffix_without_flag,
     require,
     require_existing_files,
-    rewritten_since,
     usage_error,
 )
 from .flow_io import encode_flo, max_magnitude, render_flow
@@ -449,25 +446,17 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
         return [_run_video(pipeline, inputs[0], options, render)]
     # Notes on each frame (a very large file) go with the first pair it is in.
     notes: List[List[str]] = [[] for _ in inputs]
-    shapes: List[Tuple[int, ...]] = []
-    kept: Dict[int, np.ndarray] = {}  # the frames read only once
-    states: Dict[int, Any] = {}  # the others' files, as they were first read
+    reads: TwoReads[np.ndarray] = TwoReads()
     # One pair's two frames are held for its flow anyway: reading them again would
     # only double the decoding (and refuse a file touched meanwhile).
     one_pair = len(inputs) == 2
-    for index, (path, frame_notes) in enumerate(zip(inputs, notes)):
-        twice = readable_twice(path) and not one_pair
-        if twice:
-            states[index] = file_state(path)
-        frame = _still_frame(path, frame_notes)
-        shapes.append(frame.shape)
-        if not twice:
-            kept[index] = frame
-        del frame  # not held while the next frame is read
+    for path, frame_notes in zip(inputs, notes):
+        reads.first(lambda: _still_frame(path, frame_notes), path,
+                    keep=one_pair or not readable_twice(path))
     pairs = len(inputs) - 1
     for i in range(pairs):
         try:
-            pipeline._check_pair(shapes[i], shapes[i + 1])
+            pipeline._check_pair(reads.shapes[i], reads.shapes[i + 1])
         except InputError as error:
             # Among many frames, say which pair ("the two frames differ in size").
             raise InputError(f"{inputs[i]} -> {inputs[i + 1]}: {error}") from None
@@ -481,9 +470,9 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     spilling = bool(options.arrays) and pairs > 1
     with (_flow_spill(Path(options.output).parent) if spilling
           else contextlib.nullcontext()) as spill:
-        first = _frame_again(inputs, 0, shapes, kept, states)
+        first = _frame_again(inputs, 0, reads)
         for i in range(pairs):
-            second = _frame_again(inputs, i + 1, shapes, kept, states)
+            second = _frame_again(inputs, i + 1, reads)
             try:
                 # Read (and noted) once, by _still_frame.
                 result = pipeline._flow_of_rgb(first, second, [])
@@ -517,21 +506,11 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     return documents
 
 
-def _frame_again(
-    inputs: Sequence[str], index: int, shapes: Sequence[Tuple[int, ...]],
-    kept: Dict[int, np.ndarray], states: Dict[int, Any],
-) -> np.ndarray:
-    """Frame ``index`` read again for its pairs (or its first read, for a pipe); its
-    file must not have been written to since it was checked (``states``:
-    :func:`~.base.file_state`), and it must still have the shape it was checked with."""
-    if index in kept:
-        return kept.pop(index)
-    if rewritten_since(inputs[index], states[index]):
-        raise modified_input_error(inputs[index])
-    frame = _still_frame(inputs[index], [])  # noted on the first read
-    if frame.shape != shapes[index]:
-        raise changed_input_error(inputs[index], shapes[index], frame.shape)
-    return frame
+def _frame_again(inputs: Sequence[str], index: int, reads: TwoReads[np.ndarray]) -> np.ndarray:
+    """Frame ``index`` read again for its pairs, or its first read where it was kept
+    (a pipe, one pair; :class:`~.base.TwoReads`)."""
+    # Noted on its first read.
+    return reads.again(index, lambda: _still_frame(inputs[index], []), inputs[index])
 
 
 def _is_video_run(inputs: Sequence[str]) -> bool:

@@ -45,15 +45,13 @@ from .base import (
     PipelineError,
     Progress,
     RunOptions,
+    TwoReads,
     WrongModelError,
-    changed_input_error,
     check_model,
     check_weights,
     eval_mode,
-    file_state,
     flag,
     host_tensor,
-    modified_input_error,
     no_progress,
     no_such_file,
     non_finite_output_note,
@@ -61,7 +59,6 @@ from .base import (
     readable_twice,
     require,
     results_document,
-    rewritten_since,
     softmax_top_k,
 )
 
@@ -757,15 +754,7 @@ class ClassifyPipeline:
         Progress (:attr:`progress`): ``"preprocessing"``, then ``"batches"``.
         """
 
-        def preprocessed(index: int, image_notes: List[str]) -> torch.Tensor:
-            try:
-                return self.preprocess(images[index], image_notes)
-            except InputError as error:
-                raise InputError(message(index, str(error))) from None
-
-        shapes: List[Tuple[int, ...]] = []
-        kept: Dict[int, torch.Tensor] = {}  # the pixels of the images read only once
-        states: Dict[int, Any] = {}  # the files read twice, as they were first read
+        reads: TwoReads[torch.Tensor] = TwoReads()
         rows = list(enumerate(notes))
         # Pixels of one model call are held anyway: reading them again would only
         # double the decoding (and refuse a file touched meanwhile).
@@ -773,30 +762,23 @@ class ClassifyPipeline:
         for index, image_notes in self.progress(rows, len(rows), "preprocessing"):
             image = images[index]
             # Asked before the read: reading a PIL image decodes it, and the answer changes.
-            once = hold_every_image or not _reads_the_same_again(image)
-            if is_path(image) and not once:
-                states[index] = file_state(image)
-            pixels = preprocessed(index, image_notes)
-            shapes.append(tuple(pixels.shape))
-            if once:
-                kept[index] = pixels
-            del pixels  # not held while the next image is read
+            keep = hold_every_image or not _reads_the_same_again(image)
+            try:
+                reads.first(lambda: self.preprocess(image, image_notes),
+                            image if is_path(image) else None, keep=keep)
+            except InputError as error:
+                raise InputError(message(index, str(error))) from None
 
         def again(index: int) -> torch.Tensor:
-            if index in kept:
-                return kept.pop(index)
-            if index in states and rewritten_since(images[index], states[index]):
-                error = modified_input_error(_describe(images[index]))
-                raise InputError(message(index, str(error)))
             # Its notes were taken on the first read; a list (not None) keeps
             # Pillow's warnings quiet on this one too.
-            pixels = preprocessed(index, [])
-            if tuple(pixels.shape) != shapes[index]:
-                error = changed_input_error(_describe(images[index]), shapes[index], pixels.shape)
-                raise InputError(message(index, str(error)))
-            return pixels
+            try:
+                return reads.again(index, lambda: self.preprocess(images[index], []),
+                                   _describe(images[index]))
+            except InputError as error:
+                raise InputError(message(index, str(error))) from None
 
-        groups = batches(shapes, self.batch_size)
+        groups = batches(reads.shapes, self.batch_size)
         for start, stop in self.progress(groups, len(groups), "batches"):
             batch = [again(index) for index in range(start, stop)]
             logits = self.batch_logits(batch)
