@@ -7,7 +7,8 @@ overwrite (``--force``), otherwise put in place only if no file holds the name a
 instant. (:func:`check_outputs` refuses an existing output up front, but another
 process may create it during the minutes of work that follow; "nothing is lost" needs
 the final step itself to refuse.) On any exception the temporary file is removed and
-an existing target is left exactly as it was.
+an existing target is left exactly as it was. Files that must appear together (a run's
+outputs) go through :func:`publish_all`: all of them or none, also with ``--force``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
-from typing import BinaryIO, Iterator, NoReturn, Optional, Sequence, Union
+from typing import BinaryIO, Iterable, Iterator, List, NoReturn, Optional, Sequence, Tuple, Union
 
 from converter.errors import ConverterError, OutputError
 
@@ -34,6 +35,7 @@ __all__ = [
     "fsync_tree",
     "output_appeared",
     "publish",
+    "publish_all",
     "raise_write_error",
     "refuse_special_file",
     "write_failed",
@@ -309,10 +311,17 @@ def _claim_then_replace(temp: Path, path: Path) -> None:
         raise
 
 
-def write_failed(path: Union[str, os.PathLike], error: OSError) -> ConverterError:
+def write_failed(
+    path: Union[str, os.PathLike],
+    error: OSError,
+    *,
+    kept: Sequence[Union[str, os.PathLike]] = (),
+) -> ConverterError:
     """The one-line error of a write that failed (disk full, folder gone, ...) after
     its temporary file was removed; the CLI prints it and exits 3. The advice follows
-    the cause: "free disk space" is no help on a read-only filesystem."""
+    the cause: "free disk space" is no help on a read-only filesystem. ``kept``: the
+    existing files the write would have replaced, named as unchanged (a
+    :func:`publish_all` that was undone)."""
     advice = {
         errno.ENOSPC: "free disk space or choose another folder",
         errno.EDQUOT: "free space within your disk quota or choose another folder",
@@ -323,9 +332,13 @@ def write_failed(path: Union[str, os.PathLike], error: OSError) -> ConverterErro
         errno.EFBIG: "the file is larger than this process may write: raise its file-size "
         "limit (ulimit -f) or choose a filesystem that takes files this large",
     }.get(error.errno, "free disk space or choose another folder")
+    unchanged = ""
+    if kept:
+        names = ", ".join(str(name) for name in kept)
+        unchanged = f" and {names} " + ("is as it was" if len(kept) == 1 else "are as they were")
     return ConverterError(
-        f"writing {path} failed: {error.strerror or error}; nothing was written "
-        f"({advice})"
+        f"writing {path} failed: {error.strerror or error}; nothing was written"
+        f"{unchanged} ({advice})"
     )
 
 
@@ -367,6 +380,123 @@ def durable_publish(
     publish(temp, path, overwrite=overwrite)
     path = Path(path)
     fsync_folder(path.parent)
+
+
+def publish_all(
+    pairs: Sequence[Tuple[Union[str, os.PathLike], Union[str, os.PathLike]]],
+    *,
+    overwrite: bool = True,
+) -> None:
+    """Puts each finished ``temp`` at its ``path`` (``pairs``: ``(temp, path)``, each
+    ``temp`` fsynced and in its ``path``'s folder), all of them or none, then fsyncs
+    their folders so that the renames survive a crash.
+
+    One file: :func:`publish`, atomic by itself. Several: each goes in with
+    :func:`publish`, and on a failure the files this call put in place are removed
+    again. With ``overwrite`` the files they replace must come back too, and a rename
+    that has replaced a file cannot be undone, so every existing ``path`` is first
+    renamed aside to a hidden backup in its own folder (``.NAME.<hex>.old``), then the
+    new files are renamed in; on a failure the backups are renamed back, and only
+    when every rename has succeeded are they deleted. (No hard links, so any
+    filesystem will do; on Windows, where a file open in another program cannot be
+    renamed, that file stops the step before anything was replaced.) A crash in the
+    midst (power loss, SIGKILL) can leave old files under their backup names; a
+    backup that cannot be deleted after a success is left, hidden.
+
+    The caller removes the temporary files that a failure leaves.
+
+    Raises:
+        ConverterError: a rename failed (:func:`write_failed`'s line, naming the
+            existing files as unchanged), or so did renaming a backup back (the
+            message names the backup that holds the old file).
+        OutputError: without ``overwrite``, a ``path`` that appeared meanwhile
+            (:func:`output_appeared`).
+        Whatever interrupted the step (KeyboardInterrupt), after the same undo.
+    """
+    pairs = [(Path(temp), Path(path)) for temp, path in pairs]
+    set_aside = overwrite and len(pairs) > 1
+    # The files this call would replace: on a failure, each is as it was.
+    existing = [path for _, path in pairs if overwrite and os.path.lexists(path)]
+    backups: List[Tuple[Path, Path]] = []  # (path, the hidden name of its old file)
+    placed: List[Tuple[Path, os.stat_result]] = []  # (path, this call's file there)
+    current: Optional[Path] = None
+    try:
+        if set_aside:
+            for temp, current in pairs:
+                _keep_mode(temp, current)  # while the old file still holds the name
+                if os.path.lexists(current):
+                    backup = _backup_name(current)
+                    os.replace(current, backup)
+                    backups.append((current, backup))
+        for temp, current in pairs:
+            mine = os.stat(temp)
+            publish(temp, current, overwrite=overwrite)
+            placed.append((current, mine))
+    except BaseException as error:
+        not_back = _undo_publish(placed, backups)
+        _fsync_folders(path for _, path in pairs)
+        if not_back:
+            raise _backups_left(current, error, not_back) from error
+        if isinstance(error, OSError) and current is not None:
+            raise write_failed(current, error, kept=existing) from error
+        raise
+    _fsync_folders(path for _, path in pairs)
+    for _, backup in backups:
+        with contextlib.suppress(OSError):
+            os.unlink(backup)
+
+
+def _backup_name(path: Path) -> Path:
+    """A free hidden name beside ``path`` for its old file while :func:`publish_all`
+    puts new files in place: ``.NAME.<12 hex>.old`` (told apart from the ``.tmp``
+    files being written, should a crash leave it)."""
+    while True:
+        backup = temporary_name(path).with_suffix(".old")
+        if not os.path.lexists(backup):
+            return backup
+
+
+def _undo_publish(
+    placed: Sequence[Tuple[Path, os.stat_result]], backups: Sequence[Tuple[Path, Path]]
+) -> List[Tuple[Path, Path, OSError]]:
+    """Removes the files a failed :func:`publish_all` put in place (those still its
+    own: a --force run of another process may have replaced one since) and renames the
+    backups back; returns ``(path, backup, error)`` for each backup that stayed."""
+    for path, mine in reversed(placed):
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.stat(path), mine):
+                os.unlink(path)
+    not_back = []
+    for path, backup in reversed(backups):
+        try:
+            os.replace(backup, path)
+        except OSError as error:
+            not_back.append((path, backup, error))
+    return not_back
+
+
+def _backups_left(
+    path: Optional[Path], error: BaseException, not_back: Sequence[Tuple[Path, Path, OSError]]
+) -> ConverterError:
+    """The error of a :func:`publish_all` whose undo could not rename every backup
+    back: where each old file now is, and what to do."""
+    if isinstance(error, OSError):
+        first = f"writing {path} failed: {error.strerror or error}"
+    else:  # an interrupt: its str() is empty
+        first = f"putting {path} in place was interrupted ({type(error).__name__})"
+    kept = "; ".join(
+        f"the old {target} is kept as {backup} ({problem.strerror or problem})"
+        for target, backup, problem in not_back
+    )
+    return ConverterError(
+        f"{first}, and putting the old files back failed too: {kept}; rename "
+        f"{'it' if len(not_back) == 1 else 'them'} back by hand"
+    )
+
+
+def _fsync_folders(paths: Iterable[Path]) -> None:
+    for folder in {Path(path).parent for path in paths}:
+        fsync_folder(folder)
 
 
 def fsync_file(path: Union[str, os.PathLike]) -> None:

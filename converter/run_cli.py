@@ -7,8 +7,9 @@ that the model fits the task, builds the task's pipeline and calls its runner wi
 :class:`~perceiver_torch.pipelines.base.RunOptions`.
 
 Files the runner writes are staged next to their targets and renamed into place only
-when the whole run succeeds (:class:`Staging`): an error or an interrupt leaves no
-partial output, and no output may name an input. Every file a run would write
+when the whole run succeeds (:class:`Staging`), all of them or none (with ``--force``
+the files they replace come back should a rename fail): an error or an interrupt
+leaves no partial output, and no output may name an input. Every file a run would write
 (``TaskSpec.planned_outputs``) is checked before the model is loaded, with the other
 commands' rules (:func:`converter.atomic.check_outputs`): none may be an input, none
 may exist unless ``--force``; a converted ``.safetensors`` MODEL of another task is
@@ -89,7 +90,8 @@ reconstruction, or outputs that are not finite (the notes say so).
 name of no other format, e.g. OUT.json; with --npy/--npz the raw arrays: classify
 "logits" (N, classes), fill-mask "logits_I" (masked bytes, 262) and "positions_I"
 per input I) or, for flow and autoencode, the pictures, videos and sounds.
-Files appear only when the whole run succeeds; an output never replaces an input.
+Files appear only when the whole run succeeds, all or none (should one fail to be put
+in place, the files --force replaces are put back); an output never replaces an input.
 Every file the run would write (-o and the names derived from it, e.g. flow's .flo and
 .png) is checked before the model is loaded: one that exists is refused unless --force;
 flow's and autoencode's INPUTs must exist by then too (exit 3). A .safetensors MODEL
@@ -109,8 +111,8 @@ With random weights (fixtures), the answers are noise.
 
 class Staging:
     """Collects a run's output files as temporary files in their target folders and
-    renames them all into place in :meth:`commit` (each rename is atomic); on
-    :meth:`discard` (error, interrupt) every temporary file is removed.
+    renames them all into place in :meth:`commit`, all or none; on :meth:`discard`
+    (error, interrupt) every temporary file is removed.
 
     ``protected`` paths (the inputs and the model) may not be written; an existing
     file is replaced only with ``force``: without it the commit also refuses a file
@@ -197,36 +199,27 @@ class Staging:
         return [target for _, target in self._staged]
 
     def commit(self) -> List[Path]:
-        """Renames every staged file into place (then fsyncs their folders, so that
-        the renames survive a crash); returns the targets.
+        """Renames every staged file into place, all of them or none
+        (:func:`~converter.atomic.publish_all`, which also fsyncs their folders so
+        that the renames survive a crash); returns the targets. With ``force`` the
+        files they replace are set aside first and, should a rename fail, put back.
 
         Raises:
+            ConverterError: a rename failed (exit 3); every old file is as it was
+                and the message says so.
             OutputError: without ``force``, a target that appeared since
                 :meth:`check` (:func:`~converter.atomic.output_appeared`); the files
                 this commit created are removed again, so that the failed run writes
-                none (with ``force`` an old file, once replaced, cannot come back).
+                none.
         """
-        from converter.atomic import fsync_folder, publish
+        from converter.atomic import publish_all
 
-        created: List[Tuple[Path, os.stat_result]] = []
-        for temp, target in self._staged:
-            try:
-                mine = os.stat(temp)
-                publish(temp, target, overwrite=self._force)
-            except BaseException as error:
-                for path, stat in created:
-                    with contextlib.suppress(OSError):
-                        # Only if still ours (not replaced meanwhile by a --force run).
-                        if os.path.samestat(os.stat(path), stat):
-                            os.unlink(path)
-                self.discard()
-                raise_write_error(target, error)
-            if not self._force:
-                created.append((target, mine))
         targets = self.targets
-        # The files were fsynced before their renames; this makes the renames durable.
-        for folder in {target.parent for target in targets}:
-            fsync_folder(folder)
+        try:
+            publish_all(self._staged, overwrite=self._force)
+        except BaseException:
+            self.discard()
+            raise
         self._staged = []
         return targets
 

@@ -482,6 +482,113 @@ def test_staging_commit_keeps_a_file_that_appeared_and_takes_back_its_own(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.bin"]
 
 
+def _fail_rename_number(monkeypatch, number: int, folder: Path) -> List[int]:
+    """Makes the ``number``-th call of os.replace that touches ``folder`` raise OSError
+    (EACCES, as Windows does for a file another program holds open); returns the list
+    that counts those calls."""
+    import errno
+
+    calls: List[int] = []
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if folder in (Path(src).parent, Path(dst).parent):
+            calls.append(1)
+            if len(calls) == number:
+                raise PermissionError(errno.EACCES, "Permission denied", str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+def _forced_staging(folder: Path, old: Dict[str, bytes]) -> Tuple[Staging, List[Path]]:
+    """A --force staging of three outputs in ``folder``: those named in ``old`` exist
+    beforehand with those bytes (a.bin and c.bin), b.bin is new."""
+    folder.mkdir()
+    targets = [folder / name for name in ("a.bin", "b.bin", "c.bin")]
+    for name, data in old.items():
+        (folder / name).write_bytes(data)
+    staging = Staging(force=True, planned=targets)
+    for path in targets:
+        with staging.open_output(path) as handle:
+            handle.write(b"new " + path.name.encode())
+    return staging, targets
+
+
+def test_a_forced_commit_that_fails_midway_leaves_every_old_file(tmp_path, monkeypatch):
+    """With --force, a rename that fails after others succeeded (a file held open on
+    Windows, a permission changed meanwhile) took back nothing: the outputs already
+    renamed kept the new bytes, the later ones the old, a mix of two runs. The commit
+    is all or nothing: whichever of its renames fails, every old file is back with its
+    bytes, no new file or hidden backup is left, and the error says so."""
+    old = {"a.bin": b"old a", "c.bin": b"old c"}
+    with monkeypatch.context() as patch:  # how many renames a commit takes here
+        counted = _fail_rename_number(patch, 0, tmp_path / "count")
+        staging, _ = _forced_staging(tmp_path / "count", old)
+        staging.commit()
+    assert len(counted) >= 3  # one per output at least
+    for number in range(1, len(counted) + 1):
+        folder = tmp_path / f"fail{number}"
+        staging, targets = _forced_staging(folder, old)
+        with monkeypatch.context() as patch:
+            _fail_rename_number(patch, number, folder)
+            with pytest.raises(ConverterError) as caught:
+                staging.commit()
+        message = str(caught.value)
+        assert "Permission denied" in message and "nothing was written" in message, number
+        assert f"{folder / 'a.bin'}, {folder / 'c.bin'} are as they were" in message
+        assert listing(folder) == {name: hashlib.sha256(data).hexdigest()
+                                   for name, data in old.items()}, (number, message)
+
+
+def test_an_old_file_that_cannot_be_put_back_is_named_with_its_backup(
+    tmp_path, monkeypatch
+):
+    """Should putting an old file back fail too, the error says where it is kept
+    (its hidden backup, which holds its bytes) and to rename it back."""
+    import errno
+
+    staging, targets = _forced_staging(tmp_path / "out", {"a.bin": b"old a"})
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(src).suffix == ".old":  # putting a.bin back
+            raise PermissionError(errno.EACCES, "Permission denied", str(dst))
+        if Path(dst).name == "c.bin":  # the last new file
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(ConverterError) as caught:
+        staging.commit()
+    backups = list((tmp_path / "out").glob(".a.bin.*.old"))
+    assert len(backups) == 1 and backups[0].read_bytes() == b"old a"
+    assert str(caught.value) == (
+        f"writing {targets[2]} failed: No space left on device, and putting the old "
+        f"files back failed too: the old {targets[0]} is kept as {backups[0]} "
+        "(Permission denied); rename it back by hand"
+    )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [backups[0].name]
+
+
+def test_a_forced_run_that_fails_on_its_second_rename_keeps_the_old_files(
+    models, tmp_path, monkeypatch
+):
+    """The same through ``run flow --force``, which writes a .flo and a .png: the
+    second rename fails (exit 3, one line) and both old files are intact."""
+    args, outputs = _flow_pair(tmp_path)
+    for path in outputs:
+        path.write_bytes(b"old " + path.name.encode())
+    before = listing(tmp_path)
+    _fail_rename_number(monkeypatch, 2, tmp_path)
+    result = run_cli("run", "flow", models["optical_flow"], *args, "--force")
+    assert result.exit_code == 3, result.stderr
+    assert listing(tmp_path) == before
+    assert "Traceback" not in result.stderr and "Permission denied" in result.stderr
+    assert f"{outputs[0]}, {outputs[1]} are as they were" in result.stderr
+
+
 def test_help_documents_force():
     result = run_cli("run", "--help")
     assert result.exit_code == 0 and "--force" in result.stdout
