@@ -971,10 +971,11 @@ def test_images_of_one_batch_are_read_once(tmp_path, monkeypatch, caller):
     assert reads == paths + paths
 
 
-def test_a_pil_image_not_decoded_yet_keeps_its_first_read(tmp_path):
+def test_a_pil_image_not_decoded_yet_reads_as_its_file(tmp_path):
     """A PIL image from Image.open is decoded by its first read; only before that
     does it say that its colour key is stored at 4 bits (key 5 is grey level 85):
-    read again, the key matched no pixel, and grey 85 was not white."""
+    read again, the key matched no pixel, and grey 85 was not white. (Given twice:
+    test_a_pil_image_not_decoded_yet_reads_the_same_twice.)"""
     import struct
 
     path = tmp_path / "grey.png"
@@ -985,6 +986,49 @@ def test_a_pil_image_not_decoded_yet_keeps_its_first_read(tmp_path):
         assert opened.tile  # not decoded yet
         from_image, from_file = pipeline([opened, path])
     assert torch.equal(from_image.logits, from_file.logits)
+
+
+@pytest.mark.parametrize("bits, row, key", [
+    (2, bytes([0b00011011]), 1),  # levels 0..3; level 1 (85) keyed
+    (4, bytes([0x05, 0xF0]), 5),  # levels 0, 5, 15, 0; level 5 (85) keyed
+], ids=["2-bit", "4-bit"])
+def test_a_pil_image_not_decoded_yet_reads_the_same_twice(tmp_path, bits, row, key):
+    """The same PIL image from Image.open, given twice (in one list, or in two calls):
+    its first read decodes it, which empties the tile that tells the depth its colour
+    key is stored at, and the second read took the key at 8 bits, where it matched no
+    pixel (grey 85 stayed grey). Every read of it is the read of its file."""
+    import struct
+
+    from perceiver_torch.pipelines.image import _reads_the_same_again
+
+    path = tmp_path / "grey.png"
+    path.write_bytes(_png(4, bits, 0, row, struct.pack(">H", key), rows=4))
+    from_path = load_rgb(path)
+    assert (from_path[:, 1] == 255).all()  # the keyed column, white
+    model = tiny("imagenet_conv")
+    for batch_size in (1, 2):  # one image a batch (read again), both in one (held)
+        pipeline = ClassifyPipeline(model, batch_size=batch_size)
+        expected = [result.logits for result in pipeline([path, path])]
+        with Image.open(path) as opened:
+            assert opened.tile  # not decoded yet
+            got = [result.logits for result in pipeline([opened, opened])]
+            assert not opened.tile  # decoded by the first read
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+            assert torch.equal(pipeline(opened).logits, pipeline(path).logits)
+            assert np.array_equal(load_rgb(opened), from_path)
+    with Image.open(path) as opened:  # so its pixels need not be held between reads
+        assert _reads_the_same_again(opened)
+        load_rgb(opened)
+    # What a read keeps for the image (its raw mode, by id) goes with it.
+    import gc
+
+    from perceiver_torch.pipelines.image import _FIRST_RAWMODES
+
+    kept = id(opened)
+    assert kept in _FIRST_RAWMODES
+    del opened
+    gc.collect()
+    assert kept not in _FIRST_RAWMODES
 
 
 def test_wrong_model():

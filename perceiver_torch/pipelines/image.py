@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -194,10 +195,11 @@ def _from_pil(
 ) -> np.ndarray:
     """A PIL image -> (H, W, 3) uint8 (see :func:`load_rgb`). ``rawmode``: how the
     file stores its pixels (``"L;4"``, ``"RGB;16B"``, ...), read before they were
-    decoded (:func:`_stored_rawmode`); it says how to read a colour key."""
+    decoded (:func:`_stored_rawmode`); it says how to read a colour key. None: the
+    image's own (:func:`_first_rawmode`)."""
     from PIL import ImageOps
 
-    key = _colour_key(image, rawmode or _stored_rawmode(image), notes)
+    key = _colour_key(image, rawmode, notes)
     with pillow_warnings_as_notes(notes):
         image = ImageOps.exif_transpose(image)
     rgb = _decoded_rgb(image, notes)
@@ -227,16 +229,52 @@ def _stored_rawmode(image: Any) -> Optional[str]:
     return args if isinstance(args, str) else None
 
 
+# The raw mode of each PIL image with a colour key that a read found not decoded yet,
+# by id() (PIL images are not hashable), with a weak reference that tells the image
+# from a later object at the same address and drops the entry with the image. The
+# read decodes the image, and Pillow then empties its tile: a second read of the same
+# image (twice in one list, or in two calls) took the key at the decoded pixels' depth
+# where the first had taken it at the file's (4-bit grey: 5, not 85).
+_FIRST_RAWMODES: Dict[int, Tuple["weakref.ref[Any]", str]] = {}
+
+
+def _first_rawmode(image: Any) -> Optional[str]:
+    """:func:`_stored_rawmode` of a PIL image, also once a read has decoded it: then
+    the raw mode its tile told that read (:data:`_FIRST_RAWMODES`); None for an image
+    no read found undecoded (given decoded, or from ``Image.new``)."""
+    rawmode = _stored_rawmode(image)
+    key = id(image)
+    if rawmode is None:
+        entry = _FIRST_RAWMODES.get(key)
+        return entry[1] if entry is not None and entry[0]() is image else None
+    try:
+        alive = weakref.ref(image, lambda dead: _forget_rawmode(key, dead))
+    except TypeError:  # an image type that takes no weak reference: nothing to keep
+        return rawmode
+    _FIRST_RAWMODES[key] = (alive, rawmode)
+    return rawmode
+
+
+def _forget_rawmode(key: int, dead: "weakref.ref[Any]") -> None:
+    # Only the dead image's own entry (another thread may have put a fresher one).
+    entry = _FIRST_RAWMODES.get(key)
+    if entry is not None and entry[0] is dead:
+        _FIRST_RAWMODES.pop(key, None)
+
+
 def _colour_key(image: Any, rawmode: Optional[str], notes: Optional[List[str]]) -> Any:
     """The colour key of a greyscale or RGB image in its decoded pixels' values (an int,
     or an (R, G, B) tuple), or None: none, or one that cannot be applied (a 16-bit RGB
-    PNG, whose pixels Pillow reduces to 8 bits but not its key; noted)."""
+    PNG, whose pixels Pillow reduces to 8 bits but not its key; noted). ``rawmode``: as
+    :func:`_from_pil`'s."""
     key = image.info.get("transparency")
     if key is None or not (image.mode in ("1", "L", "RGB", "I") or image.mode.startswith("I;16")):
         return None
+    rawmode = rawmode or _first_rawmode(image)
     if rawmode is None:
-        # Decoded already (a PIL image given to the pipeline): taken at its mode's
-        # plain depth, as Pillow's own convert("RGBA") takes it.
+        # Decoded before any read here (a PIL image its caller loaded, or made with
+        # Image.new): taken at its mode's plain depth, as Pillow's own
+        # convert("RGBA") takes it.
         rawmode = image.mode if image.mode in ("1", "L", "RGB") else "I;16"
     if rawmode in _KEY_SCALE:
         scale = _KEY_SCALE[rawmode]
@@ -619,14 +657,12 @@ def _reads_the_same_again(image: ImageInput) -> bool:
     """Whether preprocessing ``image`` a second time gives what the first gave, so
     that its pixels need not be held between the two: true of a file that can be read
     twice (:func:`~.base.readable_twice`; not a pipe or ``/dev/stdin``, whose bytes
-    come once), of arrays and tensors, and of a PIL image already decoded. Not of a
-    PIL image that ``Image.open`` has not decoded yet: the first read decodes it, and
-    only before that does it tell the depth its colour key is stored at
-    (:func:`_stored_rawmode`)."""
+    come once), of arrays and tensors, and of PIL images, also one that ``Image.open``
+    has not decoded yet: the first read decodes it, and the depth its colour key is
+    stored at, which only the undecoded image tells, is kept for the next
+    (:func:`_first_rawmode`)."""
     if is_path(image):
         return readable_twice(image)
-    if _is_pil(image):
-        return not getattr(image, "tile", None)  # Pillow empties it when it decodes
     return True
 
 
@@ -647,12 +683,12 @@ class ClassifyPipeline:
     Memory holds one batch of preprocessed pixels, not every image's (0.6 MB an
     image at 224x224): every image is preprocessed first, so that a bad one fails
     before any model call, keeping only its notes and size, then again batch by
-    batch for its model call (:meth:`logits_by_batch`). A pipe or ``/dev/stdin``, and
-    a PIL image ``Image.open`` has not decoded yet, keep their first read instead, as
-    do ``batch_size`` images or fewer (one model call's worth: one image is read
-    once). A
-    generator's images are taken into a list first (the caller's objects, not
-    pixels).
+    batch for its model call (:meth:`logits_by_batch`). A pipe or ``/dev/stdin``
+    keeps its first read instead, as do ``batch_size`` images or fewer (one model
+    call's worth: one image is read once). A PIL image ``Image.open`` has not decoded
+    yet reads the same every time, also given twice (in one list or in two calls),
+    though its first read decodes it (:func:`_first_rawmode`). A generator's images
+    are taken into a list first (the caller's objects, not pixels).
 
     Float pixels (0..255 scale) are clipped to 0..255, resized in float32 and clipped
     to 0..255 again, their fractions kept (:func:`resize_cubic`); uint8 pixels are
@@ -742,8 +778,8 @@ class ClassifyPipeline:
         before any model call; only its notes (added to ``notes[index]``) and its
         shape are kept. The images of each model call (:func:`batches`) are then
         preprocessed again, and only their logits outlive the call. An image whose
-        second read would not be its first (:func:`_reads_the_same_again`: a pipe, a
-        PIL image not decoded yet) keeps its first read's pixels instead, and so does
+        second read would not be its first (:func:`_reads_the_same_again`: a pipe,
+        ``/dev/stdin``) keeps its first read's pixels instead, and so does
         every image where there are no more than ``batch_size`` (one model call's
         worth, which the bound allows: ``pipeline(image)`` reads its file once); a
         file written to or replaced meanwhile (:func:`~.base.file_state`), or whose
@@ -761,7 +797,6 @@ class ClassifyPipeline:
         hold_every_image = len(rows) <= self.batch_size
         for index, image_notes in self.progress(rows, len(rows), "preprocessing"):
             image = images[index]
-            # Asked before the read: reading a PIL image decodes it, and the answer changes.
             keep = hold_every_image or not _reads_the_same_again(image)
             try:
                 reads.first(lambda: self.preprocess(image, image_notes),
