@@ -170,3 +170,20 @@ def fail_on_call(monkeypatch: Any, owner: Any, method: str, call: int,
 
     monkeypatch.setattr(owner, method, failing)
     return calls
+
+
+def damage_sound_midway(path: Path) -> Path:
+    """Overwrites, in place, the packet halfway through the first sound track of the
+    media file ``path`` with 0xFF bytes: FFmpeg decodes the packets before it, then
+    refuses that one (its AAC decoder fails on the frame header), as a file damaged
+    on a disk or in a download. Returns ``path``."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        packets = [(p.pos, p.size) for p in container.demux(stream) if p.size]
+    position, size = packets[len(packets) // 2]
+    data = bytearray(path.read_bytes())
+    data[position : position + size] = b"\xff" * size
+    path.write_bytes(bytes(data))
+    return path

@@ -29,7 +29,9 @@ from perceiver_torch.pipelines.video import (
 )
 
 from helpers import (
+    act_at_read,
     alive_counts,
+    damage_sound_midway,
     fail_on_call,
     full_disk_temporary_files,
     run_cli,
@@ -1305,6 +1307,102 @@ def test_the_sound_is_read_as_the_clips_need_it(tmp_path, model, monkeypatch):
     assert len(calls) == 37 and read[0] >= 37 * per_clip
     for c, samples in enumerate(calls):
         assert samples <= (c + 1) * per_clip + piece, (c, samples)  # was 4800 from the first
+
+
+@pytest.mark.parametrize("caller", ["clips", "call", "cli"])
+@pytest.mark.parametrize("sound", ["own", "audio"])
+def test_a_sound_that_cannot_be_decoded_partway_is_named_before_the_model_runs(
+        tmp_path, model, video_checkpoint, monkeypatch, sound, caller):
+    """The sound is read as the clips need it, so a track damaged halfway through (the
+    video's own, or a sound file given as audio=/--audio) was named only once the
+    clips before the damage had gone through the model (minutes for a long video).
+    It is decoded whole when the clips are made, keeping only its length: the error
+    comes before any model call."""
+    from perceiver_torch.pipelines.media import SoundReader
+
+    video = tmp_path / "v.mp4"
+    make_test_video(video, 75, size=(16, 16), sample_rate=48000 if sound == "own" else None)
+    audio = None
+    if sound == "audio":
+        audio = tmp_path / "s.mp4"
+        make_test_video(audio, 75, size=(16, 16), sample_rate=48000)
+    damaged = damage_sound_midway(audio or video)
+    with SoundReader(damaged, 1600) as reader:
+        assert len(next(iter(reader))) > 0  # the damage is partway: a first piece comes
+    calls = fail_on_call(monkeypatch, type(model), "reconstruct", 1,
+                         "the model ran before the sound was checked")
+    pipeline = AutoencodePipeline(model)
+    message = f"{damaged}: the sound cannot be decoded"
+    if caller == "clips":
+        with pytest.raises(InputError, match=re.escape(message)):
+            pipeline.clips(video, audio)  # made, not yet iterated
+    elif caller == "call":
+        with pytest.raises(InputError, match=re.escape(message)):
+            pipeline(video, audio)
+    else:
+        (tmp_path / "out").mkdir()
+        flags = ["--audio", audio] if audio else []
+        result = run_cli("run", "autoencode", video_checkpoint, video, *flags,
+                         "-o", tmp_path / "out" / "r.mp4")
+        assert result.exit_code == 3 and message in result.stderr, result.stderr
+        assert list((tmp_path / "out").iterdir()) == []
+    assert calls == []
+
+
+def test_the_sound_check_holds_one_piece_at_a_time(tmp_path, model, monkeypatch):
+    """The check before the clips decodes the whole sound (3 s at 48 kHz, well over a
+    hundred pieces) before the first model call, and holds one piece at a time: it
+    keeps the length, not the samples."""
+    from perceiver_torch.pipelines.media import SoundReader
+
+    video = tmp_path / "v.mp4"
+    make_test_video(video, 75, size=(16, 16), sample_rate=48000)
+    length = len(read_audio(video, 1600)[0])
+    counts = alive_counts()
+    real_iter, real_check = SoundReader.__iter__, SoundReader.check
+    checked: List[Dict[str, int]] = []
+
+    def tracked_pieces(self):
+        for piece in real_iter(self):
+            yield track_alive(counts, piece)
+
+    def check(self):
+        assert counts["made"] == 0  # no piece yet taken for the clips
+        result = real_check(self)
+        checked.append({**counts, "length": result})
+        return result
+
+    calls = fail_on_call(monkeypatch, type(model), "reconstruct", 2, "one clip is enough")
+    monkeypatch.setattr(SoundReader, "__iter__", tracked_pieces)
+    monkeypatch.setattr(SoundReader, "check", check)
+    with pytest.raises(RuntimeError, match="one clip is enough"):
+        AutoencodePipeline(model)(video)
+    assert len(calls) == 2 and len(checked) == 1
+    assert checked[0]["length"] == length and checked[0]["made"] > 100
+    assert checked[0]["most"] == 1, checked  # was every piece of the first second
+
+
+@pytest.mark.parametrize("new_samples", [7 * 64 + 20, 3000])
+def test_a_sound_file_changed_between_its_two_reads_is_refused(tmp_path, model, monkeypatch,
+                                                                new_samples):
+    """The sound is decoded twice (checked, then read for the clips): a file replaced
+    between the reads by a shorter or longer sound would have been answered with a
+    sound other than the one checked; the second read's length is compared with the
+    first's."""
+    from perceiver_torch.pipelines import media as media_module
+
+    video, audio, _ = _sound_cases(tmp_path, "long")  # 30 frames' worth of sound
+    ramp = ((np.arange(new_samples) * 11) % 3000 - 1500).astype(np.int16)
+    write_pcm_wav(tmp_path / "other.wav", ramp[None], 1600)
+    # The check's reader is the second made (the clips' own is opened first): the
+    # check reads the new file, the clips' reader the one it already had open.
+    act_at_read(monkeypatch, media_module, "SoundReader", 1,
+                lambda: (tmp_path / "other.wav").replace(audio))
+    message = (f"{audio} changed during the run: its sound, decoded again for the work, "
+               f"has ")
+    with pytest.raises(InputError, match=re.escape(message)) as error:
+        AutoencodePipeline(model)(video, audio)
+    assert f"not {new_samples} as when it was checked" in str(error.value)
 
 
 @pytest.fixture(scope="module")

@@ -238,7 +238,10 @@ class SoundReader:
     whole (:func:`read_audio` joins them). The file is opened, and its sound track
     found, when the reader is made (:attr:`source_rate`, :attr:`channels`); it is
     decoded as the pieces are taken, once, and closed at the end or by :meth:`close`
-    (``with SoundReader(...) as sound:``).
+    (``with SoundReader(...) as sound:``). :meth:`check` decodes the whole sound
+    beforehand, keeping only its length, so that its decoding errors come before
+    the work on its pieces. Of the pieces it has given, the reader holds only the
+    last, until the next is taken.
 
     Decoded and, if needed, resampled with FFmpeg's libswresample (PyAV's
     ``AudioResampler``: windowed-sinc polyphase filter, FFmpeg's defaults), the
@@ -261,7 +264,8 @@ class SoundReader:
     Raises:
         InputError: unreadable file or no sound track (the message names ``--audio``)
             when made; an empty sound track or a decoding error while the pieces are
-            taken.
+            taken (or by :meth:`check`), or, after :meth:`check`, pieces that do not
+            add up to the length it found.
     """
 
     def __init__(self, path: PathLike, sample_rate: int) -> None:
@@ -281,10 +285,51 @@ class SoundReader:
         except BaseException:
             self._container.close()
             raise
-        self._iterator = self._pieces(stream)
+        self._checked_length: Optional[int] = None  # check()'s
+        self._iterator = self._counted(self._pieces(stream))
 
     def __iter__(self) -> Iterator[np.ndarray]:
         return self._iterator
+
+    def check(self) -> int:
+        """Decodes the whole sound once, now, in a reader of its own, and keeps only
+        its length, one piece held at a time: a sound that cannot be decoded partway
+        through is named before any work on this reader's pieces, which are taken
+        afterwards (decoded a second time). Those pieces must then add up to that
+        length; if not (the file was written to or replaced between the two reads),
+        they end with :class:`InputError` rather than give another sound than the
+        one checked. Returns the length (samples at :attr:`sample_rate`).
+
+        Raises:
+            InputError: an empty sound track or a decoding error.
+        """
+        with SoundReader(self.path, self.sample_rate) as again:
+            length = sum(map(len, again))  # each piece let go once counted
+        self._checked_length = length
+        return length
+
+    def _counted(self, pieces: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """``pieces`` as they come, ended by :class:`InputError` as soon as they are
+        more, or at their end fewer, samples than :meth:`check` found."""
+        given = 0
+        try:
+            for piece in pieces:
+                given += len(piece)
+                if self._checked_length is not None and given > self._checked_length:
+                    raise self._changed(f"at least {given}")
+                yield piece
+        finally:
+            pieces.close()
+        if self._checked_length is not None and given != self._checked_length:
+            raise self._changed(str(given))
+
+    def _changed(self, samples: str) -> InputError:
+        return InputError(
+            f"{self.path} changed during the run: its sound, decoded again for the work, "
+            f"has {samples} samples at {self.sample_rate} Hz, not {self._checked_length} "
+            "as when it was checked (the file was written to or replaced); run again "
+            "once nothing writes to it"
+        )
 
     def close(self) -> None:
         """Stops decoding and closes the file (the pieces end)."""
@@ -327,10 +372,13 @@ class SoundReader:
                         held.extend(pieces)
                         continue
                     # Longer than a second: these samples are final, and the first
-                    # second is not needed again.
+                    # second is not needed again. Each piece is let go as it is given
+                    # (popped), so that the caller alone says how many are held.
                     head = []
-                    yield from held + pieces
-                    held = []
+                    held.extend(pieces)
+                    del pieces
+                    while held:
+                        yield held.pop(0)
                 tail = [_from_int16(out.to_ndarray()[0]) for out in resampler.resample(None)]
                 head.extend(out.to_ndarray()[0] for out in to_float.resample(None))
             except av.error.FFmpegError as error:

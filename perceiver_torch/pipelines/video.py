@@ -37,14 +37,15 @@ they are the model's guess of the clip's class), and the PSNR of each clip's fra
 ``10 log10(1 / MSE)`` over all pixels and channels.
 
 Memory: the clips are independent, so :meth:`AutoencodePipeline.clips` goes clip by
-clip: a video file is decoded, and a sound file read, as the clips need them, and each
-clip's frames are preprocessed (9.6 MB of float32 for 16 frames of 224x224) and
-autoencoded in turn, with nothing of the earlier clips kept but their PSNR and
-labels; the pipeline call gathers every clip into one :class:`AutoencodeResult` (a
-one-minute 25 fps video: 0.9 GB of input frames and as much of reconstructed ones), and
-``perceiver-convert run autoencode`` writes each clip's reconstruction away as it
-comes (:func:`run_task`). Frames or sound given as arrays are the caller's, held as
-given.
+clip: a video file is decoded, and a sound file read, as the clips need them (a sound
+file is decoded once before, only to check it, keeping its length: its errors come
+before the model runs), and each clip's frames are preprocessed (9.6 MB of float32
+for 16 frames of 224x224) and autoencoded in turn, with nothing of the earlier clips
+kept but their PSNR and labels; the pipeline call gathers every clip into one
+:class:`AutoencodeResult` (a one-minute 25 fps video: 0.9 GB of input frames and as
+much of reconstructed ones), and ``perceiver-convert run autoencode`` writes each
+clip's reconstruction away as it comes (:func:`run_task`). Frames or sound given as
+arrays are the caller's, held as given.
 """
 
 from __future__ import annotations
@@ -545,9 +546,11 @@ class AutoencodePipeline:
         :class:`AutoencodeClips`, whose iteration yields each clip's
         :class:`ClipReconstruction` and holds no other clip's frames (a video file is
         decoded, and a sound file read, as the clips need them). The checks that need
-        no frame are made now: the frames given as an array, the sound, a file's frame
-        rate and sound track; the rest as the clips come (a video of fewer frames than
-        a clip, a frame that cannot be decoded). A loop left early leaves the files
+        no frame are made now: the frames given as an array, the sound (a sound file
+        decoded whole, only to check it: :meth:`~.media.SoundReader.check`), a file's
+        frame rate and sound track; the rest as the clips come (a video of fewer
+        frames than a clip, a frame that cannot be decoded, a sound file that decodes
+        to another length the second time). A loop left early leaves the files
         open until :meth:`AutoencodeClips.close` (``with pipeline.clips(video) as
         clips:`` closes them)."""
         return AutoencodeClips(self, video, audio)
@@ -608,8 +611,10 @@ class AutoencodeClips:
             finished (0, 0 and [] before).
         finished: whether every clip has been yielded.
 
-    Raises (while iterated): :class:`~.base.InputError` for a video shorter than one
-    clip, or a frame or sound that cannot be decoded.
+    Raises: :class:`~.base.InputError` when made for a sound that cannot be decoded
+    (a sound file is decoded whole first, keeping only its length); while iterated,
+    for a video shorter than one clip, a frame that cannot be decoded, or a sound
+    file that decodes to another length than when it was checked (it changed).
     """
 
     def __init__(self, pipeline: AutoencodePipeline, video: VideoInput, audio: AudioInput) -> None:
@@ -638,6 +643,18 @@ class AutoencodeClips:
         sound_notes: List[str] = []
         sound = pipeline._sound_source(video, audio, sound_notes)
         self._sound = sound  # a sound file is open from here: close() closes it
+        if isinstance(sound, SoundReader):
+            # The whole sound decoded once now, keeping only its length, so that a
+            # track that cannot be decoded partway through is named before the model
+            # runs, not after minutes of clips; the clips then decode it again piece
+            # by piece. Decoding sound is cheap beside the model (an AAC track
+            # decodes at hundreds of times real time), so the second decode costs
+            # little, and memory stays that of a piece.
+            try:
+                sound.check()
+            except BaseException:
+                sound.close()  # no object is made: nothing else would close it
+                raise
         self._iterator = self._run(frames, declared, expected, sound, rate_note, sound_notes)
 
     def __iter__(self) -> Iterator[ClipReconstruction]:
