@@ -721,6 +721,80 @@ def test_a_cover_picture_is_not_read_as_the_video(tmp_path, video_checkpoint):
     assert video_frame_count(tmp_path / "clip.mp4") == 5
 
 
+def _vp9_webm(path: Path, frames: int, size=(16, 16), fps: int = 25) -> None:
+    """A WebM (VP9, no sound) of ``frames`` random frames: WebM cannot hold the H.264
+    that write_video writes."""
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=fps)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        for _ in range(frames):
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+@pytest.mark.parametrize("name", ["v.mkv", "v.webm", "v.ts", "v.mp4", "longer-sound.mkv"])
+def test_the_progress_bar_has_a_total_where_the_container_declares_no_count(
+        tmp_path, model, name):
+    """The bar over the clips took its total from the frame count the container
+    declares; Matroska, WebM and MPEG-TS declare none, and got no bar. Their
+    duration and frame rate give an estimate; an MP4 keeps its declared count.
+
+    10 frames at 25 fps: 5 clips of 2. The video's duration is the frames' 0.4 s (the
+    stream's own, or the DURATION tag FFmpeg's Matroska muxer writes), or up to a
+    frame more where it is the container's, which includes the AAC sound's end
+    padding (under 1024 samples at 44.1 kHz, 0.023 s): an estimate of 10 or 11
+    frames, 5 clips either way. A sound track 1 s longer than the video makes the
+    container's duration over 1.4 s (35 frames): the stream's tag is taken first."""
+    from perceiver_torch.pipelines.media import video_frame_count, write_video
+
+    t, frames = TINY.num_frames, 10
+    video = tmp_path / name
+    suffix = video.suffix
+    audio = None
+    if suffix == ".webm":
+        _vp9_webm(video, frames)
+        audio = np.zeros(frames * TINY.audio_samples_per_frame, np.float32)
+    elif name.startswith("longer-sound"):
+        pixels, _ = make_test_video(tmp_path / "pixels.mp4", frames, size=(16, 16))
+        write_video(video, pixels, 25, np.zeros(44100 * (frames + 25) // 25), 44100)
+    else:
+        make_test_video(video, frames, size=(16, 16))
+    declared = video_frame_count(video)
+    assert declared == (frames if suffix == ".mp4" else 0)  # what the container says
+    totals: List[tuple] = []
+
+    def progress(items, total, label):
+        totals.append((total, label))
+        return items
+
+    result = AutoencodePipeline(model, progress=progress)(video, audio)
+    assert len(result.clips) == frames // t
+    assert totals == [(frames // t, "clips")]  # was [] but for the MP4
+
+
+def test_an_estimated_frame_count_is_for_the_progress_bar_only(tmp_path, model, monkeypatch):
+    """A frame count estimated from the duration (a container that declares none) may
+    be off: it sizes the bar, and is not the declared count that a video decoding to
+    fewer frames is checked against (a note that the file may be truncated)."""
+    from perceiver_torch.pipelines import video as video_module
+
+    make_test_video(tmp_path / "v.mkv", 10, size=(16, 16))
+    monkeypatch.setattr(video_module, "estimated_frame_count", lambda path: 40)  # far off
+    totals: List[int] = []
+
+    def progress(items, total, label):
+        totals.append(total)
+        return items
+
+    result = AutoencodePipeline(model, progress=progress)(tmp_path / "v.mkv")
+    assert totals == [20] and len(result.clips) == 5
+    assert not any("declares" in note for note in result.notes), result.notes
+
 def test_channels_first_torch_and_non_numeric_sound(model):
     pipeline = AutoencodePipeline(model)
     frames = np.zeros((2, 16, 16, 3), np.uint8)

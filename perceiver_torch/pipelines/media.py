@@ -13,6 +13,7 @@ float32 (S,) in [-1, 1] (one channel).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import struct
 from fractions import Fraction
@@ -29,6 +30,7 @@ __all__ = [
     "VideoWriter",
     "atomic_path",
     "encode_wav",
+    "estimated_frame_count",
     "is_video_path",
     "iter_video_frames",
     "read_audio",
@@ -134,6 +136,48 @@ def video_frame_count(path: PathLike) -> int:
     container = _open_container(Path(path))
     with container:
         return int(_video_stream(container, path).frames or 0)
+
+
+def estimated_frame_count(path: PathLike) -> int:
+    """The number of frames of ``path``'s first video stream (cover art aside, see
+    :func:`_video_stream`) for a progress bar: the count the container declares
+    (:func:`video_frame_count`), or, where it declares none (Matroska, WebM,
+    MPEG-TS), an estimate: the stream's duration times its average frame rate,
+    rounded. The duration is the stream's own (MPEG-TS), else its ``DURATION`` tag
+    (Matroska's and WebM's muxers write one), else the container's, which spans
+    every stream (a longer sound track counts); 0 when none is known.
+
+    Only an estimate: a variable frame rate, a sound track that outlasts the
+    pictures or a damaged file puts it off, so it is for showing progress, never
+    for checks or results (those count the frames decoded)."""
+    av = require("av")
+    container = _open_container(Path(path))
+    with container:
+        stream = _video_stream(container, path)
+        if stream.frames:
+            return int(stream.frames)
+        rate = stream.average_rate or stream.guessed_rate
+        seconds: Optional[float] = None
+        if stream.duration and stream.time_base:
+            seconds = float(stream.duration * stream.time_base)
+        else:
+            seconds = _duration_tag((stream.metadata or {}).get("DURATION"))
+            if seconds is None and container.duration:
+                seconds = container.duration / av.time_base  # in AV_TIME_BASE units
+        if not seconds or not rate:
+            return 0
+        return max(int(round(seconds * float(rate))), 0)
+
+
+def _duration_tag(value: Optional[str]) -> Optional[float]:
+    """Seconds of a Matroska ``DURATION`` tag (``HH:MM:SS.nnnnnnnnn``); None if absent
+    or not of that form."""
+    try:
+        hours, minutes, seconds = str(value).split(":")
+        total = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    except ValueError:
+        return None
+    return total if math.isfinite(total) else None  # float() takes "nan" and "inf"
 
 
 def missing_frames_note(declared: int, decoded: int) -> Optional[str]:

@@ -91,6 +91,7 @@ from .media import (
     SoundReader,
     VideoWriter,
     encode_wav,
+    estimated_frame_count,
     iter_video_frames,
     missing_frames_note,
     video_frame_count,
@@ -274,7 +275,12 @@ class AutoencodePipeline:
             count gives the same values up to float rounding).
         top_k: labels reported per clip, at least 1 (more than the classes gives
             them all).
-        progress: :data:`~.base.Progress` for the loop over clips.
+        progress: :data:`~.base.Progress` for the loop over clips; its total is
+            the clips of the frame count a video file declares or, where it declares
+            none (Matroska, WebM, MPEG-TS), of an estimate from its duration
+            (:func:`~.media.estimated_frame_count`: the clips that come may be
+            more or fewer); none is given, and no bar drawn, for a video of
+            unknown length.
 
     ``pipeline(video, audio=None)``: ``video`` a file path or uint8 frames
     (T, H, W, 3) RGB (an array, or any iterable of (H, W, 3) frames of one size: a
@@ -639,7 +645,10 @@ class AutoencodeClips:
             frames, expected = array, len(array)
         self._video_fps, rate_note = pipeline.frame_rate_note(video)
         if is_path(video):
-            declared = expected = video_frame_count(os.fspath(video))
+            declared = video_frame_count(os.fspath(video))  # for the missing-frames note
+            # For the progress bar only: Matroska, WebM and MPEG-TS declare no count,
+            # and their duration gives an estimate.
+            expected = declared or estimated_frame_count(os.fspath(video))
         sound_notes: List[str] = []
         sound = pipeline._sound_source(video, audio, sound_notes)
         self._sound = sound  # a sound file is open from here: close() closes it
@@ -695,7 +704,7 @@ class AutoencodeClips:
         non_finite = {"frames": 0, "sound": 0, "labels": 0}
         inputs: Iterable[np.ndarray] = self._input_clips(frames)
         try:
-            if expected >= t:  # a container that does not say its length gets no bar
+            if expected >= t:  # a video of unknown length gets no bar
                 inputs = pipeline.progress(inputs, expected // t, "clips")
             for clip_inputs in inputs:
                 start = len(self.clips) * t
