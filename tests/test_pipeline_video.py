@@ -4,6 +4,7 @@ framing, PSNR, and ``perceiver-convert run autoencode`` on videos the tests make
 from __future__ import annotations
 
 import dataclasses
+import os
 import json
 import re
 import struct
@@ -1454,6 +1455,33 @@ def test_the_sound_check_holds_one_piece_at_a_time(tmp_path, model, monkeypatch)
     assert len(calls) == 2 and len(checked) == 1
     assert checked[0]["length"] == length and checked[0]["made"] > 100
     assert checked[0]["most"] == 1, checked  # was every piece of the first second
+
+
+def test_a_sound_named_by_an_open_descriptor_is_decoded_once(tmp_path, model):
+    """``--audio /dev/stdin`` redirected from a WAV (a name for an open descriptor)
+    is decoded once, for the clips: on macOS and the BSDs a second open shares the
+    descriptor's offset, so the check's decode would leave nothing for the clips,
+    and the run would end in a "changed" error. /dev/fd/N of a file opened here is
+    such a name; the answer is that of the file by its own name."""
+    from perceiver_torch.pipelines.media import SoundReader
+
+    video, audio, _ = _sound_cases(tmp_path, "long")
+    opened: List[str] = []
+    real_init = SoundReader.__init__
+
+    def counted_init(self, path, sample_rate):
+        opened.append(os.fspath(path))
+        real_init(self, path, sample_rate)
+
+    pipeline = AutoencodePipeline(model)
+    expected = pipeline(video, audio)
+    with pytest.MonkeyPatch.context() as patch, open(audio, "rb") as handle:
+        patch.setattr(SoundReader, "__init__", counted_init)
+        by_descriptor = f"/dev/fd/{handle.fileno()}"
+        result = pipeline(video, by_descriptor)
+    assert opened == [by_descriptor]  # the clips' reader only, no check
+    np.testing.assert_array_equal(result.frames, expected.frames)
+    np.testing.assert_array_equal(result.input_audio, expected.input_audio)
 
 
 @pytest.mark.parametrize("new_samples", [7 * 64 + 20, 3000])

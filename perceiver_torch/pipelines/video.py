@@ -39,7 +39,8 @@ they are the model's guess of the clip's class), and the PSNR of each clip's fra
 Memory: the clips are independent, so :meth:`AutoencodePipeline.clips` goes clip by
 clip: a video file is decoded, and a sound file read, as the clips need them (a sound
 file is decoded once before, only to check it, keeping its length: its errors come
-before the model runs), and each clip's frames are preprocessed (9.6 MB of float32
+before the model runs; not a name for an open descriptor such as ``/dev/stdin``,
+decoded once), and each clip's frames are preprocessed (9.6 MB of float32
 for 16 frames of 224x224) and autoencoded in turn, with nothing of the earlier clips
 kept but their PSNR and labels; the pipeline call gathers every clip into one
 :class:`AutoencodeResult` (a one-minute 25 fps video: 0.9 GB of input frames and as
@@ -79,6 +80,7 @@ from .base import (
     non_finite_count,
     non_finite_note,
     positive_int,
+    readable_twice,
     refuse_array_suffix_without_flag,
     require,
     require_existing_files,
@@ -553,7 +555,8 @@ class AutoencodePipeline:
         :class:`ClipReconstruction` and holds no other clip's frames (a video file is
         decoded, and a sound file read, as the clips need them). The checks that need
         no frame are made now: the frames given as an array, the sound (a sound file
-        decoded whole, only to check it: :meth:`~.media.SoundReader.check`), a file's
+        decoded whole, only to check it: :meth:`~.media.SoundReader.check`; not
+        ``/dev/stdin`` and the like, see :func:`~.base.readable_twice`), a file's
         frame rate and sound track; the rest as the clips come (a video of fewer
         frames than a clip, a frame that cannot be decoded, a sound file that decodes
         to another length the second time). A loop left early leaves the files
@@ -618,7 +621,8 @@ class AutoencodeClips:
         finished: whether every clip has been yielded.
 
     Raises: :class:`~.base.InputError` when made for a sound that cannot be decoded
-    (a sound file is decoded whole first, keeping only its length); while iterated,
+    (a sound file is decoded whole first, keeping only its length, unless
+    :func:`~.base.readable_twice` says it gives its bytes once); while iterated,
     for a video shorter than one clip, a frame that cannot be decoded, or a sound
     file that decodes to another length than when it was checked (it changed).
     """
@@ -652,13 +656,16 @@ class AutoencodeClips:
         sound_notes: List[str] = []
         sound = pipeline._sound_source(video, audio, sound_notes)
         self._sound = sound  # a sound file is open from here: close() closes it
-        if isinstance(sound, SoundReader):
+        if isinstance(sound, SoundReader) and readable_twice(sound.path):
             # The whole sound decoded once now, keeping only its length, so that a
             # track that cannot be decoded partway through is named before the model
             # runs, not after minutes of clips; the clips then decode it again piece
             # by piece. Decoding sound is cheap beside the model (an AAC track
             # decodes at hundreds of times real time), so the second decode costs
-            # little, and memory stays that of a piece.
+            # little, and memory stays that of a piece. A name for an open
+            # descriptor (/dev/stdin redirected from a file) is decoded once, for
+            # the clips only: on macOS and the BSDs a second open would share its
+            # offset and find the sound already read.
             try:
                 sound.check()
             except BaseException:
