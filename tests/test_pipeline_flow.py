@@ -1337,6 +1337,35 @@ def test_run_flow_on_a_transport_stream_or_3gp_video(tmp_path, flow_checkpoint, 
     assert np.load(tmp_path / "flows.npz")["flow"].shape == (2, 40, 56, 2)
 
 
+@pytest.mark.parametrize("name", ["clip.mkv", "clip.ts", "clip.mp4"])
+def test_run_flow_of_a_video_has_a_progress_total_where_the_container_declares_none(
+        tmp_path, model, name):
+    """The bar over a video's frame pairs took its total from the frame count the
+    container declares: Matroska and MPEG-TS declare none and got no bar. Their
+    duration and frame rate give an estimate (:func:`~.media.estimated_frame_count`:
+    the video stream's 4 frames at 25 fps, 3 pairs); an MP4 keeps its declared
+    count. The bar only: no "declares" note for either."""
+    import perceiver_torch.pipelines.flow as flow_module
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.media import video_frame_count
+    from perceiver_torch.pipelines.video import make_test_video
+
+    video = tmp_path / name
+    make_test_video(video, 4, size=(40, 56), sample_rate=None)
+    assert video_frame_count(video) == (4 if name.endswith(".mp4") else 0)
+    totals: List[tuple] = []
+
+    def progress(items, total, label):
+        totals.append((total, label))
+        return items
+
+    options = RunOptions(output=tmp_path / "flows.npz", arrays="npz", progress=progress)
+    [summary] = flow_module.run_task(FlowPipeline(model), [str(video)], options)
+    assert totals == [(3, "flow frames")]  # was [] but for the MP4
+    assert np.load(tmp_path / "flows.npz")["flow"].shape == (3, 40, 56, 2)
+    assert not any("declares" in note for note in summary["notes"]), summary
+
+
 def test_run_flow_frames_over_pillows_limit_are_a_note_not_a_raw_warning(
     tmp_path, flow_checkpoint, monkeypatch
 ):

@@ -59,6 +59,7 @@ from .media import (
     MEDIA_SUFFIXES,
     VIDEO_SUFFIXES,
     WRITTEN_VIDEO_SUFFIXES,
+    estimated_frame_count,
     is_video_path,
     iter_video_frames,
     missing_frames_note,
@@ -660,9 +661,12 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
     (:class:`_VideoFlowSummary`)."""
     rate = video_frame_rate(path)
     fps = float(rate) if rate else 25.0
-    frames = video_frame_count(path)
+    declared = video_frame_count(path)  # for the missing-frames note
+    # For the bar only: Matroska, WebM and MPEG-TS declare no count, and their
+    # duration gives an estimate.
+    frames = declared or estimated_frame_count(path)
     flows: Iterable[np.ndarray] = pipeline.video(path)
-    if frames > 1:  # the container knows its length: show a bar over the pairs
+    if frames > 1:  # a length known or estimated: show a bar over the pairs
         flows = options.progress(flows, frames - 1, "flow frames")
     summary = _VideoFlowSummary()
     flows = summary.follow(flows)
@@ -701,7 +705,7 @@ def _run_video(pipeline: FlowPipeline, path: str, options: RunOptions, render: s
         f"{path}: {summary.pairs} frame pairs, {width}x{height}, max |flow| "
         f"{largest:.2f} px"
     )
-    missing = missing_frames_note(frames, summary.pairs + 1)  # frames: declared
+    missing = missing_frames_note(declared, summary.pairs + 1)
     # pipeline.video yields bare arrays: the note flow_of gives each pair, once here.
     unknown = non_finite_note(summary.non_finite, pipeline.model, "those flow vectors are unknown")
     notes = [note for note in (missing, unknown) if note is not None]
