@@ -1733,7 +1733,8 @@ def test_clips_left_early_are_closed_by_close_or_a_with_block(tmp_path, model, m
     """A loop over AutoencodePipeline.clips left with break kept the video and sound
     files open, with their decoders, as long as the AutoencodeClips object lived, and
     nothing could close them; close() (or a with block) does, also before any clip
-    (the sound file is opened when the clips are made). After it, no clip comes."""
+    (the sound file is opened when the clips are made). After it, no clip comes (a
+    new loop raises: test_clips_are_iterated_once)."""
     video, audio, _ = _sound_cases(tmp_path, "long")
     files = _tracked_files(monkeypatch)
     pipeline = AutoencodePipeline(model)
@@ -1745,7 +1746,7 @@ def test_clips_left_early_are_closed_by_close_or_a_with_block(tmp_path, model, m
     assert files["sound"] == [str(audio)] and files["sound closed"] == []
     stream.close()
     assert files["video closed"] == [str(video)] and files["sound closed"] == [str(audio)]
-    assert list(stream) == [] and not stream.finished and len(stream.clips) == 1
+    assert not stream.finished and len(stream.clips) == 1
 
     files["video closed"].clear(), files["sound closed"].clear()
     with pipeline.clips(video, audio) as stream:
@@ -1757,3 +1758,47 @@ def test_clips_left_early_are_closed_by_close_or_a_with_block(tmp_path, model, m
     unused = pipeline.clips(video, audio)  # never iterated: only the sound file is open
     unused.close()
     assert files["sound closed"] == [str(audio)]
+
+
+def test_clips_are_iterated_once(model):
+    """A second loop over one AutoencodeClips was silently empty after a whole pass,
+    and after a break went on from the next clip (a "pass" without the first clips);
+    after close() it was empty too. Each raises now, saying to call clips() again;
+    going on after a break stays possible through the one iterator."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)  # 3 clips of 2 frames
+    audio = rng.uniform(-0.5, 0.5, 6 * 64).astype(np.float32)
+    pipeline = AutoencodePipeline(model)
+    again = r"iterated once .*call pipeline\.clips\(video\) again for a new pass"
+
+    stream = pipeline.clips(frames, audio)
+    assert [part.clip.start for part in stream] == [0, 2, 4] and stream.finished
+    with pytest.raises(RuntimeError, match=again):
+        iter(stream)
+
+    stream = pipeline.clips(frames, audio)
+    for part in stream:
+        break
+    with pytest.raises(RuntimeError, match=again):
+        for part in stream:
+            pass
+    assert len(stream.clips) == 1 and not stream.finished
+
+    # The one iterator goes on where the loop stopped (a generator's way).
+    stream = pipeline.clips(frames, audio)
+    parts = iter(stream)
+    for part in parts:
+        break
+    assert [part.clip.start for part in parts] == [2, 4] and stream.finished
+
+    for closed_after in (0, 1):  # closed before any clip, or after the first
+        stream = pipeline.clips(frames, audio)
+        if closed_after:
+            next(iter(stream))
+        stream.close()
+        with pytest.raises(RuntimeError, match=again):
+            list(stream)
+        assert len(stream.clips) == closed_after and not stream.finished
+
+    # The pipeline call, built on clips(), makes one pass of a new AutoencodeClips.
+    assert [clip.start for clip in pipeline(frames, audio).clips] == [0, 2, 4]

@@ -559,7 +559,8 @@ class AutoencodePipeline:
         ``/dev/stdin`` and the like, see :func:`~.base.readable_twice`), a file's
         frame rate and sound track; the rest as the clips come (a video of fewer
         frames than a clip, a frame that cannot be decoded, a sound file that decodes
-        to another length the second time). A loop left early leaves the files
+        to another length the second time). It is iterated once (a second loop
+        raises RuntimeError: call this again). A loop left early leaves the files
         open until :meth:`AutoencodeClips.close` (``with pipeline.clips(video) as
         clips:`` closes them)."""
         return AutoencodeClips(self, video, audio)
@@ -600,7 +601,15 @@ class AutoencodeClips:
     (:meth:`AutoencodePipeline.clips`): each step decodes and preprocesses the next
     clip's frames (``num_frames``, 16) and takes its sound, runs the model and yields
     the clip's :class:`ClipReconstruction`; memory holds that clip's frames and sound
-    (and what the caller keeps), not the video's. It is iterated once.
+    (and what the caller keeps), not the video's.
+
+    It is iterated once: a second ``iter()`` (a second ``for`` loop, whether the first
+    ended, failed or was left with ``break``), or one after :meth:`close`, raises
+    RuntimeError; call ``pipeline.clips(video)`` again for a new pass. (A second loop
+    was silently empty after a whole pass, and after a ``break`` went on from the next
+    clip, a pass that looked whole but lacked the first clips.) To go on after a
+    ``break`` on purpose, loop over one iterator: ``parts = iter(clips)``, then ``for
+    part in parts:`` as often as needed, each going on where the last stopped.
 
     A finished or failed iteration has closed the video and sound files; one left
     early (``break``) keeps them open, and the decoders, until :meth:`close` or
@@ -672,13 +681,31 @@ class AutoencodeClips:
                 sound.close()  # no object is made: nothing else would close it
                 raise
         self._iterator = self._run(frames, declared, expected, sound, rate_note, sound_notes)
+        self._iterated = False  # whether iter() has been called (once only: __iter__)
+        self._closed = False
 
     def __iter__(self) -> Iterator[ClipReconstruction]:
+        """The one pass over the clips (see the class doc); RuntimeError for a second
+        one, or one after :meth:`close`."""
+        if self._iterated or self._closed:
+            state = (
+                "every clip has been yielded" if self.finished
+                else "a loop over them has begun" if self._iterated
+                else "they were closed"
+            )
+            raise RuntimeError(
+                f"AutoencodeClips is iterated once ({state}): call pipeline.clips(video) "
+                "again for a new pass (to go on after a break, loop again over the "
+                "iterator that iter(clips) gave)"
+            )
+        self._iterated = True
         return self._iterator
 
     def close(self) -> None:
-        """Ends the iteration (no more clips come; :attr:`finished` stays False
-        unless it was True) and closes the video and sound files."""
+        """Ends the iteration (no more clips come: the iterator already taken ends, a
+        new ``iter()`` raises RuntimeError; :attr:`finished` stays False unless it was
+        True) and closes the video and sound files."""
+        self._closed = True
         self._iterator.close()  # its own cleanup, where it has begun
         if isinstance(self._sound, SoundReader):
             self._sound.close()  # opened when this object was made
