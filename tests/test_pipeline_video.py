@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import json
+import os
 import re
 import struct
 import wave
@@ -1182,6 +1183,76 @@ def test_video_writer_takes_frames_and_sound_in_pieces(tmp_path, rate, suffix):
         with VideoWriter(tmp_path / f"mute{suffix}", 25) as writer:
             writer.add_frames(frames[:1])
             writer.add_sound(sound)
+
+
+def _open_in_this_process(path: Path) -> bool:
+    """Whether this process holds a descriptor of the file ``path`` (Linux's /proc)."""
+    folder = Path("/proc/self/fd")
+    targets = []
+    for fd in folder.iterdir():
+        try:
+            targets.append(Path(os.readlink(fd)))
+        except OSError:  # the descriptor of the listing itself, closed meanwhile
+            pass
+    return path.resolve() in targets
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".gif"])
+def test_video_writer_close_twice_does_nothing_more(tmp_path, suffix):
+    """close() called twice, or before the with block's end, did it all again: a
+    GIF's failed to unpack its pictures, gone with the first save (ValueError), a
+    video's flushed its flushed encoders (PyAV's EOFError). As a file object's, only
+    the first close finishes the file now; a frame or sound added after it is
+    refused (a GIF's was kept for no file); a close that fails (a full disk) leaves
+    the writer closed and the file let go, the error raised once."""
+    from perceiver_torch.pipelines.media import VideoWriter, iter_video_frames
+
+    rng = np.random.default_rng(6)
+    frames = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    sound = (0.5 * np.sin(np.arange(4 * 64) * 0.05)).astype(np.float32)
+
+    path = tmp_path / f"twice{suffix}"
+    writer = VideoWriter(path, 25, 1600)
+    writer.add_frames(frames)
+    writer.add_sound(sound)
+    assert not writer.closed
+    writer.close()
+    written = path.read_bytes()
+    writer.close()
+    assert writer.closed and path.read_bytes() == written
+    assert len(list(iter_video_frames(path))) == len(frames)
+    with pytest.raises(ValueError, match="closed VideoWriter"):
+        writer.add_frame(frames[0])
+    with pytest.raises(ValueError, match="closed VideoWriter"):
+        writer.add_sound(sound)
+    writer.close()
+    assert path.read_bytes() == written
+
+    in_block = tmp_path / f"in_block{suffix}"
+    with VideoWriter(in_block, 25, 1600) as writer:
+        writer.add_frames(frames)
+        writer.add_sound(sound)
+        writer.close()
+        written = in_block.read_bytes()
+    assert in_block.read_bytes() == written
+    assert len(list(iter_video_frames(in_block))) == len(frames)
+
+    if suffix == ".gif" or not Path("/proc/self/fd").is_dir():
+        return  # a GIF is saved whole by Pillow, which opens the file only then
+    failing = tmp_path / f"failing{suffix}"
+
+    def full_disk(packets):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        with VideoWriter(failing, 25, 1600) as writer:
+            writer.add_frames(frames)
+            writer.add_sound(sound)
+            assert _open_in_this_process(failing)
+            writer._mux = full_disk  # the packets that the close flushes
+            writer.close()
+    assert writer.closed and not _open_in_this_process(failing)
+    writer.close()  # nothing more: no second error
 
 
 def test_wav_header_is_encode_wavs(tmp_path):

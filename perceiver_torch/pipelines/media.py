@@ -603,7 +603,9 @@ class VideoWriter:
     as it is computed). ``with VideoWriter(path, fps, sample_rate) as video:
     video.add_frames(frames); video.add_sound(samples); ...``: the file is finished
     when the block ends (encoders flushed, container closed); a block that fails
-    leaves it unfinished, for the caller to remove.
+    leaves it unfinished, for the caller to remove. As a file object's, :meth:`close`
+    may be called more than once (the block's end after it too): only the first
+    finishes the file, and nothing can be added after it (ValueError).
 
     The format, codecs and settings are :func:`write_video`'s (H.264 with AAC sound;
     ``.gif``: Pillow, no sound, made whole at the end: Pillow holds every picture),
@@ -618,6 +620,9 @@ class VideoWriter:
         sample_rate: that of the sound given to :meth:`add_sound`; None: no sound
             track (:meth:`add_sound` is then an error, except for a GIF, which has
             none and ignores the sound).
+
+    Attributes:
+        closed: whether :meth:`close` has been called (or a ``with`` block has ended).
     """
 
     def __init__(self, path: PathLike, fps: float, sample_rate: Optional[int] = None) -> None:
@@ -635,17 +640,20 @@ class VideoWriter:
         self._early_sound: List[np.ndarray] = []  # sound added before the first frame
         self._sound_samples = 0  # samples encoded: the next piece's timestamp
         self._frames_ended = False
+        self.closed = False
 
     def __enter__(self) -> "VideoWriter":
         return self
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         if kind is None:
-            self.close()
-        elif self._container is not None:
-            # Unfinished: the error is the news; a failure to close would hide it.
-            with contextlib.suppress(Exception):
-                self._container.close()
+            self.close()  # nothing more after an explicit close()
+        elif not self.closed:
+            self.closed = True
+            if self._container is not None:
+                # Unfinished: the error is the news; a failure to close would hide it.
+                with contextlib.suppress(Exception):
+                    self._container.close()
 
     def add_frames(self, frames: Any) -> None:
         """Encodes each (H, W, 3) uint8 RGB frame of the iterable ``frames`` (all of one
@@ -655,6 +663,7 @@ class VideoWriter:
 
     def add_frame(self, frame: np.ndarray) -> None:
         """Encodes one (H, W, 3) uint8 RGB frame (see :meth:`add_frames`)."""
+        self._refuse_closed("frame")
         if self._frames_ended:
             raise ValueError("no frame can follow the end of the frames")
         frame = np.asarray(frame, dtype=np.uint8)
@@ -676,6 +685,7 @@ class VideoWriter:
     def add_sound(self, samples: np.ndarray) -> None:
         """Encodes the next sound samples (S,) float at :attr:`sample_rate`, after those
         added before (NaN or infinite samples are silence, see :func:`write_video`)."""
+        self._refuse_closed("sound")
         if self.sample_rate is None:
             if self._gif:
                 return
@@ -688,13 +698,20 @@ class VideoWriter:
             self._encode_sound(samples)
 
     def close(self) -> None:
-        """Flushes the encoders and finishes the file (a GIF: saves it).
+        """Flushes the encoders and finishes the file (a GIF: saves it); a second
+        call does nothing, as a file's. A close that fails (a full disk) leaves the
+        writer closed all the same, its file unfinished.
 
         Raises:
-            ValueError: no frame was added.
+            ValueError: no frame was added (the writer stays open for one).
         """
+        if self.closed:
+            # Not again: the flushed encoders refuse a second flush (PyAV's EOFError),
+            # and a GIF's pictures, given to the first save, are gone.
+            return
         if self._shape is None:
             raise ValueError("frames must hold at least one frame, got none")
+        self.closed = True
         if self._gif:
             # GIF delays are in hundredths of a second (Pillow takes milliseconds).
             duration = max(int(round(1000.0 / self.fps / 10.0)) * 10, 10)
@@ -705,13 +722,25 @@ class VideoWriter:
                 duration=duration, loop=0,
             )
             return
-        self._end_frames()
-        if self._sound is not None:
-            if self._resampler is not None:
-                for piece in self._resampler.resample(None):
-                    self._mux(self._sound.encode(piece))
-            self._mux(self._sound.encode(None))
-        self._container.close()
+        try:
+            self._end_frames()
+            if self._sound is not None:
+                if self._resampler is not None:
+                    for piece in self._resampler.resample(None):
+                        self._mux(self._sound.encode(piece))
+                self._mux(self._sound.encode(None))
+            self._container.close()
+        except BaseException:
+            # Closed all the same, so nothing else would let the file go (the block's
+            # end after this close() neither); the error is the news.
+            with contextlib.suppress(Exception):
+                self._container.close()
+            raise
+
+    def _refuse_closed(self, what: str) -> None:
+        if self.closed:
+            # A GIF's pictures were kept, silently, for no file.
+            raise ValueError(f"no {what} can be added to a closed VideoWriter ({self.path})")
 
     def _open(self, height: int, width: int) -> None:
         av = require("av")
