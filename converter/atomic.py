@@ -57,16 +57,14 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
     _refuse_long_name(path)  # first: stat() of such a name raises ENAMETOOLONG
     _refuse_link_loop(path)
     if not parent.is_dir():
-        blocking = _file_in_the_way(parent)
-        if blocking is not None:
-            raise OutputError(
-                f"cannot write {path}: {blocking} is a file, not a folder; choose "
-                "another output path"
-            )
-        raise OutputError(
-            f"cannot write {path}: the folder {parent} does not exist; create it "
-            f"first (mkdir -p {parent}) or choose another output path"
-        )
+        # The runners' own check (perceiver_torch cannot import the converter), so that
+        # a script calling one is told what the CLI says. Imported on a refusal only:
+        # perceiver_torch brings torch, which the CLI's startup does without.
+        from perceiver_torch.pipelines.base import output_folder_problem
+
+        problem = output_folder_problem(path)
+        if problem is not None:  # None: the folder appeared meanwhile
+            raise OutputError(problem)
     if path.is_dir():
         raise OutputError(
             f"cannot write {path}: it is a folder; give the name of a file, in it "
@@ -163,15 +161,6 @@ def _refuse_long_name(path: Path) -> None:
             f"cannot write {path}: its name is {length} bytes long, more than the "
             f"{limit} this filesystem takes; choose a shorter name"
         )
-
-
-def _file_in_the_way(folder: Path) -> Optional[Path]:
-    """The nearest existing ancestor of the missing ``folder`` (itself included) where
-    that is not a folder (a file where a folder is needed); None where it is one."""
-    for candidate in (folder, *folder.parents):
-        if candidate.exists():
-            return None if candidate.is_dir() else candidate
-    return None
 
 
 def refuse_special_file(path: Union[str, os.PathLike]) -> None:

@@ -310,6 +310,69 @@ def test_a_missing_output_folder_is_refused_before_loading(models, tmp_path, no_
 
 
 
+
+# Each case: (runner's module, its pipeline, model, make(folder) -> (inputs, -o name)).
+RUNNER_CASES: Dict[str, Tuple[str, str, str, Callable[[Path], Tuple[List[str], str]]]] = {
+    "classify": ("image", "ClassifyPipeline", "imagenet_conv",
+                 lambda t: ([str(_image(t))], "labels.json")),
+    "fill-mask": ("text", "FillMaskPipeline", "language_perceiver",
+                  lambda t: ([MARKED], "fill.json")),
+    "flow pair": ("flow", "FlowPipeline", "optical_flow",
+                  lambda t: ([str(p) for p in _frames(t, 2)], "out.flo")),
+    "flow video": ("flow", "FlowPipeline", "optical_flow",
+                   lambda t: ([str(_video(t / "v.mp4"))], "out.mp4")),
+    "autoencode": ("video", "AutoencodePipeline", "video_autoencoding",
+                   lambda t: ([str(_video(t / "v.mp4"))], "out.mp4")),
+}
+
+
+@pytest.mark.parametrize("where", ["missing folder", "file in the way"])
+@pytest.mark.parametrize("case", list(RUNNER_CASES))
+def test_a_runner_called_from_a_script_refuses_a_missing_output_folder_first(
+    case, where, tmp_path, monkeypatch
+):
+    """A runner called from Python with RunOptions' defaults (no CLI to check -o
+    first) ran the model and then failed at the write, naming the temporary file
+    (FileNotFoundError: .../absent/.labels.<hex>.tmp.json), or (flow of a video,
+    autoencode) at the temporary rows, advising to free disk space. It now refuses
+    the output before any work, with the CLI's words (check_output_path's)."""
+    import importlib
+
+    import torch
+
+    import perceiver_torch as pt
+    from converter.atomic import check_output_path
+    from perceiver_torch.pipelines.base import PipelineError, RunOptions
+
+    module_name, pipeline_name, model_name, make = RUNNER_CASES[case]
+    module = importlib.import_module(f"perceiver_torch.pipelines.{module_name}")
+    inputs, name = make(tmp_path)
+    if where == "missing folder":
+        out = tmp_path / "absent" / "deeper" / name
+    else:
+        (tmp_path / "notes.txt").write_text("a file, not a folder\n")
+        out = tmp_path / "notes.txt" / name
+    torch.manual_seed(0)
+    model = pt.build(model_name, pt.TINY_CONFIGS[model_name]).eval()
+    pipeline = getattr(module, pipeline_name)(model)
+    before = listing(tmp_path)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model ran before the output folder was checked")
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", no_work)
+    with pytest.raises(PipelineError) as refused:
+        module.run_task(pipeline, inputs, RunOptions(output=out))
+    with pytest.raises(OutputError) as cli:  # the CLI's refusal of the same -o
+        check_output_path(out)
+    assert str(refused.value) == str(cli.value) and refused.value.exit_code == 2
+    if where == "missing folder":
+        assert f"the folder {out.parent} does not exist" in str(refused.value)
+        assert f"mkdir -p {out.parent}" in str(refused.value)
+    else:
+        assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in str(refused.value)
+    assert listing(tmp_path) == before
+
 @pytest.mark.parametrize("task", ["flow", "classify"])
 def test_an_empty_output_name_is_refused(task, models, tmp_path, no_model_load):
     # -o '' was Path(""), that is ".": the results went where no -o puts them, exit 0.

@@ -50,11 +50,13 @@ __all__ = [
     "TaskSpec",
     "WrongModelError",
     "check_model",
+    "check_output_folders",
     "check_weights",
     "eval_mode",
     "import_attribute",
     "model_name_of",
     "no_progress",
+    "output_folder_problem",
     "positive_int",
     "require",
     "results_document",
@@ -562,6 +564,50 @@ class TaskSpec:
         return importlib.util.find_spec(module, "perceiver_torch.pipelines") is not None
 
 
+def output_folder_problem(path: Any) -> Optional[str]:
+    """Why the file ``path`` cannot be written for want of its folder, saying how to
+    fix it: the folder does not exist, or a file stands where it or a folder above
+    it should be; None where the folder is one. The CLI's refusal of such an output
+    (``converter.atomic.check_output_path``, exit 2) says this too."""
+    path = Path(path)
+    parent = path.parent
+    if parent.is_dir():
+        return None
+    blocking = _file_in_the_way(parent)
+    if blocking is not None:
+        return (
+            f"cannot write {path}: {blocking} is a file, not a folder; choose another "
+            "output path"
+        )
+    return (
+        f"cannot write {path}: the folder {parent} does not exist; create it first "
+        f"(mkdir -p {parent}) or choose another output path"
+    )
+
+
+def _file_in_the_way(folder: Path) -> Optional[Path]:
+    """The nearest existing ancestor of the missing ``folder`` (itself included) where
+    that is not a folder (a file where a folder is needed); None where it is one."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+def check_output_folders(paths: Iterable[Any]) -> None:
+    """Raises :func:`output_folder_problem`'s message as a :class:`PipelineError`
+    (exit 2) for the first of ``paths`` whose folder is missing. The runners call it
+    on every file they would write before any work, as the CLI checks them before
+    loading the model: called from a script with :class:`RunOptions`' defaults, a
+    runner failed only at its first write, naming the temporary file
+    (:func:`atomic_path`), or the temporary rows' advice to free disk space
+    (:class:`~.spool.DiskSpool`)."""
+    for path in paths:
+        problem = output_folder_problem(path)
+        if problem is not None:
+            raise usage_error(problem)
+
+
 @contextlib.contextmanager
 def atomic_path(path: Any) -> Iterator[Path]:
     """A temporary name next to ``path`` (same suffix) that is renamed to ``path`` when
@@ -602,7 +648,9 @@ class RunOptions:
         open_output: ``with open_output(path) as f: f.write(...)``; the file appears
             only when the block succeeds (the default writes a temporary file beside
             it and renames it, :func:`atomic_path`; the CLI's stages every output of
-            the run and refuses to overwrite an input).
+            the run and refuses to overwrite an input). Whatever writes them, the
+            runners refuse an output whose folder is missing before any work
+            (:func:`check_output_folders`).
         output_path: ``with output_path(path) as tmp: library.save(tmp)``; for
             libraries that want a file name: ``tmp`` (same folder, same suffix) is
             renamed to ``path`` when the block succeeds, removed otherwise (the

@@ -73,6 +73,7 @@ from .base import (
     Progress,
     RunOptions,
     check_model,
+    check_output_folders,
     check_weights,
     eval_mode,
     host_tensor,
@@ -983,10 +984,11 @@ def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOption
     sound, not a video's; the files are written as the clips come (staged by the CLI:
     a run that fails leaves none).
     """
+    # Every output's folder before any work, as the CLI (check_output_folders).
+    check_output_folders(planned_outputs(inputs, options))
     pipeline.top_k = options.top_k
     pipeline.progress = options.progress
     audio = options.extra.get("audio")
-    _check_inputs(inputs, options)
     several = len(inputs) > 1
     return [_run_video(pipeline, path, audio, options, several) for path in inputs]
 
