@@ -56,20 +56,15 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
     refuse_bare_suffix(path)
     _refuse_long_name(path)  # first: stat() of such a name raises ENAMETOOLONG
     _refuse_link_loop(path)
-    if not parent.is_dir():
+    if not parent.is_dir() or path.is_dir():
         # The runners' own check (perceiver_torch cannot import the converter), so that
         # a script calling one is told what the CLI says. Imported on a refusal only:
         # perceiver_torch brings torch, which the CLI's startup does without.
-        from perceiver_torch.pipelines.base import output_folder_problem
+        from perceiver_torch.pipelines.base import output_path_problem
 
-        problem = output_folder_problem(path)
-        if problem is not None:  # None: the folder appeared meanwhile
+        problem = output_path_problem(path)
+        if problem is not None:  # None: the folder appeared (or went) meanwhile
             raise OutputError(problem)
-    if path.is_dir():
-        raise OutputError(
-            f"cannot write {path}: it is a folder; give the name of a file, in it "
-            f"({path}{os.sep}NAME) or elsewhere"
-        )
     refuse_special_file(path)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(

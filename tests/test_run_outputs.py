@@ -309,8 +309,6 @@ def test_a_missing_output_folder_is_refused_before_loading(models, tmp_path, no_
     assert result.exit_code == 2 and "does not exist" in result.stderr, result.stderr
 
 
-
-
 # Each case: (runner's module, its pipeline, model, make(folder) -> (inputs, -o name)).
 RUNNER_CASES: Dict[str, Tuple[str, str, str, Callable[[Path], Tuple[List[str], str]]]] = {
     "classify": ("image", "ClassifyPipeline", "imagenet_conv",
@@ -326,16 +324,18 @@ RUNNER_CASES: Dict[str, Tuple[str, str, str, Callable[[Path], Tuple[List[str], s
 }
 
 
-@pytest.mark.parametrize("where", ["missing folder", "file in the way"])
+@pytest.mark.parametrize("where", ["missing folder", "file in the way", "a folder"])
 @pytest.mark.parametrize("case", list(RUNNER_CASES))
-def test_a_runner_called_from_a_script_refuses_a_missing_output_folder_first(
+def test_a_runner_called_from_a_script_refuses_an_output_it_cannot_write_first(
     case, where, tmp_path, monkeypatch
 ):
     """A runner called from Python with RunOptions' defaults (no CLI to check -o
     first) ran the model and then failed at the write, naming the temporary file
     (FileNotFoundError: .../absent/.labels.<hex>.tmp.json), or (flow of a video,
-    autoencode) at the temporary rows, advising to free disk space. It now refuses
-    the output before any work, with the CLI's words (check_output_path's)."""
+    autoencode) at the temporary rows, advising to free disk space; an output that
+    is a folder failed when the run ended (IsADirectoryError naming the temporary
+    file). It now refuses the output before any work, with the CLI's words
+    (check_output_path's)."""
     import importlib
 
     import torch
@@ -349,9 +349,17 @@ def test_a_runner_called_from_a_script_refuses_a_missing_output_folder_first(
     inputs, name = make(tmp_path)
     if where == "missing folder":
         out = tmp_path / "absent" / "deeper" / name
-    else:
+    elif where == "file in the way":
         (tmp_path / "notes.txt").write_text("a file, not a folder\n")
         out = tmp_path / "notes.txt" / name
+    else:
+        out = tmp_path / name
+        out.mkdir()
+    refused_path = out  # the output the refusal names
+    if where == "a folder" and module_name in ("flow", "video"):
+        # Their -o may be a folder, the files named in it: the first of those is one.
+        refused_path = module.planned_outputs(inputs, RunOptions(output=out))[0]
+        refused_path.mkdir()
     torch.manual_seed(0)
     model = pt.build(model_name, pt.TINY_CONFIGS[model_name]).eval()
     pipeline = getattr(module, pipeline_name)(model)
@@ -364,14 +372,17 @@ def test_a_runner_called_from_a_script_refuses_a_missing_output_folder_first(
     with pytest.raises(PipelineError) as refused:
         module.run_task(pipeline, inputs, RunOptions(output=out))
     with pytest.raises(OutputError) as cli:  # the CLI's refusal of the same -o
-        check_output_path(out)
+        check_output_path(refused_path)
     assert str(refused.value) == str(cli.value) and refused.value.exit_code == 2
     if where == "missing folder":
         assert f"the folder {out.parent} does not exist" in str(refused.value)
         assert f"mkdir -p {out.parent}" in str(refused.value)
-    else:
+    elif where == "file in the way":
         assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in str(refused.value)
+    else:
+        assert "it is a folder; give the name of a file" in str(refused.value)
     assert listing(tmp_path) == before
+
 
 @pytest.mark.parametrize("task", ["flow", "classify"])
 def test_an_empty_output_name_is_refused(task, models, tmp_path, no_model_load):

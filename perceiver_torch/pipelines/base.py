@@ -50,13 +50,13 @@ __all__ = [
     "TaskSpec",
     "WrongModelError",
     "check_model",
-    "check_output_folders",
+    "check_output_paths",
     "check_weights",
     "eval_mode",
     "import_attribute",
     "model_name_of",
     "no_progress",
-    "output_folder_problem",
+    "output_path_problem",
     "positive_int",
     "require",
     "results_document",
@@ -564,13 +564,18 @@ class TaskSpec:
         return importlib.util.find_spec(module, "perceiver_torch.pipelines") is not None
 
 
-def output_folder_problem(path: Any) -> Optional[str]:
-    """Why the file ``path`` cannot be written for want of its folder, saying how to
-    fix it: the folder does not exist, or a file stands where it or a folder above
-    it should be; None where the folder is one. The CLI's refusal of such an output
-    (``converter.atomic.check_output_path``, exit 2) says this too."""
+def output_path_problem(path: Any) -> Optional[str]:
+    """Why the file ``path`` cannot be written, saying how to fix it: its folder does
+    not exist, a file stands where it or a folder above it should be, or ``path`` is
+    itself a folder; None where none of these is so. The CLI's refusal of such an
+    output (``converter.atomic.check_output_path``, exit 2) says this too."""
     path = Path(path)
     parent = path.parent
+    if path.is_dir():
+        return (
+            f"cannot write {path}: it is a folder; give the name of a file, in it "
+            f"({path}{os.sep}NAME) or elsewhere"
+        )
     if parent.is_dir():
         return None
     blocking = _file_in_the_way(parent)
@@ -594,16 +599,18 @@ def _file_in_the_way(folder: Path) -> Optional[Path]:
     return None
 
 
-def check_output_folders(paths: Iterable[Any]) -> None:
-    """Raises :func:`output_folder_problem`'s message as a :class:`PipelineError`
-    (exit 2) for the first of ``paths`` whose folder is missing. The runners call it
+def check_output_paths(paths: Iterable[Any]) -> None:
+    """Raises :func:`output_path_problem`'s message as a :class:`PipelineError`
+    (exit 2) for the first of ``paths`` whose folder is missing, or that is a
+    folder. The runners call it
     on every file they would write before any work, as the CLI checks them before
     loading the model: called from a script with :class:`RunOptions`' defaults, a
     runner failed only at its first write, naming the temporary file
-    (:func:`atomic_path`), or the temporary rows' advice to free disk space
+    (:func:`atomic_path`; an output that is a folder: when the run ended), or the
+    temporary rows' advice to free disk space
     (:class:`~.spool.DiskSpool`)."""
     for path in paths:
-        problem = output_folder_problem(path)
+        problem = output_path_problem(path)
         if problem is not None:
             raise usage_error(problem)
 
@@ -649,8 +656,8 @@ class RunOptions:
             only when the block succeeds (the default writes a temporary file beside
             it and renames it, :func:`atomic_path`; the CLI's stages every output of
             the run and refuses to overwrite an input). Whatever writes them, the
-            runners refuse an output whose folder is missing before any work
-            (:func:`check_output_folders`).
+            runners refuse an output whose folder is missing, or that is a folder,
+            before any work (:func:`check_output_paths`).
         output_path: ``with output_path(path) as tmp: library.save(tmp)``; for
             libraries that want a file name: ``tmp`` (same folder, same suffix) is
             renamed to ``path`` when the block succeeds, removed otherwise (the

@@ -39,7 +39,7 @@ from .base import (
     RunOptions,
     TwoReads,
     check_model,
-    check_output_folders,
+    check_output_paths,
     check_weights,
     eval_mode,
     flag,
@@ -441,8 +441,8 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     :func:`~.base.readable_twice`) keeps its first read. The lines are printed when
     every pair has its flow, as when all were computed at once.
     """
-    # Every output's folder before any work, as the CLI (check_output_folders).
-    check_output_folders(planned_outputs(inputs, options))
+    # Every output's path (its folder, not a folder itself) before any work, as the CLI's.
+    check_output_paths(planned_outputs(inputs, options))
     render = options.extra.get("render") or "wheel"
     pipeline.pad = bool(options.extra.get("pad", pipeline.pad))
     pipeline.progress = options.progress

@@ -42,7 +42,7 @@ from .base import (
     Progress,
     RunOptions,
     check_model,
-    check_output_folders,
+    check_output_paths,
     check_weights,
     eval_mode,
     no_progress,
@@ -542,8 +542,8 @@ def run_task(pipeline: FillMaskPipeline, inputs: List[str], options: RunOptions)
     if inputs.count("-") > 1:
         # The first read takes all of stdin: the second text was silently empty.
         raise usage_error("- (stdin) can be one of the texts only once")
-    # Every output's folder before any work, as the CLI (check_output_folders).
-    check_output_folders([] if options.output is None else [options.output])
+    # Every output's path (its folder, not a folder itself) before any work, as the CLI's.
+    check_output_paths([] if options.output is None else [options.output])
     texts = [_read_input(value) for value in inputs]
     pipeline.progress = options.progress
     results = pipeline(texts, spans=[spans] * len(texts), top_k=options.top_k)

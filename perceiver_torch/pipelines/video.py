@@ -73,7 +73,7 @@ from .base import (
     Progress,
     RunOptions,
     check_model,
-    check_output_folders,
+    check_output_paths,
     check_weights,
     eval_mode,
     host_tensor,
@@ -984,8 +984,8 @@ def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOption
     sound, not a video's; the files are written as the clips come (staged by the CLI:
     a run that fails leaves none).
     """
-    # Every output's folder before any work, as the CLI (check_output_folders).
-    check_output_folders(planned_outputs(inputs, options))
+    # Every output's path (its folder, not a folder itself) before any work, as the CLI's.
+    check_output_paths(planned_outputs(inputs, options))
     pipeline.top_k = options.top_k
     pipeline.progress = options.progress
     audio = options.extra.get("audio")
