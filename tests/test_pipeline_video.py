@@ -4,7 +4,6 @@ framing, PSNR, and ``perceiver-convert run autoencode`` on videos the tests make
 from __future__ import annotations
 
 import dataclasses
-import os
 import json
 import os
 import re
