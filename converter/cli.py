@@ -870,7 +870,9 @@ _QUIET_OPTION = click.option(
     show_default=True,
     help="Storage dtype of the floating-point tensors (recorded in the metadata; "
     "perceiver_torch.load runs the model in it unless told otherwise). float16 "
-    "refuses weights beyond its range of 65504 (exit 2, naming them).",
+    "refuses weights beyond its range of 65504 (exit 2, naming them), and notes how "
+    "many nonzero weights below its smallest normal number, 2**-14, it makes "
+    "subnormal (less precise) or 0.",
 )
 @click.option(
     "--verify",
@@ -935,6 +937,9 @@ def convert_command(
         f"{result.report.used} tensors, {result.dtype}, {result.seconds:.1f} s",
         err=True,
     )
+    note = result.underflow_note()  # float16 only; part of the summary, also with -q
+    if note is not None:
+        echo(f"note: {note}", err=True)
     if as_json:
         echo_json(result.as_dict())
 

@@ -58,7 +58,7 @@ from converter.haiku_reader import HaikuCheckpoint, load_haiku_checkpoint
 from perceiver_torch.configs import ConfigError as TorchConfigError
 from perceiver_torch.pipelines.base import with_article
 from perceiver_torch.configs import config_from_dict, config_to_dict
-from perceiver_torch.registry import out_of_range, out_of_range_message
+from perceiver_torch.registry import Underflow, out_of_range_message, scan_for_dtype
 
 if TYPE_CHECKING:  # verify is imported only when verifying; here only its type
     from converter.verify import ParityReport
@@ -76,9 +76,12 @@ class PreparedConversion:
     report: MappingReport
     targets: Dict[str, Tuple[Tuple[int, ...], str]]
     sources: Dict[str, np.ndarray]
-    # The dtypes refuse_out_of_range found every weight within (convert checks up
-    # front, then verify_prepared need not convert every array again).
-    checked_dtypes: set = field(default_factory=set, repr=False, compare=False)
+    # The dtypes check_dtype_range found every weight within, with what rounding to
+    # them makes subnormal or 0 (convert checks up front, then verify_prepared need
+    # not convert every array again).
+    checked_dtypes: Dict[str, Optional[Underflow]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def model(self) -> str:
@@ -91,23 +94,28 @@ class PreparedConversion:
         """Yields ``(state-dict key, numpy array)`` in mapping order."""
         return convert_arrays(self.table, self.sources)
 
-    def refuse_out_of_range(self, dtype: str) -> None:
+    def check_dtype_range(self, dtype: str) -> Optional[Underflow]:
         """:class:`UsageError` (exit 2) naming the weights beyond ``dtype``'s range (a
         finite float32 weight over float16's 65504 rounds to inf), before the long
         work: such a file every export refused as corrupt, and verify's inf
-        differences did not say why. Nothing to check for float32, nor again for a
-        dtype already checked."""
-        if dtype == "float32" or dtype in self.checked_dtypes:
-            return
-        found = out_of_range(
-            convert_arrays(self.table, self.sources, contiguous=False), TORCH_DTYPES[dtype]
-        )
-        if found:
-            raise UsageError(
-                f"{self.checkpoint.path}: "
-                f"{out_of_range_message(found, TORCH_DTYPES[dtype])}"
+        differences did not say why. In the same pass over the arrays, the nonzero
+        weights rounding to float16 makes subnormal or 0 (its smallest normal number
+        is 2**-14): returned, not refused (None where there are none). Nothing to
+        check for float32, nor again for a dtype already checked."""
+        if dtype == "float32":
+            return None
+        if dtype not in self.checked_dtypes:
+            scan = scan_for_dtype(
+                convert_arrays(self.table, self.sources, contiguous=False),
+                TORCH_DTYPES[dtype],
             )
-        self.checked_dtypes.add(dtype)
+            if scan.out_of_range:
+                raise UsageError(
+                    f"{self.checkpoint.path}: "
+                    f"{out_of_range_message(scan.out_of_range, TORCH_DTYPES[dtype])}"
+                )
+            self.checked_dtypes[dtype] = scan.underflow
+        return self.checked_dtypes[dtype]
 
     def state_dict(
         self, dtype: Optional[torch.dtype] = None
@@ -159,6 +167,24 @@ class ConversionResult:
     parity_report: Optional["ParityReport"] = field(default=None, repr=False)
     seconds: float = 0.0
     state_dict: Optional[Dict[str, torch.Tensor]] = field(default=None, repr=False)
+    # The nonzero weights float16 made subnormal or 0 (None: none, or another dtype).
+    underflow: Optional[Underflow] = None
+
+    def underflow_note(self) -> Optional[str]:
+        """What :attr:`underflow` says, with the command that measures its effect on
+        the outputs (None where nothing was lost)."""
+        if self.underflow is None:
+            return None
+        if self.parity_report is not None:
+            advice = "the parity check (--verify) measured the effect on the outputs"
+        elif "hf_source" in self.metadata:  # verify --dtype takes official files only
+            advice = "converting with --verify measures the effect on the outputs"
+        else:
+            advice = (
+                f"`perceiver-convert verify {self.source} --dtype {self.dtype}` "
+                "measures the effect on the outputs"
+            )
+        return self.underflow.message(advice)
 
     @property
     def parity(self) -> Optional[Dict[str, Any]]:
@@ -193,6 +219,11 @@ class ConversionResult:
             "tensors": self.report.used,
             "dropped": [{"source": s, "reason": r} for s, r in self.report.dropped],
             "parity": self.parity,
+            # Only float16 (its exponent range, unlike bfloat16's, is narrower than
+            # float32's) makes weights subnormal or 0; null where none were.
+            "float16_underflow": (
+                None if self.underflow is None else self.underflow.as_dict()
+            ),
             "seconds": round(self.seconds, 3),
         }
 
@@ -602,6 +633,8 @@ def convert(
             dict in memory (``result.state_dict``, ``result.build_model()``).
         model: force a model name; None detects it from the parameter names.
         dtype: ``float32`` (default), ``float16`` or ``bfloat16`` for floating tensors.
+            float16 refuses weights beyond 65504 (``UsageError``) and counts the
+            nonzero ones it makes subnormal or 0 (``result.underflow``; not refused).
         config: overrides of configuration values the checkpoint's shapes cannot reveal.
         mapping: a mapping YAML file to use instead of the bundled one.
         verify: run the JAX reference on the same inputs first (needs the ``[jax]``
@@ -646,7 +679,7 @@ def convert(
         f"{prepared.mapping.file}: {prepared.report.used} tensors, "
         f"{len(prepared.report.dropped)} dropped"
     )
-    prepared.refuse_out_of_range(dtype)  # before minutes of verifying
+    underflow = prepared.check_dtype_range(dtype)  # before minutes of verifying
     parity, parity_report = None, None
     if verify:
         from converter.verify import verify_prepared
@@ -683,4 +716,5 @@ def convert(
         parity_report=parity_report,
         seconds=time.perf_counter() - started,
         state_dict=state_dict,
+        underflow=underflow,
     )

@@ -454,7 +454,7 @@ def verify_prepared(
     check_arguments(seed, batch, dtype)
     require_jax()
     # As convert --dtype does (exit 2), before seconds of JAX.
-    prepared.refuse_out_of_range(dtype)
+    prepared.check_dtype_range(dtype)
     name = prepared.model
     config = prepared.config_object()
     tolerance = prepared.mapping.tolerance

@@ -4,14 +4,27 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import re
 import threading
 import types
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import (
+    Any,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    NamedTuple,
+    Optional,
+    Tuple,
+    Union,
+)
 
 import torch
 
@@ -47,6 +60,12 @@ class LoadError(ValueError):
 class OutOfRangeError(LoadError):
     """The weights hold values the dtype asked for cannot (``load(dtype="float16")``
     of a file with magnitudes over 65504): a wrong choice of dtype, not a bad file."""
+
+
+class UnderflowWarning(UserWarning):
+    """``load(dtype="float16")`` of float32 (or bfloat16) weights made nonzero weights
+    below float16's smallest normal number subnormal or 0 (:class:`Underflow` says
+    what that costs); the model loads all the same."""
 
 
 class EmptyFileError(LoadError):
@@ -159,25 +178,182 @@ def torch_load_weights(path: Union[str, Path]) -> Any:
         return torch.load(handle, map_location="cpu", weights_only=True)
 
 
+class TensorUnderflow(NamedTuple):
+    """One tensor's share of an :class:`Underflow`: of its ``values`` weights, the
+    nonzero ones rounding made 0 and the ones it made subnormal."""
+
+    name: str
+    zero: int
+    subnormal: int
+    values: int
+
+
+@dataclass(frozen=True)
+class Underflow:
+    """Nonzero weights that rounding to ``dtype`` (float16: the only storage dtype
+    whose exponent range is narrower than float32's) made subnormal or 0, of
+    ``weights`` scanned; ``tensors``: the tensors holding them, worst first (most made
+    0, then most made subnormal, then by name).
+
+    The analysis, for float16 (p = 11 significant bits, smallest normal number 2**-14
+    = 6.1e-5, unit roundoff u = 2**-11): a normal float16 number is off from the
+    weight it rounds by at most u |w| (round to nearest even). Below 2**-14 float16
+    has only the subnormal numbers k 2**-24 (k = 1..1023), a fixed 2**-24 apart, so a
+    weight w with 2**-25 < |w| < 2**-14 - 2**-25 rounds to one of them, keeping
+    bit_length(k) < 11 significant bits, off by at most half a step: |error| <= 2**-25,
+    relative error up to 2**-25 / |w| = u (2**-14 / |w|), i.e. 2**-14/|w| times the
+    normal bound (3% at |w| = 1e-6, nearly 100% just above 2**-25), reached at the
+    midpoints between two subnormals. A weight with 0 < |w| <= 2**-25 = 3.0e-8 becomes
+    0 (2**-25 itself is the tie between 0 and 2**-24 and rounds to the even one, 0):
+    all of it is lost. From 2**-14 - 2**-25 (the tie, rounding to the even 2**-14)
+    up, weights round to normal numbers.
+
+    What it means: each of these weights moves by at most 2**-25 in absolute terms,
+    which is no more than rounding can move any normal weight of magnitude 2**-14 or
+    more (up to u |w| >= 2**-25). Where the tiny weights sit among weights of
+    ordinary size (|w| of 1e-3 and more), their loss adds less to each dot product
+    than the rounding of the others; it matters where a tensor, or the weights that
+    act together, are small throughout (a scale or an embedding trained near 0), whose
+    relative error then grows as 2**-14/|w|. ``perceiver-convert verify CHECKPOINT
+    --dtype float16`` measures the effect on the outputs.
+    """
+
+    dtype: torch.dtype
+    weights: int
+    tensors: Tuple[TensorUnderflow, ...]
+
+    @property
+    def zero(self) -> int:
+        """Nonzero weights that became 0."""
+        return sum(entry.zero for entry in self.tensors)
+
+    @property
+    def subnormal(self) -> int:
+        """Weights that became subnormal (fewer significant bits)."""
+        return sum(entry.subnormal for entry in self.tensors)
+
+    def as_dict(self, worst: int = 5) -> Dict[str, Any]:
+        """The counts, in total and for the ``worst`` tensors (``--json``)."""
+        return {
+            "dtype": dtype_name(self.dtype),
+            "smallest_normal": torch.finfo(self.dtype).smallest_normal,
+            "weights": self.weights,
+            "subnormal": self.subnormal,
+            "zero": self.zero,
+            "tensors": len(self.tensors),
+            "worst": [entry._asdict() for entry in self.tensors[:worst]],
+        }
+
+    def message(self, advice: str, worst: int = 3) -> str:
+        """How many weights lost precision and how many became 0, the ``worst``
+        tensors, the bound on the change, then ``advice`` (how to measure the
+        effect: ``verify --dtype``)."""
+        name = dtype_name(self.dtype)
+        smallest_normal = torch.finfo(self.dtype).smallest_normal
+        # Half the spacing of the subnormal numbers, smallest_normal * eps: the most a
+        # subnormal or flushed weight moves, and the largest magnitude that becomes 0.
+        half_step = smallest_normal * torch.finfo(self.dtype).eps / 2
+        listed = ", ".join(
+            f"{entry.name} ({entry.values:,} weights: {entry.zero:,} to zero, "
+            f"{entry.subnormal:,} subnormal)"
+            for entry in self.tensors[:worst]
+        )
+        extra = len(self.tensors) - worst
+        more = f" and {extra} more" if extra > 0 else ""
+        return (
+            f"{name} loses precision in {self.zero + self.subnormal:,} of the "
+            f"{self.weights:,} weights: {self.subnormal:,} become subnormal "
+            f"(magnitudes below {name}'s smallest normal number, "
+            f"{_power_of_two(smallest_normal)}: fewer significant bits, relative "
+            f"error up to {_power_of_two(half_step, decimal=False)}/|w|) and "
+            f"{self.zero:,} nonzero ones become 0 (magnitudes up to "
+            f"{_power_of_two(half_step)}), in {len(self.tensors)} tensor(s), worst "
+            f"first: {listed}{more}; each moves by at "
+            f"most {_power_of_two(half_step, decimal=False)}, no more than rounding "
+            f"can move a weight of {_power_of_two(smallest_normal, decimal=False)} or "
+            f"more; {advice}"
+        )
+
+
+def _power_of_two(value: float, decimal: bool = True) -> str:
+    """2.0**-14 -> "2**-14 = 6.1e-05" (without ``decimal``: "2**-14")."""
+    text = f"2**{round(math.log2(value))}"
+    return f"{text} = {value:.1e}" if decimal else text
+
+
+class DtypeScan(NamedTuple):
+    """What rounding tensors to a dtype loses (:func:`scan_for_dtype`)."""
+
+    out_of_range: List[Tuple[str, float]]
+    underflow: Optional[Underflow]
+
+
+def _underflow_counts(
+    tensor: torch.Tensor, magnitudes: torch.Tensor, dtype: torch.dtype
+) -> Tuple[int, int]:
+    """``(became 0, became subnormal)`` of ``tensor``'s nonzero values rounded to
+    ``dtype``. Only the values below its smallest normal number (a power of two,
+    exact in every floating dtype) are cast, which few are; the cast is torch's, as
+    the writer's and load_state_dict's: the counts are what the file and model get."""
+    smallest_normal = torch.finfo(dtype).smallest_normal
+    small = magnitudes < smallest_normal
+    if not bool(small.any()):
+        return 0, 0
+    values = tensor[small]
+    rounded = values.to(dtype)
+    zero = int(((rounded == 0) & (values != 0)).sum())
+    subnormal = int(((rounded != 0) & (rounded.abs() < smallest_normal)).sum())
+    return zero, subnormal
+
+
+def scan_for_dtype(tensors: Iterable[Tuple[str, Any]], dtype: torch.dtype) -> DtypeScan:
+    """One pass over the floating tensors (torch or numpy) ``(name, tensor)`` for
+    what rounding them to ``dtype`` loses: the tensors it would make infinite
+    (:func:`out_of_range`) and the nonzero weights it makes subnormal or 0
+    (:class:`Underflow`; None when there are none)."""
+    found: List[Tuple[str, float]] = []
+    lost: List[TensorUnderflow] = []
+    scanned = 0
+    target = torch.finfo(dtype)
+    for name, tensor in tensors:
+        tensor = torch.as_tensor(tensor)
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        source = torch.finfo(tensor.dtype)
+        overflows = source.max > target.max  # no wider than dtype: nothing to overflow
+        # Only float16 (5 exponent bits, normal from 2**-14) has a narrower exponent
+        # range than float32; bfloat16 has float32's 8 exponent bits and its smallest
+        # normal number 2**-126, so every normal float32 weight stays normal in it and
+        # nothing is counted for bfloat16 (nor for float32, nor float16 into float16).
+        underflows = source.smallest_normal < target.smallest_normal
+        if not (overflows or underflows):
+            continue
+        tensor = tensor.detach()
+        magnitudes = tensor.abs()
+        if overflows:
+            # Rounding is monotonic: the largest magnitude decides for the tensor.
+            largest = magnitudes.max()
+            if torch.isinf(largest.to(dtype)) and torch.isfinite(largest):
+                found.append((name, float(largest)))
+        if underflows:
+            scanned += tensor.numel()
+            zero, subnormal = _underflow_counts(tensor, magnitudes, dtype)
+            if zero or subnormal:
+                lost.append(TensorUnderflow(name, zero, subnormal, tensor.numel()))
+    lost.sort(key=lambda entry: (-entry.zero, -entry.subnormal, entry.name))
+    underflow = Underflow(dtype, scanned, tuple(lost)) if lost else None
+    return DtypeScan(found, underflow)
+
+
 def out_of_range(
     tensors: Iterable[Tuple[str, Any]], dtype: torch.dtype
 ) -> List[Tuple[str, float]]:
     """``(name, largest magnitude)`` of each floating tensor (torch or numpy) holding
     values that rounding to ``dtype`` would make infinite: float16 ends at 65504
     (magnitudes from 65520 round to inf), bfloat16 near float32's end. A finite
-    float32 weight of 1e5 became inf in a float16 file, silently. Rounding is
-    monotonic, so the largest magnitude decides for the whole tensor."""
-    found = []
-    for name, tensor in tensors:
-        tensor = torch.as_tensor(tensor)
-        if not tensor.is_floating_point() or tensor.numel() == 0:
-            continue
-        if torch.finfo(tensor.dtype).max <= torch.finfo(dtype).max:
-            continue  # no wider than dtype: nothing to overflow
-        largest = tensor.detach().abs().max()
-        if torch.isinf(largest.to(dtype)) and torch.isfinite(largest):
-            found.append((name, float(largest)))
-    return found
+    float32 weight of 1e5 became inf in a float16 file, silently. (The part of
+    :func:`scan_for_dtype` that refuses.)"""
+    return scan_for_dtype(tensors, dtype).out_of_range
 
 
 def out_of_range_message(found: List[Tuple[str, float]], dtype: torch.dtype) -> str:
@@ -601,6 +777,10 @@ def load(
     metadata, an unknown model or missing/unexpected/misshapen keys or wrong dtypes,
     weights beyond the range of ``dtype`` (a float32 file with magnitudes over 65504
     loaded as float16), and for a folder (a HuggingFace folder: convert it first).
+    Warns (:class:`UnderflowWarning`) where rounding a float32 or bfloat16 file's
+    weights to float16 makes nonzero ones subnormal or 0 (magnitudes below 2**-14,
+    see :class:`Underflow`); a float16 file's were rounded, and reported, by
+    ``convert --dtype float16``.
 
     map_location: device of the model (default "cpu"); a value torch.device()
     refuses, or an accelerator this machine lacks (``"cuda"`` without a GPU), raises
@@ -651,9 +831,11 @@ def load(
     )
     if message is not None:
         raise LoadError(message)
-    found = out_of_range(state.items(), torch_dtype)
-    if found:
-        raise OutOfRangeError(f"{path}: {out_of_range_message(found, torch_dtype)}")
+    scan = scan_for_dtype(state.items(), torch_dtype)
+    if scan.out_of_range:
+        raise OutOfRangeError(
+            f"{path}: {out_of_range_message(scan.out_of_range, torch_dtype)}"
+        )
     # Floating-point tensors in the model's dtype; load_state_dict copies (and casts)
     # the file's tensors into them, so a bfloat16 file can also load as float32.
     model = model.to_empty(device=device)
@@ -662,4 +844,17 @@ def load(
         # checked above); torch would warn that every copy is a no-op.
         model.load_state_dict(state, strict=True)
     linear.choose_packing(model, pack_weights)
-    return linear.prepack(model.eval())
+    model = linear.prepack(model.eval())
+    if scan.underflow is not None:  # once the model is there: a note, not a refusal
+        warnings.warn(
+            f"{path}: {scan.underflow.message(_UNDERFLOW_ADVICE)}",
+            UnderflowWarning,
+            stacklevel=2,  # at the caller's line
+        )
+    return model
+
+
+_UNDERFLOW_ADVICE = (
+    "`perceiver-convert verify OFFICIAL_CHECKPOINT --dtype float16` measures the "
+    "effect on the outputs"
+)

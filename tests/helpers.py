@@ -187,3 +187,64 @@ def damage_sound_midway(path: Path) -> Path:
     data[position : position + size] = b"\xff" * size
     path.write_bytes(bytes(data))
     return path
+
+
+# Weights planted by checkpoint_with_tiny_weights, against float16's thresholds
+# (perceiver_torch.registry.Underflow has the analysis): up to 2**-25 = 3.0e-8 a
+# weight becomes 0, from there to 2**-14 - 2**-25 (6.1e-5) subnormal, above normal.
+TINY_BIAS = [1e-9, -1e-9, 1e-6, 1e-3, 0.0]  # 2 become 0, 1 subnormal; 0 is no loss
+TINY_KERNEL = [5e-6, -3e-5, 2e-3]  # 2 subnormal
+
+
+def checkpoint_with_tiny_weights(folder: Path) -> Path:
+    """A tiny imagenet_conv checkpoint (random weights) whose every magnitude below
+    1e-3 is raised to 1e-3 (keeping its sign), so that float16 rounds none of the
+    random ones below its smallest normal number; then the classifier's bias starts
+    with ``TINY_BIAS`` and its kernel's first row with ``TINY_KERNEL``
+    (decoder.output_projection.bias and .weight)."""
+    import numpy as np
+
+    from converter import load_haiku_checkpoint, save_haiku_checkpoint
+    from converter.fixtures import write_fixture
+
+    source = folder / "random.pickle"
+    write_fixture("imagenet_conv", source, size="tiny", seed=4)
+    checkpoint = load_haiku_checkpoint(source)
+    for tree in (checkpoint.params, checkpoint.state):
+        for module in tree.values():
+            for name, array in module.items():
+                if array.dtype.kind == "f":
+                    small = np.abs(array) < 1e-3
+                    module[name] = np.where(
+                        small, np.copysign(np.float32(1e-3), array), array
+                    ).astype(array.dtype)
+    output = checkpoint.params["classification_decoder/~/basic_decoder/output"]
+    output["b"][: len(TINY_BIAS)] = TINY_BIAS
+    output["w"][0, : len(TINY_KERNEL)] = TINY_KERNEL
+    planted = folder / "tiny_weights.pickle"
+    save_haiku_checkpoint(planted, checkpoint.params, checkpoint.state)
+    return planted
+
+
+def expected_float16_underflow() -> Dict[str, Any]:
+    """The ``float16_underflow`` document of :func:`checkpoint_with_tiny_weights`'s
+    conversion, from the planted values: the bias (more made 0) before the kernel;
+    ``weights``: every floating value of the tiny imagenet_conv model's state."""
+    import perceiver_torch
+
+    config = perceiver_torch.TINY_CONFIGS["imagenet_conv"]
+    state = perceiver_torch.build("imagenet_conv", config).state_dict()
+    weights = sum(t.numel() for t in state.values() if t.is_floating_point())
+    bias, kernel = "decoder.output_projection.bias", "decoder.output_projection.weight"
+    return {
+        "dtype": "float16",
+        "smallest_normal": 2.0**-14,
+        "weights": weights,
+        "subnormal": 3,
+        "zero": 2,
+        "tensors": 2,
+        "worst": [
+            {"name": bias, "zero": 2, "subnormal": 1, "values": state[bias].numel()},
+            {"name": kernel, "zero": 0, "subnormal": 2, "values": state[kernel].numel()},
+        ],
+    }

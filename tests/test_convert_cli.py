@@ -79,6 +79,40 @@ def test_low_precision_output_keeps_integer_buffers(tmp_path, dtype):
         assert reader.metadata()["dtype"] == dtype
 
 
+def test_float16_conversion_notes_the_weights_it_makes_subnormal_or_zero(tmp_path):
+    """convert --dtype float16 made weights below float16's smallest normal number
+    subnormal or 0 without a word: the summary now notes how many (also with -q: it
+    is the summary, not progress) and --json holds the counts under
+    "float16_underflow" (null for float32 and bfloat16, which lose none)."""
+    from helpers import checkpoint_with_tiny_weights, expected_float16_underflow
+
+    source = checkpoint_with_tiny_weights(tmp_path)
+    expected = expected_float16_underflow()
+    result = run_cli("convert", source, "-o", tmp_path / "half.safetensors",
+                     "--dtype", "float16", "--json", "-q")
+    assert result.exit_code == 0, result.output  # noted, not refused
+    assert json.loads(result.stdout)["float16_underflow"] == expected
+    (note,) = [line for line in result.stderr.splitlines() if line.startswith("note:")]
+    assert note.startswith(
+        f"note: float16 loses precision in 5 of the {expected['weights']:,} weights: 3 "
+        "become subnormal (magnitudes below float16's smallest normal number, 2**-14 = "
+        "6.1e-05: fewer significant bits"
+    )
+    assert "and 2 nonzero ones become 0 (magnitudes up to 2**-25 = 3.0e-08), in 2 " in note
+    bias, kernel = expected["worst"]
+    assert (f"tensor(s), worst first: {bias['name']} ({bias['values']} weights: 2 to zero, "
+            f"1 subnormal), {kernel['name']} ({kernel['values']} weights: 0 to zero, 2 "
+            "subnormal);") in note
+    assert note.endswith(f"`perceiver-convert verify {source} --dtype float16` measures "
+                         "the effect on the outputs")
+    for dtype in ("float32", "bfloat16"):
+        result = run_cli("convert", source, "-o", tmp_path / f"{dtype}.safetensors",
+                         "--dtype", dtype, "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["float16_underflow"] is None
+        assert "note:" not in result.stderr and "subnormal" not in result.stderr
+
+
 def test_pt_output_loads_with_weights_only(tmp_path):
     out = tmp_path / "flow.pt"
     result = run_cli("convert", GOLDEN / "optical_flow" / "checkpoint.pickle", "-o", out)

@@ -296,6 +296,9 @@ def test_flow_tiling_sums_are_float32(dtype):
 # -- converted files ------------------------------------------------------------------
 
 
+# The random weights include some below float16's smallest normal number, which
+# loading the bfloat16 file as float16 rightly notes (tested on its own below).
+@pytest.mark.filterwarnings("ignore::perceiver_torch.UnderflowWarning")
 @pytest.mark.parametrize("file_dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_converted_file_loads_in_its_dtype(tmp_path, file_dtype, suffix):
@@ -357,6 +360,89 @@ def test_out_of_range_finds_what_rounds_to_inf():
     assert out_of_range([("n", np.array(10**6, np.int32)), ("e", np.zeros(0, np.float32)),
                          ("h", torch.full((2,), 65504.0, dtype=torch.float16))],
                         torch.float16) == []
+
+
+def test_underflow_counts_follow_round_to_nearest_even():
+    """float16's subnormal numbers are k 2^-24 (k = 1..1023), its smallest normal
+    2^-14. Round to nearest even: 2^-25 is the tie between 0 and 2^-24 and becomes 0,
+    anything above it 2^-24 or more; 2^-14 - 2^-25 is the tie between 1023 2^-24 and
+    2^-14 and becomes the (even) normal 2^-14, anything below it a subnormal. Exact
+    zeros lose nothing and are not counted; bfloat16 (float32's exponent range),
+    float32 and float16 into float16 count nothing."""
+    from perceiver_torch.registry import TensorUnderflow, scan_for_dtype
+
+    def after(x, toward):
+        return float(np.nextafter(np.float32(x), np.float32(toward)))
+
+    flushed = [2.0**-25, -(2.0**-25), 1e-9, after(2.0**-25, 0), 2.0**-149]
+    subnormal = [after(2.0**-25, 1), 1e-6, -1e-6, after(2.0**-14 - 2.0**-25, 0)]
+    normal = [2.0**-14 - 2.0**-25, 2.0**-14, 1e-3, -1.0]
+    weights = np.array(flushed + subnormal + normal + [0.0, -0.0], np.float32)
+    second = np.array([3e-5, 1.0], np.float32)
+    scan = scan_for_dtype([("w", weights), ("b", second), ("n", np.arange(3))],
+                          torch.float16)
+    assert scan.out_of_range == []
+    underflow = scan.underflow
+    assert underflow.tensors == (
+        TensorUnderflow("w", len(flushed), len(subnormal), weights.size),
+        TensorUnderflow("b", 0, 1, 2),
+    )
+    assert (underflow.zero, underflow.subnormal) == (len(flushed), len(subnormal) + 1)
+    assert underflow.weights == weights.size + second.size
+    # bfloat16 sources hold the same tiny magnitudes (1e-9 and 1e-6 to 3 digits).
+    in_bfloat16 = torch.tensor([1e-9, 1e-6, 1e-3, 0.0], dtype=torch.bfloat16)
+    assert scan_for_dtype([("w", in_bfloat16)], torch.float16).underflow.tensors == (
+        TensorUnderflow("w", 1, 1, 4),)
+    for dtype in (torch.bfloat16, torch.float32):
+        assert scan_for_dtype([("w", weights)], dtype).underflow is None
+    already = torch.from_numpy(weights).to(torch.float16)
+    assert scan_for_dtype([("w", already)], torch.float16).underflow is None
+    assert scan_for_dtype([("w", np.ones(3, np.float32))], torch.float16).underflow is None
+
+
+def test_float16_reports_the_weights_it_makes_subnormal_or_zero(tmp_path):
+    """Weights below float16's smallest normal number became subnormal or 0 without
+    a word. convert(dtype="float16") counts them (not refusing), and load(...,
+    dtype="float16") of the float32 file (or of a bfloat16 one) warns with the same
+    counts; float32 and bfloat16 say nothing, nor does loading the float16 file
+    (rounded, and reported, by convert)."""
+    import warnings
+
+    import converter
+    from helpers import checkpoint_with_tiny_weights, expected_float16_underflow
+
+    source = checkpoint_with_tiny_weights(tmp_path)
+    expected = expected_float16_underflow()
+    half = converter.convert(source, tmp_path / "half.safetensors", dtype="float16")
+    assert half.as_dict()["float16_underflow"] == expected
+    note = half.underflow_note()
+    total = f"{expected['weights']:,}"
+    assert f"float16 loses precision in 5 of the {total} weights: 3 become subnormal" in note
+    assert "and 2 nonzero ones become 0" in note
+    assert f"verify {source} --dtype float16` measures" in note
+    # The values written are the ones counted.
+    bias = pt.load(half.output).decoder.output_projection.bias[:5].float()
+    assert bias[:2].tolist() == [0.0, 0.0] and 0 < bias[2] < 2.0**-14 <= bias[3]
+    for dtype in ("float32", "bfloat16"):
+        result = converter.convert(source, tmp_path / f"{dtype}.safetensors", dtype=dtype)
+        assert result.underflow is None and result.underflow_note() is None
+        assert result.as_dict()["float16_underflow"] is None
+
+    full = tmp_path / "float32.safetensors"
+    for path in (full, tmp_path / "bfloat16.safetensors"):
+        with pytest.warns(pt.UnderflowWarning) as caught:
+            pt.load(path, dtype="float16")
+        (warning,) = caught
+        assert warning.filename == __file__  # the caller's line
+        message = str(warning.message)
+        assert message.startswith(f"{path}: float16 loses precision in 5 of the {total}")
+        worst = expected["worst"][0]
+        assert f"{worst['name']} ({worst['values']} weights: 2 to zero, 1 subnormal)" in message
+        assert "verify OFFICIAL_CHECKPOINT --dtype float16` measures" in message
+    for path, dtype in ((full, None), (full, "bfloat16"), (half.output, None)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pt.UnderflowWarning)
+            pt.load(path, dtype=dtype)
 
 
 def _checkpoint_with_a_large_bias(tmp_path, value: float):
