@@ -189,6 +189,24 @@ def damage_sound_midway(path: Path) -> Path:
     return path
 
 
+def damage_video_midway(path: Path) -> Path:
+    """Overwrites, in place, the packet halfway through the first video stream of the
+    media file ``path`` with 0xFF bytes: FFmpeg decodes the frames before it, then
+    refuses that packet (an H.264 NAL unit length past the packet's end: "Invalid
+    data found when processing input"), as a file damaged on a disk or in a
+    download. Returns ``path``."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        packets = [(p.pos, p.size) for p in container.demux(stream) if p.size]
+    position, size = packets[len(packets) // 2]
+    data = bytearray(path.read_bytes())
+    data[position : position + size] = b"\xff" * size
+    path.write_bytes(bytes(data))
+    return path
+
+
 # Weights planted by checkpoint_with_tiny_weights, against float16's thresholds
 # (perceiver_torch.registry.Underflow has the analysis): up to 2**-25 = 3.0e-8 a
 # weight becomes 0, from there to 2**-14 - 2**-25 (6.1e-5) subnormal, above normal.

@@ -33,6 +33,7 @@ from helpers import (
     act_at_read,
     alive_counts,
     damage_sound_midway,
+    damage_video_midway,
     fail_on_call,
     full_disk_temporary_files,
     run_cli,
@@ -1575,6 +1576,149 @@ def test_a_sound_file_changed_between_its_two_reads_is_refused(tmp_path, model, 
     with pytest.raises(InputError, match=re.escape(message)) as error:
         AutoencodePipeline(model)(video, audio)
     assert f"not {new_samples} as when it was checked" in str(error.value)
+
+
+@pytest.mark.parametrize("caller", ["clips", "call", "cli"])
+def test_a_video_that_cannot_be_decoded_partway_is_named_before_the_model_runs(
+        tmp_path, model, video_checkpoint, monkeypatch, caller):
+    """The frames are decoded as the clips need them, so a video damaged halfway
+    through was named only once the clips before the damage had gone through the
+    model (minutes each at full size). It is decoded whole when the clips are made,
+    keeping only its frame count and first frame size: the decoder's error, with the
+    same words, comes before any model call."""
+    from perceiver_torch.pipelines.media import iter_video_frames
+
+    video = tmp_path / "v.mp4"
+    make_test_video(video, 75, size=(16, 16), sample_rate=48000)
+    damage_video_midway(video)
+    message = f"{video}: the video cannot be decoded"
+    decoded = []
+    with pytest.raises(InputError, match=re.escape(message)):
+        for frame in iter_video_frames(video):
+            decoded.append(frame.shape)
+    assert len(decoded) >= 2 * TINY.num_frames  # the damage is past the first clips
+    calls = fail_on_call(monkeypatch, type(model), "reconstruct", 1,
+                         "the model ran before the video was checked")
+    pipeline = AutoencodePipeline(model)
+    if caller == "clips":
+        with pytest.raises(InputError, match=re.escape(message)):
+            pipeline.clips(video)  # made, not yet iterated
+    elif caller == "call":
+        with pytest.raises(InputError, match=re.escape(message)):
+            pipeline(video)
+    else:
+        (tmp_path / "out").mkdir()
+        result = run_cli("run", "autoencode", video_checkpoint, video,
+                         "-o", tmp_path / "out" / "r.mp4")
+        assert result.exit_code == 3 and message in result.stderr, result.stderr
+        assert list((tmp_path / "out").iterdir()) == []
+    assert calls == []
+
+
+def test_the_video_check_holds_one_frame_at_a_time(tmp_path, model, monkeypatch):
+    """The check before the clips decodes every frame (75, well over a clip) before
+    the first model call, and holds one frame at a time: it keeps their count and
+    the first one's size, not the frames."""
+    from perceiver_torch.pipelines import media as media_module
+
+    video = tmp_path / "v.mp4"
+    make_test_video(video, 75, size=(16, 16), sample_rate=48000)
+    counts = alive_counts()
+    real = media_module.iter_video_frames
+
+    def tracked_frames(*args, **kwargs):
+        for frame in real(*args, **kwargs):
+            yield track_alive(counts, frame)
+
+    at_first_call: List[Dict[str, int]] = []
+
+    def reconstruct(self, *args, **kwargs):
+        at_first_call.append(dict(counts))
+        raise RuntimeError("one clip is enough")
+
+    # The check's decode only: the clips decode through the video module's name.
+    monkeypatch.setattr(media_module, "iter_video_frames", tracked_frames)
+    monkeypatch.setattr(type(model), "reconstruct", reconstruct)
+    with pytest.raises(RuntimeError, match="one clip is enough"):
+        AutoencodePipeline(model)(video)
+    assert len(at_first_call) == 1
+    assert at_first_call[0]["made"] == 75  # every frame, before the first clip
+    assert at_first_call[0]["most"] == 1, at_first_call  # not a list of them
+
+
+@pytest.mark.parametrize("case", ["written", "fewer frames", "more frames", "another size"])
+def test_a_video_file_changed_between_its_two_reads_is_refused(tmp_path, model, monkeypatch,
+                                                               case):
+    """The video is decoded twice (checked, then again for the clips): a file replaced
+    between the reads would have been answered with another video than the one
+    checked. A file whose size or modification time changed is refused before its
+    second read (base.file_state, as classify's images); one replaced by a file of
+    the same size and time (cp -p), which that cannot tell, by its frame count or
+    its first frame's size."""
+    from perceiver_torch.pipelines import video as video_module
+
+    video, other = tmp_path / "v.mp4", tmp_path / "other.mp4"
+    make_test_video(video, 40, size=(16, 16), sample_rate=None)
+    frames = {"fewer frames": 30, "more frames": 50}.get(case, 40)
+    make_test_video(other, frames, size=(24, 16) if case == "another size" else (16, 16),
+                    sample_rate=None, seed=1)
+    if case != "written":
+        # The same size: trailing zero bytes after the MP4's last box, which FFmpeg
+        # ignores (the frames decode as before).
+        sizes = [video.stat().st_size, other.stat().st_size]
+        for path, size in zip((video, other), sizes):
+            path.write_bytes(path.read_bytes() + bytes(max(sizes) - size))
+    real = video_module.check_video
+
+    def check_then_replace(*args, **kwargs):
+        checked = real(*args, **kwargs)
+        before = video.stat()
+        other.replace(video)
+        if case != "written":
+            os.utime(video, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return checked
+
+    monkeypatch.setattr(video_module, "check_video", check_then_replace)
+    message = {
+        "written": f"{video} changed during the run: it was written to or replaced after "
+                   "the inputs were checked",
+        "fewer frames": f"{video} changed during the run: its video, decoded again for "
+                        "the work, has 30 frames, not 40 as when it was checked",
+        "more frames": f"{video} changed during the run: its video, decoded again for "
+                       "the work, has at least 41 frames, not 40 as when it was checked",
+        "another size": f"{video} changed during the run: its video, decoded again for "
+                        "the work, has a first frame of 16x24 px (width x height), not "
+                        "16x16 px as when it was checked",
+    }[case]
+    with pytest.raises(InputError, match=re.escape(message)):
+        AutoencodePipeline(model)(video, np.zeros(50 * 64, np.float32))
+
+
+def test_a_video_named_by_an_open_descriptor_is_decoded_once(tmp_path, model, monkeypatch):
+    """A video named by an open descriptor (/dev/stdin redirected from a file,
+    /dev/fd/N) is not checked (base.readable_twice): on macOS and the BSDs a second
+    open shares the descriptor's offset. Its frames are decoded once, for the clips,
+    and the answer is that of the file by its own name."""
+    from perceiver_torch.pipelines import video as video_module
+
+    video, _, _ = _sound_cases(tmp_path, "own")
+    sound = np.zeros(11 * 64, np.float32)
+    checked: List[str] = []
+    real = video_module.check_video
+
+    def recorded_check(path, *args, **kwargs):
+        checked.append(os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(video_module, "check_video", recorded_check)
+    pipeline = AutoencodePipeline(model)
+    expected = pipeline(video, sound)
+    assert checked == [str(video)]
+    with open(video, "rb") as handle:
+        result = pipeline(f"/dev/fd/{handle.fileno()}", sound)
+    assert checked == [str(video)]  # not the descriptor's name
+    np.testing.assert_array_equal(result.frames, expected.frames)
+    np.testing.assert_array_equal(result.inputs, expected.inputs)
 
 
 @pytest.fixture(scope="module")

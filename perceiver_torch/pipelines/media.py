@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import struct
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterator, List, Optional, Tuple, Union
@@ -23,12 +24,22 @@ from typing import Any, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 # atomic_path is base's (RunOptions' defaults stage through it), offered here too.
-from .base import InputError, atomic_path, no_such_file, require
+from .base import (
+    InputError,
+    atomic_path,
+    file_state,
+    modified_input_error,
+    no_such_file,
+    require,
+    rewritten_since,
+)
 
 __all__ = [
     "SoundReader",
+    "VideoCheck",
     "VideoWriter",
     "atomic_path",
+    "check_video",
     "encode_wav",
     "estimated_frame_count",
     "is_video_path",
@@ -193,7 +204,9 @@ def missing_frames_note(declared: int, decoded: int) -> Optional[str]:
     )
 
 
-def iter_video_frames(path: PathLike, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
+def iter_video_frames(
+    path: PathLike, max_frames: Optional[int] = None, checked: Optional["VideoCheck"] = None
+) -> Iterator[np.ndarray]:
     """The frames of ``path``'s first video stream (cover art aside: a music file's
     picture is no video, see :func:`_video_stream`) in display order, each (H, W, 3)
     uint8 RGB (converted as the colab's OpenCV reader converts them, :func:`_rgb24`),
@@ -201,12 +214,21 @@ def iter_video_frames(path: PathLike, max_frames: Optional[int] = None) -> Itera
     portrait video is stored landscape with a rotation in its metadata), as OpenCV's
     reader (the colab's) and players show it (:func:`_upright`).
 
+    checked: what :func:`check_video` found of this file (with the same
+        ``max_frames``): the frames decoded now must be those it counted, the first
+        of the size it saw, from a file not written to since (:func:`~.base.file_state`);
+        if not, the file changed between the two reads, and :class:`InputError` says
+        so, before the file is opened or as soon as the frames differ, rather than
+        give the frames of another video than the one checked.
+
     Raises:
-        InputError: unreadable file, no video stream (or only cover art), or a
-            decoding error.
+        InputError: unreadable file, no video stream (or only cover art), a decoding
+            error, or (``checked``) a file that changed since it was checked.
     """
     av = require("av")
     path = Path(path)
+    if checked is not None and rewritten_since(path, checked.state):
+        raise modified_input_error(path)
     container = _open_container(path)
     with container:
         stream = _video_stream(container, path)
@@ -215,13 +237,88 @@ def iter_video_frames(path: PathLike, max_frames: Optional[int] = None) -> Itera
         try:
             for frame in container.decode(stream):
                 if max_frames is not None and count >= max_frames:
-                    return
-                yield _upright(_rgb24(frame), frame)
+                    break
+                array = _upright(_rgb24(frame), frame)
+                if checked is not None:
+                    checked._compare(count, array.shape)
+                yield array
+                del array  # let go before the next frame is decoded
                 count += 1
         except av.error.FFmpegError as error:
             raise InputError(f"{path}: the video cannot be decoded ({error})") from None
+        if checked is not None and count != checked.frames:
+            raise checked._changed(f"{count} frames", f"{checked.frames}")
         if count == 0:
             raise InputError(f"{path} has a video stream without frames")
+
+
+@dataclass(frozen=True)
+class VideoCheck:
+    """What :func:`check_video` keeps of a video file, for its second read
+    (:func:`iter_video_frames`'s ``checked``).
+
+    Attributes:
+        path: the file.
+        frames: the number of frames decoded (at most the ``max_frames`` asked for).
+        size: (height, width) of the first frame, upright.
+        state: the file's :func:`~.base.file_state` before it was decoded.
+    """
+
+    path: Path
+    frames: int
+    size: Tuple[int, int]
+    state: Optional[Tuple[int, int]]
+
+    def _compare(self, index: int, shape: Tuple[int, ...]) -> None:
+        """Raises :meth:`_changed` unless frame ``index`` (from 0) of the second read,
+        of this ``shape``, fits what was checked: one frame more than were counted, or
+        a first frame of another size, is another video."""
+        if index >= self.frames:
+            raise self._changed(f"at least {index + 1} frames", f"{self.frames}")
+        if index == 0 and tuple(shape[:2]) != self.size:
+            (h0, w0), (h1, w1) = self.size, shape[:2]
+            raise self._changed(
+                f"a first frame of {w1}x{h1} px (width x height)", f"{w0}x{h0} px"
+            )
+
+    def _changed(self, now: str, then: str) -> InputError:
+        return InputError(
+            f"{self.path} changed during the run: its video, decoded again for the work, "
+            f"has {now}, not {then} as when it was checked (the file was written to or "
+            "replaced); run again once nothing writes to it"
+        )
+
+
+def check_video(path: PathLike, max_frames: Optional[int] = None) -> VideoCheck:
+    """Decodes the frames of ``path`` (:func:`iter_video_frames`'s, at most
+    ``max_frames``) once, now, and keeps only their count and the first frame's
+    size, one frame held at a time: a video that cannot be decoded partway through
+    (a damaged packet) is named before any work on its frames, which are decoded a
+    second time afterwards. Give the result to that second read
+    (:func:`iter_video_frames`'s ``checked``): a file written to or replaced between
+    the two reads then ends in :class:`InputError` rather than in an answer from
+    another video than the one checked.
+
+    Raises:
+        InputError: :func:`iter_video_frames`'s (unreadable file, no video stream, no
+            frames, a decoding error).
+    """
+    path = Path(path)
+    state = file_state(path)  # before the decode: a write from now on is seen later
+    count, size = 0, None
+    frames = iter_video_frames(path, max_frames)
+    try:
+        # map lets each frame go once its shape is taken (a loop variable would hold
+        # it while the next is decoded).
+        for shape in map(np.shape, frames):
+            if size is None:
+                size = (int(shape[0]), int(shape[1]))
+            count += 1
+    finally:
+        # Now, not when the error's traceback (which holds this frame) goes.
+        frames.close()
+    assert size is not None  # iter_video_frames raises for a video without frames
+    return VideoCheck(path, count, size, state)
 
 
 def _rgb24(frame: Any) -> np.ndarray:

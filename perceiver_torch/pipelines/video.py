@@ -37,16 +37,18 @@ they are the model's guess of the clip's class), and the PSNR of each clip's fra
 ``10 log10(1 / MSE)`` over all pixels and channels.
 
 Memory: the clips are independent, so :meth:`AutoencodePipeline.clips` goes clip by
-clip: a video file is decoded, and a sound file read, as the clips need them (a sound
-file is decoded once before, only to check it, keeping its length: its errors come
-before the model runs; not a name for an open descriptor such as ``/dev/stdin``,
-decoded once), and each clip's frames are preprocessed (9.6 MB of float32
-for 16 frames of 224x224) and autoencoded in turn, with nothing of the earlier clips
-kept but their PSNR and labels; the pipeline call gathers every clip into one
-:class:`AutoencodeResult` (a one-minute 25 fps video: 0.9 GB of input frames and as
-much of reconstructed ones), and ``perceiver-convert run autoencode`` writes each
-clip's reconstruction away as it comes (:func:`run_task`). Frames or sound given as
-arrays are the caller's, held as given.
+clip: a video file is decoded, and a sound file read, as the clips need them (each is
+decoded once before, only to check it, one frame or piece held at a time, keeping the
+video's frame count and first frame size and the sound's length: their decoding
+errors come before the model runs, and a file changed between the two reads is
+refused; not a name for an open descriptor such as ``/dev/stdin``, decoded once), and
+each clip's frames are preprocessed (9.6 MB of float32 for 16 frames of 224x224) and
+autoencoded in turn, with nothing of the earlier clips kept but their PSNR and
+labels; the pipeline call gathers every clip into one :class:`AutoencodeResult` (a
+one-minute 25 fps video: 0.9 GB of input frames and as much of reconstructed ones),
+and ``perceiver-convert run autoencode`` writes each clip's reconstruction away as it
+comes (:func:`run_task`). Frames or sound given as arrays are the caller's, held as
+given.
 """
 
 from __future__ import annotations
@@ -92,7 +94,9 @@ from .media import (
     MEDIA_SUFFIXES,
     WRITTEN_VIDEO_SUFFIXES,
     SoundReader,
+    VideoCheck,
     VideoWriter,
+    check_video,
     encode_wav,
     estimated_frame_count,
     iter_video_frames,
@@ -554,16 +558,16 @@ class AutoencodePipeline:
         takes them) autoencoded one at a time as they are iterated: an
         :class:`AutoencodeClips`, whose iteration yields each clip's
         :class:`ClipReconstruction` and holds no other clip's frames (a video file is
-        decoded, and a sound file read, as the clips need them). The checks that need
-        no frame are made now: the frames given as an array, the sound (a sound file
-        decoded whole, only to check it: :meth:`~.media.SoundReader.check`; not
-        ``/dev/stdin`` and the like, see :func:`~.base.readable_twice`), a file's
-        frame rate and sound track; the rest as the clips come (a video of fewer
-        frames than a clip, a frame that cannot be decoded, a sound file that decodes
-        to another length the second time). It is iterated once (a second loop
-        raises RuntimeError: call this again). A loop left early leaves the files
-        open until :meth:`AutoencodeClips.close` (``with pipeline.clips(video) as
-        clips:`` closes them)."""
+        decoded, and a sound file read, as the clips need them). These checks are made
+        now: the frames given as an array, the sound, a file's frame rate and sound
+        track, then a video file and a sound file decoded whole, only to check them
+        (:func:`~.media.check_video`, :meth:`~.media.SoundReader.check`; not
+        ``/dev/stdin`` and the like, see :func:`~.base.readable_twice`); the rest as
+        the clips come (a video of fewer frames than a clip, a video or sound file
+        that decodes to other frames or another length the second time). It is
+        iterated once (a second loop raises RuntimeError: call this again). A loop
+        left early leaves the files open until :meth:`AutoencodeClips.close` (``with
+        pipeline.clips(video) as clips:`` closes them)."""
         return AutoencodeClips(self, video, audio)
 
     def _autoencode(
@@ -630,11 +634,14 @@ class AutoencodeClips:
             finished (0, 0 and [] before).
         finished: whether every clip has been yielded.
 
-    Raises: :class:`~.base.InputError` when made for a sound that cannot be decoded
-    (a sound file is decoded whole first, keeping only its length, unless
+    Raises: :class:`~.base.InputError` when made for a video or sound that cannot be
+    decoded (a video file is decoded whole first, keeping only its frame count and
+    first frame size, and a sound file, keeping only its length, unless
     :func:`~.base.readable_twice` says it gives its bytes once); while iterated,
-    for a video shorter than one clip, a frame that cannot be decoded, or a sound
-    file that decodes to another length than when it was checked (it changed).
+    for a video shorter than one clip, a frame that cannot be decoded (a video not
+    checked), or a video or sound file written to or replaced since it was checked
+    (it decodes to other frames or another length, or its size or modification
+    time changed).
     """
 
     def __init__(self, pipeline: AutoencodePipeline, video: VideoInput, audio: AudioInput) -> None:
@@ -649,38 +656,53 @@ class AutoencodeClips:
         self._size: Tuple[int, ...] = pipeline.size
         self._decoded = 0  # frames decoded so far, the dropped ones included
         # The checks of the pipeline call in its order: the frames given as an array,
-        # the frame rate, the sound; a file's frames are decoded as the clips go.
-        frames: Iterable[np.ndarray]
+        # the frame rate, the sound; then a video file and a sound file are decoded
+        # whole, only to check them; a file's frames are decoded again as the clips go.
+        frames: Iterable[np.ndarray] = ()
         declared: Optional[int] = None  # the frame count a video file declares
-        if is_path(video):
-            frames = iter_video_frames(os.fspath(video))
-        else:
+        path = os.fspath(video) if is_path(video) else None
+        if path is None:
             array = pipeline._frame_array(video)
             frames, expected = array, len(array)
         self._video_fps, rate_note = pipeline.frame_rate_note(video)
-        if is_path(video):
-            declared = video_frame_count(os.fspath(video))  # for the missing-frames note
+        if path is not None:
+            declared = video_frame_count(path)  # for the missing-frames note
             # For the progress bar only: Matroska, WebM and MPEG-TS declare no count,
             # and their duration gives an estimate.
-            expected = declared or estimated_frame_count(os.fspath(video))
+            expected = declared or estimated_frame_count(path)
         sound_notes: List[str] = []
         sound = pipeline._sound_source(video, audio, sound_notes)
         self._sound = sound  # a sound file is open from here: close() closes it
-        if isinstance(sound, SoundReader) and readable_twice(sound.path):
-            # The whole sound decoded once now, keeping only its length, so that a
-            # track that cannot be decoded partway through is named before the model
-            # runs, not after minutes of clips; the clips then decode it again piece
-            # by piece. Decoding sound is cheap beside the model (an AAC track
-            # decodes at hundreds of times real time), so the second decode costs
-            # little, and memory stays that of a piece. A name for an open
-            # descriptor (/dev/stdin redirected from a file) is decoded once, for
-            # the clips only: on macOS and the BSDs a second open would share its
-            # offset and find the sound already read.
-            try:
+        try:
+            checked: Optional[VideoCheck] = None
+            if path is not None and readable_twice(path):
+                # The whole video decoded once now, keeping only its frame count and
+                # first size, so that a video that cannot be decoded partway through
+                # (a damaged packet) is named before the model runs, not after the
+                # clips before the damage (minutes each at full size); the clips then
+                # decode it again frame by frame, and a file changed meanwhile is
+                # refused (iter_video_frames' checked). Decoding is cheap beside the
+                # model, so the second decode costs little, and memory stays that of
+                # a frame. A name for an open descriptor is decoded once, as the
+                # sound below.
+                checked = check_video(path)
+            if isinstance(sound, SoundReader) and readable_twice(sound.path):
+                # The whole sound decoded once now, keeping only its length, so that a
+                # track that cannot be decoded partway through is named before the model
+                # runs, not after minutes of clips; the clips then decode it again piece
+                # by piece. Decoding sound is cheap beside the model (an AAC track
+                # decodes at hundreds of times real time), so the second decode costs
+                # little, and memory stays that of a piece. A name for an open
+                # descriptor (/dev/stdin redirected from a file) is decoded once, for
+                # the clips only: on macOS and the BSDs a second open would share its
+                # offset and find the sound already read.
                 sound.check()
-            except BaseException:
+        except BaseException:
+            if isinstance(sound, SoundReader):
                 sound.close()  # no object is made: nothing else would close it
-                raise
+            raise
+        if path is not None:
+            frames = iter_video_frames(path, checked=checked)
         self._iterator = self._run(frames, declared, expected, sound, rate_note, sound_notes)
         self._iterated = False  # whether iter() has been called (once only: __iter__)
         self._closed = False
