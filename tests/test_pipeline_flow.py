@@ -34,6 +34,7 @@ from helpers import (
     act_at_read,
     alive_counts,
     batch_sizes_of_calls,
+    fail_on_call,
     full_disk_temporary_files,
     run_cli,
     track_alive,
@@ -557,21 +558,170 @@ def _size_changing_video(path: Path, sizes) -> None:
             container.mux(packet)
 
 
-def test_run_flow_names_a_video_that_changes_size(tmp_path, flow_checkpoint):
+def test_run_flow_names_a_video_that_changes_size(tmp_path, flow_checkpoint, model,
+                                                  monkeypatch):
+    """Frames 2 and 3 were refused as "the two frames differ in size (...); give
+    frames of one size", which names neither the frames nor the video; the change is
+    named, and now before any model call (it came after the flows of the pairs
+    before it): the video is decoded whole first (media.check_video, one_size)."""
     from perceiver_torch.pipelines.media import iter_video_frames
 
     path = tmp_path / "switch.ts"
     _size_changing_video(path, [(40, 56), (56, 40)])
     assert [f.shape[:2] for f in iter_video_frames(path)] == [(40, 56)] * 3 + [(56, 40)] * 3
-    # Frames 2 and 3 were refused as "the two frames differ in size (...); give frames
-    # of one size", which names neither the frames nor the video.
+    calls = fail_on_call(monkeypatch, type(model), "tiled", 1,
+                         "the model ran before the video was checked")
     result = run_cli("run", "flow", flow_checkpoint, path, "-o", tmp_path / "f.mp4")
     assert result.exit_code == 3, result.stderr
     assert (f"{path} changes size at frame 3 (from 0): 56x40 px before, 40x56 px from "
             "there (width x height)") in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "f.mp4").exists()
     with pytest.raises(InputError, match="changes size at frame 3"):
-        list(FlowPipeline(pt.build("optical_flow", pt.TINY_CONFIGS["optical_flow"])).video(path))
+        FlowPipeline(model).video(path)  # at the call, no flow asked for yet
+    assert calls == []
+
+
+@pytest.mark.parametrize("caller", ["video", "cli"])
+def test_a_video_that_cannot_be_decoded_partway_is_named_before_the_model_runs(
+        tmp_path, model, flow_checkpoint, monkeypatch, caller):
+    """The frames were decoded as the flows were computed, so a video damaged halfway
+    through was named only after the flows of the pairs before the damage (minutes
+    each at full size). It is decoded whole first, keeping only its frame count and
+    first frame size: the decoder's error, with the same words, comes before any
+    model call, at pipeline.video()'s call."""
+    from helpers import damage_video_midway
+    from perceiver_torch.pipelines.media import iter_video_frames
+    from perceiver_torch.pipelines.video import make_test_video
+
+    video = tmp_path / "clip.mp4"
+    make_test_video(video, 11, size=(40, 56), sample_rate=None)
+    damage_video_midway(video)
+    message = f"{video}: the video cannot be decoded"
+    decoded = []
+    with pytest.raises(InputError, match=re.escape(message)):
+        for frame in iter_video_frames(video):
+            decoded.append(frame.shape)
+    assert len(decoded) >= 2  # the damage is past a first pair
+    calls = fail_on_call(monkeypatch, type(model), "tiled", 1,
+                         "the model ran before the video was checked")
+    if caller == "video":
+        with pytest.raises(InputError, match=re.escape(message)):
+            FlowPipeline(model).video(video)  # at the call, no flow asked for yet
+    else:
+        (tmp_path / "out").mkdir()
+        result = run_cli("run", "flow", flow_checkpoint, video, "-o", tmp_path / "out" / "f.mp4")
+        assert result.exit_code == 3 and message in result.stderr, result.stderr
+        assert list((tmp_path / "out").iterdir()) == []
+    assert calls == []
+
+
+def test_the_video_check_holds_one_frame_at_a_time(tmp_path, model, monkeypatch):
+    """The check of a video decodes every frame before the first model call, and holds
+    one frame at a time: it keeps their count and the first one's size."""
+    from perceiver_torch.pipelines import media as media_module
+    from perceiver_torch.pipelines.video import make_test_video
+
+    video = tmp_path / "clip.mp4"
+    make_test_video(video, 9, size=(40, 56), sample_rate=None)
+    counts = alive_counts()
+    real = media_module.iter_video_frames
+
+    def tracked_frames(*args, **kwargs):
+        for frame in real(*args, **kwargs):
+            yield track_alive(counts, frame)
+
+    at_first_call: List[dict] = []
+
+    def tiled(self, *args, **kwargs):
+        at_first_call.append(dict(counts))
+        raise RuntimeError("one pair is enough")
+
+    # The check's decode only: the flows decode through the flow module's name.
+    monkeypatch.setattr(media_module, "iter_video_frames", tracked_frames)
+    monkeypatch.setattr(type(model), "tiled", tiled)
+    with pytest.raises(RuntimeError, match="one pair is enough"):
+        next(FlowPipeline(model).video(video))
+    assert len(at_first_call) == 1
+    assert at_first_call[0]["made"] == 9  # every frame, before the first pair
+    assert at_first_call[0]["most"] == 1, at_first_call  # not a list of them
+
+
+def test_a_video_of_frames_smaller_than_a_tile_is_refused_at_the_call(tmp_path, model):
+    """The check gives the first frame's size: frames smaller than a tile are refused
+    with the video's other errors, at pipeline.video()'s call (they were at the
+    first flow asked for); pad=True takes them."""
+    from perceiver_torch.pipelines.video import make_test_video
+
+    video = tmp_path / "small.mp4"
+    make_test_video(video, 3, size=(20, 30), sample_rate=None)
+    message = f"the frames of {video} are 30x20 px (width x height), smaller than"
+    with pytest.raises(InputError, match=re.escape(message)):
+        FlowPipeline(model).video(video)  # no flow asked for yet
+    assert len(list(FlowPipeline(model, pad=True).video(video))) == 2
+
+
+def test_a_video_changed_between_its_two_reads_is_refused(tmp_path, model, monkeypatch):
+    """The video is decoded twice (checked, then again for the pairs): a file replaced
+    between the reads by one of the same size and modification time (cp -p), which
+    base.file_state cannot tell, is refused by its frame count rather than answered
+    from another video (the autoencode tests go through the other cases)."""
+    import os
+
+    from perceiver_torch.pipelines import flow as flow_module
+    from perceiver_torch.pipelines.video import make_test_video
+
+    video, other = tmp_path / "clip.mp4", tmp_path / "other.mp4"
+    make_test_video(video, 7, size=(40, 56), sample_rate=None)
+    make_test_video(other, 5, size=(40, 56), sample_rate=None, seed=1)
+    sizes = [video.stat().st_size, other.stat().st_size]
+    for path, size in zip((video, other), sizes):
+        # Trailing zero bytes after the MP4's last box, which FFmpeg ignores.
+        path.write_bytes(path.read_bytes() + bytes(max(sizes) - size))
+    real = flow_module.check_video
+
+    def check_then_replace(*args, **kwargs):
+        checked = real(*args, **kwargs)
+        before = video.stat()
+        other.replace(video)
+        os.utime(video, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return checked
+
+    monkeypatch.setattr(flow_module, "check_video", check_then_replace)
+    message = (f"{video} changed during the run: its video, decoded again for the work, "
+               "has 5 frames, not 7 as when it was checked")
+    with pytest.raises(InputError, match=re.escape(message)):
+        list(FlowPipeline(model).video(video))
+
+
+def test_a_video_named_by_an_open_descriptor_is_decoded_once(tmp_path, model, monkeypatch):
+    """A video named by an open descriptor (/dev/stdin redirected from a file,
+    /dev/fd/N) is not checked (base.readable_twice): on macOS and the BSDs a second
+    open shares the descriptor's offset. It is decoded once, for the pairs, and the
+    flows are those of the file by its own name."""
+    import os
+
+    from perceiver_torch.pipelines import flow as flow_module
+    from perceiver_torch.pipelines.video import make_test_video
+
+    video = tmp_path / "clip.mp4"
+    make_test_video(video, 4, size=(40, 56), sample_rate=None)
+    checked: List[str] = []
+    real = flow_module.check_video
+
+    def recorded_check(path, *args, **kwargs):
+        checked.append(os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(flow_module, "check_video", recorded_check)
+    pipeline = FlowPipeline(model)
+    expected = list(pipeline.video(video))
+    assert checked == [str(video)]
+    with open(video, "rb") as handle:
+        flows = list(pipeline.video(f"/dev/fd/{handle.fileno()}"))
+    assert checked == [str(video)]  # not the descriptor's name
+    assert len(flows) == len(expected) == 3
+    for got, want in zip(flows, expected):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_run_flow_refuses_a_video_model(tmp_path):

@@ -18,6 +18,17 @@ Frames smaller than a tile are refused (:class:`~.base.InputError`) unless
 ``pad=True``: they are then edge-padded at the bottom and right up to the tile size
 and the flow is cropped back (a documented departure; the colab refuses them too).
 Results are (H, W, 2) float32 arrays in pixels, u (+x right) then v (+y down).
+
+Order of the checks, and memory: frames given as files to ``perceiver-convert run
+flow`` are each read and checked first (a bad one, or a pair of two sizes, is named
+before the model runs), keeping only notes and sizes, then read again pair by pair
+(:func:`run_task`). A video (:meth:`FlowPipeline.video`, and ``run flow`` of one) is
+decoded whole first, one frame held at a time, keeping only its frame count and first
+frame's size (a frame that cannot be decoded, a change of size or frames smaller than
+a tile are named before the model runs), then decoded again frame by frame for its
+pairs, memory holding a frame pair and its flow (a file written to or replaced between
+the two reads is refused; a name for an open descriptor such as ``/dev/stdin`` is
+decoded once).
 """
 
 from __future__ import annotations
@@ -60,10 +71,13 @@ from .media import (
     MEDIA_SUFFIXES,
     VIDEO_SUFFIXES,
     WRITTEN_VIDEO_SUFFIXES,
+    VideoCheck,
+    check_video,
     estimated_frame_count,
     is_video_path,
     iter_video_frames,
     missing_frames_note,
+    size_change_error,
     video_frame_count,
     video_frame_rate,
     write_video,
@@ -254,36 +268,50 @@ class FlowPipeline:
         """The flow of each consecutive frame pair of a video: an iterator of (H, W, 2)
         arrays (frame i -> i + 1), decoded frame by frame with PyAV as it is consumed.
 
+        The video is decoded whole once at the call, only to check it, one frame held
+        at a time, keeping its frame count and first frame's size
+        (:func:`~.media.check_video`): a video that cannot be decoded partway through
+        (a damaged packet), that changes size, or whose frames are smaller than a
+        tile, is named before the model runs on any pair, not after the flows of the
+        pairs before it (minutes each at full size on a CPU). The frames are then
+        decoded again as the flows are consumed, and a file written to or replaced
+        meanwhile is refused. A name for an open descriptor such as ``/dev/stdin``
+        (:func:`~.base.readable_twice`) is decoded once, as the flows are consumed.
+
         max_frames: read at most this many frames (N frames give N - 1 flows), at
         least 1; None reads them all. Checked at the call, before the video is opened.
 
-        Raises (as the flows are consumed): InputError for an unreadable video, and
-        for one that changes size mid-stream (naming the frame; flow needs frames of
-        one size).
+        Raises:
+            InputError: at the call, for an unreadable video (a frame that cannot be
+                decoded), one that changes size mid-stream (naming the frame; flow
+                needs frames of one size) or frames smaller than a tile (unless
+                ``pad``); as the flows are consumed, for a video changed since (or
+                the errors above, for a video not checked).
         """
         if max_frames is not None:
             # 0 or less would read no frame and then blame the video ("has no frames").
             max_frames = positive_int(max_frames, "max_frames")
-        return self._video_flows(path, max_frames)
+        checked: Optional[VideoCheck] = None
+        if readable_twice(path):
+            # Decoding a frame is cheap beside a pair's flow, so the second decode
+            # costs little; memory stays that of a frame.
+            checked = check_video(path, max_frames, one_size=True)
+            self.check_size(checked.size[0], checked.size[1], f"the frames of {path}")
+        return self._video_flows(path, max_frames, checked)
 
     def _video_flows(
-        self, path: Union[str, Path], max_frames: Optional[int]
+        self, path: Union[str, Path], max_frames: Optional[int], checked: Optional[VideoCheck]
     ) -> Iterator[np.ndarray]:
         previous = None
-        for index, frame in enumerate(iter_video_frames(path, max_frames)):
+        for index, frame in enumerate(iter_video_frames(path, max_frames, checked)):
             if previous is None:
                 self.check_size(frame.shape[0], frame.shape[1], f"the frames of {path}")
             else:
                 if frame.shape != previous.shape:
                     # A stream may switch resolution (broadcasts, screen recordings):
                     # flow_of's "the two frames differ" names neither frame nor video.
-                    (h0, w0), (h1, w1) = previous.shape[:2], frame.shape[:2]
-                    raise InputError(
-                        f"{path} changes size at frame {index} (from 0): {w0}x{h0} px "
-                        f"before, {w1}x{h1} px from there (width x height); flow needs "
-                        "frames of one size: give a copy scaled to one size (ffmpeg -i IN "
-                        f"-vf scale={w0}:{h0} OUT.mp4)"
-                    )
+                    # (check_video finds it first, where the video is checked.)
+                    raise size_change_error(path, index, previous.shape, frame.shape)
                 yield self.flow_of(previous, frame, progress=no_progress).flow
             previous = frame
         if previous is None:
@@ -439,7 +467,10 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     pairs: each flow goes to disk as it is computed, :class:`~.spool.DiskSpool`, then into
     the output). A frame that cannot be read twice (a pipe:
     :func:`~.base.readable_twice`) keeps its first read. The lines are printed when
-    every pair has its flow, as when all were computed at once.
+    every pair has its flow, as when all were computed at once. A video is likewise
+    decoded whole first (:meth:`FlowPipeline.video`: a frame that cannot be decoded or
+    a change of size is named before the model runs), then again for its pairs
+    (:func:`_run_video`).
     """
     # Every output's path (its folder, not a folder itself) before any work, as the CLI's.
     check_output_paths(planned_outputs(inputs, options))

@@ -45,6 +45,7 @@ __all__ = [
     "is_video_path",
     "iter_video_frames",
     "read_audio",
+    "size_change_error",
     "video_frame_count",
     "video_frame_rate",
     "wav_header",
@@ -289,7 +290,9 @@ class VideoCheck:
         )
 
 
-def check_video(path: PathLike, max_frames: Optional[int] = None) -> VideoCheck:
+def check_video(
+    path: PathLike, max_frames: Optional[int] = None, *, one_size: bool = False
+) -> VideoCheck:
     """Decodes the frames of ``path`` (:func:`iter_video_frames`'s, at most
     ``max_frames``) once, now, and keeps only their count and the first frame's
     size, one frame held at a time: a video that cannot be decoded partway through
@@ -299,9 +302,13 @@ def check_video(path: PathLike, max_frames: Optional[int] = None) -> VideoCheck:
     the two reads then ends in :class:`InputError` rather than in an answer from
     another video than the one checked.
 
+    one_size: every frame must have the first frame's size (flow's frame pairs): the
+        first that has not is named (:func:`size_change_error`), and the decoding
+        stops there, as the work on the frames would.
+
     Raises:
         InputError: :func:`iter_video_frames`'s (unreadable file, no video stream, no
-            frames, a decoding error).
+            frames, a decoding error), or with ``one_size`` a change of size.
     """
     path = Path(path)
     state = file_state(path)  # before the decode: a write from now on is seen later
@@ -313,12 +320,28 @@ def check_video(path: PathLike, max_frames: Optional[int] = None) -> VideoCheck:
         for shape in map(np.shape, frames):
             if size is None:
                 size = (int(shape[0]), int(shape[1]))
+            elif one_size and tuple(shape[:2]) != size:
+                raise size_change_error(path, count, size, shape)
             count += 1
     finally:
         # Now, not when the error's traceback (which holds this frame) goes.
         frames.close()
     assert size is not None  # iter_video_frames raises for a video without frames
     return VideoCheck(path, count, size, state)
+
+
+def size_change_error(
+    path: PathLike, index: int, before: Tuple[int, ...], after: Tuple[int, ...]
+) -> InputError:
+    """The :class:`InputError` of a video whose frame ``index`` (from 0) has the shape
+    ``after`` (H, W, ...) where the frames before it had ``before``: flow needs frames
+    of one size. A stream may switch resolution (broadcasts, screen recordings)."""
+    (h0, w0), (h1, w1) = before[:2], after[:2]
+    return InputError(
+        f"{path} changes size at frame {index} (from 0): {w0}x{h0} px before, {w1}x{h1} "
+        "px from there (width x height); flow needs frames of one size: give a copy "
+        f"scaled to one size (ffmpeg -i IN -vf scale={w0}:{h0} OUT.mp4)"
+    )
 
 
 def _rgb24(frame: Any) -> np.ndarray:
