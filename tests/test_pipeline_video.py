@@ -1721,6 +1721,149 @@ def test_a_video_named_by_an_open_descriptor_is_decoded_once(tmp_path, model, mo
     np.testing.assert_array_equal(result.inputs, expected.inputs)
 
 
+@pytest.mark.parametrize("damage", ["video", "sound", "short"])
+def test_run_autoencode_checks_every_video_before_the_first_clip(
+        tmp_path, model, video_checkpoint, monkeypatch, damage):
+    """Several videos went one at a time, each checked at its turn: a third video
+    that cannot be decoded partway through (its frames or its sound), or shorter than
+    a clip, was named after the first two had gone through the model, and the run,
+    which writes nothing when it fails, lost their work. Every video and its sound
+    are now decoded (and a video's frames counted) before the first model call."""
+    videos = [tmp_path / f"v{i}.mp4" for i in range(3)]
+    for i, video in enumerate(videos):
+        frames = 1 if damage == "short" and i == 2 else 75
+        make_test_video(video, frames, size=(16, 16), sample_rate=48000, seed=i)
+    last = videos[2]
+    if damage == "video":
+        damage_video_midway(last)
+    elif damage == "sound":
+        damage_sound_midway(last)
+    message = {
+        "video": f"{last}: the video cannot be decoded",
+        "sound": f"{last}: the sound cannot be decoded",
+        "short": f"{last} has 1 frame(s); the model autoencodes clips of 2 frames: give a "
+                 "longer video",
+    }[damage]
+    calls = fail_on_call(monkeypatch, type(model), "reconstruct", 1,
+                         "the model ran before every video was checked")
+    (tmp_path / "out").mkdir()
+    result = run_cli("run", "autoencode", video_checkpoint, *videos, "-o", tmp_path / "out")
+    assert result.exit_code == 3 and message in result.stderr, result.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+    assert calls == []
+
+
+def test_run_autoencode_decodes_each_video_twice_not_three_times(tmp_path, model,
+                                                                 monkeypatch):
+    """The checks before every video's work are those the clips would make: the clips
+    take their counts (to compare with the second read) rather than decode each
+    video and sound a third time. The answers are the pipeline's."""
+    from perceiver_torch.pipelines import video as video_module
+    from perceiver_torch.pipelines.base import RunOptions
+    from perceiver_torch.pipelines.media import SoundReader
+
+    videos = [tmp_path / f"v{i}.mp4" for i in range(2)]
+    for i, video in enumerate(videos):
+        make_test_video(video, 5, size=(16, 16), sample_rate=48000, seed=i)
+    events: List[str] = []
+    real_check, real_sound_check = video_module.check_video, SoundReader.check
+
+    def check_video(path, *args, **kwargs):
+        events.append(f"video {Path(path).name}")
+        return real_check(path, *args, **kwargs)
+
+    def sound_check(self):
+        events.append(f"sound {Path(self.path).name}")
+        return real_sound_check(self)
+
+    original = type(model).reconstruct
+
+    def reconstruct(self, *args, **kwargs):
+        events.append("model")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(video_module, "check_video", check_video)
+    monkeypatch.setattr(SoundReader, "check", sound_check)
+    monkeypatch.setattr(type(model), "reconstruct", reconstruct)
+    (tmp_path / "out").mkdir()
+    documents = video_module.run_task(AutoencodePipeline(model), [str(v) for v in videos],
+                                      RunOptions(output=tmp_path / "out"))
+    assert events == ["video v0.mp4", "sound v0.mp4", "video v1.mp4", "sound v1.mp4",
+                      *["model"] * 4]  # 5 frames: 2 clips of 2 each
+    monkeypatch.undo()
+    for video, document in zip(videos, documents):
+        assert document["clips"] == AutoencodePipeline(model)(video).as_dict()["clips"]
+
+
+@pytest.mark.parametrize("changed", ["video", "sound"])
+def test_run_autoencode_refuses_a_file_changed_after_the_checks(tmp_path, model,
+                                                                 monkeypatch, changed):
+    """The checks before every video's work keep the video's count and file state and
+    the sound's length: a video or --audio file written to or replaced before its
+    work (hours later, for the last of many videos) is refused rather than answered
+    from another file than the one checked."""
+    from perceiver_torch.pipelines import video as video_module
+    from perceiver_torch.pipelines.base import RunOptions
+
+    video, audio, _ = _sound_cases(tmp_path, "long")  # 30 frames' worth of sound
+    if changed == "video":
+        replacement = tmp_path / "other.mp4"
+        make_test_video(replacement, 13, size=(24, 32), sample_rate=None, seed=3)
+        target = video
+        message = (f"{video} changed during the run: it was written to or replaced after "
+                   "the inputs were checked")
+    else:
+        replacement = tmp_path / "other.wav"
+        write_pcm_wav(replacement, np.zeros((1, 3000), np.int16), 1600)
+        target = audio
+        message = (f"{audio} changed during the run: its sound, decoded again for the "
+                   "work, has ")
+    real = video_module._check_video_files
+
+    def check_then_replace(*args, **kwargs):
+        checks = real(*args, **kwargs)
+        replacement.replace(target)
+        return checks
+
+    monkeypatch.setattr(video_module, "_check_video_files", check_then_replace)
+    (tmp_path / "out").mkdir()
+    options = RunOptions(output=tmp_path / "out", extra={"audio": str(audio)})
+    with pytest.raises(InputError, match=re.escape(message)):
+        video_module.run_task(AutoencodePipeline(model), [str(video)], options)
+
+
+def test_run_autoencode_opens_a_sound_named_by_an_open_descriptor_once(tmp_path, model,
+                                                                        monkeypatch):
+    """--audio /dev/stdin (here /dev/fd/N of a file opened here) is neither checked
+    nor opened by the checks before the work: on macOS and the BSDs a second open
+    shares the descriptor's offset, and the clips would find the sound read. The
+    clips' reader is the one opening; the answers are those of the file's name."""
+    from perceiver_torch.pipelines import video as video_module
+    from perceiver_torch.pipelines.base import RunOptions
+
+    video, audio, _ = _sound_cases(tmp_path, "long")
+    opened: List[str] = []
+    real = video_module.SoundReader
+
+    class CountedReader(real):
+        def __init__(self, path, *args, **kwargs):
+            opened.append(os.fspath(path))
+            super().__init__(path, *args, **kwargs)
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    expected = video_module.run_task(
+        AutoencodePipeline(model), [str(video)],
+        RunOptions(output=tmp_path / "a", extra={"audio": str(audio)}))
+    monkeypatch.setattr(video_module, "SoundReader", CountedReader)
+    with open(audio, "rb") as handle:
+        by_descriptor = f"/dev/fd/{handle.fileno()}"
+        documents = video_module.run_task(
+            AutoencodePipeline(model), [str(video)],
+            RunOptions(output=tmp_path / "b", extra={"audio": by_descriptor}))
+    assert opened == [by_descriptor]  # the clips' reader only
+    assert documents[0]["clips"] == expected[0]["clips"]
+
+
 @pytest.fixture(scope="module")
 def checkpoint_model(video_checkpoint: Path) -> torch.nn.Module:
     """The model ``run`` loads from ``video_checkpoint``."""
@@ -1885,7 +2028,8 @@ def _tracked_files(monkeypatch) -> Dict[str, List[str]]:
             files["sound"].append(str(path))
 
         def close(self):
-            if str(self.path) not in files["sound closed"]:
+            if not getattr(self, "closed_once", False):  # each reader once
+                self.closed_once = True
                 files["sound closed"].append(str(self.path))
             super().close()
 
@@ -1939,7 +2083,8 @@ def test_a_failed_write_closes_the_video_and_sound_files(tmp_path, model, monkey
         video_module.run_task(AutoencodePipeline(model), [str(video)], options)
     assert kept.traceback  # the exception, and its frames, still held here
     assert files["video"] == files["video closed"] == [str(video)]
-    assert files["sound"] == files["sound closed"] == [str(audio)]
+    # The reader of the check before every video's work, then the clips'.
+    assert files["sound"] == files["sound closed"] == [str(audio)] * 2
     assert list((tmp_path / "out").iterdir()) == []
 
 

@@ -44,11 +44,11 @@ Contract of a task (how ``perceiver-convert run TASK`` finds and runs it)
    input that cannot be read twice, a pipe: :func:`~.base.readable_twice`, keeps its
    first read, as do classify's images where they are one batch; a file written to
    meanwhile, :func:`~.base.file_state`, is refused: :class:`~.base.TwoReads`);
-   fill-mask checks every text's length first; autoencode takes the videos in
-   turn, each decoded whole (and its sound) before its first clip, keeping only
-   counts and sizes, then again clip by clip: only the videos' existence is checked
-   up front (by its ``spec.outputs``), and an unreadable video is named at its turn,
-   after the earlier videos' work.
+   fill-mask checks every text's length first; autoencode decodes every video (and
+   its sound) whole first, one at a time, keeping only counts and sizes, so that a
+   bad one is named before the model runs on the first, then takes the videos in
+   turn, each decoded again clip by clip (the videos' existence is checked earlier
+   still, by its ``spec.outputs``).
 4. ``spec.options``: the task's own CLI options (:class:`~.base.TaskOption`); their
    values arrive in ``options.extra[dest]``. Using one with another task is a usage
    error.

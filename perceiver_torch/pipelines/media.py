@@ -428,8 +428,8 @@ class SoundReader:
     Raises:
         InputError: unreadable file or no sound track (the message names ``--audio``)
             when made; an empty sound track or a decoding error while the pieces are
-            taken (or by :meth:`check`), or, after :meth:`check`, pieces that do not
-            add up to the length it found.
+            taken (or by :meth:`check`), or, after :meth:`check` (or :meth:`expect`),
+            pieces that do not add up to the length it found.
     """
 
     def __init__(self, path: PathLike, sample_rate: int) -> None:
@@ -469,12 +469,20 @@ class SoundReader:
         """
         with SoundReader(self.path, self.sample_rate) as again:
             length = sum(map(len, again))  # each piece let go once counted
-        self._checked_length = length
+        self.expect(length)
         return length
+
+    def expect(self, length: int) -> None:
+        """As :meth:`check`, with the ``length`` an earlier :meth:`check` of this file
+        found in another reader (``run autoencode`` checks every video's sound before
+        the first clip of the first video): the pieces must add up to it, without
+        decoding the sound again now."""
+        self._checked_length = int(length)
 
     def _counted(self, pieces: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         """``pieces`` as they come, ended by :class:`InputError` as soon as they are
-        more, or at their end fewer, samples than :meth:`check` found."""
+        more, or at their end fewer, samples than :meth:`check` found (or
+        :meth:`expect` was told)."""
         given = 0
         try:
             for piece in pieces:

@@ -47,8 +47,9 @@ autoencoded in turn, with nothing of the earlier clips kept but their PSNR and
 labels; the pipeline call gathers every clip into one :class:`AutoencodeResult` (a
 one-minute 25 fps video: 0.9 GB of input frames and as much of reconstructed ones),
 and ``perceiver-convert run autoencode`` writes each clip's reconstruction away as it
-comes (:func:`run_task`). Frames or sound given as arrays are the caller's, held as
-given.
+comes (:func:`run_task`; with several videos, each is checked so before the first
+one's first clip, keeping only the counts of each). Frames or sound given as arrays
+are the caller's, held as given.
 """
 
 from __future__ import annotations
@@ -562,12 +563,13 @@ class AutoencodePipeline:
         now: the frames given as an array, the sound, a file's frame rate and sound
         track, then a video file and a sound file decoded whole, only to check them
         (:func:`~.media.check_video`, :meth:`~.media.SoundReader.check`; not
-        ``/dev/stdin`` and the like, see :func:`~.base.readable_twice`); the rest as
-        the clips come (a video of fewer frames than a clip, a video or sound file
-        that decodes to other frames or another length the second time). It is
-        iterated once (a second loop raises RuntimeError: call this again). A loop
-        left early leaves the files open until :meth:`AutoencodeClips.close` (``with
-        pipeline.clips(video) as clips:`` closes them)."""
+        ``/dev/stdin`` and the like, see :func:`~.base.readable_twice`), and a video
+        file of fewer frames than a clip; the rest as the clips come (fewer frames
+        than a clip given as an array, a video or sound file that decodes to other
+        frames or another length the second time). It is iterated once (a second
+        loop raises RuntimeError: call this again). A loop left early leaves the
+        files open until :meth:`AutoencodeClips.close` (``with pipeline.clips(video)
+        as clips:`` closes them)."""
         return AutoencodeClips(self, video, audio)
 
     def _autoencode(
@@ -635,16 +637,20 @@ class AutoencodeClips:
         finished: whether every clip has been yielded.
 
     Raises: :class:`~.base.InputError` when made for a video or sound that cannot be
-    decoded (a video file is decoded whole first, keeping only its frame count and
-    first frame size, and a sound file, keeping only its length, unless
-    :func:`~.base.readable_twice` says it gives its bytes once); while iterated,
-    for a video shorter than one clip, a frame that cannot be decoded (a video not
-    checked), or a video or sound file written to or replaced since it was checked
-    (it decodes to other frames or another length, or its size or modification
-    time changed).
+    decoded, or a video file shorter than one clip (a video file is decoded whole
+    first, keeping only its frame count and first frame size, and a sound file,
+    keeping only its length, unless :func:`~.base.readable_twice` says it gives its
+    bytes once); while iterated, for fewer frames than a clip or a frame that
+    cannot be decoded (an array, a video not checked), or a video or sound file
+    written to or replaced since it was checked (it decodes to other frames or
+    another length, or its size or modification time changed).
     """
 
-    def __init__(self, pipeline: AutoencodePipeline, video: VideoInput, audio: AudioInput) -> None:
+    def __init__(self, pipeline: AutoencodePipeline, video: VideoInput, audio: AudioInput,
+                 _checks: Optional["_FileChecks"] = None) -> None:
+        # _checks: what _check_files found of these files before (run_task checks
+        # every video first); None: checked now.
+        checks = _checks
         self.sample_rate = pipeline.sample_rate
         self.fps = MODEL_FPS
         self.clips: List[ClipResult] = []
@@ -674,35 +680,16 @@ class AutoencodeClips:
         sound = pipeline._sound_source(video, audio, sound_notes)
         self._sound = sound  # a sound file is open from here: close() closes it
         try:
-            checked: Optional[VideoCheck] = None
-            if path is not None and readable_twice(path):
-                # The whole video decoded once now, keeping only its frame count and
-                # first size, so that a video that cannot be decoded partway through
-                # (a damaged packet) is named before the model runs, not after the
-                # clips before the damage (minutes each at full size); the clips then
-                # decode it again frame by frame, and a file changed meanwhile is
-                # refused (iter_video_frames' checked). Decoding is cheap beside the
-                # model, so the second decode costs little, and memory stays that of
-                # a frame. A name for an open descriptor is decoded once, as the
-                # sound below.
-                checked = check_video(path)
-            if isinstance(sound, SoundReader) and readable_twice(sound.path):
-                # The whole sound decoded once now, keeping only its length, so that a
-                # track that cannot be decoded partway through is named before the model
-                # runs, not after minutes of clips; the clips then decode it again piece
-                # by piece. Decoding sound is cheap beside the model (an AAC track
-                # decodes at hundreds of times real time), so the second decode costs
-                # little, and memory stays that of a piece. A name for an open
-                # descriptor (/dev/stdin redirected from a file) is decoded once, for
-                # the clips only: on macOS and the BSDs a second open would share its
-                # offset and find the sound already read.
-                sound.check()
+            if checks is None:
+                checks = _check_files(pipeline, path, sound)
+            elif checks.sound is not None and isinstance(sound, SoundReader):
+                sound.expect(checks.sound)  # checked before (run_task), not again
         except BaseException:
             if isinstance(sound, SoundReader):
                 sound.close()  # no object is made: nothing else would close it
             raise
         if path is not None:
-            frames = iter_video_frames(path, checked=checked)
+            frames = iter_video_frames(path, checked=checks.video)
         self._iterator = self._run(frames, declared, expected, sound, rate_note, sound_notes)
         self._iterated = False  # whether iter() has been called (once only: __iter__)
         self._closed = False
@@ -843,6 +830,64 @@ class AutoencodeClips:
                 full, clip, filled = clip, None, 0
                 yield full
                 del full
+
+
+@dataclass(frozen=True)
+class _FileChecks:
+    """What :func:`_check_files` keeps of a video file and its sound file for their
+    second read: the video's :class:`~.media.VideoCheck` and the sound's length
+    (samples at the model's rate); None for what was not checked (frames or sound
+    given as arrays, a name for an open descriptor)."""
+
+    video: Optional[VideoCheck] = None
+    sound: Optional[int] = None
+
+
+def _check_files(
+    pipeline: AutoencodePipeline,
+    path: Optional[str],
+    sound: Union[SoundReader, np.ndarray, None],
+) -> _FileChecks:
+    """Decodes the video file ``path`` (None: frames given as an array) and the sound
+    file of ``sound`` (a reader: :meth:`~.media.SoundReader.check` makes it expect
+    the length found; an array or None: nothing to check) once, now, only to check
+    them, keeping their counts, one frame or piece held at a time; a video of fewer
+    frames than a clip is refused here. Not a name for an open descriptor
+    (:func:`~.base.readable_twice`).
+
+    Raises:
+        InputError: a video or sound that cannot be decoded, or a video too short.
+    """
+    video: Optional[VideoCheck] = None
+    if path is not None and readable_twice(path):
+        # The whole video decoded once now, keeping only its frame count and first
+        # size, so that a video that cannot be decoded partway through (a damaged
+        # packet) is named before the model runs, not after the clips before the
+        # damage (minutes each at full size); the clips then decode it again frame
+        # by frame, and a file changed meanwhile is refused (iter_video_frames'
+        # checked). Decoding is cheap beside the model, so the second decode costs
+        # little, and memory stays that of a frame. A name for an open descriptor is
+        # decoded once, as the sound below.
+        video = check_video(path)
+        t = pipeline.num_frames
+        if video.frames < t:
+            # Known now: among several videos, before the earlier ones' work.
+            raise InputError(
+                f"{path} has {video.frames} frame(s); the model autoencodes clips of "
+                f"{t} frames: give a longer video"
+            )
+    length: Optional[int] = None
+    if isinstance(sound, SoundReader) and readable_twice(sound.path):
+        # The whole sound decoded once now, keeping only its length, so that a track
+        # that cannot be decoded partway through is named before the model runs, not
+        # after minutes of clips; the clips then decode it again piece by piece.
+        # Decoding sound is cheap beside the model (an AAC track decodes at hundreds
+        # of times real time), so the second decode costs little, and memory stays
+        # that of a piece. A name for an open descriptor (/dev/stdin redirected from
+        # a file) is decoded once, for the clips only: on macOS and the BSDs a second
+        # open would share its offset and find the sound already read.
+        length = sound.check()
+    return _FileChecks(video, length)
 
 
 class _ClipSound:
@@ -1001,8 +1046,12 @@ def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOption
       ``OUT.audio.npy`` and ``OUT.label_logits.npy``.
 
     The JSON document of each video lists the files, the clips with their PSNR and
-    top-k labels, and the dropped frames. The videos are autoencoded one at a time,
-    and each clip by clip (:func:`_run_video`): memory holds one clip's frames and
+    top-k labels, and the dropped frames. Every video, and its sound, is first decoded
+    once, one after the other, only to check it (a frame held at a time, keeping its
+    frame count: a video or sound that cannot be decoded, or a video shorter than a
+    clip, is named before the model runs on the first video). The videos are then
+    autoencoded one at a time, each decoded again clip by clip (:func:`_run_video`; a
+    file changed since its check is refused): memory holds one clip's frames and
     sound, not a video's; the files are written as the clips come (staged by the CLI:
     a run that fails leaves none).
     """
@@ -1012,12 +1061,36 @@ def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOption
     pipeline.progress = options.progress
     audio = options.extra.get("audio")
     several = len(inputs) > 1
-    return [_run_video(pipeline, path, audio, options, several) for path in inputs]
+    # Every video and its sound decoded once before the first clip of the first
+    # video, one at a time, keeping only their counts: a damaged or too short third
+    # video is named before the first two have gone through the model (a run that
+    # fails writes nothing, so their work would be lost); each is then decoded again
+    # at its turn, and refused if it changed meanwhile. Only the counts are held.
+    checks = [_check_video_files(pipeline, path, audio) for path in inputs]
+    return [_run_video(pipeline, path, audio, options, several, check)
+            for path, check in zip(inputs, checks)]
+
+
+def _check_video_files(
+    pipeline: AutoencodePipeline, path: str, audio: Optional[str]
+) -> _FileChecks:
+    """:func:`_check_files` of the video ``path`` and its sound (``audio``, else its
+    own track), whose files are closed again: only the counts are kept."""
+    if not readable_twice(path if audio is None else audio):
+        # A sound named by an open descriptor (--audio /dev/stdin) is opened once, by
+        # the clips (_check_files says why).
+        return _check_files(pipeline, path, None)
+    sound = pipeline._sound_source(path, audio, [])  # its errors as the clips' own
+    try:
+        return _check_files(pipeline, path, sound)
+    finally:
+        if isinstance(sound, SoundReader):
+            sound.close()
 
 
 def _run_video(
     pipeline: AutoencodePipeline, path: str, audio: Optional[str], options: RunOptions,
-    several: bool,
+    several: bool, checks: _FileChecks,
 ) -> Dict[str, Any]:
     """One video of :func:`run_task`: its files written, its lines printed, its
     document returned.
@@ -1029,8 +1102,9 @@ def _run_video(
     needs the length); ``--npy``/``--npz`` spool the frames, sound and logits to
     temporary files likewise and write the arrays from them (:class:`~.spool.DiskSpool`). Only
     each clip's PSNR, labels and the notes are kept. The files are written through
-    ``options`` (staged in the CLI: a run that fails leaves none)."""
-    clips = pipeline.clips(path, audio)
+    ``options`` (staged in the CLI: a run that fails leaves none). ``checks``: what
+    the checks before every video's work found (not made again)."""
+    clips = AutoencodeClips(pipeline, path, audio, checks)
     # Its files closed however this ends (a failed write, an interrupt between clips).
     with clips:
         files: List[str] = []
