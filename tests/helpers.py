@@ -172,39 +172,33 @@ def fail_on_call(monkeypatch: Any, owner: Any, method: str, call: int,
     return calls
 
 
-def damage_sound_midway(path: Path) -> Path:
-    """Overwrites, in place, the packet halfway through the first sound track of the
-    media file ``path`` with 0xFF bytes: FFmpeg decodes the packets before it, then
-    refuses that one (its AAC decoder fails on the frame header), as a file damaged
-    on a disk or in a download. Returns ``path``."""
+def _damage_packet_midway(path: Path, kind: str) -> Path:
+    """Overwrites, in place, the packet halfway through the first ``kind`` ("audio"
+    or "video") stream of the media file ``path`` with 0xFF bytes: FFmpeg decodes
+    the packets before it, then refuses that one, as in a file damaged on a disk or
+    in a download. Returns ``path``."""
     import av
 
     with av.open(str(path)) as container:
-        stream = container.streams.audio[0]
+        stream = getattr(container.streams, kind)[0]
         packets = [(p.pos, p.size) for p in container.demux(stream) if p.size]
     position, size = packets[len(packets) // 2]
     data = bytearray(path.read_bytes())
     data[position : position + size] = b"\xff" * size
     path.write_bytes(bytes(data))
     return path
+
+
+def damage_sound_midway(path: Path) -> Path:
+    """:func:`_damage_packet_midway` of the sound track: its AAC decoder fails on the
+    frame header."""
+    return _damage_packet_midway(path, "audio")
 
 
 def damage_video_midway(path: Path) -> Path:
-    """Overwrites, in place, the packet halfway through the first video stream of the
-    media file ``path`` with 0xFF bytes: FFmpeg decodes the frames before it, then
-    refuses that packet (an H.264 NAL unit length past the packet's end: "Invalid
-    data found when processing input"), as a file damaged on a disk or in a
-    download. Returns ``path``."""
-    import av
-
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        packets = [(p.pos, p.size) for p in container.demux(stream) if p.size]
-    position, size = packets[len(packets) // 2]
-    data = bytearray(path.read_bytes())
-    data[position : position + size] = b"\xff" * size
-    path.write_bytes(bytes(data))
-    return path
+    """:func:`_damage_packet_midway` of the video stream: an H.264 NAL unit length
+    past the packet's end ("Invalid data found when processing input")."""
+    return _damage_packet_midway(path, "video")
 
 
 # Weights planted by checkpoint_with_tiny_weights, against float16's thresholds
