@@ -201,6 +201,85 @@ def damage_video_midway(path: Path) -> Path:
     return _damage_packet_midway(path, "video")
 
 
+def same_size_mp4s(*paths: Path) -> None:
+    """Pads the MP4 files ``paths`` to one size with zero bytes after their last box,
+    which FFmpeg ignores (their frames decode as before): a file replaced by another
+    of these keeps its size."""
+    sizes = [path.stat().st_size for path in paths]
+    for path, size in zip(paths, sizes):
+        path.write_bytes(path.read_bytes() + bytes(max(sizes) - size))
+
+
+def replace_once_checked(monkeypatch: Any, module: Any, path: Path, other: Path,
+                         keep_time: bool = True) -> None:
+    """Patches ``module.check_video`` so that once it has checked ``path``, ``other``
+    replaces it, keeping its modification time unless not ``keep_time`` (``cp -p``: a
+    replacement that base.file_state cannot tell where the sizes are the same too)."""
+    import os
+
+    real = module.check_video
+
+    def check_then_replace(*args: Any, **kwargs: Any) -> Any:
+        checked = real(*args, **kwargs)
+        before = path.stat()
+        other.replace(path)
+        if keep_time:
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        return checked
+
+    monkeypatch.setattr(module, "check_video", check_then_replace)
+
+
+def record_video_checks(monkeypatch: Any, module: Any) -> List[str]:
+    """Patches ``module.check_video`` to record the name of each file it checks (the
+    returned list), then check it."""
+    import os
+
+    checked: List[str] = []
+    real = module.check_video
+
+    def recorded_check(path: Any, *args: Any, **kwargs: Any) -> Any:
+        checked.append(os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(module, "check_video", recorded_check)
+    return checked
+
+
+def track_checked_frames(monkeypatch: Any) -> Dict[str, int]:
+    """Counts (:func:`alive_counts`) the frames media.iter_video_frames gives while
+    alive: media.check_video's, since the pipelines' own reads go through their
+    modules' names for it, which stay as they are."""
+    from perceiver_torch.pipelines import media
+
+    counts = alive_counts()
+    real = media.iter_video_frames
+
+    def tracked_frames(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for frame in real(*args, **kwargs):
+            yield track_alive(counts, frame)
+
+    monkeypatch.setattr(media, "iter_video_frames", tracked_frames)
+    return counts
+
+
+def frames_before_the_damage(video: Path) -> int:
+    """How many frames of :func:`damage_video_midway`'s ``video`` decode before the
+    decoder's error (which must come: the damage is real)."""
+    import re
+
+    import pytest
+
+    from perceiver_torch.pipelines.base import InputError
+    from perceiver_torch.pipelines.media import iter_video_frames
+
+    decoded = 0
+    with pytest.raises(InputError, match=re.escape(f"{video}: the video cannot be decoded")):
+        for _ in iter_video_frames(video):
+            decoded += 1
+    return decoded
+
+
 # Weights planted by checkpoint_with_tiny_weights, against float16's thresholds
 # (perceiver_torch.registry.Underflow has the analysis): up to 2**-25 = 3.0e-8 a
 # weight becomes 0, from there to 2**-14 - 2**-25 (6.1e-5) subnormal, above normal.

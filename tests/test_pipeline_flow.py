@@ -589,19 +589,14 @@ def test_a_video_that_cannot_be_decoded_partway_is_named_before_the_model_runs(
     each at full size). It is decoded whole first, keeping only its frame count and
     first frame size: the decoder's error, with the same words, comes before any
     model call, at pipeline.video()'s call."""
-    from helpers import damage_video_midway
-    from perceiver_torch.pipelines.media import iter_video_frames
+    from helpers import damage_video_midway, frames_before_the_damage
     from perceiver_torch.pipelines.video import make_test_video
 
     video = tmp_path / "clip.mp4"
     make_test_video(video, 11, size=(40, 56), sample_rate=None)
     damage_video_midway(video)
     message = f"{video}: the video cannot be decoded"
-    decoded = []
-    with pytest.raises(InputError, match=re.escape(message)):
-        for frame in iter_video_frames(video):
-            decoded.append(frame.shape)
-    assert len(decoded) >= 2  # the damage is past a first pair
+    assert frames_before_the_damage(video) >= 2  # the damage is past a first pair
     calls = fail_on_call(monkeypatch, type(model), "tiled", 1,
                          "the model ran before the video was checked")
     if caller == "video":
@@ -618,26 +613,18 @@ def test_a_video_that_cannot_be_decoded_partway_is_named_before_the_model_runs(
 def test_the_video_check_holds_one_frame_at_a_time(tmp_path, model, monkeypatch):
     """The check of a video decodes every frame before the first model call, and holds
     one frame at a time: it keeps their count and the first one's size."""
-    from perceiver_torch.pipelines import media as media_module
+    from helpers import track_checked_frames
     from perceiver_torch.pipelines.video import make_test_video
 
     video = tmp_path / "clip.mp4"
     make_test_video(video, 9, size=(40, 56), sample_rate=None)
-    counts = alive_counts()
-    real = media_module.iter_video_frames
-
-    def tracked_frames(*args, **kwargs):
-        for frame in real(*args, **kwargs):
-            yield track_alive(counts, frame)
-
+    counts = track_checked_frames(monkeypatch)
     at_first_call: List[dict] = []
 
     def tiled(self, *args, **kwargs):
         at_first_call.append(dict(counts))
         raise RuntimeError("one pair is enough")
 
-    # The check's decode only: the flows decode through the flow module's name.
-    monkeypatch.setattr(media_module, "iter_video_frames", tracked_frames)
     monkeypatch.setattr(type(model), "tiled", tiled)
     with pytest.raises(RuntimeError, match="one pair is enough"):
         next(FlowPipeline(model).video(video))
@@ -665,28 +652,15 @@ def test_a_video_changed_between_its_two_reads_is_refused(tmp_path, model, monke
     between the reads by one of the same size and modification time (cp -p), which
     base.file_state cannot tell, is refused by its frame count rather than answered
     from another video (the autoencode tests go through the other cases)."""
-    import os
-
+    from helpers import replace_once_checked, same_size_mp4s
     from perceiver_torch.pipelines import flow as flow_module
     from perceiver_torch.pipelines.video import make_test_video
 
     video, other = tmp_path / "clip.mp4", tmp_path / "other.mp4"
     make_test_video(video, 7, size=(40, 56), sample_rate=None)
     make_test_video(other, 5, size=(40, 56), sample_rate=None, seed=1)
-    sizes = [video.stat().st_size, other.stat().st_size]
-    for path, size in zip((video, other), sizes):
-        # Trailing zero bytes after the MP4's last box, which FFmpeg ignores.
-        path.write_bytes(path.read_bytes() + bytes(max(sizes) - size))
-    real = flow_module.check_video
-
-    def check_then_replace(*args, **kwargs):
-        checked = real(*args, **kwargs)
-        before = video.stat()
-        other.replace(video)
-        os.utime(video, ns=(before.st_atime_ns, before.st_mtime_ns))
-        return checked
-
-    monkeypatch.setattr(flow_module, "check_video", check_then_replace)
+    same_size_mp4s(video, other)
+    replace_once_checked(monkeypatch, flow_module, video, other)
     message = (f"{video} changed during the run: its video, decoded again for the work, "
                "has 5 frames, not 7 as when it was checked")
     with pytest.raises(InputError, match=re.escape(message)):
@@ -698,21 +672,13 @@ def test_a_video_named_by_an_open_descriptor_is_decoded_once(tmp_path, model, mo
     /dev/fd/N) is not checked (base.readable_twice): on macOS and the BSDs a second
     open shares the descriptor's offset. It is decoded once, for the pairs, and the
     flows are those of the file by its own name."""
-    import os
-
+    from helpers import record_video_checks
     from perceiver_torch.pipelines import flow as flow_module
     from perceiver_torch.pipelines.video import make_test_video
 
     video = tmp_path / "clip.mp4"
     make_test_video(video, 4, size=(40, 56), sample_rate=None)
-    checked: List[str] = []
-    real = flow_module.check_video
-
-    def recorded_check(path, *args, **kwargs):
-        checked.append(os.fspath(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(flow_module, "check_video", recorded_check)
+    checked = record_video_checks(monkeypatch, flow_module)
     pipeline = FlowPipeline(model)
     expected = list(pipeline.video(video))
     assert checked == [str(video)]

@@ -1586,17 +1586,14 @@ def test_a_video_that_cannot_be_decoded_partway_is_named_before_the_model_runs(
     model (minutes each at full size). It is decoded whole when the clips are made,
     keeping only its frame count and first frame size: the decoder's error, with the
     same words, comes before any model call."""
-    from perceiver_torch.pipelines.media import iter_video_frames
+    from helpers import frames_before_the_damage
 
     video = tmp_path / "v.mp4"
     make_test_video(video, 75, size=(16, 16), sample_rate=48000)
     damage_video_midway(video)
     message = f"{video}: the video cannot be decoded"
-    decoded = []
-    with pytest.raises(InputError, match=re.escape(message)):
-        for frame in iter_video_frames(video):
-            decoded.append(frame.shape)
-    assert len(decoded) >= 2 * TINY.num_frames  # the damage is past the first clips
+    # The damage is past the first clips.
+    assert frames_before_the_damage(video) >= 2 * TINY.num_frames
     calls = fail_on_call(monkeypatch, type(model), "reconstruct", 1,
                          "the model ran before the video was checked")
     pipeline = AutoencodePipeline(model)
@@ -1619,25 +1616,17 @@ def test_the_video_check_holds_one_frame_at_a_time(tmp_path, model, monkeypatch)
     """The check before the clips decodes every frame (75, well over a clip) before
     the first model call, and holds one frame at a time: it keeps their count and
     the first one's size, not the frames."""
-    from perceiver_torch.pipelines import media as media_module
+    from helpers import track_checked_frames
 
     video = tmp_path / "v.mp4"
     make_test_video(video, 75, size=(16, 16), sample_rate=48000)
-    counts = alive_counts()
-    real = media_module.iter_video_frames
-
-    def tracked_frames(*args, **kwargs):
-        for frame in real(*args, **kwargs):
-            yield track_alive(counts, frame)
-
+    counts = track_checked_frames(monkeypatch)
     at_first_call: List[Dict[str, int]] = []
 
     def reconstruct(self, *args, **kwargs):
         at_first_call.append(dict(counts))
         raise RuntimeError("one clip is enough")
 
-    # The check's decode only: the clips decode through the video module's name.
-    monkeypatch.setattr(media_module, "iter_video_frames", tracked_frames)
     monkeypatch.setattr(type(model), "reconstruct", reconstruct)
     with pytest.raises(RuntimeError, match="one clip is enough"):
         AutoencodePipeline(model)(video)
@@ -1655,6 +1644,7 @@ def test_a_video_file_changed_between_its_two_reads_is_refused(tmp_path, model, 
     second read (base.file_state, as classify's images); one replaced by a file of
     the same size and time (cp -p), which that cannot tell, by its frame count or
     its first frame's size."""
+    from helpers import replace_once_checked, same_size_mp4s
     from perceiver_torch.pipelines import video as video_module
 
     video, other = tmp_path / "v.mp4", tmp_path / "other.mp4"
@@ -1663,22 +1653,8 @@ def test_a_video_file_changed_between_its_two_reads_is_refused(tmp_path, model, 
     make_test_video(other, frames, size=(24, 16) if case == "another size" else (16, 16),
                     sample_rate=None, seed=1)
     if case != "written":
-        # The same size: trailing zero bytes after the MP4's last box, which FFmpeg
-        # ignores (the frames decode as before).
-        sizes = [video.stat().st_size, other.stat().st_size]
-        for path, size in zip((video, other), sizes):
-            path.write_bytes(path.read_bytes() + bytes(max(sizes) - size))
-    real = video_module.check_video
-
-    def check_then_replace(*args, **kwargs):
-        checked = real(*args, **kwargs)
-        before = video.stat()
-        other.replace(video)
-        if case != "written":
-            os.utime(video, ns=(before.st_atime_ns, before.st_mtime_ns))
-        return checked
-
-    monkeypatch.setattr(video_module, "check_video", check_then_replace)
+        same_size_mp4s(video, other)
+    replace_once_checked(monkeypatch, video_module, video, other, keep_time=case != "written")
     message = {
         "written": f"{video} changed during the run: it was written to or replaced after "
                    "the inputs were checked",
@@ -1699,18 +1675,12 @@ def test_a_video_named_by_an_open_descriptor_is_decoded_once(tmp_path, model, mo
     /dev/fd/N) is not checked (base.readable_twice): on macOS and the BSDs a second
     open shares the descriptor's offset. Its frames are decoded once, for the clips,
     and the answer is that of the file by its own name."""
+    from helpers import record_video_checks
     from perceiver_torch.pipelines import video as video_module
 
     video, _, _ = _sound_cases(tmp_path, "own")
     sound = np.zeros(11 * 64, np.float32)
-    checked: List[str] = []
-    real = video_module.check_video
-
-    def recorded_check(path, *args, **kwargs):
-        checked.append(os.fspath(path))
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(video_module, "check_video", recorded_check)
+    checked = record_video_checks(monkeypatch, video_module)
     pipeline = AutoencodePipeline(model)
     expected = pipeline(video, sound)
     assert checked == [str(video)]
