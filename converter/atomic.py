@@ -405,17 +405,22 @@ def publish_all(
     placed: List[Tuple[Path, os.stat_result]] = []  # (path, this call's file there)
     current: Optional[Path] = None
     try:
+        # Each rename is noted before it is made, so that an interrupt arriving as
+        # os.replace or os.link returns (Ctrl-C during the call) still finds it to undo.
         if set_aside:
             for temp, current in pairs:
                 _keep_mode(temp, current)  # while the old file still holds the name
                 if os.path.lexists(current):
                     backup = _backup_name(current)
-                    os.replace(current, backup)
                     backups.append((current, backup))
+                    os.replace(current, backup)
         for temp, current in pairs:
             mine = os.stat(temp)
+            if set_aside or not overwrite:
+                # Not a lone --force file: it replaces its old one, which no undo
+                # could bring back, so once renamed it stays.
+                placed.append((current, mine))
             publish(temp, current, overwrite=overwrite)
-            placed.append((current, mine))
     except BaseException as error:
         not_back = _undo_publish(placed, backups)
         _fsync_folders(path for _, path in pairs)
@@ -452,6 +457,8 @@ def _undo_publish(
                 os.unlink(path)
     not_back = []
     for path, backup in reversed(backups):
+        if not os.path.lexists(backup):
+            continue  # its rename aside never happened: the old file is still at path
         try:
             os.replace(backup, path)
         except OSError as error:

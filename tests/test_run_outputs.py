@@ -576,14 +576,16 @@ def _fail_rename_number(monkeypatch, number: int, folder: Path) -> List[int]:
     return calls
 
 
-def _forced_staging(folder: Path, old: Dict[str, bytes]) -> Tuple[Staging, List[Path]]:
-    """A --force staging of three outputs in ``folder``: those named in ``old`` exist
-    beforehand with those bytes (a.bin and c.bin), b.bin is new."""
+def _forced_staging(
+    folder: Path, old: Dict[str, bytes], *, force: bool = True
+) -> Tuple[Staging, List[Path]]:
+    """A --force staging (``force``) of three outputs in ``folder``: those named in
+    ``old`` exist beforehand with those bytes (a.bin and c.bin), b.bin is new."""
     folder.mkdir()
     targets = [folder / name for name in ("a.bin", "b.bin", "c.bin")]
     for name, data in old.items():
         (folder / name).write_bytes(data)
-    staging = Staging(force=True, planned=targets)
+    staging = Staging(force=force, planned=targets)
     for path in targets:
         with staging.open_output(path) as handle:
             handle.write(b"new " + path.name.encode())
@@ -644,6 +646,56 @@ def test_an_old_file_that_cannot_be_put_back_is_named_with_its_backup(
         "(Permission denied); rename it back by hand"
     )
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [backups[0].name]
+
+
+def _interrupt_after_rename_number(monkeypatch, number: int, folder: Path) -> List[int]:
+    """Makes the ``number``-th rename (os.replace or os.link) touching ``folder`` happen
+    and then raise KeyboardInterrupt, as a Ctrl-C that arrives during the system call
+    is raised as the call returns; returns the list that counts those calls."""
+    calls: List[int] = []
+    real = {name: getattr(os, name) for name in ("replace", "link")}
+
+    def renamer(name):
+        def rename(src, dst, *args, **kwargs):
+            result = real[name](src, dst, *args, **kwargs)
+            if folder in (Path(src).parent, Path(dst).parent):
+                calls.append(1)
+                if len(calls) == number:
+                    raise KeyboardInterrupt
+            return result
+
+        return rename
+
+    for name in real:
+        monkeypatch.setattr(os, name, renamer(name))
+    return calls
+
+
+@pytest.mark.parametrize("force", [True, False], ids=["force", "no-force"])
+def test_a_commit_interrupted_as_a_rename_returns_leaves_every_old_file(
+    force, tmp_path, monkeypatch
+):
+    """A Ctrl-C raised just after one of the commit's renames (the old file already set
+    aside, or a new file already in place) was undone as if that rename had not
+    happened: the old file stayed under its hidden backup name with its output name
+    gone, or the new file stayed as the one output of a run that wrote nothing. Each
+    rename is undone however the interrupt falls: the folder is as before."""
+    old = {"a.bin": b"old a", "c.bin": b"old c"} if force else {}
+    with monkeypatch.context() as patch:  # how many renames a commit takes here
+        counted = _interrupt_after_rename_number(patch, 0, tmp_path / "count")
+        staging, _ = _forced_staging(tmp_path / "count", old, force=force)
+        staging.commit()
+    assert len(counted) >= 3  # one per output at least
+    for number in range(1, len(counted) + 1):
+        folder = tmp_path / f"interrupt{number}"
+        staging, _ = _forced_staging(folder, old, force=force)
+        with monkeypatch.context() as patch:
+            _interrupt_after_rename_number(patch, number, folder)
+            with pytest.raises(KeyboardInterrupt):
+                staging.commit()
+        assert listing(folder) == {
+            name: hashlib.sha256(data).hexdigest() for name, data in old.items()
+        }, number
 
 
 def test_a_forced_run_that_fails_on_its_second_rename_keeps_the_old_files(
