@@ -384,6 +384,28 @@ def test_a_runner_called_from_a_script_refuses_an_output_it_cannot_write_first(
     assert listing(tmp_path) == before
 
 
+def test_an_unexpanded_tilde_is_not_advised_mkdir(tmp_path, monkeypatch):
+    """``~/x.json`` reaches the check unexpanded (quoted in a shell, or from Python):
+    the advice was "mkdir -p ~", which the shell expands to the home folder, creating
+    nothing, so the same refusal followed. The refusal now names the expanded path."""
+    from converter.atomic import check_output_path
+    from perceiver_torch.pipelines.base import PipelineError, check_output_paths
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)  # no folder named "~" here
+    with pytest.raises(OutputError) as cli:
+        check_output_path("~/x.json")
+    with pytest.raises(PipelineError) as runner:
+        check_output_paths(["~/x.json"])
+    assert str(runner.value) == str(cli.value)
+    assert str(cli.value) == (
+        "cannot write ~/x.json: the folder ~ does not exist (~ is not expanded here); "
+        f"give the full path ({home / 'x.json'}) or choose another output path"
+    )
+
+
 @pytest.mark.parametrize("task", ["flow", "classify"])
 def test_an_empty_output_name_is_refused(task, models, tmp_path, no_model_load):
     # -o '' was Path(""), that is ".": the results went where no -o puts them, exit 0.

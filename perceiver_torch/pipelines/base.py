@@ -584,6 +584,14 @@ def output_path_problem(path: Any) -> Optional[str]:
             f"cannot write {path}: {blocking} is a file, not a folder; choose another "
             "output path"
         )
+    home = Path(os.path.expanduser(path))
+    if home != path:
+        # A "~" that reaches here was not expanded (quoted in a shell, or given from
+        # Python), and "mkdir -p ~" would be: it creates nothing.
+        return (
+            f"cannot write {path}: the folder {parent} does not exist (~ is not "
+            f"expanded here); give the full path ({home}) or choose another output path"
+        )
     return (
         f"cannot write {path}: the folder {parent} does not exist; create it first "
         f"(mkdir -p {parent}) or choose another output path"
