@@ -456,9 +456,11 @@ def _output_option(
         )
     separators = tuple(sep for sep in (os.sep, os.altsep) if sep)
     if str(value).endswith(separators) and not os.path.isdir(value):
+        from perceiver_torch.pipelines.base import mkdir_command  # on a refusal only
+
         raise click.BadParameter(
-            f"the folder {value} does not exist; create it first (mkdir -p {value}) or "
-            "give a file name",
+            f"the folder {value} does not exist; create it first ({mkdir_command(value)}) "
+            "or give a file name",
             ctx=ctx,
             param=param,
         )

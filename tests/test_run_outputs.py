@@ -406,6 +406,33 @@ def test_an_unexpanded_tilde_is_not_advised_mkdir(tmp_path, monkeypatch):
     )
 
 
+def _advised_mkdir(message: str) -> List[str]:
+    """The words of the ``(mkdir -p ...)`` command a refusal advises, as a shell splits
+    them."""
+    import re
+    import shlex
+
+    command = re.search(r"\((mkdir -p .*)\) or ", message)
+    assert command is not None, message
+    return shlex.split(command.group(1))
+
+
+def test_the_advised_mkdir_creates_a_folder_named_with_spaces(models, tmp_path, no_model_load):
+    """A missing folder whose name has a space was advised as "mkdir -p my dir/x",
+    which a shell reads as two folders, "my" and "dir/x", neither the one named. The
+    command is quoted, for -o FILE (the CLI's and the runners' check) and -o FOLDER/."""
+    from converter.atomic import check_output_path
+
+    folder = tmp_path / "my dir" / "x"
+    with pytest.raises(OutputError) as refused:
+        check_output_path(folder / "out.json")
+    assert _advised_mkdir(str(refused.value)) == ["mkdir", "-p", str(folder)]
+    a, b = _frames(tmp_path, 2)
+    result = run_cli("run", "flow", models["optical_flow"], a, b, "-o", f"{folder}{os.sep}")
+    assert result.exit_code == 2, result.stderr
+    assert _advised_mkdir(result.stderr) == ["mkdir", "-p", f"{folder}{os.sep}"]
+
+
 @pytest.mark.parametrize("task", ["flow", "classify"])
 def test_an_empty_output_name_is_refused(task, models, tmp_path, no_model_load):
     # -o '' was Path(""), that is ".": the results went where no -o puts them, exit 0.

@@ -16,6 +16,7 @@ import math
 import numbers
 import os
 import secrets
+import shlex
 import stat
 import sys
 import threading
@@ -54,6 +55,7 @@ __all__ = [
     "check_weights",
     "eval_mode",
     "import_attribute",
+    "mkdir_command",
     "model_name_of",
     "no_progress",
     "output_path_problem",
@@ -594,8 +596,14 @@ def output_path_problem(path: Any) -> Optional[str]:
         )
     return (
         f"cannot write {path}: the folder {parent} does not exist; create it first "
-        f"(mkdir -p {parent}) or choose another output path"
+        f"({mkdir_command(parent)}) or choose another output path"
     )
+
+
+def mkdir_command(folder: Any) -> str:
+    """``mkdir -p FOLDER`` as a shell reads it: a name with spaces or quotes quoted
+    (unquoted, ``mkdir -p my dir`` makes two folders, neither the one named)."""
+    return f"mkdir -p {shlex.quote(os.fspath(folder))}"
 
 
 def _file_in_the_way(folder: Path) -> Optional[Path]:
