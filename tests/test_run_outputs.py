@@ -406,6 +406,64 @@ def test_an_unexpanded_tilde_is_not_advised_mkdir(tmp_path, monkeypatch):
     )
 
 
+def _autoencode_with_an_earlier_output(t: Path) -> Tuple[List[str], Dict[str, object]]:
+    # v.mp4's default output is v.autoencoded.mp4, given as the second video.
+    return [str(_video(t / "v.mp4")), str(_video(t / "v.autoencoded.mp4", frames=6))], {}
+
+
+def _flow_with_an_earlier_output(t: Path) -> Tuple[List[str], Dict[str, object]]:
+    # -o o.png names the first pair's files o_0000.flo and o_0000.png: the third frame.
+    frames = _frames(t, 3)
+    third = frames[2].rename(t / "o_0000.png")
+    return [str(frames[0]), str(frames[1]), str(third)], {"output": t / "o.png"}
+
+
+@pytest.mark.parametrize(
+    "case, make",
+    [("autoencode", _autoencode_with_an_earlier_output),
+     ("flow", _flow_with_an_earlier_output)],
+)
+def test_a_runner_called_from_a_script_refuses_an_output_that_is_a_later_input(
+    case, make, tmp_path, monkeypatch
+):
+    """Flow and autoencode write an input's files before the next input is read: from a
+    script (no CLI to refuse it), an output named as a later input replaced that
+    input, which was lost; autoencode then read its own output in its place (a
+    silently wrong answer), flow failed after the work, saying something else had
+    written to it. The runner refuses it before any work, in the CLI's words."""
+    import importlib
+
+    import torch
+
+    import perceiver_torch as pt
+    from converter.atomic import check_outputs
+    from perceiver_torch.pipelines.base import PipelineError, RunOptions
+
+    module_name, pipeline_name, model_name, _ = RUNNER_CASES[
+        "autoencode" if case == "autoencode" else "flow pair"
+    ]
+    module = importlib.import_module(f"perceiver_torch.pipelines.{module_name}")
+    inputs, options = make(tmp_path)
+    options = RunOptions(**options)
+    later_input = Path(inputs[-1])
+    assert later_input in module.planned_outputs(inputs, options)
+    torch.manual_seed(0)
+    model = pt.build(model_name, pt.TINY_CONFIGS[model_name]).eval()
+    pipeline = getattr(module, pipeline_name)(model)
+    before = listing(tmp_path)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model ran before the outputs were checked")
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", no_work)
+    with pytest.raises(PipelineError) as refused:
+        module.run_task(pipeline, inputs, options)
+    with pytest.raises(OutputError) as cli:  # the CLI's refusal of the same output
+        check_outputs(later_input, [later_input])
+    assert str(refused.value) == str(cli.value) and refused.value.exit_code == 2
+    assert listing(tmp_path) == before
+
+
 def _advised_mkdir(message: str) -> List[str]:
     """The words of the ``(mkdir -p ...)`` command a refusal advises, as a shell splits
     them."""

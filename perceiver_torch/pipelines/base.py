@@ -615,20 +615,42 @@ def _file_in_the_way(folder: Path) -> Optional[Path]:
     return None
 
 
-def check_output_paths(paths: Iterable[Any]) -> None:
+def check_output_paths(paths: Iterable[Any], inputs: Iterable[Any] = ()) -> None:
     """Raises :func:`output_path_problem`'s message as a :class:`PipelineError`
     (exit 2) for the first of ``paths`` whose folder is missing, or that is a
-    folder. The runners call it
+    folder, or that is one of ``inputs`` (the same file by any path: a link, another
+    spelling; the CLI's words). The runners call it
     on every file they would write before any work, as the CLI checks them before
     loading the model: called from a script with :class:`RunOptions`' defaults, a
     runner failed only at its first write, naming the temporary file
     (:func:`atomic_path`; an output that is a folder: when the run ended), or the
     temporary rows' advice to free disk space
-    (:class:`~.spool.DiskSpool`)."""
+    (:class:`~.spool.DiskSpool`). Flow and autoencode write each input's files before
+    the next input is read: an output named as a later input (autoencode's default
+    ``v.autoencoded.mp4`` for ``v.mp4``, both given) replaced that input, which was
+    lost; autoencode then read its own output in its place, flow failed after the
+    work, saying something else had written to it."""
+    inputs = [Path(given) for given in inputs if given is not None]
     for path in paths:
-        problem = output_path_problem(path)
+        problem = output_path_problem(path) or _input_problem(Path(path), inputs)
         if problem is not None:
             raise usage_error(problem)
+
+
+def _input_problem(path: Path, inputs: Sequence[Path]) -> Optional[str]:
+    """The refusal of an output ``path`` that is one of ``inputs``, in the words of the
+    CLI's (``converter.atomic.check_outputs``); None where it is none of them."""
+    for given in inputs:
+        try:
+            same = os.path.samefile(path, given)
+        except OSError:  # one of them missing (or unreadable): compare the names
+            same = path.resolve() == given.resolve()
+        if same:
+            return (
+                f"refusing to write {path}: it is the input {given}; choose another "
+                "output name"
+            )
+    return None
 
 
 @contextlib.contextmanager
@@ -672,8 +694,9 @@ class RunOptions:
             only when the block succeeds (the default writes a temporary file beside
             it and renames it, :func:`atomic_path`; the CLI's stages every output of
             the run and refuses to overwrite an input). Whatever writes them, the
-            runners refuse an output whose folder is missing, or that is a folder,
-            before any work (:func:`check_output_paths`).
+            runners refuse an output whose folder is missing, or that is a folder
+            (flow and autoencode: or an input), before any work
+            (:func:`check_output_paths`).
         output_path: ``with output_path(path) as tmp: library.save(tmp)``; for
             libraries that want a file name: ``tmp`` (same folder, same suffix) is
             renamed to ``path`` when the block succeeds, removed otherwise (the
