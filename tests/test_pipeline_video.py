@@ -1255,6 +1255,52 @@ def test_video_writer_close_twice_does_nothing_more(tmp_path, suffix):
     writer.close()  # nothing more: no second error
 
 
+_WRITE_AFTER_A_FAILED_WRITE = """
+import sys
+import numpy as np
+from perceiver_torch.pipelines.media import VideoWriter
+
+writer = VideoWriter(sys.argv[1], 25, 1600)  # 1600 Hz: resampled for AAC
+frames = np.zeros((3, 16, 16, 3), np.uint8)
+errors = []
+for step in (lambda: writer.add_frames(frames), lambda: writer.add_sound(np.zeros(192, np.float32)),
+             writer.close, lambda: writer.add_frames(frames), writer.close):
+    try:
+        step()
+    except Exception as error:
+        errors.append(f"{type(error).__name__} {getattr(error, 'errno', '')}".strip())
+print(errors)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="/dev/full: Linux")
+def test_video_writer_writes_nothing_after_a_failed_write(tmp_path):
+    """A full disk fails a writer's first write, the file's header (here add_sound's:
+    the picture encoder holds its first packets); close(), as ``try: ... finally:
+    writer.close()`` calls it, flushed the encoders into the file again, and PyAV,
+    writing its header a second time, crashed the process (a segmentation fault).
+    After a failed write the writer writes nothing: close() raises that error again
+    (the file is unfinished), as do frames added after it (a closed writer's
+    ValueError), and a second close() does nothing. /dev/full, through a link with
+    the video's suffix, is a disk that is always full; a process of its own, so
+    that a crash fails the test rather than ending the session."""
+    import errno
+    import subprocess
+    import sys
+
+    failing = tmp_path / "full.mp4"
+    failing.symlink_to("/dev/full")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", _WRITE_AFTER_A_FAILED_WRITE, str(failing)],
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    no_space = f"OSError {errno.ENOSPC}"  # add_sound's, then close()'s: the same
+    assert done.stdout.splitlines() == [repr([no_space, no_space, "ValueError"])]
+
+
 def test_wav_header_is_encode_wavs(tmp_path):
     """A .wav written as its header for S samples, then the samples (run autoencode
     copies them from a temporary file), is encode_wav's file byte for byte."""

@@ -768,6 +768,7 @@ class VideoWriter:
         self._early_sound: List[np.ndarray] = []  # sound added before the first frame
         self._sound_samples = 0  # samples encoded: the next piece's timestamp
         self._frames_ended = False
+        self._write_error: Optional[BaseException] = None  # see _mux
         self.closed = False
 
     def __enter__(self) -> "VideoWriter":
@@ -807,8 +808,7 @@ class VideoWriter:
             self._pictures.append(require("PIL.Image").fromarray(frame))
             return
         av = require("av")
-        for packet in self._video.encode(av.VideoFrame.from_ndarray(_even(frame), format="rgb24")):
-            self._container.mux(packet)
+        self._mux(self._video.encode(av.VideoFrame.from_ndarray(_even(frame), format="rgb24")))
 
     def add_sound(self, samples: np.ndarray) -> None:
         """Encodes the next sound samples (S,) float at :attr:`sample_rate`, after those
@@ -832,6 +832,8 @@ class VideoWriter:
 
         Raises:
             ValueError: no frame was added (the writer stays open for one).
+            OSError (or PyAV's error): a write of :meth:`add_frame` or :meth:`add_sound`
+                failed before (its error again; the file is unfinished).
         """
         if self.closed:
             # Not again: the flushed encoders refuse a second flush (PyAV's EOFError),
@@ -916,5 +918,15 @@ class VideoWriter:
             self._mux(self._sound.encode(piece))
 
     def _mux(self, packets: Any) -> None:
-        for packet in packets:
-            self._container.mux(packet)
+        """Writes ``packets``; after a write that failed (a full disk), raises its error
+        again and writes nothing: PyAV writes the header before the first packet, and
+        writing one after a header that failed crashed the process (a segmentation
+        fault: close() after a failed add_sound, or a frame added after it)."""
+        if self._write_error is not None:
+            raise self._write_error
+        try:
+            for packet in packets:
+                self._container.mux(packet)
+        except Exception as error:
+            self._write_error = error
+            raise
