@@ -396,8 +396,11 @@ def publish_all(
         OutputError: without ``overwrite``, a ``path`` that appeared meanwhile
             (:func:`output_appeared`).
         Whatever interrupted the step (KeyboardInterrupt), after the same undo.
+        ValueError: two ``path`` name one file (also through another spelling or a
+            linked folder), before anything is renamed: only one could stay.
     """
     pairs = [(Path(temp), Path(path)) for temp, path in pairs]
+    _refuse_a_name_twice([path for _, path in pairs])
     set_aside = overwrite and len(pairs) > 1
     # The files this call would replace: on a failure, each is as it was.
     existing = [path for _, path in pairs if overwrite and os.path.lexists(path)]
@@ -433,6 +436,19 @@ def publish_all(
     for _, backup in backups:
         with contextlib.suppress(OSError):
             os.unlink(backup)
+
+
+def _refuse_a_name_twice(paths: Sequence[Path]) -> None:
+    # A name given twice was replaced twice, the first file lost (--force), or, without
+    # --force, refused as one that "appeared while this output was being written".
+    # The same name is the same entry of the same folder: links to one file are two
+    # names, and each is replaced, not its target.
+    seen = {}
+    for path in paths:
+        entry = (os.path.realpath(path.parent), path.name)
+        if entry in seen:
+            raise ValueError(f"{path} is given twice (as {seen[entry]}): only one could stay")
+        seen[entry] = path
 
 
 def _backup_name(path: Path) -> Path:

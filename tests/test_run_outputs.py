@@ -805,6 +805,29 @@ def test_a_commit_interrupted_as_a_rename_returns_leaves_every_old_file(
         }, number
 
 
+@pytest.mark.parametrize("force", [True, False], ids=["force", "no-force"])
+def test_publish_all_refuses_a_name_given_twice(force, tmp_path):
+    """publish_all given one name twice (here once through a linked folder) replaced
+    it twice with --force, the first new file lost, and without it refused the second
+    as a file that "appeared while this output was being written". It refuses the
+    pair before any rename: the old file and both temporary files stay."""
+    from converter.atomic import publish_all
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (tmp_path / "linked").symlink_to(folder)
+    if force:
+        (folder / "a.bin").write_bytes(b"old a")
+    temps = [folder / ".first.tmp", folder / ".second.tmp"]
+    for temp in temps:
+        temp.write_bytes(temp.name.encode())
+    before = listing(folder)
+    with pytest.raises(ValueError, match="given twice"):
+        publish_all([(temps[0], folder / "a.bin"), (temps[1], tmp_path / "linked" / "a.bin")],
+                    overwrite=force)
+    assert listing(folder) == before
+
+
 def test_a_forced_run_that_fails_on_its_second_rename_keeps_the_old_files(
     models, tmp_path, monkeypatch
 ):
