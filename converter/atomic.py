@@ -67,10 +67,11 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
             raise OutputError(problem)
     refuse_special_file(path)
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(
-            f"cannot write {path}: no write permission in {parent}; choose a "
-            "writable folder"
-        )
+        from perceiver_torch.pipelines.base import output_path_problem  # as above
+
+        problem = output_path_problem(path)
+        if problem is not None:  # None: made writable meanwhile
+            raise OutputError(problem)
     return path
 
 

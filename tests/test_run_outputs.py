@@ -324,7 +324,9 @@ RUNNER_CASES: Dict[str, Tuple[str, str, str, Callable[[Path], Tuple[List[str], s
 }
 
 
-@pytest.mark.parametrize("where", ["missing folder", "file in the way", "a folder"])
+@pytest.mark.parametrize(
+    "where", ["missing folder", "file in the way", "a folder", "no write permission"]
+)
 @pytest.mark.parametrize("case", list(RUNNER_CASES))
 def test_a_runner_called_from_a_script_refuses_an_output_it_cannot_write_first(
     case, where, tmp_path, monkeypatch
@@ -334,8 +336,9 @@ def test_a_runner_called_from_a_script_refuses_an_output_it_cannot_write_first(
     (FileNotFoundError: .../absent/.labels.<hex>.tmp.json), or (flow of a video,
     autoencode) at the temporary rows, advising to free disk space; an output that
     is a folder failed when the run ended (IsADirectoryError naming the temporary
-    file). It now refuses the output before any work, with the CLI's words
-    (check_output_path's)."""
+    file), and one in a folder without write permission after the work
+    (PermissionError naming the temporary file). It now refuses the output before any
+    work, with the CLI's words (check_output_path's)."""
     import importlib
 
     import torch
@@ -352,9 +355,21 @@ def test_a_runner_called_from_a_script_refuses_an_output_it_cannot_write_first(
     elif where == "file in the way":
         (tmp_path / "notes.txt").write_text("a file, not a folder\n")
         out = tmp_path / "notes.txt" / name
-    else:
+    elif where == "a folder":
         out = tmp_path / name
         out.mkdir()
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        out = locked / name
+        real_access = os.access
+
+        def access(path, mode, *args, **kwargs):  # root may write anyway: as a user
+            if Path(path) == locked and mode & os.W_OK:
+                return False
+            return real_access(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
     refused_path = out  # the output the refusal names
     if where == "a folder" and module_name in ("flow", "video"):
         # Their -o may be a folder, the files named in it: the first of those is one.
@@ -379,8 +394,10 @@ def test_a_runner_called_from_a_script_refuses_an_output_it_cannot_write_first(
         assert f"mkdir -p {out.parent}" in str(refused.value)
     elif where == "file in the way":
         assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in str(refused.value)
-    else:
+    elif where == "a folder":
         assert "it is a folder; give the name of a file" in str(refused.value)
+    else:
+        assert f"no write permission in {out.parent}" in str(refused.value)
     assert listing(tmp_path) == before
 
 

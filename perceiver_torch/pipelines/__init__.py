@@ -64,10 +64,11 @@ Contract of a task (how ``perceiver-convert run TASK`` finds and runs it)
    the runner may write no other file. None
    means the task writes ``options.output`` only (when given).
    :meth:`~.base.TaskSpec.planned_outputs` calls it. The runner itself refuses
-   (exit 2) a file whose folder is missing, or that is a folder (flow and
-   autoencode, which write an input's files before reading the next input: or that is
-   an input), before any work (:func:`~.base.check_output_paths`), for a script that
-   calls it with :class:`~.base.RunOptions`' defaults.
+   (exit 2) a file whose folder is missing or gives no write permission, or that is
+   a folder (flow and autoencode, which write an input's files before reading the
+   next input: or that is an input), before any work
+   (:func:`~.base.check_output_paths`), for a script that calls it with
+   :class:`~.base.RunOptions`' defaults.
 7. ``spec.requires``: the optional libraries every run imports; missing ones are
    reported (exit 2, with the extra to install) before the model is loaded; one that
    is installed but fails to load is reported when it is imported (exit 2, saying so

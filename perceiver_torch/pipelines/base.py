@@ -568,9 +568,10 @@ class TaskSpec:
 
 def output_path_problem(path: Any) -> Optional[str]:
     """Why the file ``path`` cannot be written, saying how to fix it: its folder does
-    not exist, a file stands where it or a folder above it should be, or ``path`` is
-    itself a folder; None where none of these is so. The CLI's refusal of such an
-    output (``converter.atomic.check_output_path``, exit 2) says this too."""
+    not exist, a file stands where it or a folder above it should be, ``path`` is
+    itself a folder, or its folder gives no write permission; None where none of
+    these is so. The CLI's refusal of such an output
+    (``converter.atomic.check_output_path``, exit 2) says this too."""
     path = Path(path)
     parent = path.parent
     if path.is_dir():
@@ -579,6 +580,11 @@ def output_path_problem(path: Any) -> Optional[str]:
             f"({path}{os.sep}NAME) or elsewhere"
         )
     if parent.is_dir():
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return (
+                f"cannot write {path}: no write permission in {parent}; choose a "
+                "writable folder"
+            )
         return None
     blocking = _file_in_the_way(parent)
     if blocking is not None:
@@ -617,8 +623,8 @@ def _file_in_the_way(folder: Path) -> Optional[Path]:
 
 def check_output_paths(paths: Iterable[Any], inputs: Iterable[Any] = ()) -> None:
     """Raises :func:`output_path_problem`'s message as a :class:`PipelineError`
-    (exit 2) for the first of ``paths`` whose folder is missing, or that is a
-    folder, or that is one of ``inputs`` (the same file by any path: a link, another
+    (exit 2) for the first of ``paths`` whose folder is missing or gives no write
+    permission, or that is a folder, or that is one of ``inputs`` (the same file by any path: a link, another
     spelling; the CLI's words). The runners call it
     on every file they would write before any work, as the CLI checks them before
     loading the model: called from a script with :class:`RunOptions`' defaults, a
@@ -694,9 +700,9 @@ class RunOptions:
             only when the block succeeds (the default writes a temporary file beside
             it and renames it, :func:`atomic_path`; the CLI's stages every output of
             the run and refuses to overwrite an input). Whatever writes them, the
-            runners refuse an output whose folder is missing, or that is a folder
-            (flow and autoencode: or an input), before any work
-            (:func:`check_output_paths`).
+            runners refuse an output whose folder is missing or gives no write
+            permission, or that is a folder (flow and autoencode: or an input),
+            before any work (:func:`check_output_paths`).
         output_path: ``with output_path(path) as tmp: library.save(tmp)``; for
             libraries that want a file name: ``tmp`` (same folder, same suffix) is
             renamed to ``path`` when the block succeeds, removed otherwise (the

@@ -472,8 +472,9 @@ def run_task(pipeline: FlowPipeline, inputs: List[str], options: RunOptions) -> 
     a change of size is named before the model runs), then again for its pairs
     (:func:`_run_video`).
     """
-    # Every output's path (its folder, not a folder itself, not an input: one read
-    # after it was written would be this run's output) before any work, as the CLI's.
+    # Every output's path (its folder, writable; not a folder itself, not an input:
+    # one read after it was written would be this run's output) before any work, as
+    # the CLI's.
     check_output_paths(planned_outputs(inputs, options), inputs)
     render = options.extra.get("render") or "wheel"
     pipeline.pad = bool(options.extra.get("pad", pipeline.pad))

@@ -851,7 +851,8 @@ def run_task(pipeline: ClassifyPipeline, inputs: List[str], options: RunOptions)
     a run of no more than one batch. The lines are
     printed once every image has its answer, as when all were computed at once.
     """
-    # Every output's path (its folder, not a folder itself) before any work, as the CLI's.
+    # Every output's path (its folder, writable; not a folder itself) before any work,
+    # as the CLI's.
     check_output_paths([] if options.output is None else [options.output])
     if options.extra.get("native_size") and pipeline.size is not None:
         # The same pipeline at the images' own size: keep the caller's batch size.

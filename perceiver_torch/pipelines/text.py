@@ -542,7 +542,8 @@ def run_task(pipeline: FillMaskPipeline, inputs: List[str], options: RunOptions)
     if inputs.count("-") > 1:
         # The first read takes all of stdin: the second text was silently empty.
         raise usage_error("- (stdin) can be one of the texts only once")
-    # Every output's path (its folder, not a folder itself) before any work, as the CLI's.
+    # Every output's path (its folder, writable; not a folder itself) before any work,
+    # as the CLI's.
     check_output_paths([] if options.output is None else [options.output])
     texts = [_read_input(value) for value in inputs]
     pipeline.progress = options.progress

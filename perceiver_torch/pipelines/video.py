@@ -1055,8 +1055,9 @@ def run_task(pipeline: AutoencodePipeline, inputs: List[str], options: RunOption
     sound, not a video's; the files are written as the clips come (staged by the CLI:
     a run that fails leaves none).
     """
-    # Every output's path (its folder, not a folder itself, not an input: one read
-    # after it was written would be this run's output) before any work, as the CLI's.
+    # Every output's path (its folder, writable; not a folder itself, not an input:
+    # one read after it was written would be this run's output) before any work, as
+    # the CLI's.
     audio = options.extra.get("audio")
     check_output_paths(planned_outputs(inputs, options), [*inputs, audio])
     pipeline.top_k = options.top_k
