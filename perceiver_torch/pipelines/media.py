@@ -828,7 +828,9 @@ class VideoWriter:
     def close(self) -> None:
         """Flushes the encoders and finishes the file (a GIF: saves it); a second
         call does nothing, as a file's. A close that fails (a full disk) leaves the
-        writer closed all the same, its file unfinished.
+        writer closed all the same, its file unfinished. (Where the file's very first
+        write, its header, failed, PyAV keeps its descriptor of the file until the
+        process ends: it lets go only of a file whose header it wrote.)
 
         Raises:
             ValueError: no frame was added (the writer stays open for one).
