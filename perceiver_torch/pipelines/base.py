@@ -624,14 +624,15 @@ def _file_in_the_way(folder: Path) -> Optional[Path]:
 def check_output_paths(paths: Iterable[Any], inputs: Iterable[Any] = ()) -> None:
     """Raises :func:`output_path_problem`'s message as a :class:`PipelineError`
     (exit 2) for the first of ``paths`` whose folder is missing or gives no write
-    permission, or that is a folder, or that is one of ``inputs`` (the same file by any path: a link, another
-    spelling; the CLI's words). The runners call it
-    on every file they would write before any work, as the CLI checks them before
+    permission, or that is a folder, or that is one of ``inputs`` (the same file by
+    any path: a link, another spelling; the CLI's words). The runners call it on
+    every file they would write before any work, as the CLI checks them before
     loading the model: called from a script with :class:`RunOptions`' defaults, a
     runner failed only at its first write, naming the temporary file
     (:func:`atomic_path`; an output that is a folder: when the run ended), or the
-    temporary rows' advice to free disk space
-    (:class:`~.spool.DiskSpool`). Flow and autoencode write each input's files before
+    temporary rows' advice to free disk space (:class:`~.spool.DiskSpool`).
+
+    Flow and autoencode write each input's files before
     the next input is read: an output named as a later input (autoencode's default
     ``v.autoencoded.mp4`` for ``v.mp4``, both given) replaced that input, which was
     lost; autoencode then read its own output in its place, flow failed after the
