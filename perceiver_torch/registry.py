@@ -300,11 +300,13 @@ def _underflow_counts(
     return zero, subnormal
 
 
-def scan_for_dtype(tensors: Iterable[Tuple[str, Any]], dtype: torch.dtype) -> DtypeScan:
+def scan_for_dtype(
+    tensors: Iterable[Tuple[str, Any]], dtype: torch.dtype, *, count_underflow: bool = True
+) -> DtypeScan:
     """One pass over the floating tensors (torch or numpy) ``(name, tensor)`` for
     what rounding them to ``dtype`` loses: the tensors it would make infinite
-    (:func:`out_of_range`) and the nonzero weights it makes subnormal or 0
-    (:class:`Underflow`; None when there are none)."""
+    (:func:`out_of_range`) and, unless not ``count_underflow``, the nonzero weights
+    it makes subnormal or 0 (:class:`Underflow`; None when there are none)."""
     found: List[Tuple[str, float]] = []
     lost: List[TensorUnderflow] = []
     scanned = 0
@@ -319,7 +321,7 @@ def scan_for_dtype(tensors: Iterable[Tuple[str, Any]], dtype: torch.dtype) -> Dt
         # range than float32; bfloat16 has float32's 8 exponent bits and its smallest
         # normal number 2**-126, so every normal float32 weight stays normal in it and
         # nothing is counted for bfloat16 (nor for float32, nor float16 into float16).
-        underflows = source.smallest_normal < target.smallest_normal
+        underflows = count_underflow and source.smallest_normal < target.smallest_normal
         if not (overflows or underflows):
             continue
         tensor = tensor.detach()
@@ -346,8 +348,9 @@ def out_of_range(
     values that rounding to ``dtype`` would make infinite: float16 ends at 65504
     (magnitudes from 65520 round to inf), bfloat16 near float32's end. A finite
     float32 weight of 1e5 became inf in a float16 file, silently. (The part of
-    :func:`scan_for_dtype` that refuses.)"""
-    return scan_for_dtype(tensors, dtype).out_of_range
+    :func:`scan_for_dtype` that refuses, without its count of the weights made
+    subnormal, which load() does not report.)"""
+    return scan_for_dtype(tensors, dtype, count_underflow=False).out_of_range
 
 
 def out_of_range_message(found: List[Tuple[str, float]], dtype: torch.dtype) -> str:
