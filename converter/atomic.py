@@ -57,22 +57,24 @@ def check_output_path(path: Union[str, os.PathLike]) -> Path:
     _refuse_long_name(path)  # first: stat() of such a name raises ENAMETOOLONG
     _refuse_link_loop(path)
     if not parent.is_dir() or path.is_dir():
-        # The runners' own check (perceiver_torch cannot import the converter), so that
-        # a script calling one is told what the CLI says. Imported on a refusal only:
-        # perceiver_torch brings torch, which the CLI's startup does without.
-        from perceiver_torch.pipelines.base import output_path_problem
-
-        problem = output_path_problem(path)
-        if problem is not None:  # None: the folder appeared (or went) meanwhile
-            raise OutputError(problem)
+        _refuse_output_path_problem(path)
     refuse_special_file(path)
     if not os.access(parent, os.W_OK | os.X_OK):
-        from perceiver_torch.pipelines.base import output_path_problem  # as above
-
-        problem = output_path_problem(path)
-        if problem is not None:  # None: made writable meanwhile
-            raise OutputError(problem)
+        _refuse_output_path_problem(path)
     return path
+
+
+def _refuse_output_path_problem(path: Path) -> None:
+    """Raises OutputError with the runners' own words for what stops ``path`` from
+    being written (perceiver_torch cannot import the converter, so the check is
+    theirs, and a script calling one is told what the CLI says). Imported on a
+    refusal only: perceiver_torch brings torch, which the CLI's startup does
+    without. Nothing where the problem went meanwhile (the folder appeared)."""
+    from perceiver_torch.pipelines.base import output_path_problem
+
+    problem = output_path_problem(path)
+    if problem is not None:
+        raise OutputError(problem)
 
 
 # The suffixes this project's outputs are told apart by.
