@@ -324,6 +324,32 @@ RUNNER_CASES: Dict[str, Tuple[str, str, str, Callable[[Path], Tuple[List[str], s
 }
 
 
+def _refused_before_any_work(case: str, inputs: List[str], options, monkeypatch):
+    """The PipelineError that the runner of ``RUNNER_CASES[case]``, on a tiny model
+    with random weights, raises for ``inputs`` and ``options`` (RunOptions), checked
+    to come before any model call."""
+    import importlib
+
+    import torch
+
+    import perceiver_torch as pt
+    from perceiver_torch.pipelines.base import PipelineError
+
+    module_name, pipeline_name, model_name, _ = RUNNER_CASES[case]
+    module = importlib.import_module(f"perceiver_torch.pipelines.{module_name}")
+    torch.manual_seed(0)
+    model = pt.build(model_name, pt.TINY_CONFIGS[model_name]).eval()
+    pipeline = getattr(module, pipeline_name)(model)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model ran before the outputs were checked")
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", no_work)
+    with pytest.raises(PipelineError) as refused:
+        module.run_task(pipeline, inputs, options)
+    return refused.value
+
+
 @pytest.mark.parametrize(
     "where", ["missing folder", "file in the way", "a folder", "no write permission"]
 )
@@ -341,13 +367,10 @@ def test_a_runner_called_from_a_script_refuses_an_output_it_cannot_write_first(
     work, with the CLI's words (check_output_path's)."""
     import importlib
 
-    import torch
-
-    import perceiver_torch as pt
     from converter.atomic import check_output_path
-    from perceiver_torch.pipelines.base import PipelineError, RunOptions
+    from perceiver_torch.pipelines.base import RunOptions
 
-    module_name, pipeline_name, model_name, make = RUNNER_CASES[case]
+    module_name, _, _, make = RUNNER_CASES[case]
     module = importlib.import_module(f"perceiver_torch.pipelines.{module_name}")
     inputs, name = make(tmp_path)
     if where == "missing folder":
@@ -375,29 +398,20 @@ def test_a_runner_called_from_a_script_refuses_an_output_it_cannot_write_first(
         # Their -o may be a folder, the files named in it: the first of those is one.
         refused_path = module.planned_outputs(inputs, RunOptions(output=out))[0]
         refused_path.mkdir()
-    torch.manual_seed(0)
-    model = pt.build(model_name, pt.TINY_CONFIGS[model_name]).eval()
-    pipeline = getattr(module, pipeline_name)(model)
     before = listing(tmp_path)
-
-    def no_work(*args, **kwargs):
-        raise AssertionError("the model ran before the output folder was checked")
-
-    monkeypatch.setattr(torch.nn.Module, "__call__", no_work)
-    with pytest.raises(PipelineError) as refused:
-        module.run_task(pipeline, inputs, RunOptions(output=out))
+    refused = _refused_before_any_work(case, inputs, RunOptions(output=out), monkeypatch)
     with pytest.raises(OutputError) as cli:  # the CLI's refusal of the same -o
         check_output_path(refused_path)
-    assert str(refused.value) == str(cli.value) and refused.value.exit_code == 2
+    assert str(refused) == str(cli.value) and refused.exit_code == 2
     if where == "missing folder":
-        assert f"the folder {out.parent} does not exist" in str(refused.value)
-        assert f"mkdir -p {out.parent}" in str(refused.value)
+        assert f"the folder {out.parent} does not exist" in str(refused)
+        assert f"mkdir -p {out.parent}" in str(refused)
     elif where == "file in the way":
-        assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in str(refused.value)
+        assert f"{tmp_path / 'notes.txt'} is a file, not a folder" in str(refused)
     elif where == "a folder":
-        assert "it is a folder; give the name of a file" in str(refused.value)
+        assert "it is a folder; give the name of a file" in str(refused)
     else:
-        assert f"no write permission in {out.parent}" in str(refused.value)
+        assert f"no write permission in {out.parent}" in str(refused)
     assert listing(tmp_path) == before
 
 
@@ -450,34 +464,20 @@ def test_a_runner_called_from_a_script_refuses_an_output_that_is_a_later_input(
     written to it. The runner refuses it before any work, in the CLI's words."""
     import importlib
 
-    import torch
-
-    import perceiver_torch as pt
     from converter.atomic import check_outputs
-    from perceiver_torch.pipelines.base import PipelineError, RunOptions
+    from perceiver_torch.pipelines.base import RunOptions
 
-    module_name, pipeline_name, model_name, _ = RUNNER_CASES[
-        "autoencode" if case == "autoencode" else "flow pair"
-    ]
-    module = importlib.import_module(f"perceiver_torch.pipelines.{module_name}")
+    runner = "autoencode" if case == "autoencode" else "flow pair"
+    module = importlib.import_module(f"perceiver_torch.pipelines.{RUNNER_CASES[runner][0]}")
     inputs, options = make(tmp_path)
     options = RunOptions(**options)
     later_input = Path(inputs[-1])
     assert later_input in module.planned_outputs(inputs, options)
-    torch.manual_seed(0)
-    model = pt.build(model_name, pt.TINY_CONFIGS[model_name]).eval()
-    pipeline = getattr(module, pipeline_name)(model)
     before = listing(tmp_path)
-
-    def no_work(*args, **kwargs):
-        raise AssertionError("the model ran before the outputs were checked")
-
-    monkeypatch.setattr(torch.nn.Module, "__call__", no_work)
-    with pytest.raises(PipelineError) as refused:
-        module.run_task(pipeline, inputs, options)
+    refused = _refused_before_any_work(runner, inputs, options, monkeypatch)
     with pytest.raises(OutputError) as cli:  # the CLI's refusal of the same output
         check_outputs(later_input, [later_input])
-    assert str(refused.value) == str(cli.value) and refused.value.exit_code == 2
+    assert str(refused) == str(cli.value) and refused.exit_code == 2
     assert listing(tmp_path) == before
 
 
